@@ -1,0 +1,243 @@
+"""Templates to bytes: parse a unit into per-section pieces, render each with its constants, assemble with keystone.
+
+A template is Intel-syntax assembly that GNU `as -msyntax=intel -mnaked-reg` accepts unchanged. `.section NAME`
+lines split it into pieces; kgen handles those lines itself because keystone crashes on section directives. Each
+piece is assembled on its own at the address the linker chose, with every layout constant and every symbol of the
+other pieces prepended as `.equ` lines for GNU as; keystone gets the same names replaced by their values (its symbol resolver
+drops addends, and it mis-evaluates expressions of two `.equ` names).
+
+keystone returns bytes only, so label addresses are recovered by appending `.long label` for every label and reading
+those words back off the end.
+
+keystone 0.9.2 mis-encodes a few instructions silently (see shared/TOOLCHAIN-NOTES.md). `keystone_source` rewrites
+exactly those into the bytes GNU as produces; `tests/test_asm_vs_gas.py` pins every rewrite against binutils.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import AssemblyError
+
+SECTIONS = (".multiboot", ".text", ".rodata", ".data", ".bss")
+
+_LABEL_RE = re.compile(r"^\s*([A-Za-z_][\w]*|\.L\w+)\s*:")
+_SECTION_RE = re.compile(r"^\s*\.section\s+(\S+)\s*$")
+_BALIGN_RE = re.compile(r"^\s*\.balign\s+(0x[0-9a-fA-F]+|\d+)")
+
+
+def strip_comment(line: str) -> str:
+    """Drop a `#` comment, leaving `#` inside string literals alone.
+
+    Both assemblers then see the same text: keystone treats `;` as a statement separator and some `#` comments as
+    errors, so comments never reach it.
+    """
+    quoted = False
+    for i, ch in enumerate(line):
+        if ch == '"' and (i == 0 or line[i - 1] != "\\"):
+            quoted = not quoted
+        elif ch == "#" and not quoted:
+            return line[:i].rstrip()
+    return line.rstrip()
+
+
+@dataclass(frozen=True)
+class Piece:
+    """The part of one unit that goes into one section."""
+    unit: str
+    section: str
+    lines: tuple[tuple[int, str], ...]    # (line number in the template, text without comment)
+    labels: tuple[str, ...]               # labels defined here, in order (local `.L` ones included)
+    align: int                            # the largest `.balign` inside, so the linker can honour it
+
+    @property
+    def name(self) -> str:
+        return f"{self.unit}{self.section}"
+
+    @property
+    def global_labels(self) -> tuple[str, ...]:
+        return tuple(label for label in self.labels if not label.startswith(".L"))
+
+    def body(self) -> str:
+        return "\n".join(text for _, text in self.lines)
+
+
+def parse_unit(unit: str, text: str) -> list[Piece]:
+    """Split a template into pieces at its `.section` lines."""
+    pieces: list[Piece] = []
+    section = None
+    lines: list[tuple[int, str]] = []
+
+    def close():
+        if section is None:
+            return
+        labels = tuple(m.group(1) for _, t in lines if (m := _LABEL_RE.match(t)))
+        aligns = [int(m.group(1), 0) for _, t in lines if (m := _BALIGN_RE.match(t))]
+        pieces.append(Piece(unit, section, tuple(lines), labels, max(aligns, default=4)))
+
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = strip_comment(raw)
+        if not line.strip():
+            continue
+        if not line.isascii():
+            raise AssemblyError(f"templates/{unit}.s:{number}: non-ASCII text outside a comment")
+        m = _SECTION_RE.match(line)
+        if m:
+            close()
+            section, lines = m.group(1), []
+            if section not in SECTIONS:
+                raise AssemblyError(f"templates/{unit}.s:{number}: unknown section {section}; "
+                                    f"use one of {', '.join(SECTIONS)}")
+            continue
+        if section is None:
+            raise AssemblyError(f"templates/{unit}.s:{number}: code before the first `.section` line")
+        lines.append((number, line))
+    close()
+    return pieces
+
+
+def load_unit(templates: Path, unit: str) -> list[Piece]:
+    path = templates / f"{unit}.s"
+    try:
+        return parse_unit(unit, path.read_text(encoding="ascii", errors="strict"))
+    except UnicodeDecodeError as err:
+        raise AssemblyError(f"{path}: non-ASCII byte at offset {err.start}") from None
+    except FileNotFoundError:
+        raise AssemblyError(f"{path}: template not found") from None
+
+
+def equ_lines(symbols: dict[str, int]) -> list[str]:
+    return [f".equ {name}, {value:#x}" for name, value in symbols.items()]
+
+
+# ---- keystone work-arounds: the only place that knows keystone 0.9.2's 32-bit encoding bugs ----------------------
+_SEGMENT_PUSH_POP = {
+    ("push", "es"): "0x06", ("pop", "es"): "0x07", ("push", "ss"): "0x16", ("pop", "ss"): "0x17",
+    ("push", "ds"): "0x1e", ("pop", "ds"): "0x1f", ("push", "fs"): "0x0f, 0xa0", ("pop", "fs"): "0x0f, 0xa1",
+    ("push", "gs"): "0x0f, 0xa8", ("pop", "gs"): "0x0f, 0xa9",
+}
+_DESCRIPTOR_TABLE_MODRM = {"lgdt": "0x15", "lidt": "0x1d"}   # 0F 01 /2 and /3 with a disp32 operand
+
+
+def keystone_line(line: str) -> str:
+    """Rewrite one GNU-as Intel line into what keystone encodes the same way."""
+    stripped = line.strip()
+    # `offset X` is GNU as's immediate address; keystone has no `offset` and treats a bare label as immediate.
+    m = re.fullmatch(r"push\s+offset\s+(.+)", stripped)
+    if m:   # keystone refuses `push label` outright
+        return f".byte 0x68\n.long {m.group(1)}"
+    line = re.sub(r"\boffset\s+", "", line)
+    stripped = line.strip()
+    # lgdt/lidt get a 0x66 prefix (24-bit base) from keystone.
+    m = re.fullmatch(r"(lgdt|lidt)\s+(?:fword\s+ptr\s+)?\[([^\]]+)\]", stripped)
+    if m:
+        if re.search(r"\b(e?[abcd]x|e?[sd]i|e?[sb]p)\b", m.group(2)):
+            raise AssemblyError(f"`{stripped}`: only an absolute operand is supported for {m.group(1)}")
+        return f".byte 0x0f, 0x01, {_DESCRIPTOR_TABLE_MODRM[m.group(1)]}\n.long {m.group(2)}"
+    # `iret` comes out as the 16-bit `66 cf`.
+    if stripped == "iret":
+        return "iretd"
+    # Segment-register push/pop get a 0x66 prefix (a 2-byte push that breaks frames).
+    m = re.fullmatch(r"(push|pop)\s+([defgs]s|es|ss)", stripped)
+    if m and (m.group(1), m.group(2)) in _SEGMENT_PUSH_POP:
+        return f".byte {_SEGMENT_PUSH_POP[(m.group(1), m.group(2))]}"
+    # Far jumps: keystone emits a 16-bit form or no bytes at all.
+    m = re.fullmatch(r"ljmp\s+([^,]+),\s*(.+)", stripped)
+    if m:
+        return f".byte 0xea\n.long {m.group(2)}\n.word {m.group(1)}"
+    return line
+
+
+def keystone_source(body: str, symbols: dict[str, int] | None = None) -> str:
+    """The piece as keystone must see it: workarounds applied, outside names replaced by their values.
+
+    keystone evaluates an expression of two `.equ` names wrongly (`[boot_magic - KERNEL_VIRTUAL_BASE]` came out
+    as `[0xc0000000]`), so names it does not define itself reach it as numbers.
+    """
+    lines = [keystone_line(line) for line in body.splitlines()]
+    if symbols:
+        names = re.compile(r"(?<![\w.$\\])(" + "|".join(sorted(map(re.escape, symbols), key=len, reverse=True))
+                           + r")(?![\w$])")
+        lines = [_outside_strings(line, lambda text: names.sub(lambda m: f"{symbols[m.group(1)]:#x}", text))
+                 for line in lines]
+    return "\n".join(lines)
+
+
+def _outside_strings(line: str, change) -> str:
+    """Apply `change` to the parts of `line` that are not inside a string literal."""
+    parts = re.split(r'("(?:[^"\\]|\\.)*")', line)
+    return "".join(part if i % 2 else change(part) for i, part in enumerate(parts))
+
+
+# ---- assembling ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Assembled:
+    piece: Piece
+    address: int
+    data: bytes
+    labels: dict[str, int]
+
+
+_KS = None
+
+
+def _keystone():
+    # Options are never set: setting any of them switches keystone's default number base to 16.
+    global _KS
+    if _KS is None:
+        from keystone import KS_ARCH_X86, KS_MODE_32, Ks
+        _KS = Ks(KS_ARCH_X86, KS_MODE_32)
+    return _KS
+
+
+def _ks_asm(source: str, address: int) -> bytes | None:
+    from keystone import KsError
+    try:
+        encoding, _count = _keystone().asm(source, address)
+    except KsError:
+        return None
+    return None if encoding is None else bytes(encoding)
+
+
+def render(piece: Piece, symbols: dict[str, int]) -> str:
+    """The source both assemblers see: `.equ` for every outside name, then the piece."""
+    return "\n".join(equ_lines(outside_symbols(piece, symbols)) + [piece.body()])
+
+
+def outside_symbols(piece: Piece, symbols: dict[str, int]) -> dict[str, int]:
+    return {name: value for name, value in symbols.items() if name not in piece.labels}
+
+
+def assemble(piece: Piece, address: int, symbols: dict[str, int]) -> Assembled:
+    """Assemble a piece at `address`, with `symbols` (constants and other pieces' labels) visible."""
+    tail = "\n".join(f".long {label}" for label in piece.labels)
+    data = _ks_asm(keystone_source(piece.body(), outside_symbols(piece, symbols)) + "\n" + tail, address)
+    expected_tail = 4 * len(piece.labels)
+    if data is None or len(data) < expected_tail:
+        raise _diagnose(piece, address, symbols)
+    body = data[:len(data) - expected_tail]
+    words = data[len(body):]
+    labels = {label: int.from_bytes(words[4 * i:4 * i + 4], "little") for i, label in enumerate(piece.labels)}
+    return Assembled(piece, address, body, labels)
+
+
+def _diagnose(piece: Piece, address: int, symbols: dict[str, int]) -> AssemblyError:
+    """Find the first line keystone rejects on its own (with every label defined) and show it in context."""
+    outside = outside_symbols(piece, symbols)
+    failing = None
+    for number, text in piece.lines:
+        m = _LABEL_RE.match(text)
+        statement = text[m.end():] if m else text
+        if not statement.strip() or statement.strip().startswith(".") and not statement.strip().startswith(
+                (".byte", ".word", ".long", ".quad", ".ascii", ".asciz", ".skip", ".fill", ".balign")):
+            continue
+        local = "\n".join(f".equ {lab}, {address:#x}" for lab in piece.labels)
+        if _ks_asm(local + "\n" + keystone_source(statement, outside), address) is None:
+            failing = number
+            break
+    listing = "\n".join(f"{'>>' if n == failing else '  '} {n:4d}  {t}" for n, t in piece.lines)
+    where = f"templates/{piece.unit}.s:{failing}" if failing else f"templates/{piece.unit}.s"
+    what = (f"keystone rejects `{dict(piece.lines)[failing].strip()}`" if failing
+            else "keystone rejects the piece (the failing line could not be isolated)")
+    return AssemblyError(f"{where}: {what} (section {piece.section})\n{listing}")

@@ -1,0 +1,136 @@
+"""The user's config: an optional `kgen.toml` whose every key has a default.
+
+This module only reads and type-checks keys. Rules that relate values to each other (alignment, overlap, slot
+ranges) belong to `layout.py`, which turns a Config into addresses.
+
+    arch = "i386"
+
+    [kernel]
+    virtual_base = 0xC0000000   # virtual address that maps physical 0; the image sits at virtual_base + load_address
+    load_address = 0x100000     # physical address of the first byte of the image
+    max_size = 0x400000         # room reserved for the image (text, data, bss, boot page tables, stack)
+    stack_size = 0x4000
+
+    [paging]
+    recursive_slot = 1023       # page-directory entry that points at the page directory itself
+
+    [tempmap]
+    base = 0xFF800000           # first virtual page of the temp-map window
+    slots = 16                  # pages in the window
+
+    [machine]
+    memory_mib = 128            # guest RAM for `kgen run` and `kgen test`
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+from .errors import ConfigError
+
+ARCHES = ("i386",)          # "x86_64" joins when the 64-bit kernel lands
+DEFAULT_CONFIG_NAME = "kgen.toml"
+
+
+@dataclass(frozen=True)
+class Config:
+    arch: str = "i386"
+    kernel_virtual_base: int = 0xC0000000
+    kernel_load_address: int = 0x100000
+    kernel_max_size: int = 0x400000
+    kernel_stack_size: int = 0x4000
+    paging_recursive_slot: int = 1023
+    tempmap_base: int = 0xFF800000
+    tempmap_slots: int = 16
+    machine_memory_mib: int = 128
+    # Build variants that break the kernel on purpose, so tests can prove they catch the break.
+    fault_at_boot: bool = False
+
+    source: str = "defaults"   # where the values came from, for error messages
+
+    @staticmethod
+    def key_of(field_name: str) -> str:
+        """The TOML key a field is read from: `kernel_virtual_base` -> `kernel.virtual_base`."""
+        return _FIELD_TO_KEY[field_name]
+
+    def with_values(self, **values) -> "Config":
+        return replace(self, **values)
+
+
+# TOML table -> keys it may hold. A key at top level has table "".
+_SCHEMA: dict[str, tuple[str, ...]] = {
+    "": ("arch",),
+    "kernel": ("virtual_base", "load_address", "max_size", "stack_size"),
+    "paging": ("recursive_slot",),
+    "tempmap": ("base", "slots"),
+    "machine": ("memory_mib",),
+    "variant": ("fault_at_boot",),
+}
+
+
+def _field_name(table: str, key: str) -> str:
+    if table in ("", "variant"):
+        return key
+    return f"{table}_{key}"
+
+
+_FIELD_TO_KEY = {
+    _field_name(table, key): (f"{table}.{key}" if table else key)
+    for table, keys in _SCHEMA.items() for key in keys
+}
+_FIELD_TYPES = {f.name: f.type for f in fields(Config)}
+
+
+def _check_type(where: str, key: str, value, expected: str):
+    if expected == "int" and (not isinstance(value, int) or isinstance(value, bool)):
+        raise ConfigError(f"{where}: {key} = {value!r}: must be an integer")
+    if expected == "bool" and not isinstance(value, bool):
+        raise ConfigError(f"{where}: {key} = {value!r}: must be true or false")
+    if expected == "str" and not isinstance(value, str):
+        raise ConfigError(f"{where}: {key} = {value!r}: must be a string")
+    if expected == "int" and value < 0:
+        raise ConfigError(f"{where}: {key} = {value}: must not be negative")
+
+
+def from_mapping(data: dict, where: str = "config") -> Config:
+    """Type-check a parsed TOML document and return the Config it describes."""
+    values = {}
+    for name, value in data.items():
+        if isinstance(value, dict):
+            if name not in _SCHEMA or name == "":
+                raise ConfigError(f"{where}: unknown table [{name}]; known tables: "
+                                  + ", ".join(f"[{t}]" for t in _SCHEMA if t))
+            items = [(name, key, v) for key, v in value.items()]
+        else:
+            items = [("", name, value)]
+        for table, key, v in items:
+            dotted = f"{table}.{key}" if table else key
+            if key not in _SCHEMA.get(table, ()):
+                known = ", ".join(_FIELD_TO_KEY.values())
+                raise ConfigError(f"{where}: unknown key {dotted}; known keys: {known}")
+            field = _field_name(table, key)
+            _check_type(where, dotted, v, _FIELD_TYPES[field])
+            values[field] = v
+    config = Config(source=where, **values)
+    if config.arch not in ARCHES:
+        raise ConfigError(f"{where}: arch = {config.arch!r}: must be one of {', '.join(ARCHES)}")
+    return config
+
+
+def load(path: Path | None) -> Config:
+    """Read `path`, or `./kgen.toml` when it exists, or return the defaults."""
+    if path is None:
+        default = Path(DEFAULT_CONFIG_NAME)
+        if not default.exists():
+            return Config()
+        path = default
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read config: {err.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    return from_mapping(data, where=str(path))

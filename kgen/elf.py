@@ -1,0 +1,405 @@
+"""Write a `LinkedImage` as an ELF executable, built and written by LIEF.
+
+LIEF cannot start an ELF from nothing, so it is handed a skeleton packed here with `struct` (ELF header, one
+throw-away PT_LOAD, a null section and `.shstrtab`), parsed with a 0x10 page size so that whatever LIEF inserts
+stays near the start of the file. LIEF then adds one PT_LOAD per permission group, the named sections, `.symtab`
+and `.strtab`, and produces the bytes.
+
+LIEF rewrites some of what it is given without a word; each case is undone here:
+- `add(Segment)` sets p_paddr to p_vaddr, rounds the sizes, puts the data wherever its page size says and adds a
+  PT_LOAD of its own for the program header table it moves. Only our PT_LOADs are kept, and their paddr, sizes and
+  file offset are set after `add`; the content is set again after the offset because LIEF writes it at the
+  segment's current offset.
+- `add(Section, loaded=True)` would make a segment per section, so sections go in unloaded and are placed by hand.
+- `.symtab` gets no null symbol unless one is added first.
+- Appending `.shstrtab`/`.strtab`/`.symtab` at the end of the file shifts every section at or past that offset,
+  the NOBITS `.bss` included, and moves its sh_addr with it. LIEF re-parses its own output and the planned header
+  fields are applied once more; nothing is appended the second time, so nothing moves.
+
+Nothing LIEF produces is trusted: pyelftools, an independent reader, compares the bytes with the plan field by
+field, and only a verified image reaches the disk (a temporary file in the same directory, then `os.replace`).
+"""
+from __future__ import annotations
+
+import io
+import os
+import secrets
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import lief
+from elftools.common.exceptions import ELFError
+from elftools.elf.elffile import ELFFile
+from elftools.elf.enums import ENUM_E_MACHINE
+
+from kgen.errors import KgenError, LinkError
+from kgen.image import LinkedImage, Section
+
+MULTIBOOT_WINDOW = 8192          # GRUB and QEMU look for the Multiboot v1 header only this far into the file
+MULTIBOOT_HEADER_SIZE = 12       # magic, flags, checksum
+
+_PT_LOAD = 1
+_PF_X, _PF_W, _PF_R = 1, 2, 4
+_SHF_WRITE, _SHF_ALLOC, _SHF_EXECINSTR = 1, 2, 4
+_SHT_PROGBITS, _SHT_STRTAB, _SHT_NOBITS = 1, 3, 8
+_SEGMENT_FLAGS = {"rx": _PF_R | _PF_X, "r": _PF_R, "rw": _PF_R | _PF_W}
+_SECTION_FLAGS = {"rx": _SHF_ALLOC | _SHF_EXECINSTR, "r": _SHF_ALLOC, "rw": _SHF_ALLOC | _SHF_WRITE}
+_SYMBOL_TYPES = {"func": "STT_FUNC", "object": "STT_OBJECT"}
+_TABLES = (".symtab", ".strtab", ".shstrtab")
+
+# LIEF's page size only decides where `add` puts things before they are moved; 0x10 keeps its program header
+# table just past the skeleton instead of a page or two into the file.
+_LIEF_PAGE_SIZE = 0x10
+
+
+@dataclass(frozen=True)
+class ElfTarget:
+    """What depends on the ELF class and machine. An x86-64 target is another instance with 64-bit formats."""
+
+    elfclass: int            # EI_CLASS: 1 for ELF32, 2 for ELF64
+    machine: int             # e_machine
+    ehdr_format: str         # struct format of the ELF header after e_ident
+    phdr_format: str
+    phdr_fields: tuple[str, ...]   # p_flags moves between the classes, so the fields are packed by name
+    shdr_format: str
+    page_size: int = 0x1000
+
+    @property
+    def ehdr_size(self) -> int:
+        return 16 + struct.calcsize(self.ehdr_format)
+
+    @property
+    def phdr_size(self) -> int:
+        return struct.calcsize(self.phdr_format)
+
+    @property
+    def shdr_size(self) -> int:
+        return struct.calcsize(self.shdr_format)
+
+
+ELF32_I386 = ElfTarget(
+    elfclass=1,
+    machine=3,
+    ehdr_format="<HHIIIIIHHHHHH",
+    phdr_format="<8I",
+    phdr_fields=("type", "offset", "vaddr", "paddr", "filesz", "memsz", "flags", "align"),
+    shdr_format="<10I",
+)
+
+
+@dataclass(frozen=True)
+class _Load:
+    """One PT_LOAD as it must appear in the file."""
+
+    vaddr: int
+    paddr: int
+    offset: int
+    filesz: int
+    memsz: int
+    flags: int
+    content: bytes
+
+
+@dataclass(frozen=True)
+class _Placed:
+    """A section with the file offset the layout gave it."""
+
+    section: Section
+    offset: int
+
+    @property
+    def sh_type(self) -> int:
+        return _SHT_NOBITS if self.section.nobits else _SHT_PROGBITS
+
+    @property
+    def sh_flags(self) -> int:
+        return _SECTION_FLAGS[self.section.perms]
+
+
+@dataclass(frozen=True)
+class _Layout:
+    loads: tuple[_Load, ...]
+    sections: tuple[_Placed, ...]
+
+
+def write_elf(image: LinkedImage, path: Path, *, target: ElfTarget = ELF32_I386) -> None:
+    """Write `image` to `path`, or raise LinkError and leave no file there.
+
+    Like ld, a failed write also removes an older file at `path`, so a stale kernel is never taken for this one.
+    """
+    path = Path(path)
+    try:
+        _check_image(image)
+        data = _build(image, target)
+        _write_atomically(path, data)
+    except KgenError:
+        path.unlink(missing_ok=True)
+        raise
+
+
+def _build(image: LinkedImage, target: ElfTarget) -> bytes:
+    config = lief.ELF.ParserConfig()
+    config.page_size = _LIEF_PAGE_SIZE
+    with lief.logging.level_scope(lief.logging.LEVEL.ERROR):
+        binary = lief.ELF.parse(_skeleton(target), config)
+        if binary is None:
+            raise LinkError("LIEF could not parse the ELF skeleton")
+        groups = image.segments()
+        ours = [binary.add(_blank_load()) for _ in groups]
+        for segment in list(binary.segments):
+            if not any(segment is mine for mine in ours):
+                binary.remove(segment)
+        phdr_end = binary.header.program_header_offset + len(groups) * target.phdr_size
+        layout = _layout(image, phdr_end, target)
+
+        for segment, load in zip(ours, layout.loads):
+            _set_segment_header(segment, load, target)
+            segment.content = list(load.content)
+        for placed in layout.sections:
+            binary.add(lief.ELF.Section(placed.section.name, lief.ELF.Section.TYPE(placed.sh_type)), loaded=False)
+        _add_symbols(binary, image)
+        _settle(binary, image, layout, target)
+        first = binary.write_to_bytes()
+
+        again = lief.ELF.parse(list(first), config)
+        if again is None:
+            raise LinkError("LIEF could not re-parse the ELF it had just written")
+        _settle(again, image, layout, target)
+        data = again.write_to_bytes()
+    problems = _verify(data, image, layout, target)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise LinkError(f"LIEF wrote a wrong ELF: {problems[0]}{more}")
+    return data
+
+
+def _skeleton(target: ElfTarget) -> bytes:
+    """ELF header, one PT_LOAD over the whole file, a null section and `.shstrtab`: the least LIEF can grow."""
+    names = b"\0.shstrtab\0"
+    phoff = target.ehdr_size
+    names_off = phoff + target.phdr_size
+    shoff = (names_off + len(names) + 3) & ~3
+    size = shoff + 2 * target.shdr_size
+    ident = b"\x7fELF" + bytes([target.elfclass, 1, 1]) + bytes(9)   # little-endian, EV_CURRENT, SysV
+    header = ident + struct.pack(
+        target.ehdr_format, 2, target.machine, 1, 0, phoff, shoff, 0,          # ET_EXEC, EV_CURRENT, entry 0
+        target.ehdr_size, target.phdr_size, 1, target.shdr_size, 2, 1,
+    )
+    load = dict(type=_PT_LOAD, offset=0, vaddr=0, paddr=0, filesz=size, memsz=size, flags=_PF_R,
+                align=_LIEF_PAGE_SIZE)
+    phdr = struct.pack(target.phdr_format, *(load[name] for name in target.phdr_fields))
+    body = (header + phdr + names).ljust(shoff, b"\0")
+    null = bytes(target.shdr_size)
+    shstrtab = struct.pack(target.shdr_format, 1, _SHT_STRTAB, 0, 0, names_off, len(names), 0, 0, 1, 0)
+    return body + null + shstrtab
+
+
+def _blank_load() -> lief.ELF.Segment:
+    segment = lief.ELF.Segment()
+    segment.type = lief.ELF.Segment.TYPE.LOAD
+    return segment
+
+
+def _check_image(image: LinkedImage) -> None:
+    """Refuse what no single ELF layout can express, before LIEF sees any of it."""
+    if not image.sections:
+        raise LinkError("the image has no sections")
+    names = [sec.name for sec in image.sections]
+    if len(set(names)) != len(names):
+        raise LinkError(f"duplicate section names in {names}")
+    previous = None
+    for sec in image.sections:
+        if sec.perms not in _SEGMENT_FLAGS:
+            raise LinkError(f"section {sec.name} has permissions {sec.perms!r}; expected one of rx, r, rw")
+        if sec.nobits and sec.data:
+            raise LinkError(f"NOBITS section {sec.name} carries {len(sec.data)} bytes of data")
+        if not sec.nobits and len(sec.data) != sec.size:
+            raise LinkError(f"section {sec.name} has {len(sec.data)} bytes of data but size {sec.size:#x}")
+        if previous is not None and sec.vaddr < previous.vaddr + previous.size:
+            raise LinkError(f"section {sec.name} at {sec.vaddr:#x} overlaps or precedes {previous.name}")
+        previous = sec
+    for group in image.segments():
+        bias = group[0].paddr - group[0].vaddr
+        for before, sec in zip(group, group[1:]):
+            if sec.paddr - sec.vaddr != bias:
+                raise LinkError(f"sections {group[0].name} and {sec.name} share a segment but not a "
+                                f"virtual-to-physical offset")
+            if before.nobits and not sec.nobits:
+                raise LinkError(f"section {sec.name} has file contents but follows NOBITS {before.name} "
+                                f"in the same segment")
+    if not any(s.vaddr <= image.entry < s.vaddr + s.size and "x" in s.perms for s in image.sections):
+        raise LinkError(f"entry point {image.entry:#x} is not inside an executable section")
+    by_name = {sec.name: sec for sec in image.sections}
+    for sym in image.symbols:
+        sec = by_name.get(sym.section)
+        if sec is None:
+            raise LinkError(f"symbol {sym.name} names section {sym.section}, which the image does not have")
+        if sym.kind not in _SYMBOL_TYPES:
+            raise LinkError(f"symbol {sym.name} has kind {sym.kind!r}; expected func or object")
+        if not sec.vaddr <= sym.value <= sec.vaddr + sec.size:
+            raise LinkError(f"symbol {sym.name} at {sym.value:#x} lies outside its section {sec.name}")
+
+
+def _layout(image: LinkedImage, phdr_end: int, target: ElfTarget) -> _Layout:
+    """Give every segment a file offset congruent to its vaddr, packed after the program header table."""
+    loads: list[_Load] = []
+    placed: list[_Placed] = []
+    cursor = phdr_end
+    for group in image.segments():
+        base = group[0]
+        offset = cursor + (base.vaddr - cursor) % target.page_size
+        backed = [sec for sec in group if not sec.nobits]
+        filesz = backed[-1].vaddr + backed[-1].size - base.vaddr if backed else 0
+        content = bytearray(filesz)
+        for sec in backed:
+            start = sec.vaddr - base.vaddr
+            content[start:start + sec.size] = sec.data
+        for sec in group:
+            # NOBITS gets the end of the file-backed part, not its congruent offset: one past the end of the
+            # file is what readelf and LIEF accept.
+            placed.append(_Placed(sec, offset + (filesz if sec.nobits else sec.vaddr - base.vaddr)))
+        loads.append(_Load(
+            vaddr=base.vaddr, paddr=base.paddr, offset=offset, filesz=filesz,
+            memsz=group[-1].vaddr + group[-1].size - base.vaddr,
+            flags=_SEGMENT_FLAGS[base.perms], content=bytes(content),
+        ))
+        cursor = offset + filesz
+    for entry in placed:
+        if entry.section.name == ".multiboot" and entry.offset + MULTIBOOT_HEADER_SIZE > MULTIBOOT_WINDOW:
+            raise LinkError(f"the Multiboot header would sit at file offset {entry.offset:#x}, past the first "
+                            f"{MULTIBOOT_WINDOW // 1024} KiB where loaders look for it")
+    return _Layout(tuple(loads), tuple(placed))
+
+
+def _set_segment_header(segment: lief.ELF.Segment, load: _Load, target: ElfTarget) -> None:
+    segment.type = lief.ELF.Segment.TYPE.LOAD
+    segment.flags = lief.ELF.Segment.FLAGS(load.flags)
+    segment.file_offset = load.offset
+    segment.virtual_address = load.vaddr
+    segment.physical_address = load.paddr
+    segment.physical_size = load.filesz
+    segment.virtual_size = load.memsz
+    segment.alignment = target.page_size
+
+
+def _set_section_header(section: lief.ELF.Section, placed: _Placed) -> None:
+    section.flags = lief.ELF.Section.FLAGS(placed.sh_flags)
+    section.virtual_address = placed.section.vaddr
+    section.offset = placed.offset
+    section.size = placed.section.size
+    section.alignment = placed.section.align
+
+
+def _add_symbols(binary: lief.ELF.Binary, image: LinkedImage) -> None:
+    binary.add_symtab_symbol(lief.ELF.Symbol())   # index 0 must be the null symbol; LIEF does not add one
+    for sym in image.symbols:
+        entry = lief.ELF.Symbol()
+        entry.name = sym.name
+        entry.value = sym.value
+        entry.size = sym.size
+        entry.binding = lief.ELF.Symbol.BINDING.GLOBAL
+        entry.type = lief.ELF.Symbol.TYPE.FUNC if sym.kind == "func" else lief.ELF.Symbol.TYPE.OBJECT
+        binary.add_symtab_symbol(entry)
+
+
+def _settle(binary: lief.ELF.Binary, image: LinkedImage, layout: _Layout, target: ElfTarget) -> None:
+    """Set every planned header field on what LIEF holds: once before the first write, once after re-parsing it.
+
+    The second time is what counts: only then are the section indices final and `.bss` back where it belongs.
+    """
+    loads = [seg for seg in binary.segments if seg.type == lief.ELF.Segment.TYPE.LOAD]
+    for segment, load in zip(loads, layout.loads):
+        _set_segment_header(segment, load, target)
+    for placed in layout.sections:
+        section = binary.get_section(placed.section.name)
+        if section is not None:
+            _set_section_header(section, placed)
+    for entry in binary.symtab_symbols:
+        if entry.name:
+            entry.shndx = binary.get_section_idx(image.symbol(entry.name).section)
+    binary.header.entrypoint = image.entry
+
+
+def _verify(data: bytes, image: LinkedImage, layout: _Layout, target: ElfTarget) -> list[str]:
+    """Every field this module sets, read back by pyelftools; one line per difference."""
+    try:
+        elf = ELFFile(io.BytesIO(data))
+        return _differences(elf, data, image, layout, target)
+    except ELFError as err:
+        return [f"unreadable by pyelftools: {err}"]
+
+
+def _differences(elf: ELFFile, data: bytes, image: LinkedImage, layout: _Layout, target: ElfTarget) -> list[str]:
+    problems: list[str] = []
+
+    def expect(what: str, got: object, want: object) -> None:
+        if got != want:
+            show = (lambda v: hex(v) if isinstance(v, int) else repr(v))
+            problems.append(f"{what} is {show(got)}, expected {show(want)}")
+
+    header = elf.header
+    expect("EI_CLASS", elf.elfclass, 32 if target.elfclass == 1 else 64)
+    expect("e_type", header.e_type, "ET_EXEC")
+    expect("e_machine", ENUM_E_MACHINE.get(header.e_machine, header.e_machine), target.machine)
+    expect("e_entry", header.e_entry, image.entry)
+
+    segments = list(elf.iter_segments())
+    expect("program header count", len(segments), len(layout.loads))
+    for index, (segment, load) in enumerate(zip(segments, layout.loads)):
+        name = f"program header {index}"
+        expect(f"{name} p_type", segment["p_type"], "PT_LOAD")
+        for field, want in (("p_offset", load.offset), ("p_vaddr", load.vaddr), ("p_paddr", load.paddr),
+                            ("p_filesz", load.filesz), ("p_memsz", load.memsz), ("p_flags", load.flags),
+                            ("p_align", target.page_size)):
+            expect(f"{name} {field}", segment[field], want)
+        if data[load.offset:load.offset + load.filesz] != load.content:
+            problems.append(f"{name} file contents differ from the image")
+    table_end = header.e_phoff + header.e_phnum * header.e_phentsize
+    if layout.loads and table_end > layout.loads[0].offset:
+        problems.append(f"program header table ends at {table_end:#x}, inside the first segment")
+
+    sections = {sec.name: sec for sec in elf.iter_sections()}
+    expect("section names", sorted(n for n in sections if n),
+           sorted([p.section.name for p in layout.sections] + list(_TABLES)))
+    for placed in layout.sections:
+        sec = sections.get(placed.section.name)
+        if sec is None:
+            continue
+        for field, want in (("sh_type", "SHT_NOBITS" if placed.section.nobits else "SHT_PROGBITS"),
+                            ("sh_flags", placed.sh_flags), ("sh_addr", placed.section.vaddr),
+                            ("sh_offset", placed.offset), ("sh_size", placed.section.size),
+                            ("sh_addralign", placed.section.align)):
+            expect(f"{placed.section.name} {field}", sec[field], want)
+
+    symtab = elf.get_section_by_name(".symtab")
+    if symtab is None:
+        return problems
+    symbols = list(symtab.iter_symbols())
+    if not symbols or symbols[0].name or symbols[0]["st_value"] or symbols[0]["st_shndx"] != "SHN_UNDEF":
+        problems.append("symbol 0 is not the null symbol")
+    index_names = {i: sec.name for i, sec in enumerate(elf.iter_sections())}
+    got = {
+        (s.name, s["st_value"], s["st_size"], s["st_info"]["type"], s["st_info"]["bind"],
+         index_names.get(s["st_shndx"], str(s["st_shndx"])))
+        for s in symbols[1:]
+    }
+    want = {(s.name, s.value, s.size, _SYMBOL_TYPES[s.kind], "STB_GLOBAL", s.section) for s in image.symbols}
+    problems.extend(f"symbol {entry} is missing" for entry in sorted(want - got))
+    problems.extend(f"symbol {entry} was not asked for" for entry in sorted(got - want))
+    return problems
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        # O_EXCL with a random name instead of mkstemp: the file gets the umask's mode, like any build output.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise KgenError(f"{path}: cannot write the ELF: {err.strerror or err}") from err

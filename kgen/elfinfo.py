@@ -1,0 +1,170 @@
+"""What the tools need to know about a kernel ELF, read with pyelftools: ours or anyone else's Multiboot kernel.
+
+Everything is read once, in `ElfInfo.load`, into frozen values, so later questions (which symbol holds this
+faulting address? where is the Multiboot header?) never touch the file again and cannot see it half-rewritten.
+"""
+from __future__ import annotations
+
+import bisect
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Mapping
+
+from elftools.common.exceptions import ELFError
+from elftools.elf.elffile import ELFFile
+from elftools.elf.sections import SymbolTableSection
+
+from kgen.errors import KgenError
+
+MULTIBOOT_MAGIC = 0x1BADB002
+MULTIBOOT_SEARCH = 8192          # the Multiboot v1 header must lie entirely within this many bytes of the file
+
+_PF_X, _PF_W, _PF_R = 1, 2, 4
+_KINDS = {"STT_FUNC": "func", "STT_OBJECT": "object", "STT_NOTYPE": "notype"}
+
+
+@dataclass(frozen=True)
+class LoadSegment:
+    vaddr: int
+    paddr: int
+    filesz: int
+    memsz: int
+    readable: bool
+    writable: bool
+    executable: bool
+
+
+@dataclass(frozen=True)
+class ElfSymbol:
+    name: str
+    value: int
+    size: int
+    kind: str                 # "func", "object" or "notype"
+    section: str | None       # None for an absolute symbol
+    end: int                  # addresses in [value, end) belong to it: its size, or its section's end if size is 0
+    is_global: bool
+
+
+@dataclass(frozen=True)
+class ElfInfo:
+    path: Path
+    bits: int
+    entry: int
+    segments: tuple[LoadSegment, ...]
+    by_address: tuple[ElfSymbol, ...]             # sorted by value, for symbolize
+    symbols: Mapping[str, ElfSymbol] = field(hash=False)
+    head: bytes = field(repr=False)               # the start of the file, where a Multiboot header must be
+
+    @classmethod
+    def load(cls, path: Path) -> ElfInfo:
+        path = Path(path)
+        try:
+            with path.open("rb") as stream:
+                elf = ELFFile(stream)
+                symbols = _read_symbols(elf)
+                info = cls(
+                    path=path,
+                    bits=elf.elfclass,
+                    entry=elf.header.e_entry,
+                    segments=tuple(_read_segments(elf)),
+                    by_address=tuple(sorted(symbols, key=lambda s: (s.value, s.name))),
+                    symbols=MappingProxyType(_by_name(symbols)),
+                    head=_read_head(stream),
+                )
+        except OSError as err:
+            raise KgenError(f"{path}: cannot read: {err.strerror or err}") from err
+        except ELFError as err:
+            raise KgenError(f"{path}: not a readable ELF file ({err})") from err
+        return info
+
+    def symbolize(self, addr: int) -> str:
+        """`0xc01000a3 <pmm_alloc+0x13>` for an address inside a symbol, the bare address otherwise."""
+        text = f"{addr:#0{self.bits // 4 + 2}x}"
+        sym = self.symbol_at(addr)
+        if sym is None:
+            return text
+        offset = addr - sym.value
+        return f"{text} <{sym.name}+{offset:#x}>" if offset else f"{text} <{sym.name}>"
+
+    def symbol_at(self, addr: int) -> ElfSymbol | None:
+        """The nearest symbol at or below `addr` whose extent covers it."""
+        # Walk down from the nearest preceding symbol rather than stopping at it: a small sized object or label
+        # can sit between a function's start and the address without covering it.
+        below = bisect.bisect_right(self.by_address, addr, key=_value)
+        covering = (s for s in reversed(self.by_address[:below]) if addr < s.end)
+        nearest = next(covering, None)
+        if nearest is None:
+            return None
+        ties = [nearest, *(s for s in self.by_address[:below] if s.value == nearest.value and addr < s.end)]
+        return max(ties, key=_preference)
+
+    def multiboot_header_offset(self) -> int | None:
+        """File offset of a valid Multiboot v1 header (magic, flags, checksum summing to 0), as GRUB finds it."""
+        for offset in range(0, len(self.head) - 11, 4):
+            magic, flags, checksum = struct.unpack_from("<III", self.head, offset)
+            if magic == MULTIBOOT_MAGIC and (magic + flags + checksum) & 0xFFFFFFFF == 0:
+                return offset
+        return None
+
+
+def _value(sym: ElfSymbol) -> int:
+    return sym.value
+
+
+def _preference(sym: ElfSymbol) -> tuple[bool, bool, bool, str]:
+    # Among symbols at one address, a sized function says most; a global name beats a local alias.
+    return (sym.kind == "func", sym.size > 0, sym.is_global, sym.name)
+
+
+def _read_segments(elf: ELFFile) -> list[LoadSegment]:
+    return [
+        LoadSegment(
+            vaddr=seg["p_vaddr"], paddr=seg["p_paddr"], filesz=seg["p_filesz"], memsz=seg["p_memsz"],
+            readable=bool(seg["p_flags"] & _PF_R), writable=bool(seg["p_flags"] & _PF_W),
+            executable=bool(seg["p_flags"] & _PF_X),
+        )
+        for seg in elf.iter_segments()
+        if seg["p_type"] == "PT_LOAD"
+    ]
+
+
+def _read_symbols(elf: ELFFile) -> list[ElfSymbol]:
+    sections = list(elf.iter_sections())
+    found: list[ElfSymbol] = []
+    for table in sections:
+        if not isinstance(table, SymbolTableSection):
+            continue
+        for sym in table.iter_symbols():
+            kind = _KINDS.get(sym["st_info"]["type"])
+            shndx = sym["st_shndx"]
+            if kind is None or not sym.name or shndx == "SHN_UNDEF":
+                continue
+            home = sections[shndx] if isinstance(shndx, int) and shndx < len(sections) else None
+            if sym["st_size"]:
+                end = sym["st_value"] + sym["st_size"]
+            elif home is not None:
+                end = home["sh_addr"] + home["sh_size"]
+            else:
+                end = sym["st_value"]        # an unsized absolute symbol names a point, not a range
+            found.append(ElfSymbol(
+                name=sym.name, value=sym["st_value"], size=sym["st_size"], kind=kind,
+                section=home.name if home is not None else None, end=end,
+                is_global=sym["st_info"]["bind"] != "STB_LOCAL",
+            ))
+    return found
+
+
+def _by_name(symbols: list[ElfSymbol]) -> dict[str, ElfSymbol]:
+    # Static functions in different files may share a name; the global one is the one a user means.
+    table: dict[str, ElfSymbol] = {}
+    for sym in symbols:
+        if sym.name not in table or (sym.is_global and not table[sym.name].is_global):
+            table[sym.name] = sym
+    return table
+
+
+def _read_head(stream) -> bytes:
+    stream.seek(0)
+    return stream.read(MULTIBOOT_SEARCH)

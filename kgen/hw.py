@@ -1,0 +1,79 @@
+"""Facts of the x86 hardware and of the Multiboot v1 protocol.
+
+Nothing here is kgen's choice: these values come from the Intel SDM and the Multiboot specification. kgen's own
+choices (where things go, which slot is recursive) live in `layout.py`.
+"""
+
+PAGE_SIZE = 0x1000
+PAGE_SHIFT = 12
+
+# Page-directory / page-table entry bits (SDM vol. 3, 4.3, tables 4-4..4-6).
+PTE_P = 0x001      # present
+PTE_RW = 0x002     # writable
+PTE_US = 0x004     # user-accessible
+PTE_PWT = 0x008    # write-through
+PTE_PCD = 0x010    # cache disable
+PTE_A = 0x020      # accessed
+PTE_D = 0x040      # dirty (leaf entries only)
+PTE_PS = 0x080     # page size: a 4 MiB page in a PDE
+PTE_G = 0x100      # global: survives a CR3 reload when CR4.PGE is on
+PTE_FRAME_MASK = 0xFFFFF000
+
+# i386 non-PAE paging geometry.
+I386_ENTRIES = 1024
+I386_PDE_SHIFT = 22          # each PDE covers 4 MiB
+I386_LARGE_PAGE = 1 << I386_PDE_SHIFT
+
+# Control registers.
+CR0_PE = 1 << 0
+CR0_WP = 1 << 16             # supervisor writes honour read-only pages
+CR0_PG = 1 << 31
+CR4_PSE = 1 << 4
+CR4_PGE = 1 << 7
+
+# Page-fault error code bits.
+PF_P = 1 << 0                # 1: protection violation, 0: page not present
+PF_W = 1 << 1                # the access was a write
+PF_U = 1 << 2                # the access came from ring 3
+PF_RSVD = 1 << 3             # a reserved bit was set in a paging entry
+PF_I = 1 << 4                # the access was an instruction fetch
+
+# Exceptions that push an error code (vectors 8, 10-14, 17, 21, 29, 30).
+EXCEPTIONS_WITH_ERROR_CODE = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
+EXCEPTION_COUNT = 32
+
+# Multiboot v1.
+MULTIBOOT_HEADER_MAGIC = 0x1BADB002
+MULTIBOOT_BOOTLOADER_MAGIC = 0x2BADB002   # in EAX at entry
+MULTIBOOT_FLAG_PAGE_ALIGN = 1 << 0
+MULTIBOOT_FLAG_MEMORY_INFO = 1 << 1
+MULTIBOOT_HEADER_SEARCH_LIMIT = 8192      # the header must lie in the first 8 KiB of the file
+MULTIBOOT_INFO_MEM = 1 << 0               # mbi.flags: mem_lower/mem_upper valid
+MULTIBOOT_INFO_CMDLINE = 1 << 2           # mbi.flags: cmdline valid
+MULTIBOOT_INFO_MMAP = 1 << 6              # mbi.flags: mmap_length/mmap_addr valid
+MULTIBOOT_MMAP_AVAILABLE = 1              # memory-map entry type of usable RAM
+
+# PC platform.
+COM1_PORT = 0x3F8
+COM2_PORT = 0x2F8
+
+# Segment descriptors (SDM vol. 3, 3.4.5). Access bytes have the accessed bit preset so the CPU never writes the GDT.
+SEG_ACCESS_KERNEL_CODE = 0x9B   # present, ring 0, code, readable, accessed
+SEG_ACCESS_KERNEL_DATA = 0x93   # present, ring 0, data, writable, accessed
+SEG_FLAGS_32BIT_4K = 0xC        # 4 KiB granularity, 32-bit default operand size
+IDT_GATE_INTERRUPT32 = 0x8E00   # the type word of a gate: present, ring 0, 32-bit interrupt gate
+
+
+def segment_descriptor(base: int, limit: int, access: int, flags: int) -> int:
+    """Pack a GDT entry; `limit` is in units of the granularity the flags select."""
+    return ((limit & 0xFFFF) | (base & 0xFFFFFF) << 16 | access << 40 | ((limit >> 16) & 0xF) << 48
+            | flags << 52 | ((base >> 24) & 0xFF) << 56)
+
+
+def error_code_mask() -> int:
+    """Bit v set when exception vector v pushes an error code."""
+    return sum(1 << v for v in EXCEPTIONS_WITH_ERROR_CODE)
+
+
+def multiboot_header_checksum(flags: int) -> int:
+    return (-(MULTIBOOT_HEADER_MAGIC + flags)) & 0xFFFFFFFF

@@ -1,0 +1,306 @@
+"""Where everything goes: every address, slot and size of the kernel, computed once from the config.
+
+Templates receive these values as named assembler constants (`Layout.asm_constants`); tests and the harness read
+them from the same object. Nothing else in kgen decides an address.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import hw
+from .config import Config
+from .errors import ConfigError
+
+MIB = 1 << 20
+FOUR_GIB = 1 << 32
+# The first MiB holds the BIOS data area, VGA memory and option ROMs; Multiboot kernels load above it.
+LOW_MEMORY_END = 0x100000
+# On QEMU's `pc` machine RAM above this is moved past 4 GiB to make room for PCI; kgen keeps RAM below it.
+PC_BELOW_4G_MAX_MIB = 3072
+MIN_MEMORY_MIB = 16
+
+
+@dataclass(frozen=True)
+class Region:
+    """A named half-open range of virtual (or physical) addresses."""
+    name: str
+    key: str          # the config key that places it, for error messages
+    value: int        # that key's value
+    start: int
+    end: int
+
+    def overlaps(self, other: "Region") -> bool:
+        return self.start < other.end and other.start < self.end
+
+    def __str__(self) -> str:
+        return f"{self.name} [{self.start:#010x}, {self.end:#010x})"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The i386 kernel's memory map (defaults shown; every value comes from the config).
+
+    Virtual                                   Physical
+    0x00000000 .. 0xC0000000  user half: empty after boot (identity map of the image is dropped)
+    0xC0000000                virtual_base maps physical 0
+    0xC0100000 .. +max_size   kernel image window      ->  0x00100000 .. +max_size (load_address)
+                              .multiboot .text | .rodata | .data .bss (boot page tables, stack, boot info)
+    0xFF800000 .. +slots*4K   temp-map window: one page table, PTEs rewritten by temp_map()/temp_unmap()
+    0xFFC00000 .. 0xFFFFFFFF  recursive window: PD[recursive_slot] -> PD, so page table i is at
+                              recursive_base + i*4K and the PD itself at recursive_base + slot*4K
+
+    During boot the image window is also identity-mapped (PD[load_address >> 22 ...]) so the code that turns
+    paging on keeps running; the boot stub removes those entries after jumping to the higher half.
+    """
+
+    arch: str
+    page_size: int
+    # Kernel image.
+    kernel_virtual_base: int        # virtual address of physical 0 in the kernel half
+    kernel_load_address: int        # physical address of the image
+    kernel_max_size: int
+    kernel_stack_size: int
+    # Recursive mapping.
+    recursive_slot: int
+    # Temp-map window.
+    tempmap_base: int
+    tempmap_slots: int
+    # Guest.
+    memory_mib: int
+    # QEMU's isa-debug-exit device: the kernel writes a value, QEMU exits with (value << 1) | 1.
+    debug_exit_port: int = 0xF4
+    debug_exit_success: int = 0x10
+    debug_exit_failure: int = 0x11
+    # Segment selectors of kgen's GDT: null, kernel code, kernel data.
+    kernel_cs: int = 0x08
+    kernel_ds: int = 0x10
+    # What the boot stub keeps of the Multiboot information before the identity mapping goes away.
+    boot_mmap_max_entries: int = 32
+    boot_mmap_entry_size: int = 24     # base (8), length (8), type (4), padding (4)
+    boot_cmdline_max: int = 256
+    # Build variants.
+    fault_at_boot: bool = False
+
+    # ---- derived addresses -------------------------------------------------------------------------------
+    @property
+    def kernel_virtual_start(self) -> int:
+        return self.kernel_virtual_base + self.kernel_load_address
+
+    @property
+    def kernel_window(self) -> Region:
+        return Region("kernel image window", "kernel.max_size", self.kernel_max_size, self.kernel_virtual_start,
+                      self.kernel_virtual_start + self.kernel_max_size)
+
+    @property
+    def identity_window(self) -> Region:
+        """Where the image is identity-mapped while paging is switched on."""
+        return Region("boot identity window", "kernel.load_address", self.kernel_load_address,
+                      self.kernel_load_address, self.kernel_load_address + self.kernel_max_size)
+
+    @property
+    def recursive_base(self) -> int:
+        return self.recursive_slot << hw.I386_PDE_SHIFT
+
+    @property
+    def recursive_window(self) -> Region:
+        return Region("recursive window", "paging.recursive_slot", self.recursive_slot, self.recursive_base,
+                      self.recursive_base + hw.I386_LARGE_PAGE)
+
+    @property
+    def recursive_pd(self) -> int:
+        """Virtual address at which the page directory sees itself."""
+        return self.recursive_base + self.recursive_slot * self.page_size
+
+    def recursive_pt(self, pde_index: int) -> int:
+        """Virtual address of the page table that PD[pde_index] points at."""
+        return self.recursive_base + pde_index * self.page_size
+
+    @property
+    def tempmap_window(self) -> Region:
+        return Region("temp-map window", "tempmap.base", self.tempmap_base, self.tempmap_base,
+                      self.tempmap_base + self.tempmap_slots * self.page_size)
+
+    @property
+    def tempmap_pde_index(self) -> int:
+        return self.tempmap_base >> hw.I386_PDE_SHIFT
+
+    def tempmap_slot_address(self, slot: int) -> int:
+        return self.tempmap_base + slot * self.page_size
+
+    @property
+    def kernel_pde_first(self) -> int:
+        return self.kernel_virtual_start >> hw.I386_PDE_SHIFT
+
+    @property
+    def kernel_pde_count(self) -> int:
+        """Page tables the boot stub needs for the image window (shared by its identity and higher-half PDEs)."""
+        last = (self.kernel_window.end - 1) >> hw.I386_PDE_SHIFT
+        return last - self.kernel_pde_first + 1
+
+    @property
+    def identity_pde_first(self) -> int:
+        return self.kernel_load_address >> hw.I386_PDE_SHIFT
+
+    @property
+    def boot_page_tables(self) -> int:
+        """Page tables allocated in .bss: the image window's plus the temp-map window's."""
+        return self.kernel_pde_count + 1
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.memory_mib * MIB
+
+    def exit_status(self, value: int) -> int:
+        """QEMU's process exit status after the kernel writes `value` to isa-debug-exit."""
+        return (value << 1) | 1
+
+    @property
+    def success_status(self) -> int:
+        return self.exit_status(self.debug_exit_success)
+
+    @property
+    def failure_status(self) -> int:
+        return self.exit_status(self.debug_exit_failure)
+
+    @property
+    def multiboot_header_flags(self) -> int:
+        return hw.MULTIBOOT_FLAG_PAGE_ALIGN | hw.MULTIBOOT_FLAG_MEMORY_INFO
+
+    def regions(self) -> list[Region]:
+        return [self.kernel_window, self.identity_window, self.recursive_window, self.tempmap_window]
+
+    # ---- what the templates see --------------------------------------------------------------------------
+    def asm_constants(self) -> dict[str, int]:
+        """Every value a template may name. Layout choices and hardware facts side by side, each named once."""
+        consts = {
+            "PAGE_SIZE": self.page_size,
+            "KERNEL_VIRTUAL_BASE": self.kernel_virtual_base,
+            "KERNEL_LOAD_ADDRESS": self.kernel_load_address,
+            "KERNEL_VIRTUAL_START": self.kernel_virtual_start,
+            "KERNEL_MAX_SIZE": self.kernel_max_size,
+            "KERNEL_STACK_SIZE": self.kernel_stack_size,
+            "KERNEL_PDE_FIRST": self.kernel_pde_first,
+            "KERNEL_PDE_COUNT": self.kernel_pde_count,
+            "IDENTITY_PDE_FIRST": self.identity_pde_first,
+            "BOOT_PAGE_TABLES": self.boot_page_tables,
+            "RECURSIVE_SLOT": self.recursive_slot,
+            "RECURSIVE_BASE": self.recursive_base,
+            "RECURSIVE_PD": self.recursive_pd,
+            "TEMPMAP_BASE": self.tempmap_base,
+            "TEMPMAP_SLOTS": self.tempmap_slots,
+            "TEMPMAP_PDE_INDEX": self.tempmap_pde_index,
+            "TEMPMAP_PT": self.recursive_pt(self.tempmap_pde_index),
+            "DEBUG_EXIT_PORT": self.debug_exit_port,
+            "DEBUG_EXIT_SUCCESS": self.debug_exit_success,
+            "DEBUG_EXIT_FAILURE": self.debug_exit_failure,
+            "FAULT_AT_BOOT": int(self.fault_at_boot),
+            # The first page of the image, virtually below the kernel base: unmapped once the identity map is gone.
+            "BOOT_FAULT_ADDRESS": self.kernel_load_address,
+            "KERNEL_CS": self.kernel_cs,
+            "KERNEL_DS": self.kernel_ds,
+            "GDT_KERNEL_CODE": hw.segment_descriptor(0, 0xFFFFF, hw.SEG_ACCESS_KERNEL_CODE, hw.SEG_FLAGS_32BIT_4K),
+            "GDT_KERNEL_DATA": hw.segment_descriptor(0, 0xFFFFF, hw.SEG_ACCESS_KERNEL_DATA, hw.SEG_FLAGS_32BIT_4K),
+            "IDT_GATE_INTERRUPT32": hw.IDT_GATE_INTERRUPT32,
+            "EXCEPTION_COUNT": hw.EXCEPTION_COUNT,
+            "EXCEPTIONS_WITH_ERROR_CODE_MASK": hw.error_code_mask(),
+            "MULTIBOOT_HEADER_FLAGS": self.multiboot_header_flags,
+            "MULTIBOOT_HEADER_CHECKSUM": hw.multiboot_header_checksum(self.multiboot_header_flags),
+            "BOOT_MMAP_MAX_ENTRIES": self.boot_mmap_max_entries,
+            "BOOT_MMAP_ENTRY_SIZE": self.boot_mmap_entry_size,
+            "BOOT_CMDLINE_MAX": self.boot_cmdline_max,
+            "MEMORY_BYTES": self.memory_bytes,
+        }
+        for name in ("PTE_P", "PTE_RW", "PTE_US", "PTE_PWT", "PTE_PCD", "PTE_A", "PTE_D", "PTE_PS", "PTE_G",
+                     "PTE_FRAME_MASK", "CR0_PE", "CR0_WP", "CR0_PG", "CR4_PSE", "CR4_PGE",
+                     "PAGE_SHIFT", "I386_PDE_SHIFT", "I386_ENTRIES",
+                     "MULTIBOOT_HEADER_MAGIC", "MULTIBOOT_BOOTLOADER_MAGIC", "MULTIBOOT_FLAG_PAGE_ALIGN",
+                     "MULTIBOOT_FLAG_MEMORY_INFO", "MULTIBOOT_INFO_MEM", "MULTIBOOT_INFO_MMAP",
+                     "MULTIBOOT_INFO_CMDLINE", "MULTIBOOT_MMAP_AVAILABLE", "COM1_PORT", "COM2_PORT"):
+            consts[name] = getattr(hw, name)
+        return consts
+
+
+# Keys that count things rather than address them read better in decimal.
+_DECIMAL_KEYS = {"paging.recursive_slot", "tempmap.slots", "machine.memory_mib"}
+
+
+def _fail(config: Config, key: str, value, rule: str):
+    is_address = isinstance(value, int) and not isinstance(value, bool) and key not in _DECIMAL_KEYS
+    shown = f"{value:#x}" if is_address else value
+    raise ConfigError(f"{config.source}: {key} = {shown}: {rule}")
+
+
+def compute(config: Config) -> Layout:
+    """Check every rule that relates config values and return the layout; the first broken rule raises."""
+    page = hw.PAGE_SIZE
+    c = config
+
+    def aligned(field: str, value: int, alignment: int, what: str):
+        if value % alignment:
+            _fail(c, Config.key_of(field), value, f"must be aligned to {what} ({alignment:#x})")
+
+    aligned("kernel_virtual_base", c.kernel_virtual_base, hw.I386_LARGE_PAGE,
+            "4 MiB, so the image's identity and higher-half mappings can share boot page tables")
+    aligned("kernel_load_address", c.kernel_load_address, page, "a page")
+    aligned("kernel_max_size", c.kernel_max_size, page, "a page")
+    aligned("kernel_stack_size", c.kernel_stack_size, page, "a page")
+    aligned("tempmap_base", c.tempmap_base, page, "a page")
+
+    if c.kernel_load_address < LOW_MEMORY_END:
+        _fail(c, "kernel.load_address", c.kernel_load_address,
+              f"must be at or above {LOW_MEMORY_END:#x} (the first MiB holds BIOS data and VGA memory)")
+    if c.kernel_virtual_base == 0:
+        _fail(c, "kernel.virtual_base", 0, "must be above 0: the kernel lives in the higher half")
+    if c.kernel_max_size == 0:
+        _fail(c, "kernel.max_size", 0, "must be at least one page")
+    if c.kernel_stack_size == 0:
+        _fail(c, "kernel.stack_size", 0, "must be at least one page")
+    if c.kernel_stack_size >= c.kernel_max_size:
+        _fail(c, "kernel.stack_size", c.kernel_stack_size,
+              f"must be smaller than kernel.max_size ({c.kernel_max_size:#x}), which holds it")
+    if c.kernel_load_address + c.kernel_max_size > c.kernel_virtual_base:
+        _fail(c, "kernel.load_address", c.kernel_load_address,
+              f"the image window [{c.kernel_load_address:#x}, {c.kernel_load_address + c.kernel_max_size:#x}) "
+              f"must end below kernel.virtual_base ({c.kernel_virtual_base:#x}) to be identity-mapped at boot")
+    if c.kernel_virtual_base + c.kernel_load_address + c.kernel_max_size > FOUR_GIB:
+        _fail(c, "kernel.virtual_base", c.kernel_virtual_base,
+              "the image window would end beyond 4 GiB; lower kernel.virtual_base or kernel.max_size")
+    if not 0 <= c.paging_recursive_slot < hw.I386_ENTRIES:
+        _fail(c, "paging.recursive_slot", c.paging_recursive_slot,
+              f"must be a page-directory index in 0..{hw.I386_ENTRIES - 1}")
+    if not 1 <= c.tempmap_slots <= hw.I386_ENTRIES:
+        _fail(c, "tempmap.slots", c.tempmap_slots, f"must be in 1..{hw.I386_ENTRIES} (one page table)")
+    tm_end = c.tempmap_base + c.tempmap_slots * page
+    if tm_end > FOUR_GIB:
+        _fail(c, "tempmap.base", c.tempmap_base, "the temp-map window would end beyond 4 GiB")
+    if c.tempmap_base >> hw.I386_PDE_SHIFT != (tm_end - 1) >> hw.I386_PDE_SHIFT:
+        _fail(c, "tempmap.base", c.tempmap_base,
+              f"the temp-map window [{c.tempmap_base:#x}, {tm_end:#x}) must lie within one 4 MiB page table")
+    if not MIN_MEMORY_MIB <= c.machine_memory_mib <= PC_BELOW_4G_MAX_MIB:
+        _fail(c, "machine.memory_mib", c.machine_memory_mib,
+              f"must be in {MIN_MEMORY_MIB}..{PC_BELOW_4G_MAX_MIB} (RAM below the PCI hole of QEMU's pc machine)")
+    if c.kernel_load_address + c.kernel_max_size > c.machine_memory_mib * MIB:
+        _fail(c, "machine.memory_mib", c.machine_memory_mib,
+              f"the image window ends at {c.kernel_load_address + c.kernel_max_size:#x}, beyond guest RAM")
+
+    layout = Layout(
+        arch=c.arch, page_size=page,
+        kernel_virtual_base=c.kernel_virtual_base, kernel_load_address=c.kernel_load_address,
+        kernel_max_size=c.kernel_max_size, kernel_stack_size=c.kernel_stack_size,
+        recursive_slot=c.paging_recursive_slot,
+        tempmap_base=c.tempmap_base, tempmap_slots=c.tempmap_slots,
+        memory_mib=c.machine_memory_mib, fault_at_boot=c.fault_at_boot,
+    )
+
+    kernel_half = c.kernel_virtual_base
+    for region in (layout.recursive_window, layout.tempmap_window):
+        if region.start < kernel_half:
+            _fail(c, region.key, region.value, f"the {region.name} must lie in the kernel "
+                  f"half, at or above kernel.virtual_base ({kernel_half:#x})")
+    regions = layout.regions()
+    for i, a in enumerate(regions):
+        for b in regions[i + 1:]:
+            if a.overlaps(b):
+                _fail(c, b.key, b.value, f"{b} overlaps {a} (set by {a.key})")
+    return layout
+

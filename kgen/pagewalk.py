@@ -1,0 +1,308 @@
+"""Walk x86 page tables in guest physical memory, the way the MMU would.
+
+The walker sees memory only through `read_phys(addr, size) -> bytes`, so the same code checks tables read out of a
+running QEMU and tables a test built in a bytearray. Paging modes differ only in numbers (entry width, index bits,
+which levels may map large pages), so a mode is data and the walk is written once over it.
+
+A Walker is a snapshot: each table is read once, in one piece, and cached. Make a new Walker after the guest changes
+its tables.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from kgen.errors import KgenError
+from kgen.hw import (PAGE_SIZE, PTE_A, PTE_D, PTE_FRAME_MASK, PTE_G, PTE_P, PTE_PCD, PTE_PS, PTE_PWT, PTE_RW,
+                     PTE_US)
+
+ReadPhys = Callable[[int, int], bytes]
+
+# Bits that only the entry mapping the page decides; RW and US are decided by every level on the way down.
+_LEAF_BITS = PTE_PWT | PTE_PCD | PTE_A | PTE_D | PTE_G
+_RIGHTS = PTE_RW | PTE_US
+_ATTR_NAMES = ((PTE_P, "P"), (PTE_RW, "RW"), (PTE_US, "US"), (PTE_PWT, "PWT"), (PTE_PCD, "PCD"),
+               (PTE_A, "A"), (PTE_D, "D"), (PTE_PS, "PS"), (PTE_G, "G"))
+
+
+class WalkError(KgenError):
+    """Page tables the walker cannot follow: an unreadable table or reserved bits set. Names the entry."""
+
+
+@dataclass(frozen=True)
+class PagingMode:
+    name: str
+    entry_size: int                  # bytes per entry
+    index_bits: tuple[int, ...]      # virtual-address bits that index each level, top level first
+    level_names: tuple[str, ...]     # for messages, top level first
+    large_levels: frozenset[int]     # levels where PS makes the entry map a page instead of a table
+    large_needs_pse: bool            # non-PAE paging honours PS only when CR4.PSE is on
+    rights_levels: frozenset[int]    # levels whose RW and US bits restrict access (PAE PDPTEs have none)
+    frame_mask: int                  # address bits of an entry pointing to a table or a 4 KiB page
+    cr3_mask: int                    # address bits of CR3 locating the top-level table
+    reserved: tuple[int, ...]        # per level, bits that must be clear in a present entry
+    canonical: bool = False          # addresses sign-extend above the top index bit (x86-64)
+
+    @property
+    def levels(self) -> int:
+        return len(self.index_bits)
+
+    @property
+    def va_bits(self) -> int:
+        return 12 + sum(self.index_bits)
+
+    def shift(self, level: int) -> int:
+        """log2 of the span one entry at `level` covers."""
+        return 12 + sum(self.index_bits[level + 1:])
+
+    def sign_extend(self, vaddr: int) -> int:
+        top = 1 << (self.va_bits - 1)
+        if self.canonical and vaddr & top:
+            return vaddr | ((1 << 64) - (top << 1))
+        return vaddr
+
+    def contains(self, vaddr: int) -> bool:
+        if self.canonical:
+            return self.sign_extend(vaddr & ((1 << self.va_bits) - 1)) == vaddr
+        return 0 <= vaddr < 1 << self.va_bits
+
+
+I386 = PagingMode(
+    name="i386", entry_size=4, index_bits=(10, 10), level_names=("PD", "PT"),
+    large_levels=frozenset({0}), large_needs_pse=True, rights_levels=frozenset({0, 1}),
+    frame_mask=PTE_FRAME_MASK, cr3_mask=PTE_FRAME_MASK,
+    reserved=(0, 0),
+)
+
+# For the 64-bit entries, reserved address bits are counted from the architectural 52-bit limit; a CPU with a
+# smaller MAXPHYADDR reserves more, which this walker does not know about. Bit 63 (XD) is left alone.
+_ADDR52 = 0x000F_FFFF_FFFF_F000
+
+PAE = PagingMode(
+    name="pae", entry_size=8, index_bits=(2, 9, 9), level_names=("PDPT", "PD", "PT"),
+    large_levels=frozenset({1}), large_needs_pse=False, rights_levels=frozenset({1, 2}),
+    frame_mask=_ADDR52, cr3_mask=0xFFFF_FFE0,
+    # A PDPTE has no RW, US, A, D, PS or G; PAE reserves bits 62:52 everywhere and 63 in the PDPTE too.
+    reserved=(0xFFF0_0000_0000_01E6, 0x7FF0_0000_0000_0000, 0x7FF0_0000_0000_0000),
+)
+
+X86_64 = PagingMode(
+    name="x86-64", entry_size=8, index_bits=(9, 9, 9, 9), level_names=("PML4", "PDPT", "PD", "PT"),
+    large_levels=frozenset({1, 2}), large_needs_pse=False, rights_levels=frozenset({0, 1, 2, 3}),
+    frame_mask=_ADDR52, cr3_mask=_ADDR52,
+    # Bits 62:52 are free for software in 4-level paging; only PS in a PML4E is reserved.
+    reserved=(PTE_PS, 0, 0, 0),
+    canonical=True,
+)
+
+
+class Attrs(int):
+    """Page attribute bits (PTE_* values) that print as "P RW G"."""
+
+    __slots__ = ()
+
+    def __str__(self) -> str:
+        return " ".join(name for bit, name in _ATTR_NAMES if self & bit) or "-"
+
+    def __repr__(self) -> str:
+        return f"Attrs({self})"
+
+
+@dataclass(frozen=True)
+class EntryRef:
+    """One entry the walk read, printed as "PD[768] @ 0x105c00"."""
+    table: str      # level name
+    index: int
+    addr: int       # physical address of the entry
+    value: int
+
+    def __str__(self) -> str:
+        return f"{self.table}[{self.index}] @ {self.addr:#x}"
+
+
+def describe(chain: tuple[EntryRef, ...]) -> str:
+    return " → ".join(map(str, chain))
+
+
+@dataclass(frozen=True)
+class Translation:
+    vaddr: int
+    paddr: int
+    size: int                       # size of the page holding vaddr
+    entry: int                      # raw value of the entry that maps the page
+    attrs: Attrs                    # effective attributes
+    chain: tuple[EntryRef, ...]     # entries read, top level first
+
+    @property
+    def path(self) -> str:
+        return describe(self.chain)
+
+
+@dataclass(frozen=True)
+class Mapping:
+    vstart: int
+    pstart: int
+    size: int
+    attrs: Attrs
+
+    def __str__(self) -> str:
+        return f"{self.vstart:#x}-{self.vstart + self.size:#x} → {self.pstart:#x} {self.attrs}"
+
+
+@dataclass(frozen=True)
+class RecursiveWindow:
+    """A top-level entry pointing at its own table: the virtual range where the tables appear as pages."""
+    slot: int
+    vstart: int
+    size: int
+    attrs: Attrs    # of the self-referencing entry
+    entry_addr: int
+
+
+class Walker:
+    def __init__(self, read_phys: ReadPhys, cr3: int, mode: PagingMode = I386, *, pse: bool = True,
+                 recursive_slot: int | None = None):
+        """Read the top-level table now. `recursive_slot` is a claim: WalkError if that entry is no self-reference.
+
+        Self-referencing top-level entries are found whether or not a slot is named.
+        """
+        self.read_phys = read_phys
+        self.cr3 = cr3
+        self.mode = mode
+        self.pse = pse
+        self.top = cr3 & mode.cr3_mask
+        self._format = "<%d" + {4: "I", 8: "Q"}[mode.entry_size]
+        self._cache: dict[tuple[int, int], tuple[int, ...]] = {}
+
+        top = self._table(0, self.top, ())
+        self._self_slots = frozenset(i for i, e in enumerate(top)
+                                     if e & PTE_P and self._decode((), 0, self.top, i, e) == (self.top, 0))
+        if recursive_slot is not None and recursive_slot not in self._self_slots:
+            if not 0 <= recursive_slot < len(top):
+                raise ValueError(f"recursive_slot {recursive_slot} outside the {mode.level_names[0]}")
+            ref = self._ref(0, self.top, recursive_slot, top[recursive_slot])
+            raise WalkError(f"{ref} = {ref.value:#x}: expected the recursive entry, pointing at the "
+                            f"{mode.level_names[0]} at {self.top:#x}")
+
+    def translate(self, vaddr: int) -> Translation | None:
+        """What the MMU would make of `vaddr`, or None where it would raise a not-present fault."""
+        mode = self.mode
+        if not mode.contains(vaddr):
+            raise ValueError(f"{vaddr:#x} is not a {mode.name} virtual address")
+        level, base, rights, chain = 0, self.top, _RIGHTS, ()
+        while True:     # ends at the last level at the latest, where every present entry maps a page
+            index = vaddr >> mode.shift(level) & ((1 << mode.index_bits[level]) - 1)
+            entry = self._table(level, base, chain)[index]
+            if not entry & PTE_P:
+                return None
+            if level in mode.rights_levels:
+                rights &= entry
+            frame, size = self._decode(chain, level, base, index, entry)
+            chain += (self._ref(level, base, index, entry),)
+            if size:
+                return Translation(vaddr, frame | vaddr & (size - 1), size, entry,
+                                   self._attrs(entry, rights, size), chain)
+            level, base = level + 1, frame
+
+    def mappings(self) -> list[Mapping]:
+        """Every mapped range outside the recursive windows, merged where virtual and physical addresses both
+        continue and the attributes agree."""
+        runs: list[list[int]] = []
+        for vaddr, paddr, size, attrs in self._leaves(0, self.top, 0, _RIGHTS, ()):
+            last = runs[-1] if runs else None
+            if last and last[0] + last[2] == vaddr and last[1] + last[2] == paddr and last[3] == attrs:
+                last[2] += size
+            else:
+                runs.append([vaddr, paddr, size, attrs])
+        return [Mapping(v, p, size, attrs) for v, p, size, attrs in runs]
+
+    def recursive_windows(self) -> list[RecursiveWindow]:
+        shift = self.mode.shift(0)
+        top = self._table(0, self.top, ())
+        return [RecursiveWindow(slot, self.mode.sign_extend(slot << shift), 1 << shift,
+                                Attrs(top[slot] & (PTE_P | _RIGHTS | PTE_PWT | PTE_PCD | PTE_A)),
+                                self.top + slot * self.mode.entry_size)
+                for slot in sorted(self._self_slots)]
+
+    def page_tables(self) -> list[tuple[tuple[int, ...], int]]:
+        """(index path, physical address) of every table below the top level, in walk order."""
+        found: list[tuple[tuple[int, ...], int]] = []
+
+        def visit(level: int, base: int, path: tuple[int, ...], chain: tuple[EntryRef, ...]) -> None:
+            for index, entry in enumerate(self._table(level, base, chain)):
+                if not entry & PTE_P or level == 0 and index in self._self_slots:
+                    continue
+                frame, size = self._decode(chain, level, base, index, entry)
+                if size:
+                    continue
+                found.append((path + (index,), frame))
+                # Tables at the last level hold only pages; there is no need to read them.
+                if level + 2 < self.mode.levels:
+                    visit(level + 1, frame, path + (index,), chain + (self._ref(level, base, index, entry),))
+
+        visit(0, self.top, (), ())
+        return found
+
+    def _leaves(self, level: int, base: int, vbase: int, rights: int,
+                chain: tuple[EntryRef, ...]) -> Iterator[tuple[int, int, int, Attrs]]:
+        mode = self.mode
+        shift = mode.shift(level)
+        restricts = level in mode.rights_levels
+        for index, entry in enumerate(self._table(level, base, chain)):
+            if not entry & PTE_P or level == 0 and index in self._self_slots:
+                continue
+            frame, size = self._decode(chain, level, base, index, entry)
+            here = rights & entry if restricts else rights
+            vaddr = vbase | index << shift
+            if size:
+                yield mode.sign_extend(vaddr), frame, size, self._attrs(entry, here, size)
+            else:
+                yield from self._leaves(level + 1, frame, vaddr, here,
+                                        chain + (self._ref(level, base, index, entry),))
+
+    def _table(self, level: int, base: int, chain: tuple[EntryRef, ...]) -> tuple[int, ...]:
+        count = 1 << self.mode.index_bits[level]
+        table = self._cache.get((base, count))
+        if table is None:
+            size = count * self.mode.entry_size
+            where = (f"{describe(chain)} = {chain[-1].value:#x}" if chain else f"CR3 {self.cr3:#x}")
+            what = f"{where}: {self.mode.level_names[level]} at {base:#x}"
+            try:
+                data = self.read_phys(base, size)
+            except Exception as err:
+                # Whatever the reader raises (a bytearray, QMP), the user needs the entry that led here.
+                raise WalkError(f"{what} cannot be read: {err}") from err
+            if len(data) != size:
+                raise WalkError(f"{what} cannot be read: got {len(data)} of {size} bytes")
+            table = struct.unpack(self._format % count, data)
+            self._cache[base, count] = table
+        return table
+
+    def _decode(self, chain: tuple[EntryRef, ...], level: int, base: int, index: int,
+                entry: int) -> tuple[int, int]:
+        """Where a present entry leads: (frame, page size) if it maps a page, (table address, 0) if not."""
+        mode = self.mode
+        size = 0
+        if level == mode.levels - 1:
+            size = PAGE_SIZE
+        elif entry & PTE_PS and level in mode.large_levels and (self.pse or not mode.large_needs_pse):
+            size = 1 << mode.shift(level)
+        reserved = mode.reserved[level]
+        frame = entry & mode.frame_mask
+        if size > PAGE_SIZE:
+            # Bit 12 of a large entry is PAT; the bits from 13 up to the frame must be clear. In a 4 MiB PDE they
+            # are PSE-36 address bits above 4 GiB, which kgen never maps, so they count as reserved too.
+            reserved |= (size - 1) & ~(2 * PAGE_SIZE - 1)
+            frame &= ~(size - 1)
+        if entry & reserved:
+            ref = self._ref(level, base, index, entry)
+            raise WalkError(f"{describe(chain + (ref,))} = {entry:#x}: reserved bits {entry & reserved:#x} set")
+        return frame, size
+
+    def _ref(self, level: int, base: int, index: int, entry: int) -> EntryRef:
+        return EntryRef(self.mode.level_names[level], index, base + index * self.mode.entry_size, entry)
+
+    @staticmethod
+    def _attrs(entry: int, rights: int, size: int) -> Attrs:
+        return Attrs(PTE_P | rights | entry & _LEAF_BITS | (PTE_PS if size > PAGE_SIZE else 0))

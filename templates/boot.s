@@ -1,0 +1,180 @@
+# Boot stub: from the Multiboot handoff (paging off, running at the physical load address) to the higher half.
+#
+# Until paging is on, every address the code names is a link-time (virtual) address minus KERNEL_VIRTUAL_BASE.
+# Relative jumps and calls need no adjustment, which is why the code below only subtracts on memory operands.
+#
+# The boot page directory maps the image window twice through the same page tables: at KERNEL_VIRTUAL_START and
+# identity at KERNEL_LOAD_ADDRESS (possible because the virtual base is 4 MiB aligned), so the instruction after
+# `mov cr0` still runs. Once in the higher half the identity entries are removed. PD[RECURSIVE_SLOT] points at the
+# PD itself, which makes every page table visible at RECURSIVE_BASE + index*4K and the PD at RECURSIVE_PD.
+#
+# Text and rodata are mapped read-only and CR0.WP is set, so even the kernel cannot write its own code.
+# Kernel PTEs carry G; CR4.PGE is switched on only after the identity entries are gone, because setting it
+# flushes the whole TLB, global entries included, and no identity translation can survive as global.
+
+.section .text
+_start:
+    cli
+    cld
+    mov edx, eax                                    # Multiboot magic; rep stosd needs eax
+    # The loader zero-fills .bss; clearing it again costs little and does not trust what cannot be checked.
+    mov edi, offset __bss_start - KERNEL_VIRTUAL_BASE
+    mov ecx, offset __kernel_end
+    sub ecx, offset __bss_start
+    shr ecx, 0x2
+    xor eax, eax
+    rep stosd
+    mov esp, offset boot_stack_top - KERNEL_VIRTUAL_BASE
+    mov [boot_magic - KERNEL_VIRTUAL_BASE], edx
+    mov [boot_mbi_phys - KERNEL_VIRTUAL_BASE], ebx
+    cmp edx, MULTIBOOT_BOOTLOADER_MAGIC
+    jne .Lno_multiboot_info
+    call boot_copy_multiboot_info
+.Lno_multiboot_info:
+    call boot_build_page_tables
+    mov eax, offset boot_pd - KERNEL_VIRTUAL_BASE
+    mov cr3, eax
+    mov eax, cr0
+    or eax, CR0_PG | CR0_WP
+    mov cr0, eax
+    mov eax, offset boot_higher_half
+    jmp eax
+
+# Copy what the allocator will need out of the Multiboot information while it is reachable at its physical
+# address. ebx = physical address of the information structure.
+boot_copy_multiboot_info:
+    mov eax, [ebx]
+    mov [boot_mb_flags - KERNEL_VIRTUAL_BASE], eax
+    test eax, MULTIBOOT_INFO_MEM
+    jz .Lno_mem
+    mov ecx, [ebx + 0x4]
+    mov [boot_mem_lower - KERNEL_VIRTUAL_BASE], ecx
+    mov ecx, [ebx + 0x8]
+    mov [boot_mem_upper - KERNEL_VIRTUAL_BASE], ecx
+.Lno_mem:
+    test eax, MULTIBOOT_INFO_CMDLINE
+    jz .Lno_cmdline
+    mov esi, [ebx + 0x10]
+    mov edi, offset boot_cmdline - KERNEL_VIRTUAL_BASE
+    mov ecx, BOOT_CMDLINE_MAX - 1                   # the last byte stays 0 from the .bss clear
+.Lcmdline_byte:
+    lodsb
+    stosb
+    test al, al
+    jz .Lno_cmdline
+    loop .Lcmdline_byte
+.Lno_cmdline:
+    test dword ptr [ebx], MULTIBOOT_INFO_MMAP
+    jz .Lmmap_done
+    mov esi, [ebx + 0x30]                           # mmap_addr
+    mov edx, esi
+    add edx, [ebx + 0x2c]                           # + mmap_length: end of the map
+    mov edi, offset boot_mmap - KERNEL_VIRTUAL_BASE
+    xor ecx, ecx
+.Lmmap_entry:
+    cmp esi, edx
+    jae .Lmmap_done
+    cmp ecx, BOOT_MMAP_MAX_ENTRIES
+    jae .Lmmap_truncated
+    mov eax, [esi + 0x4]                            # entries are {size, base, length, type}; size excludes itself
+    mov [edi], eax
+    mov eax, [esi + 0x8]
+    mov [edi + 0x4], eax
+    mov eax, [esi + 0xc]
+    mov [edi + 0x8], eax
+    mov eax, [esi + 0x10]
+    mov [edi + 0xc], eax
+    mov eax, [esi + 0x14]
+    mov [edi + 0x10], eax
+    add edi, BOOT_MMAP_ENTRY_SIZE
+    inc ecx
+    mov eax, [esi]
+    lea esi, [esi + eax + 0x4]
+    jmp .Lmmap_entry
+.Lmmap_truncated:
+    mov dword ptr [boot_mmap_truncated - KERNEL_VIRTUAL_BASE], 0x1
+.Lmmap_done:
+    mov [boot_mmap_count - KERNEL_VIRTUAL_BASE], ecx
+    ret
+
+# Fill the boot PD and page tables (zero from the .bss clear). boot_page_tables holds KERNEL_PDE_COUNT tables for
+# the image window followed by one for the temp-map window.
+boot_build_page_tables:
+    mov edi, offset boot_pd - KERNEL_VIRTUAL_BASE
+    mov eax, offset boot_page_tables - KERNEL_VIRTUAL_BASE
+    or eax, PTE_P | PTE_RW
+    xor ecx, ecx
+.Lkernel_pde:
+    mov [edi + ecx*4 + KERNEL_PDE_FIRST*4], eax
+    mov [edi + ecx*4 + IDENTITY_PDE_FIRST*4], eax
+    add eax, PAGE_SIZE
+    inc ecx
+    cmp ecx, KERNEL_PDE_COUNT
+    jb .Lkernel_pde
+    mov [edi + TEMPMAP_PDE_INDEX*4], eax            # the table right after the image window's
+    mov eax, edi
+    or eax, PTE_P | PTE_RW
+    mov [edi + RECURSIVE_SLOT*4], eax
+    mov esi, offset __kernel_start
+.Lkernel_pte:
+    mov eax, esi
+    sub eax, KERNEL_VIRTUAL_BASE
+    or eax, PTE_P | PTE_G
+    cmp esi, offset __data_start                    # .data and .bss are the only writable pages
+    jb .Lread_only
+    or eax, PTE_RW
+.Lread_only:
+    mov edx, esi
+    sub edx, KERNEL_PDE_FIRST << I386_PDE_SHIFT
+    shr edx, PAGE_SHIFT
+    mov [edx*4 + boot_page_tables - KERNEL_VIRTUAL_BASE], eax
+    add esi, PAGE_SIZE
+    cmp esi, offset __kernel_end
+    jb .Lkernel_pte
+    ret
+
+boot_higher_half:
+    mov esp, offset boot_stack_top
+    xor eax, eax
+    mov edi, offset boot_pd + IDENTITY_PDE_FIRST*4
+    mov ecx, KERNEL_PDE_COUNT
+    rep stosd
+    mov eax, cr3                                    # flush the identity translations
+    mov cr3, eax
+    mov eax, cr4
+    or eax, CR4_PGE
+    mov cr4, eax
+    call gdt_init
+    call idt_init
+    call serial_init
+    call kmain
+    push DEBUG_EXIT_FAILURE                         # kmain does not return
+    call debug_exit
+
+.section .bss
+.balign 0x1000
+boot_pd:
+    .skip PAGE_SIZE
+boot_page_tables:
+    .skip PAGE_SIZE * BOOT_PAGE_TABLES
+boot_stack:
+    .skip KERNEL_STACK_SIZE
+boot_stack_top:
+boot_magic:
+    .skip 0x4
+boot_mbi_phys:
+    .skip 0x4
+boot_mb_flags:
+    .skip 0x4
+boot_mem_lower:
+    .skip 0x4
+boot_mem_upper:
+    .skip 0x4
+boot_mmap_count:
+    .skip 0x4
+boot_mmap_truncated:
+    .skip 0x4
+boot_mmap:
+    .skip BOOT_MMAP_MAX_ENTRIES * BOOT_MMAP_ENTRY_SIZE
+boot_cmdline:
+    .skip BOOT_CMDLINE_MAX

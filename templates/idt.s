@@ -1,0 +1,160 @@
+# Exceptions: an IDT whose 32 gates lead to one report on COM1, then a failure exit through isa-debug-exit.
+#
+# Each stub is 16 bytes so the gate for vector v is exception_stubs + 16*v, computed by idt_init. Stubs of
+# vectors that push no error code push a 0 first, so exception_common always sees the same frame. Which vectors
+# push one is a CPU fact, passed in as EXCEPTIONS_WITH_ERROR_CODE_MASK.
+#
+# The report is one line the harness parses: "kgen: exception vector=0x... error=0x... eip=0x... cr2=0x... ...".
+
+.section .text
+idt_init:
+    xor ecx, ecx
+.Lidt_gate:
+    mov eax, ecx
+    shl eax, 0x4
+    add eax, offset exception_stubs
+    mov [idt + ecx*8], ax
+    mov word ptr [idt + ecx*8 + 0x2], KERNEL_CS
+    mov word ptr [idt + ecx*8 + 0x4], IDT_GATE_INTERRUPT32
+    shr eax, 0x10
+    mov [idt + ecx*8 + 0x6], ax
+    inc ecx
+    cmp ecx, EXCEPTION_COUNT
+    jb .Lidt_gate
+    lidt [idt_descriptor]
+    ret
+
+.macro EXCEPTION_STUB vector
+.balign 0x10, 0xcc
+.if ((EXCEPTIONS_WITH_ERROR_CODE_MASK >> \vector) & 1) == 0
+    push 0x0
+.endif
+    push \vector
+    jmp exception_common
+.endm
+
+.balign 0x10, 0xcc
+exception_stubs:
+EXCEPTION_STUB 0x0
+EXCEPTION_STUB 0x1
+EXCEPTION_STUB 0x2
+EXCEPTION_STUB 0x3
+EXCEPTION_STUB 0x4
+EXCEPTION_STUB 0x5
+EXCEPTION_STUB 0x6
+EXCEPTION_STUB 0x7
+EXCEPTION_STUB 0x8
+EXCEPTION_STUB 0x9
+EXCEPTION_STUB 0xa
+EXCEPTION_STUB 0xb
+EXCEPTION_STUB 0xc
+EXCEPTION_STUB 0xd
+EXCEPTION_STUB 0xe
+EXCEPTION_STUB 0xf
+EXCEPTION_STUB 0x10
+EXCEPTION_STUB 0x11
+EXCEPTION_STUB 0x12
+EXCEPTION_STUB 0x13
+EXCEPTION_STUB 0x14
+EXCEPTION_STUB 0x15
+EXCEPTION_STUB 0x16
+EXCEPTION_STUB 0x17
+EXCEPTION_STUB 0x18
+EXCEPTION_STUB 0x19
+EXCEPTION_STUB 0x1a
+EXCEPTION_STUB 0x1b
+EXCEPTION_STUB 0x1c
+EXCEPTION_STUB 0x1d
+EXCEPTION_STUB 0x1e
+EXCEPTION_STUB 0x1f
+
+# Frame after the pushes below, from esp upwards: cr2, edi, esi, ebp, esp, ebx, edx, ecx, eax (pushad),
+# vector, error code, eip, cs, eflags (the CPU's). exception_fields names the offsets.
+exception_common:
+    pushad
+    mov eax, cr2
+    push eax
+    mov ebp, esp
+    push offset str_exception
+    call serial_puts
+    add esp, 0x4
+    mov esi, offset exception_fields
+.Lexception_field:
+    mov eax, [esi]
+    test eax, eax
+    jz .Lexception_done
+    push eax
+    call serial_puts
+    add esp, 0x4
+    mov eax, [esi + 0x4]
+    push dword ptr [ebp + eax]
+    call serial_puthex
+    add esp, 0x4
+    add esi, 0x8
+    jmp .Lexception_field
+.Lexception_done:
+    push offset str_newline
+    call serial_puts
+    add esp, 0x4
+    push DEBUG_EXIT_FAILURE
+    call debug_exit
+
+.section .rodata
+.balign 4
+exception_fields:
+    .long str_vector, 0x24
+    .long str_error, 0x28
+    .long str_eip, 0x2c
+    .long str_cr2, 0x0
+    .long str_eax, 0x20
+    .long str_ebx, 0x14
+    .long str_ecx, 0x1c
+    .long str_edx, 0x18
+    .long str_esi, 0x8
+    .long str_edi, 0x4
+    .long str_ebp, 0xc
+    .long str_esp, 0x10
+    .long str_cs, 0x30
+    .long str_eflags, 0x34
+    .long 0x0
+str_exception:
+    .asciz "kgen: exception"
+str_vector:
+    .asciz " vector="
+str_error:
+    .asciz " error="
+str_eip:
+    .asciz " eip="
+str_cr2:
+    .asciz " cr2="
+str_eax:
+    .asciz " eax="
+str_ebx:
+    .asciz " ebx="
+str_ecx:
+    .asciz " ecx="
+str_edx:
+    .asciz " edx="
+str_esi:
+    .asciz " esi="
+str_edi:
+    .asciz " edi="
+str_ebp:
+    .asciz " ebp="
+str_esp:
+    .asciz " esp="
+str_cs:
+    .asciz " cs="
+str_eflags:
+    .asciz " eflags="
+
+.section .bss
+.balign 8
+idt:
+    .skip EXCEPTION_COUNT * 8
+
+.section .data
+.balign 4
+idt_descriptor:
+    .word EXCEPTION_COUNT * 8 - 1
+    .long idt

@@ -1,0 +1,397 @@
+"""The page-table walker, run over tables built by hand in a bytearray.
+
+Expected values come from what each test built, never from the walker: the builder below knows the geometry of
+each paging mode on its own, so a walker that misreads a mode disagrees with it.
+"""
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from kgen.errors import KgenError
+from kgen.hw import PAGE_SIZE, PTE_A as A, PTE_D as D, PTE_G as G, PTE_P as P, PTE_PCD as PCD, PTE_PS as PS
+from kgen.hw import PTE_PWT as PWT, PTE_RW as RW, PTE_US as US
+from kgen.pagewalk import I386, PAE, X86_64, Attrs, Mapping, RecursiveWindow, Walker, WalkError
+
+KiB4, MiB2, MiB4, GiB = 1 << 12, 1 << 21, 1 << 22, 1 << 30
+PAT = 0x80      # bit 7 of a 4 KiB entry: a cache attribute, not PS
+
+
+class Memory:
+    """Physical RAM as a bytearray; reading outside it raises, as reading unbacked memory from QEMU does."""
+
+    def __init__(self, size=4 << 20, first_frame=0x100000):
+        self.ram = bytearray(size)
+        self.next_frame = first_frame
+        self.reads = []
+
+    def alloc(self):
+        frame = self.next_frame
+        self.next_frame += PAGE_SIZE
+        assert self.next_frame <= len(self.ram), "test RAM full"
+        return frame
+
+    def read(self, addr, size):
+        self.reads.append((addr, size))
+        if addr < 0 or addr + size > len(self.ram):
+            raise ValueError(f"{addr:#x}+{size:#x} is outside RAM")
+        return bytes(self.ram[addr:addr + size])
+
+    def put(self, addr, value, width):
+        self.ram[addr:addr + width] = value.to_bytes(width, "little")
+
+
+class Tables:
+    """Page tables of one geometry (entry width, index bits per level, top first), tables created on demand."""
+
+    def __init__(self, width, bits, top_offset=0):
+        self.mem = Memory()
+        self.width, self.bits = width, bits
+        self.top = self.mem.alloc() + top_offset
+        self.tables = {(): self.top}    # index path from the top -> table address
+
+    def index(self, vaddr, level):
+        shift = 12 + sum(self.bits[level + 1:])
+        return vaddr >> shift & ((1 << self.bits[level]) - 1)
+
+    def entry_addr(self, path, index):
+        return self.tables[path] + index * self.width
+
+    def set(self, path, index, value):
+        self.mem.put(self.entry_addr(path, index), value, self.width)
+
+    def map(self, vaddr, paddr, flags, level=None, upper=P | RW | US):
+        """One entry at `level` (default: the last) mapping vaddr to paddr, with PS above the last level. Tables
+        made on the way get `upper`, an int or one value per level."""
+        last = len(self.bits) - 1
+        level = last if level is None else level
+        if level < last:
+            flags |= PS
+        path = ()
+        for lv in range(level):
+            i = self.index(vaddr, lv)
+            if path + (i,) not in self.tables:
+                self.tables[path + (i,)] = self.mem.alloc()
+                self.set(path, i, self.tables[path + (i,)] | (upper if isinstance(upper, int) else upper[lv]))
+            path += (i,)
+        self.set(path, self.index(vaddr, level), paddr | flags)
+
+    def walker(self, mode=I386, **kw):
+        return Walker(self.mem.read, self.top, mode, **kw)
+
+    def lower_tables(self):
+        return sorted((path, addr) for path, addr in self.tables.items() if path)
+
+
+def i386():
+    return Tables(4, (10, 10))
+
+
+# --- translate -------------------------------------------------------------------------------------------------
+
+def test_translate_4k_page():
+    t = i386()
+    t.map(0xC0000000, 0x00123000, P | RW)
+    tr = t.walker().translate(0xC0000ABC)
+    assert (tr.vaddr, tr.paddr, tr.size, tr.entry) == (0xC0000ABC, 0x00123ABC, KiB4, 0x00123000 | P | RW)
+    assert tr.attrs == P | RW
+    pde, pte = t.entry_addr((), 768), t.entry_addr((768,), 0)
+    assert [(r.table, r.index, r.addr) for r in tr.chain] == [("PD", 768, pde), ("PT", 0, pte)]
+    assert tr.path == f"PD[768] @ {pde:#x} → PT[0] @ {pte:#x}"
+
+
+def test_translate_4m_page():
+    t = i386()
+    t.map(0xC0400000, 0x00800000, P | RW | G, level=0)
+    w = t.walker()
+    tr = w.translate(0xC0456789)
+    assert (tr.paddr, tr.size) == (0x00856789, MiB4)
+    assert tr.attrs == P | RW | PS | G
+    assert [(r.table, r.index, r.addr) for r in tr.chain] == [("PD", 769, t.entry_addr((), 769))]
+    assert w.translate(0xC07FFFFF).paddr == 0x00BFFFFF
+
+
+def test_ps_is_a_table_pointer_without_pse():
+    t = i386()
+    t.map(0xC0000000, 0x5000, P | RW)
+    pt = t.tables[(768,)]
+    t.set((), 768, pt | P | RW | US | PS)
+    tr = t.walker(pse=False).translate(0xC0000000)
+    assert (tr.paddr, tr.size, tr.attrs) == (0x5000, KiB4, P | RW)
+    # With PSE the same entry is a 4 MiB page whose frame bits below bit 22 are not all clear.
+    assert pt & 0x3FE000
+    with pytest.raises(WalkError, match=r"PD\[768\].*reserved bits"):
+        t.walker(pse=True)
+
+
+def test_unmapped_is_none():
+    t = i386()
+    t.map(0xC0000000, 0x5000, P | RW)
+    t.map(0xC0002000, 0x6000, RW | US | D)      # every bit but P
+    w = t.walker()
+    assert w.translate(0x00000000) is None      # no PDE
+    assert w.translate(0xC0001000) is None      # PDE, zero PTE
+    assert w.translate(0xC0002000) is None      # PTE not present
+    assert w.mappings() == [Mapping(0xC0000000, 0x5000, KiB4, P | RW)]
+
+
+def test_address_outside_the_mode_is_a_caller_error():
+    t = i386()
+    with pytest.raises(ValueError):
+        t.walker().translate(1 << 32)
+
+
+RIGHTS = [0, RW, US, RW | US]
+
+
+@pytest.mark.parametrize("pde", RIGHTS)
+@pytest.mark.parametrize("pte", RIGHTS)
+def test_rw_and_us_need_every_level(pde, pte):
+    t = i386()
+    t.map(0xC0000000, 0x5000, P | pte, upper=P | pde)
+    w = t.walker()
+    assert w.translate(0xC0000000).attrs == P | (pde & pte)
+    assert w.mappings()[0].attrs == P | (pde & pte)
+
+
+def test_cache_global_dirty_come_from_the_leaf():
+    t = i386()
+    t.map(0xC0000000, 0x5000, P | RW | US, upper=P | RW | US | PWT | PCD | A | D | G)
+    t.map(0xC0001000, 0x9000, P | RW | US | PWT | PCD | A | D | G | PAT)
+    w = t.walker()
+    assert w.translate(0xC0000000).attrs == P | RW | US
+    assert w.translate(0xC0001000).attrs == P | RW | US | PWT | PCD | A | D | G
+
+
+def test_attrs_print_as_names():
+    assert str(Attrs(P | RW | G)) == "P RW G"
+    assert f"{Attrs(P | US | PWT | PCD | A | D | PS)}" == "P US PWT PCD A D PS"
+    assert str(Attrs(0)) == "-"
+    assert repr(Attrs(P | RW)) == "Attrs(P RW)"
+    assert str(Mapping(0xC0000000, 0x100000, 0x2000, Attrs(P | RW))) == "0xc0000000-0xc0002000 → 0x100000 P RW"
+
+
+# --- mappings ----------------------------------------------------------------------------------------------------
+
+def test_mappings_merge_only_what_continues():
+    t = i386()
+    for k in range(3):
+        t.map(0xC0000000 + k * KiB4, 0x200000 + k * KiB4, P | RW)
+    t.map(0xC0003000, 0x203000, P)                  # attributes differ
+    t.map(0xC0004000, 0x300000, P)                  # physical gap
+    t.map(0xC0006000, 0x301000, P)                  # virtual gap
+    t.map(0xC03FF000, 0x500000, P | RW)             # continues across a page-table boundary
+    t.map(0xC0400000, 0x501000, P | RW)
+    t.map(0xC0800000, 0x0800000, P | RW, level=0)   # two 4 MiB pages that continue
+    t.map(0xC0C00000, 0x0C00000, P | RW, level=0)
+    t.map(0xC1000000, 0x1000000, P | RW)            # continues, but is not a large page
+    assert t.walker().mappings() == [
+        Mapping(0xC0000000, 0x200000, 3 * KiB4, P | RW),
+        Mapping(0xC0003000, 0x203000, KiB4, P),
+        Mapping(0xC0004000, 0x300000, KiB4, P),
+        Mapping(0xC0006000, 0x301000, KiB4, P),
+        Mapping(0xC03FF000, 0x500000, 2 * KiB4, P | RW),
+        Mapping(0xC0800000, 0x0800000, 2 * MiB4, P | RW | PS),
+        Mapping(0xC1000000, 0x1000000, KiB4, P | RW),
+    ]
+
+
+def test_page_tables_are_exactly_those_built():
+    t = i386()
+    for pdi in (0, 1, 768, 1022):
+        t.map(pdi << 22 | 0x5000, 0x7000, P | RW)
+    t.map(2 << 22, 0x800000, P | RW, level=0)       # a page, not a table
+    t.set((), 3, 0x00ABC000 | RW)                   # not present
+    assert t.walker().page_tables() == t.lower_tables()
+
+
+# --- recursive slot ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("slot", [1023, 1000])
+@pytest.mark.parametrize("named", [False, True])
+def test_recursive_slot(slot, named):
+    t = i386()
+    t.map(0x00000000, 0x00000000, P | RW, level=0)
+    for k in range(4):
+        t.map(0xC0000000 + k * KiB4, 0x100000 + k * KiB4, P | RW | G)
+    t.map(0x01405000, 0x9000, P | RW | US)
+    t.set((), slot, t.top | P | RW)
+    w = t.walker(recursive_slot=slot if named else None)
+
+    base = slot << 22
+    assert w.recursive_windows() == [RecursiveWindow(slot, base, MiB4, P | RW, t.entry_addr((), slot))]
+    assert w.mappings() == [
+        Mapping(0x00000000, 0x00000000, MiB4, P | RW | PS),
+        Mapping(0x01405000, 0x9000, KiB4, P | RW | US),
+        Mapping(0xC0000000, 0x100000, 4 * KiB4, P | RW | G),
+    ]
+    assert w.page_tables() == t.lower_tables()
+
+    # Through the window, page i of the window is page table i and page `slot` is the directory itself.
+    for (pdi,), pt in t.lower_tables():
+        tr = w.translate(base | pdi << 12 | 0x10)
+        assert (tr.paddr, tr.size) == (pt + 0x10, KiB4)
+        assert [r.index for r in tr.chain] == [slot, pdi]
+    assert w.translate(base | slot << 12).paddr == t.top
+    assert w.translate(base | 500 << 12) is None
+
+
+def test_named_recursive_slot_that_is_not_recursive():
+    t = i386()
+    t.set((), 1023, t.top | P | RW)
+    with pytest.raises(WalkError, match=rf"PD\[1022\] @ {t.entry_addr((), 1022):#x}"):
+        t.walker(recursive_slot=1022)
+
+
+# --- corrupt tables ----------------------------------------------------------------------------------------------
+
+def test_pde_outside_ram():
+    t = i386()
+    t.map(0xC0000000, 0x5000, P | RW)
+    t.set((), 5, 0x7FFF0000 | P | RW)
+    w = t.walker()
+    expected = rf"PD\[5\] @ {t.entry_addr((), 5):#x} = 0x7fff0003: PT at 0x7fff0000 cannot be read"
+    with pytest.raises(WalkError, match=expected) as err:
+        w.translate(5 << 22)
+    assert isinstance(err.value, KgenError) and isinstance(err.value.__cause__, ValueError)
+    with pytest.raises(WalkError, match=expected):
+        w.mappings()
+
+
+def test_cr3_outside_ram():
+    t = i386()
+    with pytest.raises(WalkError, match="CR3 0x7ffff000: PD at 0x7ffff000 cannot be read"):
+        Walker(t.mem.read, 0x7FFFF000)
+
+
+def test_short_read():
+    t = i386()
+    t.map(0xC0000000, 0x5000, P | RW)
+    pt = t.tables[(768,)]
+    w = Walker(lambda addr, size: t.mem.read(addr, size)[:100] if addr == pt else t.mem.read(addr, size), t.top)
+    with pytest.raises(WalkError, match="got 100 of 4096 bytes"):
+        w.translate(0xC0000000)
+
+
+def test_reserved_bits_in_a_4m_entry():
+    t = i386()
+    t.set((), 7, 0x00C00000 | 1 << 21 | P | PS)
+    with pytest.raises(WalkError, match=rf"PD\[7\] @ {t.entry_addr((), 7):#x} = 0xe00081: reserved bits 0x200000"):
+        t.walker()
+
+
+# --- efficiency --------------------------------------------------------------------------------------------------
+
+def test_each_table_is_read_once_in_one_piece():
+    t = i386()
+    t.map(0, 0, P | RW, level=0)
+    for k in range(256):
+        t.map(0xC0000000 + k * KiB4, 0x100000 + k * KiB4, P | RW)
+    t.map(0xC0400000, 0x700000, P | RW)
+    t.set((), 1023, t.top | P | RW)
+    w = t.walker()
+    w.mappings()
+    w.page_tables()
+    w.translate(0xC0001000)
+    w.translate(0xFFFFF000)
+    assert sorted(t.mem.reads) == sorted([(t.top, PAGE_SIZE)] + [(pt, PAGE_SIZE) for _, pt in t.lower_tables()])
+
+
+# --- property: mappings() and translate() reconstruct what was built ---------------------------------------------
+
+LEAF = PWT | PCD | A | D | G
+runs = st.lists(st.tuples(
+    st.one_of(st.integers(0, (1 << 20) - 1), st.integers(0xBFF00, 0xC0800)),   # first virtual page
+    st.integers(1, 1500),                                                         # pages
+    st.integers(0, (1 << 20) - 1),                                                # first physical frame
+    st.integers(0, 0x1FF).map(lambda f: f & ~P),                                  # flags besides P
+    st.booleans(),                                                                # present
+), max_size=6)
+
+
+@settings(deadline=None, max_examples=150)
+@given(runs=runs, pde_rights=st.tuples(*[st.sampled_from(RIGHTS)] * 4))
+def test_mappings_and_translate_match_what_was_built(runs, pde_rights):
+    t = i386()
+    expected = {}       # virtual page -> (physical frame, effective attributes)
+    for vpn, count, ppn, flags, present in runs:
+        count = min(count, (1 << 20) - vpn, (1 << 20) - ppn)
+        for k in range(count):
+            rights = pde_rights[(vpn + k) >> 10 & 3]
+            t.map((vpn + k) << 12, (ppn + k) << 12, flags | (P if present else 0), upper=P | rights)
+            if present:
+                expected[vpn + k] = (ppn + k, P | flags & LEAF | flags & rights)
+            else:
+                expected.pop(vpn + k, None)
+    w = t.walker()
+
+    got = {}
+    ms = w.mappings()
+    for m in ms:
+        assert m.vstart % KiB4 == m.pstart % KiB4 == m.size % KiB4 == 0
+        for k in range(m.size >> 12):
+            got[(m.vstart >> 12) + k] = ((m.pstart >> 12) + k, m.attrs)
+    assert got == expected
+    for a, b in zip(ms, ms[1:]):
+        assert a.vstart + a.size <= b.vstart
+        assert not (a.vstart + a.size == b.vstart and a.pstart + a.size == b.pstart and a.attrs == b.attrs)
+
+    for vpn, (ppn, attrs) in expected.items():
+        offset = vpn * 0x123 & 0xFFF
+        tr = w.translate(vpn << 12 | offset)
+        assert (tr.paddr, tr.size, tr.attrs) == (ppn << 12 | offset, KiB4, attrs)
+    for vpn, count, *_ in runs:
+        for near in (vpn - 1, vpn + count):
+            if 0 <= near < 1 << 20 and near not in expected:
+                assert w.translate(near << 12) is None
+
+    assert w.page_tables() == t.lower_tables()
+
+
+# --- the same walk over PAE and x86-64 ---------------------------------------------------------------------------
+
+def test_pae():
+    t = Tables(8, (2, 9, 9), top_offset=0x20)       # a PDPT is 32 bytes and need only be 32-byte aligned
+    t.map(0xC0000000, 0x1_2345_6000, P | RW, upper=(P, P | RW | US))
+    t.map(0xC0200000, 0x4000_0000, P | RW | G, level=1, upper=(P, P | RW | US))
+    w = t.walker(PAE)
+    tr = w.translate(0xC0000ABC)
+    assert (tr.paddr, tr.size, tr.attrs) == (0x1_2345_6ABC, KiB4, P | RW)   # a PDPTE has no RW to withhold
+    assert [r.table for r in tr.chain] == ["PDPT", "PD", "PT"]
+    assert w.mappings() == [
+        Mapping(0xC0000000, 0x1_2345_6000, KiB4, P | RW),
+        Mapping(0xC0200000, 0x4000_0000, MiB2, P | RW | PS | G),
+    ]
+    assert w.page_tables() == t.lower_tables()
+
+    t.set((), 3, t.tables[(3,)] | P | RW)
+    with pytest.raises(WalkError, match=r"PDPT\[3\].*reserved bits 0x2 set"):
+        t.walker(PAE)
+
+
+def test_x86_64():
+    t = Tables(8, (9, 9, 9, 9))
+    t.map(0x4000_0000, 0x4000_0000, P | RW, level=1)                  # 1 GiB
+    t.map(0xFFFF_FFFF_8000_0000, 0x200000, P | RW | G)                # 4 KiB, top 2 GiB
+    t.map(0xFFFF_FFFF_8020_0000, 0x400000, P | RW | G, level=2)       # 2 MiB
+    t.set((), 510, t.top | P | RW)
+    w = t.walker(X86_64, recursive_slot=510)
+
+    tr = w.translate(0xFFFF_FFFF_8000_0123)
+    assert (tr.paddr, tr.size, tr.attrs) == (0x200123, KiB4, P | RW | G)
+    assert [r.table for r in tr.chain] == ["PML4", "PDPT", "PD", "PT"]
+    assert w.translate(0x4123_4567).paddr == 0x4123_4567
+    assert w.mappings() == [
+        Mapping(0x4000_0000, 0x4000_0000, GiB, P | RW | PS),
+        Mapping(0xFFFF_FFFF_8000_0000, 0x200000, KiB4, P | RW | G),
+        Mapping(0xFFFF_FFFF_8020_0000, 0x400000, MiB2, P | RW | PS | G),
+    ]
+    assert w.recursive_windows() == [RecursiveWindow(510, 0xFFFF_FF00_0000_0000, 1 << 39, P | RW,
+                                                     t.entry_addr((), 510))]
+    self_map = 0xFFFF_0000_0000_0000 | 510 << 39 | 510 << 30 | 510 << 21 | 510 << 12
+    assert w.translate(self_map).paddr == t.top
+    assert w.page_tables() == t.lower_tables()
+    with pytest.raises(ValueError):
+        w.translate(0x0000_8000_0000_0000)      # not canonical
+
+    t.set((), 1, 0x7000 | P | PS)
+    with pytest.raises(WalkError, match=r"PML4\[1\].*reserved bits 0x80 set"):
+        t.walker(X86_64)
