@@ -1,6 +1,8 @@
 """The build pipeline: config -> layout -> assembled units -> linked image -> ELF -> ISO."""
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,3 +34,52 @@ def kernel_pieces(templates: Path | None = None) -> list[asm.Piece]:
 def link_kernel(config: Config) -> Kernel:
     layout = compute(config)
     return Kernel(layout, link.link(kernel_pieces(), layout, layout.asm_constants()))
+
+
+@dataclass(frozen=True)
+class BuildOutput:
+    kernel: Kernel
+    elf: Path
+    iso: Path | None
+    rebuilt: bool
+
+
+FINGERPRINT_NAME = ".kgen-build"
+
+
+def fingerprint(config: Config) -> str:
+    """What the outputs depend on: the config, the templates, kgen's own source and the boot tree."""
+    from .resources import boot_dir
+    digest = hashlib.sha256(repr(dataclasses.replace(config, source="")).encode())
+    package = Path(__file__).resolve().parent
+    for root in (templates_dir(), boot_dir(), package):
+        for path in sorted(root.rglob("*")):
+            if path.is_file() and path.suffix in (".s", ".py", ".cfg"):
+                digest.update(path.name.encode())
+                digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def build(config: Config, out_dir: Path, *, iso: bool = True, force: bool = True) -> BuildOutput:
+    """Write out_dir/kernel.elf and, with `iso`, out_dir/kernel.iso. Each appears whole or not at all.
+
+    Without `force`, outputs whose fingerprint matches the inputs are kept as they are.
+    """
+    from .elf import write_elf
+    from .iso import make_iso
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    elf_path, iso_path = out_dir / "kernel.elf", out_dir / "kernel.iso"
+    stamp = out_dir / FINGERPRINT_NAME
+    kernel = link_kernel(config)
+    wanted = fingerprint(config)
+    fresh = (not force and stamp.exists() and stamp.read_text() == wanted and elf_path.exists()
+             and (not iso or iso_path.exists()))
+    if fresh:
+        return BuildOutput(kernel, elf_path, iso_path if iso else None, rebuilt=False)
+    stamp.unlink(missing_ok=True)
+    write_elf(kernel.image, elf_path)
+    if iso:
+        make_iso(elf_path, iso_path)
+    stamp.write_text(wanted)
+    return BuildOutput(kernel, elf_path, iso_path if iso else None, rebuilt=True)

@@ -77,3 +77,22 @@ def error_code_mask() -> int:
 
 def multiboot_header_checksum(flags: int) -> int:
     return (-(MULTIBOOT_HEADER_MAGIC + flags)) & 0xFFFFFFFF
+
+EXCEPTION_NAMES = {
+    0: "#DE divide error", 1: "#DB debug", 2: "NMI", 3: "#BP breakpoint", 4: "#OF overflow",
+    5: "#BR bound range", 6: "#UD invalid opcode", 7: "#NM device not available", 8: "#DF double fault",
+    10: "#TS invalid TSS", 11: "#NP segment not present", 12: "#SS stack fault", 13: "#GP general protection",
+    14: "#PF page fault", 16: "#MF x87 error", 17: "#AC alignment check", 18: "#MC machine check",
+    19: "#XM SIMD error", 20: "#VE virtualization", 21: "#CP control protection",
+}
+
+
+def describe_page_fault_error(code: int) -> str:
+    parts = ["protection violation" if code & PF_P else "page not present",
+             "write" if code & PF_W else "read",
+             "user" if code & PF_U else "supervisor"]
+    if code & PF_RSVD:
+        parts.append("reserved bit set")
+    if code & PF_I:
+        parts.append("instruction fetch")
+    return ", ".join(parts)

@@ -30,7 +30,7 @@ def make_iso(kernel_elf: Path, iso: Path) -> None:
     iso.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="kgen-iso-") as tmp:
         tree = Path(tmp) / "tree"
-        shutil.copytree(boot_dir(), tree)
+        shutil.copytree(boot_dir(), tree / "boot")   # the ISO root holds /boot/grub/grub.cfg
         shutil.copyfile(kernel_elf, tree / "boot" / "kernel.elf")
         partial = iso.with_name(f".{iso.name}.partial")
         cmd = [tool, "--install-modules=multiboot normal configfile", "--fonts=", "--locales=", "--themes=",

@@ -1,0 +1,73 @@
+"""`kgen run`: boot a kernel with its serial output on the terminal; exit 0 only when the kernel reported success."""
+from __future__ import annotations
+
+import os
+import sys
+
+from . import config as configmod
+from .diagnose import describe_stall, find_exception, tail
+from .elfinfo import ElfInfo
+from .errors import KgenError, MachineError
+from .layout import compute
+
+KVM_DEVICE = "/dev/kvm"
+
+
+def require_kvm():
+    if not os.access(KVM_DEVICE, os.R_OK | os.W_OK):
+        raise KgenError(f"--accel kvm: {KVM_DEVICE} is missing or not accessible on this host; use --accel tcg")
+
+
+def run(args) -> int:
+    from .build import build
+    from .machine import Machine
+
+    cfg = configmod.load(args.config)
+    if args.memory is not None:
+        cfg = cfg.with_values(machine_memory_mib=args.memory, source=f"{cfg.source} with --memory")
+    layout = compute(cfg)
+    if args.accel == "kvm":
+        require_kvm()
+    if args.append is not None and args.iso is not None:
+        raise KgenError("--append needs a directly booted kernel (--kernel or --direct); GRUB's menu sets the "
+                        "ISO's command line")
+    target: dict = {}
+    elf_path = None
+    if args.kernel is not None:
+        elf_path = args.kernel
+        target = {"kernel": args.kernel, "append": args.append}
+    elif args.iso is not None:
+        if not args.iso.is_file():
+            raise KgenError(f"--iso {args.iso}: no such file")
+        target = {"iso": args.iso}
+    else:
+        out = build(cfg, args.out, iso=not args.direct, force=False)
+        elf_path = out.elf
+        target = {"kernel": out.elf, "append": args.append} if args.direct else {"iso": out.iso}
+    if elf_path is not None and not elf_path.is_file():
+        raise KgenError(f"--kernel {elf_path}: no such file")
+    elf = ElfInfo.load(elf_path) if elf_path is not None else None
+
+    with Machine(**target, accel=args.accel, memory_mib=layout.memory_mib, echo_serial=True,
+                 debug_exit_port=layout.debug_exit_port) as machine:
+        try:
+            status = machine.wait_exit(args.timeout)
+        except MachineError as err:
+            message = describe_stall(machine, elf, str(err))
+            if args.accel == "kvm":
+                message += (" - this host's KVM may be unable to run 32-bit paging (see TOOLCHAIN-NOTES); "
+                            "try --accel tcg")
+            raise KgenError(message) from None
+        serial = machine.serial
+    sys.stdout.flush()
+    if status == layout.success_status:
+        return 0
+    fault = find_exception(serial)
+    if fault is not None:
+        print(f"kgen: kernel fault: {fault.describe(elf)}", file=sys.stderr)
+    elif status == layout.failure_status:
+        print(f"kgen: the kernel reported failure; last output:\n{tail(serial)}", file=sys.stderr)
+    else:
+        print(f"kgen: QEMU exited with status {status}, not the kernel's success status {layout.success_status}",
+              file=sys.stderr)
+    return 1
