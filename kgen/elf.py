@@ -121,6 +121,7 @@ class _Placed:
 class _Layout:
     loads: tuple[_Load, ...]
     sections: tuple[_Placed, ...]
+    end: int                  # end of the last segment's file data: LIEF appends its tables from here
 
 
 def write_elf(image: LinkedImage, path: Path, *, target: ElfTarget = ELF32_I386) -> None:
@@ -156,6 +157,9 @@ def _build(image: LinkedImage, target: ElfTarget) -> bytes:
         for segment, load in zip(ours, layout.loads):
             _set_segment_header(segment, load, target)
             segment.content = list(load.content)
+        # LIEF fixed e_shoff when it put the blank segments near the headers; left there, the section header
+        # table would be written over our first segment. Each table LIEF appends moves e_shoff past itself.
+        binary.header.section_header_offset = layout.end
         for placed in layout.sections:
             binary.add(lief.ELF.Section(placed.section.name, lief.ELF.Section.TYPE(placed.sh_type)), loaded=False)
         _add_symbols(binary, image)
@@ -269,7 +273,7 @@ def _layout(image: LinkedImage, phdr_end: int, target: ElfTarget) -> _Layout:
         if entry.section.name == ".multiboot" and entry.offset + MULTIBOOT_HEADER_SIZE > MULTIBOOT_WINDOW:
             raise LinkError(f"the Multiboot header would sit at file offset {entry.offset:#x}, past the first "
                             f"{MULTIBOOT_WINDOW // 1024} KiB where loaders look for it")
-    return _Layout(tuple(loads), tuple(placed))
+    return _Layout(tuple(loads), tuple(placed), cursor)
 
 
 def _set_segment_header(segment: lief.ELF.Segment, load: _Load, target: ElfTarget) -> None:
@@ -316,8 +320,9 @@ def _settle(binary: lief.ELF.Binary, image: LinkedImage, layout: _Layout, target
         if section is not None:
             _set_section_header(section, placed)
     for entry in binary.symtab_symbols:
-        if entry.name:
-            entry.shndx = binary.get_section_idx(image.symbol(entry.name).section)
+        index = binary.get_section_idx(image.symbol(entry.name).section) if entry.name else 0
+        if isinstance(index, int):     # otherwise a lief_errors value; _verify reports the wrong st_shndx
+            entry.shndx = index
     binary.header.entrypoint = image.entry
 
 
@@ -355,9 +360,7 @@ def _differences(elf: ELFFile, data: bytes, image: LinkedImage, layout: _Layout,
             expect(f"{name} {field}", segment[field], want)
         if data[load.offset:load.offset + load.filesz] != load.content:
             problems.append(f"{name} file contents differ from the image")
-    table_end = header.e_phoff + header.e_phnum * header.e_phentsize
-    if layout.loads and table_end > layout.loads[0].offset:
-        problems.append(f"program header table ends at {table_end:#x}, inside the first segment")
+    problems.extend(_overlaps(elf, layout))
 
     sections = {sec.name: sec for sec in elf.iter_sections()}
     expect("section names", sorted(n for n in sections if n),
@@ -388,6 +391,20 @@ def _differences(elf: ELFFile, data: bytes, image: LinkedImage, layout: _Layout,
     problems.extend(f"symbol {entry} is missing" for entry in sorted(want - got))
     problems.extend(f"symbol {entry} was not asked for" for entry in sorted(got - want))
     return problems
+
+
+def _overlaps(elf: ELFFile, layout: _Layout) -> list[str]:
+    """LIEF places its tables itself; none may land on another part of the file."""
+    header = elf.header
+    parts = [("the ELF header", 0, header.e_ehsize),
+             ("the program header table", header.e_phoff, header.e_phnum * header.e_phentsize),
+             ("the section header table", header.e_shoff, header.e_shnum * header.e_shentsize)]
+    parts += [(f"segment {i}", load.offset, load.filesz) for i, load in enumerate(layout.loads)]
+    parts += [(sec.name, sec["sh_offset"], sec["sh_size"]) for sec in elf.iter_sections()
+              if sec.name in _TABLES]
+    parts = sorted((start, start + size, name) for name, start, size in parts if size)
+    return [f"{name} at {start:#x} overlaps {before} (ends {end:#x})"
+            for (_, end, before), (start, _, name) in zip(parts, parts[1:]) if start < end]
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

@@ -97,6 +97,9 @@ def _place(by_section: dict[str, list[Piece]], sizes: dict[str, int], layout: La
             placed[piece.name] = cursor
             cursor += sizes[piece.name]
         bounds[name] = (start, cursor)
+    # The image ends on a page: the boot stub maps whole pages, and what they hold beyond .bss is the kernel's.
+    last = SECTIONS[-1]
+    bounds[last] = (bounds[last][0], _align(cursor, layout.page_size))
     return placed, bounds
 
 
@@ -147,6 +150,10 @@ def _symbol_table(sections: list[Section], symbols: dict[str, int]) -> tuple[Sym
         table.append(Symbol(name=name, value=addr, section=sec.name, size=end - addr,
                             kind="func" if "x" in sec.perms else "object"))
     for name, addr in symbols.items():
-        if name.startswith("__") and (sec := section_of(addr)) is not None:
+        if not name.startswith("__"):
+            continue
+        # A boundary symbol may sit just past the last byte of a section (`__bss_end`, `__kernel_end`).
+        sec = section_of(addr) or next((s for s in sections if s.vaddr + s.size == addr), None)
+        if sec is not None:
             table.append(Symbol(name=name, value=addr, section=sec.name, size=0, kind="object"))
     return tuple(table)

@@ -468,8 +468,8 @@ class Machine:
         return result
 
     def hmp(self, command: str, *, step: str = "read") -> str:
-        """One HMP command line through QMP; returns its text output."""
-        return self.qmp("human-monitor-command", {"command-line": command}, step=step)
+        """One HMP command line through QMP; returns its text output (HMP ends lines with CRLF; we give LF)."""
+        return self.qmp("human-monitor-command", {"command-line": command}, step=step).replace("\r\n", "\n")
 
     def status(self) -> str:
         """QEMU's runstate ("running", "paused", "shutdown", ...), or "exited" once the process has ended."""
@@ -507,6 +507,7 @@ class Machine:
         Fails early (step "wait") when QEMU exits or the guest stops for good (triple fault, KVM internal error).
         On failure QEMU is left as it is: `registers()`, `read_phys()` and `serial` still work until `shutdown()`.
         """
+        self._require_launched("wait")
         needle = marker.encode() if isinstance(marker, str) else bytes(marker)
         deadline = time.monotonic() + timeout
         next_poll = 0.0
@@ -533,6 +534,7 @@ class Machine:
 
     def wait_exit(self, timeout: float) -> int:
         """Wait for QEMU to exit and return its status (`isa-debug-exit` gives `(value << 1) | 1`)."""
+        self._require_launched("wait")
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -620,6 +622,10 @@ class Machine:
         return None
 
     # --- errors ------------------------------------------------------------------------------------------------
+
+    def _require_launched(self, step: str) -> None:
+        if self._proc is None:
+            raise self._error(step, "the machine was never launched")
 
     def _gone_or(self, err: BaseException) -> str:
         if self._proc is not None and self._proc.poll() is not None:
