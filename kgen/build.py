@@ -13,7 +13,7 @@ from .layout import Layout, compute
 from .resources import templates_dir
 
 # The kernel's units, in the order their pieces are placed within each section.
-KERNEL_UNITS = ("multiboot", "boot", "gdt", "idt", "serial", "debugexit", "report")
+KERNEL_UNITS = ("multiboot", "boot", "gdt", "idt", "pic", "serial", "debugexit", "string", "report", "calls")
 
 
 @dataclass(frozen=True)
@@ -26,14 +26,25 @@ class Kernel:
         return self.linked.image
 
 
-def kernel_pieces(templates: Path | None = None) -> list[asm.Piece]:
+def generated_pieces(layout: Layout) -> list[asm.Piece]:
+    """The layout's string constants as labelled .rodata, so templates name them like any other data."""
+    lines = [".section .rodata"]
+    for label, text in layout.asm_strings().items():
+        if not text.isascii() or '"' in text or "\\" in text:
+            raise ValueError(f"string constant {label} must be plain ASCII")
+        lines += [f"{label}:", f'    .asciz "{text}"']
+    return asm.parse_unit("layout_strings", "\n".join(lines))
+
+
+def kernel_pieces(layout: Layout, templates: Path | None = None) -> list[asm.Piece]:
     templates = templates or templates_dir()
-    return [piece for unit in KERNEL_UNITS for piece in asm.load_unit(templates, unit)]
+    units = [piece for unit in KERNEL_UNITS for piece in asm.load_unit(templates, unit)]
+    return units + generated_pieces(layout)
 
 
 def link_kernel(config: Config) -> Kernel:
     layout = compute(config)
-    return Kernel(layout, link.link(kernel_pieces(), layout, layout.asm_constants()))
+    return Kernel(layout, link.link(kernel_pieces(layout), layout, layout.asm_constants()))
 
 
 @dataclass(frozen=True)

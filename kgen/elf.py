@@ -1,20 +1,24 @@
 """Write a `LinkedImage` as an ELF executable, built and written by LIEF.
 
-LIEF cannot start an ELF from nothing, so it is handed a skeleton packed here with `struct` (ELF header, one
-throw-away PT_LOAD, a null section and `.shstrtab`), parsed with a 0x10 page size so that whatever LIEF inserts
-stays near the start of the file. LIEF then adds one PT_LOAD per permission group, the named sections, `.symtab`
-and `.strtab`, and produces the bytes.
+LIEF cannot start an ELF from nothing, so it is handed a skeleton packed here with `struct`: the ELF header, one
+blank PT_LOAD slot per segment, a null section and `.shstrtab`. LIEF fills the slots in, adds the named sections,
+`.symtab` and `.strtab`, and produces the bytes.
 
-LIEF rewrites some of what it is given without a word; each case is undone here:
-- `add(Segment)` sets p_paddr to p_vaddr, rounds the sizes, puts the data wherever its page size says and adds a
-  PT_LOAD of its own for the program header table it moves. Only our PT_LOADs are kept, and their paddr, sizes and
-  file offset are set after `add`; the content is set again after the offset because LIEF writes it at the
-  segment's current offset.
+What LIEF would get wrong, and what is done instead:
+- `add(Segment)` overwrites p_paddr with p_vaddr, rounds sizes to a page, places the data where its page size
+  says, moves the program header table to the end of the file with a PT_LOAD of its own, and has room for only
+  ten segments after that move. It is never called: the skeleton's slots are edited in place, the table stays
+  right after the ELF header, and each segment gets its file offset before its content, because LIEF writes
+  content at the segment's current offset.
 - `add(Section, loaded=True)` would make a segment per section, so sections go in unloaded and are placed by hand.
 - `.symtab` gets no null symbol unless one is added first.
+- e_shoff is wherever the parsed skeleton had it, and the section header table is written before the segment
+  contents, so a stale e_shoff gets overwritten silently; it is set to the end of the segment data, and each table
+  LIEF appends moves it past itself.
 - Appending `.shstrtab`/`.strtab`/`.symtab` at the end of the file shifts every section at or past that offset,
-  the NOBITS `.bss` included, and moves its sh_addr with it. LIEF re-parses its own output and the planned header
-  fields are applied once more; nothing is appended the second time, so nothing moves.
+  the NOBITS `.bss` included, sh_addr and all; and writing reorders the section headers (`.shstrtab` moves
+  behind the added sections) without renumbering st_shndx. So LIEF re-parses its own output and the planned
+  fields are set once more: nothing is appended the second time, and the indices are final.
 
 Nothing LIEF produces is trusted: pyelftools, an independent reader, compares the bytes with the plan field by
 field, and only a verified image reaches the disk (a temporary file in the same directory, then `os.replace`).
@@ -47,10 +51,6 @@ _SEGMENT_FLAGS = {"rx": _PF_R | _PF_X, "r": _PF_R, "rw": _PF_R | _PF_W}
 _SECTION_FLAGS = {"rx": _SHF_ALLOC | _SHF_EXECINSTR, "r": _SHF_ALLOC, "rw": _SHF_ALLOC | _SHF_WRITE}
 _SYMBOL_TYPES = {"func": "STT_FUNC", "object": "STT_OBJECT"}
 _TABLES = (".symtab", ".strtab", ".shstrtab")
-
-# LIEF's page size only decides where `add` puts things before they are moved; 0x10 keeps its program header
-# table just past the skeleton instead of a page or two into the file.
-_LIEF_PAGE_SIZE = 0x10
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,8 @@ class _Layout:
 
 
 def write_elf(image: LinkedImage, path: Path, *, target: ElfTarget = ELF32_I386) -> None:
-    """Write `image` to `path`, or raise LinkError and leave no file there.
+    """Write `image` to `path`, or raise a KgenError (LinkError if the image or LIEF is at fault) and leave no
+    file there.
 
     Like ld, a failed write also removes an older file at `path`, so a stale kernel is never taken for this one.
     """
@@ -140,25 +141,14 @@ def write_elf(image: LinkedImage, path: Path, *, target: ElfTarget = ELF32_I386)
 
 
 def _build(image: LinkedImage, target: ElfTarget) -> bytes:
-    config = lief.ELF.ParserConfig()
-    config.page_size = _LIEF_PAGE_SIZE
+    layout = _layout(image, target)
     with lief.logging.level_scope(lief.logging.LEVEL.ERROR):
-        binary = lief.ELF.parse(_skeleton(target), config)
+        binary = lief.ELF.parse(_skeleton(target, len(layout.loads)))
         if binary is None:
             raise LinkError("LIEF could not parse the ELF skeleton")
-        groups = image.segments()
-        ours = [binary.add(_blank_load()) for _ in groups]
-        for segment in list(binary.segments):
-            if not any(segment is mine for mine in ours):
-                binary.remove(segment)
-        phdr_end = binary.header.program_header_offset + len(groups) * target.phdr_size
-        layout = _layout(image, phdr_end, target)
-
-        for segment, load in zip(ours, layout.loads):
+        for segment, load in zip(binary.segments, layout.loads):
             _set_segment_header(segment, load, target)
             segment.content = list(load.content)
-        # LIEF fixed e_shoff when it put the blank segments near the headers; left there, the section header
-        # table would be written over our first segment. Each table LIEF appends moves e_shoff past itself.
         binary.header.section_header_offset = layout.end
         for placed in layout.sections:
             binary.add(lief.ELF.Section(placed.section.name, lief.ELF.Section.TYPE(placed.sh_type)), loaded=False)
@@ -166,7 +156,7 @@ def _build(image: LinkedImage, target: ElfTarget) -> bytes:
         _settle(binary, image, layout, target)
         first = binary.write_to_bytes()
 
-        again = lief.ELF.parse(list(first), config)
+        again = lief.ELF.parse(first)
         if again is None:
             raise LinkError("LIEF could not re-parse the ELF it had just written")
         _settle(again, image, layout, target)
@@ -178,31 +168,23 @@ def _build(image: LinkedImage, target: ElfTarget) -> bytes:
     return data
 
 
-def _skeleton(target: ElfTarget) -> bytes:
-    """ELF header, one PT_LOAD over the whole file, a null section and `.shstrtab`: the least LIEF can grow."""
+def _skeleton(target: ElfTarget, segments: int) -> bytes:
+    """ELF header, `segments` blank PT_LOAD slots, a null section and `.shstrtab`: what LIEF needs to start from."""
     names = b"\0.shstrtab\0"
     phoff = target.ehdr_size
-    names_off = phoff + target.phdr_size
+    names_off = phoff + segments * target.phdr_size
     shoff = (names_off + len(names) + 3) & ~3
-    size = shoff + 2 * target.shdr_size
     ident = b"\x7fELF" + bytes([target.elfclass, 1, 1]) + bytes(9)   # little-endian, EV_CURRENT, SysV
     header = ident + struct.pack(
         target.ehdr_format, 2, target.machine, 1, 0, phoff, shoff, 0,          # ET_EXEC, EV_CURRENT, entry 0
-        target.ehdr_size, target.phdr_size, 1, target.shdr_size, 2, 1,
+        target.ehdr_size, target.phdr_size, segments, target.shdr_size, 2, 1,
     )
-    load = dict(type=_PT_LOAD, offset=0, vaddr=0, paddr=0, filesz=size, memsz=size, flags=_PF_R,
-                align=_LIEF_PAGE_SIZE)
-    phdr = struct.pack(target.phdr_format, *(load[name] for name in target.phdr_fields))
-    body = (header + phdr + names).ljust(shoff, b"\0")
+    blank = dict(type=_PT_LOAD, offset=0, vaddr=0, paddr=0, filesz=0, memsz=0, flags=_PF_R, align=target.page_size)
+    phdrs = struct.pack(target.phdr_format, *(blank[name] for name in target.phdr_fields)) * segments
+    body = (header + phdrs + names).ljust(shoff, b"\0")
     null = bytes(target.shdr_size)
     shstrtab = struct.pack(target.shdr_format, 1, _SHT_STRTAB, 0, 0, names_off, len(names), 0, 0, 1, 0)
     return body + null + shstrtab
-
-
-def _blank_load() -> lief.ELF.Segment:
-    segment = lief.ELF.Segment()
-    segment.type = lief.ELF.Segment.TYPE.LOAD
-    return segment
 
 
 def _check_image(image: LinkedImage) -> None:
@@ -245,11 +227,11 @@ def _check_image(image: LinkedImage) -> None:
             raise LinkError(f"symbol {sym.name} at {sym.value:#x} lies outside its section {sec.name}")
 
 
-def _layout(image: LinkedImage, phdr_end: int, target: ElfTarget) -> _Layout:
+def _layout(image: LinkedImage, target: ElfTarget) -> _Layout:
     """Give every segment a file offset congruent to its vaddr, packed after the program header table."""
     loads: list[_Load] = []
     placed: list[_Placed] = []
-    cursor = phdr_end
+    cursor = target.ehdr_size + len(image.segments()) * target.phdr_size
     for group in image.segments():
         base = group[0]
         offset = cursor + (base.vaddr - cursor) % target.page_size
@@ -260,8 +242,8 @@ def _layout(image: LinkedImage, phdr_end: int, target: ElfTarget) -> _Layout:
             start = sec.vaddr - base.vaddr
             content[start:start + sec.size] = sec.data
         for sec in group:
-            # NOBITS gets the end of the file-backed part, not its congruent offset: one past the end of the
-            # file is what readelf and LIEF accept.
+            # NOBITS sits where the segment's file data ends, not at a congruent offset that can lie past the
+            # end of the file.
             placed.append(_Placed(sec, offset + (filesz if sec.nobits else sec.vaddr - base.vaddr)))
         loads.append(_Load(
             vaddr=base.vaddr, paddr=base.paddr, offset=offset, filesz=filesz,
@@ -321,7 +303,7 @@ def _settle(binary: lief.ELF.Binary, image: LinkedImage, layout: _Layout, target
             _set_section_header(section, placed)
     for entry in binary.symtab_symbols:
         index = binary.get_section_idx(image.symbol(entry.name).section) if entry.name else 0
-        if isinstance(index, int):     # otherwise a lief_errors value; _verify reports the wrong st_shndx
+        if isinstance(index, int):     # else a lief_errors value, and _verify reports the st_shndx left behind
             entry.shndx = index
     binary.header.entrypoint = image.entry
 
@@ -340,8 +322,7 @@ def _differences(elf: ELFFile, data: bytes, image: LinkedImage, layout: _Layout,
 
     def expect(what: str, got: object, want: object) -> None:
         if got != want:
-            show = (lambda v: hex(v) if isinstance(v, int) else repr(v))
-            problems.append(f"{what} is {show(got)}, expected {show(want)}")
+            problems.append(f"{what} is {_show(got)}, expected {_show(want)}")
 
     header = elf.header
     expect("EI_CLASS", elf.elfclass, 32 if target.elfclass == 1 else 64)
@@ -393,6 +374,10 @@ def _differences(elf: ELFFile, data: bytes, image: LinkedImage, layout: _Layout,
     return problems
 
 
+def _show(value: object) -> str:
+    return hex(value) if isinstance(value, int) else repr(value)
+
+
 def _overlaps(elf: ELFFile, layout: _Layout) -> list[str]:
     """LIEF places its tables itself; none may land on another part of the file."""
     header = elf.header
@@ -402,9 +387,14 @@ def _overlaps(elf: ELFFile, layout: _Layout) -> list[str]:
     parts += [(f"segment {i}", load.offset, load.filesz) for i, load in enumerate(layout.loads)]
     parts += [(sec.name, sec["sh_offset"], sec["sh_size"]) for sec in elf.iter_sections()
               if sec.name in _TABLES]
-    parts = sorted((start, start + size, name) for name, start, size in parts if size)
-    return [f"{name} at {start:#x} overlaps {before} (ends {end:#x})"
-            for (_, end, before), (start, _, name) in zip(parts, parts[1:]) if start < end]
+    problems = []
+    reach, reacher = 0, ""
+    for start, end, name in sorted((start, start + size, name) for name, start, size in parts if size):
+        if start < reach:
+            problems.append(f"{name} at {start:#x} overlaps {reacher}, which ends at {reach:#x}")
+        if end > reach:
+            reach, reacher = end, name
+    return problems
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

@@ -27,6 +27,8 @@ _KINDS = {"STT_FUNC": "func", "STT_OBJECT": "object", "STT_NOTYPE": "notype"}
 
 @dataclass(frozen=True)
 class LoadSegment:
+    """One PT_LOAD: where it runs (vaddr), where the loader puts it (paddr), and what it may do."""
+
     vaddr: int
     paddr: int
     filesz: int
@@ -38,6 +40,8 @@ class LoadSegment:
 
 @dataclass(frozen=True)
 class ElfSymbol:
+    """A FUNC, OBJECT or NOTYPE symbol with a name and a defined value."""
+
     name: str
     value: int
     size: int
@@ -49,6 +53,8 @@ class ElfSymbol:
 
 @dataclass(frozen=True)
 class ElfInfo:
+    """The entry point, PT_LOAD segments and symbols of one ELF file; `symbols` maps a name to its symbol."""
+
     path: Path
     bits: int
     entry: int
@@ -76,7 +82,8 @@ class ElfInfo:
         except OSError as err:
             raise KgenError(f"{path}: cannot read: {err.strerror or err}") from err
         except ELFError as err:
-            raise KgenError(f"{path}: not a readable ELF file ({err})") from err
+            reason = " ".join(str(err).split())
+            raise KgenError(f"{path}: not a readable ELF file ({reason})") from err
         return info
 
     def symbolize(self, addr: int) -> str:
@@ -92,13 +99,12 @@ class ElfInfo:
         """The nearest symbol at or below `addr` whose extent covers it."""
         # Walk down from the nearest preceding symbol rather than stopping at it: a small sized object or label
         # can sit between a function's start and the address without covering it.
-        below = bisect.bisect_right(self.by_address, addr, key=_value)
-        covering = (s for s in reversed(self.by_address[:below]) if addr < s.end)
-        nearest = next(covering, None)
-        if nearest is None:
-            return None
-        ties = [nearest, *(s for s in self.by_address[:below] if s.value == nearest.value and addr < s.end)]
-        return max(ties, key=_preference)
+        for index in range(bisect.bisect_right(self.by_address, addr, key=_value) - 1, -1, -1):
+            if addr < self.by_address[index].end:
+                value = self.by_address[index].value
+                same = self.by_address[bisect.bisect_left(self.by_address, value, key=_value):index + 1]
+                return max((s for s in same if addr < s.end), key=_preference)
+        return None
 
     def multiboot_header_offset(self) -> int | None:
         """File offset of a valid Multiboot v1 header (magic, flags, checksum summing to 0), as GRUB finds it."""

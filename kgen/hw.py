@@ -96,3 +96,14 @@ def describe_page_fault_error(code: int) -> str:
     if code & PF_I:
         parts.append("instruction fetch")
     return ", ".join(parts)
+
+# 8259 PICs and the 16550 UART registers kgen touches.
+PIC1_COMMAND, PIC1_DATA = 0x20, 0x21
+PIC2_COMMAND, PIC2_DATA = 0xA0, 0xA1
+PIC_EOI = 0x20
+PIC_IRQ_COUNT = 16
+COM2_IRQ = 3
+UART_IER_RX_AVAILABLE = 0x01
+UART_LSR_DATA_READY = 0x01
+UART_LSR_TX_EMPTY = 0x20
+UART_MCR_DTR_RTS_OUT2 = 0x0B    # OUT2 gates the UART's interrupt line to the PIC

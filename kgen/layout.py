@@ -78,6 +78,12 @@ class Layout:
     boot_mmap_max_entries: int = 32
     boot_mmap_entry_size: int = 24     # base (8), length (8), type (4), padding (4)
     boot_cmdline_max: int = 256
+    # The call channel on COM2 (templates/calls.s, kgen/calls.py).
+    irq_base: int = 0x20               # PIC vectors 0x20..0x2f, clear of the CPU's exceptions
+    call_request_magic: int = 0x4C4C4143   # "CALL"
+    call_reply_magic: int = 0x54455221     # "!RET"
+    call_max_args: int = 8
+    serve_token: str = "kgen.serve"    # on the kernel command line: stay up and serve calls instead of exiting
     # Build variants.
     fault_at_boot: bool = False
 
@@ -166,6 +172,10 @@ class Layout:
     def multiboot_header_flags(self) -> int:
         return hw.MULTIBOOT_FLAG_PAGE_ALIGN | hw.MULTIBOOT_FLAG_MEMORY_INFO
 
+    def asm_strings(self) -> dict[str, str]:
+        """String constants the templates name as labels (generated into .rodata by the build)."""
+        return {"serve_token": self.serve_token}
+
     def regions(self) -> list[Region]:
         return [self.kernel_window, self.identity_window, self.recursive_window, self.tempmap_window]
 
@@ -208,6 +218,11 @@ class Layout:
             "BOOT_MMAP_MAX_ENTRIES": self.boot_mmap_max_entries,
             "BOOT_MMAP_ENTRY_SIZE": self.boot_mmap_entry_size,
             "BOOT_CMDLINE_MAX": self.boot_cmdline_max,
+            "IRQ_BASE": self.irq_base,
+            "IDT_VECTORS": self.irq_base + hw.PIC_IRQ_COUNT,
+            "CALL_REQUEST_MAGIC": self.call_request_magic,
+            "CALL_REPLY_MAGIC": self.call_reply_magic,
+            "CALL_MAX_ARGS": self.call_max_args,
             "MEMORY_BYTES": self.memory_bytes,
         }
         for name in ("PTE_P", "PTE_RW", "PTE_US", "PTE_PWT", "PTE_PCD", "PTE_A", "PTE_D", "PTE_PS", "PTE_G",
@@ -215,7 +230,10 @@ class Layout:
                      "PAGE_SHIFT", "I386_PDE_SHIFT", "I386_ENTRIES",
                      "MULTIBOOT_HEADER_MAGIC", "MULTIBOOT_BOOTLOADER_MAGIC", "MULTIBOOT_FLAG_PAGE_ALIGN",
                      "MULTIBOOT_FLAG_MEMORY_INFO", "MULTIBOOT_INFO_MEM", "MULTIBOOT_INFO_MMAP",
-                     "MULTIBOOT_INFO_CMDLINE", "MULTIBOOT_MMAP_AVAILABLE", "COM1_PORT", "COM2_PORT"):
+                     "MULTIBOOT_INFO_CMDLINE", "MULTIBOOT_MMAP_AVAILABLE", "COM1_PORT", "COM2_PORT",
+                     "PIC1_COMMAND", "PIC1_DATA", "PIC2_COMMAND", "PIC2_DATA", "PIC_EOI", "PIC_IRQ_COUNT",
+                     "COM2_IRQ", "UART_IER_RX_AVAILABLE", "UART_LSR_DATA_READY", "UART_LSR_TX_EMPTY",
+                     "UART_MCR_DTR_RTS_OUT2"):
             consts[name] = getattr(hw, name)
         return consts
 

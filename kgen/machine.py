@@ -78,7 +78,10 @@ class MachineStepError(MachineError):
         self.serial_tail = serial_tail
 
     def details(self) -> str:
-        status = "still running" if self.qemu_status is None else str(self.qemu_status)
+        if not self.command:
+            status = "never started"
+        else:
+            status = "still running" if self.qemu_status is None else str(self.qemu_status)
         return "\n".join([
             str(self),
             f"QEMU exit status: {status}",
@@ -131,6 +134,11 @@ def _clip_legacy_hole(w: RamWindow) -> list[RamWindow]:
     if w.end > hi:
         parts.append(RamWindow(hi, w.end, w.offset + hi - w.start))
     return parts
+
+
+def _opt(value: object) -> str:
+    """A value inside a QEMU `key=value,...` option: a comma is written twice."""
+    return str(value).replace(",", ",,")
 
 
 def _poison_pattern(poison: int | bytes | None) -> bytes | None:
@@ -303,6 +311,10 @@ class Machine:
             if self.ram_file:
                 self._map_ram()
             self.timings["launch"] = time.monotonic() - started
+        except OSError as err:  # a socket path too long for AF_UNIX, a full disk, an unexecutable binary
+            failure = self._error("launch", f"{err} (working in {self.tmpdir})")
+            self._teardown()
+            raise failure from err
         except BaseException:
             self._teardown()
             raise
@@ -337,11 +349,11 @@ class Machine:
                 pass  # the peer is gone; disconnect still cancels the client's tasks
         if self._loop is not None:
             self._loop.close()
+        if self._pump is not None:
+            self._pump.join(QUIT_GRACE)  # QEMU is dead, so COM1 is at EOF and the thread is ending
         for sock in (self._com1, self.com2, *self._listeners):
             if sock is not None:
                 sock.close()
-        if self._pump is not None:
-            self._pump.join(QUIT_GRACE)
         if self._ram is not None:
             self._ram.close()
             self._ram = None
@@ -368,6 +380,11 @@ class Machine:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
         return stuck
 
+    @property
+    def pid(self) -> int | None:
+        """QEMU's process id (the Debian /usr/bin wrapper execs the real binary, so it is QEMU's own)."""
+        return self._proc.pid if self._proc is not None else None
+
     # --- launch helpers ----------------------------------------------------------------------------------------
 
     def _listen(self, name: str) -> socket.socket:
@@ -378,19 +395,21 @@ class Machine:
         return sock
 
     def _command_line(self, binary: str) -> list[str]:
-        sock = self.tmpdir / "{}.sock"
+        def chardev(name: str) -> list[str]:
+            return ["-chardev", f"socket,id={name},path={_opt(self.tmpdir / f'{name}.sock')}"]
+
         machine = "pc,memory-backend=ram" if self.ram_file else "pc"
         args = [binary, "-machine", machine, "-m", str(self.memory_mib), "-display", "none",
                 "-no-user-config", "-no-reboot", "-no-shutdown", "-parallel", "none", "-net", "none",
                 "-device", f"isa-debug-exit,iobase={self.debug_exit_port:#x},iosize=0x04",
                 "-accel", self.accel,
                 # QEMU is the client of sockets we already listen on: connected before the guest runs a cycle.
-                "-chardev", f"socket,id=qmp,path={str(sock).format('qmp')}", "-mon", "chardev=qmp,mode=control",
-                "-chardev", f"socket,id=com1,path={str(sock).format('com1')}", "-serial", "chardev:com1",
-                "-chardev", f"socket,id=com2,path={str(sock).format('com2')}", "-serial", "chardev:com2"]
+                *chardev("qmp"), "-mon", "chardev=qmp,mode=control",
+                *chardev("com1"), "-serial", "chardev:com1",
+                *chardev("com2"), "-serial", "chardev:com2"]
         if self.ram_file:
             args += ["-object", f"memory-backend-file,id=ram,size={self.memory_mib}M,"
-                                f"mem-path={self.tmpdir / 'ram'},share=on"]
+                                f"mem-path={_opt(self.tmpdir / 'ram')},share=on"]
         if self.icount:
             args += ["-icount", "shift=0,sleep=off"]
         if self.kernel is not None:
@@ -605,8 +624,8 @@ class Machine:
             path.unlink(missing_ok=True)
 
     def write_phys(self, addr: int, data: bytes) -> None:
-        """Write guest RAM through the file mapping. Stop the machine first; under TCG, code already translated
-        from the written bytes keeps running (QEMU does not see host writes), so patch data, not running code."""
+        """Write guest RAM through the file mapping. Stop the machine first, and patch data rather than code: TCG
+        is not told about host writes, so code it already translated from those bytes may keep running."""
         offset = self._file_offset(addr, len(data))
         if offset is None:
             raise self._error("write", f"{addr:#x}+{len(data):#x} is not file-backed guest RAM "

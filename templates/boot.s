@@ -146,6 +146,7 @@ boot_higher_half:
     mov cr4, eax
     call gdt_init
     call idt_init
+    call pic_init
     call serial_init
     call kmain
     push DEBUG_EXIT_FAILURE                         # kmain does not return

@@ -1,8 +1,10 @@
-# Exceptions: an IDT whose 32 gates lead to one report on COM1, then a failure exit through isa-debug-exit.
+# Interrupts: an IDT whose 32 exception gates lead to one report on COM1 and a failure exit through
+# isa-debug-exit, and whose 16 PIC gates (IRQ_BASE..) only acknowledge the interrupt: the kernel uses IRQs just to
+# wake from `hlt` (templates/calls.s).
 #
-# Each stub is 16 bytes so the gate for vector v is exception_stubs + 16*v, computed by idt_init. Stubs of
-# vectors that push no error code push a 0 first, so exception_common always sees the same frame. Which vectors
-# push one is a CPU fact, passed in as EXCEPTIONS_WITH_ERROR_CODE_MASK.
+# Each stub is 16 bytes so the gate for vector v is interrupt_stubs + 16*v, computed by idt_init. Stubs of
+# vectors that push no error code push a 0 first, so every handler sees the same frame. Which vectors push one is
+# a CPU fact, passed in as EXCEPTIONS_WITH_ERROR_CODE_MASK.
 #
 # The report is one line the harness parses: "kgen: exception vector=0x... error=0x... eip=0x... cr2=0x... ...".
 
@@ -12,61 +14,92 @@ idt_init:
 .Lidt_gate:
     mov eax, ecx
     shl eax, 0x4
-    add eax, offset exception_stubs
+    add eax, offset interrupt_stubs
     mov [idt + ecx*8], ax
     mov word ptr [idt + ecx*8 + 0x2], KERNEL_CS
     mov word ptr [idt + ecx*8 + 0x4], IDT_GATE_INTERRUPT32
     shr eax, 0x10
     mov [idt + ecx*8 + 0x6], ax
     inc ecx
-    cmp ecx, EXCEPTION_COUNT
+    cmp ecx, IDT_VECTORS
     jb .Lidt_gate
     lidt [idt_descriptor]
     ret
 
-.macro EXCEPTION_STUB vector
+.macro INTERRUPT_STUB vector
 .balign 0x10, 0xcc
 .if ((EXCEPTIONS_WITH_ERROR_CODE_MASK >> \vector) & 1) == 0
     push 0x0
 .endif
     push \vector
-    jmp exception_common
+    jmp interrupt_common
 .endm
 
 .balign 0x10, 0xcc
-exception_stubs:
-EXCEPTION_STUB 0x0
-EXCEPTION_STUB 0x1
-EXCEPTION_STUB 0x2
-EXCEPTION_STUB 0x3
-EXCEPTION_STUB 0x4
-EXCEPTION_STUB 0x5
-EXCEPTION_STUB 0x6
-EXCEPTION_STUB 0x7
-EXCEPTION_STUB 0x8
-EXCEPTION_STUB 0x9
-EXCEPTION_STUB 0xa
-EXCEPTION_STUB 0xb
-EXCEPTION_STUB 0xc
-EXCEPTION_STUB 0xd
-EXCEPTION_STUB 0xe
-EXCEPTION_STUB 0xf
-EXCEPTION_STUB 0x10
-EXCEPTION_STUB 0x11
-EXCEPTION_STUB 0x12
-EXCEPTION_STUB 0x13
-EXCEPTION_STUB 0x14
-EXCEPTION_STUB 0x15
-EXCEPTION_STUB 0x16
-EXCEPTION_STUB 0x17
-EXCEPTION_STUB 0x18
-EXCEPTION_STUB 0x19
-EXCEPTION_STUB 0x1a
-EXCEPTION_STUB 0x1b
-EXCEPTION_STUB 0x1c
-EXCEPTION_STUB 0x1d
-EXCEPTION_STUB 0x1e
-EXCEPTION_STUB 0x1f
+interrupt_stubs:
+INTERRUPT_STUB 0x0
+INTERRUPT_STUB 0x1
+INTERRUPT_STUB 0x2
+INTERRUPT_STUB 0x3
+INTERRUPT_STUB 0x4
+INTERRUPT_STUB 0x5
+INTERRUPT_STUB 0x6
+INTERRUPT_STUB 0x7
+INTERRUPT_STUB 0x8
+INTERRUPT_STUB 0x9
+INTERRUPT_STUB 0xa
+INTERRUPT_STUB 0xb
+INTERRUPT_STUB 0xc
+INTERRUPT_STUB 0xd
+INTERRUPT_STUB 0xe
+INTERRUPT_STUB 0xf
+INTERRUPT_STUB 0x10
+INTERRUPT_STUB 0x11
+INTERRUPT_STUB 0x12
+INTERRUPT_STUB 0x13
+INTERRUPT_STUB 0x14
+INTERRUPT_STUB 0x15
+INTERRUPT_STUB 0x16
+INTERRUPT_STUB 0x17
+INTERRUPT_STUB 0x18
+INTERRUPT_STUB 0x19
+INTERRUPT_STUB 0x1a
+INTERRUPT_STUB 0x1b
+INTERRUPT_STUB 0x1c
+INTERRUPT_STUB 0x1d
+INTERRUPT_STUB 0x1e
+INTERRUPT_STUB 0x1f
+INTERRUPT_STUB 0x20
+INTERRUPT_STUB 0x21
+INTERRUPT_STUB 0x22
+INTERRUPT_STUB 0x23
+INTERRUPT_STUB 0x24
+INTERRUPT_STUB 0x25
+INTERRUPT_STUB 0x26
+INTERRUPT_STUB 0x27
+INTERRUPT_STUB 0x28
+INTERRUPT_STUB 0x29
+INTERRUPT_STUB 0x2a
+INTERRUPT_STUB 0x2b
+INTERRUPT_STUB 0x2c
+INTERRUPT_STUB 0x2d
+INTERRUPT_STUB 0x2e
+INTERRUPT_STUB 0x2f
+
+interrupt_common:
+    cmp dword ptr [esp], IRQ_BASE
+    jb exception_common
+    # A PIC interrupt: acknowledge it (the slave too for IRQ 8-15) and return to whatever `hlt` it ended.
+    push eax
+    mov al, PIC_EOI
+    cmp dword ptr [esp + 0x4], IRQ_BASE + 0x8
+    jb .Lirq_master_only
+    out PIC2_COMMAND, al
+.Lirq_master_only:
+    out PIC1_COMMAND, al
+    pop eax
+    add esp, 0x8
+    iret
 
 # Frame after the pushes below, from esp upwards: cr2, edi, esi, ebp, esp, ebx, edx, ecx, eax (pushad),
 # vector, error code, eip, cs, eflags (the CPU's). exception_fields names the offsets.
@@ -151,10 +184,10 @@ str_eflags:
 .section .bss
 .balign 8
 idt:
-    .skip EXCEPTION_COUNT * 8
+    .skip IDT_VECTORS * 8
 
 .section .data
 .balign 4
 idt_descriptor:
-    .word EXCEPTION_COUNT * 8 - 1
+    .word IDT_VECTORS * 8 - 1
     .long idt

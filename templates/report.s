@@ -1,5 +1,6 @@
 # The boot report on COM1: what the loader handed over, where the kernel lives, and proof that the recursive
-# slot works. The harness and `kgen run` read these lines; "kgen: boot ok" is the last of them.
+# slot works. The harness and `kgen run` read these lines (kgen/bootreport.py); "kgen: boot ok" is the last.
+# Then the kernel exits with success, or serves calls when its command line holds the serve token.
 
 .section .text
 kmain:
@@ -17,6 +18,12 @@ kmain:
     push offset str_boot_ok
     call serial_puts
     add esp, 0x4
+    push offset serve_token
+    push offset boot_cmdline
+    call str_contains
+    add esp, 0x8
+    test eax, eax
+    jnz serve
     push DEBUG_EXIT_SUCCESS
     call debug_exit
 

@@ -194,6 +194,14 @@ def test_unsized_symbol_covers_rest_of_its_section(tmp_path):
     assert info.symbolize(0xC0100210) == "0xc0100210"
 
 
+def test_sized_function_wins_over_alias_at_same_address(tmp_path):
+    symbols = (Symbol("entry_alias", 0xC0100090, ".text", 0, "object"), Symbol("pmm_alloc", 0xC0100090, ".text", 0x40))
+    write_elf(LinkedImage(IMAGE.entry, IMAGE.sections, symbols), tmp_path / "k.elf")
+    info = ElfInfo.load(tmp_path / "k.elf")
+    assert info.symbolize(0xC0100091) == "0xc0100091 <pmm_alloc+0x1>"
+    assert info.symbolize(0xC01000D0) == "0xc01000d0 <entry_alias+0x40>"
+
+
 def test_elfinfo_rejects_non_elf(tmp_path):
     junk = tmp_path / "not-an-elf.bin"
     junk.write_bytes(b"MZ" + bytes(100))
@@ -221,6 +229,39 @@ def test_failed_verification_leaves_no_file(tmp_path, monkeypatch):
         write_elf(IMAGE, path)
     assert "\n" not in str(err.value)
     assert list(tmp_path.iterdir()) == []
+
+
+def patched(data: bytes, field_offset: int, value: int) -> bytes:
+    return data[:field_offset] + struct.pack("<I", value) + data[field_offset + 4:]
+
+
+def moved_section_headers(data: bytes, elf: ELFFile, offset: int) -> bytes:
+    size = elf.header.e_shnum * elf.header.e_shentsize
+    table = data[elf.header.e_shoff:elf.header.e_shoff + size]
+    return patched(data[:offset] + table + data[offset + size:], 0x20, offset)
+
+
+@pytest.mark.parametrize("what, corrupt", [
+    # What LIEF's add(Segment) does to p_paddr.
+    ("p_paddr", lambda data, elf: patched(data, elf.header.e_phoff + 12, 0xC0100000)),
+    # A section header table written over the first segment.
+    ("overlaps", lambda data, elf: moved_section_headers(data, elf, 0x1100)),
+    # .bss shifted by the tables LIEF appends.
+    (".bss sh_addr", lambda data, elf: patched(
+        data, elf.header.e_shoff + elf.get_section_index(".bss") * elf.header.e_shentsize + 12, 0xC01020A0)),
+    # st_shndx left pointing at the section before its own.
+    ("symbol", lambda data, elf: patched(
+        data, elf.get_section_by_name(".symtab")["sh_offset"] + 16 + 12,
+        struct.unpack_from("<I", data, elf.get_section_by_name(".symtab")["sh_offset"] + 16 + 12)[0] - 1)),
+])
+def test_verifier_catches_what_lief_gets_wrong(kernel, what, corrupt):
+    data = kernel.read_bytes()
+    with kernel.open("rb") as stream:
+        bad = corrupt(data, ELFFile(stream))
+    layout = kgen.elf._layout(IMAGE, kgen.elf.ELF32_I386)
+    assert kgen.elf._verify(data, IMAGE, layout, kgen.elf.ELF32_I386) == []
+    problems = kgen.elf._verify(bad, IMAGE, layout, kgen.elf.ELF32_I386)
+    assert any(what in problem for problem in problems), problems
 
 
 @pytest.mark.parametrize("change, message", [

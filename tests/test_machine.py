@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -197,6 +199,14 @@ def qemu_processes_mentioning(path: Path) -> list[int]:
     return pids
 
 
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie left to a container's non-reaping init is dead too
+
+
 def assert_cleaned_up(machine: Machine) -> None:
     assert not machine.tmpdir.exists()
     assert qemu_processes_mentioning(machine.tmpdir) == []
@@ -278,7 +288,7 @@ def test_missing_qemu_is_tool_missing_naming_the_package(tmp_path, monkeypatch):
 @vm
 def test_boots_prints_hello_and_exits_with_debug_exit_status(kernels):
     with Machine(kernel=kernels["exit"]) as machine:
-        assert "hello\n" in machine.wait_for("hello", BOOT_TIMEOUT)
+        assert machine.wait_for("hello\n", BOOT_TIMEOUT).startswith("hello\n")
         assert machine.wait_exit(BOOT_TIMEOUT) == (EXIT_VALUE << 1) | 1
         assert machine.status() == "exited"
         # The RAM file outlives QEMU until shutdown: post-mortem reads work.
@@ -466,3 +476,38 @@ def test_kvm_probe_answers_within_a_bounded_time(kernels):
     if os.path.exists("/sys/module/kvm_pvm"):  # software hypervisor: 32-bit paging triple-faults
         assert not usable
         assert "guest-reset" in reason
+
+
+HARNESS = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from kgen.machine import Machine
+machine = Machine(kernel=sys.argv[2]).launch()
+machine.wait_for("ready", 10)
+print(machine.tmpdir, machine.pid, flush=True)
+if sys.argv[3] == "exit":
+    sys.exit(0)  # without shutdown: the atexit hook must kill QEMU
+time.sleep(60)
+"""
+
+
+@vm
+@pytest.mark.parametrize("ending", ["exit", "SIGTERM", "SIGKILL"])
+def test_no_qemu_outlives_its_harness(kernels, ending):
+    harness = subprocess.Popen([sys.executable, "-c", HARNESS, str(Path(__file__).parents[1]), kernels["spin"],
+                                ending], stdout=subprocess.PIPE, text=True)
+    try:
+        tmpdir, pid = harness.stdout.readline().split()
+        if ending != "exit":
+            harness.send_signal(getattr(signal, ending))
+        harness.wait(BOOT_TIMEOUT)
+        deadline = time.monotonic() + 5
+        while alive(int(pid)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive(int(pid))
+        if ending != "SIGKILL":  # a SIGKILLed harness cannot remove anything; PR_SET_PDEATHSIG still kills QEMU
+            assert not Path(tmpdir).exists()
+    finally:
+        harness.kill()
+        harness.wait()
+        shutil.rmtree(tmpdir, ignore_errors=True)

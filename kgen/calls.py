@@ -1,0 +1,105 @@
+"""Calling kernel routines from the host by symbol name, over the kernel's COM2 call channel (templates/calls.s).
+
+    session.call("pmm_alloc")            -> eax
+    session.call_full("pmm_free", frame) -> CallResult(eax, edx, cycles)
+
+Arguments and results are 32-bit; a routine follows cdecl. `cycles` is the kernel's rdtsc delta around the call:
+instructions under TCG with -icount shift=0, cycles under KVM on real hardware.
+"""
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from dataclasses import dataclass
+
+from .diagnose import find_exception, tail
+from .elfinfo import ElfInfo
+from .errors import KgenError
+from .layout import Layout
+
+REPLY_WORDS = 6
+CALL_TIMEOUT = 30.0
+
+
+class CallError(KgenError):
+    """A call that could not be made or did not come back: unknown symbol, refused, faulted, hung."""
+
+
+@dataclass(frozen=True)
+class CallResult:
+    eax: int
+    edx: int
+    cycles: int
+
+    @property
+    def value64(self) -> int:
+        return self.edx << 32 | self.eax
+
+
+class CallChannel:
+    def __init__(self, machine, elf: ElfInfo, layout: Layout):
+        self.machine = machine
+        self.elf = elf
+        self.layout = layout
+
+    def address_of(self, routine: str | int) -> int:
+        if isinstance(routine, int):
+            return routine
+        sym = self.elf.symbols.get(routine)
+        if sym is None:
+            raise CallError(f"no symbol {routine!r} in {self.elf.path.name}: cannot call it")
+        return sym.value
+
+    def call_full(self, routine: str | int, *args: int, timeout: float = CALL_TIMEOUT) -> CallResult:
+        name = routine if isinstance(routine, str) else f"{routine:#x}"
+        address = self.address_of(routine)
+        if len(args) > self.layout.call_max_args:
+            raise CallError(f"call {name}: {len(args)} arguments, the channel carries at most "
+                            f"{self.layout.call_max_args}")
+        words = [self.layout.call_request_magic, address, len(args)] + [a & 0xFFFFFFFF for a in args]
+        sock: socket.socket = self.machine.com2
+        try:
+            sock.sendall(struct.pack(f"<{len(words)}I", *words))
+            reply = self._receive(sock, 4 * REPLY_WORDS, timeout)
+        except (OSError, TimeoutError) as err:
+            raise CallError(self._why_no_reply(name, err)) from None
+        magic, status, eax, edx, lo, hi = struct.unpack(f"<{REPLY_WORDS}I", reply)
+        if magic != self.layout.call_reply_magic:
+            raise CallError(f"call {name}: reply has magic {magic:#x}, expected {self.layout.call_reply_magic:#x}")
+        if status != 0:
+            raise CallError(f"call {name}: the kernel refused address {address:#x} (outside its text)")
+        return CallResult(eax, edx, hi << 32 | lo)
+
+    def call(self, routine: str | int, *args: int, timeout: float = CALL_TIMEOUT) -> int:
+        return self.call_full(routine, *args, timeout=timeout).eax
+
+    @staticmethod
+    def _receive(sock: socket.socket, size: int, timeout: float) -> bytes:
+        deadline = time.monotonic() + timeout
+        data = bytearray()
+        while len(data) < size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no reply within {timeout:g} s")
+            sock.settimeout(remaining)
+            try:
+                chunk = sock.recv(size - len(data))
+            except socket.timeout:
+                raise TimeoutError(f"no reply within {timeout:g} s") from None
+            if not chunk:
+                raise ConnectionError("COM2 closed: QEMU is gone")
+            data += chunk
+        return bytes(data)
+
+    def _why_no_reply(self, name: str, err: BaseException) -> str:
+        if isinstance(err, ConnectionError):
+            try:    # QEMU is exiting: let its last serial bytes arrive before reading them
+                self.machine.wait_exit(2.0)
+            except KgenError:
+                pass
+        serial = self.machine.serial
+        fault = find_exception(serial)
+        if fault is not None:
+            return f"call {name} faulted: {fault.describe(self.elf)}"
+        return f"call {name}: {err}; last output:\n{tail(serial, 5)}"

@@ -1,0 +1,61 @@
+"""A kgen kernel booted to serve calls: the machine, the layout that built it, its ELF symbols, the call channel.
+
+    with KernelSession(kernel) as s:      # kernel: a build.BuildOutput
+        frame = s.call("pmm_alloc")
+        s.machine.read_phys(frame, 4)
+"""
+from __future__ import annotations
+
+from .calls import CallChannel, CallResult
+from .elfinfo import ElfInfo
+from .layout import Layout
+
+SERVING_MARKER = "kgen: serving calls on COM2"
+BOOT_TIMEOUT = 60.0
+
+
+class KernelSession:
+    def __init__(self, elf_path, layout: Layout, *, accel: str = "tcg", poison=None, memory_mib: int | None = None,
+                 icount: bool = False, echo_serial: bool = False, extra_args=()):
+        self.elf_path = elf_path
+        self.layout = layout
+        self.elf = ElfInfo.load(elf_path)
+        self.options = dict(accel=accel, poison=poison, memory_mib=memory_mib or layout.memory_mib, icount=icount,
+                            echo_serial=echo_serial, extra_args=tuple(extra_args),
+                            debug_exit_port=layout.debug_exit_port)
+        self.machine = None
+        self.channel: CallChannel | None = None
+
+    def __enter__(self) -> "KernelSession":
+        from .machine import Machine
+        self.machine = Machine(kernel=self.elf_path, append=self.layout.serve_token, **self.options)
+        self.machine.launch()
+        try:
+            self.machine.wait_for(SERVING_MARKER, BOOT_TIMEOUT)
+        except BaseException:
+            self.machine.shutdown()
+            raise
+        self.channel = CallChannel(self.machine, self.elf, self.layout)
+        return self
+
+    def __exit__(self, *exc):
+        if self.machine is not None:
+            self.machine.shutdown()
+
+    def symbol(self, name: str) -> int:
+        return self.elf.symbols[name].value
+
+    def call(self, routine, *args, timeout: float | None = None) -> int:
+        return self.call_full(routine, *args, timeout=timeout).eax
+
+    def call_full(self, routine, *args, timeout: float | None = None) -> CallResult:
+        kwargs = {} if timeout is None else {"timeout": timeout}
+        return self.channel.call_full(routine, *args, **kwargs)
+
+    def read_u32(self, vaddr_in_kernel_image: int) -> int:
+        """A kernel variable, read from physical memory (the image is mapped at a fixed offset)."""
+        phys = vaddr_in_kernel_image - self.layout.kernel_virtual_base
+        return int.from_bytes(self.machine.read_phys(phys, 4), "little")
+
+    def variable(self, name: str) -> int:
+        return self.read_u32(self.symbol(name))
