@@ -64,18 +64,9 @@ class Piece:
 
 
 def parse_unit(unit: str, text: str) -> list[Piece]:
-    """Split a template into pieces at its `.section` lines."""
-    pieces: list[Piece] = []
+    """Split a template into one piece per section; a section named twice continues where it left off."""
+    bodies: dict[str, list[tuple[int, str]]] = {}
     section = None
-    lines: list[tuple[int, str]] = []
-
-    def close():
-        if section is None:
-            return
-        labels = tuple(m.group(1) for _, t in lines if (m := _LABEL_RE.match(t)))
-        aligns = [int(m.group(1), 0) for _, t in lines if (m := _BALIGN_RE.match(t))]
-        pieces.append(Piece(unit, section, tuple(lines), labels, max(aligns, default=4)))
-
     for number, raw in enumerate(text.splitlines(), start=1):
         line = strip_comment(raw)
         if not line.strip():
@@ -84,16 +75,20 @@ def parse_unit(unit: str, text: str) -> list[Piece]:
             raise AssemblyError(f"templates/{unit}.s:{number}: non-ASCII text outside a comment")
         m = _SECTION_RE.match(line)
         if m:
-            close()
-            section, lines = m.group(1), []
+            section = m.group(1)
             if section not in SECTIONS:
                 raise AssemblyError(f"templates/{unit}.s:{number}: unknown section {section}; "
                                     f"use one of {', '.join(SECTIONS)}")
+            bodies.setdefault(section, [])
             continue
         if section is None:
             raise AssemblyError(f"templates/{unit}.s:{number}: code before the first `.section` line")
-        lines.append((number, line))
-    close()
+        bodies[section].append((number, line))
+    pieces = []
+    for section, lines in bodies.items():
+        labels = tuple(m.group(1) for _, t in lines if (m := _LABEL_RE.match(t)))
+        aligns = [int(m.group(1), 0) for _, t in lines if (m := _BALIGN_RE.match(t))]
+        pieces.append(Piece(unit, section, tuple(lines), labels, max(aligns, default=4)))
     return pieces
 
 

@@ -13,7 +13,8 @@ from .layout import Layout, compute
 from .resources import templates_dir
 
 # The kernel's units, in the order their pieces are placed within each section.
-KERNEL_UNITS = ("multiboot", "boot", "gdt", "idt", "pic", "serial", "debugexit", "string", "report", "calls")
+KERNEL_UNITS = ("multiboot", "boot", "gdt", "idt", "pic", "serial", "debugexit", "string", "report", "calls",
+                "tempmap", "pmm")
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ class Config:
     machine_memory_mib: int = 128
     # Build variants that break the kernel on purpose, so tests can prove they catch the break.
     fault_at_boot: bool = False
+    tempmap_skip_invlpg: bool = False
 
     source: str = "defaults"   # where the values came from, for error messages
 
@@ -65,7 +66,7 @@ _SCHEMA: dict[str, tuple[str, ...]] = {
     "paging": ("recursive_slot",),
     "tempmap": ("base", "slots"),
     "machine": ("memory_mib",),
-    "variant": ("fault_at_boot",),
+    "variant": ("fault_at_boot", "tempmap_skip_invlpg"),
 }
 
 

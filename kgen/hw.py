@@ -52,6 +52,7 @@ MULTIBOOT_INFO_MEM = 1 << 0               # mbi.flags: mem_lower/mem_upper valid
 MULTIBOOT_INFO_CMDLINE = 1 << 2           # mbi.flags: cmdline valid
 MULTIBOOT_INFO_MMAP = 1 << 6              # mbi.flags: mmap_length/mmap_addr valid
 MULTIBOOT_MMAP_AVAILABLE = 1              # memory-map entry type of usable RAM
+MULTIBOOT_INFO_SIZE = 0x58                # the fixed part of the information structure
 
 # PC platform.
 COM1_PORT = 0x3F8

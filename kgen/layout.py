@@ -86,6 +86,7 @@ class Layout:
     serve_token: str = "kgen.serve"    # on the kernel command line: stay up and serve calls instead of exiting
     # Build variants.
     fault_at_boot: bool = False
+    tempmap_skip_invlpg: bool = False
 
     # ---- derived addresses -------------------------------------------------------------------------------
     @property
@@ -204,6 +205,10 @@ class Layout:
             "DEBUG_EXIT_SUCCESS": self.debug_exit_success,
             "DEBUG_EXIT_FAILURE": self.debug_exit_failure,
             "FAULT_AT_BOOT": int(self.fault_at_boot),
+            "TEMPMAP_INVLPG": int(not self.tempmap_skip_invlpg),
+            "PMM_LOWEST": LOW_MEMORY_END,
+            "PMM_HIGHEST_END": FOUR_GIB - self.page_size,
+            "PMM_RESERVED_INTERVALS": 2,
             # The first page of the image, virtually below the kernel base: unmapped once the identity map is gone.
             "BOOT_FAULT_ADDRESS": self.kernel_load_address,
             "KERNEL_CS": self.kernel_cs,
@@ -230,7 +235,7 @@ class Layout:
                      "PAGE_SHIFT", "I386_PDE_SHIFT", "I386_ENTRIES",
                      "MULTIBOOT_HEADER_MAGIC", "MULTIBOOT_BOOTLOADER_MAGIC", "MULTIBOOT_FLAG_PAGE_ALIGN",
                      "MULTIBOOT_FLAG_MEMORY_INFO", "MULTIBOOT_INFO_MEM", "MULTIBOOT_INFO_MMAP",
-                     "MULTIBOOT_INFO_CMDLINE", "MULTIBOOT_MMAP_AVAILABLE", "COM1_PORT", "COM2_PORT",
+                     "MULTIBOOT_INFO_CMDLINE", "MULTIBOOT_MMAP_AVAILABLE", "MULTIBOOT_INFO_SIZE", "COM1_PORT", "COM2_PORT",
                      "PIC1_COMMAND", "PIC1_DATA", "PIC2_COMMAND", "PIC2_DATA", "PIC_EOI", "PIC_IRQ_COUNT",
                      "COM2_IRQ", "UART_IER_RX_AVAILABLE", "UART_LSR_DATA_READY", "UART_LSR_TX_EMPTY",
                      "UART_MCR_DTR_RTS_OUT2"):
@@ -308,6 +313,7 @@ def compute(config: Config) -> Layout:
         recursive_slot=c.paging_recursive_slot,
         tempmap_base=c.tempmap_base, tempmap_slots=c.tempmap_slots,
         memory_mib=c.machine_memory_mib, fault_at_boot=c.fault_at_boot,
+        tempmap_skip_invlpg=c.tempmap_skip_invlpg,
     )
 
     kernel_half = c.kernel_virtual_base

@@ -43,6 +43,9 @@ _start:
 # Copy what the allocator will need out of the Multiboot information while it is reachable at its physical
 # address. ebx = physical address of the information structure.
 boot_copy_multiboot_info:
+    mov [boot_mbi_start - KERNEL_VIRTUAL_BASE], ebx
+    lea eax, [ebx + MULTIBOOT_INFO_SIZE]
+    mov [boot_mbi_end - KERNEL_VIRTUAL_BASE], eax
     mov eax, [ebx]
     mov [boot_mb_flags - KERNEL_VIRTUAL_BASE], eax
     test eax, MULTIBOOT_INFO_MEM
@@ -69,6 +72,14 @@ boot_copy_multiboot_info:
     mov esi, [ebx + 0x30]                           # mmap_addr
     mov edx, esi
     add edx, [ebx + 0x2c]                           # + mmap_length: end of the map
+    cmp esi, [boot_mbi_start - KERNEL_VIRTUAL_BASE] # the PMM reserves one block spanning both
+    jae .Lmmap_above_info
+    mov [boot_mbi_start - KERNEL_VIRTUAL_BASE], esi
+.Lmmap_above_info:
+    cmp edx, [boot_mbi_end - KERNEL_VIRTUAL_BASE]
+    jbe .Lmmap_below_info_end
+    mov [boot_mbi_end - KERNEL_VIRTUAL_BASE], edx
+.Lmmap_below_info_end:
     mov edi, offset boot_mmap - KERNEL_VIRTUAL_BASE
     xor ecx, ecx
 .Lmmap_entry:
@@ -164,6 +175,10 @@ boot_stack_top:
 boot_magic:
     .skip 0x4
 boot_mbi_phys:
+    .skip 0x4
+boot_mbi_start:
+    .skip 0x4
+boot_mbi_end:
     .skip 0x4
 boot_mb_flags:
     .skip 0x4

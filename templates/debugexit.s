@@ -12,3 +12,18 @@ debug_exit:
     cli
     hlt
     jmp .Lhalt
+
+# panic(message): a kernel structure is corrupt or an invariant broke; say so on COM1 and stop with failure.
+panic:
+    push offset str_panic
+    call serial_puts
+    push dword ptr [esp + 0x8]
+    call serial_puts
+    push offset str_newline
+    call serial_puts
+    push DEBUG_EXIT_FAILURE
+    call debug_exit
+
+.section .rodata
+str_panic:
+    .asciz "kgen: panic: "

@@ -15,6 +15,8 @@ kmain:
     call report_multiboot
     call report_kernel
     call report_recursive
+    call pmm_init
+    call report_pmm
     push offset str_boot_ok
     call serial_puts
     add esp, 0x4

@@ -89,3 +89,28 @@ str_hex_prefix:
     .asciz "0x"
 str_newline:
     .asciz "\n"
+
+.section .text
+# serial_putdec(value): unsigned decimal
+serial_putdec:
+    push ebx
+    push esi
+    mov eax, [esp + 0xc]
+    mov ebx, 0xa
+    xor esi, esi                                    # digits pushed so far
+.Ldec_divide:
+    xor edx, edx
+    div ebx
+    add edx, 0x30
+    push edx
+    inc esi
+    test eax, eax
+    jnz .Ldec_divide
+.Ldec_print:
+    call serial_putc                                # the digit is already on the stack as the argument
+    add esp, 0x4
+    dec esi
+    jnz .Ldec_print
+    pop esi
+    pop ebx
+    ret

@@ -1,0 +1,70 @@
+# The temp-map window: TEMPMAP_SLOTS virtual pages at TEMPMAP_BASE through which the kernel reaches any physical
+# frame for a moment (to read or write the "next" word of a free frame, to clear a new page table...).
+#
+# The slots' page table is reachable at TEMPMAP_PT through the recursive mapping, so mapping a frame is one PTE
+# store plus an INVLPG: the TLB may still hold the slot's previous frame, and without the INVLPG a read through
+# the slot can return the old frame's data (QEMU's TCG keeps such stale entries just as hardware does).
+#
+# Slots are handed out as a stack, so nested users each get their own and must give them back newest first.
+# Running out of slots is reported on COM1 and returns 0; giving back any slot but the newest is a panic.
+
+.section .text
+# temp_map(phys) -> virtual address of a slot now mapping the frame holding phys, or 0 when all slots are in use
+temp_map:
+    mov ecx, [tempmap_used]
+    cmp ecx, TEMPMAP_SLOTS
+    jae .Ltemp_map_exhausted
+    mov eax, [esp + 0x4]
+    and eax, PTE_FRAME_MASK
+    or eax, PTE_P | PTE_RW
+    mov [TEMPMAP_PT + ecx*4], eax
+    mov eax, ecx
+    inc ecx
+    mov [tempmap_used], ecx
+    shl eax, PAGE_SHIFT
+    add eax, TEMPMAP_BASE
+.if TEMPMAP_INVLPG
+    invlpg [eax]
+.endif
+    ret
+.Ltemp_map_exhausted:
+    inc dword ptr [tempmap_exhausted]
+    push offset str_tempmap_exhausted
+    call serial_puts
+    add esp, 0x4
+    xor eax, eax
+    ret
+
+# temp_unmap(vaddr): give back the newest slot
+temp_unmap:
+    mov ecx, [tempmap_used]
+    test ecx, ecx
+    jz .Ltemp_unmap_bad
+    dec ecx
+    mov eax, ecx
+    shl eax, PAGE_SHIFT
+    add eax, TEMPMAP_BASE
+    cmp eax, [esp + 0x4]
+    jne .Ltemp_unmap_bad
+    mov dword ptr [TEMPMAP_PT + ecx*4], 0x0
+    mov [tempmap_used], ecx
+.if TEMPMAP_INVLPG
+    invlpg [eax]
+.endif
+    ret
+.Ltemp_unmap_bad:
+    push offset str_tempmap_order
+    call panic
+
+.section .rodata
+str_tempmap_exhausted:
+    .asciz "kgen: temp-map: all slots in use\n"
+str_tempmap_order:
+    .asciz "temp_unmap: not the newest temp-map slot"
+
+.section .bss
+.balign 4
+tempmap_used:
+    .skip 0x4
+tempmap_exhausted:
+    .skip 0x4
