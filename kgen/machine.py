@@ -543,7 +543,7 @@ class Machine:
                     with self._serial_cond:
                         if self._serial.find(needle, self._cursor) >= 0:
                             continue  # the marker arrived while we were asking
-                    raise self._error("wait", f"{ended} before {marker!r} appeared on COM1")
+                    raise self._error("wait", f"{marker!r} did not appear on COM1: {ended}")
                 next_poll = now + RUNSTATE_POLL
             if now >= deadline:
                 raise self._error("wait", f"{marker!r} did not appear on COM1 within {timeout:g} s "
@@ -577,9 +577,10 @@ class Machine:
             return f"QEMU exited with status {self._proc.returncode}"
         if state in _DEAD_END_RUNSTATES:
             reasons = [e.get("data", {}).get("reason") for e in self._events if e.get("event") == "SHUTDOWN"]
-            why = f" (reason {reasons[-1]})" if reasons and reasons[-1] else ""
-            hint = " - a triple fault under -no-reboot" if why == " (reason guest-reset)" else ""
-            return f"the guest stopped in runstate {state}{why}{hint}"
+            reason = reasons[-1] if reasons else None
+            if reason == "guest-reset":
+                reason += ": a triple fault, or a reset the guest asked for"
+            return f"the guest stopped in runstate {state}" + (f" (reason {reason})" if reason else "")
         return None
 
     # --- inspection --------------------------------------------------------------------------------------------
