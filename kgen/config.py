@@ -18,8 +18,17 @@ ranges) belong to `layout.py`, which turns a Config into addresses.
     base = 0xFF800000           # first virtual page of the temp-map window
     slots = 16                  # pages in the window
 
+    [vmm]
+    base = 0xD0000000           # the kernel's virtual-range allocator hands out pages from here...
+    size = 0x10000000           # ...to here (vmm_alloc, and the heap on top of it)
+
     [machine]
     memory_mib = 128            # guest RAM for `kgen run` and `kgen test`
+
+    [variant]                   # kernels broken on purpose, to prove the tests catch the break
+    fault_at_boot = false       # touch an unmapped page right after boot
+    tempmap_skip_invlpg = false # remap temp-map slots without INVLPG
+    vmm_skip_table_clear = false  # leave new page tables uncleared
 """
 from __future__ import annotations
 
@@ -43,10 +52,13 @@ class Config:
     paging_recursive_slot: int = 1023
     tempmap_base: int = 0xFF800000
     tempmap_slots: int = 16
+    vmm_base: int = 0xD0000000
+    vmm_size: int = 0x10000000
     machine_memory_mib: int = 128
     # Build variants that break the kernel on purpose, so tests can prove they catch the break.
     fault_at_boot: bool = False
     tempmap_skip_invlpg: bool = False
+    vmm_skip_table_clear: bool = False
 
     source: str = "defaults"   # where the values came from, for error messages
 
@@ -65,8 +77,9 @@ _SCHEMA: dict[str, tuple[str, ...]] = {
     "kernel": ("virtual_base", "load_address", "max_size", "stack_size"),
     "paging": ("recursive_slot",),
     "tempmap": ("base", "slots"),
+    "vmm": ("base", "size"),
     "machine": ("memory_mib",),
-    "variant": ("fault_at_boot", "tempmap_skip_invlpg"),
+    "variant": ("fault_at_boot", "tempmap_skip_invlpg", "vmm_skip_table_clear"),
 }
 
 

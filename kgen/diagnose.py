@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from . import hw
 from .elfinfo import ElfInfo
+from .errors import MachineError
 
 EXCEPTION_LINE = re.compile(r"kgen: exception((?: \w+=0x[0-9a-f]+)+)")
 FIELD = re.compile(r"(\w+)=0x([0-9a-f]+)")
@@ -42,13 +43,87 @@ def tail(text: str, lines: int = 12) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
-def describe_stall(machine, elf: ElfInfo | None, why: str) -> str:
-    """A machine that neither exited nor reported: stop it and say where the CPU is."""
+@dataclass(frozen=True)
+class Failure:
+    """A failed run, diagnosed: `kind` is "exception", "triple fault", "hang" or "exit"; `summary` is the one line
+    to print, `details` the evidence behind it (registers, COM1 tail, QEMU's command line and stderr)."""
+    kind: str
+    summary: str
+    details: str
+
+    def __str__(self) -> str:
+        return self.summary
+
+
+class RunFailed(MachineError):
+    """A boot or run that failed, with its diagnosis in `failure`."""
+
+    def __init__(self, failure: Failure):
+        super().__init__(failure.summary)
+        self.failure = failure
+
+    def details(self) -> str:
+        return self.failure.details
+
+
+def explain(machine, elf: ElfInfo | None, why: BaseException | str) -> Failure:
+    """Say what a run that did not do what was expected actually did.
+
+    `why` is what the caller saw (a wait that timed out, an exit status). The kernel's own exception line wins;
+    else the runstate tells a triple fault (-no-shutdown keeps QEMU up with the CPU as it was) from an exit and
+    from a hang, and for the last two kinds the machine is stopped and its CPU read, so EIP is named from the ELF.
+    Leaves the machine stopped but alive: the caller still shuts it down.
+    """
+    reason = str(why)
+    serial = machine.serial
+    evidence = [f"seen: {reason}"]
+    fault = find_exception(serial)
+    if fault is not None:
+        kind, summary = "exception", f"kernel exception: {fault.describe(elf)}"
+    else:
+        try:
+            state = machine.status()
+        except MachineError as err:
+            state = f"unknown ({err})"
+        regs = _registers(machine, state, evidence)
+        where = f"EIP={_symbol(elf, regs.eip)}" if regs else "registers unreadable"
+        if state == "shutdown" and _guest_reset(machine):
+            kind = "triple fault"
+            summary = (f"triple fault (vector unknown: the CPU reset instead of reporting it): {where}"
+                       + (f" CR2={regs.cr2:#010x}" if regs else ""))
+        elif state == "exited":
+            kind, summary = "exit", f"QEMU exited ({reason}) without a kernel exception report"
+        else:
+            kind = "hang"
+            summary = f"hang: {reason}; " + (f"CPU {'halted' if regs and regs.halted else 'running'} at {where}"
+                                               if regs else where)
+    evidence.append("--- COM1 (tail) ---")
+    evidence.append(tail(serial) or "(empty)")
+    if hasattr(why, "details"):
+        evidence.append(why.details())
+    return Failure(kind, summary, "\n".join(evidence))
+
+
+def _registers(machine, state: str, evidence: list[str]):
+    if state == "exited":
+        return None
     try:
-        machine.stop()
+        if state == "running":
+            machine.stop()
         regs = machine.registers()
-    except Exception as err:   # the machine may be gone; the reason we already have still stands
-        return f"{why}; registers unreadable ({err})"
-    eip = elf.symbolize(regs.eip) if elf else f"{regs.eip:#010x}"
-    return (f"{why}; CPU stopped at EIP={eip} CR2={regs.cr2:#010x} CR3={regs.cr3:#010x} "
-            f"CR0={regs.cr0:#010x} ESP={regs.esp:#010x}")
+    except MachineError as err:
+        evidence.append(f"registers unreadable: {err}")
+        return None
+    evidence.append(f"registers: EIP={regs.eip:#010x} ESP={regs.esp:#010x} EFLAGS={regs.eflags:#010x} "
+                    f"CR0={regs.cr0:#010x} CR2={regs.cr2:#010x} CR3={regs.cr3:#010x} CR4={regs.cr4:#010x} "
+                    f"halted={regs.halted}")
+    return regs
+
+
+def _guest_reset(machine) -> bool:
+    return any(e.get("event") == "SHUTDOWN" and e.get("data", {}).get("reason") == "guest-reset"
+               for e in machine.events)
+
+
+def _symbol(elf: ElfInfo | None, addr: int) -> str:
+    return elf.symbolize(addr) if elf else f"{addr:#010x}"

@@ -41,6 +41,7 @@ PF_I = 1 << 4                # the access was an instruction fetch
 # Exceptions that push an error code (vectors 8, 10-14, 17, 21, 29, 30).
 EXCEPTIONS_WITH_ERROR_CODE = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
 EXCEPTION_COUNT = 32
+VECTOR_PAGE_FAULT = 14
 
 # Multiboot v1.
 MULTIBOOT_HEADER_MAGIC = 0x1BADB002

@@ -18,6 +18,10 @@ LOW_MEMORY_END = 0x100000
 # On QEMU's `pc` machine RAM above this is moved past 4 GiB to make room for PCI; kgen keeps RAM below it.
 PC_BELOW_4G_MAX_MIB = 3072
 MIN_MEMORY_MIB = 16
+# vmm_translate/vmm_unmap's answer for "nothing mapped there" (no frame can start at that address).
+VMM_NONE = 0xFFFFFFFF
+# A page-table use count that never drops to zero: tables the boot stub made are never freed.
+VMM_TABLE_PINNED = 0x40000000
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,7 @@ class Layout:
     0xC0000000                virtual_base maps physical 0
     0xC0100000 .. +max_size   kernel image window      ->  0x00100000 .. +max_size (load_address)
                               .multiboot .text | .rodata | .data .bss (boot page tables, stack, boot info)
+    0xD0000000 .. +vmm.size   vmm range window: vmm_alloc hands out page ranges here, backed now or on first touch
     0xFF800000 .. +slots*4K   temp-map window: one page table, PTEs rewritten by temp_map()/temp_unmap()
     0xFFC00000 .. 0xFFFFFFFF  recursive window: PD[recursive_slot] -> PD, so page table i is at
                               recursive_base + i*4K and the PD itself at recursive_base + slot*4K
@@ -65,6 +70,9 @@ class Layout:
     # Temp-map window.
     tempmap_base: int
     tempmap_slots: int
+    # Kernel virtual-range allocator.
+    vmm_base: int
+    vmm_size: int
     # Guest.
     memory_mib: int
     # QEMU's isa-debug-exit device: the kernel writes a value, QEMU exits with (value << 1) | 1.
@@ -84,9 +92,13 @@ class Layout:
     call_reply_magic: int = 0x54455221     # "!RET"
     call_max_args: int = 8
     serve_token: str = "kgen.serve"    # on the kernel command line: stay up and serve calls instead of exiting
+    # Bounded metadata of the virtual-range allocator (templates/vmm.s): free ranges and live allocations.
+    vmm_free_slots: int = 128
+    vmm_alloc_slots: int = 128
     # Build variants.
     fault_at_boot: bool = False
     tempmap_skip_invlpg: bool = False
+    vmm_skip_table_clear: bool = False
 
     # ---- derived addresses -------------------------------------------------------------------------------
     @property
@@ -177,8 +189,13 @@ class Layout:
         """String constants the templates name as labels (generated into .rodata by the build)."""
         return {"serve_token": self.serve_token}
 
+    @property
+    def vmm_window(self) -> Region:
+        return Region("vmm range window", "vmm.base", self.vmm_base, self.vmm_base, self.vmm_base + self.vmm_size)
+
     def regions(self) -> list[Region]:
-        return [self.kernel_window, self.identity_window, self.recursive_window, self.tempmap_window]
+        return [self.kernel_window, self.identity_window, self.recursive_window, self.tempmap_window,
+                self.vmm_window]
 
     # ---- what the templates see --------------------------------------------------------------------------
     def asm_constants(self) -> dict[str, int]:
@@ -209,6 +226,15 @@ class Layout:
             "PMM_LOWEST": LOW_MEMORY_END,
             "PMM_HIGHEST_END": FOUR_GIB - self.page_size,
             "PMM_RESERVED_INTERVALS": 2,
+            "VMM_BASE": self.vmm_base,
+            "VMM_END": self.vmm_base + self.vmm_size,
+            "VMM_PAGES": self.vmm_size // self.page_size,
+            "VMM_FREE_SLOTS": self.vmm_free_slots,
+            "VMM_ALLOC_SLOTS": self.vmm_alloc_slots,
+            "VMM_NONE": VMM_NONE,
+            "VMM_TABLE_PINNED": VMM_TABLE_PINNED,
+            "VMM_CLEAR_TABLES": int(not self.vmm_skip_table_clear),
+            "KERNEL_PDE_KERNEL_HALF": self.kernel_virtual_base >> hw.I386_PDE_SHIFT,
             # The first page of the image, virtually below the kernel base: unmapped once the identity map is gone.
             "BOOT_FAULT_ADDRESS": self.kernel_load_address,
             "KERNEL_CS": self.kernel_cs,
@@ -232,7 +258,8 @@ class Layout:
         }
         for name in ("PTE_P", "PTE_RW", "PTE_US", "PTE_PWT", "PTE_PCD", "PTE_A", "PTE_D", "PTE_PS", "PTE_G",
                      "PTE_FRAME_MASK", "CR0_PE", "CR0_WP", "CR0_PG", "CR4_PSE", "CR4_PGE",
-                     "PAGE_SHIFT", "I386_PDE_SHIFT", "I386_ENTRIES",
+                     "PAGE_SHIFT", "I386_PDE_SHIFT", "I386_ENTRIES", "I386_LARGE_PAGE",
+                     "PF_P", "PF_W", "PF_U", "PF_RSVD", "PF_I", "VECTOR_PAGE_FAULT",
                      "MULTIBOOT_HEADER_MAGIC", "MULTIBOOT_BOOTLOADER_MAGIC", "MULTIBOOT_FLAG_PAGE_ALIGN",
                      "MULTIBOOT_FLAG_MEMORY_INFO", "MULTIBOOT_INFO_MEM", "MULTIBOOT_INFO_MMAP",
                      "MULTIBOOT_INFO_CMDLINE", "MULTIBOOT_MMAP_AVAILABLE", "MULTIBOOT_INFO_SIZE", "COM1_PORT", "COM2_PORT",
@@ -268,6 +295,12 @@ def compute(config: Config) -> Layout:
     aligned("kernel_max_size", c.kernel_max_size, page, "a page")
     aligned("kernel_stack_size", c.kernel_stack_size, page, "a page")
     aligned("tempmap_base", c.tempmap_base, page, "a page")
+    aligned("vmm_base", c.vmm_base, page, "a page")
+    aligned("vmm_size", c.vmm_size, page, "a page")
+    if c.vmm_size == 0:
+        _fail(c, "vmm.size", 0, "must be at least one page")
+    if c.vmm_base + c.vmm_size > FOUR_GIB:
+        _fail(c, "vmm.base", c.vmm_base, "the vmm range window would end beyond 4 GiB")
 
     if c.kernel_load_address < LOW_MEMORY_END:
         _fail(c, "kernel.load_address", c.kernel_load_address,
@@ -313,11 +346,12 @@ def compute(config: Config) -> Layout:
         recursive_slot=c.paging_recursive_slot,
         tempmap_base=c.tempmap_base, tempmap_slots=c.tempmap_slots,
         memory_mib=c.machine_memory_mib, fault_at_boot=c.fault_at_boot,
-        tempmap_skip_invlpg=c.tempmap_skip_invlpg,
+        tempmap_skip_invlpg=c.tempmap_skip_invlpg, vmm_skip_table_clear=c.vmm_skip_table_clear,
+        vmm_base=c.vmm_base, vmm_size=c.vmm_size,
     )
 
     kernel_half = c.kernel_virtual_base
-    for region in (layout.recursive_window, layout.tempmap_window):
+    for region in (layout.recursive_window, layout.tempmap_window, layout.vmm_window):
         if region.start < kernel_half:
             _fail(c, region.key, region.value, f"the {region.name} must lie in the kernel "
                   f"half, at or above kernel.virtual_base ({kernel_half:#x})")

@@ -16,11 +16,12 @@ BOOT_TIMEOUT = 60.0
 
 class KernelSession:
     def __init__(self, elf_path, layout: Layout, *, accel: str = "tcg", poison=None, memory_mib: int | None = None,
-                 icount: bool = False, echo_serial: bool = False, extra_args=()):
+                 icount: bool = False, echo_serial: bool = False, extra_args=(), ram_file: bool = True):
         self.elf_path = elf_path
         self.layout = layout
         self.elf = ElfInfo.load(elf_path)
         self.options = dict(accel=accel, poison=poison, memory_mib=memory_mib or layout.memory_mib, icount=icount,
+                            ram_file=ram_file,
                             echo_serial=echo_serial, extra_args=tuple(extra_args),
                             debug_exit_port=layout.debug_exit_port)
         self.machine = None

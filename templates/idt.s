@@ -108,6 +108,23 @@ exception_common:
     mov eax, cr2
     push eax
     mov ebp, esp
+    cmp dword ptr [ebp + 0x24], VECTOR_PAGE_FAULT
+    jne .Lexception_report
+    push dword ptr [ebp + 0x28]
+    push dword ptr [ebp]
+    call vmm_page_fault                             # a first touch of a lazy allocation is not an error
+    add esp, 0x8
+    test eax, eax
+    jz .Lexception_page_fault
+    add esp, 0x4
+    popad
+    add esp, 0x8
+    iret
+.Lexception_page_fault:
+    push dword ptr [ebp + 0x28]
+    call vmm_report_fault
+    add esp, 0x4
+.Lexception_report:
     push offset str_exception
     call serial_puts
     add esp, 0x4

@@ -307,6 +307,36 @@ pmm_frame_refusal:
 # top of the stack goes straight into vaddr's PTE and its link is read through vaddr: no temp slot. vaddr's page
 # table must exist (vmm_map grows tables); mapping over a present page is refused.
 pmm_alloc_at:
+    push edi
+    mov edi, [esp + 0x8]
+    and edi, PTE_FRAME_MASK
+    mov eax, [esp + 0xc]
+    or eax, PTE_RW                                  # writable until cleared
+    push eax
+    push edi
+    call pmm_map_top
+    add esp, 0x8
+    test eax, eax
+    jz .Lalloc_at_done
+    mov edx, eax
+    xor eax, eax
+    mov ecx, PAGE_SIZE / 4
+    rep stosd
+    mov eax, edx
+    test dword ptr [esp + 0xc], PTE_RW
+    jnz .Lalloc_at_done
+    sub edi, PAGE_SIZE
+    mov ecx, edi
+    shr ecx, PAGE_SHIFT
+    and dword ptr [RECURSIVE_BASE + ecx*4], ~PTE_RW
+    invlpg [edi]
+.Lalloc_at_done:
+    pop edi
+    ret
+
+# pmm_map_top(vaddr, flags) -> phys, or 0: the allocate-at core. Maps the frame on top of the free stack (or a
+# never-used one) at vaddr and pops it, leaving its contents as they are: the caller clears it.
+pmm_map_top:
     push ebx
     push edi
     mov edi, [esp + 0xc]                            # vaddr
@@ -314,58 +344,48 @@ pmm_alloc_at:
     mov eax, edi
     shr eax, I386_PDE_SHIFT
     test dword ptr [RECURSIVE_PD + eax*4], PTE_P
-    jz .Lalloc_at_no_table
+    jz .Lmap_top_no_table
     mov ebx, edi
     shr ebx, PAGE_SHIFT
     lea ebx, [RECURSIVE_BASE + ebx*4]               # the PTE, through the recursive window
     test dword ptr [ebx], PTE_P
-    jnz .Lalloc_at_present
+    jnz .Lmap_top_present
     mov eax, [pmm_top]
     test eax, eax
-    jz .Lalloc_at_bump
+    jz .Lmap_top_bump
     mov ecx, [esp + 0x10]
     and ecx, PAGE_SIZE - 1
-    or ecx, PTE_P | PTE_RW
+    or ecx, PTE_P
     or ecx, eax
     mov [ebx], ecx
     invlpg [edi]
+    push eax                                        # the frame, returned below
     push dword ptr [edi]                            # the link, read through its new home
     call pmm_check_link
     pop dword ptr [pmm_top]
     dec dword ptr [pmm_count]
-    jmp .Lalloc_at_clear
-.Lalloc_at_bump:
+    pop eax
+    jmp .Lmap_top_done
+.Lmap_top_bump:
     call pmm_bump
     test eax, eax
-    jz .Lalloc_at_done
+    jz .Lmap_top_done
     mov ecx, [esp + 0x10]
     and ecx, PAGE_SIZE - 1
-    or ecx, PTE_P | PTE_RW
+    or ecx, PTE_P
     or ecx, eax
     mov [ebx], ecx
     invlpg [edi]
-.Lalloc_at_clear:
-    xor eax, eax
-    mov ecx, PAGE_SIZE / 4
-    rep stosd
-    mov eax, [ebx]
-    test dword ptr [esp + 0x10], PTE_RW             # writable only if asked; it had to be writable to clear
-    jnz .Lalloc_at_flags_final
-    and dword ptr [ebx], ~PTE_RW
-    sub edi, PAGE_SIZE
-    invlpg [edi]
-.Lalloc_at_flags_final:
-    and eax, PTE_FRAME_MASK
-.Lalloc_at_done:
+.Lmap_top_done:
     pop edi
     pop ebx
     ret
-.Lalloc_at_no_table:
+.Lmap_top_no_table:
     push offset str_alloc_at_no_table
-    jmp .Lalloc_at_refuse
-.Lalloc_at_present:
+    jmp .Lmap_top_refuse
+.Lmap_top_present:
     push offset str_alloc_at_present
-.Lalloc_at_refuse:
+.Lmap_top_refuse:
     call serial_puts
     add esp, 0x4
     xor eax, eax

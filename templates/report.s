@@ -17,6 +17,7 @@ kmain:
     call report_recursive
     call pmm_init
     call report_pmm
+    call vmm_init
     push offset str_boot_ok
     call serial_puts
     add esp, 0x4

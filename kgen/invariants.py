@@ -1,0 +1,301 @@
+"""What a correctly booted kernel's paging looks like, checked on a snapshot of the machine.
+
+Each `check_*` takes a `GuestView` and returns the problems it found, one line per page or entry at fault, naming
+the virtual address (symbolised from the ELF), the entry that decides it and why it is wrong; an empty list means
+the invariant holds. The checks never change the machine, so a test can tamper with a stopped guest and call them
+again. Checks that need to know the kernel's intent beyond its ELF (where the PD is, where the temp-map window is)
+read it from the `Layout`; without one (anyone's Multiboot ELF) they raise `NotApplicable`.
+"""
+from __future__ import annotations
+
+import struct
+from collections import defaultdict
+from dataclasses import dataclass
+
+from . import hw
+from .elfinfo import ElfInfo
+from .errors import KgenError
+from .layout import Layout
+from .pagewalk import I386, ReadPhys, Walker, WalkError
+from .registers import Registers
+
+# The boot stub's page directory (templates/boot.s): CR3 must hold its physical address.
+BOOT_PD_SYMBOL = "boot_pd"
+# Messages beyond this many per check add nothing a person reads; the count of the rest is given.
+MAX_PROBLEMS = 20
+
+
+class NotApplicable(KgenError):
+    """The check needs something this kernel does not have (a layout, a poisoned boot, paging)."""
+
+
+@dataclass
+class GuestView:
+    """A stopped guest: its registers, its physical memory and what the kernel meant (ELF, and layout if kgen's)."""
+
+    regs: Registers
+    read_phys: ReadPhys
+    elf: ElfInfo
+    layout: Layout | None = None
+    poison: bytes | None = None     # the pattern RAM was filled with before boot, tiled from address 0
+
+    def __post_init__(self):
+        self.walker = (Walker(self.read_phys, self.regs.cr3, I386, pse=bool(self.regs.cr4 & hw.CR4_PSE))
+                       if self.regs.cr0 & hw.CR0_PG else None)
+
+    @classmethod
+    def capture(cls, machine, elf: ElfInfo, layout: Layout | None = None, poison: bytes | None = None) -> GuestView:
+        """Snapshot a machine; stop it first, or the registers and tables may belong to different moments."""
+        return cls(machine.registers(), machine.read_phys, elf, layout, poison)
+
+    @property
+    def kernel_base(self) -> int | None:
+        """Lowest kernel virtual address: the layout's, or for a foreign higher-half ELF its vaddr - paddr."""
+        if self.layout is not None:
+            return self.layout.kernel_virtual_base
+        offsets = {seg.vaddr - seg.paddr for seg in self.elf.segments if seg.memsz}
+        return min(offsets) if offsets and min(offsets) > 0 else None
+
+    def page(self, vaddr: int) -> str:
+        return self.elf.symbolize(vaddr)
+
+    def need_walker(self) -> Walker:
+        if self.walker is None:
+            raise NotApplicable(f"paging is off (CR0={self.regs.cr0:#010x}): there are no page tables to check")
+        return self.walker
+
+    def need_layout(self) -> Layout:
+        if self.layout is None:
+            raise NotApplicable(f"{self.elf.path.name} is not a kgen kernel: its layout is unknown")
+        return self.layout
+
+    def entry(self, table: int, index: int) -> int:
+        return struct.unpack("<I", self.read_phys(table + 4 * index, 4))[0]
+
+
+def _capped(problems: list[str]) -> list[str]:
+    if len(problems) <= MAX_PROBLEMS:
+        return problems
+    return problems[:MAX_PROBLEMS] + [f"... and {len(problems) - MAX_PROBLEMS} more"]
+
+
+def _walk_errors_reported(check):
+    # Tables the walker cannot follow (reserved bits, e.g. a poisoned entry marked present) are themselves a
+    # finding of the check that met them, not a crash of the harness.
+    def guarded(view: GuestView) -> list[str]:
+        try:
+            return _capped(check(view))
+        except WalkError as err:
+            return [f"the page tables cannot be walked: {err}"]
+    guarded.__name__ = check.__name__
+    guarded.__doc__ = check.__doc__
+    return guarded
+
+
+def _pages(walker: Walker, start: int, end: int):
+    """Translations of every mapped page in [start, end), one per page (a large page once)."""
+    vaddr = start
+    while vaddr < end:
+        t = walker.translate(vaddr)
+        yield vaddr, t
+        vaddr = (vaddr & ~(t.size - 1)) + t.size if t else vaddr + hw.PAGE_SIZE
+
+
+@_walk_errors_reported
+def check_paging_enabled(view: GuestView) -> list[str]:
+    """CR0.PG (paging) and CR0.WP (supervisor writes honour read-only pages) are set."""
+    cr0 = view.regs.cr0
+    return [f"CR0={cr0:#010x}: CR0.{name} is clear ({why})"
+            for bit, name, why in ((hw.CR0_PG, "PG", "paging is off"),
+                                   (hw.CR0_WP, "WP", "the kernel can write its own read-only pages"))
+            if not cr0 & bit]
+
+
+@_walk_errors_reported
+def check_cr3(view: GuestView) -> list[str]:
+    """CR3 holds the page directory the layout placed: the boot PD, at its link address minus the kernel base."""
+    layout = view.need_layout()
+    pd = view.elf.symbols[BOOT_PD_SYMBOL].value - layout.kernel_virtual_base
+    cr3 = view.regs.cr3 & hw.PTE_FRAME_MASK
+    if cr3 == pd:
+        return []
+    return [f"CR3={view.regs.cr3:#010x}: expected the boot page directory {BOOT_PD_SYMBOL} at physical {pd:#x} "
+            f"(link address {view.page(view.elf.symbols[BOOT_PD_SYMBOL].value)})"]
+
+
+@_walk_errors_reported
+def check_recursive_slot(view: GuestView) -> list[str]:
+    """The PD entry of the recursive slot maps the PD itself, supervisor-only; no other slot does.
+
+    Without a layout, every self-referencing PD entry found must be supervisor-only (a kernel need have none)."""
+    walker = view.need_walker()
+    problems = []
+    windows = walker.recursive_windows()
+    if view.layout is not None:
+        slot = view.layout.recursive_slot
+        entry = view.entry(walker.top, slot)
+        where = f"PD[{slot}] @ {walker.top + 4 * slot:#x} = {entry:#010x}"
+        if not entry & hw.PTE_P:
+            problems.append(f"{where}: the recursive slot is not present; the {view.layout.recursive_window} "
+                            f"shows nothing")
+        elif entry & hw.PTE_FRAME_MASK != walker.top:
+            problems.append(f"{where}: the recursive slot points at {entry & hw.PTE_FRAME_MASK:#x}, not at the PD "
+                            f"{walker.top:#x}; {view.layout.recursive_pd:#x} would show that frame as the PD")
+        problems += [f"PD[{w.slot}] @ {w.entry_addr:#x}: also points at the PD, but the recursive slot is {slot}"
+                     for w in windows if w.slot != slot]
+    problems += [f"PD[{w.slot}] @ {w.entry_addr:#x} ({w.attrs}): the recursive window {w.vstart:#x}-"
+                 f"{w.vstart + w.size:#x} is user-accessible: ring 3 could rewrite every page table"
+                 for w in windows if w.attrs & hw.PTE_US]
+    return problems
+
+
+@_walk_errors_reported
+def check_segments(view: GuestView) -> list[str]:
+    """Every page of every PT_LOAD maps p_vaddr -> p_paddr, and is writable only if a segment there is.
+
+    i386 paging has no NX, so "no wider than the segment flags" comes down to: a page holding no writable
+    segment must not be RW."""
+    walker = view.need_walker()
+    expected: dict[int, int] = {}
+    writable: dict[int, bool] = defaultdict(bool)
+    flags: dict[int, str] = {}
+    for seg in view.elf.segments:
+        if not seg.memsz:
+            continue
+        first = seg.vaddr & ~(hw.PAGE_SIZE - 1)
+        for vaddr in range(first, seg.vaddr + seg.memsz, hw.PAGE_SIZE):
+            expected[vaddr] = (seg.paddr & ~(hw.PAGE_SIZE - 1)) + vaddr - first
+            writable[vaddr] |= seg.writable
+            flags[vaddr] = "".join(c if on else "-" for c, on in
+                                   (("R", seg.readable), ("W", seg.writable), ("X", seg.executable)))
+    problems = []
+    for vaddr, paddr in sorted(expected.items()):
+        t = walker.translate(vaddr)
+        what = f"page {view.page(vaddr)} (segment {flags[vaddr]}, loaded at {paddr:#x})"
+        if t is None:
+            problems.append(f"{what}: not mapped")
+        elif t.paddr != paddr:
+            problems.append(f"{what}: maps physical {t.paddr:#x} via {t.path}")
+        elif t.attrs & hw.PTE_RW and not writable[vaddr]:
+            problems.append(f"{what}: writable ({t.attrs}) via {t.path}, but no writable segment lies there")
+    return problems
+
+
+@_walk_errors_reported
+def check_nothing_below_kernel_base(view: GuestView) -> list[str]:
+    """Nothing is mapped below the kernel base once booted: the boot identity map is gone, no stray low page."""
+    walker = view.need_walker()
+    base = view.kernel_base
+    if base is None:
+        raise NotApplicable(f"{view.elf.path.name} is not a higher-half kernel (p_vaddr == p_paddr)")
+    problems = []
+    for m in walker.mappings():
+        if m.vstart >= base:
+            break
+        end = min(m.vstart + m.size, base)
+        kind = "identity-mapped" if m.vstart == m.pstart else f"mapped to {m.pstart:#x}"
+        t = walker.translate(m.vstart)
+        problems.append(f"{m.vstart:#010x}-{end:#010x} is {kind} ({m.attrs}) below the kernel base {base:#x}, "
+                        f"first page via {t.path}")
+    return problems
+
+
+@_walk_errors_reported
+def check_no_user_pages(view: GuestView) -> list[str]:
+    """No entry leading to a kernel page carries U/S.
+
+    The CPU grants ring 3 access only if every level does, but a U/S bit in a kernel PTE is still a fault one
+    entry change away, so each offending entry is reported, saying whether the page is reachable from ring 3."""
+    walker = view.need_walker()
+    base = view.kernel_base or 0
+    offenders: dict[int, list] = {}
+    for m in walker.mappings():
+        if m.vstart + m.size <= base:
+            continue
+        for vaddr, t in _pages(walker, max(m.vstart, base), m.vstart + m.size):
+            for ref in t.chain:
+                if ref.value & hw.PTE_US:
+                    first = offenders.setdefault(ref.addr, [ref, vaddr, t, 0])
+                    first[3] += 1
+    problems = []
+    for ref, vaddr, t, count in offenders.values():
+        reach = ("user-accessible" if t.attrs & hw.PTE_US else
+                 "not yet user-accessible, another level still denies it")
+        pages = f"page {view.page(vaddr)}" + (f" and {count - 1} more" if count > 1 else "")
+        problems.append(f"{ref} = {ref.value:#010x} has U/S set for kernel {pages} ({reach}; path {t.path})")
+    return problems
+
+
+@_walk_errors_reported
+def check_tempmap_empty(view: GuestView) -> list[str]:
+    """While the kernel is idle no temp-map slot holds a frame: every slot's PTE is zero."""
+    walker = view.need_walker()
+    layout = view.need_layout()
+    pde_index = layout.tempmap_pde_index
+    pde = view.entry(walker.top, pde_index)
+    if not pde & hw.PTE_P or pde & hw.PTE_PS:
+        return [f"PD[{pde_index}] @ {walker.top + 4 * pde_index:#x} = {pde:#010x}: the {layout.tempmap_window} "
+                f"has no page table"]
+    table = pde & hw.PTE_FRAME_MASK
+    first = layout.tempmap_base >> hw.PAGE_SHIFT & (hw.I386_ENTRIES - 1)
+    problems = []
+    for slot in range(layout.tempmap_slots):
+        vaddr = layout.tempmap_slot_address(slot)
+        pte = view.entry(table, first + slot)
+        if pte:
+            state = (f"maps frame {pte & hw.PTE_FRAME_MASK:#x}" if pte & hw.PTE_P else "is not present but not zero")
+            problems.append(f"temp-map slot {slot} at {vaddr:#x}: PT[{first + slot}] @ {table + 4 * (first + slot):#x}"
+                            f" = {pte:#010x} {state} while the kernel is idle (a temp_map without temp_unmap?)")
+    return problems
+
+
+def _tables(walker: Walker) -> list[tuple[str, int]]:
+    """(how it is reached, physical address) of the top-level table and every table below it."""
+    names = walker.mode.level_names
+    found = [(f"CR3 -> {names[0]}", walker.top)]
+    for path, frame in walker.page_tables():
+        vaddr = sum(index << walker.mode.shift(level) for level, index in enumerate(path))
+        steps = " -> ".join(f"{names[level]}[{index}]" for level, index in enumerate(path))
+        found.append((f"{steps} (for {walker.mode.sign_extend(vaddr):#010x})", frame))
+    return found
+
+
+@_walk_errors_reported
+def check_tables_referenced_once(view: GuestView) -> list[str]:
+    """Every present page table is reached from the PD through exactly one entry (the recursive slot aside)."""
+    walker = view.need_walker()
+    holders: dict[int, list[str]] = defaultdict(list)
+    for how, frame in _tables(walker):
+        holders[frame].append(how)
+    return [f"page table at {frame:#x} is reached {len(hows)} times: {', '.join(hows)}; a change made for one "
+            f"range silently changes the other" for frame, hows in holders.items() if len(hows) > 1]
+
+
+@_walk_errors_reported
+def check_tables_unpoisoned(view: GuestView) -> list[str]:
+    """No entry of any present page table still holds the poison RAM was filled with: every table was cleared."""
+    walker = view.need_walker()
+    if view.poison is None:
+        raise NotApplicable("the machine was not booted with poisoned RAM")
+    size = walker.mode.entry_size
+    count = hw.PAGE_SIZE // size
+    problems = []
+    for how, frame in _tables(walker):
+        data = view.read_phys(frame, hw.PAGE_SIZE)
+        hits = [i for i in range(count) if data[i * size:(i + 1) * size] == _poison_at(view.poison, frame + i * size,
+                                                                                    size)]
+        if hits:
+            value = int.from_bytes(data[hits[0] * size:(hits[0] + 1) * size], "little")
+            problems.append(f"table at {frame:#x} ({how}): {len(hits)} of {count} entries hold the poison "
+                            f"{value:#0{2 * size + 2}x}, first index {hits[0]}: the table was never cleared")
+    return problems
+
+
+def _poison_at(pattern: bytes, addr: int, size: int) -> bytes:
+    return bytes(pattern[(addr + k) % len(pattern)] for k in range(size))
+
+
+# What a running machine and an ELF show, for any Multiboot kernel; then what needs kgen's layout.
+GENERIC_CHECKS = (check_paging_enabled, check_recursive_slot, check_segments, check_nothing_below_kernel_base,
+                  check_no_user_pages, check_tables_referenced_once, check_tables_unpoisoned)
+KGEN_CHECKS = (check_cr3, check_tempmap_empty)

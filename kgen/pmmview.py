@@ -1,0 +1,140 @@
+"""The kernel's physical frame allocator (templates/pmm.s) seen from the host, read out of guest physical memory.
+
+    view = PmmView.of(session)
+    state = view.state()            # total, reserved, free = count + untouched, ranges, reserved intervals
+    frames = view.free_stack(state) # the free stack, top first, by following the links inside the frames
+
+Variables are found by their ELF symbols and reached through the kernel image's fixed physical offset, so nothing
+here restates an address. Reading is only meaningful while the kernel is idle between calls.
+"""
+from __future__ import annotations
+
+import re
+import struct
+from dataclasses import dataclass
+from typing import Callable
+
+from . import hw
+from .elfinfo import ElfInfo
+from .errors import KgenError
+from .layout import FOUR_GIB, LOW_MEMORY_END, Layout
+
+ReadPhys = Callable[[int, int], bytes]
+
+REPORT_LINE = re.compile(r"^pmm: total=(\d+) reserved=(\d+) free=(\d+) frames; init (\d+) rdtsc ticks$",
+                         re.MULTILINE)
+
+
+class ChainError(KgenError):
+    """The free stack cannot be followed: a cycle, a link that is no frame of RAM, or more frames than counted."""
+
+
+@dataclass(frozen=True)
+class PmmState:
+    top: int
+    count: int                              # frames on the stack
+    untouched: int                          # frames never handed out yet (the bump pointer's)
+    total: int                              # frames in the ranges
+    reserved_frames: int                    # frames of the ranges inside reserved intervals
+    ranges: tuple[tuple[int, int], ...]     # [start, end) of free RAM as init found it
+    reserved: tuple[tuple[int, int], ...]   # [start, end) never to be handed out: image, Multiboot information
+
+    @property
+    def free(self) -> int:
+        return self.count + self.untouched
+
+    @property
+    def live(self) -> int:
+        return self.total - self.reserved_frames - self.free
+
+    def in_ram(self, frame: int) -> bool:
+        return any(lo <= frame < hi for lo, hi in self.ranges)
+
+    def in_reserved(self, frame: int) -> bool:
+        return any(lo <= frame < hi for lo, hi in self.reserved)
+
+
+@dataclass(frozen=True)
+class ReportLine:
+    total: int
+    reserved: int
+    free: int
+    init_ticks: int
+
+
+def parse_report(serial: str) -> ReportLine:
+    m = REPORT_LINE.search(serial)
+    if m is None:
+        raise KgenError(f"boot report has no line matching {REPORT_LINE.pattern!r}")
+    return ReportLine(*map(int, m.groups()))
+
+
+def ranges_from_mmap(mmap) -> list[tuple[int, int]]:
+    """What pmm_init should make of memory-map entries (bootreport.MemoryRegion): available RAM at or above
+    1 MiB and below 4 GiB, shrunk to whole frames. Written independently of the template, to check it."""
+    ranges = []
+    for region in mmap:
+        if region.type != hw.MULTIBOOT_MMAP_AVAILABLE or region.base >= FOUR_GIB:
+            continue
+        start = max(-(-region.base // hw.PAGE_SIZE) * hw.PAGE_SIZE, LOW_MEMORY_END)
+        end = min(region.base + region.length, FOUR_GIB - hw.PAGE_SIZE) // hw.PAGE_SIZE * hw.PAGE_SIZE
+        if start < end:
+            ranges.append((start, end))
+    return ranges
+
+
+def alloc_at_pages(layout: Layout) -> list[int]:
+    """Pages of the temp-map window's page table above its slots: the table exists from boot, so pmm_alloc_at
+    can map them without the VMM growing tables."""
+    table = layout.tempmap_base & ~(hw.I386_LARGE_PAGE - 1)
+    return list(range(layout.tempmap_window.end, table + hw.I386_LARGE_PAGE, hw.PAGE_SIZE))
+
+
+def overlap_frames(ranges, intervals) -> int:
+    return sum(max(0, min(hi, rhi) - max(lo, rlo)) // hw.PAGE_SIZE
+               for lo, hi in ranges for rlo, rhi in intervals)
+
+
+class PmmView:
+    def __init__(self, read_phys: ReadPhys, elf: ElfInfo, layout: Layout):
+        self.read_phys = read_phys
+        self.elf = elf
+        self.layout = layout
+
+    @classmethod
+    def of(cls, session) -> "PmmView":
+        return cls(session.machine.read_phys, session.elf, session.layout)
+
+    def u32(self, name: str, index: int = 0) -> int:
+        phys = self.elf.symbols[name].value - self.layout.kernel_virtual_base + 4 * index
+        return struct.unpack("<I", self.read_phys(phys, 4))[0]
+
+    def pairs(self, array: str, count: str) -> tuple[tuple[int, int], ...]:
+        return tuple((self.u32(array, 2 * i), self.u32(array, 2 * i + 1)) for i in range(self.u32(count)))
+
+    def state(self) -> PmmState:
+        return PmmState(top=self.u32("pmm_top"), count=self.u32("pmm_count"), untouched=self.u32("pmm_untouched"),
+                        total=self.u32("pmm_total"), reserved_frames=self.u32("pmm_reserved_frames"),
+                        ranges=self.pairs("pmm_ranges", "pmm_range_count"),
+                        reserved=self.pairs("pmm_reserved", "pmm_reserved_count"))
+
+    def free_stack(self, state: PmmState | None = None) -> list[int]:
+        """The frames on the free stack, top first. Looks at most count + 1 links, so a chain longer than the
+        count, or a cycle, is reported instead of followed for ever."""
+        state = state or self.state()
+        frames: list[int] = []
+        seen: set[int] = set()
+        frame = state.top
+        while frame:
+            where = f"link {len(frames)} of the free stack (count {state.count})"
+            if frame in seen:
+                raise ChainError(f"{where}: {frame:#x} again, after {' -> '.join(f'{f:#x}' for f in frames[-4:])}"
+                                 ": a cycle")
+            if frame % hw.PAGE_SIZE or not state.in_ram(frame):
+                raise ChainError(f"{where}: {frame:#x} is not a page-aligned frame of RAM")
+            if len(frames) == state.count:
+                raise ChainError(f"{where}: {frame:#x} is one frame more than the count")
+            seen.add(frame)
+            frames.append(frame)
+            frame = struct.unpack("<I", self.read_phys(frame, 4))[0]
+        return frames

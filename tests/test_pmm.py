@@ -1,0 +1,344 @@
+"""The physical frame allocator (templates/pmm.s) in a running kernel, through the call channel, on poisoned RAM.
+
+Every test drives the kernel through a `Model`: it predicts each answer (LIFO stack, then the bump pointer) and
+after every call checks total = free + live + reserved; `Model.check_machine` then walks the free stack and the
+page tables from the host (kgen.pmmview, kgen.pagewalk).
+"""
+from __future__ import annotations
+
+import random
+import shutil
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kgen import bootreport, hw
+from kgen.build import build
+from kgen.config import Config
+from kgen.pagewalk import Walker
+from kgen.pmmview import PmmView, alloc_at_pages, overlap_frames, parse_report, ranges_from_mmap
+from kgen.session import KernelSession
+
+pytestmark = [pytest.mark.vm, pytest.mark.skipif(shutil.which("qemu-system-i386") is None,
+                                                  reason="qemu-system-i386 not installed")]
+
+POISON = 0xA5
+SMALL_GUEST_MIB = 16
+
+
+def session_for(tmp_path_factory, name: str, **config) -> KernelSession:
+    out = build(Config(**config), tmp_path_factory.mktemp(name), iso=False)
+    return KernelSession(out.elf, out.kernel.layout, poison=POISON)
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory):
+    with session_for(tmp_path_factory, "pmm") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def small_kernel(tmp_path_factory):
+    with session_for(tmp_path_factory, "pmm-small", machine_memory_mib=SMALL_GUEST_MIB) as s:
+        yield s
+
+
+def wait_output(s: KernelSession, since: int, text: str, timeout: float = 5.0) -> None:
+    """COM1 reaches the host on its own thread, maybe after the call's reply on COM2: wait for `text` there."""
+    deadline = time.monotonic() + timeout
+    while text not in s.machine.serial[since:]:
+        assert time.monotonic() < deadline, f"{text!r} did not appear on COM1; tail: {s.machine.serial[-300:]!r}"
+        time.sleep(0.005)
+
+
+class Model:
+    """The allocator as the tests expect it to behave, kept next to the real one."""
+
+    def __init__(self, s: KernelSession):
+        self.s = s
+        self.layout = s.layout
+        self.view = PmmView.of(s)
+        boot = bootreport.parse(s.machine.serial)
+        self.cr3 = boot.cr3
+        self.ram = ranges_from_mmap(boot.mmap)
+        start = self.view.state()
+        self.stack = self.view.free_stack(start)[::-1]      # bottom first, as a Python list grows
+        self.untouched = start.untouched
+        self.live_before = start.live                          # frames other tests still hold
+        self.held: set[int] = set()                            # frames from pmm_alloc
+        self.mapped: dict[int, int] = {}                       # vaddr -> frame, from pmm_alloc_at
+        self.image = [(seg.paddr, seg.paddr + seg.memsz) for seg in s.elf.segments]
+
+    # ---- operations -------------------------------------------------------------------------------------------
+    def alloc(self) -> int:
+        expected = self._expected_pop()
+        frame = self.s.call("pmm_alloc")
+        self._popped(frame, expected, "pmm_alloc")
+        if frame:
+            self.held.add(frame)
+        self.check_accounting()
+        return frame
+
+    def free(self, frame: int) -> None:
+        assert self.s.call("pmm_free", frame) == 1, f"pmm_free({frame:#x}) refused a live frame"
+        self.held.remove(frame)
+        self.stack.append(frame)
+        self.check_accounting()
+
+    def alloc_at(self, vaddr: int, flags: int = hw.PTE_RW) -> int:
+        expected = self._expected_pop()
+        frame = self.s.call("pmm_alloc_at", vaddr, flags)
+        self._popped(frame, expected, f"pmm_alloc_at({vaddr:#x})")
+        if frame:
+            self.mapped[vaddr] = frame
+            assert self.s.machine.read_phys(frame, hw.PAGE_SIZE) == bytes(hw.PAGE_SIZE), \
+                f"pmm_alloc_at({vaddr:#x}) left frame {frame:#x} uncleared"
+        self.check_accounting()
+        return frame
+
+    def free_at(self, vaddr: int) -> int:
+        frame = self.mapped.pop(vaddr)
+        assert self.s.call("pmm_free_at", vaddr) == frame
+        self.stack.append(frame)
+        self.check_accounting()
+        return frame
+
+    def release_all(self) -> None:
+        for vaddr in list(self.mapped):
+            self.free_at(vaddr)
+        for frame in list(self.held):
+            self.free(frame)
+
+    def _expected_pop(self) -> int | None:
+        """The frame the next allocation must return: the stack's top, 0 when all is gone, None for a bump."""
+        if self.stack:
+            return self.stack[-1]
+        return None if self.untouched else 0
+
+    def _popped(self, frame: int, expected: int | None, what: str) -> None:
+        if expected is None:
+            self.untouched -= 1
+            self.check_fresh(frame, what)
+        else:
+            assert frame == expected, f"{what} = {frame:#x}, expected {expected:#x} (top of the stack, or 0)"
+            if frame:
+                self.stack.pop()
+
+    # ---- checks -----------------------------------------------------------------------------------------------
+    def check_fresh(self, frame: int, what: str) -> None:
+        state = self.view.state()
+        assert frame % hw.PAGE_SIZE == 0, f"{what} = {frame:#x}: not page-aligned"
+        assert any(lo <= frame < hi for lo, hi in self.ram), \
+            f"{what} = {frame:#x}: not in the memory map's available RAM at or above 1 MiB"
+        assert not state.in_reserved(frame), f"{what} = {frame:#x}: inside a reserved interval {state.reserved}"
+        assert not any(lo <= frame < hi for lo, hi in self.image), f"{what} = {frame:#x}: inside the kernel image"
+        assert frame not in self.held and frame not in self.mapped.values(), f"{what} = {frame:#x}: already live"
+        assert frame not in self.stack, f"{what} = {frame:#x}: still on the free stack"
+
+    def check_accounting(self) -> None:
+        state = self.view.state()
+        live = self.live_before + len(self.held) + len(self.mapped)
+        assert (state.count, state.untouched) == (len(self.stack), self.untouched)
+        assert state.total == state.free + live + state.reserved_frames, \
+            f"total {state.total} != free {state.free} + live {live} + reserved {state.reserved_frames}"
+
+    def slot_ptes(self, walker: Walker) -> list[int]:
+        """The temp-map slots' PTEs, read through the recursive window (the page table as the kernel sees it)."""
+        table = walker.translate(self.layout.recursive_pt(self.layout.tempmap_pde_index))
+        first = self.layout.tempmap_base % hw.I386_LARGE_PAGE // hw.PAGE_SIZE
+        raw = self.s.machine.read_phys(table.paddr + 4 * first, 4 * self.layout.tempmap_slots)
+        return [int.from_bytes(raw[i:i + 4], "little") for i in range(0, len(raw), 4)]
+
+    def check_machine(self) -> None:
+        state = self.view.state()
+        chain = self.view.free_stack(state)
+        assert len(set(chain)) == len(chain) == state.count
+        assert chain == self.stack[::-1], "the free stack in memory is not the model's"
+        assert self.s.variable("tempmap_used") == 0
+        walker = Walker(self.s.machine.read_phys, self.cr3, recursive_slot=self.layout.recursive_slot)
+        assert self.slot_ptes(walker) == [0] * self.layout.tempmap_slots, "a temp-map slot is still mapped"
+        on_stack = set(chain)
+        for m in walker.mappings():
+            hit = [f for f in on_stack if m.pstart <= f < m.pstart + m.size]
+            assert not hit, f"free frames {[hex(f) for f in hit]} are mapped at {m}"
+        for vaddr, frame in self.mapped.items():
+            t = walker.translate(vaddr)
+            assert t is not None and t.paddr == frame, f"{vaddr:#x} should map {frame:#x}, maps {t}"
+        for vaddr in alloc_at_pages(self.layout):
+            if vaddr not in self.mapped:
+                assert walker.translate(vaddr) is None, f"{vaddr:#x} is still mapped after pmm_free_at"
+
+
+# ---- accounting at boot -----------------------------------------------------------------------------------------
+def test_init_accounts_for_the_memory_map_and_the_image(kernel):
+    report = parse_report(kernel.machine.serial)
+    boot = bootreport.parse(kernel.machine.serial)
+    state = PmmView.of(kernel).state()
+    assert list(state.ranges) == ranges_from_mmap(boot.mmap)
+    image_end = -(-(kernel.symbol("__kernel_end") - kernel.layout.kernel_virtual_base) // hw.PAGE_SIZE)
+    assert (kernel.layout.kernel_load_address, image_end * hw.PAGE_SIZE) in state.reserved
+    assert state.total == sum(hi - lo for lo, hi in state.ranges) // hw.PAGE_SIZE == report.total
+    assert state.reserved_frames == overlap_frames(state.ranges, state.reserved) == report.reserved
+    assert report.free == report.total - report.reserved
+
+
+# ---- LIFO, alloc_at/free_at ----------------------------------------------------------------------------------
+def test_free_then_alloc_is_lifo(kernel):
+    model = Model(kernel)
+    frames = [model.alloc() for _ in range(6)]
+    for frame in frames:
+        model.free(frame)
+    model.check_machine()
+    assert [model.alloc() for _ in frames] == frames[::-1]
+    model.release_all()
+    model.check_machine()
+
+
+def test_alloc_at_free_at_round_trip_uses_no_temp_slot(kernel):
+    model = Model(kernel)
+    vaddrs = alloc_at_pages(kernel.layout)[:4]
+    model.free(model.alloc())                     # so the first alloc_at takes a frame with a link in it
+    frames = [model.alloc_at(v) for v in vaddrs]
+    model.check_machine()
+    for v in reversed(vaddrs):
+        old_top = model.stack[-1] if model.stack else 0
+        frame = model.free_at(v)
+        assert kernel.machine.read_phys(frame, 4) == old_top.to_bytes(4, "little"), "link not written via vaddr"
+    model.check_machine()
+    assert [model.alloc_at(v) for v in vaddrs] == frames, "free_at/alloc_at is not LIFO"
+    model.release_all()
+    model.check_machine()
+
+
+def test_alloc_at_flags_and_refusals(kernel):
+    model = Model(kernel)
+    ro, rw = alloc_at_pages(kernel.layout)[-2:]
+    model.alloc_at(ro, 0)
+    model.alloc_at(rw, hw.PTE_RW)
+    walker = Walker(kernel.machine.read_phys, model.cr3)
+    assert walker.translate(ro).attrs & hw.PTE_RW == 0
+    assert walker.translate(rw).attrs & hw.PTE_RW
+    before = model.view.state()
+    since = len(kernel.machine.serial)
+    assert kernel.call("pmm_alloc_at", rw, hw.PTE_RW) == 0, "mapped over a present page"
+    wait_output(kernel, since, "pmm_alloc_at: a page is already mapped there")
+    assert kernel.call("pmm_free_at", alloc_at_pages(kernel.layout)[0]) == 0, "freed an unmapped page"
+    assert model.view.state() == before
+    model.release_all()
+    model.check_machine()
+
+
+# ---- refusals --------------------------------------------------------------------------------------------------
+def test_pmm_free_refuses_with_a_report(kernel):
+    model = Model(kernel)
+    state = model.view.state()
+    frame = model.alloc()
+    kernel_image = kernel.layout.kernel_load_address
+    mbi = next(lo for lo, _ in state.reserved if lo != kernel_image)
+    cases = {frame + 0x10: "not page-aligned", 0x9F000: "not in available RAM",
+             state.ranges[-1][1]: "not in available RAM", 0xFFFFF000: "not in available RAM",
+             kernel_image: "inside the kernel image", mbi: "inside the kernel image or the Multiboot"}
+    if mbi < 0x100000:                    # below 1 MiB the RAM check answers first
+        cases[mbi] = "not in available RAM"
+    for address, reason in cases.items():
+        before, since = model.view.state(), len(kernel.machine.serial)
+        assert kernel.call("pmm_free", address) == 0, f"pmm_free({address:#x}) accepted"
+        wait_output(kernel, since, f"kgen: pmm_free: refused 0x{address:08x}: {reason}")
+        assert model.view.state() == before
+    model.free(frame)
+    since = len(kernel.machine.serial)
+    assert kernel.call("pmm_free", frame) == 0, "double free of the top frame accepted"
+    wait_output(kernel, since, f"refused 0x{frame:08x}: already on top")
+    model.check_machine()
+
+
+# ---- exhaustion --------------------------------------------------------------------------------------------------
+def test_small_guest_exhausts_at_the_expected_count_and_recovers(small_kernel):
+    s = small_kernel
+    boot = bootreport.parse(s.machine.serial)
+    model = Model(s)
+    state = model.view.state()
+    expected = (sum(hi - lo for lo, hi in ranges_from_mmap(boot.mmap)) // hw.PAGE_SIZE
+                - overlap_frames(ranges_from_mmap(boot.mmap), state.reserved))
+    assert expected == parse_report(s.machine.serial).free == state.free
+    frames = []
+    while frame := model.alloc():
+        frames.append(frame)
+        assert len(frames) <= expected, "more frames handed out than the memory map holds"
+    assert len(frames) == expected
+    assert model.alloc() == 0 and model.alloc_at(alloc_at_pages(s.layout)[0]) == 0
+    model.check_machine()
+    random.Random(4).shuffle(frames)
+    for frame in frames[:3]:
+        model.free(frame)
+    assert [model.alloc() for _ in range(3)] == frames[:3][::-1]
+    assert model.alloc() == 0
+    for frame in frames:
+        model.free(frame)
+    model.check_machine()
+    assert model.alloc() == frames[-1]
+    model.release_all()
+    model.check_machine()
+
+
+# ---- a missing INVLPG ----------------------------------------------------------------------------------------
+def stale_links(s: KernelSession) -> list[str]:
+    """Free two frames in a row through temp-map slot 0 and look for each link in its own frame.
+
+    TCG's software TLB keeps slot 0's translation until INVLPG (or a CR3 load): the second pmm_free then writes
+    its link through the stale entry into the first frame, which ends up pointing at itself."""
+    view = PmmView.of(s)
+    first, second = s.call("pmm_alloc"), s.call("pmm_alloc")
+    below = view.state().top
+    assert s.call("pmm_free", first) == 1 and s.call("pmm_free", second) == 1
+    found = {f: int.from_bytes(s.machine.read_phys(f, 4), "little") for f in (first, second)}
+    wanted = {first: below, second: first}
+    return [f"frame {f:#x} links to {found[f]:#x}, not {wanted[f]:#x}" for f in (first, second)
+            if found[f] != wanted[f]]
+
+
+def test_temp_map_remaps_reach_the_new_frame(kernel):
+    assert stale_links(kernel) == []
+    Model(kernel).check_machine()
+
+
+def test_a_kernel_without_invlpg_is_caught(tmp_path_factory):
+    with session_for(tmp_path_factory, "pmm-no-invlpg", tempmap_skip_invlpg=True) as s:
+        assert stale_links(s), "the variant without INVLPG went unnoticed"
+
+
+# ---- random sequences against the model -----------------------------------------------------------------------
+OPS = st.lists(st.tuples(st.sampled_from(["alloc", "alloc", "free", "alloc_at", "free_at", "double_free"]),
+                         st.integers(0, 1 << 16)), min_size=100, max_size=200)
+BATCH = 25
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(ops=OPS)
+def test_random_sequences_match_the_model(kernel, ops):
+    model = Model(kernel)
+    spare = alloc_at_pages(kernel.layout)
+    try:
+        for i, (op, pick) in enumerate(ops):
+            held, mapped = sorted(model.held), sorted(model.mapped)
+            free_vaddrs = [v for v in spare if v not in model.mapped]
+            if op == "alloc":
+                model.alloc()
+            elif op == "free" and held:
+                model.free(held[pick % len(held)])
+            elif op == "alloc_at":
+                model.alloc_at(free_vaddrs[pick % len(free_vaddrs)], hw.PTE_RW if pick & 1 else 0)
+            elif op == "free_at" and mapped:
+                model.free_at(mapped[pick % len(mapped)])
+            elif op == "double_free" and model.stack:
+                assert kernel.call("pmm_free", model.stack[-1]) == 0
+                model.check_accounting()
+            if i % BATCH == BATCH - 1:
+                model.check_machine()
+        model.check_machine()
+    finally:
+        model.release_all()
+    model.check_machine()
