@@ -14,7 +14,7 @@ from .resources import templates_dir
 
 # The kernel's units, in the order their pieces are placed within each section.
 KERNEL_UNITS = ("multiboot", "boot", "gdt", "idt", "pic", "serial", "debugexit", "string", "report", "calls",
-                "tempmap", "pmm", "vmm", "peek", "bench")
+                "tempmap", "pmm", "vmm", "heap", "peek", "bench")
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import struct
 import time
 from dataclasses import dataclass
 
-from .diagnose import find_exception, tail
+from .diagnose import find_exception, find_panic, tail
 from .elfinfo import ElfInfo
 from .errors import KgenError
 from .layout import Layout
@@ -102,4 +102,7 @@ class CallChannel:
         fault = find_exception(serial)
         if fault is not None:
             return f"call {name} faulted: {fault.describe(self.elf)}"
+        panic = find_panic(serial)
+        if panic is not None:
+            return f"call {name} stopped the kernel: panic: {panic}"
         return f"call {name}: {err}; last output:\n{tail(serial, 5)}"

@@ -32,6 +32,15 @@ class KernelException:
         return f"{text} EIP={eip}"
 
 
+PANIC_LINE = re.compile(r"kgen: panic: (.*)")
+
+
+def find_panic(serial: str) -> str | None:
+    """The message of the kernel's panic (templates/debugexit.s), if it panicked."""
+    m = PANIC_LINE.search(serial)
+    return m.group(1).strip() if m else None
+
+
 def find_exception(serial: str) -> KernelException | None:
     m = EXCEPTION_LINE.search(serial)
     if not m:
@@ -45,8 +54,8 @@ def tail(text: str, lines: int = 12) -> str:
 
 @dataclass(frozen=True)
 class Failure:
-    """A failed run, diagnosed: `kind` is "exception", "triple fault", "hang" or "exit"; `summary` is the one line
-    to print, `details` the evidence behind it (registers, COM1 tail, QEMU's command line and stderr)."""
+    """A failed run, diagnosed: `kind` is "exception", "panic", "triple fault", "hang" or "exit"; `summary` is the
+    one line to print, `details` the evidence behind it (registers, COM1 tail, QEMU's command line and stderr)."""
     kind: str
     summary: str
     details: str
@@ -74,12 +83,15 @@ def explain(machine, elf: ElfInfo | None, why: BaseException | str) -> Failure:
     from a hang, and for the last two kinds the machine is stopped and its CPU read, so EIP is named from the ELF.
     Leaves the machine stopped but alive: the caller still shuts it down.
     """
-    reason = str(why)
+    reason = str(why).split("\n", 1)[0]
     serial = machine.serial
-    evidence = [f"seen: {reason}"]
+    evidence = [f"seen: {why}"]
     fault = find_exception(serial)
+    panic = find_panic(serial)
     if fault is not None:
         kind, summary = "exception", f"kernel exception: {fault.describe(elf)}"
+    elif panic is not None:
+        kind, summary = "panic", f"kernel panic: {panic}"
     else:
         try:
             state = machine.status()

@@ -95,6 +95,13 @@ class Layout:
     # Bounded metadata of the virtual-range allocator (templates/vmm.s): free ranges and live allocations.
     vmm_free_slots: int = 128
     vmm_alloc_slots: int = 128
+    # The heap (templates/heap.s): slab pages come from a window of this many pages in the vmm range window.
+    heap_slab_pages: int = 1024
+    heap_min_shift: int = 4            # smallest block: 16 bytes
+    heap_max_shift: int = 11           # largest slab block: 2048 bytes; bigger requests get whole pages
+    heap_slab_header: int = 0x40
+    heap_slab_magic: int = 0x48454150  # "HEAP"
+    heap_large_slots: int = 64
     # Build variants.
     fault_at_boot: bool = False
     tempmap_skip_invlpg: bool = False
@@ -235,6 +242,13 @@ class Layout:
             "VMM_TABLE_PINNED": VMM_TABLE_PINNED,
             "VMM_CLEAR_TABLES": int(not self.vmm_skip_table_clear),
             "KERNEL_PDE_KERNEL_HALF": self.kernel_virtual_base >> hw.I386_PDE_SHIFT,
+            "HEAP_SLAB_PAGES": self.heap_slab_pages,
+            "HEAP_MIN_SHIFT": self.heap_min_shift,
+            "HEAP_MAX_SHIFT": self.heap_max_shift,
+            "HEAP_SLAB_HEADER": self.heap_slab_header,
+            "HEAP_SLAB_MAGIC": self.heap_slab_magic,
+            "HEAP_LARGE_SLOTS": self.heap_large_slots,
+            "HEAP_MAX_SIZE": self.vmm_size,
             # The first page of the image, virtually below the kernel base: unmapped once the identity map is gone.
             "BOOT_FAULT_ADDRESS": self.kernel_load_address,
             "KERNEL_CS": self.kernel_cs,

@@ -18,6 +18,7 @@ kmain:
     call pmm_init
     call report_pmm
     call vmm_init
+    call heap_init
     push offset str_boot_ok
     call serial_puts
     add esp, 0x4

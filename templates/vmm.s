@@ -251,6 +251,19 @@ vmm_back_page:
     pop ebx
     ret
 
+# vmm_release_page(vaddr) -> phys: give the frame mapped at vaddr back to the allocator (pushed while still
+# mapped), unmap it, and free its page table if that was the table's last page. vaddr must be mapped.
+vmm_release_page:
+    push ebx
+    push dword ptr [esp + 0x8]
+    call pmm_free_at
+    mov ebx, eax
+    call vmm_table_put                              # same argument, still on the stack
+    add esp, 0x4
+    mov eax, ebx
+    pop ebx
+    ret
+
 # ---- the range allocator -------------------------------------------------------------------------------------
 
 # vrange_reserve(pages) -> start of a free range of that many pages, or 0 (first fit)
@@ -525,8 +538,7 @@ vmm_free:
     test dword ptr [RECURSIVE_BASE + eax*4], PTE_P
     jz .Lfree_next_page
     push esi
-    call pmm_free_at
-    call vmm_table_put
+    call vmm_release_page
     add esp, 0x4
 .Lfree_next_page:
     add esi, PAGE_SIZE
