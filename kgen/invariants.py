@@ -92,13 +92,16 @@ def _walk_errors_reported(check):
     return guarded
 
 
-def _pages(walker: Walker, start: int, end: int):
+def mapped_pages(walker: Walker, start: int, end: int):
     """Translations of every mapped page in [start, end), one per page (a large page once)."""
     vaddr = start
     while vaddr < end:
         t = walker.translate(vaddr)
+        if t is None:
+            vaddr += hw.PAGE_SIZE
+            continue
         yield vaddr, t
-        vaddr = (vaddr & ~(t.size - 1)) + t.size if t else vaddr + hw.PAGE_SIZE
+        vaddr = (vaddr & ~(t.size - 1)) + t.size
 
 
 @_walk_errors_reported
@@ -212,7 +215,7 @@ def check_no_user_pages(view: GuestView) -> list[str]:
     for m in walker.mappings():
         if m.vstart + m.size <= base:
             continue
-        for vaddr, t in _pages(walker, max(m.vstart, base), m.vstart + m.size):
+        for vaddr, t in mapped_pages(walker, max(m.vstart, base), m.vstart + m.size):
             for ref in t.chain:
                 if ref.value & hw.PTE_US:
                     first = offenders.setdefault(ref.addr, [ref, vaddr, t, 0])

@@ -5,7 +5,7 @@ import os
 import sys
 
 from . import config as configmod
-from .diagnose import describe_stall, find_exception, tail
+from .diagnose import explain
 from .elfinfo import ElfInfo
 from .errors import KgenError, MachineError
 from .layout import compute
@@ -57,21 +57,20 @@ def run(args) -> int:
         try:
             status = machine.wait_exit(args.timeout)
         except MachineError as err:
-            message = describe_stall(machine, elf, str(err))
+            failure = explain(machine, elf, err)
+            hint = ""
             if args.accel == "kvm":
-                message += (" - this host's KVM may be unable to run 32-bit paging (see TOOLCHAIN-NOTES); "
-                            "try --accel tcg")
-            raise KgenError(message) from None
-        serial = machine.serial
+                hint = (" - this host's KVM may be unable to run 32-bit paging (see TOOLCHAIN-NOTES); "
+                        "try --accel tcg")
+            sys.stdout.flush()
+            print(failure.details, file=sys.stderr)
+            raise KgenError(failure.summary + hint) from None
+        if status == layout.success_status:
+            return 0
+        meaning = "the kernel's failure status" if status == layout.failure_status else (
+            f"not the kernel's success status {layout.success_status}")
+        failure = explain(machine, elf, f"exit status {status}, {meaning}")
     sys.stdout.flush()
-    if status == layout.success_status:
-        return 0
-    fault = find_exception(serial)
-    if fault is not None:
-        print(f"kgen: kernel fault: {fault.describe(elf)}", file=sys.stderr)
-    elif status == layout.failure_status:
-        print(f"kgen: the kernel reported failure; last output:\n{tail(serial)}", file=sys.stderr)
-    else:
-        print(f"kgen: QEMU exited with status {status}, not the kernel's success status {layout.success_status}",
-              file=sys.stderr)
+    print(failure.details, file=sys.stderr)
+    print(f"kgen: {failure.summary}", file=sys.stderr)
     return 1

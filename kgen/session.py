@@ -7,7 +7,9 @@
 from __future__ import annotations
 
 from .calls import CallChannel, CallResult
+from .diagnose import RunFailed, explain
 from .elfinfo import ElfInfo
+from .errors import MachineError
 from .layout import Layout
 
 SERVING_MARKER = "kgen: serving calls on COM2"
@@ -33,6 +35,12 @@ class KernelSession:
         self.machine.launch()
         try:
             self.machine.wait_for(SERVING_MARKER, BOOT_TIMEOUT)
+        except MachineError as err:
+            try:
+                failure = explain(self.machine, self.elf, err)
+            finally:
+                self.machine.shutdown()
+            raise RunFailed(failure) from err
         except BaseException:
             self.machine.shutdown()
             raise

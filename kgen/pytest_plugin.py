@@ -1,0 +1,109 @@
+"""pytest fixtures for tests of a running kernel: a kgen kernel built from a config, or any Multiboot ELF.
+
+    def test_frames_come_from_ram(kgen_machine):
+        frame = kgen_machine.call("pmm_alloc")          # continues the guest, runs the routine by symbol
+        view = kgen_machine.view()                      # stops it: registers, page walk, ELF, layout
+        assert view.walker.translate(...)
+
+Fixtures: `kgen_kernel` (session: elf_path, elf, layout), `kgen_layout` (skips unless kgen built the kernel),
+`kgen_machine` (a fresh boot per test, in serve mode for a kgen kernel; shut down afterwards whatever happens),
+`kgen_idle` (one boot per module, stopped: for tests that only look), `kgen_kvm` (session: `(usable, why)` from a
+probe boot under KVM), `kgen_accel`; `kgen_boot(kernel, accel)` and `assert_holds(check, view)` for your own.
+Options: --kgen-config, --kgen-out, --kgen-kernel, --kgen-ready, --kgen-accel.
+
+Installed as a pytest11 entry point, so it loads in every pytest run of an environment holding kgen: importing it
+costs pytest alone, and nothing is built or booted unless a test asks for a kgen fixture.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("kgen", "kgen: kernels booted in QEMU")
+    group.addoption("--kgen-config", type=Path, help="kgen.toml to build the kernel from (default: ./kgen.toml "
+                    "if present, else kgen's defaults)")
+    group.addoption("--kgen-out", type=Path, help="build directory for the kernel (default: a temporary one)")
+    group.addoption("--kgen-kernel", type=Path, help="test this Multiboot ELF instead of building one: only what "
+                    "an ELF and a running machine show can be checked")
+    group.addoption("--kgen-ready", help="with --kgen-kernel: COM1 text the kernel prints once booted (default: "
+                    "booted when the CPU sits halted with paging on)")
+    group.addoption("--kgen-accel", choices=("tcg", "kvm"), default="tcg", help="QEMU accelerator (default: tcg)")
+
+
+@pytest.fixture(scope="session")
+def kgen_kernel(request, tmp_path_factory):
+    from kgen.errors import KgenError
+    from kgen.testing import KernelUnderTest
+
+    opt = request.config.getoption
+    try:
+        if opt("kgen_kernel") is not None:
+            return KernelUnderTest.foreign(opt("kgen_kernel"), opt("kgen_ready"))
+        return KernelUnderTest.built(opt("kgen_config"), opt("kgen_out") or tmp_path_factory.mktemp("kgen-kernel"))
+    except KgenError as err:
+        pytest.fail(f"kgen: cannot get the kernel under test: {err}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def kgen_kvm(request, kgen_kernel):
+    from kgen.testing import probe_kvm
+    return probe_kvm(kgen_kernel, request.config.getoption("kgen_out"))
+
+
+@pytest.fixture(scope="session")
+def kgen_accel(request):
+    accel = request.config.getoption("kgen_accel")
+    if accel == "kvm":
+        usable, why = request.getfixturevalue("kgen_kvm")
+        if not usable:
+            pytest.skip(f"KVM cannot run this kernel here: {why}")
+    return accel
+
+
+@pytest.fixture(scope="session")
+def kgen_layout(kgen_kernel):
+    """The layout the kernel was built from; tests that need it are skipped for anyone else's ELF."""
+    if kgen_kernel.layout is None:
+        pytest.skip(f"{kgen_kernel.elf_path.name} was not built by kgen: its layout and call channel are unknown")
+    return kgen_kernel.layout
+
+
+@contextmanager
+def kgen_boot(kernel, accel: str = "tcg"):
+    """Boot `kernel` for a test; a boot that fails fails the test with the diagnosis (what the kernel did
+    instead: exception, triple fault, hang), not with a traceback of the harness."""
+    from kgen.diagnose import RunFailed
+    from kgen.testing import boot
+    try:
+        with boot(kernel, accel) as live:
+            yield live
+    except RunFailed as err:
+        pytest.fail(f"{err}\n{err.details()}", pytrace=False)
+
+
+@pytest.fixture
+def kgen_machine(kgen_kernel, kgen_accel):
+    with kgen_boot(kgen_kernel, kgen_accel) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def kgen_idle(kgen_kernel, kgen_accel):
+    with kgen_boot(kgen_kernel, kgen_accel) as live:
+        live.stop()
+        yield live
+
+
+def assert_holds(check, view) -> None:
+    """Run one `kgen.invariants` check: fail with its problems (one line per page), skip where it does not apply."""
+    from kgen.invariants import NotApplicable
+    try:
+        problems = check(view)
+    except NotApplicable as why:
+        pytest.skip(str(why))
+    if problems:
+        pytest.fail(f"{check.__doc__.splitlines()[0]}\n" + "\n".join(f"  {p}" for p in problems), pytrace=False)

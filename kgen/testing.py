@@ -1,0 +1,229 @@
+"""Kernels under test: booting one to the state the invariant suite inspects, and `kgen test`, which runs that
+suite (kgen/suite, shipped in the package) on pytest.
+
+A kgen kernel is booted to serve calls (`kgen.serve`); it then sleeps in `hlt`, changing no memory, so it can be
+stopped, inspected, and continued for the next call. Anyone else's Multiboot ELF has no call channel: it counts as
+booted when it prints its ready marker, or, without one, when the CPU sits halted with paging on.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from .elfinfo import ElfInfo
+from .errors import KgenError, MachineError
+from .layout import Layout
+
+# int3 in every byte of RAM the kernel did not write: code run from such memory traps at once, and as a paging
+# entry 0xcccccccc is not present, so a table that was never cleared shows up as poison rather than as garbage
+# mappings the walk would have to survive.
+POISON = b"\xcc"
+BOOT_TIMEOUT = 60.0
+IDLE_POLL = 0.01
+PLUGIN_ENTRY_POINT = "kgen"
+KVM_PROBE_CACHE = ".kgen-kvm-probe.json"
+SUITE = Path(__file__).resolve().parent / "suite"
+
+
+@dataclass(frozen=True)
+class KernelUnderTest:
+    """The ELF and, for a kernel kgen built, the layout it was built from (None for anyone else's ELF)."""
+    elf_path: Path
+    elf: ElfInfo
+    layout: Layout | None = None
+    ready: str | None = None        # COM1 text a foreign kernel prints once booted
+
+    @classmethod
+    def built(cls, config_path: Path | None, out_dir: Path) -> KernelUnderTest:
+        from . import config as configmod
+        from .build import FINGERPRINT_NAME, build, fingerprint
+        from .layout import compute
+        config = configmod.load(config_path)
+        elf = out_dir / "kernel.elf"
+        stamp = out_dir / FINGERPRINT_NAME
+        # Each parallel worker asks; linking again (~0.4 s) only to find the ELF up to date is the common case.
+        if not (elf.exists() and stamp.exists() and stamp.read_text() == fingerprint(config)):
+            elf = build(config, out_dir, iso=False, force=False).elf
+        return cls(elf, ElfInfo.load(elf), compute(config))
+
+    @classmethod
+    def foreign(cls, elf_path: Path, ready: str | None = None) -> KernelUnderTest:
+        elf = ElfInfo.load(elf_path)
+        if elf.bits != 32:
+            raise KgenError(f"{elf_path}: an ELF{elf.bits}; QEMU's -kernel boots 32-bit Multiboot ELFs only")
+        return cls(Path(elf_path), elf, None, ready)
+
+    @property
+    def probe_marker(self) -> str | None:
+        """COM1 text that shows a boot got far enough, for the KVM probe."""
+        from .bootreport import BOOT_OK
+        return BOOT_OK if self.layout is not None else self.ready
+
+
+class LiveKernel:
+    """A booted kernel. `view()` stops the guest and snapshots it; `call()` continues it and runs a routine."""
+
+    def __init__(self, kernel: KernelUnderTest, machine, channel=None, poison: bytes | None = None):
+        self.kernel = kernel
+        self.machine = machine
+        self.channel = channel
+        self.poison = poison
+        self._view = None
+
+    def stop(self) -> None:
+        if self.machine.status() == "running":
+            self.machine.stop()
+
+    def cont(self) -> None:
+        self._view = None
+        if self.machine.status() == "paused":
+            self.machine.cont()
+
+    def view(self):
+        """The stopped guest as the invariant checks see it; taken again after anything continued the guest."""
+        from .invariants import GuestView
+        if self._view is None:
+            self.stop()
+            self._view = GuestView.capture(self.machine, self.kernel.elf, self.kernel.layout, self.poison)
+        return self._view
+
+    def write_phys(self, addr: int, data: bytes) -> None:
+        self.stop()
+        self._view = None
+        self.machine.write_phys(addr, data)
+
+    def call(self, routine: str | int, *args: int, timeout: float | None = None) -> int:
+        """Run a kernel routine; one that faults or never returns raises `RunFailed` saying which and where."""
+        from .calls import CallError
+        from .diagnose import RunFailed, explain
+        if self.channel is None:
+            raise KgenError(f"{self.kernel.elf_path.name} has no kgen call channel: routines cannot be called")
+        self.cont()
+        try:
+            return self.channel.call(routine, *args, **({} if timeout is None else {"timeout": timeout}))
+        except CallError as err:
+            # The channel appends COM1's tail; the diagnosis shows that in its details already.
+            why = str(err).split("; last output", 1)[0]
+            raise RunFailed(explain(self.machine, self.kernel.elf, why)) from err
+
+
+@contextmanager
+def boot(kernel: KernelUnderTest, accel: str = "tcg", *, poison: bytes | None = POISON,
+         timeout: float = BOOT_TIMEOUT):
+    """Boot to the inspectable state; a boot that fails raises `RunFailed` saying what the kernel did instead."""
+    from .diagnose import RunFailed, explain
+    from .machine import Machine
+    from .session import KernelSession
+
+    if kernel.layout is not None:
+        with KernelSession(kernel.elf_path, kernel.layout, accel=accel, poison=poison) as session:
+            yield LiveKernel(kernel, session.machine, session.channel, poison)
+        return
+    with Machine(kernel=kernel.elf_path, accel=accel, poison=poison) as machine:
+        try:
+            if kernel.ready is not None:
+                machine.wait_for(kernel.ready, timeout)
+            else:
+                _wait_idle(machine, timeout)
+        except MachineError as err:
+            raise RunFailed(explain(machine, kernel.elf, err)) from err
+        yield LiveKernel(kernel, machine, None, poison)
+
+
+def _wait_idle(machine, timeout: float) -> None:
+    from .hw import CR0_PG
+    deadline = time.monotonic() + timeout
+    while True:
+        state = machine.status()
+        if state != "running":
+            raise MachineError(f"the guest stopped in runstate {state} before it sat halted with paging on")
+        regs = machine.registers()
+        if regs.halted and regs.cr0 & CR0_PG:
+            return
+        if time.monotonic() >= deadline:
+            raise MachineError(f"the guest did not halt with paging on within {timeout:g} s")
+        time.sleep(IDLE_POLL)
+
+
+def probe_kvm(kernel: KernelUnderTest, cache_dir: Path | None = None) -> tuple[bool, str]:
+    """Whether KVM on this host can run this kernel (kvm_pvm cannot run 32-bit paging): one short boot.
+
+    The boot costs seconds where KVM is a software hypervisor (≈3 s here), more than the rest of the suite, so the
+    answer is kept in `cache_dir` for the same kernel bytes, QEMU binary and host kernel."""
+    from .machine import kvm_usable_for
+    marker = kernel.probe_marker
+    if marker is None:
+        return False, "no ready marker for this kernel, so KVM cannot be probed (pass --kgen-ready)"
+    cache = key = None
+    if cache_dir is not None:
+        qemu = shutil.which("qemu-system-i386")
+        key = hashlib.sha256(kernel.elf_path.read_bytes() + repr(
+            (os.uname().release, qemu, qemu and os.stat(qemu).st_mtime_ns, os.access("/dev/kvm", os.R_OK | os.W_OK))
+        ).encode()).hexdigest()
+        cache = cache_dir / KVM_PROBE_CACHE
+        try:
+            saved = json.loads(cache.read_text())
+            if saved["key"] == key:
+                return saved["usable"], saved["why"] + " (probed earlier, answer kept in " + str(cache) + ")"
+        except (OSError, ValueError, KeyError, TypeError):
+            pass    # no answer kept, or not one we wrote: probe
+    usable, why = kvm_usable_for(kernel.elf_path, marker)
+    if cache is not None:
+        cache.write_text(json.dumps({"key": key, "usable": usable, "why": why}))
+    return usable, why
+
+
+# --- `kgen test` ------------------------------------------------------------------------------------------------
+
+def pytest_args(args, extra: list[str]) -> list[str]:
+    """The pytest command line that runs the packaged suite as `kgen test` was asked to."""
+    argv = [str(SUITE), "-c", str(SUITE / "pytest.ini"), "--rootdir", str(SUITE),
+            # The suite may live in site-packages: write no cache there.
+            "-p", "no:cacheprovider", "--kgen-accel", args.accel]
+    if importlib.metadata.entry_points(group="pytest11", name=PLUGIN_ENTRY_POINT):
+        # pytest would rewrite the asserts of the plugin's package, but `kgen test` has imported kgen already.
+        argv += ["-W", "ignore::pytest.PytestAssertRewriteWarning"]
+    else:
+        argv += ["-p", "kgen.pytest_plugin"]      # a checkout on PYTHONPATH: the entry point is not installed
+    if args.kernel is not None:
+        argv += ["--kgen-kernel", str(args.kernel.resolve())]
+    else:
+        if args.config is not None:
+            argv += ["--kgen-config", str(args.config.resolve())]
+        argv += ["--kgen-out", str(args.out.resolve())]
+    if args.keyword:
+        argv += ["-k", args.keyword]
+    if args.exitfirst:
+        argv.append("-x")
+    if args.junitxml is not None:
+        argv.append(f"--junitxml={args.junitxml.resolve()}")
+    if str(args.jobs) not in ("0", "1"):
+        if importlib.util.find_spec("xdist") is None:
+            raise KgenError("parallel machines need pytest-xdist: pip install 'kgen[test]', or pass -j 1")
+        # By module: a module's machine booted for looking (kgen_idle) and the KVM probe then happen once.
+        argv += ["-n", str(args.jobs), "--dist", "loadscope"]
+    return argv + list(extra)
+
+
+def run_suite(args, extra: list[str]) -> int:
+    """`kgen test`: build the kernel (unless --kernel), run the suite; the exit status is pytest's."""
+    if importlib.util.find_spec("pytest") is None:
+        raise KgenError("kgen test needs pytest: pip install 'kgen[test]'")
+    import pytest
+
+    if args.kernel is not None:
+        if not args.kernel.is_file():
+            raise KgenError(f"--kernel {args.kernel}: no such file")
+        KernelUnderTest.foreign(args.kernel)          # a file that is no usable ELF fails here, in one line
+    else:
+        # Built once here, so parallel workers find it up to date instead of each writing it.
+        KernelUnderTest.built(args.config, args.out)
+    return int(pytest.main(pytest_args(args, extra)))

@@ -1,0 +1,125 @@
+"""`kgen test` and the pytest plugin: the packaged suite on kgen's kernel and on a higher-half kernel built with GNU
+as (generic part only), its exit status, -k/--junitxml/parallel workers, and fixtures in a user's own tests."""
+import os
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+import minikernels
+
+from conftest import needs_qemu
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = [pytest.mark.vm, needs_qemu]
+
+
+def run(*args, cwd=None):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def higher_half(tmp_path_factory):
+    out = tmp_path_factory.mktemp("higher-half")
+    return {name: minikernels.build(out, name, minikernels.HIGHER_HALF, minikernels.HIGHER_HALF_LDS,
+                                    WRITABLE_TEXT=writable)
+            for writable, name in enumerate(("good", "writable-text"))}
+
+
+def test_generic_suite_passes_on_a_gnu_as_higher_half_kernel(higher_half):
+    result = run("-m", "kgen.cli", "test", "--kernel", str(higher_half["good"]), "-j", "1", "--", "-rs")
+    assert result.returncode == 0, result.stdout + result.stderr
+    passed = [line for line in result.stdout.splitlines() if " passed" in line]
+    assert passed and "failed" not in passed[-1]
+    assert "test_cr3_is_the_boot_page_directory" not in result.stdout     # skipped, with the reason:
+    assert "good.elf was not built by kgen: its layout and call channel are unknown" in result.stdout
+
+
+def test_generic_suite_fails_naming_the_page_and_pytest_status_is_the_exit_status(higher_half):
+    result = run("-m", "kgen.cli", "test", "--kernel", str(higher_half["writable-text"]), "-j", "1")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "FAILED" in result.stdout and "test_elf_segments_map_vaddr_to_paddr_no_wider_than_their_flags" in result.stdout
+    assert ("page 0xc0100000 <__image_start> (segment R-X, loaded at 0x100000): writable (P RW A) via PD[768]"
+            in result.stdout), result.stdout
+    assert qemus_booting(higher_half["writable-text"]) == []
+
+
+def qemus_booting(kernel: Path) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0") if entry.name.isdigit() else [b""]
+            if b"qemu-system" in argv[0] and (b"-kernel", str(kernel).encode()) in zip(argv, argv[1:]):
+                pids.append(int(entry.name))
+        except OSError:
+            pass    # exited while we looked
+    return pids
+
+
+def test_ctrl_c_leaves_no_qemu(higher_half):
+    kernel = higher_half["good"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # As a terminal's Ctrl-C: SIGINT to the whole process group, pytest's and its QEMUs'.
+    child = subprocess.Popen([sys.executable, "-c", "import os, signal, sys; "
+                              "signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.executable, sys.argv[1:])",
+                              sys.executable, "-m", "kgen.cli", "test", "--kernel", str(kernel), "-j", "1"],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not qemus_booting(kernel):
+            assert child.poll() is None and time.monotonic() < deadline, "the suite never booted the kernel"
+            time.sleep(0.01)
+        os.killpg(child.pid, signal.SIGINT)
+        output = child.communicate(timeout=60)[0].decode()
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+    assert child.returncode == 2 and "KeyboardInterrupt" in output, output
+    assert qemus_booting(kernel) == []
+
+
+def test_kgen_test_builds_filters_runs_in_parallel_and_writes_junit(tmp_path):
+    report = tmp_path / "report.xml"
+    result = run("-m", "kgen.cli", "test", "--out", str(tmp_path / "build"), "-k", "recursive or slots_are_empty",
+                 "-j", "2", "--junitxml", str(report))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "build" / "kernel.elf").is_file()
+    assert "2 workers" in result.stdout
+    cases = {case.get("name") for case in ET.parse(report).iter("testcase")}
+    assert cases == {"test_recursive_slot_maps_the_pd_supervisor_only", "test_temp_map_slots_are_empty_while_idle"}
+
+
+def test_importing_the_plugin_loads_nothing_of_kgen_or_qemu():
+    result = run("-c", "import sys, kgen.pytest_plugin; "
+                       "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+                       "('kgen', 'qemu', 'elftools', 'lief', 'keystone')))")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "['kgen', 'kgen.pytest_plugin']"
+
+
+USER_TEST = '''
+from kgen import invariants
+
+
+def test_my_own_machine_state(kgen_kernel, kgen_machine):
+    layout = kgen_kernel.layout
+    slot = kgen_machine.call("temp_map", layout.kernel_load_address)
+    assert invariants.check_tempmap_empty(kgen_machine.view())      # stopped: the slot is still mapped
+    kgen_machine.call("temp_unmap", slot)                             # continued for the call
+    assert invariants.check_tempmap_empty(kgen_machine.view()) == []
+    first = int.from_bytes(kgen_machine.machine.read_phys(layout.kernel_load_address, 4), "little")
+    assert kgen_machine.call("peek32", layout.kernel_virtual_start) == first
+'''
+
+
+def test_users_write_their_own_tests_with_the_fixtures(tmp_path):
+    (tmp_path / "test_mine.py").write_text(USER_TEST)
+    result = run("-m", "pytest", "-p", "kgen.pytest_plugin", "-p", "no:cacheprovider", "-q",
+                 "--kgen-out", str(tmp_path / "build"), str(tmp_path / "test_mine.py"), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 passed" in result.stdout
