@@ -1,5 +1,6 @@
 """`kgen test` and the pytest plugin: the packaged suite on kgen's kernel and on a higher-half kernel built with GNU
 as (generic part only), its exit status, -k/--junitxml/parallel workers, and fixtures in a user's own tests."""
+import importlib.metadata
 import os
 import signal
 import subprocess
@@ -117,9 +118,15 @@ def test_my_own_machine_state(kgen_kernel, kgen_machine):
 '''
 
 
+def plugin_installed() -> bool:
+    """Whether pytest loads kgen's plugin by itself (kgen installed), or it must be named with -p (a checkout)."""
+    return any(ep.name == "kgen" for ep in importlib.metadata.entry_points(group="pytest11"))
+
+
 def test_users_write_their_own_tests_with_the_fixtures(tmp_path):
     (tmp_path / "test_mine.py").write_text(USER_TEST)
-    result = run("-m", "pytest", "-p", "kgen.pytest_plugin", "-p", "no:cacheprovider", "-q",
+    load = [] if plugin_installed() else ["-p", "kgen.pytest_plugin"]
+    result = run("-m", "pytest", *load, "-p", "no:cacheprovider", "-q",
                  "--kgen-out", str(tmp_path / "build"), str(tmp_path / "test_mine.py"), cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 passed" in result.stdout

@@ -1,0 +1,49 @@
+"""The package as a user gets it: a wheel built from the checkout, installed into a clean venv elsewhere, builds
+a kernel with the templates and GRUB tree it carries."""
+import subprocess
+import sys
+import venv
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(ROOT)],
+                   check=True, capture_output=True, text=True)
+    (path,) = out.glob("kgen-*.whl")
+    return path
+
+
+def test_wheel_carries_templates_boot_tree_and_suite(wheel):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for template in (ROOT / "templates").glob("*.s"):
+        assert f"kgen/_data/templates/{template.name}" in names
+    assert "kgen/_data/boot/grub/grub.cfg" in names
+    assert "kgen/suite/test_invariants.py" in names
+
+
+def test_installed_outside_the_checkout_kgen_build_works(wheel, tmp_path):
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=True)
+    pip = subprocess.run([env_dir / "bin" / "python", "-m", "pip", "install", "-q", str(wheel)],
+                         capture_output=True, text=True)
+    assert pip.returncode == 0, pip.stderr[-2000:]
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    where = subprocess.run([env_dir / "bin" / "python", "-c",
+                            "import kgen.resources as r; print(r.templates_dir()); print(r.boot_dir())"],
+                           cwd=work, capture_output=True, text=True, check=True).stdout.split()
+    assert all(str(env_dir) in path for path in where), where
+    result = subprocess.run([env_dir / "bin" / "kgen", "build", "--out", "out"], cwd=work,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert (work / "out" / "kernel.elf").stat().st_size > 0
+    assert (work / "out" / "kernel.iso").stat().st_size > 0
