@@ -1,4 +1,4 @@
-"""`python -m kgen.bench` (`make bench`): what the physical memory manager costs, measured inside the kernel.
+"""`python -m kgen.bench` (`make bench`): what the memory managers cost, measured inside the kernel.
 
 Loops in templates/bench.s run each operation n times between two rdtsc reads; the empty loop's delta is
 subtracted. Under TCG with `-icount shift=0,sleep=off` the guest clock advances one tick per executed instruction,
@@ -54,6 +54,54 @@ def per_op(session: KernelSession, repeats: int) -> dict[str, float]:
     return results
 
 
+HEAP_CASES = ((16, 1), (64, 1), (512, 1), (4096, 1), (4096, 4096))
+
+
+def vmm_heap_ops(session: KernelSession, repeats: int) -> dict[str, float]:
+    """VMM and heap costs per operation, empty loop subtracted."""
+    from . import hw
+
+    layout = session.layout
+
+    def run(routine: str, n: int, *args: int) -> int:
+        return session.call_full(routine, n, *args, timeout=120).value64
+
+    def best(routine: str, n: int, *args: int) -> float:
+        return (min(run(routine, n, *args) for _ in range(repeats)) - empty * n) / n
+
+    empty = min(run("bench_empty", LOOPS) for _ in range(repeats)) / LOOPS
+    frame = session.call("pmm_alloc")
+    rw = hw.PTE_P | hw.PTE_RW
+    # Two 4 MiB regions of the vmm window past the heap's slab pages: one whose table a pinned page keeps alive,
+    # one with no table, so every vmm_map there makes one and every vmm_unmap frees it.
+    kept = layout.vmm_window.end - 2 * hw.I386_LARGE_PAGE
+    bare = layout.vmm_window.end - hw.I386_LARGE_PAGE
+    assert session.call("vmm_map", kept, session.call("pmm_alloc"), rw) == 1
+    results = {
+        "vmm_map + vmm_unmap, table exists": best("bench_vmm_map_unmap", LOOPS, kept + hw.PAGE_SIZE, frame),
+        "vmm_map + vmm_unmap, table made+freed": best("bench_vmm_map_unmap", LOOPS, bare, frame),
+        "vrange reserve + release (1 page)": best("bench_range", LOOPS, 1),
+    }
+    faults = []
+    for _ in range(repeats):
+        start = session.call("vmm_alloc", LOOPS, rw, 1)
+        faults.append(run("bench_demand_fault", LOOPS, start))
+        session.call("vmm_free", start)
+    results["demand-paging fault"] = (min(faults) - empty * LOOPS) / LOOPS
+    for size, align in HEAP_CASES:
+        pin = session.call("kmalloc_aligned", size, align)   # keeps the class's slab: no page churn per block
+        label = f"kmalloc+kfree {size} B" + (f", aligned {align}" if align > 1 else "")
+        results[label] = best("bench_kmalloc_kfree", LOOPS, size, align)
+        session.call("kfree", pin)
+    return results
+
+
+def print_plain(title: str, unit: str, results: dict[str, float]) -> None:
+    print(f"\n{title}")
+    for label, value in results.items():
+        print(f"  {label:<40} {value:>12.1f} {unit}")
+
+
 def vm_hwm_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -104,6 +152,8 @@ def main(argv=None) -> int:
         with KernelSession(out.elf, out.kernel.layout, icount=True) as s:
             print_ops("TCG, -icount shift=0,sleep=off: rdtsc counts executed instructions (exact, repeatable)",
                       "instructions", per_op(s, 1))
+            print_plain("VMM and heap, TCG -icount (instructions per operation)", "instructions",
+                        vmm_heap_ops(s, 1))
         if not args.no_init:
             print_init("PMM init, TCG -icount shift=0 (instructions); guest RAM without a file, so "
                        "VmHWM shows what was touched", "instructions", init_costs(work, "tcg"))
@@ -113,6 +163,7 @@ def main(argv=None) -> int:
             return 0
         with KernelSession(out.elf, out.kernel.layout, accel="kvm") as s:
             print_ops(f"KVM: rdtsc counts TSC cycles (best of {KVM_REPEATS})", "cycles", per_op(s, KVM_REPEATS))
+            print_plain("VMM and heap, KVM (TSC cycles)", "cycles", vmm_heap_ops(s, KVM_REPEATS))
         if not args.no_init:
             print_init("PMM init, KVM (TSC cycles)", "cycles", init_costs(work, "kvm"))
     return 0

@@ -122,6 +122,97 @@ bench_invlpg:
     pop ebx
     ret
 
+# bench_vmm_map_unmap(n, vaddr, phys): vmm_map then vmm_unmap. Whether the page table is made and freed every
+# time depends on the caller: it keeps another page of the table mapped, or not.
+bench_vmm_map_unmap:
+    push ebx
+    push esi
+    push edi
+    mov ebx, [esp + 0x10]
+    mov esi, [esp + 0x14]
+    mov edi, [esp + 0x18]
+    call bench_start
+.Lvmm_map_loop:
+    push PTE_P | PTE_RW
+    push edi
+    push esi
+    call vmm_map
+    add esp, 0xc
+    push esi
+    call vmm_unmap
+    add esp, 0x4
+    dec ebx
+    jnz .Lvmm_map_loop
+    call bench_stop
+    pop edi
+    pop esi
+    pop ebx
+    ret
+
+# bench_demand_fault(n, start): one write to each of n untouched pages of a lazy allocation: n page faults
+bench_demand_fault:
+    push ebx
+    push esi
+    mov ebx, [esp + 0xc]
+    mov esi, [esp + 0x10]
+    call bench_start
+.Lfault_loop:
+    mov dword ptr [esi], 0x1
+    add esi, PAGE_SIZE
+    dec ebx
+    jnz .Lfault_loop
+    call bench_stop
+    pop esi
+    pop ebx
+    ret
+
+# bench_range(n, pages): vrange_reserve(pages) then vrange_release of the same range
+bench_range:
+    push ebx
+    push esi
+    mov ebx, [esp + 0xc]
+    mov esi, [esp + 0x10]
+    call bench_start
+.Lrange_loop:
+    push esi
+    call vrange_reserve
+    add esp, 0x4
+    push esi
+    push eax
+    call vrange_release
+    add esp, 0x8
+    dec ebx
+    jnz .Lrange_loop
+    call bench_stop
+    pop esi
+    pop ebx
+    ret
+
+# bench_kmalloc_kfree(n, size, align): kmalloc_aligned then kfree of the block
+bench_kmalloc_kfree:
+    push ebx
+    push esi
+    push edi
+    mov ebx, [esp + 0x10]
+    mov esi, [esp + 0x14]
+    mov edi, [esp + 0x18]
+    call bench_start
+.Lkmalloc_loop:
+    push edi
+    push esi
+    call kmalloc_aligned
+    add esp, 0x8
+    push eax
+    call kfree
+    add esp, 0x4
+    dec ebx
+    jnz .Lkmalloc_loop
+    call bench_stop
+    pop edi
+    pop esi
+    pop ebx
+    ret
+
 # For the map routines, from their (n, vaddr, phys) arguments: ecx = vaddr, esi = its PTE through the recursive
 # window, edi = the PTE to store. Called by them right after pushing three registers, so vaddr is at esp + 0x18.
 bench_pte_of_arg:

@@ -15,10 +15,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kgen import bootreport, hw
+from kgen.bootreport import BOOT_OK
 from kgen.build import build
+from kgen.calls import CallError
 from kgen.config import Config
+from kgen.machine import kvm_usable_for
 from kgen.pagewalk import Walker
-from kgen.pmmview import PmmView, alloc_at_pages, overlap_frames, parse_report, ranges_from_mmap
+from kgen.pmmview import (ChainError, PmmState, PmmView, alloc_at_pages, overlap_frames, parse_report,
+                          ranges_from_mmap)
 from kgen.session import KernelSession
 
 pytestmark = [pytest.mark.vm, pytest.mark.skipif(shutil.which("qemu-system-i386") is None,
@@ -28,20 +32,37 @@ POISON = 0xA5
 SMALL_GUEST_MIB = 16
 
 
-def session_for(tmp_path_factory, name: str, **config) -> KernelSession:
+def session_for(tmp_path_factory, name: str, accel: str = "tcg", **config) -> KernelSession:
     out = build(Config(**config), tmp_path_factory.mktemp(name), iso=False)
-    return KernelSession(out.elf, out.kernel.layout, poison=POISON)
+    return KernelSession(out.elf, out.kernel.layout, accel=accel, poison=POISON)
 
 
 @pytest.fixture(scope="module")
-def kernel(tmp_path_factory):
-    with session_for(tmp_path_factory, "pmm") as s:
+def kernel_build(tmp_path_factory):
+    return build(Config(), tmp_path_factory.mktemp("pmm"), iso=False)
+
+
+@pytest.fixture(scope="module")
+def accel(request, kernel_build):
+    """--kgen-accel when kgen's pytest plugin is loaded; KVM is probed first, as this host's may not run the kernel."""
+    accel = request.config.getoption("kgen_accel", default="tcg")
+    if accel == "kvm":
+        usable, why = kvm_usable_for(kernel_build.elf, BOOT_OK)
+        if not usable:
+            pytest.skip(why)
+    return accel
+
+
+@pytest.fixture
+def kernel(kernel_build, accel):
+    """A fresh boot per test (≈0.25 s), so a test that breaks the allocator cannot fail the next one."""
+    with KernelSession(kernel_build.elf, kernel_build.kernel.layout, accel=accel, poison=POISON) as s:
         yield s
 
 
-@pytest.fixture(scope="module")
-def small_kernel(tmp_path_factory):
-    with session_for(tmp_path_factory, "pmm-small", machine_memory_mib=SMALL_GUEST_MIB) as s:
+@pytest.fixture
+def small_kernel(tmp_path_factory, accel):
+    with session_for(tmp_path_factory, "pmm-small", accel, machine_memory_mib=SMALL_GUEST_MIB) as s:
         yield s
 
 
@@ -66,7 +87,7 @@ class Model:
         start = self.view.state()
         self.stack = self.view.free_stack(start)[::-1]      # bottom first, as a Python list grows
         self.untouched = start.untouched
-        self.live_before = start.live                          # frames other tests still hold
+        self.live_before = start.live                          # frames held before this model began
         self.held: set[int] = set()                            # frames from pmm_alloc
         self.mapped: dict[int, int] = {}                       # vaddr -> frame, from pmm_alloc_at
         self.image = [(seg.paddr, seg.paddr + seg.memsz) for seg in s.elf.segments]
@@ -160,6 +181,8 @@ class Model:
         walker = Walker(self.s.machine.read_phys, self.cr3, recursive_slot=self.layout.recursive_slot)
         assert self.slot_ptes(walker) == [0] * self.layout.tempmap_slots, "a temp-map slot is still mapped"
         on_stack = set(chain)
+        tables = {self.cr3 & hw.PTE_FRAME_MASK} | {frame for _, frame in walker.page_tables()}
+        assert not on_stack & tables, f"page tables {[hex(f) for f in on_stack & tables]} are on the free stack"
         for m in walker.mappings():
             hit = [f for f in on_stack if m.pstart <= f < m.pstart + m.size]
             assert not hit, f"free frames {[hex(f) for f in hit]} are mapped at {m}"
@@ -169,6 +192,22 @@ class Model:
         for vaddr in alloc_at_pages(self.layout):
             if vaddr not in self.mapped:
                 assert walker.translate(vaddr) is None, f"{vaddr:#x} is still mapped after pmm_free_at"
+
+
+# ---- the host-side chain walk, on memory made up here ---------------------------------------------------------
+@pytest.mark.parametrize("links, count, error", [
+    ({0x200000: 0x201000, 0x201000: 0x200000}, 5, "a cycle"),
+    ({0x200000: 0x201000, 0x201000: 0x202000, 0x202000: 0}, 2, "one frame more than the count"),
+    ({0x200000: 0x201004}, 2, "not a page-aligned frame of RAM"),
+    ({0x200000: 0x900000}, 2, "not a page-aligned frame of RAM"),
+])
+def test_chain_walk_reports_broken_chains(links, count, error):
+    def read_phys(addr, size):
+        return links.get(addr, 0).to_bytes(size, "little")
+    state = PmmState(top=0x200000, count=count, untouched=0, total=0x100, reserved_frames=0,
+                     ranges=((0x100000, 0x800000),), reserved=())
+    with pytest.raises(ChainError, match=error):
+        PmmView(read_phys, None, None).free_stack(state)
 
 
 # ---- accounting at boot -----------------------------------------------------------------------------------------
@@ -254,6 +293,20 @@ def test_pmm_free_refuses_with_a_report(kernel):
     model.check_machine()
 
 
+@pytest.mark.parametrize("link", [0x5, 0x0], ids=["unaligned", "bottom-too-early"])
+def test_a_corrupt_link_stops_the_kernel(kernel, link):
+    frames = [kernel.call("pmm_alloc") for _ in range(2)]
+    for frame in frames:
+        assert kernel.call("pmm_free", frame) == 1
+    kernel.machine.stop()
+    kernel.machine.write_phys(frames[-1], link.to_bytes(4, "little"))
+    kernel.machine.cont()
+    with pytest.raises(CallError):
+        handed_out = kernel.call("pmm_alloc")
+        pytest.fail(f"pmm_alloc followed a corrupt link and handed out {handed_out:#x}")
+    assert "kgen: panic: pmm: free-frame stack corrupt" in kernel.machine.serial
+
+
 # ---- exhaustion --------------------------------------------------------------------------------------------------
 def test_small_guest_exhausts_at_the_expected_count_and_recovers(small_kernel):
     s = small_kernel
@@ -305,6 +358,7 @@ def test_temp_map_remaps_reach_the_new_frame(kernel):
 
 
 def test_a_kernel_without_invlpg_is_caught(tmp_path_factory):
+    # TCG alone: what a CPU's TLB keeps without INVLPG is not guaranteed, TCG's software TLB keeps it every time.
     with session_for(tmp_path_factory, "pmm-no-invlpg", tempmap_skip_invlpg=True) as s:
         assert stale_links(s), "the variant without INVLPG went unnoticed"
 
@@ -321,24 +375,22 @@ BATCH = 25
 def test_random_sequences_match_the_model(kernel, ops):
     model = Model(kernel)
     spare = alloc_at_pages(kernel.layout)
-    try:
-        for i, (op, pick) in enumerate(ops):
-            held, mapped = sorted(model.held), sorted(model.mapped)
+    for i, (op, pick) in enumerate(ops):
+        held, mapped = sorted(model.held), sorted(model.mapped)
+        if op == "alloc":
+            model.alloc()
+        elif op == "free" and held:
+            model.free(held[pick % len(held)])
+        elif op == "alloc_at":
             free_vaddrs = [v for v in spare if v not in model.mapped]
-            if op == "alloc":
-                model.alloc()
-            elif op == "free" and held:
-                model.free(held[pick % len(held)])
-            elif op == "alloc_at":
-                model.alloc_at(free_vaddrs[pick % len(free_vaddrs)], hw.PTE_RW if pick & 1 else 0)
-            elif op == "free_at" and mapped:
-                model.free_at(mapped[pick % len(mapped)])
-            elif op == "double_free" and model.stack:
-                assert kernel.call("pmm_free", model.stack[-1]) == 0
-                model.check_accounting()
-            if i % BATCH == BATCH - 1:
-                model.check_machine()
-        model.check_machine()
-    finally:
-        model.release_all()
+            model.alloc_at(free_vaddrs[pick % len(free_vaddrs)], hw.PTE_RW if pick & 1 else 0)
+        elif op == "free_at" and mapped:
+            model.free_at(mapped[pick % len(mapped)])
+        elif op == "double_free" and model.stack:
+            assert kernel.call("pmm_free", model.stack[-1]) == 0
+            model.check_accounting()
+        if i % BATCH == BATCH - 1:
+            model.check_machine()
+    # Give everything back (a failed example skips this: the next one starts from whatever the machine holds).
+    model.release_all()
     model.check_machine()
