@@ -205,6 +205,22 @@ class Walker:
                                    self._attrs(entry, rights, size), chain)
             level, base = level + 1, frame
 
+    def physical_spans(self, vaddr: int, size: int) -> list[tuple[int, int]]:
+        """The (physical address, length) pieces that `size` bytes at `vaddr` occupy, page by page."""
+        spans = []
+        while size > 0:
+            t = self.translate(vaddr)
+            if t is None:
+                raise WalkError(f"{vaddr:#x} is not mapped: an access there would fault")
+            chunk = min(size, t.size - (vaddr & (t.size - 1)))
+            spans.append((t.paddr, chunk))
+            vaddr, size = vaddr + chunk, size - chunk
+        return spans
+
+    def read_virtual(self, vaddr: int, size: int) -> bytes:
+        """`size` bytes at `vaddr` as the CPU would read them through these tables."""
+        return b"".join(self.read_phys(paddr, n) for paddr, n in self.physical_spans(vaddr, size))
+
     def mappings(self) -> list[Mapping]:
         """Every mapped range outside the recursive windows, merged where virtual and physical addresses both
         continue and the attributes agree."""

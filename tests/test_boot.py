@@ -97,3 +97,13 @@ def test_missing_qemu_is_one_line(default_build, tmp_path):
     assert result.returncode == 3
     assert result.stderr.strip() == ("kgen: error: qemu-system-i386 not found: install the Debian package "
                                      "qemu-system-x86")
+
+
+def test_missing_grub_is_one_line_and_leaves_no_iso(tmp_path):
+    env = dict(os.environ, PATH=str(tmp_path))
+    out = tmp_path / "out"
+    result = kgen("build", "--out", str(out), env=env)
+    assert result.returncode == 3
+    assert result.stderr.strip() == ("kgen: error: grub-mkrescue not found: install the Debian packages "
+                                     "grub-common grub-pc-bin xorriso")
+    assert not (out / "kernel.iso").exists()

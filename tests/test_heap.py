@@ -44,17 +44,13 @@ class VirtualMemory:
     def refresh(self):
         self.walker = Walker(self.s.machine.read_phys, self.cr3)
 
-    def _phys(self, vaddr):
-        t = self.walker.translate(vaddr)
-        assert t is not None, f"{vaddr:#x} is not mapped"
-        return t.paddr
-
     def write(self, vaddr: int, data: bytes):
-        for i, byte in enumerate(data):
-            self.s.machine.write_phys(self._phys(vaddr + i), bytes([byte]))
+        for paddr, n in self.walker.physical_spans(vaddr, len(data)):
+            self.s.machine.write_phys(paddr, data[:n])
+            data = data[n:]
 
     def read(self, vaddr: int, size: int) -> bytes:
-        return bytes(self.s.machine.read_phys(self._phys(vaddr + i), 1)[0] for i in range(size))
+        return self.walker.read_virtual(vaddr, size)
 
 
 def stamp(ptr: int) -> bytes:

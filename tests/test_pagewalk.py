@@ -395,3 +395,19 @@ def test_x86_64():
     t.set((), 1, 0x7000 | P | PS)
     with pytest.raises(WalkError, match=r"PML4\[1\].*reserved bits 0x80 set"):
         t.walker(X86_64)
+
+
+def test_read_virtual_crosses_pages_and_refuses_unmapped():
+    mem = bytearray(0x40000)
+    pd, pt = 0x1000, 0x2000
+    mem[pd:pd + 4] = (pt | P | RW).to_bytes(4, "little")
+    # virtual pages 5 and 6 map physical 0x9000 and 0x3000: not contiguous in physical memory
+    mem[pt + 5 * 4:pt + 5 * 4 + 4] = (0x9000 | P).to_bytes(4, "little")
+    mem[pt + 6 * 4:pt + 6 * 4 + 4] = (0x3000 | P).to_bytes(4, "little")
+    mem[0x9FFE:0xA000] = b"ab"
+    mem[0x3000:0x3002] = b"cd"
+    w = Walker(lambda a, n: bytes(mem[a:a + n]), pd)
+    assert w.read_virtual(0x5FFE, 4) == b"abcd"
+    assert w.physical_spans(0x5FFE, 4) == [(0x9FFE, 2), (0x3000, 2)]
+    with pytest.raises(WalkError, match="0x7000 is not mapped"):
+        w.read_virtual(0x6FFE, 4)
