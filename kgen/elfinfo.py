@@ -89,11 +89,23 @@ class ElfInfo:
     def symbolize(self, addr: int) -> str:
         """`0xc01000a3 <pmm_alloc+0x13>` for an address inside a symbol, the bare address otherwise."""
         text = f"{addr:#0{self.bits // 4 + 2}x}"
-        sym = self.symbol_at(addr)
+        sym, where = self.symbol_at(addr), addr
         if sym is None:
-            return text
-        offset = addr - sym.value
-        return f"{text} <{sym.name}+{offset:#x}>" if offset else f"{text} <{sym.name}>"
+            # Before paging is on, a higher-half kernel runs at its load address: name the code it runs there.
+            where = self.virtual_of_physical(addr)
+            sym = self.symbol_at(where) if where is not None else None
+            if sym is None:
+                return text
+        offset = where - sym.value
+        name = f"{sym.name}+{offset:#x}" if offset else sym.name
+        return f"{text} <{name}>" if where == addr else f"{text} <{name}, at its physical address>"
+
+    def virtual_of_physical(self, addr: int) -> int | None:
+        """The link-time address of the byte a segment loads at physical `addr`, or None outside every segment."""
+        for seg in self.segments:
+            if seg.paddr != seg.vaddr and seg.paddr <= addr < seg.paddr + seg.memsz:
+                return addr - seg.paddr + seg.vaddr
+        return None
 
     def symbol_at(self, addr: int) -> ElfSymbol | None:
         """The nearest symbol at or below `addr` whose extent covers it."""

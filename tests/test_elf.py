@@ -315,3 +315,11 @@ def test_any_layout_survives_lief(tmp_path, start, text_size, rodata_size, data_
     for seg, group in zip(info.segments, image.segments()):
         assert (seg.vaddr, seg.paddr) == (group[0].vaddr, group[0].paddr)
         assert seg.memsz == group[-1].vaddr + group[-1].size - group[0].vaddr
+
+
+def test_symbolize_names_code_running_at_its_physical_address(default_build):
+    info = ElfInfo.load(default_build.elf)
+    start = default_build.kernel.image.symbol("_start").value
+    physical = start - default_build.kernel.layout.kernel_virtual_base + 4
+    assert info.symbolize(physical) == f"{physical:#010x} <_start+0x4, at its physical address>"
+    assert info.symbolize(start + 4) == f"{start + 4:#010x} <_start+0x4>"
