@@ -26,7 +26,7 @@ class KernelException:
         f = self.fields
         name = hw.EXCEPTION_NAMES.get(self.vector, "reserved exception")
         text = f"{name} (vector {self.vector}) error={f['error']:#x}"
-        if self.vector == 14:
+        if self.vector == hw.VECTOR_PAGE_FAULT:
             text += f" [{hw.describe_page_fault_error(f['error'])}] CR2={f['cr2']:#010x}"
         eip = elf.symbolize(f["eip"]) if elf else f"{f['eip']:#010x}"
         return f"{text} EIP={eip}"
