@@ -560,6 +560,8 @@ class Machine:
                 status = self._proc.wait(min(RUNSTATE_POLL, max(0.0, deadline - time.monotonic())))
             except subprocess.TimeoutExpired:
                 ended = self._dead_end()
+                if ended and self._proc.poll() is not None:
+                    continue    # it exited between the wait and the runstate query: collect its status
                 if ended:
                     raise self._error("wait", f"{ended}; QEMU will not exit by itself") from None
                 if time.monotonic() >= deadline:

@@ -483,7 +483,8 @@ def test_kvm_probe_answers_within_a_bounded_time(kernels):
     assert reason
     if os.path.exists("/sys/module/kvm_pvm"):  # software hypervisor: 32-bit paging triple-faults
         assert not usable
-        assert "guest-reset" in reason
+        # The triple fault usually comes within the probe's time; on a loaded host the boot may not get that far.
+        assert "guest-reset" in reason or "within 10 s" in reason
 
 
 HARNESS = """
