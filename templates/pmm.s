@@ -134,24 +134,22 @@ pmm_bump:
     mov eax, [pmm_bump_next]
     cmp eax, [pmm_ranges + ecx*8 + 0x4]
     jae .Lbump_next_range
-    xor ebx, ebx
-.Lbump_reserved:
-    cmp ebx, [pmm_reserved_count]
-    jae .Lbump_take
-    cmp eax, [pmm_reserved + ebx*8]
-    jb .Lbump_not_this
-    cmp eax, [pmm_reserved + ebx*8 + 0x4]
-    jae .Lbump_not_this
-    mov eax, [pmm_reserved + ebx*8 + 0x4]           # inside a reserved interval: jump past it
+    mov ebx, eax
+    push dword ptr [pmm_reserved_count]
+    push offset pmm_reserved
+    push ebx
+    call pmm_interval_of
+    add esp, 0xc
+    test eax, eax
+    jz .Lbump_take
+    mov eax, [pmm_reserved + eax*8 - 0x4]           # inside a reserved interval: jump past its end
     mov [pmm_bump_next], eax
     jmp .Lbump_again
-.Lbump_not_this:
-    inc ebx
-    jmp .Lbump_reserved
 .Lbump_take:
-    lea edx, [eax + PAGE_SIZE]
+    lea edx, [ebx + PAGE_SIZE]
     mov [pmm_bump_next], edx
     dec dword ptr [pmm_untouched]
+    mov eax, ebx
     pop ebx
     ret
 .Lbump_next_range:
@@ -257,35 +255,48 @@ pmm_free:
     pop ebx
     ret
 
+# pmm_interval_of(addr, intervals, count) -> 1 + the index of the [start, end) pair holding addr, or 0
+pmm_interval_of:
+    mov eax, [esp + 0x4]
+    mov edx, [esp + 0x8]
+    xor ecx, ecx
+.Linterval_next:
+    cmp ecx, [esp + 0xc]
+    jae .Linterval_none
+    cmp eax, [edx + ecx*8]
+    jb .Linterval_skip
+    cmp eax, [edx + ecx*8 + 0x4]
+    jb .Linterval_found
+.Linterval_skip:
+    inc ecx
+    jmp .Linterval_next
+.Linterval_found:
+    lea eax, [ecx + 0x1]
+    ret
+.Linterval_none:
+    xor eax, eax
+    ret
+
 # pmm_frame_refusal(phys) -> 0 when phys may be freed, else the reason as a string
 pmm_frame_refusal:
     mov eax, [esp + 0x4]
     test eax, PAGE_SIZE - 1
     jnz .Lrefuse_unaligned
-    xor ecx, ecx
-.Lrefusal_range:
-    cmp ecx, [pmm_range_count]
-    jae .Lrefuse_not_ram
-    cmp eax, [pmm_ranges + ecx*8]
-    jb .Lrefusal_next_range
-    cmp eax, [pmm_ranges + ecx*8 + 0x4]
-    jb .Lrefusal_in_ram
-.Lrefusal_next_range:
-    inc ecx
-    jmp .Lrefusal_range
-.Lrefusal_in_ram:
-    xor ecx, ecx
-.Lrefusal_reserved:
-    cmp ecx, [pmm_reserved_count]
-    jae .Lrefusal_top
-    cmp eax, [pmm_reserved + ecx*8]
-    jb .Lrefusal_next_reserved
-    cmp eax, [pmm_reserved + ecx*8 + 0x4]
-    jb .Lrefuse_reserved
-.Lrefusal_next_reserved:
-    inc ecx
-    jmp .Lrefusal_reserved
-.Lrefusal_top:
+    push dword ptr [pmm_range_count]
+    push offset pmm_ranges
+    push eax
+    call pmm_interval_of
+    add esp, 0xc
+    test eax, eax
+    jz .Lrefuse_not_ram
+    push dword ptr [pmm_reserved_count]
+    push offset pmm_reserved
+    push dword ptr [esp + 0xc]
+    call pmm_interval_of
+    add esp, 0xc
+    test eax, eax
+    jnz .Lrefuse_reserved
+    mov eax, [esp + 0x4]
     cmp eax, [pmm_top]
     je .Lrefuse_top
     xor eax, eax
