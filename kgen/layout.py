@@ -18,6 +18,8 @@ LOW_MEMORY_END = 0x100000
 # On QEMU's `pc` machine RAM above this is moved past 4 GiB to make room for PCI; kgen keeps RAM below it.
 PC_BELOW_4G_MAX_MIB = 3072
 MIN_MEMORY_MIB = 16
+# Where QEMU's isa-debug-exit device listens: the kernel's exit port and the harness's device option.
+DEBUG_EXIT_PORT = 0xF4
 # vmm_translate/vmm_unmap's answer for "nothing mapped there" (no frame can start at that address).
 VMM_NONE = 0xFFFFFFFF
 # A page-table use count that never drops to zero: tables the boot stub made are never freed.
@@ -76,7 +78,7 @@ class Layout:
     # Guest.
     memory_mib: int
     # QEMU's isa-debug-exit device: the kernel writes a value, QEMU exits with (value << 1) | 1.
-    debug_exit_port: int = 0xF4
+    debug_exit_port: int = DEBUG_EXIT_PORT
     debug_exit_success: int = 0x10
     debug_exit_failure: int = 0x11
     # Segment selectors of kgen's GDT: null, kernel code, kernel data.

@@ -39,6 +39,7 @@ from pathlib import Path
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 
 from .errors import MachineError, ToolMissing
+from .layout import DEBUG_EXIT_PORT
 from .registers import Registers, parse_info_registers
 
 QEMU_PACKAGE = "qemu-system-x86"
@@ -222,7 +223,7 @@ class Machine:
 
     def __init__(self, kernel: str | os.PathLike | None = None, iso: str | os.PathLike | None = None, *,
                  append: str | None = None, accel: str = "tcg", memory_mib: int = 128,
-                 poison: int | bytes | None = None, debug_exit_port: int = 0xF4, echo_serial: bool = False,
+                 poison: int | bytes | None = None, debug_exit_port: int = DEBUG_EXIT_PORT, echo_serial: bool = False,
                  icount: bool = False, ram_file: bool = True, extra_args: Sequence[str] = (),
                  qemu: str = "qemu-system-i386"):
         if (kernel is None) == (iso is None):

@@ -5,6 +5,10 @@ import pytest
 
 from kgen.build import build
 from kgen.config import Config
+from kgen.session import KernelSession
+
+# Guest RAM starts as this byte everywhere the loader did not write, so a structure nobody cleared shows up.
+POISON = 0xA5
 
 needs_qemu = pytest.mark.skipif(shutil.which("qemu-system-i386") is None,
                                 reason="qemu-system-i386 not installed (Debian package qemu-system-x86)")
@@ -22,3 +26,10 @@ def default_build(tmp_path_factory):
 def fault_build(tmp_path_factory):
     """A kernel that touches an unmapped page right after boot."""
     return build(Config(fault_at_boot=True), tmp_path_factory.mktemp("fault"), iso=False)
+
+
+@pytest.fixture
+def session(default_build):
+    """The default kernel booted to serve calls, on poisoned RAM; a fresh machine per test."""
+    with KernelSession(default_build.elf, default_build.kernel.layout, poison=POISON) as s:
+        yield s

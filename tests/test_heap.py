@@ -14,20 +14,10 @@ from kgen.config import Config
 from kgen.pagewalk import Walker
 from kgen.session import KernelSession
 
+from conftest import POISON
+
 pytestmark = [pytest.mark.vm, pytest.mark.skipif(shutil.which("qemu-system-i386") is None,
                                                   reason="qemu-system-i386 not installed")]
-POISON = 0x5A
-
-
-@pytest.fixture(scope="module")
-def kernel(tmp_path_factory):
-    return build(Config(), tmp_path_factory.mktemp("heap"), iso=False)
-
-
-@pytest.fixture
-def session(kernel):
-    with KernelSession(kernel.elf, kernel.kernel.layout, poison=POISON) as s:
-        yield s
 
 
 class VirtualMemory:
@@ -72,8 +62,8 @@ ops = st.lists(st.tuples(st.sampled_from(["malloc", "aligned", "free"]), sizes, 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops)
-def test_random_sequences_against_a_model(kernel, sequence):
-    with KernelSession(kernel.elf, kernel.kernel.layout, poison=POISON) as s:
+def test_random_sequences_against_a_model(default_build, sequence):
+    with KernelSession(default_build.elf, default_build.kernel.layout, poison=POISON) as s:
         vm = VirtualMemory(s)
         start_free = s.call("pmm_stats_free")
         live: dict[int, int] = {}

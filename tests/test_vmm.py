@@ -15,22 +15,12 @@ from kgen.layout import VMM_NONE
 from kgen.pagewalk import Walker
 from kgen.session import KernelSession
 
+from conftest import POISON
+
 pytestmark = [pytest.mark.vm, pytest.mark.skipif(shutil.which("qemu-system-i386") is None,
                                                   reason="qemu-system-i386 not installed")]
-POISON = 0xA5
 POISON_WORD = bytes([POISON]) * 4
 FLAGS = hw.PTE_P | hw.PTE_RW
-
-
-@pytest.fixture(scope="module")
-def kernel(tmp_path_factory):
-    return build(Config(), tmp_path_factory.mktemp("vmm"), iso=False)
-
-
-@pytest.fixture
-def session(kernel):
-    with KernelSession(kernel.elf, kernel.kernel.layout, poison=POISON) as s:
-        yield s
 
 
 def walker(s) -> Walker:
@@ -184,9 +174,9 @@ def free_ranges(s) -> list[tuple[int, int]]:
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.tuples(st.booleans(), st.integers(1, 64), st.integers(0, 1000)), min_size=1, max_size=60))
-def test_random_reserve_release_never_overlap_and_merge_back(kernel, ops):
-    layout = kernel.kernel.layout
-    with KernelSession(kernel.elf, layout) as s:
+def test_random_reserve_release_never_overlap_and_merge_back(default_build, ops):
+    layout = default_build.kernel.layout
+    with KernelSession(default_build.elf, layout) as s:
         initial = free_ranges(s)          # the heap has reserved its slab window by now
         assert len(initial) == 1
         live: dict[int, int] = {}
