@@ -9,8 +9,14 @@ drops addends, and it mis-evaluates expressions of two `.equ` names).
 keystone returns bytes only, so label addresses are recovered by appending `.long label` for every label and reading
 those words back off the end.
 
-keystone 0.9.2 mis-encodes a few instructions silently (see shared/TOOLCHAIN-NOTES.md). `keystone_source` rewrites
+keystone 0.9.2 mis-encodes a few instructions silently (see docs/toolchain.md). `keystone_source` rewrites
 exactly those into the bytes GNU as produces; `tests/test_asm_vs_gas.py` pins every rewrite against binutils.
+
+One template serves both word sizes: the architecture's selectors (`xax`, `xword ptr`, `.xword`: see kgen/arch)
+are replaced when a unit is parsed, so both assemblers see plain registers. A unit of a 64-bit kernel may hold
+32-bit code after a `.code32` line (the Multiboot entry runs in protected mode before long mode is on); such a piece
+runs before paging, at its load address, so it is assembled there: its own labels are physical addresses, as the
+CPU sees them, and the linker moves them back up to the virtual addresses the symbol table shows.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .arch import I386, Arch
 from .errors import AssemblyError
 
 SECTIONS = (".multiboot", ".text", ".rodata", ".data", ".bss")
@@ -25,6 +32,7 @@ SECTIONS = (".multiboot", ".text", ".rodata", ".data", ".bss")
 _LABEL_RE = re.compile(r"^\s*([A-Za-z_][\w]*|\.L\w+)\s*:")
 _SECTION_RE = re.compile(r"^\s*\.section\s+(\S+)\s*$")
 _BALIGN_RE = re.compile(r"^\s*\.balign\s+(0x[0-9a-fA-F]+|\d+)")
+_CODE_RE = re.compile(r"^\s*\.code(32|64)\s*$")
 
 
 def strip_comment(line: str) -> str:
@@ -50,10 +58,12 @@ class Piece:
     lines: tuple[tuple[int, str], ...]    # (line number in the template, text without comment)
     labels: tuple[str, ...]               # labels defined here, in order (local `.L` ones included)
     align: int                            # the largest `.balign` inside, so the linker can honour it
+    bits: int = 32                        # the mode it is assembled in
+    before_paging: bool = False           # 32-bit code of a 64-bit kernel: assembled at its physical address
 
     @property
     def name(self) -> str:
-        return f"{self.unit}{self.section}"
+        return f"{self.unit}{self.section}" + (".code32" if self.before_paging else "")
 
     @property
     def global_labels(self) -> tuple[str, ...]:
@@ -63,10 +73,12 @@ class Piece:
         return "\n".join(text for _, text in self.lines)
 
 
-def parse_unit(unit: str, text: str) -> list[Piece]:
-    """Split a template into one piece per section; a section named twice continues where it left off."""
-    bodies: dict[str, list[tuple[int, str]]] = {}
+def parse_unit(unit: str, text: str, arch: Arch = I386) -> list[Piece]:
+    """Split a template into one piece per section (and per `.code32`/`.code64` stretch); a section named twice
+    continues where it left off. Word-size selectors become the architecture's registers here."""
+    bodies: dict[tuple[str, int], list[tuple[int, str]]] = {}
     section = None
+    bits = arch.keystone_mode
     for number, raw in enumerate(text.splitlines(), start=1):
         line = strip_comment(raw)
         if not line.strip():
@@ -79,23 +91,36 @@ def parse_unit(unit: str, text: str) -> list[Piece]:
             if section not in SECTIONS:
                 raise AssemblyError(f"templates/{unit}.s:{number}: unknown section {section}; "
                                     f"use one of {', '.join(SECTIONS)}")
-            bodies.setdefault(section, [])
+            bits = arch.keystone_mode
+            bodies.setdefault((section, bits), [])
+            continue
+        m = _CODE_RE.match(line)
+        if m:
+            bits = int(m.group(1))
+            if bits > arch.keystone_mode:
+                raise AssemblyError(f"templates/{unit}.s:{number}: .code{bits} in a {arch.name} kernel")
+            if section is not None:
+                bodies.setdefault((section, bits), [])
             continue
         if section is None:
             raise AssemblyError(f"templates/{unit}.s:{number}: code before the first `.section` line")
-        bodies[section].append((number, line))
+        bodies[section, bits].append((number, arch.apply_selectors(line)))
     pieces = []
-    for section, lines in bodies.items():
+    for (section, bits), lines in bodies.items():
+        if not lines and bits != arch.keystone_mode:
+            continue
         labels = tuple(m.group(1) for _, t in lines if (m := _LABEL_RE.match(t)))
         aligns = [int(m.group(1), 0) for _, t in lines if (m := _BALIGN_RE.match(t))]
-        pieces.append(Piece(unit, section, tuple(lines), labels, max(aligns, default=4)))
+        pieces.append(Piece(unit, section, tuple(lines), labels, max(aligns, default=4), bits,
+                            before_paging=bits < arch.keystone_mode))
     return pieces
 
 
-def load_unit(templates: Path, unit: str) -> list[Piece]:
+def load_unit(templates: Path, unit: str, arch: Arch = I386) -> list[Piece]:
+    """`unit` is a path below templates/ without `.s`: "serial" (shared) or "x86_64/boot" (one architecture's)."""
     path = templates / f"{unit}.s"
     try:
-        return parse_unit(unit, path.read_text(encoding="ascii", errors="strict"))
+        return parse_unit(unit, path.read_text(encoding="ascii", errors="strict"), arch)
     except UnicodeDecodeError as err:
         raise AssemblyError(f"{path}: non-ASCII byte at offset {err.start}") from None
     except FileNotFoundError:
@@ -115,24 +140,55 @@ _SEGMENT_PUSH_POP = {
 _DESCRIPTOR_TABLE_MODRM = {"lgdt": "0x15", "lidt": "0x1d"}   # 0F 01 /2 and /3 with a disp32 operand
 
 
-def keystone_line(line: str) -> str:
+_REG64 = {name: number for number, name in enumerate(
+    ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15"))}
+_NUMBER = r"(?:0x[0-9a-fA-F]+|\d+)"
+
+
+def _load_absolute64(register: str, operand: str) -> str:
+    """`mov r64, [address]`: keystone 64-bit encodes the address as a RIP-relative displacement taken literally.
+    Emit GNU as's SIB form (no base, no index, disp32 sign-extended), which needs the address in the top or
+    bottom 2 GiB."""
+    address = eval_number(operand)
+    if not -(1 << 31) <= (address if address < 1 << 63 else address - (1 << 64)) < 1 << 31:
+        raise AssemblyError(f"`mov {register}, [{operand}]`: {address:#x} is not a sign-extended 32-bit address; "
+                            f"load it into a register first")
+    number = _REG64[register]
+    rex = 0x48 | (0x04 if number >= 8 else 0)
+    modrm = 0x04 | (number & 7) << 3
+    return f".byte {rex:#x}, 0x8b, {modrm:#x}, 0x25\n.long {address & 0xFFFFFFFF:#x}"
+
+
+def eval_number(expression: str) -> int:
+    """A constant expression of numbers (names already replaced), as both assemblers compute it, modulo 2**64."""
+    if not re.fullmatch(r"[\s0-9a-fA-FxX+\-*()<>|&~]+", expression):
+        raise AssemblyError(f"`{expression}` is not a constant expression")
+    return eval(expression, {"__builtins__": {}}) & ((1 << 64) - 1)   # noqa: S307 - digits and operators only
+
+
+def keystone_line(line: str, bits: int = 32) -> str:
     """Rewrite one GNU-as Intel line into what keystone encodes the same way."""
     stripped = line.strip()
+    if bits == 64:
+        m = re.fullmatch(r"mov\s+(r\w+)\s*,\s*(?:qword\s+ptr\s+)?\[([^\]]+)\]", stripped)
+        if m and m.group(1) in _REG64 and m.group(1) != "rax" and re.fullmatch(
+                r"[\s0-9a-fA-FxX+\-*()<>|&~]+", m.group(2)):
+            return _load_absolute64(m.group(1), m.group(2))
     # `offset X` is GNU as's immediate address; keystone has no `offset` and treats a bare label as immediate.
     m = re.fullmatch(r"push\s+offset\s+(.+)", stripped)
-    if m:   # keystone refuses `push label` outright
-        return f".byte 0x68\n.long {m.group(1)}"
+    if m:   # keystone refuses `push label` outright; in 64-bit mode the 32-bit immediate is sign-extended
+        return f".byte 0x68\n.long ({m.group(1)}) & 0xffffffff"
     line = re.sub(r"\boffset\s+", "", line)
     stripped = line.strip()
     # lgdt/lidt get a 0x66 prefix (24-bit base) from keystone.
     m = re.fullmatch(r"(lgdt|lidt)\s+(?:fword\s+ptr\s+)?\[([^\]]+)\]", stripped)
-    if m:
+    if m and bits == 32:
         if re.search(r"\b(e?[abcd]x|e?[sd]i|e?[sb]p)\b", m.group(2)):
             raise AssemblyError(f"`{stripped}`: only an absolute operand is supported for {m.group(1)}")
         return f".byte 0x0f, 0x01, {_DESCRIPTOR_TABLE_MODRM[m.group(1)]}\n.long {m.group(2)}"
     # `iret` comes out as the 16-bit `66 cf`.
     if stripped == "iret":
-        return "iretd"
+        return "iretd" if bits == 32 else "iretq"
     # Segment-register push/pop get a 0x66 prefix (a 2-byte push that breaks frames).
     m = re.fullmatch(r"(push|pop)\s+([defgs]s|es|ss)", stripped)
     if m and (m.group(1), m.group(2)) in _SEGMENT_PUSH_POP:
@@ -144,19 +200,19 @@ def keystone_line(line: str) -> str:
     return line
 
 
-def keystone_source(body: str, symbols: dict[str, int] | None = None) -> str:
-    """The piece as keystone must see it: workarounds applied, outside names replaced by their values.
+def keystone_source(body: str, symbols: dict[str, int] | None = None, bits: int = 32) -> str:
+    """The piece as keystone must see it: outside names replaced by their values, then workarounds applied.
 
     keystone evaluates an expression of two `.equ` names wrongly (`[boot_magic - KERNEL_VIRTUAL_BASE]` came out
     as `[0xc0000000]`), so names it does not define itself reach it as numbers.
     """
-    lines = [keystone_line(line) for line in body.splitlines()]
+    lines = body.splitlines()
     if symbols:
         names = re.compile(r"(?<![\w.$\\])(" + "|".join(sorted(map(re.escape, symbols), key=len, reverse=True))
                            + r")(?![\w$])")
         lines = [_outside_strings(line, lambda text: names.sub(lambda m: f"{symbols[m.group(1)]:#x}", text))
                  for line in lines]
-    return "\n".join(lines)
+    return "\n".join(keystone_line(line, bits) for line in lines)
 
 
 def _outside_strings(line: str, change) -> str:
@@ -174,22 +230,21 @@ class Assembled:
     labels: dict[str, int]
 
 
-_KS = None
+_KS: dict[int, object] = {}
 
 
-def _keystone():
+def _keystone(bits: int):
     # Options are never set: setting any of them switches keystone's default number base to 16.
-    global _KS
-    if _KS is None:
-        from keystone import KS_ARCH_X86, KS_MODE_32, Ks
-        _KS = Ks(KS_ARCH_X86, KS_MODE_32)
-    return _KS
+    if bits not in _KS:
+        from keystone import KS_ARCH_X86, KS_MODE_32, KS_MODE_64, Ks
+        _KS[bits] = Ks(KS_ARCH_X86, KS_MODE_32 if bits == 32 else KS_MODE_64)
+    return _KS[bits]
 
 
-def _ks_asm(source: str, address: int) -> bytes | None:
+def _ks_asm(source: str, address: int, bits: int = 32) -> bytes | None:
     from keystone import KsError
     try:
-        encoding, _count = _keystone().asm(source, address)
+        encoding, _count = _keystone(bits).asm(source, address)
     except KsError:
         return None
     return None if encoding is None else bytes(encoding)
@@ -205,15 +260,17 @@ def outside_symbols(piece: Piece, symbols: dict[str, int]) -> dict[str, int]:
 
 
 def assemble(piece: Piece, address: int, symbols: dict[str, int]) -> Assembled:
-    """Assemble a piece at `address`, with `symbols` (constants and other pieces' labels) visible."""
-    tail = "\n".join(f".long {label}" for label in piece.labels)
-    data = _ks_asm(keystone_source(piece.body(), outside_symbols(piece, symbols)) + "\n" + tail, address)
-    expected_tail = 4 * len(piece.labels)
+    """Assemble a piece at `address` (where the CPU runs it), with `symbols` (constants and other pieces' labels)
+    visible. Label addresses come back as keystone computed them, at `address`."""
+    tail = "\n".join(f".quad {label}" for label in piece.labels)
+    source = keystone_source(piece.body(), outside_symbols(piece, symbols), piece.bits)
+    data = _ks_asm(source + "\n" + tail, address, piece.bits)
+    expected_tail = 8 * len(piece.labels)
     if data is None or len(data) < expected_tail:
         raise _diagnose(piece, address, symbols)
     body = data[:len(data) - expected_tail]
     words = data[len(body):]
-    labels = {label: int.from_bytes(words[4 * i:4 * i + 4], "little") for i, label in enumerate(piece.labels)}
+    labels = {label: int.from_bytes(words[8 * i:8 * i + 8], "little") for i, label in enumerate(piece.labels)}
     return Assembled(piece, address, body, labels)
 
 
@@ -228,7 +285,12 @@ def _diagnose(piece: Piece, address: int, symbols: dict[str, int]) -> AssemblyEr
                 (".byte", ".word", ".long", ".quad", ".ascii", ".asciz", ".skip", ".fill", ".balign")):
             continue
         local = "\n".join(f".equ {lab}, {address:#x}" for lab in piece.labels)
-        if _ks_asm(local + "\n" + keystone_source(statement, outside), address) is None:
+        try:
+            rejected = _ks_asm(local + "\n" + keystone_source(statement, outside, piece.bits), address,
+                               piece.bits) is None
+        except AssemblyError:
+            rejected = True
+        if rejected:
             failing = number
             break
     listing = "\n".join(f"{'>>' if n == failing else '  '} {n:4d}  {t}" for n, t in piece.lines)

@@ -12,9 +12,18 @@ from .image import LinkedImage
 from .layout import Layout, compute
 from .resources import templates_dir
 
-# The kernel's units, in the order their pieces are placed within each section.
-KERNEL_UNITS = ("multiboot", "boot", "gdt", "idt", "pic", "serial", "debugexit", "string", "report", "calls",
-                "tempmap", "pmm", "vmm", "heap", "peek", "bench")
+# The kernel's units, in the order their pieces are placed within each section. `{arch}/` units are the entry,
+# GDT and IDT of one architecture (templates/i386/, templates/x86_64/); every other unit serves both word sizes.
+KERNEL_UNITS = ("multiboot", "{arch}/boot", "{arch}/gdt", "{arch}/idt", "pic", "serial", "debugexit", "string",
+                "report", "calls", "peek")
+# The memory-management units run on i386 only, until their templates serve both word sizes too.
+MEMORY_UNITS = ("tempmap", "pmm", "vmm", "heap", "bench")
+MEMORY_UNITS_ARCHES = ("i386",)
+
+
+def kernel_units(arch: str) -> tuple[str, ...]:
+    units = tuple(unit.format(arch=arch) for unit in KERNEL_UNITS)
+    return units + (MEMORY_UNITS if arch in MEMORY_UNITS_ARCHES else ())
 
 
 @dataclass(frozen=True)
@@ -34,12 +43,13 @@ def generated_pieces(layout: Layout) -> list[asm.Piece]:
         if not text.isascii() or '"' in text or "\\" in text:
             raise ValueError(f"string constant {label} must be plain ASCII")
         lines += [f"{label}:", f'    .asciz "{text}"']
-    return asm.parse_unit("layout_strings", "\n".join(lines))
+    return asm.parse_unit("layout_strings", "\n".join(lines), layout.architecture)
 
 
 def kernel_pieces(layout: Layout, templates: Path | None = None) -> list[asm.Piece]:
     templates = templates or templates_dir()
-    units = [piece for unit in KERNEL_UNITS for piece in asm.load_unit(templates, unit)]
+    units = [piece for unit in kernel_units(layout.arch) for piece in
+             asm.load_unit(templates, unit, layout.architecture)]
     return units + generated_pieces(layout)
 
 
@@ -59,6 +69,7 @@ class BuildOutput:
 FINGERPRINT_NAME = ".kgen-build"
 
 
+
 def fingerprint(config: Config) -> str:
     """What the outputs depend on: the config, the templates, kgen's own source and the boot tree."""
     from .resources import boot_dir
@@ -67,7 +78,7 @@ def fingerprint(config: Config) -> str:
     for root in (templates_dir(), boot_dir(), package):
         for path in sorted(root.rglob("*")):
             if path.is_file() and path.suffix in (".s", ".py", ".cfg"):
-                digest.update(path.name.encode())
+                digest.update(str(path.relative_to(root)).encode())
                 digest.update(path.read_bytes())
     return digest.hexdigest()
 
@@ -77,6 +88,7 @@ def build(config: Config, out_dir: Path, *, iso: bool = True, force: bool = True
 
     Without `force`, outputs whose fingerprint matches the inputs are kept as they are.
     """
+    from . import elf as elf_module
     from .elf import write_elf
     from .iso import make_iso
 
@@ -90,7 +102,7 @@ def build(config: Config, out_dir: Path, *, iso: bool = True, force: bool = True
     if fresh:
         return BuildOutput(kernel, elf_path, iso_path if iso else None, rebuilt=False)
     stamp.unlink(missing_ok=True)
-    write_elf(kernel.image, elf_path)
+    write_elf(kernel.image, elf_path, target=getattr(elf_module, kernel.layout.architecture.elf_target))
     if iso:
         make_iso(elf_path, iso_path)
     stamp.write_text(wanted)

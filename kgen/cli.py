@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from . import config as configmod
+from .arch import ARCHES
 from .errors import KgenError
 
 DEFAULT_OUT = Path("build")
@@ -15,11 +16,14 @@ DEFAULT_TIMEOUT = 30.0
 def _add_config_args(p: argparse.ArgumentParser):
     p.add_argument("--config", type=Path, help="kgen.toml to read (default: ./kgen.toml if present, else defaults)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default: build/)")
+    p.add_argument("--arch", choices=tuple(ARCHES),
+                   help="target architecture (default: the config's `arch`, else i386); keys the config does not set "
+                        "take this architecture's defaults")
 
 
 def cmd_build(args) -> int:
     from .build import build
-    cfg = configmod.load(args.config)
+    cfg = configmod.load(args.config, args.arch)
     out = build(cfg, args.out, iso=not args.no_iso)
     print(f"kgen: wrote {out.elf}" + (f" and {out.iso}" if out.iso else ""))
     return 0

@@ -3,7 +3,7 @@
 This module only reads and type-checks keys. Rules that relate values to each other (alignment, overlap, slot
 ranges) belong to `layout.py`, which turns a Config into addresses.
 
-    arch = "i386"
+    arch = "i386"               # or "x86_64"; every key below then defaults to that architecture's choice
 
     [kernel]
     virtual_base = 0xC0000000   # virtual address that maps physical 0; the image sits at virtual_base + load_address
@@ -36,9 +36,9 @@ import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+from .arch import ARCHES
 from .errors import ConfigError
 
-ARCHES = ("i386",)          # "x86_64" joins when the 64-bit kernel lands
 DEFAULT_CONFIG_NAME = "kgen.toml"
 
 
@@ -61,6 +61,8 @@ class Config:
     vmm_skip_table_clear: bool = False
 
     source: str = "defaults"   # where the values came from, for error messages
+    # Fields the user set; the others take their architecture's default (`for_arch`).
+    explicit: frozenset = frozenset()
 
     @staticmethod
     def key_of(field_name: str) -> str:
@@ -69,6 +71,19 @@ class Config:
 
     def with_values(self, **values) -> "Config":
         return replace(self, **values)
+
+    @classmethod
+    def for_arch(cls, arch: str, **values) -> "Config":
+        """A config for `arch`: the architecture's defaults (`kgen.arch`) where `values` say nothing."""
+        return cls(arch=arch, explicit=frozenset(values), **values).with_arch(arch)
+
+    def with_arch(self, arch: str) -> "Config":
+        """This config for `arch`: keys the user did not set take that architecture's defaults."""
+        if arch not in ARCHES:
+            raise ConfigError(f"{self.source}: arch = {arch!r}: must be one of {', '.join(ARCHES)}")
+        given = set(self.explicit) | {"arch"}
+        defaults = {name: value for name, value in ARCHES[arch].defaults if name not in given}
+        return replace(self, arch=arch, **defaults)
 
 
 # TOML table -> keys it may hold. A key at top level has table "".
@@ -126,14 +141,18 @@ def from_mapping(data: dict, where: str = "config") -> Config:
             field = _field_name(table, key)
             _check_type(where, dotted, v, _FIELD_TYPES[field])
             values[field] = v
-    config = Config(source=where, **values)
-    if config.arch not in ARCHES:
-        raise ConfigError(f"{where}: arch = {config.arch!r}: must be one of {', '.join(ARCHES)}")
-    return config
+    config = Config(source=where, explicit=frozenset(values), **values)
+    return config.with_arch(config.arch)
 
 
-def load(path: Path | None) -> Config:
-    """Read `path`, or `./kgen.toml` when it exists, or return the defaults."""
+def load(path: Path | None, arch: str | None = None) -> Config:
+    """Read `path`, or `./kgen.toml` when it exists, or return the defaults; `arch` (the command line's --arch)
+    overrides the file's and brings that architecture's defaults for every key the file does not set."""
+    config = _load(path)
+    return config if arch is None else config.with_arch(arch)
+
+
+def _load(path: Path | None) -> Config:
     if path is None:
         default = Path(DEFAULT_CONFIG_NAME)
         if not default.exists():

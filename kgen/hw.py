@@ -18,6 +18,8 @@ PTE_D = 0x040      # dirty (leaf entries only)
 PTE_PS = 0x080     # page size: a 4 MiB page in a PDE
 PTE_G = 0x100      # global: survives a CR3 reload when CR4.PGE is on
 PTE_FRAME_MASK = 0xFFFFF000
+# Bit 63 of a 64-bit (PAE or 4-level) entry: XD, execute-disable, when EFER.NXE is on; a reserved bit when it is off.
+PTE_NX = 1 << 63
 
 # i386 non-PAE paging geometry.
 I386_ENTRIES = 1024
@@ -30,6 +32,12 @@ CR0_WP = 1 << 16             # supervisor writes honour read-only pages
 CR0_PG = 1 << 31
 CR4_PSE = 1 << 4
 CR4_PGE = 1 << 7
+CR4_PAE = 1 << 5
+
+# EFER (MSR 0xC0000080, SDM vol. 3, 2.2.1).
+EFER_LME = 1 << 8            # long mode enable
+EFER_LMA = 1 << 10           # long mode active (set by the CPU)
+EFER_NXE = 1 << 11           # bit 63 of 64-bit paging entries is XD rather than reserved
 
 # Page-fault error code bits.
 PF_P = 1 << 0                # 1: protection violation, 0: page not present
@@ -109,3 +117,20 @@ UART_IER_RX_AVAILABLE = 0x01
 UART_LSR_DATA_READY = 0x01
 UART_LSR_TX_EMPTY = 0x20
 UART_MCR_DTR_RTS_OUT2 = 0x0B    # OUT2 gates the UART's interrupt line to the PIC
+
+# Long mode (SDM vol. 3, 4.5 and 5.2; AMD APM vol. 2, 14.6).
+CR4_PAE = 1 << 5
+MSR_EFER = 0xC0000080
+EFER_LME = 1 << 8            # long mode enable (active once paging is turned on)
+EFER_NXE = 1 << 11           # bit 63 of paging entries means execute-disable
+CPUID_EXTENDED_MAX = 0x80000000
+CPUID_EXTENDED_FEATURES = 0x80000001
+CPUID_EDX_LONG_MODE = 1 << 29
+CPUID_EDX_NX = 1 << 20
+SEG_FLAGS_64BIT_CODE = 0xA   # 4 KiB granularity, L: a 64-bit code segment (D must be 0)
+SEG_ACCESS_TSS64 = 0x89      # present, ring 0, available 64-bit TSS
+IDT_GATE_INTERRUPT64 = 0x8E00  # the type word of a long-mode interrupt gate: present, ring 0
+TSS64_SIZE = 0x68
+# Multiboot header flag 16: the header carries the load addresses, so a loader needs no ELF32 program headers
+# (QEMU's -kernel takes an ELF64 kernel only this way).
+MULTIBOOT_FLAG_ADDRESSES = 1 << 16

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import hw
+from .arch import ARCHES, Arch
 from .config import Config
 from .errors import ConfigError
 
@@ -22,6 +23,9 @@ MIN_MEMORY_MIB = 16
 DEBUG_EXIT_PORT = 0xF4
 # vmm_translate/vmm_unmap's answer for "nothing mapped there" (no frame can start at that address).
 VMM_NONE = 0xFFFFFFFF
+# The image of an x86_64 kernel lies in the top 2 GiB, so every kernel address is a sign-extended 32-bit value:
+# `push offset label`, `mov [label], eax` and call/jump targets encode in 32 bits (GCC's -mcmodel=kernel).
+TOP_2_GIB = (1 << 64) - (1 << 31)
 # A page-table use count that never drops to zero: tables the boot stub made are never freed.
 VMM_TABLE_PINNED = 0x40000000
 
@@ -58,6 +62,22 @@ class Layout:
 
     During boot the image window is also identity-mapped (PD[load_address >> 22 ...]) so the code that turns
     paging on keeps running; the boot stub removes those entries after jumping to the higher half.
+
+    The x86_64 kernel's memory map (defaults shown):
+
+    Virtual                                          Physical
+    0x0000000000000000 .. 0x00007FFFFFFFFFFF  user half (PML4[0..255]): empty after boot
+    0xFFFFFE0000000000 .. +vmm.size           vmm range window (PML4[508])
+    0xFFFFFE8000000000 .. +slots*4K           temp-map window (PML4[509]), one page table
+    0xFFFFFF0000000000 .. 0xFFFFFF7FFFFFFFFF  recursive window: PML4[510] -> PML4. The PTEs of all memory fill it;
+                                              the PDEs sit at 0xFFFFFF7F80000000, the PDPTEs at 0xFFFFFF7FBFC00000,
+                                              the PML4 itself at 0xFFFFFF7FBFDFE000 (Arch.recursive_window)
+    0xFFFFFFFF80000000                        virtual_base maps physical 0 (PML4[511], PDPT[510]: the top 2 GiB)
+    0xFFFFFFFF80100000 .. +max_size           kernel image window      ->  0x00100000 .. +max_size
+
+    The 32-bit entry builds the tables for the image (at its higher-half address and identity) and for the temp-map
+    window from a pool in .bss (`boot_page_tables`, `boot_table_count` tables: counted here by the same walk), enters
+    long mode, jumps to the higher half and clears PML4[0..255], the identity map with it.
     """
 
     arch: str
@@ -84,6 +104,7 @@ class Layout:
     # Segment selectors of kgen's GDT: null, kernel code, kernel data.
     kernel_cs: int = 0x08
     kernel_ds: int = 0x10
+    kernel_tss: int = 0x18             # x86_64: the TSS descriptor (two GDT slots) after code and data
     # What the boot stub keeps of the Multiboot information before the identity mapping goes away.
     boot_mmap_max_entries: int = 32
     boot_mmap_entry_size: int = 24     # base (8), length (8), type (4), padding (4)
@@ -109,6 +130,50 @@ class Layout:
     tempmap_skip_invlpg: bool = False
     vmm_skip_table_clear: bool = False
 
+    # ---- the architecture ------------------------------------------------------------------------------------
+    @property
+    def architecture(self) -> Arch:
+        return ARCHES[self.arch]
+
+    @property
+    def kernel_half_start(self) -> int:
+        """Where the kernel half begins: the i386 kernel owns everything from its virtual base (3 GiB by default);
+        on x86_64 the upper canonical half, PML4[256..511], which every address space will share."""
+        return self.kernel_virtual_base if self.arch == "i386" else self.architecture.kernel_half
+
+    def level_window(self, level: int) -> int:
+        """Virtual address of the entries of paging level `level` (0 = top) through the recursive slot."""
+        return self.architecture.recursive_window(self.recursive_slot, level)
+
+    def entry_address(self, vaddr: int, level: int) -> int:
+        """Virtual address of the entry that maps `vaddr` at `level`, reached through the recursive slot."""
+        return self.architecture.entry_address(self.recursive_slot, vaddr, level)
+
+    @property
+    def leaf_table_span(self) -> int:
+        """Bytes one last-level page table maps (4 MiB on i386, 2 MiB on x86_64)."""
+        return self.architecture.span(self.architecture.levels - 2)
+
+    @property
+    def boot_table_count(self) -> int:
+        """Tables the x86_64 boot stub takes from its .bss pool: one per table on the paths to the image's pages
+        (higher half and identity) and to the temp-map window's page table, the top table not counted."""
+        arch = self.architecture
+        tables: set[tuple[int, ...]] = set()
+
+        def path_to(vaddr: int, depth: int):
+            for level in range(1, depth + 1):
+                tables.add(tuple((vaddr & arch.va_mask) >> arch.shift(lv) & (arch.entries_per_table - 1)
+                                 for lv in range(level)))
+
+        for offset in range(0, self.kernel_max_size, self.leaf_table_span):
+            path_to(self.kernel_virtual_start + offset, arch.levels - 1)
+            path_to(self.kernel_load_address + offset, arch.levels - 1)
+        path_to(self.kernel_window.end - 1, arch.levels - 1)
+        path_to(self.kernel_load_address + self.kernel_max_size - 1, arch.levels - 1)
+        path_to(self.tempmap_base, arch.levels - 1)
+        return len(tables)
+
     # ---- derived addresses -------------------------------------------------------------------------------
     @property
     def kernel_virtual_start(self) -> int:
@@ -127,17 +192,22 @@ class Layout:
 
     @property
     def recursive_base(self) -> int:
-        return self.recursive_slot << hw.I386_PDE_SHIFT
+        return self.level_window(self.architecture.levels - 1)
 
     @property
     def recursive_window(self) -> Region:
         return Region("recursive window", "paging.recursive_slot", self.recursive_slot, self.recursive_base,
-                      self.recursive_base + hw.I386_LARGE_PAGE)
+                      self.recursive_base + self.architecture.span(0))
+
+    @property
+    def recursive_top(self) -> int:
+        """Virtual address at which the top-level table (PD, PML4) sees itself."""
+        return self.level_window(0)
 
     @property
     def recursive_pd(self) -> int:
-        """Virtual address at which the page directory sees itself."""
-        return self.recursive_base + self.recursive_slot * self.page_size
+        """The i386 name of `recursive_top`."""
+        return self.recursive_top
 
     def recursive_pt(self, pde_index: int) -> int:
         """Virtual address of the page table that PD[pde_index] points at."""
@@ -150,7 +220,13 @@ class Layout:
 
     @property
     def tempmap_pde_index(self) -> int:
-        return self.tempmap_base >> hw.I386_PDE_SHIFT
+        """Index of the temp-map window's page table among all page tables (its PDE's index on i386)."""
+        return (self.tempmap_base & self.architecture.va_mask) // self.leaf_table_span
+
+    @property
+    def tempmap_pt(self) -> int:
+        """Virtual address of the temp-map window's page table through the recursive slot."""
+        return self.entry_address(self.tempmap_base & ~(self.leaf_table_span - 1), self.architecture.levels - 1)
 
     def tempmap_slot_address(self, slot: int) -> int:
         return self.tempmap_base + slot * self.page_size
@@ -192,7 +268,10 @@ class Layout:
 
     @property
     def multiboot_header_flags(self) -> int:
-        return hw.MULTIBOOT_FLAG_PAGE_ALIGN | hw.MULTIBOOT_FLAG_MEMORY_INFO
+        flags = hw.MULTIBOOT_FLAG_PAGE_ALIGN | hw.MULTIBOOT_FLAG_MEMORY_INFO
+        if self.architecture.word_size == 8:
+            flags |= hw.MULTIBOOT_FLAG_ADDRESSES    # QEMU's -kernel loads an ELF64 only through these fields
+        return flags
 
     def asm_strings(self) -> dict[str, str]:
         """String constants the templates name as labels (generated into .rodata by the build)."""
@@ -216,17 +295,13 @@ class Layout:
             "KERNEL_VIRTUAL_START": self.kernel_virtual_start,
             "KERNEL_MAX_SIZE": self.kernel_max_size,
             "KERNEL_STACK_SIZE": self.kernel_stack_size,
-            "KERNEL_PDE_FIRST": self.kernel_pde_first,
-            "KERNEL_PDE_COUNT": self.kernel_pde_count,
-            "IDENTITY_PDE_FIRST": self.identity_pde_first,
-            "BOOT_PAGE_TABLES": self.boot_page_tables,
             "RECURSIVE_SLOT": self.recursive_slot,
             "RECURSIVE_BASE": self.recursive_base,
             "RECURSIVE_PD": self.recursive_pd,
+            "RECURSIVE_TOP": self.recursive_top,
             "TEMPMAP_BASE": self.tempmap_base,
             "TEMPMAP_SLOTS": self.tempmap_slots,
-            "TEMPMAP_PDE_INDEX": self.tempmap_pde_index,
-            "TEMPMAP_PT": self.recursive_pt(self.tempmap_pde_index),
+            "TEMPMAP_PT": self.tempmap_pt,
             "DEBUG_EXIT_PORT": self.debug_exit_port,
             "DEBUG_EXIT_SUCCESS": self.debug_exit_success,
             "DEBUG_EXIT_FAILURE": self.debug_exit_failure,
@@ -243,7 +318,6 @@ class Layout:
             "VMM_NONE": VMM_NONE,
             "VMM_TABLE_PINNED": VMM_TABLE_PINNED,
             "VMM_CLEAR_TABLES": int(not self.vmm_skip_table_clear),
-            "KERNEL_PDE_KERNEL_HALF": self.kernel_virtual_base >> hw.I386_PDE_SHIFT,
             "HEAP_SLAB_PAGES": self.heap_slab_pages,
             "HEAP_MIN_SHIFT": self.heap_min_shift,
             "HEAP_MAX_SHIFT": self.heap_max_shift,
@@ -255,9 +329,6 @@ class Layout:
             "BOOT_FAULT_ADDRESS": self.kernel_load_address,
             "KERNEL_CS": self.kernel_cs,
             "KERNEL_DS": self.kernel_ds,
-            "GDT_KERNEL_CODE": hw.segment_descriptor(0, 0xFFFFF, hw.SEG_ACCESS_KERNEL_CODE, hw.SEG_FLAGS_32BIT_4K),
-            "GDT_KERNEL_DATA": hw.segment_descriptor(0, 0xFFFFF, hw.SEG_ACCESS_KERNEL_DATA, hw.SEG_FLAGS_32BIT_4K),
-            "IDT_GATE_INTERRUPT32": hw.IDT_GATE_INTERRUPT32,
             "EXCEPTION_COUNT": hw.EXCEPTION_COUNT,
             "EXCEPTIONS_WITH_ERROR_CODE_MASK": hw.error_code_mask(),
             "MULTIBOOT_HEADER_FLAGS": self.multiboot_header_flags,
@@ -274,7 +345,7 @@ class Layout:
         }
         for name in ("PTE_P", "PTE_RW", "PTE_US", "PTE_PWT", "PTE_PCD", "PTE_A", "PTE_D", "PTE_PS", "PTE_G",
                      "PTE_FRAME_MASK", "CR0_PE", "CR0_WP", "CR0_PG", "CR4_PSE", "CR4_PGE",
-                     "PAGE_SHIFT", "I386_PDE_SHIFT", "I386_ENTRIES", "I386_LARGE_PAGE",
+                     "PAGE_SHIFT",
                      "PF_P", "PF_W", "PF_U", "PF_RSVD", "PF_I", "VECTOR_PAGE_FAULT",
                      "MULTIBOOT_HEADER_MAGIC", "MULTIBOOT_BOOTLOADER_MAGIC", "MULTIBOOT_FLAG_PAGE_ALIGN",
                      "MULTIBOOT_FLAG_MEMORY_INFO", "MULTIBOOT_INFO_MEM", "MULTIBOOT_INFO_MMAP",
@@ -283,7 +354,73 @@ class Layout:
                      "COM2_IRQ", "UART_IER_RX_AVAILABLE", "UART_LSR_DATA_READY", "UART_LSR_TX_EMPTY",
                      "UART_MCR_DTR_RTS_OUT2"):
             consts[name] = getattr(hw, name)
+        consts.update(self._geometry_constants())
+        consts.update(self._i386_constants() if self.arch == "i386" else self._x86_64_constants())
         return consts
+
+    def _geometry_constants(self) -> dict[str, int]:
+        """The word size and the paging geometry, from the architecture record: what lets one template serve both
+        word sizes. LEVELn_SHIFT is log2 of what an entry of level n (0 = top) maps; LEVELn_ENTRIES is where that
+        level's entries appear through the recursive slot, so the entry mapping v at level n is at
+        LEVELn_ENTRIES + ((v & VA_MASK) >> LEVELn_SHIFT) * ENTRY_SIZE."""
+        arch = self.architecture
+        consts = {
+            "WORD_SIZE": arch.word_size,
+            "WORD_SHIFT": arch.word_shift,
+            "ARCH_I386": int(arch.name == "i386"),
+            "ARCH_X86_64": int(arch.name == "x86_64"),
+            "PAGING_LEVELS": arch.levels,
+            "LEAF_LEVEL": arch.levels - 1,
+            "ENTRY_SIZE": arch.entry_size,
+            "ENTRY_SHIFT": arch.entry_size.bit_length() - 1,
+            "TABLE_ENTRIES": arch.entries_per_table,
+            "INDEX_MASK": arch.entries_per_table - 1,
+            "VA_MASK": arch.va_mask,
+            "LEAF_TABLE_SPAN": self.leaf_table_span,
+            "KERNEL_HALF_START": self.kernel_half_start,
+            "KERNEL_HALF_FIRST_SLOT": (self.kernel_half_start & arch.va_mask) >> arch.shift(0),
+        }
+        for level in range(arch.levels):
+            consts[f"LEVEL{level}_SHIFT"] = arch.shift(level)
+            consts[f"LEVEL{level}_ENTRIES"] = self.level_window(level)
+        return consts
+
+    def _i386_constants(self) -> dict[str, int]:
+        consts = {
+            "KERNEL_PDE_FIRST": self.kernel_pde_first,
+            "KERNEL_PDE_COUNT": self.kernel_pde_count,
+            "IDENTITY_PDE_FIRST": self.identity_pde_first,
+            "BOOT_PAGE_TABLES": self.boot_page_tables,
+            "TEMPMAP_PDE_INDEX": self.tempmap_pde_index,
+            "KERNEL_PDE_KERNEL_HALF": self.kernel_virtual_base >> hw.I386_PDE_SHIFT,
+            "GDT_KERNEL_CODE": hw.segment_descriptor(0, 0xFFFFF, hw.SEG_ACCESS_KERNEL_CODE, hw.SEG_FLAGS_32BIT_4K),
+            "GDT_KERNEL_DATA": hw.segment_descriptor(0, 0xFFFFF, hw.SEG_ACCESS_KERNEL_DATA, hw.SEG_FLAGS_32BIT_4K),
+            "IDT_GATE_INTERRUPT32": hw.IDT_GATE_INTERRUPT32,
+        }
+        for name in ("I386_PDE_SHIFT", "I386_ENTRIES", "I386_LARGE_PAGE"):
+            consts[name] = getattr(hw, name)
+        return consts
+
+    def _x86_64_constants(self) -> dict[str, int]:
+        return {
+            "BOOT_TABLE_COUNT": self.boot_table_count,
+            "GDT_KERNEL_CODE": hw.segment_descriptor(0, 0xFFFFF, hw.SEG_ACCESS_KERNEL_CODE, hw.SEG_FLAGS_64BIT_CODE),
+            "GDT_KERNEL_DATA": hw.segment_descriptor(0, 0xFFFFF, hw.SEG_ACCESS_KERNEL_DATA, hw.SEG_FLAGS_32BIT_4K),
+            "KERNEL_TSS": self.kernel_tss,
+            "IDT_GATE_INTERRUPT64": hw.IDT_GATE_INTERRUPT64,
+            "TSS64_SIZE": hw.TSS64_SIZE,
+            "SEG_ACCESS_TSS64": hw.SEG_ACCESS_TSS64,
+            "CR4_PAE": hw.CR4_PAE,
+            "MSR_EFER": hw.MSR_EFER,
+            "EFER_LME": hw.EFER_LME,
+            "EFER_NXE": hw.EFER_NXE,
+            "CPUID_EXTENDED_MAX": hw.CPUID_EXTENDED_MAX,
+            "CPUID_EXTENDED_FEATURES": hw.CPUID_EXTENDED_FEATURES,
+            "CPUID_EDX_LONG_MODE": hw.CPUID_EDX_LONG_MODE,
+            "CPUID_EDX_NX": hw.CPUID_EDX_NX,
+            "PTE_NX_HIGH": 1 << 31,          # bit 63 of an entry, as 32-bit code writes it: in the high dword
+            "KERNEL_PML4_FIRST": (self.kernel_virtual_start & self.architecture.va_mask) >> self.architecture.shift(0),
+        }
 
 
 # Keys that count things rather than address them read better in decimal.
@@ -300,13 +437,27 @@ def compute(config: Config) -> Layout:
     """Check every rule that relates config values and return the layout; the first broken rule raises."""
     page = hw.PAGE_SIZE
     c = config
+    arch = ARCHES[c.arch]
+    entries = arch.entries_per_table
+    top = 1 << arch.va_bits if arch.word_size == 4 else 1 << 64     # where the address space ends
+    address_keys = (("kernel.virtual_base", c.kernel_virtual_base), ("tempmap.base", c.tempmap_base),
+                    ("vmm.base", c.vmm_base))
 
     def aligned(field: str, value: int, alignment: int, what: str):
         if value % alignment:
             _fail(c, Config.key_of(field), value, f"must be aligned to {what} ({alignment:#x})")
 
-    aligned("kernel_virtual_base", c.kernel_virtual_base, hw.I386_LARGE_PAGE,
-            "4 MiB, so the image's identity and higher-half mappings can share boot page tables")
+    for key, value in address_keys:
+        if value >= top:
+            _fail(c, key, value, f"must be a {arch.name} virtual address (below {top:#x})")
+        if not arch.is_canonical(value):
+            _fail(c, key, value, f"is not canonical: bits 63..{arch.va_bits - 1} must all equal bit "
+                  f"{arch.va_bits - 1} (x86_64 has {arch.va_bits}-bit virtual addresses)")
+    if arch.name == "i386":
+        aligned("kernel_virtual_base", c.kernel_virtual_base, hw.I386_LARGE_PAGE,
+                "4 MiB, so the image's identity and higher-half mappings can share boot page tables")
+    else:
+        aligned("kernel_virtual_base", c.kernel_virtual_base, page, "a page")
     aligned("kernel_load_address", c.kernel_load_address, page, "a page")
     aligned("kernel_max_size", c.kernel_max_size, page, "a page")
     aligned("kernel_stack_size", c.kernel_stack_size, page, "a page")
@@ -315,8 +466,12 @@ def compute(config: Config) -> Layout:
     aligned("vmm_size", c.vmm_size, page, "a page")
     if c.vmm_size == 0:
         _fail(c, "vmm.size", 0, "must be at least one page")
-    if c.vmm_base + c.vmm_size > FOUR_GIB:
-        _fail(c, "vmm.base", c.vmm_base, "the vmm range window would end beyond 4 GiB")
+    if arch.name == "i386":
+        if c.vmm_base + c.vmm_size > FOUR_GIB:
+            _fail(c, "vmm.base", c.vmm_base, "the vmm range window would end beyond 4 GiB")
+    elif c.vmm_base + c.vmm_size > top or not arch.is_canonical(c.vmm_base + c.vmm_size - 1):
+        _fail(c, "vmm.size", c.vmm_size, f"the vmm range window [{c.vmm_base:#x}, {c.vmm_base + c.vmm_size:#x}) "
+              "must end within the canonical half it starts in")
 
     if c.kernel_load_address < LOW_MEMORY_END:
         _fail(c, "kernel.load_address", c.kernel_load_address,
@@ -330,24 +485,33 @@ def compute(config: Config) -> Layout:
     if c.kernel_stack_size >= c.kernel_max_size:
         _fail(c, "kernel.stack_size", c.kernel_stack_size,
               f"must be smaller than kernel.max_size ({c.kernel_max_size:#x}), which holds it")
-    if c.kernel_load_address + c.kernel_max_size > c.kernel_virtual_base:
+    if c.kernel_load_address + c.kernel_max_size > min(c.kernel_virtual_base, FOUR_GIB):
         _fail(c, "kernel.load_address", c.kernel_load_address,
               f"the image window [{c.kernel_load_address:#x}, {c.kernel_load_address + c.kernel_max_size:#x}) "
               f"must end below kernel.virtual_base ({c.kernel_virtual_base:#x}) to be identity-mapped at boot")
-    if c.kernel_virtual_base + c.kernel_load_address + c.kernel_max_size > FOUR_GIB:
-        _fail(c, "kernel.virtual_base", c.kernel_virtual_base,
-              "the image window would end beyond 4 GiB; lower kernel.virtual_base or kernel.max_size")
-    if not 0 <= c.paging_recursive_slot < hw.I386_ENTRIES:
+    if arch.name == "i386":
+        if c.kernel_virtual_base + c.kernel_load_address + c.kernel_max_size > FOUR_GIB:
+            _fail(c, "kernel.virtual_base", c.kernel_virtual_base,
+                  "the image window would end beyond 4 GiB; lower kernel.virtual_base or kernel.max_size")
+    else:
+        start = c.kernel_virtual_base + c.kernel_load_address
+        if start < TOP_2_GIB or start + c.kernel_max_size > top:
+            _fail(c, "kernel.virtual_base", c.kernel_virtual_base,
+                  f"the image window [{start:#x}, {start + c.kernel_max_size:#x}) must lie in the top 2 GiB "
+                  f"[{TOP_2_GIB:#x}, 2**64), where every kernel address is a sign-extended 32-bit value")
+    if not 0 <= c.paging_recursive_slot < entries:
         _fail(c, "paging.recursive_slot", c.paging_recursive_slot,
-              f"must be a page-directory index in 0..{hw.I386_ENTRIES - 1}")
-    if not 1 <= c.tempmap_slots <= hw.I386_ENTRIES:
-        _fail(c, "tempmap.slots", c.tempmap_slots, f"must be in 1..{hw.I386_ENTRIES} (one page table)")
+              f"must be a {arch.paging.level_names[0]} index in 0..{entries - 1}")
+    if not 1 <= c.tempmap_slots <= entries:
+        _fail(c, "tempmap.slots", c.tempmap_slots, f"must be in 1..{entries} (one page table)")
     tm_end = c.tempmap_base + c.tempmap_slots * page
-    if tm_end > FOUR_GIB:
-        _fail(c, "tempmap.base", c.tempmap_base, "the temp-map window would end beyond 4 GiB")
-    if c.tempmap_base >> hw.I386_PDE_SHIFT != (tm_end - 1) >> hw.I386_PDE_SHIFT:
+    if tm_end > top:
+        _fail(c, "tempmap.base", c.tempmap_base, f"the temp-map window would end beyond {top:#x}")
+    span = arch.span(arch.levels - 2)
+    if c.tempmap_base // span != (tm_end - 1) // span:
         _fail(c, "tempmap.base", c.tempmap_base,
-              f"the temp-map window [{c.tempmap_base:#x}, {tm_end:#x}) must lie within one 4 MiB page table")
+              f"the temp-map window [{c.tempmap_base:#x}, {tm_end:#x}) must lie within one "
+              f"{span >> 20} MiB page table")
     if not MIN_MEMORY_MIB <= c.machine_memory_mib <= PC_BELOW_4G_MAX_MIB:
         _fail(c, "machine.memory_mib", c.machine_memory_mib,
               f"must be in {MIN_MEMORY_MIB}..{PC_BELOW_4G_MAX_MIB} (RAM below the PCI hole of QEMU's pc machine)")
@@ -366,15 +530,15 @@ def compute(config: Config) -> Layout:
         vmm_base=c.vmm_base, vmm_size=c.vmm_size,
     )
 
-    kernel_half = c.kernel_virtual_base
+    kernel_half = layout.kernel_half_start
     for region in (layout.recursive_window, layout.tempmap_window, layout.vmm_window):
         if region.start < kernel_half:
+            which = "kernel.virtual_base" if arch.name == "i386" else "the upper canonical half"
             _fail(c, region.key, region.value, f"the {region.name} must lie in the kernel "
-                  f"half, at or above kernel.virtual_base ({kernel_half:#x})")
+                  f"half, at or above {which} ({kernel_half:#x})")
     regions = layout.regions()
     for i, a in enumerate(regions):
         for b in regions[i + 1:]:
             if a.overlaps(b):
                 _fail(c, b.key, b.value, f"{b} overlaps {a} (set by {a.key})")
     return layout
-

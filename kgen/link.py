@@ -70,15 +70,20 @@ def link(pieces: list[Piece], layout: Layout, constants: dict[str, int]) -> Link
         placed, bounds = _place(by_section, sizes, layout)
         visible = dict(constants)
         visible.update(symbols)
-        results: list[Assembled] = [assemble(p, placed[p.name], visible) for p in pieces]
+        results: list[Assembled] = [assemble(p, _run_address(p, placed[p.name], layout), visible) for p in pieces]
         new_sizes = {r.piece.name: len(r.data) for r in results}
-        new_symbols = {label: addr for r in results for label, addr in r.labels.items()
-                       if not label.startswith(".L")}
+        new_symbols = {label: addr + placed[r.piece.name] - r.address for r in results
+                       for label, addr in r.labels.items() if not label.startswith(".L")}
         new_symbols.update(linker_symbols(layout, bounds))
         if new_sizes == sizes and new_symbols == symbols:
             return LinkResult(_image(results, bounds, symbols, layout), tuple(results), visible)
         sizes, symbols = new_sizes, new_symbols
     raise LinkError(f"link did not settle after {MAX_PASSES} passes (jump sizes keep changing)")
+
+
+def _run_address(piece: Piece, vaddr: int, layout: Layout) -> int:
+    """Where the CPU runs the piece: its virtual address, or its physical one for code that runs before paging."""
+    return vaddr - layout.kernel_virtual_base if piece.before_paging else vaddr
 
 
 def _place(by_section: dict[str, list[Piece]], sizes: dict[str, int], layout: Layout):
@@ -112,7 +117,7 @@ def _image(results: list[Assembled], bounds, symbols: dict[str, int], layout: La
         data = bytearray(end - start)
         for r in results:
             if r.piece.section == name:
-                offset = r.address - start
+                offset = r.address - _run_address(r.piece, start, layout)
                 data[offset:offset + len(r.data)] = r.data
         nobits = name == ".bss"
         if nobits and any(data):

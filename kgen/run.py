@@ -22,7 +22,7 @@ def run(args) -> int:
     from .build import build
     from .machine import Machine
 
-    cfg = configmod.load(args.config)
+    cfg = configmod.load(args.config, args.arch)
     if args.memory is not None:
         cfg = cfg.with_values(machine_memory_mib=args.memory, source=f"{cfg.source} with --memory")
     layout = compute(cfg)
@@ -53,14 +53,14 @@ def run(args) -> int:
     # deterministic and it does not crash; it costs a few seconds.
     icount = "iso" in target and args.accel == "tcg"
     with Machine(**target, accel=args.accel, memory_mib=layout.memory_mib, echo_serial=True, icount=icount,
-                 debug_exit_port=layout.debug_exit_port) as machine:
+                 debug_exit_port=layout.debug_exit_port, qemu=layout.architecture.qemu) as machine:
         try:
             status = machine.wait_exit(args.timeout)
         except MachineError as err:
             failure = explain(machine, elf, err)
             hint = ""
             if args.accel == "kvm":
-                hint = (" - this host's KVM may be unable to run 32-bit paging (see TOOLCHAIN-NOTES); "
+                hint = (f" - this host's KVM may be unable to run {layout.arch}'s paging mode (docs/toolchain.md); "
                         "try --accel tcg")
             sys.stdout.flush()
             print(failure.details, file=sys.stderr)

@@ -1,0 +1,161 @@
+"""The architecture record: everything that differs between the i386 and the x86_64 kernel, in one place.
+
+The layout, the assembler, the ELF writer, the walker, the invariants, the call channel and the machine all read an
+`Arch`; none of them says "i386" or "x86_64" itself. Paging geometry (levels, index bits, entry size, which levels
+may map large pages) is the walker's `PagingMode`, so the numbers the kernel is built with and the numbers its page
+tables are checked with are the same object.
+
+Templates see the word size through a handful of selectors (Linux's asm.h does the same for its 32/64-bit sources):
+
+    xax xbx xcx xdx xsi xdi xbp xsp   the word-sized registers: eax.. on i386, rax.. on x86_64
+    xword ptr                         dword ptr / qword ptr
+    .xword                            .long / .quad
+    WORD_SIZE, WORD_SHIFT             4, 2 / 8, 3
+    ARCH_I386, ARCH_X86_64            1 or 0, for `.if` around the few lines that must differ
+
+so one template serves both word sizes; only the entry, GDT, IDT and interrupt frames live per architecture, in
+`templates/<arch>/`.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from kgen.pagewalk import I386 as I386_PAGING
+from kgen.pagewalk import X86_64 as X86_64_PAGING
+from kgen.pagewalk import PagingMode
+
+_WORD_REGISTERS = ("ax", "bx", "cx", "dx", "si", "di", "bp", "sp")
+
+
+@dataclass(frozen=True)
+class Arch:
+    name: str                     # the config's `arch` value
+    word_size: int                # bytes in a general register, a pointer, a call-channel argument
+    paging: PagingMode            # levels, index bits, entry size, large-page levels
+    keystone_mode: int            # 32 or 64: the mode kernel code is assembled in (an entry may switch with .code32)
+    elf_target: str               # name of the kgen.elf.ElfTarget the image is written as
+    qemu: str                     # QEMU binary that runs the kernel
+    gas_flags: tuple[str, ...]    # GNU as flags for the keystone-against-GNU-as comparison
+    ld_emulation: str             # GNU ld -m value for the same comparison
+    objdump_machine: str          # objdump -m value for decoding the kernel's code
+    boot_protocol: str            # how a loader enters the kernel
+    va_bits: int                  # canonical virtual-address width (32 for i386)
+    # Config defaults a kernel of this architecture would pick (see config.py for their meaning).
+    defaults: tuple[tuple[str, int], ...]
+
+    # ---- word size --------------------------------------------------------------------------------------------
+    @property
+    def word_shift(self) -> int:
+        return self.word_size.bit_length() - 1
+
+    @property
+    def word_mask(self) -> int:
+        return (1 << 8 * self.word_size) - 1
+
+    @property
+    def register_prefix(self) -> str:
+        return "e" if self.word_size == 4 else "r"
+
+    def selectors(self) -> dict[str, str]:
+        """Template word -> what this architecture assembles it as."""
+        table = {f"x{r}": self.register_prefix + r for r in _WORD_REGISTERS}
+        table["xword"] = "dword" if self.word_size == 4 else "qword"
+        table[".xword"] = ".long" if self.word_size == 4 else ".quad"
+        return table
+
+    def apply_selectors(self, line: str) -> str:
+        """Replace the word-size selectors in one template line (outside string literals)."""
+        return _select(line, self.selectors())
+
+    # ---- paging geometry ----------------------------------------------------------------------------------------
+    @property
+    def levels(self) -> int:
+        return self.paging.levels
+
+    @property
+    def entry_size(self) -> int:
+        return self.paging.entry_size
+
+    @property
+    def entries_per_table(self) -> int:
+        """Entries in every table (both architectures use the same count at every level)."""
+        return 1 << self.paging.index_bits[-1]
+
+    @property
+    def index_bits(self) -> int:
+        return self.paging.index_bits[-1]
+
+    def shift(self, level: int) -> int:
+        """log2 of the span one entry at `level` (0 = the top table) covers."""
+        return self.paging.shift(level)
+
+    def span(self, level: int) -> int:
+        return 1 << self.shift(level)
+
+    @property
+    def va_mask(self) -> int:
+        return (1 << self.va_bits) - 1
+
+    def canonical(self, vaddr: int) -> int:
+        return self.paging.sign_extend(vaddr & self.va_mask)
+
+    def is_canonical(self, vaddr: int) -> bool:
+        return self.paging.contains(vaddr)
+
+    def recursive_window(self, slot: int, level: int) -> int:
+        """Virtual address where the entries of `level` (0 = top) appear when top-level entry `slot` points at
+        its own table.
+
+        The leaf entries (PTEs) of all of memory fill the slot's window R in address order. The entries one level up
+        are the PTEs of that window itself, so they sit at R + (W >> 12) * entry, W being the level below's window;
+        the top table's entries come last, at the page where all indices equal the slot.
+        """
+        window = self.canonical(slot << self.shift(0))
+        for _ in range(self.levels - 1 - level):
+            window = self.canonical((slot << self.shift(0)) + ((window & self.va_mask) >> self.shift(self.levels - 1))
+                                    * self.entry_size)
+        return window
+
+    def entry_address(self, slot: int, vaddr: int, level: int) -> int:
+        """The virtual address of the entry that maps `vaddr` at `level`, reached through recursive slot `slot`."""
+        return self.recursive_window(slot, level) + ((vaddr & self.va_mask) >> self.shift(level)) * self.entry_size
+
+    @property
+    def kernel_half(self) -> int:
+        """The lowest address of the kernel half: the top-level entries from here on are shared by every space."""
+        return self.canonical(1 << (self.va_bits - 1))
+
+
+def _select(line: str, table: dict[str, str]) -> str:
+    pattern = re.compile(r"(?<![\w.$])(" + "|".join(map(re.escape, sorted(table, key=len, reverse=True)))
+                         + r")(?![\w$])")
+    parts = re.split(r'("(?:[^"\\]|\\.)*")', line)
+    return "".join(part if i % 2 else pattern.sub(lambda m: table[m.group(1)], part) for i, part in enumerate(parts))
+
+
+I386 = Arch(
+    name="i386", word_size=4, paging=I386_PAGING, keystone_mode=32, elf_target="ELF32_I386",
+    qemu="qemu-system-i386", gas_flags=("--32",), ld_emulation="elf_i386", objdump_machine="i386",
+    boot_protocol="multiboot1", va_bits=32,
+    defaults=(("kernel_virtual_base", 0xC0000000), ("paging_recursive_slot", 1023),
+              ("tempmap_base", 0xFF800000), ("vmm_base", 0xD0000000), ("vmm_size", 0x10000000)),
+)
+
+X86_64 = Arch(
+    name="x86_64", word_size=8, paging=X86_64_PAGING, keystone_mode=64, elf_target="ELF64_X86_64",
+    qemu="qemu-system-x86_64", gas_flags=("--64",), ld_emulation="elf_x86_64", objdump_machine="i386:x86-64",
+    boot_protocol="multiboot1 (ELF64 with the a.out-kludge address fields), 32-bit entry into long mode",
+    va_bits=48,
+    # The top 2 GiB for the image (mcmodel=kernel), PML4[510] recursive: its window is 0xFFFFFF0000000000.., below
+    # the image's PML4[511]; the temp-map and vmm windows sit in PML4[509] and PML4[508].
+    defaults=(("kernel_virtual_base", 0xFFFFFFFF80000000), ("paging_recursive_slot", 510),
+              ("tempmap_base", 0xFFFFFE8000000000), ("vmm_base", 0xFFFFFE0000000000),
+              ("vmm_size", 0x10000000)),
+)
+
+ARCHES: dict[str, Arch] = {a.name: a for a in (I386, X86_64)}
+
+
+def get(name: str) -> Arch:
+    return ARCHES[name]
