@@ -39,7 +39,7 @@ def parse(serial: str) -> BootReport:
     hexnum = r"0x([0-9a-f]+)"
     mb = one(rf"^multiboot: flags={hexnum} mem_lower={hexnum} mem_upper={hexnum}$")
     kernel = one(rf"^kernel: phys {hexnum}-{hexnum} virt {hexnum}-{hexnum}$")
-    recursive = one(rf"^recursive: PD\[{hexnum}\] at {hexnum} maps the PD at CR3; all entries match$")
+    recursive = one(rf"^recursive: (PD|PML4)\[{hexnum}\] at {hexnum} maps the \1 at CR3; all entries match$")
     mmap = tuple(MemoryRegion(int(b, 16), int(n, 16), int(t, 16)) for b, n, t in
                  re.findall(rf"^mmap: base={hexnum} length={hexnum} type={hexnum}$", serial, re.MULTILINE))
     return BootReport(
@@ -47,6 +47,6 @@ def parse(serial: str) -> BootReport:
         kernel_phys=(int(kernel.group(1), 16), int(kernel.group(2), 16)),
         kernel_virt=(int(kernel.group(3), 16), int(kernel.group(4), 16)),
         cr3=int(one(rf"^cr3: {hexnum}$").group(1), 16),
-        recursive_slot=int(recursive.group(1), 16), recursive_pd=int(recursive.group(2), 16),
+        recursive_slot=int(recursive.group(2), 16), recursive_pd=int(recursive.group(3), 16),
         ok=re.search(rf"^{BOOT_OK}$", serial, re.MULTILINE) is not None,
     )

@@ -20,7 +20,7 @@ from .pagewalk import I386, ReadPhys, Walker, WalkError
 from .registers import Registers
 
 # The boot stub's page directory (templates/boot.s): CR3 must hold its physical address.
-BOOT_PD_SYMBOL = "boot_pd"
+BOOT_PD_SYMBOL = "boot_top_table"
 # Messages beyond this many per check add nothing a person reads; the count of the rest is given.
 MAX_PROBLEMS = 20
 

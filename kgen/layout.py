@@ -275,7 +275,7 @@ class Layout:
 
     def asm_strings(self) -> dict[str, str]:
         """String constants the templates name as labels (generated into .rodata by the build)."""
-        return {"serve_token": self.serve_token}
+        return {"serve_token": self.serve_token, "top_table_name": self.architecture.paging.level_names[0]}
 
     @property
     def vmm_window(self) -> Region:
@@ -348,7 +348,7 @@ class Layout:
                      "PAGE_SHIFT",
                      "PF_P", "PF_W", "PF_U", "PF_RSVD", "PF_I", "VECTOR_PAGE_FAULT",
                      "MULTIBOOT_HEADER_MAGIC", "MULTIBOOT_BOOTLOADER_MAGIC", "MULTIBOOT_FLAG_PAGE_ALIGN",
-                     "MULTIBOOT_FLAG_MEMORY_INFO", "MULTIBOOT_INFO_MEM", "MULTIBOOT_INFO_MMAP",
+                     "MULTIBOOT_FLAG_MEMORY_INFO", "MULTIBOOT_FLAG_ADDRESSES", "MULTIBOOT_INFO_MEM", "MULTIBOOT_INFO_MMAP",
                      "MULTIBOOT_INFO_CMDLINE", "MULTIBOOT_MMAP_AVAILABLE", "MULTIBOOT_INFO_SIZE", "COM1_PORT", "COM2_PORT",
                      "PIC1_COMMAND", "PIC1_DATA", "PIC2_COMMAND", "PIC2_DATA", "PIC_EOI", "PIC_IRQ_COUNT",
                      "COM2_IRQ", "UART_IER_RX_AVAILABLE", "UART_LSR_DATA_READY", "UART_LSR_TX_EMPTY",

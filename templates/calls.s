@@ -1,11 +1,13 @@
 # The call channel: with `kgen.serve` on its command line the kernel, after its boot report, waits on COM2 for
 # requests and runs any kernel routine for the harness (kgen/calls.py), which names it by symbol.
 #
-# Request (little-endian dwords):  CALL_REQUEST_MAGIC, routine address, argument count n, n arguments
-# Reply:                           CALL_REPLY_MAGIC, status (0 ran, 1 refused), eax, edx, rdtsc delta (lo, hi)
+# Request (little-endian words: 4 bytes on i386, 8 on x86_64):
+#     CALL_REQUEST_MAGIC, routine address, argument count n, n arguments
+# Reply (words):
+#     CALL_REPLY_MAGIC, status (0 ran, 1 refused), xax, xdx, rdtsc delta (low half, high half)
 #
-# Routines follow cdecl: arguments pushed right to left, result in eax (edx:eax for 64 bits), ebx/esi/edi/ebp
-# preserved. They run with interrupts off. The rdtsc delta brackets the call alone.
+# Routines follow kgen's convention (templates/serial.s): arguments pushed right to left, result in xax (xdx:xax
+# for a double word). They run with interrupts off. The rdtsc delta brackets the call alone.
 #
 # Between requests the kernel sleeps in `hlt` with only COM2's IRQ open, so an idle kernel changes no memory
 # and the harness may stop the machine and read it.
@@ -15,82 +17,92 @@ serve:
     call com2_init
     push COM2_IRQ
     call pic_unmask
-    add esp, 0x4
+    add xsp, WORD_SIZE
     push offset str_serving
     call serial_puts
-    add esp, 0x4
+    add xsp, WORD_SIZE
 .Lserve_next:
-    call com2_get_dword
-    cmp eax, CALL_REQUEST_MAGIC
+    call com2_get_word
+    cmp xax, CALL_REQUEST_MAGIC
     jne .Lserve_bad_magic
-    call com2_get_dword
-    mov [call_routine], eax
-    call com2_get_dword
-    mov [call_argc], eax
-    cmp eax, CALL_MAX_ARGS
+    call com2_get_word
+    mov [call_routine], xax
+    call com2_get_word
+    mov [call_argc], xax
+    cmp xax, CALL_MAX_ARGS
     ja .Lserve_bad_argc
     xor ebx, ebx
 .Lserve_arg:
-    cmp ebx, [call_argc]
+    cmp xbx, [call_argc]
     jae .Lserve_args_read
-    call com2_get_dword
-    mov [call_args + ebx*4], eax
-    inc ebx
+    call com2_get_word
+    mov [call_args + xbx*WORD_SIZE], xax
+    inc xbx
     jmp .Lserve_arg
 .Lserve_args_read:
-    mov eax, [call_routine]                         # only code inside the kernel's text may be called
-    cmp eax, offset __text_start
+    mov xax, [call_routine]                         # only code inside the kernel's text may be called
+    cmp xax, offset __text_start
     jb .Lserve_refuse
-    cmp eax, offset __text_end
+    cmp xax, offset __text_end
     jae .Lserve_refuse
-    mov ecx, [call_argc]
+    mov xcx, [call_argc]
 .Lserve_push:
-    test ecx, ecx
+    test xcx, xcx
     jz .Lserve_pushed
-    push dword ptr [call_args + ecx*4 - 0x4]
-    dec ecx
+    push xword ptr [call_args + xcx*WORD_SIZE - WORD_SIZE]
+    dec xcx
     jmp .Lserve_push
 .Lserve_pushed:
     rdtsc
     mov [call_tsc_start], eax
     mov [call_tsc_start + 0x4], edx
-    call dword ptr [call_routine]
-    mov [call_eax], eax
-    mov [call_edx], edx
+.if ARCH_X86_64
+    # The first six arguments also go where the System V ABI expects them, so a routine written in C for
+    # x86_64 can be called as well as kgen's own (which read the stack).
+    mov rdi, [call_args]
+    mov rsi, [call_args + 0x8]
+    mov rdx, [call_args + 0x10]
+    mov rcx, [call_args + 0x18]
+    mov r8, [call_args + 0x20]
+    mov r9, [call_args + 0x28]
+.endif
+    call xword ptr [call_routine]
+    mov [call_result], xax
+    mov [call_result_high], xdx
     rdtsc
     sub eax, [call_tsc_start]
     sbb edx, [call_tsc_start + 0x4]
-    mov esp, offset boot_stack_top                  # drop the arguments, whatever the routine did to esp
+    mov xsp, offset boot_stack_top                  # drop the arguments, whatever the routine did to xsp
     mov esi, eax
     mov edi, edx
     push CALL_REPLY_MAGIC
-    call com2_put_dword
+    call com2_put_word
     push 0x0
-    call com2_put_dword
-    push dword ptr [call_eax]
-    call com2_put_dword
-    push dword ptr [call_edx]
-    call com2_put_dword
-    push esi
-    call com2_put_dword
-    push edi
-    call com2_put_dword
-    mov esp, offset boot_stack_top
+    call com2_put_word
+    push xword ptr [call_result]
+    call com2_put_word
+    push xword ptr [call_result_high]
+    call com2_put_word
+    push xsi
+    call com2_put_word
+    push xdi
+    call com2_put_word
+    mov xsp, offset boot_stack_top
     jmp .Lserve_next
 .Lserve_refuse:
     push CALL_REPLY_MAGIC
-    call com2_put_dword
+    call com2_put_word
     push 0x1
-    call com2_put_dword
+    call com2_put_word
     push 0x0
-    call com2_put_dword
+    call com2_put_word
     push 0x0
-    call com2_put_dword
+    call com2_put_word
     push 0x0
-    call com2_put_dword
+    call com2_put_word
     push 0x0
-    call com2_put_dword
-    mov esp, offset boot_stack_top
+    call com2_put_word
+    mov xsp, offset boot_stack_top
     jmp .Lserve_next
 .Lserve_bad_magic:
     push offset str_bad_magic
@@ -147,40 +159,40 @@ com2_get_byte:
     movzx eax, al
     ret
 
-# com2_get_dword() -> eax
-com2_get_dword:
-    push ebx
-    push esi
+# com2_get_word() -> xax: WORD_SIZE bytes, least significant first
+com2_get_word:
+    push xbx
+    push xsi
     xor ebx, ebx
     xor esi, esi
-.Lget_dword_byte:
+.Lget_word_byte:
     call com2_get_byte
     mov ecx, esi
-    shl eax, cl
-    or ebx, eax
+    shl xax, cl
+    or xbx, xax
     add esi, 0x8
-    cmp esi, 0x20
-    jb .Lget_dword_byte
-    mov eax, ebx
-    pop esi
-    pop ebx
+    cmp esi, 8*WORD_SIZE
+    jb .Lget_word_byte
+    mov xax, xbx
+    pop xsi
+    pop xbx
     ret
 
-# com2_put_dword(value)
-com2_put_dword:
-    mov ecx, 0x4
-.Lput_dword_byte:
+# com2_put_word(value): WORD_SIZE bytes, least significant first
+com2_put_word:
+    mov ecx, WORD_SIZE
+.Lput_word_byte:
     mov dx, COM2_PORT + 0x5
-.Lput_dword_wait:
+.Lput_word_wait:
     in al, dx
     test al, UART_LSR_TX_EMPTY
-    jz .Lput_dword_wait
+    jz .Lput_word_wait
     mov dx, COM2_PORT
-    mov al, [esp + 0x4]
+    mov al, [xsp + WORD_SIZE]
     out dx, al
-    shr dword ptr [esp + 0x4], 0x8
+    shr xword ptr [xsp + WORD_SIZE], 0x8
     dec ecx
-    jnz .Lput_dword_byte
+    jnz .Lput_word_byte
     ret
 
 .section .rodata
@@ -192,16 +204,16 @@ str_bad_argc:
     .asciz "kgen: call channel: too many arguments\n"
 
 .section .bss
-.balign 4
+.balign 8
 call_routine:
-    .skip 0x4
+    .skip WORD_SIZE
 call_argc:
-    .skip 0x4
+    .skip WORD_SIZE
 call_args:
-    .skip CALL_MAX_ARGS * 4
-call_eax:
-    .skip 0x4
-call_edx:
-    .skip 0x4
+    .skip CALL_MAX_ARGS * WORD_SIZE
+call_result:
+    .skip WORD_SIZE
+call_result_high:
+    .skip WORD_SIZE
 call_tsc_start:
     .skip 0x8

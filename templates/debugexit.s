@@ -5,7 +5,7 @@
 .section .text
 # debug_exit(value): does not return
 debug_exit:
-    mov eax, [esp + 0x4]
+    mov xax, [xsp + WORD_SIZE]
     mov dx, DEBUG_EXIT_PORT
     out dx, eax
 .Lhalt:
@@ -17,7 +17,7 @@ debug_exit:
 panic:
     push offset str_panic
     call serial_puts
-    push dword ptr [esp + 0x8]
+    push xword ptr [xsp + 2*WORD_SIZE]
     call serial_puts
     push offset str_newline
     call serial_puts

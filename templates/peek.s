@@ -4,6 +4,6 @@
 .section .text
 # peek32(vaddr) -> the dword at vaddr (a page fault here is reported like any other)
 peek32:
-    mov eax, [esp + 0x4]
-    mov eax, [eax]
+    mov xax, [xsp + WORD_SIZE]
+    mov eax, [xax]
     ret

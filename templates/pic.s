@@ -24,7 +24,7 @@ pic_init:
 
 # pic_unmask(irq): open one line of the master PIC (IRQ 0-7)
 pic_unmask:
-    mov ecx, [esp + 0x4]
+    mov xcx, [xsp + WORD_SIZE]
     in al, PIC1_DATA
     mov dl, 0x1
     shl dl, cl

@@ -11,45 +11,58 @@ kmain:
 .endif
     push offset str_banner
     call serial_puts
-    add esp, 0x4
+    add xsp, WORD_SIZE
     call report_multiboot
     call report_kernel
     call report_recursive
+.if ARCH_I386
+    # The memory-management units (templates/pmm.s, vmm.s, heap.s) are built for i386 only so far.
     call pmm_init
     call report_pmm
     call vmm_init
     call heap_init
+.endif
     push offset str_boot_ok
     call serial_puts
-    add esp, 0x4
+    add xsp, WORD_SIZE
     push offset serve_token
     push offset boot_cmdline
     call str_contains
-    add esp, 0x8
+    add xsp, 2*WORD_SIZE
     test eax, eax
     jnz serve
     push DEBUG_EXIT_SUCCESS
     call debug_exit
 
+# serial_putfield(label, value): the label string, then the value in hex
+serial_putfield:
+    push xword ptr [xsp + WORD_SIZE]
+    call serial_puts
+    add xsp, WORD_SIZE
+    push xword ptr [xsp + 2*WORD_SIZE]
+    call serial_puthex
+    add xsp, WORD_SIZE
+    ret
+
 # "multiboot: flags=... mem_lower=... mem_upper=..." then one "mmap:" line per memory-map entry.
 report_multiboot:
-    push ebx
-    push esi
+    push xbx
+    push xsi
+    mov eax, [boot_mb_flags]
+    push xax
     push offset str_mb_flags
-    call serial_puts
-    push dword ptr [boot_mb_flags]
-    call serial_puthex
+    call serial_putfield
+    mov eax, [boot_mem_lower]
+    push xax
     push offset str_mem_lower
-    call serial_puts
-    push dword ptr [boot_mem_lower]
-    call serial_puthex
+    call serial_putfield
+    mov eax, [boot_mem_upper]
+    push xax
     push offset str_mem_upper
-    call serial_puts
-    push dword ptr [boot_mem_upper]
-    call serial_puthex
+    call serial_putfield
     push offset str_newline
     call serial_puts
-    add esp, 0x1c
+    add xsp, 7*WORD_SIZE
     cmp byte ptr [boot_cmdline], 0x0
     je .Lno_cmdline_line
     push offset str_cmdline
@@ -58,33 +71,46 @@ report_multiboot:
     call serial_puts
     push offset str_newline
     call serial_puts
-    add esp, 0xc
+    add xsp, 3*WORD_SIZE
 .Lno_cmdline_line:
-    mov esi, offset boot_mmap
+    mov xsi, offset boot_mmap
     mov ebx, [boot_mmap_count]
 .Lmmap_line:
     test ebx, ebx
     jz .Lmmap_lines_done
+    # base and length are 64-bit: one word on x86_64, high and low dword on i386
     push offset str_mmap_base
     call serial_puts
-    push dword ptr [esi + 0x4]
+.if ARCH_I386
+    push dword ptr [xsi + 0x4]
     call serial_puthex
-    push dword ptr [esi]
+    push dword ptr [xsi]
     call serial_putdigits
+.else
+    push qword ptr [xsi]
+    call serial_puthex
+    push 0x0                                        # keeps the count of pushed words the same as on i386
+.endif
     push offset str_mmap_length
     call serial_puts
-    push dword ptr [esi + 0xc]
+.if ARCH_I386
+    push dword ptr [xsi + 0xc]
     call serial_puthex
-    push dword ptr [esi + 0x8]
+    push dword ptr [xsi + 0x8]
     call serial_putdigits
-    push offset str_mmap_type
-    call serial_puts
-    push dword ptr [esi + 0x10]
+.else
+    push qword ptr [xsi + 0x8]
     call serial_puthex
+    push 0x0
+.endif
+    mov eax, [xsi + 0x10]
+    push xax
+    push offset str_mmap_type
+    call serial_putfield
     push offset str_newline
     call serial_puts
-    add esp, 0x24
-    add esi, BOOT_MMAP_ENTRY_SIZE
+    add xsp, 9*WORD_SIZE
+    add xsi, BOOT_MMAP_ENTRY_SIZE
     dec ebx
     jmp .Lmmap_line
 .Lmmap_lines_done:
@@ -92,71 +118,75 @@ report_multiboot:
     je .Lmmap_complete
     push offset str_mmap_truncated
     call serial_puts
-    add esp, 0x4
+    add xsp, WORD_SIZE
 .Lmmap_complete:
-    pop esi
-    pop ebx
+    pop xsi
+    pop xbx
     ret
 
 # "kernel: phys A-B virt C-D" then "cr3: X"
 report_kernel:
-    push offset str_kernel_phys
-    call serial_puts
     push offset __kernel_start - KERNEL_VIRTUAL_BASE
-    call serial_puthex
-    push offset str_dash
-    call serial_puts
+    push offset str_kernel_phys
+    call serial_putfield
     push offset __kernel_end - KERNEL_VIRTUAL_BASE
-    call serial_puthex
-    push offset str_kernel_virt
-    call serial_puts
-    push offset __kernel_start
-    call serial_puthex
     push offset str_dash
-    call serial_puts
+    call serial_putfield
+    push offset __kernel_start
+    push offset str_kernel_virt
+    call serial_putfield
     push offset __kernel_end
-    call serial_puthex
+    push offset str_dash
+    call serial_putfield
+    mov xax, cr3
+    push xax
     push offset str_cr3
-    call serial_puts
-    mov eax, cr3
-    push eax
-    call serial_puthex
+    call serial_putfield
     push offset str_newline
     call serial_puts
-    add esp, 0x2c
+    add xsp, 11*WORD_SIZE
     ret
 
-# The recursive self-check: CR3 must be boot_pd's frame, PD[RECURSIVE_SLOT] read through the recursive window
-# must point at that frame, and the 1024 entries seen at RECURSIVE_PD must equal those seen at boot_pd.
+# The recursive self-check: CR3 must be boot_top_table's frame, the top table's entry RECURSIVE_SLOT read through
+# the recursive window must point at that frame, and every entry seen at RECURSIVE_TOP must equal the one seen at
+# boot_top_table.
 report_recursive:
-    push esi
-    push edi
-    mov eax, cr3
-    and eax, PTE_FRAME_MASK
-    cmp eax, offset boot_pd - KERNEL_VIRTUAL_BASE
+    push xsi
+    push xdi
+    mov xax, cr3
+    and xax, PTE_FRAME_MASK
+    cmp xax, offset boot_top_table - KERNEL_VIRTUAL_BASE
     jne .Lrecursive_bad
-    mov edx, [RECURSIVE_PD + RECURSIVE_SLOT*4]
-    and edx, PTE_FRAME_MASK
-    cmp edx, eax
+    mov xdx, RECURSIVE_TOP
+    mov xdx, [xdx + RECURSIVE_SLOT*ENTRY_SIZE]
+    and xdx, PTE_FRAME_MASK
+    cmp xdx, xax
     jne .Lrecursive_bad
-    mov esi, RECURSIVE_PD
-    mov edi, offset boot_pd
-    mov ecx, I386_ENTRIES
+    mov xsi, RECURSIVE_TOP
+    mov xdi, offset boot_top_table
+    mov ecx, TABLE_ENTRIES * ENTRY_SIZE / 4
     repe cmpsd
     jne .Lrecursive_bad
     push offset str_recursive
     call serial_puts
-    push RECURSIVE_SLOT
-    call serial_puthex
-    push offset str_recursive_at
+    push offset top_table_name
     call serial_puts
-    push RECURSIVE_PD
-    call serial_puthex
+    push RECURSIVE_SLOT
+    push offset str_recursive_slot
+    call serial_putfield
+    mov xax, RECURSIVE_TOP
+    push xax
+    push offset str_recursive_at
+    call serial_putfield
+    push offset str_recursive_maps
+    call serial_puts
+    push offset top_table_name
+    call serial_puts
     push offset str_recursive_ok
     call serial_puts
-    add esp, 0x14
-    pop edi
-    pop esi
+    add xsp, 9*WORD_SIZE
+    pop xdi
+    pop xsi
     ret
 .Lrecursive_bad:
     push offset str_recursive_bad
@@ -192,11 +222,15 @@ str_dash:
 str_cr3:
     .asciz "\ncr3: "
 str_recursive:
-    .asciz "recursive: PD["
+    .asciz "recursive: "
+str_recursive_slot:
+    .asciz "["
 str_recursive_at:
     .asciz "] at "
+str_recursive_maps:
+    .asciz " maps the "
 str_recursive_ok:
-    .asciz " maps the PD at CR3; all entries match\n"
+    .asciz " at CR3; all entries match\n"
 str_recursive_bad:
     .asciz "recursive: self-check FAILED\n"
 str_boot_ok:

@@ -1,5 +1,10 @@
 # COM1 output: the kernel's only voice. 115200 8N1, no interrupts; putc polls the transmit-empty bit so it also
-# works on a real 16550. Routines follow cdecl: arguments on the stack, eax/ecx/edx clobbered.
+# works on a real 16550.
+#
+# kgen's calling convention, the same on both architectures: arguments are words (4 or 8 bytes) pushed right to
+# left, the first at [xsp + WORD_SIZE] on entry; the result is in xax; xax, xcx and xdx may be clobbered, the
+# other registers are preserved. `xax`, `xsi`, `xword`... are word-size selectors (kgen/arch), so this one file
+# assembles as i386 and as x86_64 code.
 
 .section .text
 serial_init:
@@ -31,55 +36,55 @@ serial_putc:
     test al, 0x20
     jz .Lputc_wait
     mov dx, COM1_PORT
-    mov al, [esp + 0x4]
+    mov al, [xsp + WORD_SIZE]
     out dx, al
     ret
 
 # serial_puts(const char *s)
 serial_puts:
-    push esi
-    mov esi, [esp + 0x8]
+    push xsi
+    mov xsi, [xsp + 2*WORD_SIZE]
 .Lputs_next:
-    movzx eax, byte ptr [esi]
+    movzx eax, byte ptr [xsi]
     test eax, eax
     jz .Lputs_done
-    push eax
+    push xax
     call serial_putc
-    add esp, 0x4
-    inc esi
+    add xsp, WORD_SIZE
+    inc xsi
     jmp .Lputs_next
 .Lputs_done:
-    pop esi
+    pop xsi
     ret
 
-# serial_putdigits(value): eight hex digits, no prefix
+# serial_putdigits(value): a word in hex, two digits per byte (8 on i386, 16 on x86_64), no prefix
 serial_putdigits:
-    push ebx
-    push esi
-    mov ebx, [esp + 0xc]
-    mov esi, 0x8
+    push xbx
+    push xsi
+    mov xbx, [xsp + 3*WORD_SIZE]
+    mov esi, 2*WORD_SIZE
 .Ldigit:
-    rol ebx, 0x4
+    rol xbx, 0x4
     mov eax, ebx
     and eax, 0xf
-    movzx eax, byte ptr [hex_digits + eax]
-    push eax
+    movzx eax, byte ptr [hex_digits + xax]
+    push xax
     call serial_putc
-    add esp, 0x4
+    add xsp, WORD_SIZE
     dec esi
     jnz .Ldigit
-    pop esi
-    pop ebx
+    pop xsi
+    pop xbx
     ret
 
-# serial_puthex(value): "0x" and eight hex digits
+# serial_puthex(value): "0x" and the word's hex digits
 serial_puthex:
     push offset str_hex_prefix
     call serial_puts
-    add esp, 0x4
-    push dword ptr [esp + 0x4]
+    add xsp, WORD_SIZE
+    push xword ptr [xsp + WORD_SIZE]
     call serial_putdigits
-    add esp, 0x4
+    add xsp, WORD_SIZE
     ret
 
 .section .rodata
@@ -93,24 +98,24 @@ str_newline:
 .section .text
 # serial_putdec(value): unsigned decimal
 serial_putdec:
-    push ebx
-    push esi
-    mov eax, [esp + 0xc]
+    push xbx
+    push xsi
+    mov xax, [xsp + 3*WORD_SIZE]
     mov ebx, 0xa
     xor esi, esi                                    # digits pushed so far
 .Ldec_divide:
     xor edx, edx
-    div ebx
+    div xbx
     add edx, 0x30
-    push edx
+    push xdx
     inc esi
-    test eax, eax
+    test xax, xax
     jnz .Ldec_divide
 .Ldec_print:
     call serial_putc                                # the digit is already on the stack as the argument
-    add esp, 0x4
+    add xsp, WORD_SIZE
     dec esi
     jnz .Ldec_print
-    pop esi
-    pop ebx
+    pop xsi
+    pop xbx
     ret

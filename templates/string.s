@@ -1,28 +1,28 @@
-# Byte-string helpers (cdecl).
+# Byte-string helpers (kgen's convention: templates/serial.s).
 
 .section .text
 # str_contains(haystack, needle) -> 1 when needle occurs in haystack, else 0 (both NUL-terminated)
 str_contains:
-    push esi
-    push edi
-    push ebx
-    mov ebx, [esp + 0x10]
+    push xsi
+    push xdi
+    push xbx
+    mov xbx, [xsp + 4*WORD_SIZE]
 .Lcontains_start:
-    mov esi, ebx
-    mov edi, [esp + 0x14]
+    mov xsi, xbx
+    mov xdi, [xsp + 5*WORD_SIZE]
 .Lcontains_byte:
-    mov al, [edi]
+    mov al, [xdi]
     test al, al
     jz .Lcontains_yes
-    cmp al, [esi]
+    cmp al, [xsi]
     jne .Lcontains_next
-    inc esi
-    inc edi
+    inc xsi
+    inc xdi
     jmp .Lcontains_byte
 .Lcontains_next:
-    cmp byte ptr [ebx], 0x0
+    cmp byte ptr [xbx], 0x0
     je .Lcontains_no
-    inc ebx
+    inc xbx
     jmp .Lcontains_start
 .Lcontains_yes:
     mov eax, 0x1
@@ -30,7 +30,7 @@ str_contains:
 .Lcontains_no:
     xor eax, eax
 .Lcontains_done:
-    pop ebx
-    pop edi
-    pop esi
+    pop xbx
+    pop xdi
+    pop xsi
     ret

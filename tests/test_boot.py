@@ -34,7 +34,7 @@ def check_report(out, serial: str):
     start, end = image.symbol("__kernel_start").value, image.symbol("__kernel_end").value
     assert report.kernel_virt == (start, end)
     assert report.kernel_phys == (start - layout.kernel_virtual_base, end - layout.kernel_virtual_base)
-    assert report.cr3 == image.symbol("boot_pd").value - layout.kernel_virtual_base
+    assert report.cr3 == image.symbol("boot_top_table").value - layout.kernel_virtual_base
     assert report.recursive_slot == layout.recursive_slot
     assert report.recursive_pd == layout.recursive_pd
     ram = [r for r in report.mmap if r.type == hw.MULTIBOOT_MMAP_AVAILABLE]

@@ -133,7 +133,7 @@ def test_cr3_and_cr0_are_checked_against_the_layout(live):
     assert invariants.check_paging_enabled(view) == [] and invariants.check_cr3(view) == []
     assert "CR0.WP is clear" in invariants.check_paging_enabled(wrong)[0]
     assert invariants.check_cr3(wrong)[0].startswith(f"CR3={view.regs.cr3 + hw.PAGE_SIZE:#010x}: expected the "
-                                                     f"boot page directory boot_pd at physical {view.regs.cr3:#x}")
+                                                     f"boot page directory boot_top_table at physical {view.regs.cr3:#x}")
 
 
 def test_without_a_layout_the_kgen_checks_do_not_apply(live):

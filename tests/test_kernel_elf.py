@@ -55,7 +55,7 @@ def test_every_global_label_is_in_the_symtab(elf):
     symtab = {s.name: s["st_value"] for s in elffile.get_section_by_name(".symtab").iter_symbols() if s.name}
     for sym in out.kernel.image.symbols:
         assert symtab.get(sym.name) == sym.value, sym.name
-    for label in ("_start", "kmain", "boot_pd", "exception_common", "serial_puts"):
+    for label in ("_start", "kmain", "boot_top_table", "exception_common", "serial_puts"):
         assert label in symtab
 
 

@@ -32,7 +32,7 @@ _start:
     call boot_copy_multiboot_info
 .Lno_multiboot_info:
     call boot_build_page_tables
-    mov eax, offset boot_pd - KERNEL_VIRTUAL_BASE
+    mov eax, offset boot_top_table - KERNEL_VIRTUAL_BASE
     mov cr3, eax
     mov eax, cr0
     or eax, CR0_PG | CR0_WP
@@ -111,7 +111,7 @@ boot_copy_multiboot_info:
 # Fill the boot PD and page tables (zero from the .bss clear). boot_page_tables holds KERNEL_PDE_COUNT tables for
 # the image window followed by one for the temp-map window.
 boot_build_page_tables:
-    mov edi, offset boot_pd - KERNEL_VIRTUAL_BASE
+    mov edi, offset boot_top_table - KERNEL_VIRTUAL_BASE
     mov eax, offset boot_page_tables - KERNEL_VIRTUAL_BASE
     or eax, PTE_P | PTE_RW
     xor ecx, ecx
@@ -147,7 +147,7 @@ boot_build_page_tables:
 boot_higher_half:
     mov esp, offset boot_stack_top
     xor eax, eax
-    mov edi, offset boot_pd + IDENTITY_PDE_FIRST*4
+    mov edi, offset boot_top_table + IDENTITY_PDE_FIRST*4
     mov ecx, KERNEL_PDE_COUNT
     rep stosd
     mov eax, cr3                                    # flush the identity translations
@@ -165,7 +165,7 @@ boot_higher_half:
 
 .section .bss
 .balign 0x1000
-boot_pd:
+boot_top_table:
     .skip PAGE_SIZE
 boot_page_tables:
     .skip PAGE_SIZE * BOOT_PAGE_TABLES
