@@ -1,8 +1,10 @@
-"""Write a `LinkedImage` as an ELF executable, built and written by LIEF.
+"""Write a `LinkedImage` as an ELF executable, built and written by LIEF: ELF32 i386 (`ELF32_I386`, the default)
+or ELF64 x86-64 (`ELF64_X86_64`), chosen by `write_elf`'s `target`.
 
-LIEF cannot start an ELF from nothing, so it is handed a skeleton packed here with `struct`: the ELF header, one
-blank PT_LOAD slot per segment, a null section and `.shstrtab`. LIEF fills the slots in, adds the named sections,
-`.symtab` and `.strtab`, and produces the bytes.
+LIEF cannot start an ELF from nothing, so it is handed a skeleton packed here with `struct` in the target's class:
+the ELF header, one blank PT_LOAD slot per segment, a null section and `.shstrtab`. LIEF fills the slots in, adds
+the named sections, `.symtab` and `.strtab`, and produces the bytes. Everything after the skeleton is the same for
+both classes; `ElfTarget` holds what differs (struct formats, field order, EI_CLASS, e_machine).
 
 What LIEF would get wrong, and what is done instead:
 - `add(Segment)` overwrites p_paddr with p_vaddr, rounds sizes to a page, places the data where its page size
@@ -12,6 +14,13 @@ What LIEF would get wrong, and what is done instead:
   content at the segment's current offset.
 - `add(Section, loaded=True)` would make a segment per section, so sections go in unloaded and are placed by hand.
 - `.symtab` gets no null symbol unless one is added first.
+- LIEF cuts values to 32 bits without a word: in an ELF32 every address (a 0xFFFFFFFF80100000 vaddr becomes
+  0x80100000), and in an ELF64 too every size and alignment (p_memsz, p_align, sh_size, sh_addralign,
+  st_size), though it keeps 64-bit addresses (p_vaddr, p_paddr, sh_addr, st_value, e_entry). Values that would be
+  cut are refused before LIEF sees them.
+- Moving `.shstrtab` away, the first write zeroes the bytes the skeleton had it in, right after the program header
+  table, where the first segment starts when its vaddr is congruent to that offset; so the second pass writes
+  the segment contents again.
 - e_shoff is wherever the parsed skeleton had it, and the section header table is written before the segment
   contents, so a stale e_shoff gets overwritten silently; it is set to the end of the segment data, and each table
   LIEF appends moves it past itself.
@@ -21,7 +30,8 @@ What LIEF would get wrong, and what is done instead:
   fields are set once more: nothing is appended the second time, and the indices are final.
 
 Nothing LIEF produces is trusted: pyelftools, an independent reader, compares the bytes with the plan field by
-field, and only a verified image reaches the disk (a temporary file in the same directory, then `os.replace`).
+field (by name, so one comparison serves both classes), and only a verified image reaches the disk (a temporary
+file in the same directory, then `os.replace`).
 """
 from __future__ import annotations
 
@@ -42,6 +52,8 @@ from kgen.image import LinkedImage, Section
 
 MULTIBOOT_WINDOW = 8192          # GRUB and QEMU look for the Multiboot v1 header only this far into the file
 MULTIBOOT_HEADER_SIZE = 12       # magic, flags, checksum
+MULTIBOOT_AOUT_KLUDGE = 1 << 16  # flags bit 16: five address fields follow (what an ELF64 kernel needs for QEMU)
+MULTIBOOT_AOUT_HEADER_SIZE = 32  # ... header_addr, load_addr, load_end_addr, bss_end_addr, entry_addr
 
 _PT_LOAD = 1
 _PF_X, _PF_W, _PF_R = 1, 2, 4
@@ -51,11 +63,17 @@ _SEGMENT_FLAGS = {"rx": _PF_R | _PF_X, "r": _PF_R, "rw": _PF_R | _PF_W}
 _SECTION_FLAGS = {"rx": _SHF_ALLOC | _SHF_EXECINSTR, "r": _SHF_ALLOC, "rw": _SHF_ALLOC | _SHF_WRITE}
 _SYMBOL_TYPES = {"func": "STT_FUNC", "object": "STT_OBJECT"}
 _TABLES = (".symtab", ".strtab", ".shstrtab")
+_LIEF_SIZE_MAX = 0xFFFFFFFF      # the largest size or alignment LIEF writes intact, in either class
+_LIEF_SIZE_LIMIT = "the 32 bits LIEF writes sizes and alignments with"
 
 
 @dataclass(frozen=True)
 class ElfTarget:
-    """What depends on the ELF class and machine. An x86-64 target is another instance with 64-bit formats."""
+    """What depends on the ELF class and machine: `ELF32_I386` and `ELF64_X86_64` are the two instances.
+
+    The header formats list the fields in the same order for both classes (only their widths differ), except the
+    program header, whose p_flags comes last in Elf32_Phdr and second in Elf64_Phdr: hence `phdr_fields`.
+    """
 
     elfclass: int            # EI_CLASS: 1 for ELF32, 2 for ELF64
     machine: int             # e_machine
@@ -64,6 +82,15 @@ class ElfTarget:
     phdr_fields: tuple[str, ...]   # p_flags moves between the classes, so the fields are packed by name
     shdr_format: str
     page_size: int = 0x1000
+
+    @property
+    def bits(self) -> int:
+        """Width of an address, offset or size in this class: 32 or 64."""
+        return 32 if self.elfclass == 1 else 64
+
+    @property
+    def word_size(self) -> int:
+        return self.bits // 8
 
     @property
     def ehdr_size(self) -> int:
@@ -85,6 +112,15 @@ ELF32_I386 = ElfTarget(
     phdr_format="<8I",
     phdr_fields=("type", "offset", "vaddr", "paddr", "filesz", "memsz", "flags", "align"),
     shdr_format="<10I",
+)
+
+ELF64_X86_64 = ElfTarget(
+    elfclass=2,
+    machine=62,                                   # EM_X86_64
+    ehdr_format="<HHIQQQIHHHHHH",                 # e_entry, e_phoff, e_shoff are 64-bit
+    phdr_format="<IIQQQQQQ",
+    phdr_fields=("type", "flags", "offset", "vaddr", "paddr", "filesz", "memsz", "align"),
+    shdr_format="<IIQQQQIIQQ",                    # sh_flags, sh_addr, sh_offset, sh_size, sh_addralign, sh_entsize
 )
 
 
@@ -132,7 +168,7 @@ def write_elf(image: LinkedImage, path: Path, *, target: ElfTarget = ELF32_I386)
     """
     path = Path(path)
     try:
-        _check_image(image)
+        _check_image(image, target)
         data = _build(image, target)
         _write_atomically(path, data)
     except KgenError:
@@ -173,7 +209,7 @@ def _skeleton(target: ElfTarget, segments: int) -> bytes:
     names = b"\0.shstrtab\0"
     phoff = target.ehdr_size
     names_off = phoff + segments * target.phdr_size
-    shoff = (names_off + len(names) + 3) & ~3
+    shoff = -(-(names_off + len(names)) // target.word_size) * target.word_size   # aligned to the class's word
     ident = b"\x7fELF" + bytes([target.elfclass, 1, 1]) + bytes(9)   # little-endian, EV_CURRENT, SysV
     header = ident + struct.pack(
         target.ehdr_format, 2, target.machine, 1, 0, phoff, shoff, 0,          # ET_EXEC, EV_CURRENT, entry 0
@@ -183,12 +219,13 @@ def _skeleton(target: ElfTarget, segments: int) -> bytes:
     phdrs = struct.pack(target.phdr_format, *(blank[name] for name in target.phdr_fields)) * segments
     body = (header + phdrs + names).ljust(shoff, b"\0")
     null = bytes(target.shdr_size)
+    # sh_name, sh_type, sh_flags, sh_addr, sh_offset, sh_size, sh_link, sh_info, sh_addralign, sh_entsize
     shstrtab = struct.pack(target.shdr_format, 1, _SHT_STRTAB, 0, 0, names_off, len(names), 0, 0, 1, 0)
     return body + null + shstrtab
 
 
-def _check_image(image: LinkedImage) -> None:
-    """Refuse what no single ELF layout can express, before LIEF sees any of it."""
+def _check_image(image: LinkedImage, target: ElfTarget) -> None:
+    """Refuse what no single ELF layout of this class can express, before LIEF sees any of it."""
     if not image.sections:
         raise LinkError("the image has no sections")
     names = [sec.name for sec in image.sections]
@@ -225,6 +262,35 @@ def _check_image(image: LinkedImage) -> None:
             raise LinkError(f"symbol {sym.name} has kind {sym.kind!r}; expected func or object")
         if not sec.vaddr <= sym.value <= sec.vaddr + sec.size:
             raise LinkError(f"symbol {sym.name} at {sym.value:#x} lies outside its section {sec.name}")
+    _check_widths(image, target)
+
+
+def _check_widths(image: LinkedImage, target: ElfTarget) -> None:
+    """Addresses must fit the class; sizes and alignments must fit 32 bits whatever the class, because LIEF
+    writes p_memsz, p_align, sh_size, sh_addralign and st_size cut to 32 bits even in an ELF64."""
+    top = 1 << target.bits
+    checks = [(f"the entry point {image.entry:#x}", image.entry, top - 1, f"a {target.bits}-bit address")]
+    for sec in image.sections:
+        checks += [   # sizes first: a huge size also pushes the end past the top, but is the cause
+            (f"section {sec.name} size {sec.size:#x}", sec.size, _LIEF_SIZE_MAX, _LIEF_SIZE_LIMIT),
+            (f"section {sec.name} alignment {sec.align:#x}", sec.align, _LIEF_SIZE_MAX, _LIEF_SIZE_LIMIT),
+            (f"section {sec.name} at {sec.vaddr:#x}", sec.vaddr, top - 1, f"a {target.bits}-bit address"),
+            (f"section {sec.name} loaded at {sec.paddr:#x}", sec.paddr, top - 1, f"a {target.bits}-bit address"),
+            (f"the end of section {sec.name}, {sec.vaddr + sec.size:#x},", sec.vaddr + sec.size, top,
+             f"the {target.bits}-bit address space"),
+            (f"the physical end of section {sec.name}, {sec.paddr + sec.size:#x},", sec.paddr + sec.size, top,
+             f"the {target.bits}-bit address space"),
+        ]
+    for group in image.segments():
+        memsz = group[-1].vaddr + group[-1].size - group[0].vaddr
+        checks.append((f"the segment from {group[0].name} to {group[-1].name}, {memsz:#x} bytes,", memsz,
+                       _LIEF_SIZE_MAX, _LIEF_SIZE_LIMIT))
+    for sym in image.symbols:
+        checks += [(f"symbol {sym.name} at {sym.value:#x}", sym.value, top - 1, f"a {target.bits}-bit address"),
+                   (f"symbol {sym.name} size {sym.size:#x}", sym.size, _LIEF_SIZE_MAX, _LIEF_SIZE_LIMIT)]
+    for what, value, highest, limit in checks:
+        if not 0 <= value <= highest:
+            raise LinkError(f"{what} does not fit {limit}")
 
 
 def _layout(image: LinkedImage, target: ElfTarget) -> _Layout:
@@ -252,10 +318,18 @@ def _layout(image: LinkedImage, target: ElfTarget) -> _Layout:
         ))
         cursor = offset + filesz
     for entry in placed:
-        if entry.section.name == ".multiboot" and entry.offset + MULTIBOOT_HEADER_SIZE > MULTIBOOT_WINDOW:
+        if (entry.section.name == ".multiboot"
+                and entry.offset + _multiboot_header_size(entry.section) > MULTIBOOT_WINDOW):
             raise LinkError(f"the Multiboot header would sit at file offset {entry.offset:#x}, past the first "
                             f"{MULTIBOOT_WINDOW // 1024} KiB where loaders look for it")
     return _Layout(tuple(loads), tuple(placed), cursor)
+
+
+def _multiboot_header_size(sec: Section) -> int:
+    """12 bytes, or 32 when the flags ask for the a.out address fields; the whole header must be in the window."""
+    if len(sec.data) >= 8 and struct.unpack_from("<I", sec.data, 4)[0] & MULTIBOOT_AOUT_KLUDGE:
+        return MULTIBOOT_AOUT_HEADER_SIZE
+    return MULTIBOOT_HEADER_SIZE
 
 
 def _set_segment_header(segment: lief.ELF.Segment, load: _Load, target: ElfTarget) -> None:
@@ -293,10 +367,13 @@ def _settle(binary: lief.ELF.Binary, image: LinkedImage, layout: _Layout, target
     """Set every planned header field on what LIEF holds: once before the first write, once after re-parsing it.
 
     The second time is what counts: only then are the section indices final and `.bss` back where it belongs.
+    The segment contents are set again too: the first write zeroes the bytes where the skeleton's `.shstrtab`
+    was, and a segment may start there.
     """
     loads = [seg for seg in binary.segments if seg.type == lief.ELF.Segment.TYPE.LOAD]
     for segment, load in zip(loads, layout.loads):
         _set_segment_header(segment, load, target)
+        segment.content = list(load.content)
     for placed in layout.sections:
         section = binary.get_section(placed.section.name)
         if section is not None:
@@ -325,10 +402,15 @@ def _differences(elf: ELFFile, data: bytes, image: LinkedImage, layout: _Layout,
             problems.append(f"{what} is {_show(got)}, expected {_show(want)}")
 
     header = elf.header
-    expect("EI_CLASS", elf.elfclass, 32 if target.elfclass == 1 else 64)
+    expect("EI_CLASS", elf.elfclass, target.bits)
+    expect("EI_DATA", header.e_ident["EI_DATA"], "ELFDATA2LSB")
     expect("e_type", header.e_type, "ET_EXEC")
     expect("e_machine", ENUM_E_MACHINE.get(header.e_machine, header.e_machine), target.machine)
     expect("e_entry", header.e_entry, image.entry)
+    # The layout put the first segment right after a program header table of this class at this offset.
+    for field, want in (("e_ehsize", target.ehdr_size), ("e_phoff", target.ehdr_size),
+                        ("e_phentsize", target.phdr_size), ("e_shentsize", target.shdr_size)):
+        expect(field, header[field], want)
 
     segments = list(elf.iter_segments())
     expect("program header count", len(segments), len(layout.loads))
