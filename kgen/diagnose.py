@@ -9,27 +9,39 @@ from . import hw
 from .elfinfo import ElfInfo
 from .errors import MachineError
 
-EXCEPTION_LINE = re.compile(r"kgen: exception((?: \w+=0x[0-9a-f]+)+)")
-FIELD = re.compile(r"(\w+)=0x([0-9a-f]+)")
+# One shape for both kernels: "kgen: exception vector=0x.. error=0x.. eip=0x.. cr2=0x.. eax=0x.. ..." from the i386
+# one (templates/i386/idt.s), the same with rip= and r8=..r15=, rflags= and 16-digit values from the 64-bit one.
+EXCEPTION_LINE = re.compile(r"kgen: exception((?: \w+=0x[0-9a-fA-F]+)+)")
+FIELD = re.compile(r"(\w+)=0x([0-9a-fA-F]+)")
 
 
 @dataclass(frozen=True)
 class KernelException:
-    """The kernel's own report of a CPU exception (templates/idt.s prints it)."""
+    """The kernel's own report of a CPU exception (templates/i386/idt.s prints it; the 64-bit kernel says rip=)."""
     fields: dict[str, int]
 
     @property
     def vector(self) -> int:
         return self.fields["vector"]
 
+    @property
+    def long_mode(self) -> bool:
+        """The report came from 64-bit code: it names RIP, not EIP."""
+        return "rip" in self.fields
+
+    @property
+    def ip(self) -> int:
+        """The faulting instruction's address: RIP or EIP."""
+        return self.fields["rip" if self.long_mode else "eip"]
+
     def describe(self, elf: ElfInfo | None = None) -> str:
         f = self.fields
         name = hw.EXCEPTION_NAMES.get(self.vector, "reserved exception")
         text = f"{name} (vector {self.vector}) error={f['error']:#x}"
+        digits = 16 if self.long_mode else 8
         if self.vector == hw.VECTOR_PAGE_FAULT:
-            text += f" [{hw.describe_page_fault_error(f['error'])}] CR2={f['cr2']:#010x}"
-        eip = elf.symbolize(f["eip"]) if elf else f"{f['eip']:#010x}"
-        return f"{text} EIP={eip}"
+            text += f" [{hw.describe_page_fault_error(f['error'])}] CR2={f['cr2']:#0{digits + 2}x}"
+        return f"{text} {'RIP' if self.long_mode else 'EIP'}={_symbol(elf, self.ip, long_mode=self.long_mode)}"
 
 
 PANIC_LINE = re.compile(r"kgen: panic: (.*)")
@@ -80,7 +92,8 @@ def explain(machine, elf: ElfInfo | None, why: BaseException | str) -> Failure:
 
     `why` is what the caller saw (a wait that timed out, an exit status). The kernel's own exception line wins;
     else the runstate tells a triple fault (-no-shutdown keeps QEMU up with the CPU as it was) from an exit and
-    from a hang, and for the last two kinds the machine is stopped and its CPU read, so EIP is named from the ELF.
+    from a hang, and for the last two kinds the machine is stopped and its CPU read, so EIP (RIP in long mode) is
+    named from the ELF.
     Leaves the machine stopped but alive: the caller still shuts it down.
     """
     reason = str(why).split("\n", 1)[0]
@@ -98,11 +111,12 @@ def explain(machine, elf: ElfInfo | None, why: BaseException | str) -> Failure:
         except MachineError as err:
             state = f"unknown ({err})"
         regs = _registers(machine, state, evidence)
-        where = f"EIP={_symbol(elf, regs.eip)}" if regs else "registers unreadable"
+        where = (f"{'RIP' if regs.long_mode else 'EIP'}={_symbol(elf, regs.eip, long_mode=regs.long_mode)}"
+                 if regs else "registers unreadable")
         if state == "shutdown" and _guest_reset(machine):
             kind = "triple fault"
             summary = (f"triple fault (vector unknown: the CPU reset instead of reporting it): {where}"
-                       + (f" CR2={regs.cr2:#010x}" if regs else ""))
+                       + (f" CR2={regs.cr2:#0{18 if regs.long_mode else 10}x}" if regs else ""))
         elif state == "exited":
             kind, summary = "exit", f"QEMU exited ({reason}) without a kernel exception report"
         else:
@@ -126,10 +140,18 @@ def _registers(machine, state: str, evidence: list[str]):
     except MachineError as err:
         evidence.append(f"registers unreadable: {err}")
         return None
-    evidence.append(f"registers: EIP={regs.eip:#010x} ESP={regs.esp:#010x} EFLAGS={regs.eflags:#010x} "
-                    f"CR0={regs.cr0:#010x} CR2={regs.cr2:#010x} CR3={regs.cr3:#010x} CR4={regs.cr4:#010x} "
-                    f"halted={regs.halted}")
+    evidence.append(f"registers: {register_line(regs)}")
     return regs
+
+
+def register_line(regs) -> str:
+    """The registers that say where a stopped CPU was, named as the mode it ran in names them."""
+    if not regs.long_mode:
+        return (f"EIP={regs.eip:#010x} ESP={regs.esp:#010x} EFLAGS={regs.eflags:#010x} CR0={regs.cr0:#010x} "
+                f"CR2={regs.cr2:#010x} CR3={regs.cr3:#010x} CR4={regs.cr4:#010x} halted={regs.halted}")
+    efer = f"{regs.efer:#018x}" if regs.efer is not None else "?"
+    return (f"RIP={regs.eip:#018x} RSP={regs.esp:#018x} RFLAGS={regs.eflags:#010x} CR0={regs.cr0:#010x} "
+            f"CR2={regs.cr2:#018x} CR3={regs.cr3:#018x} CR4={regs.cr4:#010x} EFER={efer} halted={regs.halted}")
 
 
 def _guest_reset(machine) -> bool:
@@ -137,5 +159,13 @@ def _guest_reset(machine) -> bool:
                for e in machine.events)
 
 
-def _symbol(elf: ElfInfo | None, addr: int) -> str:
-    return elf.symbolize(addr) if elf else f"{addr:#010x}"
+def _symbol(elf: ElfInfo | None, addr: int, *, long_mode: bool = False) -> str:
+    """`addr` named from the ELF: 8 hex digits for EIP as the ELF prints it, always 16 for RIP (a 64-bit kernel may
+    come as an ELF32 for Multiboot, whose symbolize would pad to 8)."""
+    if not long_mode:
+        return elf.symbolize(addr) if elf else f"{addr:#010x}"
+    text = f"{addr:#018x}"
+    if elf is None:
+        return text
+    named = elf.symbolize(addr)
+    return text + named[named.index(" "):] if " " in named else text

@@ -14,16 +14,17 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from kgen.errors import KgenError
-from kgen.hw import (PAGE_SIZE, PTE_A, PTE_D, PTE_FRAME_MASK, PTE_G, PTE_P, PTE_PCD, PTE_PS, PTE_PWT, PTE_RW,
-                     PTE_US)
+from kgen.hw import (PAGE_SIZE, PTE_A, PTE_D, PTE_FRAME_MASK, PTE_G, PTE_NX, PTE_P, PTE_PCD, PTE_PS, PTE_PWT,
+                     PTE_RW, PTE_US)
 
 ReadPhys = Callable[[int, int], bytes]
 
-# Bits that only the entry mapping the page decides; RW and US are decided by every level on the way down.
+# Bits that only the entry mapping the page decides; RW and US are decided by every level on the way down (each
+# level can withdraw them), and so is NX (each level can impose it).
 _LEAF_BITS = PTE_PWT | PTE_PCD | PTE_A | PTE_D | PTE_G
 _RIGHTS = PTE_RW | PTE_US
 _ATTR_NAMES = ((PTE_P, "P"), (PTE_RW, "RW"), (PTE_US, "US"), (PTE_PWT, "PWT"), (PTE_PCD, "PCD"),
-               (PTE_A, "A"), (PTE_D, "D"), (PTE_PS, "PS"), (PTE_G, "G"))
+               (PTE_A, "A"), (PTE_D, "D"), (PTE_PS, "PS"), (PTE_G, "G"), (PTE_NX, "NX"))
 
 
 class WalkError(KgenError):
@@ -43,6 +44,7 @@ class PagingMode:
     cr3_mask: int                    # address bits of CR3 locating the top-level table
     reserved: tuple[int, ...]        # per level, bits that must be clear in a present entry
     canonical: bool = False          # addresses sign-extend above the top index bit (x86-64)
+    nx_levels: frozenset[int] = frozenset()  # levels whose bit 63 is XD with EFER.NXE on, reserved with it off
 
     @property
     def levels(self) -> int:
@@ -76,15 +78,18 @@ I386 = PagingMode(
 )
 
 # For the 64-bit entries, reserved address bits are counted from the architectural 52-bit limit; a CPU with a
-# smaller MAXPHYADDR reserves more, which this walker does not know about. Bit 63 (XD) is left alone.
+# smaller MAXPHYADDR reserves more, which this walker does not know about. Bit 63 (XD) of the levels in nx_levels
+# is execute-disable or reserved depending on EFER.NXE, which the Walker is told (`nxe`).
 _ADDR52 = 0x000F_FFFF_FFFF_F000
 
 PAE = PagingMode(
     name="pae", entry_size=8, index_bits=(2, 9, 9), level_names=("PDPT", "PD", "PT"),
     large_levels=frozenset({1}), large_needs_pse=False, rights_levels=frozenset({1, 2}),
     frame_mask=_ADDR52, cr3_mask=0xFFFF_FFE0,
-    # A PDPTE has no RW, US, A, D, PS or G; PAE reserves bits 62:52 everywhere and 63 in the PDPTE too.
+    # A PDPTE has no RW, US, A, D, PS or G; PAE reserves bits 62:52 everywhere and 63 in the PDPTE too: a PDPTE has
+    # no XD either.
     reserved=(0xFFF0_0000_0000_01E6, 0x7FF0_0000_0000_0000, 0x7FF0_0000_0000_0000),
+    nx_levels=frozenset({1, 2}),
 )
 
 X86_64 = PagingMode(
@@ -94,11 +99,13 @@ X86_64 = PagingMode(
     # Bits 62:52 are free for software in 4-level paging; only PS in a PML4E is reserved.
     reserved=(PTE_PS, 0, 0, 0),
     canonical=True,
+    nx_levels=frozenset({0, 1, 2, 3}),
 )
 
 
 class Attrs(int):
-    """Page attribute bits (PTE_* values) that print as "P RW G"."""
+    """Page attribute bits (PTE_* values) that print as "P RW G"; NX (PTE_NX, bit 63) when the page is not
+    executable."""
 
     __slots__ = ()
 
@@ -162,15 +169,18 @@ class RecursiveWindow:
 
 class Walker:
     def __init__(self, read_phys: ReadPhys, cr3: int, mode: PagingMode = I386, *, pse: bool = True,
-                 recursive_slot: int | None = None):
+                 recursive_slot: int | None = None, nxe: bool = True):
         """Read the top-level table now. `recursive_slot` is a claim: WalkError if that entry is no self-reference.
 
-        Self-referencing top-level entries are found whether or not a slot is named.
+        Self-referencing top-level entries are found whether or not a slot is named. `nxe` is EFER.NXE: with it on,
+        bit 63 of a 64-bit entry (PAE, x86-64) makes everything below it NX; with it off, that bit is reserved.
+        i386 entries have no bit 63: there `nxe` changes nothing.
         """
         self.read_phys = read_phys
         self.cr3 = cr3
         self.mode = mode
         self.pse = pse
+        self.nxe = nxe
         self.top = cr3 & mode.cr3_mask
         self._format = "<%d" + {4: "I", 8: "Q"}[mode.entry_size]
         self._cache: dict[tuple[int, int], tuple[int, ...]] = {}
@@ -196,9 +206,8 @@ class Walker:
             entry = self._table(level, base, chain)[index]
             if not entry & PTE_P:
                 return None
-            if level in mode.rights_levels:
-                rights &= entry
             frame, size = self._decode(chain, level, base, index, entry)
+            rights = self._restrict(level, rights, entry)
             chain += (self._ref(level, base, index, entry),)
             if size:
                 return Translation(vaddr, frame | vaddr & (size - 1), size, entry,
@@ -236,8 +245,8 @@ class Walker:
     def recursive_windows(self) -> list[RecursiveWindow]:
         shift = self.mode.shift(0)
         top = self._table(0, self.top, ())
-        return [RecursiveWindow(slot, self.mode.sign_extend(slot << shift), 1 << shift,
-                                Attrs(top[slot] & (PTE_P | _RIGHTS | PTE_PWT | PTE_PCD | PTE_A)),
+        bits = PTE_P | _RIGHTS | PTE_PWT | PTE_PCD | PTE_A | (PTE_NX if self._nx_at(0) else 0)
+        return [RecursiveWindow(slot, self.mode.sign_extend(slot << shift), 1 << shift, Attrs(top[slot] & bits),
                                 self.top + slot * self.mode.entry_size)
                 for slot in sorted(self._self_slots)]
 
@@ -264,12 +273,11 @@ class Walker:
                 chain: tuple[EntryRef, ...]) -> Iterator[tuple[int, int, int, Attrs]]:
         mode = self.mode
         shift = mode.shift(level)
-        restricts = level in mode.rights_levels
         for index, entry in enumerate(self._table(level, base, chain)):
             if not entry & PTE_P or level == 0 and index in self._self_slots:
                 continue
             frame, size = self._decode(chain, level, base, index, entry)
-            here = rights & entry if restricts else rights
+            here = self._restrict(level, rights, entry)
             vaddr = vbase | index << shift
             if size:
                 yield mode.sign_extend(vaddr), frame, size, self._attrs(entry, here, size)
@@ -305,6 +313,8 @@ class Walker:
         elif entry & PTE_PS and level in mode.large_levels and (self.pse or not mode.large_needs_pse):
             size = 1 << mode.shift(level)
         reserved = mode.reserved[level]
+        if level in mode.nx_levels and not self.nxe:
+            reserved |= PTE_NX
         frame = entry & mode.frame_mask
         if size > PAGE_SIZE:
             # Bit 12 of a large entry is PAT; the bits from 13 up to the frame must be clear. In a 4 MiB PDE they
@@ -313,8 +323,22 @@ class Walker:
             frame &= ~(size - 1)
         if entry & reserved:
             ref = self._ref(level, base, index, entry)
-            raise WalkError(f"{describe(chain + (ref,))} = {entry:#x}: reserved bits {entry & reserved:#x} set")
+            why = (" (XD, bit 63, is reserved with EFER.NXE off)"
+                   if entry & reserved & PTE_NX and level in mode.nx_levels else "")
+            raise WalkError(f"{describe(chain + (ref,))} = {entry:#x}: reserved bits {entry & reserved:#x} set{why}")
         return frame, size
+
+    def _nx_at(self, level: int) -> bool:
+        return self.nxe and level in self.mode.nx_levels
+
+    def _restrict(self, level: int, rights: int, entry: int) -> int:
+        """`rights` (RW, US and NX so far on the way down) after the entry at `level`: a level can withdraw RW or
+        US, and impose NX, never the reverse."""
+        if level in self.mode.rights_levels:
+            rights &= entry | ~_RIGHTS
+        if self._nx_at(level):
+            rights |= entry & PTE_NX
+        return rights
 
     def _ref(self, level: int, base: int, index: int, entry: int) -> EntryRef:
         return EntryRef(self.mode.level_names[level], index, base + index * self.mode.entry_size, entry)

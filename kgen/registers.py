@@ -2,8 +2,9 @@
 
 QEMU 7.2 has no structured register query over QMP, so the text of `info registers` is the interface; this module
 is the one place that knows its format. A 32-bit CPU prints `EAX=xxxxxxxx ... EIP= EFL=`; a CPU in long mode (on
-qemu-system-x86_64) prints `RAX=<16 digits> ... RIP= RFL=` and wider segment bases. Both land in the same fields, so
-`eax` holds RAX when `long_mode` is set.
+qemu-system-x86_64) prints `RAX=<16 digits> ... RIP= RFL=`, R8-R15, 64-bit CR2/CR3 and wider segment and
+descriptor-table bases. Both land in the same fields, so `eax` holds RAX and `eip` RIP when `long_mode` is set;
+`r8`..`r15` are None outside long mode.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ _TABLE = re.compile(r"^(GDT|IDT)=\s+([0-9a-fA-F]+)\s+([0-9a-fA-F]+)", re.MULTILI
 _GENERAL = ("ax", "bx", "cx", "dx", "si", "di", "sp", "bp")
 _SEGMENTS = ("cs", "ds", "es", "fs", "gs", "ss")
 _CONTROL = ("cr0", "cr2", "cr3", "cr4")
+_EXTENDED = tuple(f"r{n}" for n in range(8, 16))     # printed "R8 =", "R9 =", "R10=" .. "R15=", long mode only
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,15 @@ class Registers:
     cpl: int | None = None
     halted: bool | None = None
     efer: int | None = None
-    long_mode: bool = False
+    long_mode: bool = False     # the CPU ran 64-bit code: the E* fields hold the R* registers
+    r8: int | None = None       # R8-R15: long mode only
+    r9: int | None = None
+    r10: int | None = None
+    r11: int | None = None
+    r12: int | None = None
+    r13: int | None = None
+    r14: int | None = None
+    r15: int | None = None
 
 
 def parse_info_registers(text: str) -> Registers:
@@ -81,6 +91,7 @@ def parse_info_registers(text: str) -> Registers:
             raise ValueError(f"info registers: no {name}= line") from None
 
     general = {f"e{r}": need(prefix + r.upper()) for r in _GENERAL}
+    extended = {r: need(r.upper()) for r in _EXTENDED} if long_mode else {}
     (gdtr_base, gdtr_limit), (idtr_base, idtr_limit) = table("GDT"), table("IDT")
     return Registers(
         **general,
@@ -96,4 +107,5 @@ def parse_info_registers(text: str) -> Registers:
         halted=bool(pairs["HLT"]) if "HLT" in pairs else None,
         efer=pairs.get("EFER"),
         long_mode=long_mode,
+        **extended,
     )

@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 from kgen.errors import KgenError
 from kgen.hw import PAGE_SIZE, PTE_A as A, PTE_D as D, PTE_G as G, PTE_P as P, PTE_PCD as PCD, PTE_PS as PS
-from kgen.hw import PTE_PWT as PWT, PTE_RW as RW, PTE_US as US
+from kgen.hw import PTE_NX as NX, PTE_PWT as PWT, PTE_RW as RW, PTE_US as US
 from kgen.pagewalk import I386, PAE, X86_64, Attrs, Mapping, RecursiveWindow, Walker, WalkError
 
 KiB4, MiB2, MiB4, GiB = 1 << 12, 1 << 21, 1 << 22, 1 << 30
@@ -411,3 +411,261 @@ def test_read_virtual_crosses_pages_and_refuses_unmapped():
     assert w.physical_spans(0x5FFE, 4) == [(0x9FFE, 2), (0x3000, 2)]
     with pytest.raises(WalkError, match="0x7000 is not mapped"):
         w.read_virtual(0x6FFE, 4)
+
+
+# --- x86-64: 4-level tables, canonical addresses, NX -------------------------------------------------------------
+
+# The builder's own view of 4-level geometry, independent of the walker: 9 index bits per level, 48-bit addresses
+# sign-extended from bit 47.
+LEVELS64 = ("PML4", "PDPT", "PD", "PT")
+HIGH = 0xFFFF_0000_0000_0000
+
+
+def x86_64():
+    return Tables(8, (9, 9, 9, 9))
+
+
+def canonical(vaddr):
+    return vaddr | HIGH if vaddr >> 47 & 1 else vaddr
+
+
+def window_address(slot, path, index):
+    """Where entry `index` of the table at index path `path` appears through the recursive PML4 slot `slot`: the
+    slot repeated once per level the table sits above the PT level, then the path, then the entry's offset."""
+    vaddr = 0
+    for i in (slot,) * (4 - len(path)) + tuple(path):
+        vaddr = vaddr << 9 | i
+    return canonical(vaddr << 12 | index * 8)
+
+
+def entry_value(t, path, index):
+    return int.from_bytes(t.mem.ram[t.entry_addr(path, index):][:8], "little")
+
+
+@pytest.mark.parametrize("slot", [510, 256, 3])
+def test_x86_64_recursive_slot_reaches_the_table_of_every_level(slot):
+    t = x86_64()
+    kernel = 0xFFFF_FFFF_8010_0000     # PML4[511] PDPT[510] PD[0] PT[256]
+    low = 0x0000_0000_0040_2000        # PML4[0] PDPT[0] PD[2] PT[2]
+    t.map(kernel, 0x200000, P | RW | G)
+    t.map(low, 0x300000, P | RW | US)
+    t.set((), slot, t.top | P | RW | NX)
+    w = t.walker(X86_64, recursive_slot=slot)
+
+    base = canonical(slot << 39)
+    assert w.recursive_windows() == [RecursiveWindow(slot, base, 1 << 39, P | RW | NX, t.entry_addr((), slot))]
+    assert base >> 47 & 1 == (slot >= 256)
+
+    for vaddr in (kernel, low):
+        for level in range(4):
+            path = tuple(t.index(vaddr, lv) for lv in range(level))
+            index = t.index(vaddr, level)
+            where = window_address(slot, path, index)
+            tr = w.translate(where)
+            # The recursive entry is RW but not US, and NX: so is every table seen through it.
+            assert (tr.paddr, tr.size, tr.attrs) == (t.entry_addr(path, index), KiB4, P | RW | NX), LEVELS64[level]
+            assert [r.index for r in tr.chain] == [slot] * (4 - level) + list(path)
+            assert [r.table for r in tr.chain] == list(LEVELS64)
+            value = entry_value(t, path, index)
+            assert value & P and w.read_virtual(where, 8) == value.to_bytes(8, "little")
+
+    assert w.translate(window_address(slot, (), 300)).paddr == t.entry_addr((), 300)     # an empty PML4 slot
+    assert w.translate(window_address(slot, (300,), 0)) is None                        # no PDPT under it
+    assert w.mappings() == [
+        Mapping(low, 0x300000, KiB4, P | RW | US),
+        Mapping(kernel, 0x200000, KiB4, P | RW | G),
+    ]
+    assert w.page_tables() == t.lower_tables()
+
+
+def test_x86_64_large_pages_in_both_halves():
+    t = x86_64()
+    t.map(0x0000_0040_0000_0000, 0x1_0000_0000, P | RW | US, level=1)      # 1 GiB, lower half
+    t.map(0xFFFF_8000_0000_0000, 0x4000_0000, P | RW, level=1)             # 1 GiB, upper half
+    t.map(0x0000_0000_0020_0000, 0x0060_0000, P | RW | US, level=2)        # 2 MiB, lower half
+    t.map(0xFFFF_FFFF_8020_0000, 0x0040_0000, P | RW | G | 1 << 12, level=2)  # 2 MiB with PAT, upper half
+    w = t.walker(X86_64)
+
+    tr = w.translate(0x0000_0040_2345_6789)
+    assert (tr.paddr, tr.size, tr.attrs) == (0x1_2345_6789, GiB, P | RW | US | PS)
+    assert [(r.table, r.index) for r in tr.chain] == [("PML4", 0), ("PDPT", 256)]
+    tr = w.translate(0xFFFF_8000_3FFF_FFFF)
+    assert (tr.paddr, tr.size) == (0x7FFF_FFFF, GiB)
+    assert [(r.table, r.index) for r in tr.chain] == [("PML4", 256), ("PDPT", 0)]
+    tr = w.translate(0x0000_0000_003F_FFFF)
+    assert (tr.paddr, tr.size, tr.attrs) == (0x007F_FFFF, MiB2, P | RW | US | PS)
+    tr = w.translate(0xFFFF_FFFF_8021_2345)
+    assert (tr.paddr, tr.size, tr.attrs) == (0x0041_2345, MiB2, P | RW | PS | G)
+    assert [(r.table, r.index) for r in tr.chain] == [("PML4", 511), ("PDPT", 510), ("PD", 1)]
+    assert w.translate(0xFFFF_FFFF_8040_0000) is None
+    assert w.mappings() == [
+        Mapping(0x0000_0000_0020_0000, 0x0060_0000, MiB2, P | RW | US | PS),
+        Mapping(0x0000_0040_0000_0000, 0x1_0000_0000, GiB, P | RW | US | PS),
+        Mapping(0xFFFF_8000_0000_0000, 0x4000_0000, GiB, P | RW | PS),
+        Mapping(0xFFFF_FFFF_8020_0000, 0x0040_0000, MiB2, P | RW | PS | G),
+    ]
+    assert w.page_tables() == t.lower_tables()
+
+
+@pytest.mark.parametrize("level, bad", [(1, 1 << 13), (1, 1 << 29), (2, 1 << 20)])
+def test_x86_64_large_page_frames_must_be_aligned(level, bad):
+    t = x86_64()
+    t.map(0xFFFF_8000_0000_0000, (GiB if level == 1 else MiB2) | bad, P | RW, level=level)
+    path = tuple(t.index(0xFFFF_8000_0000_0000, lv) for lv in range(level))
+    where = t.entry_addr(path, t.index(0xFFFF_8000_0000_0000, level))
+    with pytest.raises(WalkError, match=rf"{LEVELS64[level]}\[0\] @ {where:#x} = .*reserved bits {bad:#x} set"):
+        t.walker(X86_64).translate(0xFFFF_8000_0000_0000)
+
+
+@pytest.mark.parametrize("vaddr, pml4", [(0x0000_0000_0000_0000, 0), (0x0000_7FFF_FFFF_F000, 255),
+                                         (0xFFFF_8000_0000_0000, 256), (0xFFFF_FFFF_FFFF_F000, 511)])
+def test_x86_64_canonical_addresses_at_the_edges_of_both_halves(vaddr, pml4):
+    t = x86_64()
+    t.map(vaddr, 0x5000, P | RW)
+    w = t.walker(X86_64)
+    tr = w.translate(vaddr | 0xABC)
+    assert (tr.paddr, tr.chain[0].index) == (0x5ABC, pml4)
+    assert w.mappings() == [Mapping(vaddr, 0x5000, KiB4, P | RW)]
+
+
+@pytest.mark.parametrize("vaddr", [0x0000_8000_0000_0000, 0xFFFF_7FFF_FFFF_FFFF, 0x0001_0000_0000_0000,
+                                   0x8000_0000_0000_0000, 1 << 64, -1])
+def test_x86_64_non_canonical_addresses_are_refused(vaddr):
+    t = x86_64()
+    t.map(vaddr & 0xFFFF_FFFF_F000, 0x5000, P | RW)      # the same index bits are mapped
+    with pytest.raises(ValueError, match="not a x86-64 virtual address"):
+        t.walker(X86_64).translate(vaddr)
+
+
+# (level of the entry that restricts, level of the entry mapping the page: 1 GiB, 2 MiB or 4 KiB)
+ON_THE_WAY = [(level, leaf) for leaf in (1, 2, 3) for level in range(leaf + 1)]
+
+
+@pytest.mark.parametrize("right", [RW, US])
+@pytest.mark.parametrize("level, leaf_level", ON_THE_WAY)
+def test_x86_64_rw_and_us_need_every_level(right, level, leaf_level):
+    """A level that withholds RW or US withholds it from the page however permissive the rest: a present PDPTE
+    without US above a user PTE maps a supervisor page."""
+    t = x86_64()
+    vaddr = 0xFFFF_8000_0000_0000
+    full = P | RW | US
+    upper = tuple(full & ~right if lv == level else full for lv in range(4))
+    t.map(vaddr, 0x4000_0000, upper[leaf_level], level=leaf_level, upper=upper)
+    t.map(0x0000_0000_4000_0000, 0x4000_0000, full, level=leaf_level)      # a sibling nothing withholds from
+    w = t.walker(X86_64)
+    large = PS if leaf_level < 3 else 0
+    assert w.translate(vaddr).attrs == full & ~right | large
+    assert w.translate(0x4000_0000).attrs == full | large
+    assert {m.vstart: m.attrs for m in w.mappings()} == {0x4000_0000: full | large, vaddr: full & ~right | large}
+
+
+@pytest.mark.parametrize("level, leaf_level", ON_THE_WAY)
+def test_x86_64_nx_at_any_level_makes_the_page_nx(level, leaf_level):
+    t = x86_64()
+    vaddr = 0xFFFF_FFFF_8000_0000
+    full = P | RW | US
+    upper = tuple(full | NX if lv == level else full for lv in range(4))
+    t.map(vaddr, 0x4000_0000, upper[leaf_level], level=leaf_level, upper=upper)
+    t.map(0x4000_0000, 0x4000_0000, full, level=leaf_level)               # an executable sibling
+    w = t.walker(X86_64)            # nxe defaults to on, as in a kernel that sets EFER.NXE
+    large = PS if leaf_level < 3 else 0
+    tr = w.translate(vaddr + 0x123)
+    assert (tr.paddr, tr.attrs) == (0x4000_0123, full | large | NX)        # bit 63 is no address bit
+    assert tr.entry & NX == (NX if level == leaf_level else 0)
+    assert w.translate(0x4000_0000).attrs == full | large
+    assert [m.attrs for m in w.mappings()] == [full | large, full | large | NX]
+    assert "NX" in str(tr.attrs)
+
+
+def test_nx_above_is_not_undone_below():
+    t = x86_64()
+    t.map(0xFFFF_8000_0000_0000, 0x5000, P | RW, upper=(P | RW | NX, P | RW, P | RW, P | RW))
+    t.map(0xFFFF_8000_0000_1000, 0x6000, P | RW | NX, upper=P | RW | NX)
+    w = t.walker(X86_64)
+    assert w.translate(0xFFFF_8000_0000_0000).attrs == P | RW | NX
+    assert w.translate(0xFFFF_8000_0000_1000).attrs == P | RW | NX
+
+
+@pytest.mark.parametrize("level", range(4))
+def test_xd_with_nxe_off_is_a_reserved_bit_named_by_its_entry(level):
+    t = x86_64()
+    vaddr = 0xFFFF_FFFF_8010_0000
+    upper = tuple(P | RW | NX if lv == level else P | RW for lv in range(4))
+    t.map(vaddr, 0x5000, upper[3], upper=upper)
+    path = tuple(t.index(vaddr, lv) for lv in range(level))
+    index = t.index(vaddr, level)
+    ref = rf"{LEVELS64[level]}\[{index}\] @ {t.entry_addr(path, index):#x} = {entry_value(t, path, index):#x}"
+    with pytest.raises(WalkError, match=rf"{ref}: reserved bits 0x8000000000000000 set \(XD.*EFER.NXE off\)"):
+        t.walker(X86_64, nxe=False).translate(vaddr)
+    with pytest.raises(WalkError, match=ref):
+        t.walker(X86_64, nxe=False).mappings()
+    assert t.walker(X86_64, nxe=True).translate(vaddr).attrs == P | RW | NX
+
+
+def test_x86_64_without_xd_needs_no_nxe():
+    t = x86_64()
+    t.map(0xFFFF_FFFF_8010_0000, 0x5000, P | RW)
+    t.set((), 510, t.top | P | RW)
+    assert (t.walker(X86_64, nxe=False).mappings() == t.walker(X86_64, nxe=True).mappings()
+            == [Mapping(0xFFFF_FFFF_8010_0000, 0x5000, KiB4, P | RW)])
+
+
+def test_pae_nx():
+    t = Tables(8, (2, 9, 9), top_offset=0x20)
+    t.map(0xC0000000, 0x5000, P | RW | NX, upper=(P, P | RW))
+    t.map(0xC0200000, 0x40000000, P | RW, level=1, upper=(P, P | RW))
+    t.map(0xC0400000, 0x6000, P | RW, upper=(P, P | RW | NX))
+    w = t.walker(PAE)
+    assert w.translate(0xC0000000).attrs == P | RW | NX
+    assert w.translate(0xC0200000).attrs == P | RW | PS
+    assert w.translate(0xC0400000).attrs == P | RW | NX
+    with pytest.raises(WalkError, match=r"PT\[0\] .*reserved bits 0x8000000000000000 set"):
+        t.walker(PAE, nxe=False).translate(0xC0000000)
+    # A PDPTE has no XD: bit 63 there is reserved whatever EFER.NXE says.
+    t.set((), 3, t.tables[(3,)] | P | NX)
+    for nxe in (True, False):
+        with pytest.raises(WalkError, match=r"PDPT\[3\] .*reserved bits 0x8000000000000000 set$"):
+            t.walker(PAE, nxe=nxe)
+
+
+def test_nxe_changes_nothing_in_i386():
+    t = i386()
+    t.map(0xC0000000, 0x5000, P | RW)
+    t.map(0xC0400000, 0x800000, P | RW, level=0)
+    assert t.walker(nxe=False).mappings() == t.walker(nxe=True).mappings() == [
+        Mapping(0xC0000000, 0x5000, KiB4, P | RW), Mapping(0xC0400000, 0x800000, MiB4, P | RW | PS)]
+
+
+def test_mappings_split_where_only_nx_differs():
+    t = x86_64()
+    base = 0xFFFF_FFFF_8000_0000
+    for k, nx in enumerate((0, 0, NX, NX, 0)):
+        t.map(base + k * KiB4, 0x200000 + k * KiB4, P | RW | nx)
+    # Continuous across a PT boundary, but the second PT's PDE says NX.
+    t.map(base + MiB2 - KiB4, 0x400000 - KiB4, P | RW)
+    t.map(base + MiB2, 0x400000, P | RW, upper=(P | RW, P | RW, P | RW | NX))
+    t.map(base + MiB2 + KiB4, 0x401000, P | RW | NX)                         # NX twice over: still one run
+    # Continuous 2 MiB pages in the next PD's span: NX from the PDPTE of one of them.
+    t.map(0x0000_0000_4000_0000 - MiB2, 0x4000_0000 - MiB2, P | RW, level=2)
+    t.map(0x0000_0000_4000_0000, 0x4000_0000, P | RW, level=2, upper=(P | RW, P | RW | NX))
+    assert t.walker(X86_64).mappings() == [
+        Mapping(0x4000_0000 - MiB2, 0x4000_0000 - MiB2, MiB2, P | RW | PS),
+        Mapping(0x4000_0000, 0x4000_0000, MiB2, P | RW | PS | NX),
+        Mapping(base, 0x200000, 2 * KiB4, P | RW),
+        Mapping(base + 2 * KiB4, 0x202000, 2 * KiB4, P | RW | NX),
+        Mapping(base + 4 * KiB4, 0x204000, KiB4, P | RW),
+        Mapping(base + MiB2 - KiB4, 0x400000 - KiB4, KiB4, P | RW),
+        Mapping(base + MiB2, 0x400000, 2 * KiB4, P | RW | NX),
+    ]
+    # With nothing but NX to tell them apart, the same pages are one run.
+    u = x86_64()
+    for k in range(5):
+        u.map(base + k * KiB4, 0x200000 + k * KiB4, P | RW | NX)
+    assert u.walker(X86_64).mappings() == [Mapping(base, 0x200000, 5 * KiB4, P | RW | NX)]
+
+
+def test_attrs_print_nx():
+    assert str(Attrs(P | RW | NX)) == "P RW NX"
+    assert str(Attrs(P | US | PS | G | NX)) == "P US PS G NX"
+    assert str(Mapping(0xFFFF_FFFF_8000_0000, 0x200000, KiB4, Attrs(P | NX))) == \
+        "0xffffffff80000000-0xffffffff80001000 → 0x200000 P NX"
