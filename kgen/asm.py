@@ -15,8 +15,9 @@ exactly those into the bytes GNU as produces; `tests/test_asm_vs_gas.py` pins ev
 One template serves both word sizes: the architecture's selectors (`xax`, `xword ptr`, `.xword`: see kgen/arch)
 are replaced when a unit is parsed, so both assemblers see plain registers. A unit of a 64-bit kernel may hold
 32-bit code after a `.code32` line (the Multiboot entry runs in protected mode before long mode is on); such a piece
-runs before paging, at its load address, so it is assembled there: its own labels are physical addresses, as the
-CPU sees them, and the linker moves them back up to the virtual addresses the symbol table shows.
+runs before paging, at its load address, so it is assembled there: its own labels, and those of other such pieces,
+are physical addresses, as the CPU sees them; every other name is virtual. The linker moves the labels back up to
+the virtual addresses the symbol table shows.
 """
 from __future__ import annotations
 
@@ -161,9 +162,13 @@ def _load_absolute64(register: str, operand: str) -> str:
 
 def eval_number(expression: str) -> int:
     """A constant expression of numbers (names already replaced), as both assemblers compute it, modulo 2**64."""
-    if not re.fullmatch(r"[\s0-9a-fA-FxX+\-*()<>|&~]+", expression):
+    if not re.fullmatch(r"[\s0-9a-fA-FxX+\-*/()<>|&~=!]+", expression):
         raise AssemblyError(f"`{expression}` is not a constant expression")
-    return eval(expression, {"__builtins__": {}}) & ((1 << 64) - 1)   # noqa: S307 - digits and operators only
+    try:
+        value = eval(expression.replace("/", "//"), {"__builtins__": {}})   # noqa: S307 - digits and operators
+    except (SyntaxError, ZeroDivisionError, TypeError) as err:
+        raise AssemblyError(f"`{expression}` is not a constant expression: {err}") from None
+    return int(value) & ((1 << 64) - 1)
 
 
 def keystone_line(line: str, bits: int = 32) -> str:
@@ -212,7 +217,50 @@ def keystone_source(body: str, symbols: dict[str, int] | None = None, bits: int 
                            + r")(?![\w$])")
         lines = [_outside_strings(line, lambda text: names.sub(lambda m: f"{symbols[m.group(1)]:#x}", text))
                  for line in lines]
-    return "\n".join(keystone_line(line, bits) for line in lines)
+    return "\n".join(keystone_line(line, bits) for line in _resolve_conditionals(lines))
+
+
+def _resolve_conditionals(lines: list[str]) -> list[str]:
+    """Decide `.if` blocks whose condition is a number once names are replaced, and drop the false branch.
+
+    keystone resolves every symbol even inside a false `.if` (`call pmm_init` in a kernel without the PMM is an
+    error), so keystone never sees a branch that is not taken. Conditions it alone can decide (a macro's
+    parameters) are left to it."""
+    out: list[str] = []
+    stack: list[list] = []          # ["kgen", taken, in_else] for decided blocks, ["keystone"] for the others
+
+    def active() -> bool:
+        return all(frame[0] == "keystone" or frame[1] != frame[2] for frame in stack)
+
+    for line in lines:
+        stripped = line.strip()
+        m = re.fullmatch(r"\.if\s+(.+)", stripped)
+        if m:
+            try:
+                taken = eval_number(m.group(1)) != 0
+            except AssemblyError:
+                stack.append(["keystone"])
+                if active():
+                    out.append(line)
+                continue
+            stack.append(["kgen", taken, False])
+            continue
+        if stripped in (".else", ".endif") and stack:
+            frame = stack[-1]
+            if frame[0] == "kgen":
+                if stripped == ".else":
+                    frame[2] = True
+                else:
+                    stack.pop()
+                continue
+            if stripped == ".endif":
+                stack.pop()
+                if active():
+                    out.append(line)
+                continue
+        if active():
+            out.append(line)
+    return out
 
 
 def _outside_strings(line: str, change) -> str:

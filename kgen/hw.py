@@ -50,6 +50,7 @@ PF_I = 1 << 4                # the access was an instruction fetch
 EXCEPTIONS_WITH_ERROR_CODE = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
 EXCEPTION_COUNT = 32
 VECTOR_PAGE_FAULT = 14
+VECTOR_DOUBLE_FAULT = 8
 
 # Multiboot v1.
 MULTIBOOT_HEADER_MAGIC = 0x1BADB002
@@ -119,10 +120,7 @@ UART_LSR_TX_EMPTY = 0x20
 UART_MCR_DTR_RTS_OUT2 = 0x0B    # OUT2 gates the UART's interrupt line to the PIC
 
 # Long mode (SDM vol. 3, 4.5 and 5.2; AMD APM vol. 2, 14.6).
-CR4_PAE = 1 << 5
 MSR_EFER = 0xC0000080
-EFER_LME = 1 << 8            # long mode enable (active once paging is turned on)
-EFER_NXE = 1 << 11           # bit 63 of paging entries means execute-disable
 CPUID_EXTENDED_MAX = 0x80000000
 CPUID_EXTENDED_FEATURES = 0x80000001
 CPUID_EDX_LONG_MODE = 1 << 29
@@ -131,6 +129,7 @@ SEG_FLAGS_64BIT_CODE = 0xA   # 4 KiB granularity, L: a 64-bit code segment (D mu
 SEG_ACCESS_TSS64 = 0x89      # present, ring 0, available 64-bit TSS
 IDT_GATE_INTERRUPT64 = 0x8E00  # the type word of a long-mode interrupt gate: present, ring 0
 TSS64_SIZE = 0x68
+TSS64_IST1 = 0x24            # offset of the first interrupt stack table pointer
 # Multiboot header flag 16: the header carries the load addresses, so a loader needs no ELF32 program headers
 # (QEMU's -kernel takes an ELF64 kernel only this way).
 MULTIBOOT_FLAG_ADDRESSES = 1 << 16

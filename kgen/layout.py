@@ -404,11 +404,15 @@ class Layout:
     def _x86_64_constants(self) -> dict[str, int]:
         return {
             "BOOT_TABLE_COUNT": self.boot_table_count,
+            "PTE_FRAME_MASK": self.architecture.paging.frame_mask,   # address bits 51..12 of a 64-bit entry
             "GDT_KERNEL_CODE": hw.segment_descriptor(0, 0xFFFFF, hw.SEG_ACCESS_KERNEL_CODE, hw.SEG_FLAGS_64BIT_CODE),
             "GDT_KERNEL_DATA": hw.segment_descriptor(0, 0xFFFFF, hw.SEG_ACCESS_KERNEL_DATA, hw.SEG_FLAGS_32BIT_4K),
             "KERNEL_TSS": self.kernel_tss,
             "IDT_GATE_INTERRUPT64": hw.IDT_GATE_INTERRUPT64,
             "TSS64_SIZE": hw.TSS64_SIZE,
+            "TSS64_IST1": hw.TSS64_IST1,
+            "DOUBLE_FAULT_IST": 1,
+            "VECTOR_DOUBLE_FAULT": hw.VECTOR_DOUBLE_FAULT,
             "SEG_ACCESS_TSS64": hw.SEG_ACCESS_TSS64,
             "CR4_PAE": hw.CR4_PAE,
             "MSR_EFER": hw.MSR_EFER,

@@ -70,7 +70,12 @@ def link(pieces: list[Piece], layout: Layout, constants: dict[str, int]) -> Link
         placed, bounds = _place(by_section, sizes, layout)
         visible = dict(constants)
         visible.update(symbols)
-        results: list[Assembled] = [assemble(p, _run_address(p, placed[p.name], layout), visible) for p in pieces]
+        # Code that runs before paging calls other such code at its physical address too.
+        early = dict(visible)
+        early.update({label: symbols[label] - layout.kernel_virtual_base for p in pieces if p.before_paging
+                      for label in p.global_labels})
+        results: list[Assembled] = [assemble(p, _run_address(p, placed[p.name], layout),
+                                             early if p.before_paging else visible) for p in pieces]
         new_sizes = {r.piece.name: len(r.data) for r in results}
         new_symbols = {label: addr + placed[r.piece.name] - r.address for r in results
                        for label, addr in r.labels.items() if not label.startswith(".L")}

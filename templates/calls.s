@@ -204,7 +204,7 @@ str_bad_argc:
     .asciz "kgen: call channel: too many arguments\n"
 
 .section .bss
-.balign 8
+.balign 8, 0
 call_routine:
     .skip WORD_SIZE
 call_argc:

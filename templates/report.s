@@ -153,13 +153,14 @@ report_kernel:
 report_recursive:
     push xsi
     push xdi
+    mov xcx, PTE_FRAME_MASK                         # 64-bit on x86_64: too wide for an immediate operand
     mov xax, cr3
-    and xax, PTE_FRAME_MASK
+    and xax, xcx
     cmp xax, offset boot_top_table - KERNEL_VIRTUAL_BASE
     jne .Lrecursive_bad
     mov xdx, RECURSIVE_TOP
     mov xdx, [xdx + RECURSIVE_SLOT*ENTRY_SIZE]
-    and xdx, PTE_FRAME_MASK
+    and xdx, xcx
     cmp xdx, xax
     jne .Lrecursive_bad
     mov xsi, RECURSIVE_TOP

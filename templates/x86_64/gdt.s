@@ -1,0 +1,53 @@
+# kgen's 64-bit GDT: null, a 64-bit ring-0 code segment (L set), a data segment, and the TSS, whose only job here
+# is IST1: the double-fault handler gets a stack of its own, so a fault caused by an overflowed stack can still be
+# reported. In long mode base and limit of code and data segments are ignored; the descriptors come from the
+# layout (GDT_KERNEL_CODE/DATA) with the accessed bit preset so the CPU never writes the GDT.
+#
+# The 32-bit entry loads this GDT through gdt_descriptor_phys (paging is on but only the identity map reaches
+# code it runs), far-jumps through KERNEL_CS into 64-bit code, and gdt_init loads it again by its virtual address.
+
+.section .text
+gdt_init:
+    lgdt [gdt_descriptor]
+    push KERNEL_CS                                  # a far return is how 64-bit code reloads CS
+    mov rax, offset .Lreload_cs
+    push rax
+    retfq
+.Lreload_cs:
+    mov eax, KERNEL_DS
+    mov ds, eax
+    mov es, eax
+    mov fs, eax
+    mov gs, eax
+    mov ss, eax
+    mov rax, offset double_fault_stack_top
+    mov [tss + TSS64_IST1], rax
+    mov ax, KERNEL_TSS
+    ltr ax
+    ret
+
+.section .data
+.balign 8
+gdt:
+    .quad 0x0
+    .quad GDT_KERNEL_CODE
+    .quad GDT_KERNEL_DATA
+    # A 64-bit TSS descriptor takes two slots: base 31..0 spread over the first, base 63..32 in the second.
+    .quad (TSS64_SIZE - 1) | ((tss & 0xffffff) << 0x10) | (SEG_ACCESS_TSS64 << 0x28) | (((tss >> 0x18) & 0xff) << 0x38)
+    .quad tss >> 0x20
+gdt_end:
+gdt_descriptor:
+    .word gdt_end - gdt - 1
+    .quad gdt
+gdt_descriptor_phys:
+    .word gdt_end - gdt - 1
+    .long gdt - KERNEL_VIRTUAL_BASE
+
+.section .bss
+.balign 0x10, 0
+tss:
+    .skip TSS64_SIZE
+.balign 0x10, 0
+double_fault_stack:
+    .skip PAGE_SIZE
+double_fault_stack_top:
