@@ -3,8 +3,10 @@
     session.call("pmm_alloc")            -> eax
     session.call_full("pmm_free", frame) -> CallResult(eax, edx, cycles)
 
-Arguments and results are 32-bit; a routine follows cdecl. `cycles` is the kernel's rdtsc delta around the call:
-instructions under TCG with -icount shift=0, cycles under KVM on real hardware.
+Arguments and results are words of the kernel's architecture (32-bit on i386, 64-bit on x86_64); a routine follows
+kgen's convention (arguments on the stack, templates/serial.s; on x86_64 the first six are also in the System V
+registers). `eax`/`edx` of a result hold the whole xax/xdx. `cycles` is the kernel's rdtsc delta around the call:
+instructions under TCG with -icount shift=0, cycles under KVM.
 """
 from __future__ import annotations
 
@@ -57,14 +59,16 @@ class CallChannel:
         if len(args) > self.layout.call_max_args:
             raise CallError(f"call {name}: {len(args)} arguments, the channel carries at most "
                             f"{self.layout.call_max_args}")
-        words = [self.layout.call_request_magic, address, len(args)] + [a & 0xFFFFFFFF for a in args]
+        arch = self.layout.architecture
+        words = [self.layout.call_request_magic, address, len(args)] + [a & arch.word_mask for a in args]
+        word = "I" if arch.word_size == 4 else "Q"
         sock: socket.socket = self.machine.com2
         try:
-            sock.sendall(struct.pack(f"<{len(words)}I", *words))
-            reply = self._receive(sock, 4 * REPLY_WORDS, timeout)
+            sock.sendall(struct.pack(f"<{len(words)}{word}", *words))
+            reply = self._receive(sock, arch.word_size * REPLY_WORDS, timeout)
         except (OSError, TimeoutError) as err:
             raise CallError(self._why_no_reply(name, err)) from None
-        magic, status, eax, edx, lo, hi = struct.unpack(f"<{REPLY_WORDS}I", reply)
+        magic, status, eax, edx, lo, hi = struct.unpack(f"<{REPLY_WORDS}{word}", reply)
         if magic != self.layout.call_reply_magic:
             raise CallError(f"call {name}: reply has magic {magic:#x}, expected {self.layout.call_reply_magic:#x}")
         if status != 0:

@@ -8,7 +8,6 @@ read it from the `Layout`; without one (anyone's Multiboot ELF) they raise `NotA
 """
 from __future__ import annotations
 
-import struct
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -16,7 +15,7 @@ from . import hw
 from .elfinfo import ElfInfo
 from .errors import KgenError
 from .layout import Layout
-from .pagewalk import I386, ReadPhys, Walker, WalkError
+from .pagewalk import I386, PAE, X86_64, PagingMode, ReadPhys, Walker, WalkError
 from .registers import Registers
 
 # The boot stub's page directory (templates/boot.s): CR3 must hold its physical address.
@@ -40,8 +39,16 @@ class GuestView:
     poison: bytes | None = None     # the pattern RAM was filled with before boot, tiled from address 0
 
     def __post_init__(self):
-        self.walker = (Walker(self.read_phys, self.regs.cr3, I386, pse=bool(self.regs.cr4 & hw.CR4_PSE))
+        self.walker = (Walker(self.read_phys, self.regs.cr3, self.mode, pse=bool(self.regs.cr4 & hw.CR4_PSE),
+                              nxe=bool((self.regs.efer or 0) & hw.EFER_NXE))
                        if self.regs.cr0 & hw.CR0_PG else None)
+
+    @property
+    def mode(self) -> PagingMode:
+        """The paging mode the CPU is in, from its own registers: EFER.LMA, else CR4.PAE, else 32-bit paging."""
+        if (self.regs.efer or 0) & hw.EFER_LMA:
+            return X86_64
+        return PAE if self.regs.cr4 & hw.CR4_PAE else I386
 
     @classmethod
     def capture(cls, machine, elf: ElfInfo, layout: Layout | None = None, poison: bytes | None = None) -> GuestView:
@@ -52,7 +59,7 @@ class GuestView:
     def kernel_base(self) -> int | None:
         """Lowest kernel virtual address: the layout's, or for a foreign higher-half ELF its vaddr - paddr."""
         if self.layout is not None:
-            return self.layout.kernel_virtual_base
+            return self.layout.kernel_half_start
         offsets = {seg.vaddr - seg.paddr for seg in self.elf.segments if seg.memsz}
         return min(offsets) if offsets and min(offsets) > 0 else None
 
@@ -70,7 +77,14 @@ class GuestView:
         return self.layout
 
     def entry(self, table: int, index: int) -> int:
-        return struct.unpack("<I", self.read_phys(table + 4 * index, 4))[0]
+        size = self.mode.entry_size
+        return int.from_bytes(self.read_phys(table + size * index, size), "little")
+
+    def entry_text(self, table: int, index: int, level: int = 0) -> str:
+        """"PML4[510] @ 0x103ff0 = 0x0000000000103003", the way messages name an entry."""
+        size = self.mode.entry_size
+        value = self.entry(table, index)
+        return f"{self.mode.level_names[level]}[{index}] @ {table + size * index:#x} = {value:#0{2 * size + 2}x}"
 
 
 def _capped(problems: list[str]) -> list[str]:
@@ -119,11 +133,11 @@ def check_cr3(view: GuestView) -> list[str]:
     """CR3 holds the page directory the layout placed: the boot PD, at its link address minus the kernel base."""
     layout = view.need_layout()
     pd = view.elf.symbols[BOOT_PD_SYMBOL].value - layout.kernel_virtual_base
-    cr3 = view.regs.cr3 & hw.PTE_FRAME_MASK
+    cr3 = view.regs.cr3 & view.mode.cr3_mask
     if cr3 == pd:
         return []
-    return [f"CR3={view.regs.cr3:#010x}: expected the boot page directory {BOOT_PD_SYMBOL} at physical {pd:#x} "
-            f"(link address {view.page(view.elf.symbols[BOOT_PD_SYMBOL].value)})"]
+    return [f"CR3={view.regs.cr3:#010x}: expected the boot {view.mode.level_names[0]} {BOOT_PD_SYMBOL} at physical "
+            f"{pd:#x} (link address {view.page(view.elf.symbols[BOOT_PD_SYMBOL].value)})"]
 
 
 @_walk_errors_reported
@@ -132,21 +146,23 @@ def check_recursive_slot(view: GuestView) -> list[str]:
 
     Without a layout, every self-referencing PD entry found must be supervisor-only (a kernel need have none)."""
     walker = view.need_walker()
+    top = view.mode.level_names[0]
     problems = []
     windows = walker.recursive_windows()
     if view.layout is not None:
         slot = view.layout.recursive_slot
         entry = view.entry(walker.top, slot)
-        where = f"PD[{slot}] @ {walker.top + 4 * slot:#x} = {entry:#010x}"
+        where = view.entry_text(walker.top, slot)
+        frame = entry & view.mode.frame_mask
         if not entry & hw.PTE_P:
             problems.append(f"{where}: the recursive slot is not present; the {view.layout.recursive_window} "
                             f"shows nothing")
-        elif entry & hw.PTE_FRAME_MASK != walker.top:
-            problems.append(f"{where}: the recursive slot points at {entry & hw.PTE_FRAME_MASK:#x}, not at the PD "
-                            f"{walker.top:#x}; {view.layout.recursive_pd:#x} would show that frame as the PD")
-        problems += [f"PD[{w.slot}] @ {w.entry_addr:#x}: also points at the PD, but the recursive slot is {slot}"
-                     for w in windows if w.slot != slot]
-    problems += [f"PD[{w.slot}] @ {w.entry_addr:#x} ({w.attrs}): the recursive window {w.vstart:#x}-"
+        elif frame != walker.top:
+            problems.append(f"{where}: the recursive slot points at {frame:#x}, not at the {top} "
+                            f"{walker.top:#x}; {view.layout.recursive_top:#x} would show that frame as the {top}")
+        problems += [f"{top}[{w.slot}] @ {w.entry_addr:#x}: also points at the {top}, but the recursive slot is "
+                     f"{slot}" for w in windows if w.slot != slot]
+    problems += [f"{top}[{w.slot}] @ {w.entry_addr:#x} ({w.attrs}): the recursive window {w.vstart:#x}-"
                  f"{w.vstart + w.size:#x} is user-accessible: ring 3 could rewrite every page table"
                  for w in windows if w.attrs & hw.PTE_US]
     return problems
@@ -154,13 +170,16 @@ def check_recursive_slot(view: GuestView) -> list[str]:
 
 @_walk_errors_reported
 def check_segments(view: GuestView) -> list[str]:
-    """Every page of every PT_LOAD maps p_vaddr -> p_paddr, and is writable only if a segment there is.
+    """Every page of every PT_LOAD maps p_vaddr -> p_paddr, is writable only if a segment there is, and, where the
+    paging mode has NX, executable only if a segment there is (and executable where one is).
 
-    i386 paging has no NX, so "no wider than the segment flags" comes down to: a page holding no writable
+    i386 paging has no NX, so there "no wider than the segment flags" comes down to: a page holding no writable
     segment must not be RW."""
     walker = view.need_walker()
+    has_nx = bool(walker.mode.nx_levels) and walker.nxe
     expected: dict[int, int] = {}
     writable: dict[int, bool] = defaultdict(bool)
+    executable: dict[int, bool] = defaultdict(bool)
     flags: dict[int, str] = {}
     for seg in view.elf.segments:
         if not seg.memsz:
@@ -169,6 +188,7 @@ def check_segments(view: GuestView) -> list[str]:
         for vaddr in range(first, seg.vaddr + seg.memsz, hw.PAGE_SIZE):
             expected[vaddr] = (seg.paddr & ~(hw.PAGE_SIZE - 1)) + vaddr - first
             writable[vaddr] |= seg.writable
+            executable[vaddr] |= seg.executable
             flags[vaddr] = "".join(c if on else "-" for c, on in
                                    (("R", seg.readable), ("W", seg.writable), ("X", seg.executable)))
     problems = []
@@ -181,6 +201,11 @@ def check_segments(view: GuestView) -> list[str]:
             problems.append(f"{what}: maps physical {t.paddr:#x} via {t.path}")
         elif t.attrs & hw.PTE_RW and not writable[vaddr]:
             problems.append(f"{what}: writable ({t.attrs}) via {t.path}, but no writable segment lies there")
+        elif has_nx and not t.attrs & hw.PTE_NX and not executable[vaddr]:
+            problems.append(f"{what}: executable ({t.attrs}, no NX) via {t.path}, but no executable segment lies "
+                            f"there")
+        elif has_nx and t.attrs & hw.PTE_NX and executable[vaddr]:
+            problems.append(f"{what}: NX via {t.path}, but an executable segment lies there")
     return problems
 
 
@@ -234,21 +259,25 @@ def check_tempmap_empty(view: GuestView) -> list[str]:
     """While the kernel is idle no temp-map slot holds a frame: every slot's PTE is zero."""
     walker = view.need_walker()
     layout = view.need_layout()
-    pde_index = layout.tempmap_pde_index
-    pde = view.entry(walker.top, pde_index)
-    if not pde & hw.PTE_P or pde & hw.PTE_PS:
-        return [f"PD[{pde_index}] @ {walker.top + 4 * pde_index:#x} = {pde:#010x}: the {layout.tempmap_window} "
-                f"has no page table"]
-    table = pde & hw.PTE_FRAME_MASK
-    first = layout.tempmap_base >> hw.PAGE_SHIFT & (hw.I386_ENTRIES - 1)
+    mode = view.mode
+    table, level = walker.top, 0
+    while level < mode.levels - 1:          # down to the page table that holds the slots' entries
+        index = (layout.tempmap_base >> mode.shift(level)) & ((1 << mode.index_bits[level]) - 1)
+        entry = view.entry(table, index)
+        if not entry & hw.PTE_P or entry & hw.PTE_PS:
+            return [f"{view.entry_text(table, index, level)}: the {layout.tempmap_window} has no page table"]
+        table, level = entry & mode.frame_mask, level + 1
+    size = mode.entry_size
+    first = layout.tempmap_base >> hw.PAGE_SHIFT & ((1 << mode.index_bits[-1]) - 1)
     problems = []
     for slot in range(layout.tempmap_slots):
         vaddr = layout.tempmap_slot_address(slot)
         pte = view.entry(table, first + slot)
         if pte:
-            state = (f"maps frame {pte & hw.PTE_FRAME_MASK:#x}" if pte & hw.PTE_P else "is not present but not zero")
-            problems.append(f"temp-map slot {slot} at {vaddr:#x}: PT[{first + slot}] @ {table + 4 * (first + slot):#x}"
-                            f" = {pte:#010x} {state} while the kernel is idle (a temp_map without temp_unmap?)")
+            state = (f"maps frame {pte & mode.frame_mask:#x}" if pte & hw.PTE_P else "is not present but not zero")
+            problems.append(f"temp-map slot {slot} at {vaddr:#x}: PT[{first + slot}] @ {table + size * (first + slot):#x}"
+                            f" = {pte:#0{2 * size + 2}x} {state} while the kernel is idle (a temp_map without "
+                            f"temp_unmap?)")
     return problems
 
 

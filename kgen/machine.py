@@ -666,7 +666,8 @@ class Machine:
                                 serial_tail=serial)
 
 
-def kvm_usable_for(kernel_path: str | os.PathLike, marker: bytes | str, timeout: float = 10.0) -> tuple[bool, str]:
+def kvm_usable_for(kernel_path: str | os.PathLike, marker: bytes | str, timeout: float = 10.0,
+                   qemu: str = "qemu-system-i386") -> tuple[bool, str]:
     """Boot `kernel_path` once under KVM: (True, how long) if it reaches `marker`, else (False, why).
 
     A KVM that cannot run the kernel's paging mode (kvm_pvm triple-faults 32-bit paging) ends in runstate
@@ -676,7 +677,7 @@ def kvm_usable_for(kernel_path: str | os.PathLike, marker: bytes | str, timeout:
         return False, "/dev/kvm is missing or not accessible"
     started = time.monotonic()
     try:
-        with Machine(kernel=kernel_path, accel="kvm") as machine:
+        with Machine(kernel=kernel_path, accel="kvm", qemu=qemu) as machine:
             machine.wait_for(marker, timeout)
     except MachineError as err:
         return False, f"KVM boot did not reach {marker!r}: {err}"

@@ -9,7 +9,7 @@ Fixtures: `kgen_kernel` (session: elf_path, elf, layout), `kgen_layout` (skips u
 `kgen_machine` (a fresh boot per test, in serve mode for a kgen kernel; shut down afterwards whatever happens),
 `kgen_idle` (one boot per module, stopped: for tests that only look), `kgen_kvm` (session: `(usable, why)` from a
 probe boot under KVM), `kgen_accel`; `kgen_boot(kernel, accel)` and `assert_holds(check, view)` for your own.
-Options: --kgen-config, --kgen-out, --kgen-kernel, --kgen-ready, --kgen-accel.
+Options: --kgen-config, --kgen-arch, --kgen-out, --kgen-kernel, --kgen-ready, --kgen-accel.
 
 Installed as a pytest11 entry point, so it loads in every pytest run of an environment holding kgen: importing it
 costs pytest alone, and nothing is built or booted unless a test asks for a kgen fixture.
@@ -32,6 +32,8 @@ def pytest_addoption(parser):
     group.addoption("--kgen-ready", help="with --kgen-kernel: COM1 text the kernel prints once booted (default: "
                     "booted when the CPU sits halted with paging on)")
     group.addoption("--kgen-accel", choices=("tcg", "kvm"), default="tcg", help="QEMU accelerator (default: tcg)")
+    group.addoption("--kgen-arch", help="architecture to build for (default: the config's `arch`); keys the "
+                    "config does not set take that architecture's defaults")
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +45,8 @@ def kgen_kernel(request, tmp_path_factory):
     try:
         if opt("kgen_kernel") is not None:
             return KernelUnderTest.foreign(opt("kgen_kernel"), opt("kgen_ready"))
-        return KernelUnderTest.built(opt("kgen_config"), opt("kgen_out") or tmp_path_factory.mktemp("kgen-kernel"))
+        return KernelUnderTest.built(opt("kgen_config"), opt("kgen_out") or tmp_path_factory.mktemp("kgen-kernel"),
+                                     opt("kgen_arch"))
     except KgenError as err:
         pytest.fail(f"kgen: cannot get the kernel under test: {err}", pytrace=False)
 

@@ -25,7 +25,7 @@ class KernelSession:
         self.options = dict(accel=accel, poison=poison, memory_mib=memory_mib or layout.memory_mib, icount=icount,
                             ram_file=ram_file,
                             echo_serial=echo_serial, extra_args=tuple(extra_args),
-                            debug_exit_port=layout.debug_exit_port)
+                            debug_exit_port=layout.debug_exit_port, qemu=layout.architecture.qemu)
         self.machine = None
         self.channel: CallChannel | None = None
 

@@ -42,11 +42,11 @@ class KernelUnderTest:
     ready: str | None = None        # COM1 text a foreign kernel prints once booted
 
     @classmethod
-    def built(cls, config_path: Path | None, out_dir: Path) -> KernelUnderTest:
+    def built(cls, config_path: Path | None, out_dir: Path, arch: str | None = None) -> KernelUnderTest:
         from . import config as configmod
         from .build import FINGERPRINT_NAME, build, fingerprint
         from .layout import compute
-        config = configmod.load(config_path)
+        config = configmod.load(config_path, arch)
         elf = out_dir / "kernel.elf"
         stamp = out_dir / FINGERPRINT_NAME
         # Each parallel worker asks; linking again (~0.4 s) only to find the ELF up to date is the common case.
@@ -60,6 +60,12 @@ class KernelUnderTest:
         if elf.bits != 32:
             raise KgenError(f"{elf_path}: an ELF{elf.bits}; QEMU's -kernel boots 32-bit Multiboot ELFs only")
         return cls(Path(elf_path), elf, None, ready)
+
+    @property
+    def qemu(self) -> str:
+        """The QEMU binary for this kernel: its architecture's; a foreign (32-bit) ELF gets qemu-system-i386."""
+        from .arch import I386
+        return (self.layout.architecture if self.layout is not None else I386).qemu
 
     @property
     def probe_marker(self) -> str | None:
@@ -127,7 +133,7 @@ def boot(kernel: KernelUnderTest, accel: str = "tcg", *, poison: bytes | None = 
         with KernelSession(kernel.elf_path, kernel.layout, accel=accel, poison=poison) as session:
             yield LiveKernel(kernel, session.machine, session.channel, poison)
         return
-    with Machine(kernel=kernel.elf_path, accel=accel, poison=poison) as machine:
+    with Machine(kernel=kernel.elf_path, accel=accel, poison=poison, qemu=kernel.qemu) as machine:
         try:
             if kernel.ready is not None:
                 machine.wait_for(kernel.ready, timeout)
@@ -164,7 +170,7 @@ def probe_kvm(kernel: KernelUnderTest, cache_dir: Path | None = None) -> tuple[b
         return False, "no ready marker for this kernel, so KVM cannot be probed (pass --kgen-ready)"
     cache = key = None
     if cache_dir is not None:
-        qemu = shutil.which("qemu-system-i386")
+        qemu = shutil.which(kernel.qemu)
         key = hashlib.sha256(kernel.elf_path.read_bytes() + repr(
             (os.uname().release, qemu, qemu and os.stat(qemu).st_mtime_ns, os.access("/dev/kvm", os.R_OK | os.W_OK))
         ).encode()).hexdigest()
@@ -175,7 +181,7 @@ def probe_kvm(kernel: KernelUnderTest, cache_dir: Path | None = None) -> tuple[b
                 return saved["usable"], saved["why"] + " (probed earlier, answer kept in " + str(cache) + ")"
         except (OSError, ValueError, KeyError, TypeError):
             pass    # no answer kept, or not one we wrote: probe
-    usable, why = kvm_usable_for(kernel.elf_path, marker)
+    usable, why = kvm_usable_for(kernel.elf_path, marker, qemu=kernel.qemu)
     if cache is not None:
         cache.write_text(json.dumps({"key": key, "usable": usable, "why": why}))
     return usable, why
@@ -198,6 +204,8 @@ def pytest_args(args, extra: list[str]) -> list[str]:
     else:
         if args.config is not None:
             argv += ["--kgen-config", str(args.config.resolve())]
+        if args.arch is not None:
+            argv += ["--kgen-arch", args.arch]
         argv += ["--kgen-out", str(args.out.resolve())]
     if args.keyword:
         argv += ["-k", args.keyword]
@@ -225,5 +233,5 @@ def run_suite(args, extra: list[str]) -> int:
         KernelUnderTest.foreign(args.kernel)          # a file that is no usable ELF fails here, in one line
     else:
         # Built once here, so parallel workers find it up to date instead of each writing it.
-        KernelUnderTest.built(args.config, args.out)
+        KernelUnderTest.built(args.config, args.out, args.arch)
     return int(pytest.main(pytest_args(args, extra)))
