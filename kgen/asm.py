@@ -191,16 +191,22 @@ def keystone_line(line: str, bits: int = 32) -> str:
         if re.search(r"\b(e?[abcd]x|e?[sd]i|e?[sb]p)\b", m.group(2)):
             raise AssemblyError(f"`{stripped}`: only an absolute operand is supported for {m.group(1)}")
         return f".byte 0x0f, 0x01, {_DESCRIPTOR_TABLE_MODRM[m.group(1)]}\n.long {m.group(2)}"
-    # `iret` comes out as the 16-bit `66 cf`.
+    # `iret` comes out as the 16-bit `66 cf`. In 64-bit code GNU as takes it as the 32-bit iretd (with a warning),
+    # which is never what a 64-bit frame needs: ask for the explicit form there.
     if stripped == "iret":
-        return "iretd" if bits == 32 else "iretq"
-    # Segment-register push/pop get a 0x66 prefix (a 2-byte push that breaks frames).
+        if bits == 64:
+            raise AssemblyError("`iret` in 64-bit code is ambiguous (GNU as assembles the 32-bit iretd): "
+                                "write iretq")
+        return "iretd"
+    # Segment-register push/pop get a 0x66 prefix (a 2-byte push that breaks frames). In 64-bit code only fs/gs
+    # exist, and keystone encodes those right; the others are refused there, as GNU as refuses them.
     m = re.fullmatch(r"(push|pop)\s+([defgs]s|es|ss)", stripped)
-    if m and (m.group(1), m.group(2)) in _SEGMENT_PUSH_POP:
+    if m and bits == 32 and (m.group(1), m.group(2)) in _SEGMENT_PUSH_POP:
         return f".byte {_SEGMENT_PUSH_POP[(m.group(1), m.group(2))]}"
-    # Far jumps: keystone emits a 16-bit form or no bytes at all.
+    # Far jumps: keystone emits a 16-bit form or no bytes at all. 64-bit mode has no direct far jump (0xEA is #UD
+    # there) and GNU as refuses one: so is it left to keystone, which refuses it too.
     m = re.fullmatch(r"ljmp\s+([^,]+),\s*(.+)", stripped)
-    if m:
+    if m and bits == 32:
         return f".byte 0xea\n.long {m.group(2)}\n.word {m.group(1)}"
     return line
 

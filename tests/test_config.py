@@ -112,3 +112,128 @@ def test_cli_bad_config_is_one_line_exit_2(tmp_path, text, fragment):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in result.stderr
     assert not (out / "kernel.elf").exists()
+
+
+# ---- x86_64 ---------------------------------------------------------------------------------------------------------
+def error_of_x86_64(**values) -> str:
+    with pytest.raises(ConfigError) as info:
+        compute(Config.for_arch("x86_64", **values))
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def sign_extend_48(vaddr: int) -> int:
+    return vaddr | (0xFFFF << 48) if vaddr & (1 << 47) else vaddr
+
+
+def recursive_address(slot: int, times: int) -> int:
+    """The address whose first `times` of the four 9-bit indices (PML4 first) are `slot` and the rest 0."""
+    return sign_extend_48(sum(slot << (39 - 9 * i) for i in range(times)))
+
+
+def test_x86_64_defaults_give_the_documented_layout():
+    layout = compute(Config.for_arch("x86_64"))
+    assert layout.arch == "x86_64" and layout.architecture.levels == 4
+    assert layout.kernel_virtual_base == 0xFFFFFFFF80000000 and layout.kernel_load_address == 0x100000
+    assert layout.kernel_virtual_start == 0xFFFFFFFF80000000 + 0x100000
+    assert layout.recursive_slot == 510
+    # PML4[510] -> PML4: the slot's window, and the PML4 itself where all four indices are the slot.
+    assert layout.recursive_base == recursive_address(510, 1) == 0xFFFFFF0000000000
+    assert layout.recursive_top == recursive_address(510, 4) == 0xFFFFFF7FBFDFE000
+    assert layout.level_window(1) == recursive_address(510, 3) == 0xFFFFFF7FBFC00000
+    assert layout.level_window(2) == recursive_address(510, 2) == 0xFFFFFF7F80000000
+    assert layout.recursive_pd == layout.recursive_top
+    consts = layout.asm_constants()
+    assert consts["RECURSIVE_TOP"] == 0xFFFFFF7FBFDFE000 and consts["WORD_SIZE"] == 8
+    assert consts["MULTIBOOT_HEADER_FLAGS"] & hw.MULTIBOOT_FLAG_ADDRESSES
+    # The temp-map window's page table, reached through the slot: the PTE of tempmap_base's 2 MiB-aligned address.
+    table_vaddr = layout.tempmap_base & ~((1 << 21) - 1)
+    assert layout.tempmap_pt == recursive_address(510, 1) + ((table_vaddr & ((1 << 48) - 1)) >> 12) * 8
+
+
+def test_x86_64_from_a_file_and_from_the_command_line(tmp_path):
+    """`arch = "x86_64"` in the file and `--arch x86_64` over an i386-less file give the same defaults; keys the
+    file sets stay as set."""
+    path = tmp_path / "kgen.toml"
+    path.write_text('arch = "x86_64"\n[paging]\nrecursive_slot = 509\n[tempmap]\nbase = 0xFFFFFE0080000000\n')
+    from_file = compute(load(path))
+    other = tmp_path / "other.toml"
+    other.write_text("[paging]\nrecursive_slot = 509\n[tempmap]\nbase = 0xFFFFFE0080000000\n")
+    from_flag = compute(load(other, arch="x86_64"))
+    assert from_file == from_flag
+    assert from_file.recursive_slot == 509 and from_file.tempmap_base == 0xFFFFFE0080000000
+    assert from_file.kernel_virtual_base == 0xFFFFFFFF80000000 and from_file.vmm_base == 0xFFFFFE0000000000
+    assert from_file.recursive_top == recursive_address(509, 4)
+
+
+@pytest.mark.parametrize("values, key, rule", [
+    (dict(tempmap_base=0x0000800000000000), "tempmap.base", "is not canonical"),
+    (dict(vmm_base=0xFFFF700000000000), "vmm.base", "is not canonical"),
+    (dict(kernel_virtual_base=0x8000000000000000), "kernel.virtual_base", "is not canonical"),
+    (dict(kernel_virtual_base=0x0000800000000000), "kernel.virtual_base", "is not canonical"),
+    (dict(kernel_virtual_base=1 << 64), "kernel.virtual_base", "must be a x86_64 virtual address"),
+    (dict(kernel_virtual_base=0xFFFFFFFF00000000), "kernel.virtual_base", "must lie in the top 2 GiB"),
+    (dict(kernel_virtual_base=0xFFFF800000000000), "kernel.virtual_base", "must lie in the top 2 GiB"),
+    (dict(kernel_virtual_base=0xFFFFFFFF7FEFF000), "kernel.virtual_base", "must lie in the top 2 GiB"),  # a page under
+    (dict(kernel_virtual_base=0xFFFFFFFFFFC00000), "kernel.virtual_base", "must lie in the top 2 GiB"),
+    (dict(kernel_virtual_base=0xFFFFFFFF80000800), "kernel.virtual_base", "aligned to a page"),
+    (dict(paging_recursive_slot=512), "paging.recursive_slot", "PML4 index in 0..511"),
+    (dict(paging_recursive_slot=0), "paging.recursive_slot", "kernel half"),
+    (dict(paging_recursive_slot=511), "paging.recursive_slot", "overlaps kernel image window"),
+    (dict(tempmap_base=0xFFFFFE80001FF000, tempmap_slots=2), "tempmap.base", "within one 2 MiB page table"),
+    (dict(tempmap_slots=513), "tempmap.slots", "1..512"),
+    (dict(tempmap_base=0x1000), "tempmap.base", "kernel half"),
+    (dict(vmm_size=1 << 56), "vmm.size", "must end within the canonical half"),
+    # The recursive window over the vmm window, moved either way: the vmm window's key is named, and the slot's.
+    (dict(paging_recursive_slot=508), "vmm.base", "overlaps recursive window"),
+    (dict(vmm_base=0xFFFFFF0000000000), "vmm.base", "overlaps recursive window"),
+    (dict(vmm_base=0xFFFFFF7FFFF00000), "vmm.base", "overlaps recursive window"),
+])
+def test_each_x86_64_rule(values, key, rule):
+    message = error_of_x86_64(**values)
+    assert message.startswith("defaults: ") and f" {key} = " in message and rule in message, message
+    if rule.startswith("overlaps recursive"):
+        assert "(set by paging.recursive_slot)" in message
+    shown = values.get(next((f for f in values if Config.key_of(f) == key), None))
+    if shown is not None:
+        assert (f"{shown:#x}" in message) or (f"= {shown}:" in message)
+
+
+def test_x86_64_windows_just_inside_the_rules_are_accepted():
+    """The boundaries of the rules above, on the accepted side."""
+    compute(Config.for_arch("x86_64", kernel_virtual_base=0xFFFFFFFF80000000 - 0x100000))  # image starts at -2 GiB
+    compute(Config.for_arch("x86_64", tempmap_base=0xFFFFFE80001FF000, tempmap_slots=1))
+    compute(Config.for_arch("x86_64", tempmap_slots=512))
+    compute(Config.for_arch("x86_64", vmm_base=0xFFFFFF8000000000 - 0x10000000 - 0x8000000000))
+    compute(Config.for_arch("x86_64", paging_recursive_slot=256, vmm_base=0xFFFFFE0000000000))
+
+
+def test_cli_build_x86_64_writes_an_elf64(tmp_path):
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "kgen.cli", "build", "--arch", "x86_64", "--no-iso", "--out",
+                             str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    head = (out / "kernel.elf").read_bytes()[:20]
+    assert head[:4] == b"\x7fELF" and head[4] == 2           # EI_CLASS: ELFCLASS64
+    assert int.from_bytes(head[18:20], "little") == 62      # e_machine: EM_X86_64
+    assert not (out / "kernel.iso").exists()
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("[paging]\nrecursive_slot = 512\n", "paging.recursive_slot = 512: must be a PML4 index in 0..511"),
+    ("[tempmap]\nbase = 0x0000800000000000\n", "tempmap.base = 0x800000000000: is not canonical"),
+    ("[kernel]\nvirtual_base = 0xFFFFFFFF00000000\n", "kernel.virtual_base = 0xffffffff00000000: the image window"),
+])
+def test_cli_bad_x86_64_config_is_one_line_exit_2(tmp_path, text, fragment):
+    path = tmp_path / "kgen.toml"
+    path.write_text(text)
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "kgen.cli", "build", "--arch", "x86_64", "--config", str(path),
+                             "--out", str(out)], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith(f"kgen: error: {path}: ")
+    assert not (out / "kernel.elf").exists()
