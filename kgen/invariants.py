@@ -136,7 +136,8 @@ def check_cr3(view: GuestView) -> list[str]:
     cr3 = view.regs.cr3 & view.mode.cr3_mask
     if cr3 == pd:
         return []
-    return [f"CR3={view.regs.cr3:#010x}: expected the boot {view.mode.level_names[0]} {BOOT_PD_SYMBOL} at physical "
+    top = {"PD": "page directory"}.get(view.mode.level_names[0], view.mode.level_names[0])
+    return [f"CR3={view.regs.cr3:#010x}: expected the boot {top} {BOOT_PD_SYMBOL} at physical "
             f"{pd:#x} (link address {view.page(view.elf.symbols[BOOT_PD_SYMBOL].value)})"]
 
 
