@@ -14,8 +14,8 @@ from .resources import templates_dir
 
 # The kernel's units, in the order their pieces are placed within each section. `{arch}/` units are the entry,
 # GDT and IDT of one architecture (templates/i386/, templates/x86_64/); every other unit serves both word sizes.
-KERNEL_UNITS = ("multiboot", "{arch}/boot", "bootinfo", "{arch}/gdt", "{arch}/idt", "pic", "serial", "debugexit", "string",
-                "report", "calls", "peek")
+KERNEL_UNITS = ("multiboot", "bootinfo", "{arch}/boot", "{arch}/gdt", "{arch}/idt", "interrupts", "pic", "serial",
+                "debugexit", "string", "report", "calls", "peek")
 # The memory-management units run on i386 only, until their templates serve both word sizes too.
 MEMORY_UNITS = ("tempmap", "pmm", "vmm", "heap", "bench")
 MEMORY_UNITS_ARCHES = ("i386",)

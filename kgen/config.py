@@ -36,24 +36,26 @@ import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from .arch import ARCHES
+from .arch import ARCHES, I386
 from .errors import ConfigError
 
 DEFAULT_CONFIG_NAME = "kgen.toml"
+# The values that differ between architectures are the architecture record's; the Config defaults are i386's.
+_I386 = dict(I386.defaults)
 
 
 @dataclass(frozen=True)
 class Config:
-    arch: str = "i386"
-    kernel_virtual_base: int = 0xC0000000
+    arch: str = I386.name
+    kernel_virtual_base: int = _I386["kernel_virtual_base"]
     kernel_load_address: int = 0x100000
     kernel_max_size: int = 0x400000
     kernel_stack_size: int = 0x4000
-    paging_recursive_slot: int = 1023
-    tempmap_base: int = 0xFF800000
+    paging_recursive_slot: int = _I386["paging_recursive_slot"]
+    tempmap_base: int = _I386["tempmap_base"]
     tempmap_slots: int = 16
-    vmm_base: int = 0xD0000000
-    vmm_size: int = 0x10000000
+    vmm_base: int = _I386["vmm_base"]
+    vmm_size: int = _I386["vmm_size"]
     machine_memory_mib: int = 128
     # Build variants that break the kernel on purpose, so tests can prove they catch the break.
     fault_at_boot: bool = False

@@ -1,10 +1,33 @@
-# What the loader hands over, kept before paging hides it: the Multiboot information (flags, memory sizes, command
-# line, memory map) is copied into .bss while it is still reachable at its physical address. Shared by both
-# entries: it is 32-bit code that runs before paging, so every address it names is a link-time (virtual) address
-# minus KERNEL_VIRTUAL_BASE (on x86_64 the `.code32` piece is assembled at its physical address: kgen/asm.py).
+# The Multiboot entry both architectures share, and what the loader hands over, kept before paging hides it: the
+# Multiboot information (flags, memory sizes, command line, memory map) is copied into .bss while it is still
+# reachable at its physical address. Then each architecture turns paging on its own way (boot_paging_on in
+# templates/<arch>/boot.s).
+#
+# This is 32-bit code that runs before paging, so every address it names is a link-time (virtual) address minus
+# KERNEL_VIRTUAL_BASE; relative jumps and calls need no adjustment (on x86_64 the `.code32` piece is assembled at
+# its physical address: kgen/asm.py).
 
 .section .text
 .code32
+_start:
+    cli
+    cld
+    mov edx, eax                                    # Multiboot magic; rep stosd needs eax
+    # The loader zero-fills .bss; clearing it again costs little and does not trust what cannot be checked.
+    mov edi, offset __bss_start - KERNEL_VIRTUAL_BASE
+    mov ecx, offset __kernel_end - __bss_start
+    shr ecx, 0x2
+    xor eax, eax
+    rep stosd
+    mov esp, offset boot_stack_top - KERNEL_VIRTUAL_BASE
+    mov [boot_magic - KERNEL_VIRTUAL_BASE], edx
+    mov [boot_mbi_phys - KERNEL_VIRTUAL_BASE], ebx
+    cmp edx, MULTIBOOT_BOOTLOADER_MAGIC
+    jne .Lno_multiboot_info
+    call boot_copy_multiboot_info
+.Lno_multiboot_info:
+    jmp boot_paging_on
+
 # Copy what the allocator will need out of the Multiboot information while it is reachable at its physical
 # address. ebx = physical address of the information structure.
 boot_copy_multiboot_info:

@@ -13,24 +13,7 @@
 # flushes the whole TLB, global entries included, and no identity translation can survive as global.
 
 .section .text
-_start:
-    cli
-    cld
-    mov edx, eax                                    # Multiboot magic; rep stosd needs eax
-    # The loader zero-fills .bss; clearing it again costs little and does not trust what cannot be checked.
-    mov edi, offset __bss_start - KERNEL_VIRTUAL_BASE
-    mov ecx, offset __kernel_end
-    sub ecx, offset __bss_start
-    shr ecx, 0x2
-    xor eax, eax
-    rep stosd
-    mov esp, offset boot_stack_top - KERNEL_VIRTUAL_BASE
-    mov [boot_magic - KERNEL_VIRTUAL_BASE], edx
-    mov [boot_mbi_phys - KERNEL_VIRTUAL_BASE], ebx
-    cmp edx, MULTIBOOT_BOOTLOADER_MAGIC
-    jne .Lno_multiboot_info
-    call boot_copy_multiboot_info
-.Lno_multiboot_info:
+boot_paging_on:                                     # from _start (templates/bootinfo.s), paging still off
     call boot_build_page_tables
     mov eax, offset boot_top_table - KERNEL_VIRTUAL_BASE
     mov cr3, eax

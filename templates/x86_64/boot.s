@@ -18,23 +18,7 @@
 
 .section .text
 .code32
-_start:
-    cli
-    cld
-    mov edx, eax                                    # Multiboot magic; rep stosd needs eax
-    # The loader zero-fills .bss; clearing it again costs little and does not trust what cannot be checked.
-    mov edi, offset __bss_start - KERNEL_VIRTUAL_BASE
-    mov ecx, offset __kernel_end - __bss_start
-    shr ecx, 0x2
-    xor eax, eax
-    rep stosd
-    mov esp, offset boot_stack_top - KERNEL_VIRTUAL_BASE
-    mov [boot_magic - KERNEL_VIRTUAL_BASE], edx
-    mov [boot_mbi_phys - KERNEL_VIRTUAL_BASE], ebx
-    cmp edx, MULTIBOOT_BOOTLOADER_MAGIC
-    jne .Lno_multiboot_info
-    call boot_copy_multiboot_info
-.Lno_multiboot_info:
+boot_paging_on:                                     # from _start (templates/bootinfo.s), paging still off
     call boot_check_cpu
     call boot_build_page_tables
     mov eax, cr4

@@ -1,13 +1,6 @@
-# Interrupts in long mode: an IDT of 16-byte gates whose 32 exception gates lead to one report on COM1 and a
-# failure exit through isa-debug-exit, and whose 16 PIC gates (IRQ_BASE..) only acknowledge the interrupt: the
-# kernel uses IRQs just to wake from `hlt` (templates/calls.s). The double fault runs on its own stack (IST1).
-#
-# Each stub is 16 bytes so the gate for vector v points at interrupt_stubs + 16*v. Stubs of vectors that push no
-# error code push a 0 first, so every handler sees the same frame. Which vectors push one is a CPU fact, passed in
-# as EXCEPTIONS_WITH_ERROR_CODE_MASK.
-#
-# The report is one line the harness parses (kgen/diagnose.py):
-# "kgen: exception vector=0x... error=0x... rip=0x... cr2=0x... rax=... r15=... cs=... rflags=... rsp=..."
+# The long-mode IDT: 16-byte gates to the shared stubs (templates/interrupts.s). Its 32 exception gates lead to
+# one report on COM1 (rip= and all sixteen general registers) and a failure exit through isa-debug-exit; its 16 PIC
+# gates (IRQ_BASE..) only acknowledge the interrupt. The double fault runs on its own stack (IST1).
 
 .section .text
 idt_init:
@@ -36,81 +29,6 @@ idt_init:
     lidt [idt_descriptor]
     ret
 
-.macro INTERRUPT_STUB vector
-.balign 0x10, 0xcc
-.if ((EXCEPTIONS_WITH_ERROR_CODE_MASK >> \vector) & 1) == 0
-    push 0x0
-.endif
-    push \vector
-    jmp interrupt_common
-.endm
-
-.balign 0x10, 0xcc
-interrupt_stubs:
-INTERRUPT_STUB 0x0
-INTERRUPT_STUB 0x1
-INTERRUPT_STUB 0x2
-INTERRUPT_STUB 0x3
-INTERRUPT_STUB 0x4
-INTERRUPT_STUB 0x5
-INTERRUPT_STUB 0x6
-INTERRUPT_STUB 0x7
-INTERRUPT_STUB 0x8
-INTERRUPT_STUB 0x9
-INTERRUPT_STUB 0xa
-INTERRUPT_STUB 0xb
-INTERRUPT_STUB 0xc
-INTERRUPT_STUB 0xd
-INTERRUPT_STUB 0xe
-INTERRUPT_STUB 0xf
-INTERRUPT_STUB 0x10
-INTERRUPT_STUB 0x11
-INTERRUPT_STUB 0x12
-INTERRUPT_STUB 0x13
-INTERRUPT_STUB 0x14
-INTERRUPT_STUB 0x15
-INTERRUPT_STUB 0x16
-INTERRUPT_STUB 0x17
-INTERRUPT_STUB 0x18
-INTERRUPT_STUB 0x19
-INTERRUPT_STUB 0x1a
-INTERRUPT_STUB 0x1b
-INTERRUPT_STUB 0x1c
-INTERRUPT_STUB 0x1d
-INTERRUPT_STUB 0x1e
-INTERRUPT_STUB 0x1f
-INTERRUPT_STUB 0x20
-INTERRUPT_STUB 0x21
-INTERRUPT_STUB 0x22
-INTERRUPT_STUB 0x23
-INTERRUPT_STUB 0x24
-INTERRUPT_STUB 0x25
-INTERRUPT_STUB 0x26
-INTERRUPT_STUB 0x27
-INTERRUPT_STUB 0x28
-INTERRUPT_STUB 0x29
-INTERRUPT_STUB 0x2a
-INTERRUPT_STUB 0x2b
-INTERRUPT_STUB 0x2c
-INTERRUPT_STUB 0x2d
-INTERRUPT_STUB 0x2e
-INTERRUPT_STUB 0x2f
-
-interrupt_common:
-    cmp qword ptr [rsp], IRQ_BASE
-    jb exception_common
-    # A PIC interrupt: acknowledge it (the slave too for IRQ 8-15) and return to whatever `hlt` it ended.
-    push rax
-    mov al, PIC_EOI
-    cmp qword ptr [rsp + 0x8], IRQ_BASE + 0x8
-    jb .Lirq_master_only
-    out PIC2_COMMAND, al
-.Lirq_master_only:
-    out PIC1_COMMAND, al
-    pop rax
-    add rsp, 0x10
-    iretq
-
 # Frame after the pushes below, from rsp upwards: cr2, rax, rbx, rcx, rdx, rsi, rdi, rbp, r8..r15, then vector,
 # error code, rip, cs, rflags, rsp, ss (the CPU pushes the last five in long mode). exception_fields names them.
 exception_common:
@@ -132,59 +50,34 @@ exception_common:
     mov rax, cr2
     push rax
     mov rbp, rsp
-    push offset str_exception
-    call serial_puts
-    add rsp, 0x8
-    mov rsi, offset exception_fields
-.Lexception_field:
-    mov rax, [rsi]
-    test rax, rax
-    jz .Lexception_done
-    push rax
-    mov rax, [rsi + 0x8]
-    push qword ptr [rbp + rax]
-    push qword ptr [rsp + 0x8]
-    call serial_puts
-    add rsp, 0x8
-    call serial_puthex
-    add rsp, 0x10
-    add rsi, 0x10
-    jmp .Lexception_field
-.Lexception_done:
-    push offset str_newline
-    call serial_puts
-    add rsp, 0x8
-    push DEBUG_EXIT_FAILURE
-    call debug_exit
+    jmp exception_report
 
 .section .rodata
 .balign 8
 exception_fields:
-    .quad str_vector, 0x80
-    .quad str_error, 0x88
-    .quad str_rip, 0x90
-    .quad str_cr2, 0x0
-    .quad str_rax, 0x8
-    .quad str_rbx, 0x10
-    .quad str_rcx, 0x18
-    .quad str_rdx, 0x20
-    .quad str_rsi, 0x28
-    .quad str_rdi, 0x30
-    .quad str_rbp, 0x38
-    .quad str_rsp, 0xa8
-    .quad str_r8, 0x40
-    .quad str_r9, 0x48
-    .quad str_r10, 0x50
-    .quad str_r11, 0x58
-    .quad str_r12, 0x60
-    .quad str_r13, 0x68
-    .quad str_r14, 0x70
-    .quad str_r15, 0x78
-    .quad str_cs, 0x98
-    .quad str_rflags, 0xa0
-    .quad 0x0
-str_exception:
-    .asciz "kgen: exception"
+    .xword str_vector, 0x80
+    .xword str_error, 0x88
+    .xword str_rip, 0x90
+    .xword str_cr2, 0x0
+    .xword str_rax, 0x8
+    .xword str_rbx, 0x10
+    .xword str_rcx, 0x18
+    .xword str_rdx, 0x20
+    .xword str_rsi, 0x28
+    .xword str_rdi, 0x30
+    .xword str_rbp, 0x38
+    .xword str_rsp, 0xa8
+    .xword str_r8, 0x40
+    .xword str_r9, 0x48
+    .xword str_r10, 0x50
+    .xword str_r11, 0x58
+    .xword str_r12, 0x60
+    .xword str_r13, 0x68
+    .xword str_r14, 0x70
+    .xword str_r15, 0x78
+    .xword str_cs, 0x98
+    .xword str_rflags, 0xa0
+    .xword 0x0
 str_vector:
     .asciz " vector="
 str_error:
