@@ -29,6 +29,7 @@ from .arch import I386, Arch
 from .errors import AssemblyError
 
 SECTIONS = (".multiboot", ".text", ".rodata", ".data", ".bss")
+PRELUDE = "macros.inc"
 
 _LABEL_RE = re.compile(r"^\s*([A-Za-z_][\w]*|\.L\w+)\s*:")
 _SECTION_RE = re.compile(r"^\s*\.section\s+(\S+)\s*$")
@@ -61,6 +62,7 @@ class Piece:
     align: int                            # the largest `.balign` inside, so the linker can honour it
     bits: int = 32                        # the mode it is assembled in
     before_paging: bool = False           # 32-bit code of a 64-bit kernel: assembled at its physical address
+    prelude: tuple[str, ...] = ()         # the shared macros (templates/macros.inc), assembled before the lines
 
     @property
     def name(self) -> str:
@@ -71,10 +73,10 @@ class Piece:
         return tuple(label for label in self.labels if not label.startswith(".L"))
 
     def body(self) -> str:
-        return "\n".join(text for _, text in self.lines)
+        return "\n".join(self.prelude + tuple(text for _, text in self.lines))
 
 
-def parse_unit(unit: str, text: str, arch: Arch = I386) -> list[Piece]:
+def parse_unit(unit: str, text: str, arch: Arch = I386, prelude: tuple[str, ...] = ()) -> list[Piece]:
     """Split a template into one piece per section (and per `.code32`/`.code64` stretch); a section named twice
     continues where it left off. Word-size selectors become the architecture's registers here."""
     bodies: dict[tuple[str, int], list[tuple[int, str]]] = {}
@@ -113,15 +115,24 @@ def parse_unit(unit: str, text: str, arch: Arch = I386) -> list[Piece]:
         labels = tuple(m.group(1) for _, t in lines if (m := _LABEL_RE.match(t)))
         aligns = [int(m.group(1), 0) for _, t in lines if (m := _BALIGN_RE.match(t))]
         pieces.append(Piece(unit, section, tuple(lines), labels, max(aligns, default=4), bits,
-                            before_paging=bits < arch.keystone_mode))
+                            before_paging=bits < arch.keystone_mode, prelude=prelude))
     return pieces
+
+
+def load_prelude(templates: Path, arch: Arch = I386) -> tuple[str, ...]:
+    """The macros every piece may use (templates/macros.inc: macros only, no code or data of its own)."""
+    path = templates / PRELUDE
+    text = path.read_text(encoding="ascii") if path.exists() else ""
+    lines = [arch.apply_selectors(line) for raw in text.splitlines() if (line := strip_comment(raw)).strip()]
+    return tuple(lines)
 
 
 def load_unit(templates: Path, unit: str, arch: Arch = I386) -> list[Piece]:
     """`unit` is a path below templates/ without `.s`: "serial" (shared) or "x86_64/boot" (one architecture's)."""
     path = templates / f"{unit}.s"
     try:
-        return parse_unit(unit, path.read_text(encoding="ascii", errors="strict"), arch)
+        return parse_unit(unit, path.read_text(encoding="ascii", errors="strict"), arch,
+                          load_prelude(templates, arch))
     except UnicodeDecodeError as err:
         raise AssemblyError(f"{path}: non-ASCII byte at offset {err.start}") from None
     except FileNotFoundError:
@@ -316,15 +327,17 @@ def outside_symbols(piece: Piece, symbols: dict[str, int]) -> dict[str, int]:
 def assemble(piece: Piece, address: int, symbols: dict[str, int]) -> Assembled:
     """Assemble a piece at `address` (where the CPU runs it), with `symbols` (constants and other pieces' labels)
     visible. Label addresses come back as keystone computed them, at `address`."""
-    tail = "\n".join(f".quad {label}" for label in piece.labels)
     source = keystone_source(piece.body(), outside_symbols(piece, symbols), piece.bits)
+    # A label inside an `.if` branch not taken does not exist in this kernel.
+    defined = [label for label in piece.labels if re.search(rf"^\s*{re.escape(label)}\s*:", source, re.MULTILINE)]
+    tail = "\n".join(f".quad {label}" for label in defined)
     data = _ks_asm(source + "\n" + tail, address, piece.bits)
-    expected_tail = 8 * len(piece.labels)
+    expected_tail = 8 * len(defined)
     if data is None or len(data) < expected_tail:
         raise _diagnose(piece, address, symbols)
     body = data[:len(data) - expected_tail]
     words = data[len(body):]
-    labels = {label: int.from_bytes(words[8 * i:8 * i + 8], "little") for i, label in enumerate(piece.labels)}
+    labels = {label: int.from_bytes(words[8 * i:8 * i + 8], "little") for i, label in enumerate(defined)}
     return Assembled(piece, address, body, labels)
 
 
@@ -340,7 +353,8 @@ def _diagnose(piece: Piece, address: int, symbols: dict[str, int]) -> AssemblyEr
             continue
         local = "\n".join(f".equ {lab}, {address:#x}" for lab in piece.labels)
         try:
-            rejected = _ks_asm(local + "\n" + keystone_source(statement, outside, piece.bits), address,
+            source = "\n".join(piece.prelude + (statement,))
+            rejected = _ks_asm(local + "\n" + keystone_source(source, outside, piece.bits), address,
                                piece.bits) is None
         except AssemblyError:
             rejected = True

@@ -16,14 +16,15 @@ from .resources import templates_dir
 # GDT and IDT of one architecture (templates/i386/, templates/x86_64/); every other unit serves both word sizes.
 KERNEL_UNITS = ("multiboot", "bootinfo", "{arch}/boot", "{arch}/gdt", "{arch}/idt", "interrupts", "pic", "serial",
                 "debugexit", "string", "report", "calls", "peek")
-# The memory-management units run on i386 only, until their templates serve both word sizes too.
-MEMORY_UNITS = ("tempmap", "pmm", "vmm", "heap", "bench")
-MEMORY_UNITS_ARCHES = ("i386",)
+# The physical allocator and its temp-map window serve both word sizes; the VMM, the heap and the benchmarks run on
+# i386 only, until their templates do too.
+MEMORY_UNITS = ("paging", "tempmap", "pmm")
+I386_ONLY_UNITS = ("vmm", "heap", "bench")
 
 
 def kernel_units(arch: str) -> tuple[str, ...]:
-    units = tuple(unit.format(arch=arch) for unit in KERNEL_UNITS)
-    return units + (MEMORY_UNITS if arch in MEMORY_UNITS_ARCHES else ())
+    units = tuple(unit.format(arch=arch) for unit in KERNEL_UNITS) + MEMORY_UNITS
+    return units + (I386_ONLY_UNITS if arch == "i386" else ())
 
 
 @dataclass(frozen=True)
@@ -37,12 +38,17 @@ class Kernel:
 
 
 def generated_pieces(layout: Layout) -> list[asm.Piece]:
-    """The layout's string constants as labelled .rodata, so templates name them like any other data."""
+    """The layout's string constants and per-level paging tables as labelled .rodata, so templates name them like
+    any other data: `paging_level_shift` (a byte per level, top first) and `paging_level_entries` (a word per
+    level: where that level's entries appear through the recursive slot)."""
     lines = [".section .rodata"]
     for label, text in layout.asm_strings().items():
         if not text.isascii() or '"' in text or "\\" in text:
             raise ValueError(f"string constant {label} must be plain ASCII")
         lines += [f"{label}:", f'    .asciz "{text}"']
+    levels = range(layout.architecture.levels)
+    lines += [".balign 8", "paging_level_entries:"] + [f"    .xword LEVEL{n}_ENTRIES" for n in levels]
+    lines += ["paging_level_shift:"] + [f"    .byte LEVEL{n}_SHIFT" for n in levels]
     return asm.parse_unit("layout_strings", "\n".join(lines), layout.architecture)
 
 
@@ -77,7 +83,7 @@ def fingerprint(config: Config) -> str:
     package = Path(__file__).resolve().parent
     for root in (templates_dir(), boot_dir(), package):
         for path in sorted(root.rglob("*")):
-            if path.is_file() and path.suffix in (".s", ".py", ".cfg"):
+            if path.is_file() and path.suffix in (".s", ".inc", ".py", ".cfg"):
                 digest.update(str(path.relative_to(root)).encode())
                 digest.update(path.read_bytes())
     return digest.hexdigest()

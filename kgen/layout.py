@@ -301,7 +301,7 @@ class Layout:
             "RECURSIVE_TOP": self.recursive_top,
             "TEMPMAP_BASE": self.tempmap_base,
             "TEMPMAP_SLOTS": self.tempmap_slots,
-            "TEMPMAP_PT": self.tempmap_pt,
+            "TEMPMAP_PTES": self.entry_address(self.tempmap_base, self.architecture.levels - 1),
             "DEBUG_EXIT_PORT": self.debug_exit_port,
             "DEBUG_EXIT_SUCCESS": self.debug_exit_success,
             "DEBUG_EXIT_FAILURE": self.debug_exit_failure,
@@ -376,6 +376,10 @@ class Layout:
             "TABLE_ENTRIES": arch.entries_per_table,
             "INDEX_MASK": arch.entries_per_table - 1,
             "VA_MASK": arch.va_mask,
+            "VA_BITS": arch.va_bits,
+            "LEAF_ENTRIES": self.level_window(arch.levels - 1),
+            # An entry's flag bits, as a caller passes them: the low 12, and NX (bit 63) where entries have it.
+            "PTE_FLAGS_MASK": hw.PAGE_SIZE - 1 | (hw.PTE_NX if arch.paging.nx_levels else 0),
             "LEAF_TABLE_SPAN": self.leaf_table_span,
             "KERNEL_HALF_START": self.kernel_half_start,
             "KERNEL_HALF_FIRST_SLOT": (self.kernel_half_start & arch.va_mask) >> arch.shift(0),
@@ -422,7 +426,8 @@ class Layout:
             "CPUID_EXTENDED_FEATURES": hw.CPUID_EXTENDED_FEATURES,
             "CPUID_EDX_LONG_MODE": hw.CPUID_EDX_LONG_MODE,
             "CPUID_EDX_NX": hw.CPUID_EDX_NX,
-            "PTE_NX_HIGH": 1 << 31,          # bit 63 of an entry, as 32-bit code writes it: in the high dword
+            "PTE_NX_HIGH": 1 << 31,
+            "NX_BIT": hw.PTE_NX.bit_length() - 1,          # bit 63 of an entry, as 32-bit code writes it: in the high dword
             "KERNEL_PML4_FIRST": (self.kernel_virtual_start & self.architecture.va_mask) >> self.architecture.shift(0),
         }
 

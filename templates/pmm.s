@@ -1,47 +1,54 @@
 # The physical frame allocator: a stack of free frames whose links live inside the free frames themselves.
 #
 # The only state outside the frames is the top frame's physical address (pmm_top, 0 when empty) and a count: the
-# first dword of each free frame holds the physical address of the next one down. With paging on the kernel has
-# no mapping for a free frame, so pmm_alloc/pmm_free reach that dword through a temp-map slot.
+# first word of each free frame holds the physical address of the next one down. With paging on the kernel has
+# no mapping for a free frame, so pmm_alloc/pmm_free reach that word through a temp-map slot.
 #
 # pmm_alloc_at/pmm_free_at avoid the temp slot entirely: the frame on top is mapped straight into the PTE where
 # it is wanted and its link read through that mapping; a frame being freed is pushed while still mapped.
 #
 # Init must not touch every frame (cost would grow with RAM). Free RAM starts out as a list of ranges from the
-# Multiboot memory map (available RAM at or above 1 MiB); frames never used yet are handed out from those ranges
+# Multiboot memory map (available RAM at or above 1 MiB; on i386 below 4 GiB); frames never used yet are handed out from those ranges
 # by a bump pointer once the stack is empty, skipping reserved intervals (the kernel image, the Multiboot
 # information). Only freed frames are ever pushed. Init cost grows with the number of map entries only.
 #
 # Accounting: total = frames in the ranges; reserved = frames of the ranges inside reserved intervals;
 # free = pmm_count (stack) + pmm_untouched (bump); live = total - reserved - free.
 
+# One source for both word sizes: physical addresses, links and the [start, end) pairs are words; frame counts are
+# dwords. A pair is 2*WORD_SIZE bytes, more than an index scale can express on x86_64, so arrays of pairs are walked
+# with pointers or with an offset shifted by WORD_SHIFT + 1.
+
 .section .text
 pmm_init:
-    push ebx
-    push esi
-    push edi
+    push xbx
+    push xsi
+    push xdi
     rdtsc
     mov [pmm_init_tsc], eax
     mov [pmm_init_tsc + 0x4], edx
-    # Ranges: available entries, clipped to [1 MiB, 4 GiB) and to whole frames.
-    mov esi, offset boot_mmap
+    # Ranges: available entries, shrunk to whole frames and starting at 1 MiB (on i386: below 4 GiB).
+    mov xsi, offset boot_mmap
     mov ebx, [boot_mmap_count]
-    xor edi, edi                                    # ranges so far
+    mov xdi, offset pmm_ranges                      # where the next range goes
 .Lpmm_entry:
     test ebx, ebx
     jz .Lpmm_entries_done
-    cmp dword ptr [esi + 0x10], MULTIBOOT_MMAP_AVAILABLE
+    cmp dword ptr [xsi + 0x10], MULTIBOOT_MMAP_AVAILABLE
     jne .Lpmm_next_entry
+.if ARCH_I386
     cmp dword ptr [esi + 0x4], 0x0                  # starts at or above 4 GiB: out of reach without PAE
     jne .Lpmm_next_entry
-    mov eax, [esi]                                  # start = max(align_up(base), 1 MiB)
-    add eax, PAGE_SIZE - 1
+.endif
+    mov xax, [xsi]                                  # start = max(align_up(base), 1 MiB)
+    add xax, PAGE_SIZE - 1
     jc .Lpmm_next_entry
-    and eax, PTE_FRAME_MASK
-    cmp eax, PMM_LOWEST
+    and xax, -PAGE_SIZE
+    cmp xax, PMM_LOWEST
     jae .Lpmm_start_ok
-    mov eax, PMM_LOWEST
+    mov xax, PMM_LOWEST
 .Lpmm_start_ok:
+.if ARCH_I386
     mov ecx, [esi]                                  # end = align_down(base + length), clipped below 4 GiB
     mov edx, [esi + 0x4]
     add ecx, [esi + 0x8]
@@ -50,134 +57,149 @@ pmm_init:
     jz .Lpmm_end_low
     mov ecx, PMM_HIGHEST_END
 .Lpmm_end_low:
-    and ecx, PTE_FRAME_MASK
-    cmp eax, ecx
+.else
+    mov rcx, [rsi]                                  # end = align_down(base + length)
+    add rcx, [rsi + 0x8]
+.endif
+    and xcx, -PAGE_SIZE
+    cmp xax, xcx
     jae .Lpmm_next_entry
-    mov [pmm_ranges + edi*8], eax
-    mov [pmm_ranges + edi*8 + 0x4], ecx
-    sub ecx, eax
-    shr ecx, PAGE_SHIFT
+    mov [xdi], xax
+    mov [xdi + WORD_SIZE], xcx
+    add xdi, 2*WORD_SIZE
+    sub xcx, xax
+    shr xcx, PAGE_SHIFT
     add [pmm_total], ecx
-    inc edi
 .Lpmm_next_entry:
-    add esi, BOOT_MMAP_ENTRY_SIZE
+    add xsi, BOOT_MMAP_ENTRY_SIZE
     dec ebx
     jmp .Lpmm_entry
 .Lpmm_entries_done:
+    mov xax, offset pmm_ranges
+    sub xdi, xax
+    shr edi, WORD_SHIFT + 1
     mov [pmm_range_count], edi
     # Reserved intervals: the image (from its load address to its page-aligned end, boot tables and stack
     # included) and the Multiboot information block the loader left in RAM.
-    mov dword ptr [pmm_reserved], KERNEL_LOAD_ADDRESS
-    mov dword ptr [pmm_reserved + 0x4], offset __kernel_end - KERNEL_VIRTUAL_BASE
+    mov xword ptr [pmm_reserved], KERNEL_LOAD_ADDRESS
+    mov xword ptr [pmm_reserved + WORD_SIZE], offset __kernel_end - KERNEL_VIRTUAL_BASE
     mov eax, [boot_mbi_start]
-    and eax, PTE_FRAME_MASK
-    mov [pmm_reserved + 0x8], eax
+    and xax, -PAGE_SIZE
+    mov [pmm_reserved + 2*WORD_SIZE], xax
     mov eax, [boot_mbi_end]
-    add eax, PAGE_SIZE - 1
-    and eax, PTE_FRAME_MASK
-    mov [pmm_reserved + 0xc], eax
+    add xax, PAGE_SIZE - 1
+    and xax, -PAGE_SIZE
+    mov [pmm_reserved + 3*WORD_SIZE], xax
     mov dword ptr [pmm_reserved_count], PMM_RESERVED_INTERVALS
     # reserved frames = sum over ranges and intervals of their overlap
-    xor ebx, ebx
+    mov xdx, offset pmm_ranges
+    mov ebx, [pmm_range_count]
 .Lpmm_overlap_range:
-    cmp ebx, [pmm_range_count]
-    jae .Lpmm_overlap_done
-    xor esi, esi
+    test ebx, ebx
+    jz .Lpmm_overlap_done
+    mov xsi, offset pmm_reserved
+    mov edi, [pmm_reserved_count]
 .Lpmm_overlap_interval:
-    cmp esi, [pmm_reserved_count]
-    jae .Lpmm_overlap_next_range
-    mov eax, [pmm_ranges + ebx*8]                   # lo = max(starts)
-    cmp eax, [pmm_reserved + esi*8]
+    test edi, edi
+    jz .Lpmm_overlap_next_range
+    mov xax, [xdx]                                  # lo = max(starts)
+    cmp xax, [xsi]
     jae .Lpmm_lo
-    mov eax, [pmm_reserved + esi*8]
+    mov xax, [xsi]
 .Lpmm_lo:
-    mov ecx, [pmm_ranges + ebx*8 + 0x4]             # hi = min(ends)
-    cmp ecx, [pmm_reserved + esi*8 + 0x4]
+    mov xcx, [xdx + WORD_SIZE]                      # hi = min(ends)
+    cmp xcx, [xsi + WORD_SIZE]
     jbe .Lpmm_hi
-    mov ecx, [pmm_reserved + esi*8 + 0x4]
+    mov xcx, [xsi + WORD_SIZE]
 .Lpmm_hi:
-    cmp eax, ecx
+    cmp xax, xcx
     jae .Lpmm_no_overlap
-    sub ecx, eax
-    shr ecx, PAGE_SHIFT
+    sub xcx, xax
+    shr xcx, PAGE_SHIFT
     add [pmm_reserved_frames], ecx
 .Lpmm_no_overlap:
-    inc esi
+    add xsi, 2*WORD_SIZE
+    dec edi
     jmp .Lpmm_overlap_interval
 .Lpmm_overlap_next_range:
-    inc ebx
+    add xdx, 2*WORD_SIZE
+    dec ebx
     jmp .Lpmm_overlap_range
 .Lpmm_overlap_done:
     mov eax, [pmm_total]
     sub eax, [pmm_reserved_frames]
     mov [pmm_untouched], eax
     mov dword ptr [pmm_bump_range], 0x0
-    mov eax, [pmm_ranges]
-    mov [pmm_bump_next], eax
+    mov xax, [pmm_ranges]
+    mov [pmm_bump_next], xax
     rdtsc
     sub eax, [pmm_init_tsc]
     sbb edx, [pmm_init_tsc + 0x4]
     mov [pmm_init_tsc], eax
     mov [pmm_init_tsc + 0x4], edx
-    pop edi
-    pop esi
-    pop ebx
+    pop xdi
+    pop xsi
+    pop xbx
     ret
 
 # pmm_bump() -> the next never-used frame, or 0 when the ranges are used up
 pmm_bump:
-    push ebx
+    push xbx
 .Lbump_again:
     mov ecx, [pmm_bump_range]
     cmp ecx, [pmm_range_count]
     jae .Lbump_empty
-    mov eax, [pmm_bump_next]
-    cmp eax, [pmm_ranges + ecx*8 + 0x4]
+    shl xcx, WORD_SHIFT + 1                         # the current range's offset in pmm_ranges
+    mov xax, [pmm_bump_next]
+    cmp xax, [pmm_ranges + xcx + WORD_SIZE]
     jae .Lbump_next_range
-    mov ebx, eax
-    push dword ptr [pmm_reserved_count]
+    mov xbx, xax
+    mov eax, [pmm_reserved_count]
+    push xax
     push offset pmm_reserved
-    push ebx
+    push xbx
     call pmm_interval_of
-    add esp, 0xc
-    test eax, eax
+    add xsp, 3*WORD_SIZE
+    test xax, xax
     jz .Lbump_take
-    mov eax, [pmm_reserved + eax*8 - 0x4]           # inside a reserved interval: jump past its end
-    mov [pmm_bump_next], eax
+    mov xax, [xax + WORD_SIZE]                      # inside a reserved interval: jump past its end
+    mov [pmm_bump_next], xax
     jmp .Lbump_again
 .Lbump_take:
-    lea edx, [ebx + PAGE_SIZE]
-    mov [pmm_bump_next], edx
+    lea xdx, [xbx + PAGE_SIZE]
+    mov [pmm_bump_next], xdx
     dec dword ptr [pmm_untouched]
-    mov eax, ebx
-    pop ebx
+    mov xax, xbx
+    pop xbx
     ret
 .Lbump_next_range:
+    mov ecx, [pmm_bump_range]
     inc ecx
     mov [pmm_bump_range], ecx
     cmp ecx, [pmm_range_count]
     jae .Lbump_empty
-    mov eax, [pmm_ranges + ecx*8]
-    mov [pmm_bump_next], eax
+    shl xcx, WORD_SHIFT + 1
+    mov xax, [pmm_ranges + xcx]
+    mov [pmm_bump_next], xax
     jmp .Lbump_again
 .Lbump_empty:
     xor eax, eax
-    pop ebx
+    pop xbx
     ret
 
 # pmm_check_link(next): the link just read from a frame must be a frame address, and 0 exactly at the bottom.
 # A corrupt stack is reported and stops the kernel rather than handing out a wrong frame.
 pmm_check_link:
-    mov eax, [esp + 0x4]
+    mov xax, [xsp + WORD_SIZE]
     test eax, PAGE_SIZE - 1
     jnz .Lcheck_link_bad
     cmp dword ptr [pmm_count], 0x1
     je .Lcheck_link_bottom
-    test eax, eax
+    test xax, xax
     jz .Lcheck_link_bad
     ret
 .Lcheck_link_bottom:
-    test eax, eax
+    test xax, xax
     jnz .Lcheck_link_bad
     ret
 .Lcheck_link_bad:
@@ -186,29 +208,29 @@ pmm_check_link:
 
 # pmm_alloc() -> physical address of a frame (contents undefined), or 0 when memory is exhausted
 pmm_alloc:
-    mov eax, [pmm_top]
-    test eax, eax
+    mov xax, [pmm_top]
+    test xax, xax
     jz pmm_bump
-    push ebx
-    push esi
-    mov ebx, eax
-    push eax
+    push xbx
+    push xsi
+    mov xbx, xax
+    push xax
     call temp_map
-    add esp, 0x4
-    test eax, eax
+    add xsp, WORD_SIZE
+    test xax, xax
     jz .Lalloc_no_slot
-    mov esi, [eax]                                  # the link to the next free frame
-    push eax
+    mov xsi, [xax]                                  # the link to the next free frame
+    push xax
     call temp_unmap
-    add esp, 0x4
-    push esi
+    add xsp, WORD_SIZE
+    push xsi
     call pmm_check_link
-    add esp, 0x4
-    mov [pmm_top], esi
+    add xsp, WORD_SIZE
+    mov [pmm_top], xsi
     dec dword ptr [pmm_count]
-    mov eax, ebx
-    pop esi
-    pop ebx
+    mov xax, xbx
+    pop xsi
+    pop xbx
     ret
 .Lalloc_no_slot:
     push offset str_pmm_no_slot
@@ -216,62 +238,63 @@ pmm_alloc:
 
 # pmm_free(phys) -> 1, or 0 when the frame is refused (unaligned, outside RAM, reserved, already on top)
 pmm_free:
-    push ebx
-    mov ebx, [esp + 0x8]
-    push ebx
+    push xbx
+    mov xbx, [xsp + 2*WORD_SIZE]
+    push xbx
     call pmm_frame_refusal
-    add esp, 0x4
-    test eax, eax
+    add xsp, WORD_SIZE
+    test xax, xax
     jnz .Lfree_refused
-    push ebx
+    push xbx
     call temp_map
-    add esp, 0x4
-    test eax, eax
+    add xsp, WORD_SIZE
+    test xax, xax
     jz .Lalloc_no_slot
-    mov ecx, [pmm_top]
-    mov [eax], ecx
-    push eax
+    mov xcx, [pmm_top]
+    mov [xax], xcx
+    push xax
     call temp_unmap
-    add esp, 0x4
-    mov [pmm_top], ebx
+    add xsp, WORD_SIZE
+    mov [pmm_top], xbx
     inc dword ptr [pmm_count]
     mov eax, 0x1
-    pop ebx
+    pop xbx
     ret
 .Lfree_refused:
-    push eax
+    push xax
     push offset str_pmm_refused
     call serial_puts
-    add esp, 0x4
-    push ebx
+    add xsp, WORD_SIZE
+    push xbx
     call serial_puthex
-    add esp, 0x4
+    add xsp, WORD_SIZE
     call serial_puts                                # the reason, still on the stack
-    add esp, 0x4
+    add xsp, WORD_SIZE
     push offset str_newline
     call serial_puts
-    add esp, 0x4
+    add xsp, WORD_SIZE
     xor eax, eax
-    pop ebx
+    pop xbx
     ret
 
-# pmm_interval_of(addr, intervals, count) -> 1 + the index of the [start, end) pair holding addr, or 0
+# pmm_interval_of(addr, intervals, count) -> the address of the [start, end) pair holding addr, or 0
 pmm_interval_of:
-    mov eax, [esp + 0x4]
-    mov edx, [esp + 0x8]
-    xor ecx, ecx
+    mov xax, [xsp + WORD_SIZE]
+    mov xdx, [xsp + 2*WORD_SIZE]
+    mov xcx, [xsp + 3*WORD_SIZE]
 .Linterval_next:
-    cmp ecx, [esp + 0xc]
-    jae .Linterval_none
-    cmp eax, [edx + ecx*8]
+    test xcx, xcx
+    jz .Linterval_none
+    cmp xax, [xdx]
     jb .Linterval_skip
-    cmp eax, [edx + ecx*8 + 0x4]
+    cmp xax, [xdx + WORD_SIZE]
     jb .Linterval_found
 .Linterval_skip:
-    inc ecx
+    add xdx, 2*WORD_SIZE
+    dec xcx
     jmp .Linterval_next
 .Linterval_found:
-    lea eax, [ecx + 0x1]
+    mov xax, xdx
     ret
 .Linterval_none:
     xor eax, eax
@@ -279,117 +302,116 @@ pmm_interval_of:
 
 # pmm_frame_refusal(phys) -> 0 when phys may be freed, else the reason as a string
 pmm_frame_refusal:
-    mov eax, [esp + 0x4]
+    mov xax, [xsp + WORD_SIZE]
     test eax, PAGE_SIZE - 1
     jnz .Lrefuse_unaligned
-    push dword ptr [pmm_range_count]
+    mov ecx, [pmm_range_count]
+    push xcx
     push offset pmm_ranges
-    push eax
+    push xax
     call pmm_interval_of
-    add esp, 0xc
-    test eax, eax
+    add xsp, 3*WORD_SIZE
+    test xax, xax
     jz .Lrefuse_not_ram
-    push dword ptr [pmm_reserved_count]
+    mov ecx, [pmm_reserved_count]
+    push xcx
     push offset pmm_reserved
-    push dword ptr [esp + 0xc]
+    push xword ptr [xsp + 3*WORD_SIZE]
     call pmm_interval_of
-    add esp, 0xc
-    test eax, eax
+    add xsp, 3*WORD_SIZE
+    test xax, xax
     jnz .Lrefuse_reserved
-    mov eax, [esp + 0x4]
-    cmp eax, [pmm_top]
+    mov xax, [xsp + WORD_SIZE]
+    cmp xax, [pmm_top]
     je .Lrefuse_top
     xor eax, eax
     ret
 .Lrefuse_unaligned:
-    mov eax, offset str_refuse_unaligned
+    mov xax, offset str_refuse_unaligned
     ret
 .Lrefuse_not_ram:
-    mov eax, offset str_refuse_not_ram
+    mov xax, offset str_refuse_not_ram
     ret
 .Lrefuse_reserved:
-    mov eax, offset str_refuse_reserved
+    mov xax, offset str_refuse_reserved
     ret
 .Lrefuse_top:
-    mov eax, offset str_refuse_top
+    mov xax, offset str_refuse_top
     ret
 
 # pmm_alloc_at(vaddr, flags) -> phys, or 0. Maps a cleared frame at vaddr with the given PTE flags. The frame on
 # top of the stack goes straight into vaddr's PTE and its link is read through vaddr: no temp slot. vaddr's page
 # table must exist (vmm_map grows tables); mapping over a present page is refused.
 pmm_alloc_at:
-    push edi
-    mov edi, [esp + 0x8]
-    and edi, PTE_FRAME_MASK
-    mov eax, [esp + 0xc]
-    or eax, PTE_RW                                  # writable until cleared
-    push eax
-    push edi
+    push xdi
+    mov xdi, [xsp + 2*WORD_SIZE]
+    and xdi, -PAGE_SIZE
+    mov xax, [xsp + 3*WORD_SIZE]
+    or xax, PTE_RW                                  # writable until cleared
+    push xax
+    push xdi
     call pmm_map_top
-    add esp, 0x8
-    test eax, eax
+    add xsp, 2*WORD_SIZE
+    test xax, xax
     jz .Lalloc_at_done
-    mov edx, eax
+    mov xdx, xax
     xor eax, eax
     mov ecx, PAGE_SIZE / 4
     rep stosd
-    mov eax, edx
-    test dword ptr [esp + 0xc], PTE_RW
+    mov xax, xdx
+    test xword ptr [xsp + 3*WORD_SIZE], PTE_RW
     jnz .Lalloc_at_done
-    sub edi, PAGE_SIZE
-    mov ecx, edi
-    shr ecx, PAGE_SHIFT
-    and dword ptr [RECURSIVE_BASE + ecx*4], ~PTE_RW
-    invlpg [edi]
+    sub xdi, PAGE_SIZE
+    push xax
+    mov xcx, xdi
+    ENTRY_OF xcx, xax, PAGE_SHIFT, LEAF_ENTRIES
+    and xword ptr [xcx], ~PTE_RW
+    invlpg [xdi]
+    pop xax
 .Lalloc_at_done:
-    pop edi
+    pop xdi
     ret
 
 # pmm_map_top(vaddr, flags) -> phys, or 0: the allocate-at core. Maps the frame on top of the free stack (or a
-# never-used one) at vaddr and pops it, leaving its contents as they are: the caller clears it.
+# never-used one) at vaddr and pops it, leaving its contents as they are: the caller clears it. flags are the
+# entry's low 12 bits and, on x86_64, NX.
 pmm_map_top:
-    push ebx
-    push edi
-    mov edi, [esp + 0xc]                            # vaddr
-    and edi, PTE_FRAME_MASK
-    mov eax, edi
-    shr eax, I386_PDE_SHIFT
-    test dword ptr [RECURSIVE_PD + eax*4], PTE_P
-    jz .Lmap_top_no_table
-    mov ebx, edi
-    shr ebx, PAGE_SHIFT
-    lea ebx, [RECURSIVE_BASE + ebx*4]               # the PTE, through the recursive window
-    test dword ptr [ebx], PTE_P
-    jnz .Lmap_top_present
-    mov eax, [pmm_top]
+    push xbx
+    push xdi
+    mov xdi, [xsp + 3*WORD_SIZE]                    # vaddr
+    and xdi, -PAGE_SIZE
+    push xdi
+    call paging_table_present
+    add xsp, WORD_SIZE
     test eax, eax
+    jz .Lmap_top_no_table
+    mov xbx, xdi
+    ENTRY_OF xbx, xcx, PAGE_SHIFT, LEAF_ENTRIES     # the PTE, through the recursive window
+    test xword ptr [xbx], PTE_P
+    jnz .Lmap_top_present
+    mov xax, [pmm_top]
+    test xax, xax
     jz .Lmap_top_bump
-    mov ecx, [esp + 0x10]
-    and ecx, PAGE_SIZE - 1
-    or ecx, PTE_P
-    or ecx, eax
-    mov [ebx], ecx
-    invlpg [edi]
-    push eax                                        # the frame, returned below
-    push dword ptr [edi]                            # the link, read through its new home
+    call pmm_entry_for
+    mov [xbx], xcx
+    invlpg [xdi]
+    push xax                                        # the frame, returned below
+    push xword ptr [xdi]                            # the link, read through its new home
     call pmm_check_link
-    pop dword ptr [pmm_top]
+    pop xword ptr [pmm_top]
     dec dword ptr [pmm_count]
-    pop eax
+    pop xax
     jmp .Lmap_top_done
 .Lmap_top_bump:
     call pmm_bump
-    test eax, eax
+    test xax, xax
     jz .Lmap_top_done
-    mov ecx, [esp + 0x10]
-    and ecx, PAGE_SIZE - 1
-    or ecx, PTE_P
-    or ecx, eax
-    mov [ebx], ecx
-    invlpg [edi]
+    call pmm_entry_for
+    mov [xbx], xcx
+    invlpg [xdi]
 .Lmap_top_done:
-    pop edi
-    pop ebx
+    pop xdi
+    pop xbx
     ret
 .Lmap_top_no_table:
     push offset str_alloc_at_no_table
@@ -398,53 +420,64 @@ pmm_map_top:
     push offset str_alloc_at_present
 .Lmap_top_refuse:
     call serial_puts
-    add esp, 0x4
+    add xsp, WORD_SIZE
     xor eax, eax
-    pop edi
-    pop ebx
+    pop xdi
+    pop xbx
+    ret
+
+# pmm_entry_for, inside pmm_map_top only (its caller's flags argument at [xsp + 5*WORD_SIZE]): xcx = the present
+# entry mapping frame xax with those flags; xdx is clobbered.
+pmm_entry_for:
+    mov xcx, [xsp + 5*WORD_SIZE]
+    mov xdx, PTE_FLAGS_MASK
+    and xcx, xdx
+    or xcx, PTE_P
+    or xcx, xax
     ret
 
 # pmm_free_at(vaddr) -> phys, or 0 when nothing is mapped there. Pushes the frame mapped at vaddr onto the free
 # stack while it is still mapped (the link is written through vaddr), then unmaps it.
 pmm_free_at:
-    push ebx
-    mov edx, [esp + 0x8]
-    and edx, PTE_FRAME_MASK
-    mov eax, edx
-    shr eax, I386_PDE_SHIFT
-    test dword ptr [RECURSIVE_PD + eax*4], PTE_P
+    push xbx
+    mov xdx, [xsp + 2*WORD_SIZE]
+    and xdx, -PAGE_SIZE
+    push xdx
+    call paging_table_present
+    pop xdx
+    test eax, eax
     jz .Lfree_at_nothing
-    mov ebx, edx
-    shr ebx, PAGE_SHIFT
-    lea ebx, [RECURSIVE_BASE + ebx*4]
-    mov eax, [ebx]
+    mov xbx, xdx
+    ENTRY_OF xbx, xcx, PAGE_SHIFT, LEAF_ENTRIES
+    mov xax, [xbx]
     test eax, PTE_P
     jz .Lfree_at_nothing
     test eax, PTE_RW                                # the link is written through vaddr: make it writable
     jnz .Lfree_at_writable
-    or dword ptr [ebx], PTE_RW
-    invlpg [edx]
+    or xword ptr [xbx], PTE_RW
+    invlpg [xdx]
 .Lfree_at_writable:
-    and eax, PTE_FRAME_MASK
-    cmp eax, KERNEL_LOAD_ADDRESS                    # never the kernel's own image
+    mov xcx, PTE_FRAME_MASK
+    and xax, xcx
+    cmp xax, KERNEL_LOAD_ADDRESS                    # never the kernel's own image
     jb .Lfree_at_ok
-    cmp eax, offset __kernel_end - KERNEL_VIRTUAL_BASE
+    cmp xax, offset __kernel_end - KERNEL_VIRTUAL_BASE
     jb .Lfree_at_image
 .Lfree_at_ok:
-    mov ecx, [pmm_top]
-    mov [edx], ecx
-    mov [pmm_top], eax
+    mov xcx, [pmm_top]
+    mov [xdx], xcx
+    mov [pmm_top], xax
     inc dword ptr [pmm_count]
-    mov dword ptr [ebx], 0x0
-    invlpg [edx]
-    pop ebx
+    mov xword ptr [xbx], 0x0
+    invlpg [xdx]
+    pop xbx
     ret
 .Lfree_at_image:
     push offset str_free_at_image
     call panic
 .Lfree_at_nothing:
     xor eax, eax
-    pop ebx
+    pop xbx
     ret
 
 # pmm_stats_free() -> frames free now (stack + never used)
@@ -457,24 +490,26 @@ pmm_stats_free:
 report_pmm:
     push offset str_pmm_total
     call serial_puts
-    push dword ptr [pmm_total]
+    mov eax, [pmm_total]
+    push xax
     call serial_putdec
     push offset str_pmm_reserved
     call serial_puts
-    push dword ptr [pmm_reserved_frames]
+    mov eax, [pmm_reserved_frames]
+    push xax
     call serial_putdec
     push offset str_pmm_free
     call serial_puts
     call pmm_stats_free
-    push eax
+    push xax
     call serial_putdec
     push offset str_pmm_init
     call serial_puts
-    push dword ptr [pmm_init_tsc]
+    push xword ptr [pmm_init_tsc]
     call serial_putdec
     push offset str_pmm_ticks
     call serial_puts
-    add esp, 0x24
+    add xsp, 9*WORD_SIZE
     ret
 
 .section .rodata
@@ -510,9 +545,17 @@ str_pmm_ticks:
     .asciz " rdtsc ticks\n"
 
 .section .bss
-.balign 4
+.balign 8, 0
 pmm_top:
-    .skip 0x4
+    .skip WORD_SIZE
+pmm_bump_next:
+    .skip WORD_SIZE
+pmm_ranges:
+    .skip BOOT_MMAP_MAX_ENTRIES * 2 * WORD_SIZE
+pmm_reserved:
+    .skip PMM_RESERVED_INTERVALS * 2 * WORD_SIZE
+pmm_init_tsc:
+    .skip 0x8
 pmm_count:
     .skip 0x4
 pmm_total:
@@ -523,15 +566,7 @@ pmm_untouched:
     .skip 0x4
 pmm_bump_range:
     .skip 0x4
-pmm_bump_next:
-    .skip 0x4
 pmm_range_count:
     .skip 0x4
-pmm_ranges:
-    .skip BOOT_MMAP_MAX_ENTRIES * 8
 pmm_reserved_count:
     .skip 0x4
-pmm_reserved:
-    .skip PMM_RESERVED_INTERVALS * 8
-pmm_init_tsc:
-    .skip 0x8

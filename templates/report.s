@@ -15,10 +15,10 @@ kmain:
     call report_multiboot
     call report_kernel
     call report_recursive
-.if ARCH_I386
-    # The memory-management units (templates/pmm.s, vmm.s, heap.s) are built for i386 only so far.
     call pmm_init
     call report_pmm
+.if ARCH_I386
+    # The VMM and the heap (templates/vmm.s, heap.s) are built for i386 only so far.
     call vmm_init
     call heap_init
 .endif

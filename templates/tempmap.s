@@ -1,8 +1,8 @@
 # The temp-map window: TEMPMAP_SLOTS virtual pages at TEMPMAP_BASE through which the kernel reaches any physical
 # frame for a moment (to read or write the "next" word of a free frame, to clear a new page table...).
 #
-# The slots' page table is reachable at TEMPMAP_PT through the recursive mapping, so mapping a frame is one PTE
-# store plus an INVLPG: the TLB may still hold the slot's previous frame, and without the INVLPG a read through
+# The slots' PTEs are reachable at TEMPMAP_PTES through the recursive mapping (slot i's at TEMPMAP_PTES +
+# i*ENTRY_SIZE), so mapping a frame is one PTE store plus an INVLPG: the TLB may still hold the slot's previous frame, and without the INVLPG a read through
 # the slot can return the old frame's data (QEMU's TCG keeps such stale entries just as hardware does).
 #
 # Slots are handed out as a stack, so nested users each get their own and must give them back newest first.
@@ -14,24 +14,29 @@ temp_map:
     mov ecx, [tempmap_used]
     cmp ecx, TEMPMAP_SLOTS
     jae .Ltemp_map_exhausted
-    mov eax, [esp + 0x4]
-    and eax, PTE_FRAME_MASK
-    or eax, PTE_P | PTE_RW
-    mov [TEMPMAP_PT + ecx*4], eax
+    mov xax, [xsp + WORD_SIZE]
+    and xax, -PAGE_SIZE
+    or xax, PTE_P | PTE_RW
+.if ARCH_X86_64
+    bts rax, NX_BIT                                 # a window onto data: never executable
+.endif
+    mov xdx, TEMPMAP_PTES
+    mov [xdx + xcx*ENTRY_SIZE], xax
     mov eax, ecx
     inc ecx
     mov [tempmap_used], ecx
-    shl eax, PAGE_SHIFT
-    add eax, TEMPMAP_BASE
+    shl xax, PAGE_SHIFT
+    mov xdx, TEMPMAP_BASE
+    add xax, xdx
 .if TEMPMAP_INVLPG
-    invlpg [eax]
+    invlpg [xax]
 .endif
     ret
 .Ltemp_map_exhausted:
     inc dword ptr [tempmap_exhausted]
     push offset str_tempmap_exhausted
     call serial_puts
-    add esp, 0x4
+    add xsp, WORD_SIZE
     xor eax, eax
     ret
 
@@ -42,14 +47,16 @@ temp_unmap:
     jz .Ltemp_unmap_bad
     dec ecx
     mov eax, ecx
-    shl eax, PAGE_SHIFT
-    add eax, TEMPMAP_BASE
-    cmp eax, [esp + 0x4]
+    shl xax, PAGE_SHIFT
+    mov xdx, TEMPMAP_BASE
+    add xax, xdx
+    cmp xax, [xsp + WORD_SIZE]
     jne .Ltemp_unmap_bad
-    mov dword ptr [TEMPMAP_PT + ecx*4], 0x0
+    mov xdx, TEMPMAP_PTES
+    mov xword ptr [xdx + xcx*ENTRY_SIZE], 0x0
     mov [tempmap_used], ecx
 .if TEMPMAP_INVLPG
-    invlpg [eax]
+    invlpg [xax]
 .endif
     ret
 .Ltemp_unmap_bad:
