@@ -19,7 +19,7 @@ KERNEL_UNITS = ("multiboot", "bootinfo", "{arch}/boot", "{arch}/gdt", "{arch}/id
 # The physical allocator and its temp-map window serve both word sizes; the VMM, the heap and the benchmarks run on
 # i386 only, until their templates do too.
 MEMORY_UNITS = ("paging", "tempmap", "pmm")
-I386_ONLY_UNITS = ("vmm", "heap", "bench")
+I386_ONLY_UNITS = ("vmm", "vrange", "heap", "bench")
 
 
 def kernel_units(arch: str) -> tuple[str, ...]:
