@@ -21,13 +21,9 @@ PC_BELOW_4G_MAX_MIB = 3072
 MIN_MEMORY_MIB = 16
 # Where QEMU's isa-debug-exit device listens: the kernel's exit port and the harness's device option.
 DEBUG_EXIT_PORT = 0xF4
-# vmm_translate/vmm_unmap's answer for "nothing mapped there" (no frame can start at that address).
-VMM_NONE = 0xFFFFFFFF
 # The image of an x86_64 kernel lies in the top 2 GiB, so every kernel address is a sign-extended 32-bit value:
 # `push offset label`, `mov [label], eax` and call/jump targets encode in 32 bits (GCC's -mcmodel=kernel).
 TOP_2_GIB = (1 << 64) - (1 << 31)
-# A page-table use count that never drops to zero: tables the boot stub made are never freed.
-VMM_TABLE_PINNED = 0x40000000
 
 
 @dataclass(frozen=True)
@@ -278,6 +274,11 @@ class Layout:
         return {"serve_token": self.serve_token, "top_table_name": self.architecture.paging.level_names[0]}
 
     @property
+    def vmm_none(self) -> int:
+        """vmm_translate/vmm_unmap's answer for "nothing mapped there": all ones, where no frame can start."""
+        return self.architecture.word_mask
+
+    @property
     def vmm_window(self) -> Region:
         return Region("vmm range window", "vmm.base", self.vmm_base, self.vmm_base, self.vmm_base + self.vmm_size)
 
@@ -315,8 +316,7 @@ class Layout:
             "VMM_PAGES": self.vmm_size // self.page_size,
             "VMM_FREE_SLOTS": self.vmm_free_slots,
             "VMM_ALLOC_SLOTS": self.vmm_alloc_slots,
-            "VMM_NONE": VMM_NONE,
-            "VMM_TABLE_PINNED": VMM_TABLE_PINNED,
+            "VMM_NONE": self.vmm_none,
             "VMM_CLEAR_TABLES": int(not self.vmm_skip_table_clear),
             "HEAP_SLAB_PAGES": self.heap_slab_pages,
             "HEAP_MIN_SHIFT": self.heap_min_shift,

@@ -18,24 +18,37 @@
 # PTE is itself unmapped. paging_table_present checks exactly that, top level first.
 
 .section .text
+# paging_entry(vaddr, level) -> the virtual address of the entry that maps vaddr at level (0 = the top table)
+paging_entry:
+    mov xax, [xsp + WORD_SIZE]
+.if WORD_SIZE == 8
+    shl rax, 0x40 - VA_BITS                         # drop the sign-extended top bits
+    shr rax, 0x40 - VA_BITS
+.endif
+    mov xdx, [xsp + 2*WORD_SIZE]
+    movzx ecx, byte ptr [paging_level_shift + xdx]
+    shr xax, cl
+    mov xcx, [paging_level_entries + xdx*WORD_SIZE]
+    lea xax, [xcx + xax*ENTRY_SIZE]
+    ret
+
 # paging_table_present(vaddr) -> 1 when the page table holding vaddr's PTE exists (every level above the last has
-# a present entry for vaddr), else 0
+# a present entry for vaddr, and none of them maps a large page), else 0
 paging_table_present:
     push xbx
     xor ebx, ebx
 .Lpresent_level:
     cmp ebx, LEAF_LEVEL
     jae .Lpresent_yes
-    mov xax, [xsp + 2*WORD_SIZE]
-.if WORD_SIZE == 8
-    shl rax, 0x40 - VA_BITS                         # drop the sign-extended top bits
-    shr rax, 0x40 - VA_BITS
-.endif
-    movzx ecx, byte ptr [paging_level_shift + xbx]
-    shr xax, cl
-    mov xdx, [paging_level_entries + xbx*WORD_SIZE]
-    test xword ptr [xdx + xax*ENTRY_SIZE], PTE_P
+    push xbx
+    push xword ptr [xsp + 3*WORD_SIZE]
+    call paging_entry
+    add xsp, 2*WORD_SIZE
+    mov xax, [xax]
+    test eax, PTE_P
     jz .Lpresent_no
+    test eax, PTE_PS
+    jnz .Lpresent_no
     inc ebx
     jmp .Lpresent_level
 .Lpresent_yes:

@@ -1,325 +1,415 @@
-# Virtual memory: map, unmap and translate through the recursive page directory; page tables straight from the
-# frame allocator.
+# Virtual memory: map, unmap and translate through the recursive slot, with page tables of every level taken
+# straight from the frame allocator. One source for both architectures: i386's two levels (PD, PT) and x86_64's
+# four (PML4, PDPT, PD, PT) are the same loop over LEVELn_SHIFT / LEVELn_ENTRIES (templates/paging.s).
 #
-# Every paging structure is edited through the recursive window: the PD is at RECURSIVE_PD and the page table of
-# PD[i] at RECURSIVE_BASE + i*4K, so the PTE of a virtual address v is the dword at RECURSIVE_BASE + (v >> 12)*4.
+# Every paging structure is edited through the recursive window: the entry that maps v at level n is at
+# LEVELn_ENTRIES + (v >> LEVELn_SHIFT) * ENTRY_SIZE (paging_entry; ENTRY_OF for the PTE).
 #
-# A missing page table is allocated *at its own address in that window*: the window's page for table i is mapped
-# by PD[i] itself, so pmm_map_top(RECURSIVE_BASE + i*4K) writes the new frame into PD[i], and the frame is then
-# cleared through the same window. No temp slot and no heap are involved, so table growth cannot deadlock on the
-# heap that will later grow through it.
+# A missing table is allocated *at its own address in that window*. The level-n table that holds v's entry appears
+# as the page containing that entry, and the page's own PTE is the level n-1 entry pointing at the table. So
+# pmm_map_top(page) writes the new frame straight into the entry one level up, and the table is then cleared
+# through the same page. Going top-down, PML4 -> PDPT -> PD -> PT, each level's window page is reachable as soon as
+# the level above exists. No temp slot, no identity map, no physical-to-virtual lookup and no heap are involved, so
+# table growth cannot deadlock on the heap that will later grow through it.
 #
-# vmm_pt_used[i] counts the present PTEs of table i; when the last goes, the table is pushed back onto the free
-# stack while still mapped (pmm_free_at at its window address) and PD[i] cleared. Tables the boot stub built are
-# pinned and never freed.
+# Tables are given back when their last entry goes: after an unmap, each table on v's path is scanned bottom up
+# (`repe scas` stops at the first entry still in use), and an empty one is pushed onto the free stack while still
+# mapped (pmm_free_at at its window page), which also clears the entry above. No count is kept anywhere, so the
+# structure cannot disagree with one; the cost is a scan on unmap, short when the table is in use near its start.
+# Never freed: the top table, tables inside the kernel image (the boot stub's), and on x86_64 the kernel half's
+# PDPTs.
 #
-# Sharing the kernel half: a kernel page table is referenced by a PDE of index >= KERNEL_PDE_KERNEL_HALF and is
-# only ever reached through such PDEs, never through user ones. Another address space shares the kernel half by
-# copying those PDEs; every change to one (a table created or freed) bumps vmm_kernel_pde_generation, so an
-# address space whose copy is older re-copies the kernel half before it runs. Kernel-half PTEs carry G, so a CR3
-# switch keeps them in the TLB.
+# Sharing the kernel half. x86_64: vmm_init gives every kernel-half PML4 entry (256..511) its PDPT at boot and
+# those are never freed, so another address space shares the whole kernel half by copying 256 PML4 entries once;
+# nothing it copied can change later. i386: a kernel page table is referenced by a PDE of index >=
+# KERNEL_PDE_KERNEL_HALF; every kernel-half PDE change (a table created or freed) bumps vmm_kernel_pde_generation,
+# so an address space whose copy is older re-copies the kernel half before it runs. Kernel-half PTEs carry G, so
+# a CR3 switch keeps them in the TLB.
 #
 # The kernel's virtual ranges, allocations backed now or on first touch, and the page-fault path that backs them
 # live in templates/vrange.s.
 
 .section .text
 vmm_init:
-    xor ecx, ecx
-.Lvmm_init_pin:
-    test dword ptr [RECURSIVE_PD + ecx*4], PTE_P
-    jz .Lvmm_init_next
-    mov dword ptr [vmm_pt_used + ecx*4], VMM_TABLE_PINNED
-.Lvmm_init_next:
-    inc ecx
-    cmp ecx, I386_ENTRIES
-    jb .Lvmm_init_pin
+.if ARCH_X86_64
+    push rbx
+    push rdi
+    mov ebx, KERNEL_HALF_FIRST_SLOT
+.Linit_slot:
+    cmp ebx, TABLE_ENTRIES
+    jae .Linit_done
+    cmp ebx, RECURSIVE_SLOT
+    je .Linit_next
+    mov rdi, LEVEL0_ENTRIES
+    test qword ptr [rdi + rbx*ENTRY_SIZE], PTE_P
+    jnz .Linit_next
+    mov rdi, rbx                                    # PDPT i appears at LEVEL1_ENTRIES + i pages
+    shl rdi, PAGE_SHIFT
+    mov rax, LEVEL1_ENTRIES
+    add rdi, rax
+    push PTE_P | PTE_RW
+    push rdi
+    call pmm_map_top
+    add rsp, 2*WORD_SIZE
+    test rax, rax
+    jz .Linit_no_memory
+    xor eax, eax
+    mov ecx, PAGE_SIZE / 4
+    rep stosd
+.Linit_next:
+    inc ebx
+    jmp .Linit_slot
+.Linit_no_memory:
+    push offset str_init_no_memory
+    call panic
+.Linit_done:
+    pop rdi
+    pop rbx
+.endif
     jmp vrange_init
 
-# vmm_table_for(vaddr) -> 1 when vaddr's page table exists (made now if it did not), 0 when out of memory
+# vmm_table_for(vaddr) -> 1 when the page table holding vaddr's PTE exists (made now, with any missing level
+# above it, if it did not), 0 when out of memory
 vmm_table_for:
-    mov eax, [esp + 0x4]
-    shr eax, I386_PDE_SHIFT
-    test dword ptr [RECURSIVE_PD + eax*4], PTE_P
-    jnz .Ltable_exists
-    push ebx
-    push edi
-    mov ebx, eax
-    mov edi, ebx
-    shl edi, PAGE_SHIFT
-    add edi, RECURSIVE_BASE                         # the table's own page in the recursive window
+    push xbx
+    push xdi
+    mov ebx, 0x1                                    # the level whose table must exist
+.Lfor_level:
+    cmp ebx, LEAF_LEVEL
+    ja .Lfor_done
+    lea xax, [xbx - 1]
+    push xax
+    push xword ptr [xsp + 4*WORD_SIZE]
+    call paging_entry                               # the entry one level up
+    add xsp, 2*WORD_SIZE
+    test xword ptr [xax], PTE_P
+    jnz .Lfor_next
+    push xbx
+    push xword ptr [xsp + 4*WORD_SIZE]
+    call paging_entry                               # the table's entry for vaddr: its page is the table
+    add xsp, 2*WORD_SIZE
+    mov xdi, xax
+    and xdi, -PAGE_SIZE
     push PTE_P | PTE_RW
-    push edi
-    call pmm_map_top                                # writes PD[ebx]
-    add esp, 0x8
-    test eax, eax
-    jz .Ltable_done
+    push xdi
+    call pmm_map_top                                # writes the entry one level up
+    add xsp, 2*WORD_SIZE
+    test xax, xax
+    jz .Lfor_no_memory
 .if VMM_CLEAR_TABLES
     xor eax, eax
     mov ecx, PAGE_SIZE / 4
     rep stosd
 .endif
-    mov dword ptr [vmm_pt_used + ebx*4], 0x0
-    cmp ebx, KERNEL_PDE_KERNEL_HALF
-    jb .Ltable_user_half
+.if ARCH_I386
+    mov eax, [esp + 0xc]
+    cmp eax, KERNEL_HALF_START
+    jb .Lfor_next
     inc dword ptr [vmm_kernel_pde_generation]
-.Ltable_user_half:
+.endif
+.Lfor_next:
+    inc ebx
+    jmp .Lfor_level
+.Lfor_done:
     mov eax, 0x1
-.Ltable_done:
-    pop edi
-    pop ebx
+    pop xdi
+    pop xbx
     ret
-.Ltable_exists:
-    mov eax, 0x1
+.Lfor_no_memory:                                    # give back the levels made for this call
+    push xword ptr [xsp + 3*WORD_SIZE]
+    call vmm_tables_put
+    add xsp, WORD_SIZE
+    xor eax, eax
+    pop xdi
+    pop xbx
     ret
 
-# vmm_table_put(vaddr): one PTE of vaddr's table went away; free the table when it was the last
-vmm_table_put:
-    mov eax, [esp + 0x4]
-    shr eax, I386_PDE_SHIFT
-    dec dword ptr [vmm_pt_used + eax*4]
-    jnz .Lput_done
-    push ebx
-    mov ebx, eax
-    shl eax, PAGE_SHIFT
-    add eax, RECURSIVE_BASE
-    push eax
-    call pmm_free_at                                # pushes the table's frame while mapped; clears PD[ebx]
-    add esp, 0x4
-    mov eax, ebx
-    shl eax, I386_PDE_SHIFT
-    invlpg [eax]                                    # drop any cached PDE for the region
-    cmp ebx, KERNEL_PDE_KERNEL_HALF
-    jb .Lput_user_half
+# vmm_tables_put(vaddr): vaddr's page went away; give back every table on its path that is now empty, bottom up
+vmm_tables_put:
+    push xbx
+    push xdi
+    mov ebx, LEAF_LEVEL
+.Lput_level:
+    test ebx, ebx
+    jz .Lput_done                                   # the top table stays
+.if ARCH_X86_64
+    cmp ebx, 0x1
+    jne .Lput_table
+    mov rdx, KERNEL_HALF_START                      # the kernel half's PDPTs are shared: they stay
+    cmp [rsp + 3*WORD_SIZE], rdx
+    jae .Lput_done
+.Lput_table:
+.endif
+    push xbx
+    push xword ptr [xsp + 4*WORD_SIZE]
+    call paging_entry
+    add xsp, 2*WORD_SIZE
+    mov xdi, xax
+    and xdi, -PAGE_SIZE                             # the table, through its window page
+    push xdi
+    xor eax, eax
+    mov ecx, PAGE_SIZE / 4
+    repe scasd
+    pop xdi
+    jne .Lput_done                                  # still in use: so are the tables above
+    lea xax, [xbx - 1]
+    push xax
+    push xword ptr [xsp + 4*WORD_SIZE]
+    call paging_entry
+    add xsp, 2*WORD_SIZE
+    mov xax, [xax]
+    mov xdx, PTE_FRAME_MASK
+    and xax, xdx
+    cmp xax, KERNEL_LOAD_ADDRESS                    # a boot table, inside the image: it stays
+    jb .Lput_free
+    cmp xax, offset __kernel_end - KERNEL_VIRTUAL_BASE
+    jb .Lput_done
+.Lput_free:
+    push xdi
+    call pmm_free_at                                # pushes the table's frame while mapped; clears the entry above
+    add xsp, WORD_SIZE
+    mov xax, [xsp + 3*WORD_SIZE]
+    invlpg [xax]                                    # drop cached entries of the path (INVLPG flushes them)
+.if ARCH_I386
+    cmp ebx, 0x1
+    jne .Lput_next
+    cmp dword ptr [esp + 0xc], KERNEL_HALF_START
+    jb .Lput_next
     inc dword ptr [vmm_kernel_pde_generation]
-.Lput_user_half:
-    pop ebx
+.Lput_next:
+.endif
+    dec ebx
+    jmp .Lput_level
 .Lput_done:
+    pop xdi
+    pop xbx
     ret
 
-# vmm_pte_flags(vaddr, flags) -> flags to store: G added in the kernel half
+# vmm_pte_flags(vaddr, flags) -> flags to store: G added in the kernel half (NX kept where entries have it)
 vmm_pte_flags:
-    mov eax, [esp + 0x8]
-    and eax, PAGE_SIZE - 1
-    cmp dword ptr [esp + 0x4], KERNEL_VIRTUAL_BASE
+    mov xax, [xsp + 2*WORD_SIZE]
+    mov xdx, PTE_FLAGS_MASK
+    and xax, xdx
+    mov xdx, KERNEL_HALF_START
+    cmp [xsp + WORD_SIZE], xdx
     jb .Lpte_flags_done
-    or eax, PTE_G
+    or xax, PTE_G
 .Lpte_flags_done:
     ret
 
 # vmm_map(vaddr, phys, flags) -> 1, or 0 when refused (already mapped) or out of memory for a page table
 vmm_map:
-    push ebx
-    mov ebx, [esp + 0x8]
-    and ebx, PTE_FRAME_MASK
-    push ebx
+    push xbx
+    mov xbx, [xsp + 2*WORD_SIZE]
+    and xbx, -PAGE_SIZE
+    push xbx
     call vmm_table_for
-    add esp, 0x4
+    add xsp, WORD_SIZE
     test eax, eax
     jz .Lmap_done
-    mov ecx, ebx
-    shr ecx, PAGE_SHIFT
-    test dword ptr [RECURSIVE_BASE + ecx*4], PTE_P
+    mov xcx, xbx
+    ENTRY_OF xcx, xdx, PAGE_SHIFT, LEAF_ENTRIES
+    test xword ptr [xcx], PTE_P
     jnz .Lmap_present
-    push dword ptr [esp + 0x10]
-    push ebx
+    push xcx
+    push xword ptr [xsp + 5*WORD_SIZE]
+    push xbx
     call vmm_pte_flags
-    add esp, 0x8
-    mov edx, [esp + 0xc]
-    and edx, PTE_FRAME_MASK
-    or eax, edx
-    or eax, PTE_P
-    mov ecx, ebx
-    shr ecx, PAGE_SHIFT
-    mov [RECURSIVE_BASE + ecx*4], eax
-    invlpg [ebx]
-    mov eax, ebx
-    shr eax, I386_PDE_SHIFT
-    inc dword ptr [vmm_pt_used + eax*4]
+    add xsp, 2*WORD_SIZE
+    pop xcx
+    mov xdx, [xsp + 3*WORD_SIZE]
+    and xdx, -PAGE_SIZE
+    or xax, xdx
+    or xax, PTE_P
+    mov [xcx], xax
+    invlpg [xbx]
     mov eax, 0x1
 .Lmap_done:
-    pop ebx
+    pop xbx
     ret
 .Lmap_present:
     push offset str_map_present
     call serial_puts
-    push ebx
+    push xbx
     call serial_puthex
     push offset str_newline
     call serial_puts
-    add esp, 0xc
+    add xsp, 3*WORD_SIZE
     xor eax, eax
-    pop ebx
+    pop xbx
     ret
 
 # vmm_unmap(vaddr) -> the frame that was mapped there, or VMM_NONE
 vmm_unmap:
-    push ebx
-    mov ebx, [esp + 0x8]
-    and ebx, PTE_FRAME_MASK
-    mov eax, ebx
-    shr eax, I386_PDE_SHIFT
-    test dword ptr [RECURSIVE_PD + eax*4], PTE_P
+    push xbx
+    mov xbx, [xsp + 2*WORD_SIZE]
+    and xbx, -PAGE_SIZE
+    push xbx
+    call paging_table_present
+    add xsp, WORD_SIZE
+    test eax, eax
     jz .Lunmap_none
-    mov ecx, ebx
-    shr ecx, PAGE_SHIFT
-    mov eax, [RECURSIVE_BASE + ecx*4]
+    mov xcx, xbx
+    ENTRY_OF xcx, xdx, PAGE_SHIFT, LEAF_ENTRIES
+    mov xax, [xcx]
     test eax, PTE_P
     jz .Lunmap_none
-    mov dword ptr [RECURSIVE_BASE + ecx*4], 0x0
-    invlpg [ebx]
-    and eax, PTE_FRAME_MASK
-    push eax
-    push ebx
-    call vmm_table_put
-    add esp, 0x4
-    pop eax
-    pop ebx
+    mov xword ptr [xcx], 0x0
+    invlpg [xbx]
+    mov xdx, PTE_FRAME_MASK
+    and xax, xdx
+    push xax
+    push xbx
+    call vmm_tables_put
+    add xsp, WORD_SIZE
+    pop xax
+    pop xbx
     ret
 .Lunmap_none:
-    mov eax, VMM_NONE
-    pop ebx
+    mov xax, VMM_NONE
+    pop xbx
     ret
 
-# vmm_translate(vaddr) -> physical address, or VMM_NONE
+# vmm_translate(vaddr) -> physical address, or VMM_NONE. Walks down from the top; an entry with PS maps a large
+# page (4 MiB on i386; 2 MiB or 1 GiB on x86_64), whose offset bits come from vaddr.
 vmm_translate:
-    mov edx, [esp + 0x4]
-    mov eax, edx
-    shr eax, I386_PDE_SHIFT
-    mov eax, [RECURSIVE_PD + eax*4]
+    push xbx
+    xor ebx, ebx
+.Ltranslate_level:
+    push xbx
+    push xword ptr [xsp + 3*WORD_SIZE]
+    call paging_entry
+    add xsp, 2*WORD_SIZE
+    mov xax, [xax]
     test eax, PTE_P
     jz .Ltranslate_none
+    mov ecx, PAGE_SHIFT
+    cmp ebx, LEAF_LEVEL
+    je .Ltranslate_page
+    inc ebx
     test eax, PTE_PS
-    jnz .Ltranslate_large
-    mov eax, edx
-    shr eax, PAGE_SHIFT
-    mov eax, [RECURSIVE_BASE + eax*4]
-    test eax, PTE_P
-    jz .Ltranslate_none
-    and eax, PTE_FRAME_MASK
-    and edx, PAGE_SIZE - 1
-    or eax, edx
-    ret
-.Ltranslate_large:
-    and eax, -I386_LARGE_PAGE                       # the 4 MiB frame
-    and edx, I386_LARGE_PAGE - 1
-    or eax, edx
+    jz .Ltranslate_level
+    movzx ecx, byte ptr [paging_level_shift + xbx - 1]
+.Ltranslate_page:                                   # xax: the entry, cl: log2 of the page size
+    mov xdx, PTE_FRAME_MASK
+    and xax, xdx
+    shr xax, cl                                     # the frame, without PAT or the low bits of a large page
+    shl xax, cl
+    mov xdx, -1
+    shl xdx, cl
+    not xdx
+    and xdx, [xsp + 2*WORD_SIZE]                    # the offset within the page
+    or xax, xdx
+    pop xbx
     ret
 .Ltranslate_none:
-    mov eax, VMM_NONE
+    mov xax, VMM_NONE
+    pop xbx
     ret
 
-# vmm_back_page(vaddr, flags) -> phys, or 0 when out of memory: a cleared frame at vaddr (table made if needed)
+# vmm_back_page(vaddr, flags) -> phys, or 0 when out of memory: a cleared frame at vaddr (tables made if needed)
 vmm_back_page:
-    push ebx
-    mov ebx, [esp + 0x8]
-    and ebx, PTE_FRAME_MASK
-    push ebx
+    push xbx
+    mov xbx, [xsp + 2*WORD_SIZE]
+    and xbx, -PAGE_SIZE
+    push xbx
     call vmm_table_for
-    add esp, 0x4
+    add xsp, WORD_SIZE
     test eax, eax
     jz .Lback_done
-    push dword ptr [esp + 0xc]
-    push ebx
+    push xword ptr [xsp + 3*WORD_SIZE]
+    push xbx
     call vmm_pte_flags
-    add esp, 0x8
-    push eax
-    push ebx
+    add xsp, 2*WORD_SIZE
+    push xax
+    push xbx
     call pmm_alloc_at
-    add esp, 0x8
-    test eax, eax
-    jz .Lback_unused_table
-    mov ecx, ebx
-    shr ecx, I386_PDE_SHIFT
-    inc dword ptr [vmm_pt_used + ecx*4]
-.Lback_done:
-    pop ebx
-    ret
-.Lback_unused_table:                                # no frame for the page: give back a table made for it
-    mov ecx, ebx
-    shr ecx, I386_PDE_SHIFT
-    cmp dword ptr [vmm_pt_used + ecx*4], 0x0
-    jne .Lback_done
-    inc dword ptr [vmm_pt_used + ecx*4]
-    push ebx
-    call vmm_table_put
-    add esp, 0x4
+    add xsp, 2*WORD_SIZE
+    test xax, xax
+    jnz .Lback_done
+    push xbx                                        # no frame for the page: give back tables made for it
+    call vmm_tables_put
+    add xsp, WORD_SIZE
     xor eax, eax
-    pop ebx
+.Lback_done:
+    pop xbx
     ret
 
 # vmm_release_page(vaddr) -> phys: give the frame mapped at vaddr back to the allocator (pushed while still
-# mapped), unmap it, and free its page table if that was the table's last page. vaddr must be mapped.
+# mapped), unmap it, and free the tables on its path that this left empty. vaddr must be mapped.
 vmm_release_page:
-    push ebx
-    push dword ptr [esp + 0x8]
+    push xbx
+    push xword ptr [xsp + 2*WORD_SIZE]
     call pmm_free_at
-    mov ebx, eax
-    call vmm_table_put                              # same argument, still on the stack
-    add esp, 0x4
-    mov eax, ebx
-    pop ebx
+    mov xbx, xax
+    call vmm_tables_put                             # same argument, still on the stack
+    add xsp, WORD_SIZE
+    mov xax, xbx
+    pop xbx
     ret
 
 # vmm_report_fault(error): "kgen: page fault: not-present write supervisor" (plus "reserved-bit", "fetch")
 vmm_report_fault:
-    push ebx
-    mov ebx, [esp + 0x8]
+    push xbx
+    mov xbx, [xsp + 2*WORD_SIZE]
     push offset str_pf
     call serial_puts
-    mov eax, offset str_pf_not_present
+    mov xax, offset str_pf_not_present
     test ebx, PF_P
     jz .Lpf_p
-    mov eax, offset str_pf_protection
+    mov xax, offset str_pf_protection
 .Lpf_p:
-    push eax
+    push xax
     call serial_puts
-    mov eax, offset str_pf_read
+    mov xax, offset str_pf_read
     test ebx, PF_W
     jz .Lpf_w
-    mov eax, offset str_pf_write
+    mov xax, offset str_pf_write
 .Lpf_w:
-    push eax
+    push xax
     call serial_puts
-    mov eax, offset str_pf_supervisor
+    mov xax, offset str_pf_supervisor
     test ebx, PF_U
     jz .Lpf_u
-    mov eax, offset str_pf_user
+    mov xax, offset str_pf_user
 .Lpf_u:
-    push eax
+    push xax
     call serial_puts
-    add esp, 0x10
+    add xsp, 4*WORD_SIZE
     test ebx, PF_RSVD
     jz .Lpf_rsvd
     push offset str_pf_reserved
     call serial_puts
-    add esp, 0x4
+    add xsp, WORD_SIZE
 .Lpf_rsvd:
     test ebx, PF_I
     jz .Lpf_fetch
     push offset str_pf_fetch
     call serial_puts
-    add esp, 0x4
+    add xsp, WORD_SIZE
 .Lpf_fetch:
     push offset str_newline
     call serial_puts
-    add esp, 0x4
-    pop ebx
+    add xsp, WORD_SIZE
+    pop xbx
     ret
 
 # kmem_read32(vaddr) -> the dword the CPU reads at vaddr (through the page tables, faults included)
 kmem_read32:
-    mov eax, [esp + 0x4]
-    mov eax, [eax]
+    mov xax, [xsp + WORD_SIZE]
+    mov eax, [xax]
     ret
 
 # kmem_write32(vaddr, value)
 kmem_write32:
-    mov eax, [esp + 0x4]
-    mov ecx, [esp + 0x8]
-    mov [eax], ecx
+    mov xax, [xsp + WORD_SIZE]
+    mov xcx, [xsp + 2*WORD_SIZE]
+    mov [xax], ecx
     ret
 
 .section .rodata
+str_init_no_memory:
+    .asciz "vmm_init: no frames for the kernel half's PDPTs"
 str_map_present:
     .asciz "kgen: vmm_map: already mapped at "
 str_pf:
@@ -342,8 +432,6 @@ str_pf_fetch:
     .asciz " fetch"
 
 .section .bss
-.balign 4
-vmm_pt_used:
-    .skip I386_ENTRIES * 4
+.balign 4, 0
 vmm_kernel_pde_generation:
     .skip 0x4

@@ -11,7 +11,6 @@ from kgen import hw
 from kgen.build import build
 from kgen.calls import CallError
 from kgen.config import Config
-from kgen.layout import VMM_NONE
 from kgen.pagewalk import Walker
 from kgen.session import KernelSession
 
@@ -79,7 +78,7 @@ def test_mapping_is_visible_to_walker_qemu_and_cpu(session):
     assert s.call("vmm_unmap", v) == frame
     assert walker(s).translate(v) is None
     assert s.machine.gva2gpa(v) is None
-    assert s.call("vmm_translate", v) == VMM_NONE
+    assert s.call("vmm_translate", v) == s.layout.vmm_none
     with pytest.raises(CallError, match=f"CR2={v:#010x}"):
         s.call("kmem_read32", v)
 
