@@ -9,23 +9,39 @@
 #
 # Slabs live in a window of HEAP_SLAB_PAGES pages reserved from the range allocator at init; a page is backed
 # (vmm_back_page) when a class needs a new slab and given back (vmm_release_page) as soon as its last block is
-# freed. Large blocks reserve their own range and are listed in heap_large.
+# freed. Large blocks reserve their own range and are listed in heap_large as (start, pages) words. Every heap page
+# is mapped with heap_page_flags: present, writable and, on x86_64, never executable (NX).
 #
-# Slab header (HEAP_SLAB_HEADER bytes at the start of the page):
-#   +0 magic  +4 block size  +8 free blocks  +0xc first free block  +0x10 next slab  +0x14 previous slab
-#   +0x18 capacity  +0x20 bitmap of live blocks (one bit per block)
-# A free block's first dword links to the next free block. kfree checks the header, that the pointer is the start
+# Slab header (HEAP_SLAB_HEADER bytes at the start of the page), one layout for both word sizes:
+#   +0 magic (dword)  +4 block shift (byte)  +5 free blocks (byte)  +6 capacity (byte)
+#   +8 first free block  +8+WORD_SIZE next slab  +8+2*WORD_SIZE previous slab (words)
+#   +0x20 bitmap of live blocks (one bit per block)
+# The counts fit a byte: a slab holds at most (PAGE_SIZE - HEAP_SLAB_HEADER) >> HEAP_MIN_SHIFT = 252 blocks, and
+# their bitmap ends at the header's end (checked below, when the kernel is assembled).
+# A free block's first word links to the next free block. kfree checks the header, that the pointer is the start
 # of a block, and that the block is live (its bit): an overwritten header, a pointer the heap never returned and a
 # double free all stop the kernel with a report instead of corrupting the heap.
 
 .section .text
+.if 0x20 + ((((PAGE_SIZE - HEAP_SLAB_HEADER) >> HEAP_MIN_SHIFT) + 0x7) / 0x8) > HEAP_SLAB_HEADER
+    .long heap_slab_bitmap_does_not_fit_the_header
+.endif
+.if ((PAGE_SIZE - HEAP_SLAB_HEADER) >> HEAP_MIN_SHIFT) > 0xff
+    .long heap_slab_capacity_does_not_fit_a_byte
+.endif
+
 heap_init:
     push HEAP_SLAB_PAGES
     call vrange_reserve
-    add esp, 0x4
-    test eax, eax
+    add xsp, WORD_SIZE
+    test xax, xax
     jz .Lheap_init_failed
-    mov [heap_slab_base], eax
+    mov [heap_slab_base], xax
+    mov eax, PTE_P | PTE_RW                         # kernel data: writable...
+.if ARCH_X86_64
+    bts rax, NX_BIT                                 # ...and never executable
+.endif
+    mov [heap_page_flags], xax
     ret
 .Lheap_init_failed:
     push offset str_heap_no_window
@@ -33,15 +49,15 @@ heap_init:
 
 # heap_class_shift(size, align) -> log2 of the block size serving the request (>= HEAP_MIN_SHIFT)
 heap_class_shift:
-    mov eax, [esp + 0x4]
-    cmp eax, [esp + 0x8]
+    mov xax, [xsp + WORD_SIZE]
+    cmp xax, [xsp + 2*WORD_SIZE]
     jae .Lshift_size
-    mov eax, [esp + 0x8]
+    mov xax, [xsp + 2*WORD_SIZE]
 .Lshift_size:
-    cmp eax, 0x1 << HEAP_MIN_SHIFT
+    cmp xax, 0x1 << HEAP_MIN_SHIFT
     jbe .Lshift_min
-    dec eax
-    bsr eax, eax
+    dec xax
+    bsr xax, xax
     inc eax
     ret
 .Lshift_min:
@@ -51,35 +67,36 @@ heap_class_shift:
 # kmalloc(size) -> block, or 0 for size 0, a size beyond the heap, or no memory
 kmalloc:
     push 0x1
-    push dword ptr [esp + 0x8]
+    push xword ptr [xsp + 2*WORD_SIZE]
     call kmalloc_aligned
-    add esp, 0x8
+    add xsp, 2*WORD_SIZE
     ret
 
 # kmalloc_aligned(size, align) -> block aligned to align (a power of two), or 0
 kmalloc_aligned:
-    mov eax, [esp + 0x4]
-    test eax, eax
+    mov xax, [xsp + WORD_SIZE]
+    test xax, xax
     jz .Lmalloc_zero
-    cmp eax, HEAP_MAX_SIZE
+    mov xdx, HEAP_MAX_SIZE
+    cmp xax, xdx
     ja .Lmalloc_zero
-    mov ecx, [esp + 0x8]
-    test ecx, ecx
+    mov xcx, [xsp + 2*WORD_SIZE]
+    test xcx, xcx
     jz .Lmalloc_zero
-    lea edx, [ecx - 0x1]
-    test ecx, edx
+    cmp xcx, xdx
+    ja .Lmalloc_zero
+    lea xdx, [xcx - 0x1]
+    test xcx, xdx
     jnz .Lmalloc_zero                               # not a power of two
-    cmp ecx, HEAP_MAX_SIZE
-    ja .Lmalloc_zero
-    push ecx
-    push eax
+    push xcx
+    push xax
     call heap_class_shift
-    add esp, 0x8
+    add xsp, 2*WORD_SIZE
     cmp eax, HEAP_MAX_SHIFT
     ja heap_alloc_large
-    push eax
+    push xax
     call heap_alloc_small
-    add esp, 0x4
+    add xsp, WORD_SIZE
     ret
 .Lmalloc_zero:
     xor eax, eax
@@ -87,42 +104,41 @@ kmalloc_aligned:
 
 # heap_alloc_small(shift) -> a block of 1 << shift bytes from the class's first slab with room, or 0
 heap_alloc_small:
-    push ebx
-    push esi
-    mov ecx, [esp + 0xc]
-    mov ebx, [heap_partial + ecx*4 - HEAP_MIN_SHIFT*4]
-    test ebx, ebx
+    push xbx
+    push xsi
+    mov ecx, [xsp + 3*WORD_SIZE]
+    mov xbx, [heap_partial + xcx*WORD_SIZE - HEAP_MIN_SHIFT*WORD_SIZE]
+    test xbx, xbx
     jnz .Lsmall_have_slab
-    push ecx
+    push xcx
     call heap_new_slab
-    add esp, 0x4
-    test eax, eax
+    add xsp, WORD_SIZE
+    test xax, xax
     jz .Lsmall_done
-    mov ebx, eax
+    mov xbx, xax
 .Lsmall_have_slab:
-    push ebx
+    push xbx
     call heap_check_slab
-    add esp, 0x4
-    mov eax, [ebx + 0xc]                            # the first free block
-    push eax
-    push ebx
+    add xsp, WORD_SIZE
+    push xword ptr [xbx + 0x8]                      # the first free block
+    push xbx
     call heap_block_index
-    add esp, 0x8
-    bts [ebx + 0x20], eax
+    add xsp, 2*WORD_SIZE
+    bts [xbx + 0x20], eax
     jc .Lsmall_corrupt                              # a "free" block that is live: the free list is corrupt
-    mov esi, [ebx + 0xc]
-    mov eax, [esi]
-    mov [ebx + 0xc], eax
-    dec dword ptr [ebx + 0x8]
+    mov xsi, [xbx + 0x8]
+    mov xax, [xsi]
+    mov [xbx + 0x8], xax
+    dec byte ptr [xbx + 0x5]
     jnz .Lsmall_taken
-    push ebx                                        # full: no longer a slab with room
+    push xbx                                        # full: no longer a slab with room
     call heap_unlink_slab
-    add esp, 0x4
+    add xsp, WORD_SIZE
 .Lsmall_taken:
-    mov eax, esi
+    mov xax, xsi
 .Lsmall_done:
-    pop esi
-    pop ebx
+    pop xsi
+    pop xbx
     ret
 .Lsmall_corrupt:
     push offset str_heap_free_list
@@ -130,9 +146,9 @@ heap_alloc_small:
 
 # heap_new_slab(shift) -> a fresh slab page on the class's list, or 0 when no page or frame is left
 heap_new_slab:
-    push ebx
-    push esi
-    push edi
+    push xbx
+    push xsi
+    push xdi
     xor ecx, ecx                                    # find an unused page of the slab window
 .Lnew_slab_scan:
     cmp ecx, HEAP_SLAB_PAGES
@@ -142,23 +158,23 @@ heap_new_slab:
     inc ecx
     jmp .Lnew_slab_scan
 .Lnew_slab_found:
-    mov ebx, ecx
-    shl ebx, PAGE_SHIFT
-    add ebx, [heap_slab_base]
-    push ecx
-    push PTE_P | PTE_RW
-    push ebx
+    mov xbx, xcx
+    shl xbx, PAGE_SHIFT
+    add xbx, [heap_slab_base]
+    push xcx
+    push xword ptr [heap_page_flags]
+    push xbx
     call vmm_back_page                              # a cleared frame: bitmap and links start at zero
-    add esp, 0x8
-    pop ecx
-    test eax, eax
+    add xsp, 2*WORD_SIZE
+    pop xcx
+    test xax, xax
     jz .Lnew_slab_none
     bts [heap_slab_pages_used], ecx
-    mov ecx, [esp + 0x10]                           # shift
+    mov ecx, [xsp + 4*WORD_SIZE]                    # shift
     mov edx, 0x1
-    shl edx, cl
-    mov dword ptr [ebx], HEAP_SLAB_MAGIC
-    mov [ebx + 0x4], edx
+    shl edx, cl                                     # block size
+    mov dword ptr [xbx], HEAP_SLAB_MAGIC
+    mov [xbx + 0x4], cl
     mov esi, edx                                    # first block: the header rounded up to the block size
     cmp esi, HEAP_SLAB_HEADER
     jae .Lnew_slab_first
@@ -167,76 +183,72 @@ heap_new_slab:
     mov eax, PAGE_SIZE
     sub eax, esi
     shr eax, cl
-    mov [ebx + 0x18], eax
-    mov [ebx + 0x8], eax
-    add esi, ebx
-    mov [ebx + 0xc], esi
-    lea edi, [ebx + PAGE_SIZE]
+    mov [xbx + 0x6], al
+    mov [xbx + 0x5], al
+    add xsi, xbx
+    mov [xbx + 0x8], xsi
+    lea xdi, [xbx + PAGE_SIZE]
 .Lnew_slab_link:                                    # each free block links to the one after it
-    lea eax, [esi + edx]
-    cmp eax, edi
+    lea xax, [xsi + xdx]
+    cmp xax, xdi
     jae .Lnew_slab_linked
-    mov [esi], eax
-    mov esi, eax
+    mov [xsi], xax
+    mov xsi, xax
     jmp .Lnew_slab_link
 .Lnew_slab_linked:
-    mov ecx, [esp + 0x10]
-    mov eax, [heap_partial + ecx*4 - HEAP_MIN_SHIFT*4]
-    mov [ebx + 0x10], eax
-    test eax, eax
+    mov ecx, [xsp + 4*WORD_SIZE]
+    mov xax, [heap_partial + xcx*WORD_SIZE - HEAP_MIN_SHIFT*WORD_SIZE]
+    mov [xbx + 0x8 + WORD_SIZE], xax
+    test xax, xax
     jz .Lnew_slab_alone
-    mov [eax + 0x14], ebx
+    mov [xax + 0x8 + 2*WORD_SIZE], xbx
 .Lnew_slab_alone:
-    mov [heap_partial + ecx*4 - HEAP_MIN_SHIFT*4], ebx
+    mov [heap_partial + xcx*WORD_SIZE - HEAP_MIN_SHIFT*WORD_SIZE], xbx
     inc dword ptr [heap_slabs]
-    mov eax, ebx
+    mov xax, xbx
     jmp .Lnew_slab_done
 .Lnew_slab_none:
     xor eax, eax
 .Lnew_slab_done:
-    pop edi
-    pop esi
-    pop ebx
+    pop xdi
+    pop xsi
+    pop xbx
     ret
 
 # heap_unlink_slab(slab): take a slab off its class's list of slabs with room
 heap_unlink_slab:
-    mov edx, [esp + 0x4]
-    mov eax, [edx + 0x10]                           # next
-    mov ecx, [edx + 0x14]                           # previous
-    test ecx, ecx
+    mov xdx, [xsp + WORD_SIZE]
+    mov xax, [xdx + 0x8 + WORD_SIZE]                # next
+    mov xcx, [xdx + 0x8 + 2*WORD_SIZE]              # previous
+    test xcx, xcx
     jz .Lunlink_head
-    mov [ecx + 0x10], eax
+    mov [xcx + 0x8 + WORD_SIZE], xax
     jmp .Lunlink_next
 .Lunlink_head:
-    mov ecx, [edx + 0x4]
-    bsf ecx, ecx
-    mov [heap_partial + ecx*4 - HEAP_MIN_SHIFT*4], eax
+    movzx ecx, byte ptr [xdx + 0x4]
+    mov [heap_partial + xcx*WORD_SIZE - HEAP_MIN_SHIFT*WORD_SIZE], xax
 .Lunlink_next:
-    test eax, eax
+    test xax, xax
     jz .Lunlink_done
-    mov ecx, [edx + 0x14]
-    mov [eax + 0x14], ecx
+    mov xcx, [xdx + 0x8 + 2*WORD_SIZE]
+    mov [xax + 0x8 + 2*WORD_SIZE], xcx
 .Lunlink_done:
-    mov dword ptr [edx + 0x10], 0x0
-    mov dword ptr [edx + 0x14], 0x0
+    mov xword ptr [xdx + 0x8 + WORD_SIZE], 0x0
+    mov xword ptr [xdx + 0x8 + 2*WORD_SIZE], 0x0
     ret
 
 # heap_check_slab(slab): stop the kernel if the header was overwritten
 heap_check_slab:
-    mov edx, [esp + 0x4]
-    cmp dword ptr [edx], HEAP_SLAB_MAGIC
+    mov xdx, [xsp + WORD_SIZE]
+    cmp dword ptr [xdx], HEAP_SLAB_MAGIC
     jne .Lcheck_slab_bad
-    mov eax, [edx + 0x4]                            # block size: a power of two within the classes
-    cmp eax, 0x1 << HEAP_MIN_SHIFT
+    mov al, [xdx + 0x4]                             # block shift: one of the classes
+    cmp al, HEAP_MIN_SHIFT
     jb .Lcheck_slab_bad
-    cmp eax, 0x1 << HEAP_MAX_SHIFT
+    cmp al, HEAP_MAX_SHIFT
     ja .Lcheck_slab_bad
-    lea ecx, [eax - 0x1]
-    test eax, ecx
-    jnz .Lcheck_slab_bad
-    mov ecx, [edx + 0x8]
-    cmp ecx, [edx + 0x18]
+    mov al, [xdx + 0x5]                             # no more free blocks than blocks
+    cmp al, [xdx + 0x6]
     ja .Lcheck_slab_bad
     ret
 .Lcheck_slab_bad:
@@ -246,24 +258,27 @@ heap_check_slab:
 # heap_block_index(slab, block) -> index of the block in its slab; stops the kernel if block is not the start
 # of one of the slab's blocks
 heap_block_index:
-    mov edx, [esp + 0x4]
-    mov eax, [esp + 0x8]
-    sub eax, edx
-    mov ecx, [edx + 0x4]
-    cmp ecx, HEAP_SLAB_HEADER
+    mov xdx, [xsp + WORD_SIZE]
+    mov xax, [xsp + 2*WORD_SIZE]
+    sub xax, xdx
+    movzx ecx, byte ptr [xdx + 0x4]
+    mov edx, 0x1
+    shl edx, cl                                     # block size
+    cmp edx, HEAP_SLAB_HEADER
     jae .Lindex_first
-    mov ecx, HEAP_SLAB_HEADER
+    mov edx, HEAP_SLAB_HEADER
 .Lindex_first:
-    sub eax, ecx                                    # offset from the first block
+    sub xax, xdx                                    # offset from the first block
     jb .Lindex_bad
-    mov ecx, [edx + 0x4]
-    dec ecx
-    test eax, ecx
+    mov edx, 0x1
+    shl edx, cl
+    dec edx
+    test eax, edx
     jnz .Lindex_bad
-    inc ecx
-    bsf ecx, ecx
-    shr eax, cl
-    cmp eax, [edx + 0x18]
+    shr xax, cl
+    mov xdx, [xsp + WORD_SIZE]
+    movzx edx, byte ptr [xdx + 0x6]
+    cmp xax, xdx
     jae .Lindex_bad
     ret
 .Lindex_bad:
@@ -273,209 +288,208 @@ heap_block_index:
 # heap_alloc_large(...) is entered by a jump from kmalloc_aligned with its arguments in place:
 # kmalloc_aligned(size, align) -> whole pages, aligned to max(align, PAGE_SIZE)
 heap_alloc_large:
-    push ebx
-    push esi
-    push edi
-    xor ebx, ebx                                    # a free record
+    push xbx
+    push xsi
+    push xdi
+    mov xbx, offset heap_large                      # a free record
 .Llarge_slot:
-    cmp ebx, HEAP_LARGE_SLOTS
+    cmp xbx, offset heap_large + HEAP_LARGE_SLOTS * 2 * WORD_SIZE
     jae .Llarge_no_slot
-    cmp dword ptr [heap_large + ebx*8], 0x0
+    cmp xword ptr [xbx], 0x0
     je .Llarge_slot_found
-    inc ebx
+    add xbx, 2*WORD_SIZE
     jmp .Llarge_slot
 .Llarge_slot_found:
-    mov esi, [esp + 0x10]                           # pages = ceil(size / PAGE_SIZE)
-    add esi, PAGE_SIZE - 1
-    shr esi, PAGE_SHIFT
-    mov edi, [esp + 0x14]                           # extra pages reserved so an aligned start fits
-    shr edi, PAGE_SHIFT
+    mov xsi, [xsp + 4*WORD_SIZE]                    # pages = ceil(size / PAGE_SIZE)
+    add xsi, PAGE_SIZE - 1
+    shr xsi, PAGE_SHIFT
+    mov xdi, [xsp + 5*WORD_SIZE]                    # extra pages reserved so an aligned start fits
+    shr xdi, PAGE_SHIFT
     jz .Llarge_reserve
-    dec edi
+    dec xdi
 .Llarge_reserve:
-    lea eax, [esi + edi]
-    push eax
+    lea xax, [xsi + xdi]
+    push xax
     call vrange_reserve
-    add esp, 0x4
-    test eax, eax
+    add xsp, WORD_SIZE
+    test xax, xax
     jz .Llarge_fail
-    mov ecx, [esp + 0x14]                           # aligned start
-    cmp ecx, PAGE_SIZE
+    mov xcx, [xsp + 5*WORD_SIZE]                    # aligned start
+    cmp xcx, PAGE_SIZE
     jae .Llarge_align
     mov ecx, PAGE_SIZE
 .Llarge_align:
-    dec ecx
-    lea edx, [eax + ecx]
-    not ecx
-    and edx, ecx
-    mov [heap_large + ebx*8], edx
-    mov [heap_large + ebx*8 + 0x4], esi
-    sub edx, eax                                    # give back the pages before the aligned start...
+    dec xcx
+    lea xdx, [xax + xcx]
+    not xcx
+    and xdx, xcx
+    mov [xbx], xdx
+    mov [xbx + WORD_SIZE], xsi
+    sub xdx, xax                                    # give back the pages before the aligned start...
     jz .Llarge_no_head
-    shr edx, PAGE_SHIFT
-    sub edi, edx
-    push edx
-    push eax
+    shr xdx, PAGE_SHIFT
+    sub xdi, xdx
+    push xdx
+    push xax
     call vrange_release
-    add esp, 0x8
+    add xsp, 2*WORD_SIZE
 .Llarge_no_head:
-    test edi, edi                                   # ...and those after the block
+    test xdi, xdi                                   # ...and those after the block
     jz .Llarge_back
-    push edi
-    mov eax, esi
-    shl eax, PAGE_SHIFT
-    add eax, [heap_large + ebx*8]
-    push eax
+    push xdi
+    mov xax, xsi
+    shl xax, PAGE_SHIFT
+    add xax, [xbx]
+    push xax
     call vrange_release
-    add esp, 0x8
+    add xsp, 2*WORD_SIZE
 .Llarge_back:
-    mov edi, [heap_large + ebx*8]
+    mov xdi, [xbx]
 .Llarge_back_page:
-    push PTE_P | PTE_RW
-    push edi
+    push xword ptr [heap_page_flags]
+    push xdi
     call vmm_back_page
-    add esp, 0x8
-    test eax, eax
+    add xsp, 2*WORD_SIZE
+    test xax, xax
     jz .Llarge_unwind
-    add edi, PAGE_SIZE
-    dec esi
+    add xdi, PAGE_SIZE
+    dec xsi
     jnz .Llarge_back_page
-    mov eax, [heap_large + ebx*8]
+    mov xax, [xbx]
     jmp .Llarge_done
 .Llarge_unwind:                                     # out of frames part way: free what was backed
-    push dword ptr [heap_large + ebx*8]
+    push xword ptr [xbx]
     call heap_free_large
-    add esp, 0x4
+    add xsp, WORD_SIZE
     jmp .Llarge_fail
 .Llarge_no_slot:
     push offset str_heap_large_full
     call serial_puts
-    add esp, 0x4
+    add xsp, WORD_SIZE
 .Llarge_fail:
     xor eax, eax
 .Llarge_done:
-    pop edi
-    pop esi
-    pop ebx
+    pop xdi
+    pop xsi
+    pop xbx
     ret
 
 # heap_free_large(block) -> 1 when block was a large block (its pages and range are given back), else 0
 heap_free_large:
-    push ebx
-    push esi
-    push edi
-    mov eax, [esp + 0x10]
-    test eax, eax
+    push xbx
+    push xsi
+    push xdi
+    mov xax, [xsp + 4*WORD_SIZE]
+    test xax, xax
     jz .Lfree_large_none
-    xor ebx, ebx
+    mov xbx, offset heap_large
 .Lfree_large_find:
-    cmp ebx, HEAP_LARGE_SLOTS
+    cmp xbx, offset heap_large + HEAP_LARGE_SLOTS * 2 * WORD_SIZE
     jae .Lfree_large_none
-    cmp [heap_large + ebx*8], eax
+    cmp [xbx], xax
     je .Lfree_large_found
-    inc ebx
+    add xbx, 2*WORD_SIZE
     jmp .Lfree_large_find
 .Lfree_large_found:
-    mov esi, eax
-    mov edi, [heap_large + ebx*8 + 0x4]
+    mov xsi, xax
+    mov xdi, [xbx + WORD_SIZE]
 .Lfree_large_page:
-    push esi
-    call vmm_translate
-    add esp, 0x4
-    cmp eax, VMM_NONE
-    je .Lfree_large_next
-    push esi
+    push xsi
+    call vrange_page_mapped
+    add xsp, WORD_SIZE
+    test eax, eax
+    jz .Lfree_large_next
+    push xsi
     call vmm_release_page
-    add esp, 0x4
+    add xsp, WORD_SIZE
 .Lfree_large_next:
-    add esi, PAGE_SIZE
-    dec edi
+    add xsi, PAGE_SIZE
+    dec xdi
     jnz .Lfree_large_page
-    push dword ptr [heap_large + ebx*8 + 0x4]
-    push dword ptr [heap_large + ebx*8]
+    push xword ptr [xbx + WORD_SIZE]
+    push xword ptr [xbx]
     call vrange_release
-    add esp, 0x8
-    mov dword ptr [heap_large + ebx*8], 0x0
+    add xsp, 2*WORD_SIZE
+    mov xword ptr [xbx], 0x0
     mov eax, 0x1
     jmp .Lfree_large_done
 .Lfree_large_none:
     xor eax, eax
 .Lfree_large_done:
-    pop edi
-    pop esi
-    pop ebx
+    pop xdi
+    pop xsi
+    pop xbx
     ret
 
 # kfree(block): give a block back; 0 is ignored. Anything else the heap did not hand out stops the kernel.
 kfree:
-    push ebx
-    push esi
-    mov esi, [esp + 0xc]
-    test esi, esi
+    push xbx
+    push xsi
+    mov xsi, [xsp + 3*WORD_SIZE]
+    test xsi, xsi
     jz .Lkfree_done
-    mov eax, esi                                    # a slab block lies inside the slab window
-    sub eax, [heap_slab_base]
-    cmp eax, HEAP_SLAB_PAGES * PAGE_SIZE
+    mov xax, xsi                                    # a slab block lies inside the slab window
+    sub xax, [heap_slab_base]
+    cmp xax, HEAP_SLAB_PAGES * PAGE_SIZE
     jae .Lkfree_large
     shr eax, PAGE_SHIFT
     bt [heap_slab_pages_used], eax
     jnc .Lkfree_foreign
-    mov ebx, esi
-    and ebx, PTE_FRAME_MASK
-    push ebx
+    mov xbx, xsi
+    and xbx, -PAGE_SIZE
+    push xbx
     call heap_check_slab
-    add esp, 0x4
-    push esi
-    push ebx
+    add xsp, WORD_SIZE
+    push xsi
+    push xbx
     call heap_block_index
-    add esp, 0x8
-    btr [ebx + 0x20], eax
+    add xsp, 2*WORD_SIZE
+    btr [xbx + 0x20], eax
     jnc .Lkfree_twice
-    mov eax, [ebx + 0xc]
-    mov [esi], eax
-    mov [ebx + 0xc], esi
-    inc dword ptr [ebx + 0x8]
-    mov eax, [ebx + 0x8]
-    cmp eax, [ebx + 0x18]
+    mov xax, [xbx + 0x8]
+    mov [xsi], xax
+    mov [xbx + 0x8], xsi
+    inc byte ptr [xbx + 0x5]
+    mov al, [xbx + 0x5]
+    cmp al, [xbx + 0x6]
     je .Lkfree_slab_empty
-    cmp eax, 0x1
+    cmp al, 0x1
     jne .Lkfree_done
-    mov ecx, [ebx + 0x4]                            # it was full: it has room again
-    bsf ecx, ecx
-    mov eax, [heap_partial + ecx*4 - HEAP_MIN_SHIFT*4]
-    mov [ebx + 0x10], eax
-    mov dword ptr [ebx + 0x14], 0x0
-    test eax, eax
+    movzx ecx, byte ptr [xbx + 0x4]                 # it was full: it has room again
+    mov xax, [heap_partial + xcx*WORD_SIZE - HEAP_MIN_SHIFT*WORD_SIZE]
+    mov [xbx + 0x8 + WORD_SIZE], xax
+    mov xword ptr [xbx + 0x8 + 2*WORD_SIZE], 0x0
+    test xax, xax
     jz .Lkfree_relisted
-    mov [eax + 0x14], ebx
+    mov [xax + 0x8 + 2*WORD_SIZE], xbx
 .Lkfree_relisted:
-    mov [heap_partial + ecx*4 - HEAP_MIN_SHIFT*4], ebx
+    mov [heap_partial + xcx*WORD_SIZE - HEAP_MIN_SHIFT*WORD_SIZE], xbx
     jmp .Lkfree_done
 .Lkfree_slab_empty:                                 # every block free: the page goes back
-    cmp dword ptr [ebx + 0x18], 0x1                 # a one-block slab was never on the list once full
+    cmp byte ptr [xbx + 0x6], 0x1                   # a one-block slab was never on the list once full
     je .Lkfree_release
-    push ebx
+    push xbx
     call heap_unlink_slab
-    add esp, 0x4
+    add xsp, WORD_SIZE
 .Lkfree_release:
-    mov eax, ebx
-    sub eax, [heap_slab_base]
-    shr eax, PAGE_SHIFT
+    mov xax, xbx
+    sub xax, [heap_slab_base]
+    shr xax, PAGE_SHIFT
     btr [heap_slab_pages_used], eax
-    push ebx
+    push xbx
     call vmm_release_page
-    add esp, 0x4
+    add xsp, WORD_SIZE
     dec dword ptr [heap_slabs]
     jmp .Lkfree_done
 .Lkfree_large:
-    push esi
+    push xsi
     call heap_free_large
-    add esp, 0x4
+    add xsp, WORD_SIZE
     test eax, eax
     jz .Lkfree_foreign
 .Lkfree_done:
-    pop esi
-    pop ebx
+    pop xsi
+    pop xbx
     ret
 .Lkfree_twice:
     push offset str_heap_double_free
@@ -499,14 +513,16 @@ str_heap_large_full:
     .asciz "kgen: kmalloc: large-block table full\n"
 
 .section .bss
-.balign 4
+.balign 8, 0
 heap_slab_base:
-    .skip 0x4
+    .skip WORD_SIZE
+heap_page_flags:
+    .skip WORD_SIZE
+heap_partial:
+    .skip (HEAP_MAX_SHIFT - HEAP_MIN_SHIFT + 1) * WORD_SIZE
+heap_large:
+    .skip HEAP_LARGE_SLOTS * 2 * WORD_SIZE
 heap_slabs:
     .skip 0x4
-heap_partial:
-    .skip (HEAP_MAX_SHIFT - HEAP_MIN_SHIFT + 1) * 4
 heap_slab_pages_used:
     .skip HEAP_SLAB_PAGES / 8
-heap_large:
-    .skip HEAP_LARGE_SLOTS * 8

@@ -5,12 +5,20 @@
 # release, and live allocations in a second array: fixed-size metadata in .bss, no heap. Releasing what overlaps a
 # free range (a double release, or a range never reserved) is reported and refused. Pages are mapped and unmapped
 # through templates/vmm.s.
+#
+# One source for both word sizes: every field is a word. A free range is (start, pages), 2*WORD_SIZE bytes; an
+# allocation record is (start, pages, flags, lazy), 4*WORD_SIZE bytes (flags carry NX, bit 63, on x86_64). Both
+# strides exceed what an index scale can express on x86_64, so the arrays are walked with pointers. On x86_64 the
+# window's bounds (VMM_BASE...) are no sign-extended 32-bit values: they go through a register, never into an
+# immediate or a displacement.
 
 .section .text
 # vrange_init(): the whole window is one free range
 vrange_init:
-    mov dword ptr [vmm_free_ranges], VMM_BASE
-    mov dword ptr [vmm_free_ranges + 0x4], VMM_PAGES
+    mov xax, VMM_BASE
+    mov [vmm_free_ranges], xax
+    mov xax, VMM_PAGES
+    mov [vmm_free_ranges + WORD_SIZE], xax
     mov dword ptr [vmm_free_range_count], 0x1
     ret
 
@@ -18,47 +26,53 @@ vrange_init:
 
 # vrange_reserve(pages) -> start of a free range of that many pages, or 0 (first fit)
 vrange_reserve:
-    mov edx, [esp + 0x4]
-    test edx, edx
+    mov xdx, [xsp + WORD_SIZE]
+    test xdx, xdx
     jz .Lreserve_none
-    xor ecx, ecx
+    mov xax, offset vmm_free_ranges
+    mov ecx, [vmm_free_range_count]
 .Lreserve_scan:
-    cmp ecx, [vmm_free_range_count]
-    jae .Lreserve_none
-    cmp [vmm_free_ranges + ecx*8 + 0x4], edx
+    test ecx, ecx
+    jz .Lreserve_none
+    cmp [xax + WORD_SIZE], xdx
     jae .Lreserve_fit
-    inc ecx
+    add xax, 2*WORD_SIZE
+    dec ecx
     jmp .Lreserve_scan
 .Lreserve_fit:
-    mov eax, [vmm_free_ranges + ecx*8]
-    sub [vmm_free_ranges + ecx*8 + 0x4], edx
+    mov xcx, [xax]                                  # the range's start is the answer
+    sub [xax + WORD_SIZE], xdx
     jz .Lreserve_remove
-    shl edx, PAGE_SHIFT
-    add [vmm_free_ranges + ecx*8], edx
+    shl xdx, PAGE_SHIFT
+    add [xax], xdx
+    mov xax, xcx
     ret
 .Lreserve_remove:                                   # the range is used up: close the gap in the array
-    push eax
-    push ecx
+    push xcx
+    push xax
     call vrange_remove_slot
-    add esp, 0x4
-    pop eax
+    add xsp, WORD_SIZE
+    pop xax
     ret
 .Lreserve_none:
     xor eax, eax
     ret
 
-# vrange_remove_slot(index): drop one entry of the free array
+# vrange_remove_slot(range): drop one entry (its address in vmm_free_ranges) of the free array
 vrange_remove_slot:
-    mov ecx, [esp + 0x4]
+    mov xcx, [xsp + WORD_SIZE]
     dec dword ptr [vmm_free_range_count]
+    mov edx, [vmm_free_range_count]
+    shl xdx, WORD_SHIFT + 1
+    add xdx, offset vmm_free_ranges                 # the last entry, which moves down by one
 .Lremove_shift:
-    cmp ecx, [vmm_free_range_count]
+    cmp xcx, xdx
     jae .Lremove_done
-    mov eax, [vmm_free_ranges + ecx*8 + 0x8]
-    mov [vmm_free_ranges + ecx*8], eax
-    mov eax, [vmm_free_ranges + ecx*8 + 0xc]
-    mov [vmm_free_ranges + ecx*8 + 0x4], eax
-    inc ecx
+    mov xax, [xcx + 2*WORD_SIZE]
+    mov [xcx], xax
+    mov xax, [xcx + 3*WORD_SIZE]
+    mov [xcx + WORD_SIZE], xax
+    add xcx, 2*WORD_SIZE
     jmp .Lremove_shift
 .Lremove_done:
     ret
@@ -66,86 +80,91 @@ vrange_remove_slot:
 # vrange_release(start, pages) -> 1, or 0 when refused: outside the window, unaligned, overlapping a free range
 # (released twice, or never reserved), or no room left in the free array. Merges with both neighbours.
 vrange_release:
-    push ebx
-    push esi
-    push edi
-    mov ebx, [esp + 0x10]                           # start
-    mov esi, [esp + 0x14]                           # pages
+    push xbx
+    push xsi
+    push xdi
+    mov xbx, [xsp + 4*WORD_SIZE]                    # start
+    mov xsi, [xsp + 5*WORD_SIZE]                    # pages
     test ebx, PAGE_SIZE - 1
     jnz .Lrelease_bad
-    test esi, esi
+    test xsi, xsi
     jz .Lrelease_bad
-    cmp ebx, VMM_BASE
+    mov xax, VMM_BASE
+    cmp xbx, xax
     jb .Lrelease_bad
-    cmp esi, VMM_PAGES
+    mov xax, VMM_PAGES
+    cmp xsi, xax
     ja .Lrelease_bad
-    mov edi, esi
-    shl edi, PAGE_SHIFT
-    add edi, ebx                                    # end
+    mov xdi, xsi
+    shl xdi, PAGE_SHIFT
+    add xdi, xbx                                    # end
     jc .Lrelease_bad
-    cmp edi, VMM_END
+    mov xax, VMM_END
+    cmp xdi, xax
     ja .Lrelease_bad
-    xor ecx, ecx                                    # ecx = first free range starting after start
+    mov xcx, offset vmm_free_ranges                 # xcx = the first free range starting after start
+    mov edx, [vmm_free_range_count]
+    shl xdx, WORD_SHIFT + 1
+    add xdx, xcx                                    # xdx = the end of the array
 .Lrelease_find:
-    cmp ecx, [vmm_free_range_count]
+    cmp xcx, xdx
     jae .Lrelease_found
-    cmp [vmm_free_ranges + ecx*8], ebx
+    cmp [xcx], xbx
     ja .Lrelease_found
-    inc ecx
+    add xcx, 2*WORD_SIZE
     jmp .Lrelease_find
 .Lrelease_found:
-    test ecx, ecx                                   # the previous range must end at or before start
-    jz .Lrelease_no_prev_overlap
-    mov eax, [vmm_free_ranges + ecx*8 - 0x4]
-    shl eax, PAGE_SHIFT
-    add eax, [vmm_free_ranges + ecx*8 - 0x8]
-    cmp eax, ebx
+    cmp xcx, offset vmm_free_ranges                 # the previous range must end at or before start
+    je .Lrelease_no_prev_overlap
+    mov xax, [xcx - WORD_SIZE]
+    shl xax, PAGE_SHIFT
+    add xax, [xcx - 2*WORD_SIZE]                    # xax = the previous range's end
+    cmp xax, xbx
     ja .Lrelease_twice
 .Lrelease_no_prev_overlap:
-    cmp ecx, [vmm_free_range_count]                       # the next range must start at or after end
+    cmp xcx, xdx                                    # the next range must start at or after end
     jae .Lrelease_no_next_overlap
-    cmp [vmm_free_ranges + ecx*8], edi
+    cmp [xcx], xdi
     jb .Lrelease_twice
 .Lrelease_no_next_overlap:
-    test ecx, ecx
-    jz .Lrelease_try_next
-    cmp eax, ebx                                    # previous ends exactly at start: grow it
+    cmp xcx, offset vmm_free_ranges
+    je .Lrelease_try_next
+    cmp xax, xbx                                    # previous ends exactly at start: grow it
     jne .Lrelease_try_next
-    add [vmm_free_ranges + ecx*8 - 0x4], esi
-    cmp ecx, [vmm_free_range_count]
+    add [xcx - WORD_SIZE], xsi
+    cmp xcx, xdx
     jae .Lrelease_ok
-    cmp [vmm_free_ranges + ecx*8], edi                     # ...and swallow the next one if it touches too
+    cmp [xcx], xdi                                  # ...and swallow the next one if it touches too
     jne .Lrelease_ok
-    mov eax, [vmm_free_ranges + ecx*8 + 0x4]
-    add [vmm_free_ranges + ecx*8 - 0x4], eax
-    push ecx
+    mov xax, [xcx + WORD_SIZE]
+    add [xcx - WORD_SIZE], xax
+    push xcx
     call vrange_remove_slot
-    add esp, 0x4
+    add xsp, WORD_SIZE
     jmp .Lrelease_ok
 .Lrelease_try_next:
-    cmp ecx, [vmm_free_range_count]
+    cmp xcx, xdx
     jae .Lrelease_insert
-    cmp [vmm_free_ranges + ecx*8], edi                     # next starts exactly at end: extend it downwards
+    cmp [xcx], xdi                                  # next starts exactly at end: extend it downwards
     jne .Lrelease_insert
-    mov [vmm_free_ranges + ecx*8], ebx
-    add [vmm_free_ranges + ecx*8 + 0x4], esi
+    mov [xcx], xbx
+    add [xcx + WORD_SIZE], xsi
     jmp .Lrelease_ok
 .Lrelease_insert:
-    mov edx, [vmm_free_range_count]
-    cmp edx, VMM_FREE_SLOTS
+    cmp dword ptr [vmm_free_range_count], VMM_FREE_SLOTS
     jae .Lrelease_full
-.Lrelease_shift_up:
-    cmp edx, ecx
+.Lrelease_shift_up:                                 # move the ranges from xcx on up by one, last first
+    cmp xdx, xcx
     jbe .Lrelease_store
-    mov eax, [vmm_free_ranges + edx*8 - 0x8]
-    mov [vmm_free_ranges + edx*8], eax
-    mov eax, [vmm_free_ranges + edx*8 - 0x4]
-    mov [vmm_free_ranges + edx*8 + 0x4], eax
-    dec edx
+    mov xax, [xdx - 2*WORD_SIZE]
+    mov [xdx], xax
+    mov xax, [xdx - WORD_SIZE]
+    mov [xdx + WORD_SIZE], xax
+    sub xdx, 2*WORD_SIZE
     jmp .Lrelease_shift_up
 .Lrelease_store:
-    mov [vmm_free_ranges + ecx*8], ebx
-    mov [vmm_free_ranges + ecx*8 + 0x4], esi
+    mov [xcx], xbx
+    mov [xcx + WORD_SIZE], xsi
     inc dword ptr [vmm_free_range_count]
 .Lrelease_ok:
     mov eax, 0x1
@@ -160,180 +179,189 @@ vrange_release:
     push offset str_release_bad
 .Lrelease_report:
     call serial_puts
-    add esp, 0x4
-    push ebx
+    add xsp, WORD_SIZE
+    push xbx
     call serial_puthex
     push offset str_newline
     call serial_puts
-    add esp, 0x8
+    add xsp, 2*WORD_SIZE
     xor eax, eax
 .Lrelease_done:
-    pop edi
-    pop esi
-    pop ebx
+    pop xdi
+    pop xsi
+    pop xbx
     ret
 
 # ---- allocations: ranges backed now or on first touch ----------------------------------------------------------
 
-# vmm_alloc(pages, flags, lazy) -> start address, or 0 (no range, no record slot, or out of memory)
+# vmm_alloc(pages, flags, lazy) -> start address, or 0 (no range, no record slot, or out of memory). flags are
+# the pages' entry flags: the low 12 bits and, on x86_64, NX.
 vmm_alloc:
-    push ebx
-    push esi
-    push edi
-    xor ebx, ebx                                    # find an empty record
+    push xbx
+    push xsi
+    push xdi
+    mov xbx, offset vmm_allocs                      # find an empty record
 .Lalloc_slot:
-    cmp ebx, VMM_ALLOC_SLOTS
+    cmp xbx, offset vmm_allocs + VMM_ALLOC_SLOTS * 4 * WORD_SIZE
     jae .Lalloc_no_slot
-    mov eax, ebx
-    shl eax, 0x4
-    cmp dword ptr [vmm_allocs + eax], 0x0
+    cmp xword ptr [xbx], 0x0
     je .Lalloc_slot_found
-    inc ebx
+    add xbx, 4*WORD_SIZE
     jmp .Lalloc_slot
 .Lalloc_slot_found:
-    lea ebx, [vmm_allocs + eax]
-    push dword ptr [esp + 0x10]
+    push xword ptr [xsp + 4*WORD_SIZE]
     call vrange_reserve
-    add esp, 0x4
-    test eax, eax
+    add xsp, WORD_SIZE
+    test xax, xax
     jz .Lalloc_done
-    mov [ebx], eax
-    mov ecx, [esp + 0x10]
-    mov [ebx + 0x4], ecx
-    mov ecx, [esp + 0x14]
-    mov [ebx + 0x8], ecx
-    mov ecx, [esp + 0x18]
-    mov [ebx + 0xc], ecx
-    test ecx, ecx
+    mov [xbx], xax
+    mov xcx, [xsp + 4*WORD_SIZE]
+    mov [xbx + WORD_SIZE], xcx
+    mov xcx, [xsp + 5*WORD_SIZE]
+    mov [xbx + 2*WORD_SIZE], xcx
+    mov xcx, [xsp + 6*WORD_SIZE]
+    mov [xbx + 3*WORD_SIZE], xcx
+    test xcx, xcx
     jnz .Lalloc_ok                                  # lazy: the page-fault handler backs each page
-    mov esi, eax                                    # back every page now
-    mov edi, [ebx + 0x4]
+    mov xsi, xax                                    # back every page now
+    mov xdi, [xbx + WORD_SIZE]
 .Lalloc_back:
-    push dword ptr [ebx + 0x8]
-    push esi
+    push xword ptr [xbx + 2*WORD_SIZE]
+    push xsi
     call vmm_back_page
-    add esp, 0x8
-    test eax, eax
+    add xsp, 2*WORD_SIZE
+    test xax, xax
     jz .Lalloc_unwind
-    add esi, PAGE_SIZE
-    dec edi
+    add xsi, PAGE_SIZE
+    dec xdi
     jnz .Lalloc_back
 .Lalloc_ok:
-    mov eax, [ebx]
+    mov xax, [xbx]
 .Lalloc_done:
-    pop edi
-    pop esi
-    pop ebx
+    pop xdi
+    pop xsi
+    pop xbx
     ret
 .Lalloc_unwind:                                     # out of memory part way: give back what was taken
-    push dword ptr [ebx]
+    push xword ptr [xbx]
     call vmm_free
-    add esp, 0x4
+    add xsp, WORD_SIZE
     xor eax, eax
     jmp .Lalloc_done
 .Lalloc_no_slot:
     push offset str_alloc_no_slot
     call serial_puts
-    add esp, 0x4
+    add xsp, WORD_SIZE
     xor eax, eax
     jmp .Lalloc_done
 
 # vmm_find(vaddr) -> the allocation record containing vaddr, or 0
 vmm_find:
-    mov edx, [esp + 0x4]
-    mov eax, offset vmm_allocs
+    mov xdx, [xsp + WORD_SIZE]
+    mov xax, offset vmm_allocs
 .Lfind_record:
-    cmp eax, offset vmm_allocs + VMM_ALLOC_SLOTS * 0x10
+    cmp xax, offset vmm_allocs + VMM_ALLOC_SLOTS * 4 * WORD_SIZE
     jae .Lfind_none
-    mov ecx, [eax]
-    test ecx, ecx
+    mov xcx, [xax]
+    test xcx, xcx
     jz .Lfind_next
-    cmp edx, ecx
+    cmp xdx, xcx
     jb .Lfind_next
-    mov ecx, [eax + 0x4]
-    shl ecx, PAGE_SHIFT
-    add ecx, [eax]
-    cmp edx, ecx
+    mov xcx, [xax + WORD_SIZE]
+    shl xcx, PAGE_SHIFT
+    add xcx, [xax]
+    cmp xdx, xcx
     jb .Lfind_done
 .Lfind_next:
-    add eax, 0x10
+    add xax, 4*WORD_SIZE
     jmp .Lfind_record
 .Lfind_none:
     xor eax, eax
 .Lfind_done:
     ret
 
+# vrange_page_mapped(vaddr) -> 1 when a page is mapped at vaddr, else 0 (its page table may be missing too)
+vrange_page_mapped:
+    push xword ptr [xsp + WORD_SIZE]
+    call paging_table_present
+    add xsp, WORD_SIZE
+    test eax, eax
+    jz .Lmapped_done
+    mov xax, [xsp + WORD_SIZE]
+    ENTRY_OF xax, xcx, PAGE_SHIFT, LEAF_ENTRIES
+    mov xax, [xax]
+    and eax, PTE_P
+.Lmapped_done:
+    ret
+
 # vmm_free(vaddr) -> pages given back, or 0 when vaddr is not the start of an allocation (reported)
 vmm_free:
-    push ebx
-    push esi
-    push edi
-    push dword ptr [esp + 0x10]
+    push xbx
+    push xsi
+    push xdi
+    push xword ptr [xsp + 4*WORD_SIZE]
     call vmm_find
-    add esp, 0x4
-    test eax, eax
+    add xsp, WORD_SIZE
+    test xax, xax
     jz .Lfree_not_allocation
-    mov ebx, eax
-    mov esi, [ebx]
-    cmp esi, [esp + 0x10]
+    mov xbx, xax
+    mov xsi, [xbx]
+    cmp xsi, [xsp + 4*WORD_SIZE]
     jne .Lfree_not_allocation
-    mov edi, [ebx + 0x4]
+    mov xdi, [xbx + WORD_SIZE]
 .Lfree_page:
-    mov eax, esi
-    shr eax, I386_PDE_SHIFT
-    test dword ptr [RECURSIVE_PD + eax*4], PTE_P
+    push xsi
+    call vrange_page_mapped
+    add xsp, WORD_SIZE
+    test eax, eax
     jz .Lfree_next_page
-    mov eax, esi
-    shr eax, PAGE_SHIFT
-    test dword ptr [RECURSIVE_BASE + eax*4], PTE_P
-    jz .Lfree_next_page
-    push esi
+    push xsi
     call vmm_release_page
-    add esp, 0x4
+    add xsp, WORD_SIZE
 .Lfree_next_page:
-    add esi, PAGE_SIZE
-    dec edi
+    add xsi, PAGE_SIZE
+    dec xdi
     jnz .Lfree_page
-    push dword ptr [ebx + 0x4]
-    push dword ptr [ebx]
+    push xword ptr [xbx + WORD_SIZE]
+    push xword ptr [xbx]
     call vrange_release
-    add esp, 0x8
-    mov eax, [ebx + 0x4]
-    mov dword ptr [ebx], 0x0
+    add xsp, 2*WORD_SIZE
+    mov xax, [xbx + WORD_SIZE]
+    mov xword ptr [xbx], 0x0
     jmp .Lfree_done
 .Lfree_not_allocation:
     push offset str_free_not_allocation
     call serial_puts
-    push dword ptr [esp + 0x14]
+    push xword ptr [xsp + 5*WORD_SIZE]
     call serial_puthex
     push offset str_newline
     call serial_puts
-    add esp, 0xc
+    add xsp, 3*WORD_SIZE
     xor eax, eax
 .Lfree_done:
-    pop edi
-    pop esi
-    pop ebx
+    pop xdi
+    pop xsi
+    pop xbx
     ret
 
 # ---- page faults ----------------------------------------------------------------------------------------------
 
 # vmm_page_fault(cr2, error) -> 1 when the fault was a first touch of a lazy allocation and is now backed
 vmm_page_fault:
-    test dword ptr [esp + 0x8], PF_P                # a protection fault is never a missing lazy page
+    test dword ptr [xsp + 2*WORD_SIZE], PF_P        # a protection fault is never a missing lazy page
     jnz .Lfault_not_ours
-    push dword ptr [esp + 0x4]
+    push xword ptr [xsp + WORD_SIZE]
     call vmm_find
-    add esp, 0x4
-    test eax, eax
+    add xsp, WORD_SIZE
+    test xax, xax
     jz .Lfault_not_ours
-    cmp dword ptr [eax + 0xc], 0x0
+    cmp xword ptr [xax + 3*WORD_SIZE], 0x0
     je .Lfault_not_ours
-    push dword ptr [eax + 0x8]
-    push dword ptr [esp + 0x8]
+    push xword ptr [xax + 2*WORD_SIZE]
+    push xword ptr [xsp + 2*WORD_SIZE]
     call vmm_back_page
-    add esp, 0x8
-    test eax, eax
+    add xsp, 2*WORD_SIZE
+    test xax, xax
     jz .Lfault_not_ours
     inc dword ptr [vmm_demand_faults]
     mov eax, 0x1
@@ -355,12 +383,12 @@ str_free_not_allocation:
     .asciz "kgen: vmm_free: not the start of an allocation: "
 
 .section .bss
-.balign 4
+.balign 8, 0
+vmm_free_ranges:
+    .skip VMM_FREE_SLOTS * 2 * WORD_SIZE
+vmm_allocs:
+    .skip VMM_ALLOC_SLOTS * 4 * WORD_SIZE
 vmm_free_range_count:
     .skip 0x4
-vmm_free_ranges:
-    .skip VMM_FREE_SLOTS * 8
-vmm_allocs:
-    .skip VMM_ALLOC_SLOTS * 0x10
 vmm_demand_faults:
     .skip 0x4
