@@ -6,15 +6,18 @@
 
 Variables are found by their ELF symbols and reached through the kernel image's fixed physical offset, so nothing
 here restates an address. Reading is only meaningful while the kernel is idle between calls.
+
+Sizes follow the kernel's architecture: pmm_top, pmm_bump_next, the [start, end) pairs and the link inside a free
+frame are words (4 bytes on i386, 8 on x86_64); the frame counts are dwords on both.
 """
 from __future__ import annotations
 
 import re
-import struct
 from dataclasses import dataclass
 from typing import Callable
 
 from . import hw
+from .arch import I386, Arch
 from .elfinfo import ElfInfo
 from .errors import KgenError
 from .layout import FOUR_GIB, LOW_MEMORY_END, Layout
@@ -69,15 +72,20 @@ def parse_report(serial: str) -> ReportLine:
     return ReportLine(*map(int, m.groups()))
 
 
-def ranges_from_mmap(mmap) -> list[tuple[int, int]]:
+def ranges_from_mmap(mmap, arch: Arch = I386) -> list[tuple[int, int]]:
     """What pmm_init should make of memory-map entries (bootreport.MemoryRegion): available RAM at or above
-    1 MiB and below 4 GiB, shrunk to whole frames. Written independently of the template, to check it."""
+    1 MiB, shrunk to whole frames; a 32-bit kernel (no PAE) also keeps only what lies below 4 GiB, its last frame
+    excepted (a range's end must fit in a word). Written independently of the template, to check it."""
+    clip = arch.word_size == 4
     ranges = []
     for region in mmap:
-        if region.type != hw.MULTIBOOT_MMAP_AVAILABLE or region.base >= FOUR_GIB:
+        if region.type != hw.MULTIBOOT_MMAP_AVAILABLE or clip and region.base >= FOUR_GIB:
             continue
         start = max(-(-region.base // hw.PAGE_SIZE) * hw.PAGE_SIZE, LOW_MEMORY_END)
-        end = min(region.base + region.length, FOUR_GIB - hw.PAGE_SIZE) // hw.PAGE_SIZE * hw.PAGE_SIZE
+        end = region.base + region.length
+        if clip:
+            end = min(end, FOUR_GIB - hw.PAGE_SIZE)
+        end = end // hw.PAGE_SIZE * hw.PAGE_SIZE
         if start < end:
             ranges.append((start, end))
     return ranges
@@ -86,8 +94,9 @@ def ranges_from_mmap(mmap) -> list[tuple[int, int]]:
 def alloc_at_pages(layout: Layout) -> list[int]:
     """Pages of the temp-map window's page table above its slots: the table exists from boot, so pmm_alloc_at
     can map them without the VMM growing tables."""
-    table = layout.tempmap_base & ~(hw.I386_LARGE_PAGE - 1)
-    return list(range(layout.tempmap_window.end, table + hw.I386_LARGE_PAGE, hw.PAGE_SIZE))
+    span = layout.leaf_table_span
+    table = layout.tempmap_base & ~(span - 1)
+    return list(range(layout.tempmap_window.end, table + span, hw.PAGE_SIZE))
 
 
 def overlap_frames(ranges, intervals) -> int:
@@ -96,24 +105,39 @@ def overlap_frames(ranges, intervals) -> int:
 
 
 class PmmView:
-    def __init__(self, read_phys: ReadPhys, elf: ElfInfo, layout: Layout):
+    def __init__(self, read_phys: ReadPhys, elf: ElfInfo | None, layout: Layout | None, *,
+                 word_size: int | None = None):
+        """`word_size` defaults to the layout's architecture's; give it when there is no layout (made-up memory)."""
         self.read_phys = read_phys
         self.elf = elf
         self.layout = layout
+        self.word_size = word_size or layout.architecture.word_size
 
     @classmethod
     def of(cls, session) -> "PmmView":
         return cls(session.machine.read_phys, session.elf, session.layout)
 
+    def _read(self, name: str, size: int, index: int) -> int:
+        phys = self.elf.symbols[name].value - self.layout.kernel_virtual_base + size * index
+        return int.from_bytes(self.read_phys(phys, size), "little")
+
     def u32(self, name: str, index: int = 0) -> int:
-        phys = self.elf.symbols[name].value - self.layout.kernel_virtual_base + 4 * index
-        return struct.unpack("<I", self.read_phys(phys, 4))[0]
+        """Element `index` of a dword variable (the frame counts)."""
+        return self._read(name, 4, index)
+
+    def word(self, name: str, index: int = 0) -> int:
+        """Element `index` of a word variable (physical addresses: pmm_top, the [start, end) pairs)."""
+        return self._read(name, self.word_size, index)
+
+    def link(self, frame: int) -> int:
+        """The link a free frame holds: the word at its start."""
+        return int.from_bytes(self.read_phys(frame, self.word_size), "little")
 
     def pairs(self, array: str, count: str) -> tuple[tuple[int, int], ...]:
-        return tuple((self.u32(array, 2 * i), self.u32(array, 2 * i + 1)) for i in range(self.u32(count)))
+        return tuple((self.word(array, 2 * i), self.word(array, 2 * i + 1)) for i in range(self.u32(count)))
 
     def state(self) -> PmmState:
-        return PmmState(top=self.u32("pmm_top"), count=self.u32("pmm_count"), untouched=self.u32("pmm_untouched"),
+        return PmmState(top=self.word("pmm_top"), count=self.u32("pmm_count"), untouched=self.u32("pmm_untouched"),
                         total=self.u32("pmm_total"), reserved_frames=self.u32("pmm_reserved_frames"),
                         ranges=self.pairs("pmm_ranges", "pmm_range_count"),
                         reserved=self.pairs("pmm_reserved", "pmm_reserved_count"))
@@ -136,5 +160,5 @@ class PmmView:
                 raise ChainError(f"{where}: {frame:#x} is one frame more than the count")
             seen.add(frame)
             frames.append(frame)
-            frame = struct.unpack("<I", self.read_phys(frame, 4))[0]
+            frame = self.link(frame)
         return frames

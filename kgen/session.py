@@ -61,10 +61,26 @@ class KernelSession:
         kwargs = {} if timeout is None else {"timeout": timeout}
         return self.channel.call_full(routine, *args, **kwargs)
 
-    def read_u32(self, vaddr_in_kernel_image: int) -> int:
-        """A kernel variable, read from physical memory (the image is mapped at a fixed offset)."""
-        phys = vaddr_in_kernel_image - self.layout.kernel_virtual_base
-        return int.from_bytes(self.machine.read_phys(phys, 4), "little")
+    @property
+    def word_size(self) -> int:
+        """Bytes in the kernel's words (pointers, physical addresses): 4 on i386, 8 on x86_64."""
+        return self.layout.architecture.word_size
 
-    def variable(self, name: str) -> int:
-        return self.read_u32(self.symbol(name))
+    def read(self, vaddr_in_kernel_image: int, size: int) -> int:
+        """`size` bytes of the kernel image, little-endian, read from physical memory (the image is mapped at a
+        fixed offset)."""
+        phys = vaddr_in_kernel_image - self.layout.kernel_virtual_base
+        return int.from_bytes(self.machine.read_phys(phys, size), "little")
+
+    def read_u32(self, vaddr_in_kernel_image: int) -> int:
+        """A dword kernel variable (a count), read from physical memory."""
+        return self.read(vaddr_in_kernel_image, 4)
+
+    def read_word(self, vaddr_in_kernel_image: int) -> int:
+        """A word-sized kernel variable (a pointer, a physical address): 4 bytes on i386, 8 on x86_64."""
+        return self.read(vaddr_in_kernel_image, self.word_size)
+
+    def variable(self, name: str, size: int | None = None) -> int:
+        """The kernel variable `name`: a word unless `size` says otherwise (pass 4 for a dword counter; on i386 the
+        two are the same)."""
+        return self.read(self.symbol(name), size or self.word_size)

@@ -3,6 +3,10 @@
 Every test drives the kernel through a `Model`: it predicts each answer (LIFO stack, then the bump pointer) and
 after every call checks total = free + live + reserved; `Model.check_machine` then walks the free stack and the
 page tables from the host (kgen.pmmview, kgen.pagewalk).
+
+One template serves both word sizes, so the tests run on the i386 and the x86_64 kernel alike (ids [i386] and
+[x86_64]); sizes, spans and widths come from the architecture record. A subset runs under KVM as well, where the
+probe boot says KVM can run that kernel (kvm_pvm here runs long mode, not 32-bit paging).
 """
 from __future__ import annotations
 
@@ -15,54 +19,91 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kgen import bootreport, hw
-from kgen.bootreport import BOOT_OK
+from kgen.arch import ARCHES
 from kgen.build import build
 from kgen.calls import CallError
 from kgen.config import Config
-from kgen.machine import kvm_usable_for
+from kgen.elfinfo import ElfInfo
 from kgen.pagewalk import Walker
 from kgen.pmmview import (ChainError, PmmState, PmmView, alloc_at_pages, overlap_frames, parse_report,
                           ranges_from_mmap)
 from kgen.session import KernelSession
+from kgen.testing import KernelUnderTest, probe_kvm
 
-pytestmark = [pytest.mark.vm, pytest.mark.skipif(shutil.which("qemu-system-i386") is None,
-                                                  reason="qemu-system-i386 not installed")]
+from conftest import ARCH_BUILDS
+
+pytestmark = [pytest.mark.vm]
 
 POISON = 0xA5
 SMALL_GUEST_MIB = 16
+# More than kgen's configs allow (3072): QEMU's pc machine then puts 3 GiB below the PCI hole and the rest at 4 GiB.
+BIG_GUEST_MIB = 4608
 
 
-def session_for(tmp_path_factory, name: str, accel: str = "tcg", **config) -> KernelSession:
-    out = build(Config(**config), tmp_path_factory.mktemp(name), iso=False)
-    return KernelSession(out.elf, out.kernel.layout, accel=accel, poison=POISON)
+def open_session(out, accel: str = "tcg", **options) -> KernelSession:
+    qemu = out.kernel.layout.architecture.qemu
+    if shutil.which(qemu) is None:
+        pytest.skip(f"{qemu} not installed (Debian package qemu-system-x86)")
+    return KernelSession(out.elf, out.kernel.layout, accel=accel, **{"poison": POISON, **options})
+
+
+def session_for(tmp_path_factory, arch: str, name: str, accel: str = "tcg", **config) -> KernelSession:
+    """A variant kernel of `arch`, built for this test."""
+    out = build(Config.for_arch(arch, **config), tmp_path_factory.mktemp(f"{name}-{arch}"), iso=False)
+    return open_session(out, accel)
+
+
+_KVM_PROBES: dict[str, tuple[bool, str]] = {}
+
+
+def require_kvm(out) -> None:
+    """Skip unless KVM on this host runs this kernel (one probe boot per ELF and worker)."""
+    key = str(out.elf)
+    if key not in _KVM_PROBES:
+        _KVM_PROBES[key] = probe_kvm(KernelUnderTest(out.elf, ElfInfo.load(out.elf), out.kernel.layout))
+    usable, why = _KVM_PROBES[key]
+    if not usable:
+        pytest.skip(f"KVM cannot run the {out.kernel.layout.arch} kernel here: {why}")
+
+
+@pytest.fixture(scope="module", params=tuple(ARCH_BUILDS))
+def arch(request) -> str:
+    """Each architecture in turn: test ids end in [i386] / [x86_64]."""
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def kernel_build(tmp_path_factory):
-    return build(Config(), tmp_path_factory.mktemp("pmm"), iso=False)
+def kernel_build(request, arch):
+    """The default kernel of `arch` (conftest's shared build)."""
+    return request.getfixturevalue(ARCH_BUILDS[arch])
 
 
 @pytest.fixture(scope="module")
 def accel(request, kernel_build):
-    """--kgen-accel when kgen's pytest plugin is loaded; KVM is probed first, as this host's may not run the kernel."""
-    accel = request.config.getoption("kgen_accel", default="tcg")
+    """--kgen-accel when kgen's pytest plugin is loaded, else TCG; a test parametrised with `accel` (indirect, see
+    BOTH_ACCELS) asks for its own. KVM is probed first, as this host's may not run the kernel: where it cannot,
+    the test is skipped with the probe's reason (here: the i386 kernel, whose 32-bit paging kvm_pvm cannot run)."""
+    accel = getattr(request, "param", None) or request.config.getoption("kgen_accel", default="tcg")
     if accel == "kvm":
-        usable, why = kvm_usable_for(kernel_build.elf, BOOT_OK)
-        if not usable:
-            pytest.skip(why)
+        require_kvm(kernel_build)
     return accel
+
+
+# The KVM subset: these tests run under TCG and under KVM, whatever --kgen-accel says.
+BOTH_ACCELS = pytest.mark.parametrize("accel", ["tcg", "kvm"], indirect=True)
+KVM_ONLY = pytest.mark.parametrize("accel", ["kvm"], indirect=True)
 
 
 @pytest.fixture
 def kernel(kernel_build, accel):
     """A fresh boot per test (≈0.25 s), so a test that breaks the allocator cannot fail the next one."""
-    with KernelSession(kernel_build.elf, kernel_build.kernel.layout, accel=accel, poison=POISON) as s:
+    with open_session(kernel_build, accel) as s:
         yield s
 
 
 @pytest.fixture
-def small_kernel(tmp_path_factory, accel):
-    with session_for(tmp_path_factory, "pmm-small", accel, machine_memory_mib=SMALL_GUEST_MIB) as s:
+def small_kernel(tmp_path_factory, arch, accel):
+    with session_for(tmp_path_factory, arch, "pmm-small", accel, machine_memory_mib=SMALL_GUEST_MIB) as s:
         yield s
 
 
@@ -80,10 +121,11 @@ class Model:
     def __init__(self, s: KernelSession):
         self.s = s
         self.layout = s.layout
+        self.arch = s.layout.architecture
         self.view = PmmView.of(s)
         boot = bootreport.parse(s.machine.serial)
         self.cr3 = boot.cr3
-        self.ram = ranges_from_mmap(boot.mmap)
+        self.ram = ranges_from_mmap(boot.mmap, self.arch)
         start = self.view.state()
         self.stack = self.view.free_stack(start)[::-1]      # bottom first, as a Python list grows
         self.untouched = start.untouched
@@ -165,23 +207,28 @@ class Model:
         assert state.total == state.free + live + state.reserved_frames, \
             f"total {state.total} != free {state.free} + live {live} + reserved {state.reserved_frames}"
 
+    def walker(self) -> Walker:
+        return Walker(self.s.machine.read_phys, self.cr3, self.arch.paging, recursive_slot=self.layout.recursive_slot)
+
     def slot_ptes(self, walker: Walker) -> list[int]:
         """The temp-map slots' PTEs, read through the recursive window (the page table as the kernel sees it)."""
-        table = walker.translate(self.layout.recursive_pt(self.layout.tempmap_pde_index))
-        first = self.layout.tempmap_base % hw.I386_LARGE_PAGE // hw.PAGE_SIZE
-        raw = self.s.machine.read_phys(table.paddr + 4 * first, 4 * self.layout.tempmap_slots)
-        return [int.from_bytes(raw[i:i + 4], "little") for i in range(0, len(raw), 4)]
+        size = self.arch.entry_size
+        first = self.layout.entry_address(self.layout.tempmap_base, self.arch.levels - 1)
+        raw = walker.read_virtual(first, size * self.layout.tempmap_slots)
+        return [int.from_bytes(raw[i:i + size], "little") for i in range(0, len(raw), size)]
 
     def check_machine(self) -> None:
         state = self.view.state()
         chain = self.view.free_stack(state)
         assert len(set(chain)) == len(chain) == state.count
         assert chain == self.stack[::-1], "the free stack in memory is not the model's"
-        assert self.s.variable("tempmap_used") == 0
-        walker = Walker(self.s.machine.read_phys, self.cr3, recursive_slot=self.layout.recursive_slot)
+        assert self.s.variable("tempmap_used", 4) == 0
+        walker = self.walker()
         assert self.slot_ptes(walker) == [0] * self.layout.tempmap_slots, "a temp-map slot is still mapped"
+        for slot in range(self.layout.tempmap_slots):
+            assert walker.translate(self.layout.tempmap_slot_address(slot)) is None, f"temp-map slot {slot} maps"
         on_stack = set(chain)
-        tables = {self.cr3 & hw.PTE_FRAME_MASK} | {frame for _, frame in walker.page_tables()}
+        tables = {walker.top} | {frame for _, frame in walker.page_tables()}
         assert not on_stack & tables, f"page tables {[hex(f) for f in on_stack & tables]} are on the free stack"
         for m in walker.mappings():
             hit = [f for f in on_stack if m.pstart <= f < m.pstart + m.size]
@@ -195,19 +242,65 @@ class Model:
 
 
 # ---- the host-side chain walk, on memory made up here ---------------------------------------------------------
-@pytest.mark.parametrize("links, count, error", [
-    ({0x200000: 0x201000, 0x201000: 0x200000}, 5, "a cycle"),
-    ({0x200000: 0x201000, 0x201000: 0x202000, 0x202000: 0}, 2, "one frame more than the count"),
-    ({0x200000: 0x201004}, 2, "not a page-aligned frame of RAM"),
-    ({0x200000: 0x900000}, 2, "not a page-aligned frame of RAM"),
-])
-def test_chain_walk_reports_broken_chains(links, count, error):
+HIGH = 1 << 32          # RAM above 4 GiB, which only the x86_64 kernel uses
+RAM = ((0x100000, 0x800000), (HIGH, HIGH + 0x800000))
+
+
+def made_up_memory(links: dict[int, int], word_size: int):
+    """read_phys over frames whose first word holds a link; every other byte is poison, so a reader that takes
+    more or fewer bytes than a word gets another value."""
     def read_phys(addr, size):
-        return links.get(addr, 0).to_bytes(size, "little")
-    state = PmmState(top=0x200000, count=count, untouched=0, total=0x100, reserved_frames=0,
-                     ranges=((0x100000, 0x800000),), reserved=())
+        frame = addr & ~(hw.PAGE_SIZE - 1)
+        data = bytearray([POISON]) * hw.PAGE_SIZE
+        if frame in links:
+            data[:word_size] = links[frame].to_bytes(word_size, "little")
+        return bytes(data[addr - frame:addr - frame + size])
+    return read_phys
+
+
+def made_up_state(count: int) -> PmmState:
+    return PmmState(top=0x200000, count=count, untouched=0, total=0x100, reserved_frames=0, ranges=RAM, reserved=())
+
+
+@pytest.mark.parametrize("arch_name", tuple(ARCHES))
+@pytest.mark.parametrize("links, count, error", [
+    ({0x200000: 0x201000, 0x201000: 0x200000}, 5, "0x200000 again.*a cycle"),
+    ({0x200000: 0x201000, 0x201000: 0x202000, 0x202000: 0}, 2, "0x202000 is one frame more than the count"),
+    ({0x200000: 0x201004}, 2, "0x201004 is not a page-aligned frame of RAM"),
+    ({0x200000: 0x900000}, 2, "0x900000 is not a page-aligned frame of RAM"),
+    ({0x200000: 0x201000}, 2, "0xa5a5a5a5.* is not a page-aligned frame of RAM"),     # a frame never linked
+], ids=["cycle", "longer-than-count", "unaligned", "outside-ram", "unlinked-frame"])
+def test_chain_walk_reports_broken_chains(arch_name, links, count, error):
+    word = ARCHES[arch_name].word_size
     with pytest.raises(ChainError, match=error):
-        PmmView(read_phys, None, None).free_stack(state)
+        PmmView(made_up_memory(links, word), None, None, word_size=word).free_stack(made_up_state(count))
+
+
+@pytest.mark.parametrize("arch_name", tuple(ARCHES))
+def test_chain_walk_reads_whole_word_links(arch_name):
+    """A link is a word: on x86_64 the second frame lies above 4 GiB, where a 4-byte read would go astray; on i386
+    the bytes after the link are poison, where an 8-byte read would."""
+    word = ARCHES[arch_name].word_size
+    second = (HIGH if word == 8 else 0) + 0x201000
+    links = {0x200000: second, second: 0}
+    assert PmmView(made_up_memory(links, word), None, None, word_size=word).free_stack(made_up_state(2)) \
+        == [0x200000, second]
+
+
+@pytest.mark.parametrize("arch_name", tuple(ARCHES))
+def test_ranges_from_mmap_clips_at_4_gib_only_on_i386(arch_name):
+    arch = ARCHES[arch_name]
+    available = hw.MULTIBOOT_MMAP_AVAILABLE
+    region = bootreport.MemoryRegion
+    mmap = [region(0x0, 0x9FC00, available), region(0x100000, 0x7EE0000, available),
+            region(0xFEC00000, 0x1800000, available),            # across 4 GiB
+            region(HIGH + 0x800, 0x800800, available),           # above 4 GiB, not page-aligned at either end
+            region(HIGH + 0x1000000, 0x1000, available + 1)]     # not available
+    low = [(0x100000, 0x7FE0000)]
+    if arch.word_size == 4:
+        assert ranges_from_mmap(mmap, arch) == low + [(0xFEC00000, HIGH - hw.PAGE_SIZE)]
+    else:
+        assert ranges_from_mmap(mmap, arch) == low + [(0xFEC00000, HIGH + 0x400000), (HIGH + 0x1000, HIGH + 0x801000)]
 
 
 # ---- accounting at boot -----------------------------------------------------------------------------------------
@@ -215,12 +308,45 @@ def test_init_accounts_for_the_memory_map_and_the_image(kernel):
     report = parse_report(kernel.machine.serial)
     boot = bootreport.parse(kernel.machine.serial)
     state = PmmView.of(kernel).state()
-    assert list(state.ranges) == ranges_from_mmap(boot.mmap)
+    assert list(state.ranges) == ranges_from_mmap(boot.mmap, kernel.layout.architecture)
     image_end = -(-(kernel.symbol("__kernel_end") - kernel.layout.kernel_virtual_base) // hw.PAGE_SIZE)
     assert (kernel.layout.kernel_load_address, image_end * hw.PAGE_SIZE) in state.reserved
     assert state.total == sum(hi - lo for lo, hi in state.ranges) // hw.PAGE_SIZE == report.total
     assert state.reserved_frames == overlap_frames(state.ranges, state.reserved) == report.reserved
     assert report.free == report.total - report.reserved
+
+
+def test_ram_above_4_gib_is_used_on_x86_64_and_clipped_on_i386(kernel_build):
+    # Unpoisoned: the 4.5 GiB RAM file stays sparse.
+    with open_session(kernel_build, poison=None, memory_mib=BIG_GUEST_MIB) as s:
+        arch = s.layout.architecture
+        boot = bootreport.parse(s.machine.serial)
+        assert any(r.type == hw.MULTIBOOT_MMAP_AVAILABLE and r.base >= HIGH for r in boot.mmap), \
+            f"the memory map shows no RAM above 4 GiB to test with: {boot.mmap}"
+        view = PmmView.of(s)
+        state = view.state()
+        assert list(state.ranges) == ranges_from_mmap(boot.mmap, arch)
+        assert state.total == sum(hi - lo for lo, hi in state.ranges) // hw.PAGE_SIZE \
+            == parse_report(s.machine.serial).total
+        above = [(lo, hi) for lo, hi in state.ranges if hi > HIGH]
+        if arch.word_size == 4:
+            assert above == [], f"a 32-bit kernel took RAM it cannot reach: {above}"
+            return
+        assert above and above[-1][0] >= HIGH, f"RAM above 4 GiB left out: ranges {state.ranges}"
+        # A frame above 4 GiB on the free stack: its link written and read through a temp-map slot whose entry holds
+        # address bits 32 and up. (It was never handed out, so only the counts before and after are meaningful.)
+        low = s.call("pmm_alloc")
+        assert s.call("pmm_free", low) == 1
+        before = view.state()
+        high = above[-1][1] - hw.PAGE_SIZE
+        s.machine.stop()
+        s.machine.write_phys(high, bytes([POISON]) * arch.word_size)
+        s.machine.cont()
+        assert s.call("pmm_free", high) == 1, f"pmm_free({high:#x}) refused RAM above 4 GiB"
+        assert (view.link(high), view.state().top) == (low, high)
+        assert s.call("pmm_alloc") == high
+        assert view.state() == before
+        assert s.call("pmm_alloc") == low
 
 
 # ---- LIFO, alloc_at/free_at ----------------------------------------------------------------------------------
@@ -241,10 +367,11 @@ def test_alloc_at_free_at_round_trip_uses_no_temp_slot(kernel):
     model.free(model.alloc())                     # so the first alloc_at takes a frame with a link in it
     frames = [model.alloc_at(v) for v in vaddrs]
     model.check_machine()
+    word = kernel.word_size
     for v in reversed(vaddrs):
         old_top = model.stack[-1] if model.stack else 0
         frame = model.free_at(v)
-        assert kernel.machine.read_phys(frame, 4) == old_top.to_bytes(4, "little"), "link not written via vaddr"
+        assert kernel.machine.read_phys(frame, word) == old_top.to_bytes(word, "little"), "link not written via vaddr"
     model.check_machine()
     assert [model.alloc_at(v) for v in vaddrs] == frames, "free_at/alloc_at is not LIFO"
     model.release_all()
@@ -256,7 +383,7 @@ def test_alloc_at_flags_and_refusals(kernel):
     ro, rw = alloc_at_pages(kernel.layout)[-2:]
     model.alloc_at(ro, 0)
     model.alloc_at(rw, hw.PTE_RW)
-    walker = Walker(kernel.machine.read_phys, model.cr3)
+    walker = model.walker()
     assert walker.translate(ro).attrs & hw.PTE_RW == 0
     assert walker.translate(rw).attrs & hw.PTE_RW
     before = model.view.state()
@@ -281,15 +408,21 @@ def test_pmm_free_refuses_with_a_report(kernel):
              kernel_image: "inside the kernel image", mbi: "inside the kernel image or the Multiboot"}
     if mbi < 0x100000:                    # below 1 MiB the RAM check answers first
         cases[mbi] = "not in available RAM"
+    if kernel.word_size == 8:
+        # Addresses a kernel comparing only low dwords would take for the live frame, the image, RAM.
+        for alias in (frame + (1 << 32), kernel_image + (1 << 32), state.ranges[0][0] + (1 << 40)):
+            assert not state.in_ram(alias)
+            cases[alias] = "not in available RAM"
+    digits = 2 * kernel.word_size            # serial_puthex prints the whole word
     for address, reason in cases.items():
         before, since = model.view.state(), len(kernel.machine.serial)
         assert kernel.call("pmm_free", address) == 0, f"pmm_free({address:#x}) accepted"
-        wait_output(kernel, since, f"kgen: pmm_free: refused 0x{address:08x}: {reason}")
+        wait_output(kernel, since, f"kgen: pmm_free: refused 0x{address:0{digits}x}: {reason}")
         assert model.view.state() == before
     model.free(frame)
     since = len(kernel.machine.serial)
     assert kernel.call("pmm_free", frame) == 0, "double free of the top frame accepted"
-    wait_output(kernel, since, f"refused 0x{frame:08x}: already on top")
+    wait_output(kernel, since, f"refused 0x{frame:0{digits}x}: already on top")
     model.check_machine()
 
 
@@ -299,7 +432,7 @@ def test_a_corrupt_link_stops_the_kernel(kernel, link):
     for frame in frames:
         assert kernel.call("pmm_free", frame) == 1
     kernel.machine.stop()
-    kernel.machine.write_phys(frames[-1], link.to_bytes(4, "little"))
+    kernel.machine.write_phys(frames[-1], link.to_bytes(kernel.word_size, "little"))
     kernel.machine.cont()
     with pytest.raises(CallError):
         handed_out = kernel.call("pmm_alloc")
@@ -313,8 +446,9 @@ def test_small_guest_exhausts_at_the_expected_count_and_recovers(small_kernel):
     boot = bootreport.parse(s.machine.serial)
     model = Model(s)
     state = model.view.state()
-    expected = (sum(hi - lo for lo, hi in ranges_from_mmap(boot.mmap)) // hw.PAGE_SIZE
-                - overlap_frames(ranges_from_mmap(boot.mmap), state.reserved))
+    ram = ranges_from_mmap(boot.mmap, s.layout.architecture)
+    expected = (sum(hi - lo for lo, hi in ram) // hw.PAGE_SIZE
+                - overlap_frames(ram, state.reserved))
     assert expected == parse_report(s.machine.serial).free == state.free
     frames = []
     while frame := model.alloc():
@@ -346,20 +480,25 @@ def stale_links(s: KernelSession) -> list[str]:
     first, second = s.call("pmm_alloc"), s.call("pmm_alloc")
     below = view.state().top
     assert s.call("pmm_free", first) == 1 and s.call("pmm_free", second) == 1
-    found = {f: int.from_bytes(s.machine.read_phys(f, 4), "little") for f in (first, second)}
+    found = {f: view.link(f) for f in (first, second)}
     wanted = {first: below, second: first}
     return [f"frame {f:#x} links to {found[f]:#x}, not {wanted[f]:#x}" for f in (first, second)
             if found[f] != wanted[f]]
 
 
+@BOTH_ACCELS
 def test_temp_map_remaps_reach_the_new_frame(kernel):
     assert stale_links(kernel) == []
     Model(kernel).check_machine()
 
 
-def test_a_kernel_without_invlpg_is_caught(tmp_path_factory):
+def test_a_kernel_without_invlpg_is_caught(tmp_path_factory, arch):
     # TCG alone: what a CPU's TLB keeps without INVLPG is not guaranteed, TCG's software TLB keeps it every time.
-    with session_for(tmp_path_factory, "pmm-no-invlpg", tempmap_skip_invlpg=True) as s:
+    # Under KVM (kvm_pvm on this host, x86_64 kernel) this variant goes unnoticed: after pmm_free(A), pmm_free(B)
+    # each link is in its own frame, and temp_map(A), peek32(slot 0), temp_unmap, temp_map(B), peek32(slot 0)
+    # reads B. No translation survives from one call to the next (the guest waits in hlt between calls), and no
+    # x86_64 routine maps a slot twice within one call, so a KVM run of this test could only pass or skip.
+    with session_for(tmp_path_factory, arch, "pmm-no-invlpg", tempmap_skip_invlpg=True) as s:
         assert stale_links(s), "the variant without INVLPG went unnoticed"
 
 
@@ -369,10 +508,23 @@ OPS = st.lists(st.tuples(st.sampled_from(["alloc", "alloc", "free", "alloc_at", 
 BATCH = 25
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                  HealthCheck.function_scoped_fixture])
+SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+
+@settings(max_examples=20, **SETTINGS)
 @given(ops=OPS)
 def test_random_sequences_match_the_model(kernel, ops):
+    run_against_the_model(kernel, ops)
+
+
+@settings(max_examples=5, **SETTINGS)
+@given(ops=OPS)
+@KVM_ONLY
+def test_random_sequences_match_the_model_under_kvm(kernel, ops):
+    run_against_the_model(kernel, ops)
+
+
+def run_against_the_model(kernel: KernelSession, ops) -> None:
     model = Model(kernel)
     spare = alloc_at_pages(kernel.layout)
     for i, (op, pick) in enumerate(ops):
