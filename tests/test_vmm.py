@@ -167,8 +167,10 @@ def test_no_frame_lost_after_everything_is_unmapped(session):
 
 
 def free_ranges(s) -> list[tuple[int, int]]:
-    base = s.symbol("vmm_free_ranges")
-    return [(s.read_u32(base + 8 * i), s.read_u32(base + 8 * i + 4)) for i in range(s.variable("vmm_free_range_count"))]
+    """The free array: (start, pages) pairs of words; the count is a dword."""
+    base, word = s.symbol("vmm_free_ranges"), s.layout.architecture.word_size
+    count = s.read_u32(s.symbol("vmm_free_range_count"))
+    return [(s.read_word(base + 2 * word * i), s.read_word(base + 2 * word * i + word)) for i in range(count)]
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
