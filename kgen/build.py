@@ -16,15 +16,12 @@ from .resources import templates_dir
 # GDT and IDT of one architecture (templates/i386/, templates/x86_64/); every other unit serves both word sizes.
 KERNEL_UNITS = ("multiboot", "bootinfo", "{arch}/boot", "{arch}/gdt", "{arch}/idt", "interrupts", "pic", "serial",
                 "debugexit", "string", "report", "calls", "peek")
-# The physical allocator and its temp-map window serve both word sizes; the VMM, the heap and the benchmarks run on
-# i386 only, until their templates do too.
-MEMORY_UNITS = ("paging", "tempmap", "pmm")
-I386_ONLY_UNITS = ("vmm", "vrange", "heap", "bench")
+# The memory managers, the same templates for both word sizes.
+MEMORY_UNITS = ("paging", "tempmap", "pmm", "vmm", "vrange", "heap", "bench")
 
 
 def kernel_units(arch: str) -> tuple[str, ...]:
-    units = tuple(unit.format(arch=arch) for unit in KERNEL_UNITS) + MEMORY_UNITS
-    return units + (I386_ONLY_UNITS if arch == "i386" else ())
+    return tuple(unit.format(arch=arch) for unit in KERNEL_UNITS) + MEMORY_UNITS
 
 
 @dataclass(frozen=True)

@@ -274,6 +274,19 @@ class Layout:
         return {"serve_token": self.serve_token, "top_table_name": self.architecture.paging.level_names[0]}
 
     @property
+    def vmm_init_tables(self) -> int:
+        """Frames vmm_init takes at boot: on x86_64 a PDPT for every kernel-half PML4 entry the boot stub left
+        empty (so every address space can share the kernel half by copying those entries); none on i386."""
+        if self.arch == "i386":
+            return 0
+        arch = self.architecture
+        made_at_boot = {self.recursive_slot} | {
+            (v & arch.va_mask) >> arch.shift(0)
+            for v in (self.kernel_virtual_start, self.kernel_window.end - 1, self.tempmap_base)}
+        first = (self.kernel_half_start & arch.va_mask) >> arch.shift(0)
+        return len(set(range(first, arch.entries_per_table)) - made_at_boot)
+
+    @property
     def vmm_none(self) -> int:
         """vmm_translate/vmm_unmap's answer for "nothing mapped there": all ones, where no frame can start."""
         return self.architecture.word_mask

@@ -16,12 +16,9 @@ kmain:
     call report_kernel
     call report_recursive
     call pmm_init
-    call report_pmm
-.if ARCH_I386
-    # The VMM and the heap (templates/vmm.s, heap.s) are built for i386 only so far.
     call vmm_init
     call heap_init
-.endif
+    call report_pmm                                 # free frames as the idle kernel has them
     push offset str_boot_ok
     call serial_puts
     add xsp, WORD_SIZE

@@ -50,6 +50,37 @@ exception_common:
     mov rax, cr2
     push rax
     mov rbp, rsp
+    cmp qword ptr [rbp + 0x80], VECTOR_PAGE_FAULT
+    jne .Lexception_report
+    push qword ptr [rbp + 0x88]
+    push qword ptr [rbp]
+    call vmm_page_fault                             # a first touch of a lazy allocation is not an error
+    add rsp, 0x10
+    test eax, eax
+    jz .Lexception_page_fault
+    add rsp, 0x8                                    # cr2
+    pop rax
+    pop rbx
+    pop rcx
+    pop rdx
+    pop rsi
+    pop rdi
+    pop rbp
+    pop r8
+    pop r9
+    pop r10
+    pop r11
+    pop r12
+    pop r13
+    pop r14
+    pop r15
+    add rsp, 0x10                                   # vector and error code
+    iretq
+.Lexception_page_fault:
+    push qword ptr [rbp + 0x88]
+    call vmm_report_fault
+    add rsp, 0x8
+.Lexception_report:
     jmp exception_report
 
 .section .rodata
