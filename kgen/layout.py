@@ -16,8 +16,6 @@ MIB = 1 << 20
 FOUR_GIB = 1 << 32
 # The first MiB holds the BIOS data area, VGA memory and option ROMs; Multiboot kernels load above it.
 LOW_MEMORY_END = 0x100000
-# On QEMU's `pc` machine RAM above this is moved past 4 GiB to make room for PCI; kgen keeps RAM below it.
-PC_BELOW_4G_MAX_MIB = 3072
 MIN_MEMORY_MIB = 16
 # Where QEMU's isa-debug-exit device listens: the kernel's exit port and the harness's device option.
 DEBUG_EXIT_PORT = 0xF4
@@ -534,9 +532,9 @@ def compute(config: Config) -> Layout:
         _fail(c, "tempmap.base", c.tempmap_base,
               f"the temp-map window [{c.tempmap_base:#x}, {tm_end:#x}) must lie within one "
               f"{span >> 20} MiB page table")
-    if not MIN_MEMORY_MIB <= c.machine_memory_mib <= PC_BELOW_4G_MAX_MIB:
+    if not MIN_MEMORY_MIB <= c.machine_memory_mib <= arch.max_memory_mib:
         _fail(c, "machine.memory_mib", c.machine_memory_mib,
-              f"must be in {MIN_MEMORY_MIB}..{PC_BELOW_4G_MAX_MIB} (RAM below the PCI hole of QEMU's pc machine)")
+              f"must be in {MIN_MEMORY_MIB}..{arch.max_memory_mib} ({arch.memory_limit_reason})")
     if c.kernel_load_address + c.kernel_max_size > c.machine_memory_mib * MIB:
         _fail(c, "machine.memory_mib", c.machine_memory_mib,
               f"the image window ends at {c.kernel_load_address + c.kernel_max_size:#x}, beyond guest RAM")

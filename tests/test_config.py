@@ -237,3 +237,13 @@ def test_cli_bad_x86_64_config_is_one_line_exit_2(tmp_path, text, fragment):
     assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in result.stderr, result.stderr
     assert lines[0].startswith(f"kgen: error: {path}: ")
     assert not (out / "kernel.elf").exists()
+
+
+@pytest.mark.parametrize("arch, largest", [("i386", 3072), ("x86_64", 16384)])
+def test_guest_ram_limit_follows_the_architecture(arch, largest):
+    """i386 stays below QEMU pc's PCI hole; x86_64 may have RAM above 4 GiB, which its PMM uses."""
+    assert compute(Config.for_arch(arch, machine_memory_mib=largest)).memory_mib == largest
+    with pytest.raises(ConfigError) as err:
+        compute(Config.for_arch(arch, machine_memory_mib=largest + 1))
+    assert f"machine.memory_mib = {largest + 1}: must be in 16..{largest} (" in str(err.value)
+    assert "\n" not in str(err.value)

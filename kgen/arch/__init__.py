@@ -41,6 +41,8 @@ class Arch:
     objdump_machine: str          # objdump -m value for decoding the kernel's code
     boot_protocol: str            # how a loader enters the kernel
     va_bits: int                  # canonical virtual-address width (32 for i386)
+    max_memory_mib: int           # guest RAM the kernel can use: below QEMU pc's PCI hole, or above 4 GiB too
+    memory_limit_reason: str
     # Config defaults a kernel of this architecture would pick (see config.py for their meaning).
     defaults: tuple[tuple[str, int], ...]
 
@@ -137,7 +139,8 @@ def _select(line: str, table: dict[str, str]) -> str:
 I386 = Arch(
     name="i386", word_size=4, paging=I386_PAGING, keystone_mode=32, elf_target="ELF32_I386",
     qemu="qemu-system-i386", gas_flags=("--32",), ld_emulation="elf_i386", objdump_machine="i386",
-    boot_protocol="multiboot1", va_bits=32,
+    boot_protocol="multiboot1", va_bits=32, max_memory_mib=3072,
+    memory_limit_reason="RAM below the PCI hole of QEMU's pc machine; the i386 PMM cannot reach RAM above 4 GiB",
     defaults=(("kernel_virtual_base", 0xC0000000), ("paging_recursive_slot", 1023),
               ("tempmap_base", 0xFF800000), ("vmm_base", 0xD0000000), ("vmm_size", 0x10000000)),
 )
@@ -146,7 +149,9 @@ X86_64 = Arch(
     name="x86_64", word_size=8, paging=X86_64_PAGING, keystone_mode=64, elf_target="ELF64_X86_64",
     qemu="qemu-system-x86_64", gas_flags=("--64",), ld_emulation="elf_x86_64", objdump_machine="i386:x86-64",
     boot_protocol="multiboot1 (ELF64 with the a.out-kludge address fields), 32-bit entry into long mode",
-    va_bits=48,
+    va_bits=48, max_memory_mib=16384,
+    memory_limit_reason="QEMU's pc machine moves RAM past 3 GiB above 4 GiB, where the memory map reports it and the "
+                        "PMM uses it; 16 GiB keeps a poisoned RAM file of the harness affordable",
     # The top 2 GiB for the image (mcmodel=kernel), PML4[510] recursive: its window is 0xFFFFFF0000000000.., below
     # the image's PML4[511]; the temp-map and vmm windows sit in PML4[509] and PML4[508].
     defaults=(("kernel_virtual_base", 0xFFFFFFFF80000000), ("paging_recursive_slot", 510),
