@@ -89,6 +89,22 @@ interrupt_common:
     iretd
 .endif
 
+# page_fault(cr2, error) -> 1 when the fault was the first touch of a lazy allocation, now backed: the handler
+# returns to the faulting instruction. Else 0, once the fault's cause is on COM1 (the exception report follows).
+page_fault:
+    push xword ptr [xsp + 2*WORD_SIZE]
+    push xword ptr [xsp + 2*WORD_SIZE]
+    call vmm_page_fault
+    add xsp, 2*WORD_SIZE
+    test eax, eax
+    jnz .Lpage_fault_done
+    push xword ptr [xsp + 2*WORD_SIZE]
+    call vmm_report_fault
+    add xsp, WORD_SIZE
+    xor eax, eax
+.Lpage_fault_done:
+    ret
+
 # exception_report: xbp points at the frame exception_common saved; exception_fields pairs each field's label
 # with its offset in that frame (a word each, ended by a zero label). Does not return.
 exception_report:

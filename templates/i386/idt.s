@@ -32,18 +32,14 @@ exception_common:
     jne .Lexception_report
     push dword ptr [ebp + 0x28]
     push dword ptr [ebp]
-    call vmm_page_fault                             # a first touch of a lazy allocation is not an error
+    call page_fault
     add esp, 0x8
     test eax, eax
-    jz .Lexception_page_fault
-    add esp, 0x4
+    jz .Lexception_report
+    add esp, 0x4                                    # cr2
     popad
-    add esp, 0x8
+    add esp, 0x8                                    # vector and error code
     iret
-.Lexception_page_fault:
-    push dword ptr [ebp + 0x28]
-    call vmm_report_fault
-    add esp, 0x4
 .Lexception_report:
     jmp exception_report
 

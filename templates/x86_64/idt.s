@@ -54,10 +54,10 @@ exception_common:
     jne .Lexception_report
     push qword ptr [rbp + 0x88]
     push qword ptr [rbp]
-    call vmm_page_fault                             # a first touch of a lazy allocation is not an error
+    call page_fault
     add rsp, 0x10
     test eax, eax
-    jz .Lexception_page_fault
+    jz .Lexception_report
     add rsp, 0x8                                    # cr2
     pop rax
     pop rbx
@@ -76,10 +76,6 @@ exception_common:
     pop r15
     add rsp, 0x10                                   # vector and error code
     iretq
-.Lexception_page_fault:
-    push qword ptr [rbp + 0x88]
-    call vmm_report_fault
-    add rsp, 0x8
 .Lexception_report:
     jmp exception_report
 
