@@ -21,10 +21,7 @@ PTE_FRAME_MASK = 0xFFFFF000
 # Bit 63 of a 64-bit (PAE or 4-level) entry: XD, execute-disable, when EFER.NXE is on; a reserved bit when it is off.
 PTE_NX = 1 << 63
 
-# i386 non-PAE paging geometry.
-I386_ENTRIES = 1024
-I386_PDE_SHIFT = 22          # each PDE covers 4 MiB
-I386_LARGE_PAGE = 1 << I386_PDE_SHIFT
+# Paging geometry (levels, index bits, entry size) is the walker's PagingMode, reached through kgen.arch.
 
 # Control registers.
 CR0_PE = 1 << 0

@@ -227,17 +227,17 @@ class Layout:
 
     @property
     def kernel_pde_first(self) -> int:
-        return self.kernel_virtual_start >> hw.I386_PDE_SHIFT
+        return self.kernel_virtual_start >> self.architecture.shift(0)
 
     @property
     def kernel_pde_count(self) -> int:
         """Page tables the boot stub needs for the image window (shared by its identity and higher-half PDEs)."""
-        last = (self.kernel_window.end - 1) >> hw.I386_PDE_SHIFT
+        last = (self.kernel_window.end - 1) >> self.architecture.shift(0)
         return last - self.kernel_pde_first + 1
 
     @property
     def identity_pde_first(self) -> int:
-        return self.kernel_load_address >> hw.I386_PDE_SHIFT
+        return self.kernel_load_address >> self.architecture.shift(0)
 
     @property
     def boot_page_tables(self) -> int:
@@ -401,20 +401,16 @@ class Layout:
         return consts
 
     def _i386_constants(self) -> dict[str, int]:
-        consts = {
+        return {
             "KERNEL_PDE_FIRST": self.kernel_pde_first,
             "KERNEL_PDE_COUNT": self.kernel_pde_count,
             "IDENTITY_PDE_FIRST": self.identity_pde_first,
             "BOOT_PAGE_TABLES": self.boot_page_tables,
             "TEMPMAP_PDE_INDEX": self.tempmap_pde_index,
-            "KERNEL_PDE_KERNEL_HALF": self.kernel_virtual_base >> hw.I386_PDE_SHIFT,
             "GDT_KERNEL_CODE": hw.segment_descriptor(0, 0xFFFFF, hw.SEG_ACCESS_KERNEL_CODE, hw.SEG_FLAGS_32BIT_4K),
             "GDT_KERNEL_DATA": hw.segment_descriptor(0, 0xFFFFF, hw.SEG_ACCESS_KERNEL_DATA, hw.SEG_FLAGS_32BIT_4K),
             "IDT_GATE_INTERRUPT32": hw.IDT_GATE_INTERRUPT32,
         }
-        for name in ("I386_PDE_SHIFT", "I386_ENTRIES", "I386_LARGE_PAGE"):
-            consts[name] = getattr(hw, name)
-        return consts
 
     def _x86_64_constants(self) -> dict[str, int]:
         return {
@@ -474,7 +470,7 @@ def compute(config: Config) -> Layout:
             _fail(c, key, value, f"is not canonical: bits 63..{arch.va_bits - 1} must all equal bit "
                   f"{arch.va_bits - 1} (x86_64 has {arch.va_bits}-bit virtual addresses)")
     if arch.name == "i386":
-        aligned("kernel_virtual_base", c.kernel_virtual_base, hw.I386_LARGE_PAGE,
+        aligned("kernel_virtual_base", c.kernel_virtual_base, arch.span(0),
                 "4 MiB, so the image's identity and higher-half mappings can share boot page tables")
     else:
         aligned("kernel_virtual_base", c.kernel_virtual_base, page, "a page")

@@ -21,8 +21,8 @@
 #
 # Sharing the kernel half. x86_64: vmm_init gives every kernel-half PML4 entry (256..511) its PDPT at boot and
 # those are never freed, so another address space shares the whole kernel half by copying 256 PML4 entries once;
-# nothing it copied can change later. i386: a kernel page table is referenced by a PDE of index >=
-# KERNEL_PDE_KERNEL_HALF; every kernel-half PDE change (a table created or freed) bumps vmm_kernel_pde_generation,
+# nothing it copied can change later. i386: a kernel page table is referenced by a PDE at or above
+# KERNEL_HALF_START >> LEVEL0_SHIFT; every kernel-half PDE change (a table created or freed) bumps vmm_kernel_pde_generation,
 # so an address space whose copy is older re-copies the kernel half before it runs. Kernel-half PTEs carry G, so
 # a CR3 switch keeps them in the TLB.
 #

@@ -51,7 +51,7 @@ boot_build_page_tables:
     or eax, PTE_RW
 .Lread_only:
     mov edx, esi
-    sub edx, KERNEL_PDE_FIRST << I386_PDE_SHIFT
+    sub edx, KERNEL_PDE_FIRST << LEVEL0_SHIFT
     shr edx, PAGE_SHIFT
     mov [edx*4 + boot_page_tables - KERNEL_VIRTUAL_BASE], eax
     add esi, PAGE_SIZE
