@@ -1,30 +1,46 @@
-"""`python -m kgen.bench` (`make bench`): what the memory managers cost, measured inside the kernel.
+"""`python -m kgen.bench` (`make bench`): what the memory managers cost, measured inside the kernel, on i386 and x86_64.
 
 Loops in templates/bench.s run each operation n times between two rdtsc reads; the empty loop's delta is
 subtracted. Under TCG with `-icount shift=0,sleep=off` the guest clock advances one tick per executed instruction,
-so the figures are instruction counts and repeat exactly; under KVM (where it can run the kernel) they are cycles.
-PMM init is read from the boot report for guests of several sizes, next to QEMU's peak resident memory: booted
-without a RAM file, guest RAM is anonymous memory that only becomes resident when touched, so an init that
-touched every frame would show up there.
+so the figures are instruction counts and repeat exactly; under KVM (where it can run the kernel) they are TSC
+cycles, of whatever hypervisor /dev/kvm is (kvm_pvm, a software hypervisor, on the development machines: its cycles
+are not bare-metal cycles).
+
+The VMM cases are placed by the layout's geometry (`Layout.leaf_table_span`, the architecture record), and each is
+checked against the free-frame count before it is timed: "table exists" makes no table, "PT made" makes exactly
+one, and on x86_64 "PDPT+PD+PT made", at a user-half address whose PML4 entry is empty, makes three.
+
+PMM init is read from the boot report for guests of several sizes (on x86_64 also 8 GiB, whose RAM above 4 GiB the
+memory map reports and the PMM uses), next to QEMU's peak resident memory: booted without a RAM file, guest RAM is
+anonymous memory that only becomes resident when touched, so an init that touched every frame would show up there.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
+from . import hw
+from .arch import ARCHES
 from .bootreport import BOOT_OK
+from .bootreport import parse as parse_boot_report
 from .build import build
 from .config import Config
+from .layout import Layout
 from .machine import kvm_usable_for
-from .pmmview import alloc_at_pages, parse_report
+from .pmmview import PmmView, alloc_at_pages, parse_report, ranges_from_mmap
 from .session import KernelSession
 
 LOOPS = 1000
 KVM_REPEATS = 5
-INIT_GUESTS_MIB = (64, 1024, 3072)
+KVM_INIT_BOOTS = 3    # kvm_pvm's pmm_init cycles vary from boot to boot: the best of a few
+INIT_GUESTS_MIB = {"i386": (64, 1024, 3072), "x86_64": (64, 1024, 3072, 8192)}
 TARGET_RATIO = 1.10   # issue 4: alloc_at+free_at within about 10% of map+unmap
+UNITS = {"tcg": "instructions", "kvm": "TSC cycles"}
+RW = hw.PTE_P | hw.PTE_RW
 
 # (label, routine, whether it takes vaddr, whether it takes an owned frame)
 OPERATIONS = (
@@ -34,72 +50,126 @@ OPERATIONS = (
     ("map + clear + unmap", "bench_map_clear_unmap", True, True),
     ("INVLPG", "bench_invlpg", True, False),
 )
+HEAP_CASES = ((16, 1), (64, 1), (512, 1), (4096, 1), (4096, 4096))
+TABLE_EXISTS = "vmm_map + vmm_unmap, table exists"
+TABLE_MADE = "vmm_map + vmm_unmap, PT made+freed"
+DEMAND_FAULT = "demand-paging fault"
+VRANGE = "vrange reserve + release (1 page)"
+
+
+@dataclass
+class Run:
+    """One architecture under one accelerator: per-operation costs and, unless skipped, PMM init per guest size."""
+    arch: str
+    accel: str
+    pmm: dict[str, float]
+    vmm: dict[str, float]
+    init: list["InitRow"] | None = None
+
+    @property
+    def unit(self) -> str:
+        return UNITS[self.accel]
+
+    @property
+    def title(self) -> str:
+        return f"{self.arch} {self.accel.upper()}"
+
+
+@dataclass(frozen=True)
+class InitRow:
+    mib: int            # guest RAM
+    frames: int         # frames in the PMM's ranges
+    mmap_entries: int   # entries of the Multiboot memory map
+    ram_ranges: int     # of those, the ranges the PMM keeps (available RAM above 1 MiB; below 4 GiB on i386)
+    ticks: int          # pmm_init's rdtsc delta
+    hwm_kib: int        # QEMU's VmHWM once booted
+
+
+def _timed(session: KernelSession, routine: str, n: int, *args: int) -> int:
+    return session.call_full(routine, n, *args, timeout=120).value64
 
 
 def per_op(session: KernelSession, repeats: int) -> dict[str, float]:
+    """PMM costs per operation, empty loop subtracted."""
     vaddr = alloc_at_pages(session.layout)[0]
     frame = session.call("pmm_alloc")
     results = {}
-
-    def run(routine: str, args: tuple[int, ...], n: int) -> int:
-        return session.call_full(routine, n, *args, timeout=120).value64
-
-    empty = min(run("bench_empty", (), LOOPS) for _ in range(repeats))
+    empty = min(_timed(session, "bench_empty", LOOPS) for _ in range(repeats))
     results["empty loop (subtracted)"] = empty / LOOPS
     for label, routine, takes_vaddr, takes_frame in OPERATIONS:
         args = ((vaddr,) if takes_vaddr else ()) + ((frame,) if takes_frame else ())
-        run(routine, args, 1)     # puts a frame on the free stack: every timed pass then pops and pushes
-        best = min(run(routine, args, LOOPS) for _ in range(repeats))
+        _timed(session, routine, 1, *args)   # puts a frame on the free stack: every timed pass then pops and pushes
+        best = min(_timed(session, routine, LOOPS, *args) for _ in range(repeats))
         results[label] = (best - empty) / LOOPS
     return results
 
 
-HEAP_CASES = ((16, 1), (64, 1), (512, 1), (4096, 1), (4096, 4096))
+def free_frames(session: KernelSession) -> int:
+    return PmmView.of(session).state().free
+
+
+def tables_made(session: KernelSession, vaddr: int, frame: int) -> int:
+    """Page tables one vmm_map at `vaddr` makes, counted from the free frames; vmm_unmap must give them all back."""
+    before = free_frames(session)
+    if session.call("vmm_map", vaddr, frame, RW) != 1:
+        raise RuntimeError(f"vmm_map({vaddr:#x}) refused")
+    made = before - free_frames(session)
+    session.call("vmm_unmap", vaddr)
+    if free_frames(session) != before:
+        raise RuntimeError(f"vmm_unmap({vaddr:#x}) left {before - free_frames(session)} of {made} table frames taken")
+    return made
+
+
+def vmm_cases(layout: Layout) -> tuple[int, list[tuple[str, int, int]]]:
+    """The page that keeps a leaf table alive, and (label, vaddr, tables one vmm_map there makes) per case.
+
+    The last two leaf-table spans of the vmm window (4 MiB each on i386, 2 MiB on x86_64): a pinned page keeps the
+    first's table, and with it every level above, so a map in the second makes just the PT. On x86_64 also a
+    user-half address whose PML4 entry is empty (the user half is after boot), so a map there makes a PDPT, a PD
+    and a PT, and the unmap gives all three back (user-half PDPTs are not pinned like the kernel half's)."""
+    arch = layout.architecture
+    span = layout.leaf_table_span
+    end = layout.vmm_window.end & ~(span - 1)
+    kept, bare = end - 2 * span, end - span
+    cases = [(TABLE_EXISTS, kept + hw.PAGE_SIZE, 0), (TABLE_MADE, bare, 1)]
+    if arch.levels > 2:
+        below_top = arch.paging.level_names[1:]
+        user_half = arch.span(0)     # PML4[1]: well inside the user half, empty after boot
+        assert user_half < layout.kernel_half_start
+        cases.append((f"vmm_map + vmm_unmap, {'+'.join(below_top)} made+freed", user_half, len(below_top)))
+    return kept, cases
 
 
 def vmm_heap_ops(session: KernelSession, repeats: int) -> dict[str, float]:
     """VMM and heap costs per operation, empty loop subtracted."""
-    from . import hw
-
-    layout = session.layout
-
-    def run(routine: str, n: int, *args: int) -> int:
-        return session.call_full(routine, n, *args, timeout=120).value64
-
     def best(routine: str, n: int, *args: int) -> float:
-        return (min(run(routine, n, *args) for _ in range(repeats)) - empty * n) / n
+        return (min(_timed(session, routine, n, *args) for _ in range(repeats)) - empty * n) / n
 
-    empty = min(run("bench_empty", LOOPS) for _ in range(repeats)) / LOOPS
+    empty = min(_timed(session, "bench_empty", LOOPS) for _ in range(repeats)) / LOOPS
     frame = session.call("pmm_alloc")
-    rw = hw.PTE_P | hw.PTE_RW
-    # Two 4 MiB regions of the vmm window past the heap's slab pages: one whose table a pinned page keeps alive,
-    # one with no table, so every vmm_map there makes one and every vmm_unmap frees it.
-    kept = layout.vmm_window.end - 2 * hw.I386_LARGE_PAGE
-    bare = layout.vmm_window.end - hw.I386_LARGE_PAGE
-    assert session.call("vmm_map", kept, session.call("pmm_alloc"), rw) == 1
-    results = {
-        "vmm_map + vmm_unmap, table exists": best("bench_vmm_map_unmap", LOOPS, kept + hw.PAGE_SIZE, frame),
-        "vmm_map + vmm_unmap, table made+freed": best("bench_vmm_map_unmap", LOOPS, bare, frame),
-        "vrange reserve + release (1 page)": best("bench_range", LOOPS, 1),
-    }
+    kept, cases = vmm_cases(session.layout)
+    if session.call("vmm_map", kept, session.call("pmm_alloc"), RW) != 1:
+        raise RuntimeError(f"vmm_map({kept:#x}) refused")
+    results = {}
+    for label, vaddr, expected in cases:
+        made = tables_made(session, vaddr, frame)
+        if made != expected:
+            raise RuntimeError(f"{label}: vmm_map({vaddr:#x}) made {made} page tables, not {expected}: the case "
+                               "would not measure what it says")
+        results[label] = best("bench_vmm_map_unmap", LOOPS, vaddr, frame)
+    results[VRANGE] = best("bench_range", LOOPS, 1)
     faults = []
     for _ in range(repeats):
-        start = session.call("vmm_alloc", LOOPS, rw, 1)
-        faults.append(run("bench_demand_fault", LOOPS, start))
+        start = session.call("vmm_alloc", LOOPS, RW, 1)
+        faults.append(_timed(session, "bench_demand_fault", LOOPS, start))
         session.call("vmm_free", start)
-    results["demand-paging fault"] = (min(faults) - empty * LOOPS) / LOOPS
+    results[DEMAND_FAULT] = (min(faults) - empty * LOOPS) / LOOPS
     for size, align in HEAP_CASES:
         pin = session.call("kmalloc_aligned", size, align)   # keeps the class's slab: no page churn per block
         label = f"kmalloc+kfree {size} B" + (f", aligned {align}" if align > 1 else "")
         results[label] = best("bench_kmalloc_kfree", LOOPS, size, align)
         session.call("kfree", pin)
     return results
-
-
-def print_plain(title: str, unit: str, results: dict[str, float]) -> None:
-    print(f"\n{title}")
-    for label, value in results.items():
-        print(f"  {label:<40} {value:>12.1f} {unit}")
 
 
 def vm_hwm_kib(pid: int) -> int:
@@ -109,17 +179,38 @@ def vm_hwm_kib(pid: int) -> int:
     raise RuntimeError(f"no VmHWM in /proc/{pid}/status")
 
 
-def init_costs(work: Path, accel: str) -> list[tuple[int, int, int, int]]:
-    """(guest MiB, frames total, init ticks, QEMU VmHWM KiB) per guest size."""
+def init_costs(arch: str, work: Path, accel: str, guests_mib=None, boots: int = 1) -> list[InitRow]:
+    """PMM init and QEMU's peak resident memory per guest size, booted without a RAM file (the best of `boots`)."""
     rows = []
-    for mib in INIT_GUESTS_MIB:
-        out = build(Config(machine_memory_mib=mib), work / f"init-{mib}", iso=False)
-        with KernelSession(out.elf, out.kernel.layout, accel=accel, icount=accel == "tcg",
-                           ram_file=False) as s:
-            report = parse_report(s.machine.serial)
-            rows.append((mib, report.total, report.init_ticks, vm_hwm_kib(s.machine.pid)))
+    for mib in guests_mib or INIT_GUESTS_MIB[arch]:
+        out = build(Config.for_arch(arch, machine_memory_mib=mib), work / f"init-{arch}-{mib}", iso=False)
+        samples = []
+        for _ in range(boots):
+            with KernelSession(out.elf, out.kernel.layout, accel=accel, icount=accel == "tcg", ram_file=False) as s:
+                serial = s.machine.serial
+                report, mmap = parse_report(serial), parse_boot_report(serial).mmap
+                samples.append(InitRow(mib, report.total, len(mmap), len(ranges_from_mmap(mmap, ARCHES[arch])),
+                                       report.init_ticks, vm_hwm_kib(s.machine.pid)))
+        rows.append(min(samples, key=lambda row: row.ticks))
     return rows
 
+
+def init_verdict(rows: list[InitRow], unit: str) -> str:
+    """Whether pmm_init at the largest guest costs what it does at the smallest, and if not, by how much and why."""
+    small, large = rows[0], rows[-1]
+    head = f"pmm_init at {large.mib} MiB vs {small.mib} MiB:"
+    if large.ticks == small.ticks:
+        return f"{head} equal ({small.ticks} {unit}): the cost does not grow with RAM"
+    delta = large.ticks - small.ticks
+    extra = large.ram_ranges - small.ram_ranges
+    why = (f"{large.mmap_entries} memory-map entries ({large.ram_ranges} RAM ranges) against {small.mmap_entries} "
+           f"({small.ram_ranges})")
+    if extra > 0:
+        why += f": {delta / extra:g} {unit} per extra RAM range, not per frame"
+    return f"{head} NOT equal, {delta:+d} {unit}; {why}"
+
+
+# ---- printing ---------------------------------------------------------------------------------------------------
 
 def print_ops(title: str, unit: str, results: dict[str, float]) -> None:
     print(f"\n{title}")
@@ -129,43 +220,130 @@ def print_ops(title: str, unit: str, results: dict[str, float]) -> None:
     plain = results["map + unmap (PTE, INVLPG x2)"]
     cleared = results["map + clear + unmap"]
     ours = results["alloc_at + free_at"]
-    print(f"  alloc_at+free_at / map+unmap:         {ours / plain:6.2f}  (target <= {TARGET_RATIO:.2f})")
+    if plain > 0:
+        print(f"  alloc_at+free_at / map+unmap:         {ours / plain:6.2f}  (target <= {TARGET_RATIO:.2f})")
     print(f"  alloc_at+free_at / map+clear+unmap:   {ours / cleared:6.2f}")
 
 
-def print_init(title: str, unit: str, rows) -> None:
+def print_plain(title: str, unit: str, results: dict[str, float]) -> None:
     print(f"\n{title}")
-    print(f"  {'guest RAM [MiB]':>15} {'frames [4 KiB]':>15} {'pmm_init [' + unit + ']':>26} "
-          f"{'QEMU VmHWM [MiB]':>17}")
-    for mib, frames, ticks, hwm in rows:
-        print(f"  {mib:>15} {frames:>15} {ticks:>26} {hwm / 1024:>17.1f}")
+    for label, value in results.items():
+        print(f"  {label:<48} {value:>12.1f} {unit}")
+
+
+def print_init(title: str, unit: str, rows: list[InitRow]) -> None:
+    print(f"\n{title}")
+    print(f"  {'guest RAM [MiB]':>15} {'frames [4 KiB]':>15} {'mmap entries':>12} {'RAM ranges':>10} "
+          f"{'pmm_init [' + unit + ']':>26} {'QEMU VmHWM [MiB]':>17}")
+    for r in rows:
+        print(f"  {r.mib:>15} {r.frames:>15} {r.mmap_entries:>12} {r.ram_ranges:>10} {r.ticks:>26} "
+              f"{r.hwm_kib / 1024:>17.1f}")
+
+
+def print_run(run: Run) -> None:
+    how = ("TCG, -icount shift=0,sleep=off: rdtsc counts executed instructions (exact, repeatable)"
+           if run.accel == "tcg" else f"KVM: rdtsc counts TSC cycles (best of {KVM_REPEATS})")
+    print_ops(f"{run.arch} PMM, {how}", run.unit, run.pmm)
+    print_plain(f"{run.arch} VMM and heap, {run.accel.upper()} ({run.unit} per operation)", run.unit, run.vmm)
+    if run.init is not None:
+        best = "" if run.accel == "tcg" else f", best of {KVM_INIT_BOOTS} boots"
+        print_init(f"{run.arch} PMM init, {run.accel.upper()} ({run.unit}{best}); guest RAM without a file, so VmHWM "
+                   "shows what was touched", run.unit, run.init)
+        if run.accel == "tcg":
+            print("  " + init_verdict(run.init, run.unit))
+
+
+def print_side_by_side(runs: list[Run]) -> None:
+    if not runs:
+        return
+    width = max(14, *(len(f"{r.title} [{r.unit}]") for r in runs))
+    header = "".join(f" {r.title + ' [' + r.unit + ']':>{width}}" for r in runs)
+
+    def table(title: str, rows: list[tuple[str, list]]) -> None:
+        print(f"\n{title}")
+        print(f"  {'':<48}{header}")
+        for label, values in rows:
+            cells = "".join(f" {'-' if v is None else format(v, '.1f') if isinstance(v, float) else v:>{width}}"
+                            for v in values)
+            print(f"  {label:<48}{cells}")
+
+    fullest_first = sorted(runs, key=lambda r: -(len(r.pmm) + len(r.vmm)))   # x86_64 has the PDPT+PD+PT case
+    labels = list(dict.fromkeys(label for r in fullest_first for label in (*r.pmm, *r.vmm)))
+    table("Side by side, per operation (empty loop subtracted)",
+          [(label, [r.pmm.get(label, r.vmm.get(label)) for r in runs]) for label in labels])
+    guests = sorted({row.mib for r in runs for row in r.init or ()})
+    rows = []
+    for mib in guests:
+        cells = []
+        for r in runs:
+            row = next((x for x in r.init or () if x.mib == mib), None)
+            cells.append(None if row is None else f"{row.ticks} ({row.hwm_kib / 1024:.1f})")
+        rows.append((f"{mib} MiB", cells))
+    if rows:
+        table("Side by side, pmm_init per guest RAM (QEMU VmHWM in MiB)", rows)
+
+
+def host_description() -> str:
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        qemu = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True,
+                              timeout=10).stdout.splitlines()[0]
+    except (OSError, IndexError, subprocess.SubprocessError):
+        qemu = "QEMU version unknown"
+    kvm = (" KVM here is kvm_pvm, a software hypervisor: its TSC cycles are not bare-metal cycles."
+           if Path("/sys/module/kvm_pvm").is_dir() else "")
+    return f"host: {os.cpu_count()} cores, {model}; {qemu}.{kvm}"
+
+
+# ---- the runs -----------------------------------------------------------------------------------------------------
+
+def bench_arch(arch: str, work: Path, *, init: bool = True, kvm: bool = True) -> list[Run]:
+    """Every measurement of one architecture: TCG always, KVM where it can run the kernel."""
+    out = build(Config.for_arch(arch), work / arch, iso=False)
+    layout = out.kernel.layout
+    with KernelSession(out.elf, layout, icount=True) as s:
+        run = Run(arch, "tcg", per_op(s, 1), vmm_heap_ops(s, 1))
+    if init:
+        run.init = init_costs(arch, work, "tcg")
+    print_run(run)
+    runs = [run]
+    if not kvm:
+        return runs
+    usable, why = kvm_usable_for(out.elf, BOOT_OK, qemu=layout.architecture.qemu)
+    if not usable:
+        print(f"\n{arch} KVM: skipped: {why}")
+        return runs
+    print(f"\n{arch} KVM: {why}")
+    with KernelSession(out.elf, layout, accel="kvm") as s:
+        run = Run(arch, "kvm", per_op(s, KVM_REPEATS), vmm_heap_ops(s, KVM_REPEATS))
+    if init:
+        run.init = init_costs(arch, work, "kvm", boots=KVM_INIT_BOOTS)
+    print_run(run)
+    runs.append(run)
+    return runs
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="kgen.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--no-init", action="store_true", help="skip the PMM init runs (64 MiB .. 3 GiB guests)")
+    parser.add_argument("--arch", choices=(*ARCHES, "all"), default="all", help="architecture(s) to measure")
+    parser.add_argument("--no-init", action="store_true", help="skip the PMM init runs (64 MiB .. 3 or 8 GiB guests)")
+    parser.add_argument("--no-kvm", action="store_true", help="TCG only: do not probe or use KVM")
     args = parser.parse_args(argv)
-    print(f"kgen bench: host {os.cpu_count()} cores; {LOOPS} loops per operation")
+    arches = tuple(ARCHES) if args.arch == "all" else (args.arch,)
+    print(f"kgen bench: {host_description()}")
+    print(f"{LOOPS} loops per operation; architectures: {', '.join(arches)}")
+    runs = []
     with tempfile.TemporaryDirectory(prefix="kgen-bench-") as tmp:
-        work = Path(tmp)
-        out = build(Config(), work / "default", iso=False)
-        with KernelSession(out.elf, out.kernel.layout, icount=True) as s:
-            print_ops("TCG, -icount shift=0,sleep=off: rdtsc counts executed instructions (exact, repeatable)",
-                      "instructions", per_op(s, 1))
-            print_plain("VMM and heap, TCG -icount (instructions per operation)", "instructions",
-                        vmm_heap_ops(s, 1))
-        if not args.no_init:
-            print_init("PMM init, TCG -icount shift=0 (instructions); guest RAM without a file, so "
-                       "VmHWM shows what was touched", "instructions", init_costs(work, "tcg"))
-        usable, why = kvm_usable_for(out.elf, BOOT_OK)
-        if not usable:
-            print(f"\nKVM: skipped: {why}")
-            return 0
-        with KernelSession(out.elf, out.kernel.layout, accel="kvm") as s:
-            print_ops(f"KVM: rdtsc counts TSC cycles (best of {KVM_REPEATS})", "cycles", per_op(s, KVM_REPEATS))
-            print_plain("VMM and heap, KVM (TSC cycles)", "cycles", vmm_heap_ops(s, KVM_REPEATS))
-        if not args.no_init:
-            print_init("PMM init, KVM (TSC cycles)", "cycles", init_costs(work, "kvm"))
+        for arch in arches:
+            runs += bench_arch(arch, Path(tmp), init=not args.no_init, kvm=not args.no_kvm)
+    print_side_by_side(runs)
     return 0
 
 
