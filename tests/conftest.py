@@ -63,3 +63,89 @@ def session(default_build):
     """The default kernel booted to serve calls, on poisoned RAM; a fresh machine per test."""
     with KernelSession(default_build.elf, default_build.kernel.layout, poison=POISON) as s:
         yield s
+
+
+# ---- the memory-manager tests (test_vmm.py, test_heap.py): every architecture, TCG and where possible KVM -------
+# (test_pmm.py keeps its own copies of these fixtures; a module's fixtures take precedence over these.)
+_KVM_PROBES: dict[str, tuple[bool, str]] = {}
+
+
+def require_kvm(out) -> None:
+    """Skip unless KVM on this host runs this kernel: one probe boot per ELF and worker (kvm_pvm here runs long
+    mode, not the i386 kernel's 32-bit paging)."""
+    from kgen.elfinfo import ElfInfo
+    from kgen.testing import KernelUnderTest, probe_kvm
+    key = str(out.elf)
+    if key not in _KVM_PROBES:
+        _KVM_PROBES[key] = probe_kvm(KernelUnderTest(out.elf, ElfInfo.load(out.elf), out.kernel.layout))
+    usable, why = _KVM_PROBES[key]
+    if not usable:
+        pytest.skip(f"KVM cannot run the {out.kernel.layout.arch} kernel here: {why}")
+
+
+def open_session(out, accel: str = "tcg", **options) -> KernelSession:
+    """A session on `out` (a BuildOutput) with its architecture's QEMU, on RAM poisoned with POISON unless
+    `poison=` says otherwise; skipped where that QEMU is missing."""
+    qemu = out.kernel.layout.architecture.qemu
+    if shutil.which(qemu) is None:
+        pytest.skip(f"{qemu} not installed (Debian package qemu-system-x86)")
+    return KernelSession(out.elf, out.kernel.layout, accel=accel, **{"poison": POISON, **options})
+
+
+@pytest.fixture(scope="module", params=tuple(ARCH_BUILDS))
+def arch(request) -> str:
+    """Each architecture in turn: test ids carry [i386] / [x86_64]. `X86_64_ONLY` narrows a test to one."""
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def kernel_build(request, arch):
+    """The default kernel of `arch` (the session-wide build)."""
+    return request.getfixturevalue(ARCH_BUILDS[arch])
+
+
+@pytest.fixture(scope="module")
+def accel(request, kernel_build):
+    """TCG (or --kgen-accel), unless a test asks for its own (`KVM_ONLY`, indirect); KVM is probed first and the
+    test skipped with the probe's reason where this host's KVM cannot run the kernel."""
+    accel = getattr(request, "param", None) or request.config.getoption("kgen_accel", default="tcg")
+    if accel == "kvm":
+        require_kvm(kernel_build)
+    return accel
+
+
+@pytest.fixture
+def kernel(kernel_build, accel):
+    """`arch`'s default kernel booted on poisoned RAM to serve calls: a fresh machine per test."""
+    with open_session(kernel_build, accel) as s:
+        yield s
+
+
+KVM_ONLY = pytest.mark.parametrize("accel", ["kvm"], indirect=True)
+X86_64_ONLY = pytest.mark.parametrize("arch", ["x86_64"], indirect=True)
+
+
+def walker(s: KernelSession):
+    """A fresh walk of the kernel's page tables, in the paging mode the CPU says it is in (EFER.LMA, CR4.PAE:
+    `GuestView.mode`, which must be the layout's), from the CR3 it holds; checks the recursive slot on the way.
+    A stopped machine stays stopped. Once QEMU has exited (a test that made the kernel fault) its RAM file still
+    holds the tables: they are walked from the boot report's CR3, in the layout's mode."""
+    from kgen import bootreport
+    from kgen.invariants import GuestView
+    from kgen.pagewalk import Walker
+    paging = s.layout.architecture.paging
+    state = s.machine.status()
+    if state not in ("running", "paused"):
+        cr3, mode, pse, nxe = bootreport.parse(s.machine.serial).cr3, paging, True, bool(paging.nx_levels)
+    else:
+        if state == "running":
+            s.machine.stop()
+        try:
+            view = GuestView.capture(s.machine, s.elf, s.layout)
+        finally:
+            if state == "running":
+                s.machine.cont()
+        assert view.mode == paging, f"the CPU runs {view.mode.name} paging, the layout says {paging.name}"
+        cr3, mode, pse, nxe = view.regs.cr3, view.mode, view.walker.pse, view.walker.nxe
+    return Walker(s.machine.read_phys, cr3 & mode.cr3_mask, mode, pse=pse, nxe=nxe,
+                  recursive_slot=s.layout.recursive_slot)
