@@ -68,7 +68,7 @@ boot_higher_half:
     mov eax, cr3                                    # flush the identity translations
     mov cr3, eax
     mov eax, cr4
-    or eax, CR4_PGE
+    or eax, CR4_PGE | CR4_PSE                       # PSE: a PDE with PS maps 4 MiB, as vmm_translate reads it
     mov cr4, eax
     call gdt_init
     call idt_init
