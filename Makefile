@@ -23,7 +23,7 @@ build: deps
 	$(KGEN) build
 
 bench: deps
-	$(PY) -m kgen.bench
+	$(PY) -m kgen.harness.bench
 
 deps: system-deps $(STAMP)
 

@@ -5,9 +5,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import config as configmod
-from .arch import ARCHES
-from .errors import KgenError
+from kgen.build import config as configmod
+from kgen.arch import ARCHES
+from kgen.errors import KgenError
 
 DEFAULT_OUT = Path("build")
 DEFAULT_TIMEOUT = 30.0
@@ -22,7 +22,7 @@ def _add_config_args(p: argparse.ArgumentParser):
 
 
 def cmd_build(args) -> int:
-    from .build import build
+    from kgen.build.pipeline import build
     cfg = configmod.load(args.config, args.arch)
     out = build(cfg, args.out, iso=not args.no_iso)
     print(f"kgen: wrote {out.elf}" + (f" and {out.iso}" if out.iso else ""))
@@ -30,12 +30,12 @@ def cmd_build(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .run import run
+    from kgen.harness.run import run
     return run(args)
 
 
 def cmd_test(args, extra: list[str]) -> int:
-    from .testing import run_suite
+    from kgen.harness.testing import run_suite
     return run_suite(args, extra)
 
 

@@ -3,9 +3,9 @@ import shutil
 
 import pytest
 
-from kgen.build import build
-from kgen.config import Config
-from kgen.session import KernelSession
+from kgen.build.pipeline import build
+from kgen.build.config import Config
+from kgen.harness.session import KernelSession
 
 # Guest RAM starts as this byte everywhere the loader did not write, so a structure nobody cleared shows up.
 POISON = 0xA5
@@ -73,8 +73,8 @@ _KVM_PROBES: dict[str, tuple[bool, str]] = {}
 def require_kvm(out) -> None:
     """Skip unless KVM on this host runs this kernel: one probe boot per ELF and worker (kvm_pvm here runs long
     mode, not the i386 kernel's 32-bit paging)."""
-    from kgen.elfinfo import ElfInfo
-    from kgen.testing import KernelUnderTest, probe_kvm
+    from kgen.guest.elfinfo import ElfInfo
+    from kgen.harness.testing import KernelUnderTest, probe_kvm
     key = str(out.elf)
     if key not in _KVM_PROBES:
         _KVM_PROBES[key] = probe_kvm(KernelUnderTest(out.elf, ElfInfo.load(out.elf), out.kernel.layout))
@@ -130,9 +130,9 @@ def walker(s: KernelSession):
     `GuestView.mode`, which must be the layout's), from the CR3 it holds; checks the recursive slot on the way.
     A stopped machine stays stopped. Once QEMU has exited (a test that made the kernel fault) its RAM file still
     holds the tables: they are walked from the boot report's CR3, in the layout's mode."""
-    from kgen import bootreport
-    from kgen.invariants import GuestView
-    from kgen.pagewalk import Walker
+    from kgen.guest import bootreport
+    from kgen.guest.invariants import GuestView
+    from kgen.guest.pagewalk import Walker
     paging = s.layout.architecture.paging
     state = s.machine.status()
     if state not in ("running", "paused"):

@@ -6,7 +6,7 @@ The rendered source (constants and outside symbols as `.equ` lines) goes to GNU 
 must match; data sections must match byte for byte.
 
 A 64-bit kernel's `.code32` pieces (the Multiboot entry) run before paging: they are assembled as 32-bit code at
-their physical address, and the labels of such pieces are physical there too (kgen/asm.py). GNU as gets the same
+their physical address, and the labels of such pieces are physical there too (kgen/build/asm.py). GNU as gets the same
 view: `--32`, `elf_i386`, and those labels' `.equ` values moved down by the kernel's virtual base.
 
 In 64-bit code keystone encodes an absolute memory operand RIP-relative (or as a 64-bit moffs for the accumulator)
@@ -20,10 +20,10 @@ import subprocess
 
 import pytest
 
-from kgen import asm
+from kgen.build import asm
 from kgen.arch import ARCHES, I386
-from kgen.build import link_kernel
-from kgen.config import Config
+from kgen.build.pipeline import link_kernel
+from kgen.build.config import Config
 from kgen.errors import AssemblyError
 
 pytestmark = pytest.mark.skipif(shutil.which("as") is None or shutil.which("objdump") is None,

@@ -1,15 +1,15 @@
-"""kgen.bench on both architectures: its cases are placed by the layout's geometry, it runs and returns numbers, and
+"""kgen.harness.bench on both architectures: its cases are placed by the layout's geometry, it runs and returns numbers, and
 PMM init under -icount (deterministic) does not grow with guest RAM. No timing is asserted."""
 import math
 import shutil
 
 import pytest
 
-from kgen import bench
-from kgen.build import build
-from kgen.config import Config
-from kgen.layout import compute
-from kgen.session import KernelSession
+from kgen.harness import bench
+from kgen.build.pipeline import build
+from kgen.build.config import Config
+from kgen.build.layout import compute
+from kgen.harness.session import KernelSession
 
 ARCHES = ("i386", "x86_64")
 

@@ -9,9 +9,11 @@ import sys
 
 import pytest
 
-from kgen import bootreport, hw
-from kgen.diagnose import find_exception
-from kgen.elfinfo import ElfInfo
+from kgen.guest import bootreport
+
+from kgen.arch import hw
+from kgen.guest.diagnose import find_exception
+from kgen.guest.elfinfo import ElfInfo
 from kgen.machine import Machine
 
 from conftest import ARCH_BUILDS, needs_grub, needs_qemu

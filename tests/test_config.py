@@ -4,10 +4,10 @@ import sys
 
 import pytest
 
-from kgen import hw
-from kgen.config import Config, from_mapping, load
+from kgen.arch import hw
+from kgen.build.config import Config, from_mapping, load
 from kgen.errors import ConfigError
-from kgen.layout import compute
+from kgen.build.layout import compute
 
 
 def error_of(**values) -> str:

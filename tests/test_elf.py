@@ -16,11 +16,11 @@ from elftools.elf.elffile import ELFFile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import kgen.elf
-from kgen.elf import ELF32_I386, ELF64_X86_64, ElfTarget, write_elf
-from kgen.elfinfo import ElfInfo, LoadSegment
+import kgen.build.elf
+from kgen.build.elf import ELF32_I386, ELF64_X86_64, ElfTarget, write_elf
+from kgen.guest.elfinfo import ElfInfo, LoadSegment
 from kgen.errors import KgenError, LinkError
-from kgen.image import LinkedImage, Section, Symbol
+from kgen.build.image import LinkedImage, Section, Symbol
 
 
 MB_MAGIC, MB_FLAGS = 0x1BADB002, 0x3
@@ -140,7 +140,7 @@ def test_targets_differ_only_where_the_classes_do():
 
 def test_skeleton_is_an_elf_of_the_class(flavour):
     """The bytes LIEF starts from, read by pyelftools: a field packed into the wrong slot shows up here."""
-    elf = ELFFile(io.BytesIO(kgen.elf._skeleton(flavour.target, 3)))
+    elf = ELFFile(io.BytesIO(kgen.build.elf._skeleton(flavour.target, 3)))
     assert elf.elfclass == flavour.bits and elf.header.e_machine == flavour.machine
     assert (elf.header.e_phoff, elf.header.e_phnum, elf.header.e_shnum) == (flavour.target.ehdr_size, 3, 2)
     assert elf.header.e_shoff % (flavour.bits // 8) == 0
@@ -405,7 +405,7 @@ def test_segment_right_after_the_program_header_table(tmp_path, flavour, past_ta
 def test_failed_verification_leaves_no_file(tmp_path, monkeypatch, flavour, image):
     path = tmp_path / "kernel.elf"
     path.write_bytes(b"an older kernel")
-    monkeypatch.setattr(kgen.elf, "_verify", lambda *args: ["p_paddr is 0xc0100000, expected 0x100000"])
+    monkeypatch.setattr(kgen.build.elf, "_verify", lambda *args: ["p_paddr is 0xc0100000, expected 0x100000"])
     with pytest.raises(LinkError, match="p_paddr") as err:
         write_elf(image, path, target=flavour.target)
     assert "\n" not in str(err.value)
@@ -465,9 +465,9 @@ def test_verifier_catches_what_lief_gets_wrong(kernel, flavour, image, what, cor
     data = kernel.read_bytes()
     with kernel.open("rb") as stream:
         bad = corrupt(data, ELFFile(stream), flavour)
-    layout = kgen.elf._layout(image, flavour.target)
-    assert kgen.elf._verify(data, image, layout, flavour.target) == []
-    problems = kgen.elf._verify(bad, image, layout, flavour.target)
+    layout = kgen.build.elf._layout(image, flavour.target)
+    assert kgen.build.elf._verify(data, image, layout, flavour.target) == []
+    problems = kgen.build.elf._verify(bad, image, layout, flavour.target)
     message = what.format(v0=hex(flavour.at(0)), bss=hex(flavour.at(0x20A0)), bss_want=hex(flavour.at(0x2010)),
                           start=flavour.at(0x10))
     assert any(message in problem for problem in problems), (message, problems)
@@ -478,10 +478,10 @@ def test_verifier_catches_the_wrong_target(kernel, flavour, image):
     data = kernel.read_bytes()
     wrong_class = other(flavour).target
     wrong_machine = dataclasses.replace(flavour.target, machine={3: 62, 62: 3}[flavour.target.machine])
-    problems = kgen.elf._verify(data, image, kgen.elf._layout(image, flavour.target), wrong_class)
+    problems = kgen.build.elf._verify(data, image, kgen.build.elf._layout(image, flavour.target), wrong_class)
     assert f"EI_CLASS is {hex(flavour.bits)}, expected {hex(other(flavour).bits)}" in problems
     assert any(p.startswith("e_phentsize is") for p in problems)
-    problems = kgen.elf._verify(data, image, kgen.elf._layout(image, wrong_machine), wrong_machine)
+    problems = kgen.build.elf._verify(data, image, kgen.build.elf._layout(image, wrong_machine), wrong_machine)
     assert problems == [f"e_machine is {hex(flavour.target.machine)}, expected {hex(wrong_machine.machine)}"]
 
 
@@ -508,7 +508,7 @@ def test_sizes_beyond_32_bits_are_refused_in_both_classes(tmp_path, flavour, ima
 
 def test_lief_cuts_elf64_sizes_but_not_addresses_to_32_bits(tmp_path):
     """Why the test above refuses big sizes for ELF64 too. If this fails, LIEF writes 64-bit sizes now, and
-    kgen.elf._LIEF_SIZE_MAX can follow the class."""
+    kgen.build.elf._LIEF_SIZE_MAX can follow the class."""
     path = tmp_path / "k.elf"
     write_elf(make_image(X86_64), path, target=ELF64_X86_64)
     binary = lief.ELF.parse(str(path))

@@ -8,12 +8,12 @@ import sys
 import pytest
 
 import minikernels
-from kgen.diagnose import RunFailed, explain
-from kgen.elfinfo import ElfInfo
+from kgen.guest.diagnose import RunFailed, explain
+from kgen.guest.elfinfo import ElfInfo
 from kgen.errors import MachineError
 from kgen.machine import Machine
-from kgen.session import KernelSession
-from kgen.testing import KernelUnderTest, boot
+from kgen.harness.session import KernelSession
+from kgen.harness.testing import KernelUnderTest, boot
 
 from conftest import needs_qemu
 

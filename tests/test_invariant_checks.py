@@ -4,9 +4,11 @@ import dataclasses
 
 import pytest
 
-from kgen import hw, invariants
-from kgen.elfinfo import ElfInfo
-from kgen.testing import KernelUnderTest, boot
+from kgen.arch import hw
+
+from kgen.guest import invariants
+from kgen.guest.elfinfo import ElfInfo
+from kgen.harness.testing import KernelUnderTest, boot
 
 from conftest import needs_qemu
 

@@ -7,9 +7,9 @@ import pytest
 from elftools.elf.constants import P_FLAGS, SH_FLAGS
 from elftools.elf.elffile import ELFFile
 
-from kgen import hw
+from kgen.arch import hw
 from kgen.arch import ARCHES
-from kgen.elfinfo import ElfInfo
+from kgen.guest.elfinfo import ElfInfo
 
 from conftest import ARCH_BUILDS
 

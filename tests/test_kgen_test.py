@@ -96,15 +96,15 @@ def test_kgen_test_builds_filters_runs_in_parallel_and_writes_junit(tmp_path):
 
 
 def test_importing_the_plugin_loads_nothing_of_kgen_or_qemu():
-    result = run("-c", "import sys, kgen.pytest_plugin; "
+    result = run("-c", "import sys, kgen.harness.pytest_plugin; "
                        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
                        "('kgen', 'qemu', 'elftools', 'lief', 'keystone')))")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "['kgen', 'kgen.pytest_plugin']"
+    assert result.stdout.strip() == "['kgen', 'kgen.harness', 'kgen.harness.pytest_plugin']"
 
 
 USER_TEST = '''
-from kgen import invariants
+from kgen.guest import invariants
 
 
 def test_my_own_machine_state(kgen_kernel, kgen_machine):
@@ -125,7 +125,7 @@ def plugin_installed() -> bool:
 
 def test_users_write_their_own_tests_with_the_fixtures(tmp_path):
     (tmp_path / "test_mine.py").write_text(USER_TEST)
-    load = [] if plugin_installed() else ["-p", "kgen.pytest_plugin"]
+    load = [] if plugin_installed() else ["-p", "kgen.harness.pytest_plugin"]
     result = run("-m", "pytest", *load, "-p", "no:cacheprovider", "-q",
                  "--kgen-out", str(tmp_path / "build"), str(tmp_path / "test_mine.py"), cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr

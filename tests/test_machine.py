@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from kgen import hw
+from kgen.arch import hw
 from kgen.errors import MachineError, ToolMissing
 from kgen.machine import MIB, Machine, RamWindow, fill_file, kvm_usable_for, parse_ram_windows
-from kgen.registers import parse_info_registers
+from kgen.guest.registers import parse_info_registers
 
 needs_qemu = pytest.mark.skipif(shutil.which("qemu-system-i386") is None,
                                 reason="qemu-system-i386 not installed (Debian package qemu-system-x86)")

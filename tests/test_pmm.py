@@ -2,7 +2,7 @@
 
 Every test drives the kernel through a `Model`: it predicts each answer (LIFO stack, then the bump pointer) and
 after every call checks total = free + live + reserved; `Model.check_machine` then walks the free stack and the
-page tables from the host (kgen.pmmview, kgen.pagewalk).
+page tables from the host (kgen.guest.pmmview, kgen.guest.pagewalk).
 
 One template serves both word sizes, so the tests run on the i386 and the x86_64 kernel alike (ids [i386] and
 [x86_64]); sizes, spans and widths come from the architecture record. A subset runs under KVM as well, where the
@@ -18,17 +18,19 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kgen import bootreport, hw
+from kgen.guest import bootreport
+
+from kgen.arch import hw
 from kgen.arch import ARCHES
-from kgen.build import build
-from kgen.calls import CallError
-from kgen.config import Config
-from kgen.elfinfo import ElfInfo
-from kgen.pagewalk import Walker
-from kgen.pmmview import (ChainError, PmmState, PmmView, alloc_at_pages, overlap_frames, parse_report,
+from kgen.build.pipeline import build
+from kgen.guest.calls import CallError
+from kgen.build.config import Config
+from kgen.guest.elfinfo import ElfInfo
+from kgen.guest.pagewalk import Walker
+from kgen.guest.pmmview import (ChainError, PmmState, PmmView, alloc_at_pages, overlap_frames, parse_report,
                           ranges_from_mmap)
-from kgen.session import KernelSession
-from kgen.testing import KernelUnderTest, probe_kvm
+from kgen.harness.session import KernelSession
+from kgen.harness.testing import KernelUnderTest, probe_kvm
 
 from conftest import ARCH_BUILDS
 

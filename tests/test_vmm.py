@@ -13,13 +13,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kgen import hw
-from kgen.build import build
-from kgen.calls import CallError
-from kgen.config import Config
-from kgen.diagnose import find_exception
-from kgen.pagewalk import Walker, WalkError
-from kgen.pmmview import PmmView
+from kgen.arch import hw
+from kgen.build.pipeline import build
+from kgen.guest.calls import CallError
+from kgen.build.config import Config
+from kgen.guest.diagnose import find_exception
+from kgen.guest.pagewalk import Walker, WalkError
+from kgen.guest.pmmview import PmmView
 
 from conftest import KVM_ONLY, POISON, X86_64_ONLY, open_session, walker
 

@@ -27,7 +27,7 @@ def test_wheel_carries_templates_boot_tree_and_suite(wheel):
     for template in (ROOT / "templates").glob("*.s"):
         assert f"kgen/_data/templates/{template.name}" in names
     assert "kgen/_data/boot/grub/grub.cfg" in names
-    assert "kgen/suite/test_invariants.py" in names
+    assert "kgen/harness/suite/test_invariants.py" in names
 
 
 def test_installed_outside_the_checkout_kgen_build_works(wheel, tmp_path):
@@ -39,7 +39,7 @@ def test_installed_outside_the_checkout_kgen_build_works(wheel, tmp_path):
     work = tmp_path / "elsewhere"
     work.mkdir()
     where = subprocess.run([env_dir / "bin" / "python", "-c",
-                            "import kgen.resources as r; print(r.templates_dir()); print(r.boot_dir())"],
+                            "import kgen.build.resources as r; print(r.templates_dir()); print(r.boot_dir())"],
                            cwd=work, capture_output=True, text=True, check=True).stdout.split()
     assert all(str(env_dir) in path for path in where), where
     result = subprocess.run([env_dir / "bin" / "kgen", "build", "--out", "out"], cwd=work,

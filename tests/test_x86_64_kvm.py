@@ -7,8 +7,10 @@ import sys
 
 import pytest
 
-from kgen import hw, invariants
-from kgen.testing import KernelUnderTest, boot, probe_kvm
+from kgen.arch import hw
+
+from kgen.guest import invariants
+from kgen.harness.testing import KernelUnderTest, boot, probe_kvm
 
 from conftest import needs_qemu
 
@@ -93,7 +95,7 @@ def random_operations(seed: int) -> list[tuple]:
 
 
 def run_operations(session, ops) -> list[int]:
-    from kgen import hw
+    from kgen.arch import hw
     rw = hw.PTE_P | hw.PTE_RW
     frames, mapped, blocks, results = [], [], [], []
     for op in ops:
@@ -129,9 +131,9 @@ def run_operations(session, ops) -> list[int]:
 
 def machine_state(session) -> tuple:
     """The free stack, the PMM counters and every page-table entry (history bits masked) of the stopped guest."""
-    from kgen import hw
-    from kgen.invariants import GuestView
-    from kgen.pmmview import PmmView
+    from kgen.arch import hw
+    from kgen.guest.invariants import GuestView
+    from kgen.guest.pmmview import PmmView
     view = PmmView.of(session)
     pmm = view.state()
     stack = view.free_stack(pmm)
@@ -149,7 +151,7 @@ def machine_state(session) -> tuple:
 
 
 def test_tcg_and_kvm_agree_after_the_same_random_operations(kernel, kvm):
-    from kgen.session import KernelSession
+    from kgen.harness.session import KernelSession
     ops = random_operations(seed=2026)
     outcome = {}
     for accel in ("tcg", "kvm"):

@@ -21,9 +21,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from kgen.pagewalk import I386 as I386_PAGING
-from kgen.pagewalk import X86_64 as X86_64_PAGING
-from kgen.pagewalk import PagingMode
+from kgen.guest.pagewalk import I386 as I386_PAGING
+from kgen.guest.pagewalk import X86_64 as X86_64_PAGING
+from kgen.guest.pagewalk import PagingMode
 
 _WORD_REGISTERS = ("ax", "bx", "cx", "dx", "si", "di", "bp", "sp")
 
@@ -34,7 +34,7 @@ class Arch:
     word_size: int                # bytes in a general register, a pointer, a call-channel argument
     paging: PagingMode            # levels, index bits, entry size, large-page levels
     keystone_mode: int            # 32 or 64: the mode kernel code is assembled in (an entry may switch with .code32)
-    elf_target: str               # name of the kgen.elf.ElfTarget the image is written as
+    elf_target: str               # name of the kgen.build.elf.ElfTarget the image is written as
     qemu: str                     # QEMU binary that runs the kernel
     gas_flags: tuple[str, ...]    # GNU as flags for the keystone-against-GNU-as comparison
     ld_emulation: str             # GNU ld -m value for the same comparison

@@ -18,9 +18,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .elfinfo import ElfInfo
-from .errors import KgenError, MachineError
-from .layout import Layout
+from kgen.guest.elfinfo import ElfInfo
+from kgen.errors import KgenError, MachineError
+from kgen.build.layout import Layout
 
 # int3 in every byte of RAM the kernel did not write: code run from such memory traps at once, and as a paging
 # entry 0xcccccccc is not present, so a table that was never cleared shows up as poison rather than as garbage
@@ -43,9 +43,9 @@ class KernelUnderTest:
 
     @classmethod
     def built(cls, config_path: Path | None, out_dir: Path, arch: str | None = None) -> KernelUnderTest:
-        from . import config as configmod
-        from .build import FINGERPRINT_NAME, build, fingerprint
-        from .layout import compute
+        from kgen.build import config as configmod
+        from kgen.build.pipeline import FINGERPRINT_NAME, build, fingerprint
+        from kgen.build.layout import compute
         config = configmod.load(config_path, arch)
         elf = out_dir / "kernel.elf"
         stamp = out_dir / FINGERPRINT_NAME
@@ -64,13 +64,13 @@ class KernelUnderTest:
     @property
     def qemu(self) -> str:
         """The QEMU binary for this kernel: its architecture's; a foreign (32-bit) ELF gets qemu-system-i386."""
-        from .arch import I386
+        from kgen.arch import I386
         return (self.layout.architecture if self.layout is not None else I386).qemu
 
     @property
     def probe_marker(self) -> str | None:
         """COM1 text that shows a boot got far enough, for the KVM probe."""
-        from .bootreport import BOOT_OK
+        from kgen.guest.bootreport import BOOT_OK
         return BOOT_OK if self.layout is not None else self.ready
 
 
@@ -95,7 +95,7 @@ class LiveKernel:
 
     def view(self):
         """The stopped guest as the invariant checks see it; taken again after anything continued the guest."""
-        from .invariants import GuestView
+        from kgen.guest.invariants import GuestView
         if self._view is None:
             self.stop()
             self._view = GuestView.capture(self.machine, self.kernel.elf, self.kernel.layout, self.poison)
@@ -108,8 +108,8 @@ class LiveKernel:
 
     def call(self, routine: str | int, *args: int, timeout: float | None = None) -> int:
         """Run a kernel routine; one that faults or never returns raises `RunFailed` saying which and where."""
-        from .calls import CallError
-        from .diagnose import RunFailed, explain
+        from kgen.guest.calls import CallError
+        from kgen.guest.diagnose import RunFailed, explain
         if self.channel is None:
             raise KgenError(f"{self.kernel.elf_path.name} has no kgen call channel: routines cannot be called")
         self.cont()
@@ -125,9 +125,9 @@ class LiveKernel:
 def boot(kernel: KernelUnderTest, accel: str = "tcg", *, poison: bytes | None = POISON,
          timeout: float = BOOT_TIMEOUT):
     """Boot to the inspectable state; a boot that fails raises `RunFailed` saying what the kernel did instead."""
-    from .diagnose import RunFailed, explain
-    from .machine import Machine
-    from .session import KernelSession
+    from kgen.guest.diagnose import RunFailed, explain
+    from kgen.machine import Machine
+    from kgen.harness.session import KernelSession
 
     if kernel.layout is not None:
         with KernelSession(kernel.elf_path, kernel.layout, accel=accel, poison=poison) as session:
@@ -145,7 +145,7 @@ def boot(kernel: KernelUnderTest, accel: str = "tcg", *, poison: bytes | None = 
 
 
 def _wait_idle(machine, timeout: float) -> None:
-    from .hw import CR0_PG
+    from kgen.arch.hw import CR0_PG
     deadline = time.monotonic() + timeout
     while True:
         state = machine.status()
@@ -164,7 +164,7 @@ def probe_kvm(kernel: KernelUnderTest, cache_dir: Path | None = None) -> tuple[b
 
     The boot costs seconds where KVM is a software hypervisor (≈3 s here), more than the rest of the suite, so the
     answer is kept in `cache_dir` for the same kernel bytes, QEMU binary and host kernel."""
-    from .machine import kvm_usable_for
+    from kgen.machine import kvm_usable_for
     marker = kernel.probe_marker
     if marker is None:
         return False, "no ready marker for this kernel, so KVM cannot be probed (pass --kgen-ready)"
@@ -198,7 +198,7 @@ def pytest_args(args, extra: list[str]) -> list[str]:
         # pytest would rewrite the asserts of the plugin's package, but `kgen test` has imported kgen already.
         argv += ["-W", "ignore::pytest.PytestAssertRewriteWarning"]
     else:
-        argv += ["-p", "kgen.pytest_plugin"]      # a checkout on PYTHONPATH: the entry point is not installed
+        argv += ["-p", "kgen.harness.pytest_plugin"]      # a checkout on PYTHONPATH: the entry point is not installed
     if args.kernel is not None:
         argv += ["--kgen-kernel", str(args.kernel.resolve())]
     else:

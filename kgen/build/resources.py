@@ -1,7 +1,7 @@
 """Where the templates and the GRUB tree are: beside the package in a wheel, at the top of a checkout otherwise."""
 from pathlib import Path
 
-_PACKAGE = Path(__file__).resolve().parent
+_PACKAGE = Path(__file__).resolve().parent.parent  # the kgen package
 
 
 def _find(name: str) -> Path:

@@ -1,7 +1,7 @@
 """The kernel's paging against its own intent (ELF segments, and the layout for a kgen kernel), on the kernel
 booted to idle and stopped, RAM poisoned. One test per invariant; kgen/invariants.py holds the checks."""
-from kgen import invariants
-from kgen.pytest_plugin import assert_holds
+from kgen.guest import invariants
+from kgen.harness.pytest_plugin import assert_holds
 
 
 def test_paging_and_write_protect_are_on(kgen_idle):

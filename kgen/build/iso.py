@@ -7,8 +7,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from .errors import KgenError, ToolMissing
-from .resources import boot_dir
+from kgen.errors import KgenError, ToolMissing
+from kgen.build.resources import boot_dir
 
 GRUB_PC_MODULES = Path("/usr/lib/grub/i386-pc")
 

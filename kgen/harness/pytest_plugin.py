@@ -39,7 +39,7 @@ def pytest_addoption(parser):
 @pytest.fixture(scope="session")
 def kgen_kernel(request, tmp_path_factory):
     from kgen.errors import KgenError
-    from kgen.testing import KernelUnderTest
+    from kgen.harness.testing import KernelUnderTest
 
     opt = request.config.getoption
     try:
@@ -53,7 +53,7 @@ def kgen_kernel(request, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def kgen_kvm(request, kgen_kernel):
-    from kgen.testing import probe_kvm
+    from kgen.harness.testing import probe_kvm
     return probe_kvm(kgen_kernel, request.config.getoption("kgen_out"))
 
 
@@ -79,8 +79,8 @@ def kgen_layout(kgen_kernel):
 def kgen_boot(kernel, accel: str = "tcg"):
     """Boot `kernel` for a test; a boot that fails fails the test with the diagnosis (what the kernel did
     instead: exception, triple fault, hang), not with a traceback of the harness."""
-    from kgen.diagnose import RunFailed
-    from kgen.testing import boot
+    from kgen.guest.diagnose import RunFailed
+    from kgen.harness.testing import boot
     try:
         with boot(kernel, accel) as live:
             yield live
@@ -102,8 +102,8 @@ def kgen_idle(kgen_kernel, kgen_accel):
 
 
 def assert_holds(check, view) -> None:
-    """Run one `kgen.invariants` check: fail with its problems (one line per page), skip where it does not apply."""
-    from kgen.invariants import NotApplicable
+    """Run one `kgen.guest.invariants` check: fail with its problems (one line per page), skip where it does not apply."""
+    from kgen.guest.invariants import NotApplicable
     try:
         problems = check(view)
     except NotApplicable as why:

@@ -5,9 +5,9 @@ import re
 
 import pytest
 
-from kgen import hw
-from kgen.invariants import mapped_pages
-from kgen.pytest_plugin import kgen_boot
+from kgen.arch import hw
+from kgen.guest.invariants import mapped_pages
+from kgen.harness.pytest_plugin import kgen_boot
 
 # A sub-page offset, so a translation that drops or garbles the low bits shows.
 OFFSET = 0x124

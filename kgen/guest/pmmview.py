@@ -16,11 +16,11 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
-from . import hw
-from .arch import I386, Arch
-from .elfinfo import ElfInfo
-from .errors import KgenError
-from .layout import FOUR_GIB, LOW_MEMORY_END, Layout
+from kgen.arch import hw
+from kgen.arch import I386, Arch
+from kgen.guest.elfinfo import ElfInfo
+from kgen.errors import KgenError
+from kgen.build.layout import FOUR_GIB, LOW_MEMORY_END, Layout
 
 ReadPhys = Callable[[int, int], bytes]
 

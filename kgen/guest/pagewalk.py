@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from kgen.errors import KgenError
-from kgen.hw import (PAGE_SIZE, PTE_A, PTE_D, PTE_FRAME_MASK, PTE_G, PTE_NX, PTE_P, PTE_PCD, PTE_PS, PTE_PWT,
+from kgen.arch.hw import (PAGE_SIZE, PTE_A, PTE_D, PTE_FRAME_MASK, PTE_G, PTE_NX, PTE_P, PTE_PCD, PTE_PS, PTE_PWT,
                      PTE_RW, PTE_US)
 
 ReadPhys = Callable[[int, int], bytes]

@@ -15,10 +15,10 @@ import struct
 import time
 from dataclasses import dataclass
 
-from .diagnose import find_exception, find_panic, tail
-from .elfinfo import ElfInfo
-from .errors import KgenError
-from .layout import Layout
+from kgen.guest.diagnose import find_exception, find_panic, tail
+from kgen.guest.elfinfo import ElfInfo
+from kgen.errors import KgenError
+from kgen.build.layout import Layout
 
 REPLY_WORDS = 6
 CALL_TIMEOUT = 30.0

@@ -38,9 +38,9 @@ from pathlib import Path
 
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 
-from .errors import MachineError, ToolMissing
-from .layout import DEBUG_EXIT_PORT
-from .registers import Registers, parse_info_registers
+from kgen.errors import MachineError, ToolMissing
+from kgen.build.layout import DEBUG_EXIT_PORT
+from kgen.guest.registers import Registers, parse_info_registers
 
 QEMU_PACKAGE = "qemu-system-x86"
 MIB = 1 << 20

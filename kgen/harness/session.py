@@ -6,11 +6,11 @@
 """
 from __future__ import annotations
 
-from .calls import CallChannel, CallResult
-from .diagnose import RunFailed, explain
-from .elfinfo import ElfInfo
-from .errors import MachineError
-from .layout import Layout
+from kgen.guest.calls import CallChannel, CallResult
+from kgen.guest.diagnose import RunFailed, explain
+from kgen.guest.elfinfo import ElfInfo
+from kgen.errors import MachineError
+from kgen.build.layout import Layout
 
 SERVING_MARKER = "kgen: serving calls on COM2"
 BOOT_TIMEOUT = 60.0
@@ -30,7 +30,7 @@ class KernelSession:
         self.channel: CallChannel | None = None
 
     def __enter__(self) -> "KernelSession":
-        from .machine import Machine
+        from kgen.machine import Machine
         self.machine = Machine(kernel=self.elf_path, append=self.layout.serve_token, **self.options)
         self.machine.launch()
         try:

@@ -25,8 +25,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .arch import I386, Arch
-from .errors import AssemblyError
+from kgen.arch import I386, Arch
+from kgen.errors import AssemblyError
 
 SECTIONS = (".multiboot", ".text", ".rodata", ".data", ".bss")
 PRELUDE = "macros.inc"

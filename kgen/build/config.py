@@ -36,8 +36,8 @@ import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from .arch import ARCHES, I386
-from .errors import ConfigError
+from kgen.arch import ARCHES, I386
+from kgen.errors import ConfigError
 
 DEFAULT_CONFIG_NAME = "kgen.toml"
 # The values that differ between architectures are the architecture record's; the Config defaults are i386's.

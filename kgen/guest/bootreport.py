@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import KgenError
+from kgen.errors import KgenError
 
 BOOT_OK = "kgen: boot ok"
 

@@ -1,4 +1,4 @@
-"""`python -m kgen.bench` (`make bench`): what the memory managers cost, measured inside the kernel, on i386 and x86_64.
+"""`python -m kgen.harness.bench` (`make bench`): what the memory managers cost, measured inside the kernel, on i386 and x86_64.
 
 Loops in templates/bench.s run each operation n times between two rdtsc reads; the empty loop's delta is
 subtracted. Under TCG with `-icount shift=0,sleep=off` the guest clock advances one tick per executed instruction,
@@ -23,16 +23,16 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import hw
-from .arch import ARCHES
-from .bootreport import BOOT_OK
-from .bootreport import parse as parse_boot_report
-from .build import build
-from .config import Config
-from .layout import Layout
-from .machine import kvm_usable_for
-from .pmmview import PmmView, alloc_at_pages, parse_report, ranges_from_mmap
-from .session import KernelSession
+from kgen.arch import hw
+from kgen.arch import ARCHES
+from kgen.guest.bootreport import BOOT_OK
+from kgen.guest.bootreport import parse as parse_boot_report
+from kgen.build.pipeline import build
+from kgen.build.config import Config
+from kgen.build.layout import Layout
+from kgen.machine import kvm_usable_for
+from kgen.guest.pmmview import PmmView, alloc_at_pages, parse_report, ranges_from_mmap
+from kgen.harness.session import KernelSession
 
 LOOPS = 1000
 KVM_REPEATS = 5
@@ -331,7 +331,7 @@ def bench_arch(arch: str, work: Path, *, init: bool = True, kvm: bool = True) ->
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="kgen.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="kgen.harness.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--arch", choices=(*ARCHES, "all"), default="all", help="architecture(s) to measure")
     parser.add_argument("--no-init", action="store_true", help="skip the PMM init runs (64 MiB .. 3 or 8 GiB guests)")
     parser.add_argument("--no-kvm", action="store_true", help="TCG only: do not probe or use KVM")

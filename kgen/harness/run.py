@@ -4,11 +4,11 @@ from __future__ import annotations
 import os
 import sys
 
-from . import config as configmod
-from .diagnose import explain
-from .elfinfo import ElfInfo
-from .errors import KgenError, MachineError
-from .layout import compute
+from kgen.build import config as configmod
+from kgen.guest.diagnose import explain
+from kgen.guest.elfinfo import ElfInfo
+from kgen.errors import KgenError, MachineError
+from kgen.build.layout import compute
 
 KVM_DEVICE = "/dev/kvm"
 
@@ -19,8 +19,8 @@ def require_kvm():
 
 
 def run(args) -> int:
-    from .build import build
-    from .machine import Machine
+    from kgen.build.pipeline import build
+    from kgen.machine import Machine
 
     cfg = configmod.load(args.config, args.arch)
     if args.memory is not None:

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import hw
-from .arch import ARCHES, Arch
-from .config import Config
-from .errors import ConfigError
+from kgen.arch import hw
+from kgen.arch import ARCHES, Arch
+from kgen.build.config import Config
+from kgen.errors import ConfigError
 
 MIB = 1 << 20
 FOUR_GIB = 1 << 32

@@ -11,12 +11,12 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from . import hw
-from .elfinfo import ElfInfo
-from .errors import KgenError
-from .layout import Layout
-from .pagewalk import I386, PAE, X86_64, PagingMode, ReadPhys, Walker, WalkError
-from .registers import Registers
+from kgen.arch import hw
+from kgen.guest.elfinfo import ElfInfo
+from kgen.errors import KgenError
+from kgen.build.layout import Layout
+from kgen.guest.pagewalk import I386, PAE, X86_64, PagingMode, ReadPhys, Walker, WalkError
+from kgen.guest.registers import Registers
 
 # The boot stub's page directory (templates/boot.s): CR3 must hold its physical address.
 BOOT_PD_SYMBOL = "boot_top_table"

@@ -1,4 +1,4 @@
-"""What the machine harness costs, measured here: `python -m kgen.benchharness [--runs N] [--skip-suite]`.
+"""What the machine harness costs, measured here: `python -m kgen.harness.benchharness [--runs N] [--skip-suite]`.
 
 Prints the median per-test overhead (a fresh kernel booted to serve calls, RAM poisoned, then shut down), the wall
 time of `kgen test` (first and later runs, one worker and parallel), physical-read throughput through the mapped
@@ -16,8 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .pagewalk import I386, Walker
-from .testing import KernelUnderTest, boot
+from kgen.guest.pagewalk import I386, Walker
+from kgen.harness.testing import KernelUnderTest, boot
 
 
 def _median_seconds(action, runs: int) -> float:
@@ -56,7 +56,7 @@ def read_throughput(machine, size: int, runs: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kgen.benchharness", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m kgen.harness.benchharness", description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=15, help="boots for the per-test median (default 15)")
     p.add_argument("--skip-suite", action="store_true", help="do not time a whole `kgen test` run")
     args = p.parse_args(argv)

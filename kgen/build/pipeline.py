@@ -6,11 +6,13 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import asm, link
-from .config import Config
-from .image import LinkedImage
-from .layout import Layout, compute
-from .resources import templates_dir
+from kgen.build import asm
+
+from kgen.build import link
+from kgen.build.config import Config
+from kgen.build.image import LinkedImage
+from kgen.build.layout import Layout, compute
+from kgen.build.resources import templates_dir
 
 # The kernel's units, in the order their pieces are placed within each section. `{arch}/` units are the entry,
 # GDT and IDT of one architecture (templates/i386/, templates/x86_64/); every other unit serves both word sizes.
@@ -75,9 +77,9 @@ FINGERPRINT_NAME = ".kgen-build"
 
 def fingerprint(config: Config) -> str:
     """What the outputs depend on: the config, the templates, kgen's own source and the boot tree."""
-    from .resources import boot_dir
+    from kgen.build.resources import boot_dir
     digest = hashlib.sha256(repr(dataclasses.replace(config, source="")).encode())
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parent.parent  # all of kgen, not only this stage
     for root in (templates_dir(), boot_dir(), package):
         for path in sorted(root.rglob("*")):
             if path.is_file() and path.suffix in (".s", ".inc", ".py", ".cfg"):
@@ -91,9 +93,9 @@ def build(config: Config, out_dir: Path, *, iso: bool = True, force: bool = True
 
     Without `force`, outputs whose fingerprint matches the inputs are kept as they are.
     """
-    from . import elf as elf_module
-    from .elf import write_elf
-    from .iso import make_iso
+    from kgen.build import elf as elf_module
+    from kgen.build.elf import write_elf
+    from kgen.build.iso import make_iso
 
     out_dir.mkdir(parents=True, exist_ok=True)
     elf_path, iso_path = out_dir / "kernel.elf", out_dir / "kernel.iso"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from . import hw
-from .elfinfo import ElfInfo
-from .errors import MachineError
+from kgen.arch import hw
+from kgen.guest.elfinfo import ElfInfo
+from kgen.errors import MachineError
 
 # One shape for both kernels: "kgen: exception vector=0x.. error=0x.. eip=0x.. cr2=0x.. eax=0x.. ..." from the i386
 # one (templates/i386/idt.s), the same with rip= and r8=..r15=, rflags= and 16-digit values from the 64-bit one.

@@ -48,7 +48,7 @@ from elftools.elf.elffile import ELFFile
 from elftools.elf.enums import ENUM_E_MACHINE
 
 from kgen.errors import KgenError, LinkError
-from kgen.image import LinkedImage, Section
+from kgen.build.image import LinkedImage, Section
 
 MULTIBOOT_WINDOW = 8192          # GRUB and QEMU look for the Multiboot v1 header only this far into the file
 MULTIBOOT_HEADER_SIZE = 12       # magic, flags, checksum

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .asm import SECTIONS, Assembled, Piece, assemble
-from .errors import LinkError
-from .image import LinkedImage, Section, Symbol
-from .layout import Layout
+from kgen.build.asm import SECTIONS, Assembled, Piece, assemble
+from kgen.errors import LinkError
+from kgen.build.image import LinkedImage, Section, Symbol
+from kgen.build.layout import Layout
 
 SECTION_PERMS = {".multiboot": "rx", ".text": "rx", ".rodata": "r", ".data": "rw", ".bss": "rw"}
 ENTRY_SYMBOL = "_start"

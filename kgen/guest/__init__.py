@@ -1,0 +1,1 @@
+"""The guest view: what a stopped machine holds, read through page tables, registers and the ELF."""

@@ -1,0 +1,1 @@
+"""The test harness: the pytest plugin, `kgen test`, `kgen run`, kernel sessions and benchmarks."""

@@ -1,1 +1,0 @@
-"""The invariant suite `kgen test` runs on pytest (fixtures from kgen.pytest_plugin)."""
