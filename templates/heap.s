@@ -58,7 +58,12 @@ heap_class_shift:
     jbe .Lshift_min
     dec xax
     bsr xax, xax
+.if HEAP_SMALL_BLOCK
+    # Build variant: one class too small. A request of 17..32 bytes gets a 16-byte block, so it runs into the next
+    # block; an alignment of 4096 gets a 2048-byte slab block, aligned to 2048 only.
+.else
     inc eax
+.endif
     ret
 .Lshift_min:
     mov eax, HEAP_MIN_SHIFT

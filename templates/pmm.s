@@ -321,9 +321,14 @@ pmm_frame_refusal:
     add xsp, 3*WORD_SIZE
     test xax, xax
     jnz .Lrefuse_reserved
+.if PMM_DOUBLE_PUSH
+    # Build variant: the frame on top of the stack is not refused. A double free pushes it twice: its link then
+    # points at itself, the frames below are lost, and the count says one frame more than the stack holds.
+.else
     mov xax, [xsp + WORD_SIZE]
     cmp xax, [pmm_top]
     je .Lrefuse_top
+.endif
     xor eax, eax
     ret
 .Lrefuse_unaligned:

@@ -90,7 +90,13 @@ vmm_table_for:
     add xsp, 2*WORD_SIZE
     mov xdi, xax
     and xdi, -PAGE_SIZE
+.if VMM_TABLE_USER
+    # Build variant: the entry one level up, pointing at the new table, carries U/S. Ring 3 is then let through
+    # at that level for everything the table will map; only the level below still stops it.
+    push PTE_P | PTE_RW | PTE_US
+.else
     push PTE_P | PTE_RW
+.endif
     push xdi
     call pmm_map_top                                # writes the entry one level up
     add xsp, 2*WORD_SIZE
@@ -209,6 +215,11 @@ vmm_map:
     jz .Lmap_done
     mov xcx, xbx
     ENTRY_OF xcx, xdx, PAGE_SHIFT, LEAF_ENTRIES
+.if VMM_MAP_WRONG_INDEX
+    # Build variant: off by one entry. The frame is mapped at vaddr + PAGE_SIZE (or, for a table's last entry, in
+    # the next table's window page), vaddr stays unmapped, and vmm_unmap(vaddr) finds nothing to take back.
+    add xcx, ENTRY_SIZE
+.endif
     test xword ptr [xcx], PTE_P
     jnz .Lmap_present
     push xcx
@@ -255,7 +266,13 @@ vmm_unmap:
     test eax, PTE_P
     jz .Lunmap_none
     mov xword ptr [xcx], 0x0
+.if VMM_UNMAP_SKIP_INVLPG
+    # Build variant: no INVLPG. The TLB may keep the old translation, so the CPU still reaches the unmapped frame
+    # through vaddr, and after a new vmm_map there it reads and writes the old frame instead of the new one (until
+    # something else flushes vaddr: a table given back does).
+.else
     invlpg [xbx]
+.endif
     mov xdx, PTE_FRAME_MASK
     and xax, xdx
     push xax

@@ -147,7 +147,12 @@ vrange_release:
     jae .Lrelease_insert
     cmp [xcx], xdi                                  # next starts exactly at end: extend it downwards
     jne .Lrelease_insert
+.if VRANGE_BAD_MERGE
+    # Build variant: the next range takes the released pages' count but keeps its start, so it claims pages past
+    # its own end (beyond the window, or inside a live allocation) while the released pages are lost.
+.else
     mov [xcx], xbx
+.endif
     add [xcx + WORD_SIZE], xsi
     jmp .Lrelease_ok
 .Lrelease_insert:

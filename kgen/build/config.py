@@ -29,6 +29,12 @@ ranges) belong to `layout.py`, which turns a Config into addresses.
     fault_at_boot = false       # touch an unmapped page right after boot
     tempmap_skip_invlpg = false # remap temp-map slots without INVLPG
     vmm_skip_table_clear = false  # leave new page tables uncleared
+    vmm_unmap_skip_invlpg = false # unmap pages without INVLPG
+    vmm_table_user = false        # give a new table's entry one level up U/S
+    vmm_map_wrong_index = false   # write vmm_map's PTE one entry too far
+    pmm_double_push = false       # let pmm_free push the frame already on top
+    vrange_bad_merge = false      # merge a released range into the next free one wrongly
+    heap_small_block = false      # serve kmalloc from blocks one class too small
 """
 from __future__ import annotations
 
@@ -61,6 +67,12 @@ class Config:
     fault_at_boot: bool = False
     tempmap_skip_invlpg: bool = False
     vmm_skip_table_clear: bool = False
+    vmm_unmap_skip_invlpg: bool = False
+    vmm_table_user: bool = False
+    vmm_map_wrong_index: bool = False
+    pmm_double_push: bool = False
+    vrange_bad_merge: bool = False
+    heap_small_block: bool = False
 
     source: str = "defaults"   # where the values came from, for error messages
     # Fields the user set; the others take their architecture's default (`for_arch`).
@@ -96,7 +108,9 @@ _SCHEMA: dict[str, tuple[str, ...]] = {
     "tempmap": ("base", "slots"),
     "vmm": ("base", "size"),
     "machine": ("memory_mib",),
-    "variant": ("fault_at_boot", "tempmap_skip_invlpg", "vmm_skip_table_clear"),
+    "variant": ("fault_at_boot", "tempmap_skip_invlpg", "vmm_skip_table_clear", "vmm_unmap_skip_invlpg",
+                "vmm_table_user", "vmm_map_wrong_index", "pmm_double_push", "vrange_bad_merge",
+                "heap_small_block"),
 }
 
 

@@ -123,6 +123,12 @@ class Layout:
     fault_at_boot: bool = False
     tempmap_skip_invlpg: bool = False
     vmm_skip_table_clear: bool = False
+    vmm_unmap_skip_invlpg: bool = False
+    vmm_table_user: bool = False
+    vmm_map_wrong_index: bool = False
+    pmm_double_push: bool = False
+    vrange_bad_merge: bool = False
+    heap_small_block: bool = False
 
     # ---- the architecture ------------------------------------------------------------------------------------
     @property
@@ -329,6 +335,12 @@ class Layout:
             "VMM_ALLOC_SLOTS": self.vmm_alloc_slots,
             "VMM_NONE": self.vmm_none,
             "VMM_CLEAR_TABLES": int(not self.vmm_skip_table_clear),
+            "VMM_UNMAP_SKIP_INVLPG": int(self.vmm_unmap_skip_invlpg),
+            "VMM_TABLE_USER": int(self.vmm_table_user),
+            "VMM_MAP_WRONG_INDEX": int(self.vmm_map_wrong_index),
+            "PMM_DOUBLE_PUSH": int(self.pmm_double_push),
+            "VRANGE_BAD_MERGE": int(self.vrange_bad_merge),
+            "HEAP_SMALL_BLOCK": int(self.heap_small_block),
             "HEAP_SLAB_PAGES": self.heap_slab_pages,
             "HEAP_MIN_SHIFT": self.heap_min_shift,
             "HEAP_MAX_SHIFT": self.heap_max_shift,
@@ -543,6 +555,9 @@ def compute(config: Config) -> Layout:
         tempmap_base=c.tempmap_base, tempmap_slots=c.tempmap_slots,
         memory_mib=c.machine_memory_mib, fault_at_boot=c.fault_at_boot,
         tempmap_skip_invlpg=c.tempmap_skip_invlpg, vmm_skip_table_clear=c.vmm_skip_table_clear,
+        vmm_unmap_skip_invlpg=c.vmm_unmap_skip_invlpg, vmm_table_user=c.vmm_table_user,
+        vmm_map_wrong_index=c.vmm_map_wrong_index, pmm_double_push=c.pmm_double_push,
+        vrange_bad_merge=c.vrange_bad_merge, heap_small_block=c.heap_small_block,
         vmm_base=c.vmm_base, vmm_size=c.vmm_size,
     )
 
