@@ -1,19 +1,53 @@
-"""`kgen build | run | test`. Every failure ends as one line on stderr and a non-zero status, never a traceback."""
+"""`kgen build | run | test`. Every failure ends as one line on stderr and a documented exit status (kgen/errors.py),
+never a traceback; Ctrl-C at any moment ends with one line and status 130.
+
+Only the standard library is imported at module level: an interrupt during the imports that follow (LIEF's
+extension takes ~0.2 s) must land inside `main`'s handler, not in the interpreter's traceback printer.
+"""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
-from kgen.build import config as configmod
-from kgen.arch import ARCHES
-from kgen.errors import KgenError
+from kgen.errors import (EXIT_INTERRUPTED, EXIT_USAGE, KgenError, exit_codes_text)
 
 DEFAULT_OUT = Path("build")
 DEFAULT_TIMEOUT = 30.0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one line, as every other bad input is (argparse prints usage first)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"kgen: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def positive_seconds(text: str) -> float:
+    """A timeout: a finite number of seconds above zero (nan, inf, 0 and negatives would each disable or break the
+    hang detection)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a timeout must be a finite number of seconds above 0")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be above 0")
+    return value
+
+
 def _add_config_args(p: argparse.ArgumentParser):
+    from kgen.arch import ARCHES
     p.add_argument("--config", type=Path, help="kgen.toml to read (default: ./kgen.toml if present, else defaults)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default: build/)")
     p.add_argument("--arch", choices=tuple(ARCHES),
@@ -22,7 +56,9 @@ def _add_config_args(p: argparse.ArgumentParser):
 
 
 def cmd_build(args) -> int:
-    from kgen.build.pipeline import build
+    from kgen.build import config as configmod
+    from kgen.build.pipeline import build, check_out_dir
+    check_out_dir(args.out)
     cfg = configmod.load(args.config, args.arch)
     out = build(cfg, args.out, iso=not args.no_iso)
     print(f"kgen: wrote {out.elf}" + (f" and {out.iso}" if out.iso else ""))
@@ -40,15 +76,20 @@ def cmd_test(args, extra: list[str]) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="kgen", description="Generate a higher-half x86 kernel and check it in QEMU.")
+    top = _Parser(prog="kgen", description="Generate a higher-half x86 kernel and check it in QEMU.",
+                  epilog=exit_codes_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = top.add_subparsers(dest="command", required=True)
 
-    b = sub.add_parser("build", help="write build/kernel.elf and build/kernel.iso")
+    def command(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, epilog=exit_codes_text(), formatter_class=argparse.RawDescriptionHelpFormatter,
+                              **kwargs)
+
+    b = command("build", help="write build/kernel.elf and build/kernel.iso")
     _add_config_args(b)
     b.add_argument("--no-iso", action="store_true", help="write the ELF only")
     b.set_defaults(func=cmd_build)
 
-    r = sub.add_parser("run", help="boot the kernel in QEMU with its serial output on stdout")
+    r = command("run", help="boot the kernel in QEMU with its serial output on stdout")
     _add_config_args(r)
     what = r.add_mutually_exclusive_group()
     what.add_argument("--iso", type=Path, help="boot this ISO instead of building one")
@@ -56,12 +97,13 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--append", help="kernel command line (with --kernel or the built ELF via --direct)")
     r.add_argument("--direct", action="store_true", help="boot the built ELF with -kernel instead of the ISO")
     r.add_argument("--accel", choices=("tcg", "kvm"), default="tcg", help="QEMU accelerator (default: tcg)")
-    r.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds before a run counts as hung")
-    r.add_argument("--memory", type=int, help="guest RAM in MiB (default: machine.memory_mib from the config)")
+    r.add_argument("--timeout", type=positive_seconds, default=DEFAULT_TIMEOUT,
+                   help=f"seconds before a run counts as hung (default: {DEFAULT_TIMEOUT:g})")
+    r.add_argument("--memory", type=positive_int, help="guest RAM in MiB (default: machine.memory_mib from the config)")
     r.set_defaults(func=cmd_run)
 
-    t = sub.add_parser("test", help="build the kernel and run the machine-state test suite (pytest)",
-                       description="Extra arguments after -- go to pytest unchanged.")
+    t = command("test", help="build the kernel and run the machine-state test suite (pytest)",
+                description="Extra arguments after -- go to pytest unchanged.")
     _add_config_args(t)
     t.add_argument("-k", dest="keyword", help="only tests matching this pytest expression")
     t.add_argument("-x", dest="exitfirst", action="store_true", help="stop at the first failure")
@@ -73,23 +115,27 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _main(argv: list[str]) -> int:
     extra: list[str] = []
     if "--" in argv:
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1:]
     args = parser().parse_args(argv)
+    if args.command == "test":
+        return cmd_test(args, extra)
+    return args.func(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        if args.command == "test":
-            return cmd_test(args, extra)
-        return args.func(args)
+        return _main(argv)
     except KgenError as err:
         print(f"kgen: error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print("kgen: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -1,10 +1,38 @@
-"""Errors that reach the user as one line and an exit code, never as a traceback."""
+"""Errors that reach the user as one line and an exit code, never as a traceback.
+
+The exit codes are the same for `kgen build`, `kgen run` and `kgen test` (`kgen --help` and the README list them);
+`kgen test` maps pytest's own codes onto them (kgen/harness/testing.py), so a bad `-k` is never taken for a missing
+tool, nor an interrupt for a bad config.
+"""
+
+EXIT_OK = 0
+EXIT_CHECKS_FAILED = 1      # kgen test: a check of the kernel failed
+EXIT_USAGE = 2              # a bad command line, config value or output directory (argparse uses 2 too)
+EXIT_TOOL_MISSING = 3       # QEMU, GRUB, KVM or a Python package is missing on this host
+EXIT_KERNEL_FAILED = 4      # kgen run: the kernel faulted, panicked, hung, triple-faulted or did not report success
+EXIT_INTERNAL = 5           # kgen or its tools failed: an assembler, linker, LIEF or GRUB failure, a QEMU/QMP error
+EXIT_INTERRUPTED = 130      # Ctrl-C (128 + SIGINT), as a shell reports it
+
+EXIT_CODES = (
+    (EXIT_OK, "success"),
+    (EXIT_CHECKS_FAILED, "checks failed (kgen test)"),
+    (EXIT_USAGE, "bad command line, config or --out"),
+    (EXIT_TOOL_MISSING, "a tool is missing (QEMU, GRUB, KVM, pytest)"),
+    (EXIT_KERNEL_FAILED, "the kernel failed: fault, panic, hang, triple fault, no success report (kgen run)"),
+    (EXIT_INTERNAL, "kgen or a tool it drives failed (assembler, LIEF, GRUB, QEMU/QMP, pytest internal error)"),
+    (EXIT_INTERRUPTED, "interrupted (Ctrl-C)"),
+)
+
+
+def exit_codes_text() -> str:
+    """The exit-code table as `kgen --help` prints it."""
+    return "exit status:\n" + "\n".join(f"  {code:<4} {meaning}" for code, meaning in EXIT_CODES)
 
 
 class KgenError(Exception):
     """A failure the user can act on. `str(err)` is the one line printed; `exit_code` is the process status."""
 
-    exit_code = 1
+    exit_code = EXIT_INTERNAL
 
     def __init__(self, message: str, *, exit_code: int | None = None):
         super().__init__(message)
@@ -12,10 +40,16 @@ class KgenError(Exception):
             self.exit_code = exit_code
 
 
+class UsageError(KgenError):
+    """A bad command-line value: a missing file, an unusable --out, a timeout that is not a positive number."""
+
+    exit_code = EXIT_USAGE
+
+
 class ConfigError(KgenError):
     """A config key, value or combination that breaks a rule. Exit status 2, like a usage error."""
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
 class AssemblyError(KgenError):
@@ -29,8 +63,26 @@ class LinkError(KgenError):
 class ToolMissing(KgenError):
     """An external program (QEMU, GRUB) is not installed; the message names the Debian package."""
 
-    exit_code = 3
+    exit_code = EXIT_TOOL_MISSING
 
 
 class MachineError(KgenError):
     """QEMU failed at a named step: launch, QMP connect, wait, read, shut down."""
+
+
+class KernelFailed(KgenError):
+    """The kernel under `kgen run` did not succeed: it faulted, panicked, hung or exited without its success report."""
+
+    exit_code = EXIT_KERNEL_FAILED
+
+
+class ImageTooLarge(LinkError):
+    """The linked image does not fit `kernel.max_size`: the build turns it into a config error naming the file."""
+
+    exit_code = EXIT_USAGE
+
+    def __init__(self, needed: int, limit: int):
+        super().__init__(f"the kernel image needs {needed:#x} bytes but kernel.max_size is {limit:#x}: "
+                         "raise kernel.max_size")
+        self.needed = needed
+        self.limit = limit

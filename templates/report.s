@@ -1,6 +1,7 @@
 # The boot report on COM1: what the loader handed over, where the kernel lives, and proof that the recursive
-# slot works. The harness and `kgen run` read these lines (kgen/bootreport.py); "kgen: boot ok" is the last.
-# Then the kernel exits with success, or serves calls when its command line holds the serve token.
+# slot works. The harness and `kgen run` read these lines (kgen/guest/bootreport.py); "kgen: boot ok" is the last.
+# Then the kernel exits with success (exit_success prints "kgen: exit success" first), or serves calls when its
+# command line holds the serve token.
 
 .section .text
 kmain:
@@ -28,8 +29,7 @@ kmain:
     add xsp, 2*WORD_SIZE
     test eax, eax
     jnz serve
-    push DEBUG_EXIT_SUCCESS
-    call debug_exit
+    call exit_success                               # "kgen: exit success", then the success status
 
 # serial_putfield(label, value): the label string, then the value in hex
 serial_putfield:

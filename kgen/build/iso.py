@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -25,19 +26,22 @@ def require_grub() -> str:
 
 
 def make_iso(kernel_elf: Path, iso: Path) -> None:
-    """Write `iso` whole or not at all: grub-mkrescue writes a temp file that replaces `iso` on success."""
+    """Write `iso` whole or not at all: grub-mkrescue writes a temp file (a name of its own, so two builds never
+    share it) that replaces `iso` on success and is removed on any failure or interrupt."""
     tool = require_grub()
     iso.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="kgen-iso-") as tmp:
-        tree = Path(tmp) / "tree"
-        shutil.copytree(boot_dir(), tree / "boot")   # the ISO root holds /boot/grub/grub.cfg
-        shutil.copyfile(kernel_elf, tree / "boot" / "kernel.elf")
-        partial = iso.with_name(f".{iso.name}.partial")
-        cmd = [tool, "--install-modules=multiboot normal configfile", "--fonts=", "--locales=", "--themes=",
-               "-o", str(partial), str(tree)]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0 or not partial.exists():
-            partial.unlink(missing_ok=True)
-            tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
-            raise KgenError(f"grub-mkrescue failed with status {result.returncode}: {tail}")
-        os.replace(partial, iso)
+    partial = iso.with_name(f".{iso.name}.{secrets.token_hex(6)}.partial")
+    try:
+        with tempfile.TemporaryDirectory(prefix="kgen-iso-") as tmp:
+            tree = Path(tmp) / "tree"
+            shutil.copytree(boot_dir(), tree / "boot")   # the ISO root holds /boot/grub/grub.cfg
+            shutil.copyfile(kernel_elf, tree / "boot" / "kernel.elf")
+            cmd = [tool, "--install-modules=multiboot normal configfile", "--fonts=", "--locales=", "--themes=",
+                   "-o", str(partial), str(tree)]
+            result = subprocess.run(cmd, capture_output=True, text=True)
+            if result.returncode != 0 or not partial.exists():
+                tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
+                raise KgenError(f"grub-mkrescue failed with status {result.returncode}: {tail}")
+            os.replace(partial, iso)
+    finally:
+        partial.unlink(missing_ok=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kgen.build.asm import SECTIONS, Assembled, Piece, assemble
-from kgen.errors import LinkError
+from kgen.errors import ImageTooLarge, LinkError
 from kgen.build.image import LinkedImage, Section, Symbol
 from kgen.build.layout import Layout
 
@@ -133,8 +133,7 @@ def _image(results: list[Assembled], bounds, symbols: dict[str, int], layout: La
                                 align=max([r.piece.align for r in results if r.piece.section == name], default=4)))
     image_end = symbols["__kernel_end"]
     if image_end > layout.kernel_window.end:
-        raise LinkError(f"the kernel image needs {image_end - layout.kernel_virtual_start:#x} bytes but "
-                        f"kernel.max_size is {layout.kernel_max_size:#x}: raise kernel.max_size")
+        raise ImageTooLarge(image_end - layout.kernel_virtual_start, layout.kernel_max_size)
     if ENTRY_SYMBOL not in symbols:
         raise LinkError(f"no `{ENTRY_SYMBOL}` label in any template: the kernel has no entry point")
     return LinkedImage(entry=symbols[ENTRY_SYMBOL], sections=tuple(sections),

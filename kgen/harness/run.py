@@ -1,13 +1,18 @@
-"""`kgen run`: boot a kernel with its serial output on the terminal; exit 0 only when the kernel reported success."""
+"""`kgen run`: boot a kernel with its serial output on the terminal; exit 0 only when the kernel reported success:
+its last COM1 line is `kgen: exit success` (kgen/guest/bootreport.py) and QEMU exited with the success status.
+Either alone can be faked: the status keeps only 8 bits, and a line can be printed by anyone."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
+from pathlib import Path
 
 from kgen.build import config as configmod
 from kgen.guest.diagnose import explain
 from kgen.guest.elfinfo import ElfInfo
-from kgen.errors import KgenError, MachineError
+from kgen.errors import (EXIT_KERNEL_FAILED, EXIT_OK, KernelFailed, KgenError, MachineError, ToolMissing,
+                         UsageError)
 from kgen.build.layout import compute
 
 KVM_DEVICE = "/dev/kvm"
@@ -15,41 +20,50 @@ KVM_DEVICE = "/dev/kvm"
 
 def require_kvm():
     if not os.access(KVM_DEVICE, os.R_OK | os.W_OK):
-        raise KgenError(f"--accel kvm: {KVM_DEVICE} is missing or not accessible on this host; use --accel tcg")
+        raise ToolMissing(f"--accel kvm: {KVM_DEVICE} is missing or not accessible on this host; use --accel tcg")
+
+
+def _existing_file(option: str, path: Path) -> Path:
+    if not path.is_file():
+        raise UsageError(f"{option} {path}: no such file" if not path.exists() else f"{option} {path}: not a file")
+    return path
 
 
 def run(args) -> int:
-    from kgen.build.pipeline import build
+    from kgen.build.pipeline import build, check_out_dir
+    from kgen.guest.bootreport import EXIT_SUCCESS, reported_success
     from kgen.machine import Machine
 
+    if args.append is not None and args.iso is not None:
+        raise UsageError("--append needs a directly booted kernel (--kernel or --direct); GRUB's menu sets the "
+                         "ISO's command line")
+    building = args.kernel is None and args.iso is None
+    if building:
+        check_out_dir(args.out)
     cfg = configmod.load(args.config, args.arch)
     if args.memory is not None:
         cfg = cfg.with_values(machine_memory_mib=args.memory, source=f"{cfg.source} with --memory")
     layout = compute(cfg)
     if args.accel == "kvm":
         require_kvm()
-    if args.append is not None and args.iso is not None:
-        raise KgenError("--append needs a directly booted kernel (--kernel or --direct); GRUB's menu sets the "
-                        "ISO's command line")
     target: dict = {}
     elf_path = None
     if args.kernel is not None:
-        elf_path = args.kernel
+        elf_path = _existing_file("--kernel", args.kernel)
         target = {"kernel": args.kernel, "append": args.append}
     elif args.iso is not None:
-        if not args.iso.is_file():
-            raise KgenError(f"--iso {args.iso}: no such file")
-        target = {"iso": args.iso}
+        target = {"iso": _existing_file("--iso", args.iso)}
     else:
         out = build(cfg, args.out, iso=not args.direct, force=False)
         elf_path = out.elf
         target = {"kernel": out.elf, "append": args.append} if args.direct else {"iso": out.iso}
-    if elf_path is not None and not elf_path.is_file():
-        raise KgenError(f"--kernel {elf_path}: no such file")
-    elf = ElfInfo.load(elf_path) if elf_path is not None else None
+    try:
+        elf = ElfInfo.load(elf_path) if elf_path is not None else None
+    except KgenError as err:
+        raise UsageError(f"--kernel {err}") from None
 
     # GRUB 2.06 on SeaBIOS under TCG can crash in real mode when a timer interrupt lands at the wrong moment,
-    # which happens on a loaded host (see TOOLCHAIN-NOTES). Counting instructions for time makes the boot
+    # which happens on a loaded host (see docs/toolchain.md). Counting instructions for time makes the boot
     # deterministic and it does not crash; it costs a few seconds.
     icount = "iso" in target and args.accel == "tcg"
     with Machine(**target, accel=args.accel, memory_mib=layout.memory_mib, echo_serial=True, icount=icount,
@@ -64,13 +78,21 @@ def run(args) -> int:
                         "try --accel tcg")
             sys.stdout.flush()
             print(failure.details, file=sys.stderr)
-            raise KgenError(failure.summary + hint) from None
+            raise KernelFailed(failure.summary + hint) from None
+        if status == -signal.SIGINT:
+            raise KeyboardInterrupt     # Ctrl-C reached QEMU (same process group) before it reached us
+        said_success = reported_success(machine.serial)
+        if status == layout.success_status and said_success:
+            return EXIT_OK
         if status == layout.success_status:
-            return 0
-        meaning = "the kernel's failure status" if status == layout.failure_status else (
-            f"not the kernel's success status {layout.success_status}")
+            meaning = (f"the success status, but the kernel's last COM1 line is not {EXIT_SUCCESS!r}: "
+                       "something other than exit_success wrote to the debug-exit port")
+        elif status == layout.failure_status:
+            meaning = "the kernel's failure status"
+        else:
+            meaning = f"not the kernel's success status {layout.success_status}"
         failure = explain(machine, elf, f"exit status {status}, {meaning}")
     sys.stdout.flush()
     print(failure.details, file=sys.stderr)
     print(f"kgen: {failure.summary}", file=sys.stderr)
-    return 1
+    return EXIT_KERNEL_FAILED

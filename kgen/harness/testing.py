@@ -13,13 +13,15 @@ import importlib.util
 import json
 import os
 import shutil
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from kgen.guest.elfinfo import ElfInfo
-from kgen.errors import KgenError, MachineError
+from kgen.errors import (EXIT_CHECKS_FAILED, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, KgenError,
+                         MachineError, ToolMissing, UsageError)
 from kgen.build.layout import Layout
 
 # int3 in every byte of RAM the kernel did not write: code run from such memory traps at once, and as a paging
@@ -44,14 +46,12 @@ class KernelUnderTest:
     @classmethod
     def built(cls, config_path: Path | None, out_dir: Path, arch: str | None = None) -> KernelUnderTest:
         from kgen.build import config as configmod
-        from kgen.build.pipeline import FINGERPRINT_NAME, build, fingerprint
+        from kgen.build.pipeline import build, current_elf
         from kgen.build.layout import compute
         config = configmod.load(config_path, arch)
-        elf = out_dir / "kernel.elf"
-        stamp = out_dir / FINGERPRINT_NAME
-        # Each parallel worker asks; linking again (~0.4 s) only to find the ELF up to date is the common case.
-        if not (elf.exists() and stamp.exists() and stamp.read_text() == fingerprint(config)):
-            elf = build(config, out_dir, iso=False, force=False).elf
+        # Each parallel worker asks; linking again (~0.4 s) only to find the ELF up to date is the common case. The
+        # stamp names the ELF's bytes too, so an ELF another build left beside it is not taken for this config's.
+        elf = current_elf(config, out_dir) or build(config, out_dir, iso=False, force=False).elf
         return cls(elf, ElfInfo.load(elf), compute(config))
 
     @classmethod
@@ -123,17 +123,21 @@ class LiveKernel:
 
 @contextmanager
 def boot(kernel: KernelUnderTest, accel: str = "tcg", *, poison: bytes | None = POISON,
-         timeout: float = BOOT_TIMEOUT):
-    """Boot to the inspectable state; a boot that fails raises `RunFailed` saying what the kernel did instead."""
+         timeout: float = BOOT_TIMEOUT, cold: bool | None = None):
+    """Boot to the inspectable state; a boot that fails raises `RunFailed` saying what the kernel did instead.
+
+    The machine comes from a snapshot of that state when one exists (kgen/machine/snapshot.py; `cold=True` or
+    `--kgen-cold-boot` boots every time)."""
     from kgen.guest.diagnose import RunFailed, explain
-    from kgen.machine import Machine
     from kgen.harness.session import KernelSession
+    from kgen.machine.snapshot import fresh_machine
 
     if kernel.layout is not None:
-        with KernelSession(kernel.elf_path, kernel.layout, accel=accel, poison=poison) as session:
+        with KernelSession(kernel.elf_path, kernel.layout, accel=accel, poison=poison, cold=cold) as session:
             yield LiveKernel(kernel, session.machine, session.channel, poison)
         return
-    with Machine(kernel=kernel.elf_path, accel=accel, poison=poison, qemu=kernel.qemu) as machine:
+
+    def ready(machine) -> None:
         try:
             if kernel.ready is not None:
                 machine.wait_for(kernel.ready, timeout)
@@ -141,7 +145,14 @@ def boot(kernel: KernelUnderTest, accel: str = "tcg", *, poison: bytes | None = 
                 _wait_idle(machine, timeout)
         except MachineError as err:
             raise RunFailed(explain(machine, kernel.elf, err)) from err
+
+    options = dict(kernel=kernel.elf_path, accel=accel, poison=poison, qemu=kernel.qemu)
+    machine = fresh_machine(options, ready, f"ready: {kernel.ready}" if kernel.ready else "halted, paging on",
+                            cold=cold)
+    try:
         yield LiveKernel(kernel, machine, None, poison)
+    finally:
+        machine.shutdown()
 
 
 def _wait_idle(machine, timeout: float) -> None:
@@ -215,23 +226,82 @@ def pytest_args(args, extra: list[str]) -> list[str]:
         argv.append(f"--junitxml={args.junitxml.resolve()}")
     if str(args.jobs) not in ("0", "1"):
         if importlib.util.find_spec("xdist") is None:
-            raise KgenError("parallel machines need pytest-xdist: pip install 'kgen[test]', or pass -j 1")
+            raise ToolMissing("parallel machines need pytest-xdist: pip install 'kgen[test]', or pass -j 1")
         # By module: a module's machine booted for looking (kgen_idle) and the KVM probe then happen once.
         argv += ["-n", str(args.jobs), "--dist", "loadscope"]
     return argv + list(extra)
 
 
-def run_suite(args, extra: list[str]) -> int:
-    """`kgen test`: build the kernel (unless --kernel), run the suite; the exit status is pytest's."""
-    if importlib.util.find_spec("pytest") is None:
-        raise KgenError("kgen test needs pytest: pip install 'kgen[test]'")
-    import pytest
+# pytest's exit codes (pytest.ExitCode) as kgen's (kgen/errors.py): pytest's 2 (interrupted) would read as a config
+# error and its 3 (internal error) as a missing tool. 5 is "no tests collected" (a -k that selects nothing), 6 more
+# warnings than a --max-warnings the user set.
+PYTEST_EXIT = {0: EXIT_OK, 1: EXIT_CHECKS_FAILED, 2: EXIT_INTERRUPTED, 3: EXIT_INTERNAL, 4: EXIT_USAGE, 5: EXIT_USAGE,
+               6: EXIT_CHECKS_FAILED}
 
+
+def check_keyword(expression: str) -> None:
+    """Refuse a -k expression pytest would refuse, before anything is built."""
+    try:
+        from _pytest.mark.expression import Expression     # pytest's own parser; private, so only if it is there
+    except ImportError:
+        return
+    try:
+        Expression.compile(expression)
+    except Exception as err:  # noqa: BLE001 - ParseError, whose home module is private too
+        raise UsageError(f"-k {expression!r}: {err}") from None
+
+
+def require_qemu(binary: str) -> None:
+    """The suite boots every kernel it checks: without QEMU say so once, as `kgen run` does, not in every test."""
+    if shutil.which(binary) is None:
+        from kgen.machine import QEMU_PACKAGE
+        raise ToolMissing(f"{binary} not found: install the Debian package {QEMU_PACKAGE}")
+
+
+def run_suite(args, extra: list[str]) -> int:
+    """`kgen test`: build the kernel (unless --kernel), run the suite; pytest's exit status mapped onto kgen's.
+
+    pytest's temporary directories go in a directory of this run's, removed at the end, so nothing is left in the
+    user's TMPDIR (pytest would keep `pytest-of-USER/` there)."""
+    if importlib.util.find_spec("pytest") is None:
+        raise ToolMissing("kgen test needs pytest: pip install 'kgen[test]'")
+    if args.keyword:
+        check_keyword(args.keyword)
     if args.kernel is not None:
         if not args.kernel.is_file():
-            raise KgenError(f"--kernel {args.kernel}: no such file")
-        KernelUnderTest.foreign(args.kernel)          # a file that is no usable ELF fails here, in one line
+            raise UsageError(f"--kernel {args.kernel}: no such file" if not args.kernel.exists()
+                             else f"--kernel {args.kernel}: not a file")
+        try:
+            kernel = KernelUnderTest.foreign(args.kernel)    # a file that is no usable ELF fails here, in one line
+        except KgenError as err:
+            raise UsageError(f"--kernel {err}") from None
+        require_qemu(kernel.qemu)
     else:
+        from kgen.build import config as configmod
+        from kgen.build.layout import compute
+        from kgen.build.pipeline import check_out_dir
+        check_out_dir(args.out)
+        require_qemu(compute(configmod.load(args.config, args.arch)).architecture.qemu)
         # Built once here, so parallel workers find it up to date instead of each writing it.
         KernelUnderTest.built(args.config, args.out, args.arch)
-    return int(pytest.main(pytest_args(args, extra)))
+    argv = pytest_args(args, extra)
+    import pytest
+
+    scratch = None
+    if not any(arg == "--basetemp" or arg.startswith("--basetemp=") for arg in extra):
+        scratch = Path(tempfile.mkdtemp(prefix="kgen-test-"))
+        argv += ["--basetemp", str(scratch / "pytest")]
+    try:
+        status = int(pytest.main(argv))
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    code = PYTEST_EXIT.get(status, EXIT_INTERNAL)
+    if code == EXIT_INTERRUPTED:
+        raise KeyboardInterrupt         # one line and 130, as anywhere else in kgen
+    if status == 5:
+        raise UsageError("no test was selected" + (f" by -k {args.keyword!r}" if args.keyword else "")
+                         + "; `kgen test -- --collect-only -q` lists them")
+    if status == 3:
+        raise KgenError("pytest stopped with an internal error (its report is above)")
+    return code
