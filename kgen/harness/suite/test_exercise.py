@@ -1,0 +1,587 @@
+"""A kgen kernel's memory managers driven through the call channel, the machine checked after every stage.
+
+The invariant tests look at the kernel once it has booted; most bugs of a memory manager show only once it works:
+a table made later and never cleared, an entry written one slot off, a translation left in the TLB, a frame pushed
+twice, a range merged wrongly, a block too small. Each test here boots the kernel, runs one stage (page tables made
+and given back across several leaf-table spans, temp-map and allocate-at round trips, a double free, lazy ranges
+backed on first touch, range releases that merge, heap blocks), and after each step checks
+
+- every invariant of kgen.guest.invariants on the stopped machine (poisoned RAM: a table never cleared shows);
+- what the stage did, by the walker and by the CPU: the page maps the frame asked for, with the flags asked for,
+  through table entries that are present, writable and supervisor-only; the CPU reads what lies in that frame;
+- the frame accounting: free frames = the free frames at the start of the stage, less the frames now mapped and the
+  tables now present that were not at the start (plus those gone since), less the frames the test holds; the free
+  stack is a chain of exactly `pmm_count` frames, none of them mapped or a table;
+- the range allocator's free list: sorted, merged, inside the vmm window, clear of live allocations and mapped
+  pages.
+
+Every address comes from the layout (the vmm window, the leaf-table span, the top-level slots of the user half), so
+any config the rules accept is exercised, with bounded loops: the suite stays fast on a good kernel. A kernel that
+kgen did not build has no call channel: these tests are skipped for it.
+"""
+from __future__ import annotations
+
+import pytest
+
+from kgen.arch import hw
+from kgen.guest import invariants
+from kgen.guest.pmmview import ChainError, PmmView
+
+PAGE = hw.PAGE_SIZE
+FLAGS = hw.PTE_P | hw.PTE_RW
+# Leaf-table spans of the vmm window each stage makes a table in (fewer where the window has no room), and pages
+# used in each span.
+SPANS = 3
+PAGES_PER_SPAN = 3
+# A sub-page offset for markers, so a translation that drops or garbles the low bits shows.
+OFFSET = 0x124
+# Frames the temp-map stage reaches through one slot after another, and the free-stack stage allocates.
+ROUND_TRIPS = 4
+STACK_FRAMES = 6
+# Pages of the lazy range touched (spread over it) and of the ranges released in merging order.
+LAZY_TOUCHES = 6
+MERGE_PAGES = (2, 3, 4)
+# Heap requests: (size, align) three times each, so blocks of one class lie side by side; a class one size too
+# small then hands out overlapping blocks.
+HEAP_REQUESTS = ((1, 1), (16, 1), (17, 1), (24, 8), (32, 1), (33, 1), (100, 64), (500, 1), (2048, 1),
+                 (2049, 1), (5000, 1), (24, 4096), (3000, 16384))
+HEAP_COPIES = 3
+
+
+@pytest.fixture
+def kernel(kgen_layout, kgen_machine):
+    """A kgen kernel freshly booted to serve calls (skipped, before any boot, for anyone else's ELF)."""
+    if kgen_machine.channel is None:
+        pytest.skip("this kernel has no call channel")
+    return Exercise(kgen_machine)
+
+
+class Exercise:
+    """One booted kernel, what it looked like when the current stage began, and the checks run after each step."""
+
+    def __init__(self, live):
+        self.live = live
+        self.layout = live.kernel.layout
+        self.elf = live.kernel.elf
+        self.arch = self.layout.architecture
+        self.mode = self.arch.paging
+        self.pmm = PmmView(live.machine.read_phys, self.elf, self.layout)
+        self.held: set[int] = set()         # frames the test took with pmm_alloc and has not mapped or freed
+        self.mapped: dict[int, int] = {}    # vaddr -> frame of the pages the test mapped with vmm_map
+        self.begin("boot")
+
+    # ---- the kernel --------------------------------------------------------------------------------------------
+    def call(self, routine: str, *args: int) -> int:
+        return self.live.call(routine, *args)
+
+    def u32(self, name: str) -> int:
+        self.live.stop()
+        return self.pmm.u32(name)
+
+    def word(self, name: str, index: int = 0) -> int:
+        self.live.stop()
+        return self.pmm.word(name, index)
+
+    def phys32(self, paddr: int) -> int:
+        self.live.stop()
+        return int.from_bytes(self.live.machine.read_phys(paddr, 4), "little")
+
+    def write_phys32(self, paddr: int, value: int) -> None:
+        self.live.write_phys(paddr, value.to_bytes(4, "little"))
+
+    def alloc_frame(self) -> int:
+        frame = self.call("pmm_alloc")
+        assert frame, "pmm_alloc found no frame in a freshly booted kernel"
+        self.held.add(frame)
+        return frame
+
+    def map(self, vaddr: int, frame: int, flags: int = FLAGS) -> None:
+        assert self.call("vmm_map", vaddr, frame, flags) == 1, f"vmm_map({vaddr:#x}, {frame:#x}) refused"
+        self.held.discard(frame)
+        self.mapped[vaddr] = frame
+
+    def unmap(self, vaddr: int) -> None:
+        frame = self.mapped.pop(vaddr)
+        got = self.call("vmm_unmap", vaddr)
+        assert got == frame, f"vmm_unmap({vaddr:#x}) returned {got:#x}, not the frame {frame:#x} mapped there"
+        self.held.add(frame)
+
+    def free_frame(self, frame: int) -> None:
+        assert self.call("pmm_free", frame) == 1, f"pmm_free({frame:#x}) refused a frame pmm_alloc handed out"
+        self.held.discard(frame)
+
+    # ---- what the machine holds ------------------------------------------------------------------------------
+    def snapshot(self):
+        """(4 KiB frames mapped outside the recursive windows, tables below the top one, free count)."""
+        view = self.live.view()
+        walker = view.walker
+        frames = {m.pstart + o for m in walker.mappings() if self.in_play(m.vstart) for o in range(0, m.size, PAGE)}
+        tables = {frame for _, frame in walker.page_tables()}
+        return frames, tables, self.pmm.u32("pmm_count") + self.pmm.u32("pmm_untouched")
+
+    def in_play(self, vaddr: int) -> bool:
+        """Where the stages map pages: the user half, the temp-map window and the vmm window (the kernel image and
+        the recursive window do not change)."""
+        layout = self.layout
+        return vaddr < layout.kernel_half_start or any(
+            region.start <= vaddr < region.end for region in (layout.tempmap_window, layout.vmm_window))
+
+    def begin(self, stage: str) -> None:
+        """Remember the machine as the stage starts: the accounting is checked against it."""
+        self.stage = stage
+        self.start_frames, self.start_tables, self.start_free = self.snapshot()
+        self.start_ranges = self.free_ranges()
+        self.start_held = set(self.held)
+
+    def free_ranges(self) -> list[tuple[int, int]]:
+        self.live.stop()
+        return list(self.pmm.pairs("vmm_free_ranges", "vmm_free_range_count"))
+
+    def live_ranges(self) -> list[tuple[int, int, str]]:
+        """(start, pages, owner) of every range taken from the vmm window that the kernel records."""
+        self.live.stop()
+        layout, found = self.layout, []
+        for i in range(layout.vmm_alloc_slots):
+            start = self.pmm.word("vmm_allocs", 4 * i)
+            if start:
+                found.append((start, self.pmm.word("vmm_allocs", 4 * i + 1), "vmm_alloc"))
+        for i in range(layout.heap_large_slots):
+            start = self.pmm.word("heap_large", 2 * i)
+            if start:
+                found.append((start, self.pmm.word("heap_large", 2 * i + 1), "heap large block"))
+        slab = self.pmm.word("heap_slab_base")
+        if slab:
+            found.append((slab, layout.heap_slab_pages, "heap slab window"))
+        return found
+
+    # ---- the checks --------------------------------------------------------------------------------------------
+    def check(self, step: str) -> None:
+        """Every invariant, the frame accounting, the free stack and the range list, after `step`."""
+        view = self.live.view()
+        problems = []
+        for check in invariants.GENERIC_CHECKS + invariants.KGEN_CHECKS:
+            if check is invariants.check_tables_unpoisoned:
+                problems += self.new_table_problems(view)   # the tables of the boot were checked while idle
+                continue
+            if check is invariants.check_nothing_below_kernel_base and self.user_pages():
+                problems += self.user_half_problems(view)       # the test's own pages are there, and only they
+                continue
+            try:
+                found = check(view)
+            except invariants.NotApplicable:
+                continue
+            problems += [f"{check.__doc__.splitlines()[0]} {line}" for line in found]
+        problems += self.accounting_problems()
+        problems += self.range_problems(view)
+        if problems:
+            pytest.fail(f"after {self.stage}: {step}:\n" + "\n".join(f"  {p}" for p in problems[:30]),
+                        pytrace=False)
+
+    def new_table_problems(self, view) -> list[str]:
+        """check_tables_unpoisoned for the tables made since the stage began (on x86_64 the whole check reads the
+        kernel half's 256 PDPTs entry by entry: too slow to repeat after every step)."""
+        if view.poison is None:
+            return []
+        size = self.arch.entry_size
+        problems = []
+        for path, frame in view.walker.page_tables():
+            if frame in self.start_tables:
+                continue
+            data = view.read_phys(frame, PAGE)
+            poison = bytes(view.poison[(frame + i) % len(view.poison)] for i in range(PAGE))
+            hits = [i // size for i in range(0, PAGE, size) if data[i:i + size] == poison[i:i + size]]
+            if hits:
+                steps = " -> ".join(f"{self.mode.level_names[level]}[{index}]" for level, index in enumerate(path))
+                problems.append(f"the table at {frame:#x} ({steps} -> {self.mode.level_names[len(path)]}): {len(hits)} of "
+                                f"{PAGE // size} entries still hold the poison RAM was filled with (first: index "
+                                f"{hits[0]}): the table was never cleared")
+        return problems
+
+    def user_pages(self) -> dict[int, int]:
+        return {v: f for v, f in self.mapped.items() if v < self.layout.kernel_half_start}
+
+    def user_half_problems(self, view) -> list[str]:
+        found = {m.vstart + o: m.pstart + o for m in view.walker.mappings() if m.vstart < self.layout.kernel_half_start
+                 for o in range(0, m.size, PAGE)}
+        want = self.user_pages()
+        return [f"{v:#x} maps {found.get(v, 'nothing')!s:>8} in the user half, the test mapped "
+                f"{want[v]:#x} there" if v in want else f"{v:#x} is mapped in the user half, the test mapped nothing "
+                f"there" for v in sorted(found.keys() | want.keys()) if found.get(v) != want.get(v)]
+
+    def accounting_problems(self) -> list[str]:
+        frames, tables, free = self.snapshot()
+        mapped = len(frames - self.start_frames) - len(self.start_frames - frames)
+        made = len(tables - self.start_tables) - len(self.start_tables - tables)
+        held = len(self.held) - len(self.start_held)
+        expected = self.start_free - mapped - made - held
+        problems = []
+        if free != expected:
+            problems.append(f"{free} frames free, expected {expected}: {self.start_free} at the start of the stage, "
+                            f"{mapped:+} mapped, {made:+} page tables, {held:+} held by the test")
+        state = self.pmm.state()
+        if state.live != state.total - state.reserved_frames - state.free:
+            problems.append(f"pmm counts disagree: {state}")
+        try:
+            stack = self.pmm.free_stack(state)
+        except ChainError as err:
+            return problems + [f"the free stack: {err}"]
+        if len(stack) != state.count:
+            problems.append(f"the free stack holds {len(stack)} frames, pmm_count says {state.count}")
+        for frame in stack:
+            what = ("mapped" if frame in frames else "a page table" if frame in tables else
+                    "held by the test" if frame in self.held else None)
+            if what:
+                problems.append(f"frame {frame:#x} is on the free stack and {what}")
+        return problems
+
+    def range_problems(self, view) -> list[str]:
+        layout = self.layout
+        ranges, owned = self.free_ranges(), self.live_ranges()
+        problems = []
+        for start, pages in ranges:
+            end = start + pages * PAGE
+            if start % PAGE or not pages or start < layout.vmm_base or end > layout.vmm_window.end:
+                problems.append(f"free range {start:#x} + {pages} pages is not a page range inside the "
+                                f"{layout.vmm_window}")
+            for other, n, owner in owned:
+                if start < other + n * PAGE and other < end:
+                    problems.append(f"free range {start:#x} + {pages} pages overlaps the {owner} at {other:#x} + "
+                                    f"{n} pages")
+        for (a, n), (b, _) in zip(ranges, ranges[1:]):
+            if a + n * PAGE >= b:
+                problems.append(f"free ranges {a:#x} + {n} pages and {b:#x} are out of order, overlap or touch "
+                                f"without being merged")
+        walker = view.walker
+        for start, pages in ranges:
+            for m in walker.mappings():
+                if m.vstart < start + pages * PAGE and start < m.vstart + m.size:
+                    problems.append(f"free range {start:#x} + {pages} pages holds the mapped page(s) {m}")
+                    break
+        return problems
+
+    def check_page(self, vaddr: int, frame: int, flags: int = FLAGS) -> None:
+        """vaddr maps frame with `flags` (RW as asked, never U/S), through entries present, writable and
+        supervisor-only at every level above; the CPU reads what lies in the frame."""
+        walker = self.live.view().walker
+        t = walker.translate(vaddr + OFFSET)
+        where = f"after {self.stage}: {vaddr:#x}"
+        if t is None or t.paddr != frame + OFFSET:
+            pytest.fail(f"{where} should map frame {frame:#x}, the walker finds "
+                        f"{'nothing' if t is None else f'{t.paddr - OFFSET:#x} via {t.path}'}", pytrace=False)
+        bad = [f"{ref} = {ref.value:#x}" for ref in t.chain[:-1]
+               if not ref.value & hw.PTE_RW or ref.value & hw.PTE_US]
+        if bad:
+            pytest.fail(f"{where}: an entry above the page is not writable-supervisor: {', '.join(bad)}",
+                        pytrace=False)
+        if bool(t.entry & hw.PTE_RW) != bool(flags & hw.PTE_RW) or t.entry & hw.PTE_US:
+            pytest.fail(f"{where}: the page's entry {t.entry:#x} via {t.path}, asked for flags {flags:#x}",
+                        pytrace=False)
+        marker = 0x5EED0000 | vaddr >> 12 & 0xFFFF
+        self.write_phys32(frame + OFFSET, marker)
+        got = self.call("kmem_read32", vaddr + OFFSET)
+        if got != marker:
+            pytest.fail(f"{where}: the CPU reads {got:#010x} at {vaddr + OFFSET:#x}, frame {frame:#x} holds "
+                        f"{marker:#010x}", pytrace=False)
+
+    def check_unmapped(self, vaddr: int) -> None:
+        t = self.live.view().walker.translate(vaddr)
+        if t is not None:
+            pytest.fail(f"after {self.stage}: {vaddr:#x} should be unmapped, it maps {t.paddr:#x} via {t.path}",
+                        pytrace=False)
+
+    def check_released(self, step: str) -> None:
+        """Everything the stage took is back: free count, tables and free ranges as at its start."""
+        self.check(step)
+        frames, tables, free = self.snapshot()
+        if (free, tables) != (self.start_free, self.start_tables):
+            pytest.fail(f"after {self.stage}: {step}: {free} frames free and {len(tables)} tables, at the start "
+                        f"{self.start_free} and {len(self.start_tables)}", pytrace=False)
+        ranges = self.free_ranges()
+        if ranges != self.start_ranges:
+            pytest.fail(f"after {self.stage}: {step}: the free ranges are {_ranges(ranges)}, at the start "
+                        f"{_ranges(self.start_ranges)}", pytrace=False)
+
+    # ---- where the stages work ---------------------------------------------------------------------------------
+    def leaf_spans(self) -> tuple[list[list[int]], tuple[int, int] | None]:
+        """Pages grouped by leaf-table span: up to SPANS spans of a range reserved in the vmm window ((start, pages)
+        of it is returned, to be released), and one or two spans of an empty top-level slot of the user half, where every
+        level below the top is made (on x86_64 a PDPT and a PD as well as the page tables)."""
+        layout, arch = self.layout, self.arch
+        span = layout.leaf_table_span
+        groups: list[list[int]] = []
+        largest = max((pages for _, pages in self.free_ranges()), default=0)
+        pages = min(largest, (SPANS + 1) * span // PAGE)
+        start = self.call("vrange_reserve", pages) if pages else 0
+        if start:
+            end = start + pages * PAGE
+            base = start - start % span
+            while base < end and len(groups) < SPANS:
+                lo, hi = max(base, start), min(base + span, end)
+                first = lo + min(PAGES_PER_SPAN, (hi - lo) // PAGE - PAGES_PER_SPAN) * PAGE   # index not 0 if room
+                if hi - lo >= PAGES_PER_SPAN * PAGE:
+                    groups.append([max(first, lo) + i * PAGE for i in range(PAGES_PER_SPAN)])
+                base += span
+        slot = self.empty_user_slot()
+        if slot is not None:
+            top = arch.canonical(slot << arch.shift(0))
+            # Index 3, 5, 7... at every level below the top one, so an index off by one shows at any level.
+            base = top + sum((2 * level + 1) * arch.span(level) for level in range(1, arch.levels - 1))
+            for k in range(min(2, arch.span(0) // span)):
+                first = base + k * span + 3 * PAGE
+                groups.append([first + i * PAGE for i in range(PAGES_PER_SPAN)])
+        if not groups:
+            pytest.skip(f"neither the {layout.vmm_window} nor the user half has room for a page table's span")
+        return groups, (start, pages) if start else None
+
+    def empty_user_slot(self) -> int | None:
+        """The middle top-level slot of the user half, if no region of the layout reaches it and it is empty."""
+        layout, arch = self.layout, self.arch
+        first_kernel = (layout.kernel_half_start & arch.va_mask) >> arch.shift(0)
+        slot = first_kernel // 2
+        if slot == 0:
+            return None
+        base = arch.canonical(slot << arch.shift(0))
+        if any(r.start < base + arch.span(0) and base < r.end for r in layout.regions()):
+            return None
+        view = self.live.view()
+        return slot if not view.entry(view.walker.top, slot) & hw.PTE_P else None
+
+
+def _ranges(ranges) -> str:
+    return ", ".join(f"{start:#x}+{pages}" for start, pages in ranges) or "none"
+
+
+# ---- the stages ------------------------------------------------------------------------------------------------
+def test_page_tables_made_and_given_back_across_leaf_spans(kernel):
+    k = kernel
+    k.begin("mapping one page in each of several leaf-table spans")
+    groups, reserved = k.leaf_spans()
+    for pages in groups:
+        frame = k.alloc_frame()
+        k.map(pages[0], frame)
+        k.check(f"vmm_map({pages[0]:#x}, {frame:#x})")
+        k.check_page(pages[0], frame)
+    k.stage = "a second page in each span (its table exists), read-only"
+    for pages in groups:
+        frame = k.alloc_frame()
+        k.map(pages[1], frame, hw.PTE_P)
+        k.check_page(pages[1], frame, hw.PTE_P)
+        k.check_page(pages[0], k.mapped[pages[0]])
+    k.check("the second pages mapped")
+    k.stage = "unmapping every page, tables given back"
+    for vaddr in [pages[1] for pages in groups] + [pages[0] for pages in groups]:
+        frame = k.mapped[vaddr]
+        k.unmap(vaddr)
+        k.check_unmapped(vaddr)
+        assert k.call("vmm_translate", vaddr) == k.layout.vmm_none, f"vmm_translate({vaddr:#x}) after the unmap"
+        k.check(f"vmm_unmap({vaddr:#x})")
+        k.free_frame(frame)
+    if reserved:
+        assert k.call("vrange_release", *reserved) == 1, f"vrange_release{reserved} refused its own reservation"
+    k.check_released("everything unmapped and freed, the range released")
+
+
+def test_temp_map_slots_reach_each_new_frame(kernel):
+    """Frames mapped one after another into the same temp-map slot: the CPU must read and write each one's own
+    memory (INVLPG on every remap); slots given back leave nothing mapped."""
+    k = kernel
+    k.begin("temp-map round trips")
+    frames = [k.alloc_frame() for _ in range(ROUND_TRIPS)]
+    for i, frame in enumerate(frames):
+        k.write_phys32(frame + OFFSET, 0x7E570000 + i)
+    for i, frame in enumerate(frames):
+        slot = k.call("temp_map", frame)
+        assert slot == k.layout.tempmap_base, f"temp_map({frame:#x}) gave {slot:#x}, not the first slot"
+        got = k.call("kmem_read32", slot + OFFSET)
+        k.call("kmem_write32", slot + 2 * OFFSET, 0x5107_0000 + i)
+        k.call("temp_unmap", slot)
+        if got != 0x7E570000 + i:
+            pytest.fail(f"after {k.stage}: frame {frame:#x} through temp-map slot {slot:#x}: the CPU read "
+                        f"{got:#010x}, the frame holds {0x7E570000 + i:#010x}", pytrace=False)
+        k.check(f"temp_map({frame:#x}), temp_unmap")
+    wrote = {frame: k.phys32(frame + 2 * OFFSET) for frame in frames}
+    wrong = {f: v for (f, v), i in zip(wrote.items(), range(ROUND_TRIPS)) if v != 0x5107_0000 + i}
+    assert not wrong, f"writes through the temp-map slot landed elsewhere: {wrong}"
+    for frame in frames:
+        k.free_frame(frame)
+    k.check_released("every frame freed (its link written through a temp-map slot)")
+
+
+def test_free_stack_is_last_in_first_out_and_refuses_a_double_free(kernel):
+    k = kernel
+    k.begin("frames allocated and freed")
+    frames = [k.alloc_frame() for _ in range(STACK_FRAMES)]
+    assert len(set(frames)) == STACK_FRAMES, f"pmm_alloc handed out a frame twice: {[hex(f) for f in frames]}"
+    k.check("frames allocated")
+    for frame in frames[::2] + frames[1::2]:
+        k.free_frame(frame)
+        assert k.word("pmm_top") == frame, f"pmm_free({frame:#x}) did not put it on top of the free stack"
+    k.check("frames freed")
+    top = frames[-1] if STACK_FRAMES % 2 == 0 else frames[-2]
+    assert k.call("pmm_free", top) == 0, f"pmm_free({top:#x}) accepted the frame already on top (a double free)"
+    k.check(f"a double free of {top:#x}")
+    again = [k.alloc_frame() for _ in range(STACK_FRAMES)]
+    assert again == (frames[::2] + frames[1::2])[::-1], "pmm_alloc did not take the frames back last in, first out"
+    for frame in again:
+        k.free_frame(frame)
+    k.check_released("the frames allocated again and freed")
+
+
+def test_allocate_at_round_trips(kernel):
+    """pmm_alloc_at maps a cleared frame with the flags asked for, pmm_free_at pushes it back while mapped; in a page
+    table the test keeps alive with a page of its own."""
+    k = kernel
+    k.begin("allocate-at round trips")
+    groups, reserved = k.leaf_spans()
+    anchor, *pages = groups[0]
+    frame = k.alloc_frame()
+    k.map(anchor, frame)
+    for vaddr, flags in zip(pages * 2, (FLAGS, hw.PTE_P, FLAGS, hw.PTE_P)):
+        phys = k.call("pmm_alloc_at", vaddr, flags)
+        assert phys, f"pmm_alloc_at({vaddr:#x}) failed with plenty of frames"
+        below = k.word("pmm_top")
+        k.check(f"pmm_alloc_at({vaddr:#x}, {flags:#x})")
+        k.live.stop()
+        assert k.live.machine.read_phys(phys, PAGE) == bytes(PAGE), f"pmm_alloc_at({vaddr:#x}): {phys:#x} not cleared"
+        k.check_page(vaddr, phys, flags)
+        assert k.call("pmm_free_at", vaddr) == phys, f"pmm_free_at({vaddr:#x}) did not give back {phys:#x}"
+        k.check_unmapped(vaddr)
+        assert k.word("pmm_top") == phys and k.pmm.link(phys) == below, \
+            f"pmm_free_at({vaddr:#x}): {phys:#x} is not on top of the free stack, linked to {below:#x}"
+        k.check(f"pmm_free_at({vaddr:#x})")
+    k.unmap(anchor)
+    k.free_frame(frame)
+    if reserved:
+        assert k.call("vrange_release", *reserved) == 1
+    k.check_released("the anchor page unmapped and freed, the range released")
+
+
+def test_lazy_range_backed_on_first_touch(kernel):
+    """A lazy range spanning several leaf tables: no frame until a page is touched; each touch takes one frame (and
+    the tables it needs), reads zero first; an eager range takes its frames at once; vmm_free gives all back."""
+    k = kernel
+    k.begin("a lazy range touched here and there")
+    span_pages = k.layout.leaf_table_span // PAGE
+    largest = max((pages for _, pages in k.free_ranges()), default=0)
+    pages = min(2 * span_pages + 3, largest // 2)
+    assert pages >= 3, f"the {k.layout.vmm_window} has no room for a lazy range"
+    faults = k.u32("vmm_demand_faults")
+    lazy = k.call("vmm_alloc", pages, FLAGS, 1)
+    assert lazy, f"vmm_alloc({pages}, lazy) failed"
+    k.check(f"vmm_alloc({pages}, lazy) = {lazy:#x}")
+    touched = sorted({(pages - 1) * i // (LAZY_TOUCHES - 1) for i in range(LAZY_TOUCHES)})
+    for n, page in enumerate(touched, 1):
+        vaddr = lazy + page * PAGE
+        assert k.call("kmem_read32", vaddr + OFFSET) == 0, f"page {page} of the lazy range is not cleared"
+        k.call("kmem_write32", vaddr + OFFSET, 0x1A2F0000 + page)
+        assert k.u32("vmm_demand_faults") == faults + n, "a touch of a lazy page did not fault it in exactly once"
+        k.check(f"page {page} of the lazy range touched")
+        t = k.live.view().walker.translate(vaddr)
+        assert t is not None
+        k.check_page(vaddr, t.paddr & ~(PAGE - 1))
+    k.stage = "an eager range beside the lazy one"
+    eager = k.call("vmm_alloc", 3, FLAGS, 0)
+    assert eager
+    k.check(f"vmm_alloc(3, eager) = {eager:#x}")
+    walker = k.live.view().walker
+    for page in range(3):
+        t = walker.translate(eager + page * PAGE)
+        assert t is not None, f"page {page} of an eager range is not mapped"
+        k.check_page(eager + page * PAGE, t.paddr & ~(PAGE - 1))
+    assert k.call("vmm_free", eager) == 3
+    k.check("the eager range freed")
+    assert k.call("vmm_free", lazy) == pages
+    k.check_released("the lazy range freed")
+
+
+def test_unmapped_page_leaves_the_tlb(kernel):
+    """A page the CPU has just used, unmapped by vmm_unmap, must be gone for the CPU too (INVLPG): in a lazy range,
+    the next touch faults and gets a fresh cleared frame, instead of reaching the old frame through a stale TLB
+    entry. The range's other pages keep the page table alive, so nothing else flushes the page."""
+    k = kernel
+    k.begin("a page unmapped while the CPU has it in its TLB")
+    lazy = k.call("vmm_alloc", 3, FLAGS, 1)
+    assert lazy
+    for page in range(3):
+        k.call("kmem_write32", lazy + page * PAGE + OFFSET, 0x0DD00000 + page)
+    middle = lazy + PAGE
+    faults = k.u32("vmm_demand_faults")
+    old = k.call("vmm_unmap", middle)
+    assert old not in (0, k.layout.vmm_none), f"vmm_unmap({middle:#x}) found nothing"
+    k.held.add(old)
+    k.check_unmapped(middle)
+    k.check(f"vmm_unmap({middle:#x})")
+    got = k.call("kmem_read32", middle + OFFSET)
+    if got != 0 or k.u32("vmm_demand_faults") != faults + 1:
+        pytest.fail(f"after {k.stage}: the CPU read {got:#010x} at {middle + OFFSET:#x} after vmm_unmap, "
+                    f"{k.u32('vmm_demand_faults') - faults} demand faults: the old frame {old:#x} "
+                    f"(holding {0x0DD00001:#010x}) is still reached through the TLB", pytrace=False)
+    k.check("the unmapped page touched again (faulted in afresh)")
+    k.free_frame(old)
+    assert k.call("vmm_free", lazy) == 3
+    k.check_released("the range freed")
+
+
+def test_released_ranges_merge_with_their_neighbours(kernel):
+    """Three ranges side by side released in the order that merges with the next range, then inserts, then merges
+    with both sides: the free list must end as it began."""
+    k = kernel
+    k.begin("ranges released in merging order")
+    starts = []
+    for pages in MERGE_PAGES:
+        start = k.call("vmm_alloc", pages, FLAGS, 1)
+        assert start, f"vmm_alloc({pages}) failed"
+        starts.append(start)
+        k.check(f"vmm_alloc({pages}) = {start:#x}")
+    for i in (2, 0, 1):
+        assert k.call("vmm_free", starts[i]) == MERGE_PAGES[i]
+        k.check(f"vmm_free({starts[i]:#x}) ({MERGE_PAGES[i]} pages)")
+    k.check_released("all three released")
+    k.stage = "a reserved range released"
+    start = k.call("vrange_reserve", 5)
+    assert start and k.call("vrange_release", start, 5) == 1
+    k.check_released("vrange_reserve(5) released again")
+
+
+def test_heap_blocks_are_whole_and_given_back(kernel):
+    """kmalloc / kmalloc_aligned of every class, side by side: each block is aligned, inside the vmm window, overlaps
+    no other and keeps what was written to its first and last word; kfree gives every page back."""
+    k = kernel
+    k.begin("heap blocks")
+    start_slabs = k.u32("heap_slabs")
+    word = k.arch.word_size
+    blocks: dict[int, int] = {}
+    for copy in range(HEAP_COPIES):
+        for size, align in HEAP_REQUESTS:
+            ptr = k.call("kmalloc", size) if align == 1 else k.call("kmalloc_aligned", size, align)
+            assert ptr, f"kmalloc_aligned({size}, {align}) failed"
+            assert ptr % align == 0, f"kmalloc_aligned({size}, {align}) = {ptr:#x}: not aligned"
+            assert k.layout.vmm_base <= ptr and ptr + size <= k.layout.vmm_window.end, f"{ptr:#x} outside the window"
+            for other, n in blocks.items():
+                assert ptr + size <= other or other + n <= ptr, \
+                    f"kmalloc({size}) = {ptr:#x} overlaps the live block {other:#x} of {n} bytes"
+            blocks[ptr] = size
+            _stamp(k, ptr, size, word)
+        k.check(f"round {copy + 1} of allocations")
+    for ptr, size in blocks.items():
+        _check_stamp(k, ptr, size, word)
+    for ptr in sorted(blocks)[::2] + sorted(blocks)[1::2]:
+        k.call("kfree", ptr)
+    k.check("every block freed")
+    assert k.u32("heap_slabs") == start_slabs, "slab pages stayed after their last block was freed"
+    k.check_released("every block freed")
+
+
+def _stamp(k, ptr: int, size: int, word: int) -> None:
+    """The block's own address in its first and (if it has room for two) last word, written by the CPU."""
+    for at in {ptr, ptr + max(0, size - 4) & ~3}:
+        if at + 4 <= ptr + size:
+            k.call("kmem_write32", at, (ptr ^ at) & 0xFFFFFFFF ^ 0xB10C0000)
+
+
+def _check_stamp(k, ptr: int, size: int, word: int) -> None:
+    for at in {ptr, ptr + max(0, size - 4) & ~3}:
+        if at + 4 <= ptr + size:
+            got = k.call("kmem_read32", at)
+            assert got == (ptr ^ at) & 0xFFFFFFFF ^ 0xB10C0000, \
+                f"block {ptr:#x} of {size} bytes: {at:#x} holds {got:#010x}: another block was written over it"
