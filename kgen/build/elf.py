@@ -492,3 +492,6 @@ def _write_atomically(path: Path, data: bytes) -> None:
     except OSError as err:
         tmp.unlink(missing_ok=True)
         raise KgenError(f"{path}: cannot write the ELF: {err.strerror or err}") from err
+    except BaseException:       # Ctrl-C mid-write: no temporary file left behind either
+        tmp.unlink(missing_ok=True)
+        raise

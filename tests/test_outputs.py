@@ -1,0 +1,261 @@
+"""Outputs that cannot lie and success that cannot be faked: Ctrl-C at any moment of a build is one line and 130,
+LIEF's import included; an ELF and ISO in one --out are a pair named by the stamp, also when a build is interrupted
+between them or two builds share the directory; `kgen run` succeeds only on the kernel's own success line and the
+success status, never on a stray write to the debug-exit port."""
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+import minikernels
+from kgen import errors
+from kgen.build import config as configmod
+from kgen.build.pipeline import FINGERPRINT_NAME, LOCK_NAME, _current, current_elf, fingerprint
+from kgen.guest.bootreport import EXIT_SUCCESS
+
+from conftest import needs_grub, needs_qemu
+from test_cli import KGEN, kgen, one_line
+
+TEMP_NAMES = re.compile(r"^\.kernel\.(elf|iso)\..*(tmp|partial)$|^\.kgen-build\..*\.tmp$|^\.kgen-probe")
+
+
+def start(*args, env=None) -> subprocess.Popen:
+    return subprocess.Popen([*KGEN, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+
+
+def wait_until(proc: subprocess.Popen, ready, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, f"kgen ended before {what}: {proc.communicate()}"
+        assert time.monotonic() < deadline, f"kgen never got to {what}"
+        time.sleep(0.002)
+
+
+def lief_loaded(pid: int) -> bool:
+    try:
+        return "lief" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+def interrupted(proc: subprocess.Popen) -> str:
+    """SIGINT, as Ctrl-C sends it; the process must end with 130 and the one line."""
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == errors.EXIT_INTERRUPTED, (proc.returncode, stderr)
+    assert stderr.strip().splitlines() == ["kgen: interrupted"], stderr
+    return stdout
+
+
+def config_file(tmp_path: Path, name: str, text: str) -> tuple[Path, configmod.Config]:
+    path = tmp_path / f"{name}.toml"
+    path.write_text(text)
+    return path, configmod.load(path)
+
+
+def no_temp_files(out: Path) -> None:
+    left = [p.name for p in out.iterdir() if TEMP_NAMES.match(p.name)] if out.exists() else []
+    assert left == [], left
+
+
+def pair_is_honest(out: Path, *configs: configmod.Config) -> configmod.Config | None:
+    """Either no stamp, or the stamp names one config and the bytes of exactly the ELF and ISO beside it."""
+    if not (out / FINGERPRINT_NAME).exists():
+        return None
+    current = [c for c in configs if _current(out, fingerprint(c), iso=(out / "kernel.iso").exists())]
+    assert len(current) == 1, "the stamp names no config's outputs, or the files are not the ones it names"
+    return current[0]
+
+
+# --- Ctrl-C -------------------------------------------------------------------------------------------------------
+
+def test_ctrl_c_while_lief_loads_is_one_line_and_130(tmp_path):
+    """LIEF's C++ extension aborted the process (std::terminate, ~20 lines, SIGABRT) when Ctrl-C came while it
+    was being imported."""
+    for round_ in range(4):
+        out = tmp_path / f"out{round_}"
+        proc = start("build", "--no-iso", "--out", out)
+        wait_until(proc, lambda: lief_loaded(proc.pid), "importing LIEF")
+        interrupted(proc)
+        assert not out.exists()
+
+
+@needs_grub
+@pytest.mark.parametrize("delay", [0.0, 0.05, 0.15, 0.3, 0.5, 0.8, 1.2])
+def test_ctrl_c_at_any_moment_of_a_build_leaves_no_lying_pair(tmp_path, delay):
+    """Interrupted wherever it is (linking, the ELF, GRUB, the stamp), a build over an older config's outputs leaves
+    them either whole and stamped, or unstamped: never an ELF and ISO claiming to be a pair they are not."""
+    old_path, old = config_file(tmp_path, "old", "[tempmap]\nslots = 8\n")
+    new_path, new = config_file(tmp_path, "new", "")
+    out = tmp_path / "out"
+    assert kgen("build", "--config", old_path, "--out", out).returncode == 0
+    proc = start("build", "--config", new_path, "--out", out)
+    wait_until(proc, lambda: lief_loaded(proc.pid), "importing LIEF")
+    time.sleep(delay)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    if proc.returncode == 0:            # it finished first: then the new pair is there
+        assert pair_is_honest(out, old, new) == new
+    else:
+        assert proc.returncode == errors.EXIT_INTERRUPTED, stderr
+        assert stderr.strip().splitlines() == ["kgen: interrupted"], stderr
+        assert pair_is_honest(out, old, new) in (None, old, new)
+    no_temp_files(out)
+
+
+def fake_grub(tmp_path: Path) -> tuple[dict, Path]:
+    """A grub-mkrescue that says it started and then takes its time, first on PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    started = tmp_path / "grub-started"
+    script = bin_dir / "grub-mkrescue"
+    script.write_text(f"#!/bin/sh\ntouch {started}\nexec sleep 60\n")
+    script.chmod(0o755)
+    return dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}"), started
+
+
+@needs_grub
+def test_an_iso_step_interrupted_leaves_no_elf_beside_the_old_iso(tmp_path):
+    """The reproducer: Ctrl-C while GRUB makes the ISO left the new kernel.elf beside the previous config's
+    kernel.iso, whole and bootable, and the stamp that a later `kgen test` trusted."""
+    old_path, old = config_file(tmp_path, "old", "[tempmap]\nslots = 8\n")
+    new_path, new = config_file(tmp_path, "new", "")
+    out = tmp_path / "out"
+    assert kgen("build", "--config", old_path, "--out", out).returncode == 0
+    assert current_elf(old, out) == out / "kernel.elf"
+    env, started = fake_grub(tmp_path)
+    proc = start("build", "--config", new_path, "--out", out, env=env)
+    wait_until(proc, started.exists, "making the ISO")
+    interrupted(proc)
+    assert not (out / "kernel.iso").exists(), "the old config's ISO is still there beside the new ELF"
+    assert not (out / FINGERPRINT_NAME).exists()
+    assert current_elf(new, out) is None and current_elf(old, out) is None
+    no_temp_files(out)
+    # The next build makes the pair.
+    assert kgen("build", "--config", new_path, "--out", out).returncode == 0
+    assert pair_is_honest(out, old, new) == new
+
+
+def test_an_elf_swapped_in_behind_the_stamp_is_not_current(tmp_path):
+    a_path, a = config_file(tmp_path, "a", "")
+    b_path, b = config_file(tmp_path, "b", "[tempmap]\nslots = 8\n")
+    for name, path in (("a", a_path), ("b", b_path)):
+        assert kgen("build", "--no-iso", "--config", path, "--out", tmp_path / name).returncode == 0
+    assert current_elf(a, tmp_path / "a") == tmp_path / "a" / "kernel.elf"
+    (tmp_path / "a" / "kernel.elf").write_bytes((tmp_path / "b" / "kernel.elf").read_bytes())
+    assert current_elf(a, tmp_path / "a") is None
+
+
+# --- two builds, one --out ----------------------------------------------------------------------------------------
+
+def proc_locks_waiter(lock: Path) -> bool:
+    """/proc/locks shows a process blocked (`->`) on this file's flock."""
+    inode = os.stat(lock).st_ino
+    return any("->" in line and "FLOCK" in line and f":{inode} " in line
+               for line in Path("/proc/locks").read_text().splitlines())
+
+
+def test_a_build_waits_for_the_one_holding_the_out_lock(tmp_path):
+    _, config = config_file(tmp_path, "c", "")
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = out / LOCK_NAME
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        proc = start("build", "--no-iso", "--out", out)
+        wait_until(proc, lambda: proc_locks_waiter(lock), "waiting on the lock")
+        assert not (out / "kernel.elf").exists()
+    finally:
+        os.close(fd)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert current_elf(config, out) == out / "kernel.elf"
+
+
+@needs_grub
+def test_concurrent_builds_of_two_configs_leave_one_honest_pair(tmp_path):
+    a_path, a = config_file(tmp_path, "a", "")
+    b_path, b = config_file(tmp_path, "b", "[tempmap]\nslots = 8\n")
+    out = tmp_path / "out"
+    winners = set()
+    for _ in range(3):
+        procs = [start("build", "--config", path, "--out", out) for path in (a_path, b_path)]
+        results = [(p, *p.communicate(timeout=300)) for p in procs]
+        for proc, stdout, stderr in results:
+            assert proc.returncode == 0, stderr
+        winners.add(pair_is_honest(out, a, b))
+        no_temp_files(out)
+    assert winners <= {a, b} and None not in winners
+
+
+# --- success that cannot be faked ---------------------------------------------------------------------------------
+
+# Paging off, flat. Prints LINE_BEFORE's text (the success line, or not), then maybe more, then writes VALUE to the
+# debug-exit port as a dword and halts.
+EXITER = r"""
+.text
+.globl _start
+.align 4
+    .long 0x1BADB002, 0x3, -(0x1BADB002 + 0x3)
+_start:
+    cli
+    mov $0x80000, %esp
+.if SAY_SUCCESS
+    mov $success, %esi
+    call puts
+.endif
+.if SAY_MORE
+    mov $more, %esi
+    call puts
+.endif
+    mov $VALUE, %eax
+    mov $0xf4, %dx
+    out %eax, %dx
+1:  cli
+    hlt
+    jmp 1b
+puts:
+    lodsb
+    test %al, %al
+    jz 2f
+    mov $0x3F8, %dx
+    out %al, %dx
+    jmp puts
+2:  ret
+success: .asciz "kgen: exit success\n"
+more: .asciz "and then something else\n"
+"""
+
+
+@needs_qemu
+@pytest.mark.parametrize("value, say_success, say_more, code, says", [
+    # The reproducers: the status is 8 bits of (value << 1) | 1, so these give the success status 33.
+    (0x90, False, False, errors.EXIT_KERNEL_FAILED, "the success status, but the kernel's last COM1 line is not"),
+    (0xDEAD0010, False, False, errors.EXIT_KERNEL_FAILED, "the success status, but the kernel's last COM1 line"),
+    (0x10, False, False, errors.EXIT_KERNEL_FAILED, "the success status, but the kernel's last COM1 line is not"),
+    (0x10, True, True, errors.EXIT_KERNEL_FAILED, "the success status, but the kernel's last COM1 line is not"),
+    (0x11, True, False, errors.EXIT_KERNEL_FAILED, "exit status 35, the kernel's failure status"),
+    (0x10, True, False, errors.EXIT_OK, None),      # the protocol, followed: success
+])
+def test_success_needs_the_line_and_the_status(tmp_path, value, say_success, say_more, code, says):
+    assert EXIT_SUCCESS == "kgen: exit success"     # the text the mini kernel prints
+    elf = minikernels.build(tmp_path, "exiter", EXITER, VALUE=value, SAY_SUCCESS=int(say_success),
+                            SAY_MORE=int(say_more))
+    result = kgen("run", "--kernel", elf, "--timeout", "60")
+    assert result.returncode == code, result.stdout + result.stderr
+    if says is None:
+        assert result.stdout.strip().splitlines()[-1] == EXIT_SUCCESS and result.stderr == ""
+    else:
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("kgen: ") and says in last, result.stderr
+        assert "Traceback" not in result.stderr
