@@ -40,6 +40,8 @@ vmm_init:
     jae .Linit_done
     cmp ebx, RECURSIVE_SLOT
     je .Linit_next
+    cmp ebx, FOREIGN_SLOT                           # empty while no space is attached (templates/aspace.s)
+    je .Linit_next
     mov rdi, LEVEL0_ENTRIES
     test qword ptr [rdi + rbx*ENTRY_SIZE], PTE_P
     jnz .Linit_next

@@ -105,15 +105,19 @@ class Arch:
     def is_canonical(self, vaddr: int) -> bool:
         return self.paging.contains(vaddr)
 
-    def recursive_window(self, slot: int, level: int) -> int:
+    def recursive_window(self, slot: int, level: int, foreign: int | None = None) -> int:
         """Virtual address where the entries of `level` (0 = top) appear when top-level entry `slot` points at
         its own table.
 
         The leaf entries (PTEs) of all of memory fill the slot's window R in address order. The entries one level up
         are the PTEs of that window itself, so they sit at R + (W >> 12) * entry, W being the level below's window;
         the top table's entries come last, at the page where all indices equal the slot.
+
+        With `foreign`, a second top-level entry that points at another space's top-level table: that space's leaf
+        entries fill the foreign slot's window F, and each level up is again reached through `slot` (the current
+        space's own self-map), so its top table appears at the page whose indices are slot, slot, ..., foreign.
         """
-        window = self.canonical(slot << self.shift(0))
+        window = self.canonical((slot if foreign is None else foreign) << self.shift(0))
         for _ in range(self.levels - 1 - level):
             window = self.canonical((slot << self.shift(0)) + ((window & self.va_mask) >> self.shift(self.levels - 1))
                                     * self.entry_size)
@@ -142,6 +146,7 @@ I386 = Arch(
     boot_protocol="multiboot1", va_bits=32, max_memory_mib=3072,
     memory_limit_reason="RAM below the PCI hole of QEMU's pc machine; the i386 PMM cannot reach RAM above 4 GiB",
     defaults=(("kernel_virtual_base", 0xC0000000), ("paging_recursive_slot", 1023),
+              ("paging_foreign_slot", 1021),
               ("tempmap_base", 0xFF800000), ("vmm_base", 0xD0000000), ("vmm_size", 0x10000000)),
 )
 
@@ -153,8 +158,10 @@ X86_64 = Arch(
     memory_limit_reason="QEMU's pc machine moves RAM past 3 GiB above 4 GiB, where the memory map reports it and the "
                         "PMM uses it; 16 GiB keeps a poisoned RAM file of the harness affordable",
     # The top 2 GiB for the image (mcmodel=kernel), PML4[510] recursive: its window is 0xFFFFFF0000000000.., below
-    # the image's PML4[511]; the temp-map and vmm windows sit in PML4[509] and PML4[508].
+    # the image's PML4[511]; the temp-map and vmm windows sit in PML4[509] and PML4[508], the foreign window in
+    # PML4[507].
     defaults=(("kernel_virtual_base", 0xFFFFFFFF80000000), ("paging_recursive_slot", 510),
+              ("paging_foreign_slot", 507),
               ("tempmap_base", 0xFFFFFE8000000000), ("vmm_base", 0xFFFFFE0000000000),
               ("vmm_size", 0x10000000)),
 )

@@ -13,6 +13,7 @@ ranges) belong to `layout.py`, which turns a Config into addresses.
 
     [paging]
     recursive_slot = 1023       # page-directory entry that points at the page directory itself
+    foreign_slot = 1021         # entry that points at another address space's top table while one is attached
 
     [tempmap]
     base = 0xFF800000           # first virtual page of the temp-map window
@@ -27,6 +28,7 @@ ranges) belong to `layout.py`, which turns a Config into addresses.
 
     [variant]                   # kernels broken on purpose, to prove the tests catch the break
     fault_at_boot = false       # touch an unmapped page right after boot
+    aspace_skip_foreign_flush = false  # change the foreign slot without flushing the TLB
     tempmap_skip_invlpg = false # remap temp-map slots without INVLPG
     vmm_skip_table_clear = false  # leave new page tables uncleared
     vmm_unmap_skip_invlpg = false # unmap pages without INVLPG
@@ -58,6 +60,7 @@ class Config:
     kernel_max_size: int = 0x400000
     kernel_stack_size: int = 0x4000
     paging_recursive_slot: int = _I386["paging_recursive_slot"]
+    paging_foreign_slot: int = _I386["paging_foreign_slot"]
     tempmap_base: int = _I386["tempmap_base"]
     tempmap_slots: int = 16
     vmm_base: int = _I386["vmm_base"]
@@ -65,6 +68,7 @@ class Config:
     machine_memory_mib: int = 128
     # Build variants that break the kernel on purpose, so tests can prove they catch the break.
     fault_at_boot: bool = False
+    aspace_skip_foreign_flush: bool = False
     tempmap_skip_invlpg: bool = False
     vmm_skip_table_clear: bool = False
     vmm_unmap_skip_invlpg: bool = False
@@ -104,13 +108,13 @@ class Config:
 _SCHEMA: dict[str, tuple[str, ...]] = {
     "": ("arch",),
     "kernel": ("virtual_base", "load_address", "max_size", "stack_size"),
-    "paging": ("recursive_slot",),
+    "paging": ("recursive_slot", "foreign_slot"),
     "tempmap": ("base", "slots"),
     "vmm": ("base", "size"),
     "machine": ("memory_mib",),
     "variant": ("fault_at_boot", "tempmap_skip_invlpg", "vmm_skip_table_clear", "vmm_unmap_skip_invlpg",
                 "vmm_table_user", "vmm_map_wrong_index", "pmm_double_push", "vrange_bad_merge",
-                "heap_small_block"),
+                "heap_small_block", "aspace_skip_foreign_flush"),
 }
 
 

@@ -50,6 +50,8 @@ class Layout:
     0xC0100000 .. +max_size   kernel image window      ->  0x00100000 .. +max_size (load_address)
                               .multiboot .text | .rodata | .data .bss (boot page tables, stack, boot info)
     0xD0000000 .. +vmm.size   vmm range window: vmm_alloc hands out page ranges here, backed now or on first touch
+    0xFF400000 .. 0xFF7FFFFF  foreign window: PD[foreign_slot] -> an attached space's PD, whose page tables appear
+                              here; that PD itself at recursive_base + foreign_slot*4K (templates/aspace.s)
     0xFF800000 .. +slots*4K   temp-map window: one page table, PTEs rewritten by temp_map()/temp_unmap()
     0xFFC00000 .. 0xFFFFFFFF  recursive window: PD[recursive_slot] -> PD, so page table i is at
                               recursive_base + i*4K and the PD itself at recursive_base + slot*4K
@@ -61,6 +63,8 @@ class Layout:
 
     Virtual                                          Physical
     0x0000000000000000 .. 0x00007FFFFFFFFFFF  user half (PML4[0..255]): empty after boot
+    0xFFFFFD8000000000 .. 0xFFFFFDFFFFFFFFFF  foreign window (PML4[507]): an attached space's PTEs; its PDs,
+                                              PDPTs and PML4 through the recursive slot (Layout.foreign_level_window)
     0xFFFFFE0000000000 .. +vmm.size           vmm range window (PML4[508])
     0xFFFFFE8000000000 .. +slots*4K           temp-map window (PML4[509]), one page table
     0xFFFFFF0000000000 .. 0xFFFFFF7FFFFFFFFF  recursive window: PML4[510] -> PML4. The PTEs of all memory fill it;
@@ -81,8 +85,9 @@ class Layout:
     kernel_load_address: int        # physical address of the image
     kernel_max_size: int
     kernel_stack_size: int
-    # Recursive mapping.
+    # Recursive mapping, and the foreign slot that shows another address space's tables (templates/aspace.s).
     recursive_slot: int
+    foreign_slot: int
     # Temp-map window.
     tempmap_base: int
     tempmap_slots: int
@@ -119,6 +124,9 @@ class Layout:
     heap_slab_header: int = 0x40
     heap_slab_magic: int = 0x48454150  # "HEAP"
     heap_large_slots: int = 64
+    # Address spaces (templates/aspace.s): live top-level tables, the boot one included; a build variant.
+    as_max_spaces: int = 16
+    aspace_skip_foreign_flush: bool = False
     # Build variants.
     fault_at_boot: bool = False
     tempmap_skip_invlpg: bool = False
@@ -148,6 +156,27 @@ class Layout:
     def entry_address(self, vaddr: int, level: int) -> int:
         """Virtual address of the entry that maps `vaddr` at `level`, reached through the recursive slot."""
         return self.architecture.entry_address(self.recursive_slot, vaddr, level)
+
+    def foreign_level_window(self, level: int) -> int:
+        """Virtual address of the attached (foreign) space's entries of level `level` (0 = its top table)."""
+        return self.architecture.recursive_window(self.recursive_slot, level, foreign=self.foreign_slot)
+
+    def foreign_entry_address(self, vaddr: int, level: int) -> int:
+        """Virtual address of the entry that maps `vaddr` at `level` in the attached space."""
+        arch = self.architecture
+        return self.foreign_level_window(level) + ((vaddr & arch.va_mask) >> arch.shift(level)) * arch.entry_size
+
+    @property
+    def foreign_window(self) -> Region:
+        """The top-level slot that maps an attached space's tables: its leaf entries fill it."""
+        base = self.architecture.canonical(self.foreign_slot << self.architecture.shift(0))
+        return Region("foreign window", "paging.foreign_slot", self.foreign_slot, base,
+                      base + self.architecture.span(0))
+
+    @property
+    def user_half_end(self) -> int:
+        """Addresses below this belong to one address space; from the kernel half on, all spaces share them."""
+        return self.kernel_half_start if self.arch == "i386" else 1 << (self.architecture.va_bits - 1)
 
     @property
     def leaf_table_span(self) -> int:
@@ -284,7 +313,7 @@ class Layout:
         if self.arch == "i386":
             return 0
         arch = self.architecture
-        made_at_boot = {self.recursive_slot} | {
+        made_at_boot = {self.recursive_slot, self.foreign_slot} | {
             (v & arch.va_mask) >> arch.shift(0)
             for v in (self.kernel_virtual_start, self.kernel_window.end - 1, self.tempmap_base)}
         first = (self.kernel_half_start & arch.va_mask) >> arch.shift(0)
@@ -301,7 +330,7 @@ class Layout:
 
     def regions(self) -> list[Region]:
         return [self.kernel_window, self.identity_window, self.recursive_window, self.tempmap_window,
-                self.vmm_window]
+                self.vmm_window, self.foreign_window]
 
     # ---- what the templates see --------------------------------------------------------------------------
     def asm_constants(self) -> dict[str, int]:
@@ -317,6 +346,13 @@ class Layout:
             "RECURSIVE_BASE": self.recursive_base,
             "RECURSIVE_PD": self.recursive_pd,
             "RECURSIVE_TOP": self.recursive_top,
+            "FOREIGN_SLOT": self.foreign_slot,
+            "FOREIGN_BASE": self.foreign_window.start,
+            "FOREIGN_TOP": self.foreign_level_window(0),
+            "FOREIGN_LEAF_ENTRIES": self.foreign_level_window(self.architecture.levels - 1),
+            "USER_HALF_END": self.user_half_end,
+            "AS_MAX_SPACES": self.as_max_spaces,
+            "FOREIGN_FLUSH": int(not self.aspace_skip_foreign_flush),
             "TEMPMAP_BASE": self.tempmap_base,
             "TEMPMAP_SLOTS": self.tempmap_slots,
             "TEMPMAP_PTES": self.entry_address(self.tempmap_base, self.architecture.levels - 1),
@@ -410,6 +446,7 @@ class Layout:
         for level in range(arch.levels):
             consts[f"LEVEL{level}_SHIFT"] = arch.shift(level)
             consts[f"LEVEL{level}_ENTRIES"] = self.level_window(level)
+            consts[f"FOREIGN_LEVEL{level}_ENTRIES"] = self.foreign_level_window(level)
         return consts
 
     def _i386_constants(self) -> dict[str, int]:
@@ -452,7 +489,7 @@ class Layout:
 
 
 # Keys that count things rather than address them read better in decimal.
-_DECIMAL_KEYS = {"paging.recursive_slot", "tempmap.slots", "machine.memory_mib"}
+_DECIMAL_KEYS = {"paging.recursive_slot", "paging.foreign_slot", "tempmap.slots", "machine.memory_mib"}
 
 
 def _fail(config: Config, key: str, value, rule: str):
@@ -530,6 +567,12 @@ def compute(config: Config) -> Layout:
     if not 0 <= c.paging_recursive_slot < entries:
         _fail(c, "paging.recursive_slot", c.paging_recursive_slot,
               f"must be a {arch.paging.level_names[0]} index in 0..{entries - 1}")
+    if not 0 <= c.paging_foreign_slot < entries:
+        _fail(c, "paging.foreign_slot", c.paging_foreign_slot,
+              f"must be a {arch.paging.level_names[0]} index in 0..{entries - 1}")
+    if c.paging_foreign_slot == c.paging_recursive_slot:
+        _fail(c, "paging.foreign_slot", c.paging_foreign_slot,
+              "must differ from paging.recursive_slot: one slot maps the current space, the other a foreign one")
     if not 1 <= c.tempmap_slots <= entries:
         _fail(c, "tempmap.slots", c.tempmap_slots, f"must be in 1..{entries} (one page table)")
     tm_end = c.tempmap_base + c.tempmap_slots * page
@@ -551,7 +594,8 @@ def compute(config: Config) -> Layout:
         arch=c.arch, page_size=page,
         kernel_virtual_base=c.kernel_virtual_base, kernel_load_address=c.kernel_load_address,
         kernel_max_size=c.kernel_max_size, kernel_stack_size=c.kernel_stack_size,
-        recursive_slot=c.paging_recursive_slot,
+        recursive_slot=c.paging_recursive_slot, foreign_slot=c.paging_foreign_slot,
+        aspace_skip_foreign_flush=c.aspace_skip_foreign_flush,
         tempmap_base=c.tempmap_base, tempmap_slots=c.tempmap_slots,
         memory_mib=c.machine_memory_mib, fault_at_boot=c.fault_at_boot,
         tempmap_skip_invlpg=c.tempmap_skip_invlpg, vmm_skip_table_clear=c.vmm_skip_table_clear,
@@ -562,7 +606,7 @@ def compute(config: Config) -> Layout:
     )
 
     kernel_half = layout.kernel_half_start
-    for region in (layout.recursive_window, layout.tempmap_window, layout.vmm_window):
+    for region in (layout.recursive_window, layout.tempmap_window, layout.vmm_window, layout.foreign_window):
         if region.start < kernel_half:
             which = "kernel.virtual_base" if arch.name == "i386" else "the upper canonical half"
             _fail(c, region.key, region.value, f"the {region.name} must lie in the kernel "

@@ -29,7 +29,7 @@ from kgen.build.resources import templates_dir
 KERNEL_UNITS = ("multiboot", "bootinfo", "{arch}/boot", "{arch}/gdt", "{arch}/idt", "interrupts", "pic", "serial",
                 "debugexit", "string", "report", "calls", "peek")
 # The memory managers, the same templates for both word sizes.
-MEMORY_UNITS = ("paging", "tempmap", "pmm", "vmm", "vrange", "heap", "bench")
+MEMORY_UNITS = ("paging", "tempmap", "pmm", "vmm", "vrange", "heap", "aspace", "bench")
 
 
 def kernel_units(arch: str) -> tuple[str, ...]:
@@ -49,7 +49,8 @@ class Kernel:
 def generated_pieces(layout: Layout) -> list[asm.Piece]:
     """The layout's string constants and per-level paging tables as labelled .rodata, so templates name them like
     any other data: `paging_level_shift` (a byte per level, top first) and `paging_level_entries` (a word per
-    level: where that level's entries appear through the recursive slot)."""
+    level: where that level's entries appear through the recursive slot), and `paging_foreign_entries` (the same for
+    the space attached to the foreign slot, templates/aspace.s)."""
     lines = [".section .rodata"]
     for label, text in layout.asm_strings().items():
         if not text.isascii() or '"' in text or "\\" in text:
@@ -57,6 +58,7 @@ def generated_pieces(layout: Layout) -> list[asm.Piece]:
         lines += [f"{label}:", f'    .asciz "{text}"']
     levels = range(layout.architecture.levels)
     lines += [".balign 8", "paging_level_entries:"] + [f"    .xword LEVEL{n}_ENTRIES" for n in levels]
+    lines += ["paging_foreign_entries:"] + [f"    .xword FOREIGN_LEVEL{n}_ENTRIES" for n in levels]
     lines += ["paging_level_shift:"] + [f"    .byte LEVEL{n}_SHIFT" for n in levels]
     # The line the kernel prints just before it exits with success (templates/debugexit.s, exit_success): `kgen run`
     # wants it as well as the exit status, which QEMU cuts to 8 bits, so a stray write to the port cannot succeed.
