@@ -68,6 +68,7 @@ class Exercise:
         self.pmm = PmmView(live.machine.read_phys, self.elf, self.layout)
         self.held: set[int] = set()         # frames the test took with pmm_alloc and has not mapped or freed
         self.mapped: dict[int, int] = {}    # vaddr -> frame of the pages the test mapped with vmm_map
+        self._walked = None                 # (view, its walk): the walk of the machine as last stopped
         self.begin("boot")
 
     # ---- the kernel --------------------------------------------------------------------------------------------
@@ -111,12 +112,18 @@ class Exercise:
         self.held.discard(frame)
 
     # ---- what the machine holds ------------------------------------------------------------------------------
+    def walk(self, view):
+        """(mappings, (path, frame) of every table below the top one) of a stopped machine, walked once per stop."""
+        if self._walked is None or self._walked[0] is not view:
+            self._walked = (view, (view.walker.mappings(), view.walker.page_tables()))
+        return self._walked[1]
+
     def snapshot(self):
-        """(4 KiB frames mapped outside the recursive windows, tables below the top one, free count)."""
+        """(frames mapped where the stages work, tables below the top one, free count)."""
         view = self.live.view()
-        walker = view.walker
-        frames = {m.pstart + o for m in walker.mappings() if self.in_play(m.vstart) for o in range(0, m.size, PAGE)}
-        tables = {frame for _, frame in walker.page_tables()}
+        mappings, page_tables = self.walk(view)
+        frames = {m.pstart + o for m in mappings if self.in_play(m.vstart) for o in range(0, m.size, PAGE)}
+        tables = {frame for _, frame in page_tables}
         return frames, tables, self.pmm.u32("pmm_count") + self.pmm.u32("pmm_untouched")
 
     def in_play(self, vaddr: int) -> bool:
@@ -184,7 +191,7 @@ class Exercise:
             return []
         size = self.arch.entry_size
         problems = []
-        for path, frame in view.walker.page_tables():
+        for path, frame in self.walk(view)[1]:
             if frame in self.start_tables:
                 continue
             data = view.read_phys(frame, PAGE)
@@ -201,7 +208,7 @@ class Exercise:
         return {v: f for v, f in self.mapped.items() if v < self.layout.kernel_half_start}
 
     def user_half_problems(self, view) -> list[str]:
-        found = {m.vstart + o: m.pstart + o for m in view.walker.mappings() if m.vstart < self.layout.kernel_half_start
+        found = {m.vstart + o: m.pstart + o for m in self.walk(view)[0] if m.vstart < self.layout.kernel_half_start
                  for o in range(0, m.size, PAGE)}
         want = self.user_pages()
         return [f"{v:#x} maps {found.get(v, 'nothing')!s:>8} in the user half, the test mapped "
@@ -251,9 +258,9 @@ class Exercise:
             if a + n * PAGE >= b:
                 problems.append(f"free ranges {a:#x} + {n} pages and {b:#x} are out of order, overlap or touch "
                                 f"without being merged")
-        walker = view.walker
+        mappings = [m for m in self.walk(view)[0] if self.layout.vmm_window.start <= m.vstart < self.layout.vmm_window.end]
         for start, pages in ranges:
-            for m in walker.mappings():
+            for m in mappings:
                 if m.vstart < start + pages * PAGE and start < m.vstart + m.size:
                     problems.append(f"free range {start:#x} + {pages} pages holds the mapped page(s) {m}")
                     break
