@@ -6,10 +6,13 @@
         assert view.walker.translate(...)
 
 Fixtures: `kgen_kernel` (session: elf_path, elf, layout), `kgen_layout` (skips unless kgen built the kernel),
-`kgen_machine` (a fresh boot per test, in serve mode for a kgen kernel; shut down afterwards whatever happens),
+`kgen_machine` (a fresh machine per test, in serve mode for a kgen kernel; shut down afterwards whatever happens),
 `kgen_idle` (one boot per module, stopped: for tests that only look), `kgen_kvm` (session: `(usable, why)` from a
 probe boot under KVM), `kgen_accel`; `kgen_boot(kernel, accel)` and `assert_holds(check, view)` for your own.
-Options: --kgen-config, --kgen-arch, --kgen-out, --kgen-kernel, --kgen-ready, --kgen-accel.
+Options: --kgen-config, --kgen-arch, --kgen-out, --kgen-kernel, --kgen-ready, --kgen-accel, --kgen-cold-boot.
+
+Every machine a fixture hands out is as a cold boot leaves it, but only the first per kernel is booted: the
+others are restored from a snapshot of it (kgen/machine/snapshot.py), unless --kgen-cold-boot.
 
 Installed as a pytest11 entry point, so it loads in every pytest run of an environment holding kgen: importing it
 costs pytest alone, and nothing is built or booted unless a test asks for a kgen fixture.
@@ -32,8 +35,16 @@ def pytest_addoption(parser):
     group.addoption("--kgen-ready", help="with --kgen-kernel: COM1 text the kernel prints once booted (default: "
                     "booted when the CPU sits halted with paging on)")
     group.addoption("--kgen-accel", choices=("tcg", "kvm"), default="tcg", help="QEMU accelerator (default: tcg)")
+    group.addoption("--kgen-cold-boot", action="store_true", help="boot a new machine for every test instead of "
+                    "restoring a snapshot of the booted kernel (the default: one boot per kernel and worker)")
     group.addoption("--kgen-arch", help="architecture to build for (default: the config's `arch`); keys the "
                     "config does not set take that architecture's defaults")
+
+
+def pytest_configure(config):
+    if config.getoption("kgen_cold_boot", False):
+        from kgen.machine.snapshot import set_cold_boot
+        set_cold_boot(True)
 
 
 @pytest.fixture(scope="session")

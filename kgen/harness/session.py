@@ -18,32 +18,30 @@ BOOT_TIMEOUT = 60.0
 
 class KernelSession:
     def __init__(self, elf_path, layout: Layout, *, accel: str = "tcg", poison=None, memory_mib: int | None = None,
-                 icount: bool = False, echo_serial: bool = False, extra_args=(), ram_file: bool = True):
+                 icount: bool = False, echo_serial: bool = False, extra_args=(), ram_file: bool = True,
+                 cold: bool | None = None):
         self.elf_path = elf_path
         self.layout = layout
         self.elf = ElfInfo.load(elf_path)
-        self.options = dict(accel=accel, poison=poison, memory_mib=memory_mib or layout.memory_mib, icount=icount,
-                            ram_file=ram_file,
+        self.options = dict(kernel=elf_path, append=layout.serve_token, accel=accel, poison=poison,
+                            memory_mib=memory_mib or layout.memory_mib, icount=icount, ram_file=ram_file,
                             echo_serial=echo_serial, extra_args=tuple(extra_args),
                             debug_exit_port=layout.debug_exit_port, qemu=layout.architecture.qemu)
+        self.cold = cold        # None: the process's choice (kgen.machine.snapshot); True: always boot cold
         self.machine = None
         self.channel: CallChannel | None = None
 
     def __enter__(self) -> "KernelSession":
-        from kgen.machine import Machine
-        self.machine = Machine(kernel=self.elf_path, append=self.layout.serve_token, **self.options)
-        self.machine.launch()
-        try:
-            self.machine.wait_for(SERVING_MARKER, BOOT_TIMEOUT)
-        except MachineError as err:
+        from kgen.machine.snapshot import fresh_machine
+
+        def serve(machine) -> None:
             try:
-                failure = explain(self.machine, self.elf, err)
-            finally:
-                self.machine.shutdown()
-            raise RunFailed(failure) from err
-        except BaseException:
-            self.machine.shutdown()
-            raise
+                machine.wait_for(SERVING_MARKER, BOOT_TIMEOUT)
+            except MachineError as err:
+                raise RunFailed(explain(machine, self.elf, err)) from err
+
+        # Booted once per kernel and options, restored for every later session (kgen/machine/snapshot.py).
+        self.machine = fresh_machine(self.options, serve, f"serving: {SERVING_MARKER}", cold=self.cold)
         self.channel = CallChannel(self.machine, self.elf, self.layout)
         return self
 

@@ -1,0 +1,26 @@
+"""Whether this host's KVM can run a kernel: one short boot under `-accel kvm`."""
+from __future__ import annotations
+
+import os
+import time
+
+from kgen.errors import MachineError
+from kgen.machine.machine import Machine
+
+
+def kvm_usable_for(kernel_path: str | os.PathLike, marker: bytes | str, timeout: float = 10.0,
+                   qemu: str = "qemu-system-i386") -> tuple[bool, str]:
+    """Boot `kernel_path` once under KVM: (True, how long) if it reaches `marker`, else (False, why).
+
+    A KVM that cannot run the kernel's paging mode (kvm_pvm triple-faults 32-bit paging) ends in runstate
+    shutdown or internal-error, which `wait_for` reports at once; `timeout` bounds a guest that just hangs.
+    """
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False, "/dev/kvm is missing or not accessible"
+    started = time.monotonic()
+    try:
+        with Machine(kernel=kernel_path, accel="kvm", qemu=qemu) as machine:
+            machine.wait_for(marker, timeout)
+    except MachineError as err:
+        return False, f"KVM boot did not reach {marker!r}: {err}"
+    return True, f"KVM boot reached {marker!r} in {time.monotonic() - started:.2f} s"

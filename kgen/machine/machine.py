@@ -1,0 +1,533 @@
+"""One QEMU boot of a kernel: launch, talk over QMP and the serial ports, shut down, and always clean up.
+
+Lifecycle (like QEMU's own python/qemu/machine): `launch()` creates a private temporary directory, listens there on
+three unix sockets (QMP, COM1, COM2), starts QEMU as their client and accepts its connections, so no sleep-and-retry
+is needed and a QEMU that dies at start-up is seen at once. `shutdown()` asks QEMU to quit, kills it if it does not,
+reaps it, closes everything and removes the directory; it runs from `__exit__` whatever happened inside the `with`
+block, and an atexit/SIGTERM hook kills any machine still alive, so no QEMU outlives the harness.
+
+The jobs are split by file: the process and its directory (process.py), QMP (qmp.py), COM1 (serial.py), guest RAM
+(ram.py); snapshots and the pool of restorable machines (snapshot.py). This class puts them together and adds
+waiting and inspection.
+
+Guest RAM is a shared file in that directory (`memory-backend-file,share=on`) which the host maps too: reading guest
+physical memory is a memcpy, and it stays readable after QEMU has exited (until `shutdown`). Where the file does not
+back an address (the legacy VGA/ROM window, MMIO, RAM without a file), reads go through QMP `pmemsave`.
+
+All methods must be called from one thread: QMP runs on a private asyncio loop driven by each call.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import termios
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from kgen.build.layout import DEBUG_EXIT_PORT
+from kgen.errors import MachineError, ToolMissing
+from kgen.guest.registers import Registers, parse_info_registers
+from kgen.machine import process
+from kgen.machine.errors import MachineStepError
+from kgen.machine.qmp import LINK_ERRORS, ExecuteError, QmpLink
+from kgen.machine.ram import GuestRam, poison_pattern
+from kgen.machine.serial import SerialLog
+
+QEMU_PACKAGE = "qemu-system-x86"
+
+START_TIMEOUT = 10.0       # QEMU up to its chardev connections and QMP greeting; it takes ~0.05 s
+QUIT_GRACE = 2.0           # after QMP quit, before kill -9
+RUNSTATE_POLL = 0.1        # how often wait_* asks QMP whether the guest stopped for good
+SNAPSHOT_NAME = "kgen"     # the one internal snapshot in a machine's snapshot image
+
+# Runstates from which the guest produces no more output and QEMU does not exit by itself (-no-shutdown keeps it
+# alive after a triple fault or power-off, so the CPU and memory can still be inspected).
+_DEAD_END_RUNSTATES = {"shutdown", "internal-error", "guest-panicked"}
+
+_SERIAL_TAIL = 2000
+_STDERR_TAIL = 2000
+
+
+def _opt(value: object) -> str:
+    """A value inside a QEMU `key=value,...` option: a comma is written twice."""
+    return str(value).replace(",", ",,")
+
+
+@dataclass(frozen=True)
+class MachineState:
+    """What `save_state` kept besides QEMU's own snapshot: guest RAM and the COM1 text with its read cursor."""
+    ram: bytes
+    serial: tuple[bytes, int]
+
+
+class Machine:
+    """A QEMU `pc` machine booting one kernel (Multiboot ELF via `-kernel`) or one ISO (`-cdrom`)."""
+
+    def __init__(self, kernel: str | os.PathLike | None = None, iso: str | os.PathLike | None = None, *,
+                 append: str | None = None, accel: str = "tcg", memory_mib: int = 128,
+                 poison: int | bytes | None = None, debug_exit_port: int = DEBUG_EXIT_PORT, echo_serial: bool = False,
+                 icount: bool = False, ram_file: bool = True, extra_args: Sequence[str] = (),
+                 qemu: str = "qemu-system-i386", snapshot_image: str | os.PathLike | None = None,
+                 start_paused: bool = False):
+        if (kernel is None) == (iso is None):
+            raise ValueError("give exactly one of kernel= or iso=")
+        if append is not None and kernel is None:
+            raise ValueError("append= is the -kernel command line; an ISO's bootloader has its own")
+        if accel not in ("tcg", "kvm"):
+            raise ValueError(f"accel must be 'tcg' or 'kvm', not {accel!r}")
+        if icount and accel != "tcg":
+            raise ValueError("icount needs accel='tcg'")
+        if poison is not None and not ram_file:
+            raise ValueError("poison= needs ram_file=True: the pattern is written into the RAM file")
+        if snapshot_image is not None and not ram_file:
+            raise ValueError("snapshot_image= needs ram_file=True: RAM is saved and restored through the file")
+        # Absolute, because QEMU runs in the temporary directory.
+        self.kernel = Path(kernel).resolve() if kernel is not None else None
+        self.iso = Path(iso).resolve() if iso is not None else None
+        self.append = append
+        self.accel = accel
+        self.memory_mib = memory_mib
+        self.poison = poison_pattern(poison)
+        self.debug_exit_port = debug_exit_port
+        self.echo_serial = echo_serial
+        self.icount = icount
+        self.ram_file = ram_file
+        self.extra_args = tuple(extra_args)
+        self.qemu = qemu
+        self.snapshot_image = Path(snapshot_image).resolve() if snapshot_image is not None else None
+        self.start_paused = start_paused
+
+        self.com2: socket.socket | None = None  # connected to the guest's COM2 once launched; raw bytes both ways
+        self.tmpdir: Path | None = None
+        self.command: tuple[str, ...] = ()
+        self.timings: dict[str, float] = {}
+        # Called by `shutdown()` before quitting; True means the machine was taken back (a pool keeps it for a
+        # restore) and must stay up.
+        self.on_release: Callable[[Machine], bool] | None = None
+        self._proc: subprocess.Popen | None = None
+        self._log = None
+        self._qmp: QmpLink | None = None
+        self._serial: SerialLog | None = None
+        self._listeners: list[socket.socket] = []
+        self._ram: GuestRam | None = None
+        self._launched = False
+        self._closed = False
+
+    # --- lifecycle ---------------------------------------------------------------------------------------------
+
+    def __enter__(self) -> Machine:
+        return self.launch()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.shutdown()
+        except MachineError as err:
+            if exc is None:
+                raise
+            exc.add_note(f"and then shutdown failed: {err}")  # keep the failure that ended the block in front
+
+    def launch(self) -> Machine:
+        if self._launched:
+            raise MachineStepError("launch", "this machine was already launched; make a new Machine")
+        binary = shutil.which(self.qemu)
+        if binary is None:
+            raise ToolMissing(f"{self.qemu} not found: install the Debian package {QEMU_PACKAGE}")
+        self._launched = True
+        started = time.monotonic()
+        try:
+            # Registered before anything is written, so an interrupt from here on removes the directory.
+            process.install_hooks()
+            process.register(self)
+            self.tmpdir = process.make_dir()
+            if self.ram_file:
+                self._ram = GuestRam(self.tmpdir / "ram", self.memory_mib, self.poison)
+                self._ram.create()
+                self.timings["ram_fill"] = time.monotonic() - started
+            qmp_listener, com1_listener, com2_listener = (self._listen(n) for n in ("qmp", "com1", "com2"))
+            self.command = tuple(self._command_line(binary))
+            self._log = open(self.tmpdir / "qemu.log", "wb")
+            self._proc = process.spawn(self.command, self.tmpdir, self._log)
+            deadline = time.monotonic() + START_TIMEOUT
+            self._serial = SerialLog(self._accept(com1_listener, "COM1", deadline), self.echo_serial)
+            self.com2 = self._accept(com2_listener, "COM2", deadline)
+            self._connect_qmp(self._accept(qmp_listener, "QMP", deadline), deadline)
+            if self._ram is not None:
+                problem = self._ram.map(self.hmp("info mtree -f", step="launch"))
+                if problem:
+                    raise self._error("launch", problem)
+            if not self.start_paused:
+                self.qmp("cont", step="launch")
+            self.timings["launch"] = time.monotonic() - started
+        except OSError as err:  # a socket path too long for AF_UNIX, a full disk, an unexecutable binary
+            failure = self._error("launch", f"{err} (working in {self.tmpdir})")
+            self._teardown()
+            raise failure from err
+        except BaseException:
+            self._teardown()
+            raise
+        return self
+
+    def shutdown(self) -> None:
+        """Quit QEMU (kill -9 if it does not go within QUIT_GRACE), reap it, release everything. Idempotent.
+
+        A machine with an `on_release` hook (one from a snapshot pool) may be taken back instead: it stays up,
+        stopped, until the pool restores it for the next user or quits it."""
+        if self._closed or not self._launched:
+            self._closed = True
+            return
+        if self.on_release is not None:
+            hook, self.on_release = self.on_release, None
+            if hook(self):
+                return
+        self.quit()
+
+    def quit(self) -> None:
+        """Shut down for good, whatever `on_release` would say (it is still told, so a pool stops waiting for
+        this machine)."""
+        if self._closed or not self._launched:
+            self._closed = True
+            return
+        hook, self.on_release = self.on_release, None
+        try:
+            if self._proc is not None and self._proc.poll() is None and self._qmp is not None:
+                try:
+                    self._qmp.execute("quit", timeout=QUIT_GRACE)
+                except (ExecuteError, *LINK_ERRORS):
+                    pass  # QEMU closing the socket before its reply is the normal way for quit to end
+                try:
+                    self._proc.wait(QUIT_GRACE)
+                except subprocess.TimeoutExpired:
+                    pass
+        finally:
+            self._teardown()
+            if hook is not None:
+                hook(self)
+
+    def _teardown(self) -> None:
+        """Release everything `launch` acquired, in reverse order, tolerating any of it being absent or broken."""
+        self._closed = True
+        stuck = self._kill_hard()
+        if self._qmp is not None:
+            self._qmp.close(QUIT_GRACE)
+        if self._serial is not None:
+            self._serial.close(QUIT_GRACE)  # QEMU is dead, so COM1 is at EOF and the reader is ending
+        for sock in (self.com2, *self._listeners):
+            if sock is not None:
+                sock.close()
+        if self._ram is not None:
+            self._ram.close()
+        if self._log is not None:
+            self._log.close()
+        process.unregister(self)
+        if stuck:
+            raise self._error("shutdown", f"QEMU (pid {self._proc.pid}) did not die after SIGKILL")
+
+    def _kill_hard(self) -> bool:
+        """SIGKILL and reap QEMU if it is alive, remove the temporary directory. True if QEMU would not die."""
+        stuck = process.kill_and_reap(self._proc)
+        if self.tmpdir is not None and self.tmpdir.exists():
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+        return stuck
+
+    @property
+    def pid(self) -> int | None:
+        """QEMU's process id (the Debian /usr/bin wrapper execs the real binary, so it is QEMU's own)."""
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def alive(self) -> bool:
+        return self._launched and not self._closed and self._proc is not None and self._proc.poll() is None
+
+    # --- launch helpers ----------------------------------------------------------------------------------------
+
+    def _listen(self, name: str) -> socket.socket:
+        sock = process.listen(self.tmpdir / f"{name}.sock")
+        self._listeners.append(sock)
+        return sock
+
+    def _command_line(self, binary: str) -> list[str]:
+        def chardev(name: str) -> list[str]:
+            return ["-chardev", f"socket,id={name},path={_opt(self.tmpdir / f'{name}.sock')}"]
+
+        machine = f"pc,memory-backend={GuestRam.BACKEND_ID}" if self.ram_file else "pc"
+        args = [binary, "-machine", machine, "-m", str(self.memory_mib), "-display", "none",
+                "-no-user-config", "-no-reboot", "-no-shutdown", "-parallel", "none", "-net", "none",
+                "-device", f"isa-debug-exit,iobase={self.debug_exit_port:#x},iosize=0x04",
+                "-accel", self.accel,
+                # QEMU is the client of sockets we already listen on: connected before the guest runs a cycle.
+                *chardev("qmp"), "-mon", "chardev=qmp,mode=control",
+                *chardev("com1"), "-serial", "chardev:com1",
+                *chardev("com2"), "-serial", "chardev:com2"]
+        if self._ram is not None:
+            args += self._ram.qemu_args(_opt)
+        if self.snapshot_image is not None:
+            # A drive no device uses: only the home of the internal snapshot (CPU and device state; RAM is kept
+            # by the harness, see snapshot.py).
+            args += ["-drive", f"if=none,id=kgen-snapshot,format=qcow2,file={_opt(self.snapshot_image)}"]
+        # Always held at the first instruction until launch has QMP and the RAM mapping: a kernel that exits in
+        # its first microseconds is then reported by its exit, never as a launch that lost a race with it.
+        args += ["-S"]
+        if self.icount:
+            args += ["-icount", "shift=0,sleep=off"]
+        if self.kernel is not None:
+            args += ["-kernel", str(self.kernel)]
+            if self.append is not None:
+                args += ["-append", self.append]
+        else:
+            args += ["-cdrom", str(self.iso), "-boot", "d"]
+        return args + list(self.extra_args)
+
+    def _accept(self, listener: socket.socket, what: str, deadline: float) -> socket.socket:
+        conn = process.accept(listener, self._proc, deadline)
+        if conn is not None:
+            return conn
+        if self._proc.poll() is not None:
+            raise self._error("launch", f"QEMU exited with status {self._proc.returncode} before connecting {what}")
+        raise self._error("launch", f"QEMU did not connect {what} within {START_TIMEOUT:.0f} s")
+
+    def _connect_qmp(self, sock: socket.socket, deadline: float) -> None:
+        self._qmp = QmpLink()
+        try:
+            self._qmp.connect(sock, max(0.1, deadline - time.monotonic()))
+        except LINK_ERRORS as err:
+            raise self._error("qmp-connect", f"QMP handshake failed: {self._gone_or(err)}") from err
+
+    # --- QMP ---------------------------------------------------------------------------------------------------
+
+    def qmp(self, command: str, arguments: dict | None = None, *, step: str = "control") -> object:
+        """Execute one QMP command; `step` names the failure if it fails."""
+        if self._qmp is None or self._closed:
+            raise self._error(step, f"QMP {command}: machine is not running")
+        try:
+            return self._qmp.execute(command, arguments)
+        except ExecuteError as err:
+            raise self._error(step, f"QMP {command}: {err}") from err
+        except LINK_ERRORS as err:
+            raise self._error(step, f"QMP {command}: {self._gone_or(err)}") from err
+
+    def hmp(self, command: str, *, step: str = "read") -> str:
+        """One HMP command line through QMP; returns its text output (HMP ends lines with CRLF; we give LF)."""
+        return self.qmp("human-monitor-command", {"command-line": command}, step=step).replace("\r\n", "\n")
+
+    def status(self) -> str:
+        """QEMU's runstate ("running", "paused", "shutdown", ...), or "exited" once the process has ended."""
+        if self._proc is None or self._proc.poll() is not None:
+            return "exited"
+        try:
+            return self.qmp("query-status", step="read")["status"]
+        except MachineStepError:
+            if self._proc.poll() is not None:  # it exited during the query
+                return "exited"
+            raise
+
+    def stop(self) -> None:
+        self.qmp("stop")
+
+    def cont(self) -> None:
+        self.qmp("cont")
+
+    @property
+    def events(self) -> list[dict]:
+        """QMP events received so far (STOP, SHUTDOWN, RESUME ...), oldest first."""
+        return list(self._qmp.events) if self._qmp is not None else []
+
+    # --- snapshots ---------------------------------------------------------------------------------------------
+
+    def _snapshot_step(self, step: str, command: str) -> None:
+        if self.snapshot_image is None:
+            raise self._error(step, "this machine has no snapshot image (snapshot_image=)")
+        # RAM lives in the shared file, which the harness saves and puts back itself (a memcpy); QEMU keeps CPU
+        # and devices only. Writing 128 MiB of poisoned RAM into qcow2 and reading it back takes ≈0.3 s here.
+        self.qmp("migrate-set-capabilities", {"capabilities": [{"capability": "x-ignore-shared", "state": True}]},
+                 step=step)
+        out = self.hmp(f"{command} {SNAPSHOT_NAME}", step=step).strip()
+        if out:
+            raise self._error(step, f"{command}: {out}")
+
+    def save_state(self) -> MachineState:
+        """Stop the guest and save it: CPU and devices into the snapshot image, RAM and COM1 into the result."""
+        if self.status() == "running":
+            self.stop()
+        self._snapshot_step("snapshot", "savevm")
+        return MachineState(self._ram.save(), self._serial.state())
+
+    def restore_state(self, state: MachineState, *, run: bool = True) -> None:
+        """Put the machine back to `state` (and the snapshot image's CPU and devices), then continue it.
+
+        `loadvm` resets the machine first, which copies the kernel's ELF segments back into RAM as at power-on;
+        so RAM is restored after it. Anything the previous user left in COM1 or COM2 is dropped."""
+        started = time.monotonic()
+        if self.status() == "running":
+            self.stop()
+        self._snapshot_step("restore", "loadvm")
+        self._ram.restore(state.ram)
+        self._serial.reset(state.serial)
+        self._drain_com2()
+        self._qmp.events.clear()
+        if run:
+            self.cont()
+        self.timings["restore"] = time.monotonic() - started
+
+    def _drain_com2(self) -> None:
+        self.com2.setblocking(False)
+        try:
+            while self.com2.recv(65536):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+        finally:
+            self.com2.setblocking(True)
+
+    def com2_unread_by_guest(self) -> int:
+        """Bytes the host sent on COM2 that QEMU has not taken yet (they would reach the next user's guest)."""
+        buf = fcntl.ioctl(self.com2.fileno(), termios.TIOCOUTQ, struct.pack("i", 0))
+        return struct.unpack("i", buf)[0]
+
+    # --- serial and waiting ------------------------------------------------------------------------------------
+
+    @property
+    def serial(self) -> str:
+        """All COM1 output so far."""
+        return self._serial.text if self._serial is not None else ""
+
+    def wait_for(self, marker: bytes | str, timeout: float) -> str:
+        """Wait until `marker` appears on COM1 after the previous marker found; return all COM1 text so far.
+
+        Fails early (step "wait") when QEMU exits or the guest stops for good (triple fault, KVM internal error).
+        On failure QEMU is left as it is: `registers()`, `read_phys()` and `serial` still work until `shutdown()`.
+        """
+        self._require_launched("wait")
+        needle = marker.encode() if isinstance(marker, str) else bytes(marker)
+        deadline = time.monotonic() + timeout
+        next_poll = 0.0
+        while True:
+            text = self._serial.find_next(needle)
+            if text is not None:
+                return text
+            now = time.monotonic()
+            if now >= next_poll:
+                ended = self._dead_end()
+                if ended:
+                    text = self._serial.find_next(needle)
+                    if text is not None:
+                        return text  # the marker arrived while we were asking
+                    raise self._error("wait", f"{marker!r} did not appear on COM1: {ended}")
+                next_poll = now + RUNSTATE_POLL
+            if now >= deadline:
+                raise self._error("wait", f"{marker!r} did not appear on COM1 within {timeout:g} s "
+                                          f"(runstate {self.status()})")
+            self._serial.wait(min(deadline - now, RUNSTATE_POLL))
+
+    def wait_exit(self, timeout: float) -> int:
+        """Wait for QEMU to exit and return its status (`isa-debug-exit` gives `(value << 1) | 1`)."""
+        self._require_launched("wait")
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                status = self._proc.wait(min(RUNSTATE_POLL, max(0.0, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                ended = self._dead_end()
+                if ended and self._proc.poll() is not None:
+                    continue    # it exited between the wait and the runstate query: collect its status
+                if ended:
+                    raise self._error("wait", f"{ended}; QEMU will not exit by itself") from None
+                if time.monotonic() >= deadline:
+                    raise self._error("wait", f"QEMU did not exit within {timeout:g} s "
+                                              f"(runstate {self.status()})") from None
+                continue
+            self._serial.drain(QUIT_GRACE)  # the guest's last bytes are in the socket before QEMU's exit
+            return status
+
+    def _dead_end(self) -> str | None:
+        """Why the guest can make no more progress, or None while it can."""
+        state = self.status()
+        if state == "exited":
+            self._serial.drain(QUIT_GRACE)
+            return f"QEMU exited with status {self._proc.returncode}"
+        if state in _DEAD_END_RUNSTATES:
+            reasons = [e.get("data", {}).get("reason") for e in self.events if e.get("event") == "SHUTDOWN"]
+            reason = reasons[-1] if reasons else None
+            if reason == "guest-reset":
+                reason += ": a triple fault, or a reset the guest asked for"
+            return f"the guest stopped in runstate {state}" + (f" (reason {reason})" if reason else "")
+        return None
+
+    # --- inspection --------------------------------------------------------------------------------------------
+
+    @property
+    def ram_windows(self):
+        return self._ram.windows if self._ram is not None else []
+
+    def registers(self) -> Registers:
+        """CPU 0's registers. Stop the machine first for a consistent snapshot under TCG."""
+        text = self.hmp("info registers")
+        try:
+            return parse_info_registers(text)
+        except ValueError as err:
+            raise self._error("read", str(err)) from err
+
+    def gva2gpa(self, vaddr: int) -> int | None:
+        """Translate a guest virtual address with the current CR3 (None when unmapped)."""
+        text = self.hmp(f"gva2gpa {vaddr:#x}").strip()
+        if text.startswith("gpa: "):
+            return int(text[5:], 16)
+        if text == "Unmapped":
+            return None
+        raise self._error("read", f"gva2gpa {vaddr:#x}: {text}")
+
+    def info_tlb(self) -> str:
+        """HMP `info tlb`: the page-table walk from CR3 (not TLB contents)."""
+        return self.hmp("info tlb")
+
+    def read_phys(self, addr: int, size: int) -> bytes:
+        """Guest physical memory: from the RAM file if it backs the whole range, else through `pmemsave`."""
+        offset = self._ram.file_offset(addr, size) if self._ram is not None else None
+        if offset is not None:
+            return self._ram.read(offset, size)
+        return self.pmemsave(addr, size)
+
+    def pmemsave(self, addr: int, size: int) -> bytes:
+        """Guest physical memory as QEMU's memory API sees it (MMIO, ROM and all); needs QEMU running."""
+        if size <= 0 or addr < 0:
+            raise ValueError(f"bad physical range {addr:#x}+{size:#x}")
+        path = self.tmpdir / "pmemsave.bin"
+        self.qmp("pmemsave", {"val": addr, "size": size, "filename": str(path)}, step="read")
+        try:
+            return path.read_bytes()
+        finally:
+            path.unlink(missing_ok=True)
+
+    def write_phys(self, addr: int, data: bytes) -> None:
+        """Write guest RAM through the file mapping. Stop the machine first, and patch data rather than code: TCG
+        is not told about host writes, so code it already translated from those bytes may keep running."""
+        offset = self._ram.file_offset(addr, len(data)) if self._ram is not None else None
+        if offset is None:
+            raise self._error("write", f"{addr:#x}+{len(data):#x} is not file-backed guest RAM "
+                                       "(QMP has no memory-write command)")
+        self._ram.write(offset, data)
+
+    # --- errors ------------------------------------------------------------------------------------------------
+
+    def _require_launched(self, step: str) -> None:
+        if self._proc is None:
+            raise self._error(step, "the machine was never launched")
+
+    def _gone_or(self, err: BaseException) -> str:
+        if self._proc is not None and self._proc.poll() is not None:
+            return f"QEMU has exited (status {self._proc.returncode})"
+        return repr(err)
+
+    def _error(self, step: str, message: str) -> MachineStepError:
+        stderr = ""
+        if self.tmpdir is not None and (self.tmpdir / "qemu.log").exists():
+            stderr = (self.tmpdir / "qemu.log").read_bytes()[-_STDERR_TAIL:].decode("utf-8", "replace")
+        serial = self._serial.tail(_SERIAL_TAIL) if self._serial is not None else ""
+        status = self._proc.poll() if self._proc is not None else None
+        return MachineStepError(step, message, qemu_status=status, command=self.command, stderr_tail=stderr,
+                                serial_tail=serial)

@@ -1,0 +1,114 @@
+"""COM1 as the harness sees it: a thread keeps reading the guest's output into a buffer that `wait_for` searches.
+
+The thread receives only while holding the buffer's lock (it waits for data outside it, then reads what is there
+without blocking), so `reset()` can empty the socket and replace the buffer with no chunk of the previous run
+slipping in afterwards: a restored machine starts from its snapshot's COM1 text, not from a mix.
+"""
+from __future__ import annotations
+
+import codecs
+import select
+import socket
+import sys
+import threading
+
+_POLL = 0.1     # how often the reader looks at whether it should stop, while no byte comes
+
+
+class SerialLog:
+    def __init__(self, sock: socket.socket, echo: bool = False):
+        self.sock = sock
+        self.echo = echo
+        self._buffer = bytearray()
+        self._cursor = 0          # where the next wait_for starts looking
+        self._cond = threading.Condition()
+        self._eof = threading.Event()
+        self._closing = False
+        sock.setblocking(False)
+        self._thread = threading.Thread(target=self._pump, name="kgen-com1", daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        try:
+            while not self._closing:
+                try:
+                    ready = select.select([self.sock], [], [], _POLL)[0]
+                except (OSError, ValueError):
+                    break
+                if not ready:
+                    continue
+                with self._cond:
+                    data = self._recv_nowait()
+                    if data is None:
+                        continue
+                    if not data:
+                        break
+                    self._buffer += data
+                    self._cond.notify_all()
+                if self.echo:
+                    sys.stdout.write(decoder.decode(data))
+                    sys.stdout.flush()
+        finally:
+            self._eof.set()
+            with self._cond:
+                self._cond.notify_all()
+
+    def _recv_nowait(self) -> bytes | None:
+        """Bytes waiting in the socket, b"" at end of stream, None if none are there right now."""
+        try:
+            return self.sock.recv(65536)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return b""
+
+    # --- reading -------------------------------------------------------------------------------------------------
+
+    @property
+    def text(self) -> str:
+        with self._cond:
+            return self._buffer.decode("utf-8", "replace")
+
+    def tail(self, size: int) -> str:
+        with self._cond:
+            return self._buffer[-size:].decode("utf-8", "replace")
+
+    def find_next(self, needle: bytes) -> str | None:
+        """If `needle` is there after the cursor: move the cursor past it and return all text; else None."""
+        with self._cond:
+            found = self._buffer.find(needle, self._cursor)
+            if found < 0:
+                return None
+            self._cursor = found + len(needle)
+            return self._buffer.decode("utf-8", "replace")
+
+    def wait(self, timeout: float) -> None:
+        """Sleep until more bytes arrive, the stream ends, or `timeout` passes."""
+        with self._cond:
+            if not self._eof.is_set():
+                self._cond.wait(timeout)
+
+    def drain(self, timeout: float) -> None:
+        """Wait for the end of the stream (QEMU has exited, so its last bytes are on their way)."""
+        self._eof.wait(timeout)
+
+    # --- snapshots -----------------------------------------------------------------------------------------------
+
+    def state(self) -> tuple[bytes, int]:
+        with self._cond:
+            return bytes(self._buffer), self._cursor
+
+    def reset(self, state: tuple[bytes, int]) -> None:
+        """Drop what the socket still holds and make the buffer `state` (from `state()`). Call with the guest
+        stopped: QEMU then writes no more, so what is in the socket is the previous run's."""
+        with self._cond:
+            while self._recv_nowait():
+                pass
+            self._buffer = bytearray(state[0])
+            self._cursor = state[1]
+
+    def close(self, timeout: float) -> None:
+        self._closing = True
+        self._thread.join(timeout)
+        self.sock.close()

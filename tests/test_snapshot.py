@@ -1,0 +1,176 @@
+"""A machine restored from a snapshot is the machine a cold boot gives (kgen/machine/snapshot.py), and what one
+test does to its machine never reaches the next: both architectures under TCG, x86_64 under KVM where it runs."""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+
+from conftest import ARCH_BUILDS, open_session, require_kvm
+from kgen.guest.invariants import GuestView
+from kgen.guest.pmmview import PmmView
+from kgen.machine.snapshot import POOL
+
+LEGS = [("i386", "tcg"), ("x86_64", "tcg"), ("x86_64", "kvm")]
+
+
+@pytest.fixture(params=LEGS, ids=[f"{a}-{c}" for a, c in LEGS])
+def leg(request):
+    arch, accel = request.param
+    out = request.getfixturevalue(ARCH_BUILDS[arch])
+    if accel == "kvm":
+        require_kvm(out)
+    return out, accel
+
+
+def restored_session(out, accel):
+    """A session that must come from a restore: the pool's count of restores goes up by one."""
+    before = POOL.counts["restored"] + POOL.counts["relaunched"]
+    session = open_session(out, accel).__enter__()
+    if POOL.counts["restored"] + POOL.counts["relaunched"] != before + 1:
+        session.__exit__(None, None, None)
+        pytest.fail(f"the session was not restored: {POOL.counts}")
+    return session
+
+
+def machine_state(s) -> dict:
+    """Everything the suite looks at, from a stopped machine: registers, every mapping with its flags, the bytes of
+    every page table, the free-page stack, the kernel image's data (heap and vmm bookkeeping live there), and the
+    heap's slab window as far as it is mapped."""
+    s.machine.stop()
+    regs = s.machine.registers()
+    view = GuestView.capture(s.machine, s.elf, s.layout)
+    mappings = view.walker.mappings()
+    tables = {}
+    for m in mappings:
+        for ref in getattr(m, "chain", ()) or ():
+            table = ref.table if hasattr(ref, "table") else None
+            if table is not None and table not in tables:
+                tables[table] = s.machine.read_phys(table, 4096)
+    pmm = PmmView.of(s)
+    image = s.elf.symbols
+    data_start = image["_kernel_end"].value if "_kernel_end" in image else None
+    heap_base = s.variable("heap_slab_base") if "heap_slab_base" in image else None
+    heap = []
+    if heap_base:
+        for page in range(16):
+            vaddr = heap_base + page * s.layout.page_size
+            if view.walker.translate(vaddr) is not None:
+                heap.append((vaddr, view.walker.read_virtual(vaddr, s.layout.page_size)))
+    state = {
+        "registers": dataclasses.asdict(regs),
+        "mappings": [str(m) for m in mappings],
+        "tables": tables,
+        "pmm": pmm.state(),
+        "free stack": pmm.free_stack(),
+        "heap": heap,
+        # The boot report's one timing (PMM init in rdtsc ticks) differs between any two boots.
+        "serial": re.sub(r"init \d+ rdtsc", "init N rdtsc", s.machine.serial),
+        "data_end": data_start,
+    }
+    s.machine.cont()
+    return state
+
+
+def differences(a: dict, b: dict) -> list[str]:
+    out = []
+    for key in a:
+        if a[key] != b[key]:
+            if isinstance(a[key], dict):
+                keys = [k for k in set(a[key]) | set(b[key]) if a[key].get(k) != b[key].get(k)]
+                out.append(f"{key}: {sorted(map(str, keys))[:8]}")
+            else:
+                out.append(f"{key}: {str(a[key])[:200]} != {str(b[key])[:200]}")
+    return out
+
+
+def test_a_restored_machine_equals_a_cold_booted_one(leg):
+    out, accel = leg
+    with open_session(out, accel):          # makes sure the snapshot exists
+        pass
+    with open_session(out, accel, cold=True) as cold:
+        cold_state = machine_state(cold)
+        cold_result = (cold.call("pmm_alloc"), cold.call("kmalloc", 48) if "kmalloc" in cold.elf.symbols else 0)
+    restored = restored_session(out, accel)
+    try:
+        restored_state = machine_state(restored)
+        restored_result = (restored.call("pmm_alloc"),
+                           restored.call("kmalloc", 48) if "kmalloc" in restored.elf.symbols else 0)
+    finally:
+        restored.__exit__(None, None, None)
+    assert cold_state["mappings"], "the walk found no mappings: the comparison would prove nothing"
+    assert cold_state["free stack"] or cold_state["pmm"].untouched, "no free frames to compare"
+    assert differences(cold_state, restored_state) == []
+    assert restored_result == cold_result
+    assert restored_result[0] != 0
+
+
+def test_what_a_test_does_never_reaches_the_next_restore(leg):
+    out, accel = leg
+    with open_session(out, accel):
+        pass
+    first = restored_session(out, accel)
+    try:
+        first.machine.stop()
+        ram_before = first.machine.read_phys(0x100000, first.layout.memory_mib * (1 << 20) - 0x100000)
+        serial_before = first.machine.serial
+        first.machine.cont()
+        frames = [first.call("pmm_alloc") for _ in range(5)]
+        assert len(set(frames)) == 5 and 0 not in frames
+        first.machine.stop()
+        first.machine.write_phys(frames[0], b"\x5a" * 4096)       # host writes too
+        first.machine.write_phys(0x100000, b"\x00" * 64)          # even over the kernel image
+        first.machine.cont() if False else None
+    finally:
+        first.__exit__(None, None, None)
+    second = restored_session(out, accel)
+    try:
+        second.machine.stop()
+        ram_after = second.machine.read_phys(0x100000, second.layout.memory_mib * (1 << 20) - 0x100000)
+        assert second.machine.serial == serial_before
+        changed = [hex(0x100000 + i) for i in range(0, len(ram_before), 4096)
+                   if ram_before[i:i + 4096] != ram_after[i:i + 4096]]
+        assert changed == [], f"pages differ from the snapshot after a restore: {changed[:8]}"
+        second.machine.cont()
+        assert second.call("pmm_alloc") == frames[0]        # the same first frame: the allocations were undone
+    finally:
+        second.__exit__(None, None, None)
+
+
+def test_a_machine_whose_qemu_exited_is_restored_into_a_new_qemu(leg):
+    out, accel = leg
+    with open_session(out, accel):
+        pass
+    s = restored_session(out, accel)
+    try:
+        s.machine.quit()                            # as if the test had made the kernel exit
+    finally:
+        s.__exit__(None, None, None)
+    before = POOL.counts["relaunched"]
+    with open_session(out, accel) as again:
+        assert POOL.counts["relaunched"] == before + 1
+        assert again.call("pmm_alloc") != 0
+
+
+def test_bytes_left_on_com2_keep_a_machine_from_being_reused(default_build):
+    with open_session(default_build):
+        pass
+    s = restored_session(default_build, "tcg")
+    pid = s.machine.pid
+    try:
+        s.machine.stop()
+        s.machine.com2.sendall(b"\x01\x02\x03")     # half a request the guest never reads (it is stopped)
+    finally:
+        s.__exit__(None, None, None)
+    with open_session(default_build) as again:
+        assert again.machine.pid != pid
+        assert again.call("pmm_alloc") != 0
+
+
+def test_cold_boot_option_boots_every_time(default_build):
+    before = dict(POOL.counts)
+    with open_session(default_build, cold=True) as s:
+        assert s.call("pmm_alloc") != 0
+    assert POOL.counts["cold"] == before["cold"] + 1
+    assert POOL.counts["restored"] == before["restored"]
