@@ -23,7 +23,8 @@ build: deps
 	$(KGEN) build
 
 bench: deps
-	$(PY) -m kgen.harness.bench
+	$(KGEN) bench
+	$(KGEN) bench --harness
 
 deps: system-deps $(STAMP)
 
@@ -31,6 +32,7 @@ deps: system-deps $(STAMP)
 system-deps:
 	@missing=""; \
 	command -v qemu-system-i386 >/dev/null || missing="$$missing qemu-system-x86"; \
+	command -v qemu-img >/dev/null || missing="$$missing qemu-utils"; \
 	command -v grub-mkrescue >/dev/null || missing="$$missing grub-common"; \
 	[ -d /usr/lib/grub/i386-pc ] || missing="$$missing grub-pc-bin"; \
 	command -v xorriso >/dev/null || missing="$$missing xorriso"; \
