@@ -70,6 +70,14 @@ def cmd_run(args) -> int:
     return run(args)
 
 
+def cmd_bench(args, extra: list[str]) -> int:
+    if args.harness:
+        from kgen.harness.benchharness import main as bench_main
+    else:
+        from kgen.harness.bench import main as bench_main
+    return bench_main(extra)
+
+
 def cmd_test(args, extra: list[str]) -> int:
     from kgen.harness.testing import run_suite
     return run_suite(args, extra)
@@ -111,7 +119,16 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--junitxml", type=Path, help="write a JUnit XML report here")
     t.add_argument("--kernel", type=Path, help="check this Multiboot ELF (any kernel) with the generic invariants")
     t.add_argument("-j", "--jobs", default="auto", help="parallel machines (pytest-xdist; default: one per core)")
+    t.add_argument("--cold-boot", action="store_true",
+                   help="boot a new machine for every test instead of restoring a snapshot of the booted kernel")
     t.set_defaults(func=cmd_test)
+
+    be = command("bench", help="measure the memory managers (instructions under TCG -icount, KVM cycles) or, "
+                               "with --harness, what a fresh machine per test costs",
+                 description="Arguments after the options are those of `python -m kgen.harness.bench` "
+                             "(or of kgen.harness.benchharness with --harness).")
+    be.add_argument("--harness", action="store_true", help="benchmark the test harness: restore vs cold boot")
+    be.set_defaults(func=cmd_bench)
     return top
 
 
@@ -120,7 +137,11 @@ def _main(argv: list[str]) -> int:
     if "--" in argv:
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1:]
-    args = parser().parse_args(argv)
+    args, unknown = parser().parse_known_args(argv)
+    if args.command == "bench":
+        return cmd_bench(args, unknown + extra)
+    if unknown:
+        parser().parse_args(argv)      # reports the first unknown argument in one line, exit 2
     if args.command == "test":
         return cmd_test(args, extra)
     return args.func(args)
