@@ -97,7 +97,10 @@ boot_copy_multiboot_info:
     ret
 
 .section .bss
-.balign 0x10, 0
+# The stack fills whole pages: what shares a page with its top (the call channel's live frames) is only stack, so a
+# page-sized view of memory (a test reading every mapped page, a guard page below it) meets the same layout
+# whatever kernel.stack_size is.
+.balign PAGE_SIZE, 0
 boot_stack:
     .skip KERNEL_STACK_SIZE
 boot_stack_top:

@@ -520,3 +520,60 @@ def test_no_qemu_outlives_its_harness(kernels, ending):
         harness.kill()
         harness.wait()
         shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+# --- under load: the verdict is the kernel's, however busy the host ------------------------------------------------
+
+class CpuHogs:
+    """Busy loops on every core and then some, for the length of a `with` block (each also ends by itself after a
+    minute, so a harness killed in between leaves none behind for long)."""
+
+    def __init__(self, count: int | None = None):
+        self.count = count or 2 * (os.cpu_count() or 2)
+        self.procs: list[subprocess.Popen] = []
+
+    def __enter__(self):
+        hog = "import time\nend = time.monotonic() + 60\nwhile time.monotonic() < end: pass\n"
+        self.procs = [subprocess.Popen([sys.executable, "-c", hog]) for _ in range(self.count)]
+        return self
+
+    def __exit__(self, *exc):
+        for proc in self.procs:
+            proc.kill()
+        for proc in self.procs:
+            proc.wait()
+
+
+@vm
+def test_a_kernel_that_exits_at_once_is_reported_by_its_exit_under_load(kernels):
+    # QEMU starts held (-S) until launch has QMP and the RAM mapping, so a kernel that exits in its first
+    # microseconds can never make launch fail; before, a loaded host turned such runs into QMP/launch errors.
+    with CpuHogs():
+        for _ in range(8):
+            with Machine(kernel=kernels["exit"]) as machine:
+                assert machine.wait_exit(BOOT_TIMEOUT * 3) == (EXIT_VALUE << 1) | 1
+                assert "hello" in machine.serial
+
+
+@vm
+def test_a_harness_descheduled_during_launch_still_sees_the_kernels_exit(kernels, monkeypatch):
+    # The loaded host's worst case, made certain: the harness stalls right after the QMP handshake for longer than
+    # the whole boot and exit take. The guest must not have run meanwhile.
+    from kgen.machine.qmp import QmpLink
+    connect = QmpLink.connect
+
+    def stalled_connect(self, sock, timeout):
+        connect(self, sock, timeout)
+        time.sleep(1.5)
+    monkeypatch.setattr(QmpLink, "connect", stalled_connect)
+    with Machine(kernel=kernels["exit"]) as machine:
+        assert machine.wait_exit(BOOT_TIMEOUT) == (EXIT_VALUE << 1) | 1
+
+
+@vm
+def test_a_triple_fault_under_load_is_a_triple_fault(kernels):
+    with CpuHogs():
+        for _ in range(4):
+            with Machine(kernel=kernels["triple"]) as machine:
+                with pytest.raises(MachineError, match="runstate shutdown"):
+                    machine.wait_for("never printed", BOOT_TIMEOUT * 3)

@@ -40,6 +40,8 @@ ranges) belong to `layout.py`, which turns a Config into addresses.
 """
 from __future__ import annotations
 
+import re
+import sys
 import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -98,7 +100,7 @@ class Config:
     def with_arch(self, arch: str) -> "Config":
         """This config for `arch`: keys the user did not set take that architecture's defaults."""
         if arch not in ARCHES:
-            raise ConfigError(f"{self.source}: arch = {arch!r}: must be one of {', '.join(ARCHES)}")
+            raise ConfigError(f"{self.source}: arch = {show_value(arch)}: must be one of {', '.join(ARCHES)}")
         given = set(self.explicit) | {"arch"}
         defaults = {name: value for name, value in ARCHES[arch].defaults if name not in given}
         return replace(self, arch=arch, **defaults)
@@ -129,17 +131,86 @@ _FIELD_TO_KEY = {
     for table, keys in _SCHEMA.items() for key in keys
 }
 _FIELD_TYPES = {f.name: f.type for f in fields(Config)}
+# Keys that count things rather than address them: their values read better in decimal.
+DECIMAL_KEYS = frozenset({"paging.recursive_slot", "paging.foreign_slot", "tempmap.slots", "machine.memory_mib"})
+
+
+# ---- showing what the user wrote: every ConfigError is one line, `<file>: <key> = <value>: <rule>` ------------------
+# A value is echoed so the user recognises it, never in full when it is long: a number keeps its first and last
+# digits and says how many it has; a string, key or file name is quoted when it holds anything unprintable (a
+# newline in a quoted TOML key must not split the line).
+SHOWN_DIGITS = 8               # digits kept at each end of a long number
+SHOWN_CHARS = 40               # characters kept of a long string
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+# Decimal conversion of a huge int is quadratic (and refused beyond sys.get_int_max_str_digits()): above this many
+# bits a number is shown in hex, which is linear.
+_DECIMAL_BITS = 256
+
+
+def _abbreviate_digits(prefix: str, digits: str, unit: str) -> str:
+    if len(digits) <= 2 * SHOWN_DIGITS + 4:
+        return prefix + digits
+    return f"{prefix}{digits[:SHOWN_DIGITS]}…{digits[-SHOWN_DIGITS:]} ({len(digits)} {unit})"
+
+
+def show_int(value: int, decimal: bool = False) -> str:
+    """An integer as a config error echoes it: hex for addresses and sizes, decimal for counts; long ones cut."""
+    sign = "-" if value < 0 else ""
+    if decimal and abs(value).bit_length() <= _DECIMAL_BITS:
+        return _abbreviate_digits(sign, str(abs(value)), "digits")
+    return _abbreviate_digits(sign + "0x", f"{abs(value):x}", "hex digits")
+
+
+def show_text(text: str) -> str:
+    """A string as written in TOML, quoted, cut when long; escapes keep it on one line."""
+    if len(text) > 2 * SHOWN_CHARS:
+        return f"{text[:SHOWN_CHARS]!r}…{text[-SHOWN_CHARS // 2:]!r} ({len(text)} characters)"
+    return repr(text)
+
+
+def show_value(value, decimal: bool = True) -> str:
+    """Any TOML value, on one line and bounded: numbers and strings as above, arrays and tables by their first items."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return show_int(value, decimal)
+    if isinstance(value, str):
+        return show_text(value)
+    if isinstance(value, list):
+        items = [show_value(v, decimal) for v in value[:3]]
+        return "[" + ", ".join(items) + (f", … ({len(value)} items)]" if len(value) > 3 else "]")
+    if isinstance(value, dict):
+        items = [f"{show_key_part(k)} = {show_value(v, decimal)}" for k, v in list(value.items())[:3]]
+        return "{" + ", ".join(items) + (f", … ({len(value)} keys)}}" if len(value) > 3 else "}")
+    shown = repr(value)         # floats, dates and times: short by nature
+    return shown if len(shown) <= 2 * SHOWN_CHARS else shown[:2 * SHOWN_CHARS] + "…"
+
+
+def show_key_part(part: str) -> str:
+    """One part of a dotted key: bare when TOML allows it bare, else quoted with escapes."""
+    return part if _BARE_KEY.fullmatch(part) else show_text(part)
+
+
+def show_key(*parts: str) -> str:
+    return ".".join(show_key_part(p) for p in parts if p != "")
+
+
+def show_path(path) -> str:
+    """A file name for the start of a message: as is, unless it holds something that would break the line."""
+    text = str(path)
+    return text if text.isprintable() and len(text) <= 4 * SHOWN_CHARS else show_text(text)
 
 
 def _check_type(where: str, key: str, value, expected: str):
+    shown = show_value(value)
     if expected == "int" and (not isinstance(value, int) or isinstance(value, bool)):
-        raise ConfigError(f"{where}: {key} = {value!r}: must be an integer")
+        raise ConfigError(f"{where}: {key} = {shown}: must be an integer")
     if expected == "bool" and not isinstance(value, bool):
-        raise ConfigError(f"{where}: {key} = {value!r}: must be true or false")
+        raise ConfigError(f"{where}: {key} = {shown}: must be true or false")
     if expected == "str" and not isinstance(value, str):
-        raise ConfigError(f"{where}: {key} = {value!r}: must be a string")
+        raise ConfigError(f"{where}: {key} = {shown}: must be a string")
     if expected == "int" and value < 0:
-        raise ConfigError(f"{where}: {key} = {value}: must not be negative")
+        raise ConfigError(f"{where}: {key} = {show_int(value, key in DECIMAL_KEYS)}: must not be negative")
 
 
 def from_mapping(data: dict, where: str = "config") -> Config:
@@ -148,13 +219,16 @@ def from_mapping(data: dict, where: str = "config") -> Config:
     for name, value in data.items():
         if isinstance(value, dict):
             if name not in _SCHEMA or name == "":
-                raise ConfigError(f"{where}: unknown table [{name}]; known tables: "
+                raise ConfigError(f"{where}: unknown table [{show_key(name)}]; known tables: "
                                   + ", ".join(f"[{t}]" for t in _SCHEMA if t))
             items = [(name, key, v) for key, v in value.items()]
+        elif name in _SCHEMA and name != "":
+            raise ConfigError(f"{where}: {show_key(name)} = {show_value(value)}: must be a table ([{name}] and its "
+                              f"keys {', '.join(_SCHEMA[name])})")
         else:
             items = [("", name, value)]
         for table, key, v in items:
-            dotted = f"{table}.{key}" if table else key
+            dotted = show_key(table, key)
             if key not in _SCHEMA.get(table, ()):
                 known = ", ".join(_FIELD_TO_KEY.values())
                 raise ConfigError(f"{where}: unknown key {dotted}; known keys: {known}")
@@ -178,12 +252,48 @@ def _load(path: Path | None) -> Config:
         if not default.exists():
             return Config()
         path = default
+    where = show_path(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        raw = Path(path).read_bytes()
     except OSError as err:
-        raise ConfigError(f"{path}: cannot read config: {err.strerror}") from None
+        raise ConfigError(f"{where}: cannot read config: {err.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise ConfigError(f"{where}: line {line}: byte {raw[err.start]:#04x} is not UTF-8: a config is UTF-8 TOML; "
+                          "save the file as UTF-8") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: not valid TOML: {err}") from None
-    return from_mapping(data, where=str(path))
+        raise ConfigError(f"{where}: not valid TOML: {_one_line(str(err))}") from None
+    except ValueError:
+        # int() refuses a decimal literal longer than sys.get_int_max_str_digits(); tomllib lets that through.
+        raise ConfigError(_too_many_digits(where, text)) from None
+    except RecursionError:
+        raise ConfigError(f"{where}: not valid TOML for kgen: arrays or tables nested too deeply") from None
+    return from_mapping(data, where=where)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split()) if "\n" in text or "\r" in text else text
+
+
+_LONG_DECIMAL = re.compile(r"^[ \t]*([^=\n]+?)[ \t]*=[ \t]*([+-]?[0-9][0-9_]*)", re.MULTILINE)
+_TABLE_HEADER = re.compile(r"^[ \t]*\[[ \t]*([^\]\n]+?)[ \t]*\]", re.MULTILINE)
+
+
+def _too_many_digits(where: str, text: str) -> str:
+    """The line for a decimal literal too long to read: its key (as written, under its table) and its size."""
+    limit = sys.get_int_max_str_digits()
+    for match in _LONG_DECIMAL.finditer(text):
+        digits = match.group(2).lstrip("+-").replace("_", "")
+        if limit and len(digits) > limit:
+            headers = [h for h in _TABLE_HEADER.finditer(text, 0, match.start())]
+            key = match.group(1).strip()
+            if headers:
+                key = f"{headers[-1].group(1).strip()}.{key}"
+            key = key if key.isprintable() and len(key) <= 2 * SHOWN_CHARS else show_text(key)
+            shown = _abbreviate_digits("", digits, "digits")
+            return f"{where}: {key} = {shown}: a number this long is no address or size (at most {limit} digits)"
+    return f"{where}: a decimal number has more than {limit} digits: no config value is that long"

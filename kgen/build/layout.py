@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from kgen.arch import hw
 from kgen.arch import ARCHES, Arch
-from kgen.build.config import Config
+from kgen.build.config import DECIMAL_KEYS, Config, show_int, show_value
 from kgen.errors import ConfigError
 
 MIB = 1 << 20
@@ -17,6 +17,12 @@ FOUR_GIB = 1 << 32
 # The first MiB holds the BIOS data area, VGA memory and option ROMs; Multiboot kernels load above it.
 LOW_MEMORY_END = 0x100000
 MIN_MEMORY_MIB = 16
+# Guest RAM the kernel needs above its image window, beyond the tables vmm_init makes at boot: frames for page
+# tables, the heap and the temp-map round trips of `kgen test` (which take their frames above the image).
+RAM_ABOVE_IMAGE = 4 * MIB
+# Room the vmm window keeps for vmm_alloc beyond the heap's slab window, in last-level page tables' spans: enough
+# for ranges that make page tables and give them back.
+VMM_ROOM_TABLES = 2
 # Where QEMU's isa-debug-exit device listens: the kernel's exit port and the harness's device option.
 DEBUG_EXIT_PORT = 0xF4
 # The image of an x86_64 kernel lies in the top 2 GiB, so every kernel address is a sign-extended 32-bit value:
@@ -275,9 +281,16 @@ class Layout:
         return self.kernel_load_address >> self.architecture.shift(0)
 
     @property
+    def tempmap_in_image_table(self) -> bool:
+        """i386: the temp-map window lies in one of the image window's page tables (tempmap.base = 0xC0000000 below
+        an image at 0xC0100000), so the boot stub points no PDE of its own at it: the slots are PTEs of that table."""
+        first = self.kernel_pde_first
+        return self.arch == "i386" and first <= self.tempmap_pde_index < first + self.kernel_pde_count
+
+    @property
     def boot_page_tables(self) -> int:
-        """Page tables allocated in .bss: the image window's plus the temp-map window's."""
-        return self.kernel_pde_count + 1
+        """Page tables allocated in .bss: the image window's plus the temp-map window's, unless it shares one."""
+        return self.kernel_pde_count + (0 if self.tempmap_in_image_table else 1)
 
     @property
     def memory_bytes(self) -> int:
@@ -318,6 +331,19 @@ class Layout:
             for v in (self.kernel_virtual_start, self.kernel_window.end - 1, self.tempmap_base)}
         first = (self.kernel_half_start & arch.va_mask) >> arch.shift(0)
         return len(set(range(first, arch.entries_per_table)) - made_at_boot)
+
+    @property
+    def vmm_min_size(self) -> int:
+        """The smallest vmm window: the heap's slab window, which heap_init reserves at boot, and room beyond it for
+        vmm_alloc (VMM_ROOM_TABLES last-level tables' span)."""
+        return self.heap_slab_pages * self.page_size + VMM_ROOM_TABLES * self.leaf_table_span
+
+    @property
+    def ram_needed(self) -> int:
+        """Guest RAM the kernel needs: up to the end of its image window, then the frames of the tables vmm_init
+        makes at boot and RAM_ABOVE_IMAGE more."""
+        return (self.kernel_load_address + self.kernel_max_size + self.vmm_init_tables * self.page_size
+                + RAM_ABOVE_IMAGE)
 
     @property
     def vmm_none(self) -> int:
@@ -456,6 +482,7 @@ class Layout:
             "IDENTITY_PDE_FIRST": self.identity_pde_first,
             "BOOT_PAGE_TABLES": self.boot_page_tables,
             "TEMPMAP_PDE_INDEX": self.tempmap_pde_index,
+            "TEMPMAP_OWN_TABLE": int(not self.tempmap_in_image_table),
             "GDT_KERNEL_CODE": hw.segment_descriptor(0, 0xFFFFF, hw.SEG_ACCESS_KERNEL_CODE, hw.SEG_FLAGS_32BIT_4K),
             "GDT_KERNEL_DATA": hw.segment_descriptor(0, 0xFFFFF, hw.SEG_ACCESS_KERNEL_DATA, hw.SEG_FLAGS_32BIT_4K),
             "IDT_GATE_INTERRUPT32": hw.IDT_GATE_INTERRUPT32,
@@ -488,14 +515,40 @@ class Layout:
         }
 
 
-# Keys that count things rather than address them read better in decimal.
-_DECIMAL_KEYS = {"paging.recursive_slot", "paging.foreign_slot", "tempmap.slots", "machine.memory_mib"}
+# The fields that place or size each region, the one its Region names first: a rule two regions break names the
+# key the user set (see _blame).
+_PLACED_BY = {
+    "kernel image window": ("kernel_max_size", "kernel_virtual_base", "kernel_load_address"),
+    "boot identity window": ("kernel_load_address", "kernel_max_size"),
+    "recursive window": ("paging_recursive_slot",),
+    "temp-map window": ("tempmap_base", "tempmap_slots"),
+    "vmm range window": ("vmm_base", "vmm_size"),
+    "foreign window": ("paging_foreign_slot",),
+}
 
 
 def _fail(config: Config, key: str, value, rule: str):
-    is_address = isinstance(value, int) and not isinstance(value, bool) and key not in _DECIMAL_KEYS
-    shown = f"{value:#x}" if is_address else value
+    if isinstance(value, int) and not isinstance(value, bool):
+        shown = show_int(value, decimal=key in DECIMAL_KEYS)
+    else:
+        shown = show_value(value)
     raise ConfigError(f"{config.source}: {key} = {shown}: {rule}")
+
+
+def _blame(config: Config, *fields: str) -> str:
+    """Of the fields whose values break a rule together, the one the message names: the first the user set
+    (`Config.explicit`), since defaults alone obey every rule; the first when the user set none of them."""
+    return next((f for f in fields if f in config.explicit), fields[0])
+
+
+def _blame_largest(config: Config, *fields: str) -> str:
+    """For a rule on a sum (start + size beyond a limit): the largest addend the user set, else the first field."""
+    given = [f for f in fields if f in config.explicit]
+    return max(given, key=lambda f: getattr(config, f)) if given else fields[0]
+
+
+def _fail_on(config: Config, field: str, rule: str):
+    _fail(config, Config.key_of(field), getattr(config, field), rule)
 
 
 def compute(config: Config) -> Layout:
@@ -510,11 +563,11 @@ def compute(config: Config) -> Layout:
 
     def aligned(field: str, value: int, alignment: int, what: str):
         if value % alignment:
-            _fail(c, Config.key_of(field), value, f"must be aligned to {what} ({alignment:#x})")
+            _fail(c, Config.key_of(field), value, f"must be aligned to {what} ({show_int(alignment)})")
 
     for key, value in address_keys:
         if value >= top:
-            _fail(c, key, value, f"must be a {arch.name} virtual address (below {top:#x})")
+            _fail(c, key, value, f"must be a {arch.name} virtual address (below {show_int(top)})")
         if not arch.is_canonical(value):
             _fail(c, key, value, f"is not canonical: bits 63..{arch.va_bits - 1} must all equal bit "
                   f"{arch.va_bits - 1} (x86_64 has {arch.va_bits}-bit virtual addresses)")
@@ -531,16 +584,18 @@ def compute(config: Config) -> Layout:
     aligned("vmm_size", c.vmm_size, page, "a page")
     if c.vmm_size == 0:
         _fail(c, "vmm.size", 0, "must be at least one page")
-    if arch.name == "i386":
-        if c.vmm_base + c.vmm_size > FOUR_GIB:
-            _fail(c, "vmm.base", c.vmm_base, "the vmm range window would end beyond 4 GiB")
-    elif c.vmm_base + c.vmm_size > top or not arch.is_canonical(c.vmm_base + c.vmm_size - 1):
-        _fail(c, "vmm.size", c.vmm_size, f"the vmm range window [{c.vmm_base:#x}, {c.vmm_base + c.vmm_size:#x}) "
-              "must end within the canonical half it starts in")
+    # The window's end is a constant of the kernel (VMM_END, compared with addresses in a register): it must be a
+    # word, so the window ends below the top of the address space, never at it.
+    vmm_end = c.vmm_base + c.vmm_size
+    if vmm_end >= top or not arch.is_canonical(vmm_end - 1):
+        blamed = "vmm_size" if c.vmm_size >= top else _blame(c, "vmm_size", "vmm_base")
+        where = "below 4 GiB" if arch.name == "i386" else "within the canonical half it starts in, below 2**64"
+        _fail_on(c, blamed, f"the vmm range window [{show_int(c.vmm_base)}, {show_int(vmm_end)}) must end {where} "
+                 "(its end is a word of the kernel)")
 
     if c.kernel_load_address < LOW_MEMORY_END:
         _fail(c, "kernel.load_address", c.kernel_load_address,
-              f"must be at or above {LOW_MEMORY_END:#x} (the first MiB holds BIOS data and VGA memory)")
+              f"must be at or above {show_int(LOW_MEMORY_END)} (the first MiB holds BIOS data and VGA memory)")
     if c.kernel_virtual_base == 0:
         _fail(c, "kernel.virtual_base", 0, "must be above 0: the kernel lives in the higher half")
     if c.kernel_max_size == 0:
@@ -548,25 +603,46 @@ def compute(config: Config) -> Layout:
     if c.kernel_stack_size == 0:
         _fail(c, "kernel.stack_size", 0, "must be at least one page")
     if c.kernel_stack_size >= c.kernel_max_size:
-        _fail(c, "kernel.stack_size", c.kernel_stack_size,
-              f"must be smaller than kernel.max_size ({c.kernel_max_size:#x}), which holds it")
-    if c.kernel_load_address + c.kernel_max_size > min(c.kernel_virtual_base, FOUR_GIB):
-        _fail(c, "kernel.load_address", c.kernel_load_address,
-              f"the image window [{c.kernel_load_address:#x}, {c.kernel_load_address + c.kernel_max_size:#x}) "
-              f"must end below kernel.virtual_base ({c.kernel_virtual_base:#x}) to be identity-mapped at boot")
+        if _blame(c, "kernel_stack_size", "kernel_max_size") == "kernel_stack_size":
+            _fail_on(c, "kernel_stack_size",
+                     f"must be smaller than kernel.max_size ({show_int(c.kernel_max_size)}), which holds it")
+        _fail_on(c, "kernel_max_size",
+                 f"must be larger than kernel.stack_size ({show_int(c.kernel_stack_size)}), which it holds")
+    image_end = c.kernel_load_address + c.kernel_max_size
+    if image_end > min(c.kernel_virtual_base, FOUR_GIB):
+        if {"kernel_load_address", "kernel_max_size"} & c.explicit or "kernel_virtual_base" not in c.explicit:
+            blamed = _blame_largest(c, "kernel_load_address", "kernel_max_size")
+        else:
+            blamed = "kernel_virtual_base"
+        _fail_on(c, blamed, f"the image window [{show_int(c.kernel_load_address)}, {show_int(image_end)}) must end "
+                 f"below kernel.virtual_base ({show_int(c.kernel_virtual_base)}) and 4 GiB, to be identity-mapped at "
+                 "boot")
+    start = c.kernel_virtual_base + c.kernel_load_address
     if arch.name == "i386":
-        if c.kernel_virtual_base + c.kernel_load_address + c.kernel_max_size > FOUR_GIB:
-            _fail(c, "kernel.virtual_base", c.kernel_virtual_base,
-                  "the image window would end beyond 4 GiB; lower kernel.virtual_base or kernel.max_size")
-    else:
-        start = c.kernel_virtual_base + c.kernel_load_address
-        if start < TOP_2_GIB or start + c.kernel_max_size > top:
-            _fail(c, "kernel.virtual_base", c.kernel_virtual_base,
-                  f"the image window [{start:#x}, {start + c.kernel_max_size:#x}) must lie in the top 2 GiB "
-                  f"[{TOP_2_GIB:#x}, 2**64), where every kernel address is a sign-extended 32-bit value")
+        if start + c.kernel_max_size > FOUR_GIB:
+            _fail_on(c, _blame_largest(c, "kernel_virtual_base", "kernel_load_address", "kernel_max_size"),
+                     f"the image window [{show_int(start)}, {show_int(start + c.kernel_max_size)}) would end beyond "
+                     "4 GiB; lower kernel.virtual_base, kernel.load_address or kernel.max_size")
+    elif start < TOP_2_GIB or start + c.kernel_max_size > top:
+        # The base is what puts the window below the top 2 GiB; a size the user set is what pushes it past 2**64.
+        blamed = "kernel_virtual_base"
+        if start >= TOP_2_GIB and {"kernel_load_address", "kernel_max_size"} & c.explicit:
+            blamed = _blame_largest(c, "kernel_max_size", "kernel_load_address")
+        _fail_on(c, blamed, f"the image window [{show_int(start)}, {show_int(start + c.kernel_max_size)}) must lie "
+                 f"in the top 2 GiB [{show_int(TOP_2_GIB)}, 2**64), where every kernel address is a sign-extended "
+                 "32-bit value")
     if not 0 <= c.paging_recursive_slot < entries:
         _fail(c, "paging.recursive_slot", c.paging_recursive_slot,
               f"must be a {arch.paging.level_names[0]} index in 0..{entries - 1}")
+    if not 0 <= c.paging_foreign_slot < entries:
+        _fail(c, "paging.foreign_slot", c.paging_foreign_slot,
+              f"must be a {arch.paging.level_names[0]} index in 0..{entries - 1}")
+    if c.paging_foreign_slot == c.paging_recursive_slot:
+        if _blame(c, "paging_foreign_slot", "paging_recursive_slot") == "paging_recursive_slot":
+            _fail_on(c, "paging_recursive_slot", "must differ from paging.foreign_slot: one slot maps the current "
+                     "space, the other a foreign one")
+        _fail(c, "paging.foreign_slot", c.paging_foreign_slot,
+              "must differ from paging.recursive_slot: one slot maps the current space, the other a foreign one")
     if not 0 <= c.paging_foreign_slot < entries:
         _fail(c, "paging.foreign_slot", c.paging_foreign_slot,
               f"must be a {arch.paging.level_names[0]} index in 0..{entries - 1}")
@@ -577,18 +653,15 @@ def compute(config: Config) -> Layout:
         _fail(c, "tempmap.slots", c.tempmap_slots, f"must be in 1..{entries} (one page table)")
     tm_end = c.tempmap_base + c.tempmap_slots * page
     if tm_end > top:
-        _fail(c, "tempmap.base", c.tempmap_base, f"the temp-map window would end beyond {top:#x}")
+        _fail(c, "tempmap.base", c.tempmap_base, f"the temp-map window would end beyond {show_int(top)}")
     span = arch.span(arch.levels - 2)
     if c.tempmap_base // span != (tm_end - 1) // span:
-        _fail(c, "tempmap.base", c.tempmap_base,
-              f"the temp-map window [{c.tempmap_base:#x}, {tm_end:#x}) must lie within one "
+        _fail_on(c, _blame(c, "tempmap_base", "tempmap_slots"),
+              f"the temp-map window [{show_int(c.tempmap_base)}, {show_int(tm_end)}) must lie within one "
               f"{span >> 20} MiB page table")
     if not MIN_MEMORY_MIB <= c.machine_memory_mib <= arch.max_memory_mib:
         _fail(c, "machine.memory_mib", c.machine_memory_mib,
               f"must be in {MIN_MEMORY_MIB}..{arch.max_memory_mib} ({arch.memory_limit_reason})")
-    if c.kernel_load_address + c.kernel_max_size > c.machine_memory_mib * MIB:
-        _fail(c, "machine.memory_mib", c.machine_memory_mib,
-              f"the image window ends at {c.kernel_load_address + c.kernel_max_size:#x}, beyond guest RAM")
 
     layout = Layout(
         arch=c.arch, page_size=page,
@@ -609,11 +682,36 @@ def compute(config: Config) -> Layout:
     for region in (layout.recursive_window, layout.tempmap_window, layout.vmm_window, layout.foreign_window):
         if region.start < kernel_half:
             which = "kernel.virtual_base" if arch.name == "i386" else "the upper canonical half"
+            placed_by = _PLACED_BY.get(region.name, ())
+            if arch.name == "i386" and "kernel_virtual_base" in c.explicit and not set(placed_by) & c.explicit:
+                _fail_on(c, "kernel_virtual_base", f"the {region} must lie in the kernel half, at or above "
+                         f"kernel.virtual_base: move the window or lower the base")
             _fail(c, region.key, region.value, f"the {region.name} must lie in the kernel "
-                  f"half, at or above {which} ({kernel_half:#x})")
+                  f"half, at or above {which} ({show_int(kernel_half)})")
     regions = layout.regions()
     for i, a in enumerate(regions):
         for b in regions[i + 1:]:
             if a.overlaps(b):
-                _fail(c, b.key, b.value, f"{b} overlaps {a} (set by {a.key})")
+                # Named: the region the user placed (the later one when both or neither), by the key they set.
+                a_set = set(_PLACED_BY.get(a.name, ())) & c.explicit
+                b_set = set(_PLACED_BY.get(b.name, ())) & c.explicit
+                moved, other = (a, b) if a_set and not b_set else (b, a)
+                fields = _PLACED_BY.get(moved.name)
+                if fields is None:
+                    _fail(c, moved.key, moved.value, f"{moved} overlaps {other} (set by {other.key})")
+                setters = ", ".join(Config.key_of(f) for f in _PLACED_BY.get(other.name, ())) or other.key
+                _fail_on(c, _blame(c, *fields), f"{moved} overlaps {other} (set by {setters})")
+    if c.vmm_size < layout.vmm_min_size:
+        _fail_on(c, "vmm_size", f"must be at least {show_int(layout.vmm_min_size)}: the heap reserves "
+                 f"{show_int(layout.heap_slab_pages * page)} of the vmm window for its slabs at boot, and vmm_alloc "
+                 f"keeps {VMM_ROOM_TABLES} page tables' span ({show_int(VMM_ROOM_TABLES * layout.leaf_table_span)}) "
+                 "beyond it")
+    if layout.memory_bytes < layout.ram_needed:
+        blamed = "machine_memory_mib"
+        if "machine_memory_mib" not in c.explicit and {"kernel_load_address", "kernel_max_size"} & c.explicit:
+            blamed = _blame_largest(c, "kernel_load_address", "kernel_max_size")
+        boot_tables = f", {layout.vmm_init_tables} page tables made at boot" if layout.vmm_init_tables else ""
+        _fail_on(c, blamed, f"guest RAM must reach {show_int(layout.ram_needed)} ({-(-layout.ram_needed // MIB)} "
+                 f"MiB): the image window [{show_int(c.kernel_load_address)}, {show_int(image_end)}){boot_tables} and "
+                 f"{RAM_ABOVE_IMAGE >> 20} MiB above it for page tables, the heap and kgen test")
     return layout

@@ -24,7 +24,9 @@ boot_paging_on:                                     # from _start (templates/boo
     jmp eax
 
 # Fill the boot PD and page tables (zero from the .bss clear). boot_page_tables holds KERNEL_PDE_COUNT tables for
-# the image window followed by one for the temp-map window.
+# the image window followed by one for the temp-map window, unless that window lies in one of the image's 4 MiB
+# (TEMPMAP_OWN_TABLE = 0): its slots are then PTEs of the image's table, and a PDE of its own would replace the
+# image's and unmap the running kernel.
 boot_build_page_tables:
     mov edi, offset boot_top_table - KERNEL_VIRTUAL_BASE
     mov eax, offset boot_page_tables - KERNEL_VIRTUAL_BASE
@@ -37,7 +39,9 @@ boot_build_page_tables:
     inc ecx
     cmp ecx, KERNEL_PDE_COUNT
     jb .Lkernel_pde
+.if TEMPMAP_OWN_TABLE
     mov [edi + TEMPMAP_PDE_INDEX*4], eax            # the table right after the image window's
+.endif
     mov eax, edi
     or eax, PTE_P | PTE_RW
     mov [edi + RECURSIVE_SLOT*4], eax
