@@ -46,6 +46,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def jobs(text: str) -> str:
+    """-j: how many machines at once; pytest-xdist's own refusal would be a usage screen, not one line."""
+    if text in ("auto", "logical") or (text.isdigit() and text.isascii()):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: give a number of parallel machines, or auto")
+
+
 def _add_config_args(p: argparse.ArgumentParser):
     from kgen.arch import ARCHES
     p.add_argument("--config", type=Path, help="kgen.toml to read (default: ./kgen.toml if present, else defaults)")
@@ -118,7 +125,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--accel", choices=("tcg", "kvm"), default="tcg")
     t.add_argument("--junitxml", type=Path, help="write a JUnit XML report here")
     t.add_argument("--kernel", type=Path, help="check this Multiboot ELF (any kernel) with the generic invariants")
-    t.add_argument("-j", "--jobs", default="auto", help="parallel machines (pytest-xdist; default: one per core)")
+    t.add_argument("-j", "--jobs", type=jobs, default="auto", help="parallel machines (pytest-xdist; default: one per core)")
     t.add_argument("--cold-boot", action="store_true",
                    help="boot a new machine for every test instead of restoring a snapshot of the booted kernel")
     t.set_defaults(func=cmd_test)

@@ -21,7 +21,7 @@ from kgen.build.pipeline import FINGERPRINT_NAME, LOCK_NAME, _current, current_e
 from kgen.guest.bootreport import EXIT_SUCCESS
 
 from conftest import needs_grub, needs_qemu
-from test_cli import KGEN, kgen, one_line
+from test_cli import KGEN, kgen, one_line, short_tmpdir  # noqa: F401 (a fixture)
 
 TEMP_NAMES = re.compile(r"^\.kernel\.(elf|iso)\..*(tmp|partial)$|^\.kgen-build\..*\.tmp$|^\.kgen-probe")
 
@@ -259,3 +259,56 @@ def test_success_needs_the_line_and_the_status(tmp_path, value, say_success, say
         last = result.stderr.strip().splitlines()[-1]
         assert last.startswith("kgen: ") and says in last, result.stderr
         assert "Traceback" not in result.stderr
+
+
+# --- Ctrl-C in kgen run and kgen test: the terminal sends it to QEMU and pytest's workers too ----------------------
+
+def qemus_of(session_leader: int) -> list[int]:
+    """QEMU processes in the process group (session) of a kgen started with start_new_session."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv0 = (entry / "cmdline").read_bytes().split(b"\0")[0]
+            if b"qemu-system" in argv0 and os.getsid(int(entry.name)) == session_leader:
+                pids.append(int(entry.name))
+        except OSError:
+            pass        # exited while we looked
+    return pids
+
+
+def group_interrupted(proc: subprocess.Popen, tmpdir: Path) -> None:
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == errors.EXIT_INTERRUPTED, (proc.returncode, stderr)
+    assert stderr.strip().splitlines() == ["kgen: interrupted"], stderr
+    assert qemus_of(proc.pid) == []
+    assert list(tmpdir.iterdir()) == [], "left in TMPDIR"
+
+
+def start_group(*args, tmpdir: Path) -> subprocess.Popen:
+    return subprocess.Popen([*KGEN, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, TMPDIR=str(tmpdir)), start_new_session=True)
+
+
+@needs_qemu
+def test_ctrl_c_during_kgen_run_is_one_line_and_130(tmp_path, short_tmpdir):
+    tmpdir = short_tmpdir
+    elf = minikernels.build(tmp_path, "hang", minikernels.FLAT, FAILURE=1)
+    proc = start_group("run", "--kernel", elf, "--timeout", "300", tmpdir=tmpdir)
+    wait_until(proc, lambda: qemus_of(proc.pid), "booting the kernel")
+    group_interrupted(proc, tmpdir)
+
+
+@needs_qemu
+@pytest.mark.parametrize("jobs", ["1", "2"])
+@pytest.mark.parametrize("moment", ["building", "testing"])
+def test_ctrl_c_during_kgen_test_is_one_line_and_130(tmp_path, short_tmpdir, jobs, moment):
+    tmpdir = short_tmpdir
+    proc = start_group("test", "--out", tmp_path / "out", "-j", jobs, tmpdir=tmpdir)
+    if moment == "building":
+        wait_until(proc, lambda: lief_loaded(proc.pid), "building the kernel")
+    else:
+        wait_until(proc, lambda: qemus_of(proc.pid), "booting the kernel")
+    group_interrupted(proc, tmpdir)
