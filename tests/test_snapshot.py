@@ -153,18 +153,21 @@ def test_a_machine_whose_qemu_exited_is_restored_into_a_new_qemu(leg):
         assert again.call("pmm_alloc") != 0
 
 
-def test_bytes_left_on_com2_keep_a_machine_from_being_reused(default_build):
+@pytest.mark.parametrize("leftover, reused", [(3, True), (4096, False)], ids=["in-the-uart", "in-the-socket"])
+def test_bytes_left_on_com2_never_reach_the_next_test(default_build, leftover, reused):
+    # A few bytes go into the UART's receive FIFO, which is device state: loadvm puts the FIFO back. More than
+    # the FIFO holds stay in the socket, where nothing could take them back: that machine is not reused.
     with open_session(default_build):
         pass
     s = restored_session(default_build, "tcg")
     pid = s.machine.pid
     try:
         s.machine.stop()
-        s.machine.com2.sendall(b"\x01\x02\x03")     # half a request the guest never reads (it is stopped)
+        s.machine.com2.sendall(b"\x01" * leftover)     # part of a request the stopped guest never reads
     finally:
         s.__exit__(None, None, None)
     with open_session(default_build) as again:
-        assert again.machine.pid != pid
+        assert (again.machine.pid == pid) == reused
         assert again.call("pmm_alloc") != 0
 
 
