@@ -50,7 +50,7 @@ def test_defaults_give_the_documented_layout():
     (dict(machine_memory_mib=8), "machine.memory_mib", "16..3072"),
     (dict(machine_memory_mib=4096), "machine.memory_mib", "16..3072"),
     (dict(kernel_load_address=0x1000000, kernel_max_size=0x400000, machine_memory_mib=16),
-     "machine.memory_mib", "beyond guest RAM"),
+     "machine.memory_mib", "guest RAM must reach 0x1800000 (24 MiB)"),
 ])
 def test_each_rule(values, key, rule):
     message = error_of(**values)
@@ -64,7 +64,7 @@ def test_each_rule(values, key, rule):
     ({"colour": "red"}, "unknown key colour"),
     ({"kernal": {"x": 1}}, "unknown table [kernal]"),
     ({"kernel": {"virtual_base": "0xC0000000"}}, "kernel.virtual_base = '0xC0000000': must be an integer"),
-    ({"kernel": {"stack_size": True}}, "kernel.stack_size = True: must be an integer"),
+    ({"kernel": {"stack_size": True}}, "kernel.stack_size = true: must be an integer"),
     ({"kernel": {"stack_size": -4096}}, "must not be negative"),
     ({"arch": "arm"}, "arch = 'arm': must be one of i386"),
     ({"variant": {"fault_at_boot": 1}}, "variant.fault_at_boot = 1: must be true or false"),
@@ -185,8 +185,8 @@ def test_x86_64_from_a_file_and_from_the_command_line(tmp_path):
     (dict(tempmap_slots=513), "tempmap.slots", "1..512"),
     (dict(tempmap_base=0x1000), "tempmap.base", "kernel half"),
     (dict(vmm_size=1 << 56), "vmm.size", "must end within the canonical half"),
-    # The recursive window over the vmm window, moved either way: the vmm window's key is named, and the slot's.
-    (dict(paging_recursive_slot=508), "vmm.base", "overlaps recursive window"),
+    # The recursive window over the vmm window, moved either way: the key the user set is named, and the other's.
+    (dict(paging_recursive_slot=508), "paging.recursive_slot", "overlaps vmm range window"),
     (dict(vmm_base=0xFFFFFF0000000000), "vmm.base", "overlaps recursive window"),
     (dict(vmm_base=0xFFFFFF7FFFF00000), "vmm.base", "overlaps recursive window"),
 ])
@@ -195,6 +195,8 @@ def test_each_x86_64_rule(values, key, rule):
     assert message.startswith("defaults: ") and f" {key} = " in message and rule in message, message
     if rule.startswith("overlaps recursive"):
         assert "(set by paging.recursive_slot)" in message
+    if rule.startswith("overlaps vmm"):
+        assert "(set by vmm.base, vmm.size)" in message
     shown = values.get(next((f for f in values if Config.key_of(f) == key), None))
     if shown is not None:
         assert (f"{shown:#x}" in message) or (f"= {shown}:" in message)
@@ -247,3 +249,147 @@ def test_guest_ram_limit_follows_the_architecture(arch, largest):
         compute(Config.for_arch(arch, machine_memory_mib=largest + 1))
     assert f"machine.memory_mib = {largest + 1}: must be in 16..{largest} (" in str(err.value)
     assert "\n" not in str(err.value)
+
+
+# ---- issue 15: configs the rules accepted whose kernel then failed -------------------------------------------------
+# Each is now either refused, in one line naming the key and the rule, or built, booted and used.
+@pytest.mark.parametrize("arch, values, key, rule", [
+    # The heap reserves its slab window from the vmm window at boot ("heap: no room in the vmm window" panic).
+    ("i386", dict(vmm_size=0x1000), "vmm.size", "must be at least 0xc00000: the heap reserves 0x400000"),
+    ("i386", dict(vmm_size=0x3FF000), "vmm.size", "must be at least 0xc00000"),
+    ("x86_64", dict(vmm_size=0x400000), "vmm.size", "must be at least 0x800000"),
+    # A vmm window ending at the top of the address space: its end, VMM_END, is no word (keystone refused it).
+    ("i386", dict(paging_recursive_slot=1000, tempmap_base=0xF9800000, vmm_base=0xFC000000, vmm_size=0x4000000),
+     "vmm.size", "[0xfc000000, 0x100000000) must end below 4 GiB"),
+    ("x86_64", dict(vmm_base=0xFFFFFFFFF0000000, vmm_size=0x10000000, kernel_virtual_base=0xFFFFFFFF70000000),
+     "vmm.size", "below 2**64"),
+    # RAM that ends where the image window ends: no frame above it for tables, heap or the suite's round trips.
+    ("i386", dict(machine_memory_mib=16, kernel_load_address=0xC00000), "machine.memory_mib",
+     "guest RAM must reach 0x1400000 (20 MiB): the image window [0xc00000, 0x1000000)"),
+    ("x86_64", dict(machine_memory_mib=16, kernel_load_address=0xA00000), "machine.memory_mib",
+     "page tables made at boot and 4 MiB above it"),
+])
+def test_issue_15_configs_that_broke_the_kernel_are_refused(arch, values, key, rule):
+    message = error_of_arch(arch, **values)
+    assert f": {key} = " in message and rule in message, message
+
+
+def error_of_arch(arch: str, **values) -> str:
+    with pytest.raises(ConfigError) as info:
+        compute(Config.for_arch(arch, **values))
+    message = str(info.value)
+    assert len(message.splitlines()) == 1, message
+    return message
+
+
+@pytest.mark.parametrize("arch, values", [
+    ("i386", dict(tempmap_base=0xC0000000)),              # in the image's page table, below the image
+    ("i386", dict(tempmap_base=0xC0500000)),              # in the image window's second page table, after it
+    ("i386", dict(tempmap_base=0xFF810000)),              # not 4 MiB aligned
+    ("i386", dict(tempmap_base=0xFFBFF000, tempmap_slots=1)),   # the last PTE of its table
+    ("x86_64", dict(tempmap_base=0xFFFFFFFF80000000)),    # in the image's page table
+    ("x86_64", dict(tempmap_base=0xFFFFFE8000110000, tempmap_slots=200)),   # not 2 MiB aligned
+], ids=lambda v: f"{v:#x}" if isinstance(v, int) else None)
+def test_issue_15_temp_map_windows_the_rules_accept_work(tmp_path_factory, arch, values):
+    """The kernel boots and every slot maps the frame it was given: the slot's PTE is found from tempmap.base, not
+    from the start of its table, and a window inside the image's table shares it instead of replacing it."""
+    from conftest import open_session
+    from kgen.build.pipeline import build
+    config = Config.for_arch(arch, **values)
+    out = build(config, tmp_path_factory.mktemp(f"tempmap-{arch}"), iso=False)
+    layout = out.kernel.layout
+    with open_session(out) as s:
+        count = min(layout.tempmap_slots, 16)
+        # Frames above the image window, where the RAM rule guarantees room.
+        frames = [layout.kernel_load_address + layout.kernel_max_size + i * hw.PAGE_SIZE for i in range(count)]
+        for i, frame in enumerate(frames):
+            s.machine.write_phys(frame + 0x124, (0x7E570000 + i).to_bytes(4, "little"))
+        slots = [s.call("temp_map", frame) for frame in frames]
+        assert slots == [layout.tempmap_slot_address(i) for i in range(count)]
+        seen = [s.call("peek32", slot + 0x124) for slot in slots]
+        for slot in reversed(slots):
+            s.call("temp_unmap", slot)
+        assert seen == [0x7E570000 + i for i in range(count)]
+        assert s.call("pmm_alloc") != 0          # and the kernel is still whole after using every slot
+
+
+# ---- issue 15: every refusal names the key whose value is wrong ------------------------------------------------
+@pytest.mark.parametrize("arch, values, key", [
+    ("i386", dict(kernel_max_size=2 ** 64), "kernel.max_size"),
+    ("x86_64", dict(kernel_max_size=2 ** 64), "kernel.max_size"),
+    ("i386", dict(vmm_size=0x100000000), "vmm.size"),
+    ("i386", dict(vmm_base=0xF8000000), "vmm.base"),                       # the default size ends it at 4 GiB
+    ("x86_64", dict(vmm_size=1 << 64), "vmm.size"),
+    ("i386", dict(kernel_max_size=0x2000), "kernel.max_size"),             # smaller than the default stack
+    ("i386", dict(kernel_load_address=0x10000000), "kernel.load_address"),  # image over the vmm window
+    ("i386", dict(kernel_virtual_base=0xD0000000), "kernel.virtual_base"),  # image over the vmm window
+    ("i386", dict(kernel_virtual_base=0xE0000000), "kernel.virtual_base"),  # vmm window below the kernel half
+    ("i386", dict(kernel_load_address=0x7C00000), "kernel.load_address"),  # RAM: the default 128 MiB is short
+    ("i386", dict(kernel_max_size=0x8000000), "kernel.max_size"),          # the same, by size
+    ("x86_64", dict(kernel_max_size=0x7FF00000), "kernel.max_size"),
+    ("x86_64", dict(kernel_virtual_base=0xFFFFFFFFFFC00000), "kernel.virtual_base"),
+    ("x86_64", dict(kernel_max_size=0x7FF00000, kernel_virtual_base=0xFFFFFFFF80000000), "kernel.max_size"),
+    ("i386", dict(tempmap_slots=1024, tempmap_base=0xFF801000), "tempmap.base"),
+    ("i386", dict(tempmap_slots=1024), None),                              # accepted: the default base is aligned
+    ("i386", dict(paging_recursive_slot=1021), "paging.recursive_slot"),   # the default foreign slot
+    ("i386", dict(paging_foreign_slot=1023), "paging.foreign_slot"),       # the default recursive slot
+    ("x86_64", dict(paging_recursive_slot=509), "paging.recursive_slot"),  # over the default temp-map window
+])
+def test_a_refusal_names_the_key_the_user_set(arch, values, key):
+    """One key set (or two), the rest defaults: the message names that key, as `<key> = <its value>`."""
+    config = Config.for_arch(arch, **values)
+    if key is None:
+        compute(config)
+        return
+    message = error_of_arch(arch, **values)
+    field = next(f for f in values if Config.key_of(f) == key)
+    shown = f"{values[field]:#x}" if key not in ("paging.recursive_slot", "paging.foreign_slot") else values[field]
+    assert f"defaults: {key} = {shown}: " in message, message
+
+
+# ---- issue 15: config files that are not what they should be: one line, exit 2 -----------------------------------
+@pytest.mark.parametrize("content, fragment", [
+    (b'arch = "i386"\n# caf\xe9\n', "line 2: byte 0xe9 is not UTF-8"),
+    (b"[kernel]\nmax_size = " + b"1" * 5000 + b"\n", "kernel.max_size = 11111111…11111111 (5000 digits)"),
+    (b"[kernel]\nmax_size = 0x" + b"f" * 5000 + b"\n", "kernel.max_size = 0xffffffff…ffffffff (5000 hex digits)"),
+    (b'[kernel]\n"max\\nsize" = 1\n', "unknown key kernel.'max\\nsize'"),
+    (b'["ker\\nnel"]\nx = 1\n', "unknown table ['ker\\nnel']"),
+    (b'arch = "' + b"x" * 5000 + b'"\n', "(5000 characters): must be one of"),
+    (b'arch = "a\\u2028b"\n', "arch = 'a\\u2028b': must be one of"),
+    (b"kernel = 5\n", "kernel = 5: must be a table"),
+    (b"[kernel]\nmax_size = [" + b"[" * 2000 + b"]" * 2000 + b"]\n", "nested too deeply"),
+])
+def test_unreadable_or_odd_config_files_get_one_line(tmp_path, content, fragment):
+    path = tmp_path / "kgen.toml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as info:
+        compute(load(path))
+    message = str(info.value)
+    assert len(message.splitlines()) == 1 and len(message) < 700, message
+    assert message.startswith(f"{path}: ") and fragment in message, message
+    assert info.value.exit_code == 2
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (b"[vmm]\nsize = 0x1000\n", "vmm.size = 0x1000: must be at least"),
+    (b"\xff\xfe[\x00k\x00", "is not UTF-8"),
+    (b"[kernel]\nload_address = " + b"9" * 4400 + b"\n", "kernel.load_address = 99999999"),
+])
+def test_cli_odd_config_is_one_line_exit_2(tmp_path, content, fragment):
+    path = tmp_path / "kgen.toml"
+    path.write_bytes(content)
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "kgen.cli", "build", "--config", str(path), "--out", str(out)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in result.stderr, result.stderr
+    assert not (out / "kernel.elf").exists()
+
+
+def test_long_values_are_abbreviated_not_echoed():
+    """A value is shown by its first and last digits and how many it has."""
+    huge = int("7" + "0" * 300 + "1", 16)
+    message = error_of_arch("i386", kernel_load_address=huge)
+    assert "kernel.load_address = 0x70000000…00000001 (302 hex digits): " in message, message
+    assert len(message) < 400
