@@ -148,11 +148,12 @@ def _probe_writable(directory: Path, refuse) -> None:
     # only creating a file tells.
     probe = directory / f".kgen-probe.{secrets.token_hex(6)}"
     try:
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     except OSError as err:
         raise refuse(f"cannot create files in {directory} ({err.strerror or err})") from None
-    os.close(fd)
-    probe.unlink(missing_ok=True)
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
 
 
 def _make_dirs(out_dir: Path) -> list[Path]:
