@@ -92,6 +92,8 @@ interrupt_common:
 # page_fault(cr2, error) -> 1 when the fault was the first touch of a lazy allocation, now backed: the handler
 # returns to the faulting instruction. Else 0, once the fault's cause is on COM1 (the exception report follows).
 page_fault:
+    test xword ptr [xsp + 2*WORD_SIZE], PF_U        # from ring 3: only the task's lazy range is backed here
+    jnz user_page_fault                             # (templates/task.s); a 0 stops the task
     push xword ptr [xsp + 2*WORD_SIZE]
     push xword ptr [xsp + 2*WORD_SIZE]
     call vmm_page_fault

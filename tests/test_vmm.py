@@ -386,7 +386,8 @@ def test_vmm_alloc_with_nx_gives_nx_pages(kernel):
 @X86_64_ONLY
 def test_kernel_half_top_level_entries_are_all_present_after_boot(kernel):
     """PML4[256..511] all present from boot, so another address space shares the kernel half by copying them once;
-    they stay while kernel-half tables come and go. The user half is empty."""
+    they stay while kernel-half tables come and go. The user half is empty, and so is the foreign slot
+    (templates/aspace.s), which only holds a space while one is attached."""
     s = kernel
     layout, arch = s.layout, s.layout.architecture
     mode = arch.paging
@@ -395,8 +396,9 @@ def test_kernel_half_top_level_entries_are_all_present_after_boot(kernel):
     first = (layout.kernel_half_start & arch.va_mask) >> arch.shift(0)
     assert first == arch.entries_per_table // 2
     assert top[:first] == [0] * first, "the user half is empty after boot"
-    missing = [i for i in range(first, arch.entries_per_table) if not top[i] & hw.PTE_P]
+    missing = [i for i in range(first, arch.entries_per_table) if not top[i] & hw.PTE_P and i != layout.foreign_slot]
     assert missing == [], f"kernel-half {mode.level_names[0]} entries not present: {missing}"
+    assert top[layout.foreign_slot] == 0, "the foreign slot holds a space while none is attached"
     assert all(not e & hw.PTE_US for e in top[first:]), "a kernel-half entry is user-accessible"
     slot_of = {name: (addr & arch.va_mask) >> arch.shift(0) for name, addr in (
         ("image", layout.kernel_virtual_start), ("temp-map", layout.tempmap_base), ("vmm", layout.vmm_base))}
@@ -405,7 +407,8 @@ def test_kernel_half_top_level_entries_are_all_present_after_boot(kernel):
     for name, slot in slot_of.items():
         assert top[slot] & hw.PTE_P, f"the {name} slot {slot}"
     made_at_boot = [i for i in range(first, arch.entries_per_table)
-                    if i != layout.recursive_slot and not image[0] <= top[i] & mode.frame_mask < image[1]]
+                    if i not in (layout.recursive_slot, layout.foreign_slot)
+                    and not image[0] <= top[i] & mode.frame_mask < image[1]]
     assert len(made_at_boot) == layout.vmm_init_tables
     for i in made_at_boot:
         if i != slot_of["vmm"]:

@@ -70,6 +70,15 @@ SEG_ACCESS_KERNEL_CODE = 0x9B   # present, ring 0, code, readable, accessed
 SEG_ACCESS_KERNEL_DATA = 0x93   # present, ring 0, data, writable, accessed
 SEG_FLAGS_32BIT_4K = 0xC        # 4 KiB granularity, 32-bit default operand size
 IDT_GATE_INTERRUPT32 = 0x8E00   # the type word of a gate: present, ring 0, 32-bit interrupt gate
+SEG_ACCESS_DPL3 = 0x60          # descriptor privilege level 3 in an access byte: usable from ring 3
+IDT_GATE_DPL3 = 0x6000          # the same in a gate's type word: `int n` from ring 3 may use the gate
+SELECTOR_RPL3 = 0x3             # requested privilege level 3 in a selector
+SEG_ACCESS_TSS32 = 0x89         # present, ring 0, available 32-bit TSS
+TSS32_SIZE = 0x68
+TSS_SP0 = 0x4                   # offset of the ring-0 stack pointer (esp0 / rsp0) in a TSS, both formats
+TSS32_SS0 = 0x8                 # offset of the 32-bit TSS's ring-0 stack segment
+TSS32_IOMAP = 0x66              # offset of the I/O map base: at the limit or beyond, ring 3 has no I/O port
+EFLAGS_RESERVED = 0x2           # bit 1 reads as one; the user's flags start with IF clear (run to completion)
 
 
 def segment_descriptor(base: int, limit: int, access: int, flags: int) -> int:

@@ -110,6 +110,13 @@ class Layout:
     kernel_cs: int = 0x08
     kernel_ds: int = 0x10
     kernel_tss: int = 0x18             # x86_64: the TSS descriptor (two GDT slots) after code and data
+    # User mode (templates/task.s). i386 GDT: null, kernel code, kernel data, user code 0x18, user data 0x20, TSS
+    # 0x28. x86_64: ..., TSS 0x18 (two slots), user data 0x28, user code 0x30 (the order sysret would want).
+    user_text_base: int = 0x400000     # where a user program's read-only text is mapped
+    user_lazy_base: int = 0x10000000   # a user range backed on first touch: data and the stack's top
+    user_lazy_size: int = 0x100000
+    task_max: int = 8
+    syscall_vector: int = 0x80
     # What the boot stub keeps of the Multiboot information before the identity mapping goes away.
     boot_mmap_max_entries: int = 32
     boot_mmap_entry_size: int = 24     # base (8), length (8), type (4), padding (4)
@@ -410,6 +417,7 @@ class Layout:
             "HEAP_SLAB_MAGIC": self.heap_slab_magic,
             "HEAP_LARGE_SLOTS": self.heap_large_slots,
             "HEAP_MAX_SIZE": self.vmm_size,
+            **self._user_constants(),
             # The first page of the image, virtually below the kernel base: unmapped once the identity map is gone.
             "BOOT_FAULT_ADDRESS": self.kernel_load_address,
             "KERNEL_CS": self.kernel_cs,
@@ -474,6 +482,58 @@ class Layout:
             consts[f"LEVEL{level}_ENTRIES"] = self.level_window(level)
             consts[f"FOREIGN_LEVEL{level}_ENTRIES"] = self.foreign_level_window(level)
         return consts
+
+    @property
+    def user_cs(self) -> int:
+        return (0x18 if self.arch == "i386" else 0x30) | hw.SELECTOR_RPL3
+
+    @property
+    def user_ds(self) -> int:
+        return (0x20 if self.arch == "i386" else 0x28) | hw.SELECTOR_RPL3
+
+    @property
+    def task_killed_status(self) -> int:
+        # What task_run returns for a task stopped by a fault (an exit status is the user's own word).
+        return self.architecture.word_mask
+
+    @property
+    def user_lazy_window(self) -> Region:
+        return Region("user lazy range", "", 0, self.user_lazy_base, self.user_lazy_base + self.user_lazy_size)
+
+    def _user_constants(self) -> dict[str, int]:
+        # Ring 3: selectors, descriptors, the system-call gate and where a task's pages go (templates/task.s).
+        code_flags = hw.SEG_FLAGS_32BIT_4K if self.arch == "i386" else hw.SEG_FLAGS_64BIT_CODE
+        gate = hw.IDT_GATE_INTERRUPT32 if self.arch == "i386" else hw.IDT_GATE_INTERRUPT64
+        return {
+            "USER_CS": self.user_cs,
+            "USER_DS": self.user_ds,
+            "GDT_USER_CODE": hw.segment_descriptor(0, 0xFFFFF, hw.SEG_ACCESS_KERNEL_CODE | hw.SEG_ACCESS_DPL3,
+                                                   code_flags),
+            "GDT_USER_DATA": hw.segment_descriptor(0, 0xFFFFF, hw.SEG_ACCESS_KERNEL_DATA | hw.SEG_ACCESS_DPL3,
+                                                   hw.SEG_FLAGS_32BIT_4K),
+            "TASK_TSS": 0x28 if self.arch == "i386" else self.kernel_tss,
+            "SEG_ACCESS_TSS32": hw.SEG_ACCESS_TSS32,
+            "TSS32_SIZE": hw.TSS32_SIZE,
+            "TSS_SP0": hw.TSS_SP0,
+            "TSS32_SS0": hw.TSS32_SS0,
+            "TSS32_IOMAP": hw.TSS32_IOMAP,
+            "IDT_GATE_USER": gate | hw.IDT_GATE_DPL3,
+            "SYSCALL_VECTOR": self.syscall_vector,
+            "IDT_ENTRIES": self.syscall_vector + 1,
+            "SYS_EXIT": 0x0,
+            "SYS_WRITE": 0x1,
+            "USER_EFLAGS": hw.EFLAGS_RESERVED,
+            "USER_TEXT_BASE": self.user_text_base,
+            "USER_LAZY_BASE": self.user_lazy_base,
+            "USER_LAZY_END": self.user_lazy_base + self.user_lazy_size,
+            "TASK_MAX": self.task_max,
+            "TASK_RECORD_WORDS": 0x8,
+            "TASK_READY": 0x1,
+            "TASK_EXITED": 0x2,
+            "TASK_KILLED": 0x3,
+            "TASK_KILLED_STATUS": self.task_killed_status,
+            "SELECTOR_RPL3": hw.SELECTOR_RPL3,
+        }
 
     def _i386_constants(self) -> dict[str, int]:
         return {

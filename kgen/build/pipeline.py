@@ -27,7 +27,7 @@ from kgen.build.resources import templates_dir
 # The kernel's units, in the order their pieces are placed within each section. `{arch}/` units are the entry,
 # GDT and IDT of one architecture (templates/i386/, templates/x86_64/); every other unit serves both word sizes.
 KERNEL_UNITS = ("multiboot", "bootinfo", "{arch}/boot", "{arch}/gdt", "{arch}/idt", "interrupts", "pic", "serial",
-                "debugexit", "string", "report", "calls", "peek")
+                "debugexit", "string", "report", "calls", "peek", "task", "user/programs")
 # The memory managers, the same templates for both word sizes.
 MEMORY_UNITS = ("paging", "tempmap", "pmm", "vmm", "vrange", "heap", "aspace", "bench")
 

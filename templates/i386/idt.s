@@ -18,6 +18,12 @@ idt_init:
     inc ecx
     cmp ecx, IDT_VECTORS
     jb .Lidt_gate
+    mov eax, offset syscall_entry                   # int 0x80: a gate ring 3 may use (templates/task.s)
+    mov [idt + SYSCALL_VECTOR*8], ax
+    mov word ptr [idt + SYSCALL_VECTOR*8 + 0x2], KERNEL_CS
+    mov word ptr [idt + SYSCALL_VECTOR*8 + 0x4], IDT_GATE_USER
+    shr eax, 0x10
+    mov [idt + SYSCALL_VECTOR*8 + 0x6], ax
     lidt [idt_descriptor]
     ret
 
@@ -41,7 +47,13 @@ exception_common:
     add esp, 0x8                                    # vector and error code
     iret
 .Lexception_report:
-    jmp exception_report
+    test dword ptr [ebp + 0x30], SELECTOR_RPL3      # from ring 3: the task stops, not the kernel
+    jz exception_report
+    push dword ptr [ebp + 0x28]
+    push dword ptr [ebp + 0x2c]
+    push dword ptr [ebp]
+    push dword ptr [ebp + 0x24]
+    call user_fault                                 # (vector, cr2, eip, error); does not return
 
 .section .rodata
 .balign 4
@@ -93,10 +105,10 @@ str_eflags:
 .section .bss
 .balign 8
 idt:
-    .skip IDT_VECTORS * 8
+    .skip IDT_ENTRIES * 8
 
 .section .data
 .balign 4
 idt_descriptor:
-    .word IDT_VECTORS * 8 - 1
+    .word IDT_ENTRIES * 8 - 1
     .long idt

@@ -1,6 +1,7 @@
-# kgen's 64-bit GDT: null, a 64-bit ring-0 code segment (L set), a data segment, and the TSS, whose only job here
-# is IST1: the double-fault handler gets a stack of its own, so a fault caused by an overflowed stack can still be
-# reported. In long mode base and limit of code and data segments are ignored; the descriptors come from the
+# kgen's 64-bit GDT: null, a 64-bit ring-0 code segment (L set), a data segment, the TSS, and ring 3's data and
+# 64-bit code segments (in the order sysret expects). The TSS gives the double-fault handler a stack of its own
+# (IST1), so a fault caused by an overflowed stack can still be reported, and gives an interrupt or `int 0x80` from
+# ring 3 its ring-0 stack (rsp0, set by task_run). In long mode base and limit of code and data segments are ignored; the descriptors come from the
 # layout (GDT_KERNEL_CODE/DATA) with the accessed bit preset so the CPU never writes the GDT.
 #
 # The 32-bit entry loads this GDT through gdt_descriptor_phys (paging is on but only the identity map reaches
@@ -35,6 +36,8 @@ gdt:
     # A 64-bit TSS descriptor takes two slots: base 31..0 spread over the first, base 63..32 in the second.
     .quad (TSS64_SIZE - 1) | ((tss & 0xffffff) << 0x10) | (SEG_ACCESS_TSS64 << 0x28) | (((tss >> 0x18) & 0xff) << 0x38)
     .quad tss >> 0x20
+    .quad GDT_USER_DATA
+    .quad GDT_USER_CODE
 gdt_end:
 gdt_descriptor:
     .word gdt_end - gdt - 1

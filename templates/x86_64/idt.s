@@ -26,6 +26,16 @@ idt_init:
     inc ecx
     cmp ecx, IDT_VECTORS
     jb .Lidt_gate
+    mov rdi, offset idt + SYSCALL_VECTOR*0x10       # int 0x80: a gate ring 3 may use (templates/task.s)
+    mov rax, offset syscall_entry
+    mov [rdi], ax
+    mov word ptr [rdi + 0x2], KERNEL_CS
+    mov word ptr [rdi + 0x4], IDT_GATE_USER
+    shr rax, 0x10
+    mov [rdi + 0x6], ax
+    shr rax, 0x10
+    mov [rdi + 0x8], eax
+    mov dword ptr [rdi + 0xc], 0x0
     lidt [idt_descriptor]
     ret
 
@@ -77,7 +87,13 @@ exception_common:
     add rsp, 0x10                                   # vector and error code
     iretq
 .Lexception_report:
-    jmp exception_report
+    test qword ptr [rbp + 0x98], SELECTOR_RPL3      # from ring 3: the task stops, not the kernel
+    jz exception_report
+    push qword ptr [rbp + 0x88]
+    push qword ptr [rbp + 0x90]
+    push qword ptr [rbp]
+    push qword ptr [rbp + 0x80]
+    call user_fault                                 # (vector, cr2, rip, error); does not return
 
 .section .rodata
 .balign 8
@@ -153,10 +169,10 @@ str_rflags:
 .section .bss
 .balign 0x10, 0
 idt:
-    .skip IDT_VECTORS * 0x10
+    .skip IDT_ENTRIES * 0x10
 
 .section .data
 .balign 8
 idt_descriptor:
-    .word IDT_VECTORS * 0x10 - 1
+    .word IDT_ENTRIES * 0x10 - 1
     .quad idt

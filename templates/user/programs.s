@@ -1,0 +1,76 @@
+# User programs: ring-3 code the kernel copies into a task's address space (user_load), each between a label and
+# its _end label. They run at USER_TEXT_BASE, wherever these bytes sit in the kernel's .rodata, so they name only
+# layout constants and their own labels relative to one another (a call/pop finds where they run).
+# System calls: xax = number, xbx/xcx = arguments, `int SYSCALL_VECTOR` (templates/task.s).
+
+.section .rodata
+.balign 0x10, 0x0
+# user_hello: touches three pages of the lazy range (each a demand fault), writes a greeting, exits with the sum
+# read back from those pages (0x33333333: the pages kept what was written).
+user_hello:
+    mov xdx, USER_LAZY_BASE
+    mov dword ptr [xdx], 0x11111111
+    mov dword ptr [xdx + 0x3000], 0x22222222
+    mov eax, [xdx]
+    add eax, [xdx + 0x3000]
+    mov [xdx + 0x5000], eax
+    call .Lhello_here                               # where am I: the return address
+.Lhello_here:
+    pop xbx
+    add xbx, .Lhello_text - .Lhello_here
+    mov ecx, .Lhello_end - .Lhello_text
+    mov eax, SYS_WRITE
+    int SYSCALL_VECTOR
+    mov xdx, USER_LAZY_BASE
+    mov ebx, [xdx + 0x5000]
+    mov eax, SYS_EXIT
+    int SYSCALL_VECTOR
+.Lhello_text:
+    .ascii "hello from ring 3\n"
+.Lhello_end:
+user_hello_end:
+
+# user_bad_write: asks the kernel to write from a kernel address; exits with 0 - the result (1 when refused)
+.balign 0x10, 0x0
+user_bad_write:
+    mov xbx, KERNEL_VIRTUAL_START
+    mov ecx, 0x10
+    mov eax, SYS_WRITE
+    int SYSCALL_VECTOR
+    neg xax
+    mov xbx, xax
+    mov eax, SYS_EXIT
+    int SYSCALL_VECTOR
+user_bad_write_end:
+
+# user_touch_kernel: reads the kernel image (present, supervisor-only): a protection fault, read, user
+.balign 0x10, 0x0
+user_touch_kernel:
+    mov xax, KERNEL_VIRTUAL_START
+    mov eax, [xax]
+    mov ebx, 0x0
+    mov eax, SYS_EXIT
+    int SYSCALL_VECTOR
+user_touch_kernel_end:
+
+# user_write_text: writes its own (read-only) text: a protection fault, write, user
+.balign 0x10, 0x0
+user_write_text:
+    mov xax, USER_TEXT_BASE
+    mov dword ptr [xax], 0x0
+    mov ebx, 0x0
+    mov eax, SYS_EXIT
+    int SYSCALL_VECTOR
+user_write_text_end:
+
+# user_exec_data: puts a `ret` in the lazy range and calls it: on x86_64 the page is NX, a protection fault on the
+# fetch; i386 paging has no NX, so there the call returns and the task exits with 7
+.balign 0x10, 0x0
+user_exec_data:
+    mov xax, USER_LAZY_BASE
+    mov byte ptr [xax], 0xc3
+    call xax
+    mov ebx, 0x7
+    mov eax, SYS_EXIT
+    int SYSCALL_VECTOR
+user_exec_data_end:
