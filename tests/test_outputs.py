@@ -89,7 +89,7 @@ def test_ctrl_c_while_lief_loads_is_one_line_and_130(tmp_path):
 
 
 @needs_grub
-@pytest.mark.parametrize("delay", [0.0, 0.05, 0.15, 0.3, 0.5, 0.8, 1.2])
+@pytest.mark.parametrize("delay", [0.0, 0.1, 0.3, 0.6, 1.0])
 def test_ctrl_c_at_any_moment_of_a_build_leaves_no_lying_pair(tmp_path, delay):
     """Interrupted wherever it is (linking, the ELF, GRUB, the stamp), a build over an older config's outputs leaves
     them either whole and stamped, or unstamped: never an ELF and ISO claiming to be a pair they are not."""
@@ -188,7 +188,7 @@ def test_concurrent_builds_of_two_configs_leave_one_honest_pair(tmp_path):
     b_path, b = config_file(tmp_path, "b", "[tempmap]\nslots = 8\n")
     out = tmp_path / "out"
     winners = set()
-    for _ in range(3):
+    for _ in range(2):
         procs = [start("build", "--config", path, "--out", out) for path in (a_path, b_path)]
         results = [(p, *p.communicate(timeout=300)) for p in procs]
         for proc, stdout, stderr in results:
