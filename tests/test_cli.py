@@ -153,6 +153,17 @@ def test_an_unusable_out_is_one_line_exit_2_and_leaves_nothing(tmp_path, command
     assert not Path("/proc/kgen-out").exists() and not Path("/sys/kgen-out").exists()
 
 
+@pytest.mark.parametrize("kind", ["/dev/null/x.xml", "a directory", "/sys/x.xml", "/proc/kgen/x.xml"])
+def test_an_unwritable_junitxml_is_one_line_exit_2_before_any_test(tmp_path, kind):
+    """pytest found out only after the whole run, with a traceback and status 1."""
+    path = tmp_path if kind == "a directory" else Path(kind)
+    result = kgen("test", "--out", tmp_path / "out", "-j", "1", "--junitxml", path)
+    assert result.returncode == errors.EXIT_USAGE
+    line = one_line(result)
+    assert line.startswith(f"kgen: error: --junitxml {path}: ") and line.endswith("; choose another path"), line
+    assert tree(tmp_path) == set()
+
+
 def test_an_image_larger_than_max_size_names_the_file_key_and_sizes(tmp_path):
     config = tmp_path / "small.toml"
     config.write_text("[kernel]\nmax_size = 0x8000\nstack_size = 0x1000\n")

@@ -253,6 +253,28 @@ def check_keyword(expression: str) -> None:
         raise UsageError(f"-k {expression!r}: {err}") from None
 
 
+def check_report_path(option: str, path: Path) -> None:
+    """A report file pytest will write at the very end: refuse now, in one line, a path it could not write (pytest
+    would fail after the whole run, with a traceback)."""
+    def refuse(why: str) -> UsageError:
+        return UsageError(f"{option} {path}: {why}; choose another path")
+
+    if path.is_dir():
+        raise refuse("is a directory")
+    parent = path.parent
+    while not (parent.exists() or parent.is_symlink()):
+        parent = parent.parent
+    if not parent.is_dir():
+        raise refuse(f"{parent} is not a directory")
+    probe = parent / f".kgen-probe.{os.getpid()}.{time.monotonic_ns()}"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as err:
+        raise refuse(f"cannot create files in {parent} ({err.strerror or err})") from None
+    finally:
+        probe.unlink(missing_ok=True)
+
+
 def require_qemu(binary: str) -> None:
     """The suite boots every kernel it checks: without QEMU say so once, as `kgen run` does, not in every test."""
     if shutil.which(binary) is None:
@@ -269,6 +291,8 @@ def run_suite(args, extra: list[str]) -> int:
         raise ToolMissing("kgen test needs pytest: pip install 'kgen[test]'")
     if args.keyword:
         check_keyword(args.keyword)
+    if args.junitxml is not None:
+        check_report_path("--junitxml", args.junitxml)
     if args.kernel is not None:
         if not args.kernel.is_file():
             raise UsageError(f"--kernel {args.kernel}: no such file" if not args.kernel.exists()
