@@ -68,6 +68,7 @@ class Exercise:
         self.pmm = PmmView(live.machine.read_phys, self.elf, self.layout)
         self.held: set[int] = set()         # frames the test took with pmm_alloc and has not mapped or freed
         self.mapped: dict[int, int] = {}    # vaddr -> frame of the pages the test mapped with vmm_map
+        self._poison_pages: dict[int, bytes] = {}
         self._walked = None                 # (view, its walk): the walk of the machine as last stopped
         self.begin("boot")
 
@@ -195,7 +196,7 @@ class Exercise:
             if frame in self.start_tables:
                 continue
             data = view.read_phys(frame, PAGE)
-            poison = bytes(view.poison[(frame + i) % len(view.poison)] for i in range(PAGE))
+            poison = self.poison_page(view.poison, frame)
             hits = [i // size for i in range(0, PAGE, size) if data[i:i + size] == poison[i:i + size]]
             if hits:
                 steps = " -> ".join(f"{self.mode.level_names[level]}[{index}]" for level, index in enumerate(path))
@@ -203,6 +204,14 @@ class Exercise:
                                 f"{PAGE // size} entries still hold the poison RAM was filled with (first: index "
                                 f"{hits[0]}): the table was never cleared")
         return problems
+
+    def poison_page(self, pattern: bytes, frame: int) -> bytes:
+        """What a page at `frame` holds if nobody wrote it: the poison pattern, tiled from address 0."""
+        phase = frame % len(pattern)
+        if phase not in self._poison_pages:
+            tile = pattern[phase:] + pattern[:phase]
+            self._poison_pages[phase] = (tile * (PAGE // len(tile) + 1))[:PAGE]
+        return self._poison_pages[phase]
 
     def user_pages(self) -> dict[int, int]:
         return {v: f for v, f in self.mapped.items() if v < self.layout.kernel_half_start}
@@ -366,8 +375,8 @@ def test_page_tables_made_and_given_back_across_leaf_spans(kernel):
     for pages in groups:
         frame = k.alloc_frame()
         k.map(pages[0], frame)
-        k.check(f"vmm_map({pages[0]:#x}, {frame:#x})")
         k.check_page(pages[0], frame)
+    k.check(f"vmm_map of {', '.join(hex(pages[0]) for pages in groups)}")
     k.stage = "a second page in each span (its table exists), read-only"
     for pages in groups:
         frame = k.alloc_frame()
@@ -376,13 +385,14 @@ def test_page_tables_made_and_given_back_across_leaf_spans(kernel):
         k.check_page(pages[0], k.mapped[pages[0]])
     k.check("the second pages mapped")
     k.stage = "unmapping every page, tables given back"
-    for vaddr in [pages[1] for pages in groups] + [pages[0] for pages in groups]:
-        frame = k.mapped[vaddr]
-        k.unmap(vaddr)
-        k.check_unmapped(vaddr)
-        assert k.call("vmm_translate", vaddr) == k.layout.vmm_none, f"vmm_translate({vaddr:#x}) after the unmap"
-        k.check(f"vmm_unmap({vaddr:#x})")
-        k.free_frame(frame)
+    for vaddrs in ([pages[1] for pages in groups], [pages[0] for pages in groups]):
+        for vaddr in vaddrs:
+            frame = k.mapped[vaddr]
+            k.unmap(vaddr)
+            k.check_unmapped(vaddr)
+            assert k.call("vmm_translate", vaddr) == k.layout.vmm_none, f"vmm_translate({vaddr:#x}) after the unmap"
+            k.free_frame(frame)
+        k.check(f"vmm_unmap of {', '.join(map(hex, vaddrs))}")
     if reserved:
         assert k.call("vrange_release", *reserved) == 1, f"vrange_release{reserved} refused its own reservation"
     k.check_released("everything unmapped and freed, the range released")
@@ -405,7 +415,7 @@ def test_temp_map_slots_reach_each_new_frame(kernel):
         if got != 0x7E570000 + i:
             pytest.fail(f"after {k.stage}: frame {frame:#x} through temp-map slot {slot:#x}: the CPU read "
                         f"{got:#010x}, the frame holds {0x7E570000 + i:#010x}", pytrace=False)
-        k.check(f"temp_map({frame:#x}), temp_unmap")
+    k.check(f"temp_map, temp_unmap of {', '.join(map(hex, frames))}")
     wrote = {frame: k.phys32(frame + 2 * OFFSET) for frame in frames}
     wrong = {f: v for (f, v), i in zip(wrote.items(), range(ROUND_TRIPS)) if v != 0x5107_0000 + i}
     assert not wrong, f"writes through the temp-map slot landed elsewhere: {wrong}"
@@ -443,7 +453,7 @@ def test_allocate_at_round_trips(kernel):
     anchor, *pages = groups[0]
     frame = k.alloc_frame()
     k.map(anchor, frame)
-    for vaddr, flags in zip(pages * 2, (FLAGS, hw.PTE_P, FLAGS, hw.PTE_P)):
+    for vaddr, flags in zip(pages, (FLAGS, hw.PTE_P)):
         phys = k.call("pmm_alloc_at", vaddr, flags)
         assert phys, f"pmm_alloc_at({vaddr:#x}) failed with plenty of frames"
         below = k.word("pmm_top")
@@ -482,10 +492,10 @@ def test_lazy_range_backed_on_first_touch(kernel):
         assert k.call("kmem_read32", vaddr + OFFSET) == 0, f"page {page} of the lazy range is not cleared"
         k.call("kmem_write32", vaddr + OFFSET, 0x1A2F0000 + page)
         assert k.u32("vmm_demand_faults") == faults + n, "a touch of a lazy page did not fault it in exactly once"
-        k.check(f"page {page} of the lazy range touched")
         t = k.live.view().walker.translate(vaddr)
-        assert t is not None
+        assert t is not None, f"page {page} of the lazy range, touched, is not mapped"
         k.check_page(vaddr, t.paddr & ~(PAGE - 1))
+    k.check(f"pages {touched} of the lazy range touched")
     k.stage = "an eager range beside the lazy one"
     eager = k.call("vmm_alloc", 3, FLAGS, 0)
     assert eager
@@ -539,7 +549,7 @@ def test_released_ranges_merge_with_their_neighbours(kernel):
         start = k.call("vmm_alloc", pages, FLAGS, 1)
         assert start, f"vmm_alloc({pages}) failed"
         starts.append(start)
-        k.check(f"vmm_alloc({pages}) = {start:#x}")
+    k.check(f"vmm_alloc of {MERGE_PAGES} pages at {', '.join(map(hex, starts))}")
     for i in (2, 0, 1):
         assert k.call("vmm_free", starts[i]) == MERGE_PAGES[i]
         k.check(f"vmm_free({starts[i]:#x}) ({MERGE_PAGES[i]} pages)")
