@@ -474,7 +474,12 @@ pmm_free_at:
     mov [pmm_top], xax
     inc dword ptr [pmm_count]
     mov xword ptr [xbx], 0x0
+.if PMM_FREE_AT_SKIP_INVLPG
+    # Build variant: no INVLPG. The TLB may keep vaddr's old translation, so after vmm_free or kfree the CPU still
+    # reaches the freed frame, now on the free stack and soon someone else's, through vaddr.
+.else
     invlpg [xdx]
+.endif
     pop xbx
     ret
 .Lfree_at_image:

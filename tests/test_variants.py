@@ -36,6 +36,7 @@ CAUGHT_BY = {
     "pmm_double_push": "double_free",
     "vrange_bad_merge": "merge",
     "heap_small_block": "heap",
+    "pmm_free_at_skip_invlpg": "tlb",
 }
 
 

@@ -37,6 +37,7 @@ ranges) belong to `layout.py`, which turns a Config into addresses.
     pmm_double_push = false       # let pmm_free push the frame already on top
     vrange_bad_merge = false      # merge a released range into the next free one wrongly
     heap_small_block = false      # serve kmalloc from blocks one class too small
+    pmm_free_at_skip_invlpg = false  # free mapped frames (vmm_free, kfree) without INVLPG
 """
 from __future__ import annotations
 
@@ -79,6 +80,7 @@ class Config:
     pmm_double_push: bool = False
     vrange_bad_merge: bool = False
     heap_small_block: bool = False
+    pmm_free_at_skip_invlpg: bool = False
 
     source: str = "defaults"   # where the values came from, for error messages
     # Fields the user set; the others take their architecture's default (`for_arch`).
@@ -116,7 +118,7 @@ _SCHEMA: dict[str, tuple[str, ...]] = {
     "machine": ("memory_mib",),
     "variant": ("fault_at_boot", "tempmap_skip_invlpg", "vmm_skip_table_clear", "vmm_unmap_skip_invlpg",
                 "vmm_table_user", "vmm_map_wrong_index", "pmm_double_push", "vrange_bad_merge",
-                "heap_small_block", "aspace_skip_foreign_flush"),
+                "heap_small_block", "aspace_skip_foreign_flush", "pmm_free_at_skip_invlpg"),
 }
 
 

@@ -150,6 +150,7 @@ class Layout:
     pmm_double_push: bool = False
     vrange_bad_merge: bool = False
     heap_small_block: bool = False
+    pmm_free_at_skip_invlpg: bool = False
 
     # ---- the architecture ------------------------------------------------------------------------------------
     @property
@@ -410,6 +411,7 @@ class Layout:
             "PMM_DOUBLE_PUSH": int(self.pmm_double_push),
             "VRANGE_BAD_MERGE": int(self.vrange_bad_merge),
             "HEAP_SMALL_BLOCK": int(self.heap_small_block),
+            "PMM_FREE_AT_SKIP_INVLPG": int(self.pmm_free_at_skip_invlpg),
             "HEAP_SLAB_PAGES": self.heap_slab_pages,
             "HEAP_MIN_SHIFT": self.heap_min_shift,
             "HEAP_MAX_SHIFT": self.heap_max_shift,
@@ -735,6 +737,7 @@ def compute(config: Config) -> Layout:
         vmm_unmap_skip_invlpg=c.vmm_unmap_skip_invlpg, vmm_table_user=c.vmm_table_user,
         vmm_map_wrong_index=c.vmm_map_wrong_index, pmm_double_push=c.pmm_double_push,
         vrange_bad_merge=c.vrange_bad_merge, heap_small_block=c.heap_small_block,
+        pmm_free_at_skip_invlpg=c.pmm_free_at_skip_invlpg,
         vmm_base=c.vmm_base, vmm_size=c.vmm_size,
     )
 

@@ -511,10 +511,10 @@ def test_lazy_range_backed_on_first_touch(kernel):
     k.check_released("the lazy range freed")
 
 
-def test_unmapped_page_leaves_the_tlb(kernel):
-    """A page the CPU has just used, unmapped by vmm_unmap, must be gone for the CPU too (INVLPG): in a lazy range,
-    the next touch faults and gets a fresh cleared frame, instead of reaching the old frame through a stale TLB
-    entry. The range's other pages keep the page table alive, so nothing else flushes the page."""
+def test_unmapped_and_freed_pages_leave_the_tlb(kernel):
+    """A page the CPU has just used, unmapped by vmm_unmap or given back by vmm_free, must be gone for the CPU too
+    (INVLPG): in a lazy range, the next touch faults and gets a fresh cleared frame, instead of reaching the old frame
+    through a stale TLB entry. Another range's pages keep the page table alive, so nothing else flushes the page."""
     k = kernel
     k.begin("a page unmapped while the CPU has it in its TLB")
     lazy = k.call("vmm_alloc", 3, FLAGS, 1)
@@ -535,8 +535,28 @@ def test_unmapped_page_leaves_the_tlb(kernel):
                     f"(holding {0x0DD00001:#010x}) is still reached through the TLB", pytrace=False)
     k.check("the unmapped page touched again (faulted in afresh)")
     k.free_frame(old)
+
+    # The same through vmm_free (pmm_free_at): a range freed and taken again (first fit: the same place) must fault
+    # its pages in afresh, not reach the freed frames. `lazy` keeps the page table alive.
+    k.stage = "a range freed while the CPU has its pages in its TLB, and allocated again"
+    freed = k.call("vmm_alloc", 2, FLAGS, 1)
+    assert freed, "vmm_alloc(2, lazy) failed"
+    for page in range(2):
+        k.call("kmem_write32", freed + page * PAGE + OFFSET, 0x0DF00000 + page)
+    assert k.call("vmm_free", freed) == 2
+    k.check(f"vmm_free({freed:#x})")
+    again = k.call("vmm_alloc", 2, FLAGS, 1)
+    assert again == freed, f"vmm_alloc(2) after vmm_free({freed:#x}) gave {again:#x}, not the first fit {freed:#x}"
+    faults = k.u32("vmm_demand_faults")
+    got = k.call("kmem_read32", again + OFFSET)
+    if got != 0 or k.u32("vmm_demand_faults") != faults + 1:
+        pytest.fail(f"after {k.stage}: the CPU read {got:#010x} at {again + OFFSET:#x}, "
+                    f"{k.u32('vmm_demand_faults') - faults} demand faults: the frame vmm_free gave back (it held "
+                    f"{0x0DF00000:#010x}) is still reached through the TLB", pytrace=False)
+    k.check("the page of the range allocated again touched (faulted in afresh)")
+    assert k.call("vmm_free", again) == 2
     assert k.call("vmm_free", lazy) == 3
-    k.check_released("the range freed")
+    k.check_released("the ranges freed")
 
 
 def test_released_ranges_merge_with_their_neighbours(kernel):
