@@ -37,6 +37,7 @@ CAUGHT_BY = {
     "vrange_bad_merge": "merge",
     "heap_small_block": "heap",
     "pmm_free_at_skip_invlpg": "tlb",
+    "aspace_skip_foreign_flush": "address_spaces",
 }
 
 

@@ -68,6 +68,7 @@ class Exercise:
         self.pmm = PmmView(live.machine.read_phys, self.elf, self.layout)
         self.held: set[int] = set()         # frames the test took with pmm_alloc and has not mapped or freed
         self.mapped: dict[int, int] = {}    # vaddr -> frame of the pages the test mapped with vmm_map
+        self.elsewhere = 0                  # frames the stage put into other address spaces (tables, top tables)
         self._poison_pages: dict[int, bytes] = {}
         self._walked = None                 # (view, its walk): the walk of the machine as last stopped
         self.begin("boot")
@@ -228,7 +229,7 @@ class Exercise:
         frames, tables, free = self.snapshot()
         mapped = len(frames - self.start_frames) - len(self.start_frames - frames)
         made = len(tables - self.start_tables) - len(self.start_tables - tables)
-        held = len(self.held) - len(self.start_held)
+        held = len(self.held) - len(self.start_held) + self.elsewhere
         expected = self.start_free - mapped - made - held
         problems = []
         if free != expected:
@@ -622,3 +623,47 @@ def _check_stamp(k, ptr: int, size: int, word: int) -> None:
             got = k.call("kmem_read32", at)
             assert got == (ptr ^ at) & 0xFFFFFFFF ^ 0xB10C0000, \
                 f"block {ptr:#x} of {size} bytes: {at:#x} holds {got:#010x}: another block was written over it"
+
+
+def test_address_spaces_show_their_own_pages(kernel):
+    """Two address spaces map the same user page to different frames, edited through the foreign slot; attaching
+    one, then the other, then the first again, the CPU reads each one's own entry through the foreign window (the
+    TLB is flushed when the slot changes) and vmm_translate_in agrees; destroying both gives every frame back."""
+    k = kernel
+    if "as_create" not in k.elf.symbols:
+        pytest.skip("this kernel has no address spaces (templates/aspace.s)")
+    layout, arch = k.layout, k.arch
+    slot = k.empty_user_slot()
+    if slot is None:
+        pytest.skip("the user half has no top-level slot clear of the layout's regions")
+    k.begin("two address spaces, one user page each")
+    vaddr = arch.canonical(slot << arch.shift(0)) + sum((2 * level + 1) * arch.span(level)
+                                                        for level in range(1, arch.levels))
+    user = hw.PTE_P | hw.PTE_RW | hw.PTE_US
+    spaces = [k.call("as_create"), k.call("as_create")]
+    assert all(spaces) and spaces[0] != spaces[1], f"as_create gave {[hex(s) for s in spaces]}"
+    k.elsewhere += len(spaces)
+    frames = {}
+    for space in spaces:
+        frames[space] = k.alloc_frame()
+        assert k.call("as_attach", space) == 1, f"as_attach({space:#x}) refused a space as_create made"
+        assert k.call("vmm_map_in", space, vaddr, frames[space], user) == 1, \
+            f"vmm_map_in({space:#x}, {vaddr:#x}) refused: the foreign window still showed the other space's table?"
+        k.elsewhere += arch.levels - 1          # the tables below the top one, made for the page
+    pte = layout.foreign_entry_address(vaddr, arch.levels - 1)
+    for space in spaces + spaces[:1]:
+        assert k.call("as_attach", space) == 1
+        seen = k.call("kmem_read32", pte) & ~(PAGE - 1)
+        if seen != frames[space] & 0xFFFFFFFF & ~(PAGE - 1):
+            pytest.fail(f"after {k.stage}: space {space:#x} attached, the CPU reads its PTE for {vaddr:#x} through "
+                        f"the foreign window ({pte:#x}) as frame {seen:#x}, not {frames[space]:#x}: a translation "
+                        f"of the previous space survived the change of the foreign slot", pytrace=False)
+        got = k.call("vmm_translate_in", space, vaddr)
+        assert got == frames[space], f"vmm_translate_in({space:#x}, {vaddr:#x}) = {got:#x}, not {frames[space]:#x}"
+    k.call("as_detach")
+    k.check("both spaces edited through the foreign slot, then detached")
+    for space in spaces:
+        assert k.call("as_destroy", space) == 1, f"as_destroy({space:#x}) refused"
+        k.held.discard(frames[space])
+    k.elsewhere = 0
+    k.check_released("both spaces destroyed")
