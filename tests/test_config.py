@@ -393,3 +393,12 @@ def test_long_values_are_abbreviated_not_echoed():
     message = error_of_arch("i386", kernel_load_address=huge)
     assert "kernel.load_address = 0x70000000…00000001 (302 hex digits): " in message, message
     assert len(message) < 400
+
+
+def test_a_value_set_on_the_command_line_is_the_one_named():
+    """`kgen run --memory` sets machine.memory_mib over a file that moved the image: a shortfall names the memory."""
+    config = Config.for_arch("i386", kernel_load_address=0x900000)
+    compute(config)
+    with pytest.raises(ConfigError) as info:
+        compute(config.with_values(machine_memory_mib=16, source="kgen.toml with --memory"))
+    assert str(info.value).startswith("kgen.toml with --memory: machine.memory_mib = 16: guest RAM must reach")

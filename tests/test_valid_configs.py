@@ -116,7 +116,7 @@ def valid_values(draw, arch: str, memory_cap: int | None = None) -> dict:
             st.integers(lowest // a.span(0), 0xF0000000 // a.span(0)).map(lambda i: i * a.span(0))))
     else:
         lowest = TOP_2_GIB - v["kernel_load_address"]
-        highest = top - image_phys_end - PAGE
+        highest = top - image_phys_end
         usual = 0xFFFFFFFF80000000
         v["kernel_virtual_base"] = (usual if draw(st.booleans()) and lowest <= usual <= highest
                                     else _edge_int(draw, lowest, highest, PAGE))

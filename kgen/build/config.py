@@ -92,7 +92,9 @@ class Config:
         return _FIELD_TO_KEY[field_name]
 
     def with_values(self, **values) -> "Config":
-        return replace(self, **values)
+        """This config with `values` set, as if the user had written them (a rule they break names them)."""
+        fields_set = frozenset(values) - {"source", "explicit"}
+        return replace(self, explicit=self.explicit | fields_set, **values)
 
     @classmethod
     def for_arch(cls, arch: str, **values) -> "Config":
