@@ -96,9 +96,9 @@ def _capped(problems: list[str]) -> list[str]:
 def _walk_errors_reported(check):
     # Tables the walker cannot follow (reserved bits, e.g. a poisoned entry marked present) are themselves a
     # finding of the check that met them, not a crash of the harness.
-    def guarded(view: GuestView) -> list[str]:
+    def guarded(view: GuestView, *args, **kwargs) -> list[str]:
         try:
-            return _capped(check(view))
+            return _capped(check(view, *args, **kwargs))
         except WalkError as err:
             return [f"the page tables cannot be walked: {err}"]
     guarded.__name__ = check.__name__
@@ -332,3 +332,149 @@ def _poison_at(pattern: bytes, addr: int, size: int) -> bytes:
 GENERIC_CHECKS = (check_paging_enabled, check_recursive_slot, check_segments, check_nothing_below_kernel_base,
                   check_no_user_pages, check_tables_referenced_once, check_tables_unpoisoned)
 KGEN_CHECKS = (check_cr3, check_tempmap_empty)
+
+
+# ---- every address space, not only the one in CR3 (templates/aspace.s) -----------------------------------------
+# The kernel keeps its live spaces in `as_spaces`: a (top-level table, kernel-half generation) pair of words per
+# record, record 0 the boot space; `vmm_kernel_pde_generation` counts kernel-half PDE changes on i386.
+SPACES_SYMBOL = "as_spaces"
+GENERATION_SYMBOL = "vmm_kernel_pde_generation"
+ATTACHED_SYMBOL = "as_attached"
+
+
+def _kernel_word(view: GuestView, name: str, index: int = 0, size: int | None = None) -> int:
+    layout = view.need_layout()
+    size = size or layout.architecture.word_size
+    phys = view.elf.symbols[name].value - layout.kernel_virtual_base + index * size
+    return int.from_bytes(view.read_phys(phys, size), "little")
+
+
+def live_spaces(view: GuestView) -> list[tuple[int, int]]:
+    """(top-level table, generation) of every live address space the kernel records, the boot space first."""
+    layout = view.need_layout()
+    if SPACES_SYMBOL not in view.elf.symbols:
+        raise NotApplicable(f"{view.elf.path.name} keeps no address-space table ({SPACES_SYMBOL})")
+    records = [(_kernel_word(view, SPACES_SYMBOL, 2 * i), _kernel_word(view, SPACES_SYMBOL, 2 * i + 1))
+               for i in range(layout.as_max_spaces)]
+    return [r for r in records if r[0]]
+
+
+def space_walker(view: GuestView, top: int) -> Walker:
+    """A walk of the space whose top-level table is at physical `top`, in the CPU's paging mode."""
+    walker = view.need_walker()
+    return Walker(view.read_phys, top, view.mode, pse=walker.pse, nxe=walker.nxe)
+
+
+def _top_entries(view: GuestView, top: int) -> list[int]:
+    size = view.mode.entry_size
+    data = view.read_phys(top, hw.PAGE_SIZE)
+    return [int.from_bytes(data[i:i + size], "little") for i in range(0, hw.PAGE_SIZE, size)]
+
+
+def _top_slot(view: GuestView, vaddr: int) -> int:
+    return (vaddr & ((1 << view.mode.va_bits) - 1)) >> view.mode.shift(0)
+
+
+def check_space(view: GuestView, top: int, *, idle: bool = True) -> list[str]:
+    """One address space, given by its top-level table: recursive slot to itself and supervisor-only, foreign slot
+    empty (while idle), no kernel page user-accessible, user pages only in the user half, and (when its copy is
+    current) the kernel half the same entries as the running space's.
+
+    The recursive and foreign windows are skipped when pages are listed: they show page tables, not kernel pages."""
+    layout = view.need_layout()
+    mode = view.mode
+    names = mode.level_names
+    w = space_walker(view, top)
+    problems = []
+    where = f"space {top:#x}"
+    entries = _top_entries(view, top)
+    recursive = entries[layout.recursive_slot]
+    if not recursive & hw.PTE_P or recursive & mode.frame_mask != top:
+        problems.append(f"{where}: {names[0]}[{layout.recursive_slot}] = {recursive:#x} is not its recursive slot")
+    elif recursive & hw.PTE_US:
+        problems.append(f"{where}: {names[0]}[{layout.recursive_slot}] = {recursive:#x}: the recursive window is "
+                        f"user-accessible; ring 3 could rewrite every page table")
+    foreign = entries[layout.foreign_slot]
+    if foreign and idle:
+        problems.append(f"{where}: {names[0]}[{layout.foreign_slot}] = {foreign:#x}: the foreign slot holds a space "
+                        f"while the kernel is idle (as_attach without as_detach?)")
+    elif foreign & hw.PTE_US:
+        problems.append(f"{where}: {names[0]}[{layout.foreign_slot}] = {foreign:#x}: the foreign window is "
+                        f"user-accessible")
+    windows = {layout.recursive_slot, layout.foreign_slot}
+    first = _top_slot(view, layout.kernel_half_start)
+    problems += [f"{where}: kernel-half {names[0]}[{i}] = {entries[i]:#x} has U/S: one entry below it away from "
+                 f"a user-accessible kernel page" for i in range(first, len(entries))
+                 if i not in windows and entries[i] & hw.PTE_P and entries[i] & hw.PTE_US]
+    for m in w.mappings():
+        if _top_slot(view, m.vstart) in windows:
+            continue
+        if m.vstart >= layout.user_half_end and m.attrs & hw.PTE_US:
+            t = w.translate(m.vstart)
+            problems.append(f"{where}: kernel page {view.page(m.vstart)} is user-accessible ({m.attrs}) via {t.path}")
+        elif m.vstart < layout.user_half_end <= m.vstart + m.size:
+            problems.append(f"{where}: a mapping at {m.vstart:#x} reaches over the user half's end")
+    running = view.regs.cr3 & mode.cr3_mask
+    if top != running:
+        fresh = True
+        if GENERATION_SYMBOL in view.elf.symbols and layout.arch == "i386":
+            generation = _kernel_word(view, GENERATION_SYMBOL, size=4)
+            fresh = dict(live_spaces(view)).get(top, generation) == generation
+        if fresh:
+            mine = entries
+            theirs = _top_entries(view, running)
+            cpu_bits = hw.PTE_A | hw.PTE_D          # set by the CPU in whichever copy it walked
+            differ = [i for i in range(first, len(mine))
+                      if i not in windows and mine[i] & ~cpu_bits != theirs[i] & ~cpu_bits]
+            problems += [f"{where}: kernel-half {names[0]}[{i}] = {mine[i]:#x}, the running space's "
+                         f"{theirs[i]:#x}: the kernel half is not shared" for i in differ]
+    return problems
+
+
+def _space_frames(view: GuestView, top: int) -> dict[int, str]:
+    """Frame -> what it is for, of everything a space's user half holds: tables of every level and pages."""
+    layout = view.need_layout()
+    w = space_walker(view, top)
+    first = _top_slot(view, layout.kernel_half_start)
+    frames = {top: f"the top-level table of space {top:#x}"}
+    for path, frame in w.page_tables():
+        if path[0] < first:
+            frames[frame] = f"a table of space {top:#x} ({' -> '.join(map(str, path))})"
+    for m in w.mappings():
+        if m.vstart < layout.user_half_end:
+            for off in range(0, m.size, hw.PAGE_SIZE):
+                frames[m.pstart + off] = f"the page at {m.vstart + off:#x} of space {top:#x}"
+    return frames
+
+
+@_walk_errors_reported
+def check_address_spaces(view: GuestView, idle: bool = True) -> list[str]:
+    """Every live address space: its own checks (check_space), and no frame of one space's user half (table or
+    page) held by another space as well."""
+    problems = []
+    owner: dict[int, str] = {}
+    for top, _ in live_spaces(view):
+        problems += check_space(view, top, idle=idle)
+        for frame, what in _space_frames(view, top).items():
+            if frame in owner and owner[frame] != what:
+                problems.append(f"frame {frame:#x} is {what} and also {owner[frame]}")
+            owner.setdefault(frame, what)
+    return problems
+
+
+@_walk_errors_reported
+def check_frames_unreferenced(view: GuestView, frames: set[int]) -> list[str]:
+    """None of `frames` (those of a destroyed space) is still a table or a page of any live space."""
+    problems = []
+    for top, _ in live_spaces(view):
+        w = space_walker(view, top)
+        held = {top} | {frame for _, frame in w.page_tables()} | {
+            m.pstart + off for m in w.mappings() for off in range(0, m.size, hw.PAGE_SIZE)}
+        problems += [f"frame {frame:#x} of a destroyed space is still referenced by space {top:#x}"
+                     for frame in sorted(frames & held)]
+    return problems
+
+
+def space_frames(view: GuestView, top: int) -> set[int]:
+    """Every frame a space's user half holds, its top-level table included (what as_destroy must give back)."""
+    return set(_space_frames(view, top))

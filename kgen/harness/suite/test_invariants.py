@@ -38,3 +38,7 @@ def test_each_page_table_is_referenced_once(kgen_idle):
 
 def test_page_tables_hold_no_poison(kgen_idle):
     assert_holds(invariants.check_tables_unpoisoned, kgen_idle.view())
+
+
+def test_every_address_space_holds_its_invariants(kgen_idle, kgen_layout):
+    assert_holds(invariants.check_address_spaces, kgen_idle.view())
