@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -139,6 +140,43 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+class _PipeSafeStdout:
+    """sys.stdout that survives its reader going away (`kgen run | head`): the first broken pipe points the file
+    descriptor at /dev/null and later writes vanish. Without it the write raised in QEMU's serial pump, which then
+    stopped reading COM1, so the kernel's success line was lost and a good run reported as failed; or the last
+    message of a finished build ended in a traceback."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _gone(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, self._stream.fileno())
+        finally:
+            os.close(devnull)
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._gone()
+            return len(text)
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._gone()
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
 def _main(argv: list[str]) -> int:
     extra: list[str] = []
     if "--" in argv:
@@ -156,6 +194,9 @@ def _main(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    stdout = sys.stdout
+    if stdout is not None:
+        sys.stdout = _PipeSafeStdout(stdout)
     try:
         return _main(argv)
     except KgenError as err:
@@ -164,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kgen: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        sys.stdout = stdout
 
 
 if __name__ == "__main__":

@@ -262,3 +262,18 @@ def test_no_pointer_to_notes_users_do_not_have():
     # The facts the code's comments send readers there for.
     for fact in ("lgdt", "iretd", "isa-debug-exit", "kvm_pvm", "-icount", "add(Segment)", "grub-mkrescue"):
         assert fact in toolchain, fact
+
+
+@needs_qemu
+@pytest.mark.parametrize("command", [("build", "--no-iso"), ("run", "--direct")])
+def test_a_reader_that_goes_away_is_no_failure(tmp_path, command):
+    """`kgen run | head -1`: the broken pipe stopped QEMU's serial pump, the success line was lost and a good run
+    was reported as a failure; `kgen build | true` ended in a traceback."""
+    proc = subprocess.Popen([*KGEN, *command, "--out", str(tmp_path / "out")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    if command[0] == "run":
+        assert proc.stdout.readline() == "kgen: boot report\n"
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=300) == 0, stderr
+    assert stderr == ""
