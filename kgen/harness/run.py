@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from kgen.build import config as configmod
@@ -16,6 +17,7 @@ from kgen.errors import (EXIT_KERNEL_FAILED, EXIT_OK, KernelFailed, KgenError, M
 from kgen.build.layout import compute
 
 KVM_DEVICE = "/dev/kvm"
+SERIAL_GRACE = 5.0      # seconds to wait for COM1's last line after QEMU exited with the success status
 
 
 def require_kvm():
@@ -82,6 +84,10 @@ def run(args) -> int:
         if status == -signal.SIGINT:
             raise KeyboardInterrupt     # Ctrl-C reached QEMU (same process group) before it reached us
         said_success = reported_success(machine.serial)
+        deadline = time.monotonic() + SERIAL_GRACE
+        while status == layout.success_status and not said_success and time.monotonic() < deadline:
+            time.sleep(0.05)        # QEMU is gone; on a loaded host its last COM1 bytes may still be on the way
+            said_success = reported_success(machine.serial)
         if status == layout.success_status and said_success:
             return EXIT_OK
         if status == layout.success_status:
