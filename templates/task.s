@@ -17,8 +17,9 @@
 # mapped into the running space through the foreign slot attached to the running space itself (vmm_map_in makes
 # user-half tables with U/S, which the kernel's own vmm_map does not).
 #
-# System calls (`int 0x80`, a DPL-3 interrupt gate): xax = number, xbx and xcx = arguments, result in xax, every
-# other register kept.
+# System calls: `int 0x80` (a DPL-3 interrupt gate) on both architectures, `syscall` on x86_64 (which keeps rcx and
+# r11 for itself; kvm_pvm, this project's KVM, answers `int 0x80` from ring 3 with #UD, `syscall` it runs).
+# xax = number, xbx and xdx = arguments, result in xax, every other register kept.
 #     SYS_WRITE (buf, len) -> len, or -1 when [buf, buf+len) is not all mapped user pages: the bytes go to COM1.
 #     SYS_EXIT (status)    -> does not return; task_run returns status.
 # The kernel reads a user buffer only after checking every page of it is present and user-accessible in the
@@ -309,7 +310,7 @@ syscall_entry:
     push xsi
     push xdi
     push xbp
-    push xcx
+    push xdx
     push xbx
     call user_write
     add xsp, 2*WORD_SIZE
@@ -334,6 +335,44 @@ syscall_entry:
     mov xword ptr [xax], TASK_EXITED
     mov [xax + 4*WORD_SIZE], xcx
     jmp task_finish
+
+.if ARCH_X86_64
+# syscall_entry64: `syscall` from ring 3 (MSR_LSTAR, set in gdt_init). rcx holds the user's rip and r11 its rflags;
+# the stack is still the user's, so the kernel's comes from task_kernel_sp, as TSS.rsp0 gives it to `int 0x80`.
+# Same numbers and arguments as syscall_entry; rcx and r11 are the instruction's, so they are not kept.
+syscall_entry64:
+    mov [syscall_user_sp], rsp
+    mov rsp, [task_kernel_sp]
+    push qword ptr [syscall_user_sp]
+    push r11
+    push rcx
+    cmp rax, SYS_WRITE
+    je .Lsys64_write
+    cmp rax, SYS_EXIT
+    je .Lsys_exit
+    mov rax, -1
+    jmp .Lsys64_return
+.Lsys64_write:
+    push rbx
+    push rdx
+    push rsi
+    push rdi
+    push rbp
+    push rdx
+    push rbx
+    call user_write
+    add rsp, 2*WORD_SIZE
+    pop rbp
+    pop rdi
+    pop rsi
+    pop rdx
+    pop rbx
+.Lsys64_return:
+    pop rcx
+    pop r11
+    pop rsp
+    .byte 0x48, 0xf, 0x7                            # sysretq: keystone cannot encode it
+.endif
 
 # user_page_mapped(vaddr) -> 1 when vaddr's page is present and user-accessible in the running space, else 0
 user_page_mapped:
@@ -575,6 +614,8 @@ task_table:                                         # per task: state, space, en
 task_current:                                       # the running task's id, 0 when none
     .skip WORD_SIZE
 task_kernel_sp:                                     # task_run's stack pointer while a task runs
+    .skip WORD_SIZE
+syscall_user_sp:                                    # the user's rsp while syscall_entry64 runs
     .skip WORD_SIZE
 user_demand_faults:
     .skip 0x4

@@ -127,6 +127,11 @@ UART_MCR_DTR_RTS_OUT2 = 0x0B    # OUT2 gates the UART's interrupt line to the PI
 
 # Long mode (SDM vol. 3, 4.5 and 5.2; AMD APM vol. 2, 14.6).
 MSR_EFER = 0xC0000080
+EFER_SCE = 1 << 0            # syscall/sysret enabled
+MSR_STAR = 0xC0000081        # syscall's CS/SS (bits 47..32) and sysret's base selector (bits 63..48)
+MSR_LSTAR = 0xC0000082       # syscall's 64-bit entry point
+MSR_FMASK = 0xC0000084       # RFLAGS bits syscall clears
+EFLAGS_TF_IF_DF = 0x700      # trap, interrupt and direction flags
 CPUID_EXTENDED_MAX = 0x80000000
 CPUID_EXTENDED_FEATURES = 0x80000001
 CPUID_EDX_LONG_MODE = 1 << 29

@@ -535,6 +535,13 @@ class Layout:
             "TASK_KILLED": 0x3,
             "TASK_KILLED_STATUS": self.task_killed_status,
             "SELECTOR_RPL3": hw.SELECTOR_RPL3,
+            "MSR_STAR": hw.MSR_STAR,
+            "MSR_LSTAR": hw.MSR_LSTAR,
+            "MSR_FMASK": hw.MSR_FMASK,
+            "EFER_SCE": hw.EFER_SCE,
+            "SYSCALL_FLAGS_MASK": hw.EFLAGS_TF_IF_DF,
+            # sysret loads CS = base + 16 and SS = base + 8 (RPL 3): the user data then code descriptors
+            "SYSRET_BASE": (self.user_ds & ~hw.SELECTOR_RPL3) - 8,
         }
 
     def _i386_constants(self) -> dict[str, int]:

@@ -1,9 +1,18 @@
 # User programs: ring-3 code the kernel copies into a task's address space (user_load), each between a label and
 # its _end label. They run at USER_TEXT_BASE, wherever these bytes sit in the kernel's .rodata, so they name only
 # layout constants and their own labels relative to one another (a call/pop finds where they run).
-# System calls: xax = number, xbx/xcx = arguments, `int SYSCALL_VECTOR` (templates/task.s).
+# System calls: xax = number, xbx/xdx = arguments; SYSTEM_CALL is `syscall` on x86_64, `int 0x80` on i386
+# (templates/task.s takes both on x86_64; user_int80 uses the gate there).
 
 .section .rodata
+.macro SYSTEM_CALL
+.if ARCH_X86_64
+    syscall
+.else
+    int SYSCALL_VECTOR
+.endif
+.endm
+
 .balign 0x10, 0x0
 # user_hello: touches three pages of the lazy range (each a demand fault), writes a greeting, exits with the sum
 # read back from those pages (0x33333333: the pages kept what was written).
@@ -18,13 +27,13 @@ user_hello:
 .Lhello_here:
     pop xbx
     add xbx, .Lhello_text - .Lhello_here
-    mov ecx, .Lhello_end - .Lhello_text
+    mov edx, .Lhello_end - .Lhello_text
     mov eax, SYS_WRITE
-    int SYSCALL_VECTOR
+    SYSTEM_CALL
     mov xdx, USER_LAZY_BASE
     mov ebx, [xdx + 0x5000]
     mov eax, SYS_EXIT
-    int SYSCALL_VECTOR
+    SYSTEM_CALL
 .Lhello_text:
     .ascii "hello from ring 3\n"
 .Lhello_end:
@@ -34,13 +43,13 @@ user_hello_end:
 .balign 0x10, 0x0
 user_bad_write:
     mov xbx, KERNEL_VIRTUAL_START
-    mov ecx, 0x10
+    mov edx, 0x10
     mov eax, SYS_WRITE
-    int SYSCALL_VECTOR
+    SYSTEM_CALL
     neg xax
     mov xbx, xax
     mov eax, SYS_EXIT
-    int SYSCALL_VECTOR
+    SYSTEM_CALL
 user_bad_write_end:
 
 # user_touch_kernel: reads the kernel image (present, supervisor-only): a protection fault, read, user
@@ -50,7 +59,7 @@ user_touch_kernel:
     mov eax, [xax]
     mov ebx, 0x0
     mov eax, SYS_EXIT
-    int SYSCALL_VECTOR
+    SYSTEM_CALL
 user_touch_kernel_end:
 
 # user_write_text: writes its own (read-only) text: a protection fault, write, user
@@ -60,7 +69,7 @@ user_write_text:
     mov dword ptr [xax], 0x0
     mov ebx, 0x0
     mov eax, SYS_EXIT
-    int SYSCALL_VECTOR
+    SYSTEM_CALL
 user_write_text_end:
 
 # user_exec_data: puts a `ret` in the lazy range and calls it: on x86_64 the page is NX, a protection fault on the
@@ -72,5 +81,13 @@ user_exec_data:
     call xax
     mov ebx, 0x7
     mov eax, SYS_EXIT
-    int SYSCALL_VECTOR
+    SYSTEM_CALL
 user_exec_data_end:
+
+# user_int80: exits with 5 through the `int 0x80` gate, on both architectures
+.balign 0x10, 0x0
+user_int80:
+    mov ebx, 0x5
+    mov eax, SYS_EXIT
+    int SYSCALL_VECTOR
+user_int80_end:

@@ -25,6 +25,25 @@ gdt_init:
     mov [tss + TSS64_IST1], rax
     mov ax, KERNEL_TSS
     ltr ax
+    # `syscall` from ring 3 enters syscall_entry64 with CS = KERNEL_CS, SS = KERNEL_CS + 8, interrupts, direction
+    # and trap flags cleared; sysret returns with CS = SYSRET_BASE + 16, SS = SYSRET_BASE + 8 (the user segments).
+    mov ecx, MSR_EFER
+    rdmsr
+    or eax, EFER_SCE
+    wrmsr
+    mov ecx, MSR_STAR
+    xor eax, eax
+    mov edx, KERNEL_CS | (SYSRET_BASE << 0x10)
+    wrmsr
+    mov ecx, MSR_LSTAR
+    mov rax, offset syscall_entry64
+    mov rdx, rax
+    shr rdx, 0x20
+    wrmsr
+    mov ecx, MSR_FMASK
+    mov eax, SYSCALL_FLAGS_MASK
+    xor edx, edx
+    wrmsr
     ret
 
 .section .data
