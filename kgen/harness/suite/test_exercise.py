@@ -662,8 +662,17 @@ def test_address_spaces_show_their_own_pages(kernel):
         assert got == frames[space], f"vmm_translate_in({space:#x}, {vaddr:#x}) = {got:#x}, not {frames[space]:#x}"
     k.call("as_detach")
     k.check("both spaces edited through the foreign slot, then detached")
+    view = k.live.view()
+    problems = invariants.check_address_spaces(view)
+    owned = {space: invariants.space_frames(view, space) for space in spaces}
+    problems += [f"space {space:#x} does not hold the frame {frames[space]:#x} mapped into it"
+                 for space in spaces if frames[space] not in owned[space]]
+    if problems:
+        pytest.fail(f"after {k.stage}:\n" + "\n".join(f"  {p}" for p in problems), pytrace=False)
     for space in spaces:
         assert k.call("as_destroy", space) == 1, f"as_destroy({space:#x}) refused"
         k.held.discard(frames[space])
     k.elsewhere = 0
+    unreferenced = invariants.check_frames_unreferenced(k.live.view(), set().union(*owned.values()))
+    assert not unreferenced, "\n".join(unreferenced)
     k.check_released("both spaces destroyed")
