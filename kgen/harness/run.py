@@ -31,6 +31,20 @@ def _existing_file(option: str, path: Path) -> Path:
     return path
 
 
+def _late_exit_status(machine, grace: float = 1.0) -> int | None:
+    """QEMU's exit status if it was on its way out when waiting for it failed; None if it stays up (a hang, a
+    triple fault kept for inspection)."""
+    deadline = time.monotonic() + grace
+    while machine.alive and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if machine.alive:
+        return None
+    try:
+        return machine.wait_exit(grace)
+    except MachineError:
+        return None
+
+
 def run(args) -> int:
     from kgen.build.pipeline import build, check_out_dir
     from kgen.guest.bootreport import EXIT_SUCCESS, reported_success
@@ -73,14 +87,17 @@ def run(args) -> int:
         try:
             status = machine.wait_exit(args.timeout)
         except MachineError as err:
-            failure = explain(machine, elf, err)
-            hint = ""
-            if args.accel == "kvm":
-                hint = (f" - this host's KVM may be unable to run {layout.arch}'s paging mode (docs/toolchain.md); "
-                        "try --accel tcg")
-            sys.stdout.flush()
-            print(failure.details, file=sys.stderr)
-            raise KernelFailed(failure.summary + hint) from None
+            # A kernel that exits at once can close QMP under a query: then its exit status is the verdict.
+            status = _late_exit_status(machine)
+            if status is None:
+                failure = explain(machine, elf, err)
+                hint = ""
+                if args.accel == "kvm":
+                    hint = (f" - this host's KVM may be unable to run {layout.arch}'s paging mode "
+                            "(docs/toolchain.md); try --accel tcg")
+                sys.stdout.flush()
+                print(failure.details, file=sys.stderr)
+                raise KernelFailed(failure.summary + hint) from None
         if status == -signal.SIGINT:
             raise KeyboardInterrupt     # Ctrl-C reached QEMU (same process group) before it reached us
         said_success = reported_success(machine.serial)
