@@ -154,8 +154,12 @@ def valid_values(draw, arch: str, memory_cap: int | None = None) -> dict:
 
     # The vmm window: in a gap of the kernel half the others leave, at least the heap's window and the room
     # beyond it, ending below the top of the address space.
-    least_vmm = Layout.heap_slab_pages * PAGE + 2 * leaf
-    room = [(s, e) for s, e in gaps(half, top - PAGE, taken) if e - s >= least_vmm]
+    # A few draws probe past what the rules are believed to need (a smaller window, one that ends at the top of the
+    # address space): the rules must refuse those, or the kernel built from them is booted and must pass.
+    least_vmm = draw(st.sampled_from([Layout.heap_slab_pages * PAGE + 2 * leaf] * 6 + [
+        PAGE, Layout.heap_slab_pages * PAGE, Layout.heap_slab_pages * PAGE + PAGE]))
+    room = [(s, e) for s, e in gaps(half, draw(st.sampled_from([top - PAGE] * 6 + [top])), taken)
+            if e - s >= least_vmm]
     assume(room)
     start, end = draw(st.sampled_from(room))
     size = _edge_int(draw, least_vmm, min(end - start, VMM_SIZE_CAP) // PAGE * PAGE, PAGE)
@@ -169,6 +173,8 @@ def valid_values(draw, arch: str, memory_cap: int | None = None) -> dict:
         note(f"refused: {err}")
         assume(False)
     least_mib = max(16, -(-needed // MIB))
+    if draw(st.integers(0, 7)) == 0:        # a probe: RAM that ends where the image window ends, or just after
+        least_mib = max(16, -(-(v["kernel_load_address"] + v["kernel_max_size"]) // MIB))
     cap = min(memory_cap or a.max_memory_mib, a.max_memory_mib)
     assume(least_mib <= cap)
     v["machine_memory_mib"] = draw(st.one_of(st.just(least_mib), st.just(max(least_mib, min(128, cap))),
