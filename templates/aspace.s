@@ -544,10 +544,8 @@ vmm_map_in:
     inc ebx
     jmp .Lmap_in_level
 .Lmap_in_leaf:
-    push LEAF_LEVEL
-    push xword ptr [xsp + 5*WORD_SIZE]
-    call as_entry
-    add xsp, 2*WORD_SIZE
+    mov xax, [xsp + 4*WORD_SIZE]
+    ENTRY_OF xax, xcx, PAGE_SHIFT, FOREIGN_LEAF_ENTRIES
     test xword ptr [xax], PTE_P
     jnz .Lmap_in_refused
     mov xcx, [xsp + 6*WORD_SIZE]                    # flags: the low 12 bits and NX, never G in a user half
@@ -601,17 +599,16 @@ vmm_unmap_in:
     add xsp, WORD_SIZE
     test eax, eax
     jz .Lunmap_in_none
-    push LEAF_LEVEL
-    push xbx
-    call as_entry
-    add xsp, 2*WORD_SIZE
-    mov xcx, xax
+    mov xcx, xbx
+    ENTRY_OF xcx, xdx, PAGE_SHIFT, FOREIGN_LEAF_ENTRIES
     mov xax, [xcx]
     test eax, PTE_P
     jz .Lunmap_in_none
     mov xword ptr [xcx], 0x0
     push xax
-    call as_current                                 # the attached space may be the running one
+    mov xax, cr3                                    # the attached space may be the running one
+    mov xdx, PTE_FRAME_MASK
+    and xax, xdx
     cmp xax, [xsp + 3*WORD_SIZE]
     jne .Lunmap_in_not_running
     invlpg [xbx]

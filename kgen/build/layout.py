@@ -117,6 +117,7 @@ class Layout:
     user_lazy_size: int = 0x100000
     task_max: int = 8
     syscall_vector: int = 0x80
+    user_null_calls: int = 0x100       # system calls user_null_calls makes (kgen.harness.bench_aspace)
     # What the boot stub keeps of the Multiboot information before the identity mapping goes away.
     boot_mmap_max_entries: int = 32
     boot_mmap_entry_size: int = 24     # base (8), length (8), type (4), padding (4)
@@ -542,6 +543,7 @@ class Layout:
             "SYSCALL_FLAGS_MASK": hw.EFLAGS_TF_IF_DF,
             # sysret loads CS = base + 16 and SS = base + 8 (RPL 3): the user data then code descriptors
             "SYSRET_BASE": (self.user_ds & ~hw.SELECTOR_RPL3) - 8,
+            "USER_NULL_CALLS": self.user_null_calls,
         }
 
     def _i386_constants(self) -> dict[str, int]:

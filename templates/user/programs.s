@@ -91,3 +91,33 @@ user_int80:
     mov eax, SYS_EXIT
     int SYSCALL_VECTOR
 user_int80_end:
+
+# user_exit: exits with 0 at once (the benchmark's baseline for a task's run)
+.balign 0x10, 0x0
+user_exit:
+    mov ebx, 0x0
+    mov eax, SYS_EXIT
+    SYSTEM_CALL
+user_exit_end:
+
+# user_null_calls: USER_NULL_CALLS system calls that do nothing (SYS_WRITE of 0 bytes), then exit with the count of
+# those that returned 0: the benchmark's system-call round trip
+.balign 0x10, 0x0
+user_null_calls:
+    mov esi, USER_NULL_CALLS
+    xor edi, edi
+.Lnull_next:
+    xor ebx, ebx
+    xor edx, edx
+    mov eax, SYS_WRITE
+    SYSTEM_CALL
+    test eax, eax
+    jnz .Lnull_counted
+    inc edi
+.Lnull_counted:
+    dec esi
+    jnz .Lnull_next
+    mov ebx, edi
+    mov eax, SYS_EXIT
+    SYSTEM_CALL
+user_null_calls_end:
