@@ -2,16 +2,17 @@
 
 The invariant tests look at the kernel once it has booted; most bugs of a memory manager show only once it works:
 a table made later and never cleared, an entry written one slot off, a translation left in the TLB, a frame pushed
-twice, a range merged wrongly, a block too small. Each test here boots the kernel, runs one stage (page tables made
-and given back across several leaf-table spans, temp-map and allocate-at round trips, a double free, lazy ranges
-backed on first touch, range releases that merge, heap blocks), and after each step checks
+twice, a range merged wrongly, a block too small, a foreign slot changed without a flush. Each test here boots the
+kernel and runs one stage (page tables made and given back across several leaf-table spans, temp-map and
+allocate-at round trips, a double free, lazy ranges backed on first touch, pages unmapped or freed while in the TLB,
+range releases that merge, heap blocks, address spaces), and after each part of it checks
 
 - every invariant of kgen.guest.invariants on the stopped machine (poisoned RAM: a table never cleared shows);
 - what the stage did, by the walker and by the CPU: the page maps the frame asked for, with the flags asked for,
   through table entries that are present, writable and supervisor-only; the CPU reads what lies in that frame;
 - the frame accounting: free frames = the free frames at the start of the stage, less the frames now mapped and the
   tables now present that were not at the start (plus those gone since), less the frames the test holds; the free
-  stack is a chain of exactly `pmm_count` frames, none of them mapped or a table;
+  stack is a chain of exactly `pmm_count` frames, none of them mapped, a table or held;
 - the range allocator's free list: sorted, merged, inside the vmm window, clear of live allocations and mapped
   pages.
 
@@ -200,8 +201,9 @@ class Exercise:
             poison = self.poison_page(view.poison, frame)
             hits = [i // size for i in range(0, PAGE, size) if data[i:i + size] == poison[i:i + size]]
             if hits:
-                steps = " -> ".join(f"{self.mode.level_names[level]}[{index}]" for level, index in enumerate(path))
-                problems.append(f"the table at {frame:#x} ({steps} -> {self.mode.level_names[len(path)]}): {len(hits)} of "
+                names = self.mode.level_names
+                steps = " -> ".join(f"{names[level]}[{index}]" for level, index in enumerate(path))
+                problems.append(f"the table at {frame:#x} ({steps} -> {names[len(path)]}): {len(hits)} of "
                                 f"{PAGE // size} entries still hold the poison RAM was filled with (first: index "
                                 f"{hits[0]}): the table was never cleared")
         return problems
@@ -268,7 +270,8 @@ class Exercise:
             if a + n * PAGE >= b:
                 problems.append(f"free ranges {a:#x} + {n} pages and {b:#x} are out of order, overlap or touch "
                                 f"without being merged")
-        mappings = [m for m in self.walk(view)[0] if self.layout.vmm_window.start <= m.vstart < self.layout.vmm_window.end]
+        window = layout.vmm_window
+        mappings = [m for m in self.walk(view)[0] if window.start <= m.vstart < window.end]
         for start, pages in ranges:
             for m in mappings:
                 if m.vstart < start + pages * PAGE and start < m.vstart + m.size:
@@ -321,8 +324,8 @@ class Exercise:
     # ---- where the stages work ---------------------------------------------------------------------------------
     def leaf_spans(self) -> tuple[list[list[int]], tuple[int, int] | None]:
         """Pages grouped by leaf-table span: up to SPANS spans of a range reserved in the vmm window ((start, pages)
-        of it is returned, to be released), and one or two spans of an empty top-level slot of the user half, where every
-        level below the top is made (on x86_64 a PDPT and a PD as well as the page tables)."""
+        of it is returned, to be released), and one or two spans of an empty top-level slot of the user half, where
+        every level below the top is made (on x86_64 a PDPT and a PD as well as the page tables)."""
         layout, arch = self.layout, self.arch
         span = layout.leaf_table_span
         groups: list[list[int]] = []
