@@ -63,6 +63,17 @@ def _add_config_args(p: argparse.ArgumentParser):
                         "take this architecture's defaults")
 
 
+def _add_foreign_boot_args(p: argparse.ArgumentParser):
+    """How to boot a kernel given with --kernel, and when it counts as booted (kgen/harness/testing.py)."""
+    p.add_argument("--ready", metavar="TEXT", help="with --kernel: COM1 text the kernel prints once booted (default: "
+                   "booted when it halts with interrupts off, or idles in hlt with paging on)")
+    p.add_argument("--module", action="append", metavar="FILE[,ARGS]",
+                   help="with --kernel: a Multiboot module (QEMU -initrd) and its command line; repeatable")
+    p.add_argument("--qemu-arg", action="append", metavar="ARGS",
+                   help="with --kernel: more QEMU arguments, split like a shell line (--qemu-arg '-smp 2'); "
+                        "repeatable")
+
+
 def cmd_build(args) -> int:
     from kgen.build import config as configmod
     from kgen.build.pipeline import build, check_out_dir
@@ -115,7 +126,10 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--accel", choices=("tcg", "kvm"), default="tcg", help="QEMU accelerator (default: tcg)")
     r.add_argument("--timeout", type=positive_seconds, default=DEFAULT_TIMEOUT,
                    help=f"seconds before a run counts as hung (default: {DEFAULT_TIMEOUT:g})")
+    r.add_argument("--boot-timeout", dest="timeout", type=positive_seconds, default=argparse.SUPPRESS,
+                   metavar="SECONDS", help="the same as --timeout (the name `kgen test --kernel` uses)")
     r.add_argument("--memory", type=positive_int, help="guest RAM in MiB (default: machine.memory_mib from the config)")
+    _add_foreign_boot_args(r)
     r.set_defaults(func=cmd_run)
 
     t = command("test", help="build the kernel and run the machine-state test suite (pytest)",
@@ -126,6 +140,12 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--accel", choices=("tcg", "kvm"), default="tcg")
     t.add_argument("--junitxml", type=Path, help="write a JUnit XML report here")
     t.add_argument("--kernel", type=Path, help="check this Multiboot ELF (any kernel) with the generic invariants")
+    _add_foreign_boot_args(t)
+    t.add_argument("--boot-timeout", type=positive_seconds, metavar="SECONDS",
+                   help="with --kernel: seconds to wait for the booted state (default: 60)")
+    t.add_argument("--memory", type=positive_int, metavar="MIB", help="with --kernel: guest RAM in MiB (default: "
+                   "machine.memory_mib of --config, else 128)")
+    t.add_argument("--append", metavar="CMDLINE", help="with --kernel: the kernel command line")
     t.add_argument("-j", "--jobs", type=jobs, default="auto", help="parallel machines (pytest-xdist; default: one per core)")
     t.add_argument("--cold-boot", action="store_true",
                    help="boot a new machine for every test instead of restoring a snapshot of the booted kernel")

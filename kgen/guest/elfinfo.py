@@ -47,7 +47,8 @@ class ElfSymbol:
     size: int
     kind: str                 # "func", "object" or "notype"
     section: str | None       # None for an absolute symbol
-    end: int                  # addresses in [value, end) belong to it: its size, or its section's end if size is 0
+    end: int                  # addresses in [value, end) belong to it: its size, or if 0 its section's end when
+                              # the value lies inside the section (else it names only its own address)
     is_global: bool
 
 
@@ -162,10 +163,12 @@ def _read_symbols(elf: ELFFile) -> list[ElfSymbol]:
             home = sections[shndx] if isinstance(shndx, int) and shndx < len(sections) else None
             if sym["st_size"]:
                 end = sym["st_value"] + sym["st_size"]
-            elif home is not None:
+            elif home is not None and home["sh_addr"] <= sym["st_value"] < home["sh_addr"] + home["sh_size"]:
                 end = home["sh_addr"] + home["sh_size"]
             else:
-                end = sym["st_value"]        # an unsized absolute symbol names a point, not a range
+                # Unsized and absolute, or outside its own section (`_kernel_end = . - 0xC0000000`, a label at a
+                # section's end): it names a point, never a range, so it names no other address.
+                end = sym["st_value"]
             found.append(ElfSymbol(
                 name=sym.name, value=sym["st_value"], size=sym["st_size"], kind=kind,
                 section=home.name if home is not None else None, end=end,

@@ -38,10 +38,17 @@ class GuestView:
     layout: Layout | None = None
     poison: bytes | None = None     # the pattern RAM was filled with before boot, tiled from address 0
 
-    def __post_init__(self):
-        self.walker = (Walker(self.read_phys, self.regs.cr3, self.mode, pse=bool(self.regs.cr4 & hw.CR4_PSE),
-                              nxe=bool((self.regs.efer or 0) & hw.EFER_NXE))
-                       if self.regs.cr0 & hw.CR0_PG else None)
+    @property
+    def walker(self) -> Walker | None:
+        """The walk from CR3, None with paging off. Built on first use, inside the check that asks: a top-level
+        table the walker cannot read (reserved bits in an entry) is that check's finding, and checks that need no
+        walk (CR0) still run."""
+        if "_walker" not in self.__dict__:
+            self.__dict__["_walker"] = (
+                Walker(self.read_phys, self.regs.cr3, self.mode, pse=bool(self.regs.cr4 & hw.CR4_PSE),
+                       nxe=bool((self.regs.efer or 0) & hw.EFER_NXE))
+                if self.regs.cr0 & hw.CR0_PG else None)
+        return self.__dict__["_walker"]
 
     @property
     def mode(self) -> PagingMode:
@@ -57,11 +64,21 @@ class GuestView:
 
     @property
     def kernel_base(self) -> int | None:
-        """Lowest kernel virtual address: the layout's, or for a foreign higher-half ELF its vaddr - paddr."""
+        """Lowest kernel virtual address: the layout's, or for a foreign higher-half ELF the vaddr - paddr of its
+        higher-half segments. A segment linked where it is loaded (the Higher Half Bare Bones boot segment at 1 MiB)
+        is boot code, not the kernel's base (`boot_segments`)."""
         if self.layout is not None:
             return self.layout.kernel_half_start
-        offsets = {seg.vaddr - seg.paddr for seg in self.elf.segments if seg.memsz}
-        return min(offsets) if offsets and min(offsets) > 0 else None
+        offsets = {seg.vaddr - seg.paddr for seg in self.elf.segments if seg.memsz and seg.vaddr > seg.paddr}
+        return min(offsets) if offsets else None
+
+    @property
+    def boot_segments(self) -> tuple:
+        """Segments linked at their load address in a kernel whose other segments are higher-half: boot code the
+        kernel may unmap once it runs high (empty for a kgen kernel and for a kernel that is not higher-half)."""
+        if self.layout is not None or self.kernel_base is None:
+            return ()
+        return tuple(seg for seg in self.elf.segments if seg.memsz and seg.vaddr == seg.paddr)
 
     def page(self, vaddr: int) -> str:
         return self.elf.symbolize(vaddr)
@@ -163,6 +180,8 @@ def check_recursive_slot(view: GuestView) -> list[str]:
                             f"{walker.top:#x}; {view.layout.recursive_top:#x} would show that frame as the {top}")
         problems += [f"{top}[{w.slot}] @ {w.entry_addr:#x}: also points at the {top}, but the recursive slot is "
                      f"{slot}" for w in windows if w.slot != slot]
+    if view.layout is None and not windows:
+        raise NotApplicable(f"no {top} entry points at the {top} itself: this kernel has no recursive slot")
     problems += [f"{top}[{w.slot}] @ {w.entry_addr:#x} ({w.attrs}): the recursive window {w.vstart:#x}-"
                  f"{w.vstart + w.size:#x} is user-accessible: ring 3 could rewrite every page table"
                  for w in windows if w.attrs & hw.PTE_US]
@@ -182,10 +201,13 @@ def check_segments(view: GuestView) -> list[str]:
     writable: dict[int, bool] = defaultdict(bool)
     executable: dict[int, bool] = defaultdict(bool)
     flags: dict[int, str] = {}
+    boot_only: set[int] = set()
     for seg in view.elf.segments:
         if not seg.memsz:
             continue
         first = seg.vaddr & ~(hw.PAGE_SIZE - 1)
+        if seg in view.boot_segments:
+            boot_only.update(range(first, seg.vaddr + seg.memsz, hw.PAGE_SIZE))
         for vaddr in range(first, seg.vaddr + seg.memsz, hw.PAGE_SIZE):
             expected[vaddr] = (seg.paddr & ~(hw.PAGE_SIZE - 1)) + vaddr - first
             writable[vaddr] |= seg.writable
@@ -197,7 +219,8 @@ def check_segments(view: GuestView) -> list[str]:
         t = walker.translate(vaddr)
         what = f"page {view.page(vaddr)} (segment {flags[vaddr]}, loaded at {paddr:#x})"
         if t is None:
-            problems.append(f"{what}: not mapped")
+            if vaddr not in boot_only:      # boot code the kernel unmapped once it ran high: as meant
+                problems.append(f"{what}: not mapped")
         elif t.paddr != paddr:
             problems.append(f"{what}: maps physical {t.paddr:#x} via {t.path}")
         elif t.attrs & hw.PTE_RW and not writable[vaddr]:

@@ -9,7 +9,9 @@ Fixtures: `kgen_kernel` (session: elf_path, elf, layout), `kgen_layout` (skips u
 `kgen_machine` (a fresh machine per test, in serve mode for a kgen kernel; shut down afterwards whatever happens),
 `kgen_idle` (one boot per module, stopped: for tests that only look), `kgen_kvm` (session: `(usable, why)` from a
 probe boot under KVM), `kgen_accel`; `kgen_boot(kernel, accel)` and `assert_holds(check, view)` for your own.
-Options: --kgen-config, --kgen-arch, --kgen-out, --kgen-kernel, --kgen-ready, --kgen-accel, --kgen-cold-boot.
+Options: --kgen-config, --kgen-arch, --kgen-out, --kgen-kernel, --kgen-accel, --kgen-cold-boot; for a kernel given
+with --kgen-kernel how to boot it and when to look: --kgen-ready, --kgen-boot-timeout, --kgen-memory, --kgen-append,
+--kgen-module, --kgen-qemu-arg.
 
 Every machine a fixture hands out is as a cold boot leaves it, but only the first per kernel is booted: the
 others are restored from a snapshot of it (kgen/machine/snapshot.py), unless --kgen-cold-boot.
@@ -33,7 +35,15 @@ def pytest_addoption(parser):
     group.addoption("--kgen-kernel", type=Path, help="test this Multiboot ELF instead of building one: only what "
                     "an ELF and a running machine show can be checked")
     group.addoption("--kgen-ready", help="with --kgen-kernel: COM1 text the kernel prints once booted (default: "
-                    "booted when the CPU sits halted with paging on)")
+                    "booted when the CPU halts with interrupts off, or sits idle in hlt with paging on)")
+    group.addoption("--kgen-boot-timeout", type=float, help="with --kgen-kernel: seconds to wait for the booted "
+                    "state (default: 60)")
+    group.addoption("--kgen-memory", type=int, help="with --kgen-kernel: guest RAM in MiB (default: 128)")
+    group.addoption("--kgen-append", help="with --kgen-kernel: the kernel command line (Multiboot)")
+    group.addoption("--kgen-module", action="append", default=[], metavar="FILE[,ARGS]",
+                    help="with --kgen-kernel: a Multiboot module (QEMU -initrd), with its command line; repeatable")
+    group.addoption("--kgen-qemu-arg", action="append", default=[], metavar="ARGS",
+                    help="with --kgen-kernel: more QEMU arguments, split like a shell line ('-smp 2'); repeatable")
     group.addoption("--kgen-accel", choices=("tcg", "kvm"), default="tcg", help="QEMU accelerator (default: tcg)")
     group.addoption("--kgen-cold-boot", action="store_true", help="boot a new machine for every test instead of "
                     "restoring a snapshot of the booted kernel (the default: one boot per kernel and worker)")
@@ -50,12 +60,15 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def kgen_kernel(request, tmp_path_factory):
     from kgen.errors import KgenError
-    from kgen.harness.testing import KernelUnderTest
+    from kgen.harness.testing import KernelUnderTest, split_qemu_args
 
     opt = request.config.getoption
     try:
         if opt("kgen_kernel") is not None:
-            return KernelUnderTest.foreign(opt("kgen_kernel"), opt("kgen_ready"))
+            return KernelUnderTest.foreign(
+                opt("kgen_kernel"), opt("kgen_ready"), boot_timeout=opt("kgen_boot_timeout"),
+                memory_mib=opt("kgen_memory"), append=opt("kgen_append"), modules=opt("kgen_module"),
+                qemu_args=split_qemu_args(opt("kgen_qemu_arg")))
         return KernelUnderTest.built(opt("kgen_config"), opt("kgen_out") or tmp_path_factory.mktemp("kgen-kernel"),
                                      opt("kgen_arch"))
     except KgenError as err:

@@ -1,14 +1,20 @@
 """`kgen run`: boot a kernel with its serial output on the terminal; exit 0 only when the kernel reported success:
 its last COM1 line is `kgen: exit success` (kgen/guest/bootreport.py) and QEMU exited with the success status.
-Either alone can be faked: the status keeps only 8 bits, and a line can be printed by anyone."""
+Either alone can be faked: the status keeps only 8 bits, and a line can be printed by anyone.
+
+A kernel given with --kernel may know nothing of kgen: it also succeeds when it prints its --ready text, or,
+without one, when it stops cleanly the way `kgen test` waits for (kgen/harness/testing.py `wait_booted`): halted
+with interrupts off, or idle in hlt with paging on. The line printed then says where it halted."""
 from __future__ import annotations
 
 import os
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
+from kgen.arch import hw
 from kgen.build import config as configmod
 from kgen.guest.diagnose import explain
 from kgen.guest.elfinfo import ElfInfo
@@ -50,6 +56,9 @@ def run(args) -> int:
     from kgen.guest.bootreport import EXIT_SUCCESS, reported_success
     from kgen.machine import Machine
 
+    foreign_only = [name for name in ("ready", "module", "qemu_arg") if getattr(args, name, None)]
+    if foreign_only and args.kernel is None:
+        raise UsageError(f"--{foreign_only[0].replace('_', '-')} is for a kernel given with --kernel")
     if args.append is not None and args.iso is not None:
         raise UsageError("--append needs a directly booted kernel (--kernel or --direct); GRUB's menu sets the "
                          "ISO's command line")
@@ -64,8 +73,12 @@ def run(args) -> int:
         require_kvm()
     target: dict = {}
     elf_path = None
+    extra_args: tuple[str, ...] = ()
     if args.kernel is not None:
+        from kgen.harness.testing import check_modules, initrd_args, split_qemu_args
         elf_path = _existing_file("--kernel", args.kernel)
+        check_modules(args.module or ())
+        extra_args = initrd_args(args.module or ()) + split_qemu_args(args.qemu_arg or ())
         target = {"kernel": args.kernel, "append": args.append}
     elif args.iso is not None:
         target = {"iso": _existing_file("--iso", args.iso)}
@@ -82,9 +95,30 @@ def run(args) -> int:
     # which happens on a loaded host (see docs/toolchain.md). Counting instructions for time makes the boot
     # deterministic and it does not crash; it costs a few seconds.
     icount = "iso" in target and args.accel == "tcg"
-    with Machine(**target, accel=args.accel, memory_mib=layout.memory_mib, echo_serial=True, icount=icount,
-                 debug_exit_port=layout.debug_exit_port, qemu=layout.architecture.qemu) as machine:
+    qemu = layout.architecture.qemu
+    if args.kernel is not None:
+        from kgen.harness.testing import KernelUnderTest
+        qemu = KernelUnderTest(elf_path, elf).qemu      # the ELF's class picks it, as under kgen test
+    machine = Machine(**target, accel=args.accel, memory_mib=layout.memory_mib, echo_serial=True, icount=icount,
+                      debug_exit_port=layout.debug_exit_port, qemu=qemu, extra_args=extra_args)
+    try:
+        machine.launch()
+    except MachineError as err:
+        from kgen.harness.testing import multiboot_problem, qemu_refusal
+        refusal = qemu_refusal(err)
+        if refusal is None or elf is None:
+            raise
+        problem = multiboot_problem(elf)
+        raise UsageError(f"--kernel {elf_path}: " + (f"{problem}; " if problem else "")
+                         + f"QEMU refused to boot it: {refusal}") from None
+    with _shut_down_after(machine):
         try:
+            if args.kernel is not None:
+                stopped = _foreign_stop(machine, elf, args.ready, args.timeout)
+                if stopped is not None:
+                    sys.stdout.flush()
+                    print(f"kgen: {stopped}", file=sys.stderr)
+                    return EXIT_OK
             status = machine.wait_exit(args.timeout)
         except MachineError as err:
             # A kernel that exits at once can close QMP under a query: then its exit status is the verdict.
@@ -119,3 +153,33 @@ def run(args) -> int:
     print(failure.details, file=sys.stderr)
     print(f"kgen: {failure.summary}", file=sys.stderr)
     return EXIT_KERNEL_FAILED
+
+
+@contextmanager
+def _shut_down_after(machine):
+    try:
+        yield machine
+    finally:
+        machine.shutdown()
+
+
+def _foreign_stop(machine, elf: ElfInfo, ready: str | None, timeout: float) -> str | None:
+    """For a kernel given with --kernel: the line saying it stopped cleanly (its --ready text seen, or halted as
+    `kgen test` waits for), or None when QEMU exited first (its status is then judged as for any kernel). A
+    kernel that gets neither far raises the MachineError `explain` reads."""
+    from kgen.guest.diagnose import _symbol
+    from kgen.harness.testing import wait_booted
+    try:
+        how = wait_booted(machine, ready, timeout)
+    except MachineError:
+        if machine.status() == "exited":
+            return None
+        raise
+    machine.stop()
+    regs = machine.registers()
+    where = f"{'RIP' if regs.long_mode else 'EIP'}={_symbol(elf, regs.eip, long_mode=regs.long_mode)}"
+    paging = "on" if regs.cr0 & hw.CR0_PG else "off"
+    if ready is not None:
+        return f"ready: the kernel {how} (CPU at {where}, paging {paging})"
+    return f"halted: the kernel {how}, at {where} (a clean stop; --ready TEXT asks for its own line instead)"
+

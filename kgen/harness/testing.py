@@ -3,7 +3,9 @@ suite (kgen/suite, shipped in the package) on pytest.
 
 A kgen kernel is booted to serve calls (`kgen.serve`); it then sleeps in `hlt`, changing no memory, so it can be
 stopped, inspected, and continued for the next call. Anyone else's Multiboot ELF has no call channel: it counts as
-booted when it prints its ready marker, or, without one, when the CPU sits halted with paging on.
+booted when it prints its ready text (`--ready`), or, without one, when it reaches a state it will not leave by
+itself or idles (`wait_booted`): halted with interrupts off (paging on or off: final at once), or halted with
+interrupts on and paging on at the same instruction for IDLE_SETTLE seconds.
 """
 from __future__ import annotations
 
@@ -30,6 +32,10 @@ from kgen.build.layout import Layout
 POISON = b"\xcc"
 BOOT_TIMEOUT = 60.0
 IDLE_POLL = 0.01
+# A kernel halted with interrupts on wakes for each interrupt; found halted at the same instruction this long
+# apart, with no sample in between outside it, it idles (a timer tick's handler is rarely caught running).
+IDLE_SETTLE = 0.2
+EFLAGS_IF = 1 << 9
 PLUGIN_ENTRY_POINT = "kgen"
 KVM_PROBE_CACHE = ".kgen-kvm-probe.json"
 SUITE = Path(__file__).resolve().parent / "suite"
@@ -42,6 +48,12 @@ class KernelUnderTest:
     elf: ElfInfo
     layout: Layout | None = None
     ready: str | None = None        # COM1 text a foreign kernel prints once booted
+    # How a foreign kernel is booted: RAM, command line, Multiboot modules (QEMU -initrd), extra QEMU arguments.
+    boot_timeout: float = BOOT_TIMEOUT
+    memory_mib: int = 128
+    append: str | None = None
+    modules: tuple[str, ...] = ()
+    qemu_args: tuple[str, ...] = ()
 
     @classmethod
     def built(cls, config_path: Path | None, out_dir: Path, arch: str | None = None) -> KernelUnderTest:
@@ -55,17 +67,27 @@ class KernelUnderTest:
         return cls(elf, ElfInfo.load(elf), compute(config))
 
     @classmethod
-    def foreign(cls, elf_path: Path, ready: str | None = None) -> KernelUnderTest:
+    def foreign(cls, elf_path: Path, ready: str | None = None, *, boot_timeout: float | None = None,
+                memory_mib: int | None = None, append: str | None = None, modules=(), qemu_args=()
+                ) -> KernelUnderTest:
         elf = ElfInfo.load(elf_path)
-        if elf.bits != 32:
-            raise KgenError(f"{elf_path}: an ELF{elf.bits}; QEMU's -kernel boots 32-bit Multiboot ELFs only")
-        return cls(Path(elf_path), elf, None, ready)
+        return cls(Path(elf_path), elf, None, ready, boot_timeout or BOOT_TIMEOUT, memory_mib or 128, append,
+                   tuple(modules), tuple(qemu_args))
 
     @property
     def qemu(self) -> str:
-        """The QEMU binary for this kernel: its architecture's; a foreign (32-bit) ELF gets qemu-system-i386."""
-        from kgen.arch import I386
-        return (self.layout.architecture if self.layout is not None else I386).qemu
+        """The QEMU binary for this kernel: its architecture's; a foreign ELF32 gets qemu-system-i386, an ELF64
+        (booted through its Multiboot header's address fields) qemu-system-x86_64."""
+        from kgen.arch import I386, X86_64
+        if self.layout is not None:
+            return self.layout.architecture.qemu
+        return (X86_64 if self.elf.bits == 64 else I386).qemu
+
+    def machine_options(self, accel: str, poison: bytes | None) -> dict:
+        """Machine(...) arguments booting this foreign kernel as the user asked."""
+        extra = list(initrd_args(self.modules)) + list(self.qemu_args)
+        return dict(kernel=self.elf_path, accel=accel, poison=poison, qemu=self.qemu, memory_mib=self.memory_mib,
+                    append=self.append, extra_args=tuple(extra))
 
     @property
     def probe_marker(self) -> str | None:
@@ -128,7 +150,7 @@ def boot(kernel: KernelUnderTest, accel: str = "tcg", *, poison: bytes | None = 
 
     The machine comes from a snapshot of that state when one exists (kgen/machine/snapshot.py; `cold=True` or
     `--kgen-cold-boot` boots every time)."""
-    from kgen.guest.diagnose import RunFailed, explain
+    from kgen.guest.diagnose import Failure, RunFailed, explain
     from kgen.harness.session import KernelSession
     from kgen.machine.snapshot import fresh_machine
 
@@ -137,37 +159,152 @@ def boot(kernel: KernelUnderTest, accel: str = "tcg", *, poison: bytes | None = 
             yield LiveKernel(kernel, session.machine, session.channel, poison)
         return
 
+    if timeout == BOOT_TIMEOUT:
+        timeout = kernel.boot_timeout
+
     def ready(machine) -> None:
         try:
-            if kernel.ready is not None:
-                machine.wait_for(kernel.ready, timeout)
-            else:
-                _wait_idle(machine, timeout)
+            wait_booted(machine, kernel.ready, timeout)
         except MachineError as err:
             raise RunFailed(explain(machine, kernel.elf, err)) from err
 
-    options = dict(kernel=kernel.elf_path, accel=accel, poison=poison, qemu=kernel.qemu)
-    machine = fresh_machine(options, ready, f"ready: {kernel.ready}" if kernel.ready else "halted, paging on",
-                            cold=cold)
+    options = kernel.machine_options(accel, poison)
+    try:
+        machine = fresh_machine(options, ready, f"ready: {kernel.ready}" if kernel.ready else "halted or idle",
+                                cold=cold)
+    except MachineError as err:
+        refusal = qemu_refusal(err)
+        if refusal is None:
+            raise
+        raise RunFailed(Failure("refused", f"QEMU refused to boot {kernel.elf_path.name}: {refusal}",
+                                err.details() if hasattr(err, "details") else str(err))) from None
     try:
         yield LiveKernel(kernel, machine, None, poison)
     finally:
         machine.shutdown()
 
 
-def _wait_idle(machine, timeout: float) -> None:
+def wait_booted(machine, ready: str | None, timeout: float) -> str:
+    """Wait until a foreign kernel is ready to be looked at; return how it got there, or raise `MachineError`.
+
+    With `ready`, when that text is on COM1. Without, when the CPU is halted with interrupts off (nothing can wake
+    it: final at once, paging on or off), or halted with interrupts on and paging on at the same instruction
+    IDLE_SETTLE seconds apart (an idle loop). A final halt before `ready` appeared is reported at once too."""
     from kgen.arch.hw import CR0_PG
     deadline = time.monotonic() + timeout
+    idle: tuple[int, float] | None = None      # (EIP, when first seen halted there with interrupts on)
+    regs = None
     while True:
+        if ready is not None and ready in machine.serial:
+            return f"printed {ready!r}"
         state = machine.status()
         if state != "running":
-            raise MachineError(f"the guest stopped in runstate {state} before it sat halted with paging on")
+            raise MachineError(f"the guest stopped in runstate {state} before it was "
+                               + (f"ready ({ready!r} on COM1)" if ready is not None else "halted"))
         regs = machine.registers()
-        if regs.halted and regs.cr0 & CR0_PG:
-            return
-        if time.monotonic() >= deadline:
-            raise MachineError(f"the guest did not halt with paging on within {timeout:g} s")
+        now = time.monotonic()
+        paging = "on" if regs.cr0 & CR0_PG else "off"
+        if regs.halted and not regs.eflags & EFLAGS_IF:
+            if ready is None:
+                return f"halted with interrupts off, paging {paging}"
+            if ready in machine.serial:
+                return f"printed {ready!r}"
+            raise MachineError(f"the kernel halted with interrupts off (for good, paging {paging}) before "
+                               f"{ready!r} appeared on COM1")
+        if ready is None and regs.halted and regs.cr0 & CR0_PG:
+            if idle is not None and idle[0] == regs.eip:
+                if now - idle[1] >= IDLE_SETTLE:
+                    return "idle: halted with interrupts on, paging on"
+            else:
+                idle = (regs.eip, now)
+        else:
+            idle = None
+        if now >= deadline:
+            want = (f"{ready!r} did not appear on COM1" if ready is not None else
+                    "the kernel neither halted with interrupts off nor sat idle in hlt with paging on")
+            raise MachineError(f"{want} within {timeout:g} s (last seen: "
+                               f"{'halted' if regs.halted else 'running'}, interrupts "
+                               f"{'on' if regs.eflags & EFLAGS_IF else 'off'}, paging {paging}); pass --ready "
+                               f"TEXT, or a longer --boot-timeout")
         time.sleep(IDLE_POLL)
+
+
+def multiboot_problem(elf: ElfInfo) -> str | None:
+    """What stops QEMU's -kernel from booting this ELF as Multiboot, or None: no header, or an ELF64 without the
+    header's address fields (flag bit 16), which QEMU needs to load anything but an ELF32."""
+    offset = elf.multiboot_header_offset()
+    if offset is None:
+        return (f"an ELF{elf.bits} with no Multiboot header in its first {len(elf.head)} bytes: QEMU's -kernel "
+                "boots Multiboot (v1) kernels only")
+    flags = int.from_bytes(elf.head[offset + 4:offset + 8], "little")
+    if elf.bits != 32 and not flags & MULTIBOOT_AOUT_KLUDGE:
+        return ("an ELF64 whose Multiboot header lacks the address fields (flag bit 16): QEMU's -kernel loads "
+                "an ELF64 only through them")
+    return None
+
+
+MULTIBOOT_AOUT_KLUDGE = 1 << 16
+
+
+def qemu_refusal(err: BaseException) -> str | None:
+    """QEMU's own reason when it exited at launch (it refused the kernel or an argument), one line, else None."""
+    if getattr(err, "step", None) not in ("launch", "qmp-connect"):
+        return None
+    lines = [line.strip() for line in getattr(err, "stderr_tail", "").splitlines() if line.strip()]
+    lines = [line for line in lines if "CPUID" not in line or "doesn't support" not in line]   # KVM's harmless note
+    if lines:
+        return lines[-1]        # QEMU may not have been reaped yet when the handshake failed: its words decide
+    status = getattr(err, "qemu_status", None)
+    return None if status is None else f"QEMU exited with status {status} and said nothing"
+
+
+def initrd_args(modules) -> tuple[str, ...]:
+    """QEMU's -initrd for Multiboot modules given as FILE[,ARGS]: "FILE ARGS,FILE2" (a comma in ARGS doubled)."""
+    if not modules:
+        return ()
+    parts = []
+    for spec in modules:
+        path, _, args = spec.partition(",")
+        parts.append(f"{Path(path).resolve()} {args.replace(',', ',,')}".rstrip())
+    return ("-initrd", ",".join(parts))
+
+
+def split_qemu_args(lines) -> tuple[str, ...]:
+    """--qemu-arg values, each split like a shell line: `--qemu-arg '-smp 2'` gives two arguments."""
+    import shlex
+    try:
+        return tuple(arg for line in lines for arg in shlex.split(line))
+    except ValueError as err:
+        raise UsageError(f"--qemu-arg: {err}; quote each argument as a shell would") from None
+
+
+def check_modules(modules) -> None:
+    """Refuse in one line a --module whose file is missing or whose path QEMU's -initrd list cannot hold."""
+    for spec in modules:
+        path = spec.partition(",")[0]
+        if not Path(path).is_file():
+            raise UsageError(f"--module {spec}: {path!r} is no such file")
+        if " " in str(Path(path).resolve()):
+            raise UsageError(f"--module {spec}: QEMU's -initrd cannot take a path with a space; move the file")
+
+
+def check_qemu_accepts(kernel: KernelUnderTest) -> None:
+    """Launch QEMU once, paused, on the kernel and its options: a kernel or argument it refuses is one line, with
+    QEMU's own reason, before the suite runs (not once per test)."""
+    from kgen.machine import Machine
+    options = kernel.machine_options("tcg", None)
+    machine = Machine(**options, ram_file=False, start_paused=True)
+    try:
+        machine.launch()
+    except MachineError as err:
+        refusal = qemu_refusal(err)
+        if refusal is None:
+            raise
+        problem = multiboot_problem(kernel.elf)
+        raise UsageError(f"--kernel {kernel.elf_path}: " + (f"{problem}; " if problem else "")
+                         + f"QEMU refused to boot it: {refusal}") from None
+    finally:
+        machine.quit()
 
 
 def probe_kvm(kernel: KernelUnderTest, cache_dir: Path | None = None) -> tuple[bool, str]:
@@ -177,8 +314,6 @@ def probe_kvm(kernel: KernelUnderTest, cache_dir: Path | None = None) -> tuple[b
     answer is kept in `cache_dir` for the same kernel bytes, QEMU binary and host kernel."""
     from kgen.machine import kvm_usable_for
     marker = kernel.probe_marker
-    if marker is None:
-        return False, "no ready marker for this kernel, so KVM cannot be probed (pass --kgen-ready)"
     cache = key = None
     if cache_dir is not None:
         qemu = shutil.which(kernel.qemu)
@@ -192,10 +327,29 @@ def probe_kvm(kernel: KernelUnderTest, cache_dir: Path | None = None) -> tuple[b
                 return saved["usable"], saved["why"] + " (probed earlier, answer kept in " + str(cache) + ")"
         except (OSError, ValueError, KeyError, TypeError):
             pass    # no answer kept, or not one we wrote: probe
-    usable, why = kvm_usable_for(kernel.elf_path, marker, qemu=kernel.qemu)
+    if kernel.layout is None:
+        usable, why = _probe_foreign_kvm(kernel)
+    else:
+        usable, why = kvm_usable_for(kernel.elf_path, marker, qemu=kernel.qemu)
     if cache is not None:
         cache.write_text(json.dumps({"key": key, "usable": usable, "why": why}))
     return usable, why
+
+
+def _probe_foreign_kvm(kernel: KernelUnderTest) -> tuple[bool, str]:
+    """A foreign kernel boots under KVM to the state the suite waits for (its ready text, or a halt)."""
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False, "/dev/kvm is missing or not accessible"
+    started = time.monotonic()
+    try:
+        with boot(kernel, "kvm", poison=None, cold=True, timeout=min(kernel.boot_timeout, KVM_PROBE_TIMEOUT)):
+            pass
+    except MachineError as err:
+        return False, f"the KVM boot failed: {err}"
+    return True, f"the KVM boot got there in {time.monotonic() - started:.2f} s"
+
+
+KVM_PROBE_TIMEOUT = 20.0
 
 
 # --- `kgen test` ------------------------------------------------------------------------------------------------
@@ -212,6 +366,16 @@ def pytest_args(args, extra: list[str]) -> list[str]:
         argv += ["-p", "kgen.harness.pytest_plugin"]      # a checkout on PYTHONPATH: the entry point is not installed
     if args.kernel is not None:
         argv += ["--kgen-kernel", str(args.kernel.resolve())]
+        # `=` forms: a value may begin with "-" (a QEMU argument) or hold spaces.
+        for option, value in (("--kgen-ready", getattr(args, "ready", None)),
+                              ("--kgen-boot-timeout", getattr(args, "boot_timeout", None)),
+                              ("--kgen-memory", getattr(args, "memory", None)),
+                              ("--kgen-append", getattr(args, "append", None))):
+            if value is not None:
+                argv.append(f"{option}={value}")
+        argv += [f"--kgen-module={Path(m.partition(',')[0]).resolve()}" + m[len(m.partition(',')[0]):]
+                 for m in getattr(args, "module", None) or ()]
+        argv += [f"--kgen-qemu-arg={a}" for a in getattr(args, "qemu_arg", None) or ()]
     else:
         if args.config is not None:
             argv += ["--kgen-config", str(args.config.resolve())]
@@ -282,6 +446,15 @@ def require_qemu(binary: str) -> None:
         raise ToolMissing(f"{binary} not found: install the Debian package {QEMU_PACKAGE}")
 
 
+def require_kvm_for(kernel: KernelUnderTest, cache_dir: Path | None) -> None:
+    """--accel kvm on a host whose KVM cannot run this kernel: one line and the missing-tool status, not a suite
+    that skips every test and exits 0."""
+    usable, why = probe_kvm(kernel, cache_dir)
+    if not usable:
+        raise ToolMissing(f"--accel kvm: KVM cannot run {kernel.elf_path.name} on this host ({why}); "
+                          "use --accel tcg")
+
+
 def run_suite(args, extra: list[str]) -> int:
     """`kgen test`: build the kernel (unless --kernel), run the suite; pytest's exit status mapped onto kgen's.
 
@@ -297,19 +470,37 @@ def run_suite(args, extra: list[str]) -> int:
         if not args.kernel.is_file():
             raise UsageError(f"--kernel {args.kernel}: no such file" if not args.kernel.exists()
                              else f"--kernel {args.kernel}: not a file")
+        if args.config is not None and getattr(args, "memory", None) is None:
+            from kgen.build import config as configmod      # the one key of a kgen config a foreign kernel uses
+            args.memory = configmod.load(args.config, args.arch).machine_memory_mib
+        check_modules(getattr(args, "module", None) or ())
         try:
-            kernel = KernelUnderTest.foreign(args.kernel)    # a file that is no usable ELF fails here, in one line
+            kernel = KernelUnderTest.foreign(   # a file that is no usable ELF fails here, in one line
+                args.kernel, getattr(args, "ready", None), boot_timeout=getattr(args, "boot_timeout", None),
+                memory_mib=getattr(args, "memory", None), append=getattr(args, "append", None),
+                modules=getattr(args, "module", None) or (),
+                qemu_args=split_qemu_args(getattr(args, "qemu_arg", None) or ()))
         except KgenError as err:
             raise UsageError(f"--kernel {err}") from None
         require_qemu(kernel.qemu)
+        check_qemu_accepts(kernel)
+        if args.accel == "kvm":
+            require_kvm_for(kernel, None)
     else:
+        used = [name for name in ("ready", "boot_timeout", "memory", "append", "module", "qemu_arg")
+                if getattr(args, name, None)]
+        if used:
+            raise UsageError(f"--{used[0].replace('_', '-')} is for a kernel given with --kernel; a kgen kernel "
+                             "takes its machine from the config")
         from kgen.build import config as configmod
         from kgen.build.layout import compute
         from kgen.build.pipeline import check_out_dir
         check_out_dir(args.out)
         require_qemu(compute(configmod.load(args.config, args.arch)).architecture.qemu)
         # Built once here, so parallel workers find it up to date instead of each writing it.
-        KernelUnderTest.built(args.config, args.out, args.arch)
+        kernel = KernelUnderTest.built(args.config, args.out, args.arch)
+        if args.accel == "kvm":
+            require_kvm_for(kernel, args.out)
     argv = pytest_args(args, extra)
     import pytest
 
