@@ -322,9 +322,12 @@ class Machine:
         try:
             return self.qmp("query-status", step="read")["status"]
         except MachineStepError:
-            if self._proc.poll() is not None:  # it exited during the query
-                return "exited"
-            raise
+            # A QEMU that is exiting closes QMP before its process ends: give it the time to end.
+            try:
+                self._proc.wait(QUIT_GRACE)
+            except subprocess.TimeoutExpired:
+                raise
+            return "exited"
 
     def stop(self) -> None:
         self.qmp("stop")
