@@ -27,6 +27,8 @@ READY = "hhbb: ready\n"
 # and PD[770] a 4 MiB entry with reserved bit 13 set (as when code follows a short page directory).
 # TICK_WAIT=1: before dropping the identity entry, wait in `hlt` (interrupts on) for two timer ticks; at the end,
 # idle in `hlt` with interrupts on instead of halting with them off.
+# NEEDS_MIB=n: triple-fault unless Multiboot reports about n MiB of RAM (at least n - 1 MiB above 1 MiB). BOOT_INFO=1: print the command line and
+# each module's command line first.
 HHBB = r"""
 .set KBASE, 0xC0000000
 .section .multiboot.data, "aw"
@@ -36,6 +38,37 @@ HHBB = r"""
 .globl _start
 _start:
     cli
+.if NEEDS_MIB
+    cmpl $((NEEDS_MIB - 2) * 1024), 8(%ebx)     /* Multiboot mem_upper: KiB above 1 MiB, less firmware's */
+    jae 1f
+    ud2                                 /* too little RAM: no IDT of its own, so a triple fault */
+1:
+.endif
+.if BOOT_INFO                           /* print the command line and each module's string from Multiboot */
+    mov 16(%ebx), %esi
+    call boot_puts
+    mov 20(%ebx), %ecx
+    mov 24(%ebx), %edi
+2:  test %ecx, %ecx
+    jz 3f
+    mov 8(%edi), %esi
+    call boot_puts
+    add $16, %edi
+    dec %ecx
+    jmp 2b
+boot_puts:
+    lodsb
+    test %al, %al
+    jz 4f
+    mov $0x3F8, %dx
+    out %al, %dx
+    jmp boot_puts
+4:  mov $0x3F8, %dx
+    mov $'\n', %al
+    out %al, %dx
+    ret
+3:
+.endif
     mov $(pd - KBASE), %edi
     xor %eax, %eax
     mov $2048, %ecx                     /* pd and pt: RAM may be poisoned */
@@ -206,7 +239,7 @@ _start:
 
 
 def hhbb(out: Path, name: str, **flags: int) -> Path:
-    values = {"RECURSIVE": 0, "LARGE": 0, "BAD_PDE": 0, "TICK_WAIT": 0, **flags}
+    values = {"RECURSIVE": 0, "LARGE": 0, "BAD_PDE": 0, "TICK_WAIT": 0, "NEEDS_MIB": 0, "BOOT_INFO": 0, **flags}
     return minikernels.build(out, name, HHBB, HHBB_LDS, **values)
 
 
@@ -218,6 +251,8 @@ def kernels(tmp_path_factory):
         "recursive-large": hhbb(out, "recursive-large", RECURSIVE=1, LARGE=1),
         "bad-pde": hhbb(out, "bad-pde", BAD_PDE=1),
         "tick-wait": hhbb(out, "tick-wait", TICK_WAIT=1),
+        "needs-256": hhbb(out, "needs-256", NEEDS_MIB=256),
+        "boot-info": hhbb(out, "boot-info", BOOT_INFO=1),
         "paging-off": minikernels.build(out, "paging-off", PAGING_OFF),
         "no-multiboot": minikernels.build(out, "no-multiboot", NO_MULTIBOOT),
     }
@@ -262,7 +297,8 @@ def test_higher_half_bare_bones_layout_is_judged_by_its_higher_half(kernels):
 def test_a_kept_boot_identity_map_is_still_found(kernels, tmp_path):
     # The same kernel without the line that drops PD[0]: the boot segment's identity map must be reported.
     source = HHBB.replace("    movl $0, pd                         /* the identity entry */\n", "")
-    elf = minikernels.build(tmp_path, "kept", source, HHBB_LDS, RECURSIVE=0, LARGE=0, BAD_PDE=0, TICK_WAIT=0)
+    elf = minikernels.build(tmp_path, "kept", source, HHBB_LDS, RECURSIVE=0, LARGE=0, BAD_PDE=0, TICK_WAIT=0,
+                               NEEDS_MIB=0, BOOT_INFO=0)
     result = kgen("test", "--kernel", str(elf), "-j", "1", "-k", "below_the_kernel_base")
     assert result.returncode == 1, result.stdout + result.stderr
     assert "is identity-mapped" in result.stdout and "below the kernel base 0xc0000000" in result.stdout
@@ -342,16 +378,48 @@ def test_kgen_run_calls_a_clean_halt_halted(kernels):
 def test_boot_options_reach_the_machine(kernels, tmp_path):
     module = tmp_path / "mod.bin"
     module.write_bytes(b"module")
+    shown = kgen("run", "--kernel", str(kernels["boot-info"]), "--append", "root=/dev/x quiet",
+                 "--module", f"{module},init=1,two", "--module", str(module))
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    # QEMU puts the kernel's path in front of its command line.
+    assert shown.stdout.splitlines()[:3] == [f"{kernels['boot-info'].resolve()} root=/dev/x quiet",
+                                             f"{module} init=1,two", str(module)], shown.stdout
     # QEMU refuses an unknown option in one line: proof the --qemu-arg reached it.
     result = kgen("test", "--kernel", str(kernels["hhbb"]), "-j", "1", "--qemu-arg", "-no-such-option 1")
     assert result.returncode == 2 and "-no-such-option" in result.stderr, result.stdout + result.stderr
-    ok = kgen("test", "--kernel", str(kernels["hhbb"]), "-j", "1", "--memory", "256", "--append", "a=b",
-              "--module", f"{module},x=1", "--qemu-arg", "-smp 2", "-k", "paging_and_write")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    ok = kgen("test", "--kernel", str(kernels["hhbb"]), "-j", "1", "--append", "a=b", "--module", f"{module},x=1",
+              "--qemu-arg", "-smp 2", "-k", "paging_and_write")
     assert ok.returncode == 0, ok.stdout + ok.stderr
     missing = kgen("test", "--kernel", str(kernels["hhbb"]), "--module", str(tmp_path / "absent"))
     assert missing.returncode == 2 and "no such file" in missing.stderr
     built = kgen("test", "--memory", "256")
     assert built.returncode == 2 and "--memory is for a kernel given with --kernel" in built.stderr
+
+
+def test_memory_from_the_option_or_the_config(kernels, tmp_path):
+    kernel = str(kernels["needs-256"])
+    short = kgen("test", "--kernel", kernel, "-j", "1", "-k", "paging_and_write")
+    assert short.returncode == 1 and "triple fault" in short.stdout, short.stdout + short.stderr
+    given = kgen("test", "--kernel", kernel, "-j", "1", "--memory", "256", "-k", "paging_and_write")
+    assert given.returncode == 0, given.stdout + given.stderr
+    config = tmp_path / "kgen.toml"
+    config.write_text("[machine]\nmemory_mib = 256\n")
+    configured = kgen("test", "--kernel", kernel, "-j", "1", "--config", str(config), "-k", "paging_and_write")
+    assert configured.returncode == 0, configured.stdout + configured.stderr
+
+
+def test_accel_kvm_that_cannot_run_the_kernel_is_one_line_and_status_3(kernels):
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        pytest.skip("no usable /dev/kvm here")
+    from kgen.harness.testing import KernelUnderTest, probe_kvm
+    usable, _ = probe_kvm(KernelUnderTest.foreign(kernels["hhbb"]))
+    if usable:
+        pytest.skip("this host's KVM runs 32-bit paging: nothing to refuse")
+    result = kgen("test", "--kernel", str(kernels["hhbb"]), "-j", "1", "--accel", "kvm")
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert result.stderr.startswith("kgen: error: --accel kvm: KVM cannot run hhbb.elf on this host")
+    assert len(result.stderr.strip().splitlines()) == 1 and "passed" not in result.stdout
 
 
 def test_a_size_zero_symbol_names_no_address_outside_its_section(kernels):
