@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from kgen.guest.elfinfo import ElfInfo
+from kgen.guest.elfinfo import MULTIBOOT_SEARCH, ElfInfo
 from kgen.errors import (EXIT_CHECKS_FAILED, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, KgenError,
                          MachineError, ToolMissing, UsageError)
 from kgen.build.layout import Layout
@@ -234,8 +234,8 @@ def multiboot_problem(elf: ElfInfo) -> str | None:
     header's address fields (flag bit 16), which QEMU needs to load anything but an ELF32."""
     offset = elf.multiboot_header_offset()
     if offset is None:
-        return (f"an ELF{elf.bits} with no Multiboot header in its first {len(elf.head)} bytes: QEMU's -kernel "
-                "boots Multiboot (v1) kernels only")
+        return (f"an ELF{elf.bits} with no Multiboot header in its first {MULTIBOOT_SEARCH // 1024} KiB: QEMU's "
+                "-kernel boots Multiboot (v1) kernels only")
     flags = int.from_bytes(elf.head[offset + 4:offset + 8], "little")
     if elf.bits != 32 and not flags & MULTIBOOT_AOUT_KLUDGE:
         return ("an ELF64 whose Multiboot header lacks the address fields (flag bit 16): QEMU's -kernel loads "
