@@ -89,3 +89,65 @@ def test_exercise_stages_are_skipped_for_a_kernel_kgen_did_not_build(tmp_path, d
     summary = result.stdout.strip().splitlines()[-1]
     assert "skipped" in summary and "passed" not in summary and "failed" not in summary, summary
     assert "kernel.elf was not built by kgen: its layout and call channel are unknown" in result.stdout
+
+
+# ---- the exercise checks themselves turn red ---------------------------------------------------------------------
+@pytest.fixture
+def exercise(arch_build):
+    """The exercise stages' checker on a freshly booted default kernel (each architecture), at the start of a stage."""
+    from kgen.guest.elfinfo import ElfInfo
+    from kgen.harness.suite.test_exercise import Exercise
+    from kgen.harness.testing import KernelUnderTest, boot
+    kernel = KernelUnderTest(arch_build.elf, ElfInfo.load(arch_build.elf), arch_build.kernel.layout)
+    with boot(kernel) as live:
+        k = Exercise(live)
+        k.begin("tampering")
+        k.check("nothing done yet")         # green before the tampering
+        yield k
+
+
+def poke_word(k, name: str, value: int, index: int = 0, size: int | None = None) -> None:
+    size = size or k.arch.word_size
+    k.live.write_phys(k.elf.symbols[name].value - k.layout.kernel_virtual_base + index * size,
+                      value.to_bytes(size, "little"))
+
+
+def test_a_count_the_stack_does_not_hold_is_caught(exercise):
+    k = exercise
+    poke_word(k, "pmm_count", k.u32("pmm_count") + 1, size=4)
+    with pytest.raises(pytest.fail.Exception, match=r"frames free, expected(.|\n)*pmm_count says"):
+        k.check("pmm_count one too high")
+
+
+def test_a_mapped_frame_on_the_free_stack_is_caught(exercise):
+    k = exercise
+    groups, _ = k.leaf_spans()
+    frame = k.alloc_frame()
+    k.map(groups[0][0], frame)
+    k.check("a page mapped")
+    # Push the mapped frame by hand, as a double free through another path would.
+    k.live.write_phys(frame, k.word("pmm_top").to_bytes(k.arch.word_size, "little"))
+    poke_word(k, "pmm_top", frame)
+    poke_word(k, "pmm_count", k.u32("pmm_count") + 1, size=4)
+    with pytest.raises(pytest.fail.Exception, match=f"frame {frame:#x} is on the free stack and mapped"):
+        k.check("a mapped frame pushed")
+
+
+def test_a_free_range_past_the_window_is_caught(exercise):
+    k = exercise
+    start, pages = k.free_ranges()[-1]
+    poke_word(k, "vmm_free_ranges", pages + 1, index=2 * (len(k.free_ranges()) - 1) + 1)
+    with pytest.raises(pytest.fail.Exception, match="is not a page range inside the vmm range window"):
+        k.check("the last free range one page too long")
+
+
+def test_a_new_table_holding_poison_is_caught(exercise):
+    k = exercise
+    groups, _ = k.leaf_spans()
+    frame = k.alloc_frame()
+    k.map(groups[0][0], frame)
+    k.check("a page mapped, its table made")
+    table = k.live.view().walker.translate(groups[0][0]).chain[-1].addr & ~0xFFF
+    k.live.write_phys(table + 0x800, b"\xcc" * 0x800)        # what an uncleared table's upper half would hold
+    with pytest.raises(pytest.fail.Exception, match=f"the table at {table:#x} .* still hold the poison"):
+        k.check("half the new table poisoned")
