@@ -401,6 +401,7 @@ def test_memory_from_the_option_or_the_config(kernels, tmp_path):
     kernel = str(kernels["needs-256"])
     short = kgen("test", "--kernel", kernel, "-j", "1", "-k", "paging_and_write")
     assert short.returncode == 1 and "triple fault" in short.stdout, short.stdout + short.stderr
+    assert "During handling" not in short.stdout and "direct cause" not in short.stdout, short.stdout
     given = kgen("test", "--kernel", kernel, "-j", "1", "--memory", "256", "-k", "paging_and_write")
     assert given.returncode == 0, given.stdout + given.stderr
     config = tmp_path / "kgen.toml"

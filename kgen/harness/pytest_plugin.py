@@ -105,11 +105,14 @@ def kgen_boot(kernel, accel: str = "tcg"):
     instead: exception, triple fault, hang), not with a traceback of the harness."""
     from kgen.guest.diagnose import RunFailed
     from kgen.harness.testing import boot
+    failed = None
     try:
         with boot(kernel, accel) as live:
             yield live
     except RunFailed as err:
-        pytest.fail(f"{err}\n{err.details()}", pytrace=False)
+        failed = f"{err}\n{err.details()}"
+    if failed is not None:      # outside the handler: no "during handling of the above exception" chain
+        pytest.fail(failed, pytrace=False)
 
 
 @pytest.fixture
