@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -577,3 +578,27 @@ def test_a_triple_fault_under_load_is_a_triple_fault(kernels):
             with Machine(kernel=kernels["triple"]) as machine:
                 with pytest.raises(MachineError, match="runstate shutdown"):
                     machine.wait_for("never printed", BOOT_TIMEOUT * 3)
+
+
+@vm
+def test_a_long_tmpdir_does_not_break_the_sockets(kernels, tmp_path, monkeypatch):
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    with Machine(kernel=kernels["exit"]) as machine:
+        assert machine.wait_exit(BOOT_TIMEOUT) == (EXIT_VALUE << 1) | 1
+
+
+def test_stale_qemu_dirs_of_dead_processes_are_swept(tmp_path):
+    from kgen.machine.process import TMP_PREFIX, sweep_stale_dirs
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"{TMP_PREFIX}{dead.pid}-abc"
+    stale.mkdir()
+    (stale / "ram").write_bytes(b"x" * 4096)
+    mine = tmp_path / f"{TMP_PREFIX}{os.getpid()}-abc"
+    mine.mkdir()
+    alive_dir = tmp_path / f"{TMP_PREFIX}1-abc"     # pid 1 is always alive
+    alive_dir.mkdir()
+    assert sweep_stale_dirs(tmp_path) == [stale]
+    assert not stale.exists() and mine.exists() and alive_dir.exists()

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 TMP_PREFIX = "kgen-qemu-"
+SOCKET_PATH_MAX = 107       # sun_path is 108 bytes with its terminating NUL
 
 _live: set = set()          # objects with a `_kill_hard()`: machines whose QEMU has not been reaped yet
 _previous_sigterm: object = None
@@ -113,8 +114,13 @@ def make_dir() -> Path:
     global _swept
     if not _swept:
         _swept = True
-        sweep_stale_dirs()
-    return Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-"))
+        for root in {Path(tempfile.gettempdir()), Path("/tmp")}:
+            sweep_stale_dirs(root)
+    root = Path(tempfile.gettempdir())
+    # The sockets live in this directory and AF_UNIX paths stop at 107 bytes: a long TMPDIR falls back to /tmp.
+    if len(str(root)) + len(TMP_PREFIX) + 40 > SOCKET_PATH_MAX and Path("/tmp").is_dir():
+        root = Path("/tmp")
+    return Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=root))
 
 
 # --- the process -------------------------------------------------------------------------------------------------

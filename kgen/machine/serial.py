@@ -47,8 +47,11 @@ class SerialLog:
                     self._buffer += data
                     self._cond.notify_all()
                 if self.echo:
-                    sys.stdout.write(decoder.decode(data))
-                    sys.stdout.flush()
+                    try:
+                        sys.stdout.write(decoder.decode(data))
+                        sys.stdout.flush()
+                    except (OSError, ValueError):
+                        self.echo = False   # stdout went away (`| head`): keep reading, stop echoing
         finally:
             self._eof.set()
             with self._cond:
