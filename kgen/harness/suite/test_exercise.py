@@ -2,10 +2,10 @@
 
 The invariant tests look at the kernel once it has booted; most bugs of a memory manager show only once it works:
 a table made later and never cleared, an entry written one slot off, a translation left in the TLB, a frame pushed
-twice, a range merged wrongly, a block too small, a foreign slot changed without a flush. Each test here boots the
-kernel and runs one stage (page tables made and given back across several leaf-table spans, temp-map and
-allocate-at round trips, a double free, lazy ranges backed on first touch, pages unmapped or freed while in the TLB,
-range releases that merge, heap blocks, address spaces), and after each part of it checks
+twice, a range merged wrongly, a block too small. Each test here boots the kernel and runs one stage (page tables
+made and given back across several leaf-table spans, temp-map and allocate-at round trips, a double free, lazy ranges
+backed on first touch, pages unmapped or freed while in the TLB, range releases that merge, heap blocks), and after
+each part of it checks
 
 - every invariant of kgen.guest.invariants on the stopped machine (poisoned RAM: a table never cleared shows);
 - what the stage did, by the walker and by the CPU: the page maps the frame asked for, with the flags asked for,
@@ -18,7 +18,8 @@ range releases that merge, heap blocks, address spaces), and after each part of 
 
 Every address comes from the layout (the vmm window, the leaf-table span, the top-level slots of the user half), so
 any config the rules accept is exercised, with bounded loops: the suite stays fast on a good kernel. A kernel that
-kgen did not build has no call channel: these tests are skipped for it.
+kgen did not build has no call channel: these tests are skipped for it. Address spaces have their stage in
+test_aspaces.py.
 """
 from __future__ import annotations
 
@@ -69,7 +70,6 @@ class Exercise:
         self.pmm = PmmView(live.machine.read_phys, self.elf, self.layout)
         self.held: set[int] = set()         # frames the test took with pmm_alloc and has not mapped or freed
         self.mapped: dict[int, int] = {}    # vaddr -> frame of the pages the test mapped with vmm_map
-        self.elsewhere = 0                  # frames the stage put into other address spaces (tables, top tables)
         self._poison_pages: dict[int, bytes] = {}
         self._walked = None                 # (view, its walk): the walk of the machine as last stopped
         self.begin("boot")
@@ -231,7 +231,7 @@ class Exercise:
         frames, tables, free = self.snapshot()
         mapped = len(frames - self.start_frames) - len(self.start_frames - frames)
         made = len(tables - self.start_tables) - len(self.start_tables - tables)
-        held = len(self.held) - len(self.start_held) + self.elsewhere
+        held = len(self.held) - len(self.start_held)
         expected = self.start_free - mapped - made - held
         problems = []
         if free != expected:
@@ -627,55 +627,3 @@ def _check_stamp(k, ptr: int, size: int, word: int) -> None:
             assert got == (ptr ^ at) & 0xFFFFFFFF ^ 0xB10C0000, \
                 f"block {ptr:#x} of {size} bytes: {at:#x} holds {got:#010x}: another block was written over it"
 
-
-def test_address_spaces_show_their_own_pages(kernel):
-    """Two address spaces map the same user page to different frames, edited through the foreign slot; attaching
-    one, then the other, then the first again, the CPU reads each one's own entry through the foreign window (the
-    TLB is flushed when the slot changes) and vmm_translate_in agrees; destroying both gives every frame back."""
-    k = kernel
-    if "as_create" not in k.elf.symbols:
-        pytest.skip("this kernel has no address spaces (templates/aspace.s)")
-    layout, arch = k.layout, k.arch
-    slot = k.empty_user_slot()
-    if slot is None:
-        pytest.skip("the user half has no top-level slot clear of the layout's regions")
-    k.begin("two address spaces, one user page each")
-    vaddr = arch.canonical(slot << arch.shift(0)) + sum((2 * level + 1) * arch.span(level)
-                                                        for level in range(1, arch.levels))
-    user = hw.PTE_P | hw.PTE_RW | hw.PTE_US
-    spaces = [k.call("as_create"), k.call("as_create")]
-    assert all(spaces) and spaces[0] != spaces[1], f"as_create gave {[hex(s) for s in spaces]}"
-    k.elsewhere += len(spaces)
-    frames = {}
-    for space in spaces:
-        frames[space] = k.alloc_frame()
-        assert k.call("as_attach", space) == 1, f"as_attach({space:#x}) refused a space as_create made"
-        assert k.call("vmm_map_in", space, vaddr, frames[space], user) == 1, \
-            f"vmm_map_in({space:#x}, {vaddr:#x}) refused: the foreign window still showed the other space's table?"
-        k.elsewhere += arch.levels - 1          # the tables below the top one, made for the page
-    pte = layout.foreign_entry_address(vaddr, arch.levels - 1)
-    for space in spaces + spaces[:1]:
-        assert k.call("as_attach", space) == 1
-        seen = k.call("kmem_read32", pte) & ~(PAGE - 1)
-        if seen != frames[space] & 0xFFFFFFFF & ~(PAGE - 1):
-            pytest.fail(f"after {k.stage}: space {space:#x} attached, the CPU reads its PTE for {vaddr:#x} through "
-                        f"the foreign window ({pte:#x}) as frame {seen:#x}, not {frames[space]:#x}: a translation "
-                        f"of the previous space survived the change of the foreign slot", pytrace=False)
-        got = k.call("vmm_translate_in", space, vaddr)
-        assert got == frames[space], f"vmm_translate_in({space:#x}, {vaddr:#x}) = {got:#x}, not {frames[space]:#x}"
-    k.call("as_detach")
-    k.check("both spaces edited through the foreign slot, then detached")
-    view = k.live.view()
-    problems = invariants.check_address_spaces(view)
-    owned = {space: invariants.space_frames(view, space) for space in spaces}
-    problems += [f"space {space:#x} does not hold the frame {frames[space]:#x} mapped into it"
-                 for space in spaces if frames[space] not in owned[space]]
-    if problems:
-        pytest.fail(f"after {k.stage}:\n" + "\n".join(f"  {p}" for p in problems), pytrace=False)
-    for space in spaces:
-        assert k.call("as_destroy", space) == 1, f"as_destroy({space:#x}) refused"
-        k.held.discard(frames[space])
-    k.elsewhere = 0
-    unreferenced = invariants.check_frames_unreferenced(k.live.view(), set().union(*owned.values()))
-    assert not unreferenced, "\n".join(unreferenced)
-    k.check_released("both spaces destroyed")
