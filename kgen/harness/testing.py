@@ -446,6 +446,22 @@ def require_qemu(binary: str) -> None:
         raise ToolMissing(f"{binary} not found: install the Debian package {QEMU_PACKAGE}")
 
 
+def check_boots(kernel: KernelUnderTest, accel: str) -> None:
+    """Boot a foreign kernel once before the suite: one that never gets to the state the checks look at is
+    reported once, its diagnosis on stderr and one line, status 1 (a finding about the kernel), instead of once per
+    test."""
+    import sys
+    from kgen.guest.diagnose import RunFailed
+    try:
+        with boot(kernel, accel, cold=True):
+            pass
+    except RunFailed as err:
+        sys.stdout.flush()
+        print(err.details(), file=sys.stderr)
+        raise KgenError(f"--kernel {kernel.elf_path.name} did not boot to a state the checks can look at: {err}",
+                        exit_code=EXIT_CHECKS_FAILED) from None
+
+
 def require_kvm_for(kernel: KernelUnderTest, cache_dir: Path | None) -> None:
     """--accel kvm on a host whose KVM cannot run this kernel: one line and the missing-tool status, not a suite
     that skips every test and exits 0."""
@@ -485,7 +501,9 @@ def run_suite(args, extra: list[str]) -> int:
         require_qemu(kernel.qemu)
         check_qemu_accepts(kernel)
         if args.accel == "kvm":
-            require_kvm_for(kernel, None)
+            require_kvm_for(kernel, None)       # its probe is a boot under KVM
+        else:
+            check_boots(kernel, args.accel)
     else:
         used = [name for name in ("ready", "boot_timeout", "memory", "append", "module", "qemu_arg")
                 if getattr(args, name, None)]
