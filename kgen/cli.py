@@ -67,6 +67,8 @@ def _add_foreign_boot_args(p: argparse.ArgumentParser):
     """How to boot a kernel given with --kernel, and when it counts as booted (kgen/harness/testing.py)."""
     p.add_argument("--ready", metavar="TEXT", help="with --kernel: COM1 text the kernel prints once booted (default: "
                    "booted when it halts with interrupts off, or idles in hlt with paging on)")
+    p.add_argument("--ready-symbol", metavar="SYMBOL", help="with --kernel: booted once the CPU stays inside this "
+                   "function of the ELF (its idle or busy loop), found by sampling EIP")
     p.add_argument("--module", action="append", metavar="FILE[,ARGS]",
                    help="with --kernel: a Multiboot module (QEMU -initrd) and its command line; repeatable")
     p.add_argument("--qemu-arg", action="append", metavar="ARGS",

@@ -28,7 +28,7 @@ READY = "hhbb: ready\n"
 # TICK_WAIT=1: before dropping the identity entry, wait in `hlt` (interrupts on) for two timer ticks; at the end,
 # idle in `hlt` with interrupts on instead of halting with them off.
 # NEEDS_MIB=n: triple-fault unless Multiboot reports about n MiB of RAM (at least n - 1 MiB above 1 MiB). BOOT_INFO=1: print the command line and
-# each module's command line first.
+# each module's command line first. BUSY=1 (with TICK_WAIT=1): end in a busy loop `spin` with interrupts on.
 HHBB = r"""
 .set KBASE, 0xC0000000
 .section .multiboot.data, "aw"
@@ -134,7 +134,12 @@ higher_half:
     mov %eax, %cr3
     mov $ready, %esi
     call puts
-.if TICK_WAIT
+.if BUSY
+    sti
+spin:                                   /* idles busily, interrupts on: only --ready-symbol/--ready tell */
+    pause
+    jmp spin
+.elseif TICK_WAIT
 idle:
     sti
     hlt
@@ -239,7 +244,8 @@ _start:
 
 
 def hhbb(out: Path, name: str, **flags: int) -> Path:
-    values = {"RECURSIVE": 0, "LARGE": 0, "BAD_PDE": 0, "TICK_WAIT": 0, "NEEDS_MIB": 0, "BOOT_INFO": 0, **flags}
+    values = {"RECURSIVE": 0, "LARGE": 0, "BAD_PDE": 0, "TICK_WAIT": 0, "NEEDS_MIB": 0, "BOOT_INFO": 0, "BUSY": 0,
+              **flags}
     return minikernels.build(out, name, HHBB, HHBB_LDS, **values)
 
 
@@ -251,6 +257,7 @@ def kernels(tmp_path_factory):
         "recursive-large": hhbb(out, "recursive-large", RECURSIVE=1, LARGE=1),
         "bad-pde": hhbb(out, "bad-pde", BAD_PDE=1),
         "tick-wait": hhbb(out, "tick-wait", TICK_WAIT=1),
+        "busy": hhbb(out, "busy", TICK_WAIT=1, BUSY=1),
         "needs-256": hhbb(out, "needs-256", NEEDS_MIB=256),
         "boot-info": hhbb(out, "boot-info", BOOT_INFO=1),
         "paging-off": minikernels.build(out, "paging-off", PAGING_OFF),
@@ -298,7 +305,7 @@ def test_a_kept_boot_identity_map_is_still_found(kernels, tmp_path):
     # The same kernel without the line that drops PD[0]: the boot segment's identity map must be reported.
     source = HHBB.replace("    movl $0, pd                         /* the identity entry */\n", "")
     elf = minikernels.build(tmp_path, "kept", source, HHBB_LDS, RECURSIVE=0, LARGE=0, BAD_PDE=0, TICK_WAIT=0,
-                               NEEDS_MIB=0, BOOT_INFO=0)
+                               NEEDS_MIB=0, BOOT_INFO=0, BUSY=0)
     result = kgen("test", "--kernel", str(elf), "-j", "1", "-k", "below_the_kernel_base")
     assert result.returncode == 1, result.stdout + result.stderr
     assert "is identity-mapped" in result.stdout and "below the kernel base 0xc0000000" in result.stdout
@@ -349,6 +356,20 @@ def test_ready_text_is_an_option(kernels):
                    "-k", "paging_and_write")
     assert missing.returncode == 1
     assert "halted with interrupts off (for good, paging on) before 'never printed' appeared" in missing.stderr
+
+
+def test_ready_symbol_for_a_kernel_that_idles_busily(kernels):
+    kernel = str(kernels["busy"])
+    never = kgen("test", "--kernel", kernel, "-j", "1", "--boot-timeout", "3")
+    assert never.returncode == 1, never.stdout + never.stderr
+    assert "neither halted with interrupts off nor sat idle in hlt" in never.stderr, never.stderr
+    found = kgen("test", "--kernel", kernel, "-j", "1", "--ready-symbol", "spin", "--", "-v")
+    assert found.returncode == 0, found.stdout + found.stderr
+    assert outcomes(found.stdout)["test_nothing_is_mapped_below_the_kernel_base"] == "PASSED"
+    run = kgen("run", "--kernel", kernel, "--ready-symbol", "spin")
+    assert run.returncode == 0 and "kgen: ready: the kernel stayed in spin, paging on" in run.stderr, run.stderr
+    unknown = kgen("test", "--kernel", kernel, "--ready-symbol", "no_such_function")
+    assert unknown.returncode == 2 and "no symbol 'no_such_function'" in unknown.stderr, unknown.stderr
 
 
 @pytest.mark.parametrize("name, why", [

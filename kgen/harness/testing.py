@@ -54,6 +54,7 @@ class KernelUnderTest:
     append: str | None = None
     modules: tuple[str, ...] = ()
     qemu_args: tuple[str, ...] = ()
+    ready_symbol: str | None = None     # a function a foreign kernel stays in once booted (its idle loop)
 
     @classmethod
     def built(cls, config_path: Path | None, out_dir: Path, arch: str | None = None) -> KernelUnderTest:
@@ -68,11 +69,16 @@ class KernelUnderTest:
 
     @classmethod
     def foreign(cls, elf_path: Path, ready: str | None = None, *, boot_timeout: float | None = None,
-                memory_mib: int | None = None, append: str | None = None, modules=(), qemu_args=()
-                ) -> KernelUnderTest:
+                memory_mib: int | None = None, append: str | None = None, modules=(), qemu_args=(),
+                ready_symbol: str | None = None) -> KernelUnderTest:
         elf = ElfInfo.load(elf_path)
+        if ready_symbol is not None and ready_symbol not in elf.symbols:
+            raise KgenError(f"{elf_path}: no symbol {ready_symbol!r} for --ready-symbol (its symbol table names "
+                            "functions and labels; a stripped ELF has none)")
+        if ready_symbol is not None and ready is not None:
+            raise KgenError(f"{elf_path}: give --ready or --ready-symbol, not both")
         return cls(Path(elf_path), elf, None, ready, boot_timeout or BOOT_TIMEOUT, memory_mib or 128, append,
-                   tuple(modules), tuple(qemu_args))
+                   tuple(modules), tuple(qemu_args), ready_symbol)
 
     @property
     def qemu(self) -> str:
@@ -164,14 +170,15 @@ def boot(kernel: KernelUnderTest, accel: str = "tcg", *, poison: bytes | None = 
 
     def ready(machine) -> None:
         try:
-            wait_booted(machine, kernel.ready, timeout)
+            wait_booted(machine, kernel.ready, timeout, symbol=kernel.ready_symbol, elf=kernel.elf)
         except MachineError as err:
             raise RunFailed(explain(machine, kernel.elf, err)) from err
 
     options = kernel.machine_options(accel, poison)
+    how = (f"ready: {kernel.ready}" if kernel.ready else
+           f"inside: {kernel.ready_symbol}" if kernel.ready_symbol else "halted or idle")
     try:
-        machine = fresh_machine(options, ready, f"ready: {kernel.ready}" if kernel.ready else "halted or idle",
-                                cold=cold)
+        machine = fresh_machine(options, ready, how, cold=cold)
     except MachineError as err:
         refusal = qemu_refusal(err)
         if refusal is None:
@@ -184,48 +191,73 @@ def boot(kernel: KernelUnderTest, accel: str = "tcg", *, poison: bytes | None = 
         machine.shutdown()
 
 
-def wait_booted(machine, ready: str | None, timeout: float) -> str:
+def wait_booted(machine, ready: str | None, timeout: float, *, symbol: str | None = None,
+                elf: ElfInfo | None = None) -> str:
     """Wait until a foreign kernel is ready to be looked at; return how it got there, or raise `MachineError`.
 
-    With `ready`, when that text is on COM1. Without, when the CPU is halted with interrupts off (nothing can wake
-    it: final at once, paging on or off), or halted with interrupts on and paging on at the same instruction
-    IDLE_SETTLE seconds apart (an idle loop). A final halt before `ready` appeared is reported at once too."""
+    With `ready`, when that text is on COM1. With `symbol`, when the CPU stays inside that function of `elf`
+    (EIP named after it at samples IDLE_SETTLE seconds apart, none in between elsewhere): a place the kernel stays,
+    such as its idle or busy loop, found without a breakpoint. Without either, when the CPU is halted with
+    interrupts off (nothing can wake it: final at once, paging on or off), or halted with interrupts on and paging
+    on at the same instruction IDLE_SETTLE seconds apart (an idle loop). A final halt before the text appeared, or
+    outside the symbol, is reported at once too."""
     from kgen.arch.hw import CR0_PG
+    if symbol is not None:
+        goal = f"inside {symbol}"
+    elif ready is not None:
+        goal = f"ready ({ready!r} on COM1)"
+    else:
+        goal = "halted"
     deadline = time.monotonic() + timeout
-    idle: tuple[int, float] | None = None      # (EIP, when first seen halted there with interrupts on)
+    settled: tuple[int | str, float] | None = None      # (EIP or symbol, when first seen there)
     regs = None
     while True:
         if ready is not None and ready in machine.serial:
             return f"printed {ready!r}"
         state = machine.status()
         if state != "running":
-            raise MachineError(f"the guest stopped in runstate {state} before it was "
-                               + (f"ready ({ready!r} on COM1)" if ready is not None else "halted"))
+            raise MachineError(f"the guest stopped in runstate {state} before it was {goal}")
         regs = machine.registers()
         now = time.monotonic()
         paging = "on" if regs.cr0 & CR0_PG else "off"
+        here = None
+        if symbol is not None:
+            found = elf.symbol_at(regs.eip) if elf is not None else None
+            here = symbol if found is not None and found.name == symbol else None
         if regs.halted and not regs.eflags & EFLAGS_IF:
-            if ready is None:
+            if symbol is None and ready is None:
                 return f"halted with interrupts off, paging {paging}"
-            if ready in machine.serial:
+            if ready is not None and ready in machine.serial:
                 return f"printed {ready!r}"
+            if here is not None:
+                return f"halted in {symbol}, interrupts off, paging {paging}"
             raise MachineError(f"the kernel halted with interrupts off (for good, paging {paging}) before "
-                               f"{ready!r} appeared on COM1")
-        if ready is None and regs.halted and regs.cr0 & CR0_PG:
-            if idle is not None and idle[0] == regs.eip:
-                if now - idle[1] >= IDLE_SETTLE:
-                    return "idle: halted with interrupts on, paging on"
-            else:
-                idle = (regs.eip, now)
+                               + (f"{ready!r} appeared on COM1" if ready is not None else f"it reached {symbol}"))
+        if symbol is not None:
+            mark = here
+        elif ready is None and regs.halted and regs.cr0 & CR0_PG:
+            mark = regs.eip
         else:
-            idle = None
+            mark = None
+        if mark is None:
+            settled = None
+        elif settled is not None and settled[0] == mark:
+            if now - settled[1] >= IDLE_SETTLE:
+                return (f"stayed in {symbol}, paging {paging}" if symbol is not None
+                        else "idle: halted with interrupts on, paging on")
+        else:
+            settled = (mark, now)
         if now >= deadline:
-            want = (f"{ready!r} did not appear on COM1" if ready is not None else
-                    "the kernel neither halted with interrupts off nor sat idle in hlt with paging on")
+            if symbol is not None:
+                want = f"the CPU did not stay in {symbol}"
+            elif ready is not None:
+                want = f"{ready!r} did not appear on COM1"
+            else:
+                want = "the kernel neither halted with interrupts off nor sat idle in hlt with paging on"
             raise MachineError(f"{want} within {timeout:g} s (last seen: "
                                f"{'halted' if regs.halted else 'running'}, interrupts "
                                f"{'on' if regs.eflags & EFLAGS_IF else 'off'}, paging {paging}); pass --ready "
-                               f"TEXT, or a longer --boot-timeout")
+                               f"TEXT or --ready-symbol SYMBOL, or a longer --boot-timeout")
         time.sleep(IDLE_POLL)
 
 
@@ -368,6 +400,7 @@ def pytest_args(args, extra: list[str]) -> list[str]:
         argv += ["--kgen-kernel", str(args.kernel.resolve())]
         # `=` forms: a value may begin with "-" (a QEMU argument) or hold spaces.
         for option, value in (("--kgen-ready", getattr(args, "ready", None)),
+                              ("--kgen-ready-symbol", getattr(args, "ready_symbol", None)),
                               ("--kgen-boot-timeout", getattr(args, "boot_timeout", None)),
                               ("--kgen-memory", getattr(args, "memory", None)),
                               ("--kgen-append", getattr(args, "append", None))):
@@ -495,7 +528,8 @@ def run_suite(args, extra: list[str]) -> int:
                 args.kernel, getattr(args, "ready", None), boot_timeout=getattr(args, "boot_timeout", None),
                 memory_mib=getattr(args, "memory", None), append=getattr(args, "append", None),
                 modules=getattr(args, "module", None) or (),
-                qemu_args=split_qemu_args(getattr(args, "qemu_arg", None) or ()))
+                qemu_args=split_qemu_args(getattr(args, "qemu_arg", None) or ()),
+                ready_symbol=getattr(args, "ready_symbol", None))
         except KgenError as err:
             raise UsageError(f"--kernel {err}") from None
         require_qemu(kernel.qemu)
@@ -505,8 +539,8 @@ def run_suite(args, extra: list[str]) -> int:
         else:
             check_boots(kernel, args.accel)
     else:
-        used = [name for name in ("ready", "boot_timeout", "memory", "append", "module", "qemu_arg")
-                if getattr(args, name, None)]
+        used = [name for name in ("ready", "ready_symbol", "boot_timeout", "memory", "append", "module",
+                                  "qemu_arg") if getattr(args, name, None)]
         if used:
             raise UsageError(f"--{used[0].replace('_', '-')} is for a kernel given with --kernel; a kgen kernel "
                              "takes its machine from the config")
