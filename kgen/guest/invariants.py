@@ -407,10 +407,18 @@ def check_space(view: GuestView, top: int, *, idle: bool = True) -> list[str]:
     layout = view.need_layout()
     mode = view.mode
     names = mode.level_names
-    w = space_walker(view, top)
     problems = []
     where = f"space {top:#x}"
     entries = _top_entries(view, top)
+    first = _top_slot(view, layout.kernel_half_start)
+    running = view.regs.cr3 & mode.cr3_mask
+    fresh = True
+    if top != running and GENERATION_SYMBOL in view.elf.symbols and layout.arch == "i386":
+        generation = _kernel_word(view, GENERATION_SYMBOL, size=4)
+        fresh = dict(live_spaces(view)).get(top, generation) == generation
+    # A stale i386 kernel half (a kernel table made or freed since the copy; as_switch re-copies it before the space
+    # runs) may point at a frame used for something else by now: such a space is walked through its user half only.
+    w = space_walker(view, top) if fresh else _user_half_walker(view, top, first)
     recursive = entries[layout.recursive_slot]
     if not recursive & hw.PTE_P or recursive & mode.frame_mask != top:
         problems.append(f"{where}: {names[0]}[{layout.recursive_slot}] = {recursive:#x} is not its recursive slot")
@@ -425,7 +433,6 @@ def check_space(view: GuestView, top: int, *, idle: bool = True) -> list[str]:
         problems.append(f"{where}: {names[0]}[{layout.foreign_slot}] = {foreign:#x}: the foreign window is "
                         f"user-accessible")
     windows = {layout.recursive_slot, layout.foreign_slot}
-    first = _top_slot(view, layout.kernel_half_start)
     problems += [f"{where}: kernel-half {names[0]}[{i}] = {entries[i]:#x} has U/S: one entry below it away from "
                  f"a user-accessible kernel page" for i in range(first, len(entries))
                  if i not in windows and entries[i] & hw.PTE_P and entries[i] & hw.PTE_US]
@@ -437,21 +444,30 @@ def check_space(view: GuestView, top: int, *, idle: bool = True) -> list[str]:
             problems.append(f"{where}: kernel page {view.page(m.vstart)} is user-accessible ({m.attrs}) via {t.path}")
         elif m.vstart < layout.user_half_end <= m.vstart + m.size:
             problems.append(f"{where}: a mapping at {m.vstart:#x} reaches over the user half's end")
-    running = view.regs.cr3 & mode.cr3_mask
-    if top != running:
-        fresh = True
-        if GENERATION_SYMBOL in view.elf.symbols and layout.arch == "i386":
-            generation = _kernel_word(view, GENERATION_SYMBOL, size=4)
-            fresh = dict(live_spaces(view)).get(top, generation) == generation
-        if fresh:
-            mine = entries
-            theirs = _top_entries(view, running)
-            cpu_bits = hw.PTE_A | hw.PTE_D          # set by the CPU in whichever copy it walked
-            differ = [i for i in range(first, len(mine))
-                      if i not in windows and mine[i] & ~cpu_bits != theirs[i] & ~cpu_bits]
-            problems += [f"{where}: kernel-half {names[0]}[{i}] = {mine[i]:#x}, the running space's "
-                         f"{theirs[i]:#x}: the kernel half is not shared" for i in differ]
+    if top != running and fresh:
+        mine = entries
+        theirs = _top_entries(view, running)
+        cpu_bits = hw.PTE_A | hw.PTE_D          # set by the CPU in whichever copy it walked
+        differ = [i for i in range(first, len(mine))
+                  if i not in windows and mine[i] & ~cpu_bits != theirs[i] & ~cpu_bits]
+        problems += [f"{where}: kernel-half {names[0]}[{i}] = {mine[i]:#x}, the running space's "
+                     f"{theirs[i]:#x}: the kernel half is not shared" for i in differ]
     return problems
+
+
+def _user_half_walker(view: GuestView, top: int, first_kernel_slot: int) -> Walker:
+    """A walk of a space that sees its top-level table's kernel-half entries as empty."""
+    size = view.mode.entry_size
+    hidden = (top + first_kernel_slot * size, top + hw.PAGE_SIZE)
+
+    def read_phys(addr: int, length: int) -> bytes:
+        data = bytearray(view.read_phys(addr, length))
+        start, end = max(addr, hidden[0]), min(addr + length, hidden[1])
+        if start < end:
+            data[start - addr:end - addr] = bytes(end - start)
+        return bytes(data)
+    walker = view.need_walker()
+    return Walker(read_phys, top, view.mode, pse=walker.pse, nxe=walker.nxe)
 
 
 def _space_frames(view: GuestView, top: int) -> dict[int, str]:
