@@ -396,6 +396,33 @@ def test_kgen_run_calls_a_clean_halt_halted(kernels):
     assert ready.returncode == 0 and "kgen: ready: the kernel printed 'hhbb: ready'" in ready.stderr, ready.stderr
 
 
+def test_kgen_run_reports_start_on_their_own_line_and_show_com1_once(kernels):
+    # The kernel prints "p" with no newline, then halts with paging off (a clean stop for kgen run) ...
+    halted = kgen("run", "--kernel", str(kernels["paging-off"]))
+    assert halted.returncode == 0 and halted.stdout == "p\n", halted.stdout
+    assert "paging off" in halted.stderr, halted.stderr
+    # ... and one that never prints its ready text is a hang, its COM1 tail shown once.
+    hung = kgen("run", "--kernel", str(kernels["busy"]), "--ready", "never printed", "--timeout", "2")
+    assert hung.returncode == 4, hung.stdout + hung.stderr
+    assert hung.stdout.endswith("hhbb: ready\n")
+    assert hung.stderr.count("--- COM1 (tail) ---") == 1, hung.stderr
+    assert hung.stderr.strip().splitlines()[-1].startswith("kgen: error: hang: "), hung.stderr
+
+
+def test_a_diagnosis_shows_com1_once(kernels):
+    from kgen.errors import MachineError
+    from kgen.guest.diagnose import explain
+    from kgen.guest.elfinfo import ElfInfo
+    from kgen.machine import Machine
+    with Machine(kernel=kernels["busy"]) as machine:
+        machine.wait_for("hhbb: ready", 60)
+        with pytest.raises(MachineError) as seen:
+            machine.wait_for("never printed", 0.5)       # a machine step's error: its details hold COM1 too
+        failure = explain(machine, ElfInfo.load(kernels["busy"]), seen.value)
+    assert failure.details.count("--- COM1 (tail) ---") == 1, failure.details
+    assert "hhbb: ready" in failure.details and "command line: " in failure.details
+
+
 def test_boot_options_reach_the_machine(kernels, tmp_path):
     module = tmp_path / "mod.bin"
     module.write_bytes(b"module")

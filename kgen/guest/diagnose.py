@@ -126,7 +126,10 @@ def explain(machine, elf: ElfInfo | None, why: BaseException | str) -> Failure:
     evidence.append("--- COM1 (tail) ---")
     evidence.append(tail(serial) or "(empty)")
     if hasattr(why, "details"):
-        evidence.append(why.details())
+        # A machine step's details end with COM1's tail too: shown once, above.
+        text = why.details()
+        cut = text.find("\n--- COM1 (tail) ---")
+        evidence.append(text[:cut] if cut >= 0 else text)
     return Failure(kind, summary, "\n".join(evidence))
 
 

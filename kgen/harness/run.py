@@ -121,7 +121,7 @@ def run(args) -> int:
             if args.kernel is not None:
                 stopped = _foreign_stop(machine, elf, args.ready, args.timeout, args.ready_symbol)
                 if stopped is not None:
-                    sys.stdout.flush()
+                    _end_kernel_line(machine)
                     print(f"kgen: {stopped}", file=sys.stderr)
                     return EXIT_OK
             status = machine.wait_exit(args.timeout)
@@ -134,7 +134,7 @@ def run(args) -> int:
                 if args.accel == "kvm":
                     hint = (f" - this host's KVM may be unable to run {layout.arch}'s paging mode "
                             "(docs/toolchain.md); try --accel tcg")
-                sys.stdout.flush()
+                _end_kernel_line(machine)
                 print(failure.details, file=sys.stderr)
                 raise KernelFailed(failure.summary + hint) from None
         if status == -signal.SIGINT:
@@ -154,10 +154,17 @@ def run(args) -> int:
         else:
             meaning = f"not the kernel's success status {layout.success_status}"
         failure = explain(machine, elf, f"exit status {status}, {meaning}")
-    sys.stdout.flush()
+    _end_kernel_line(machine)
     print(failure.details, file=sys.stderr)
     print(f"kgen: {failure.summary}", file=sys.stderr)
     return EXIT_KERNEL_FAILED
+
+
+def _end_kernel_line(machine) -> None:
+    """End the kernel's last COM1 line on the terminal, so kgen's own lines on stderr start on a line of their own."""
+    if machine.serial and not machine.serial.endswith("\n"):
+        sys.stdout.write("\n")
+    sys.stdout.flush()
 
 
 @contextmanager
