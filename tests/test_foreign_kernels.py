@@ -243,6 +243,86 @@ _start:
 """
 
 
+# An ELF64 booted by QEMU's -kernel through the Multiboot header's address fields (flag bit 16): 32-bit entry, PAE
+# with EFER.LME, one 2 MiB identity page (writable, so its text is too: a true finding), PML4[511] recursive, long
+# mode, print and halt.
+ELF64_MULTIBOOT = r"""
+.set FLAGS, 0x00010003
+.text
+.code32
+.globl _start
+.align 4
+mb_header:
+    .long 0x1BADB002, FLAGS, -(0x1BADB002 + FLAGS)
+    .long mb_header, mb_header, __load_end, __bss_end, _start
+_start:
+    cli
+    mov $stack_top, %esp
+    mov $pml4, %edi
+    xor %eax, %eax
+    mov $3072, %ecx
+    rep stosl
+    movl $(pdpt + 3), pml4
+    movl $(pd + 3), pdpt
+    movl $0x83, pd                      /* 2 MiB at 0: P RW PS */
+    movl $(pml4 + 3), pml4 + 511 * 8
+    mov %cr4, %eax
+    or $0x20, %eax                      /* PAE */
+    mov %eax, %cr4
+    mov $pml4, %eax
+    mov %eax, %cr3
+    mov $0xC0000080, %ecx               /* EFER.LME */
+    rdmsr
+    or $0x100, %eax
+    wrmsr
+    mov %cr0, %eax
+    or $0x80010001, %eax                /* PG | WP | PE */
+    mov %eax, %cr0
+    lgdt gdtr
+    ljmp $0x08, $long_mode
+.code64
+long_mode:
+    lea ready64(%rip), %rsi
+1:  lodsb
+    test %al, %al
+    jz 2f
+    mov $0x3F8, %dx
+    out %al, %dx
+    jmp 1b
+2:  cli
+    hlt
+    jmp 2b
+.section .rodata
+ready64: .asciz "x64: ready\n"
+.data
+.align 8
+gdt:  .quad 0, 0x00AF9A000000FFFF
+gdtr: .word 2 * 8 - 1
+      .long gdt
+.bss
+.align 4096
+pml4: .skip 4096
+pdpt: .skip 4096
+pd:   .skip 4096
+stack: .skip 4096
+stack_top:
+"""
+
+ELF64_LDS = """
+ENTRY(_start)
+PHDRS { text PT_LOAD FLAGS(5); rodata PT_LOAD FLAGS(4); data PT_LOAD FLAGS(6); }
+SECTIONS {
+  . = 1M;
+  .text : { *(.text) } :text
+  .rodata : ALIGN(0x1000) { *(.rodata) } :rodata
+  .data : ALIGN(0x1000) { *(.data) } :data
+  __load_end = .;
+  .bss : { *(.bss) } :data
+  __bss_end = .;
+}
+"""
+
+
 def hhbb(out: Path, name: str, **flags: int) -> Path:
     values = {"RECURSIVE": 0, "LARGE": 0, "BAD_PDE": 0, "TICK_WAIT": 0, "NEEDS_MIB": 0, "BOOT_INFO": 0, "BUSY": 0,
               **flags}
@@ -268,6 +348,12 @@ def kernels(tmp_path_factory):
     subprocess.run(["as", "--64", "-o", out / "elf64.o", out / "elf64.S"], check=True)
     subprocess.run(["ld", "-m", "elf_x86_64", "-Ttext", "0x100000", "-o", elf64, out / "elf64.o"], check=True)
     built["elf64"] = elf64
+    (out / "mb64.S").write_text(ELF64_MULTIBOOT)
+    (out / "mb64.ld").write_text(ELF64_LDS)
+    subprocess.run(["as", "--64", "-o", out / "mb64.o", out / "mb64.S"], check=True)
+    subprocess.run(["ld", "-m", "elf_x86_64", "-T", out / "mb64.ld", "-z", "max-page-size=0x1000", "-o",
+                    out / "mb64.elf", out / "mb64.o"], check=True)
+    built["mb64"] = out / "mb64.elf"
     return built
 
 
@@ -384,6 +470,22 @@ def test_an_elf_qemu_refuses_is_one_line_with_qemus_reason(kernels, name, why):
         assert len(lines) == 1 and why in lines[0], result.stderr
         assert "QEMU refused to boot it: qemu-system-" in lines[0], lines[0]
         assert "Error loading uncompressed kernel without PVH ELF Note" in lines[0] or name == "elf64", lines[0]
+
+
+def test_an_elf64_with_multiboot_address_fields_is_checked_in_long_mode(kernels):
+    run = kgen("run", "--kernel", str(kernels["mb64"]))
+    assert run.returncode == 0 and run.stdout == "x64: ready\n", run.stdout + run.stderr
+    assert "paging on, at RIP=0x0000000000100" in run.stderr, run.stderr
+    result = kgen("test", "--kernel", str(kernels["mb64"]), "-j", "1", "--", "-v", "-rs")
+    assert result.returncode == 1, result.stdout + result.stderr
+    seen = outcomes(result.stdout)
+    assert seen["test_paging_and_write_protect_are_on"] == "PASSED"
+    assert seen["test_recursive_slot_maps_the_pd_supervisor_only"] == "PASSED"        # PML4[511]
+    assert seen["test_walker_agrees_with_qemu_gva2gpa"] == "PASSED"
+    # The one 2 MiB page is writable, so the text in it is: found, named by its PML4 path.
+    assert seen["test_elf_segments_map_vaddr_to_paddr_no_wider_than_their_flags"] == "FAILED"
+    assert "(segment R-X, loaded at 0x100000): writable" in result.stdout and "PML4[0]" in result.stdout
+    assert "not a higher-half kernel" in result.stdout
 
 
 def test_kgen_run_calls_a_clean_halt_halted(kernels):
