@@ -1,6 +1,6 @@
 # User programs: ring-3 code the kernel copies into a task's address space (user_load), each between a label and
 # its _end label. They run at USER_TEXT_BASE, wherever these bytes sit in the kernel's .rodata, so they name only
-# layout constants and their own labels relative to one another (a call/pop finds where they run).
+# layout constants and their own labels relative to one another (a call over its text finds where it runs).
 # System calls: xax = number, xbx/xdx = arguments; SYSTEM_CALL is `syscall` on x86_64, `int 0x80` on i386
 # (templates/task.s takes both on x86_64; user_int80 uses the gate there).
 
@@ -23,10 +23,11 @@ user_hello:
     mov eax, [xdx]
     add eax, [xdx + 0x3000]
     mov [xdx + 0x5000], eax
-    call .Lhello_here                               # where am I: the return address
-.Lhello_here:
+    call .Lhello_end                                # pushes where the text lies: the next byte
+.Lhello_text:
+    .ascii "hello from ring 3\n"
+.Lhello_end:
     pop xbx
-    add xbx, .Lhello_text - .Lhello_here
     mov edx, .Lhello_end - .Lhello_text
     mov eax, SYS_WRITE
     SYSTEM_CALL
@@ -34,9 +35,6 @@ user_hello:
     mov ebx, [xdx + 0x5000]
     mov eax, SYS_EXIT
     SYSTEM_CALL
-.Lhello_text:
-    .ascii "hello from ring 3\n"
-.Lhello_end:
 user_hello_end:
 
 # user_bad_write: asks the kernel to write from a kernel address; exits with 0 - the result (1 when refused)
