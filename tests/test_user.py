@@ -155,6 +155,19 @@ def test_executing_nx_user_data_stops_the_task(kernel):
                   "protection read user fetch")
 
 
+def test_a_privileged_instruction_stops_the_task(kernel):
+    s = kernel
+    free = s.call("pmm_stats_free")
+    space, task, status = run(s, "user_cli")
+    assert status == s.layout.task_killed_status
+    [line] = faults(s)
+    assert int(line["task"], 16) == task and int(line["space"], 16) == space
+    assert hw.EXCEPTION_NAMES[int(line["vector"], 16)].startswith("#GP"), line   # cli with IOPL 0
+    assert int(line["ip"], 16) == s.layout.user_text_base and line["bits"].strip() == ""
+    assert space not in [top for top, _ in live_spaces(s)]
+    assert s.call("pmm_stats_free") == free
+
+
 @pytest.mark.parametrize("arch", ["i386"], indirect=True)
 def test_i386_user_data_is_executable(kernel):
     """The control of the NX probe: i386 paging has no NX, so the same program runs to its exit."""

@@ -119,3 +119,12 @@ user_null_calls:
     mov eax, SYS_EXIT
     SYSTEM_CALL
 user_null_calls_end:
+
+# user_cli: a privileged instruction in ring 3 (IOPL is 0): a general-protection fault, not a page fault
+.balign 0x10, 0x0
+user_cli:
+    cli
+    mov ebx, 0x0
+    mov eax, SYS_EXIT
+    SYSTEM_CALL
+user_cli_end:
