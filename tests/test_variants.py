@@ -17,6 +17,7 @@ import pytest
 
 from kgen.build.config import Config
 
+import minikernels
 from conftest import ARCH_BUILDS, needs_qemu
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,13 +83,15 @@ def test_every_variant_turns_kgen_test_red(tmp_path, variant, arch):
                                    f"{stage.returncode}\n" + stage.stdout[-3000:] + stage.stderr)
 
 
-def test_exercise_stages_are_skipped_for_a_kernel_kgen_did_not_build(tmp_path, default_build):
-    """--kernel: anyone's Multiboot ELF, no layout, no call channel. The stages skip, saying why."""
-    result = kgen_test(tmp_path / "out", "--kernel", str(default_build.elf), "-k", "test_exercise", "--", "-rs")
+def test_exercise_stages_are_skipped_for_a_kernel_kgen_did_not_build(tmp_path):
+    """--kernel: anyone's Multiboot ELF (here a higher-half kernel built with GNU as), no layout, no call channel.
+    The stages skip, saying why."""
+    elf = minikernels.build(tmp_path, "hobby", minikernels.HIGHER_HALF, minikernels.HIGHER_HALF_LDS, WRITABLE_TEXT=0)
+    result = kgen_test(tmp_path / "out", "--kernel", str(elf), "-k", "test_exercise", "--", "-rs")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr
     summary = result.stdout.strip().splitlines()[-1]
     assert "skipped" in summary and "passed" not in summary and "failed" not in summary, summary
-    assert "kernel.elf was not built by kgen: its layout and call channel are unknown" in result.stdout
+    assert "hobby.elf was not built by kgen: its layout and call channel are unknown" in result.stdout
 
 
 # ---- the exercise checks themselves turn red ---------------------------------------------------------------------
