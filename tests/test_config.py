@@ -28,6 +28,7 @@ def test_defaults_give_the_documented_layout():
 @pytest.mark.parametrize("values, key, rule", [
     (dict(kernel_virtual_base=0xC0001000), "kernel.virtual_base", "aligned to 4 MiB"),
     (dict(kernel_virtual_base=0), "kernel.virtual_base", "above 0"),
+    (dict(kernel_virtual_base=0x3FC00000), "kernel.virtual_base", "must be at least 0x40000000: the user half"),
     (dict(kernel_virtual_base=0xFFC00000), "kernel.virtual_base", "beyond 4 GiB"),
     (dict(kernel_load_address=0x100800), "kernel.load_address", "aligned to a page"),
     (dict(kernel_load_address=0x80000), "kernel.load_address", "at or above 0x100000"),

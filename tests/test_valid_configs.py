@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 from conftest import needs_qemu
 from kgen.arch import ARCHES
 from kgen.build.config import Config, load
-from kgen.build.layout import RAM_ABOVE_IMAGE, TOP_2_GIB, Layout, compute
+from kgen.build.layout import I386_MIN_USER_HALF, RAM_ABOVE_IMAGE, TOP_2_GIB, Layout, compute
 from kgen.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,7 +109,7 @@ def valid_values(draw, arch: str, memory_cap: int | None = None) -> dict:
     # The virtual base: i386 anywhere 4 MiB aligned above the identity window with a kernel half of 256 MiB or
     # more; x86_64 such that the image lies in the top 2 GiB.
     if arch == "i386":
-        lowest = -(-image_phys_end // a.span(0)) * a.span(0)
+        lowest = max(I386_MIN_USER_HALF, -(-image_phys_end // a.span(0)) * a.span(0))
         assume(lowest <= 0xF0000000)
         v["kernel_virtual_base"] = draw(st.one_of(
             st.just(max(0xC0000000, lowest)), st.just(lowest),
@@ -338,7 +338,7 @@ def test_the_generator_reaches_the_edges_it_is_meant_to():
         ends = {e for s, e in windows_of(config).values()} | {s for s, e in windows_of(config).values()}
         if config.vmm_base in ends or config.vmm_base + config.vmm_size in ends:
             seen["vmm against another window"] = True
-        if config.arch == "i386" and config.kernel_virtual_base < 0x40000000:
+        if config.arch == "i386" and config.kernel_virtual_base == I386_MIN_USER_HALF:
             seen["low i386 base"] = True
 
     sample()
@@ -376,19 +376,25 @@ def vm_settings():
     return wrap
 
 
-@pytest.mark.vm
-@needs_qemu
-@pytest.mark.parametrize("arch", ARCH_NAMES)
-@vm_settings()
-@given(data=st.data())
-def test_kgen_test_passes_on_drawn_valid_configs(arch, data, tmp_path_factory):
-    config = data.draw(valid_configs(arch, memory_cap=VM_MEMORY_MIB))
-    work = tmp_path_factory.mktemp(f"config-{arch}")
+# Many edges at once, always run: every window touches another; i386: the kernel half from 1 GiB, the temp-map
+# window in the image's page table, RAM at its minimum (16 MiB reached exactly); x86_64: the image ending at 2**64,
+# one temp-map slot in the last PTE below it, the vmm window at its minimum sharing PML4[511], slots 256 and 257.
+EDGE_CONFIGS = {
+    "i386": dict(kernel_virtual_base=0x40000000, kernel_load_address=0xA00000, kernel_max_size=0x200000,
+                 kernel_stack_size=0x1000, paging_recursive_slot=259, paging_foreign_slot=257,
+                 tempmap_base=0x40800000, tempmap_slots=512, vmm_base=0x41000000, vmm_size=0xC00000,
+                 machine_memory_mib=16),
+    "x86_64": dict(kernel_virtual_base=0xFFFFFFFFFF500000, kernel_load_address=0x900000, kernel_max_size=0x200000,
+                   kernel_stack_size=0x20000, paging_recursive_slot=256, paging_foreign_slot=257,
+                   tempmap_base=0xFFFFFFFFFFDFF000, tempmap_slots=1, vmm_base=0xFFFFFFFF80000000, vmm_size=0x800000,
+                   machine_memory_mib=16),
+}
+
+
+def run_kgen_test(config: Config, work: Path, replay: str = "") -> None:
     path = work / "kgen.toml"
     path.write_text(toml_of(config))
-    replay = (f"replay: kgen test --config {path}  (sample: KGEN_CONFIG_SEED={SEED or 'unset, derandomized'} "
-              f"KGEN_CONFIG_EXAMPLES={EXAMPLES})")
-    print(f"{arch} config:\n{path.read_text()}{replay}")
+    print(f"{config.arch} config:\n{path.read_text()}{replay}")
     assert compute(load(path)) == compute(config), "the written kgen.toml is not the drawn config"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     result = subprocess.run([sys.executable, "-m", "kgen.cli", "test", "--config", str(path), "--out",
@@ -399,3 +405,31 @@ def test_kgen_test_passes_on_drawn_valid_configs(arch, data, tmp_path_factory):
         assume(False)
     tail = "\n".join((result.stdout + result.stderr).splitlines()[-40:])
     assert result.returncode == 0, f"kgen test failed on an accepted config:\n{path.read_text()}{replay}\n{tail}"
+
+
+@pytest.mark.vm
+@needs_qemu
+@pytest.mark.parametrize("arch", ARCH_NAMES)
+def test_kgen_test_passes_on_the_edge_config(arch, tmp_path):
+    config = Config.for_arch(arch, **EDGE_CONFIGS[arch])
+    layout = compute(config)
+    windows = sorted((r.start, r.end) for r in layout.regions() if r.name != "boot identity window")
+    touching = sum(a[1] == b[0] for a, b in zip(windows, windows[1:]))
+    if arch == "i386":
+        assert touching == len(windows) - 1, "the i386 edge config's windows should all touch"
+    else:
+        assert touching >= 2 and windows[-1][1] == 1 << 64, "the x86_64 edge config's image should end at 2**64"
+    assert layout.memory_bytes <= layout.ram_needed + MIB, "the edge config should have RAM at its minimum"
+    run_kgen_test(config, tmp_path)
+
+
+@pytest.mark.vm
+@needs_qemu
+@pytest.mark.parametrize("arch", ARCH_NAMES)
+@vm_settings()
+@given(data=st.data())
+def test_kgen_test_passes_on_drawn_valid_configs(arch, data, tmp_path_factory):
+    config = data.draw(valid_configs(arch, memory_cap=VM_MEMORY_MIB))
+    replay = (f"replay: kgen test --config <the file above>  (sample: KGEN_CONFIG_SEED={SEED or 'unset, derandomized'} "
+              f"KGEN_CONFIG_EXAMPLES={EXAMPLES})")
+    run_kgen_test(config, tmp_path_factory.mktemp(f"config-{arch}"), replay)

@@ -20,6 +20,9 @@ MIN_MEMORY_MIB = 16
 # Guest RAM the kernel needs above its image window, beyond the tables vmm_init makes at boot: frames for page
 # tables, the heap and the temp-map round trips of `kgen test` (which take their frames above the image).
 RAM_ABOVE_IMAGE = 4 * MIB
+# The i386 user half [0, kernel.virtual_base) is at least this large: user programs and the suite's address spaces
+# put their pages there (x86_64's user half is always the lower canonical half).
+I386_MIN_USER_HALF = 0x40000000
 # Room the vmm window keeps for vmm_alloc beyond the heap's slab window, in last-level page tables' spans: enough
 # for ranges that make page tables and give them back.
 VMM_ROOM_TABLES = 2
@@ -669,6 +672,10 @@ def compute(config: Config) -> Layout:
               f"must be at or above {show_int(LOW_MEMORY_END)} (the first MiB holds BIOS data and VGA memory)")
     if c.kernel_virtual_base == 0:
         _fail(c, "kernel.virtual_base", 0, "must be above 0: the kernel lives in the higher half")
+    if arch.name == "i386" and c.kernel_virtual_base < I386_MIN_USER_HALF:
+        _fail(c, "kernel.virtual_base", c.kernel_virtual_base,
+              f"must be at least {show_int(I386_MIN_USER_HALF)}: the user half below it holds address spaces' user "
+              "pages and user programs (1 GiB at least, Linux's lowest split)")
     if c.kernel_max_size == 0:
         _fail(c, "kernel.max_size", 0, "must be at least one page")
     if c.kernel_stack_size == 0:
