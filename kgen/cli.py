@@ -69,6 +69,8 @@ def _add_foreign_boot_args(p: argparse.ArgumentParser):
                    "booted when it halts with interrupts off, or idles in hlt with paging on)")
     p.add_argument("--ready-symbol", metavar="SYMBOL", help="with --kernel: booted once the CPU stays inside this "
                    "function of the ELF (its idle or busy loop), found by sampling EIP")
+    p.add_argument("--ready-after", type=positive_seconds, metavar="SECONDS", help="with --kernel: booted once "
+                   "paging is on and the page tables have not changed for this long (a kernel that never halts)")
     p.add_argument("--module", action="append", metavar="FILE[,ARGS]",
                    help="with --kernel: a Multiboot module (QEMU -initrd) and its command line; repeatable")
     p.add_argument("--qemu-arg", action="append", metavar="ARGS",

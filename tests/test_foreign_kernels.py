@@ -405,6 +405,7 @@ def test_a_reserved_bit_in_a_pde_is_a_finding_of_each_check_not_a_crash(kernels)
     assert seen["test_elf_segments_map_vaddr_to_paddr_no_wider_than_their_flags"] == "FAILED"
     assert "PD[770]" in result.stdout and "reserved bits 0x2000 set" in result.stdout, result.stdout
     assert "ERROR" not in seen.values() and "Traceback" not in result.stdout, result.stdout
+    assert seen["test_walker_agrees_with_qemu_info_tlb"] == "FAILED" and "During handling" not in result.stdout
 
 
 def test_info_tlb_oracle_agrees_on_4mib_pages_seen_through_a_recursive_slot(kernels):
@@ -444,7 +445,7 @@ def test_ready_text_is_an_option(kernels):
     assert "halted with interrupts off (for good, paging on) before 'never printed' appeared" in missing.stderr
 
 
-def test_ready_symbol_for_a_kernel_that_idles_busily(kernels):
+def test_ready_symbol_or_settle_time_for_a_kernel_that_idles_busily(kernels):
     kernel = str(kernels["busy"])
     never = kgen("test", "--kernel", kernel, "-j", "1", "--boot-timeout", "3")
     assert never.returncode == 1, never.stdout + never.stderr
@@ -452,6 +453,11 @@ def test_ready_symbol_for_a_kernel_that_idles_busily(kernels):
     found = kgen("test", "--kernel", kernel, "-j", "1", "--ready-symbol", "spin", "--", "-v")
     assert found.returncode == 0, found.stdout + found.stderr
     assert outcomes(found.stdout)["test_nothing_is_mapped_below_the_kernel_base"] == "PASSED"
+    settled = kgen("test", "--kernel", kernel, "-j", "1", "--ready-after", "0.5", "-k", "below_the_kernel_base")
+    assert settled.returncode == 0, settled.stdout + settled.stderr
+    run = kgen("run", "--kernel", kernel, "--ready-after", "0.5")
+    assert run.returncode == 0 and "kgen: ready: the kernel settled: paging on, page tables unchanged for 0.5 s" \
+        in run.stderr, run.stderr
     run = kgen("run", "--kernel", kernel, "--ready-symbol", "spin")
     assert run.returncode == 0 and "kgen: ready: the kernel stayed in spin, paging on" in run.stderr, run.stderr
     unknown = kgen("test", "--kernel", kernel, "--ready-symbol", "no_such_function")

@@ -10,7 +10,8 @@ Fixtures: `kgen_kernel` (session: elf_path, elf, layout), `kgen_layout` (skips u
 `kgen_idle` (one boot per module, stopped: for tests that only look), `kgen_kvm` (session: `(usable, why)` from a
 probe boot under KVM), `kgen_accel`; `kgen_boot(kernel, accel)` and `assert_holds(check, view)` for your own.
 Options: --kgen-config, --kgen-arch, --kgen-out, --kgen-kernel, --kgen-accel, --kgen-cold-boot; for a kernel given
-with --kgen-kernel how to boot it and when to look: --kgen-ready, --kgen-ready-symbol, --kgen-boot-timeout, --kgen-memory, --kgen-append,
+with --kgen-kernel how to boot it and when to look: --kgen-ready, --kgen-ready-symbol, --kgen-ready-after,
+--kgen-boot-timeout, --kgen-memory, --kgen-append,
 --kgen-module, --kgen-qemu-arg.
 
 Every machine a fixture hands out is as a cold boot leaves it, but only the first per kernel is booted: the
@@ -38,6 +39,8 @@ def pytest_addoption(parser):
                     "booted when the CPU halts with interrupts off, or sits idle in hlt with paging on)")
     group.addoption("--kgen-ready-symbol", metavar="SYMBOL", help="with --kgen-kernel: booted once the CPU stays "
                     "inside this function (its idle or busy loop), found by sampling EIP")
+    group.addoption("--kgen-ready-after", type=float, metavar="SECONDS", help="with --kgen-kernel: booted once "
+                    "paging is on and the page tables have not changed for this long")
     group.addoption("--kgen-boot-timeout", type=float, help="with --kgen-kernel: seconds to wait for the booted "
                     "state (default: 60)")
     group.addoption("--kgen-memory", type=int, help="with --kgen-kernel: guest RAM in MiB (default: 128)")
@@ -70,7 +73,8 @@ def kgen_kernel(request, tmp_path_factory):
             return KernelUnderTest.foreign(
                 opt("kgen_kernel"), opt("kgen_ready"), boot_timeout=opt("kgen_boot_timeout"),
                 memory_mib=opt("kgen_memory"), append=opt("kgen_append"), modules=opt("kgen_module"),
-                qemu_args=split_qemu_args(opt("kgen_qemu_arg")), ready_symbol=opt("kgen_ready_symbol"))
+                qemu_args=split_qemu_args(opt("kgen_qemu_arg")), ready_symbol=opt("kgen_ready_symbol"),
+                ready_after=opt("kgen_ready_after"))
         return KernelUnderTest.built(opt("kgen_config"), opt("kgen_out") or tmp_path_factory.mktemp("kgen-kernel"),
                                      opt("kgen_arch"))
     except KgenError as err:

@@ -56,7 +56,8 @@ def run(args) -> int:
     from kgen.guest.bootreport import EXIT_SUCCESS, reported_success
     from kgen.machine import Machine
 
-    foreign_only = [name for name in ("ready", "ready_symbol", "module", "qemu_arg") if getattr(args, name, None)]
+    foreign_only = [name for name in ("ready", "ready_symbol", "ready_after", "module", "qemu_arg")
+                    if getattr(args, name, None)]
     if foreign_only and args.kernel is None:
         raise UsageError(f"--{foreign_only[0].replace('_', '-')} is for a kernel given with --kernel")
     if args.append is not None and args.iso is not None:
@@ -91,8 +92,8 @@ def run(args) -> int:
     except KgenError as err:
         raise UsageError(f"--kernel {err}") from None
 
-    if args.ready_symbol is not None and args.ready is not None:
-        raise UsageError("give --ready or --ready-symbol, not both")
+    if sum(x is not None for x in (args.ready, args.ready_symbol, args.ready_after)) > 1:
+        raise UsageError("give one of --ready, --ready-symbol, --ready-after")
     if args.ready_symbol is not None and args.ready_symbol not in elf.symbols:
         raise UsageError(f"--ready-symbol {args.ready_symbol}: {elf_path} has no such symbol")
 
@@ -119,7 +120,7 @@ def run(args) -> int:
     with _shut_down_after(machine):
         try:
             if args.kernel is not None:
-                stopped = _foreign_stop(machine, elf, args.ready, args.timeout, args.ready_symbol)
+                stopped = _foreign_stop(machine, elf, args.ready, args.timeout, args.ready_symbol, args.ready_after)
                 if stopped is not None:
                     _end_kernel_line(machine)
                     print(f"kgen: {stopped}", file=sys.stderr)
@@ -176,14 +177,14 @@ def _shut_down_after(machine):
 
 
 def _foreign_stop(machine, elf: ElfInfo, ready: str | None, timeout: float,
-                  symbol: str | None = None) -> str | None:
+                  symbol: str | None = None, settle: float | None = None) -> str | None:
     """For a kernel given with --kernel: the line saying it stopped cleanly (its --ready text seen, or halted as
     `kgen test` waits for), or None when QEMU exited first (its status is then judged as for any kernel). A
     kernel that gets neither far raises the MachineError `explain` reads."""
     from kgen.guest.diagnose import _symbol
     from kgen.harness.testing import wait_booted
     try:
-        how = wait_booted(machine, ready, timeout, symbol=symbol, elf=elf)
+        how = wait_booted(machine, ready, timeout, symbol=symbol, elf=elf, settle=settle)
     except MachineError:
         if machine.status() == "exited":
             return None
@@ -192,7 +193,7 @@ def _foreign_stop(machine, elf: ElfInfo, ready: str | None, timeout: float,
     regs = machine.registers()
     where = f"{'RIP' if regs.long_mode else 'EIP'}={_symbol(elf, regs.eip, long_mode=regs.long_mode)}"
     paging = "on" if regs.cr0 & hw.CR0_PG else "off"
-    if ready is not None or symbol is not None:
+    if ready is not None or symbol is not None or settle is not None:
         return f"ready: the kernel {how} (CPU at {where}, paging {paging})"
     return f"halted: the kernel {how}, at {where} (a clean stop; --ready TEXT asks for its own line instead)"
 

@@ -55,6 +55,7 @@ class KernelUnderTest:
     modules: tuple[str, ...] = ()
     qemu_args: tuple[str, ...] = ()
     ready_symbol: str | None = None     # a function a foreign kernel stays in once booted (its idle loop)
+    ready_after: float | None = None    # seconds of unchanged page tables that count as booted
 
     @classmethod
     def built(cls, config_path: Path | None, out_dir: Path, arch: str | None = None) -> KernelUnderTest:
@@ -70,15 +71,15 @@ class KernelUnderTest:
     @classmethod
     def foreign(cls, elf_path: Path, ready: str | None = None, *, boot_timeout: float | None = None,
                 memory_mib: int | None = None, append: str | None = None, modules=(), qemu_args=(),
-                ready_symbol: str | None = None) -> KernelUnderTest:
+                ready_symbol: str | None = None, ready_after: float | None = None) -> KernelUnderTest:
         elf = ElfInfo.load(elf_path)
         if ready_symbol is not None and ready_symbol not in elf.symbols:
             raise KgenError(f"{elf_path}: no symbol {ready_symbol!r} for --ready-symbol (its symbol table names "
                             "functions and labels; a stripped ELF has none)")
-        if ready_symbol is not None and ready is not None:
-            raise KgenError(f"{elf_path}: give --ready or --ready-symbol, not both")
+        if sum(x is not None for x in (ready, ready_symbol, ready_after)) > 1:
+            raise KgenError(f"{elf_path}: give one of --ready, --ready-symbol, --ready-after")
         return cls(Path(elf_path), elf, None, ready, boot_timeout or BOOT_TIMEOUT, memory_mib or 128, append,
-                   tuple(modules), tuple(qemu_args), ready_symbol)
+                   tuple(modules), tuple(qemu_args), ready_symbol, ready_after)
 
     @property
     def qemu(self) -> str:
@@ -170,13 +171,15 @@ def boot(kernel: KernelUnderTest, accel: str = "tcg", *, poison: bytes | None = 
 
     def ready(machine) -> None:
         try:
-            wait_booted(machine, kernel.ready, timeout, symbol=kernel.ready_symbol, elf=kernel.elf)
+            wait_booted(machine, kernel.ready, timeout, symbol=kernel.ready_symbol, elf=kernel.elf,
+                        settle=kernel.ready_after)
         except MachineError as err:
             raise RunFailed(explain(machine, kernel.elf, err)) from err
 
     options = kernel.machine_options(accel, poison)
     how = (f"ready: {kernel.ready}" if kernel.ready else
-           f"inside: {kernel.ready_symbol}" if kernel.ready_symbol else "halted or idle")
+           f"inside: {kernel.ready_symbol}" if kernel.ready_symbol else
+           f"settled: {kernel.ready_after}" if kernel.ready_after else "halted or idle")
     try:
         machine = fresh_machine(options, ready, how, cold=cold)
     except MachineError as err:
@@ -192,17 +195,21 @@ def boot(kernel: KernelUnderTest, accel: str = "tcg", *, poison: bytes | None = 
 
 
 def wait_booted(machine, ready: str | None, timeout: float, *, symbol: str | None = None,
-                elf: ElfInfo | None = None) -> str:
+                elf: ElfInfo | None = None, settle: float | None = None) -> str:
     """Wait until a foreign kernel is ready to be looked at; return how it got there, or raise `MachineError`.
 
     With `ready`, when that text is on COM1. With `symbol`, when the CPU stays inside that function of `elf`
     (EIP named after it at samples IDLE_SETTLE seconds apart, none in between elsewhere): a place the kernel stays,
-    such as its idle or busy loop, found without a breakpoint. Without either, when the CPU is halted with
+    such as its idle or busy loop, found without a breakpoint. With `settle`, when paging is on and CR3 and every
+    page table it reaches have not changed for that many seconds (a kernel that never halts, running its own code or
+    a module's). Without any of these, when the CPU is halted with
     interrupts off (nothing can wake it: final at once, paging on or off), or halted with interrupts on and paging
     on at the same instruction IDLE_SETTLE seconds apart (an idle loop). A final halt before the text appeared, or
     outside the symbol, is reported at once too."""
     from kgen.arch.hw import CR0_PG
-    if symbol is not None:
+    if settle is not None:
+        goal = f"settled (page tables unchanged for {settle:g} s)"
+    elif symbol is not None:
         goal = f"inside {symbol}"
     elif ready is not None:
         goal = f"ready ({ready!r} on COM1)"
@@ -226,14 +233,16 @@ def wait_booted(machine, ready: str | None, timeout: float, *, symbol: str | Non
             here = symbol if found is not None and found.name == symbol else None
         if regs.halted and not regs.eflags & EFLAGS_IF:
             if symbol is None and ready is None:
-                return f"halted with interrupts off, paging {paging}"
+                return f"halted with interrupts off, paging {paging}"     # final: nothing will change any more
             if ready is not None and ready in machine.serial:
                 return f"printed {ready!r}"
             if here is not None:
                 return f"halted in {symbol}, interrupts off, paging {paging}"
             raise MachineError(f"the kernel halted with interrupts off (for good, paging {paging}) before "
                                + (f"{ready!r} appeared on COM1" if ready is not None else f"it reached {symbol}"))
-        if symbol is not None:
+        if settle is not None:
+            mark = _tables_fingerprint(machine, regs) if regs.cr0 & CR0_PG else None
+        elif symbol is not None:
             mark = here
         elif ready is None and regs.halted and regs.cr0 & CR0_PG:
             mark = regs.eip
@@ -242,13 +251,17 @@ def wait_booted(machine, ready: str | None, timeout: float, *, symbol: str | Non
         if mark is None:
             settled = None
         elif settled is not None and settled[0] == mark:
-            if now - settled[1] >= IDLE_SETTLE:
+            if settle is not None and now - settled[1] >= settle:
+                return f"settled: paging on, page tables unchanged for {settle:g} s"
+            if settle is None and now - settled[1] >= IDLE_SETTLE:
                 return (f"stayed in {symbol}, paging {paging}" if symbol is not None
                         else "idle: halted with interrupts on, paging on")
         else:
             settled = (mark, now)
         if now >= deadline:
-            if symbol is not None:
+            if settle is not None:
+                want = f"paging was not on with page tables unchanged for {settle:g} s"
+            elif symbol is not None:
                 want = f"the CPU did not stay in {symbol}"
             elif ready is not None:
                 want = f"{ready!r} did not appear on COM1"
@@ -259,6 +272,21 @@ def wait_booted(machine, ready: str | None, timeout: float, *, symbol: str | Non
                                f"{'on' if regs.eflags & EFLAGS_IF else 'off'}, paging {paging}); pass --ready "
                                f"TEXT or --ready-symbol SYMBOL, or a longer --boot-timeout")
         time.sleep(IDLE_POLL)
+
+
+def _tables_fingerprint(machine, regs) -> tuple:
+    """CR3 and a digest of every page table it reaches (top level first), for `--ready-after`."""
+    from kgen.guest.invariants import GuestView
+    from kgen.guest.pagewalk import WalkError
+    view = GuestView(regs, machine.read_phys, None)
+    digest = hashlib.sha256()
+    try:
+        walker = view.need_walker()
+        for frame in [walker.top] + [frame for _, frame in walker.page_tables()]:
+            digest.update(machine.read_phys(frame, 4096))
+    except WalkError as err:
+        digest.update(str(err).encode())    # unwalkable: the same broken tables twice still count as unchanged
+    return regs.cr3, digest.hexdigest()
 
 
 def multiboot_problem(elf: ElfInfo) -> str | None:
@@ -401,6 +429,7 @@ def pytest_args(args, extra: list[str]) -> list[str]:
         # `=` forms: a value may begin with "-" (a QEMU argument) or hold spaces.
         for option, value in (("--kgen-ready", getattr(args, "ready", None)),
                               ("--kgen-ready-symbol", getattr(args, "ready_symbol", None)),
+                              ("--kgen-ready-after", getattr(args, "ready_after", None)),
                               ("--kgen-boot-timeout", getattr(args, "boot_timeout", None)),
                               ("--kgen-memory", getattr(args, "memory", None)),
                               ("--kgen-append", getattr(args, "append", None))):
@@ -529,7 +558,7 @@ def run_suite(args, extra: list[str]) -> int:
                 memory_mib=getattr(args, "memory", None), append=getattr(args, "append", None),
                 modules=getattr(args, "module", None) or (),
                 qemu_args=split_qemu_args(getattr(args, "qemu_arg", None) or ()),
-                ready_symbol=getattr(args, "ready_symbol", None))
+                ready_symbol=getattr(args, "ready_symbol", None), ready_after=getattr(args, "ready_after", None))
         except KgenError as err:
             raise UsageError(f"--kernel {err}") from None
         require_qemu(kernel.qemu)
@@ -539,7 +568,7 @@ def run_suite(args, extra: list[str]) -> int:
         else:
             check_boots(kernel, args.accel)
     else:
-        used = [name for name in ("ready", "ready_symbol", "boot_timeout", "memory", "append", "module",
+        used = [name for name in ("ready", "ready_symbol", "ready_after", "boot_timeout", "memory", "append", "module",
                                   "qemu_arg") if getattr(args, name, None)]
         if used:
             raise UsageError(f"--{used[0].replace('_', '-')} is for a kernel given with --kernel; a kgen kernel "
