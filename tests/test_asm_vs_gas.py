@@ -40,15 +40,18 @@ def tools(arch, bits: int) -> tuple[tuple[str, ...], str, str]:
     return arch.gas_flags, arch.ld_emulation, arch.objdump_machine
 
 
-def gas_bytes(source: str, address: int, tmp_path, *, arch=I386, bits: int = 32) -> bytes:
+def gas_bytes(source: str, address: int, tmp_path, *, arch=I386, bits: int = 32, data: bool = False) -> bytes:
+    """`source` assembled and linked at `address`; with `data`, in .data, so alignment padding is zeros as in
+    .bss (ld pads .text with NOPs when an alignment is larger than the piece's own start's)."""
     flags, emulation, _ = tools(arch, bits)
     src = tmp_path / "piece.s"
     obj = tmp_path / "piece.o"
     out = tmp_path / "piece.bin"
-    src.write_text(source + "\n")
+    src.write_text((".data\n" if data else "") + source + "\n")
     subprocess.run(["as", *flags, "-msyntax=intel", "-mnaked-reg", str(src), "-o", str(obj)],
                    check=True, capture_output=True, text=True)
-    subprocess.run(["ld", "-m", emulation, f"-Ttext={address:#x}", "-e", f"{address:#x}", "--oformat", "binary",
+    place = f"-Tdata={address:#x}" if data else f"-Ttext={address:#x}"
+    subprocess.run(["ld", "-m", emulation, place, "-e", f"{address:#x}", "--oformat", "binary",
                     str(obj), "-o", str(out)], check=True, capture_output=True, text=True)
     return out.read_bytes()
 
@@ -164,7 +167,7 @@ def test_keystone_matches_gnu_as(kernel, result, tmp_path):
     arch = kernel.layout.architecture
     visible = visible_to(kernel, result.piece)
     reference = gas_bytes(asm.render(result.piece, visible), result.address, tmp_path, arch=arch,
-                          bits=result.piece.bits)
+                          bits=result.piece.bits, data=result.piece.section == ".bss")
     if result.piece.section == ".bss":
         assert len(reference) == len(result.data) and not any(reference)
     elif result.piece.section == ".text":
