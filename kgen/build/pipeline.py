@@ -174,7 +174,8 @@ def _make_dirs(out_dir: Path) -> list[Path]:
 def _remove_dirs(created: list[Path]) -> None:
     for path in created:                       # deepest first
         with contextlib.suppress(OSError):
-            (path / LOCK_NAME).unlink(missing_ok=True)
+            if [p.name for p in path.iterdir()] == [LOCK_NAME]:     # nothing else: no other build's output
+                (path / LOCK_NAME).unlink()
             path.rmdir()
 
 
