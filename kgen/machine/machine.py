@@ -118,6 +118,7 @@ class Machine:
         self._ram: GuestRam | None = None
         self._launched = False
         self._closed = False
+        self._ignore_shared = False   # the migration capability is set once per QEMU
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -347,8 +348,10 @@ class Machine:
             raise self._error(step, "this machine has no snapshot image (snapshot_image=)")
         # RAM lives in the shared file, which the harness saves and puts back itself (a memcpy); QEMU keeps CPU
         # and devices only. Writing 128 MiB of poisoned RAM into qcow2 and reading it back takes ≈0.3 s here.
-        self.qmp("migrate-set-capabilities", {"capabilities": [{"capability": "x-ignore-shared", "state": True}]},
-                 step=step)
+        if not self._ignore_shared:
+            self.qmp("migrate-set-capabilities",
+                     {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}, step=step)
+            self._ignore_shared = True
         out = self.hmp(f"{command} {SNAPSHOT_NAME}", step=step).strip()
         if out:
             raise self._error(step, f"{command}: {out}")
@@ -366,8 +369,7 @@ class Machine:
         `loadvm` resets the machine first, which copies the kernel's ELF segments back into RAM as at power-on;
         so RAM is restored after it. Anything the previous user left in COM1 or COM2 is dropped."""
         started = time.monotonic()
-        if self.status() == "running":
-            self.stop()
+        self.stop()     # stopping a stopped machine is a no-op for QEMU: cheaper than asking first
         self._snapshot_step("restore", "loadvm")
         self._ram.restore(state.ram)
         self._serial.reset(state.serial)

@@ -203,8 +203,9 @@ class MachinePool:
             if self._entries.get(entry.key) is not entry:
                 return False                    # evicted meanwhile: just quit
             try:
-                reusable = m.alive and m.status() in ("running", "paused") and m.com2_unread_by_guest() == 0
-                if reusable and m.status() == "running":
+                state = m.status() if m.alive else "exited"
+                reusable = state in ("running", "paused") and m.com2_unread_by_guest() == 0
+                if reusable and state == "running":
                     m.stop()
             except (MachineError, OSError):
                 reusable = False
