@@ -1,5 +1,6 @@
 """A machine restored from a snapshot is the machine a cold boot gives (kgen/machine/snapshot.py), and what one
-test does to its machine never reaches the next: both architectures under TCG, x86_64 under KVM where it runs."""
+test does to its machine never reaches the next: both architectures under TCG, x86_64 under KVM where it runs.
+Restores are asked for explicitly (`cold=False`), so these tests mean the same under KGEN_COLD_BOOT=1."""
 from __future__ import annotations
 
 import dataclasses
@@ -27,7 +28,7 @@ def leg(request):
 def restored_session(out, accel):
     """A session that must come from a restore: the pool's count of restores goes up by one."""
     before = POOL.counts["restored"] + POOL.counts["relaunched"]
-    session = open_session(out, accel).__enter__()
+    session = open_session(out, accel, cold=False).__enter__()
     if POOL.counts["restored"] + POOL.counts["relaunched"] != before + 1:
         session.__exit__(None, None, None)
         pytest.fail(f"the session was not restored: {POOL.counts}")
@@ -87,7 +88,7 @@ def differences(a: dict, b: dict) -> list[str]:
 
 def test_a_restored_machine_equals_a_cold_booted_one(leg):
     out, accel = leg
-    with open_session(out, accel):          # makes sure the snapshot exists
+    with open_session(out, accel, cold=False):      # makes sure the snapshot exists
         pass
     with open_session(out, accel, cold=True) as cold:
         cold_state = machine_state(cold)
@@ -108,7 +109,7 @@ def test_a_restored_machine_equals_a_cold_booted_one(leg):
 
 def test_what_a_test_does_never_reaches_the_next_restore(leg):
     out, accel = leg
-    with open_session(out, accel):
+    with open_session(out, accel, cold=False):
         pass
     first = restored_session(out, accel)
     try:
@@ -140,7 +141,7 @@ def test_what_a_test_does_never_reaches_the_next_restore(leg):
 
 def test_a_machine_whose_qemu_exited_is_restored_into_a_new_qemu(leg):
     out, accel = leg
-    with open_session(out, accel):
+    with open_session(out, accel, cold=False):
         pass
     s = restored_session(out, accel)
     try:
@@ -148,7 +149,7 @@ def test_a_machine_whose_qemu_exited_is_restored_into_a_new_qemu(leg):
     finally:
         s.__exit__(None, None, None)
     before = POOL.counts["relaunched"]
-    with open_session(out, accel) as again:
+    with open_session(out, accel, cold=False) as again:
         assert POOL.counts["relaunched"] == before + 1
         assert again.call("pmm_alloc") != 0
 
@@ -157,7 +158,7 @@ def test_a_machine_whose_qemu_exited_is_restored_into_a_new_qemu(leg):
 def test_bytes_left_on_com2_never_reach_the_next_test(default_build, leftover, reused):
     # A few bytes go into the UART's receive FIFO, which is device state: loadvm puts the FIFO back. More than
     # the FIFO holds stay in the socket, where nothing could take them back: that machine is not reused.
-    with open_session(default_build):
+    with open_session(default_build, cold=False):
         pass
     s = restored_session(default_build, "tcg")
     pid = s.machine.pid
@@ -166,7 +167,7 @@ def test_bytes_left_on_com2_never_reach_the_next_test(default_build, leftover, r
         s.machine.com2.sendall(b"\x01" * leftover)     # part of a request the stopped guest never reads
     finally:
         s.__exit__(None, None, None)
-    with open_session(default_build) as again:
+    with open_session(default_build, cold=False) as again:
         assert (again.machine.pid == pid) == reused
         assert again.call("pmm_alloc") != 0
 
