@@ -64,16 +64,7 @@
 .section .text
 # as_entry(vaddr, level) -> the virtual address of the attached space's entry that maps vaddr at level (0 = top)
 as_entry:
-    mov xax, [xsp + WORD_SIZE]
-.if WORD_SIZE == 8
-    shl rax, 0x40 - VA_BITS                         # drop the sign-extended top bits
-    shr rax, 0x40 - VA_BITS
-.endif
-    mov xdx, [xsp + 2*WORD_SIZE]
-    movzx ecx, byte ptr [paging_level_shift + xdx]
-    shr xax, cl
-    mov xcx, [paging_foreign_entries + xdx*WORD_SIZE]
-    lea xax, [xcx + xax*ENTRY_SIZE]
+    LEVEL_ENTRY paging_foreign_entries                # templates/macros.inc
     ret
 
 # as_find(top) -> the address of the space record holding top, or 0 (as_find(0) finds a free record)

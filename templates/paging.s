@@ -20,16 +20,7 @@
 .section .text
 # paging_entry(vaddr, level) -> the virtual address of the entry that maps vaddr at level (0 = the top table)
 paging_entry:
-    mov xax, [xsp + WORD_SIZE]
-.if WORD_SIZE == 8
-    shl rax, 0x40 - VA_BITS                         # drop the sign-extended top bits
-    shr rax, 0x40 - VA_BITS
-.endif
-    mov xdx, [xsp + 2*WORD_SIZE]
-    movzx ecx, byte ptr [paging_level_shift + xdx]
-    shr xax, cl
-    mov xcx, [paging_level_entries + xdx*WORD_SIZE]
-    lea xax, [xcx + xax*ENTRY_SIZE]
+    LEVEL_ENTRY paging_level_entries                # templates/macros.inc
     ret
 
 # paging_table_present(vaddr) -> 1 when the page table holding vaddr's PTE exists (every level above the last has
