@@ -533,6 +533,28 @@ def require_kvm_for(kernel: KernelUnderTest, cache_dir: Path | None) -> None:
                           "use --accel tcg")
 
 
+def foreign_kernel_from_args(args) -> KernelUnderTest:
+    """The --kernel ELF and its boot and "when to look" options (`_add_foreign_boot_args` in kgen/cli.py), as
+    `kgen test --kernel` and `kgen inspect --kernel` take them: a missing file or module, or no usable ELF, is one
+    line (UsageError)."""
+    if not args.kernel.is_file():
+        raise UsageError(f"--kernel {args.kernel}: no such file" if not args.kernel.exists()
+                         else f"--kernel {args.kernel}: not a file")
+    if args.config is not None and getattr(args, "memory", None) is None:
+        from kgen.build import config as configmod      # the one key of a kgen config a foreign kernel uses
+        args.memory = configmod.load(args.config, args.arch).machine_memory_mib
+    check_modules(getattr(args, "module", None) or ())
+    try:
+        return KernelUnderTest.foreign(   # a file that is no usable ELF fails here, in one line
+            args.kernel, getattr(args, "ready", None), boot_timeout=getattr(args, "boot_timeout", None),
+            memory_mib=getattr(args, "memory", None), append=getattr(args, "append", None),
+            modules=getattr(args, "module", None) or (),
+            qemu_args=split_qemu_args(getattr(args, "qemu_arg", None) or ()),
+            ready_symbol=getattr(args, "ready_symbol", None), ready_after=getattr(args, "ready_after", None))
+    except KgenError as err:
+        raise UsageError(f"--kernel {err}") from None
+
+
 def run_suite(args, extra: list[str]) -> int:
     """`kgen test`: build the kernel (unless --kernel), run the suite; pytest's exit status mapped onto kgen's.
 
@@ -545,22 +567,7 @@ def run_suite(args, extra: list[str]) -> int:
     if args.junitxml is not None:
         check_report_path("--junitxml", args.junitxml)
     if args.kernel is not None:
-        if not args.kernel.is_file():
-            raise UsageError(f"--kernel {args.kernel}: no such file" if not args.kernel.exists()
-                             else f"--kernel {args.kernel}: not a file")
-        if args.config is not None and getattr(args, "memory", None) is None:
-            from kgen.build import config as configmod      # the one key of a kgen config a foreign kernel uses
-            args.memory = configmod.load(args.config, args.arch).machine_memory_mib
-        check_modules(getattr(args, "module", None) or ())
-        try:
-            kernel = KernelUnderTest.foreign(   # a file that is no usable ELF fails here, in one line
-                args.kernel, getattr(args, "ready", None), boot_timeout=getattr(args, "boot_timeout", None),
-                memory_mib=getattr(args, "memory", None), append=getattr(args, "append", None),
-                modules=getattr(args, "module", None) or (),
-                qemu_args=split_qemu_args(getattr(args, "qemu_arg", None) or ()),
-                ready_symbol=getattr(args, "ready_symbol", None), ready_after=getattr(args, "ready_after", None))
-        except KgenError as err:
-            raise UsageError(f"--kernel {err}") from None
+        kernel = foreign_kernel_from_args(args)
         require_qemu(kernel.qemu)
         check_qemu_accepts(kernel)
         if args.accel == "kvm":
