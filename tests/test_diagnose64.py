@@ -231,7 +231,7 @@ def test_a_long_mode_triple_fault_names_rip(elfs):
     failure = explain(machine, elfs["64"], "wait: 'x' did not appear")
     assert failure.kind == "triple fault"
     assert failure.summary == f"{TRIPLE}RIP=0xffffffff80100514 <kmain+0x14> CR2=0x0000000000100000"
-    assert ("registers: RIP=0xffffffff80100514 RSP=0xffffffff80108fd8 RFLAGS=0x00000046 CR0=0x80010011 "
+    assert ("registers: RIP=0xffffffff80100514 CS=0x0008 CPL=0 RSP=0xffffffff80108fd8 RFLAGS=0x00000046 CR0=0x80010011 "
             "CR2=0x0000000000100000 CR3=0x0000000000104000 CR4=0x000000a0 EFER=0x0000000000000d00 halted=True"
             ) in failure.details
 
@@ -258,7 +258,7 @@ def test_a_64_bit_exception_line_wins_over_the_registers(elfs):
 def test_an_i386_triple_fault_and_hang_read_as_before(elfs):
     failure = explain(StoppedMachine(INFO_REGISTERS_I386, "shutdown", reset=True), elfs["32"], "w")
     assert failure.summary == f"{TRIPLE}EIP=0x0010007d <kmain+0xd> CR2=0xd0000000"
-    assert ("registers: EIP=0x0010007d ESP=0x00080000 EFLAGS=0x00000046 CR0=0x80000011 CR2=0xd0000000 "
+    assert ("registers: EIP=0x0010007d CS=0x0008 CPL=0 ESP=0x00080000 EFLAGS=0x00000046 CR0=0x80000011 CR2=0xd0000000 "
             "CR3=0x00300000 CR4=0x00000010 halted=True") in failure.details
     failure = explain(StoppedMachine(INFO_REGISTERS_I386, "running"), elfs["32"], "wait: nothing")
     assert failure.summary == "hang: wait: nothing; CPU halted at EIP=0x0010007d <kmain+0xd>"

@@ -149,11 +149,13 @@ def _registers(machine, state: str, evidence: list[str]):
 
 def register_line(regs) -> str:
     """The registers that say where a stopped CPU was, named as the mode it ran in names them."""
+    # CS and the privilege level the CPU ran at: a kernel stuck in ring 3 (a user process) is not one stuck in ring 0.
+    ring = f"CS={regs.cs:#06x} CPL={'?' if regs.cpl is None else regs.cpl}"
     if not regs.long_mode:
-        return (f"EIP={regs.eip:#010x} ESP={regs.esp:#010x} EFLAGS={regs.eflags:#010x} CR0={regs.cr0:#010x} "
+        return (f"EIP={regs.eip:#010x} {ring} ESP={regs.esp:#010x} EFLAGS={regs.eflags:#010x} CR0={regs.cr0:#010x} "
                 f"CR2={regs.cr2:#010x} CR3={regs.cr3:#010x} CR4={regs.cr4:#010x} halted={regs.halted}")
     efer = f"{regs.efer:#018x}" if regs.efer is not None else "?"
-    return (f"RIP={regs.eip:#018x} RSP={regs.esp:#018x} RFLAGS={regs.eflags:#010x} CR0={regs.cr0:#010x} "
+    return (f"RIP={regs.eip:#018x} {ring} RSP={regs.esp:#018x} RFLAGS={regs.eflags:#010x} CR0={regs.cr0:#010x} "
             f"CR2={regs.cr2:#018x} CR3={regs.cr3:#018x} CR4={regs.cr4:#010x} EFER={efer} halted={regs.halted}")
 
 
