@@ -197,6 +197,11 @@ class Walker:
 
     def translate(self, vaddr: int) -> Translation | None:
         """What the MMU would make of `vaddr`, or None where it would raise a not-present fault."""
+        return self.walk(vaddr)[1]
+
+    def walk(self, vaddr: int) -> tuple[tuple[EntryRef, ...], Translation | None]:
+        """The entries the MMU reads for `vaddr`, top level first, and the translation; where it would raise a
+        not-present fault, (entries read, the last one not present, None)."""
         mode = self.mode
         if not mode.contains(vaddr):
             raise ValueError(f"{vaddr:#x} is not a {mode.name} virtual address")
@@ -205,13 +210,13 @@ class Walker:
             index = vaddr >> mode.shift(level) & ((1 << mode.index_bits[level]) - 1)
             entry = self._table(level, base, chain)[index]
             if not entry & PTE_P:
-                return None
+                return chain + (self._ref(level, base, index, entry),), None
             frame, size = self._decode(chain, level, base, index, entry)
             rights = self._restrict(level, rights, entry)
             chain += (self._ref(level, base, index, entry),)
             if size:
-                return Translation(vaddr, frame | vaddr & (size - 1), size, entry,
-                                   self._attrs(entry, rights, size), chain)
+                return chain, Translation(vaddr, frame | vaddr & (size - 1), size, entry,
+                                          self._attrs(entry, rights, size), chain)
             level, base = level + 1, frame
 
     def physical_spans(self, vaddr: int, size: int) -> list[tuple[int, int]]:
