@@ -158,3 +158,184 @@ def build(out: Path, name: str, source: str, linker_script: str | None = None, *
         link = ["-T", out / f"{name}.ld", "-z", "max-page-size=0x1000"]
     subprocess.run(["ld", "-m", "elf_i386", *link, "-o", elf, obj], check=True)
     return elf
+
+
+# ---- a kernel with processes: two address spaces, user pages (REPORT) --------------------------------------------
+# The Higher Half Bare Bones layout (boot segment identity-loaded at 1 MiB, the rest at 0xC0000000 + 1 MiB) with a
+# GDT of its own (kernel code 0x08, data 0x10, user code 0x1b, user data 0x23) and two address spaces listed in the
+# array `spaces` (top-level table physical addresses, 0 = unused slot): the kernel's page directory `kpd` and a
+# process's `ppd`, which shares the kernel half (the same PDE) and adds two user pages (U/S, RW) outside the image: a
+# code page at PROCESS_USER_CODE and a stack page at PROCESS_USER_STACK, on frames at 4 MiB and 4 MiB + 4 KiB.
+# CURRENT=0|1: the space in CR3 when it halts (`cli; hlt` in ring 0, after printing PROCESS_READY).
+# FLAW=1: the process's space (only) keeps a supervisor identity map of the image at PD[0], a page table of its own:
+# the stray identity map the user pages must be told apart from.
+# RING3=1: instead of halting, run the process: `jmp .` at PROCESS_USER_CODE in ring 3, interrupts off.
+# FAULT_LOOP=1: instead of halting, touch the unmapped PROCESS_FAULT_ADDRESS with a #PF handler that returns without
+# mapping it: the same page fault at the same instruction over and over.
+PROCESS_READY = "proc: ready\n"
+PROCESS_USER_CODE = 0x08048000
+PROCESS_USER_STACK = 0xBFFFF000
+PROCESS_USER_FRAME = 0x00400000
+PROCESS_FAULT_ADDRESS = 0xDEAD0000
+PROCESS_SPACES = "spaces"
+PROCESS_SPACE_SLOTS = 4
+PROCESS = r"""
+.set KBASE, 0xC0000000
+.section .multiboot.data, "aw"
+.align 4
+    .long 0x1BADB002, 0x3, -(0x1BADB002 + 0x3)
+.section .multiboot.text, "ax"
+.globl _start
+_start:
+    cli
+    mov $(tables - KBASE), %edi
+    xor %eax, %eax
+    mov $(6 * 1024), %ecx               /* every table: RAM may be poisoned */
+    rep stosl
+    mov $0x100000, %esi                 /* physical: the boot segment, then the higher-half image */
+1:  mov %esi, %eax
+    or $1, %eax
+    cmp $(__data_start - KBASE), %esi
+    jb 2f
+    or $2, %eax
+2:  mov %esi, %edx
+    shr $12, %edx
+    and $0x3ff, %edx
+    mov %eax, kpt - KBASE(,%edx,4)
+    add $0x1000, %esi
+    cmp $(__image_end - KBASE), %esi
+    jb 1b
+    mov $(kpt - KBASE + 3), %eax
+    mov %eax, kpd - KBASE               /* identity, for the jump high */
+    mov %eax, kpd - KBASE + 768 * 4
+    mov $(kpd - KBASE), %eax
+    mov %eax, %cr3
+    mov %cr0, %eax
+    or $0x80010000, %eax                /* PG | WP */
+    mov %eax, %cr0
+    lea higher_half, %eax
+    jmp *%eax
+
+.text
+higher_half:
+    mov $stack_top, %esp
+    movl $0, kpd                        /* the identity entry */
+    mov %cr3, %eax
+    mov %eax, %cr3
+    lgdt gdtr
+    ljmp $0x08, $1f
+1:  mov $0x10, %ax
+    mov %ax, %ds
+    mov %ax, %es
+    mov %ax, %ss
+    mov kpd + 768 * 4, %eax             /* the process shares the kernel half */
+    mov %eax, ppd + 768 * 4
+    movl $(USER_FRAME + 7), upt + ((USER_CODE >> 12) & 0x3ff) * 4
+    movl $(upt - KBASE + 7), ppd + (USER_CODE >> 22) * 4
+    movl $(USER_FRAME + 0x1000 + 7), spt + ((USER_STACK >> 12) & 0x3ff) * 4
+    movl $(spt - KBASE + 7), ppd + (USER_STACK >> 22) * 4
+.if FLAW
+    mov $kpt, %esi                      /* the image's entries, supervisor, at their physical addresses */
+    mov $ipt, %edi
+    mov $1024, %ecx
+    rep movsl
+    movl $(ipt - KBASE + 3), ppd
+.endif
+.if CURRENT
+    mov $(ppd - KBASE), %eax
+    mov %eax, %cr3
+.endif
+    mov $ready, %esi
+    call puts
+.if FAULT_LOOP
+    movl $page_fault, %eax
+    mov %ax, idt + 14 * 8
+    movw $0x08, idt + 14 * 8 + 2
+    movw $0x8E00, idt + 14 * 8 + 4
+    shr $16, %eax
+    mov %ax, idt + 14 * 8 + 6
+    lidt idtr
+    movl $1, FAULT_ADDRESS
+.endif
+.if RING3
+    mov $(ppd - KBASE), %eax
+    mov %eax, %cr3
+    movw $0xFEEB, USER_CODE             /* jmp . */
+    mov $0x23, %ax
+    mov %ax, %ds
+    mov %ax, %es
+    push $0x23
+    push $(USER_STACK + 0x1000)
+    push $0x2                           /* EFLAGS: interrupts off */
+    push $0x1b
+    push $USER_CODE
+    iret
+.endif
+halt:
+    cli
+    hlt
+    jmp halt
+puts:
+    lodsb
+    test %al, %al
+    jz 1f
+    mov $0x3F8, %dx
+    out %al, %dx
+    jmp puts
+1:  ret
+page_fault:                             /* drops the error code and retries the same access: nothing mapped */
+    add $4, %esp
+    iret
+.section .rodata
+ready: .asciz "proc: ready\n"
+gdtr: .word 5 * 8 - 1
+      .long gdt
+idtr: .word 15 * 8 - 1
+      .long idt
+.data
+.align 8
+gdt:  .quad 0, 0x00CF9A000000FFFF, 0x00CF92000000FFFF, 0x00CFFA000000FFFF, 0x00CFF2000000FFFF
+.globl spaces
+.type spaces, @object
+spaces: .long kpd - KBASE, ppd - KBASE, 0, 0
+.size spaces, . - spaces
+.bss
+.align 4096
+tables:
+kpd: .skip 4096
+kpt: .skip 4096
+ppd: .skip 4096
+upt: .skip 4096
+spt: .skip 4096
+ipt: .skip 4096
+idt: .skip 15 * 8
+.align 16
+stack: .skip 4096
+stack_top:
+"""
+
+PROCESS_LDS = """
+ENTRY(_start)
+SECTIONS {
+  . = 1M;
+  .multiboot.data : { *(.multiboot.data) }
+  .multiboot.text : { *(.multiboot.text) }
+  . = ALIGN(0x1000) + 0xC0000000;
+  .text : AT(ADDR(.text) - 0xC0000000) { *(.text) }
+  . = ALIGN(0x1000);
+  .rodata : AT(ADDR(.rodata) - 0xC0000000) { *(.rodata) }
+  . = ALIGN(0x1000);
+  __data_start = .;
+  .data : AT(ADDR(.data) - 0xC0000000) { *(.data) }
+  .bss : AT(ADDR(.bss) - 0xC0000000) { *(.bss) }
+  __image_end = ALIGN(0x1000);
+}
+"""
+
+
+def process_kernel(out: Path, name: str, **flags: int) -> Path:
+    """The two-space kernel above, built with its flags (CURRENT, FLAW, RING3, FAULT_LOOP; 0 unless given)."""
+    values = {"CURRENT": 0, "FLAW": 0, "RING3": 0, "FAULT_LOOP": 0, **flags,
+              "USER_CODE": PROCESS_USER_CODE, "USER_STACK": PROCESS_USER_STACK, "USER_FRAME": PROCESS_USER_FRAME,
+              "FAULT_ADDRESS": PROCESS_FAULT_ADDRESS}
+    return build(out, name, PROCESS, PROCESS_LDS, **values)
