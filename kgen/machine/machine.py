@@ -74,7 +74,7 @@ class Machine:
                  poison: int | bytes | None = None, debug_exit_port: int = DEBUG_EXIT_PORT, echo_serial: bool = False,
                  icount: bool = False, ram_file: bool = True, extra_args: Sequence[str] = (),
                  qemu: str = "qemu-system-i386", snapshot_image: str | os.PathLike | None = None,
-                 start_paused: bool = False):
+                 start_paused: bool = False, gdbstub: bool = False):
         if (kernel is None) == (iso is None):
             raise ValueError("give exactly one of kernel= or iso=")
         if append is not None and kernel is None:
@@ -102,6 +102,7 @@ class Machine:
         self.qemu = qemu
         self.snapshot_image = Path(snapshot_image).resolve() if snapshot_image is not None else None
         self.start_paused = start_paused
+        self.gdbstub = gdbstub      # QEMU's gdbstub listens on gdb.sock in the machine's directory (gdbstub.py)
 
         self.com2: socket.socket | None = None  # connected to the guest's COM2 once launched; raw bytes both ways
         self.tmpdir: Path | None = None
@@ -242,6 +243,11 @@ class Machine:
         return self._proc.pid if self._proc is not None else None
 
     @property
+    def gdb_socket(self) -> Path | None:
+        """Where QEMU's gdbstub listens (`gdbstub=True`), for kgen.machine.gdbstub.GdbStub."""
+        return self.tmpdir / "gdb.sock" if self.gdbstub and self.tmpdir is not None else None
+
+    @property
     def alive(self) -> bool:
         return self._launched and not self._closed and self._proc is not None and self._proc.poll() is None
 
@@ -271,6 +277,10 @@ class Machine:
             # A drive no device uses: only the home of the internal snapshot (CPU and device state; RAM is kept
             # by the harness, see snapshot.py).
             args += ["-drive", f"if=none,id=kgen-snapshot,format=qcow2,file={_opt(self.snapshot_image)}"]
+        if self.gdbstub:
+            # A unix socket QEMU serves and nobody has to wait for: no port to collide with a parallel machine's.
+            args += ["-chardev", f"socket,id=gdb,path={_opt(self.gdb_socket)},server=on,wait=off",
+                     "-gdb", "chardev:gdb"]
         # Always held at the first instruction until launch has QMP and the RAM mapping: a kernel that exits in
         # its first microseconds is then reported by its exit, never as a launch that lost a race with it.
         args += ["-S"]
