@@ -106,6 +106,22 @@ def cmd_test(args, extra: list[str]) -> int:
     return run_suite(args, extra)
 
 
+def virtual_address(text: str) -> int:
+    """--va: an address in hex (0x...) or decimal, 0 or above."""
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an address (0xc0100000 or decimal)") from None
+    if value < 0 or value >= 1 << 64:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a 64-bit virtual address")
+    return value
+
+
+def cmd_inspect(args) -> int:
+    from kgen.inspect import run as inspect_run
+    return inspect_run(args)
+
+
 def parser() -> argparse.ArgumentParser:
     top = _Parser(prog="kgen", description="Generate a higher-half x86 kernel and check it in QEMU.",
                   epilog=exit_codes_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -154,6 +170,23 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--cold-boot", action="store_true",
                    help="boot a new machine for every test instead of restoring a snapshot of the booted kernel")
     t.set_defaults(func=cmd_test)
+
+    ins = command("inspect", help="boot the kernel, stop it where it is ready and show its virtual address space, "
+                                   "physical memory and invariants, or one translation (--va)",
+                  description="Text on a terminal, --json for scripts (docs/inspect.md), --html FILE for a page.")
+    _add_config_args(ins)
+    ins.add_argument("--kernel", type=Path, help="inspect this Multiboot ELF (any kernel) instead of kgen's")
+    _add_foreign_boot_args(ins)
+    ins.add_argument("--boot-timeout", type=positive_seconds, metavar="SECONDS",
+                     help="with --kernel: seconds to wait for the ready point (default: 60)")
+    ins.add_argument("--memory", type=positive_int, metavar="MIB", help="with --kernel: guest RAM in MiB")
+    ins.add_argument("--append", metavar="CMDLINE", help="with --kernel: the kernel command line")
+    ins.add_argument("--accel", choices=("tcg", "kvm"), default="tcg", help="QEMU accelerator (default: tcg)")
+    ins.add_argument("--va", type=virtual_address, metavar="ADDR",
+                     help="explain the translation of this virtual address step by step")
+    ins.add_argument("--json", action="store_true", help="print the document as JSON (schema: docs/inspect.md)")
+    ins.add_argument("--html", type=Path, metavar="FILE", help="write the document as one self-contained HTML page")
+    ins.set_defaults(func=cmd_inspect)
 
     be = command("bench", help="measure the memory managers (instructions under TCG -icount, KVM cycles) or, "
                                "with --harness, what a fresh machine per test costs",

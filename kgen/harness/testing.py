@@ -5,10 +5,12 @@ A kgen kernel is booted to serve calls (`kgen.serve`); it then sleeps in `hlt`, 
 stopped, inspected, and continued for the next call. Anyone else's Multiboot ELF has no call channel: it counts as
 booted when it prints its ready text (`--ready`), or, without one, when it reaches a state it will not leave by
 itself or idles (`wait_booted`): halted with interrupts off (paging on or off: final at once), or halted with
-interrupts on and paging on at the same instruction for IDLE_SETTLE seconds.
+interrupts on and paging on at the same instruction for IDLE_SETTLE seconds. `--ready-at` stops it where the CPU
+first reaches a symbol (a breakpoint through QEMU's gdbstub), `--ready-vga` once its VGA text screen shows a text.
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -56,6 +58,8 @@ class KernelUnderTest:
     qemu_args: tuple[str, ...] = ()
     ready_symbol: str | None = None     # a function a foreign kernel stays in once booted (its idle loop)
     ready_after: float | None = None    # seconds of unchanged page tables that count as booted
+    ready_at: ReadyAt | None = None     # where the CPU is stopped the first time it gets there (a breakpoint)
+    ready_vga: str | None = None        # VGA text-screen text a foreign kernel shows once booted
 
     @classmethod
     def built(cls, config_path: Path | None, out_dir: Path, arch: str | None = None) -> KernelUnderTest:
@@ -71,15 +75,17 @@ class KernelUnderTest:
     @classmethod
     def foreign(cls, elf_path: Path, ready: str | None = None, *, boot_timeout: float | None = None,
                 memory_mib: int | None = None, append: str | None = None, modules=(), qemu_args=(),
-                ready_symbol: str | None = None, ready_after: float | None = None) -> KernelUnderTest:
+                ready_symbol: str | None = None, ready_after: float | None = None, ready_at: str | None = None,
+                ready_vga: str | None = None) -> KernelUnderTest:
         elf = ElfInfo.load(elf_path)
         if ready_symbol is not None and ready_symbol not in elf.symbols:
             raise KgenError(f"{elf_path}: no symbol {ready_symbol!r} for --ready-symbol (its symbol table names "
                             "functions and labels; a stripped ELF has none)")
-        if sum(x is not None for x in (ready, ready_symbol, ready_after)) > 1:
-            raise KgenError(f"{elf_path}: give one of --ready, --ready-symbol, --ready-after")
+        if sum(x is not None for x in (ready, ready_symbol, ready_after, ready_at, ready_vga)) > 1:
+            raise KgenError(f"{elf_path}: give one of --ready, --ready-symbol, --ready-after, --ready-at, --ready-vga")
+        at = resolve_ready_at(elf, ready_at) if ready_at is not None else None
         return cls(Path(elf_path), elf, None, ready, boot_timeout or BOOT_TIMEOUT, memory_mib or 128, append,
-                   tuple(modules), tuple(qemu_args), ready_symbol, ready_after)
+                   tuple(modules), tuple(qemu_args), ready_symbol, ready_after, at, ready_vga)
 
     @property
     def qemu(self) -> str:
@@ -93,8 +99,11 @@ class KernelUnderTest:
     def machine_options(self, accel: str, poison: bytes | None) -> dict:
         """Machine(...) arguments booting this foreign kernel as the user asked."""
         extra = list(initrd_args(self.modules)) + list(self.qemu_args)
+        # --ready-at: held at the first instruction (-S) with the gdbstub up, so the breakpoint is in before the
+        # CPU runs anything (a symbol in the boot code is passed within microseconds).
+        at = dict(gdbstub=True, start_paused=True) if self.ready_at is not None else {}
         return dict(kernel=self.elf_path, accel=accel, poison=poison, qemu=self.qemu, memory_mib=self.memory_mib,
-                    append=self.append, extra_args=tuple(extra))
+                    append=self.append, extra_args=tuple(extra), **at)
 
     @property
     def probe_marker(self) -> str | None:
@@ -172,14 +181,16 @@ def boot(kernel: KernelUnderTest, accel: str = "tcg", *, poison: bytes | None = 
     def ready(machine) -> None:
         try:
             wait_booted(machine, kernel.ready, timeout, symbol=kernel.ready_symbol, elf=kernel.elf,
-                        settle=kernel.ready_after)
+                        settle=kernel.ready_after, at=kernel.ready_at, vga=kernel.ready_vga)
         except MachineError as err:
             raise RunFailed(explain(machine, kernel.elf, err)) from err
 
     options = kernel.machine_options(accel, poison)
     how = (f"ready: {kernel.ready}" if kernel.ready else
            f"inside: {kernel.ready_symbol}" if kernel.ready_symbol else
-           f"settled: {kernel.ready_after}" if kernel.ready_after else "halted or idle")
+           f"settled: {kernel.ready_after}" if kernel.ready_after else
+           f"at: {kernel.ready_at.addresses}" if kernel.ready_at else
+           f"vga: {kernel.ready_vga}" if kernel.ready_vga else "halted or idle")
     try:
         machine = fresh_machine(options, ready, how, cold=cold)
     except MachineError as err:
@@ -195,24 +206,32 @@ def boot(kernel: KernelUnderTest, accel: str = "tcg", *, poison: bytes | None = 
 
 
 def wait_booted(machine, ready: str | None, timeout: float, *, symbol: str | None = None,
-                elf: ElfInfo | None = None, settle: float | None = None) -> str:
+                elf: ElfInfo | None = None, settle: float | None = None, at: ReadyAt | str | None = None,
+                vga: str | None = None) -> str:
     """Wait until a foreign kernel is ready to be looked at; return how it got there, or raise `MachineError`.
 
     With `ready`, when that text is on COM1. With `symbol`, when the CPU stays inside that function of `elf`
     (EIP named after it at samples IDLE_SETTLE seconds apart, none in between elsewhere): a place the kernel stays,
     such as its idle or busy loop, found without a breakpoint. With `settle`, when paging is on and CR3 and every
     page table it reaches have not changed for that many seconds (a kernel that never halts, running its own code or
-    a module's). Without any of these, when the CPU is halted with
+    a module's). With `at` (a `ReadyAt`, or a symbol of `elf` or 0x address), when the CPU first gets there: a
+    breakpoint (`_wait_breakpoint`), the machine then left stopped exactly there. With `vga`, when the VGA text
+    screen shows that text (kgen/guest/vga.py). Without any of these, when the CPU is halted with
     interrupts off (nothing can wake it: final at once, paging on or off), or halted with interrupts on and paging
     on at the same instruction IDLE_SETTLE seconds apart (an idle loop). A final halt before the text appeared, or
     outside the symbol, is reported at once too."""
     from kgen.arch.hw import CR0_PG
+    from kgen.guest import vga as screen
+    if at is not None:
+        return _wait_breakpoint(machine, resolve_ready_at(elf, at) if isinstance(at, str) else at, timeout)
     if settle is not None:
         goal = f"settled (page tables unchanged for {settle:g} s)"
     elif symbol is not None:
         goal = f"inside {symbol}"
     elif ready is not None:
         goal = f"ready ({ready!r} on COM1)"
+    elif vga is not None:
+        goal = f"showing {vga!r} on the VGA screen"
     else:
         goal = "halted"
     deadline = time.monotonic() + timeout
@@ -224,6 +243,8 @@ def wait_booted(machine, ready: str | None, timeout: float, *, symbol: str | Non
         state = machine.status()
         if state != "running":
             raise MachineError(f"the guest stopped in runstate {state} before it was {goal}")
+        if vga is not None and screen.shows(screen.screen_rows(machine), vga):
+            return f"showed {vga!r} on the VGA screen"
         regs = machine.registers()
         now = time.monotonic()
         paging = "on" if regs.cr0 & CR0_PG else "off"
@@ -232,14 +253,17 @@ def wait_booted(machine, ready: str | None, timeout: float, *, symbol: str | Non
             found = elf.symbol_at(regs.eip) if elf is not None else None
             here = symbol if found is not None and found.name == symbol else None
         if regs.halted and not regs.eflags & EFLAGS_IF:
-            if symbol is None and ready is None:
+            if symbol is None and ready is None and vga is None:
                 return f"halted with interrupts off, paging {paging}"     # final: nothing will change any more
             if ready is not None and ready in machine.serial:
                 return f"printed {ready!r}"
+            if vga is not None and screen.shows(screen.screen_rows(machine), vga):
+                return f"showed {vga!r} on the VGA screen"
             if here is not None:
                 return f"halted in {symbol}, interrupts off, paging {paging}"
             raise MachineError(f"the kernel halted with interrupts off (for good, paging {paging}) before "
-                               + (f"{ready!r} appeared on COM1" if ready is not None else f"it reached {symbol}"))
+                               + (f"{ready!r} appeared on COM1" if ready is not None else
+                                  f"{vga!r} appeared on the VGA screen" if vga is not None else f"it reached {symbol}"))
         if settle is not None:
             mark = _tables_fingerprint(machine, regs) if regs.cr0 & CR0_PG else None
         elif symbol is not None:
@@ -265,13 +289,109 @@ def wait_booted(machine, ready: str | None, timeout: float, *, symbol: str | Non
                 want = f"the CPU did not stay in {symbol}"
             elif ready is not None:
                 want = f"{ready!r} did not appear on COM1"
+            elif vga is not None:
+                want = f"{vga!r} did not appear on the VGA screen"
             else:
                 want = "the kernel neither halted with interrupts off nor sat idle in hlt with paging on"
             raise MachineError(f"{want} within {timeout:g} s (last seen: "
                                f"{'halted' if regs.halted else 'running'}, interrupts "
                                f"{'on' if regs.eflags & EFLAGS_IF else 'off'}, paging {paging}); pass --ready "
-                               f"TEXT or --ready-symbol SYMBOL, or a longer --boot-timeout")
+                               f"TEXT, --ready-vga TEXT, --ready-at SYMBOL or --ready-symbol SYMBOL, or a longer "
+                               f"--boot-timeout")
         time.sleep(IDLE_POLL)
+
+
+@dataclass(frozen=True)
+class ReadyAt:
+    """Where `--ready-at` stops the CPU: `name` as the user gave it, `addresses` the linear addresses to break at.
+    A symbol's link address comes first; a symbol in a segment loaded elsewhere (a higher-half kernel's boot code,
+    run at its load address before paging is on) adds that load address, since the CPU may reach it there."""
+    name: str
+    addresses: tuple[int, ...]
+
+    def __str__(self) -> str:
+        link = f"{self.addresses[0]:#x}"
+        return link if self.name.lower().startswith("0x") else f"{self.name} ({link})"
+
+
+def resolve_ready_at(elf: ElfInfo, text: str) -> ReadyAt:
+    """`--ready-at` as a symbol of the ELF or a 0x address; an unknown symbol raises KgenError naming close ones."""
+    if text.lower().startswith("0x"):
+        try:
+            return ReadyAt(text, (int(text, 16),))
+        except ValueError:
+            raise KgenError(f"--ready-at {text}: not a hex address") from None
+    sym = elf.symbols.get(text)
+    if sym is None:
+        close = difflib.get_close_matches(text, list(elf.symbols), n=4, cutoff=0.6)
+        close += [name for name in sorted(elf.symbols) if text.lower() in name.lower() and name not in close][:4]
+        hint = (f"close matches: {', '.join(close)}" if close else
+                "it has no symbols (stripped?)" if not elf.symbols else "nothing close")
+        raise KgenError(f"{elf.path.name}: no symbol {text!r} for --ready-at ({hint}); name a symbol of the ELF "
+                        "or give a 0x address")
+    loads = [sym.value - seg.vaddr + seg.paddr for seg in elf.segments
+             if seg.paddr != seg.vaddr and seg.vaddr <= sym.value < seg.vaddr + seg.memsz]
+    return ReadyAt(text, tuple(dict.fromkeys([sym.value, *loads])))
+
+
+def _wait_breakpoint(machine, at: ReadyAt, timeout: float) -> str:
+    """Stop the guest the first time its CPU reaches `at`, through QEMU's gdbstub (kgen/machine/gdbstub.py); return
+    how it got there, leaving it stopped there (runstate "debug"), breakpoints removed and the stub hung up, so QMP
+    and snapshots see a plain stopped machine. A CPU that halts for good first, a guest that dies, or the deadline
+    raise MachineError (the guest then paused where it was, for the diagnosis)."""
+    from kgen.arch.hw import CR0_PG
+    from kgen.machine.gdbstub import GdbStub, GdbStubError
+    if getattr(machine, "gdb_socket", None) is None:
+        raise ValueError("--ready-at needs a Machine(gdbstub=True, start_paused=True): see "
+                         "KernelUnderTest.machine_options")
+    stub = GdbStub(machine.gdb_socket)
+    deadline = time.monotonic() + timeout
+    regs = None
+    try:
+        stub.connect()
+        for addr in at.addresses:
+            stub.insert_breakpoint(addr)
+        stub.cont()     # from -S: the first instruction the CPU runs is already watched
+        while True:
+            stop = stub.wait_stop(IDLE_POLL)
+            if stop is not None and stop.signal == 5:           # SIGTRAP: our breakpoint, the only one there is
+                regs = machine.registers()
+                stub.remove_breakpoints()
+                paging = "on" if regs.cr0 & CR0_PG else "off"
+                where = ("" if regs.eip == at.addresses[0] or regs.eip not in at.addresses else
+                         f" at its load address {regs.eip:#x}")
+                return f"reached {at.name}{where}, paging {paging}"
+            state = machine.status()
+            if stop is not None and stop.final or state not in ("running", "debug", "paused"):
+                raise MachineError(f"the guest stopped in runstate {state} before the CPU reached {at}")
+            if stop is not None:
+                stub.cont()     # paused by something else (SIGINT): carry on waiting for the breakpoint
+                continue
+            if state != "running":
+                continue        # stopped at the breakpoint a moment ago: its stop reply is on the way
+            regs = machine.registers()
+            paging = "on" if regs.cr0 & CR0_PG else "off"
+            if regs.halted and not regs.eflags & EFLAGS_IF:
+                raise MachineError(f"the kernel halted with interrupts off (for good, paging {paging}) before the "
+                                   f"CPU reached {at}")
+            if time.monotonic() >= deadline:
+                raise MachineError(f"the CPU did not reach {at} within {timeout:g} s (last seen: "
+                                   f"{'halted' if regs.halted else 'running'}, interrupts "
+                                   f"{'on' if regs.eflags & EFLAGS_IF else 'off'}, paging {paging}); name a place "
+                                   "the kernel gets to, or give a longer --boot-timeout")
+    except GdbStubError as err:
+        if machine.status() == "exited":
+            raise MachineError(f"QEMU exited before the CPU reached {at}") from None
+        raise MachineError(f"--ready-at {at.name}: {err}") from None
+    finally:
+        if stub.breakpoints:        # a failure: stop the guest where it is, take the breakpoints out
+            try:
+                if machine.status() == "running":
+                    stub.interrupt()
+                stub.remove_breakpoints()
+            except (GdbStubError, MachineError, OSError):
+                pass                # QEMU is gone or wedged: the diagnosis will say so
+        stub.close()
 
 
 def _tables_fingerprint(machine, regs) -> tuple:
@@ -353,7 +473,7 @@ def check_qemu_accepts(kernel: KernelUnderTest) -> None:
     QEMU's own reason, before the suite runs (not once per test)."""
     from kgen.machine import Machine
     options = kernel.machine_options("tcg", None)
-    machine = Machine(**options, ram_file=False, start_paused=True)
+    machine = Machine(**{**options, "start_paused": True}, ram_file=False)
     try:
         machine.launch()
     except MachineError as err:
@@ -430,6 +550,8 @@ def pytest_args(args, extra: list[str]) -> list[str]:
         for option, value in (("--kgen-ready", getattr(args, "ready", None)),
                               ("--kgen-ready-symbol", getattr(args, "ready_symbol", None)),
                               ("--kgen-ready-after", getattr(args, "ready_after", None)),
+                              ("--kgen-ready-at", getattr(args, "ready_at", None)),
+                              ("--kgen-ready-vga", getattr(args, "ready_vga", None)),
                               ("--kgen-boot-timeout", getattr(args, "boot_timeout", None)),
                               ("--kgen-memory", getattr(args, "memory", None)),
                               ("--kgen-append", getattr(args, "append", None))):
@@ -550,7 +672,8 @@ def foreign_kernel_from_args(args) -> KernelUnderTest:
             memory_mib=getattr(args, "memory", None), append=getattr(args, "append", None),
             modules=getattr(args, "module", None) or (),
             qemu_args=split_qemu_args(getattr(args, "qemu_arg", None) or ()),
-            ready_symbol=getattr(args, "ready_symbol", None), ready_after=getattr(args, "ready_after", None))
+            ready_symbol=getattr(args, "ready_symbol", None), ready_after=getattr(args, "ready_after", None),
+            ready_at=getattr(args, "ready_at", None), ready_vga=getattr(args, "ready_vga", None))
     except KgenError as err:
         raise UsageError(f"--kernel {err}") from None
 
@@ -575,7 +698,8 @@ def run_suite(args, extra: list[str]) -> int:
         else:
             check_boots(kernel, args.accel)
     else:
-        used = [name for name in ("ready", "ready_symbol", "ready_after", "boot_timeout", "memory", "append", "module",
+        used = [name for name in ("ready", "ready_symbol", "ready_after", "ready_at", "ready_vga",
+                                  "boot_timeout", "memory", "append", "module",
                                   "qemu_arg") if getattr(args, name, None)]
         if used:
             raise UsageError(f"--{used[0].replace('_', '-')} is for a kernel given with --kernel; a kgen kernel "

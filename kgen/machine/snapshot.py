@@ -100,6 +100,7 @@ class _Entry:
     state: MachineState
     machine: Machine | None = None      # stopped and waiting for its next restore, or None
     leased: bool = False
+    running: bool = True                # the ready state runs (False: stopped there, as `--ready-at` leaves it)
 
 
 class MachinePool:
@@ -165,7 +166,7 @@ class MachinePool:
                                           "each test boots it cold"), stacklevel=3)
             image.unlink(missing_ok=True)
             return machine
-        entry = _Entry(key, dict(options), image, state)
+        entry = _Entry(key, dict(options), image, state, running=was_running)
         self._entries[key] = entry
         self._evict()
         self._lease(entry, machine)
@@ -179,12 +180,12 @@ class MachinePool:
             if machine is None or not machine.alive:
                 if machine is not None:
                     machine.quit()
-                machine = Machine(**entry.options, snapshot_image=entry.image, start_paused=True)
+                machine = Machine(**{**entry.options, "start_paused": True}, snapshot_image=entry.image)
                 machine.launch()
                 self.counts["relaunched"] += 1
             else:
                 self.counts["restored"] += 1
-            machine.restore_state(entry.state)
+            machine.restore_state(entry.state, run=entry.running)
         except MachineError as err:
             warnings.warn(SnapshotWarning(f"kgen: restoring {self._name(entry.options)} failed ({err}); "
                                           "booting it cold instead"), stacklevel=4)
@@ -204,7 +205,9 @@ class MachinePool:
                 return False                    # evicted meanwhile: just quit
             try:
                 state = m.status() if m.alive else "exited"
-                reusable = state in ("running", "paused") and m.com2_unread_by_guest() == 0
+                # "debug": stopped by the gdbstub (--ready-at); "prelaunch": a relaunched machine restored and
+                # handed out stopped.
+                reusable = state in ("running", "paused", "debug", "prelaunch") and m.com2_unread_by_guest() == 0
                 if reusable and state == "running":
                     m.stop()
             except (MachineError, OSError):

@@ -1,0 +1,83 @@
+"""`kgen inspect`: boot a kernel (kgen's, built from the config, or anyone's Multiboot ELF with --kernel), stop it
+at its ready point and show what its memory is: the virtual address space by region, every physical frame's role,
+the invariants, and with --va one translation step by step.
+
+    model.py    collect(live) -> the document (a dict; docs/inspect.md is its schema)
+    explain.py  one translation: entries, their physical and recursive addresses, which accesses fault
+    text.py     the document as text for a terminal
+    html.py     the document as one self-contained HTML page (`render_html(doc) -> str`)
+
+The boot is `kgen test`'s (`kgen.harness.testing.boot`, `wait_booted`, `foreign_kernel_from_args`), so the
+"when to look" options of `kgen test --kernel` mean the same here. The machine is booted cold and shut down when
+the document is made, whatever happens.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+
+def _html_renderer():
+    """kgen.inspect.html.render_html, or a one-line refusal before anything boots."""
+    from kgen.errors import UsageError
+    try:
+        from kgen.inspect.html import render_html
+    except ImportError as err:
+        raise UsageError(f"--html: the HTML page is not available in this installation ({err})") from None
+    return render_html
+
+
+def run(args) -> int:
+    from kgen.errors import KernelFailed, UsageError
+    from kgen.guest.diagnose import RunFailed
+    from kgen.harness import testing
+    from kgen.inspect.model import collect
+    from kgen.inspect.text import render_text, use_colour
+
+    render_html = _html_renderer() if args.html is not None else None
+    if args.html is not None:
+        testing.check_report_path("--html", args.html)
+    if args.kernel is not None:
+        kernel = testing.foreign_kernel_from_args(args)
+        testing.require_qemu(kernel.qemu)
+        testing.check_qemu_accepts(kernel)
+    else:
+        used = [name for name in ("ready", "ready_symbol", "ready_after", "ready_at", "ready_vga", "boot_timeout",
+                                  "memory", "append", "module", "qemu_arg") if getattr(args, name, None)]
+        if used:
+            raise UsageError(f"--{used[0].replace('_', '-')} is for a kernel given with --kernel; a kgen kernel "
+                             "takes its machine from the config")
+        from kgen.build.pipeline import check_out_dir
+        check_out_dir(args.out)
+        kernel = testing.KernelUnderTest.built(args.config, args.out, args.arch)
+        testing.require_qemu(kernel.qemu)
+    if args.va is not None:
+        _check_va(kernel, args.va)
+    if args.accel == "kvm":
+        from kgen.harness.run import require_kvm
+        require_kvm()
+    try:
+        with testing.boot(kernel, args.accel, cold=True) as live:
+            doc = collect(live, accel=args.accel, va=args.va)
+    except RunFailed as err:
+        print(err.details(), file=sys.stderr)
+        raise KernelFailed(f"{kernel.elf_path.name} did not reach the point to look at: {err}") from None
+    if args.html is not None:
+        args.html.write_text(render_html(doc))
+        print(f"kgen: wrote {args.html}", file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps(doc, indent=1))
+    elif args.html is None:
+        sys.stdout.write(render_text(doc, colour=use_colour(sys.stdout)))
+    return 0
+
+
+def _check_va(kernel, vaddr: int) -> None:
+    """An address no CPU of this kernel's architecture can translate is refused before the boot."""
+    from kgen.arch import I386, X86_64
+    from kgen.errors import UsageError
+    arch = kernel.layout.architecture if kernel.layout is not None else (X86_64 if kernel.elf.bits == 64 else I386)
+    if not arch.is_canonical(vaddr):
+        what = (f"not canonical: bits 63..{arch.va_bits - 1} must all equal bit {arch.va_bits - 1}"
+                if arch.va_bits < 64 and arch.word_size == 8 else f"beyond the {arch.va_bits}-bit address space")
+        raise UsageError(f"--va {vaddr:#x}: {what} ({arch.name}); give an address the CPU can translate")

@@ -1,0 +1,456 @@
+"""The document `kgen inspect` prints: a stopped kernel's virtual address space, physical memory, invariants and
+(with --va) one translation, as one dict of plain values (docs/inspect.md is its schema).
+
+Nothing here decides an address. Regions come from the layout (`kgen/build/layout.py`) for a kgen kernel and from
+the ELF (segments, page-sized symbols) for any kernel; mappings from the `Walker`; the free stack from `PmmView`;
+problems from the checks of `kgen/guest/invariants.py`, attached to the ranges whose addresses they name.
+Addresses are lower-case hex strings (JavaScript loses precision above 2**53); `end` is exclusive.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from kgen.arch import hw
+from kgen.guest import invariants
+from kgen.guest.invariants import GuestView, NotApplicable
+from kgen.guest.pagewalk import PTE_NX, PTE_P, PTE_RW, PTE_US, PTE_G, Walker, WalkError
+
+SCHEMA_VERSION = 1
+PAGE = hw.PAGE_SIZE
+MIB = 1 << 20
+MODE_NAMES = {"i386": "32-bit", "pae": "PAE", "x86-64": "4-level"}
+
+
+def hexa(value: int) -> str:
+    return f"{value:#x}"
+
+
+@dataclass(frozen=True)
+class Region:
+    name: str
+    start: int
+    end: int
+    source: str         # "layout", "elf" or "symbol"
+    description: str
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "start": hexa(self.start), "end": hexa(self.end), "source": self.source,
+                "description": self.description}
+
+
+# ---- regions ---------------------------------------------------------------------------------------------------
+
+def kernel_word(view: GuestView, name: str, index: int = 0) -> int | None:
+    """A word variable of a kgen kernel, read at its physical address (the image's fixed offset); None if absent."""
+    if view.layout is None or name not in view.elf.symbols:
+        return None
+    size = view.layout.architecture.word_size
+    phys = view.elf.symbols[name].value - view.layout.kernel_virtual_base + index * size
+    return int.from_bytes(view.read_phys(phys, size), "little")
+
+
+def layout_regions(view: GuestView) -> list[Region]:
+    """The kgen layout's regions, and those the running kernel placed inside them (heap slabs, large blocks)."""
+    layout = view.layout
+    regions = [Region("user half", 0, layout.user_half_end, "layout",
+                      "one address space's own pages (user programs, user stacks); shared by no other space"),
+               Region("user lazy range", layout.user_lazy_window.start, layout.user_lazy_window.end, "layout",
+                      "a task's data and stack top, backed on first touch")]
+    described = {
+        "kernel image window": "the kernel's code, data, boot page tables and stack (kernel.max_size)",
+        "boot identity window": "the image identity-mapped while paging is switched on; unmapped after boot",
+        "recursive window": f"{view.mode.level_names[0]}[{layout.recursive_slot}] points at its own table: every "
+                            "page table of this space appears here as a page",
+        "temp-map window": "slots the kernel maps a frame into for a moment (temp_map/temp_unmap); empty when idle",
+        "vmm range window": "vmm_alloc's kernel ranges, the heap's slab window among them",
+        "foreign window": f"{view.mode.level_names[0]}[{layout.foreign_slot}] points at an attached space's top "
+                          "table while one is attached (as_attach): its page tables appear here",
+    }
+    regions += [Region(r.name, r.start, r.end, "layout", described.get(r.name, "")) for r in layout.regions()]
+    slabs = kernel_word(view, "heap_slab_base")
+    if slabs:
+        regions.append(Region("heap slab window", slabs, slabs + layout.heap_slab_pages * PAGE, "layout",
+                              "slab pages of kmalloc's size classes (heap_slab_base, heap.slab_pages)"))
+    if "heap_large" in view.elf.symbols:
+        for slot in range(layout.heap_large_slots):
+            start, pages = kernel_word(view, "heap_large", 2 * slot), kernel_word(view, "heap_large", 2 * slot + 1)
+            if start and pages:
+                regions.append(Region("heap large block", start, start + pages * PAGE, "layout",
+                                      f"a kmalloc block of {pages} whole pages (heap_large[{slot}])"))
+    return regions
+
+
+def elf_regions(view: GuestView) -> list[Region]:
+    """PT_LOAD segments, named by the sections of the symbols they hold, and the symbols a page or more long (a
+    sized object, or a page-aligned label up to the next symbol): the stacks and tables a kernel keeps in .bss."""
+    elf = view.elf
+    regions = []
+    for number, seg in enumerate(elf.segments):
+        if not seg.memsz:
+            continue
+        sections = []
+        for sym in elf.by_address:
+            if seg.vaddr <= sym.value < seg.vaddr + seg.memsz and sym.section and sym.section not in sections:
+                sections.append(sym.section)
+        rights = "".join(c if on else "-" for c, on in (("r", seg.readable), ("w", seg.writable),
+                                                       ("x", seg.executable)))
+        name = " ".join(sections) if sections else f"segment {number}"
+        regions.append(Region(f"{name} ({rights})", seg.vaddr, seg.vaddr + seg.memsz, "elf",
+                              f"PT_LOAD {number}: {rights}, loaded at physical {seg.paddr:#x}"))
+    symbols = [s for s in elf.by_address if s.section is not None]
+    for i, sym in enumerate(symbols):
+        if sym.size:
+            end = sym.value + sym.size
+        elif sym.value % PAGE == 0:
+            end = next((s.value for s in symbols[i + 1:] if s.value > sym.value), sym.value)
+        else:
+            continue
+        if end - sym.value >= PAGE:
+            regions.append(Region(sym.name, sym.value, end, "symbol", f"{sym.kind} in {sym.section}"))
+    return regions
+
+
+def all_regions(view: GuestView) -> list[Region]:
+    regions = layout_regions(view) if view.layout is not None else []
+    return regions + elf_regions(view)
+
+
+def region_of(regions: list[Region], vaddr: int) -> Region | None:
+    """The most specific region holding `vaddr`: the smallest."""
+    holding = [r for r in regions if r.start <= vaddr < r.end]
+    return min(holding, key=lambda r: (r.end - r.start, r.source != "symbol")) if holding else None
+
+
+# ---- the virtual address space ---------------------------------------------------------------------------------
+
+# What makes two neighbouring pages one range: the CPU sets Accessed and Dirty page by page, so those do not count.
+MERGE_BITS = PTE_P | PTE_RW | PTE_US | hw.PTE_PWT | hw.PTE_PCD | hw.PTE_PS | PTE_G | PTE_NX
+
+
+def flags_text(attrs: int, mode_has_nx: bool) -> str:
+    return "r" + ("w" if attrs & PTE_RW else "-") + ("-" if mode_has_nx and attrs & PTE_NX else "x")
+
+
+def virtual_ranges(view: GuestView, walker: Walker, regions: list[Region], problems: list[str]) -> list[dict]:
+    """Mapped ranges merged while the attributes and the region stay the same; the recursive windows as one range
+    each (their pages are the page tables)."""
+    has_nx = bool(walker.mode.nx_levels) and walker.nxe
+    cuts = sorted({r.start for r in regions} | {r.end for r in regions})
+    pieces = []
+    for m in walker.mappings():
+        page_size = walker.translate(m.vstart).size
+        start, end = m.vstart, m.vstart + m.size
+        inner = [c for c in cuts if start < c < end and c % page_size == 0]
+        for lo, hi in zip([start] + inner, inner + [end]):
+            pieces.append((lo, hi, m.pstart + lo - start, m.attrs, page_size, region_of(regions, lo)))
+    runs: list[list] = []
+    for lo, hi, phys, attrs, size, region in pieces:
+        last = runs[-1] if runs else None
+        if last and last[1] == lo and last[3] & MERGE_BITS == attrs & MERGE_BITS and last[4] == size \
+                and last[5] == region:
+            last[6] &= last[2] + (last[1] - last[0]) == phys
+            last[1] = hi
+        else:
+            runs.append([lo, hi, phys, attrs, size, region, True])
+    ranges = [{
+        "start": hexa(lo), "end": hexa(hi), "pages": (hi - lo) // size, "page_size": size, "phys": hexa(phys),
+        "phys_contiguous": contiguous, "writable": bool(attrs & PTE_RW), "user": bool(attrs & PTE_US),
+        "nx": bool(has_nx and attrs & PTE_NX), "global": bool(attrs & PTE_G), "flags": flags_text(attrs, has_nx),
+        "region": region.name if region else None, "problems": [],
+    } for lo, hi, phys, attrs, size, region, contiguous in runs]
+    top_entries = sum(1 for _ in _present_top_entries(view, walker))
+    for w in walker.recursive_windows():
+        region = region_of(regions, w.vstart)
+        ranges.append({
+            "start": hexa(w.vstart), "end": hexa(w.vstart + w.size), "pages": top_entries, "page_size": PAGE,
+            "phys": hexa(walker.top), "phys_contiguous": False, "writable": bool(w.attrs & PTE_RW),
+            "user": bool(w.attrs & PTE_US), "nx": bool(has_nx and w.attrs & PTE_NX), "global": False,
+            "flags": flags_text(w.attrs, has_nx),
+            "region": region.name if region and region.start == w.vstart else
+            f"recursive window ({walker.mode.level_names[0]}[{w.slot}])", "problems": [],
+        })
+    ranges.sort(key=lambda r: int(r["start"], 16))
+    attach_problems(ranges, problems)
+    return ranges
+
+
+def _present_top_entries(view: GuestView, walker: Walker):
+    size = walker.mode.entry_size
+    data = view.read_phys(walker.top, PAGE)
+    for i in range(0, PAGE, size):
+        if int.from_bytes(data[i:i + size], "little") & PTE_P:
+            yield i // size
+
+
+# An address in a check's message, unless it is where an entry lives ("PD[768] @ 0x104c00") or an entry's value
+# ("= 0x00105003"): those are physical addresses and bit patterns, not places in the address space.
+_ADDRESS = re.compile(r"(?<!@ )(?<!= )\b0x[0-9a-fA-F]+")
+
+
+def attach_problems(ranges: list[dict], problems: list[str]) -> None:
+    bounds = [(int(r["start"], 16), int(r["end"], 16), r) for r in ranges]
+    for message in problems:
+        for number in {int(m, 16) for m in _ADDRESS.findall(message)}:
+            for lo, hi, r in bounds:
+                if lo <= number < hi and message not in r["problems"]:
+                    r["problems"].append(message)
+
+
+# ---- invariants ------------------------------------------------------------------------------------------------
+
+def run_invariants(view: GuestView) -> list[dict]:
+    """The suite's checks (kgen/guest/invariants.py) on this snapshot: the generic ones, and kgen's own with a
+    layout. A check that needs what this kernel lacks is skipped with its reason."""
+    checks = list(invariants.GENERIC_CHECKS)
+    if view.layout is not None:
+        checks += list(invariants.KGEN_CHECKS) + [invariants.check_address_spaces]
+    results = []
+    for check in checks:
+        try:
+            messages = check(view)
+        except NotApplicable as why:
+            results.append({"name": check.__name__, "outcome": "skipped", "messages": [str(why)]})
+            continue
+        results.append({"name": check.__name__, "outcome": "failed" if messages else "passed",
+                        "messages": list(messages)})
+    return results
+
+
+# ---- physical memory -------------------------------------------------------------------------------------------
+
+class FrameMap:
+    """A role (and an optional detail) per 4 KiB frame below `end`; a role is only set over one of lower
+    priority (a page table stays a page table when it is also mapped somewhere)."""
+
+    PRIORITY = ("page table", "boot tables", "temp-mapped", "free (on the stack)", "kernel image", "heap",
+                "user page", "mapped twice", "mapped", "reserved", "never allocated", "allocated, unmapped",
+                "unreferenced", "not RAM")
+
+    def __init__(self, end: int, default: str):
+        self.frames = end // PAGE
+        self.role: list[str] = [default] * self.frames
+        self.detail: dict[int, str] = {}
+
+    @classmethod
+    def rank(cls, role: str) -> int:
+        for i, prefix in enumerate(cls.PRIORITY):
+            if role.startswith(prefix):
+                return i
+        raise ValueError(role)
+
+    def set(self, frame: int, role: str, detail: str | None = None) -> None:
+        n = frame // PAGE
+        if 0 <= n < self.frames and self.rank(role) <= self.rank(self.role[n]):
+            if self.rank(role) < self.rank(self.role[n]) or n not in self.detail:
+                self.role[n] = role
+                if detail is None:
+                    self.detail.pop(n, None)
+                else:
+                    self.detail[n] = detail
+
+    def set_range(self, start: int, end: int, role: str, detail: str | None = None) -> None:
+        for frame in range(start - start % PAGE, end, PAGE):
+            self.set(frame, role, detail)
+
+    def runs(self) -> list[dict]:
+        out: list[dict] = []
+        for n in range(self.frames):
+            role, detail = self.role[n], self.detail.get(n)
+            if out and out[-1]["role"] == role and out[-1]["detail"] == detail:
+                out[-1]["frames"] += 1
+                continue
+            out.append({"start": n * PAGE, "frames": 1, "role": role, "detail": detail})
+        for run in out:
+            if run["role"] == "not RAM" and run["detail"] is None:
+                run["detail"] = "outside the PMM's RAM ranges: below 1 MiB, a hole, or beyond the memory map"
+            run["end"] = hexa(run["start"] + run["frames"] * PAGE)
+            run["start"] = hexa(run["start"])
+        return [{"start": r["start"], "end": r["end"], "frames": r["frames"], "role": r["role"],
+                 "detail": r["detail"]} for r in out]
+
+
+def table_role(walker: Walker, depth: int) -> str:
+    return f"page table ({walker.mode.level_names[depth]})"
+
+
+def physical_runs(view: GuestView, walker: Walker | None, regions: list[Region], ram_bytes: int,
+                  problems: list[str]) -> list[dict]:
+    layout = view.layout
+    pmm = state = None
+    if layout is not None and "pmm_top" in view.elf.symbols:
+        from kgen.guest.pmmview import PmmView
+        pmm = PmmView(view.read_phys, view.elf, layout)
+        state = pmm.state()
+    end = max([ram_bytes] + [hi for _, hi in state.ranges] if state else [ram_bytes])
+    frames = FrameMap(end, "not RAM" if state else "unreferenced")
+    if state:
+        for lo, hi in state.ranges:
+            frames.set_range(lo, hi, "allocated, unmapped", "taken from the PMM, mapped nowhere in this space")
+        for lo, hi in state.reserved:
+            frames.set_range(lo, hi, "reserved", "a reserved interval of the PMM (image, Multiboot information)")
+        for frame in _untouched_frames(pmm, state):
+            frames.set(frame, "never allocated")
+        try:
+            for frame in pmm.free_stack(state):
+                frames.set(frame, "free (on the stack)")
+        except Exception as err:      # ChainError: the chain itself is a finding
+            problems.append(f"the free stack cannot be followed: {err}")
+    else:
+        frames.frames = min(frames.frames, ram_bytes // PAGE)
+    for seg in view.elf.segments:
+        if seg.memsz:
+            rights = "".join(c if on else "-" for c, on in (("r", seg.readable), ("w", seg.writable),
+                                                           ("x", seg.executable)))
+            frames.set_range(seg.paddr, seg.paddr + seg.memsz, "kernel image", f"segment {rights}")
+    if walker is None:
+        return frames.runs()
+    boot_tables = [(r.start, r.end) for r in regions if r.source == "symbol"
+                   and r.name in ("boot_top_table", "boot_page_tables")]
+    image_offset = layout.kernel_virtual_base if layout is not None else None
+
+    def table_detail(frame: int, what: str) -> str:
+        if image_offset is not None and any(lo <= frame + image_offset < hi for lo, hi in boot_tables):
+            return f"{what}; a boot table in the image"
+        return what
+
+    # Mapped frames: who maps them, and how often (the recursive windows aside: they show the tables).
+    tempmap = layout.tempmap_window if layout is not None else None
+    heap = [r for r in regions if r.name.startswith("heap")]
+    seen: dict[int, int] = {}
+    for m in walker.mappings():
+        if layout is not None and layout.foreign_window.start <= m.vstart < layout.foreign_window.end:
+            continue
+        for off in range(0, m.size, PAGE):
+            frame, vaddr = m.pstart + off, m.vstart + off
+            if frame >= end:
+                break
+            seen.setdefault(frame, 0)
+            seen[frame] += 1
+            if tempmap is not None and tempmap.start <= vaddr < tempmap.end:
+                frames.set(frame, "temp-mapped", f"temp-map slot {(vaddr - tempmap.start) // PAGE}")
+            elif any(r.start <= vaddr < r.end for r in heap):
+                frames.set(frame, "heap")
+            elif m.attrs & PTE_US:
+                frames.set(frame, "user page", "in the running space")
+            else:
+                frames.set(frame, "mapped")
+    for frame, count in seen.items():
+        if count > 1:
+            frames.set(frame, "mapped twice", f"mapped at {count} virtual pages")
+    # Page tables, by level: the running space's, and every other live space's user half (kgen kernels).
+    frames.set(walker.top, table_role(walker, 0), table_detail(walker.top, "top-level table, in CR3"))
+    for path, frame in walker.page_tables():
+        frames.set(frame, table_role(walker, len(path)), table_detail(frame, "running space"))
+    if layout is not None:
+        try:
+            spaces = invariants.live_spaces(view)
+        except (NotApplicable, WalkError):
+            spaces = []
+        first_kernel = (layout.kernel_half_start & layout.architecture.va_mask) >> walker.mode.shift(0)
+        for top, _ in spaces:
+            if top == walker.top:
+                continue
+            other = invariants.space_walker(view, top)
+            frames.set(top, table_role(walker, 0), f"top-level table of space {top:#x}")
+            for path, frame in other.page_tables():
+                if path[0] < first_kernel:
+                    frames.set(frame, table_role(walker, len(path)), f"space {top:#x}")
+            for m in other.mappings():
+                if m.vstart < layout.user_half_end:
+                    frames.set_range(m.pstart, m.pstart + m.size, "user page", f"space {top:#x}")
+    return frames.runs()
+
+
+def _untouched_frames(pmm, state) -> list[int]:
+    """Frames the bump allocator has not reached yet: from pmm_bump_next in range pmm_bump_range on, reserved
+    intervals skipped (templates/pmm.s, pmm_bump)."""
+    index, nxt = pmm.u32("pmm_bump_range"), pmm.word("pmm_bump_next")
+    found = []
+    for i, (lo, hi) in enumerate(state.ranges):
+        if i < index:
+            continue
+        for frame in range(max(lo, nxt) if i == index else lo, hi, PAGE):
+            if not state.in_reserved(frame):
+                found.append(frame)
+    return found
+
+
+# ---- the document ----------------------------------------------------------------------------------------------
+
+def paging_info(view: GuestView, walker: Walker | None) -> dict:
+    mode = view.mode
+    slots = []
+    if walker is not None:
+        for w in walker.recursive_windows():
+            own = view.layout is None or w.slot == view.layout.recursive_slot
+            slots.append({"slot": w.slot, "base": hexa(w.vstart), "role": "own" if own else None})
+    if view.layout is not None:
+        slots.append({"slot": view.layout.foreign_slot, "base": hexa(view.layout.foreign_window.start),
+                      "role": "foreign"})
+    return {"enabled": walker is not None, "mode": MODE_NAMES[mode.name], "levels": mode.levels,
+            "va_bits": mode.va_bits, "recursive_slots": slots}
+
+
+def symbol_name(view: GuestView, addr: int) -> str | None:
+    sym = view.elf.symbol_at(addr)
+    if sym is None:
+        return None
+    return sym.name + (f"+{addr - sym.value:#x}" if addr != sym.value else "")
+
+
+def collect(live, *, accel: str = "tcg", va: int | None = None, how: str | None = None) -> dict:
+    """The document of a booted kernel (`kgen.harness.testing.LiveKernel`), stopped now if it still runs."""
+    from kgen.inspect.explain import explain_translation
+    view = live.view()
+    kernel = live.kernel
+    layout = view.layout
+    regs = view.regs
+    ram_bytes = layout.memory_bytes if layout is not None else kernel.memory_mib * MIB
+    problems_of_walk: list[str] = []
+    try:
+        walker = view.walker
+    except WalkError as err:
+        walker = None
+        problems_of_walk.append(f"the page tables cannot be walked: {err}")
+    regions = all_regions(view)
+    results = run_invariants(view)
+    problems = [m for r in results if r["outcome"] == "failed" for m in r["messages"]] + problems_of_walk
+    virtual: list[dict] = []
+    if walker is not None:
+        try:
+            virtual = virtual_ranges(view, walker, regions, problems)
+        except WalkError as err:
+            problems.append(f"the page tables cannot be walked: {err}")
+    physical = physical_runs(view, walker, regions, ram_bytes, problems)
+    arch = layout.arch if layout is not None else ("x86_64" if view.elf.bits == 64 else "i386")
+    return {
+        "kgen_inspect": SCHEMA_VERSION,
+        "kernel": {"elf": str(kernel.elf_path), "arch": arch, "kind": "kgen" if layout is not None else "foreign",
+                   "accel": accel},
+        "stopped": {"how": how or stopped_how(kernel), "ip": hexa(regs.eip), "symbol": symbol_name(view, regs.eip)},
+        "registers": {"cr0": hexa(regs.cr0), "cr3": hexa(regs.cr3), "cr4": hexa(regs.cr4),
+                      "efer": hexa(regs.efer or 0), "cs": hexa(regs.cs), "cpl": regs.cpl if regs.cpl is not None
+                      else regs.cs & 3},
+        "paging": paging_info(view, walker),
+        "regions": [r.as_dict() for r in sorted(regions, key=lambda r: (r.start, -r.end))],
+        "virtual": virtual,
+        "physical": physical,
+        "ram": {"bytes": ram_bytes},
+        "invariants": results,
+        "translation": explain_translation(view, walker, va) if va is not None else None,
+        "bench": None,
+    }
+
+
+def stopped_how(kernel) -> str:
+    """The ready point the kernel was booted to (kgen/harness/testing.py `boot`, `wait_booted`)."""
+    if kernel.layout is not None:
+        return "serving calls: idle in hlt between calls (kgen: serving calls on COM2)"
+    for field, text in (("ready", "printed {!r} on COM1"), ("ready_symbol", "stayed inside {}"),
+                        ("ready_after", "page tables unchanged for {} s"), ("ready_at", "reached {}"),
+                        ("ready_vga", "showed {!r} on the VGA text screen")):
+        value = getattr(kernel, field, None)
+        if value is not None:
+            return text.format(value)
+    return "halted with interrupts off, or idle in hlt with paging on"

@@ -1,0 +1,117 @@
+"""The document of `kgen inspect` (kgen/inspect/model.py) as text for a terminal: a header, the virtual address
+space, physical memory and the invariants; with --va, the header and the translation only.
+
+Colour (ANSI) only when asked: `kgen inspect` asks when stdout is a terminal and NO_COLOR is unset."""
+from __future__ import annotations
+
+import os
+import sys
+
+_CODES = {"bold": "1", "red": "31", "green": "32", "yellow": "33", "dim": "2", "cyan": "36"}
+
+
+def use_colour(stream=None) -> bool:
+    stream = stream or sys.stdout
+    return "NO_COLOR" not in os.environ and hasattr(stream, "isatty") and stream.isatty()
+
+
+class _Paint:
+    def __init__(self, on: bool):
+        self.on = on
+
+    def __call__(self, text: str, style: str) -> str:
+        return f"\x1b[{_CODES[style]}m{text}\x1b[0m" if self.on and text else text
+
+
+def render_text(doc: dict, colour: bool = False) -> str:
+    paint = _Paint(colour)
+    out = header(doc, paint)
+    if doc.get("translation") is not None:
+        out += [""] + translation(doc["translation"], paint)
+    else:
+        out += [""] + virtual(doc, paint) + [""] + physical(doc, paint) + [""] + invariants(doc, paint)
+    return "\n".join(out) + "\n"
+
+
+def header(doc: dict, paint) -> list[str]:
+    k, s, r, p = doc["kernel"], doc["stopped"], doc["registers"], doc["paging"]
+    where = s["ip"] + (f" <{s['symbol']}>" if s["symbol"] else "")
+    slots = ", ".join(f"{_top(p)}[{x['slot']}] at {x['base']}" + (f" ({x['role']})" if x["role"] else "")
+                      for x in p["recursive_slots"])
+    paging = (f"{p['mode']}, {p['levels']} levels, {p['va_bits']}-bit addresses"
+              + (f"; slots: {slots}" if slots else "; no recursive slot")) if p["enabled"] else "off"
+    return [paint(f"kgen inspect: {k['elf']} ({k['arch']}, {k['kind']} kernel, {k['accel']})", "bold"),
+            f"stopped:   {s['how']}, at {where}",
+            f"registers: CR0={r['cr0']} CR3={r['cr3']} CR4={r['cr4']} EFER={r['efer']} CS={r['cs']} CPL={r['cpl']}",
+            f"paging:    {paging}"]
+
+
+def _top(paging: dict) -> str:
+    return {2: "PD", 3: "PDPT", 4: "PML4"}[paging["levels"]]
+
+
+def _table(rows: list[list[str]], right: set[int] = frozenset()) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  " + "  ".join(cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in
+                             enumerate(zip(row, widths))).rstrip() for row in rows]
+
+
+def virtual(doc: dict, paint) -> list[str]:
+    lines = [paint("Virtual address space", "bold")]
+    if not doc["virtual"]:
+        return lines + ["  nothing mapped" if doc["paging"]["enabled"] else "  paging is off"]
+    rows = [["start", "end", "pages", "size", "flags", "user", "global", "phys", "region"]]
+    for v in doc["virtual"]:
+        size = {4096: "4K", 2 << 20: "2M", 4 << 20: "4M", 1 << 30: "1G"}.get(v["page_size"], str(v["page_size"]))
+        phys = v["phys"] + ("" if v["phys_contiguous"] else "..")
+        rows.append([v["start"], v["end"], str(v["pages"]), size, v["flags"], "user" if v["user"] else "-",
+                     "G" if v["global"] else "-", phys, v["region"] or "-"])
+    body = _table(rows, right={2})
+    lines.append(paint(body[0], "dim"))
+    for v, line in zip(doc["virtual"], body[1:]):
+        lines.append(paint(line, "red") if v["problems"] else line)
+        lines += [paint(f"      ! {m}", "red") for m in v["problems"]]
+    lines.append(paint("  (phys ending in '..': the range is not physically contiguous)", "dim"))
+    return lines
+
+
+def physical(doc: dict, paint) -> list[str]:
+    lines = [paint(f"Physical memory ({doc['ram']['bytes'] >> 20} MiB of RAM)", "bold")]
+    rows = [["start", "end", "frames", "role", "detail"]]
+    rows += [[r["start"], r["end"], str(r["frames"]), r["role"], r["detail"] or ""] for r in doc["physical"]]
+    body = _table(rows, right={2})
+    lines.append(paint(body[0], "dim"))
+    for r, line in zip(doc["physical"], body[1:]):
+        lines.append(paint(line, "red") if r["role"] == "mapped twice" else line)
+    return lines
+
+
+def invariants(doc: dict, paint) -> list[str]:
+    results = doc["invariants"]
+    counts = {o: sum(1 for r in results if r["outcome"] == o) for o in ("passed", "failed", "skipped")}
+    lines = [paint("Invariants", "bold") + f": {counts['passed']} passed, {counts['failed']} failed, "
+             f"{counts['skipped']} skipped"]
+    colours = {"passed": "green", "failed": "red", "skipped": "yellow"}
+    for r in results:
+        lines.append(f"  {paint(r['outcome'].upper().ljust(7), colours[r['outcome']])} {r['name']}")
+        if r["outcome"] != "passed":
+            lines += [f"          {m}" for m in r["messages"]]
+    return lines
+
+
+def translation(t: dict, paint) -> list[str]:
+    lines = [paint(f"Translation of {t['va']}", "bold")]
+    if t["steps"]:
+        rows = [["level", "entry", "at physical", "at virtual (recursive)", "value", "decoded", "next"]]
+        rows += [[str(s["level"]), f"{s['table']}[{s['index']}]", s["entry_phys"], s["entry_virt"] or "-",
+                  s["entry"], s["flags"], s["next"] or "-"] for s in t["steps"]]
+        body = _table(rows)
+        lines.append(paint(body[0], "dim"))
+        for s, line in zip(t["steps"], body[1:]):
+            lines.append(line)
+            if s["note"]:
+                lines.append(paint(f"      {s['note']}", "red" if s["next"] is None else "cyan"))
+    for text in t["explanation"]:
+        bad = ": faults:" in text or text.startswith("any access faults")
+        lines.append(paint("  " + text, "red") if bad else "  " + text)
+    return lines
