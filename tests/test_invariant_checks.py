@@ -91,6 +91,25 @@ def test_the_user_bit_on_a_kernel_page_is_named(live):
     assert any(p.startswith(f"{pde} ") for p in problems), problems
 
 
+def test_a_foreign_kernel_may_set_the_user_bit_on_table_entries_but_not_on_a_kernel_leaf(live):
+    """xv6 and Linux set U/S on every PDE and deny at the PTE: for a foreign kernel only the leaf counts, while
+    kgen's own kernel (a layout known) keeps the stricter rule. The same tampered tables, judged both ways."""
+    view = live.view()
+    kmain = view.elf.symbols["kmain"].value
+    pde = view.walker.translate(kmain).chain[0]
+    live.write_phys(pde.addr, u32(pde.value | hw.PTE_US))
+    view = live.view()
+    assert view.layout is not None and invariants.check_no_user_pages(view)
+    foreign = dataclasses.replace(view, layout=None)
+    assert foreign.kernel_base == view.layout.kernel_half_start      # still judged as a higher-half kernel
+    assert invariants.check_no_user_pages(foreign) == []
+
+    pte = pte_of(view, kmain)
+    live.write_phys(pte.addr, u32(pte.value | hw.PTE_US))
+    problems = invariants.check_no_user_pages(dataclasses.replace(live.view(), layout=None))
+    assert len(problems) == 1 and problems[0].startswith(f"{pte} = ") and "(user-accessible;" in problems[0]
+
+
 def test_a_writable_text_page_is_named(live):
     view = live.view()
     kmain = view.elf.symbols["kmain"].value

@@ -154,7 +154,9 @@ class Machine:
             qmp_listener, com1_listener, com2_listener = (self._listen(n) for n in ("qmp", "com1", "com2"))
             self.command = tuple(self._command_line(binary))
             self._log = open(self.tmpdir / "qemu.log", "wb")
-            self._proc = process.spawn(self.command, self.tmpdir, self._log)
+            # QEMU runs in the caller's directory, so a relative path in extra_args (--qemu-arg '-drive file=fs.img')
+            # means what it means on the user's command line; every path kgen itself passes is absolute.
+            self._proc = process.spawn(self.command, process.caller_cwd() or self.tmpdir, self._log)
             deadline = time.monotonic() + START_TIMEOUT
             self._serial = SerialLog(self._accept(com1_listener, "COM1", deadline), self.echo_serial)
             self.com2 = self._accept(com2_listener, "COM2", deadline)

@@ -136,6 +136,14 @@ def listen(path: Path) -> socket.socket:
     return sock
 
 
+def caller_cwd() -> Path | None:
+    """This process's working directory, or None when it was removed under us."""
+    try:
+        return Path(os.getcwd())
+    except OSError:
+        return None
+
+
 def spawn(command, cwd: Path, log) -> subprocess.Popen:
     return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
                             preexec_fn=_die_with_parent)
