@@ -17,8 +17,11 @@ anonymous memory that only becomes resident when touched, so an init that touche
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -330,20 +333,65 @@ def bench_arch(arch: str, work: Path, *, init: bool = True, kvm: bool = True) ->
     return runs
 
 
+def figures(runs: list[Run], host: str) -> dict:
+    """What `kgen bench --json` prints and `--html` draws (kgen.inspect.html.bench_charts): every figure, by run."""
+    return {"kgen_bench": 1, "host": host, "loops": LOOPS, "runs": [
+        {"arch": r.arch, "accel": r.accel, "unit": r.unit, "pmm": r.pmm, "vmm": r.vmm,
+         "init": None if r.init is None else [vars(row) for row in r.init],
+         "init_verdict": init_verdict(r.init, r.unit) if r.init and r.accel == "tcg" else None} for r in runs]}
+
+
+def _load_figures(path: Path) -> dict:
+    from kgen.errors import UsageError
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UsageError(f"--from-json {path}: {getattr(e, 'strerror', None) or e}: give a file `kgen bench --json` "
+                         "wrote") from None
+    if not isinstance(data, dict) or data.get("kgen_bench") != 1:
+        raise UsageError(f"--from-json {path}: not the output of `kgen bench --json` (no \"kgen_bench\": 1)")
+    return data
+
+
+def _write_html(path: Path, data: dict) -> None:
+    from kgen.errors import UsageError
+    from kgen.inspect.html import render_bench_html
+    page = render_bench_html(data)
+    try:
+        path.write_text(page)
+    except OSError as e:
+        raise UsageError(f"--html {path}: {e.strerror}: give a writable file path") from None
+    print(f"kgen: wrote {path}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="kgen.harness.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--arch", choices=(*ARCHES, "all"), default="all", help="architecture(s) to measure")
     parser.add_argument("--no-init", action="store_true", help="skip the PMM init runs (64 MiB .. 3 or 8 GiB guests)")
     parser.add_argument("--no-kvm", action="store_true", help="TCG only: do not probe or use KVM")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON on stdout (the tables go to "
+                        "stderr)")
+    parser.add_argument("--html", type=Path, metavar="FILE", help="also write the figures as a page of charts")
+    parser.add_argument("--from-json", type=Path, metavar="FILE", help="measure nothing: take the figures from a "
+                        "file `--json` wrote (to draw them with --html)")
     args = parser.parse_args(argv)
-    arches = tuple(ARCHES) if args.arch == "all" else (args.arch,)
-    print(f"kgen bench: {host_description()}")
-    print(f"{LOOPS} loops per operation; architectures: {', '.join(arches)}")
-    runs = []
-    with tempfile.TemporaryDirectory(prefix="kgen-bench-") as tmp:
-        for arch in arches:
-            runs += bench_arch(arch, Path(tmp), init=not args.no_init, kvm=not args.no_kvm)
-    print_side_by_side(runs)
+    if args.from_json:
+        data = _load_figures(args.from_json)
+    else:
+        arches = tuple(ARCHES) if args.arch == "all" else (args.arch,)
+        runs = []
+        with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
+            print(f"kgen bench: {host_description()}")
+            print(f"{LOOPS} loops per operation; architectures: {', '.join(arches)}")
+            with tempfile.TemporaryDirectory(prefix="kgen-bench-") as tmp:
+                for arch in arches:
+                    runs += bench_arch(arch, Path(tmp), init=not args.no_init, kvm=not args.no_kvm)
+            print_side_by_side(runs)
+        data = figures(runs, host_description())
+    if args.json:
+        print(json.dumps(data, indent=2))
+    if args.html:
+        _write_html(args.html, data)
     return 0
 
 

@@ -8,7 +8,8 @@ hex strings.
 The scale, in one sentence the page repeats: occupied memory is drawn to scale, empty memory is folded. In each
 column (virtual, physical) every mapped range (every frame with a role) gets a height proportional to its size
 (`px_per_byte`, the same for the whole column; a range that would be thinner than `MIN_PX` is drawn `MIN_PX`
-tall), and every empty stretch -- unmapped addresses, frames never allocated, holes that are not RAM -- is folded to
+tall; a range that maps fewer pages than it spans, a recursive window whose pages are the page tables, stands for
+the pages it maps), and every empty stretch -- unmapped addresses, frames never allocated, holes that are not RAM -- is folded to
 `FOLD_PX` whatever its size, with the size written on it. Region edges cut the empty stretches, so every region of
 the layout, even an empty one, has a place of its own.
 """
@@ -36,7 +37,7 @@ ROLE_COLOURS = {
     "kernel image": "#4e79a7", "boot tables": "#9c755f", "page table (PT)": "#59a14f",
     "page table (PD)": "#8cd17d", "page table (PDPT)": "#b6992d", "page table (PML4)": "#f1ce63",
     "temp-mapped": "#e15759", "free (on the stack)": "#bab0ac", "heap": "#f28e2b", "user page": "#b07aa1",
-    "mapped twice": "#ff0000", "mapped": "#76b7b2",
+    "mapped twice": "#ff0000", "mapped": "#76b7b2", "reserved": "#888888",
 }
 REGION_COLOURS = ("#4e79a7", "#f28e2b", "#59a14f", "#b07aa1", "#9c755f", "#e15759", "#76b7b2", "#edc948",
                   "#ff9da7", "#bab0ac")
@@ -64,12 +65,18 @@ class Segment:
     end: int
     folded: bool
     index: int | None = None
+    mapped: int | None = None   # bytes it maps when fewer than its extent (a recursive window: the tables it shows)
     y: float = 0.0
     h: float = 0.0
 
     @property
     def size(self) -> int:
         return self.end - self.start
+
+    @property
+    def weight(self) -> int:
+        """The bytes its height stands for."""
+        return self.size if self.mapped is None else self.mapped
 
 
 class Column:
@@ -92,12 +99,12 @@ class Column:
             at = max(at, piece.end)
         if at < hi:
             gap(at, hi)
-        occupied = sum(s.size for s in segments if not s.folded)
+        occupied = sum(s.weight for s in segments if not s.folded)
         self.px_per_byte = OCCUPIED_PX / occupied if occupied else 0.0
         y = TOP
         for s in segments:
             s.y = y
-            s.h = FOLD_PX if s.folded else max(MIN_PX, s.size * self.px_per_byte)
+            s.h = FOLD_PX if s.folded else max(MIN_PX, s.weight * self.px_per_byte)
             y += s.h
         self.segments = segments
         self.height = y
@@ -142,8 +149,8 @@ class Geometry:
         self.paddr_labels = self._address_labels(self.physical, lambda a: a)
         self.role_labels = self._role_labels()
         self.marker = self._translation_marker()
-        self.vwidth = max((r["tx"] for r in self.regions), default=BAR_X + BAR_W) + 250
-        self.pwidth = BAR_X + BAR_W + 14 + 230
+        self.vwidth = max((r["tx"] for r in self.regions), default=BAR_X + BAR_W) + 200
+        self.pwidth = BAR_X + BAR_W + 14 + 200
         self.height = max(self.virtual.height, self.physical.height,
                           *(label["y"] for label in self.regions + self.role_labels), 0) + 30
 
@@ -158,8 +165,11 @@ class Geometry:
 
     # ---- columns -------------------------------------------------------------------------------------------
     def _virtual_column(self) -> Column:
-        pieces = [Segment(_int(v["start"]) & self.va_mask, ((_int(v["end"]) - 1) & self.va_mask) + 1, False, i)
-                  for i, v in enumerate(self.doc.get("virtual") or [])]
+        pieces = []
+        for i, v in enumerate(self.doc.get("virtual") or []):
+            start, end = _int(v["start"]) & self.va_mask, ((_int(v["end"]) - 1) & self.va_mask) + 1
+            mapped = (v.get("pages") or 0) * (v.get("page_size") or 4096)
+            pieces.append(Segment(start, end, False, i, mapped if 0 < mapped < end - start else None))
         cuts = {self.half} if self.half else set()
         for r in self.doc.get("regions") or []:
             cuts.add(_int(r["start"]) & self.va_mask)
@@ -190,7 +200,7 @@ class Geometry:
                 ["region", ", ".join(names) or "none"]], "lists": []}
             label = human_size(s.size) + (" (canonical hole)" if hole else "")
             return {"key": key, "y": s.y, "h": s.h, "folded": True, "cls": "fold", "text": label,
-                    "start": self.hexv(s.start), "end": self.hexv(s.end), "size": s.size, "problem": False}
+                    "start": self.hexv(s.start), "end": self.hexv(s.end), "size": s.size, "weight": s.weight, "problem": False}
         v = self.doc["virtual"][s.index]
         key = f"v{s.index}"
         problems = list(v.get("problems") or [])
@@ -208,7 +218,7 @@ class Geometry:
         self.details[key] = {"title": f"{v['start']} {v.get('flags')} {v.get('region') or ''}".strip(),
                              "rows": rows, "lists": lists, "links": links}
         return {"key": key, "y": s.y, "h": s.h, "folded": False, "cls": "map " + self._perm_class(v),
-                "text": v.get("flags") or "", "start": v["start"], "end": v["end"], "size": s.size,
+                "text": v.get("flags") or "", "start": v["start"], "end": v["end"], "size": s.size, "weight": s.weight,
                 "problem": bool(problems), "links": " ".join(links)}
 
     def _perm_class(self, v: dict) -> str:
@@ -258,7 +268,7 @@ class Geometry:
             self.details[key] = {"title": f"not listed {human_size(s.size)}", "rows": [
                 ["range", f"{s.start:#x} .. {s.end - 1:#x}"], ["size", human_size(s.size)]], "lists": []}
             return {"key": key, "y": s.y, "h": s.h, "folded": True, "cls": "fold", "text": human_size(s.size),
-                    "start": f"{s.start:#x}", "end": f"{s.end:#x}", "size": s.size, "problem": False, "colour": None}
+                    "start": f"{s.start:#x}", "end": f"{s.end:#x}", "size": s.size, "weight": s.weight, "problem": False, "colour": None}
         p = self.doc["physical"][s.index]
         key = f"p{s.index}"
         mapped_at = [f"v{i}" for i, v in enumerate(self.doc.get("virtual") or []) if s.index in self._frames_of(v)]
@@ -273,7 +283,7 @@ class Geometry:
         role = p.get("role") or ""
         return {"key": key, "y": s.y, "h": s.h, "folded": s.folded, "cls": "fold" if s.folded else "frame",
                 "text": human_size(s.size) if s.folded else "", "start": p["start"], "end": p["end"],
-                "size": s.size, "problem": role == "mapped twice", "colour": ROLE_COLOURS.get(role, "#888"),
+                "size": s.size, "weight": s.weight, "problem": role == "mapped twice", "colour": ROLE_COLOURS.get(role, "#888"),
                 "role": role, "links": " ".join(mapped_at)}
 
     # ---- labels --------------------------------------------------------------------------------------------
