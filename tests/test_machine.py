@@ -602,3 +602,14 @@ def test_stale_qemu_dirs_of_dead_processes_are_swept(tmp_path):
     alive_dir.mkdir()
     assert sweep_stale_dirs(tmp_path) == [stale]
     assert not stale.exists() and mine.exists() and alive_dir.exists()
+
+
+@vm
+def test_a_relative_path_in_extra_args_is_the_callers(kernels, tmp_path, monkeypatch):
+    """--qemu-arg '-drive file=fs.img' means fs.img next to the user, as on QEMU's own command line (xv6 needs it)."""
+    (tmp_path / "fs.img").write_bytes(bytes(64 * 1024))
+    monkeypatch.chdir(tmp_path)
+    with Machine(kernel=kernels["spin"], extra_args=("-drive", "file=fs.img,format=raw,if=none,id=disk0")) as machine:
+        # Opened at launch: from any other directory QEMU refuses ("Could not open 'fs.img'") and launch fails.
+        blocks = {b["device"]: b for b in machine.qmp("query-block")}
+        assert blocks["disk0"]["inserted"]["file"] == "fs.img"
