@@ -19,6 +19,7 @@ from kgen.guest.pagewalk import PTE_NX, PTE_P, PTE_RW, PTE_US, PTE_G, Walker, Wa
 SCHEMA_VERSION = 1
 PAGE = hw.PAGE_SIZE
 MIB = 1 << 20
+EFLAGS_IF = 1 << 9
 MODE_NAMES = {"i386": "32-bit", "pae": "PAE", "x86-64": "4-level"}
 
 
@@ -102,7 +103,7 @@ def elf_regions(view: GuestView) -> list[Region]:
     for i, sym in enumerate(symbols):
         if sym.size:
             end = sym.value + sym.size
-        elif sym.value % PAGE == 0:
+        elif sym.value % PAGE == 0 and not sym.name.startswith("__"):     # not a linker script's section mark
             end = next((s.value for s in symbols[i + 1:] if s.value > sym.value), sym.value)
         else:
             continue
@@ -308,6 +309,10 @@ def physical_runs(view: GuestView, walker: Walker | None, regions: list[Region],
     boot_tables = [(r.start, r.end) for r in regions if r.source == "symbol"
                    and r.name in ("boot_top_table", "boot_page_tables")]
     image_offset = layout.kernel_virtual_base if layout is not None else None
+    if image_offset is not None:
+        for lo, hi in boot_tables:
+            frames.set_range(lo - image_offset, hi - image_offset, "boot tables",
+                             "the boot stub's page-table pool in the image, not in use")
 
     def table_detail(frame: int, what: str) -> str:
         if image_offset is not None and any(lo <= frame + image_offset < hi for lo, hi in boot_tables):
@@ -428,7 +433,7 @@ def collect(live, *, accel: str = "tcg", va: int | None = None, how: str | None 
         "kgen_inspect": SCHEMA_VERSION,
         "kernel": {"elf": str(kernel.elf_path), "arch": arch, "kind": "kgen" if layout is not None else "foreign",
                    "accel": accel},
-        "stopped": {"how": how or stopped_how(kernel), "ip": hexa(regs.eip), "symbol": symbol_name(view, regs.eip)},
+        "stopped": {"how": how or stopped_how(kernel, regs), "ip": hexa(regs.eip), "symbol": symbol_name(view, regs.eip)},
         "registers": {"cr0": hexa(regs.cr0), "cr3": hexa(regs.cr3), "cr4": hexa(regs.cr4),
                       "efer": hexa(regs.efer or 0), "cs": hexa(regs.cs), "cpl": regs.cpl if regs.cpl is not None
                       else regs.cs & 3},
@@ -443,7 +448,7 @@ def collect(live, *, accel: str = "tcg", va: int | None = None, how: str | None 
     }
 
 
-def stopped_how(kernel) -> str:
+def stopped_how(kernel, regs) -> str:
     """The ready point the kernel was booted to (kgen/harness/testing.py `boot`, `wait_booted`)."""
     if kernel.layout is not None:
         return "serving calls: idle in hlt between calls (kgen: serving calls on COM2)"
@@ -453,4 +458,6 @@ def stopped_how(kernel) -> str:
         value = getattr(kernel, field, None)
         if value is not None:
             return text.format(value)
-    return "halted with interrupts off, or idle in hlt with paging on"
+    if regs.halted and not regs.eflags & EFLAGS_IF:
+        return "halted with interrupts off"
+    return "idle in hlt with interrupts on" if regs.halted else "running (stopped by kgen)"
