@@ -122,6 +122,11 @@ def cmd_inspect(args) -> int:
     return inspect_run(args)
 
 
+def cmd_debug(args, extra: list[str]) -> int:
+    from kgen.debug.launcher import debug
+    return debug(args, extra)
+
+
 def parser() -> argparse.ArgumentParser:
     top = _Parser(prog="kgen", description="Generate a higher-half x86 kernel and check it in QEMU.",
                   epilog=exit_codes_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -188,6 +193,23 @@ def parser() -> argparse.ArgumentParser:
     ins.add_argument("--html", type=Path, metavar="FILE", help="write the document as one self-contained HTML page")
     ins.set_defaults(func=cmd_inspect)
 
+    d = command("debug", help="boot the kernel paused under QEMU's gdbstub and start gdb with its symbols "
+                              "(also where the boot stub runs) and kgen's gdb helper",
+                description="Arguments after -- go to gdb unchanged (-batch, -ex CMD, -x FILE). docs/debugging.md.")
+    _add_config_args(d)
+    what = d.add_mutually_exclusive_group()
+    what.add_argument("--kernel", type=Path, help="debug this Multiboot ELF (any kernel), booted with -kernel")
+    what.add_argument("--direct", action="store_true", help="boot the built ELF with -kernel instead of the ISO")
+    d.add_argument("--append", metavar="CMDLINE", help="kernel command line (with --kernel or --direct)")
+    d.add_argument("--accel", choices=("tcg", "kvm"), default="tcg", help="QEMU accelerator (default: tcg)")
+    d.add_argument("--memory", type=positive_int, metavar="MIB", help="guest RAM in MiB (default: the config's)")
+    d.add_argument("--gdb-port", type=int, metavar="PORT", help="TCP port of the gdbstub on 127.0.0.1 (default: "
+                   "a free one; a busy one is refused)")
+    d.add_argument("--no-gdb", action="store_true", help="start no gdb: wait for a debugger and print the command "
+                   "line that attaches one")
+    d.add_argument("--gdb", default="gdb", metavar="PATH", help="the gdb to run (default: gdb from PATH)")
+    d.set_defaults(func=cmd_debug)
+
     be = command("bench", help="measure the memory managers (instructions under TCG -icount, KVM cycles) or, "
                                "with --harness, what a fresh machine per test costs",
                  description="Arguments after the options are those of `python -m kgen.harness.bench` "
@@ -246,6 +268,8 @@ def _main(argv: list[str]) -> int:
         parser().parse_args(argv)      # reports the first unknown argument in one line, exit 2
     if args.command == "test":
         return cmd_test(args, extra)
+    if args.command == "debug":
+        return cmd_debug(args, extra)
     return args.func(args)
 
 
