@@ -69,6 +69,10 @@ def _add_foreign_boot_args(p: argparse.ArgumentParser):
                    "booted when it halts with interrupts off, or idles in hlt with paging on)")
     p.add_argument("--ready-symbol", metavar="SYMBOL", help="with --kernel: booted once the CPU stays inside this "
                    "function of the ELF (its idle or busy loop), found by sampling EIP")
+    p.add_argument("--ready-at", metavar="SYMBOL", help="with --kernel: stop the CPU the first time it reaches this "
+                   "symbol of the ELF (or 0x address), by a breakpoint through QEMU's gdbstub")
+    p.add_argument("--ready-vga", metavar="TEXT", help="with --kernel: booted once the VGA text screen (0xB8000) "
+                   "shows this text (a kernel that prints only to the screen)")
     p.add_argument("--ready-after", type=positive_seconds, metavar="SECONDS", help="with --kernel: booted once "
                    "paging is on and the page tables have not changed for this long (a kernel that never halts)")
     p.add_argument("--module", action="append", metavar="FILE[,ARGS]",

@@ -339,3 +339,171 @@ def process_kernel(out: Path, name: str, **flags: int) -> Path:
               "USER_CODE": PROCESS_USER_CODE, "USER_STACK": PROCESS_USER_STACK, "USER_FRAME": PROCESS_USER_FRAME,
               "FAULT_ADDRESS": PROCESS_FAULT_ADDRESS}
     return build(out, name, PROCESS, PROCESS_LDS, **values)
+
+
+# --- when to look: kernels only --ready-vga / --ready-at judge right (tests/test_foreign_ready.py) -----------------
+
+# Higher-half like HIGHER_HALF: `_start` is linked at 0xC010000C but runs at its load address 0x10000C (paging is
+# off there). It maps its image and the VGA text page (0xB8000 at KBASE + 0xB8000), turns paging on, loads its own
+# GDT, starts the BIOS's timer (IRQ0 at vector 8, 18.2 Hz) and waits READY_ZOO_TICKS ticks in `hlt` with interrupts
+# on: in that wait it looks idle (halted, paging on, the same `hlt`) while its identity map is still there. Then it
+# drops the identity map and calls `main_loop` (reached once, late), which sets `reached_main` and idles in `hlt`
+# with interrupts on. Nothing is written to COM1.
+# VGA=1: "zoo: booting" on screen row 10 before the wait, "zoo: ready" on row 11 after it (before main_loop).
+# PANIC=1 (with VGA=1): after the wait, "zoo: panic: out of frames" on row 11 instead, then `cli; hlt` for good.
+READY_ZOO_TICKS = 18
+READY_ZOO_BOOTING, READY_ZOO_READY, READY_ZOO_PANIC = "zoo: booting", "zoo: ready", "zoo: panic: out of frames"
+READY_ZOO = r"""
+.set KBASE, 0xC0000000
+.set VGA_PHYS, 0xB8000
+.set ROW, 160                           /* bytes per screen row: 80 cells of character + attribute */
+.section .multiboot, "a"
+.align 4
+    .long 0x1BADB002, 0x3, -(0x1BADB002 + 0x3)
+.text
+.globl _start
+_start:
+    cli
+    mov $(stack_top - KBASE), %esp
+    mov $(pd - KBASE), %edi
+    xor %eax, %eax
+    mov $2048, %ecx                     /* pd and pt: RAM may be poisoned */
+    rep stosl
+    mov $__image_start, %esi
+map_page:
+    mov %esi, %eax
+    sub $KBASE, %eax
+    or $1, %eax
+    cmp $__data_start, %esi
+    jb 1f
+    or $2, %eax
+1:  mov %esi, %edx
+    shr $12, %edx
+    and $0x3ff, %edx
+    mov %eax, pt - KBASE(,%edx,4)
+    add $0x1000, %esi
+    cmp $__image_end, %esi
+    jb map_page
+    movl $(VGA_PHYS + 3), pt - KBASE + (VGA_PHYS >> 12) * 4
+    mov $(pt - KBASE + 3), %eax
+    mov %eax, pd - KBASE
+    mov %eax, pd - KBASE + 768 * 4
+    mov $(pd - KBASE), %eax
+    mov %eax, %cr3
+    mov %cr0, %eax
+    or $0x80010000, %eax                /* PG | WP */
+    mov %eax, %cr0
+    lea higher_half, %eax
+    jmp *%eax
+higher_half:
+    mov $stack_top, %esp
+    lgdt gdtr                           /* the loader's GDT lies in low memory, unmapped later */
+    ljmp $0x08, $1f
+1:  mov $0x10, %ax
+    mov %ax, %ds
+    mov %ax, %es
+    mov %ax, %ss
+.if VGA
+    mov $booting, %esi
+    mov $(KBASE + VGA_PHYS + 10 * ROW), %edi
+    call vga_puts
+.endif
+    call setup_timer
+    sti
+wait_ticks:                             /* looks idle to a sampler: halted at this hlt, interrupts and paging on */
+    hlt
+    cmpl $TICKS, ticks
+    jb wait_ticks
+    movl $0, pd                         /* the identity entry: boot is over */
+    mov %cr3, %eax
+    mov %eax, %cr3
+.if PANIC
+    mov $panic_text, %esi
+    mov $(KBASE + VGA_PHYS + 11 * ROW), %edi
+    call vga_puts
+    cli
+dead:
+    hlt
+    jmp dead
+.endif
+.if VGA
+    mov $ready_text, %esi
+    mov $(KBASE + VGA_PHYS + 11 * ROW), %edi
+    call vga_puts
+.endif
+    call main_loop
+.globl main_loop
+main_loop:                              /* reached once, late */
+    movl $1, reached_main
+idle:
+    sti
+    hlt
+    jmp idle
+vga_puts:                               /* %esi: string, %edi: first cell; white on black */
+    mov $0x0F, %ah
+1:  lodsb
+    test %al, %al
+    jz 2f
+    stosw
+    jmp 1b
+2:  ret
+setup_timer:                            /* IRQ0 at vector 8 as the BIOS left the PIC; every other IRQ masked */
+    mov $0xFE, %al
+    out %al, $0x21
+    mov $0xFF, %al
+    out %al, $0xA1
+    mov $tick, %eax
+    mov %ax, idt + 8 * 8
+    movw $0x8E00, idt + 8 * 8 + 4
+    shr $16, %eax
+    mov %ax, idt + 8 * 8 + 6
+    movw $0x08, idt + 8 * 8 + 2
+    lidt idtr
+    ret
+tick:
+    push %eax
+    incl ticks
+    mov $0x20, %al
+    out %al, $0x20
+    pop %eax
+    iret
+.section .rodata
+booting: .asciz "@BOOTING@"
+ready_text: .asciz "@READY@"
+panic_text: .asciz "@PANIC@"
+idtr: .word 8 * 9 - 1
+      .long idt
+gdtr: .word 3 * 8 - 1
+      .long gdt
+.data
+.globl ticks, reached_main
+ticks: .long 0
+reached_main: .long 0
+.align 8
+gdt:  .quad 0, 0x00CF9A000000FFFF, 0x00CF92000000FFFF     /* flat code 0x08, data 0x10 */
+.bss
+.align 4096
+pd: .skip 4096
+pt: .skip 4096
+idt: .skip 8 * 9
+.align 16
+stack: .skip 4096
+stack_top:
+"""
+
+
+def ready_zoo(out: Path, name: str, *, vga: bool = False, panic: bool = False, ticks: int = READY_ZOO_TICKS) -> Path:
+    """The kernel above: VGA-only output (`vga`), a VGA panic (`panic`), `ticks` timer ticks of seemingly idle boot."""
+    source = (READY_ZOO.replace("@BOOTING@", READY_ZOO_BOOTING).replace("@READY@", READY_ZOO_READY)
+              .replace("@PANIC@", READY_ZOO_PANIC))
+    return build(out, name, source, HIGHER_HALF_LDS, VGA=int(vga or panic), PANIC=int(panic), TICKS=ticks)
+
+
+def vga_only(out: Path, name: str = "vga-only", **flags) -> Path:
+    """Prints only to the VGA text screen, then idles with interrupts on: `--ready-vga "zoo: ready"`."""
+    return ready_zoo(out, name, vga=True, **flags)
+
+
+def late_symbol(out: Path, name: str = "late-symbol", **flags) -> Path:
+    """Silent, idles with the timer running, reaches `main_loop` late: `--ready-at main_loop`."""
+    return ready_zoo(out, name, **flags)

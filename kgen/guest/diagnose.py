@@ -125,12 +125,24 @@ def explain(machine, elf: ElfInfo | None, why: BaseException | str) -> Failure:
                                                if regs else where)
     evidence.append("--- COM1 (tail) ---")
     evidence.append(tail(serial) or "(empty)")
+    if not serial.strip():
+        evidence += _vga_screen(machine)       # a kernel that prints only to the screen said it there
     if hasattr(why, "details"):
         # A machine step's details end with COM1's tail too: shown once, above.
         text = why.details()
         cut = text.find("\n--- COM1 (tail) ---")
         evidence.append(text[:cut] if cut >= 0 else text)
     return Failure(kind, summary, "\n".join(evidence))
+
+
+def _vga_screen(machine) -> list[str]:
+    """The VGA text screen's non-empty rows under a heading, or nothing (QEMU gone, or a blank screen)."""
+    from kgen.guest.vga import non_empty_lines, screen_rows
+    try:
+        rows = non_empty_lines(screen_rows(machine))
+    except (MachineError, OSError, AttributeError):
+        return []
+    return ["--- VGA text screen (non-empty rows) ---", *rows] if rows else []
 
 
 def _registers(machine, state: str, evidence: list[str]):

@@ -11,6 +11,7 @@ Fixtures: `kgen_kernel` (session: elf_path, elf, layout), `kgen_layout` (skips u
 probe boot under KVM), `kgen_accel`; `kgen_boot(kernel, accel)` and `assert_holds(check, view)` for your own.
 Options: --kgen-config, --kgen-arch, --kgen-out, --kgen-kernel, --kgen-accel, --kgen-cold-boot; for a kernel given
 with --kgen-kernel how to boot it and when to look: --kgen-ready, --kgen-ready-symbol, --kgen-ready-after,
+--kgen-ready-at, --kgen-ready-vga,
 --kgen-boot-timeout, --kgen-memory, --kgen-append,
 --kgen-module, --kgen-qemu-arg.
 
@@ -41,6 +42,10 @@ def pytest_addoption(parser):
                     "inside this function (its idle or busy loop), found by sampling EIP")
     group.addoption("--kgen-ready-after", type=float, metavar="SECONDS", help="with --kgen-kernel: booted once "
                     "paging is on and the page tables have not changed for this long")
+    group.addoption("--kgen-ready-at", metavar="SYMBOL", help="with --kgen-kernel: stop the CPU the first time it "
+                    "reaches this symbol (or 0x address), by a breakpoint through QEMU's gdbstub")
+    group.addoption("--kgen-ready-vga", metavar="TEXT", help="with --kgen-kernel: booted once the VGA text screen "
+                    "shows this text")
     group.addoption("--kgen-boot-timeout", type=float, help="with --kgen-kernel: seconds to wait for the booted "
                     "state (default: 60)")
     group.addoption("--kgen-memory", type=int, help="with --kgen-kernel: guest RAM in MiB (default: 128)")
@@ -74,7 +79,7 @@ def kgen_kernel(request, tmp_path_factory):
                 opt("kgen_kernel"), opt("kgen_ready"), boot_timeout=opt("kgen_boot_timeout"),
                 memory_mib=opt("kgen_memory"), append=opt("kgen_append"), modules=opt("kgen_module"),
                 qemu_args=split_qemu_args(opt("kgen_qemu_arg")), ready_symbol=opt("kgen_ready_symbol"),
-                ready_after=opt("kgen_ready_after"))
+                ready_after=opt("kgen_ready_after"), ready_at=opt("kgen_ready_at"), ready_vga=opt("kgen_ready_vga"))
         return KernelUnderTest.built(opt("kgen_config"), opt("kgen_out") or tmp_path_factory.mktemp("kgen-kernel"),
                                      opt("kgen_arch"))
     except KgenError as err:

@@ -2,9 +2,10 @@
 its last COM1 line is `kgen: exit success` (kgen/guest/bootreport.py) and QEMU exited with the success status.
 Either alone can be faked: the status keeps only 8 bits, and a line can be printed by anyone.
 
-A kernel given with --kernel may know nothing of kgen: it also succeeds when it prints its --ready text, or,
-without one, when it stops cleanly the way `kgen test` waits for (kgen/harness/testing.py `wait_booted`): halted
-with interrupts off, or idle in hlt with paging on. The line printed then says where it halted."""
+A kernel given with --kernel may know nothing of kgen: it also succeeds when it prints its --ready text (reaches
+its --ready-at symbol, shows its --ready-vga text on the screen), or, without one, when it stops cleanly the way
+`kgen test` waits for (kgen/harness/testing.py `wait_booted`): halted with interrupts off, or idle in hlt with
+paging on. The line printed then says where it halted."""
 from __future__ import annotations
 
 import os
@@ -56,7 +57,8 @@ def run(args) -> int:
     from kgen.guest.bootreport import EXIT_SUCCESS, reported_success
     from kgen.machine import Machine
 
-    foreign_only = [name for name in ("ready", "ready_symbol", "ready_after", "module", "qemu_arg")
+    foreign_only = [name for name in ("ready", "ready_symbol", "ready_after", "ready_at", "ready_vga", "module",
+                                      "qemu_arg")
                     if getattr(args, name, None)]
     if foreign_only and args.kernel is None:
         raise UsageError(f"--{foreign_only[0].replace('_', '-')} is for a kernel given with --kernel")
@@ -92,10 +94,18 @@ def run(args) -> int:
     except KgenError as err:
         raise UsageError(f"--kernel {err}") from None
 
-    if sum(x is not None for x in (args.ready, args.ready_symbol, args.ready_after)) > 1:
-        raise UsageError("give one of --ready, --ready-symbol, --ready-after")
+    if sum(x is not None for x in (args.ready, args.ready_symbol, args.ready_after, args.ready_at,
+                                   args.ready_vga)) > 1:
+        raise UsageError("give one of --ready, --ready-symbol, --ready-after, --ready-at, --ready-vga")
     if args.ready_symbol is not None and args.ready_symbol not in elf.symbols:
         raise UsageError(f"--ready-symbol {args.ready_symbol}: {elf_path} has no such symbol")
+    at = None
+    if args.ready_at is not None:
+        from kgen.harness.testing import resolve_ready_at
+        try:
+            at = resolve_ready_at(elf, args.ready_at)
+        except KgenError as err:
+            raise UsageError(str(err)) from None
 
     # GRUB 2.06 on SeaBIOS under TCG can crash in real mode when a timer interrupt lands at the wrong moment,
     # which happens on a loaded host (see docs/toolchain.md). Counting instructions for time makes the boot
@@ -105,8 +115,10 @@ def run(args) -> int:
     if args.kernel is not None:
         from kgen.harness.testing import KernelUnderTest
         qemu = KernelUnderTest(elf_path, elf).qemu      # the ELF's class picks it, as under kgen test
+    # --ready-at: held at the first instruction with the gdbstub up, so its breakpoint is in before the CPU runs.
+    held = dict(gdbstub=True, start_paused=True) if at is not None else {}
     machine = Machine(**target, accel=args.accel, memory_mib=layout.memory_mib, echo_serial=True, icount=icount,
-                      debug_exit_port=layout.debug_exit_port, qemu=qemu, extra_args=extra_args)
+                      debug_exit_port=layout.debug_exit_port, qemu=qemu, extra_args=extra_args, **held)
     try:
         machine.launch()
     except MachineError as err:
@@ -120,7 +132,8 @@ def run(args) -> int:
     with _shut_down_after(machine):
         try:
             if args.kernel is not None:
-                stopped = _foreign_stop(machine, elf, args.ready, args.timeout, args.ready_symbol, args.ready_after)
+                stopped = _foreign_stop(machine, elf, args.ready, args.timeout, args.ready_symbol, args.ready_after,
+                                        at, args.ready_vga)
                 if stopped is not None:
                     _end_kernel_line(machine)
                     print(f"kgen: {stopped}", file=sys.stderr)
@@ -176,15 +189,15 @@ def _shut_down_after(machine):
         machine.shutdown()
 
 
-def _foreign_stop(machine, elf: ElfInfo, ready: str | None, timeout: float,
-                  symbol: str | None = None, settle: float | None = None) -> str | None:
+def _foreign_stop(machine, elf: ElfInfo, ready: str | None, timeout: float, symbol: str | None = None,
+                  settle: float | None = None, at=None, vga: str | None = None) -> str | None:
     """For a kernel given with --kernel: the line saying it stopped cleanly (its --ready text seen, or halted as
     `kgen test` waits for), or None when QEMU exited first (its status is then judged as for any kernel). A
     kernel that gets neither far raises the MachineError `explain` reads."""
     from kgen.guest.diagnose import _symbol
     from kgen.harness.testing import wait_booted
     try:
-        how = wait_booted(machine, ready, timeout, symbol=symbol, elf=elf, settle=settle)
+        how = wait_booted(machine, ready, timeout, symbol=symbol, elf=elf, settle=settle, at=at, vga=vga)
     except MachineError:
         if machine.status() == "exited":
             return None
@@ -193,7 +206,7 @@ def _foreign_stop(machine, elf: ElfInfo, ready: str | None, timeout: float,
     regs = machine.registers()
     where = f"{'RIP' if regs.long_mode else 'EIP'}={_symbol(elf, regs.eip, long_mode=regs.long_mode)}"
     paging = "on" if regs.cr0 & hw.CR0_PG else "off"
-    if ready is not None or symbol is not None or settle is not None:
+    if any(x is not None for x in (ready, symbol, settle, at, vga)):
         return f"ready: the kernel {how} (CPU at {where}, paging {paging})"
     return f"halted: the kernel {how}, at {where} (a clean stop; --ready TEXT asks for its own line instead)"
 

@@ -268,7 +268,7 @@ def wait_booted(machine, ready: str | None, timeout: float, *, symbol: str | Non
             mark = _tables_fingerprint(machine, regs) if regs.cr0 & CR0_PG else None
         elif symbol is not None:
             mark = here
-        elif ready is None and regs.halted and regs.cr0 & CR0_PG:
+        elif ready is None and vga is None and regs.halted and regs.cr0 & CR0_PG:
             mark = regs.eip
         else:
             mark = None
