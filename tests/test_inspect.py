@@ -1,0 +1,235 @@
+"""`kgen inspect`: its document checked against the walker, the layout, the PMM's own counters and the ELF, on
+booted kernels (i386 and x86_64 kgen kernels, one foreign kernel from tests/minikernels.py).
+
+One boot per kernel: the document is collected once per architecture (module-scoped), and further translations
+are explained on the same stopped machine."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import minikernels
+from conftest import ARCH_BUILDS, needs_qemu
+from kgen.arch import hw
+from kgen.guest.elfinfo import ElfInfo
+from kgen.guest.pagewalk import PTE_NX, PTE_RW, PTE_US
+from kgen.guest.pmmview import PmmView
+from kgen.harness.testing import KernelUnderTest, boot
+from kgen.inspect.explain import explain_translation
+from kgen.inspect.model import collect
+from kgen.inspect.text import render_text
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGE = hw.PAGE_SIZE
+
+
+def kgen(*args, env=None):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
+    return subprocess.run([sys.executable, "-m", "kgen.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def h(text: str) -> int:
+    return int(text, 16)
+
+
+@pytest.fixture(scope="module", params=tuple(ARCH_BUILDS))
+def inspected(request):
+    """(document with --va at the top table's recursive address, the stopped view, the layout) per architecture."""
+    out = request.getfixturevalue(ARCH_BUILDS[request.param])
+    layout = out.kernel.layout
+    kernel = KernelUnderTest(out.elf, ElfInfo.load(out.elf), layout)
+    with boot(kernel, "tcg") as live:
+        doc = collect(live, va=layout.recursive_top)
+        yield doc, live.view(), layout
+
+
+@needs_qemu
+def test_virtual_ranges_are_the_walkers_mappings(inspected):
+    doc, view, layout = inspected
+    walker = view.walker
+    ranges = [r for r in doc["virtual"] if r["region"] != "recursive window"]
+    # Every mapped page appears once, and only mapped pages.
+    assert sum(r["pages"] * r["page_size"] for r in ranges) == sum(m.size for m in walker.mappings())
+    for r in ranges:
+        for vaddr in (h(r["start"]), h(r["end"]) - r["page_size"]):
+            t = walker.translate(vaddr)
+            assert t is not None, r
+            assert bool(t.attrs & PTE_RW) == r["writable"] and bool(t.attrs & PTE_US) == r["user"], r
+            assert bool(t.attrs & PTE_NX) == r["nx"], r
+        if r["phys_contiguous"]:
+            last = h(r["end"]) - r["page_size"]
+            assert walker.translate(last).paddr == h(r["phys"]) + last - h(r["start"])
+    # The recursive window: the layout's, showing the top table (CR3), one page per present top-level entry.
+    (window,) = [r for r in doc["virtual"] if r["region"] == "recursive window"]
+    assert (h(window["start"]), h(window["end"])) == (layout.recursive_window.start, layout.recursive_window.end)
+    assert h(window["phys"]) == walker.top and not window["user"]
+    # Every region of the layout is named with the layout's bounds.
+    named = {r["name"]: (h(r["start"]), h(r["end"])) for r in doc["regions"] if r["source"] == "layout"}
+    for region in layout.regions():
+        assert named[region.name] == (region.start, region.end)
+    # The image's first page is named after the ELF segment that holds it.
+    seg = next(s for s in view.elf.segments if s.vaddr == layout.kernel_virtual_start)
+    first = next(r for r in ranges if h(r["start"]) <= seg.vaddr < h(r["end"]))
+    assert first["region"].endswith("(r-x)") and first["flags"] == "r-x"
+    assert doc["paging"]["recursive_slots"][0] == {"slot": layout.recursive_slot, "base": hex(layout.recursive_base),
+                                                   "role": "own"}
+
+
+def frame_roles(doc) -> dict[int, str]:
+    roles = {}
+    for run in doc["physical"]:
+        for frame in range(h(run["start"]), h(run["end"]), PAGE):
+            roles[frame] = run["role"]
+    return roles
+
+
+@needs_qemu
+def test_physical_roles_agree_with_the_tables_and_the_pmm(inspected):
+    doc, view, layout = inspected
+    walker = view.walker
+    names = walker.mode.level_names
+    roles = frame_roles(doc)
+    assert roles[walker.top] == f"page table ({names[0]})"
+    tables = walker.page_tables()
+    assert tables
+    for path, frame in tables:
+        assert roles[frame] == f"page table ({names[len(path)]})"
+    pmm = PmmView(view.read_phys, view.elf, layout)
+    state = pmm.state()
+    # The kernel's own counters: frames the bump pointer has not reached, frames on the free stack.
+    assert sum(1 for role in roles.values() if role == "never allocated") == state.untouched
+    assert sorted(f for f, role in roles.items() if role == "free (on the stack)") == sorted(pmm.free_stack(state))
+    assert doc["ram"]["bytes"] == layout.memory_bytes and len(roles) * PAGE >= layout.memory_bytes
+    for seg in view.elf.segments:
+        if seg.executable:
+            assert all(roles[f] == "kernel image" for f in range(seg.paddr, seg.paddr + seg.memsz, PAGE))
+    assert all(r["outcome"] == "passed" for r in doc["invariants"]), doc["invariants"]
+
+
+@needs_qemu
+def test_va_of_the_top_table_is_explained_as_the_self_map(inspected):
+    doc, view, layout = inspected
+    walker = view.walker
+    t = doc["translation"]
+    levels = layout.architecture.levels
+    assert [s["index"] for s in t["steps"]] == [layout.recursive_slot] * levels
+    assert all(h(s["next"]) == walker.top for s in t["steps"])
+    assert h(t["phys"]) == walker.top and t["fault"] is None
+    top = walker.mode.level_names[0]
+    times = {2: "twice"}.get(levels, f"{levels} times")
+    assert any(f"maps the {top} itself: reached through {top}[{layout.recursive_slot}] {times}" in line
+               for line in t["explanation"]), t["explanation"]
+    # The CPU agrees: what the kernel reads at that address is its top table.
+    assert walker.read_virtual(layout.recursive_top, PAGE) == view.read_phys(walker.top, PAGE)
+
+
+@needs_qemu
+def test_entry_virt_reaches_the_entry_at_entry_phys(inspected):
+    """Each step's recursive address, read through the guest's own page tables, holds the same bytes as the entry
+    at its physical address: a wrong level, slot or shift in the formula reads another entry."""
+    doc, view, layout = inspected
+    walker = view.walker
+    size = walker.mode.entry_size
+    text_page = next(s for s in view.elf.segments if s.executable).vaddr
+    checked = 0
+    for va in (text_page, layout.tempmap_base, layout.vmm_base, layout.recursive_top,
+               layout.recursive_pt(layout.kernel_pde_first) if layout.arch == "i386" else layout.recursive_base):
+        t = explain_translation(view, walker, va)
+        chain, _ = walker.walk(va)
+        assert [h(s["entry_phys"]) for s in t["steps"]] == [ref.addr for ref in chain]
+        for step in t["steps"]:
+            phys_bytes = view.read_phys(h(step["entry_phys"]), size)
+            assert walker.read_virtual(h(step["entry_virt"]), size) == phys_bytes, (hex(va), step)
+            assert int.from_bytes(phys_bytes, "little") == h(step["entry"])
+            checked += 1
+    assert checked >= 3 * layout.architecture.levels
+
+
+@needs_qemu
+def test_faults_are_explained(inspected):
+    doc, view, layout = inspected
+    walker = view.walker
+    # An empty temp-map slot: the page table is there, its entry is not.
+    t = explain_translation(view, walker, layout.tempmap_base)
+    assert t["phys"] is None and t["steps"][-1]["flags"] == "not present"
+    assert t["fault"].startswith(f"not present at level 1 ({walker.mode.level_names[-1]})")
+    # Kernel text: read-only for a supervisor write (CR0.WP is on), supervisor-only for ring 3.
+    assert view.regs.cr0 & hw.CR0_WP
+    seg = next(s for s in view.elf.segments if s.executable and not s.writable)
+    access = {a["access"]: a for a in explain_translation(view, walker, seg.vaddr)["access"]}
+    assert access["kernel read"]["faults"] is False and access["kernel fetch"]["faults"] is False
+    assert access["kernel write"]["faults"] and "CR0.WP" in access["kernel write"]["why"]
+    assert access["user read"]["faults"] and "supervisor" in access["user read"]["why"]
+    data = next(s for s in view.elf.segments if not s.executable)
+    fetch = {a["access"]: a for a in explain_translation(view, walker, data.vaddr)["access"]}["kernel fetch"]
+    assert fetch["faults"] == (bool(walker.mode.nx_levels) and walker.nxe), fetch
+
+
+@needs_qemu
+def test_text_output(inspected):
+    doc, view, layout = inspected
+    plain = render_text({**doc, "translation": None})
+    assert "\x1b[" not in plain
+    for r in doc["virtual"]:
+        assert f"  {r['start']}  " in plain
+    assert f"{sum(1 for r in doc['invariants'] if r['outcome'] == 'passed')} passed" in plain
+    va = render_text(doc, colour=True)
+    assert "\x1b[" in va
+    slot = f"[{layout.recursive_slot}]"
+    assert sum(slot in line for line in va.splitlines()) >= layout.architecture.levels
+
+
+@needs_qemu
+def test_the_cli_explains_0xfffff000_on_the_default_i386_kernel(default_build):
+    out = default_build.elf.parent
+    r = kgen("inspect", "--out", out, "--va", "0xFFFFF000", env={"NO_COLOR": "1"})
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    pd = ElfInfo.load(default_build.elf).symbols["boot_top_table"].value - default_build.kernel.layout.kernel_virtual_base
+    assert f"maps the PD itself: reached through PD[1023] twice, the frame is the PD {pd:#x}" in r.stdout
+    assert "\x1b[" not in r.stdout
+
+
+@needs_qemu
+def test_a_foreign_kernel_as_json_from_the_cli(tmp_path):
+    elf_path = minikernels.build(tmp_path, "hh", minikernels.HIGHER_HALF, minikernels.HIGHER_HALF_LDS,
+                                 WRITABLE_TEXT=0)
+    elf = ElfInfo.load(elf_path)
+    r = kgen("inspect", "--kernel", elf_path, "--json", "--va", "0xfffff000", "--ready", "mini: ready")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["kernel"]["kind"] == "foreign" and doc["kernel"]["arch"] == "i386"
+    assert "mini: ready" in doc["stopped"]["how"]
+    # Every PT_LOAD page maps p_vaddr -> p_paddr, in a range named after its segment or a symbol in it.
+    for seg in elf.segments:
+        for vaddr in range(seg.vaddr, seg.vaddr + seg.memsz, PAGE):
+            (r_,) = [v for v in doc["virtual"] if h(v["start"]) <= vaddr < h(v["end"])]
+            assert r_["phys_contiguous"] and h(r_["phys"]) + vaddr - h(r_["start"]) == seg.paddr + vaddr - seg.vaddr
+            assert r_["writable"] == seg.writable and r_["region"] is not None
+    names = {reg["name"] for reg in doc["regions"]}
+    assert {"pd", "pt", "stack"} <= names
+    # The kernel's PD (its `pd` symbol, loaded 3 GiB below) is the top table and maps itself at 0xfffff000.
+    pd = elf.symbols["pd"].value - 0xC0000000
+    assert h(doc["registers"]["cr3"]) == pd
+    roles = frame_roles(doc)
+    assert roles[pd] == "page table (PD)" and roles[elf.symbols["pt"].value - 0xC0000000] == "page table (PT)"
+    t = doc["translation"]
+    assert h(t["phys"]) == pd and [s["index"] for s in t["steps"]] == [1023, 1023]
+    assert [h(s["entry_virt"]) for s in t["steps"]] == [0xFFFFFFFC, 0xFFFFFFFC]
+    assert {i["outcome"] for i in doc["invariants"]} <= {"passed", "skipped"}
+
+
+def test_bad_input_is_one_line(tmp_path):
+    for args, needle in (
+            (("--kernel", tmp_path / "missing.elf"), "no such file"),
+            (("--ready", "x", "--out", tmp_path / "b"), "--ready is for a kernel given with --kernel"),
+            (("--va", "banana"), "is not an address"),
+            (("--arch", "x86_64", "--out", tmp_path / "b64", "--va", "0x0000800000000000"), "not canonical")):
+        r = kgen("inspect", *args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr and "Traceback" not in r.stderr
