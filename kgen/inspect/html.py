@@ -149,6 +149,7 @@ class Geometry:
         self.paddr_labels = self._address_labels(self.physical, lambda a: a)
         self.role_labels = self._role_labels()
         self.marker = self._translation_marker()
+        self.hole_y = self.virtual.y_of(self.half) if self.half else None
         self.vwidth = max((r["tx"] for r in self.regions), default=BAR_X + BAR_W) + 200
         self.pwidth = BAR_X + BAR_W + 14 + 200
         self.height = max(self.virtual.height, self.physical.height,
@@ -194,11 +195,11 @@ class Geometry:
             key = f"vgap{s.start:x}"
             names = [r["name"] for r in self.doc.get("regions") or []
                      if _int(r["start"]) & self.va_mask <= s.start < (((_int(r["end"]) - 1) & self.va_mask) + 1)]
-            hole = self.half is not None and s.start < self.half < s.end
             self.details[key] = {"title": f"unmapped {human_size(s.size)}", "rows": [
                 ["range", f"{self.hexv(s.start)} .. {self.hexv(s.end - 1)}"], ["size", human_size(s.size)],
-                ["region", ", ".join(names) or "none"]], "lists": []}
-            label = human_size(s.size) + (" (canonical hole)" if hole else "")
+                ["region", ", ".join(names) or "none"]]
+                + [["note", "starts after the non-canonical hole"]] * (s.start == self.half), "lists": []}
+            label = human_size(s.size)
             return {"key": key, "y": s.y, "h": s.h, "folded": True, "cls": "fold", "text": label,
                     "start": self.hexv(s.start), "end": self.hexv(s.end), "size": s.size, "weight": s.weight, "problem": False}
         v = self.doc["virtual"][s.index]
@@ -206,8 +207,9 @@ class Geometry:
         problems = list(v.get("problems") or [])
         rows = [["range", f"{v['start']} .. {self.hexv(s.end - 1)} (end {v['end']})"],
                 ["size", f"{human_size(s.size)}: {v.get('pages')} pages of {human_size(v.get('page_size') or 4096)}"],
-                ["flags", f"{v.get('flags')}  writable={v.get('writable')} user={v.get('user')} nx={v.get('nx')} "
-                          f"global={v.get('global')}"],
+                ["flags", f"{v.get('flags')}: " + ", ".join(
+                    ["writable" if v.get("writable") else "read-only", "user" if v.get("user") else "supervisor"]
+                    + ["NX"] * bool(v.get("nx")) + ["global"] * bool(v.get("global")))],
                 ["physical", f"{v.get('phys')}" + (" contiguous" if v.get("phys_contiguous") else
                                                      " (first page; the rest scattered)")],
                 ["region", v.get("region") or "none"]]
