@@ -45,7 +45,11 @@ def inspected(request):
     layout = out.kernel.layout
     kernel = KernelUnderTest(out.elf, ElfInfo.load(out.elf), layout)
     with boot(kernel, "tcg") as live:
+        # One frame given back (on the free stack), one kept and mapped nowhere.
+        freed, kept = live.call("pmm_alloc"), live.call("pmm_alloc")
+        live.call("pmm_free", freed)
         doc = collect(live, va=layout.recursive_top)
+        doc["test_frames"] = {"freed": freed, "kept": kept}
         yield doc, live.view(), layout
 
 
@@ -105,6 +109,8 @@ def test_physical_roles_agree_with_the_tables_and_the_pmm(inspected):
     # The kernel's own counters: frames the bump pointer has not reached, frames on the free stack.
     assert sum(1 for role in roles.values() if role == "never allocated") == state.untouched
     assert sorted(f for f, role in roles.items() if role == "free (on the stack)") == sorted(pmm.free_stack(state))
+    assert roles[doc["test_frames"]["freed"]] == "free (on the stack)"
+    assert roles[doc["test_frames"]["kept"]] == "allocated, unmapped"
     assert doc["ram"]["bytes"] == layout.memory_bytes and len(roles) * PAGE >= layout.memory_bytes
     for seg in view.elf.segments:
         if seg.executable:
