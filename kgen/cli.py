@@ -107,6 +107,9 @@ def cmd_bench(args, extra: list[str]) -> int:
 
 def cmd_test(args, extra: list[str]) -> int:
     from kgen.harness.testing import run_suite
+    if args.json is not None:
+        from kgen.harness.jsonreport import run_suite_json
+        return run_suite_json(args, extra, run_suite)
     return run_suite(args, extra)
 
 
@@ -168,6 +171,10 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("-x", dest="exitfirst", action="store_true", help="stop at the first failure")
     t.add_argument("--accel", choices=("tcg", "kvm"), default="tcg")
     t.add_argument("--junitxml", type=Path, help="write a JUnit XML report here")
+    t.add_argument("--json", metavar="FILE", help="write the results as JSON, one object per check (name, outcome, "
+                   "messages) and a summary; - for stdout (pytest's own lines then go to stderr)")
+    t.add_argument("--address-spaces", metavar="SYMBOL[,COUNT]", help="with --kernel: the kernel's array of "
+                   "top-level page table physical addresses (0 = unused); the page-table checks run on each space")
     t.add_argument("--kernel", type=Path, help="check this Multiboot ELF (any kernel) with the generic invariants")
     _add_foreign_boot_args(t)
     t.add_argument("--boot-timeout", type=positive_seconds, metavar="SECONDS",

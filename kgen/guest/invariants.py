@@ -37,6 +37,13 @@ class GuestView:
     elf: ElfInfo
     layout: Layout | None = None
     poison: bytes | None = None     # the pattern RAM was filled with before boot, tiled from address 0
+    space: str | None = None        # which address space CR3 stands for when it is not the CPU's (`in_space`)
+
+    def in_space(self, top: int, name: str) -> GuestView:
+        """The same machine seen through another address space: its top-level table at physical `top` in place of
+        CR3, so every check walks that space (kgen test --address-spaces)."""
+        from dataclasses import replace
+        return replace(self, regs=replace(self.regs, cr3=top), space=name)
 
     @property
     def walker(self) -> Walker | None:
@@ -235,16 +242,29 @@ def check_segments(view: GuestView) -> list[str]:
 
 @_walk_errors_reported
 def check_nothing_below_kernel_base(view: GuestView) -> list[str]:
-    """Nothing is mapped below the kernel base once booted: the boot identity map is gone, no stray low page."""
+    """Nothing but user pages is mapped below the kernel base: the boot identity map is gone, no stray low page.
+
+    A page ring 3 may use (U/S at every level) is a process's code, data or stack, not a leftover of the boot; it is
+    still reported when its frame lies in the kernel image (ring 3 would see the kernel)."""
     walker = view.need_walker()
     base = view.kernel_base
     if base is None:
         raise NotApplicable(f"{view.elf.path.name} is not a higher-half kernel (p_vaddr == p_paddr)")
+    image = [(seg.paddr, seg.paddr + seg.memsz) for seg in view.elf.segments if seg.memsz]
     problems = []
     for m in walker.mappings():
         if m.vstart >= base:
             break
         end = min(m.vstart + m.size, base)
+        if m.attrs & hw.PTE_US:
+            pend = m.pstart + end - m.vstart
+            overlap = [(max(lo, m.pstart), min(hi, pend)) for lo, hi in image if lo < pend and m.pstart < hi]
+            if overlap:
+                lo, hi = overlap[0]
+                t = walker.translate(m.vstart + lo - m.pstart)
+                problems.append(f"{m.vstart:#010x}-{end:#010x} is a user page ({m.attrs}) on the kernel image's "
+                                f"frames {lo:#x}-{hi:#x}: ring 3 sees the kernel, first such page via {t.path}")
+            continue
         kind = "identity-mapped" if m.vstart == m.pstart else f"mapped to {m.pstart:#x}"
         t = walker.translate(m.vstart)
         problems.append(f"{m.vstart:#010x}-{end:#010x} is {kind} ({m.attrs}) below the kernel base {base:#x}, "

@@ -13,7 +13,9 @@ Options: --kgen-config, --kgen-arch, --kgen-out, --kgen-kernel, --kgen-accel, --
 with --kgen-kernel how to boot it and when to look: --kgen-ready, --kgen-ready-symbol, --kgen-ready-after,
 --kgen-ready-at, --kgen-ready-vga,
 --kgen-boot-timeout, --kgen-memory, --kgen-append,
---kgen-module, --kgen-qemu-arg.
+--kgen-module, --kgen-qemu-arg, --kgen-address-spaces (the page-table checks take `kgen_space` and run once per
+address space the kernel lists; `space_view(live, kgen_space)` is the machine seen through it); --kgen-json FILE
+writes the results as JSON (kgen/harness/jsonreport.py).
 
 Every machine a fixture hands out is as a cold boot leaves it, but only the first per kernel is booted: the
 others are restored from a snapshot of it (kgen/machine/snapshot.py), unless --kgen-cold-boot.
@@ -57,6 +59,11 @@ def pytest_addoption(parser):
     group.addoption("--kgen-accel", choices=("tcg", "kvm"), default="tcg", help="QEMU accelerator (default: tcg)")
     group.addoption("--kgen-cold-boot", action="store_true", help="boot a new machine for every test instead of "
                     "restoring a snapshot of the booted kernel (the default: one boot per kernel and worker)")
+    group.addoption("--kgen-address-spaces", metavar="SYMBOL[,COUNT]", help="with --kgen-kernel: the kernel's "
+                    "array of top-level table physical addresses (0 = unused slot); the page-table checks run on "
+                    "every space in it, not only the one in CR3")
+    group.addoption("--kgen-json", type=Path, metavar="FILE", help="also write the results as JSON, one object "
+                    "per check (kgen/harness/jsonreport.py)")
     group.addoption("--kgen-arch", help="architecture to build for (default: the config's `arch`); keys the "
                     "config does not set take that architecture's defaults")
 
@@ -65,6 +72,42 @@ def pytest_configure(config):
     if config.getoption("kgen_cold_boot", False):
         from kgen.machine.snapshot import set_cold_boot
         set_cold_boot(True)
+    if config.getoption("kgen_json", None) is not None and not hasattr(config, "workerinput"):
+        # On the process that reports (an xdist worker's reports reach it too), not on each worker.
+        from kgen.harness.jsonreport import JsonReport
+        config.pluginmanager.register(JsonReport(config.getoption("kgen_json"), lambda: _kernel_record(config),
+                                                 config.getoption("kgen_accel")), "kgen-json")
+
+
+def _kernel_record(config) -> dict:
+    from kgen.harness import jsonreport
+    opt = config.getoption
+    if opt("kgen_kernel") is not None:
+        return jsonreport.foreign_kernel_record(opt("kgen_kernel"))
+    from kgen.build import config as configmod
+    from kgen.build.pipeline import ELF_NAME
+    cfg = configmod.load(opt("kgen_config"), opt("kgen_arch"))
+    elf = opt("kgen_out") / ELF_NAME if opt("kgen_out") is not None else None     # else a temporary build
+    return jsonreport.kernel_record(elf.resolve() if elf and elf.is_file() else None, "kgen", cfg.arch)
+
+
+def pytest_generate_tests(metafunc):
+    """A test that takes `kgen_space` runs once per slot of --kgen-address-spaces (ids name the slot)."""
+    spec = metafunc.config.getoption("kgen_address_spaces", None)
+    if spec is None or "kgen_space" not in metafunc.fixturenames:
+        return
+    from kgen.errors import KgenError
+    from kgen.guest.addrspaces import SpaceArray, SpaceSlot
+    from kgen.guest.elfinfo import ElfInfo
+    kernel = metafunc.config.getoption("kgen_kernel")
+    if kernel is None:
+        raise pytest.UsageError("--kgen-address-spaces is for a kernel given with --kgen-kernel")
+    try:
+        array = SpaceArray.parse(spec, ElfInfo.load(kernel))
+    except KgenError as err:
+        raise pytest.UsageError(str(err)) from None
+    slots = [SpaceSlot(array, i) for i in range(array.count)]
+    metafunc.parametrize("kgen_space", slots, ids=[slot.name for slot in slots])
 
 
 @pytest.fixture(scope="session")
@@ -139,12 +182,34 @@ def kgen_idle(kgen_kernel, kgen_accel):
         yield live
 
 
+@pytest.fixture
+def kgen_space():
+    """The address space a page-table check looks at: None for the one in CR3; with --kgen-address-spaces the
+    test is parametrised over the slots instead (`pytest_generate_tests`) and `space_view` gives each its view."""
+    return None
+
+
+def space_view(live, space):
+    """The stopped machine seen through `space` (a `SpaceSlot`, or None for CR3); an unused slot (0) is skipped."""
+    view = live.view()
+    if space is None:
+        return view
+    top = space.top(view.read_phys) & view.mode.cr3_mask
+    if top == 0:
+        pytest.skip(f"{space.name} is 0: no address space in this slot")
+    current = " (the space in CR3)" if top == view.regs.cr3 & view.mode.cr3_mask else ""
+    return view.in_space(top, f"{space.name}: {view.mode.level_names[0]} at {top:#x}{current}")
+
+
 def assert_holds(check, view) -> None:
-    """Run one `kgen.guest.invariants` check: fail with its problems (one line per page), skip where it does not apply."""
+    """Run one `kgen.guest.invariants` check: fail with its problems (one line per page), skip where it does not
+    apply; in a view of another address space than CR3's, both name that space."""
     from kgen.guest.invariants import NotApplicable
+    where = f" in address space {view.space}" if getattr(view, "space", None) else ""
     try:
         problems = check(view)
     except NotApplicable as why:
-        pytest.skip(str(why))
+        pytest.skip(f"{why}{where}")
     if problems:
-        pytest.fail(f"{check.__doc__.splitlines()[0]}\n" + "\n".join(f"  {p}" for p in problems), pytrace=False)
+        pytest.fail(f"{check.__doc__.splitlines()[0]}{where}\n" + "\n".join(f"  {p}" for p in problems),
+                    pytrace=False)

@@ -560,6 +560,8 @@ def pytest_args(args, extra: list[str]) -> list[str]:
         argv += [f"--kgen-module={Path(m.partition(',')[0]).resolve()}" + m[len(m.partition(',')[0]):]
                  for m in getattr(args, "module", None) or ()]
         argv += [f"--kgen-qemu-arg={a}" for a in getattr(args, "qemu_arg", None) or ()]
+        if getattr(args, "address_spaces", None):
+            argv.append(f"--kgen-address-spaces={args.address_spaces}")
     else:
         if args.config is not None:
             argv += ["--kgen-config", str(args.config.resolve())]
@@ -574,6 +576,8 @@ def pytest_args(args, extra: list[str]) -> list[str]:
         argv.append("-x")
     if args.junitxml is not None:
         argv.append(f"--junitxml={args.junitxml.resolve()}")
+    if getattr(args, "json_path", None) is not None:      # set by kgen.harness.jsonreport.run_suite_json
+        argv.append(f"--kgen-json={args.json_path.resolve()}")
     if str(args.jobs) not in ("0", "1"):
         if importlib.util.find_spec("xdist") is None:
             raise ToolMissing("parallel machines need pytest-xdist: pip install 'kgen[test]', or pass -j 1")
@@ -642,8 +646,10 @@ def check_boots(kernel: KernelUnderTest, accel: str) -> None:
     except RunFailed as err:
         sys.stdout.flush()
         print(err.details(), file=sys.stderr)
-        raise KgenError(f"--kernel {kernel.elf_path.name} did not boot to a state the checks can look at: {err}",
-                        exit_code=EXIT_CHECKS_FAILED) from None
+        failed = KgenError(f"--kernel {kernel.elf_path.name} did not boot to a state the checks can look at: {err}",
+                           exit_code=EXIT_CHECKS_FAILED)
+        failed.failure = err.failure        # for the --json report
+        raise failed from None
 
 
 def require_kvm_for(kernel: KernelUnderTest, cache_dir: Path | None) -> None:
@@ -691,6 +697,12 @@ def run_suite(args, extra: list[str]) -> int:
         check_report_path("--junitxml", args.junitxml)
     if args.kernel is not None:
         kernel = foreign_kernel_from_args(args)
+        if getattr(args, "address_spaces", None):
+            from kgen.guest.addrspaces import SpaceArray
+            try:
+                SpaceArray.parse(args.address_spaces, kernel.elf)
+            except KgenError as err:
+                raise UsageError(str(err)) from None
         require_qemu(kernel.qemu)
         check_qemu_accepts(kernel)
         if args.accel == "kvm":
@@ -700,7 +712,7 @@ def run_suite(args, extra: list[str]) -> int:
     else:
         used = [name for name in ("ready", "ready_symbol", "ready_after", "ready_at", "ready_vga",
                                   "boot_timeout", "memory", "append", "module",
-                                  "qemu_arg") if getattr(args, name, None)]
+                                  "qemu_arg", "address_spaces") if getattr(args, name, None)]
         if used:
             raise UsageError(f"--{used[0].replace('_', '-')} is for a kernel given with --kernel; a kgen kernel "
                              "takes its machine from the config")

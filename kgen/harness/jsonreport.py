@@ -1,0 +1,138 @@
+"""`kgen test --json FILE`: the suite's results as one JSON document, for CI.
+
+Built from pytest's own reports (the plugin registers `JsonReport` on the process that runs the session; under
+pytest-xdist the workers' reports reach it too), never by reading the text pytest prints:
+
+    {"kgen_test": 1,
+     "kernel": {"elf": "/abs/kernel.elf", "kind": "kgen"|"foreign", "arch": "i386"|"x86_64"},
+     "accel": "tcg"|"kvm",
+     "checks": [{"name": "test_nothing_is_mapped_below_the_kernel_base[spaces[1]]", "module": "test_invariants",
+                 "outcome": "passed"|"failed"|"skipped"|"error", "messages": ["..."], "duration": 0.01}],
+     "summary": {"passed": 8, "failed": 1, "skipped": 17, "error": 0, "total": 26},
+     "boot_failure": null | {"kind": "fault loop"|"triple fault"|"hang"|..., "summary": "..."}}
+
+One object per check (per test, and per address space for the checks `--address-spaces` repeats). `messages` are
+the lines of a failure as kgen words them (one per entry or page at fault; the first names the invariant), or the
+reason of a skip; an `error` is a failure outside the check itself (its fixture: the kernel could not be booted).
+A kernel that never reaches the state the checks look at is reported before the suite: no checks, and
+`boot_failure` says what it did instead.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+FORMAT_VERSION = 1
+FAILED_PREFIX = "Failed: "
+SKIPPED_PREFIX = "Skipped: "
+
+
+def kernel_record(elf_path: Path | None, kind: str, arch: str | None) -> dict:
+    return {"elf": str(elf_path) if elf_path is not None else None, "kind": kind, "arch": arch}
+
+
+def foreign_kernel_record(elf_path: Path) -> dict:
+    """A foreign ELF's arch is the QEMU it boots in: an ELF64 qemu-system-x86_64, an ELF32 qemu-system-i386."""
+    from kgen.guest.elfinfo import ElfInfo
+    try:
+        bits = ElfInfo.load(elf_path).bits
+    except Exception:  # noqa: BLE001 - an unreadable ELF is reported elsewhere; the record just says unknown
+        bits = None
+    return kernel_record(Path(elf_path).resolve(), "foreign", {64: "x86_64", 32: "i386"}.get(bits))
+
+
+def document(kernel: dict, accel: str, checks: list[dict], boot_failure: dict | None = None) -> dict:
+    summary = {outcome: sum(c["outcome"] == outcome for c in checks)
+               for outcome in ("passed", "failed", "skipped", "error")}
+    summary["total"] = len(checks)
+    return {"kgen_test": FORMAT_VERSION, "kernel": kernel, "accel": accel, "checks": checks, "summary": summary,
+            "boot_failure": boot_failure}
+
+
+def write(path: Path, doc: dict) -> None:
+    Path(path).write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def _messages(report) -> list[str]:
+    longrepr = report.longrepr
+    if longrepr is None:
+        return []
+    if isinstance(longrepr, tuple):         # a skip: (path, line, "Skipped: reason")
+        text = str(longrepr[2])
+        text = text[len(SKIPPED_PREFIX):] if text.startswith(SKIPPED_PREFIX) else text
+    else:
+        crash = getattr(longrepr, "reprcrash", None)
+        text = crash.message if crash is not None else str(longrepr)
+        text = text[len(FAILED_PREFIX):] if text.startswith(FAILED_PREFIX) else text
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+class JsonReport:
+    """Collects one record per test from pytest's reports; writes the document when the session ends."""
+
+    def __init__(self, path: Path, kernel, accel: str):
+        self.path = Path(path)
+        self.kernel = kernel            # a dict, or a callable giving one at the end (a kgen kernel is built late)
+        self.accel = accel
+        self.checks: dict[str, dict] = {}
+
+    def pytest_runtest_logreport(self, report) -> None:
+        module, _, name = report.nodeid.rpartition("::")
+        record = self.checks.setdefault(report.nodeid, {
+            "name": name, "module": Path(module).stem, "outcome": "passed", "messages": [], "duration": 0.0})
+        record["duration"] = round(record["duration"] + (report.duration or 0.0), 4)
+        if report.passed:
+            return
+        if report.skipped:
+            if record["outcome"] == "passed":
+                record["outcome"] = "skipped"
+                record["messages"] = _messages(report)
+            return
+        # failed: in the test's call a failed check; in its setup or teardown (a fixture) an error
+        outcome = "failed" if report.when == "call" else "error"
+        if record["outcome"] in ("passed", "skipped"):
+            record["outcome"], record["messages"] = outcome, _messages(report)
+        else:
+            record["messages"] += _messages(report)
+
+    def pytest_sessionfinish(self, session, exitstatus) -> None:
+        kernel = self.kernel() if callable(self.kernel) else self.kernel
+        checks = [self.checks[nodeid] for nodeid in sorted(self.checks)]
+        write(self.path, document(kernel, self.accel, checks))
+
+
+def run_suite_json(args, extra: list[str], run_suite) -> int:
+    """`kgen test --json FILE` (`-`: the document on stdout, everything pytest prints on stderr): `run_suite` with
+    the plugin's reporter on. A foreign kernel that never boots to the state the checks look at still gets a
+    document: no checks, and `boot_failure` saying what it did instead."""
+    import contextlib
+    import shutil
+    import sys
+    import tempfile
+    from kgen.errors import KgenError
+    from kgen.harness.testing import check_report_path
+    to_stdout = args.json == "-"
+    scratch = None
+    if to_stdout:
+        scratch = Path(tempfile.mkdtemp(prefix="kgen-json-"))
+        args.json_path = scratch / "report.json"
+    else:
+        args.json_path = Path(args.json)
+        check_report_path("--json", args.json_path)
+    try:
+        with contextlib.redirect_stdout(sys.stderr) if to_stdout else contextlib.nullcontext():
+            try:
+                return run_suite(args, extra)
+            except KgenError as err:
+                failure = getattr(err, "failure", None)
+                if failure is None or args.kernel is None:
+                    raise
+                write(args.json_path, document(foreign_kernel_record(args.kernel), args.accel, [],
+                                               {"kind": failure.kind, "summary": failure.summary}))
+                raise
+    finally:
+        if to_stdout:
+            if args.json_path.is_file():
+                sys.stdout.write(args.json_path.read_text())
+                sys.stdout.flush()
+            shutil.rmtree(scratch, ignore_errors=True)
