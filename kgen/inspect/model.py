@@ -453,7 +453,7 @@ def stopped_how(kernel, regs) -> str:
     if kernel.layout is not None:
         return "serving calls: idle in hlt between calls (kgen: serving calls on COM2)"
     for field, text in (("ready", "printed {!r} on COM1"), ("ready_symbol", "stayed inside {}"),
-                        ("ready_after", "page tables unchanged for {} s"), ("ready_at", "reached {}"),
+                        ("ready_after", "page tables unchanged for {} s"), ("ready_at", "stopped the first time the CPU reached {}"),
                         ("ready_vga", "showed {!r} on the VGA text screen")):
         value = getattr(kernel, field, None)
         if value is not None:
