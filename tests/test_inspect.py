@@ -239,3 +239,25 @@ def test_bad_input_is_one_line(tmp_path):
         r = kgen("inspect", *args)
         assert r.returncode == 2, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr and "Traceback" not in r.stderr
+
+
+@needs_qemu
+def test_an_invariant_failure_is_attached_to_the_range_it_names(tmp_path):
+    """A foreign kernel that maps its text and rodata writable: check_segments fails on exactly those pages, and
+    each range holding one carries the message; no other range does."""
+    elf_path = minikernels.build(tmp_path, "hhw", minikernels.HIGHER_HALF, minikernels.HIGHER_HALF_LDS,
+                                 WRITABLE_TEXT=1)
+    kernel = KernelUnderTest.foreign(elf_path, minikernels.HIGHER_HALF_READY)
+    with boot(kernel, "tcg") as live:
+        doc = collect(live)
+    failed = {i["name"]: i for i in doc["invariants"]}["check_segments"]
+    assert failed["outcome"] == "failed"
+    read_only = {vaddr for seg in kernel.elf.segments if not seg.writable
+                 for vaddr in range(seg.vaddr, seg.vaddr + seg.memsz, PAGE)}
+    assert read_only
+    for r in doc["virtual"]:
+        pages = set(range(h(r["start"]), h(r["end"]), PAGE))
+        if pages & read_only:
+            assert r["problems"] and set(r["problems"]) <= set(failed["messages"]), r
+        else:
+            assert not r["problems"], r
