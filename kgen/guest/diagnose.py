@@ -66,8 +66,9 @@ def tail(text: str, lines: int = 12) -> str:
 
 @dataclass(frozen=True)
 class Failure:
-    """A failed run, diagnosed: `kind` is "exception", "panic", "triple fault", "hang" or "exit"; `summary` is the
-    one line to print, `details` the evidence behind it (registers, COM1 tail, QEMU's command line and stderr)."""
+    """A failed run, diagnosed: `kind` is "exception", "panic", "triple fault", "fault loop", "hang" or "exit";
+    `summary` is the one line to print, `details` the evidence behind it (registers, COM1 tail, QEMU's command line
+    and stderr)."""
     kind: str
     summary: str
     details: str
@@ -110,6 +111,8 @@ def explain(machine, elf: ElfInfo | None, why: BaseException | str) -> Failure:
             state = machine.status()
         except MachineError as err:
             state = f"unknown ({err})"
+        # Still running: before it is stopped, a short look at the exceptions it takes (kgen/guest/faultloop.py).
+        loop = fault_loop_probe(machine) if state == "running" else None
         regs = _registers(machine, state, evidence)
         where = (f"{'RIP' if regs.long_mode else 'EIP'}={_symbol(elf, regs.eip, long_mode=regs.long_mode)}"
                  if regs else "registers unreadable")
@@ -119,6 +122,8 @@ def explain(machine, elf: ElfInfo | None, why: BaseException | str) -> Failure:
                        + (f" CR2={regs.cr2:#0{18 if regs.long_mode else 10}x}" if regs else ""))
         elif state == "exited":
             kind, summary = "exit", f"QEMU exited ({reason}) without a kernel exception report"
+        elif loop is not None:
+            kind, summary = "fault loop", loop.describe(elf, long_mode=bool(regs and regs.long_mode))
         else:
             kind = "hang"
             summary = f"hang: {reason}; " + (f"CPU {'halted' if regs and regs.halted else 'running'} at {where}"
@@ -143,6 +148,15 @@ def _vga_screen(machine) -> list[str]:
     except (MachineError, OSError, AttributeError):
         return []
     return ["--- VGA text screen (non-empty rows) ---", *rows] if rows else []
+
+
+def fault_loop_probe(machine):
+    """The fault loop a running machine is in, or None (kgen/guest/faultloop.py); never fails a diagnosis."""
+    from kgen.guest.faultloop import probe
+    try:
+        return probe(machine)
+    except (AttributeError, TypeError):     # a stand-in machine of a unit test: no monitor, no directory
+        return None
 
 
 def _registers(machine, state: str, evidence: list[str]):
