@@ -21,6 +21,10 @@ from kgen.arch import hw
 from kgen.errors import MachineError
 
 PROBE_WINDOW = 0.02
+# While `kgen run/test --kernel` waits for a kernel that keeps running, it looks this long after the start and then
+# this often (1% of the wait), so a fault loop is named within seconds instead of at the boot timeout.
+FIRST_PROBE_AFTER = 1.0
+PROBE_EVERY = 2.0
 # A loop: at least this many exceptions in the window, all at no more than MAX_SITES (vector, address) pairs.
 MIN_EXCEPTIONS = 16
 MAX_SITES = 3

@@ -237,6 +237,8 @@ def wait_booted(machine, ready: str | None, timeout: float, *, symbol: str | Non
     deadline = time.monotonic() + timeout
     settled: tuple[int | str, float] | None = None      # (EIP or symbol, when first seen there)
     regs = None
+    from kgen.guest import faultloop
+    next_probe = time.monotonic() + faultloop.FIRST_PROBE_AFTER
     while True:
         if ready is not None and ready in machine.serial:
             return f"printed {ready!r}"
@@ -282,6 +284,10 @@ def wait_booted(machine, ready: str | None, timeout: float, *, symbol: str | Non
                         else "idle: halted with interrupts on, paging on")
         else:
             settled = (mark, now)
+        if not regs.halted and now >= next_probe:   # still running: stuck taking one exception? (a 20 ms look)
+            next_probe = now + faultloop.PROBE_EVERY
+            if faultloop.probe(machine) is not None:
+                raise MachineError("the kernel took the same exception over and over: a fault loop")
         if now >= deadline:
             if settle is not None:
                 want = f"paging was not on with page tables unchanged for {settle:g} s"
