@@ -29,7 +29,8 @@ def render_text(doc: dict, colour: bool = False) -> str:
     if doc.get("translation") is not None:
         out += [""] + translation(doc["translation"], paint)
     else:
-        out += [""] + virtual(doc, paint) + [""] + physical(doc, paint) + [""] + invariants(doc, paint)
+        out += ([""] + regions(doc, paint) + [""] + virtual(doc, paint) + [""] + physical(doc, paint) + [""]
+                + invariants(doc, paint))
     return "\n".join(out) + "\n"
 
 
@@ -54,6 +55,29 @@ def _table(rows: list[list[str]], right: set[int] = frozenset()) -> list[str]:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return ["  " + "  ".join(cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in
                              enumerate(zip(row, widths))).rstrip() for row in rows]
+
+
+def regions(doc: dict, paint) -> list[str]:
+    """The layout's regions (a kgen kernel), with how many of their pages are mapped: the empty windows too."""
+    chosen = [r for r in doc["regions"] if r["source"] == "layout"]
+    if not chosen:
+        return [paint("Regions", "bold") + ": the ELF's segments and symbols (see the ranges below)"]
+    rows = [["start", "end", "mapped", "region"]]
+    for r in chosen:
+        lo, hi = int(r["start"], 16), int(r["end"], 16)
+        mapped = sum(_pages_within(v, lo, hi) for v in doc["virtual"])
+        rows.append([r["start"], r["end"], f"{mapped} pages", r["name"]])
+    body = _table(rows, right={2})
+    return [paint("Regions (the layout)", "bold"), paint(body[0], "dim")] + body[1:]
+
+
+def _pages_within(v: dict, lo: int, hi: int) -> int:
+    """4 KiB pages of range `v` inside [lo, hi): a range wholly inside counts its mapped pages (the recursive
+    window's are its tables), one that crosses the region's edge the pages of the overlap."""
+    start, end = int(v["start"], 16), int(v["end"], 16)
+    if lo <= start and end <= hi:
+        return v["pages"] * v["page_size"] // 4096
+    return max(0, min(hi, end) - max(lo, start)) // 4096
 
 
 def virtual(doc: dict, paint) -> list[str]:
