@@ -255,6 +255,7 @@ higher_half:
     shr $16, %eax
     mov %ax, idt + 14 * 8 + 6
     lidt idtr
+fault_here:
     movl $1, FAULT_ADDRESS
 .endif
 .if RING3
