@@ -1,0 +1,211 @@
+"""What `kgen test --kernel` and `kgen run --kernel` report, checked against what the zoo's process kernel
+(tests/minikernels.py PROCESS) really holds: `--json` (one object per check, the outcome pytest itself printed),
+`--address-spaces` (every space the kernel lists is judged, a flaw in one that is not in CR3 is found and named, the
+verdicts do not depend on which process is current), user pages told apart from a stray identity map, a fault loop
+named as such, and CS/CPL in the register line. Every kernel is built here by GNU as/ld and booted in QEMU."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import minikernels
+from conftest import needs_qemu
+from minikernels import (PROCESS_FAULT_ADDRESS, PROCESS_SPACE_SLOTS, PROCESS_SPACES, PROCESS_USER_CODE,
+                         PROCESS_USER_STACK)
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = [pytest.mark.vm, needs_qemu]
+KBASE = 0xC0000000
+BELOW = "test_nothing_is_mapped_below_the_kernel_base"
+# The page-table checks of the suite (kgen/harness/suite/test_invariants.py) that --address-spaces repeats per space.
+PER_SPACE = ("test_recursive_slot_maps_the_pd_supervisor_only",
+             "test_elf_segments_map_vaddr_to_paddr_no_wider_than_their_flags", BELOW,
+             "test_no_kernel_page_is_user_accessible", "test_each_page_table_is_referenced_once",
+             "test_page_tables_hold_no_poison")
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("process")
+    return {name: minikernels.process_kernel(out, name, **flags) for name, flags in {
+        "kernel-current": {}, "process-current": {"CURRENT": 1},
+        "flaw-kernel-current": {"FLAW": 1}, "flaw-process-current": {"FLAW": 1, "CURRENT": 1},
+        "ring3": {"RING3": 1}, "fault-loop": {"FAULT_LOOP": 1}}.items()}
+
+
+def kgen(*args, timeout=300):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "kgen.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def symbol(elf: Path, name: str) -> int:
+    from kgen.guest.elfinfo import ElfInfo
+    return ElfInfo.load(elf).symbols[name].value
+
+
+def tables(elf: Path) -> dict[str, int]:
+    """Physical addresses of the kernel's and the process's page directories, from the ELF (linked at KBASE + phys)."""
+    return {"kernel": symbol(elf, "kpd") - KBASE, "process": symbol(elf, "ppd") - KBASE}
+
+
+def json_test(elf: Path, tmp_path: Path, *options: str, verbose: bool = False):
+    """`kgen test --kernel ELF --json FILE`: (process result, document, {check name: outcome} from pytest's -v)."""
+    report = tmp_path / f"{elf.stem}-{len(list(tmp_path.iterdir()))}.json"
+    result = kgen("test", "--kernel", str(elf), "-j", "1", "--json", str(report), *options,
+                  "-k", "not exercise", "--", "-v")
+    assert "Traceback" not in result.stdout + result.stderr, result.stdout + result.stderr
+    doc = json.loads(report.read_text())
+    printed = {}
+    for line in result.stdout.splitlines():     # "path::name[id] PASSED"
+        parts = line.split()
+        if len(parts) >= 2 and "::" in parts[0] and parts[1] in ("PASSED", "FAILED", "SKIPPED", "ERROR"):
+            printed[parts[0].split("::", 1)[1]] = parts[1].lower()
+    return result, doc, printed
+
+
+def by_name(doc: dict) -> dict[str, dict]:
+    return {check["name"]: check for check in doc["checks"]}
+
+
+def test_json_has_one_object_per_check_with_the_outcome_pytest_printed(zoo, tmp_path):
+    elf = zoo["process-current"]
+    result, doc, printed = json_test(elf, tmp_path, "--address-spaces", PROCESS_SPACES)
+    assert result.returncode == 0, result.stdout + result.stderr
+    checks = by_name(doc)
+    assert len(checks) == len(doc["checks"]), "a check appears twice"
+    # The same tests, the same outcomes, as pytest's own -v lines of the same run.
+    assert {name: c["outcome"] for name, c in checks.items()} == {n.split("::")[-1]: o for n, o in printed.items()}
+    assert doc["kernel"] == {"elf": str(elf.resolve()), "kind": "foreign", "arch": "i386"} and doc["accel"] == "tcg"
+    summary = doc["summary"]
+    assert summary["total"] == len(checks) and summary["failed"] == summary["error"] == 0
+    assert summary["passed"] == sum(c["outcome"] == "passed" for c in checks.values()) > 0
+    assert summary["skipped"] == sum(c["outcome"] == "skipped" for c in checks.values()) > 0
+    # Each page-table check once per slot of the array; the slots holding 0 are skipped with that reason.
+    tops = [tables(elf)["kernel"], tables(elf)["process"]] + [0] * (PROCESS_SPACE_SLOTS - 2)
+    for name in PER_SPACE:
+        assert name not in checks
+        for slot, top in enumerate(tops):
+            check = checks[f"{name}[{PROCESS_SPACES}[{slot}]]"]
+            if top == 0:
+                assert check["outcome"] == "skipped"
+                assert check["messages"] == [f"{PROCESS_SPACES}[{slot}] is 0: no address space in this slot"]
+    # A skip's messages are its reason as the check words it, naming the space it looked at.
+    recursive = checks[f"test_recursive_slot_maps_the_pd_supervisor_only[{PROCESS_SPACES}[1]]"]
+    assert recursive["outcome"] == "skipped"
+    assert recursive["messages"] == [f"no PD entry points at the PD itself: this kernel has no recursive slot in "
+                                     f"address space {PROCESS_SPACES}[1]: PD at {tops[1]:#x} (the space in CR3)"]
+    assert checks["test_paging_and_write_protect_are_on"]["outcome"] == "passed"
+
+
+def test_a_flaw_only_in_the_space_not_in_cr3_is_found_and_named(zoo, tmp_path):
+    elf = zoo["flaw-kernel-current"]
+    pds = tables(elf)
+    # Judged on CR3 alone (the kernel's space), the process's stray identity map is not seen.
+    alone, doc, _ = json_test(elf, tmp_path)
+    assert alone.returncode == 0 and by_name(doc)[BELOW]["outcome"] == "passed", alone.stdout + alone.stderr
+    result, doc, printed = json_test(elf, tmp_path, "--address-spaces", f"{PROCESS_SPACES},2")
+    assert result.returncode == 1, result.stdout + result.stderr
+    checks = by_name(doc)
+    assert doc["summary"]["failed"] == 1 and doc["summary"]["total"] == len(checks)
+    assert checks[f"{BELOW}[{PROCESS_SPACES}[0]]"]["outcome"] == "passed"
+    failed = checks[f"{BELOW}[{PROCESS_SPACES}[1]]"]
+    assert failed["outcome"] == printed[f"{BELOW}[{PROCESS_SPACES}[1]]"] == "failed"
+    header, *lines = failed["messages"]
+    assert header.endswith(f"in address space {PROCESS_SPACES}[1]: PD at {pds['process']:#x}"), header
+    # The identity map the FLAW variant adds: the image from 1 MiB, through PD[0] of the process's directory.
+    assert lines and all("is identity-mapped" in line and "below the kernel base 0xc0000000" in line
+                         for line in lines), lines
+    assert lines[0].startswith("0x00100000-") and f"via PD[0] @ {pds['process']:#x} → PT[256]" in lines[0], lines
+    # Two slots asked for: no third.
+    assert f"{BELOW}[{PROCESS_SPACES}[2]]" not in checks
+
+
+def test_the_verdicts_do_not_depend_on_which_process_is_current(zoo, tmp_path):
+    verdicts = {}
+    for name in ("flaw-kernel-current", "flaw-process-current"):
+        result, doc, _ = json_test(zoo[name], tmp_path, "--address-spaces", PROCESS_SPACES)
+        assert result.returncode == 1, result.stdout + result.stderr
+        verdicts[name] = {c["name"]: c["outcome"] for c in doc["checks"]}
+    assert verdicts["flaw-kernel-current"] == verdicts["flaw-process-current"]
+    assert verdicts["flaw-process-current"][f"{BELOW}[{PROCESS_SPACES}[1]]"] == "failed"
+
+
+def test_user_pages_are_not_a_stray_identity_map(zoo, tmp_path):
+    from kgen.arch import hw
+    from kgen.guest import invariants
+    from kgen.harness.testing import KernelUnderTest, boot
+    elf = zoo["process-current"]
+    # The process's user pages are really there, in CR3, user-accessible, below the kernel base ...
+    with boot(KernelUnderTest.foreign(elf), cold=True) as live:
+        view = live.view()
+        assert view.regs.cr3 == tables(elf)["process"]
+        for vaddr in (PROCESS_USER_CODE, PROCESS_USER_STACK):
+            t = view.walker.translate(vaddr)
+            assert t is not None and t.attrs & hw.PTE_US and vaddr < view.kernel_base, (vaddr, t)
+        assert invariants.check_nothing_below_kernel_base(view) == []
+        # ... and one that shows ring 3 a frame of the kernel image is still reported.
+        text = symbol(elf, "higher_half") - KBASE & ~(hw.PAGE_SIZE - 1)
+        pte = t.chain[-1]
+        live.write_phys(pte.addr, (text | hw.PTE_P | hw.PTE_RW | hw.PTE_US).to_bytes(4, "little"))
+        problems = invariants.check_nothing_below_kernel_base(live.view())
+    span = f"{PROCESS_USER_STACK:#010x}-{PROCESS_USER_STACK + hw.PAGE_SIZE:#010x}"
+    assert len(problems) == 1 and problems[0].startswith(f"{span} is a user page"), problems
+    assert f"kernel image's frames {text:#x}-" in problems[0]
+    # Under kgen test, with the process's space current: nothing below the kernel base is reported.
+    result, doc, _ = json_test(elf, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert by_name(doc)[BELOW]["outcome"] == "passed"
+
+
+def test_a_fault_loop_is_named_not_a_hang(zoo, tmp_path):
+    elf = zoo["fault-loop"]
+    fault = symbol(elf, "fault_here")
+    expected = (f"fault loop: #PF page fault at {fault:#010x} <fault_here> over and over, "
+                f"CR2={PROCESS_FAULT_ADDRESS:#010x} (")
+    run = kgen("run", "--kernel", str(elf), "--timeout", "60")
+    assert run.returncode == 4, run.stdout + run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith(f"kgen: error: {expected}"), run.stderr
+    report = tmp_path / "loop.json"
+    test = kgen("test", "--kernel", str(elf), "-j", "1", "--json", str(report))
+    assert test.returncode == 1, test.stdout + test.stderr
+    assert test.stderr.strip().splitlines()[-1].startswith(
+        f"kgen: error: --kernel {elf.name} did not boot to a state the checks can look at: {expected}"), test.stderr
+    doc = json.loads(report.read_text())
+    assert doc["checks"] == [] and doc["boot_failure"]["kind"] == "fault loop"
+    assert doc["boot_failure"]["summary"].startswith(expected)
+    # A kernel that keeps running without taking exceptions (a process spinning in ring 3) is still a hang.
+    spin = kgen("run", "--kernel", str(zoo["ring3"]), "--timeout", "3")
+    assert spin.returncode == 4 and "kgen: error: hang: " in spin.stderr, spin.stderr
+    assert "fault loop" not in spin.stderr
+
+
+def register_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.startswith("registers: ")]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def test_the_register_line_names_cs_and_cpl(zoo):
+    # Halted in ring 0 before the text asked for: the kernel's code selector, CPL 0.
+    halted = kgen("run", "--kernel", str(zoo["kernel-current"]), "--ready", "never printed")
+    assert halted.returncode == 4, halted.stdout + halted.stderr
+    line = register_line(halted.stderr)
+    assert " CS=0x0008 CPL=0 " in line and "halted=True" in line, line
+    # Spinning in the process, ring 3: the user code selector (GDT entry 3, RPL 3), CPL 3.
+    user = kgen("run", "--kernel", str(zoo["ring3"]), "--timeout", "3")
+    line = register_line(user.stderr)
+    assert line.startswith(f"registers: EIP={PROCESS_USER_CODE:#010x} CS=0x001b CPL=3 "), line
+
+
+def test_the_long_mode_register_line_names_cs_and_cpl(x86_64_build):
+    from kgen.guest.diagnose import register_line as line_of
+    from kgen.harness.session import KernelSession
+    layout = x86_64_build.kernel.layout
+    with KernelSession(x86_64_build.elf, layout) as session:
+        session.machine.stop()
+        line = line_of(session.machine.registers())
+    assert line.startswith("RIP=0xffff") and f" CS={layout.kernel_cs:#06x} CPL=0 " in line, line
