@@ -39,6 +39,7 @@ window.addEventListener("load", () => {
   }
   const loaded = performance.getEntriesByType("resource").map(r => r.name);
   document.body.setAttribute("data-resources", JSON.stringify(loaded));
+  document.body.setAttribute("data-title", document.title);
   document.body.setAttribute("data-probed", "yes");
 });
 </script>"""
@@ -317,3 +318,93 @@ def _small_bench() -> dict:
     return {"kgen_bench": 1, "host": "test", "loops": 1, "runs": [
         {"arch": "i386", "accel": "tcg", "unit": "instructions", "pmm": {"a": 1.0}, "vmm": {"b": 2.0},
          "init": None, "init_verdict": None}]}
+
+
+@needs_chromium
+@pytest.mark.vm
+@pytest.mark.slow
+def test_names_from_the_kernel_are_text_and_problems_are_marked(inspected, tmp_path):
+    """A foreign ELF names its own symbols and sections: a name that is HTML stays text. A range where an
+    invariant fails is outlined and the failure listed (the document of a booted kernel with one failure added)."""
+    arch, doc, _ = inspected
+    doc = json.loads(json.dumps(doc))
+    evil = '<img src="x" onerror="document.title=\'pwned\'">'
+    doc["regions"][0]["name"] = evil
+    target = next(i for i, v in enumerate(doc["virtual"]) if v["writable"])
+    message = f"{doc['virtual'][target]['start']} is writable </script><marquee>moving</marquee>"
+    doc["virtual"][target]["problems"] = [message]
+    doc["invariants"][0] = {"name": doc["invariants"][0]["name"], "outcome": "failed", "messages": [message]}
+    page = tmp_path / "evil.html"
+    page.write_text(render_html(doc))
+    dom = probed_dom(tmp_path, page, f"#v{target}")
+    assert not any(tag == "img" for tag, _ in dom.elements)
+    assert not any(tag == "marquee" for tag, _ in dom.elements)
+    body = next(a for tag, a in dom.elements if tag == "body")
+    assert body["data-title"].startswith("kgen inspect"), "a name ran as a script"
+    assert any(a["data-region"] == evil for a in dom.having("data-region"))
+    assert message in " ".join(dom.text)
+    seg = _by_key(dom)[f"v{target}"]
+    assert "problem" in seg["class"].split()
+    assert sum("problem" in a.get("class", "").split() for a in _by_key(dom).values()) == 1
+    failed = [a for a in dom.having("data-invariant") if a["class"] == "failed"]
+    assert [a["data-invariant"] for a in failed] == [doc["invariants"][0]["name"]]
+
+
+# ---- kgen bench --json / --html -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def benched(tmp_path_factory):
+    """One small real bench (i386 under TCG: per-operation figures and pmm_init at three guest sizes), its JSON
+    and its page."""
+    tmp = tmp_path_factory.mktemp("bench")
+    page = tmp / "bench.html"
+    result = subprocess.run([*KGEN, "bench", "--arch", "i386", "--no-kvm", "--json", "--html", str(page)],
+                            capture_output=True, text=True, cwd=tmp, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout), page, tmp
+
+
+@needs_chromium
+@pytest.mark.vm
+@pytest.mark.slow
+def test_bench_chart_draws_every_figure_to_scale(benched, tmp_path, proxy):
+    data, page, _ = benched
+    port, requests = proxy
+    dom = probed_dom(tmp_path, page, proxy_port=port)
+    (run,) = data["runs"]
+    figures = {label: value for label, value in (*run["pmm"].items(), *run["vmm"].items())
+               if not label.startswith("empty loop")}
+    bars = {a["data-label"]: a for a in dom.having("data-label")}
+    assert set(bars) == set(figures)
+    largest = max(figures, key=figures.get)
+    px_per_unit = drawn(bars[largest])[2] / figures[largest]
+    for label, value in figures.items():
+        assert abs(drawn(bars[label])[2] - max(0.0, value) * px_per_unit) < 0.05, label
+    points = {int(a["data-mib"]): a for a in dom.having("data-mib")}
+    assert sorted(points) == [row["mib"] for row in run["init"]]
+    xs = [drawn(points[m])[0] for m in sorted(points)]
+    assert xs == sorted(xs) and len(set(xs)) == len(xs), "guest RAM axis not increasing"
+    for row in run["init"]:
+        assert int(points[row["mib"]]["data-ticks"]) == row["ticks"]
+    assert page_requests(requests) == []
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+def test_bench_from_json_draws_the_same_page_and_refuses_other_files(benched, tmp_path):
+    data, page, work = benched
+    saved = tmp_path / "figures.json"
+    saved.write_text(json.dumps(data))
+    again = tmp_path / "again.html"
+    result = subprocess.run([*KGEN, "bench", "--from-json", str(saved), "--html", str(again)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert again.read_text() == page.read_text()
+    for content in ("not json", json.dumps({"kgen_inspect": 1})):
+        saved.write_text(content)
+        result = subprocess.run([*KGEN, "bench", "--from-json", str(saved), "--html", str(again)],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2
+        assert result.stderr.startswith("kgen: error: --from-json") and result.stderr.count("\n") == 1, \
+            result.stderr
+        assert "Traceback" not in result.stderr

@@ -28,6 +28,8 @@ def test_wheel_carries_templates_boot_tree_and_suite(wheel):
         assert f"kgen/_data/templates/{template.name}" in names
     assert "kgen/_data/boot/grub/grub.cfg" in names
     assert "kgen/harness/suite/test_invariants.py" in names
+    pages = list((ROOT / "kgen" / "inspect" / "templates").glob("*.j2"))    # kgen inspect --html's page
+    assert pages and all(f"kgen/inspect/templates/{page.name}" in names for page in pages)
 
 
 def test_installed_outside_the_checkout_kgen_build_works(wheel, tmp_path):
