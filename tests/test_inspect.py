@@ -45,11 +45,12 @@ def inspected(request):
     layout = out.kernel.layout
     kernel = KernelUnderTest(out.elf, ElfInfo.load(out.elf), layout)
     with boot(kernel, "tcg") as live:
+        block = live.call("kmalloc", 64)        # a slab page of the heap, mapped in its slab window
         # One frame given back (on the free stack), one kept and mapped nowhere.
         freed, kept = live.call("pmm_alloc"), live.call("pmm_alloc")
         live.call("pmm_free", freed)
         doc = collect(live, va=layout.recursive_top)
-        doc["test_frames"] = {"freed": freed, "kept": kept}
+        doc["test_frames"] = {"freed": freed, "kept": kept, "heap block": block}
         yield doc, live.view(), layout
 
 
@@ -111,6 +112,11 @@ def test_physical_roles_agree_with_the_tables_and_the_pmm(inspected):
     assert sorted(f for f, role in roles.items() if role == "free (on the stack)") == sorted(pmm.free_stack(state))
     assert roles[doc["test_frames"]["freed"]] == "free (on the stack)"
     assert roles[doc["test_frames"]["kept"]] == "allocated, unmapped"
+    block = doc["test_frames"]["heap block"]
+    assert layout.vmm_window.start <= block < layout.vmm_window.end
+    assert roles[walker.translate(block).paddr & ~(PAGE - 1)] == "heap"
+    (heap_range,) = [r for r in doc["virtual"] if h(r["start"]) <= block < h(r["end"])]
+    assert heap_range["region"] == "heap slab window" and heap_range["writable"] and not heap_range["user"]
     assert doc["ram"]["bytes"] == layout.memory_bytes and len(roles) * PAGE >= layout.memory_bytes
     for seg in view.elf.segments:
         if seg.executable:
