@@ -246,6 +246,11 @@ def test_an_unknown_ready_at_symbol_is_one_line_naming_close_matches(zoo):
         assert result.returncode == 2, result.stdout + result.stderr
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and "no symbol 'main_lop' for --ready-at (close matches: main_loop" in lines[0], lines
+    for wrong, said in ((["--ready-at", "0xzz"], "--ready-at 0xzz: not a hex address"),
+                        (["--ready-at", "main_loop", "--ready-vga", "x"], "give one of --ready, --ready-symbol")):
+        result = kgen("test", "--kernel", str(zoo["late"]), *wrong)
+        assert result.returncode == 2 and said in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 def test_a_vga_only_kernel_that_panics_shows_its_screen_in_the_report(zoo):

@@ -326,7 +326,7 @@ def resolve_ready_at(elf: ElfInfo, text: str) -> ReadyAt:
         try:
             return ReadyAt(text, (int(text, 16),))
         except ValueError:
-            raise KgenError(f"--ready-at {text}: not a hex address") from None
+            raise KgenError(f"{elf.path.name}: --ready-at {text}: not a hex address (0x then hex digits)") from None
     sym = elf.symbols.get(text)
     if sym is None:
         close = difflib.get_close_matches(text, list(elf.symbols), n=4, cutoff=0.6)
