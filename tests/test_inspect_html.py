@@ -408,3 +408,20 @@ def test_bench_from_json_draws_the_same_page_and_refuses_other_files(benched, tm
         assert result.stderr.startswith("kgen: error: --from-json") and result.stderr.count("\n") == 1, \
             result.stderr
         assert "Traceback" not in result.stderr
+
+
+@needs_chromium
+@pytest.mark.vm
+@pytest.mark.slow
+def test_an_inspect_document_with_bench_figures_shows_the_charts(inspected, benched, tmp_path):
+    """The document's `bench` (null from `kgen inspect`; the figures of `kgen bench --json` when a script puts
+    them there) is drawn on the inspect page as on the bench page."""
+    arch, doc, _ = inspected
+    data, _, _ = benched
+    page = tmp_path / "with-bench.html"
+    page.write_text(render_html({**doc, "bench": data}))
+    dom = probed_dom(tmp_path, page)
+    labels = {a["data-label"] for a in dom.having("data-label")}
+    (run,) = data["runs"]
+    assert labels == {label for label in (*run["pmm"], *run["vmm"]) if not label.startswith("empty loop")}
+    assert {a["data-region"] for a in dom.having("data-region")} >= {r["name"] for r in doc["regions"]}

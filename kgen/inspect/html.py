@@ -26,7 +26,8 @@ TEMPLATES = Path(__file__).with_name("templates")
 
 FOLD_PX = 20          # height of an empty stretch, whatever its size
 MIN_PX = 3            # the least height of an occupied range
-OCCUPIED_PX = 900     # what the occupied ranges of one column add up to (before MIN_PX)
+OCCUPIED_PX = 600     # what the occupied ranges of one column add up to (before MIN_PX)
+CHAR_PX = 6.5         # width of one character of the labels (10.5 px monospace), for the SVG's width
 BAR_X, BAR_W = 168, 84             # the column's bar; addresses to its left, names to its right
 LABEL_GAP = 13        # least vertical distance between two labels
 TOP = 24              # room above the first segment
@@ -150,8 +151,10 @@ class Geometry:
         self.role_labels = self._role_labels()
         self.marker = self._translation_marker()
         self.hole_y = self.virtual.y_of(self.half) if self.half else None
-        self.vwidth = max((r["tx"] for r in self.regions), default=BAR_X + BAR_W) + 200
-        self.pwidth = BAR_X + BAR_W + 14 + 200
+        self.vwidth = round(max([BAR_X + BAR_W + 200] + [r["tx"] + CHAR_PX * len(f"{r['name']} ({r['size']})")
+                                                          for r in self.regions]) + 10)
+        self.pwidth = round(max([BAR_X + BAR_W + 200] + [BAR_X + BAR_W + 14 + CHAR_PX * len(r["text"])
+                                                          for r in self.role_labels]) + 10)
         self.height = max(self.virtual.height, self.physical.height,
                           *(label["y"] for label in self.regions + self.role_labels), 0) + 30
 
