@@ -55,9 +55,15 @@ def check_address(view: GuestView, vaddr: int) -> None:
         raise UsageError(f"--va {vaddr:#x}: {why} ({mode.name} paging); give an address the CPU can translate")
 
 
-def explain_translation(view: GuestView, walker: Walker | None, vaddr: int) -> dict:
+def explain_translation(view: GuestView, walker: Walker | None, vaddr: int, *, walk_error: str | None = None) -> dict:
+    """`walk_error`: why there is no walker although paging is on (tables the walker cannot follow)."""
     names = view.mode.level_names
     result = {"va": f"{vaddr:#x}", "steps": [], "phys": None, "fault": None, "explanation": [], "access": []}
+    if walker is None and view.regs.cr0 & hw.CR0_PG:
+        check_address(view, vaddr)
+        result["fault"] = walk_error or "the page tables cannot be walked"
+        result["explanation"].append(result["fault"])
+        return result
     if walker is None:
         result["explanation"].append(f"paging is off (CR0={view.regs.cr0:#x}): {vaddr:#x} is a physical address")
         result["phys"] = f"{vaddr:#x}"

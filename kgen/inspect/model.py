@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from kgen.arch import hw
 from kgen.guest import invariants
 from kgen.guest.invariants import GuestView, NotApplicable
+from kgen.guest.pmmview import ChainError, PmmView
 from kgen.guest.pagewalk import PTE_NX, PTE_P, PTE_RW, PTE_US, PTE_G, Walker, WalkError
 
 SCHEMA_VERSION = 1
@@ -280,7 +281,6 @@ def physical_runs(view: GuestView, walker: Walker | None, regions: list[Region],
     layout = view.layout
     pmm = state = None
     if layout is not None and "pmm_top" in view.elf.symbols:
-        from kgen.guest.pmmview import PmmView
         pmm = PmmView(view.read_phys, view.elf, layout)
         state = pmm.state()
     end = max([ram_bytes] + [hi for _, hi in state.ranges] if state else [ram_bytes])
@@ -295,7 +295,7 @@ def physical_runs(view: GuestView, walker: Walker | None, regions: list[Region],
         try:
             for frame in pmm.free_stack(state):
                 frames.set(frame, "free (on the stack)")
-        except Exception as err:      # ChainError: the chain itself is a finding
+        except ChainError as err:      # the chain itself is a finding
             problems.append(f"the free stack cannot be followed: {err}")
     else:
         frames.frames = min(frames.frames, ram_bytes // PAGE)
@@ -393,7 +393,7 @@ def paging_info(view: GuestView, walker: Walker | None) -> dict:
     if view.layout is not None:
         slots.append({"slot": view.layout.foreign_slot, "base": hexa(view.layout.foreign_window.start),
                       "role": "foreign"})
-    return {"enabled": walker is not None, "mode": MODE_NAMES[mode.name], "levels": mode.levels,
+    return {"enabled": bool(view.regs.cr0 & hw.CR0_PG), "mode": MODE_NAMES[mode.name], "levels": mode.levels,
             "va_bits": mode.va_bits, "recursive_slots": slots}
 
 
@@ -421,13 +421,21 @@ def collect(live, *, accel: str = "tcg", va: int | None = None, how: str | None 
     regions = all_regions(view)
     results = run_invariants(view)
     problems = [m for r in results if r["outcome"] == "failed" for m in r["messages"]] + problems_of_walk
+    checked = len(problems)
     virtual: list[dict] = []
     if walker is not None:
         try:
             virtual = virtual_ranges(view, walker, regions, problems)
         except WalkError as err:
             problems.append(f"the page tables cannot be walked: {err}")
-    physical = physical_runs(view, walker, regions, ram_bytes, problems)
+    try:
+        physical = physical_runs(view, walker, regions, ram_bytes, problems)
+    except WalkError as err:
+        problems.append(f"the page tables cannot be walked: {err}")
+        physical = physical_runs(view, None, regions, ram_bytes, problems)
+    if problems[checked:] or problems_of_walk:
+        # What inspect itself could not follow (the page tables, the free stack) is a finding too.
+        results.append({"name": "kgen inspect", "outcome": "failed", "messages": problems_of_walk + problems[checked:]})
     arch = layout.arch if layout is not None else ("x86_64" if view.elf.bits == 64 else "i386")
     return {
         "kgen_inspect": SCHEMA_VERSION,
@@ -443,7 +451,8 @@ def collect(live, *, accel: str = "tcg", va: int | None = None, how: str | None 
         "physical": physical,
         "ram": {"bytes": ram_bytes},
         "invariants": results,
-        "translation": explain_translation(view, walker, va) if va is not None else None,
+        "translation": explain_translation(view, walker, va, walk_error=problems_of_walk[0] if problems_of_walk
+                                           else None) if va is not None else None,
         "bench": None,
     }
 
