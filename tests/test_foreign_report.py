@@ -209,3 +209,24 @@ def test_the_long_mode_register_line_names_cs_and_cpl(x86_64_build):
         session.machine.stop()
         line = line_of(session.machine.registers())
     assert line.startswith("RIP=0xffff") and f" CS={layout.kernel_cs:#06x} CPL=0 " in line, line
+
+
+def test_the_fault_loop_judge_counts_exceptions_only_at_few_places():
+    # Lines in the shape QEMU's target/i386 do_interrupt_all logs them (8 hex digits on qemu-system-i386, 16 in long
+    # mode), each followed in the real log by a register dump the reader skips.
+    from kgen.guest import faultloop
+
+    def line(n, vector, pc, cr2=None, software=0, width=8):
+        tail = f" CR2={cr2:0{width}x}" if cr2 is not None else f" env->regs[R_EAX]={0:0{width}x}"
+        return (f"{n:6d}: v={vector:02x} e=0002 i={software} cpl=0 IP=0008:{pc:0{width}x} pc={pc:0{width}x} "
+                f"SP=0010:{0x1000:0{width}x}{tail}\nEAX=00000000 EBX=00000000\n")
+
+    rip = 0xFFFFFFFF80100514
+    loop = "".join(line(n, 14, rip, 0xDEAD0000, width=16) + line(n, 0x20, 0x1234) for n in range(40))
+    found = faultloop.judge(faultloop.parse(loop), 0.02)
+    assert found is not None and found.total == 40 and found.sites == (((14, rip, 0xDEAD0000, 0), 40),)
+    # The timer's interrupts and `int 0x80` are no exceptions; a kernel paging in many pages is busy, not looping.
+    assert faultloop.parse("".join(line(n, 0x20, 0x1234) + line(n, 0x80, 0x1234, software=1) for n in range(40))) == []
+    demand = "".join(line(n, 14, 0xC0100000 + n, 0x08048000 + 0x1000 * n) for n in range(40))
+    assert len(faultloop.parse(demand)) == 40 and faultloop.judge(faultloop.parse(demand), 0.02) is None
+    assert faultloop.judge(faultloop.parse(loop)[:faultloop.MIN_EXCEPTIONS - 1], 0.02) is None

@@ -78,8 +78,9 @@ def judge(events: list[tuple[int, int, int | None, int]], window: float) -> Faul
 
 def probe(machine, window: float = PROBE_WINDOW) -> FaultLoop | None:
     """Watch a running TCG machine's exceptions for `window` seconds; the loop it is in, or None. Leaves the machine
-    running and QEMU's log off; a machine that is not running, or runs under KVM, gives None."""
-    if getattr(machine, "accel", "tcg") != "tcg" or machine.tmpdir is None:
+    running and QEMU's log off; a machine that is not running, runs under KVM or is no QEMU (a test's stand-in)
+    gives None."""
+    if getattr(machine, "accel", "tcg") != "tcg" or getattr(machine, "tmpdir", None) is None:
         return None
     log = machine.tmpdir / LOG_NAME
     try:
