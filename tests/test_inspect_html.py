@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from kgen.inspect.html import FOLD_PX, MIN_PX, render_bench_html, render_html
+from kgen.inspect.html import FOLD_PX, FOLDED_ROLES, MIN_PX, render_bench_html, render_html
 
 ROOT = Path(__file__).resolve().parent.parent
 KGEN = [sys.executable, "-m", "kgen.cli"]
@@ -258,7 +258,7 @@ def test_every_region_range_and_frame_is_drawn_to_the_documented_scale(inspected
         for a in folded:
             key = a["data-key"]
             if column == "p" and not key.startswith("pgap"):
-                assert doc["physical"][int(key[1:])]["role"] in ("never allocated", "not RAM")
+                assert doc["physical"][int(key[1:])]["role"] in FOLDED_ROLES
             else:
                 assert key.startswith(column + "gap")
 

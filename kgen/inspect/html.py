@@ -9,8 +9,8 @@ The scale, in one sentence the page repeats: occupied memory is drawn to scale, 
 column (virtual, physical) every mapped range (every frame with a role) gets a height proportional to its size
 (`px_per_byte`, the same for the whole column; a range that would be thinner than `MIN_PX` is drawn `MIN_PX`
 tall; a range that maps fewer pages than it spans, a recursive window whose pages are the page tables, stands for
-the pages it maps), and every empty stretch -- unmapped addresses, frames never allocated, holes that are not RAM -- is folded to
-`FOLD_PX` whatever its size, with the size written on it. Region edges cut the empty stretches, so every region of
+the pages it maps), and every empty stretch -- unmapped addresses, frames never allocated or unreferenced
+(`FOLDED_ROLES`), holes that are not RAM -- is folded to `FOLD_PX` whatever its size, with the size written on it. Region edges cut the empty stretches, so every region of
 the layout, even an empty one, has a place of its own.
 """
 from __future__ import annotations
@@ -33,12 +33,12 @@ LABEL_GAP = 13        # least vertical distance between two labels
 TOP = 24              # room above the first segment
 
 # Physical roles that are empty memory: folded like unmapped virtual addresses.
-FOLDED_ROLES = frozenset({"never allocated", "not RAM"})
+FOLDED_ROLES = frozenset({"never allocated", "not RAM", "unreferenced"})
 ROLE_COLOURS = {
     "kernel image": "#4e79a7", "boot tables": "#9c755f", "page table (PT)": "#59a14f",
     "page table (PD)": "#8cd17d", "page table (PDPT)": "#b6992d", "page table (PML4)": "#f1ce63",
     "temp-mapped": "#e15759", "free (on the stack)": "#bab0ac", "heap": "#f28e2b", "user page": "#b07aa1",
-    "mapped twice": "#ff0000", "mapped": "#76b7b2", "reserved": "#888888",
+    "mapped twice": "#ff0000", "mapped": "#76b7b2", "reserved": "#888888", "allocated, unmapped": "#ff9da7",
 }
 REGION_COLOURS = ("#4e79a7", "#f28e2b", "#59a14f", "#b07aa1", "#9c755f", "#e15759", "#76b7b2", "#edc948",
                   "#ff9da7", "#bab0ac")
@@ -436,7 +436,7 @@ def render_html(doc: dict) -> str:
     geometry = Geometry(doc)
     bench = doc.get("bench")
     return _environment().get_template("inspect.html.j2").render(
-        doc=doc, g=geometry, fold_px=FOLD_PX, min_px=MIN_PX,
+        doc=doc, g=geometry, folded_roles=", ".join(sorted(FOLDED_ROLES)), fold_px=FOLD_PX, min_px=MIN_PX,
         bar_x=BAR_X, bar_w=BAR_W, bench=bench, charts=bench_charts(bench) if bench else None)
 
 
