@@ -10,8 +10,8 @@ column (virtual, physical) every mapped range (every frame with a role) gets a h
 (`px_per_byte`, the same for the whole column; a range that would be thinner than `MIN_PX` is drawn `MIN_PX`
 tall; a range that maps fewer pages than it spans, a recursive window whose pages are the page tables, stands for
 the pages it maps), and every empty stretch -- unmapped addresses, frames never allocated or unreferenced
-(`FOLDED_ROLES`), holes that are not RAM -- is folded to `FOLD_PX` whatever its size, with the size written on it. Region edges cut the empty stretches, so every region of
-the layout, even an empty one, has a place of its own.
+(`FOLDED_ROLES`), holes that are not RAM -- is folded to `FOLD_PX` whatever its size, with the size written on it.
+Region edges cut the empty stretches, so every region of the layout, even an empty one, has a place of its own.
 """
 from __future__ import annotations
 
@@ -204,7 +204,8 @@ class Geometry:
                 + [["note", "starts after the non-canonical hole"]] * (s.start == self.half), "lists": []}
             label = human_size(s.size)
             return {"key": key, "y": s.y, "h": s.h, "folded": True, "cls": "fold", "text": label,
-                    "start": self.hexv(s.start), "end": self.hexv(s.end), "size": s.size, "weight": s.weight, "problem": False}
+                    "start": self.hexv(s.start), "end": self.hexv(s.end), "size": s.size, "weight": s.weight,
+                    "problem": False}
         v = self.doc["virtual"][s.index]
         key = f"v{s.index}"
         problems = list(v.get("problems") or [])
@@ -273,7 +274,8 @@ class Geometry:
             self.details[key] = {"title": f"not listed {human_size(s.size)}", "rows": [
                 ["range", f"{s.start:#x} .. {s.end - 1:#x}"], ["size", human_size(s.size)]], "lists": []}
             return {"key": key, "y": s.y, "h": s.h, "folded": True, "cls": "fold", "text": human_size(s.size),
-                    "start": f"{s.start:#x}", "end": f"{s.end:#x}", "size": s.size, "weight": s.weight, "problem": False, "colour": None}
+                    "start": f"{s.start:#x}", "end": f"{s.end:#x}", "size": s.size, "weight": s.weight,
+                    "problem": False, "colour": None}
         p = self.doc["physical"][s.index]
         key = f"p{s.index}"
         mapped_at = [f"v{i}" for i, v in enumerate(self.doc.get("virtual") or []) if s.index in self._frames_of(v)]
@@ -288,7 +290,8 @@ class Geometry:
         role = p.get("role") or ""
         return {"key": key, "y": s.y, "h": s.h, "folded": s.folded, "cls": "fold" if s.folded else "frame",
                 "text": human_size(s.size) if s.folded else "", "start": p["start"], "end": p["end"],
-                "size": s.size, "weight": s.weight, "problem": role == "mapped twice", "colour": ROLE_COLOURS.get(role, "#888"),
+                "size": s.size, "weight": s.weight, "problem": role == "mapped twice",
+                "colour": ROLE_COLOURS.get(role, "#888"),
                 "role": role, "links": " ".join(mapped_at)}
 
     # ---- labels --------------------------------------------------------------------------------------------
