@@ -47,9 +47,7 @@ def kernel_word(view: GuestView, name: str, index: int = 0) -> int | None:
     """A word variable of a kgen kernel, read at its physical address (the image's fixed offset); None if absent."""
     if view.layout is None or name not in view.elf.symbols:
         return None
-    size = view.layout.architecture.word_size
-    phys = view.elf.symbols[name].value - view.layout.kernel_virtual_base + index * size
-    return int.from_bytes(view.read_phys(phys, size), "little")
+    return PmmView(view.read_phys, view.elf, view.layout).word(name, index)
 
 
 def layout_regions(view: GuestView) -> list[Region]:
