@@ -202,7 +202,8 @@ def test_the_cli_explains_0xfffff000_on_the_default_i386_kernel(default_build):
     out = default_build.elf.parent
     r = kgen("inspect", "--out", out, "--va", "0xFFFFF000", env={"NO_COLOR": "1"})
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
-    pd = ElfInfo.load(default_build.elf).symbols["boot_top_table"].value - default_build.kernel.layout.kernel_virtual_base
+    layout = default_build.kernel.layout
+    pd = ElfInfo.load(default_build.elf).symbols["boot_top_table"].value - layout.kernel_virtual_base
     assert f"maps the PD itself: reached through PD[1023] twice, the frame is the PD {pd:#x}" in r.stdout
     assert "\x1b[" not in r.stdout
 

@@ -439,7 +439,8 @@ def collect(live, *, accel: str = "tcg", va: int | None = None, how: str | None 
         "kgen_inspect": SCHEMA_VERSION,
         "kernel": {"elf": str(kernel.elf_path), "arch": arch, "kind": "kgen" if layout is not None else "foreign",
                    "accel": accel},
-        "stopped": {"how": how or stopped_how(kernel, regs), "ip": hexa(regs.eip), "symbol": symbol_name(view, regs.eip)},
+        "stopped": {"how": how or stopped_how(kernel, regs), "ip": hexa(regs.eip),
+                    "symbol": symbol_name(view, regs.eip)},
         "registers": {"cr0": hexa(regs.cr0), "cr3": hexa(regs.cr3), "cr4": hexa(regs.cr4),
                       "efer": hexa(regs.efer or 0), "cs": hexa(regs.cs), "cpl": regs.cpl if regs.cpl is not None
                       else regs.cs & 3},
@@ -460,7 +461,8 @@ def stopped_how(kernel, regs) -> str:
     if kernel.layout is not None:
         return "serving calls: idle in hlt between calls (kgen: serving calls on COM2)"
     for field, text in (("ready", "printed {!r} on COM1"), ("ready_symbol", "stayed inside {}"),
-                        ("ready_after", "page tables unchanged for {} s"), ("ready_at", "stopped the first time the CPU reached {}"),
+                        ("ready_after", "page tables unchanged for {} s"),
+                        ("ready_at", "stopped the first time the CPU reached {}"),
                         ("ready_vga", "showed {!r} on the VGA text screen")):
         value = getattr(kernel, field, None)
         if value is not None:
