@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ARCH_BUILDS, needs_qemu
+from conftest import ARCH_BUILDS, needs_grub, needs_qemu
 from kgen import errors
 from kgen.arch import hw
 from kgen.guest.elfinfo import ElfInfo
@@ -33,9 +33,11 @@ STOP_LINE = re.compile(r"^(STUB|HIGH) pc=(0x[0-9a-f]+) cr0=(0x[0-9a-f]+)$", re.M
 STUB_SYMBOL, HIGH_SYMBOL = "_start", "kmain"
 
 
-def debug(out: Path, arch: str, *gdb_args: str, extra=(), cwd: Path, timeout=240) -> subprocess.CompletedProcess:
-    """`kgen debug --direct` on the kernel built in `out`, gdb in batch mode (no ~/.gdbinit) running gdb_args."""
-    return subprocess.run([*KGEN, "debug", "--direct", "--out", str(out), "--arch", arch, *extra,
+def debug(out: Path, arch: str, *gdb_args: str, boot="direct", cwd: Path, timeout=240) -> subprocess.CompletedProcess:
+    """`kgen debug` on the kernel built in `out` (--direct, or its ISO through GRUB), gdb in batch mode (no
+    ~/.gdbinit) running gdb_args."""
+    return subprocess.run([*KGEN, "debug", *(["--direct"] if boot == "direct" else []), "--out", str(out),
+                           "--arch", arch,
                            "--", "-nx", "-batch", *gdb_args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, stdin=subprocess.DEVNULL)
 
@@ -64,15 +66,17 @@ def printf(tag: str) -> str:
     return f'printf "{tag} pc=%#lx cr0=%#lx\\n", $pc, $cr0'
 
 
-@pytest.mark.parametrize("arch", tuple(ARCH_BUILDS))
-def test_breaks_in_the_boot_stub_and_in_the_higher_half(request, tmp_path, arch):
+@pytest.mark.parametrize("arch, boot", [("i386", "direct"), ("x86_64", "direct"),
+                                        pytest.param("i386", "iso", marks=[needs_grub, pytest.mark.slow])])
+def test_breaks_in_the_boot_stub_and_in_the_higher_half(request, tmp_path, arch, boot):
+    """The ISO is the default: GRUB runs first, in real and protected mode, and must not trip the breakpoints."""
     build = request.getfixturevalue(ARCH_BUILDS[arch])
     elf = ElfInfo.load(build.elf)
     result = debug(build.elf.parent, arch,
                    "-ex", f"break {STUB_SYMBOL}", "-ex", f"break {HIGH_SYMBOL}",
                    "-ex", "continue", "-ex", printf("STUB"), "-ex", "info symbol $pc",
                    "-ex", "continue", "-ex", printf("HIGH"), "-ex", "info symbol $pc",
-                   "-ex", "kill", cwd=tmp_path)
+                   "-ex", "kill", boot=boot, cwd=tmp_path)
     assert result.returncode == errors.EXIT_OK, result.stdout + result.stderr
     stops = {tag: (int(pc, 16), int(cr0, 16)) for tag, pc, cr0 in STOP_LINE.findall(result.stdout)}
     assert set(stops) == {"STUB", "HIGH"}, result.stdout
@@ -86,6 +90,26 @@ def test_breaks_in_the_boot_stub_and_in_the_higher_half(request, tmp_path, arch)
     # gdb names both stops: the stub through the second copy of the symbols.
     assert f"{STUB_SYMBOL} in section .text" in result.stdout
     assert f"{HIGH_SYMBOL} in section .text" in result.stdout
+    assert_gone(qemu_pid(result.stderr))
+
+
+def test_under_kvm_hardware_breakpoints_stop_in_the_stub_and_the_higher_half(x86_64_build, tmp_path):
+    """Under KVM gdb's software breakpoints are int3 bytes written at virtual addresses, impossible while an address
+    is unmapped; hbreak uses the debug registers and stops in both places."""
+    from conftest import require_kvm
+    require_kvm(x86_64_build)
+    elf = ElfInfo.load(x86_64_build.elf)
+    result = subprocess.run([*KGEN, "debug", "--direct", "--accel", "kvm", "--arch", "x86_64", "--out",
+                             str(x86_64_build.elf.parent), "--", "-nx", "-batch",
+                             "-ex", f"hbreak {STUB_SYMBOL}", "-ex", "continue", "-ex", printf("STUB"), "-ex", "delete",
+                             "-ex", f"hbreak {HIGH_SYMBOL}", "-ex", "continue", "-ex", printf("HIGH"), "-ex", "kill"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
+    assert result.returncode == errors.EXIT_OK, result.stdout + result.stderr
+    assert "use hbreak" in result.stderr
+    stops = {tag: (int(pc, 16), int(cr0, 16)) for tag, pc, cr0 in STOP_LINE.findall(result.stdout)}
+    assert stops["STUB"][0] == load_address(elf, elf.symbols[STUB_SYMBOL].value)
+    assert not stops["STUB"][1] & hw.CR0_PG
+    assert stops["HIGH"][0] == elf.symbols[HIGH_SYMBOL].value and stops["HIGH"][1] & hw.CR0_PG
     assert_gone(qemu_pid(result.stderr))
 
 

@@ -32,6 +32,11 @@ GDB_PACKAGE = "gdb"
 GDB_HOST = "127.0.0.1"          # the stub listens on loopback only: it gives full control of the guest
 HELPER = Path(__file__).with_name("gdb_kgen.py")
 WAIT_POLL = 0.2
+# Under TCG a breakpoint is a check on the translated code's address (gdb's Z0 packet) and touches no memory; under
+# KVM QEMU writes an int3 at the breakpoint's virtual address, which fails while that address is unmapped (the
+# higher half before paging, the load address after the identity map is gone), and gdb then refuses to continue.
+KVM_HINT = ("kgen: under --accel kvm use hbreak (debug registers, 4 at most; a symbol has two locations, linked and "
+            "loaded), not break: a software breakpoint cannot be written at an unmapped address")
 
 
 def port_in_use_reason(port: int) -> str | None:
@@ -165,6 +170,8 @@ def debug(args, extra: list[str]) -> int:
         machine.launch()
         print(f"kgen: QEMU (pid {machine.pid}) holds the kernel at its first instruction; gdbstub on "
               f"{GDB_HOST}:{port}", file=sys.stderr)
+        if args.accel == "kvm":
+            print(KVM_HINT, file=sys.stderr)
         if gdb is None:
             print("kgen: attach with (Ctrl-C here ends QEMU):\n" + shlex.join(recipe), file=sys.stderr, flush=True)
             while machine.alive:
