@@ -63,6 +63,8 @@ def _command(fn):
             fn(self, arg, from_tty)
         except gdb.GdbError:
             raise
+        except gdb.error as err:    # no target yet ("monitor" needs one), the target gone
+            raise gdb.GdbError(f"{self._name}: {err}") from None
         except ImportError as err:
             raise gdb.GdbError(f"{self._name}: cannot import {err.name} in gdb's Python: give its directory with "
                                "kgen-load --python-path DIR") from None
