@@ -190,46 +190,9 @@ def png_size_and_colours(path: Path) -> tuple[int, int, int]:
 
 # ---- a page made by `kgen inspect --html` from a really booted kernel ---------------------------------------------
 
-@pytest.fixture(scope="module", params=["i386", "x86_64"])
-def inspected(request, tmp_path_factory):
-    """(arch, document, page): one boot of kgen's default kernel for the architecture, `--json` and `--html` of
-    the same run, with a translation of the image's first page (the layout's kernel window)."""
-    from kgen.build.config import Config
-    from kgen.build.layout import compute
-    arch = request.param
-    tmp = tmp_path_factory.mktemp(f"inspect-{arch}")
-    page = tmp / "map.html"
-    va = compute(Config.for_arch(arch)).kernel_window.start
-    result = subprocess.run([*KGEN, "inspect", "--arch", arch, "--out", str(tmp / "build"), "--va", f"{va:#x}",
-                             "--json", "--html", str(page)], capture_output=True, text=True, cwd=tmp, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return arch, json.loads(result.stdout), page
-
-
-def _by_key(dom: _Dom) -> dict[str, dict]:
-    return {a["data-key"]: a for a in dom.having("data-key") if "data-start" in a}
-
-
-@needs_chromium
-@pytest.mark.vm
-@pytest.mark.slow
-def test_every_region_range_and_frame_is_drawn_to_the_documented_scale(inspected, tmp_path, proxy):
-    from kgen.arch import ARCHES
-    from kgen.build.config import Config
-    from kgen.build.layout import compute
-    arch, doc, page = inspected
-    port, requests = proxy
-    first = next(i for i, v in enumerate(doc["virtual"]) if not v["start"].startswith("0xffc")) \
-        if arch == "i386" else 0
-    dom = probed_dom(tmp_path, page, f"#v{first}", proxy_port=port)
-
-    # Every region: the layout's own (names from kgen's Layout), and every one the document lists.
-    drawn_regions = {a["data-region"]: drawn(a) for a in dom.having("data-region")}
-    layout_names = [r.name for r in compute(Config.for_arch(arch)).regions()]
-    for name in layout_names + [r["name"] for r in doc["regions"]]:
-        assert name in drawn_regions, f"region {name!r} has no element on the page"
-        assert drawn_regions[name][3] > 0, f"region {name!r} is not drawn"
-
+def assert_drawn_to_scale(doc: dict, dom: _Dom) -> str:
+    """Every range and frame run of the document drawn, in address order, occupied ones at one scale per column
+    (the one the page states), empty ones folded; returns the page's text."""
     segments = _by_key(dom)
     for column, rows in (("v", doc["virtual"]), ("p", doc["physical"])):
         assert rows, f"the document has no {column} rows to draw"
@@ -261,10 +224,58 @@ def test_every_region_range_and_frame_is_drawn_to_the_documented_scale(inspected
                 assert doc["physical"][int(key[1:])]["role"] in FOLDED_ROLES
             else:
                 assert key.startswith(column + "gap")
+        stated = re.search(rf"{ids[column].split('-')[0]}: 1 px = ([0-9.]+) (B|KiB|MiB)", " ".join(dom.text))
+        assert stated, f"the page does not state the {ids[column]} scale"
+        per_px = float(stated[1]) * {"B": 1, "KiB": 1024, "MiB": 1 << 20}[stated[2]]
+        assert abs(per_px * px_per_byte - 1) < 0.06, \
+            f"{ids[column]}: the page says 1 px = {stated[1]} {stated[2]}, drawn 1 px = {1 / px_per_byte:.0f} B"
 
     # The scale the test just measured is the one the page states.
     text = " ".join(dom.text)
     assert f"folded to {FOLD_PX} px" in text
+    return text
+
+
+@pytest.fixture(scope="module", params=["i386", "x86_64"])
+def inspected(request, tmp_path_factory):
+    """(arch, document, page): one boot of kgen's default kernel for the architecture, `--json` and `--html` of
+    the same run, with a translation of the image's first page (the layout's kernel window)."""
+    from kgen.build.config import Config
+    from kgen.build.layout import compute
+    arch = request.param
+    tmp = tmp_path_factory.mktemp(f"inspect-{arch}")
+    page = tmp / "map.html"
+    va = compute(Config.for_arch(arch)).kernel_window.start
+    result = subprocess.run([*KGEN, "inspect", "--arch", arch, "--out", str(tmp / "build"), "--va", f"{va:#x}",
+                             "--json", "--html", str(page)], capture_output=True, text=True, cwd=tmp, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return arch, json.loads(result.stdout), page
+
+
+def _by_key(dom: _Dom) -> dict[str, dict]:
+    return {a["data-key"]: a for a in dom.having("data-key") if "data-start" in a}
+
+
+@needs_chromium
+@pytest.mark.vm
+@pytest.mark.slow
+def test_every_region_range_and_frame_is_drawn_to_the_documented_scale(inspected, tmp_path, proxy):
+    from kgen.arch import ARCHES
+    from kgen.build.config import Config
+    from kgen.build.layout import compute
+    arch, doc, page = inspected
+    port, requests = proxy
+    first = next(i for i, v in enumerate(doc["virtual"]) if v["phys_contiguous"])
+    dom = probed_dom(tmp_path, page, f"#v{first}", proxy_port=port)
+
+    # Every region: the layout's own (names from kgen's Layout), and every one the document lists.
+    drawn_regions = {a["data-region"]: drawn(a) for a in dom.having("data-region")}
+    layout_names = [r.name for r in compute(Config.for_arch(arch)).regions()]
+    for name in layout_names + [r["name"] for r in doc["regions"]]:
+        assert name in drawn_regions, f"region {name!r} has no element on the page"
+        assert drawn_regions[name][3] > 0, f"region {name!r} is not drawn"
+
+    text = assert_drawn_to_scale(doc, dom)
 
     # The clicked range's card: its range and the entry chain, level names from the architecture record.
     card = " ".join(dom.text[dom.text.index("Details") + 1:])
@@ -283,6 +294,30 @@ def test_every_region_range_and_frame_is_drawn_to_the_documented_scale(inspected
     body = next(a for tag, a in dom.elements if tag == "body")
     assert json.loads(body["data-resources"]) == []
     assert page_requests(requests) == []
+
+
+@needs_chromium
+@pytest.mark.vm
+@pytest.mark.slow
+def test_a_foreign_kernel_with_writable_text_has_its_failure_drawn(tmp_path):
+    """Anyone's kernel (tests/minikernels.py's higher-half kernel, its text mapped writable): ELF segments and
+    symbols as regions, the failing invariant listed, exactly the ranges it names outlined."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import minikernels
+    elf = minikernels.build(tmp_path, "hh", minikernels.HIGHER_HALF, minikernels.HIGHER_HALF_LDS, WRITABLE_TEXT=1)
+    page = tmp_path / "foreign.html"
+    result = subprocess.run([*KGEN, "inspect", "--kernel", str(elf), "--ready", minikernels.HIGHER_HALF_READY,
+                             "--json", "--html", str(page)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    doc = json.loads(result.stdout)
+    assert any(inv["outcome"] == "failed" for inv in doc["invariants"]), "the writable text went unnoticed"
+    dom = probed_dom(tmp_path, page)
+    assert_drawn_to_scale(doc, dom)
+    assert {a["data-region"] for a in dom.having("data-region")} == {r["name"] for r in doc["regions"]}
+    outlined = {a["data-key"] for a in _by_key(dom).values() if "problem" in a["class"].split()}
+    assert outlined and outlined == {f"v{i}" for i, v in enumerate(doc["virtual"]) if v["problems"]}
+    failed = {a["data-invariant"] for a in dom.having("data-invariant") if a["class"] == "failed"}
+    assert failed == {inv["name"] for inv in doc["invariants"] if inv["outcome"] == "failed"}
 
 
 @needs_chromium

@@ -210,7 +210,8 @@ class Geometry:
         key = f"v{s.index}"
         problems = list(v.get("problems") or [])
         rows = [["range", f"{v['start']} .. {self.hexv(s.end - 1)} (end {v['end']})"],
-                ["size", f"{human_size(s.size)}: {v.get('pages')} pages of {human_size(v.get('page_size') or 4096)}"],
+                ["size", f"{human_size(s.size)}: {v.get('pages')} page{'' if v.get('pages') == 1 else 's'} of "
+                         f"{human_size(v.get('page_size') or 4096)}"],
                 ["flags", f"{v.get('flags')}: " + ", ".join(
                     ["writable" if v.get("writable") else "read-only", "user" if v.get("user") else "supervisor"]
                     + ["NX"] * bool(v.get("nx")) + ["global"] * bool(v.get("global")))],
