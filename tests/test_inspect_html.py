@@ -435,6 +435,11 @@ def test_bench_from_json_draws_the_same_page_and_refuses_other_files(benched, tm
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert again.read_text() == page.read_text()
+    for html in (tmp_path, Path("/proc/kgen.html")):        # refused before anything is measured
+        result = subprocess.run([*KGEN, "bench", "--arch", "i386", "--html", str(html)],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and result.stderr.startswith(f"kgen: error: --html {html}"), result.stderr
+        assert result.stderr.count("\n") == 1 and result.stdout == ""
     for content in ("not json", json.dumps({"kgen_inspect": 1})):
         saved.write_text(content)
         result = subprocess.run([*KGEN, "bench", "--from-json", str(saved), "--html", str(again)],

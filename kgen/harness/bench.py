@@ -358,6 +358,7 @@ def _write_html(path: Path, data: dict) -> None:
     from kgen.inspect.html import render_bench_html
     page = render_bench_html(data)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(page)
     except OSError as e:
         raise UsageError(f"--html {path}: {e.strerror}: give a writable file path") from None
@@ -375,6 +376,9 @@ def main(argv=None) -> int:
     parser.add_argument("--from-json", type=Path, metavar="FILE", help="measure nothing: take the figures from a "
                         "file `--json` wrote (to draw them with --html)")
     args = parser.parse_args(argv)
+    if args.html:
+        from kgen.harness.testing import check_report_path
+        check_report_path("--html", args.html)      # before measuring, not after
     if args.from_json:
         data = _load_figures(args.from_json)
     else:
