@@ -230,3 +230,16 @@ def test_the_fault_loop_judge_counts_exceptions_only_at_few_places():
     demand = "".join(line(n, 14, 0xC0100000 + n, 0x08048000 + 0x1000 * n) for n in range(40))
     assert len(faultloop.parse(demand)) == 40 and faultloop.judge(faultloop.parse(demand), 0.02) is None
     assert faultloop.judge(faultloop.parse(loop)[:faultloop.MIN_EXCEPTIONS - 1], 0.02) is None
+
+
+def test_json_on_stdout_for_a_kgen_kernel(tmp_path):
+    out = tmp_path / "build"
+    result = kgen("test", "--out", str(out), "-j", "1", "-k", "test_invariants", "--json", "-", "--", "-v")
+    assert result.returncode == 0, result.stdout + result.stderr
+    doc = json.loads(result.stdout)        # stdout holds the document alone: pytest's lines went to stderr
+    printed = {line.split()[0].split("::", 1)[1]: line.split()[1].lower() for line in result.stderr.splitlines()
+               if "::" in line and len(line.split()) >= 2 and line.split()[1] in ("PASSED", "FAILED", "SKIPPED")}
+    assert printed and {c["name"]: c["outcome"] for c in doc["checks"]} == printed
+    assert doc["kernel"] == {"elf": str((out / "kernel.elf").resolve()), "kind": "kgen", "arch": "i386"}
+    assert doc["summary"]["total"] == len(printed) and doc["boot_failure"] is None
+    assert all(c["module"] == "test_invariants" for c in doc["checks"])
