@@ -8,6 +8,8 @@ pc=c0101096 SP=... CR2=dead0000"). Logging every boot would cost a line and a re
 log is switched on through the monitor (`logfile`, `log int`) for PROBE_WINDOW seconds only when a diagnosis asks,
 into the machine's own directory, and off again. In a fault loop that window holds hundreds of the same exception
 (about 1,000 lines, 2 MB, in 20 ms here); in a kernel that is only busy it holds a few timer interrupts or nothing.
+A probe costs ≈25 ms here (the first of a machine ≈50-110 ms, QEMU opening the file); a boot that halts within
+FIRST_PROBE_AFTER pays nothing.
 Under KVM the exceptions never reach QEMU's log: no loop is found and the diagnosis stays "hang".
 """
 from __future__ import annotations
