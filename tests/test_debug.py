@@ -93,6 +93,28 @@ def test_breaks_in_the_boot_stub_and_in_the_higher_half(request, tmp_path, arch,
     assert_gone(qemu_pid(result.stderr))
 
 
+def test_anyones_kernel_with_kernel(tmp_path):
+    """A GNU-as higher-half kernel (tests/minikernels.py): the same two stops by its own symbols, kgen-pt walks its
+    tables, kgen-free refuses in one line (no kgen layout) and the session goes on."""
+    import minikernels
+    elf_path = minikernels.build(tmp_path, "mini", minikernels.HIGHER_HALF, minikernels.HIGHER_HALF_LDS,
+                                 WRITABLE_TEXT=0)
+    elf = ElfInfo.load(elf_path)
+    result = subprocess.run([*KGEN, "debug", "--kernel", str(elf_path), "--", "-nx", "-batch",
+                             "-ex", "break _start", "-ex", "break higher_half",
+                             "-ex", "continue", "-ex", printf("STUB"), "-ex", "continue", "-ex", printf("HIGH"),
+                             "-ex", "kgen-pt higher_half", "-ex", "kgen-free", "-ex", "kill"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
+    assert result.returncode == errors.EXIT_OK, result.stdout + result.stderr
+    stops = {tag: (int(pc, 16), int(cr0, 16)) for tag, pc, cr0 in STOP_LINE.findall(result.stdout)}
+    assert stops["STUB"][0] == load_address(elf, elf.symbols["_start"].value) and not stops["STUB"][1] & hw.CR0_PG
+    assert stops["HIGH"][0] == elf.symbols["higher_half"].value and stops["HIGH"][1] & hw.CR0_PG
+    high = elf.symbols["higher_half"].value
+    assert re.search(rf"^{high:#x} -> {load_address(elf, high):#x} \(4 KiB page\)", result.stdout, re.MULTILINE)
+    assert "kgen-free: not a kgen kernel" in result.stderr
+    assert_gone(qemu_pid(result.stderr))
+
+
 def test_under_kvm_hardware_breakpoints_stop_in_the_stub_and_the_higher_half(x86_64_build, tmp_path):
     """Under KVM gdb's software breakpoints are int3 bytes written at virtual addresses, impossible while an address
     is unmapped; hbreak uses the debug registers and stops in both places."""

@@ -115,7 +115,11 @@ def _view():
 
 
 def _address(expression: str) -> int:
-    """A gdb expression as an address: 0xc0100000, kmain, &pmm_top, $sp."""
+    """A gdb expression as an address: 0xc0100000, kmain, &pmm_top, $sp. A bare symbol name is its linked address
+    from the ELF: gdb, holding two copies of the symbols, may evaluate it to the load address instead."""
+    symbol = _Loaded.elf.symbols.get(expression.strip())
+    if symbol is not None:
+        return symbol.value
     try:
         value = gdb.parse_and_eval(expression)
         if value.type.code == gdb.TYPE_CODE_FUNC:
