@@ -23,9 +23,10 @@ from pathlib import Path
 
 import pytest
 
+import minikernels
+from conftest import needs_qemu
 from kgen.inspect.html import FOLD_PX, FOLDED_ROLES, MIN_PX, render_bench_html, render_html
 
-ROOT = Path(__file__).resolve().parent.parent
 KGEN = [sys.executable, "-m", "kgen.cli"]
 CHROMIUM = shutil.which("chromium")
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (make system-deps)")
@@ -105,6 +106,7 @@ def chromium(tmp_path: Path, *args: str, proxy_port: int | None = None, timeout:
         out, err = "", "timed out"
     finally:
         _end_session(process.pid)
+        process.wait(timeout=10)
         shutil.rmtree(profile, ignore_errors=True)
     assert process.returncode == 0, f"chromium failed ({process.returncode}): {err[-2000:]}"
     return out
@@ -257,6 +259,7 @@ def _by_key(dom: _Dom) -> dict[str, dict]:
 
 
 @needs_chromium
+@needs_qemu
 @pytest.mark.vm
 @pytest.mark.slow
 def test_every_region_range_and_frame_is_drawn_to_the_documented_scale(inspected, tmp_path, proxy):
@@ -297,13 +300,12 @@ def test_every_region_range_and_frame_is_drawn_to_the_documented_scale(inspected
 
 
 @needs_chromium
+@needs_qemu
 @pytest.mark.vm
 @pytest.mark.slow
 def test_a_foreign_kernel_with_writable_text_has_its_failure_drawn(tmp_path):
     """Anyone's kernel (tests/minikernels.py's higher-half kernel, its text mapped writable): ELF segments and
     symbols as regions, the failing invariant listed, exactly the ranges it names outlined."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    import minikernels
     elf = minikernels.build(tmp_path, "hh", minikernels.HIGHER_HALF, minikernels.HIGHER_HALF_LDS, WRITABLE_TEXT=1)
     page = tmp_path / "foreign.html"
     result = subprocess.run([*KGEN, "inspect", "--kernel", str(elf), "--ready", minikernels.HIGHER_HALF_READY,
@@ -321,6 +323,7 @@ def test_a_foreign_kernel_with_writable_text_has_its_failure_drawn(tmp_path):
 
 
 @needs_chromium
+@needs_qemu
 @pytest.mark.vm
 @pytest.mark.slow
 def test_screenshot_of_the_page(inspected, tmp_path):
@@ -356,6 +359,7 @@ def _small_bench() -> dict:
 
 
 @needs_chromium
+@needs_qemu
 @pytest.mark.vm
 @pytest.mark.slow
 def test_names_from_the_kernel_are_text_and_problems_are_marked(inspected, tmp_path):
@@ -400,6 +404,7 @@ def benched(tmp_path_factory):
 
 
 @needs_chromium
+@needs_qemu
 @pytest.mark.vm
 @pytest.mark.slow
 def test_bench_chart_draws_every_figure_to_scale(benched, tmp_path, proxy):
@@ -424,6 +429,7 @@ def test_bench_chart_draws_every_figure_to_scale(benched, tmp_path, proxy):
     assert page_requests(requests) == []
 
 
+@needs_qemu
 @pytest.mark.vm
 @pytest.mark.slow
 def test_bench_from_json_draws_the_same_page_and_refuses_other_files(benched, tmp_path):
@@ -451,6 +457,7 @@ def test_bench_from_json_draws_the_same_page_and_refuses_other_files(benched, tm
 
 
 @needs_chromium
+@needs_qemu
 @pytest.mark.vm
 @pytest.mark.slow
 def test_an_inspect_document_with_bench_figures_shows_the_charts(inspected, benched, tmp_path):
