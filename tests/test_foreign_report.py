@@ -243,3 +243,15 @@ def test_json_on_stdout_for_a_kgen_kernel(tmp_path):
     assert doc["kernel"] == {"elf": str((out / "kernel.elf").resolve()), "kind": "kgen", "arch": "i386"}
     assert doc["summary"]["total"] == len(printed) and doc["boot_failure"] is None
     assert all(c["module"] == "test_invariants" for c in doc["checks"])
+
+
+def test_a_slot_outside_ram_is_a_failure_not_an_empty_space(zoo, tmp_path):
+    # `ready` is the kernel's ready string, not an array of page directories: its words point nowhere in RAM.
+    elf = zoo["kernel-current"]
+    words = [int.from_bytes(minikernels.PROCESS_READY.encode()[i:i + 4], "little") & ~0xFFF for i in (0, 4)]
+    result, doc, _ = json_test(elf, tmp_path, "--address-spaces", "ready,2")
+    assert result.returncode == 1, result.stdout + result.stderr
+    for slot, word in enumerate(words):
+        check = by_name(doc)[f"{BELOW}[ready[{slot}]]"]
+        assert check["outcome"] == "failed"
+        assert check["messages"][0].startswith(f"ready[{slot}] = {word:#x} is not in the guest's RAM"), check

@@ -197,6 +197,10 @@ def space_view(live, space):
     top = space.top(view.read_phys) & view.mode.cr3_mask
     if top == 0:
         pytest.skip(f"{space.name} is 0: no address space in this slot")
+    ram = live.machine.ram_windows
+    if ram and not any(w.start <= top and top + 4096 <= w.end for w in ram):
+        pytest.fail(f"{space.name} = {top:#x} is not in the guest's RAM: not the top-level table of an address space "
+                    f"(is {space.array.symbol} the array of their physical addresses?)", pytrace=False)
     current = " (the space in CR3)" if top == view.regs.cr3 & view.mode.cr3_mask else ""
     return view.in_space(top, f"{space.name}: {view.mode.level_names[0]} at {top:#x}{current}")
 
