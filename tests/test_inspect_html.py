@@ -472,3 +472,20 @@ def test_an_inspect_document_with_bench_figures_shows_the_charts(inspected, benc
     (run,) = data["runs"]
     assert labels == {label for label in (*run["pmm"], *run["vmm"]) if not label.startswith("empty loop")}
     assert {a["data-region"] for a in dom.having("data-region")} >= {r["name"] for r in doc["regions"]}
+
+
+@needs_qemu
+@pytest.mark.vm
+@pytest.mark.slow
+def test_a_kernel_without_paging_still_gets_its_page(inspected):
+    """`kgen inspect --kernel` of a kernel that never turned paging on: no virtual ranges, no recursive slot; the
+    page says so and still draws the physical column (the booted document with paging taken away)."""
+    arch, doc, _ = inspected
+    off = {**doc, "virtual": [], "translation": None,
+           "paging": {**doc["paging"], "enabled": False, "recursive_slots": []}}
+    dom = _Dom(render_html(off))
+    assert any(a.get("id") == "paging-off" for _, a in dom.elements)
+    keys = {a["data-key"] for a in dom.having("data-start")}
+    assert not any(re.fullmatch(r"v\d+", k) for k in keys)
+    assert {f"p{i}" for i in range(len(doc["physical"]))} <= keys
+    assert not any(a.get("id") == "paging-off" for _, a in _Dom(render_html(doc)).elements)

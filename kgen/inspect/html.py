@@ -276,7 +276,7 @@ class Geometry:
                 ["range", f"{s.start:#x} .. {s.end - 1:#x}"], ["size", human_size(s.size)]], "lists": []}
             return {"key": key, "y": s.y, "h": s.h, "folded": True, "cls": "fold", "text": human_size(s.size),
                     "start": f"{s.start:#x}", "end": f"{s.end:#x}", "size": s.size, "weight": s.weight,
-                    "problem": False, "colour": None}
+                    "problem": False, "colour": None, "role": None, "links": ""}
         p = self.doc["physical"][s.index]
         key = f"p{s.index}"
         mapped_at = [f"v{i}" for i, v in enumerate(self.doc.get("virtual") or []) if s.index in self._frames_of(v)]
