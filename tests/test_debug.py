@@ -239,6 +239,38 @@ def test_no_gdb_prints_a_recipe_that_attaches(default_build, tmp_path):
     assert_gone(pid)
 
 
+def _processes_with(text: str) -> list[int]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text.encode() in cmdline.read_bytes():
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            pass
+    return found
+
+
+def test_sigterm_to_kgen_ends_gdb_and_qemu(default_build, tmp_path):
+    """kgen told to end while the guest runs under gdb: gdb and QEMU end with it, status 128 + SIGTERM."""
+    proc = subprocess.Popen([*KGEN, "debug", "--direct", "--append", "kgen.serve", "--out",
+                             str(default_build.elf.parent), "--", "-nx", "-batch", "-ex", "continue"],
+                            cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _read_until(proc.stdout.fileno(), re.compile("kgen: serving calls"), time.monotonic() + 120)
+        stub = re.compile(r"gdbstub on 127\.0\.0\.1:(\d+)")
+        port = stub.search(_read_until(proc.stderr.fileno(), stub, time.monotonic() + 10)).group(1)
+        gdbs = _processes_with(f"target remote 127.0.0.1:{port}")
+        qemu = _processes_with(f"tcp:127.0.0.1:{port}")
+        assert len(gdbs) == 1 and len(qemu) == 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert _processes_with(f"127.0.0.1:{port}") == []
+
+
 def test_ctrl_c_in_gdb_interrupts_the_guest_and_quitting_ends_qemu(default_build, tmp_path):
     """Through a terminal: Ctrl-C while the kernel runs (serving calls, idle) stops the guest in gdb instead of
     ending kgen or QEMU; then gdb goes on and its quit ends everything with status 0."""

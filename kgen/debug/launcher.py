@@ -198,15 +198,31 @@ def _terminal() -> int | None:
     return None
 
 
+class _Ended(SystemExit):
+    """kgen was told to end (SIGTERM, SIGHUP) while gdb ran: unwind so gdb, the terminal and QEMU are seen to."""
+
+
+def _end_on_signal(signum: int, frame: object) -> None:
+    raise _Ended(128 + signum)
+
+
+def _gdb_dies_with_kgen() -> None:
+    # In the forked child before exec: if kgen is SIGKILLed, the kernel kills gdb too (QEMU already has the same).
+    from kgen.machine.process import _die_with_parent
+    _die_with_parent()
+
+
 def run_gdb(command: list[str]) -> int:
     """Run gdb in a process group of its own that owns the terminal; return its exit status (-N: signal N)."""
     tty = _terminal()
     # A background process that touches the terminal (tcsetpgrp below, or COM1 echoed while gdb is in front with
     # `stty tostop`) is stopped by SIGTTOU; kgen must go on echoing and take the terminal back.
-    old_ttou = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+    old = {sig: signal.signal(sig, handler) for sig, handler in ((signal.SIGTTOU, signal.SIG_IGN),
+                                                                 (signal.SIGTERM, _end_on_signal),
+                                                                 (signal.SIGHUP, _end_on_signal))}
     proc = None
     try:
-        proc = subprocess.Popen(command, process_group=0)
+        proc = subprocess.Popen(command, process_group=0, preexec_fn=_gdb_dies_with_kgen)
         if tty is not None:
             os.tcsetpgrp(tty, proc.pid)
             # gdb may have touched the terminal before it was in front, and been stopped for it: let it go on.
@@ -227,4 +243,5 @@ def run_gdb(command: list[str]) -> int:
                 os.tcsetpgrp(tty, os.getpgrp())
             except OSError:
                 pass
-        signal.signal(signal.SIGTTOU, old_ttou)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
