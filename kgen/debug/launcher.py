@@ -119,7 +119,7 @@ def debug(args, extra: list[str]) -> int:
     from kgen.build.layout import compute
     from kgen.build.pipeline import build, check_out_dir
     from kgen.guest.elfinfo import ElfInfo
-    from kgen.harness.run import _existing_file, require_kvm
+    from kgen.harness.run import _existing_file, grub_icount, require_kvm
     from kgen.machine import Machine
 
     if extra and args.no_gdb:
@@ -158,9 +158,7 @@ def debug(args, extra: list[str]) -> int:
         elf_path, qemu, kgen_arch = out.elf, layout.architecture.qemu, layout.arch
         target = {"kernel": out.elf, "append": args.append} if args.direct else {"iso": out.iso}
 
-    # As kgen run: GRUB on SeaBIOS under TCG can crash in real mode on a loaded host unless time is counted in
-    # instructions (kgen/harness/run.py, docs/toolchain.md).
-    icount = "iso" in target and args.accel == "tcg"
+    icount = grub_icount("iso" in target, args.accel)      # as kgen run: GRUB under TCG
     machine = Machine(**target, accel=args.accel, memory_mib=layout.memory_mib, echo_serial=True, icount=icount,
                       debug_exit_port=layout.debug_exit_port, qemu=qemu, start_paused=True,
                       extra_args=("-gdb", f"tcp:{GDB_HOST}:{port}"))

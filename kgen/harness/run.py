@@ -32,6 +32,13 @@ def require_kvm():
         raise ToolMissing(f"--accel kvm: {KVM_DEVICE} is missing or not accessible on this host; use --accel tcg")
 
 
+def grub_icount(iso: bool, accel: str) -> bool:
+    """Whether to run QEMU with -icount: GRUB 2.06 on SeaBIOS under TCG can crash in real mode when a timer
+    interrupt lands at the wrong moment, which happens on a loaded host (see docs/toolchain.md). Counting
+    instructions for time makes the boot deterministic and it does not crash; it costs a few seconds."""
+    return iso and accel == "tcg"
+
+
 def _existing_file(option: str, path: Path) -> Path:
     if not path.is_file():
         raise UsageError(f"{option} {path}: no such file" if not path.exists() else f"{option} {path}: not a file")
@@ -107,10 +114,7 @@ def run(args) -> int:
         except KgenError as err:
             raise UsageError(str(err)) from None
 
-    # GRUB 2.06 on SeaBIOS under TCG can crash in real mode when a timer interrupt lands at the wrong moment,
-    # which happens on a loaded host (see docs/toolchain.md). Counting instructions for time makes the boot
-    # deterministic and it does not crash; it costs a few seconds.
-    icount = "iso" in target and args.accel == "tcg"
+    icount = grub_icount("iso" in target, args.accel)
     qemu = layout.architecture.qemu
     if args.kernel is not None:
         from kgen.harness.testing import KernelUnderTest
