@@ -153,7 +153,7 @@ def test_the_gdb_helper_agrees_with_the_walker_and_the_kernel_report(request, tm
                    "-ex", f"monitor pmemsave 0 {layout.memory_mib << 20} \"{dump}\"",
                    "-ex", "echo PT-BEGIN\\n", "-ex", "kgen-pt", "-ex", "echo PT-END\\n",
                    "-ex", f"kgen-pt {top_self:#x}",
-                   "-ex", "kgen-free", "-ex", "continue", cwd=tmp_path)
+                   "-ex", "kgen-free", "-ex", "kgen-src", "-ex", "continue", cwd=tmp_path)
     # The last `continue` runs the kernel to its exit: gdb ends with "Remote connection closed", status 1.
     assert "kgen: exit success" in result.stdout, result.stdout + result.stderr
     assert result.returncode == errors.EXIT_INTERNAL and "gdb ended with status 1" in result.stderr
@@ -171,6 +171,15 @@ def test_the_gdb_helper_agrees_with_the_walker_and_the_kernel_report(request, tm
 
     translated = re.search(rf"^{top_self:#x} -> (0x[0-9a-f]+) \(4 KiB page\)", result.stdout, re.MULTILINE)
     assert translated and int(translated.group(1), 16) == cr3 & ~0xFFF
+
+    # kgen-src: the function's template, found here by reading the templates directly.
+    from kgen.build.resources import templates_dir
+    defined = [(path, number) for path in sorted(templates_dir().rglob("*.s"))
+               for number, line in enumerate(path.read_text().splitlines(), start=1) if line.startswith("report_pmm:")]
+    assert len(defined) == 1
+    path, number = defined[0]
+    assert f"templates/{path.relative_to(templates_dir())}:{number}: report_pmm\n" in result.stdout
+    assert re.search(rf"^ *{number}  report_pmm:$", result.stdout, re.MULTILINE)
 
     report = parse_report(result.stdout)
     free = re.search(r"^pmm: top=(0x[0-9a-f]+) on the stack=(\d+) untouched=(\d+) free=(\d+) total=(\d+) "
