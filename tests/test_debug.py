@@ -201,6 +201,15 @@ def test_a_busy_port_is_refused_in_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_kernel_qemu_refuses_is_one_line_and_no_qemu(tmp_path):
+    not_multiboot = Path(shutil.which("true")).resolve()        # an ELF, but no Multiboot header
+    result = subprocess.run([*KGEN, "debug", "--kernel", str(not_multiboot), "--", "-nx", "-batch"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == errors.EXIT_USAGE, result.stderr
+    assert result.stderr.count("\n") == 1 and "no Multiboot header" in result.stderr
+    assert "QEMU refused to boot it" in result.stderr
+
+
 def test_a_missing_gdb_is_a_missing_tool(tmp_path):
     result = subprocess.run([*KGEN, "debug", "--gdb", str(tmp_path / "no-gdb"), "--out", str(tmp_path / "out")],
                             cwd=tmp_path, capture_output=True, text=True, timeout=60)
