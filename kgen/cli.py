@@ -202,6 +202,8 @@ def parser() -> argparse.ArgumentParser:
                      help="explain the translation of this virtual address step by step")
     ins.add_argument("--json", action="store_true", help="print the document as JSON (schema: docs/inspect.md)")
     ins.add_argument("--html", type=Path, metavar="FILE", help="write the document as one self-contained HTML page")
+    ins.add_argument("--bench", type=Path, metavar="FIGURES.json", help="with --html: draw these `kgen bench --json` "
+                     "figures in the page too")
     ins.set_defaults(func=cmd_inspect)
 
     d = command("debug", help="boot the kernel paused under QEMU's gdbstub and start gdb with its symbols "

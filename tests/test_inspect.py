@@ -238,11 +238,15 @@ def test_a_foreign_kernel_as_json_from_the_cli(tmp_path):
 
 
 def test_bad_input_is_one_line(tmp_path):
+    (tmp_path / "other.json").write_text('{"kgen_inspect": 1}')
     for args, needle in (
             (("--kernel", tmp_path / "missing.elf"), "no such file"),
             (("--ready", "x", "--out", tmp_path / "b"), "--ready is for a kernel given with --kernel"),
             (("--va", "banana"), "is not an address"),
-            (("--arch", "x86_64", "--out", tmp_path / "b64", "--va", "0x0000800000000000"), "not canonical")):
+            (("--arch", "x86_64", "--out", tmp_path / "b64", "--va", "0x0000800000000000"), "not canonical"),
+            (("--bench", tmp_path / "f.json"), "--bench draws figures in the HTML page: give --html FILE"),
+            (("--html", tmp_path / "m.html", "--bench", tmp_path / "f.json"), f"--bench {tmp_path / 'f.json'}: "),
+            (("--html", tmp_path / "m.html", "--bench", tmp_path / "other.json"), "not the output of `kgen bench")):
         r = kgen("inspect", *args)
         assert r.returncode == 2, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr and "Traceback" not in r.stderr

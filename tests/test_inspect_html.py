@@ -461,12 +461,19 @@ def test_bench_from_json_draws_the_same_page_and_refuses_other_files(benched, tm
 @pytest.mark.vm
 @pytest.mark.slow
 def test_an_inspect_document_with_bench_figures_shows_the_charts(inspected, benched, tmp_path):
-    """The document's `bench` (null from `kgen inspect`; the figures of `kgen bench --json` when a script puts
-    them there) is drawn on the inspect page as on the bench page."""
-    arch, doc, _ = inspected
+    """`kgen inspect --html FILE --bench FIGURES.json` puts the figures of `kgen bench --json` in the document's
+    `bench` (null otherwise) and draws them on the inspect page as on the bench page."""
+    arch, _, _ = inspected
     data, _, _ = benched
+    figures = tmp_path / "figures.json"
+    figures.write_text(json.dumps(data))
     page = tmp_path / "with-bench.html"
-    page.write_text(render_html({**doc, "bench": data}))
+    result = subprocess.run([*KGEN, "inspect", "--arch", arch, "--out", str(tmp_path / "build"), "--json",
+                             "--html", str(page), "--bench", str(figures)],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    doc = json.loads(result.stdout)
+    assert doc["bench"] == data
     dom = probed_dom(tmp_path, page)
     labels = {a["data-label"] for a in dom.having("data-label")}
     (run,) = data["runs"]

@@ -341,15 +341,16 @@ def figures(runs: list[Run], host: str) -> dict:
          "init_verdict": init_verdict(r.init, r.unit) if r.init and r.accel == "tcg" else None} for r in runs]}
 
 
-def _load_figures(path: Path) -> dict:
+def load_figures(path: Path, option: str = "--from-json") -> dict:
+    """Figures `kgen bench --json` wrote, or one line naming the option that gave the file."""
     from kgen.errors import UsageError
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise UsageError(f"--from-json {path}: {getattr(e, 'strerror', None) or e}: give a file `kgen bench --json` "
+        raise UsageError(f"{option} {path}: {getattr(e, 'strerror', None) or e}: give a file `kgen bench --json` "
                          "wrote") from None
     if not isinstance(data, dict) or data.get("kgen_bench") != 1:
-        raise UsageError(f"--from-json {path}: not the output of `kgen bench --json` (no \"kgen_bench\": 1)")
+        raise UsageError(f"{option} {path}: not the output of `kgen bench --json` (no \"kgen_bench\": 1)")
     return data
 
 
@@ -380,7 +381,7 @@ def main(argv=None) -> int:
         from kgen.harness.testing import check_report_path
         check_report_path("--html", args.html)      # before measuring, not after
     if args.from_json:
-        data = _load_figures(args.from_json)
+        data = load_figures(args.from_json)
     else:
         arches = tuple(ARCHES) if args.arch == "all" else (args.arch,)
         runs = []

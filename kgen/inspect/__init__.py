@@ -35,6 +35,12 @@ def run(args) -> int:
     from kgen.inspect.text import render_text, use_colour
 
     render_html = _html_renderer() if args.html is not None else None
+    bench = None
+    if getattr(args, "bench", None) is not None:
+        if args.html is None:
+            raise UsageError("--bench draws figures in the HTML page: give --html FILE as well")
+        from kgen.harness.bench import load_figures
+        bench = load_figures(args.bench, "--bench")
     if args.html is not None:
         testing.check_report_path("--html", args.html)
     if args.kernel is not None:
@@ -62,6 +68,7 @@ def run(args) -> int:
     except RunFailed as err:
         print(err.details(), file=sys.stderr)
         raise KernelFailed(f"{kernel.elf_path.name} did not reach the point to look at: {err}") from None
+    doc["bench"] = bench
     if args.html is not None:
         args.html.write_text(render_html(doc))
         print(f"kgen: wrote {args.html}", file=sys.stderr if args.json else sys.stdout)
