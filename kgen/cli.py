@@ -47,6 +47,18 @@ def positive_int(text: str) -> int:
     return value
 
 
+def segment_index(text: str) -> int:
+    """--boot-only-segment: a program-header index, as `readelf -l` numbers them (its range is the ELF's to judge)."""
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a program-header index (0, 1, ... as readelf -l "
+                                         "shows them)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a program-header index is 0 or above")
+    return value
+
+
 def jobs(text: str) -> str:
     """-j: how many machines at once; pytest-xdist's own refusal would be a usage screen, not one line."""
     if text in ("auto", "logical") or (text.isdigit() and text.isascii()):
@@ -152,11 +164,12 @@ def parser() -> argparse.ArgumentParser:
     _add_config_args(r)
     what = r.add_mutually_exclusive_group()
     what.add_argument("--iso", type=Path, help="boot this ISO instead of building one")
-    what.add_argument("--kernel", type=Path, help="boot this Multiboot ELF directly (QEMU -kernel)")
+    what.add_argument("--kernel", type=Path, help="boot this Multiboot ELF directly (QEMU -kernel; default: the "
+                      "config's [foreign] kernel, if set)")
     r.add_argument("--append", help="kernel command line (with --kernel or the built ELF via --direct)")
     r.add_argument("--direct", action="store_true", help="boot the built ELF with -kernel instead of the ISO")
     r.add_argument("--accel", choices=("tcg", "kvm"), default="tcg", help="QEMU accelerator (default: tcg)")
-    r.add_argument("--timeout", type=positive_seconds, default=DEFAULT_TIMEOUT,
+    r.add_argument("--timeout", type=positive_seconds, default=None,   # [foreign] boot_timeout may fill it
                    help=f"seconds before a run counts as hung (default: {DEFAULT_TIMEOUT:g})")
     r.add_argument("--boot-timeout", dest="timeout", type=positive_seconds, default=argparse.SUPPRESS,
                    metavar="SECONDS", help="the same as --timeout (the name `kgen test --kernel` uses)")
@@ -175,13 +188,18 @@ def parser() -> argparse.ArgumentParser:
                    "messages) and a summary; - for stdout (pytest's own lines then go to stderr)")
     t.add_argument("--address-spaces", metavar="SYMBOL[,COUNT]", help="with --kernel: the kernel's array of "
                    "top-level page table physical addresses (0 = unused); the page-table checks run on each space")
-    t.add_argument("--kernel", type=Path, help="check this Multiboot ELF (any kernel) with the generic invariants")
+    t.add_argument("--kernel", type=Path, help="check this Multiboot ELF (any kernel) with the generic invariants "
+                   "(default: the config's [foreign] kernel, if set; [foreign] also holds the options below)")
     _add_foreign_boot_args(t)
     t.add_argument("--boot-timeout", type=positive_seconds, metavar="SECONDS",
                    help="with --kernel: seconds to wait for the booted state (default: 60)")
     t.add_argument("--memory", type=positive_int, metavar="MIB", help="with --kernel: guest RAM in MiB (default: "
                    "machine.memory_mib of --config, else 128)")
     t.add_argument("--append", metavar="CMDLINE", help="with --kernel: the kernel command line")
+    t.add_argument("--boot-only-segment", type=segment_index, action="append", metavar="N", help="with --kernel: "
+                   "program header N (as readelf -l numbers them) is boot code: unmapped once the kernel runs high "
+                   "is as meant, and it is not the kernel base (default: a segment linked where it is loaded in an "
+                   "otherwise higher-half kernel); repeatable")
     t.add_argument("-j", "--jobs", type=jobs, default="auto", help="parallel machines (pytest-xdist; default: one per core)")
     t.add_argument("--cold-boot", action="store_true",
                    help="boot a new machine for every test instead of restoring a snapshot of the booted kernel")
@@ -191,12 +209,15 @@ def parser() -> argparse.ArgumentParser:
                                    "physical memory and invariants, or one translation (--va)",
                   description="Text on a terminal, --json for scripts (docs/inspect.md), --html FILE for a page.")
     _add_config_args(ins)
-    ins.add_argument("--kernel", type=Path, help="inspect this Multiboot ELF (any kernel) instead of kgen's")
+    ins.add_argument("--kernel", type=Path, help="inspect this Multiboot ELF (any kernel) instead of kgen's "
+                     "(default: the config's [foreign] kernel, if set)")
     _add_foreign_boot_args(ins)
     ins.add_argument("--boot-timeout", type=positive_seconds, metavar="SECONDS",
                      help="with --kernel: seconds to wait for the ready point (default: 60)")
     ins.add_argument("--memory", type=positive_int, metavar="MIB", help="with --kernel: guest RAM in MiB")
     ins.add_argument("--append", metavar="CMDLINE", help="with --kernel: the kernel command line")
+    ins.add_argument("--boot-only-segment", type=segment_index, action="append", metavar="N",
+                     help="with --kernel: program header N is boot code (see kgen test --help); repeatable")
     ins.add_argument("--accel", choices=("tcg", "kvm"), default="tcg", help="QEMU accelerator (default: tcg)")
     ins.add_argument("--va", type=virtual_address, metavar="ADDR",
                      help="explain the translation of this virtual address step by step")
@@ -280,6 +301,11 @@ def _main(argv: list[str]) -> int:
         return cmd_bench(args, unknown + extra)
     if unknown:
         parser().parse_args(argv)      # reports the first unknown argument in one line, exit 2
+    if args.command in ("test", "run", "inspect"):
+        from kgen.harness.testing import apply_foreign_config
+        apply_foreign_config(args)     # the config's [foreign] table: a kernel to check and its options
+        if args.command == "run" and args.timeout is None:
+            args.timeout = DEFAULT_TIMEOUT
     if args.command == "test":
         return cmd_test(args, extra)
     if args.command == "debug":

@@ -508,3 +508,141 @@ def vga_only(out: Path, name: str = "vga-only", **flags) -> Path:
 def late_symbol(out: Path, name: str = "late-symbol", **flags) -> Path:
     """Silent, idles with the timer running, reaches `main_loop` late: `--ready-at main_loop`."""
     return ready_zoo(out, name, **flags)
+
+
+# --- [foreign], boot-only segments and a final spin (tests/test_foreign_config.py) ---------------------------------
+# Higher-half like HIGHER_HALF (`_start` linked at 0xC0100000 + runs at its load address), its program headers placed
+# by PHDRS: 0 `text` (Multiboot header, boot code, text), 1 `init` (.init.text, linked high like the rest: code run
+# once at boot, as a kernel's __init code), 2 `rodata`, 3 `data`. It maps its image, turns paging on with CR0.WP,
+# jumps high, calls `init_once` in the init segment, then drops the identity entry and unmaps the init segment's pages
+# (given back, as a kernel frees its __init code), prints INIT_SPIN_READY and, with interrupts off, ends in:
+# SPIN=0: `hlt`. SPIN=1: `jmp .` at `spin_here` as a short jump (EB FE). SPIN=2: the same as a near jump (E9 and -5).
+# NEEDS_MIB=n: triple-fault unless Multiboot reports about n MiB of RAM (mem_upper at least n - 2 MiB).
+INIT_SPIN_READY = "init: ready\n"
+INIT_SPIN_SEGMENT = 1                   # the `init` program header
+INIT_SPIN = r"""
+.set KBASE, 0xC0000000
+.section .multiboot, "a"
+.align 4
+    .long 0x1BADB002, 0x3, -(0x1BADB002 + 0x3)
+.text
+.globl _start
+_start:
+    cli
+.if NEEDS_MIB
+    cmpl $((NEEDS_MIB - 2) * 1024), 8(%ebx)     /* Multiboot mem_upper: KiB above 1 MiB */
+    jae 1f
+    ud2                                 /* too little RAM: no IDT, so a triple fault */
+1:
+.endif
+    mov $(stack_top - KBASE), %esp
+    mov $(pd - KBASE), %edi
+    xor %eax, %eax
+    mov $2048, %ecx                     /* pd and pt: RAM may be poisoned */
+    rep stosl
+    mov $__image_start, %esi
+map_page:
+    mov %esi, %eax
+    sub $KBASE, %eax
+    or $1, %eax
+    cmp $__data_start, %esi
+    jb 1f
+    or $2, %eax
+1:  mov %esi, %edx
+    shr $12, %edx
+    and $0x3ff, %edx
+    mov %eax, pt - KBASE(,%edx,4)
+    add $0x1000, %esi
+    cmp $__image_end, %esi
+    jb map_page
+    mov $(pt - KBASE + 3), %eax
+    mov %eax, pd - KBASE
+    mov %eax, pd - KBASE + 768 * 4
+    mov $(pd - KBASE), %eax
+    mov %eax, %cr3
+    mov %cr0, %eax
+    or $0x80010000, %eax                /* PG | WP */
+    mov %eax, %cr0
+    lea higher_half, %eax
+    jmp *%eax
+higher_half:
+    mov $stack_top, %esp
+    call init_once
+    movl $0, pd                         /* the identity entry */
+    mov $__init_start, %esi             /* the init segment's pages: boot is over */
+1:  mov %esi, %edx
+    shr $12, %edx
+    and $0x3ff, %edx
+    movl $0, pt(,%edx,4)
+    add $0x1000, %esi
+    cmp $__init_end, %esi
+    jb 1b
+    mov %cr3, %eax
+    mov %eax, %cr3
+    mov $ready, %esi
+    call puts
+    cli
+.if SPIN == 1
+spin_here:
+    jmp spin_here
+.elseif SPIN == 2
+spin_here:
+    .byte 0xE9
+    .long -5
+.else
+halt:
+    hlt
+    jmp halt
+.endif
+puts:
+    lodsb
+    test %al, %al
+    jz 1f
+    mov $0x3F8, %dx
+    out %al, %dx
+    jmp puts
+1:  ret
+.section .init.text, "ax"
+.globl init_once
+init_once:
+    movl $1, init_done
+    ret
+.section .rodata
+ready: .asciz "@READY@"
+.data
+.globl init_done
+init_done: .long 0
+.bss
+.align 4096
+pd: .skip 4096
+pt: .skip 4096
+stack: .skip 4096
+stack_top:
+"""
+
+INIT_SPIN_LDS = """
+ENTRY(_start)
+PHDRS { text PT_LOAD FLAGS(5); init PT_LOAD FLAGS(5); rodata PT_LOAD FLAGS(4); data PT_LOAD FLAGS(6); }
+SECTIONS {
+  . = 0xC0100000;
+  __image_start = .;
+  .text : AT(ADDR(.text) - 0xC0000000) { *(.multiboot) *(.text) } :text
+  . = ALIGN(0x1000);
+  __init_start = .;
+  .init.text : AT(ADDR(.init.text) - 0xC0000000) { *(.init.text) } :init
+  . = ALIGN(0x1000);
+  __init_end = .;
+  .rodata : AT(ADDR(.rodata) - 0xC0000000) { *(.rodata) } :rodata
+  . = ALIGN(0x1000);
+  __data_start = .;
+  .data : AT(ADDR(.data) - 0xC0000000) { *(.data) } :data
+  .bss : AT(ADDR(.bss) - 0xC0000000) { *(.bss) } :data
+  __image_end = ALIGN(0x1000);
+}
+"""
+
+
+def init_spin(out: Path, name: str, *, spin: int = 0, needs_mib: int = 0) -> Path:
+    """The kernel above: `spin` 0 (halts), 1 (`jmp .` short) or 2 (`jmp .` near); `needs_mib` MiB or it triple-faults."""
+    return build(out, name, INIT_SPIN.replace("@READY@", INIT_SPIN_READY.replace("\n", "\\n")), INIT_SPIN_LDS,
+                 SPIN=spin, NEEDS_MIB=needs_mib)

@@ -26,6 +26,9 @@ ranges) belong to `layout.py`, which turns a Config into addresses.
     [machine]
     memory_mib = 128            # guest RAM for `kgen run` and `kgen test`
 
+    [foreign]                   # a kernel kgen did not build: `kgen test|run|inspect` check it (`ForeignConfig`)
+    kernel = "build/myos.bin"   # relative to this file; each key below is the --kernel option of the same name
+
     [variant]                   # kernels broken on purpose, to prove the tests catch the break
     fault_at_boot = false       # touch an unmapped page right after boot
     aspace_skip_foreign_flush = false  # change the foreign slot without flushing the TLB
@@ -41,10 +44,11 @@ ranges) belong to `layout.py`, which turns a Config into addresses.
 """
 from __future__ import annotations
 
+import math
 import re
 import sys
 import tomllib
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from kgen.arch import ARCHES, I386
@@ -85,6 +89,8 @@ class Config:
     source: str = "defaults"   # where the values came from, for error messages
     # Fields the user set; the others take their architecture's default (`for_arch`).
     explicit: frozenset = frozenset()
+    # [foreign]: not an input of kgen's own build (left out of its fingerprint and of comparisons).
+    foreign: ForeignConfig | None = field(default=None, repr=False, compare=False)
 
     @staticmethod
     def key_of(field_name: str) -> str:
@@ -108,6 +114,91 @@ class Config:
         given = set(self.explicit) | {"arch"}
         defaults = {name: value for name, value in ARCHES[arch].defaults if name not in given}
         return replace(self, arch=arch, **defaults)
+
+
+@dataclass(frozen=True)
+class ForeignConfig:
+    """[foreign]: how to boot and judge a kernel kgen did not build, for `kgen test`, `kgen run` and `kgen inspect`.
+    Each key holds what the command-line option of the same name holds (`modules` is --module, repeated;
+    `qemu_args` is --qemu-arg, one array item per QEMU argument, not split; `boot_only_segments` is
+    --boot-only-segment, repeated) and that option, when given, wins (one --ready* option replaces all the table's
+    ready keys; --module or --qemu-arg replaces the whole array). `kernel` and the files of `modules` are relative
+    to the config file; with `kernel` set the commands check that kernel without --kernel
+    (kgen/harness/testing.py `apply_foreign_config`)."""
+    source: str
+    kernel: Path | None = None
+    ready: str | None = None
+    ready_at: str | None = None
+    ready_symbol: str | None = None
+    ready_vga: str | None = None
+    ready_after: float | None = None
+    boot_timeout: float | None = None
+    memory: int | None = None       # MiB
+    append: str | None = None
+    modules: tuple[str, ...] | None = None
+    qemu_args: tuple[str, ...] | None = None
+    address_spaces: str | None = None
+    boot_only_segments: tuple[int, ...] | None = None
+
+    def key(self, name: str) -> str:
+        """`kgen.toml: foreign.memory`, how an error names where a value came from."""
+        return f"{self.source}: foreign.{name}"
+
+
+# [foreign] key -> what its value must be: a non-empty string, any string, a path, seconds above 0, a count above 0,
+# an array of strings, an array of indices.
+_FOREIGN_KINDS = {"kernel": "path", "ready": "text", "ready_at": "text", "ready_symbol": "text", "ready_vga": "text",
+                  "ready_after": "seconds", "boot_timeout": "seconds", "memory": "count", "append": "any text",
+                  "modules": "paths", "qemu_args": "texts", "address_spaces": "text", "boot_only_segments": "indices"}
+
+
+def _foreign_from_mapping(table: dict, where: str, base_dir: Path) -> ForeignConfig:
+    """Type-check [foreign] (one line naming the key for anything wrong) and resolve its paths against `base_dir`."""
+    values = {}
+    for key, value in table.items():
+        kind = _FOREIGN_KINDS.get(key)
+        dotted = show_key("foreign", key)
+        if kind is None:
+            raise ConfigError(f"{where}: unknown key {dotted}; known keys of [foreign]: {', '.join(_FOREIGN_KINDS)}")
+        shown = show_value(value)
+
+        def bad(rule: str) -> ConfigError:
+            return ConfigError(f"{where}: {dotted} = {shown}: {rule}")
+
+        if kind in ("path", "text", "any text"):
+            if not isinstance(value, str):
+                raise bad("must be a string")
+            if kind != "any text" and not value:
+                raise bad("must not be empty")
+            value = base_dir / value if kind == "path" else value
+        elif kind == "seconds":
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise bad("must be a number of seconds")
+            if not math.isfinite(value) or value <= 0:
+                raise bad("must be a finite number of seconds above 0")
+            value = float(value)
+        elif kind == "count":
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise bad("must be an integer (MiB)")
+            if value <= 0:
+                raise bad("must be above 0")
+        else:
+            if not isinstance(value, list):
+                raise bad("must be an array" + (" of strings" if kind != "indices" else " of program-header indices"))
+            for item in value:
+                if kind == "indices" and (isinstance(item, bool) or not isinstance(item, int) or item < 0):
+                    raise bad(f"item {show_value(item)}: must be a program-header index (0 or above, as "
+                              "`readelf -l` numbers them)")
+                if kind != "indices" and not isinstance(item, str):
+                    raise bad(f"item {show_value(item)}: must be a string")
+                if kind == "paths" and not item.partition(",")[0]:
+                    raise bad(f"item {show_value(item)}: must name a file (FILE[,ARGS])")
+            if kind == "paths":     # FILE[,ARGS]: the file relative to the config, its command line as written
+                value = [str(base_dir / item.partition(",")[0]) + item[len(item.partition(",")[0]):]
+                         for item in value]
+            value = tuple(value)
+        values[key] = value
+    return ForeignConfig(source=where, **values)
 
 
 # TOML table -> keys it may hold. A key at top level has table "".
@@ -217,14 +308,22 @@ def _check_type(where: str, key: str, value, expected: str):
         raise ConfigError(f"{where}: {key} = {show_int(value, key in DECIMAL_KEYS)}: must not be negative")
 
 
-def from_mapping(data: dict, where: str = "config") -> Config:
-    """Type-check a parsed TOML document and return the Config it describes."""
+def from_mapping(data: dict, where: str = "config", base_dir: Path | None = None) -> Config:
+    """Type-check a parsed TOML document and return the Config it describes; [foreign]'s paths are relative to
+    `base_dir` (the config file's directory; default: the current one)."""
     values = {}
+    foreign = None
     for name, value in data.items():
+        if name == "foreign":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: foreign = {show_value(value)}: must be a table ([foreign] and its keys "
+                                  f"{', '.join(_FOREIGN_KINDS)})")
+            foreign = _foreign_from_mapping(value, where, Path(base_dir) if base_dir is not None else Path())
+            continue
         if isinstance(value, dict):
             if name not in _SCHEMA or name == "":
                 raise ConfigError(f"{where}: unknown table [{show_key(name)}]; known tables: "
-                                  + ", ".join(f"[{t}]" for t in _SCHEMA if t))
+                                  + ", ".join(f"[{t}]" for t in _SCHEMA if t) + ", [foreign]")
             items = [(name, key, v) for key, v in value.items()]
         elif name in _SCHEMA and name != "":
             raise ConfigError(f"{where}: {show_key(name)} = {show_value(value)}: must be a table ([{name}] and its "
@@ -239,7 +338,7 @@ def from_mapping(data: dict, where: str = "config") -> Config:
             field = _field_name(table, key)
             _check_type(where, dotted, v, _FIELD_TYPES[field])
             values[field] = v
-    config = Config(source=where, explicit=frozenset(values), **values)
+    config = Config(source=where, explicit=frozenset(values), foreign=foreign, **values)
     return config.with_arch(config.arch)
 
 
@@ -276,7 +375,7 @@ def _load(path: Path | None) -> Config:
         raise ConfigError(_too_many_digits(where, text)) from None
     except RecursionError:
         raise ConfigError(f"{where}: not valid TOML for kgen: arrays or tables nested too deeply") from None
-    return from_mapping(data, where=where)
+    return from_mapping(data, where=where, base_dir=Path(path).parent)
 
 
 def _one_line(text: str) -> str:

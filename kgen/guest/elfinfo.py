@@ -36,6 +36,7 @@ class LoadSegment:
     readable: bool
     writable: bool
     executable: bool
+    index: int = field(default=-1, compare=False)    # its program header's index, as `readelf -l` numbers them
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class ElfInfo:
     by_address: tuple[ElfSymbol, ...]             # sorted by value, for symbolize
     symbols: Mapping[str, ElfSymbol] = field(hash=False)
     head: bytes = field(repr=False)               # the start of the file, where a Multiboot header must be
+    program_headers: tuple[str, ...] = ()         # every program header's p_type (PT_LOAD, PT_NOTE, ...), in order
 
     @classmethod
     def load(cls, path: Path) -> ElfInfo:
@@ -79,6 +81,7 @@ class ElfInfo:
                     by_address=tuple(sorted(symbols, key=lambda s: (s.value, s.name))),
                     symbols=MappingProxyType(_by_name(symbols)),
                     head=_read_head(stream),
+                    program_headers=tuple(seg["p_type"] for seg in elf.iter_segments()),
                 )
         except OSError as err:
             raise KgenError(f"{path}: cannot read: {err.strerror or err}") from err
@@ -142,9 +145,9 @@ def _read_segments(elf: ELFFile) -> list[LoadSegment]:
         LoadSegment(
             vaddr=seg["p_vaddr"], paddr=seg["p_paddr"], filesz=seg["p_filesz"], memsz=seg["p_memsz"],
             readable=bool(seg["p_flags"] & _PF_R), writable=bool(seg["p_flags"] & _PF_W),
-            executable=bool(seg["p_flags"] & _PF_X),
+            executable=bool(seg["p_flags"] & _PF_X), index=index,
         )
-        for seg in elf.iter_segments()
+        for index, seg in enumerate(elf.iter_segments())
         if seg["p_type"] == "PT_LOAD"
     ]
 

@@ -38,6 +38,8 @@ class GuestView:
     layout: Layout | None = None
     poison: bytes | None = None     # the pattern RAM was filled with before boot, tiled from address 0
     space: str | None = None        # which address space CR3 stands for when it is not the CPU's (`in_space`)
+    # Program-header indices of the segments the user named boot-only (--boot-only-segment); None: the default rule.
+    boot_only: tuple[int, ...] | None = None
 
     def in_space(self, top: int, name: str) -> GuestView:
         """The same machine seen through another address space: its top-level table at physical `top` in place of
@@ -73,17 +75,24 @@ class GuestView:
     def kernel_base(self) -> int | None:
         """Lowest kernel virtual address: the layout's, or for a foreign higher-half ELF the vaddr - paddr of its
         higher-half segments. A segment linked where it is loaded (the Higher Half Bare Bones boot segment at 1 MiB)
-        is boot code, not the kernel's base (`boot_segments`)."""
+        is boot code, not the kernel's base (`boot_segments`), and so is a segment the user named boot-only."""
         if self.layout is not None:
             return self.layout.kernel_half_start
-        offsets = {seg.vaddr - seg.paddr for seg in self.elf.segments if seg.memsz and seg.vaddr > seg.paddr}
+        named = self.boot_only or ()
+        offsets = {seg.vaddr - seg.paddr for seg in self.elf.segments
+                   if seg.memsz and seg.vaddr > seg.paddr and seg.index not in named}
         return min(offsets) if offsets else None
 
     @property
     def boot_segments(self) -> tuple:
-        """Segments linked at their load address in a kernel whose other segments are higher-half: boot code the
-        kernel may unmap once it runs high (empty for a kgen kernel and for a kernel that is not higher-half)."""
-        if self.layout is not None or self.kernel_base is None:
+        """Boot code the kernel may unmap once it runs high: the segments the user named (`boot_only`), or by
+        default those linked at their load address in a kernel whose other segments are higher-half (empty for a
+        kgen kernel and for a kernel that is not higher-half)."""
+        if self.layout is not None:
+            return ()
+        if self.boot_only is not None:
+            return tuple(seg for seg in self.elf.segments if seg.index in self.boot_only)
+        if self.kernel_base is None:
             return ()
         return tuple(seg for seg in self.elf.segments if seg.memsz and seg.vaddr == seg.paddr)
 

@@ -13,7 +13,7 @@ Options: --kgen-config, --kgen-arch, --kgen-out, --kgen-kernel, --kgen-accel, --
 with --kgen-kernel how to boot it and when to look: --kgen-ready, --kgen-ready-symbol, --kgen-ready-after,
 --kgen-ready-at, --kgen-ready-vga,
 --kgen-boot-timeout, --kgen-memory, --kgen-append,
---kgen-module, --kgen-qemu-arg, --kgen-address-spaces (the page-table checks take `kgen_space` and run once per
+--kgen-module, --kgen-qemu-arg, --kgen-boot-only-segment, --kgen-address-spaces (the page-table checks take `kgen_space` and run once per
 address space the kernel lists; `space_view(live, kgen_space)` is the machine seen through it); --kgen-json FILE
 writes the results as JSON (kgen/harness/jsonreport.py).
 
@@ -56,6 +56,9 @@ def pytest_addoption(parser):
                     help="with --kgen-kernel: a Multiboot module (QEMU -initrd), with its command line; repeatable")
     group.addoption("--kgen-qemu-arg", action="append", default=[], metavar="ARGS",
                     help="with --kgen-kernel: more QEMU arguments, split like a shell line ('-smp 2'); repeatable")
+    group.addoption("--kgen-boot-only-segment", action="append", metavar="N", help="with --kgen-kernel: program "
+                    "header N (as readelf -l numbers them) is boot code the kernel may unmap; repeatable; `none`: no "
+                    "segment is (default: a segment linked where it is loaded in an otherwise higher-half kernel)")
     group.addoption("--kgen-accel", choices=("tcg", "kvm"), default="tcg", help="QEMU accelerator (default: tcg)")
     group.addoption("--kgen-cold-boot", action="store_true", help="boot a new machine for every test instead of "
                     "restoring a snapshot of the booted kernel (the default: one boot per kernel and worker)")
@@ -122,11 +125,22 @@ def kgen_kernel(request, tmp_path_factory):
                 opt("kgen_kernel"), opt("kgen_ready"), boot_timeout=opt("kgen_boot_timeout"),
                 memory_mib=opt("kgen_memory"), append=opt("kgen_append"), modules=opt("kgen_module"),
                 qemu_args=split_qemu_args(opt("kgen_qemu_arg")), ready_symbol=opt("kgen_ready_symbol"),
-                ready_after=opt("kgen_ready_after"), ready_at=opt("kgen_ready_at"), ready_vga=opt("kgen_ready_vga"))
+                ready_after=opt("kgen_ready_after"), ready_at=opt("kgen_ready_at"), ready_vga=opt("kgen_ready_vga"),
+                boot_only_segments=_boot_only(opt("kgen_boot_only_segment")))
         return KernelUnderTest.built(opt("kgen_config"), opt("kgen_out") or tmp_path_factory.mktemp("kgen-kernel"),
                                      opt("kgen_arch"))
     except KgenError as err:
         pytest.fail(f"kgen: cannot get the kernel under test: {err}", pytrace=False)
+
+
+def _boot_only(values: list[str] | None) -> list[int] | None:
+    """--kgen-boot-only-segment values: None when not given (the default rule), [] for `none`."""
+    if values is None:
+        return None
+    try:
+        return [int(v, 0) for v in values if v != "none"]
+    except ValueError:
+        raise pytest.UsageError(f"--kgen-boot-only-segment {values}: give program-header indices, or none") from None
 
 
 @pytest.fixture(scope="session")

@@ -60,6 +60,9 @@ class KernelUnderTest:
     ready_after: float | None = None    # seconds of unchanged page tables that count as booted
     ready_at: ReadyAt | None = None     # where the CPU is stopped the first time it gets there (a breakpoint)
     ready_vga: str | None = None        # VGA text-screen text a foreign kernel shows once booted
+    # Program-header indices of segments that are boot code (may be unmapped once the kernel runs high, not the
+    # kernel base); None: the default rule (GuestView.boot_segments).
+    boot_only_segments: tuple[int, ...] | None = None
 
     @classmethod
     def built(cls, config_path: Path | None, out_dir: Path, arch: str | None = None) -> KernelUnderTest:
@@ -76,8 +79,12 @@ class KernelUnderTest:
     def foreign(cls, elf_path: Path, ready: str | None = None, *, boot_timeout: float | None = None,
                 memory_mib: int | None = None, append: str | None = None, modules=(), qemu_args=(),
                 ready_symbol: str | None = None, ready_after: float | None = None, ready_at: str | None = None,
-                ready_vga: str | None = None) -> KernelUnderTest:
+                ready_vga: str | None = None, boot_only_segments=None) -> KernelUnderTest:
         elf = ElfInfo.load(elf_path)
+        for index in boot_only_segments or ():
+            problem = boot_only_problem(elf, index)
+            if problem is not None:
+                raise KgenError(f"{elf_path}: --boot-only-segment {index}: {problem}")
         if ready_symbol is not None and ready_symbol not in elf.symbols:
             raise KgenError(f"{elf_path}: no symbol {ready_symbol!r} for --ready-symbol (its symbol table names "
                             "functions and labels; a stripped ELF has none)")
@@ -85,7 +92,8 @@ class KernelUnderTest:
             raise KgenError(f"{elf_path}: give one of --ready, --ready-symbol, --ready-after, --ready-at, --ready-vga")
         at = resolve_ready_at(elf, ready_at) if ready_at is not None else None
         return cls(Path(elf_path), elf, None, ready, boot_timeout or BOOT_TIMEOUT, memory_mib or 128, append,
-                   tuple(modules), tuple(qemu_args), ready_symbol, ready_after, at, ready_vga)
+                   tuple(modules), tuple(qemu_args), ready_symbol, ready_after, at, ready_vga,
+                   None if boot_only_segments is None else tuple(sorted(set(boot_only_segments))))
 
     @property
     def qemu(self) -> str:
@@ -137,6 +145,7 @@ class LiveKernel:
         if self._view is None:
             self.stop()
             self._view = GuestView.capture(self.machine, self.kernel.elf, self.kernel.layout, self.poison)
+            self._view.boot_only = self.kernel.boot_only_segments
         return self._view
 
     def write_phys(self, addr: int, data: bytes) -> None:
@@ -218,12 +227,13 @@ def wait_booted(machine, ready: str | None, timeout: float, *, symbol: str | Non
     breakpoint (`_wait_breakpoint`), the machine then left stopped exactly there. With `vga`, when the VGA text
     screen shows that text (kgen/guest/vga.py). Without any of these, when the CPU is halted with
     interrupts off (nothing can wake it: final at once, paging on or off), or halted with interrupts on and paging
-    on at the same instruction IDLE_SETTLE seconds apart (an idle loop). A final halt before the text appeared, or
-    outside the symbol, is reported at once too."""
+    on at the same instruction IDLE_SETTLE seconds apart (an idle loop). A CPU spinning on a jump to itself with
+    interrupts off (`for(;;);` at the end of a panic) is as final as that halt (`SelfJumpWatch`). A final state
+    before the text appeared, or outside the symbol, is reported at once too."""
     from kgen.arch.hw import CR0_PG
     from kgen.guest import vga as screen
     if at is not None:
-        return _wait_breakpoint(machine, resolve_ready_at(elf, at) if isinstance(at, str) else at, timeout)
+        return _wait_breakpoint(machine, resolve_ready_at(elf, at) if isinstance(at, str) else at, timeout, elf)
     if settle is not None:
         goal = f"settled (page tables unchanged for {settle:g} s)"
     elif symbol is not None:
@@ -237,6 +247,7 @@ def wait_booted(machine, ready: str | None, timeout: float, *, symbol: str | Non
     deadline = time.monotonic() + timeout
     settled: tuple[int | str, float] | None = None      # (EIP or symbol, when first seen there)
     regs = None
+    spin = SelfJumpWatch(machine, elf)
     from kgen.guest import faultloop
     next_probe = time.monotonic() + faultloop.FIRST_PROBE_AFTER
     while True:
@@ -254,16 +265,18 @@ def wait_booted(machine, ready: str | None, timeout: float, *, symbol: str | Non
         if symbol is not None:
             found = elf.symbol_at(regs.eip) if elf is not None else None
             here = symbol if found is not None and found.name == symbol else None
-        if regs.halted and not regs.eflags & EFLAGS_IF:
+        spinning = spin.sample(regs)
+        if (regs.halted or spinning) and not regs.eflags & EFLAGS_IF:
+            final = "halted with interrupts off" if regs.halted else f"is {spinning}"
             if symbol is None and ready is None and vga is None:
-                return f"halted with interrupts off, paging {paging}"     # final: nothing will change any more
+                return f"{final}, paging {paging}"     # final: nothing will change any more
             if ready is not None and ready in machine.serial:
                 return f"printed {ready!r}"
             if vga is not None and screen.shows(screen.screen_rows(machine), vga):
                 return f"showed {vga!r} on the VGA screen"
             if here is not None:
-                return f"halted in {symbol}, interrupts off, paging {paging}"
-            raise MachineError(f"the kernel halted with interrupts off (for good, paging {paging}) before "
+                return f"{'halted' if regs.halted else 'spinning'} in {symbol}, interrupts off, paging {paging}"
+            raise MachineError(f"the kernel {final} (for good, paging {paging}) before "
                                + (f"{ready!r} appeared on COM1" if ready is not None else
                                   f"{vga!r} appeared on the VGA screen" if vga is not None else f"it reached {symbol}"))
         if settle is not None:
@@ -340,7 +353,7 @@ def resolve_ready_at(elf: ElfInfo, text: str) -> ReadyAt:
     return ReadyAt(text, tuple(dict.fromkeys([sym.value, *loads])))
 
 
-def _wait_breakpoint(machine, at: ReadyAt, timeout: float) -> str:
+def _wait_breakpoint(machine, at: ReadyAt, timeout: float, elf: ElfInfo | None = None) -> str:
     """Stop the guest the first time its CPU reaches `at`, through QEMU's gdbstub (kgen/machine/gdbstub.py); return
     how it got there, leaving it stopped there (runstate "debug"), breakpoints removed and the stub hung up, so QMP
     and snapshots see a plain stopped machine. A CPU that halts for good first, a guest that dies, or the deadline
@@ -353,6 +366,7 @@ def _wait_breakpoint(machine, at: ReadyAt, timeout: float) -> str:
     stub = GdbStub(machine.gdb_socket)
     deadline = time.monotonic() + timeout
     regs = None
+    spin = SelfJumpWatch(machine, elf)
     try:
         stub.connect()
         for addr in at.addresses:
@@ -377,9 +391,10 @@ def _wait_breakpoint(machine, at: ReadyAt, timeout: float) -> str:
                 continue        # stopped at the breakpoint a moment ago: its stop reply is on the way
             regs = machine.registers()
             paging = "on" if regs.cr0 & CR0_PG else "off"
-            if regs.halted and not regs.eflags & EFLAGS_IF:
-                raise MachineError(f"the kernel halted with interrupts off (for good, paging {paging}) before the "
-                                   f"CPU reached {at}")
+            spinning = spin.sample(regs)
+            if (regs.halted or spinning) and not regs.eflags & EFLAGS_IF:
+                final = "halted with interrupts off" if regs.halted else f"is {spinning}"
+                raise MachineError(f"the kernel {final} (for good, paging {paging}) before the CPU reached {at}")
             if time.monotonic() >= deadline:
                 raise MachineError(f"the CPU did not reach {at} within {timeout:g} s (last seen: "
                                    f"{'halted' if regs.halted else 'running'}, interrupts "
@@ -398,6 +413,54 @@ def _wait_breakpoint(machine, at: ReadyAt, timeout: float) -> str:
             except (GdbStubError, MachineError, OSError):
                 pass                # QEMU is gone or wedged: the diagnosis will say so
         stub.close()
+
+
+# A jump to itself: `jmp .` as a short jump (EB, displacement -2) or a near one (E9, displacement -5 from the end of
+# its 5 bytes). With interrupts off nothing can take the CPU away from it (an NMI handler returns there).
+SHORT_SELF_JUMP = b"\xeb\xfe"
+NEAR_SELF_JUMP = b"\xe9\xfb\xff\xff\xff"
+
+
+class SelfJumpWatch:
+    """Tells a CPU spinning on a jump to itself with interrupts off, from successive register samples. The code at
+    EIP is read (through the guest's page tables) only when a sample finds the CPU running with interrupts off at the
+    same EIP and CR3 as the one before, and once per such place: a boot that moves on pays nothing."""
+
+    def __init__(self, machine, elf: ElfInfo | None):
+        self.machine = machine
+        self.elf = elf
+        self.last: tuple[int, int] | None = None
+        self.not_a_spin: set[tuple[int, int]] = set()
+
+    def sample(self, regs) -> str | None:
+        """"spinning on a jump to itself with interrupts off at <symbol>" when it is, else None."""
+        place = (regs.eip, regs.cr3) if not regs.halted and not regs.eflags & EFLAGS_IF else None
+        previous, self.last = self.last, place
+        if place is None or place != previous or place in self.not_a_spin:
+            return None
+        if not jumps_to_itself(self.machine, regs):
+            self.not_a_spin.add(place)
+            return None
+        where = (self.elf.symbolize(regs.eip) if self.elf is not None
+                 else f"{regs.eip:#0{18 if regs.long_mode else 10}x}")
+        return f"spinning on a jump to itself with interrupts off at {where}"
+
+
+def jumps_to_itself(machine, regs) -> bool:
+    """Whether the instruction at EIP (RIP) is a jump to itself, read as the CPU fetches it: through the page
+    tables in CR3 with paging on, at that physical address with paging off (a flat code segment, as Multiboot
+    leaves it). Code that cannot be read is not taken for one."""
+    from kgen.arch.hw import CR0_PG
+    from kgen.guest.invariants import GuestView
+    from kgen.guest.pagewalk import WalkError
+    try:
+        read = (GuestView(regs, machine.read_phys, None).need_walker().read_virtual if regs.cr0 & CR0_PG
+                else machine.read_phys)
+        head = read(regs.eip, len(SHORT_SELF_JUMP))
+        return head == SHORT_SELF_JUMP or (head[:1] == NEAR_SELF_JUMP[:1]
+                                           and read(regs.eip, len(NEAR_SELF_JUMP)) == NEAR_SELF_JUMP)
+    except (WalkError, MachineError, OSError, ValueError):
+        return False
 
 
 def _tables_fingerprint(machine, regs) -> tuple:
@@ -566,6 +629,9 @@ def pytest_args(args, extra: list[str]) -> list[str]:
         argv += [f"--kgen-module={Path(m.partition(',')[0]).resolve()}" + m[len(m.partition(',')[0]):]
                  for m in getattr(args, "module", None) or ()]
         argv += [f"--kgen-qemu-arg={a}" for a in getattr(args, "qemu_arg", None) or ()]
+        argv += [f"--kgen-boot-only-segment={n}" for n in getattr(args, "boot_only_segment", None) or ()]
+        if getattr(args, "boot_only_segment", None) == []:      # [foreign] boot_only_segments = []: none at all
+            argv.append("--kgen-boot-only-segment=none")
         if getattr(args, "address_spaces", None):
             argv.append(f"--kgen-address-spaces={args.address_spaces}")
     else:
@@ -667,16 +733,118 @@ def require_kvm_for(kernel: KernelUnderTest, cache_dir: Path | None) -> None:
                           "use --accel tcg")
 
 
+def boot_only_problem(elf: ElfInfo, index: int) -> str | None:
+    """Why program header `index` of `elf` cannot be a boot-only segment (out of range, not a PT_LOAD), or None."""
+    count = len(elf.program_headers)
+    if not 0 <= index < count:
+        return (f"out of range: the ELF has {count} program headers, numbered 0 to {count - 1} as `readelf -l` "
+                "shows them" if count else "the ELF has no program headers")
+    if elf.program_headers[index] != "PT_LOAD":
+        return f"program header {index} is {elf.program_headers[index]}, not a PT_LOAD segment (`readelf -l` lists them)"
+    return None
+
+
+# [foreign] key (kgen/build/config.py ForeignConfig) -> the command-line option's attribute holding the same.
+FOREIGN_OPTIONS = {"ready": "ready", "ready_at": "ready_at", "ready_symbol": "ready_symbol", "ready_vga": "ready_vga",
+                   "ready_after": "ready_after", "boot_timeout": "boot_timeout", "memory": "memory",
+                   "append": "append", "modules": "module", "qemu_args": "qemu_arg",
+                   "address_spaces": "address_spaces", "boot_only_segments": "boot_only_segment"}
+READY_KEYS = ("ready", "ready_at", "ready_symbol", "ready_vga", "ready_after")
+
+
+def apply_foreign_config(args) -> None:
+    """Give `kgen test`, `kgen run` and `kgen inspect` what the config's [foreign] table holds for a kernel under
+    test (the --config file, else ./kgen.toml): with `kernel` set and no --kernel (nor --iso or --direct), that
+    kernel is the one checked; for a kernel given either way, every option the command line left unset takes the
+    table's value (one --ready* option on the command line sets aside all the table's ready keys), and --memory
+    falls back to [foreign].memory, then to machine.memory_mib if the file sets it. A value of the table that is
+    wrong for this kernel (no such file, symbol or program header) is one line naming its key (UsageError)."""
+    from kgen.build import config as configmod
+    if getattr(args, "iso", None) is not None or getattr(args, "direct", False):
+        return      # kgen's own kernel: the table is not about it
+    config = configmod.load(args.config, args.arch)
+    foreign = config.foreign
+    if args.kernel is None and (foreign is None or foreign.kernel is None):
+        if getattr(args, "boot_only_segment", None):
+            raise UsageError("--boot-only-segment is for a kernel given with --kernel (or [foreign] kernel)")
+        return
+    from_table: dict[str, str] = {}
+    if foreign is not None:
+        if args.kernel is None:
+            args.kernel = foreign.kernel
+            from_table["kernel"] = "kernel"
+        ready_given = any(getattr(args, FOREIGN_OPTIONS[key], None) is not None for key in READY_KEYS)
+        for key, attr in FOREIGN_OPTIONS.items():
+            if key == "boot_timeout" and not hasattr(args, attr):
+                attr = "timeout"        # kgen run's name for it
+            value = getattr(foreign, key)
+            if value is None or not hasattr(args, attr) or getattr(args, attr) is not None:
+                continue
+            if key in READY_KEYS and ready_given:
+                continue
+            if key == "qemu_args":
+                import shlex
+                value = [shlex.join(value)] if value else []      # one array item, one QEMU argument
+            elif key in ("modules", "boot_only_segments"):
+                value = list(value)
+            setattr(args, attr, value)
+            from_table[key] = attr
+    if getattr(args, "memory", None) is None and "machine_memory_mib" in config.explicit:
+        args.memory = config.machine_memory_mib     # the one key of kgen's own config a foreign kernel uses
+    if from_table:
+        _check_from_table(args, foreign, from_table)
+
+
+def _check_from_table(args, foreign, from_table: dict[str, str]) -> None:
+    """The table's values that only this kernel can judge, each refused in one line naming its key."""
+    from kgen.build.config import show_value
+
+    def refuse(key: str, why: str) -> UsageError:
+        value = getattr(foreign, key)
+        shown = show_value(str(value) if key == "kernel" else list(value) if isinstance(value, tuple) else value)
+        return UsageError(f"{foreign.key(key)} = {shown}: {why}")
+
+    if "kernel" in from_table and not args.kernel.is_file():
+        raise refuse("kernel", "no such file" if not args.kernel.exists() else "not a file")
+    if "modules" in from_table:
+        for spec in foreign.modules:
+            path = spec.partition(",")[0]
+            if not Path(path).is_file():
+                raise refuse("modules", f"{path!r} is no such file")
+    if not args.kernel.is_file():
+        return          # --kernel's own check says so
+    try:
+        elf = ElfInfo.load(args.kernel)
+    except KgenError as err:
+        if "kernel" in from_table:
+            raise refuse("kernel", str(err).removeprefix(f"{args.kernel}: ")) from None
+        return          # --kernel's own check says so
+    for index in (args.boot_only_segment or ()) if "boot_only_segments" in from_table else ():
+        problem = boot_only_problem(elf, index)
+        if problem is not None:
+            raise refuse("boot_only_segments", f"{index}: {problem}")
+    if "ready_symbol" in from_table and foreign.ready_symbol not in elf.symbols:
+        raise refuse("ready_symbol", f"{elf.path.name} has no such symbol")
+    if "ready_at" in from_table:
+        try:
+            resolve_ready_at(elf, foreign.ready_at)
+        except KgenError as err:
+            raise refuse("ready_at", str(err)) from None
+    if "address_spaces" in from_table:
+        from kgen.guest.addrspaces import SpaceArray
+        try:
+            SpaceArray.parse(foreign.address_spaces, elf)
+        except KgenError as err:
+            raise refuse("address_spaces", str(err)) from None
+
+
 def foreign_kernel_from_args(args) -> KernelUnderTest:
     """The --kernel ELF and its boot and "when to look" options (`_add_foreign_boot_args` in kgen/cli.py), as
-    `kgen test --kernel` and `kgen inspect --kernel` take them: a missing file or module, or no usable ELF, is one
-    line (UsageError)."""
+    `kgen test --kernel` and `kgen inspect --kernel` take them (after `apply_foreign_config`): a missing file or
+    module, or no usable ELF, is one line (UsageError)."""
     if not args.kernel.is_file():
         raise UsageError(f"--kernel {args.kernel}: no such file" if not args.kernel.exists()
                          else f"--kernel {args.kernel}: not a file")
-    if args.config is not None and getattr(args, "memory", None) is None:
-        from kgen.build import config as configmod      # the one key of a kgen config a foreign kernel uses
-        args.memory = configmod.load(args.config, args.arch).machine_memory_mib
     check_modules(getattr(args, "module", None) or ())
     try:
         return KernelUnderTest.foreign(   # a file that is no usable ELF fails here, in one line
@@ -685,7 +853,8 @@ def foreign_kernel_from_args(args) -> KernelUnderTest:
             modules=getattr(args, "module", None) or (),
             qemu_args=split_qemu_args(getattr(args, "qemu_arg", None) or ()),
             ready_symbol=getattr(args, "ready_symbol", None), ready_after=getattr(args, "ready_after", None),
-            ready_at=getattr(args, "ready_at", None), ready_vga=getattr(args, "ready_vga", None))
+            ready_at=getattr(args, "ready_at", None), ready_vga=getattr(args, "ready_vga", None),
+            boot_only_segments=getattr(args, "boot_only_segment", None))
     except KgenError as err:
         raise UsageError(f"--kernel {err}") from None
 
