@@ -243,3 +243,21 @@ def test_code_is_read_only_when_eip_stays_put_with_interrupts_off():
     assert watch.sample(cpu(0x100000)) is None
     assert watch.sample(cpu(0x100000)) == "spinning on a jump to itself with interrupts off at 0x00100000"
     assert machine.reads == 1
+
+
+def test_a_named_boot_only_segment_is_not_the_kernel_base(zoo):
+    """A boot-only segment linked high at another offset (0x80000000 here) neither sets the kernel base nor is
+    left to the default rule; without the option it sets the base, and the default rule names no segment."""
+    import dataclasses
+    from kgen.guest.elfinfo import ElfInfo
+    from kgen.guest.invariants import GuestView
+    elf = ElfInfo.load(zoo["init"])
+    index = init_index(zoo["init"])
+    segments = tuple(dataclasses.replace(seg, vaddr=seg.paddr + 0x80000000) if seg.index == index else seg
+                     for seg in elf.segments)
+    elf = dataclasses.replace(elf, segments=segments)
+    default = GuestView(None, None, elf)
+    assert default.kernel_base == 0x80000000 and default.boot_segments == ()
+    named = GuestView(None, None, elf, boot_only=(index,))
+    assert named.kernel_base == 0xC0000000
+    assert [seg.vaddr for seg in named.boot_segments] == [0x80101000]
