@@ -7,7 +7,12 @@ other pieces prepended as `.equ` lines for GNU as; keystone gets the same names 
 drops addends, and it mis-evaluates expressions of two `.equ` names).
 
 keystone returns bytes only, so label addresses are recovered by appending `.long label` for every label and reading
-those words back off the end.
+those words back off the end. The same trick gives the address of every template line for the debugger's line table
+(kgen/build/dwarf.py): `assemble(..., line_table=True)` puts a local label `.Lkgen_line_N:` before each instruction
+or data line N (not inside a `.macro` or `.rept` body: a macro invocation line owns its whole expansion), reads those
+labels back the same way, and drops the ones that fell into an `.if` branch not taken. A label emits no bytes, so
+the bytes are the same as without them (`tests/test_asm_vs_gas.py` compares them with GNU as, which never sees the
+labels).
 
 keystone 0.9.2 mis-encodes a few instructions silently (see docs/toolchain.md). `keystone_source` rewrites
 exactly those into the bytes GNU as produces; `tests/test_asm_vs_gas.py` pins every rewrite against binutils.
@@ -21,6 +26,7 @@ the virtual addresses the symbol table shows.
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +69,7 @@ class Piece:
     bits: int = 32                        # the mode it is assembled in
     before_paging: bool = False           # 32-bit code of a 64-bit kernel: assembled at its physical address
     prelude: tuple[str, ...] = ()         # the shared macros (templates/macros.inc), assembled before the lines
+    source: str = ""                      # absolute path of the template file ("" for generated pieces)
 
     @property
     def name(self) -> str:
@@ -76,7 +83,8 @@ class Piece:
         return "\n".join(self.prelude + tuple(text for _, text in self.lines))
 
 
-def parse_unit(unit: str, text: str, arch: Arch = I386, prelude: tuple[str, ...] = ()) -> list[Piece]:
+def parse_unit(unit: str, text: str, arch: Arch = I386, prelude: tuple[str, ...] = (),
+               source: str = "") -> list[Piece]:
     """Split a template into one piece per section (and per `.code32`/`.code64` stretch); a section named twice
     continues where it left off. Word-size selectors become the architecture's registers here."""
     bodies: dict[tuple[str, int], list[tuple[int, str]]] = {}
@@ -115,7 +123,7 @@ def parse_unit(unit: str, text: str, arch: Arch = I386, prelude: tuple[str, ...]
         labels = tuple(m.group(1) for _, t in lines if (m := _LABEL_RE.match(t)))
         aligns = [int(m.group(1), 0) for _, t in lines if (m := _BALIGN_RE.match(t))]
         pieces.append(Piece(unit, section, tuple(lines), labels, max(aligns, default=4), bits,
-                            before_paging=bits < arch.keystone_mode, prelude=prelude))
+                            before_paging=bits < arch.keystone_mode, prelude=prelude, source=source))
     return pieces
 
 
@@ -132,7 +140,7 @@ def load_unit(templates: Path, unit: str, arch: Arch = I386) -> list[Piece]:
     path = templates / f"{unit}.s"
     try:
         return parse_unit(unit, path.read_text(encoding="ascii", errors="strict"), arch,
-                          load_prelude(templates, arch))
+                          load_prelude(templates, arch), source=os.path.abspath(path))
     except UnicodeDecodeError as err:
         raise AssemblyError(f"{path}: non-ASCII byte at offset {err.start}") from None
     except FileNotFoundError:
@@ -293,6 +301,56 @@ class Assembled:
     address: int
     data: bytes
     labels: dict[str, int]
+    lines: tuple[tuple[int, int], ...] = ()   # (template line, address) of each line that emits code or data
+
+
+# The local label put before template line N to learn its address; no template label starts with it.
+LINE_MARK = ".Lkgen_line_"
+# Directives that emit bytes: their lines get an address in the line table, like instructions and macro invocations.
+_DATA_DIRECTIVES = frozenset((".byte", ".word", ".short", ".long", ".int", ".quad", ".ascii", ".asciz", ".string",
+                              ".skip", ".space", ".fill", ".zero", ".incbin"))
+_BODY_OPEN, _BODY_CLOSE = frozenset((".macro", ".rept", ".irp", ".irpc")), frozenset((".endm", ".endr"))
+
+
+def _first_word(text: str) -> str:
+    label = _LABEL_RE.match(text)
+    statement = (text[label.end():] if label else text).split(None, 1)
+    return statement[0].lower() if statement else ""
+
+
+def _marked_body(piece: Piece) -> str:
+    """The piece's body with `LINE_MARK<N>:` before each line N that emits code or data, outside macro and
+    repeat bodies (a label there would be defined once per expansion)."""
+    out = list(piece.prelude)
+    depth = 0
+    for number, text in piece.lines:
+        word = _first_word(text)
+        if word in _BODY_OPEN:
+            depth += 1
+        elif word in _BODY_CLOSE:
+            depth -= 1
+        elif depth == 0 and word and (not word.startswith(".") or word in _DATA_DIRECTIVES):
+            out.append(f"{LINE_MARK}{number}:")
+        out.append(text)
+    return "\n".join(out)
+
+
+def _line_marks(source: str) -> list[tuple[int, str]]:
+    """The line labels keystone will define: those left after kgen dropped the `.if` branches not taken, and not
+    inside a block keystone decides itself (an `.if` kgen could not evaluate) or a macro body."""
+    marks, depth = [], 0
+    for line in source.splitlines():
+        stripped = line.strip()
+        if stripped.startswith(LINE_MARK):
+            if depth == 0:
+                marks.append((int(stripped[len(LINE_MARK):-1]), stripped[:-1]))
+            continue
+        word = stripped.split(None, 1)[0].lower() if stripped else ""
+        if word.startswith(".if") or word in _BODY_OPEN:
+            depth += 1
+        elif word == ".endif" or word in _BODY_CLOSE:
+            depth -= 1
+    return marks
 
 
 _KS: dict[int, object] = {}
@@ -324,21 +382,27 @@ def outside_symbols(piece: Piece, symbols: dict[str, int]) -> dict[str, int]:
     return {name: value for name, value in symbols.items() if name not in piece.labels}
 
 
-def assemble(piece: Piece, address: int, symbols: dict[str, int]) -> Assembled:
+def assemble(piece: Piece, address: int, symbols: dict[str, int], *, line_table: bool = False) -> Assembled:
     """Assemble a piece at `address` (where the CPU runs it), with `symbols` (constants and other pieces' labels)
-    visible. Label addresses come back as keystone computed them, at `address`."""
-    source = keystone_source(piece.body(), outside_symbols(piece, symbols), piece.bits)
+    visible. Label addresses come back as keystone computed them, at `address`; with `line_table`, the address
+    of each template line that emits code or data too."""
+    marked = line_table and bool(piece.source)
+    source = keystone_source(_marked_body(piece) if marked else piece.body(), outside_symbols(piece, symbols),
+                             piece.bits)
     # A label inside an `.if` branch not taken does not exist in this kernel.
     defined = [label for label in piece.labels if re.search(rf"^\s*{re.escape(label)}\s*:", source, re.MULTILINE)]
-    tail = "\n".join(f".quad {label}" for label in defined)
+    marks = _line_marks(source) if marked else []
+    tail = "\n".join(f".quad {label}" for label in defined + [mark for _, mark in marks])
     data = _ks_asm(source + "\n" + tail, address, piece.bits)
-    expected_tail = 8 * len(defined)
+    expected_tail = 8 * (len(defined) + len(marks))
     if data is None or len(data) < expected_tail:
         raise _diagnose(piece, address, symbols)
     body = data[:len(data) - expected_tail]
     words = data[len(body):]
-    labels = {label: int.from_bytes(words[8 * i:8 * i + 8], "little") for i, label in enumerate(defined)}
-    return Assembled(piece, address, body, labels)
+    values = [int.from_bytes(words[i:i + 8], "little") for i in range(0, len(words), 8)]
+    labels = dict(zip(defined, values))
+    lines = tuple(zip((number for number, _ in marks), values[len(defined):]))
+    return Assembled(piece, address, body, labels, lines)
 
 
 def _diagnose(piece: Piece, address: int, symbols: dict[str, int]) -> AssemblyError:

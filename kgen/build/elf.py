@@ -188,6 +188,11 @@ def _build(image: LinkedImage, target: ElfTarget) -> bytes:
         binary.header.section_header_offset = layout.end
         for placed in layout.sections:
             binary.add(lief.ELF.Section(placed.section.name, lief.ELF.Section.TYPE(placed.sh_type)), loaded=False)
+        for name, content in image.unloaded:
+            section = lief.ELF.Section(name, lief.ELF.Section.TYPE.PROGBITS)
+            section.content = list(content)
+            section.alignment = 1
+            binary.add(section, loaded=False)
         _add_symbols(binary, image)
         _settle(binary, image, layout, target)
         first = binary.write_to_bytes()
@@ -423,11 +428,18 @@ def _differences(elf: ELFFile, data: bytes, image: LinkedImage, layout: _Layout,
             expect(f"{name} {field}", segment[field], want)
         if data[load.offset:load.offset + load.filesz] != load.content:
             problems.append(f"{name} file contents differ from the image")
-    problems.extend(_overlaps(elf, layout))
+    problems.extend(_overlaps(elf, layout, [name for name, _ in image.unloaded]))
 
     sections = {sec.name: sec for sec in elf.iter_sections()}
     expect("section names", sorted(n for n in sections if n),
-           sorted([p.section.name for p in layout.sections] + list(_TABLES)))
+           sorted([p.section.name for p in layout.sections] + list(_TABLES) + [n for n, _ in image.unloaded]))
+    for name, content in image.unloaded:
+        sec = sections.get(name)
+        if sec is not None:
+            for field, want in (("sh_type", "SHT_PROGBITS"), ("sh_flags", 0), ("sh_addr", 0)):
+                expect(f"{name} {field}", sec[field], want)
+            if sec.data() != content:
+                problems.append(f"{name} contents differ from the image's")
     for placed in layout.sections:
         sec = sections.get(placed.section.name)
         if sec is None:
@@ -460,15 +472,15 @@ def _show(value: object) -> str:
     return hex(value) if isinstance(value, int) else repr(value)
 
 
-def _overlaps(elf: ELFFile, layout: _Layout) -> list[str]:
-    """LIEF places its tables itself; none may land on another part of the file."""
+def _overlaps(elf: ELFFile, layout: _Layout, unloaded: list[str]) -> list[str]:
+    """LIEF places its tables and the unloaded sections itself; none may land on another part of the file."""
     header = elf.header
     parts = [("the ELF header", 0, header.e_ehsize),
              ("the program header table", header.e_phoff, header.e_phnum * header.e_phentsize),
              ("the section header table", header.e_shoff, header.e_shnum * header.e_shentsize)]
     parts += [(f"segment {i}", load.offset, load.filesz) for i, load in enumerate(layout.loads)]
     parts += [(sec.name, sec["sh_offset"], sec["sh_size"]) for sec in elf.iter_sections()
-              if sec.name in _TABLES]
+              if sec.name in _TABLES or sec.name in unloaded]
     problems = []
     reach, reacher = 0, ""
     for start, end, name in sorted((start, start + size, name) for name, start, size in parts if size):

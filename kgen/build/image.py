@@ -33,6 +33,9 @@ class LinkedImage:
     entry: int                      # virtual address of the entry label (e_entry)
     sections: tuple[Section, ...]   # in address order
     symbols: tuple[Symbol, ...] = field(default=())
+    # (name, contents) of sections nothing loads, written as they are after the segments: the DWARF line table
+    # (kgen/build/dwarf.py)
+    unloaded: tuple[tuple[str, bytes], ...] = field(default=())
 
     def segments(self) -> list[list[Section]]:
         """Consecutive sections with the same permissions share one PT_LOAD segment."""

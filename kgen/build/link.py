@@ -74,8 +74,10 @@ def link(pieces: list[Piece], layout: Layout, constants: dict[str, int]) -> Link
         early = dict(visible)
         early.update({label: symbols[label] - layout.kernel_virtual_base for p in pieces if p.before_paging
                       for label in p.global_labels})
+        # Code gets the addresses of its template lines too, for the debugger's line table (kgen/build/dwarf.py).
         results: list[Assembled] = [assemble(p, _run_address(p, placed[p.name], layout),
-                                             early if p.before_paging else visible) for p in pieces]
+                                             early if p.before_paging else visible,
+                                             line_table="x" in SECTION_PERMS[p.section]) for p in pieces]
         new_sizes = {r.piece.name: len(r.data) for r in results}
         new_symbols = {label: addr + placed[r.piece.name] - r.address for r in results
                        for label, addr in r.labels.items() if not label.startswith(".L")}
@@ -88,7 +90,12 @@ def link(pieces: list[Piece], layout: Layout, constants: dict[str, int]) -> Link
 
 def _run_address(piece: Piece, vaddr: int, layout: Layout) -> int:
     """Where the CPU runs the piece: its virtual address, or its physical one for code that runs before paging."""
-    return vaddr - layout.kernel_virtual_base if piece.before_paging else vaddr
+    return vaddr - link_offset(piece, layout)
+
+
+def link_offset(piece: Piece, layout: Layout) -> int:
+    """What moves an address the piece was assembled at to where the ELF links it (as its symbols are)."""
+    return layout.kernel_virtual_base if piece.before_paging else 0
 
 
 def _place(by_section: dict[str, list[Piece]], sizes: dict[str, int], layout: Layout):

@@ -18,7 +18,7 @@ from pathlib import Path
 from kgen.build import asm
 from kgen.errors import ConfigError, ImageTooLarge, UsageError
 
-from kgen.build import link
+from kgen.build import dwarf, link
 from kgen.build.config import Config
 from kgen.build.image import LinkedImage
 from kgen.build.layout import Layout, compute
@@ -77,7 +77,9 @@ def kernel_pieces(layout: Layout, templates: Path | None = None) -> list[asm.Pie
 def link_kernel(config: Config) -> Kernel:
     layout = compute(config)
     try:
-        return Kernel(layout, link.link(kernel_pieces(layout), layout, layout.asm_constants()))
+        linked = link.link(kernel_pieces(layout), layout, layout.asm_constants())
+        # gdb's source lines: the DWARF line table of the templates' code (kgen/build/dwarf.py)
+        return Kernel(layout, dwarf.with_line_table(linked, layout, str(templates_dir())))
     except ImageTooLarge as err:
         page = 0x1000
         raise ConfigError(f"{config.source}: kernel.max_size = {err.limit:#x}: the kernel image needs {err.needed:#x} "
