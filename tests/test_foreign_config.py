@@ -213,9 +213,9 @@ class FakeMachine:
         return b"\0" * size
 
 
-def cpu(eip: int, *, halted: bool = False, interrupts: bool = False):
+def cpu(eip: int, *, halted: bool = False, interrupts: bool = False, ring: int = 0):
     return SimpleNamespace(eip=eip, cr3=0, cr0=0x11, halted=halted, eflags=0x202 if interrupts else 0x2,
-                           long_mode=False)
+                           long_mode=False, cpl=ring, cs=0x1b if ring else 0x08)
 
 
 @pytest.mark.parametrize("code, spins", [
@@ -239,6 +239,8 @@ def test_code_is_read_only_when_eip_stays_put_with_interrupts_off():
     assert watch.sample(cpu(0x100000, interrupts=True)) is None
     assert watch.sample(cpu(0x100000, interrupts=True)) is None     # interrupts on: not final, nothing read
     assert watch.sample(cpu(0x100000, halted=True)) is None
+    assert watch.sample(cpu(0x100000, ring=3)) is None
+    assert watch.sample(cpu(0x100000, ring=3)) is None         # a process spinning: the kernel lost control, a hang
     assert machine.reads == 0
     assert watch.sample(cpu(0x100000)) is None
     assert watch.sample(cpu(0x100000)) == "spinning on a jump to itself with interrupts off at 0x00100000"

@@ -416,15 +416,17 @@ def _wait_breakpoint(machine, at: ReadyAt, timeout: float, elf: ElfInfo | None =
 
 
 # A jump to itself: `jmp .` as a short jump (EB, displacement -2) or a near one (E9, displacement -5 from the end of
-# its 5 bytes). With interrupts off nothing can take the CPU away from it (an NMI handler returns there).
+# its 5 bytes). With interrupts off nothing can take the CPU away from it (an NMI handler returns there). Only the
+# kernel's own (ring 0, as `for(;;);` ends a panic) counts as it stopping: a process spinning in ring 3 with
+# interrupts off is a kernel that lost control, reported as the hang it is.
 SHORT_SELF_JUMP = b"\xeb\xfe"
 NEAR_SELF_JUMP = b"\xe9\xfb\xff\xff\xff"
 
 
 class SelfJumpWatch:
-    """Tells a CPU spinning on a jump to itself with interrupts off, from successive register samples. The code at
-    EIP is read (through the guest's page tables) only when a sample finds the CPU running with interrupts off at the
-    same EIP and CR3 as the one before, and once per such place: a boot that moves on pays nothing."""
+    """Tells a CPU spinning in ring 0 on a jump to itself with interrupts off, from successive register samples. The
+    code at EIP is read (through the guest's page tables) only when a sample finds the CPU running with interrupts off
+    at the same EIP and CR3 as the one before, and once per such place: a boot that moves on pays nothing."""
 
     def __init__(self, machine, elf: ElfInfo | None):
         self.machine = machine
@@ -434,7 +436,8 @@ class SelfJumpWatch:
 
     def sample(self, regs) -> str | None:
         """"spinning on a jump to itself with interrupts off at <symbol>" when it is, else None."""
-        place = (regs.eip, regs.cr3) if not regs.halted and not regs.eflags & EFLAGS_IF else None
+        ring = regs.cpl if regs.cpl is not None else regs.cs & 3
+        place = (regs.eip, regs.cr3) if not regs.halted and not regs.eflags & EFLAGS_IF and ring == 0 else None
         previous, self.last = self.last, place
         if place is None or place != previous or place in self.not_a_spin:
             return None
