@@ -643,6 +643,7 @@ SECTIONS {
 
 
 def init_spin(out: Path, name: str, *, spin: int = 0, needs_mib: int = 0) -> Path:
-    """The kernel above: `spin` 0 (halts), 1 (`jmp .` short) or 2 (`jmp .` near); `needs_mib` MiB or it triple-faults."""
+    """The kernel above: `spin` 0 (halts), 1 (`jmp .` short) or 2 (`jmp .` near); below `needs_mib` MiB it
+    triple-faults."""
     return build(out, name, INIT_SPIN.replace("@READY@", INIT_SPIN_READY.replace("\n", "\\n")), INIT_SPIN_LDS,
                  SPIN=spin, NEEDS_MIB=needs_mib)

@@ -29,7 +29,8 @@ SEGMENTS = "test_elf_segments_map_vaddr_to_paddr_no_wider_than_their_flags"
 def zoo(tmp_path_factory):
     out = tmp_path_factory.mktemp("config-zoo")
     return {"big": minikernels.init_spin(out, "big", needs_mib=256), "init": minikernels.init_spin(out, "init"),
-            "spin": minikernels.init_spin(out, "spin", spin=1), "spin-near": minikernels.init_spin(out, "spin-near", spin=2)}
+            "spin": minikernels.init_spin(out, "spin", spin=1),
+            "spin-near": minikernels.init_spin(out, "spin-near", spin=2)}
 
 
 def init_index(elf_path: Path) -> int:
@@ -191,8 +192,8 @@ def test_a_spin_with_interrupts_off_is_final_at_once(zoo, tmp_path, name):
     test = kgen("test", "--kernel", str(zoo[name]), "--ready", "never printed", "--boot-timeout", "600", "-j", "1",
                 cwd=tmp_path, timeout=240)
     assert test.returncode == 1, test.stderr
-    assert ("the kernel is spinning on a jump to itself with interrupts off at 0xc01000d2 <spin_here> "
-            "(for good, paging on) before 'never printed' appeared on COM1") in test.stderr.splitlines()[-1], test.stderr
+    assert ("the kernel is spinning on a jump to itself with interrupts off at 0xc01000d2 <spin_here> (for good, "
+            "paging on) before 'never printed' appeared on COM1") in test.stderr.splitlines()[-1], test.stderr
     run = kgen("run", "--kernel", str(zoo[name]), "--boot-timeout", "600", cwd=tmp_path, timeout=240)
     assert run.returncode == 0, run.stderr
     assert ("kgen: halted: the kernel is spinning on a jump to itself with interrupts off at 0xc01000d2 <spin_here>, "

@@ -11,11 +11,10 @@ Fixtures: `kgen_kernel` (session: elf_path, elf, layout), `kgen_layout` (skips u
 probe boot under KVM), `kgen_accel`; `kgen_boot(kernel, accel)` and `assert_holds(check, view)` for your own.
 Options: --kgen-config, --kgen-arch, --kgen-out, --kgen-kernel, --kgen-accel, --kgen-cold-boot; for a kernel given
 with --kgen-kernel how to boot it and when to look: --kgen-ready, --kgen-ready-symbol, --kgen-ready-after,
---kgen-ready-at, --kgen-ready-vga,
---kgen-boot-timeout, --kgen-memory, --kgen-append,
---kgen-module, --kgen-qemu-arg, --kgen-boot-only-segment, --kgen-address-spaces (the page-table checks take `kgen_space` and run once per
-address space the kernel lists; `space_view(live, kgen_space)` is the machine seen through it); --kgen-json FILE
-writes the results as JSON (kgen/harness/jsonreport.py).
+--kgen-ready-at, --kgen-ready-vga, --kgen-boot-timeout, --kgen-memory, --kgen-append, --kgen-module, --kgen-qemu-arg,
+--kgen-boot-only-segment, --kgen-address-spaces (the page-table checks take `kgen_space` and run once per address
+space the kernel lists; `space_view(live, kgen_space)` is the machine seen through it); --kgen-json FILE writes the
+results as JSON (kgen/harness/jsonreport.py).
 
 Every machine a fixture hands out is as a cold boot leaves it, but only the first per kernel is booted: the
 others are restored from a snapshot of it (kgen/machine/snapshot.py), unless --kgen-cold-boot.

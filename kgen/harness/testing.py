@@ -743,7 +743,8 @@ def boot_only_problem(elf: ElfInfo, index: int) -> str | None:
         return (f"out of range: the ELF has {count} program headers, numbered 0 to {count - 1} as `readelf -l` "
                 "shows them" if count else "the ELF has no program headers")
     if elf.program_headers[index] != "PT_LOAD":
-        return f"program header {index} is {elf.program_headers[index]}, not a PT_LOAD segment (`readelf -l` lists them)"
+        return (f"program header {index} is {elf.program_headers[index]}, not a PT_LOAD segment (`readelf -l` "
+                "lists them)")
     return None
 
 
@@ -771,11 +772,11 @@ def apply_foreign_config(args) -> None:
         if getattr(args, "boot_only_segment", None):
             raise UsageError("--boot-only-segment is for a kernel given with --kernel (or [foreign] kernel)")
         return
-    from_table: dict[str, str] = {}
+    from_table: set[str] = set()     # the keys whose values the table gave
     if foreign is not None:
         if args.kernel is None:
             args.kernel = foreign.kernel
-            from_table["kernel"] = "kernel"
+            from_table.add("kernel")
         ready_given = any(getattr(args, FOREIGN_OPTIONS[key], None) is not None for key in READY_KEYS)
         for key, attr in FOREIGN_OPTIONS.items():
             if key == "boot_timeout" and not hasattr(args, attr):
@@ -791,14 +792,14 @@ def apply_foreign_config(args) -> None:
             elif key in ("modules", "boot_only_segments"):
                 value = list(value)
             setattr(args, attr, value)
-            from_table[key] = attr
+            from_table.add(key)
     if getattr(args, "memory", None) is None and "machine_memory_mib" in config.explicit:
         args.memory = config.machine_memory_mib     # the one key of kgen's own config a foreign kernel uses
     if from_table:
         _check_from_table(args, foreign, from_table)
 
 
-def _check_from_table(args, foreign, from_table: dict[str, str]) -> None:
+def _check_from_table(args, foreign, from_table: set[str]) -> None:
     """The table's values that only this kernel can judge, each refused in one line naming its key."""
     from kgen.build.config import show_value
 
