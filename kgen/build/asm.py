@@ -41,6 +41,12 @@ _LABEL_RE = re.compile(r"^\s*([A-Za-z_][\w]*|\.L\w+)\s*:")
 _SECTION_RE = re.compile(r"^\s*\.section\s+(\S+)\s*$")
 _BALIGN_RE = re.compile(r"^\s*\.balign\s+(0x[0-9a-fA-F]+|\d+)")
 _CODE_RE = re.compile(r"^\s*\.code(32|64)\s*$")
+# The local label put before template line N to learn its address; no template label starts with it.
+LINE_MARK = ".Lkgen_line_"
+# Directives that emit bytes: their lines get an address in the line table, like instructions and macro invocations.
+_DATA_DIRECTIVES = frozenset((".byte", ".word", ".short", ".long", ".int", ".quad", ".ascii", ".asciz", ".string",
+                              ".skip", ".space", ".fill", ".zero", ".incbin"))
+_BODY_OPEN, _BODY_CLOSE = frozenset((".macro", ".rept", ".irp", ".irpc")), frozenset((".endm", ".endr"))
 
 
 def strip_comment(line: str) -> str:
@@ -240,9 +246,11 @@ def keystone_source(body: str, symbols: dict[str, int] | None = None, bits: int 
     if symbols:
         names = re.compile(r"(?<![\w.$\\])(" + "|".join(sorted(map(re.escape, symbols), key=len, reverse=True))
                            + r")(?![\w$])")
-        lines = [_outside_strings(line, lambda text: names.sub(lambda m: f"{symbols[m.group(1)]:#x}", text))
+        lines = [line if line.startswith(LINE_MARK)     # a line label (assemble): nothing to replace
+                 else _outside_strings(line, lambda text: names.sub(lambda m: f"{symbols[m.group(1)]:#x}", text))
                  for line in lines]
-    return "\n".join(keystone_line(line, bits) for line in _resolve_conditionals(lines))
+    return "\n".join(line if line.startswith(LINE_MARK) else keystone_line(line, bits)
+                     for line in _resolve_conditionals(lines))
 
 
 def _resolve_conditionals(lines: list[str]) -> list[str]:
@@ -304,14 +312,6 @@ class Assembled:
     lines: tuple[tuple[int, int], ...] = ()   # (template line, address) of each line that emits code or data
 
 
-# The local label put before template line N to learn its address; no template label starts with it.
-LINE_MARK = ".Lkgen_line_"
-# Directives that emit bytes: their lines get an address in the line table, like instructions and macro invocations.
-_DATA_DIRECTIVES = frozenset((".byte", ".word", ".short", ".long", ".int", ".quad", ".ascii", ".asciz", ".string",
-                              ".skip", ".space", ".fill", ".zero", ".incbin"))
-_BODY_OPEN, _BODY_CLOSE = frozenset((".macro", ".rept", ".irp", ".irpc")), frozenset((".endm", ".endr"))
-
-
 def _first_word(text: str) -> str:
     label = _LABEL_RE.match(text)
     statement = (text[label.end():] if label else text).split(None, 1)
@@ -335,9 +335,12 @@ def _marked_body(piece: Piece) -> str:
     return "\n".join(out)
 
 
-def _line_marks(source: str) -> list[tuple[int, str]]:
-    """The line labels keystone will define: those left after kgen dropped the `.if` branches not taken, and not
-    inside a block keystone decides itself (an `.if` kgen could not evaluate) or a macro body."""
+def _defined_labels(source: str) -> tuple[set[str], list[tuple[int, str]]]:
+    """The labels keystone will see defined (those of an `.if` branch not taken are gone), and the line labels
+    among them that are sure to be defined once: not inside a block keystone decides itself (an `.if` kgen could
+    not evaluate) or a macro body. One pass over the source: a regular expression per label costs more than the
+    assembly."""
+    labels: set[str] = set()
     marks, depth = [], 0
     for line in source.splitlines():
         stripped = line.strip()
@@ -345,12 +348,15 @@ def _line_marks(source: str) -> list[tuple[int, str]]:
             if depth == 0:
                 marks.append((int(stripped[len(LINE_MARK):-1]), stripped[:-1]))
             continue
-        word = stripped.split(None, 1)[0].lower() if stripped else ""
+        label = _LABEL_RE.match(line)
+        if label:
+            labels.add(label.group(1))
+        word = _first_word(stripped)
         if word.startswith(".if") or word in _BODY_OPEN:
             depth += 1
         elif word == ".endif" or word in _BODY_CLOSE:
             depth -= 1
-    return marks
+    return labels, marks
 
 
 _KS: dict[int, object] = {}
@@ -390,8 +396,8 @@ def assemble(piece: Piece, address: int, symbols: dict[str, int], *, line_table:
     source = keystone_source(_marked_body(piece) if marked else piece.body(), outside_symbols(piece, symbols),
                              piece.bits)
     # A label inside an `.if` branch not taken does not exist in this kernel.
-    defined = [label for label in piece.labels if re.search(rf"^\s*{re.escape(label)}\s*:", source, re.MULTILINE)]
-    marks = _line_marks(source) if marked else []
+    present, marks = _defined_labels(source)
+    defined = [label for label in piece.labels if label in present]
     tail = "\n".join(f".quad {label}" for label in defined + [mark for _, mark in marks])
     data = _ks_asm(source + "\n" + tail, address, piece.bits)
     expected_tail = 8 * (len(defined) + len(marks))
