@@ -165,7 +165,8 @@ def debug(args, extra: list[str]) -> int:
     config_file = _config_file(args) if kgen_arch is not None else None
     recipe = gdb_command_line(args.gdb if gdb is None else gdb, Path(elf_path), port, kgen_arch, config_file)
     try:
-        _launch(machine, elf_path if args.kernel is not None else None)
+        from kgen.harness.testing import launch_refusing
+        launch_refusing(machine, elf_path if args.kernel is not None else None)
         print(f"kgen: QEMU (pid {machine.pid}) holds the kernel at its first instruction; gdbstub on "
               f"{GDB_HOST}:{port}", file=sys.stderr)
         if args.accel == "kvm":
@@ -183,22 +184,6 @@ def debug(args, extra: list[str]) -> int:
     what = f"signal {-status}" if status < 0 else f"status {status}"
     print(f"kgen: error: gdb ended with {what}", file=sys.stderr)
     return EXIT_INTERNAL
-
-
-def _launch(machine, foreign_elf: Path | None) -> None:
-    """Start QEMU; a --kernel QEMU refuses is the user's input, said in one line as kgen run says it."""
-    from kgen.errors import MachineError
-    try:
-        machine.launch()
-    except MachineError as err:
-        from kgen.guest.elfinfo import ElfInfo
-        from kgen.harness.testing import multiboot_problem, qemu_refusal
-        refusal = qemu_refusal(err)
-        if refusal is None or foreign_elf is None:
-            raise
-        problem = multiboot_problem(ElfInfo.load(foreign_elf))
-        raise UsageError(f"--kernel {foreign_elf}: " + (f"{problem}; " if problem else "")
-                         + f"QEMU refused to boot it: {refusal}") from None
 
 
 def _terminal() -> int | None:

@@ -123,16 +123,8 @@ def run(args) -> int:
     held = dict(gdbstub=True, start_paused=True) if at is not None else {}
     machine = Machine(**target, accel=args.accel, memory_mib=layout.memory_mib, echo_serial=True, icount=icount,
                       debug_exit_port=layout.debug_exit_port, qemu=qemu, extra_args=extra_args, **held)
-    try:
-        machine.launch()
-    except MachineError as err:
-        from kgen.harness.testing import multiboot_problem, qemu_refusal
-        refusal = qemu_refusal(err)
-        if refusal is None or elf is None:
-            raise
-        problem = multiboot_problem(elf)
-        raise UsageError(f"--kernel {elf_path}: " + (f"{problem}; " if problem else "")
-                         + f"QEMU refused to boot it: {refusal}") from None
+    from kgen.harness.testing import launch_refusing
+    launch_refusing(machine, elf_path if elf is not None else None, elf)
     with _shut_down_after(machine):
         try:
             if args.kernel is not None:
