@@ -37,6 +37,11 @@ class KernelSession:
         def serve(machine) -> None:
             try:
                 machine.wait_for(SERVING_MARKER, BOOT_TIMEOUT)
+                # Ready means idle in the call loop's hlt (templates/calls.s), not just "the marker was seen": the
+                # kernel is then still printing the line's end on its way there, for milliseconds on a busy host.
+                # At the hlt every session starts at the same instruction, booted or restored (its snapshot is
+                # saved there), and an idle kernel changes no memory while a test reads it.
+                machine.wait_halted(BOOT_TIMEOUT)
             except MachineError as err:
                 raise RunFailed(explain(machine, self.elf, err)) from err
 

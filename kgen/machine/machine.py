@@ -44,6 +44,7 @@ QEMU_PACKAGE = "qemu-system-x86"
 START_TIMEOUT = 10.0       # QEMU up to its chardev connections and QMP greeting; it takes ~0.05 s
 QUIT_GRACE = 2.0           # after QMP quit, before kill -9
 RUNSTATE_POLL = 0.1        # how often wait_* asks QMP whether the guest stopped for good
+HALT_POLL = 0.002          # how often wait_halted looks again; the hlt is usually microseconds away
 SNAPSHOT_NAME = "kgen"     # the one internal snapshot in a machine's snapshot image
 
 # Runstates from which the guest produces no more output and QEMU does not exit by itself (-no-shutdown keeps it
@@ -440,6 +441,21 @@ class Machine:
                 raise self._error("wait", f"{marker!r} did not appear on COM1 within {timeout:g} s "
                                           f"(runstate {self.status()})")
             self._serial.wait(min(deadline - now, RUNSTATE_POLL))
+
+    def wait_halted(self, timeout: float) -> None:
+        """Wait until CPU 0 sleeps in `hlt` (waiting for an interrupt); fails early as `wait_for` does.
+
+        Output seen on COM1 means the guest has passed that `out`, not where it is now: on a busy host QEMU's CPU
+        thread may still be a few instructions short of the `hlt` that follows."""
+        self._require_launched("wait")
+        deadline = time.monotonic() + timeout
+        while not self.registers().halted:
+            ended = self._dead_end()
+            if ended:
+                raise self._error("wait", f"the CPU did not reach hlt: {ended}")
+            if time.monotonic() >= deadline:
+                raise self._error("wait", f"the CPU did not reach hlt within {timeout:g} s")
+            time.sleep(HALT_POLL)
 
     def wait_exit(self, timeout: float) -> int:
         """Wait for QEMU to exit and return its status (`isa-debug-exit` gives `(value << 1) | 1`)."""

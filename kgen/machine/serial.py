@@ -24,12 +24,12 @@ class SerialLog:
         self._cond = threading.Condition()
         self._eof = threading.Event()
         self._closing = False
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         sock.setblocking(False)
         self._thread = threading.Thread(target=self._pump, name="kgen-com1", daemon=True)
         self._thread.start()
 
     def _pump(self) -> None:
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
         try:
             while not self._closing:
                 try:
@@ -46,16 +46,19 @@ class SerialLog:
                         break
                     self._buffer += data
                     self._cond.notify_all()
-                if self.echo:
-                    try:
-                        sys.stdout.write(decoder.decode(data))
-                        sys.stdout.flush()
-                    except (OSError, ValueError):
-                        self.echo = False   # stdout went away (`| head`): keep reading, stop echoing
+                self._echo(data)
         finally:
             self._eof.set()
             with self._cond:
                 self._cond.notify_all()
+
+    def _echo(self, data: bytes) -> None:
+        if self.echo:
+            try:
+                sys.stdout.write(self._decoder.decode(data))
+                sys.stdout.flush()
+            except (OSError, ValueError):
+                self.echo = False   # stdout went away (`| head`): keep reading, stop echoing
 
     def _recv_nowait(self) -> bytes | None:
         """Bytes waiting in the socket, b"" at end of stream, None if none are there right now."""
@@ -99,8 +102,20 @@ class SerialLog:
     # --- snapshots -----------------------------------------------------------------------------------------------
 
     def state(self) -> tuple[bytes, int]:
+        """The text and cursor to restore later. Call with the guest stopped: what QEMU wrote before the stop may
+        still be in the socket, not yet read by the thread (a busy host runs it late), and it belongs to this
+        state; `reset()` would otherwise drop it, and a restored machine would lack bytes its guest has written."""
+        late = bytearray()
         with self._cond:
-            return bytes(self._buffer), self._cursor
+            while data := self._recv_nowait():
+                late += data
+            if late:
+                self._buffer += late
+                self._cond.notify_all()
+            state = bytes(self._buffer), self._cursor
+        if late:
+            self._echo(bytes(late))
+        return state
 
     def reset(self, state: tuple[bytes, int]) -> None:
         """Drop what the socket still holds and make the buffer `state` (from `state()`). Call with the guest
