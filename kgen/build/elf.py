@@ -387,6 +387,13 @@ def _settle(binary: lief.ELF.Binary, image: LinkedImage, layout: _Layout, target
         index = binary.get_section_idx(image.symbol(entry.name).section) if entry.name else 0
         if isinstance(index, int):     # else a lief_errors value, and _verify reports the st_shndx left behind
             entry.shndx = index
+    # LIEF writes `.shstrtab` with sh_addralign 0. GRUB 2.06 copies every section with sh_addr 0 into memory for
+    # the Multiboot information and aligns it up to sh_addralign: to 0 for 0, so `.shstrtab` lands at physical 0
+    # over the real-mode interrupt vectors, and once the names reach vector 0x10 (0x40) the BIOS calls GRUB still
+    # makes hang the boot (they did with the DWARF sections' names).
+    names = binary.get_section(".shstrtab")
+    if names is not None:
+        names.alignment = 1
     binary.header.entrypoint = image.entry
 
 
@@ -433,6 +440,8 @@ def _differences(elf: ELFFile, data: bytes, image: LinkedImage, layout: _Layout,
     sections = {sec.name: sec for sec in elf.iter_sections()}
     expect("section names", sorted(n for n in sections if n),
            sorted([p.section.name for p in layout.sections] + list(_TABLES) + [n for n, _ in image.unloaded]))
+    if ".shstrtab" in sections:
+        expect(".shstrtab sh_addralign", sections[".shstrtab"]["sh_addralign"], 1)
     for name, content in image.unloaded:
         sec = sections.get(name)
         if sec is not None:

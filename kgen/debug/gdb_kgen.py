@@ -184,8 +184,9 @@ def free_lines(view, shown: int | None) -> list[str]:
 
 def source_lines(elf, layout, addr: int) -> list[str]:
     """kgen-src's output: the template text of the function holding `addr` (linked or load address), from the
-    comment block above its label to the next global label, with file and line numbers. kgen's ELF has no DWARF
-    line table, so this names the function's source, not the line of one instruction."""
+    comment block above its label to the next global label, with file and line numbers. gdb's own `list` and
+    `info line` give the line of one instruction (the ELF's DWARF line table, kgen/build/dwarf.py); this gives the
+    whole function with the comment that explains it."""
     from kgen.build import asm
     from kgen.build.pipeline import kernel_units
     from kgen.build.resources import templates_dir
