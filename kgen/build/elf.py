@@ -29,6 +29,9 @@ What LIEF would get wrong, and what is done instead:
   behind the added sections) without renumbering st_shndx. So LIEF re-parses its own output and the planned
   fields are set once more: nothing is appended the second time, and the indices are final.
 
+Sections nothing loads (`LinkedImage.unloaded`: the DWARF line table of kgen/build/dwarf.py) go to LIEF with their
+contents and are placed by it after the segments' data, like its own tables; they change no segment.
+
 Nothing LIEF produces is trusted: pyelftools, an independent reader, compares the bytes with the plan field by
 field (by name, so one comparison serves both classes), and only a verified image reaches the disk (a temporary
 file in the same directory, then `os.replace`).
