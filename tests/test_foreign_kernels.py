@@ -591,3 +591,27 @@ def test_a_size_zero_symbol_names_no_address_outside_its_section(kernels):
     assert mark.value < KBASE <= elf.symbols["higher_half"].value
     assert "__text_phys_end" not in elf.symbolize(mark.value + 0x10)
     assert "__text_phys_end" not in elf.symbolize(elf.symbols["ready"].value)
+
+
+def test_a_disk_image_stays_the_users_under_parallel_machines_and_snapshots(kernels, tmp_path):
+    """`--qemu-arg '-drive file=fs.img,...'` (xv6 boots this way) under kgen test: every disk is opened snapshot=on,
+    so two machines hold the image at once (QEMU refuses a second writer otherwise), the booted machine can be
+    saved for restores (a raw image cannot hold a snapshot) and what the guest writes never reaches the file."""
+    import warnings
+    from kgen.harness.testing import KernelUnderTest, boot
+    from kgen.machine.snapshot import SnapshotWarning
+    disk = tmp_path / "fs.img"
+    original = bytes(range(256)) * 4096
+    disk.write_bytes(original)
+    kernel = KernelUnderTest.foreign(kernels["hhbb"], qemu_args=(
+        "-drive", f"file={disk},index=1,media=disk,format=raw", "-hdc", str(disk)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SnapshotWarning)
+        with boot(kernel, cold=False) as saved, boot(kernel, cold=True) as other:
+            for live in (saved, other):
+                for device in ("ide0-hd1", "ide1-hd0"):
+                    live.machine.hmp(f'qemu-io {device} "write -P 0x5a 0 4096"')
+                # qemu-io reports on QEMU's stdout, which the machine logs.
+                log = (live.machine.tmpdir / "qemu.log").read_text()
+                assert log.count("wrote 4096/4096 bytes") == 2, log
+    assert disk.read_bytes() == original

@@ -16,6 +16,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -110,7 +111,7 @@ class KernelUnderTest:
 
     def machine_options(self, accel: str, poison: bytes | None) -> dict:
         """Machine(...) arguments booting this foreign kernel as the user asked."""
-        extra = list(initrd_args(self.modules)) + list(self.qemu_args)
+        extra = list(initrd_args(self.modules)) + list(drives_copy_on_write(self.qemu_args))
         # --ready-at: held at the first instruction (-S) with the gdbstub up, so the breakpoint is in before the
         # CPU runs anything (a symbol in the boot code is passed within microseconds).
         at = dict(gdbstub=True, start_paused=True) if self.ready_at is not None else {}
@@ -533,6 +534,36 @@ def initrd_args(modules) -> tuple[str, ...]:
         path, _, args = spec.partition(",")
         parts.append(f"{Path(path).resolve()} {args.replace(',', ',,')}".rstrip())
     return ("-initrd", ",".join(parts))
+
+
+# -hda FILE is QEMU's short form of a -drive at that IDE index.
+_SHORT_DRIVES = {"-hda": 0, "-hdb": 1, "-hdc": 2, "-hdd": 3}
+
+
+def drives_copy_on_write(args) -> tuple[str, ...]:
+    """The user's QEMU arguments with every disk (-drive, -hda..-hdd) opened `snapshot=on`: the guest's writes go to
+    a temporary overlay, never into the user's image. Under `kgen test` that is what makes a kernel with a disk
+    testable: each test starts from the same disk, the parallel machines do not fight over the image's write lock
+    (QEMU refuses a second writer), and the overlay is a qcow2, so `savevm` can snapshot the booted machine (a raw
+    image cannot). `kgen run` passes the arguments as given: there the guest's writes are the user's to keep."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg in ("-drive", "--drive") and i + 1 < len(args):
+            spec = args[i + 1]
+            if not re.search(r"(?:^|,)snapshot=", spec):
+                spec += ",snapshot=on"
+            out += [arg, spec]
+            i += 2
+        elif arg in _SHORT_DRIVES and i + 1 < len(args):
+            path = args[i + 1].replace(",", ",,")       # QEMU's escape for a comma inside an option value
+            out += ["-drive", f"file={path},index={_SHORT_DRIVES[arg]},media=disk,snapshot=on"]
+            i += 2
+        else:
+            out.append(arg)
+            i += 1
+    return tuple(out)
 
 
 def split_qemu_args(lines) -> tuple[str, ...]:
