@@ -260,3 +260,18 @@ def test_workarounds_are_needed():
     assert asm._ks_asm("mov rcx, [0xffffffff80101234]", HIGH, 64) == bytes.fromhex("488b0d34121080")
     assert asm._ks_asm("push offset 0xffffffff80100040", HIGH, 64) is None
     assert asm._ks_asm("iret", HIGH, 64) == b"\x66\xcf"
+
+
+@pytest.mark.parametrize("symbols", [
+    {"foo": 0x10, ".Lx": 0x20, "FOO_BAR": 0x30},
+    {"foo": 0x10, ".Lx": 0x20, "FOO_BAR": 0x30, "odd.name": 0x40},     # a dotted name: the alternation path
+])
+def test_names_become_values_only_as_whole_words_outside_strings(symbols):
+    body = "\n".join(["mov eax, foo", "mov eax, [FOO_BAR + foo*4]", "jmp .Lx", "mov eax, foobar", "mov eax, x.foo",
+                      "mov eax, foo$", '.ascii "foo"', "mov eax, $foo", "call FOO_BARE", "jmp .", "push \\foo"])
+    lines = asm.keystone_source(body, symbols).splitlines()
+    assert lines[:4] == ["mov eax, 0x10", "mov eax, [0x30 + 0x10*4]", "jmp 0x20", "mov eax, foobar"]
+    assert lines[4:] == ["mov eax, x.foo", "mov eax, foo$", '.ascii "foo"', "mov eax, $foo", "call FOO_BARE", "jmp .",
+                         "push \\foo"]      # a macro's parameter, not the symbol
+    if "odd.name" in symbols:
+        assert asm.keystone_source("push odd.name", symbols) == "push 0x40"

@@ -244,13 +244,33 @@ def keystone_source(body: str, symbols: dict[str, int] | None = None, bits: int 
     """
     lines = body.splitlines()
     if symbols:
-        names = re.compile(r"(?<![\w.$\\])(" + "|".join(sorted(map(re.escape, symbols), key=len, reverse=True))
-                           + r")(?![\w$])")
+        names, value = _name_pattern(symbols)
         lines = [line if line.startswith(LINE_MARK)     # a line label (assemble): nothing to replace
-                 else _outside_strings(line, lambda text: names.sub(lambda m: f"{symbols[m.group(1)]:#x}", text))
+                 else _outside_strings(line, lambda text: names.sub(value, text))
                  for line in lines]
     return "\n".join(line if line.startswith(LINE_MARK) else keystone_line(line, bits)
                      for line in _resolve_conditionals(lines))
+
+
+# A name as the templates write one: a whole run of word characters (or `$`), maybe after one leading dot (`.Lx`),
+# not glued to a `.`, `$` or `\` before it.
+_NAME_RE = re.compile(r"(?<![\w.$\\])([A-Za-z_.$][\w$]*)(?![\w$])")
+
+
+def _name_pattern(symbols: dict[str, int]):
+    """(pattern, replacement) turning each name of `symbols` into its value and leaving every other word alone.
+
+    Every name a build passes is one run of word characters, so any word of the text is a name or not by one dict
+    lookup; an alternation of all names (hundreds per piece, rebuilt for each of ~200 pieces) cost most of a link.
+    A name of another shape falls back to that alternation, longest first."""
+    if all(_NAME_RE.fullmatch(name) for name in symbols):
+        def value(m: re.Match) -> str:
+            found = symbols.get(m.group(1))
+            return m.group(0) if found is None else f"{found:#x}"
+        return _NAME_RE, value
+    names = re.compile(r"(?<![\w.$\\])(" + "|".join(sorted(map(re.escape, symbols), key=len, reverse=True))
+                       + r")(?![\w$])")
+    return names, lambda m: f"{symbols[m.group(1)]:#x}"
 
 
 def _resolve_conditionals(lines: list[str]) -> list[str]:
