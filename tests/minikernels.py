@@ -1,92 +1,311 @@
 """Multiboot kernels written for GNU as and linked with GNU ld, i.e. built outside kgen: what `kgen test --kernel`
-and the failure diagnosis must handle. Each is built by `build(tmp_path, name, **defsyms)`."""
+and the failure diagnosis must handle. Each is built by `build(tmp_path, name, source, linker_script, **defsyms)`.
+
+The kernels are composed of the named pieces below (the Multiboot header, the page-table setup, the jump to the
+higher half, the GDT and timer, serial output, the halt loops), so each kernel's text reads as what makes it
+different. The tests that boot them share `kgen` (the command line, in a subprocess) and `outcomes` from here too."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-HIGHER_HALF_READY = "mini: ready\n"
+ROOT = Path(__file__).resolve().parent.parent
 
-# A higher-half kernel: loaded at 1 MiB, linked at 0xC0100000. It maps its image through one page table (text and
-# rodata read-only, data and bss writable), identity and high, plus a supervisor recursive PD slot 1023, turns on
-# paging with CR0.WP, drops the identity entry, prints the marker and halts.
-# WRITABLE_TEXT=1 maps every page writable: the segment-permission invariant must catch it.
-HIGHER_HALF = r"""
-.set KBASE, 0xC0000000
+
+def kgen(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`kgen ARGS` as a user runs it (a new Python process, this checkout's kgen), its output captured."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "kgen.cli", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=timeout)
+
+
+def outcomes(stdout: str) -> dict[str, str]:
+    """test name -> PASSED/FAILED/SKIPPED/ERROR from pytest's -v lines ("path::test PASSED [ 4%]")."""
+    found = {}
+    for line in stdout.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and "::" in parts[0] and parts[1] in ("PASSED", "FAILED", "SKIPPED", "ERROR"):
+            found[parts[0].split("::")[-1]] = parts[1]
+    return found
+
+
+def build(out: Path, name: str, source: str, linker_script: str | None = None, *, bits: int = 32,
+          **defsyms: int) -> Path:
+    """Assemble and link one kernel into out/name.elf (an ELF32, or an ELF64 with bits=64); with no linker script
+    its text is linked at 1 MiB."""
+    if shutil.which("as") is None or shutil.which("ld") is None:
+        pytest.skip("GNU as/ld not installed (Debian package binutils)")
+    src, obj, elf = out / f"{name}.S", out / f"{name}.o", out / f"{name}.elf"
+    src.write_text(source)
+    syms = [arg for sym, value in defsyms.items() for arg in ("--defsym", f"{sym}={value}")]
+    subprocess.run(["as", f"--{bits}", *syms, "-o", obj, src], check=True)
+    if linker_script is None:
+        link = ["-Ttext", "0x100000"]
+    else:
+        (out / f"{name}.ld").write_text(linker_script)
+        link = ["-T", out / f"{name}.ld", "-z", "max-page-size=0x1000"]
+    subprocess.run(["ld", "-m", "elf_i386" if bits == 32 else "elf_x86_64", *link, "-o", elf, obj], check=True)
+    return elf
+
+
+# ---- the pieces: GNU as text shared by the kernels -----------------------------------------------------------
+# Each piece is a run of whole lines without the last newline, to stand on a line of its own in a kernel's text.
+# The higher-half pieces assume `.set KBASE, 0xC0000000` (the entries below set it), a page directory `pd` and one
+# page table `pt` in .bss (names a kernel can change), and a kernel linked at KBASE above where it is loaded.
+
+
+def _line(code: str, comment: str) -> str:
+    """One instruction with its comment at column 40, as the kernels lay them out."""
+    return f"    {code}".ljust(40) + f"/* {comment} */"
+
+
+# The Multiboot (version 1) header: magic, flags (bit 0: modules page-aligned, bit 1: memory information), a checksum
+# that makes the three sum to 0. The loader looks for it 4-aligned in the first 8 KiB of the file.
+MULTIBOOT_HEADER = r""".align 4
+    .long 0x1BADB002, 0x3, -(0x1BADB002 + 0x3)"""
+
+# Entry of a flat kernel (linked where it is loaded, paging off): the header at the start of .text.
+FLAT_ENTRY = rf""".text
+.globl _start
+{MULTIBOOT_HEADER}
+_start:
+    cli"""
+
+# Entry of a kernel linked whole at KBASE + its load address: the header in a section of its own, first in .text
+# (HIGHER_HALF_LDS). `_start` runs at its load address with paging off, so until the jump high it must subtract
+# KBASE from every address it uses.
+HIGH_ENTRY = rf""".set KBASE, 0xC0000000
 .section .multiboot, "a"
-.align 4
-    .long 0x1BADB002, 0x3, -(0x1BADB002 + 0x3)
+{MULTIBOOT_HEADER}
 .text
 .globl _start
 _start:
-    cli
-    mov $(stack_top - KBASE), %esp
-    mov $(pd - KBASE), %edi
+    cli"""
+
+# Entry of a kernel in the OSDev "Higher Half Bare Bones" layout: a boot segment (`.multiboot.data` with the header,
+# `.multiboot.text` with `_start`) linked and loaded at 1 MiB, the rest linked high (boot_segment_lds).
+BOOT_SEGMENT_ENTRY = rf""".set KBASE, 0xC0000000
+.section .multiboot.data, "aw"
+{MULTIBOOT_HEADER}
+.section .multiboot.text, "ax"
+.globl _start
+_start:
+    cli"""
+
+# NEEDS_MIB=n (a --defsym): triple-fault unless Multiboot reports about n MiB of RAM. %ebx holds the Multiboot info.
+NEEDS_MIB_CHECK = r""".if NEEDS_MIB
+    cmpl $((NEEDS_MIB - 2) * 1024), 8(%ebx)     /* Multiboot mem_upper: KiB above 1 MiB, less firmware's */
+    jae 1f
+    ud2                                 /* too little RAM: no IDT of its own, so a triple fault */
+1:
+.endif"""
+
+# Zero `pd` and the `pt` after it (the loader does not clear .bss for us, and the tests poison RAM).
+CLEAR_PD_PT = r"""    mov $(pd - KBASE), %edi
     xor %eax, %eax
     mov $2048, %ecx                     /* pd and pt: RAM may be poisoned */
-    rep stosl
-    mov $__image_start, %esi
+    rep stosl"""
+
+
+def map_image(*, boot_segment: bool = False, pt: str = "pt", also: str = "") -> str:
+    """Fill page table `pt` with the image's pages at their physical frames, indexed by their linked address's
+    bits 12-21 (one table covers 4 MiB, so the same table serves PD[0] and PD[768]): present, and writable from
+    `__data_start` on (text and rodata read-only, which CR0.WP enforces on the kernel too). A kernel linked whole
+    high walks its linked addresses from `__image_start`; with `boot_segment`, the walk starts at the physical
+    1 MiB, so the boot segment is mapped too. `also`: lines run before each entry is stored (%eax is the entry)."""
+    if boot_segment:
+        first = _line("mov $0x100000, %esi", "physical: the boot segment, then the higher-half image")
+        to_frame, data, end = "", "$(__data_start - KBASE)", "$(__image_end - KBASE)"
+    else:
+        first = "    mov $__image_start, %esi"
+        to_frame, data, end = "\n    sub $KBASE, %eax", "$__data_start", "$__image_end"
+    also = f"\n{also}" if also else ""
+    return rf"""{first}
 map_page:
-    mov %esi, %eax
-    sub $KBASE, %eax
+    mov %esi, %eax{to_frame}
     or $1, %eax
-    cmp $__data_start, %esi
-    jb read_only
+    cmp {data}, %esi
+    jb 1f
     or $2, %eax
-read_only:
-.if WRITABLE_TEXT
-    or $2, %eax
-.endif
+1:{also}
     mov %esi, %edx
     shr $12, %edx
     and $0x3ff, %edx
-    mov %eax, pt - KBASE(,%edx,4)
+    mov %eax, {pt} - KBASE(,%edx,4)
     add $0x1000, %esi
-    cmp $__image_end, %esi
-    jb map_page
-    mov $(pt - KBASE + 3), %eax
-    mov %eax, pd - KBASE
-    mov %eax, pd - KBASE + 768 * 4
-    mov $(pd - KBASE + 3), %eax
-    mov %eax, pd - KBASE + 1023 * 4
-    mov $(pd - KBASE), %eax
+    cmp {end}, %esi
+    jb map_page"""
+
+
+def map_low_and_high(pd: str = "pd", pt: str = "pt") -> str:
+    """Point PD[0] (identity: the code runs there until the jump high) and PD[768] (KBASE) at the same table."""
+    return (f"    mov $({pt} - KBASE + 3), %eax\n" + _line(f"mov %eax, {pd} - KBASE", "identity, for the jump high")
+            + f"\n    mov %eax, {pd} - KBASE + 768 * 4")
+
+
+def paging_on_and_jump_high(pd: str = "pd") -> str:
+    """Load CR3, turn on paging with write protection, and jump to `higher_half` by its linked address (a relative
+    jump would stay low)."""
+    return rf"""    mov $({pd} - KBASE), %eax
     mov %eax, %cr3
     mov %cr0, %eax
     or $0x80010000, %eax                /* PG | WP */
     mov %eax, %cr0
     lea higher_half, %eax
-    jmp *%eax
-higher_half:
-    mov $stack_top, %esp
-    movl $0, pd                         /* the identity entry */
-    mov %cr3, %eax
-    mov %eax, %cr3
-    mov $ready, %esi
-    call puts
-idle:
-    hlt
-    jmp idle
-puts:
+    jmp *%eax"""
+
+
+# Reloading CR3 drops every non-global TLB entry: a page-table entry just cleared is gone for the CPU too.
+FLUSH_TLB = r"""    mov %cr3, %eax
+    mov %eax, %cr3"""
+
+
+def unmap_identity(pd: str = "pd", why: str = "the identity entry") -> str:
+    """Clear PD[0], the identity map the boot code ran in, once running high; then flush the TLB."""
+    return _line(f"movl $0, {pd}", why) + "\n" + FLUSH_TLB
+
+
+# Load the kernel's own GDT and its selectors (code 0x08, data 0x10): the loader's GDT lies in low memory, which the
+# kernel unmaps, and the Multiboot spec says not to rely on it anyway.
+LOAD_GDT = r"""    lgdt gdtr                           /* the loader's GDT lies in low memory, which goes unmapped */
+    ljmp $0x08, $1f
+1:  mov $0x10, %ax
+    mov %ax, %ds
+    mov %ax, %es
+    mov %ax, %ss"""
+
+# The flat 4 GiB ring-0 GDT LOAD_GDT loads (with `descriptor_pointer("gdtr", "gdt", "3 * 8")`).
+FLAT_GDT = r""".align 8
+gdt:  .quad 0, 0x00CF9A000000FFFF, 0x00CF92000000FFFF     /* flat code 0x08, data 0x10 */"""
+
+
+def descriptor_pointer(name: str, table: str, size: str) -> str:
+    """The 6-byte operand of lgdt/lidt: limit (`size` - 1), then the table's (linked) address."""
+    return f"{name}: .word {size} - 1\n      .long {table}"
+
+
+# Interrupts from the BIOS's timer (PIT channel 0, ~18.2 Hz) with the PIC as the BIOS left it (IRQ0 at vector 8):
+# unmask IRQ0 only and point IDT entry 8 (an interrupt gate, code 0x08) at `tick`. Needs LOAD_GDT, an `idt` of
+# 9 entries in .bss and `descriptor_pointer("idtr", "idt", "8 * 9")`.
+SETUP_TIMER = r"""setup_timer:
+    mov $0xFE, %al                      /* every IRQ masked but IRQ0 */
+    out %al, $0x21
+    mov $0xFF, %al
+    out %al, $0xA1
+    mov $tick, %eax
+    mov %ax, idt + 8 * 8
+    movw $0x8E00, idt + 8 * 8 + 4
+    shr $16, %eax
+    mov %ax, idt + 8 * 8 + 6
+    movw $0x08, idt + 8 * 8 + 2
+    lidt idtr
+    ret"""
+
+
+def timer_tick(counted: bool) -> str:
+    """The IRQ0 handler: `incl ticks` if `counted`, then the end-of-interrupt to the PIC."""
+    count = "\n    incl ticks" if counted else ""
+    return rf"""tick:
+    push %eax{count}
+    mov $0x20, %al
+    out %al, $0x20
+    pop %eax
+    iret"""
+
+
+# Serial output: the NUL-terminated string at %esi to COM1 (no FIFO check: QEMU's UART takes every byte at once).
+SERIAL_PUTS = r"""puts:
     lodsb
     test %al, %al
     jz 1f
     mov $0x3F8, %dx
     out %al, %dx
     jmp puts
-1:  ret
+1:  ret"""
+
+
+def halt_loop(label: str = "halt") -> str:
+    """Halt for good (with interrupts off; an NMI or SMI would wake the hlt, hence the loop)."""
+    return f"{label}:\n    hlt\n    jmp {label}"
+
+
+# Idle with interrupts on: each interrupt wakes the hlt, its handler returns here, and it halts again.
+IDLE = r"""idle:
+    sti
+    hlt
+    jmp idle"""
+
+# The page directory and the one page table of the higher-half kernels, page-aligned in .bss.
+PAGE_TABLES = r""".bss
+.align 4096
+pd: .skip 4096
+pt: .skip 4096"""
+
+STACK = r"""stack: .skip 4096
+stack_top:"""
+
+
+def _high_half_rest(rodata_phdr: str = "", data_phdr: str = "") -> str:
+    """The linker script after .text for a higher-half kernel: rodata and data+bss each page-aligned (their own
+    permissions), linked at KBASE above their load address, `__data_start` and `__image_end` for map_image."""
+    return ("  . = ALIGN(0x1000);\n"
+            "  .rodata : AT(ADDR(.rodata) - 0xC0000000) { *(.rodata) }" + rodata_phdr + "\n"
+            "  . = ALIGN(0x1000);\n"
+            "  __data_start = .;\n"
+            "  .data : AT(ADDR(.data) - 0xC0000000) { *(.data) }" + data_phdr + "\n"
+            "  .bss : AT(ADDR(.bss) - 0xC0000000) { *(.bss) }" + data_phdr + "\n"
+            "  __image_end = ALIGN(0x1000);\n"
+            "}\n")
+
+
+def boot_segment_lds(after_text: str = "") -> str:
+    """The Higher Half Bare Bones linker script (BOOT_SEGMENT_ENTRY): `.multiboot.*` linked and loaded at 1 MiB,
+    everything else linked at 0xC0000000 above its load address. `after_text`: lines after the .text output."""
+    return ("\nENTRY(_start)\n"
+            "SECTIONS {\n"
+            "  . = 1M;\n"
+            "  .multiboot.data : { *(.multiboot.data) }\n"
+            "  .multiboot.text : { *(.multiboot.text) }\n"
+            "  . = ALIGN(0x1000) + 0xC0000000;\n"
+            "  .text : AT(ADDR(.text) - 0xC0000000) { *(.text) }\n" + after_text + _high_half_rest())
+
+
+# ---- the kernels -----------------------------------------------------------------------------------------------
+HIGHER_HALF_READY = "mini: ready\n"
+
+# A higher-half kernel: loaded at 1 MiB, linked at 0xC0100000. It maps its image through one page table (text and
+# rodata read-only, data and bss writable), identity and high, plus a supervisor recursive PD slot 1023, turns on
+# paging with CR0.WP, drops the identity entry, prints the marker and halts.
+# WRITABLE_TEXT=1 maps every page writable: the segment-permission invariant must catch it.
+HIGHER_HALF = rf"""
+{HIGH_ENTRY}
+    mov $(stack_top - KBASE), %esp
+{CLEAR_PD_PT}
+{map_image(also='''.if WRITABLE_TEXT
+    or $2, %eax
+.endif''')}
+{map_low_and_high()}
+    mov $(pd - KBASE + 3), %eax
+    mov %eax, pd - KBASE + 1023 * 4
+{paging_on_and_jump_high()}
+higher_half:
+    mov $stack_top, %esp
+{unmap_identity()}
+    mov $ready, %esi
+    call puts
+{halt_loop("idle")}
+{SERIAL_PUTS}
 .section .rodata
 ready: .asciz "mini: ready\n"
 .data
 counter: .long 0
-.bss
-.align 4096
-pd: .skip 4096
-pt: .skip 4096
-stack: .skip 4096
-stack_top:
+{PAGE_TABLES}
+{STACK}
 """
 
 HIGHER_HALF_LDS = """
@@ -95,25 +314,12 @@ SECTIONS {
   . = 0xC0100000;
   __image_start = .;
   .text : AT(ADDR(.text) - 0xC0000000) { *(.multiboot) *(.text) }
-  . = ALIGN(0x1000);
-  .rodata : AT(ADDR(.rodata) - 0xC0000000) { *(.rodata) }
-  . = ALIGN(0x1000);
-  __data_start = .;
-  .data : AT(ADDR(.data) - 0xC0000000) { *(.data) }
-  .bss : AT(ADDR(.bss) - 0xC0000000) { *(.bss) }
-  __image_end = ALIGN(0x1000);
-}
-"""
+""" + _high_half_rest()
 
 # Paging off, flat. FAILURE=0: print, then fault in `crash` with an empty IDT (a triple fault);
 # FAILURE=1: print, then spin in `spin_forever` (a hang).
-FLAT = r"""
-.text
-.globl _start
-.align 4
-    .long 0x1BADB002, 0x3, -(0x1BADB002 + 0x3)
-_start:
-    cli
+FLAT = rf"""
+{FLAT_ENTRY}
     mov $0x80000, %esp
     mov $hello, %esi
     call puts
@@ -129,35 +335,11 @@ crash:
     ud2
 spin_forever:
     jmp spin_forever
-puts:
-    lodsb
-    test %al, %al
-    jz 1f
-    mov $0x3F8, %dx
-    out %al, %dx
-    jmp puts
-1:  ret
+{SERIAL_PUTS}
 empty_idtr: .word 0
             .long 0
 hello: .asciz "flat: hello\n"
 """
-
-
-def build(out: Path, name: str, source: str, linker_script: str | None = None, **defsyms: int) -> Path:
-    """Assemble and link one kernel into out/name.elf."""
-    if shutil.which("as") is None or shutil.which("ld") is None:
-        pytest.skip("GNU as/ld not installed (Debian package binutils)")
-    src, obj, elf = out / f"{name}.S", out / f"{name}.o", out / f"{name}.elf"
-    src.write_text(source)
-    syms = [arg for sym, value in defsyms.items() for arg in ("--defsym", f"{sym}={value}")]
-    subprocess.run(["as", "--32", *syms, "-o", obj, src], check=True)
-    if linker_script is None:
-        link = ["-Ttext", "0x100000"]
-    else:
-        (out / f"{name}.ld").write_text(linker_script)
-        link = ["-T", out / f"{name}.ld", "-z", "max-page-size=0x1000"]
-    subprocess.run(["ld", "-m", "elf_i386", *link, "-o", elf, obj], check=True)
-    return elf
 
 
 # ---- a kernel with processes: two address spaces, user pages (REPORT) --------------------------------------------
@@ -179,55 +361,21 @@ PROCESS_USER_FRAME = 0x00400000
 PROCESS_FAULT_ADDRESS = 0xDEAD0000
 PROCESS_SPACES = "spaces"
 PROCESS_SPACE_SLOTS = 4
-PROCESS = r"""
-.set KBASE, 0xC0000000
-.section .multiboot.data, "aw"
-.align 4
-    .long 0x1BADB002, 0x3, -(0x1BADB002 + 0x3)
-.section .multiboot.text, "ax"
-.globl _start
-_start:
-    cli
+PROCESS = rf"""
+{BOOT_SEGMENT_ENTRY}
     mov $(tables - KBASE), %edi
     xor %eax, %eax
     mov $(6 * 1024), %ecx               /* every table: RAM may be poisoned */
     rep stosl
-    mov $0x100000, %esi                 /* physical: the boot segment, then the higher-half image */
-1:  mov %esi, %eax
-    or $1, %eax
-    cmp $(__data_start - KBASE), %esi
-    jb 2f
-    or $2, %eax
-2:  mov %esi, %edx
-    shr $12, %edx
-    and $0x3ff, %edx
-    mov %eax, kpt - KBASE(,%edx,4)
-    add $0x1000, %esi
-    cmp $(__image_end - KBASE), %esi
-    jb 1b
-    mov $(kpt - KBASE + 3), %eax
-    mov %eax, kpd - KBASE               /* identity, for the jump high */
-    mov %eax, kpd - KBASE + 768 * 4
-    mov $(kpd - KBASE), %eax
-    mov %eax, %cr3
-    mov %cr0, %eax
-    or $0x80010000, %eax                /* PG | WP */
-    mov %eax, %cr0
-    lea higher_half, %eax
-    jmp *%eax
+{map_image(boot_segment=True, pt="kpt")}
+{map_low_and_high(pd="kpd", pt="kpt")}
+{paging_on_and_jump_high(pd="kpd")}
 
 .text
 higher_half:
     mov $stack_top, %esp
-    movl $0, kpd                        /* the identity entry */
-    mov %cr3, %eax
-    mov %eax, %cr3
-    lgdt gdtr
-    ljmp $0x08, $1f
-1:  mov $0x10, %ax
-    mov %ax, %ds
-    mov %ax, %es
-    mov %ax, %ss
+{unmap_identity(pd="kpd")}
+{LOAD_GDT}
     mov kpd + 768 * 4, %eax             /* the process shares the kernel half */
     mov %eax, ppd + 768 * 4
     movl $(USER_FRAME + 7), upt + ((USER_CODE >> 12) & 0x3ff) * 4
@@ -276,23 +424,14 @@ halt:
     cli
     hlt
     jmp halt
-puts:
-    lodsb
-    test %al, %al
-    jz 1f
-    mov $0x3F8, %dx
-    out %al, %dx
-    jmp puts
-1:  ret
+{SERIAL_PUTS}
 page_fault:                             /* drops the error code and retries the same access: nothing mapped */
     add $4, %esp
     iret
 .section .rodata
 ready: .asciz "proc: ready\n"
-gdtr: .word 5 * 8 - 1
-      .long gdt
-idtr: .word 15 * 8 - 1
-      .long idt
+{descriptor_pointer("gdtr", "gdt", "5 * 8")}
+{descriptor_pointer("idtr", "idt", "15 * 8")}
 .data
 .align 8
 gdt:  .quad 0, 0x00CF9A000000FFFF, 0x00CF92000000FFFF, 0x00CFFA000000FFFF, 0x00CFF2000000FFFF
@@ -311,27 +450,10 @@ spt: .skip 4096
 ipt: .skip 4096
 idt: .skip 15 * 8
 .align 16
-stack: .skip 4096
-stack_top:
+{STACK}
 """
 
-PROCESS_LDS = """
-ENTRY(_start)
-SECTIONS {
-  . = 1M;
-  .multiboot.data : { *(.multiboot.data) }
-  .multiboot.text : { *(.multiboot.text) }
-  . = ALIGN(0x1000) + 0xC0000000;
-  .text : AT(ADDR(.text) - 0xC0000000) { *(.text) }
-  . = ALIGN(0x1000);
-  .rodata : AT(ADDR(.rodata) - 0xC0000000) { *(.rodata) }
-  . = ALIGN(0x1000);
-  __data_start = .;
-  .data : AT(ADDR(.data) - 0xC0000000) { *(.data) }
-  .bss : AT(ADDR(.bss) - 0xC0000000) { *(.bss) }
-  __image_end = ALIGN(0x1000);
-}
-"""
+PROCESS_LDS = boot_segment_lds()
 
 
 def process_kernel(out: Path, name: str, **flags: int) -> Path:
@@ -352,62 +474,28 @@ def process_kernel(out: Path, name: str, **flags: int) -> Path:
 # with interrupts on. Nothing is written to COM1.
 # VGA=1: "zoo: booting" on screen row 10 before the wait, "zoo: ready" on row 11 after it (before main_loop).
 # PANIC=1 (with VGA=1): after the wait, "zoo: panic: out of frames" on row 11 instead, then `cli; hlt` for good.
+def vga_print(text: str, row: int) -> str:
+    """Call READY_ZOO's `vga_puts` with the string at `text`, written from the first cell of screen row `row`."""
+    return f"    mov ${text}, %esi\n    mov $(KBASE + VGA_PHYS + {row} * ROW), %edi\n    call vga_puts"
+
+
 READY_ZOO_TICKS = 18
 READY_ZOO_BOOTING, READY_ZOO_READY, READY_ZOO_PANIC = "zoo: booting", "zoo: ready", "zoo: panic: out of frames"
-READY_ZOO = r"""
-.set KBASE, 0xC0000000
+READY_ZOO = rf"""
+{HIGH_ENTRY}
 .set VGA_PHYS, 0xB8000
 .set ROW, 160                           /* bytes per screen row: 80 cells of character + attribute */
-.section .multiboot, "a"
-.align 4
-    .long 0x1BADB002, 0x3, -(0x1BADB002 + 0x3)
-.text
-.globl _start
-_start:
-    cli
     mov $(stack_top - KBASE), %esp
-    mov $(pd - KBASE), %edi
-    xor %eax, %eax
-    mov $2048, %ecx                     /* pd and pt: RAM may be poisoned */
-    rep stosl
-    mov $__image_start, %esi
-map_page:
-    mov %esi, %eax
-    sub $KBASE, %eax
-    or $1, %eax
-    cmp $__data_start, %esi
-    jb 1f
-    or $2, %eax
-1:  mov %esi, %edx
-    shr $12, %edx
-    and $0x3ff, %edx
-    mov %eax, pt - KBASE(,%edx,4)
-    add $0x1000, %esi
-    cmp $__image_end, %esi
-    jb map_page
+{CLEAR_PD_PT}
+{map_image()}
     movl $(VGA_PHYS + 3), pt - KBASE + (VGA_PHYS >> 12) * 4
-    mov $(pt - KBASE + 3), %eax
-    mov %eax, pd - KBASE
-    mov %eax, pd - KBASE + 768 * 4
-    mov $(pd - KBASE), %eax
-    mov %eax, %cr3
-    mov %cr0, %eax
-    or $0x80010000, %eax                /* PG | WP */
-    mov %eax, %cr0
-    lea higher_half, %eax
-    jmp *%eax
+{map_low_and_high()}
+{paging_on_and_jump_high()}
 higher_half:
     mov $stack_top, %esp
-    lgdt gdtr                           /* the loader's GDT lies in low memory, unmapped later */
-    ljmp $0x08, $1f
-1:  mov $0x10, %ax
-    mov %ax, %ds
-    mov %ax, %es
-    mov %ax, %ss
+{LOAD_GDT}
 .if VGA
-    mov $booting, %esi
-    mov $(KBASE + VGA_PHYS + 10 * ROW), %edi
-    call vga_puts
+{vga_print("booting", 10)}
 .endif
     call setup_timer
     sti
@@ -415,31 +503,20 @@ wait_ticks:                             /* looks idle to a sampler: halted at th
     hlt
     cmpl $TICKS, ticks
     jb wait_ticks
-    movl $0, pd                         /* the identity entry: boot is over */
-    mov %cr3, %eax
-    mov %eax, %cr3
+{unmap_identity(why="the identity entry: boot is over")}
 .if PANIC
-    mov $panic_text, %esi
-    mov $(KBASE + VGA_PHYS + 11 * ROW), %edi
-    call vga_puts
+{vga_print("panic_text", 11)}
     cli
-dead:
-    hlt
-    jmp dead
+{halt_loop("dead")}
 .endif
 .if VGA
-    mov $ready_text, %esi
-    mov $(KBASE + VGA_PHYS + 11 * ROW), %edi
-    call vga_puts
+{vga_print("ready_text", 11)}
 .endif
     call main_loop
 .globl main_loop
 main_loop:                              /* reached once, late */
     movl $1, reached_main
-idle:
-    sti
-    hlt
-    jmp idle
+{IDLE}
 vga_puts:                               /* %esi: string, %edi: first cell; white on black */
     mov $0x0F, %ah
 1:  lodsb
@@ -448,48 +525,23 @@ vga_puts:                               /* %esi: string, %edi: first cell; white
     stosw
     jmp 1b
 2:  ret
-setup_timer:                            /* IRQ0 at vector 8 as the BIOS left the PIC; every other IRQ masked */
-    mov $0xFE, %al
-    out %al, $0x21
-    mov $0xFF, %al
-    out %al, $0xA1
-    mov $tick, %eax
-    mov %ax, idt + 8 * 8
-    movw $0x8E00, idt + 8 * 8 + 4
-    shr $16, %eax
-    mov %ax, idt + 8 * 8 + 6
-    movw $0x08, idt + 8 * 8 + 2
-    lidt idtr
-    ret
-tick:
-    push %eax
-    incl ticks
-    mov $0x20, %al
-    out %al, $0x20
-    pop %eax
-    iret
+{SETUP_TIMER}
+{timer_tick(counted=True)}
 .section .rodata
 booting: .asciz "@BOOTING@"
 ready_text: .asciz "@READY@"
 panic_text: .asciz "@PANIC@"
-idtr: .word 8 * 9 - 1
-      .long idt
-gdtr: .word 3 * 8 - 1
-      .long gdt
+{descriptor_pointer("idtr", "idt", "8 * 9")}
+{descriptor_pointer("gdtr", "gdt", "3 * 8")}
 .data
 .globl ticks, reached_main
 ticks: .long 0
 reached_main: .long 0
-.align 8
-gdt:  .quad 0, 0x00CF9A000000FFFF, 0x00CF92000000FFFF     /* flat code 0x08, data 0x10 */
-.bss
-.align 4096
-pd: .skip 4096
-pt: .skip 4096
+{FLAT_GDT}
+{PAGE_TABLES}
 idt: .skip 8 * 9
 .align 16
-stack: .skip 4096
-stack_top:
+{STACK}
 """
 
 
@@ -520,51 +572,14 @@ def late_symbol(out: Path, name: str = "late-symbol", **flags) -> Path:
 # NEEDS_MIB=n: triple-fault unless Multiboot reports about n MiB of RAM (mem_upper at least n - 2 MiB).
 INIT_SPIN_READY = "init: ready\n"
 INIT_SPIN_SEGMENT = 1                   # the `init` program header
-INIT_SPIN = r"""
-.set KBASE, 0xC0000000
-.section .multiboot, "a"
-.align 4
-    .long 0x1BADB002, 0x3, -(0x1BADB002 + 0x3)
-.text
-.globl _start
-_start:
-    cli
-.if NEEDS_MIB
-    cmpl $((NEEDS_MIB - 2) * 1024), 8(%ebx)     /* Multiboot mem_upper: KiB above 1 MiB */
-    jae 1f
-    ud2                                 /* too little RAM: no IDT, so a triple fault */
-1:
-.endif
+INIT_SPIN = rf"""
+{HIGH_ENTRY}
+{NEEDS_MIB_CHECK}
     mov $(stack_top - KBASE), %esp
-    mov $(pd - KBASE), %edi
-    xor %eax, %eax
-    mov $2048, %ecx                     /* pd and pt: RAM may be poisoned */
-    rep stosl
-    mov $__image_start, %esi
-map_page:
-    mov %esi, %eax
-    sub $KBASE, %eax
-    or $1, %eax
-    cmp $__data_start, %esi
-    jb 1f
-    or $2, %eax
-1:  mov %esi, %edx
-    shr $12, %edx
-    and $0x3ff, %edx
-    mov %eax, pt - KBASE(,%edx,4)
-    add $0x1000, %esi
-    cmp $__image_end, %esi
-    jb map_page
-    mov $(pt - KBASE + 3), %eax
-    mov %eax, pd - KBASE
-    mov %eax, pd - KBASE + 768 * 4
-    mov $(pd - KBASE), %eax
-    mov %eax, %cr3
-    mov %cr0, %eax
-    or $0x80010000, %eax                /* PG | WP */
-    mov %eax, %cr0
-    lea higher_half, %eax
-    jmp *%eax
+{CLEAR_PD_PT}
+{map_image()}
+{map_low_and_high()}
+{paging_on_and_jump_high()}
 higher_half:
     mov $stack_top, %esp
     call init_once
@@ -577,8 +592,7 @@ higher_half:
     add $0x1000, %esi
     cmp $__init_end, %esi
     jb 1b
-    mov %cr3, %eax
-    mov %eax, %cr3
+{FLUSH_TLB}
     mov $ready, %esi
     call puts
     cli
@@ -590,18 +604,9 @@ spin_here:
     .byte 0xE9
     .long -5
 .else
-halt:
-    hlt
-    jmp halt
+{halt_loop()}
 .endif
-puts:
-    lodsb
-    test %al, %al
-    jz 1f
-    mov $0x3F8, %dx
-    out %al, %dx
-    jmp puts
-1:  ret
+{SERIAL_PUTS}
 .section .init.text, "ax"
 .globl init_once
 init_once:
@@ -612,12 +617,8 @@ ready: .asciz "@READY@"
 .data
 .globl init_done
 init_done: .long 0
-.bss
-.align 4096
-pd: .skip 4096
-pt: .skip 4096
-stack: .skip 4096
-stack_top:
+{PAGE_TABLES}
+{STACK}
 """
 
 INIT_SPIN_LDS = """
@@ -632,14 +633,7 @@ SECTIONS {
   .init.text : AT(ADDR(.init.text) - 0xC0000000) { *(.init.text) } :init
   . = ALIGN(0x1000);
   __init_end = .;
-  .rodata : AT(ADDR(.rodata) - 0xC0000000) { *(.rodata) } :rodata
-  . = ALIGN(0x1000);
-  __data_start = .;
-  .data : AT(ADDR(.data) - 0xC0000000) { *(.data) } :data
-  .bss : AT(ADDR(.bss) - 0xC0000000) { *(.bss) } :data
-  __image_end = ALIGN(0x1000);
-}
-"""
+""" + _high_half_rest(rodata_phdr=" :rodata", data_phdr=" :data")
 
 
 def init_spin(out: Path, name: str, *, spin: int = 0, needs_mib: int = 0) -> Path:
@@ -647,3 +641,88 @@ def init_spin(out: Path, name: str, *, spin: int = 0, needs_mib: int = 0) -> Pat
     triple-faults."""
     return build(out, name, INIT_SPIN.replace("@READY@", INIT_SPIN_READY.replace("\n", "\\n")), INIT_SPIN_LDS,
                  SPIN=spin, NEEDS_MIB=needs_mib)
+
+
+# --- an ELF64 kernel (tests/test_foreign_kernels.py, tests/test_foreign_ready.py) ---------------------------------
+# An ELF64 booted by QEMU's -kernel through the Multiboot header's address fields (flag bit 16): 32-bit entry, PAE
+# with EFER.LME, one 2 MiB identity page (writable, so its text is too: a true finding), PML4[511] recursive, long
+# mode, print and halt.
+ELF64_MULTIBOOT = rf"""
+.set FLAGS, 0x00010003
+.text
+.code32
+.globl _start
+.align 4
+mb_header:
+    .long 0x1BADB002, FLAGS, -(0x1BADB002 + FLAGS)
+    .long mb_header, mb_header, __load_end, __bss_end, _start
+_start:
+    cli
+    mov $stack_top, %esp
+    mov $pml4, %edi
+    xor %eax, %eax
+    mov $3072, %ecx
+    rep stosl
+    movl $(pdpt + 3), pml4
+    movl $(pd + 3), pdpt
+    movl $0x83, pd                      /* 2 MiB at 0: P RW PS */
+    movl $(pml4 + 3), pml4 + 511 * 8
+    mov %cr4, %eax
+    or $0x20, %eax                      /* PAE */
+    mov %eax, %cr4
+    mov $pml4, %eax
+    mov %eax, %cr3
+    mov $0xC0000080, %ecx               /* EFER.LME */
+    rdmsr
+    or $0x100, %eax
+    wrmsr
+    mov %cr0, %eax
+    or $0x80010001, %eax                /* PG | WP | PE */
+    mov %eax, %cr0
+    lgdt gdtr
+    ljmp $0x08, $long_mode
+.code64
+long_mode:
+    lea ready64(%rip), %rsi
+1:  lodsb
+    test %al, %al
+    jz 2f
+    mov $0x3F8, %dx
+    out %al, %dx
+    jmp 1b
+2:  cli
+    hlt
+    jmp 2b
+.section .rodata
+ready64: .asciz "x64: ready\n"
+.data
+.align 8
+gdt:  .quad 0, 0x00AF9A000000FFFF
+{descriptor_pointer("gdtr", "gdt", "2 * 8")}
+.bss
+.align 4096
+pml4: .skip 4096
+pdpt: .skip 4096
+pd:   .skip 4096
+stack: .skip 4096
+stack_top:
+"""
+
+ELF64_LDS = """
+ENTRY(_start)
+PHDRS { text PT_LOAD FLAGS(5); rodata PT_LOAD FLAGS(4); data PT_LOAD FLAGS(6); }
+SECTIONS {
+  . = 1M;
+  .text : { *(.text) } :text
+  .rodata : ALIGN(0x1000) { *(.rodata) } :rodata
+  .data : ALIGN(0x1000) { *(.data) } :data
+  __load_end = .;
+  .bss : { *(.bss) } :data
+  __bss_end = .;
+}
+"""
+
+
+def elf64_multiboot(out: Path, name: str = "mb64") -> Path:
+    """The ELF64 above, built."""
+    return build(out, name, ELF64_MULTIBOOT, ELF64_LDS, bits=64)

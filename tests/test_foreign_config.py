@@ -4,8 +4,6 @@ as final at once. The kernels are tests/minikernels.py `init_spin`: a higher-hal
 segment (linked high, so the default boot-segment rule does not cover it) and ends in `hlt` or `jmp .`."""
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,8 +11,8 @@ import pytest
 
 import minikernels
 from conftest import needs_qemu
+from minikernels import kgen, outcomes
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def boots(test):
@@ -43,20 +41,6 @@ def init_index(elf_path: Path) -> int:
         return next(i for i, seg in enumerate(elf.iter_segments())
                     if seg["p_type"] == "PT_LOAD" and seg["p_vaddr"] == start)
 
-
-def kgen(*args, cwd, timeout=300):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "kgen.cli", *args], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=timeout)
-
-
-def outcomes(stdout: str) -> dict[str, str]:
-    found = {}
-    for line in stdout.splitlines():
-        parts = line.split()
-        if len(parts) >= 2 and "::" in parts[0] and parts[1] in ("PASSED", "FAILED", "SKIPPED", "ERROR"):
-            found[parts[0].split("::")[-1]] = parts[1]
-    return found
 
 
 def write_config(directory: Path, kernel: Path | None, *lines: str) -> Path:

@@ -3,17 +3,14 @@
 for idle: only these options stop them where they are booted. Each kernel counts its timer ticks in `ticks` and sets
 `reached_main` in the first instruction of `main_loop`, so a stop too early or too late shows in its memory."""
 import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 import minikernels
 from conftest import needs_qemu
+from minikernels import kgen, outcomes
 
-ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.vm, needs_qemu]
 
 
@@ -23,20 +20,6 @@ def zoo(tmp_path_factory):
     return {"vga": minikernels.vga_only(out), "late": minikernels.late_symbol(out),
             "panic": minikernels.ready_zoo(out, "vga-panic", panic=True)}
 
-
-def kgen(*args, timeout=300):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "kgen.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=timeout)
-
-
-def outcomes(stdout: str) -> dict[str, str]:
-    found = {}
-    for line in stdout.splitlines():
-        parts = line.split()
-        if len(parts) >= 2 and "::" in parts[0] and parts[1] in ("PASSED", "FAILED", "SKIPPED", "ERROR"):
-            found[parts[0].split("::")[-1]] = parts[1]
-    return found
 
 
 def physical(elf, vaddr: int) -> int:
@@ -125,14 +108,8 @@ def test_a_restored_ready_at_machine_is_stopped_there_and_runs_on_without_the_de
 def test_ready_at_under_kvm_uses_a_hardware_breakpoint(tmp_path):
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         pytest.skip("no usable /dev/kvm here")
-    from test_foreign_kernels import ELF64_LDS, ELF64_MULTIBOOT
     from kgen.harness.testing import KernelUnderTest, boot
-    (tmp_path / "mb64.S").write_text(ELF64_MULTIBOOT)
-    (tmp_path / "mb64.ld").write_text(ELF64_LDS)
-    subprocess.run(["as", "--64", "-o", tmp_path / "mb64.o", tmp_path / "mb64.S"], check=True)
-    subprocess.run(["ld", "-m", "elf_x86_64", "-T", tmp_path / "mb64.ld", "-z", "max-page-size=0x1000", "-o",
-                    tmp_path / "mb64.elf", tmp_path / "mb64.o"], check=True)
-    kernel = KernelUnderTest.foreign(tmp_path / "mb64.elf", ready_at="long_mode")
+    kernel = KernelUnderTest.foreign(minikernels.elf64_multiboot(tmp_path), ready_at="long_mode")
     # kvm_pvm accepts Z0 too but never stops there: the int3 goes into RAM before QEMU's Multiboot ROM copies the
     # kernel over it. The stop proves Z1 was used.
     with boot(kernel, "kvm", cold=True) as live:

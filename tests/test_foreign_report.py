@@ -4,9 +4,6 @@
 verdicts do not depend on which process is current), user pages told apart from a stray identity map, a fault loop
 named as such, and CS/CPL in the register line. Every kernel is built here by GNU as/ld and booted in QEMU."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,9 +11,8 @@ import pytest
 import minikernels
 from conftest import needs_qemu
 from minikernels import (PROCESS_FAULT_ADDRESS, PROCESS_SPACE_SLOTS, PROCESS_SPACES, PROCESS_USER_CODE,
-                         PROCESS_USER_STACK)
+                         PROCESS_USER_STACK, kgen)
 
-ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.vm, needs_qemu]
 KBASE = 0xC0000000
 BELOW = "test_nothing_is_mapped_below_the_kernel_base"
@@ -34,12 +30,6 @@ def zoo(tmp_path_factory):
         "kernel-current": {}, "process-current": {"CURRENT": 1},
         "flaw-kernel-current": {"FLAW": 1}, "flaw-process-current": {"FLAW": 1, "CURRENT": 1},
         "ring3": {"RING3": 1}, "fault-loop": {"FAULT_LOOP": 1}}.items()}
-
-
-def kgen(*args, timeout=300):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "kgen.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=timeout)
 
 
 def symbol(elf: Path, name: str) -> int:
