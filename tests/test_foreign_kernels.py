@@ -4,16 +4,17 @@ write: the OSDev "Higher Half Bare Bones" layout (a boot segment identity-loaded
 on, one that halts with paging off, one with a page-directory entry whose reserved bits are set, 4 MiB pages seen
 through a recursive slot, and ELFs QEMU refuses. Each is built here with GNU as/ld (tests/minikernels.py)."""
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 import minikernels
 from conftest import needs_qemu
+from minikernels import (BOOT_SEGMENT_ENTRY, CLEAR_PD_PT, FLAT_ENTRY, FLAT_GDT, FLUSH_TLB, IDLE, LOAD_GDT,
+                         NEEDS_MIB_CHECK, PAGE_TABLES, SERIAL_PUTS, SETUP_TIMER, STACK, boot_segment_lds,
+                         descriptor_pointer, halt_loop, kgen, map_image, map_low_and_high, outcomes,
+                         paging_on_and_jump_high, timer_tick, unmap_identity)
 
-ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.vm, needs_qemu]
 
 KBASE = 0xC0000000
@@ -27,23 +28,12 @@ READY = "hhbb: ready\n"
 # and PD[770] a 4 MiB entry with reserved bit 13 set (as when code follows a short page directory).
 # TICK_WAIT=1: before dropping the identity entry, wait in `hlt` (interrupts on) for two timer ticks; at the end,
 # idle in `hlt` with interrupts on instead of halting with them off.
-# NEEDS_MIB=n: triple-fault unless Multiboot reports about n MiB of RAM (at least n - 1 MiB above 1 MiB). BOOT_INFO=1: print the command line and
-# each module's command line first. BUSY=1 (with TICK_WAIT=1): end in a busy loop `spin` with interrupts on.
-HHBB = r"""
-.set KBASE, 0xC0000000
-.section .multiboot.data, "aw"
-.align 4
-    .long 0x1BADB002, 0x3, -(0x1BADB002 + 0x3)
-.section .multiboot.text, "ax"
-.globl _start
-_start:
-    cli
-.if NEEDS_MIB
-    cmpl $((NEEDS_MIB - 2) * 1024), 8(%ebx)     /* Multiboot mem_upper: KiB above 1 MiB, less firmware's */
-    jae 1f
-    ud2                                 /* too little RAM: no IDT of its own, so a triple fault */
-1:
-.endif
+# NEEDS_MIB=n: triple-fault unless Multiboot reports about n MiB of RAM (at least n - 1 MiB above 1 MiB).
+# BOOT_INFO=1: print the command line and each module's command line first.
+# BUSY=1 (with TICK_WAIT=1): end in a busy loop `spin` with interrupts on.
+HHBB = rf"""
+{BOOT_SEGMENT_ENTRY}
+{NEEDS_MIB_CHECK}
 .if BOOT_INFO                           /* print the command line and each module's string from Multiboot */
     mov 16(%ebx), %esi
     call boot_puts
@@ -69,28 +59,9 @@ boot_puts:
     ret
 3:
 .endif
-    mov $(pd - KBASE), %edi
-    xor %eax, %eax
-    mov $2048, %ecx                     /* pd and pt: RAM may be poisoned */
-    rep stosl
-    mov $0x100000, %esi                 /* physical: the boot segment, then the higher-half image */
-map_page:
-    mov %esi, %eax
-    or $1, %eax
-    cmp $(__data_start - KBASE), %esi
-    jb read_only
-    or $2, %eax
-read_only:
-    mov %esi, %edx
-    shr $12, %edx
-    and $0x3ff, %edx
-    mov %eax, pt - KBASE(,%edx,4)
-    add $0x1000, %esi
-    cmp $(__image_end - KBASE), %esi
-    jb map_page
-    mov $(pt - KBASE + 3), %eax
-    mov %eax, pd - KBASE
-    mov %eax, pd - KBASE + 768 * 4
+{CLEAR_PD_PT}
+{map_image(boot_segment=True)}
+{map_low_and_high()}
 .if RECURSIVE
     mov $(pd - KBASE + 3), %eax
     mov %eax, pd - KBASE + 1023 * 4
@@ -106,32 +77,19 @@ read_only:
 .if BAD_PDE
     movl $0x00802083, pd - KBASE + 770 * 4
 .endif
-    mov $(pd - KBASE), %eax
-    mov %eax, %cr3
-    mov %cr0, %eax
-    or $0x80010000, %eax                /* PG | WP */
-    mov %eax, %cr0
-    lea higher_half, %eax
-    jmp *%eax
+{paging_on_and_jump_high()}
 
 .text
 higher_half:
     mov $stack_top, %esp
 .if TICK_WAIT
-    lgdt gdtr                           /* the loader's GDT lies in low memory, unmapped now (Multiboot spec) */
-    ljmp $0x08, $1f
-1:  mov $0x10, %ax
-    mov %ax, %ds
-    mov %ax, %es
-    mov %ax, %ss
+{LOAD_GDT}
     call setup_timer
     sti
     hlt                                 /* two ticks of the BIOS's PIT, ~110 ms: not idle yet */
     hlt
 .endif
-    movl $0, pd                         /* the identity entry */
-    mov %cr3, %eax
-    mov %eax, %cr3
+{unmap_identity()}
     mov $ready, %esi
     call puts
 .if BUSY
@@ -140,98 +98,38 @@ spin:                                   /* idles busily, interrupts on: only --r
     pause
     jmp spin
 .elseif TICK_WAIT
-idle:
-    sti
-    hlt
-    jmp idle
+{IDLE}
 .else
     cli
-halt:
-    hlt
-    jmp halt
+{halt_loop()}
 .endif
-puts:
-    lodsb
-    test %al, %al
-    jz 1f
-    mov $0x3F8, %dx
-    out %al, %dx
-    jmp puts
-1:  ret
+{SERIAL_PUTS}
 .if TICK_WAIT
-setup_timer:                            /* IRQ0 at vector 8 as the BIOS left the PIC; every other IRQ masked */
-    mov $0xFE, %al
-    out %al, $0x21
-    mov $0xFF, %al
-    out %al, $0xA1
-    mov $tick, %eax
-    mov %ax, idt + 8 * 8
-    movw $0x8E00, idt + 8 * 8 + 4
-    shr $16, %eax
-    mov %ax, idt + 8 * 8 + 6
-    movw $0x08, idt + 8 * 8 + 2
-    lidt idtr
-    ret
-tick:
-    push %eax
-    mov $0x20, %al
-    out %al, $0x20
-    pop %eax
-    iret
+{SETUP_TIMER}
+{timer_tick(counted=False)}
 .endif
 .section .rodata
 ready: .asciz "hhbb: ready\n"
-idtr: .word 8 * 9 - 1
-      .long idt
-gdtr: .word 3 * 8 - 1
-      .long gdt
+{descriptor_pointer("idtr", "idt", "8 * 9")}
+{descriptor_pointer("gdtr", "gdt", "3 * 8")}
 .data
 counter: .long 0
-.align 8
-gdt:  .quad 0, 0x00CF9A000000FFFF, 0x00CF92000000FFFF     /* flat code 0x08, data 0x10 */
-.bss
-.align 4096
-pd: .skip 4096
-pt: .skip 4096
+{FLAT_GDT}
+{PAGE_TABLES}
 idt: .skip 8 * 9
 .align 16
-stack: .skip 4096
-stack_top:
+{STACK}
 """
 
-HHBB_LDS = """
-ENTRY(_start)
-SECTIONS {
-  . = 1M;
-  .multiboot.data : { *(.multiboot.data) }
-  .multiboot.text : { *(.multiboot.text) }
-  . = ALIGN(0x1000) + 0xC0000000;
-  .text : AT(ADDR(.text) - 0xC0000000) { *(.text) }
-  __text_phys_end = . - 0xC0000000;
-  . = ALIGN(0x1000);
-  .rodata : AT(ADDR(.rodata) - 0xC0000000) { *(.rodata) }
-  . = ALIGN(0x1000);
-  __data_start = .;
-  .data : AT(ADDR(.data) - 0xC0000000) { *(.data) }
-  .bss : AT(ADDR(.bss) - 0xC0000000) { *(.bss) }
-  __image_end = ALIGN(0x1000);
-}
-"""
+HHBB_LDS = boot_segment_lds(after_text="  __text_phys_end = . - 0xC0000000;\n")
 
 # Paging never turned on: print, halt with interrupts off.
-PAGING_OFF = r"""
-.text
-.globl _start
-.align 4
-    .long 0x1BADB002, 0x3, -(0x1BADB002 + 0x3)
-_start:
-    cli
+PAGING_OFF = rf"""
+{FLAT_ENTRY}
     mov $0x3F8, %dx
     mov $'p', %al
     out %al, %dx
-halt:
-    hlt
-    jmp halt
+{halt_loop()}
 """
 
 NO_MULTIBOOT = r"""
@@ -243,90 +141,11 @@ _start:
 """
 
 
-# An ELF64 booted by QEMU's -kernel through the Multiboot header's address fields (flag bit 16): 32-bit entry, PAE
-# with EFER.LME, one 2 MiB identity page (writable, so its text is too: a true finding), PML4[511] recursive, long
-# mode, print and halt.
-ELF64_MULTIBOOT = r"""
-.set FLAGS, 0x00010003
-.text
-.code32
-.globl _start
-.align 4
-mb_header:
-    .long 0x1BADB002, FLAGS, -(0x1BADB002 + FLAGS)
-    .long mb_header, mb_header, __load_end, __bss_end, _start
-_start:
-    cli
-    mov $stack_top, %esp
-    mov $pml4, %edi
-    xor %eax, %eax
-    mov $3072, %ecx
-    rep stosl
-    movl $(pdpt + 3), pml4
-    movl $(pd + 3), pdpt
-    movl $0x83, pd                      /* 2 MiB at 0: P RW PS */
-    movl $(pml4 + 3), pml4 + 511 * 8
-    mov %cr4, %eax
-    or $0x20, %eax                      /* PAE */
-    mov %eax, %cr4
-    mov $pml4, %eax
-    mov %eax, %cr3
-    mov $0xC0000080, %ecx               /* EFER.LME */
-    rdmsr
-    or $0x100, %eax
-    wrmsr
-    mov %cr0, %eax
-    or $0x80010001, %eax                /* PG | WP | PE */
-    mov %eax, %cr0
-    lgdt gdtr
-    ljmp $0x08, $long_mode
-.code64
-long_mode:
-    lea ready64(%rip), %rsi
-1:  lodsb
-    test %al, %al
-    jz 2f
-    mov $0x3F8, %dx
-    out %al, %dx
-    jmp 1b
-2:  cli
-    hlt
-    jmp 2b
-.section .rodata
-ready64: .asciz "x64: ready\n"
-.data
-.align 8
-gdt:  .quad 0, 0x00AF9A000000FFFF
-gdtr: .word 2 * 8 - 1
-      .long gdt
-.bss
-.align 4096
-pml4: .skip 4096
-pdpt: .skip 4096
-pd:   .skip 4096
-stack: .skip 4096
-stack_top:
-"""
-
-ELF64_LDS = """
-ENTRY(_start)
-PHDRS { text PT_LOAD FLAGS(5); rodata PT_LOAD FLAGS(4); data PT_LOAD FLAGS(6); }
-SECTIONS {
-  . = 1M;
-  .text : { *(.text) } :text
-  .rodata : ALIGN(0x1000) { *(.rodata) } :rodata
-  .data : ALIGN(0x1000) { *(.data) } :data
-  __load_end = .;
-  .bss : { *(.bss) } :data
-  __bss_end = .;
-}
-"""
-
-
-def hhbb(out: Path, name: str, **flags: int) -> Path:
+def hhbb(out: Path, name: str, source: str = HHBB, **flags: int) -> Path:
+    """HHBB (or `source`, a variant of it) built with its flags (0 unless given)."""
     values = {"RECURSIVE": 0, "LARGE": 0, "BAD_PDE": 0, "TICK_WAIT": 0, "NEEDS_MIB": 0, "BOOT_INFO": 0, "BUSY": 0,
               **flags}
-    return minikernels.build(out, name, HHBB, HHBB_LDS, **values)
+    return minikernels.build(out, name, source, HHBB_LDS, **values)
 
 
 @pytest.fixture(scope="module")
@@ -343,34 +162,9 @@ def kernels(tmp_path_factory):
         "paging-off": minikernels.build(out, "paging-off", PAGING_OFF),
         "no-multiboot": minikernels.build(out, "no-multiboot", NO_MULTIBOOT),
     }
-    elf64 = out / "elf64.elf"
-    (out / "elf64.S").write_text(NO_MULTIBOOT)
-    subprocess.run(["as", "--64", "-o", out / "elf64.o", out / "elf64.S"], check=True)
-    subprocess.run(["ld", "-m", "elf_x86_64", "-Ttext", "0x100000", "-o", elf64, out / "elf64.o"], check=True)
-    built["elf64"] = elf64
-    (out / "mb64.S").write_text(ELF64_MULTIBOOT)
-    (out / "mb64.ld").write_text(ELF64_LDS)
-    subprocess.run(["as", "--64", "-o", out / "mb64.o", out / "mb64.S"], check=True)
-    subprocess.run(["ld", "-m", "elf_x86_64", "-T", out / "mb64.ld", "-z", "max-page-size=0x1000", "-o",
-                    out / "mb64.elf", out / "mb64.o"], check=True)
-    built["mb64"] = out / "mb64.elf"
+    built["elf64"] = minikernels.build(out, "elf64", NO_MULTIBOOT, bits=64)
+    built["mb64"] = minikernels.elf64_multiboot(out)
     return built
-
-
-def kgen(*args, timeout=300):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "kgen.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=timeout)
-
-
-def outcomes(stdout: str) -> dict[str, str]:
-    """test name -> PASSED/FAILED/SKIPPED/ERROR from pytest's -v lines ("path::test PASSED [ 4%]")."""
-    found = {}
-    for line in stdout.splitlines():
-        parts = line.split()
-        if len(parts) >= 2 and "::" in parts[0] and parts[1] in ("PASSED", "FAILED", "SKIPPED", "ERROR"):
-            found[parts[0].split("::")[-1]] = parts[1]
-    return found
 
 
 def test_higher_half_bare_bones_layout_is_judged_by_its_higher_half(kernels):
@@ -389,9 +183,7 @@ def test_higher_half_bare_bones_layout_is_judged_by_its_higher_half(kernels):
 
 def test_a_kept_boot_identity_map_is_still_found(kernels, tmp_path):
     # The same kernel without the line that drops PD[0]: the boot segment's identity map must be reported.
-    source = HHBB.replace("    movl $0, pd                         /* the identity entry */\n", "")
-    elf = minikernels.build(tmp_path, "kept", source, HHBB_LDS, RECURSIVE=0, LARGE=0, BAD_PDE=0, TICK_WAIT=0,
-                               NEEDS_MIB=0, BOOT_INFO=0, BUSY=0)
+    elf = hhbb(tmp_path, "kept", source=HHBB.replace(unmap_identity(), FLUSH_TLB))
     result = kgen("test", "--kernel", str(elf), "-j", "1", "-k", "below_the_kernel_base")
     assert result.returncode == 1, result.stdout + result.stderr
     assert "is identity-mapped" in result.stdout and "below the kernel base 0xc0000000" in result.stdout
