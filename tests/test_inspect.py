@@ -16,6 +16,7 @@ import pytest
 import minikernels
 from conftest import ARCH_BUILDS, needs_qemu
 from kgen.arch import hw
+from kgen.guest import invariants
 from kgen.guest.elfinfo import ElfInfo
 from kgen.guest.pagewalk import PTE_NX, PTE_RW, PTE_US
 from kgen.guest.pmmview import PmmView
@@ -272,3 +273,145 @@ def test_an_invariant_failure_is_attached_to_the_range_it_names(tmp_path):
             assert r["problems"] and set(r["problems"]) <= set(failed["messages"]), r
         else:
             assert not r["problems"], r
+
+
+# ---- user pages, a frame mapped twice: made by the kernel's own routines -----------------------------------------
+
+USER_FLAGS = hw.PTE_P | hw.PTE_RW | hw.PTE_US
+KERNEL_FLAGS = hw.PTE_P | hw.PTE_RW
+
+
+@pytest.fixture(scope="module", params=tuple(ARCH_BUILDS))
+def user_and_shared(request):
+    """A kgen kernel whose own routines made, over the call channel: a user page in the running space (vmm_map_in
+    through the foreign slot attached to the running space itself, as user_load does: templates/task.s), a user
+    page at the same address of a second space (as_create, vmm_map_in), and one frame mapped at two kernel pages
+    (vmm_map twice, pages 1 and 3 of a lazy vmm_alloc range, so each is a range of its own).
+    (document, stopped view, what was made) per architecture."""
+    out = request.getfixturevalue(ARCH_BUILDS[request.param])
+    layout = out.kernel.layout
+    kernel = KernelUnderTest(out.elf, ElfInfo.load(out.elf), layout)
+    with boot(kernel, "tcg") as live:
+        running = live.view().walker.top
+        va = layout.user_text_base
+        own, other, shared = (live.call("pmm_alloc") for _ in range(3))
+        assert own and other and shared
+        assert live.call("as_attach", running) == 1
+        assert live.call("vmm_map_in", running, va, own, USER_FLAGS) == 1
+        live.call("as_detach")
+        space = live.call("as_create")
+        assert space and live.call("as_attach", space) == 1
+        assert live.call("vmm_map_in", space, va, other, USER_FLAGS) == 1
+        live.call("as_detach")
+        base = live.call("vmm_alloc", 5, KERNEL_FLAGS, 1)     # lazy: no page backed until touched
+        assert base
+        twice = (base + PAGE, base + 3 * PAGE)
+        for vaddr in twice:
+            assert live.call("vmm_map", vaddr, shared, KERNEL_FLAGS) == 1
+        made = {"va": va, "own": own, "space": space, "other": other, "shared": shared, "twice": twice}
+        yield collect(live), live.view(), made
+
+
+def run_of(doc, frame: int) -> dict:
+    (run,) = [r for r in doc["physical"] if h(r["start"]) <= frame < h(r["end"])]
+    return run
+
+
+def range_of(doc, vaddr: int) -> dict:
+    (r,) = [v for v in doc["virtual"] if h(v["start"]) <= vaddr < h(v["end"])]
+    return r
+
+
+def text_line_of_frame(text: str, frame: int) -> str:
+    """The line of the text output's physical table whose run holds `frame`."""
+    (line,) = [line for line in text.split("Physical memory", 1)[1].splitlines()
+               if len(line.split()) > 2 and all(w.startswith("0x") for w in line.split()[:2])
+               and int(line.split()[0], 16) <= frame < int(line.split()[1], 16)]
+    return line
+
+
+@needs_qemu
+def test_user_pages_are_named_with_their_space(user_and_shared):
+    doc, view, made = user_and_shared
+    walker = view.walker
+    va, space = made["va"], made["space"]
+    # What the kernel made, seen by the walker: the running space maps va to its own frame, user-accessible.
+    t = walker.translate(va)
+    assert t is not None and t.paddr == made["own"] and t.attrs & PTE_US
+    other = invariants.space_walker(view, space).translate(va)
+    assert other is not None and other.paddr == made["other"] and other.attrs & PTE_US
+    own_run, other_run = run_of(doc, made["own"]), run_of(doc, made["other"])
+    assert (own_run["role"], own_run["detail"]) == ("user page", "in the running space")
+    assert (other_run["role"], other_run["detail"]) == ("user page", f"space {space:#x}")
+    # The second space's own tables are its page tables, not "allocated, unmapped".
+    names = walker.mode.level_names
+    first_kernel = (view.layout.kernel_half_start & view.layout.architecture.va_mask) >> walker.mode.shift(0)
+    tables = [(path, frame) for path, frame in invariants.space_walker(view, space).page_tables()
+              if path[0] < first_kernel]
+    assert len(tables) == walker.mode.levels - 1
+    for path, frame in tables + [((), space)]:
+        assert run_of(doc, frame)["role"] == f"page table ({names[len(path)]})", (path, hex(frame))
+    # The virtual address space is the running one's: va is one user page, on the running space's frame.
+    r = range_of(doc, va)
+    assert (h(r["start"]), h(r["end"]), h(r["phys"])) == (va, va + PAGE, made["own"])
+    assert r["user"] and r["writable"] and r["region"] is not None
+    text = render_text(doc)
+    assert f"  {va:#x}  " in text
+    for frame, detail in ((made["own"], "in the running space"), (made["other"], f"space {space:#x}")):
+        line = text_line_of_frame(text, frame)
+        assert "user page" in line and detail in line, line
+    assert all(i["outcome"] == "passed" for i in doc["invariants"]), doc["invariants"]
+
+
+@needs_qemu
+def test_a_frame_mapped_at_two_pages_is_mapped_twice(user_and_shared):
+    doc, view, made = user_and_shared
+    walker = view.walker
+    shared = made["shared"]
+    pages = [m.vstart + off for m in walker.mappings() for off in range(0, m.size, PAGE) if m.pstart + off == shared]
+    assert sorted(pages) == sorted(made["twice"])
+    run = run_of(doc, shared)
+    assert (run["role"], run["detail"]) == ("mapped twice", f"mapped at {len(pages)} virtual pages")
+    for vaddr in made["twice"]:
+        r = range_of(doc, vaddr)
+        assert (h(r["start"]), h(r["end"]), h(r["phys"])) == (vaddr, vaddr + PAGE, shared)
+        assert r["writable"] and not r["user"]
+    text = render_text(doc)
+    assert all(f"  {vaddr:#x}  " in text for vaddr in made["twice"])
+    line = text_line_of_frame(text, shared)
+    assert "mapped twice" in line and f"mapped at {len(pages)} virtual pages" in line, line
+
+
+# ---- a foreign kernel's frames outside RAM -----------------------------------------------------------------------
+
+@needs_qemu
+@pytest.mark.parametrize("memory_mib", [128, 4096])
+def test_a_foreign_kernels_frames_outside_ram_are_not_ram(tmp_path, memory_mib):
+    """QEMU's pc machine has no RAM at 0xA0000-0xFFFFF (VGA memory, the BIOS), and with 3.5 GiB or more it keeps
+    3 GiB below 4 GiB (the PCI hole above) and puts the rest above 4 GiB: those frames are "not RAM", the RAM
+    nothing references is "unreferenced", and the document spans the RAM above 4 GiB too."""
+    elf_path = minikernels.build(tmp_path, "hh", minikernels.HIGHER_HALF, minikernels.HIGHER_HALF_LDS,
+                                 WRITABLE_TEXT=0)
+    kernel = KernelUnderTest.foreign(elf_path, minikernels.HIGHER_HALF_READY, memory_mib=memory_mib)
+    with boot(kernel, "tcg", poison=None) as live:     # a sparse RAM file: 4 GiB costs nothing
+        doc = collect(live)
+        windows = [(w.start, w.end) for w in live.machine.ram_windows]
+    assert doc["ram"]["bytes"] == memory_mib << 20 and windows
+    roles = frame_roles(doc)
+    assert max(roles) + PAGE == max(hi for _, hi in windows)
+    in_ram = {f: any(lo <= f < hi for lo, hi in windows) for f in roles}
+    assert {roles[f] for f in roles if not in_ram[f]} == {"not RAM"}
+    assert "not RAM" not in {roles[f] for f in roles if in_ram[f]}
+    # Fixed by the PC, not read from QEMU: VGA text memory, the BIOS, conventional memory below them.
+    assert roles[0xB8000] == roles[0xF0000] == "not RAM"
+    assert roles[0x9F000] == "unreferenced"
+    if memory_mib >= 3584:
+        assert roles[0xBFFFF000] == "unreferenced" and roles[0xC0000000] == roles[0xFFFFF000] == "not RAM"
+        assert roles[0x100000000] == roles[(memory_mib << 20) + (1 << 30) - PAGE] == "unreferenced"
+        assert max(roles) + PAGE == (memory_mib << 20) + (1 << 30)
+    else:
+        assert roles[(memory_mib << 20) - PAGE] == "unreferenced" and max(roles) + PAGE == memory_mib << 20
+    pd = kernel.elf.symbols["pd"].value - 0xC0000000
+    assert roles[pd] == "page table (PD)"
+    line = text_line_of_frame(render_text(doc), 0xB8000)
+    assert line.split()[:2] == ["0xa0000", "0x100000"] and "not RAM" in line, line

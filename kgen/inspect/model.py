@@ -16,6 +16,7 @@ from kgen.guest import invariants
 from kgen.guest.invariants import GuestView, NotApplicable
 from kgen.guest.pmmview import ChainError, PmmView
 from kgen.guest.pagewalk import PTE_NX, PTE_P, PTE_RW, PTE_US, PTE_G, Walker, WalkError
+from kgen.machine.ram import LEGACY_HOLE
 
 SCHEMA_VERSION = 1
 PAGE = hw.PAGE_SIZE
@@ -229,6 +230,7 @@ class FrameMap:
 
     def __init__(self, end: int, default: str):
         self.frames = end // PAGE
+        self.not_ram_detail = "outside the PMM's RAM ranges: below 1 MiB, a hole, or beyond the memory map"
         self.role: list[str] = [default] * self.frames
         self.detail: dict[int, str] = {}
 
@@ -263,7 +265,7 @@ class FrameMap:
             out.append({"start": n * PAGE, "frames": 1, "role": role, "detail": detail})
         for run in out:
             if run["role"] == "not RAM" and run["detail"] is None:
-                run["detail"] = "outside the PMM's RAM ranges: below 1 MiB, a hole, or beyond the memory map"
+                run["detail"] = self.not_ram_detail
             run["end"] = hexa(run["start"] + run["frames"] * PAGE)
             run["start"] = hexa(run["start"])
         return [{"start": r["start"], "end": r["end"], "frames": r["frames"], "role": r["role"],
@@ -274,15 +276,30 @@ def table_role(walker: Walker, depth: int) -> str:
     return f"page table ({walker.mode.level_names[depth]})"
 
 
+def guest_ram(machine, ram_bytes: int) -> list[tuple[int, int]]:
+    """Where the guest's RAM is, [start, end) each: QEMU's own answer (`Machine.ram_windows`, from `info mtree`:
+    the legacy hole 0xA0000-0xFFFFF left out, and with 3.5 GiB or more the part above 3 GiB moved to 4 GiB);
+    without a RAM file, [0, ram_bytes) less the legacy hole."""
+    windows = [(w.start, w.end) for w in getattr(machine, "ram_windows", None) or ()]
+    if windows:
+        return sorted(windows)
+    lo, hi = LEGACY_HOLE
+    return [(0, min(lo, ram_bytes))] + ([(hi, ram_bytes)] if ram_bytes > hi else [])
+
+
 def physical_runs(view: GuestView, walker: Walker | None, regions: list[Region], ram_bytes: int,
-                  problems: list[str]) -> list[dict]:
+                  problems: list[str], ram: list[tuple[int, int]] | None = None) -> list[dict]:
+    """Each frame's role, merged into runs. `ram` is the guest's RAM (`guest_ram`): a foreign kernel's frames
+    outside it are not RAM (a kgen kernel's PMM says where its RAM is)."""
     layout = view.layout
     pmm = state = None
     if layout is not None and "pmm_top" in view.elf.symbols:
         pmm = PmmView(view.read_phys, view.elf, layout)
         state = pmm.state()
-    end = max([ram_bytes] + [hi for _, hi in state.ranges] if state else [ram_bytes])
-    frames = FrameMap(end, "not RAM" if state else "unreferenced")
+    if ram is None:
+        ram = [(0, ram_bytes)]
+    end = max([ram_bytes] + [hi for _, hi in state.ranges]) if state else max(hi for _, hi in ram)
+    frames = FrameMap(end, "not RAM")
     if state:
         for lo, hi in state.ranges:
             frames.set_range(lo, hi, "allocated, unmapped", "taken from the PMM, mapped nowhere in this space")
@@ -296,7 +313,9 @@ def physical_runs(view: GuestView, walker: Walker | None, regions: list[Region],
         except ChainError as err:      # the chain itself is a finding
             problems.append(f"the free stack cannot be followed: {err}")
     else:
-        frames.frames = min(frames.frames, ram_bytes // PAGE)
+        frames.not_ram_detail = "not the guest's RAM (QEMU's memory map): the legacy VGA/BIOS hole, a PCI hole"
+        for lo, hi in ram:
+            frames.set_range(lo, hi, "unreferenced")
     for seg in view.elf.segments:
         if seg.memsz:
             rights = "".join(c if on else "-" for c, on in (("r", seg.readable), ("w", seg.writable),
@@ -410,6 +429,7 @@ def collect(live, *, accel: str = "tcg", va: int | None = None, how: str | None 
     layout = view.layout
     regs = view.regs
     ram_bytes = layout.memory_bytes if layout is not None else kernel.memory_mib * MIB
+    ram = guest_ram(live.machine, ram_bytes)
     problems_of_walk: list[str] = []
     try:
         walker = view.walker
@@ -427,10 +447,10 @@ def collect(live, *, accel: str = "tcg", va: int | None = None, how: str | None 
         except WalkError as err:
             problems.append(f"the page tables cannot be walked: {err}")
     try:
-        physical = physical_runs(view, walker, regions, ram_bytes, problems)
+        physical = physical_runs(view, walker, regions, ram_bytes, problems, ram)
     except WalkError as err:
         problems.append(f"the page tables cannot be walked: {err}")
-        physical = physical_runs(view, None, regions, ram_bytes, problems)
+        physical = physical_runs(view, None, regions, ram_bytes, problems, ram)
     if problems[checked:] or problems_of_walk:
         # What inspect itself could not follow (the page tables, the free stack) is a finding too.
         results.append({"name": "kgen inspect", "outcome": "failed", "messages": problems_of_walk + problems[checked:]})
