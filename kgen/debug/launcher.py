@@ -115,11 +115,9 @@ def _config_file(args) -> Path | None:
 
 
 def debug(args, extra: list[str]) -> int:
-    from kgen.build import config as configmod
-    from kgen.build.layout import compute
     from kgen.build.pipeline import build, check_out_dir
     from kgen.guest.elfinfo import ElfInfo
-    from kgen.harness.run import _existing_file, grub_icount, require_kvm
+    from kgen.harness.run import _existing_file, grub_icount, machine_config
     from kgen.machine import Machine
 
     if extra and args.no_gdb:
@@ -136,12 +134,7 @@ def debug(args, extra: list[str]) -> int:
     port = pick_port(args.gdb_port)
     if args.kernel is None:
         check_out_dir(args.out)
-    cfg = configmod.load(args.config, args.arch)
-    if args.memory is not None:
-        cfg = cfg.with_values(machine_memory_mib=args.memory, source=f"{cfg.source} with --memory")
-    layout = compute(cfg)
-    if args.accel == "kvm":
-        require_kvm()
+    cfg, layout = machine_config(args)
 
     if args.kernel is not None:
         from kgen.harness.testing import KernelUnderTest

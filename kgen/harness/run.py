@@ -39,6 +39,17 @@ def grub_icount(iso: bool, accel: str) -> bool:
     return iso and accel == "tcg"
 
 
+def machine_config(args):
+    """(config, layout) of `kgen run` and `kgen debug`: the config with --memory applied; KVM checked when asked for."""
+    cfg = configmod.load(args.config, args.arch)
+    if args.memory is not None:
+        cfg = cfg.with_values(machine_memory_mib=args.memory, source=f"{cfg.source} with --memory")
+    layout = compute(cfg)
+    if args.accel == "kvm":
+        require_kvm()
+    return cfg, layout
+
+
 def _existing_file(option: str, path: Path) -> Path:
     if not path.is_file():
         raise UsageError(f"{option} {path}: no such file" if not path.exists() else f"{option} {path}: not a file")
@@ -75,12 +86,7 @@ def run(args) -> int:
     building = args.kernel is None and args.iso is None
     if building:
         check_out_dir(args.out)
-    cfg = configmod.load(args.config, args.arch)
-    if args.memory is not None:
-        cfg = cfg.with_values(machine_memory_mib=args.memory, source=f"{cfg.source} with --memory")
-    layout = compute(cfg)
-    if args.accel == "kvm":
-        require_kvm()
+    cfg, layout = machine_config(args)
     target: dict = {}
     elf_path = None
     extra_args: tuple[str, ...] = ()
