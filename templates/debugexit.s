@@ -6,10 +6,21 @@
 # 0xdead0010, to the port gives the same status as DEBUG_EXIT_SUCCESS. A stray write can happen; printing
 # "kgen: exit success" right before the port write cannot happen by accident. The harness (kgen/harness/run.py)
 # wants both: that line last on COM1, and the success status.
+#
+# Why it first waits for the UART to finish: serial_putc only waits for room in the FIFO (THRE), so the last bytes
+# can still be on their way when the port write stops the machine. QEMU hands a byte to COM1's socket when it leaves
+# the shift register, and retries later if the socket is full (a busy host reads it late); stopping before that
+# loses "s\n" of "kgen: exit success". TEMT (transmitter empty) is set once every byte is out, as on a real 16550
+# before power-off.
 
 .section .text
 # debug_exit(value): does not return
 debug_exit:
+    mov dx, COM1_PORT + 0x5                         # line status register
+.Lwait_sent:
+    in al, dx
+    test al, UART_LSR_TX_DONE
+    jz .Lwait_sent
     mov xax, [xsp + WORD_SIZE]
     mov dx, DEBUG_EXIT_PORT
     out dx, eax

@@ -33,7 +33,7 @@ serial_putc:
     mov dx, COM1_PORT + 0x5
 .Lputc_wait:
     in al, dx
-    test al, 0x20
+    test al, UART_LSR_TX_EMPTY
     jz .Lputc_wait
     mov dx, COM1_PORT
     mov al, [xsp + WORD_SIZE]

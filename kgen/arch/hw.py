@@ -122,7 +122,8 @@ PIC_IRQ_COUNT = 16
 COM2_IRQ = 3
 UART_IER_RX_AVAILABLE = 0x01
 UART_LSR_DATA_READY = 0x01
-UART_LSR_TX_EMPTY = 0x20
+UART_LSR_TX_EMPTY = 0x20     # THRE: room for the next byte (the FIFO is empty); the last may still be sending
+UART_LSR_TX_DONE = 0x40      # TEMT: FIFO and shift register empty, every byte handed on (QEMU: to the chardev)
 UART_MCR_DTR_RTS_OUT2 = 0x0B    # OUT2 gates the UART's interrupt line to the PIC
 
 # Long mode (SDM vol. 3, 4.5 and 5.2; AMD APM vol. 2, 14.6).

@@ -451,7 +451,7 @@ class Layout:
                      "MULTIBOOT_INFO_CMDLINE", "MULTIBOOT_MMAP_AVAILABLE", "MULTIBOOT_INFO_SIZE", "COM1_PORT", "COM2_PORT",
                      "PIC1_COMMAND", "PIC1_DATA", "PIC2_COMMAND", "PIC2_DATA", "PIC_EOI", "PIC_IRQ_COUNT",
                      "COM2_IRQ", "UART_IER_RX_AVAILABLE", "UART_LSR_DATA_READY", "UART_LSR_TX_EMPTY",
-                     "UART_MCR_DTR_RTS_OUT2"):
+                     "UART_LSR_TX_DONE", "UART_MCR_DTR_RTS_OUT2"):
             consts[name] = getattr(hw, name)
         consts.update(self._geometry_constants())
         consts.update(self._i386_constants() if self.arch == "i386" else self._x86_64_constants())
