@@ -94,6 +94,22 @@ def _add_foreign_boot_args(p: argparse.ArgumentParser):
                         "repeatable")
 
 
+def _add_checked_kernel_args(p: argparse.ArgumentParser, what: str):
+    """--kernel and everything about booting and judging it, alike for `kgen test` and `kgen inspect`."""
+    p.add_argument("--kernel", type=Path, help=f"{what} (default: the config's [foreign] kernel, if set; [foreign] "
+                   "also holds the options below)")
+    _add_foreign_boot_args(p)
+    p.add_argument("--boot-timeout", type=positive_seconds, metavar="SECONDS",
+                   help="with --kernel: seconds to wait for the booted state (default: 60)")
+    p.add_argument("--memory", type=positive_int, metavar="MIB", help="with --kernel: guest RAM in MiB (default: "
+                   "machine.memory_mib of --config, else 128)")
+    p.add_argument("--append", metavar="CMDLINE", help="with --kernel: the kernel command line")
+    p.add_argument("--boot-only-segment", type=segment_index, action="append", metavar="N", help="with --kernel: "
+                   "program header N (as readelf -l numbers them) is boot code: unmapped once the kernel runs high "
+                   "is as meant, and it is not the kernel base (default: a segment linked where it is loaded in an "
+                   "otherwise higher-half kernel); repeatable")
+
+
 def cmd_build(args) -> int:
     from kgen.build import config as configmod
     from kgen.build.pipeline import build, check_out_dir
@@ -188,18 +204,7 @@ def parser() -> argparse.ArgumentParser:
                    "messages) and a summary; - for stdout (pytest's own lines then go to stderr)")
     t.add_argument("--address-spaces", metavar="SYMBOL[,COUNT]", help="with --kernel: the kernel's array of "
                    "top-level page table physical addresses (0 = unused); the page-table checks run on each space")
-    t.add_argument("--kernel", type=Path, help="check this Multiboot ELF (any kernel) with the generic invariants "
-                   "(default: the config's [foreign] kernel, if set; [foreign] also holds the options below)")
-    _add_foreign_boot_args(t)
-    t.add_argument("--boot-timeout", type=positive_seconds, metavar="SECONDS",
-                   help="with --kernel: seconds to wait for the booted state (default: 60)")
-    t.add_argument("--memory", type=positive_int, metavar="MIB", help="with --kernel: guest RAM in MiB (default: "
-                   "machine.memory_mib of --config, else 128)")
-    t.add_argument("--append", metavar="CMDLINE", help="with --kernel: the kernel command line")
-    t.add_argument("--boot-only-segment", type=segment_index, action="append", metavar="N", help="with --kernel: "
-                   "program header N (as readelf -l numbers them) is boot code: unmapped once the kernel runs high "
-                   "is as meant, and it is not the kernel base (default: a segment linked where it is loaded in an "
-                   "otherwise higher-half kernel); repeatable")
+    _add_checked_kernel_args(t, "check this Multiboot ELF (any kernel) with the generic invariants")
     t.add_argument("-j", "--jobs", type=jobs, default="auto", help="parallel machines (pytest-xdist; default: one per core)")
     t.add_argument("--cold-boot", action="store_true",
                    help="boot a new machine for every test instead of restoring a snapshot of the booted kernel")
@@ -209,15 +214,7 @@ def parser() -> argparse.ArgumentParser:
                                    "physical memory and invariants, or one translation (--va)",
                   description="Text on a terminal, --json for scripts (docs/inspect.md), --html FILE for a page.")
     _add_config_args(ins)
-    ins.add_argument("--kernel", type=Path, help="inspect this Multiboot ELF (any kernel) instead of kgen's "
-                     "(default: the config's [foreign] kernel, if set)")
-    _add_foreign_boot_args(ins)
-    ins.add_argument("--boot-timeout", type=positive_seconds, metavar="SECONDS",
-                     help="with --kernel: seconds to wait for the ready point (default: 60)")
-    ins.add_argument("--memory", type=positive_int, metavar="MIB", help="with --kernel: guest RAM in MiB")
-    ins.add_argument("--append", metavar="CMDLINE", help="with --kernel: the kernel command line")
-    ins.add_argument("--boot-only-segment", type=segment_index, action="append", metavar="N",
-                     help="with --kernel: program header N is boot code (see kgen test --help); repeatable")
+    _add_checked_kernel_args(ins, "inspect this Multiboot ELF (any kernel) instead of kgen's")
     ins.add_argument("--accel", choices=("tcg", "kvm"), default="tcg", help="QEMU accelerator (default: tcg)")
     ins.add_argument("--va", type=virtual_address, metavar="ADDR",
                      help="explain the translation of this virtual address step by step")
