@@ -16,7 +16,7 @@ from kgen.guest import invariants
 from kgen.guest.invariants import GuestView, NotApplicable
 from kgen.guest.pmmview import ChainError, PmmView
 from kgen.guest.pagewalk import PTE_NX, PTE_P, PTE_RW, PTE_US, PTE_G, Walker, WalkError
-from kgen.machine.ram import LEGACY_HOLE
+from kgen.machine.ram import RamWindow, clip_legacy_hole
 
 SCHEMA_VERSION = 1
 PAGE = hw.PAGE_SIZE
@@ -283,8 +283,7 @@ def guest_ram(machine, ram_bytes: int) -> list[tuple[int, int]]:
     windows = [(w.start, w.end) for w in getattr(machine, "ram_windows", None) or ()]
     if windows:
         return sorted(windows)
-    lo, hi = LEGACY_HOLE
-    return [(0, min(lo, ram_bytes))] + ([(hi, ram_bytes)] if ram_bytes > hi else [])
+    return [(w.start, w.end) for w in clip_legacy_hole(RamWindow(0, ram_bytes, 0))]
 
 
 def physical_runs(view: GuestView, walker: Walker | None, regions: list[Region], ram_bytes: int,

@@ -46,11 +46,12 @@ def parse_ram_windows(mtree_flat: str, backend_id: str) -> list[RamWindow]:
             m = re.match(r"\s*([0-9a-f]+)-([0-9a-f]+) \(prio -?\d+, (\w+)\): (\S+)(?: @([0-9a-f]+))?", line)
             if m and m[3] == "ram" and m[4] == backend_id:
                 window = RamWindow(int(m[1], 16), int(m[2], 16) + 1, int(m[5] or "0", 16))
-                windows.extend(_clip_legacy_hole(window))
+                windows.extend(clip_legacy_hole(window))
     return windows
 
 
-def _clip_legacy_hole(w: RamWindow) -> list[RamWindow]:
+def clip_legacy_hole(w: RamWindow) -> list[RamWindow]:
+    """`w` less the legacy hole 0xA0000-0xFFFFF (VGA memory and ROMs, not RAM, whatever the RAM file holds there)."""
     lo, hi = LEGACY_HOLE
     if w.end <= lo or w.start >= hi:
         return [w]
