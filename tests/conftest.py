@@ -74,7 +74,8 @@ def require_kvm(out) -> None:
     """Skip unless KVM on this host runs this kernel: one probe boot per ELF and worker (kvm_pvm here runs long
     mode, not the i386 kernel's 32-bit paging)."""
     from kgen.guest.elfinfo import ElfInfo
-    from kgen.harness.testing import KernelUnderTest, probe_kvm
+    from kgen.harness.kernel import KernelUnderTest
+    from kgen.harness.kvmprobe import probe_kvm
     key = str(out.elf)
     if key not in _KVM_PROBES:
         _KVM_PROBES[key] = probe_kvm(KernelUnderTest(out.elf, ElfInfo.load(out.elf), out.kernel.layout))

@@ -70,7 +70,7 @@ def test_exit_codes_are_distinct_and_in_every_help_and_the_readme():
 
 def test_pytest_statuses_map_onto_kgens():
     """`kgen test` never returns pytest's 2 (interrupted: kgen's config code) or 3 (internal: kgen's missing tool)."""
-    from kgen.harness.testing import PYTEST_EXIT
+    from kgen.cli.test import PYTEST_EXIT
     assert {int(code) for code in pytest.ExitCode} <= set(PYTEST_EXIT)
     assert PYTEST_EXIT[pytest.ExitCode.OK] == errors.EXIT_OK
     assert PYTEST_EXIT[pytest.ExitCode.TESTS_FAILED] == errors.EXIT_CHECKS_FAILED

@@ -13,7 +13,8 @@ from kgen.guest.elfinfo import ElfInfo
 from kgen.errors import MachineError
 from kgen.machine import Machine
 from kgen.harness.session import KernelSession
-from kgen.harness.testing import KernelUnderTest, boot
+from kgen.harness.kernel import KernelUnderTest
+from kgen.harness.live import boot
 
 from conftest import needs_qemu
 

@@ -211,12 +211,12 @@ def cpu(eip: int, *, halted: bool = False, interrupts: bool = False, ring: int =
     (b"\xf3\x90\xeb\xfc", False),               # pause; jmp back: a spin-wait that interrupts may end
 ])
 def test_only_a_jump_to_itself_counts(code, spins):
-    from kgen.harness.testing import jumps_to_itself
+    from kgen.harness.ready import jumps_to_itself
     assert jumps_to_itself(FakeMachine({0x100000: code}), cpu(0x100000)) is spins
 
 
 def test_code_is_read_only_when_eip_stays_put_with_interrupts_off():
-    from kgen.harness.testing import SelfJumpWatch
+    from kgen.harness.ready import SelfJumpWatch
     machine = FakeMachine({0x100000: b"\xeb\xfe"})
     watch = SelfJumpWatch(machine, None)
     for eip in (0x100010, 0x100020, 0x100000, 0x100030):

@@ -366,7 +366,8 @@ def test_memory_from_the_option_or_the_config(kernels, tmp_path):
 def test_accel_kvm_that_cannot_run_the_kernel_is_one_line_and_status_3(kernels):
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         pytest.skip("no usable /dev/kvm here")
-    from kgen.harness.testing import KernelUnderTest, probe_kvm
+    from kgen.harness.kernel import KernelUnderTest
+    from kgen.harness.kvmprobe import probe_kvm
     usable, _ = probe_kvm(KernelUnderTest.foreign(kernels["hhbb"]))
     if usable:
         pytest.skip("this host's KVM runs 32-bit paging: nothing to refuse")
@@ -390,7 +391,8 @@ def test_a_disk_image_stays_the_users_under_parallel_machines_and_snapshots(kern
     so two machines hold the image at once (QEMU refuses a second writer otherwise), the booted machine can be
     saved for restores (a raw image cannot hold a snapshot) and what the guest writes never reaches the file."""
     import warnings
-    from kgen.harness.testing import KernelUnderTest, boot
+    from kgen.harness.kernel import KernelUnderTest
+    from kgen.harness.live import boot
     from kgen.machine.snapshot import SnapshotWarning
     disk = tmp_path / "fs.img"
     original = bytes(range(256)) * 4096

@@ -49,7 +49,8 @@ def test_packets_carry_their_checksum_and_escapes():
 # --- --ready-at --------------------------------------------------------------------------------------------------
 
 def test_ready_at_stops_the_first_time_the_cpu_reaches_the_symbol(zoo):
-    from kgen.harness.testing import KernelUnderTest, boot
+    from kgen.harness.kernel import KernelUnderTest
+    from kgen.harness.live import boot
     kernel = KernelUnderTest.foreign(zoo["late"], ready_at="main_loop")
     elf = kernel.elf
     with boot(kernel, cold=True) as live:
@@ -64,10 +65,11 @@ def test_ready_at_stops_the_first_time_the_cpu_reaches_the_symbol(zoo):
 
 def test_ready_at_a_boot_symbol_stops_at_its_load_address_before_paging(zoo):
     from kgen.arch.hw import CR0_PG
-    from kgen.harness.testing import KernelUnderTest, boot
+    from kgen.harness.kernel import KernelUnderTest
+    from kgen.harness.live import boot
     kernel = KernelUnderTest.foreign(zoo["late"], ready_at="_start")
     start = kernel.elf.symbols["_start"].value
-    assert kernel.ready_at.addresses == (start, physical(kernel.elf, start))
+    assert kernel.ready.get("at").addresses == (start, physical(kernel.elf, start))
     with boot(kernel, cold=True) as live:
         regs = live.machine.registers()
         assert regs.eip == physical(kernel.elf, start) != start
@@ -75,7 +77,8 @@ def test_ready_at_a_boot_symbol_stops_at_its_load_address_before_paging(zoo):
 
 
 def test_ready_at_takes_a_hex_address(zoo):
-    from kgen.harness.testing import KernelUnderTest, boot
+    from kgen.harness.kernel import KernelUnderTest
+    from kgen.harness.live import boot
     from kgen.guest.elfinfo import ElfInfo
     idle = ElfInfo.load(zoo["late"]).symbols["idle"].value
     kernel = KernelUnderTest.foreign(zoo["late"], ready_at=f"{idle:#x}")
@@ -85,7 +88,8 @@ def test_ready_at_takes_a_hex_address(zoo):
 
 
 def test_a_restored_ready_at_machine_is_stopped_there_and_runs_on_without_the_debugger(zoo):
-    from kgen.harness.testing import KernelUnderTest, boot
+    from kgen.harness.kernel import KernelUnderTest
+    from kgen.harness.live import boot
     from kgen.machine.snapshot import POOL
     kernel = KernelUnderTest.foreign(zoo["late"], ready_at="main_loop")
     main_loop = kernel.elf.symbols["main_loop"].value
@@ -108,7 +112,8 @@ def test_a_restored_ready_at_machine_is_stopped_there_and_runs_on_without_the_de
 def test_ready_at_under_kvm_uses_a_hardware_breakpoint(tmp_path):
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         pytest.skip("no usable /dev/kvm here")
-    from kgen.harness.testing import KernelUnderTest, boot
+    from kgen.harness.kernel import KernelUnderTest
+    from kgen.harness.live import boot
     kernel = KernelUnderTest.foreign(minikernels.elf64_multiboot(tmp_path), ready_at="long_mode")
     # kvm_pvm accepts Z0 too but never stops there: the int3 goes into RAM before QEMU's Multiboot ROM copies the
     # kernel over it. The stop proves Z1 was used.
@@ -121,12 +126,12 @@ def test_ready_at_under_kvm_uses_a_hardware_breakpoint(tmp_path):
 def test_ready_at_that_is_never_reached_is_the_timeout_naming_it(zoo):
     from kgen.errors import MachineError
     from kgen.guest.elfinfo import ElfInfo
-    from kgen.harness.testing import wait_booted
+    from kgen.harness.ready import Ready, wait_booted
     from kgen.machine import Machine
     elf = ElfInfo.load(zoo["late"])
     with Machine(kernel=zoo["late"], gdbstub=True, start_paused=True) as machine:
         with pytest.raises(MachineError) as seen:
-            wait_booted(machine, None, 2, elf=elf, at="0x7000")
+            wait_booted(machine, Ready.from_options(elf, ready_at="0x7000"), 2, elf)
         assert "the CPU did not reach 0x7000 within 2 s" in str(seen.value)
         assert machine.status() == "paused"    # stopped where it was, for the diagnosis
 
@@ -136,11 +141,11 @@ def test_ready_at_that_is_never_reached_is_the_timeout_naming_it(zoo):
 def test_ready_vga_waits_for_the_text_not_for_earlier_lines(zoo):
     from kgen.guest import vga
     from kgen.guest.elfinfo import ElfInfo
-    from kgen.harness.testing import wait_booted
+    from kgen.harness.ready import Ready, wait_booted
     from kgen.machine import Machine
     elf = ElfInfo.load(zoo["vga"])
     with Machine(kernel=zoo["vga"]) as machine:
-        how = wait_booted(machine, None, 60, vga=minikernels.READY_ZOO_READY)
+        how = wait_booted(machine, Ready("vga", minikernels.READY_ZOO_READY), 60)
         machine.stop()
         assert how == f"showed {minikernels.READY_ZOO_READY!r} on the VGA screen"
         assert word(machine, elf, "ticks") >= minikernels.READY_ZOO_TICKS     # not at "zoo: booting"
@@ -153,11 +158,11 @@ def test_without_an_option_the_tick_wait_passes_for_idle(zoo):
     # Why the options exist: the default rule (idle in hlt with paging on) is met during the boot's wait.
     from kgen.guest import vga
     from kgen.guest.elfinfo import ElfInfo
-    from kgen.harness.testing import wait_booted
+    from kgen.harness.ready import Ready, wait_booted
     from kgen.machine import Machine
     elf = ElfInfo.load(zoo["vga"])
     with Machine(kernel=zoo["vga"]) as machine:
-        assert wait_booted(machine, None, 60).startswith("idle")
+        assert wait_booted(machine, Ready(), 60).startswith("idle")
         machine.stop()
         assert word(machine, elf, "ticks") < minikernels.READY_ZOO_TICKS
         assert not vga.shows(vga.screen_rows(machine), minikernels.READY_ZOO_READY)
@@ -165,11 +170,11 @@ def test_without_an_option_the_tick_wait_passes_for_idle(zoo):
 
 def test_ready_vga_text_never_shown_times_out_naming_it(zoo):
     from kgen.errors import MachineError
-    from kgen.harness.testing import wait_booted
+    from kgen.harness.ready import Ready, wait_booted
     from kgen.machine import Machine
     with Machine(kernel=zoo["vga"]) as machine:
         with pytest.raises(MachineError) as seen:
-            wait_booted(machine, None, 2, vga="zoo: never shown")
+            wait_booted(machine, Ready("vga", "zoo: never shown"), 2)
     assert "'zoo: never shown' did not appear on the VGA screen within 2 s" in str(seen.value)
 
 

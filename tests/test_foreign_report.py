@@ -127,7 +127,8 @@ def test_the_verdicts_do_not_depend_on_which_process_is_current(zoo, tmp_path):
 def test_user_pages_are_not_a_stray_identity_map(zoo, tmp_path):
     from kgen.arch import hw
     from kgen.guest import invariants
-    from kgen.harness.testing import KernelUnderTest, boot
+    from kgen.harness.kernel import KernelUnderTest
+    from kgen.harness.live import boot
     elf = zoo["process-current"]
     # The process's user pages are really there, in CR3, user-accessible, below the kernel base ...
     with boot(KernelUnderTest.foreign(elf), cold=True) as live:

@@ -20,7 +20,8 @@ from kgen.guest import invariants
 from kgen.guest.elfinfo import ElfInfo
 from kgen.guest.pagewalk import PTE_NX, PTE_RW, PTE_US
 from kgen.guest.pmmview import PmmView
-from kgen.harness.testing import KernelUnderTest, boot
+from kgen.harness.kernel import KernelUnderTest
+from kgen.harness.live import boot
 from kgen.inspect.explain import explain_translation
 from kgen.inspect.model import collect
 from kgen.inspect.text import render_text

@@ -8,7 +8,8 @@ from kgen.arch import hw
 
 from kgen.guest import invariants
 from kgen.guest.elfinfo import ElfInfo
-from kgen.harness.testing import KernelUnderTest, boot
+from kgen.harness.kernel import KernelUnderTest
+from kgen.harness.live import boot
 
 from conftest import needs_qemu
 

@@ -30,7 +30,8 @@ from kgen.guest.pagewalk import Walker
 from kgen.guest.pmmview import (ChainError, PmmState, PmmView, alloc_at_pages, overlap_frames, parse_report,
                           ranges_from_mmap)
 from kgen.harness.session import KernelSession
-from kgen.harness.testing import KernelUnderTest, probe_kvm
+from kgen.harness.kernel import KernelUnderTest
+from kgen.harness.kvmprobe import probe_kvm
 
 from conftest import ARCH_BUILDS
 

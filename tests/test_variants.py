@@ -100,7 +100,8 @@ def exercise(arch_build):
     """The exercise stages' checker on a freshly booted default kernel (each architecture), at the start of a stage."""
     from kgen.guest.elfinfo import ElfInfo
     from kgen.harness.suite.test_exercise import Exercise
-    from kgen.harness.testing import KernelUnderTest, boot
+    from kgen.harness.kernel import KernelUnderTest
+    from kgen.harness.live import boot
     kernel = KernelUnderTest(arch_build.elf, ElfInfo.load(arch_build.elf), arch_build.kernel.layout)
     with boot(kernel) as live:
         k = Exercise(live)

@@ -10,7 +10,9 @@ import pytest
 from kgen.arch import hw
 
 from kgen.guest import invariants
-from kgen.harness.testing import KernelUnderTest, boot, probe_kvm
+from kgen.harness.kernel import KernelUnderTest
+from kgen.harness.live import boot
+from kgen.harness.kvmprobe import probe_kvm
 
 from conftest import needs_qemu
 

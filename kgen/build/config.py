@@ -124,7 +124,7 @@ class ForeignConfig:
     --boot-only-segment, repeated) and that option, when given, wins (one --ready* option replaces all the table's
     ready keys; --module or --qemu-arg replaces the whole array). `kernel` and the files of `modules` are relative
     to the config file; with `kernel` set the commands check that kernel without --kernel
-    (kgen/harness/testing.py `apply_foreign_config`)."""
+    (kgen/harness/foreign.py `apply_foreign_config`)."""
     source: str
     kernel: Path | None = None
     ready: str | None = None

@@ -137,7 +137,7 @@ def debug(args, extra: list[str]) -> int:
     cfg, layout = machine_config(args)
 
     if args.kernel is not None:
-        from kgen.harness.testing import KernelUnderTest
+        from kgen.harness.kernel import KernelUnderTest
         elf_path = _existing_file("--kernel", args.kernel)
         try:
             elf = ElfInfo.load(elf_path)
@@ -158,7 +158,7 @@ def debug(args, extra: list[str]) -> int:
     config_file = _config_file(args) if kgen_arch is not None else None
     recipe = gdb_command_line(args.gdb if gdb is None else gdb, Path(elf_path), port, kgen_arch, config_file)
     try:
-        from kgen.harness.testing import launch_refusing
+        from kgen.harness.bootpath import launch_refusing
         launch_refusing(machine, elf_path if args.kernel is not None else None)
         print(f"kgen: QEMU (pid {machine.pid}) holds the kernel at its first instruction; gdbstub on "
               f"{GDB_HOST}:{port}", file=sys.stderr)

@@ -378,7 +378,7 @@ def main(argv=None) -> int:
                         "file `--json` wrote (to draw them with --html)")
     args = parser.parse_args(argv)
     if args.html:
-        from kgen.harness.testing import check_report_path
+        from kgen.harness.outputs import check_report_path
         check_report_path("--html", args.html)      # before measuring, not after
     if args.from_json:
         data = load_figures(args.from_json)

@@ -51,7 +51,7 @@ def fresh_machine_costs(kernel, accel: str, runs: int) -> dict:
 FAILING_HYPOTHESIS_TEST = textwrap.dedent('''
     from hypothesis import given, settings, strategies as st, HealthCheck
     from kgen.harness.session import KernelSession
-    from kgen.harness.testing import KernelUnderTest
+    from kgen.harness.kernel import KernelUnderTest
 
     KERNEL = KernelUnderTest.built(None, __import__("pathlib").Path({out!r}), {arch!r})
 
@@ -116,7 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = p.parse_args(argv)
 
-    from kgen.harness.testing import KernelUnderTest, boot, probe_kvm
+    from kgen.harness.kernel import KernelUnderTest
+
+    from kgen.harness.live import boot
+
+    from kgen.harness.kvmprobe import probe_kvm
     arches = tuple(ARCHES) if args.arch == "all" else (args.arch,)
     figures: dict = {"host": {"cores": os.cpu_count()}, "fresh machine": [], "hypothesis": [], "suite": []}
     say = (lambda *a: None) if args.json else print

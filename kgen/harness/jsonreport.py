@@ -110,7 +110,7 @@ def run_suite_json(args, extra: list[str], run_suite) -> int:
     import sys
     import tempfile
     from kgen.errors import KgenError
-    from kgen.harness.testing import check_report_path
+    from kgen.harness.outputs import check_report_path
     to_stdout = args.json == "-"
     scratch = None
     if to_stdout:

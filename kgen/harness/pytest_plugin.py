@@ -114,18 +114,20 @@ def pytest_generate_tests(metafunc):
 
 @pytest.fixture(scope="session")
 def kgen_kernel(request, tmp_path_factory):
+    from types import SimpleNamespace
+
     from kgen.errors import KgenError
-    from kgen.harness.testing import KernelUnderTest, split_qemu_args
+    from kgen.harness.foreign import FOREIGN_OPTIONS, foreign_kernel_from_args
+    from kgen.harness.kernel import KernelUnderTest
 
     opt = request.config.getoption
     try:
         if opt("kgen_kernel") is not None:
-            return KernelUnderTest.foreign(
-                opt("kgen_kernel"), opt("kgen_ready"), boot_timeout=opt("kgen_boot_timeout"),
-                memory_mib=opt("kgen_memory"), append=opt("kgen_append"), modules=opt("kgen_module"),
-                qemu_args=split_qemu_args(opt("kgen_qemu_arg")), ready_symbol=opt("kgen_ready_symbol"),
-                ready_after=opt("kgen_ready_after"), ready_at=opt("kgen_ready_at"), ready_vga=opt("kgen_ready_vga"),
-                boot_only_segments=_boot_only(opt("kgen_boot_only_segment")))
+            # The options `kgen test` forwards as --kgen-<option> (kgen/cli/test.py), read the way it reads its own.
+            args = SimpleNamespace(kernel=opt("kgen_kernel"),
+                                   **{attr: opt(f"kgen_{attr}") for attr in FOREIGN_OPTIONS.values()})
+            args.boot_only_segment = _boot_only(args.boot_only_segment)
+            return foreign_kernel_from_args(args)
         return KernelUnderTest.built(opt("kgen_config"), opt("kgen_out") or tmp_path_factory.mktemp("kgen-kernel"),
                                      opt("kgen_arch"))
     except KgenError as err:
@@ -144,7 +146,7 @@ def _boot_only(values: list[str] | None) -> list[int] | None:
 
 @pytest.fixture(scope="session")
 def kgen_kvm(request, kgen_kernel):
-    from kgen.harness.testing import probe_kvm
+    from kgen.harness.kvmprobe import probe_kvm
     return probe_kvm(kgen_kernel, request.config.getoption("kgen_out"))
 
 
@@ -171,7 +173,7 @@ def kgen_boot(kernel, accel: str = "tcg"):
     """Boot `kernel` for a test; a boot that fails fails the test with the diagnosis (what the kernel did
     instead: exception, triple fault, hang), not with a traceback of the harness."""
     from kgen.guest.diagnose import RunFailed
-    from kgen.harness.testing import boot
+    from kgen.harness.live import boot
     failed = None
     try:
         with boot(kernel, accel) as live:

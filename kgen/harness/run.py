@@ -4,7 +4,7 @@ Either alone can be faked: the status keeps only 8 bits, and a line can be print
 
 A kernel given with --kernel may know nothing of kgen: it also succeeds when it prints its --ready text (reaches
 its --ready-at symbol, shows its --ready-vga text on the screen), or, without one, when it stops cleanly the way
-`kgen test` waits for (kgen/harness/testing.py `wait_booted`): halted with interrupts off, or idle in hlt with
+`kgen test` waits for (kgen/harness/ready.py `wait_booted`): halted with interrupts off, or idle in hlt with
 paging on. The line printed then says where it halted."""
 from __future__ import annotations
 
@@ -22,6 +22,10 @@ from kgen.guest.elfinfo import ElfInfo
 from kgen.errors import (EXIT_KERNEL_FAILED, EXIT_OK, KernelFailed, KgenError, MachineError, ToolMissing,
                          UsageError)
 from kgen.build.layout import compute
+from kgen.harness.bootpath import launch_refusing
+from kgen.harness.kernel import KernelUnderTest
+from kgen.harness.qemuargs import check_modules, initrd_args, split_qemu_args
+from kgen.harness.ready import READY_OPTIONS, Ready, wait_booted
 
 KVM_DEVICE = "/dev/kvm"
 SERIAL_GRACE = 5.0      # seconds to wait for COM1's last line after QEMU exited with the success status
@@ -75,9 +79,7 @@ def run(args) -> int:
     from kgen.guest.bootreport import EXIT_SUCCESS, reported_success
     from kgen.machine import Machine
 
-    foreign_only = [name for name in ("ready", "ready_symbol", "ready_after", "ready_at", "ready_vga", "module",
-                                      "qemu_arg")
-                    if getattr(args, name, None)]
+    foreign_only = [name for name in (*READY_OPTIONS, "module", "qemu_arg") if getattr(args, name, None)]
     if foreign_only and args.kernel is None:
         raise UsageError(f"--{foreign_only[0].replace('_', '-')} is for a kernel given with --kernel")
     if args.append is not None and args.iso is not None:
@@ -91,7 +93,6 @@ def run(args) -> int:
     elf_path = None
     extra_args: tuple[str, ...] = ()
     if args.kernel is not None:
-        from kgen.harness.testing import check_modules, initrd_args, split_qemu_args
         elf_path = _existing_file("--kernel", args.kernel)
         check_modules(args.module or ())
         extra_args = initrd_args(args.module or ()) + split_qemu_args(args.qemu_arg or ())
@@ -107,35 +108,24 @@ def run(args) -> int:
     except KgenError as err:
         raise UsageError(f"--kernel {err}") from None
 
-    if sum(x is not None for x in (args.ready, args.ready_symbol, args.ready_after, args.ready_at,
-                                   args.ready_vga)) > 1:
-        raise UsageError("give one of --ready, --ready-symbol, --ready-after, --ready-at, --ready-vga")
-    if args.ready_symbol is not None and args.ready_symbol not in elf.symbols:
-        raise UsageError(f"--ready-symbol {args.ready_symbol}: {elf_path} has no such symbol")
-    at = None
-    if args.ready_at is not None:
-        from kgen.harness.testing import resolve_ready_at
-        try:
-            at = resolve_ready_at(elf, args.ready_at)
-        except KgenError as err:
-            raise UsageError(str(err)) from None
+    try:
+        ready = Ready.from_options(elf, **{name: getattr(args, name, None) for name in READY_OPTIONS})
+    except KgenError as err:
+        raise UsageError(str(err)) from None
 
     icount = grub_icount("iso" in target, args.accel)
     qemu = layout.architecture.qemu
     if args.kernel is not None:
-        from kgen.harness.testing import KernelUnderTest
         qemu = KernelUnderTest(elf_path, elf).qemu      # the ELF's class picks it, as under kgen test
     # --ready-at: held at the first instruction with the gdbstub up, so its breakpoint is in before the CPU runs.
-    held = dict(gdbstub=True, start_paused=True) if at is not None else {}
+    held = dict(gdbstub=True, start_paused=True) if ready.kind == "at" else {}
     machine = Machine(**target, accel=args.accel, memory_mib=layout.memory_mib, echo_serial=True, icount=icount,
                       debug_exit_port=layout.debug_exit_port, qemu=qemu, extra_args=extra_args, **held)
-    from kgen.harness.testing import launch_refusing
     launch_refusing(machine, elf_path if elf is not None else None, elf)
     with _shut_down_after(machine):
         try:
             if args.kernel is not None:
-                stopped = _foreign_stop(machine, elf, args.ready, args.timeout, args.ready_symbol, args.ready_after,
-                                        at, args.ready_vga)
+                stopped = _foreign_stop(machine, elf, ready, args.timeout)
                 if stopped is not None:
                     _end_kernel_line(machine)
                     print(f"kgen: {stopped}", file=sys.stderr)
@@ -191,15 +181,13 @@ def _shut_down_after(machine):
         machine.shutdown()
 
 
-def _foreign_stop(machine, elf: ElfInfo, ready: str | None, timeout: float, symbol: str | None = None,
-                  settle: float | None = None, at=None, vga: str | None = None) -> str | None:
-    """For a kernel given with --kernel: the line saying it stopped cleanly (its --ready text seen, or halted as
+def _foreign_stop(machine, elf: ElfInfo, ready: Ready, timeout: float) -> str | None:
+    """For a kernel given with --kernel: the line saying it stopped cleanly (ready as `ready` says, or halted as
     `kgen test` waits for), or None when QEMU exited first (its status is then judged as for any kernel). A
     kernel that gets neither far raises the MachineError `explain` reads."""
     from kgen.guest.diagnose import _symbol
-    from kgen.harness.testing import wait_booted
     try:
-        how = wait_booted(machine, ready, timeout, symbol=symbol, elf=elf, settle=settle, at=at, vga=vga)
+        how = wait_booted(machine, ready, timeout, elf)
     except MachineError:
         if machine.status() == "exited":
             return None
@@ -208,7 +196,7 @@ def _foreign_stop(machine, elf: ElfInfo, ready: str | None, timeout: float, symb
     regs = machine.registers()
     where = f"{'RIP' if regs.long_mode else 'EIP'}={_symbol(elf, regs.eip, long_mode=regs.long_mode)}"
     paging = "on" if regs.cr0 & hw.CR0_PG else "off"
-    if any(x is not None for x in (ready, symbol, settle, at, vga)):
+    if ready.kind is not None:
         return f"ready: the kernel {how} (CPU at {where}, paging {paging})"
     return f"halted: the kernel {how}, at {where} (a clean stop; --ready TEXT asks for its own line instead)"
 

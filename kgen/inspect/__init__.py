@@ -7,7 +7,7 @@ the invariants, and with --va one translation step by step.
     text.py     the document as text for a terminal
     html.py     the document as one self-contained HTML page (`render_html(doc) -> str`)
 
-The boot is `kgen test`'s (`kgen.harness.testing.boot`, `wait_booted`, `foreign_kernel_from_args`), so the
+The boot is `kgen test`'s (`kgen.harness.foreign.checked_kernel`, `kgen.harness.live.boot`), so the
 "when to look" options of `kgen test --kernel` mean the same here. The machine is booted cold and shut down when
 the document is made, whatever happens.
 """
@@ -30,7 +30,9 @@ def _html_renderer():
 def run(args) -> int:
     from kgen.errors import KernelFailed, UsageError
     from kgen.guest.diagnose import RunFailed
-    from kgen.harness import testing
+    from kgen.harness.foreign import checked_kernel
+    from kgen.harness.live import boot
+    from kgen.harness.outputs import check_report_path
     from kgen.inspect.model import collect
     from kgen.inspect.text import render_text, use_colour
 
@@ -42,28 +44,15 @@ def run(args) -> int:
         from kgen.harness.bench import load_figures
         bench = load_figures(args.bench, "--bench")
     if args.html is not None:
-        testing.check_report_path("--html", args.html)
-    if args.kernel is not None:
-        kernel = testing.foreign_kernel_from_args(args)
-        testing.require_qemu(kernel.qemu)
-        testing.check_qemu_accepts(kernel)
-    else:
-        used = [name for name in ("ready", "ready_symbol", "ready_after", "ready_at", "ready_vga", "boot_timeout",
-                                  "memory", "append", "module", "qemu_arg") if getattr(args, name, None)]
-        if used:
-            raise UsageError(f"--{used[0].replace('_', '-')} is for a kernel given with --kernel; a kgen kernel "
-                             "takes its machine from the config")
-        from kgen.build.pipeline import check_out_dir
-        check_out_dir(args.out)
-        kernel = testing.KernelUnderTest.built(args.config, args.out, args.arch)
-        testing.require_qemu(kernel.qemu)
+        check_report_path("--html", args.html)
+    kernel = checked_kernel(args)
     if args.va is not None:
         _check_va(kernel, args.va)
     if args.accel == "kvm":
         from kgen.harness.run import require_kvm
         require_kvm()
     try:
-        with testing.boot(kernel, args.accel, cold=True) as live:
+        with boot(kernel, args.accel, cold=True) as live:
             doc = collect(live, accel=args.accel, va=args.va)
     except RunFailed as err:
         print(err.details(), file=sys.stderr)

@@ -421,7 +421,7 @@ def symbol_name(view: GuestView, addr: int) -> str | None:
 
 
 def collect(live, *, accel: str = "tcg", va: int | None = None, how: str | None = None) -> dict:
-    """The document of a booted kernel (`kgen.harness.testing.LiveKernel`), stopped now if it still runs."""
+    """The document of a booted kernel (`kgen.harness.live.LiveKernel`), stopped now if it still runs."""
     from kgen.inspect.explain import explain_translation
     view = live.view()
     kernel = live.kernel
@@ -476,16 +476,11 @@ def collect(live, *, accel: str = "tcg", va: int | None = None, how: str | None 
 
 
 def stopped_how(kernel, regs) -> str:
-    """The ready point the kernel was booted to (kgen/harness/testing.py `boot`, `wait_booted`)."""
+    """The ready point the kernel was booted to (kgen/harness/live.py `boot`, kgen/harness/ready.py)."""
     if kernel.layout is not None:
         return "serving calls: idle in hlt between calls (kgen: serving calls on COM2)"
-    for field, text in (("ready", "printed {!r} on COM1"), ("ready_symbol", "stayed inside {}"),
-                        ("ready_after", "page tables unchanged for {} s"),
-                        ("ready_at", "stopped the first time the CPU reached {}"),
-                        ("ready_vga", "showed {!r} on the VGA text screen")):
-        value = getattr(kernel, field, None)
-        if value is not None:
-            return text.format(value)
+    if kernel.ready.kind is not None:
+        return kernel.ready.reached()
     if regs.halted and not regs.eflags & EFLAGS_IF:
         return "halted with interrupts off"
     return "idle in hlt with interrupts on" if regs.halted else "running (stopped by kgen)"

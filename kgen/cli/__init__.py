@@ -76,7 +76,7 @@ def _add_config_args(p: argparse.ArgumentParser):
 
 
 def _add_foreign_boot_args(p: argparse.ArgumentParser):
-    """How to boot a kernel given with --kernel, and when it counts as booted (kgen/harness/testing.py)."""
+    """How to boot a kernel given with --kernel, and when it counts as booted (kgen/harness/bootpath.py, ready.py)."""
     p.add_argument("--ready", metavar="TEXT", help="with --kernel: COM1 text the kernel prints once booted (default: "
                    "booted when it halts with interrupts off, or idles in hlt with paging on)")
     p.add_argument("--ready-symbol", metavar="SYMBOL", help="with --kernel: booted once the CPU stays inside this "
@@ -134,7 +134,7 @@ def cmd_bench(args, extra: list[str]) -> int:
 
 
 def cmd_test(args, extra: list[str]) -> int:
-    from kgen.harness.testing import run_suite
+    from kgen.cli.test import run_suite
     if args.json is not None:
         from kgen.harness.jsonreport import run_suite_json
         return run_suite_json(args, extra, run_suite)
@@ -299,7 +299,7 @@ def _main(argv: list[str]) -> int:
     if unknown:
         parser().parse_args(argv)      # reports the first unknown argument in one line, exit 2
     if args.command in ("test", "run", "inspect"):
-        from kgen.harness.testing import apply_foreign_config
+        from kgen.harness.foreign import apply_foreign_config
         apply_foreign_config(args)     # the config's [foreign] table: a kernel to check and its options
         if args.command == "run" and args.timeout is None:
             args.timeout = DEFAULT_TIMEOUT

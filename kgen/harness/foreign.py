@@ -1,0 +1,171 @@
+"""A kernel given with --kernel (or the config's [foreign] table), as `kgen test`, `kgen run` and `kgen inspect`
+take it: its options from the command line and the table, checked against its ELF before anything boots, and one
+boot before the suite so a kernel that never gets ready is reported once.
+"""
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+from kgen.build import config as configmod
+from kgen.build.config import show_value
+from kgen.errors import EXIT_CHECKS_FAILED, KgenError, UsageError
+from kgen.guest.addrspaces import SpaceArray
+from kgen.guest.diagnose import RunFailed
+from kgen.guest.elfinfo import ElfInfo
+from kgen.build.layout import compute
+from kgen.build.pipeline import check_out_dir
+from kgen.harness.kernel import KernelUnderTest, boot_only_problem, check_qemu_accepts
+from kgen.harness.live import boot
+from kgen.harness.qemuargs import check_modules, require_qemu, split_qemu_args
+from kgen.harness.ready import READY_OPTIONS, resolve_ready_at
+
+# [foreign] key (kgen/build/config.py ForeignConfig) -> the command-line option's attribute holding the same.
+FOREIGN_OPTIONS = {**{name: name for name in READY_OPTIONS}, "boot_timeout": "boot_timeout", "memory": "memory",
+                   "append": "append", "modules": "module", "qemu_args": "qemu_arg",
+                   "address_spaces": "address_spaces", "boot_only_segments": "boot_only_segment"}
+
+
+def apply_foreign_config(args) -> None:
+    """Give `kgen test`, `kgen run` and `kgen inspect` what the config's [foreign] table holds for a kernel under
+    test (the --config file, else ./kgen.toml): with `kernel` set and no --kernel (nor --iso or --direct), that
+    kernel is the one checked; for a kernel given either way, every option the command line left unset takes the
+    table's value (one --ready* option on the command line sets aside all the table's ready keys), and --memory
+    falls back to [foreign].memory, then to machine.memory_mib if the file sets it. A value of the table that is
+    wrong for this kernel (no such file, symbol or program header) is one line naming its key (UsageError)."""
+    if getattr(args, "iso", None) is not None or getattr(args, "direct", False):
+        return      # kgen's own kernel: the table is not about it
+    config = configmod.load(args.config, args.arch)
+    foreign = config.foreign
+    if args.kernel is None and (foreign is None or foreign.kernel is None):
+        if getattr(args, "boot_only_segment", None):
+            raise UsageError("--boot-only-segment is for a kernel given with --kernel (or [foreign] kernel)")
+        return
+    from_table: set[str] = set()     # the keys whose values the table gave
+    if foreign is not None:
+        if args.kernel is None:
+            args.kernel = foreign.kernel
+            from_table.add("kernel")
+        ready_given = any(getattr(args, FOREIGN_OPTIONS[key], None) is not None for key in READY_OPTIONS)
+        for key, attr in FOREIGN_OPTIONS.items():
+            if key == "boot_timeout" and not hasattr(args, attr):
+                attr = "timeout"        # kgen run's name for it
+            value = getattr(foreign, key)
+            if value is None or not hasattr(args, attr) or getattr(args, attr) is not None:
+                continue
+            if key in READY_OPTIONS and ready_given:
+                continue
+            if key == "qemu_args":
+                value = [shlex.join(value)] if value else []      # one array item, one QEMU argument
+            elif key in ("modules", "boot_only_segments"):
+                value = list(value)
+            setattr(args, attr, value)
+            from_table.add(key)
+    if getattr(args, "memory", None) is None and "machine_memory_mib" in config.explicit:
+        args.memory = config.machine_memory_mib     # the one key of kgen's own config a foreign kernel uses
+    if from_table:
+        _check_from_table(args, foreign, from_table)
+
+
+def _check_from_table(args, foreign, from_table: set[str]) -> None:
+    """The table's values that only this kernel can judge, each refused in one line naming its key."""
+
+    def refuse(key: str, why: str) -> UsageError:
+        value = getattr(foreign, key)
+        shown = show_value(str(value) if key == "kernel" else list(value) if isinstance(value, tuple) else value)
+        return UsageError(f"{foreign.key(key)} = {shown}: {why}")
+
+    if "kernel" in from_table and not args.kernel.is_file():
+        raise refuse("kernel", "no such file" if not args.kernel.exists() else "not a file")
+    if "modules" in from_table:
+        for spec in foreign.modules:
+            path = spec.partition(",")[0]
+            if not Path(path).is_file():
+                raise refuse("modules", f"{path!r} is no such file")
+    if not args.kernel.is_file():
+        return          # --kernel's own check says so
+    try:
+        elf = ElfInfo.load(args.kernel)
+    except KgenError as err:
+        if "kernel" in from_table:
+            raise refuse("kernel", str(err).removeprefix(f"{args.kernel}: ")) from None
+        return          # --kernel's own check says so
+    for index in (args.boot_only_segment or ()) if "boot_only_segments" in from_table else ():
+        problem = boot_only_problem(elf, index)
+        if problem is not None:
+            raise refuse("boot_only_segments", f"{index}: {problem}")
+    if "ready_symbol" in from_table and foreign.ready_symbol not in elf.symbols:
+        raise refuse("ready_symbol", f"{elf.path.name} has no such symbol")
+    if "ready_at" in from_table:
+        try:
+            resolve_ready_at(elf, foreign.ready_at)
+        except KgenError as err:
+            raise refuse("ready_at", str(err)) from None
+    if "address_spaces" in from_table:
+        try:
+            SpaceArray.parse(foreign.address_spaces, elf)
+        except KgenError as err:
+            raise refuse("address_spaces", str(err)) from None
+
+
+def foreign_kernel_from_args(args) -> KernelUnderTest:
+    """The --kernel ELF and its boot and "when to look" options (`_add_foreign_boot_args` in kgen/cli), as
+    `kgen test --kernel` and `kgen inspect --kernel` take them (after `apply_foreign_config`): a missing file or
+    module, no usable ELF, or options that do not fit it, is one line (UsageError)."""
+    if not args.kernel.is_file():
+        raise UsageError(f"--kernel {args.kernel}: no such file" if not args.kernel.exists()
+                         else f"--kernel {args.kernel}: not a file")
+    check_modules(getattr(args, "module", None) or ())
+    try:
+        kernel = KernelUnderTest.foreign(   # a file that is no usable ELF fails here, in one line
+            args.kernel, boot_timeout=getattr(args, "boot_timeout", None),
+            memory_mib=getattr(args, "memory", None), append=getattr(args, "append", None),
+            modules=getattr(args, "module", None) or (),
+            qemu_args=split_qemu_args(getattr(args, "qemu_arg", None) or ()),
+            boot_only_segments=getattr(args, "boot_only_segment", None),
+            **{name: getattr(args, name, None) for name in READY_OPTIONS})
+    except KgenError as err:
+        raise UsageError(f"--kernel {err}") from None
+    if getattr(args, "address_spaces", None):
+        try:
+            SpaceArray.parse(args.address_spaces, kernel.elf)
+        except KgenError as err:
+            raise UsageError(str(err)) from None
+    return kernel
+
+
+def checked_kernel(args) -> KernelUnderTest:
+    """The kernel `kgen test` and `kgen inspect` look at, ready to boot: --kernel's, its options checked and QEMU
+    asked once whether it takes it; or kgen's own, built from the config (and an option only --kernel takes refused
+    in one line)."""
+    if args.kernel is not None:
+        kernel = foreign_kernel_from_args(args)
+        require_qemu(kernel.qemu)
+        check_qemu_accepts(kernel)
+        return kernel
+    used = [attr for key, attr in FOREIGN_OPTIONS.items()
+            if key != "boot_only_segments" and getattr(args, attr, None)]
+    if used:
+        raise UsageError(f"--{used[0].replace('_', '-')} is for a kernel given with --kernel; a kgen kernel "
+                         "takes its machine from the config")
+    check_out_dir(args.out)
+    require_qemu(compute(configmod.load(args.config, args.arch)).architecture.qemu)     # before a build: say it now
+    # Built once here, so parallel workers find it up to date instead of each writing it.
+    return KernelUnderTest.built(args.config, args.out, args.arch)
+
+
+def check_boots(kernel: KernelUnderTest, accel: str) -> None:
+    """Boot a foreign kernel once before the suite: one that never gets to the state the checks look at is
+    reported once, its diagnosis on stderr and one line, status 1 (a finding about the kernel), instead of once per
+    test."""
+    try:
+        with boot(kernel, accel, cold=True):
+            pass
+    except RunFailed as err:
+        sys.stdout.flush()
+        print(err.details(), file=sys.stderr)
+        failed = KgenError(f"--kernel {kernel.elf_path.name} did not boot to a state the checks can look at: {err}",
+                           exit_code=EXIT_CHECKS_FAILED)
+        failed.failure = err.failure        # for the --json report
+        raise failed from None

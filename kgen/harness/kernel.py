@@ -1,0 +1,110 @@
+"""The kernel under test: its ELF, the layout kgen built it from (None for anyone else's), how it is booted and
+when it counts as booted.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kgen.arch import I386, X86_64
+from kgen.build import config as configmod
+from kgen.build.layout import Layout, compute
+from kgen.build.pipeline import build, current_elf
+from kgen.errors import KgenError
+from kgen.guest.bootreport import BOOT_OK
+from kgen.guest.elfinfo import ElfInfo
+from kgen.harness.bootpath import DirectMultiboot, launch_refusing
+from kgen.harness.ready import Ready
+from kgen.machine import Machine
+
+BOOT_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class KernelUnderTest:
+    """The ELF and, for a kernel kgen built, the layout it was built from (None for anyone else's ELF). A foreign
+    kernel also has how it is booted (`boot`), when it counts as booted (`ready`) and how long that may take."""
+    elf_path: Path
+    elf: ElfInfo
+    layout: Layout | None = None
+    boot: DirectMultiboot = field(default_factory=DirectMultiboot)
+    ready: Ready = field(default_factory=Ready)
+    boot_timeout: float = BOOT_TIMEOUT
+    # Program-header indices of segments that are boot code (may be unmapped once the kernel runs high, not the
+    # kernel base); None: the default rule (GuestView.boot_segments).
+    boot_only_segments: tuple[int, ...] | None = None
+
+    @classmethod
+    def built(cls, config_path: Path | None, out_dir: Path, arch: str | None = None) -> KernelUnderTest:
+        config = configmod.load(config_path, arch)
+        # Each parallel worker asks; linking again (~0.4 s) only to find the ELF up to date is the common case. The
+        # stamp names the ELF's bytes too, so an ELF another build left beside it is not taken for this config's.
+        elf = current_elf(config, out_dir) or build(config, out_dir, iso=False, force=False).elf
+        return cls(elf, ElfInfo.load(elf), compute(config))
+
+    @classmethod
+    def foreign(cls, elf_path: Path, ready: str | None = None, *, boot: DirectMultiboot | None = None,
+                boot_timeout: float | None = None, boot_only_segments=None, memory_mib: int | None = None,
+                append: str | None = None, modules=(), qemu_args=(), **when) -> KernelUnderTest:
+        """Anyone else's ELF. `ready` is --ready's text and `when` holds the other "when to look" options by their
+        READY_OPTIONS names (ready_symbol=, ready_at=, ...); `boot` how to boot it, else QEMU's -kernel with
+        `memory_mib`, `append`, `modules` and `qemu_args`. A value wrong for this ELF raises KgenError."""
+        elf = ElfInfo.load(elf_path)
+        for index in boot_only_segments or ():
+            problem = boot_only_problem(elf, index)
+            if problem is not None:
+                raise KgenError(f"{elf_path}: --boot-only-segment {index}: {problem}")
+        how = Ready.from_options(elf, ready=ready, **when)
+        if boot is None:
+            boot = DirectMultiboot(memory_mib or DirectMultiboot.memory_mib, append, tuple(modules), tuple(qemu_args))
+        return cls(Path(elf_path), elf, None, boot, how, boot_timeout or BOOT_TIMEOUT,
+                   None if boot_only_segments is None else tuple(sorted(set(boot_only_segments))))
+
+    @property
+    def qemu(self) -> str:
+        """The QEMU binary for this kernel: its architecture's; a foreign ELF32 gets qemu-system-i386, an ELF64
+        (booted through its Multiboot header's address fields) qemu-system-x86_64."""
+        if self.layout is not None:
+            return self.layout.architecture.qemu
+        return (X86_64 if self.elf.bits == 64 else I386).qemu
+
+    @property
+    def memory_mib(self) -> int:
+        return self.layout.memory_mib if self.layout is not None else self.boot.memory_mib
+
+    def machine_options(self, accel: str, poison: bytes | None) -> dict:
+        """Machine(...) arguments that boot this foreign kernel as the user asked."""
+        options = self.boot.machine_options(self.elf_path, qemu=self.qemu, accel=accel, poison=poison)
+        if self.ready.kind == "at":
+            # Held at the first instruction (-S) with the gdbstub up, so the breakpoint is in before the CPU runs
+            # anything (a symbol in the boot code is passed within microseconds).
+            options.update(gdbstub=True, start_paused=True)
+        return options
+
+    @property
+    def probe_marker(self) -> str | None:
+        """COM1 text that shows a boot got far enough, for the KVM probe."""
+        return BOOT_OK if self.layout is not None else self.ready.get("text")
+
+
+def boot_only_problem(elf: ElfInfo, index: int) -> str | None:
+    """Why program header `index` of `elf` cannot be a boot-only segment (out of range, not a PT_LOAD), or None."""
+    count = len(elf.program_headers)
+    if not 0 <= index < count:
+        return (f"out of range: the ELF has {count} program headers, numbered 0 to {count - 1} as `readelf -l` "
+                "shows them" if count else "the ELF has no program headers")
+    if elf.program_headers[index] != "PT_LOAD":
+        return (f"program header {index} is {elf.program_headers[index]}, not a PT_LOAD segment (`readelf -l` "
+                "lists them)")
+    return None
+
+
+def check_qemu_accepts(kernel: KernelUnderTest) -> None:
+    """Launch QEMU once, paused, on the kernel and its options: a kernel or argument it refuses is one line, with
+    QEMU's own reason, before the suite runs (not once per test)."""
+    options = kernel.machine_options("tcg", None)
+    machine = Machine(**{**options, "start_paused": True}, ram_file=False)
+    try:
+        launch_refusing(machine, kernel.elf_path, kernel.elf, kernel.boot)
+    finally:
+        machine.quit()

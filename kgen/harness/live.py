@@ -1,0 +1,107 @@
+"""A kernel under test, booted: `boot()` brings it to the state the checks look at (from a snapshot of that state
+when one exists), `LiveKernel` stops it to look and continues it to call its routines.
+
+A kgen kernel is booted to serve calls (`kgen.serve`); it then sleeps in `hlt`, changing no memory, so it can be
+stopped, inspected, and continued for the next call. Anyone else's kernel is booted the way its `BootPath` says and
+looked at when its `Ready` says (kgen/harness/ready.py).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from kgen.errors import KgenError, MachineError
+from kgen.guest.calls import CallError
+from kgen.guest.diagnose import Failure, RunFailed, explain
+from kgen.guest.invariants import GuestView
+from kgen.harness.kernel import BOOT_TIMEOUT, KernelUnderTest
+from kgen.harness.qemuargs import qemu_refusal
+from kgen.harness.ready import wait_booted
+from kgen.harness.session import KernelSession
+from kgen.machine.snapshot import fresh_machine
+
+# int3 in every byte of RAM the kernel did not write: code run from such memory traps at once, and as a paging
+# entry 0xcccccccc is not present, so a table that was never cleared shows up as poison rather than as garbage
+# mappings the walk would have to survive.
+POISON = b"\xcc"
+
+
+class LiveKernel:
+    """A booted kernel. `view()` stops the guest and snapshots it; `call()` continues it and runs a routine."""
+
+    def __init__(self, kernel: KernelUnderTest, machine, channel=None, poison: bytes | None = None):
+        self.kernel = kernel
+        self.machine = machine
+        self.channel = channel
+        self.poison = poison
+        self._view = None
+
+    def stop(self) -> None:
+        if self.machine.status() == "running":
+            self.machine.stop()
+
+    def cont(self) -> None:
+        self._view = None
+        if self.machine.status() == "paused":
+            self.machine.cont()
+
+    def view(self):
+        """The stopped guest as the invariant checks see it; taken again after anything continued the guest."""
+        if self._view is None:
+            self.stop()
+            self._view = GuestView.capture(self.machine, self.kernel.elf, self.kernel.layout, self.poison)
+            self._view.boot_only = self.kernel.boot_only_segments
+        return self._view
+
+    def write_phys(self, addr: int, data: bytes) -> None:
+        self.stop()
+        self._view = None
+        self.machine.write_phys(addr, data)
+
+    def call(self, routine: str | int, *args: int, timeout: float | None = None) -> int:
+        """Run a kernel routine; one that faults or never returns raises `RunFailed` saying which and where."""
+        if self.channel is None:
+            raise KgenError(f"{self.kernel.elf_path.name} has no kgen call channel: routines cannot be called")
+        self.cont()
+        try:
+            return self.channel.call(routine, *args, **({} if timeout is None else {"timeout": timeout}))
+        except CallError as err:
+            # The channel appends COM1's tail; the diagnosis shows that in its details already.
+            why = str(err).split("; last output", 1)[0]
+            raise RunFailed(explain(self.machine, self.kernel.elf, why)) from err
+
+
+@contextmanager
+def boot(kernel: KernelUnderTest, accel: str = "tcg", *, poison: bytes | None = POISON,
+         timeout: float = BOOT_TIMEOUT, cold: bool | None = None):
+    """Boot to the inspectable state; a boot that fails raises `RunFailed` saying what the kernel did instead.
+
+    The machine comes from a snapshot of that state when one exists (kgen/machine/snapshot.py; `cold=True` or
+    `--kgen-cold-boot` boots every time)."""
+
+    if kernel.layout is not None:
+        with KernelSession(kernel.elf_path, kernel.layout, accel=accel, poison=poison, cold=cold) as session:
+            yield LiveKernel(kernel, session.machine, session.channel, poison)
+        return
+
+    if timeout == BOOT_TIMEOUT:
+        timeout = kernel.boot_timeout
+
+    def ready(machine) -> None:
+        try:
+            wait_booted(machine, kernel.ready, timeout, kernel.elf)
+        except MachineError as err:
+            raise RunFailed(explain(machine, kernel.elf, err)) from err
+
+    options = kernel.machine_options(accel, poison)
+    try:
+        machine = fresh_machine(options, ready, str(kernel.ready), cold=cold)
+    except MachineError as err:
+        refusal = qemu_refusal(err)
+        if refusal is None:
+            raise
+        raise RunFailed(Failure("refused", f"QEMU refused to boot {kernel.elf_path.name}: {refusal}",
+                                err.details() if hasattr(err, "details") else str(err))) from None
+    try:
+        yield LiveKernel(kernel, machine, None, poison)
+    finally:
+        machine.shutdown()

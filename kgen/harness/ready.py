@@ -1,0 +1,377 @@
+"""When a kernel given with --kernel counts as booted, and waiting for it.
+
+A kgen kernel says it is ready itself (its call channel's serving line); anyone else's Multiboot ELF has no such
+line: it counts as booted when it prints its ready text (`--ready`), or, without one, when it reaches a state it will
+not leave by itself or idles (`wait_booted`): halted with interrupts off (paging on or off: final at once), or halted
+with interrupts on and paging on at the same instruction for IDLE_SETTLE seconds. `--ready-symbol` waits until the
+CPU stays inside a function, `--ready-after` until the page tables stop changing, `--ready-at` stops it where the CPU
+first reaches a symbol (a breakpoint through QEMU's gdbstub), `--ready-vga` once its VGA text screen shows a text.
+The five are one `Ready`: a kernel is looked at in one way.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import time
+from dataclasses import dataclass
+
+from kgen.arch.hw import CR0_PG
+from kgen.errors import KgenError, MachineError
+from kgen.guest import faultloop
+from kgen.guest import vga as screen
+from kgen.guest.elfinfo import ElfInfo
+from kgen.guest.invariants import GuestView
+from kgen.guest.pagewalk import WalkError
+from kgen.machine.gdbstub import GdbStub, GdbStubError
+
+IDLE_POLL = 0.01
+# A kernel halted with interrupts on wakes for each interrupt; found halted at the same instruction this long
+# apart, with no sample in between outside it, it idles (a timer tick's handler is rarely caught running).
+IDLE_SETTLE = 0.2
+EFLAGS_IF = 1 << 9
+# COM1 bytes reach `machine.serial` through a reader thread, after the CPU wrote them: a kernel that prints its ready
+# text and halts at once can be seen halted before the text is seen. A final state gives that text this long to
+# arrive before it counts as "halted before the text appeared".
+FINAL_SERIAL_GRACE = 1.0
+
+# The "when to look" options, by the name they have as `kgen test`/`run`/`inspect` options and [foreign] keys
+# (`--ready-symbol`, `ready_symbol`), and the `Ready.kind` each sets. One table, read by the command line, the
+# [foreign] table, the pytest options and the waiting below.
+READY_OPTIONS = {"ready": "text", "ready_symbol": "symbol", "ready_after": "after", "ready_at": "at",
+                 "ready_vga": "vga"}
+
+
+@dataclass(frozen=True)
+class Ready:
+    """When a foreign kernel counts as booted: `kind` one of READY_OPTIONS' values with its `value` (a `ReadyAt` for
+    "at", seconds for "after", text or a symbol name for the others), or no kind: halted for good, or idle."""
+    kind: str | None = None
+    value: object = None
+
+    @classmethod
+    def from_options(cls, elf: ElfInfo | None = None, **given) -> Ready:
+        """The one "when to look" option of `given` (READY_OPTIONS names, None for not given), checked against the
+        ELF: more than one, an unknown --ready-symbol or --ready-at symbol, raise KgenError."""
+        unknown = set(given) - set(READY_OPTIONS)
+        if unknown:
+            raise TypeError(f"not a ready option: {', '.join(sorted(unknown))}")
+        chosen = [(name, value) for name, value in given.items() if value is not None]
+        if len(chosen) > 1:
+            raise KgenError((f"{elf.path}: " if elf is not None else "") + "give one of "
+                            + ", ".join(option_flag(name) for name in READY_OPTIONS))
+        if not chosen:
+            return cls()
+        name, value = chosen[0]
+        kind = READY_OPTIONS[name]
+        if kind == "symbol" and elf is not None and value not in elf.symbols:
+            raise KgenError(f"{elf.path}: no symbol {value!r} for --ready-symbol (its symbol table names functions "
+                            "and labels; a stripped ELF has none)")
+        if kind == "at" and not isinstance(value, ReadyAt):
+            value = resolve_ready_at(elf, value)
+        if kind == "after":
+            value = float(value)
+        return cls(kind, value)
+
+    def get(self, kind: str):
+        """The value when this is the `kind` of readiness, else None."""
+        return self.value if self.kind == kind else None
+
+    @property
+    def option(self) -> str | None:
+        """The READY_OPTIONS name that gives this readiness (None: the default rule)."""
+        return next((name for name, kind in READY_OPTIONS.items() if kind == self.kind), None)
+
+    @property
+    def option_value(self) -> str | None:
+        """The value as that option takes it on a command line."""
+        if self.kind is None:
+            return None
+        return self.value.name if isinstance(self.value, ReadyAt) else f"{self.value}" if self.kind != "after" \
+            else f"{self.value:g}"
+
+    def reached(self) -> str:
+        """What the kernel did to count as booted, for a report: "printed 'login:' on COM1"."""
+        said = {"text": "printed {!r} on COM1", "symbol": "stayed inside {}", "after": "page tables unchanged for {} s",
+                "at": "stopped the first time the CPU reached {}", "vga": "showed {!r} on the VGA text screen"}
+        return said[self.kind].format(self.value) if self.kind is not None else "halted for good, or idle"
+
+    def __str__(self) -> str:
+        """Short, for a snapshot's key and a report: `ready: TEXT`, `at: (addresses)`, ..., `halted or idle`."""
+        if self.kind is None:
+            return "halted or idle"
+        names = {"text": "ready", "symbol": "inside", "after": "settled", "at": "at", "vga": "vga"}
+        value = self.value.addresses if isinstance(self.value, ReadyAt) else self.value
+        return f"{names[self.kind]}: {value}"
+
+
+def option_flag(name: str) -> str:
+    """`ready_symbol` as the command line spells it."""
+    return "--" + name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class ReadyAt:
+    """Where `--ready-at` stops the CPU: `name` as the user gave it, `addresses` the linear addresses to break at.
+    A symbol's link address comes first; a symbol in a segment loaded elsewhere (a higher-half kernel's boot code,
+    run at its load address before paging is on) adds that load address, since the CPU may reach it there."""
+    name: str
+    addresses: tuple[int, ...]
+
+    def __str__(self) -> str:
+        link = f"{self.addresses[0]:#x}"
+        return link if self.name.lower().startswith("0x") else f"{self.name} ({link})"
+
+
+def resolve_ready_at(elf: ElfInfo, text: str) -> ReadyAt:
+    """`--ready-at` as a symbol of the ELF or a 0x address; an unknown symbol raises KgenError naming close ones."""
+    if text.lower().startswith("0x"):
+        try:
+            return ReadyAt(text, (int(text, 16),))
+        except ValueError:
+            raise KgenError(f"{elf.path.name}: --ready-at {text}: not a hex address (0x then hex digits)") from None
+    sym = elf.symbols.get(text)
+    if sym is None:
+        close = difflib.get_close_matches(text, list(elf.symbols), n=4, cutoff=0.6)
+        close += [name for name in sorted(elf.symbols) if text.lower() in name.lower() and name not in close][:4]
+        hint = (f"close matches: {', '.join(close)}" if close else
+                "it has no symbols (stripped?)" if not elf.symbols else "nothing close")
+        raise KgenError(f"{elf.path.name}: no symbol {text!r} for --ready-at ({hint}); name a symbol of the ELF "
+                        "or give a 0x address")
+    loads = [sym.value - seg.vaddr + seg.paddr for seg in elf.segments
+             if seg.paddr != seg.vaddr and seg.vaddr <= sym.value < seg.vaddr + seg.memsz]
+    return ReadyAt(text, tuple(dict.fromkeys([sym.value, *loads])))
+
+
+def wait_booted(machine, ready: Ready, timeout: float, elf: ElfInfo | None = None) -> str:
+    """Wait until a foreign kernel is ready to be looked at; return how it got there, or raise `MachineError`.
+
+    `ready` (a `Ready`) says when: its text on COM1; the CPU staying inside its symbol, a function of `elf`
+    (EIP named after it at samples IDLE_SETTLE seconds apart, none in between elsewhere): a place the kernel stays,
+    such as its idle or busy loop, found without a breakpoint; paging on with CR3 and every page table it reaches
+    unchanged for its seconds ("after": a kernel that never halts, running its own code or a module's); the CPU
+    first getting to its `ReadyAt` ("at"): a breakpoint (`_wait_breakpoint`), the machine then left stopped exactly
+    there; the VGA text screen showing its text (kgen/guest/vga.py). With no kind, when the CPU is halted with
+    interrupts off (nothing can wake it: final at once, paging on or off), or halted with interrupts on and paging
+    on at the same instruction IDLE_SETTLE seconds apart (an idle loop). A CPU spinning on a jump to itself with
+    interrupts off (`for(;;);` at the end of a panic) is as final as that halt (`SelfJumpWatch`). A final state
+    before the text appeared, or outside the symbol, is reported at once too."""
+    at = ready.get("at")
+    if at is not None:
+        return _wait_breakpoint(machine, at, timeout, elf)
+    settle, symbol, vga = ready.get("after"), ready.get("symbol"), ready.get("vga")
+    text = ready.get("text")
+    if settle is not None:
+        goal = f"settled (page tables unchanged for {settle:g} s)"
+    elif symbol is not None:
+        goal = f"inside {symbol}"
+    elif text is not None:
+        goal = f"ready ({text!r} on COM1)"
+    elif vga is not None:
+        goal = f"showing {vga!r} on the VGA screen"
+    else:
+        goal = "halted"
+    deadline = time.monotonic() + timeout
+    settled: tuple[int | str, float] | None = None      # (EIP or symbol, when first seen there)
+    regs = None
+    spin = SelfJumpWatch(machine, elf)
+    next_probe = time.monotonic() + faultloop.FIRST_PROBE_AFTER
+    while True:
+        if text is not None and text in machine.serial:
+            return f"printed {text!r}"
+        state = machine.status()
+        if state != "running":
+            raise MachineError(f"the guest stopped in runstate {state} before it was {goal}")
+        if vga is not None and screen.shows(screen.screen_rows(machine), vga):
+            return f"showed {vga!r} on the VGA screen"
+        regs = machine.registers()
+        now = time.monotonic()
+        paging = "on" if regs.cr0 & CR0_PG else "off"
+        here = None
+        if symbol is not None:
+            found = elf.symbol_at(regs.eip) if elf is not None else None
+            here = symbol if found is not None and found.name == symbol else None
+        spinning = spin.sample(regs)
+        if (regs.halted or spinning) and not regs.eflags & EFLAGS_IF:
+            final = "halted with interrupts off" if regs.halted else f"is {spinning}"
+            if symbol is None and text is None and vga is None:
+                return f"{final}, paging {paging}"     # final: nothing will change any more
+            if text is not None and _arrives(machine, text, FINAL_SERIAL_GRACE):
+                return f"printed {text!r}"
+            if vga is not None and screen.shows(screen.screen_rows(machine), vga):
+                return f"showed {vga!r} on the VGA screen"
+            if here is not None:
+                return f"{'halted' if regs.halted else 'spinning'} in {symbol}, interrupts off, paging {paging}"
+            raise MachineError(f"the kernel {final} (for good, paging {paging}) before "
+                               + (f"{text!r} appeared on COM1" if text is not None else
+                                  f"{vga!r} appeared on the VGA screen" if vga is not None else f"it reached {symbol}"))
+        if settle is not None:
+            mark = _tables_fingerprint(machine, regs) if regs.cr0 & CR0_PG else None
+        elif symbol is not None:
+            mark = here
+        elif text is None and vga is None and regs.halted and regs.cr0 & CR0_PG:
+            mark = regs.eip
+        else:
+            mark = None
+        if mark is None:
+            settled = None
+        elif settled is not None and settled[0] == mark:
+            if settle is not None and now - settled[1] >= settle:
+                return f"settled: paging on, page tables unchanged for {settle:g} s"
+            if settle is None and now - settled[1] >= IDLE_SETTLE:
+                return (f"stayed in {symbol}, paging {paging}" if symbol is not None
+                        else "idle: halted with interrupts on, paging on")
+        else:
+            settled = (mark, now)
+        if not regs.halted and now >= next_probe:   # still running: stuck taking one exception? (a 20 ms look)
+            next_probe = now + faultloop.PROBE_EVERY
+            if faultloop.probe(machine) is not None:
+                raise MachineError("the kernel took the same exception over and over: a fault loop")
+        if now >= deadline:
+            if settle is not None:
+                want = f"paging was not on with page tables unchanged for {settle:g} s"
+            elif symbol is not None:
+                want = f"the CPU did not stay in {symbol}"
+            elif text is not None:
+                want = f"{text!r} did not appear on COM1"
+            elif vga is not None:
+                want = f"{vga!r} did not appear on the VGA screen"
+            else:
+                want = "the kernel neither halted with interrupts off nor sat idle in hlt with paging on"
+            raise MachineError(f"{want} within {timeout:g} s (last seen: "
+                               f"{'halted' if regs.halted else 'running'}, interrupts "
+                               f"{'on' if regs.eflags & EFLAGS_IF else 'off'}, paging {paging}); pass --ready "
+                               f"TEXT, --ready-vga TEXT, --ready-at SYMBOL or --ready-symbol SYMBOL, or a longer "
+                               f"--boot-timeout")
+        time.sleep(IDLE_POLL)
+
+
+def _arrives(machine, text: str, grace: float) -> bool:
+    """Whether `text` is on COM1 now or within `grace` seconds (bytes the guest already wrote, still on their way)."""
+    deadline = time.monotonic() + grace
+    while text not in machine.serial:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(IDLE_POLL)
+    return True
+
+
+def _wait_breakpoint(machine, at: ReadyAt, timeout: float, elf: ElfInfo | None = None) -> str:
+    """Stop the guest the first time its CPU reaches `at`, through QEMU's gdbstub (kgen/machine/gdbstub.py); return
+    how it got there, leaving it stopped there (runstate "debug"), breakpoints removed and the stub hung up, so QMP
+    and snapshots see a plain stopped machine. A CPU that halts for good first, a guest that dies, or the deadline
+    raise MachineError (the guest then paused where it was, for the diagnosis)."""
+    if getattr(machine, "gdb_socket", None) is None:
+        raise ValueError("--ready-at needs a Machine(gdbstub=True, start_paused=True): see "
+                         "BootPath.machine_options")
+    stub = GdbStub(machine.gdb_socket)
+    deadline = time.monotonic() + timeout
+    regs = None
+    spin = SelfJumpWatch(machine, elf)
+    try:
+        stub.connect()
+        for addr in at.addresses:
+            stub.insert_breakpoint(addr)
+        stub.cont()     # from -S: the first instruction the CPU runs is already watched
+        while True:
+            stop = stub.wait_stop(IDLE_POLL)
+            if stop is not None and stop.signal == 5:           # SIGTRAP: our breakpoint, the only one there is
+                regs = machine.registers()
+                stub.remove_breakpoints()
+                paging = "on" if regs.cr0 & CR0_PG else "off"
+                where = ("" if regs.eip == at.addresses[0] or regs.eip not in at.addresses else
+                         f" at its load address {regs.eip:#x}")
+                return f"reached {at.name}{where}, paging {paging}"
+            state = machine.status()
+            if stop is not None and stop.final or state not in ("running", "debug", "paused"):
+                raise MachineError(f"the guest stopped in runstate {state} before the CPU reached {at}")
+            if stop is not None:
+                stub.cont()     # paused by something else (SIGINT): carry on waiting for the breakpoint
+                continue
+            if state != "running":
+                continue        # stopped at the breakpoint a moment ago: its stop reply is on the way
+            regs = machine.registers()
+            paging = "on" if regs.cr0 & CR0_PG else "off"
+            spinning = spin.sample(regs)
+            if (regs.halted or spinning) and not regs.eflags & EFLAGS_IF:
+                final = "halted with interrupts off" if regs.halted else f"is {spinning}"
+                raise MachineError(f"the kernel {final} (for good, paging {paging}) before the CPU reached {at}")
+            if time.monotonic() >= deadline:
+                raise MachineError(f"the CPU did not reach {at} within {timeout:g} s (last seen: "
+                                   f"{'halted' if regs.halted else 'running'}, interrupts "
+                                   f"{'on' if regs.eflags & EFLAGS_IF else 'off'}, paging {paging}); name a place "
+                                   "the kernel gets to, or give a longer --boot-timeout")
+    except GdbStubError as err:
+        if machine.status() == "exited":
+            raise MachineError(f"QEMU exited before the CPU reached {at}") from None
+        raise MachineError(f"--ready-at {at.name}: {err}") from None
+    finally:
+        if stub.breakpoints:        # a failure: stop the guest where it is, take the breakpoints out
+            try:
+                if machine.status() == "running":
+                    stub.interrupt()
+                stub.remove_breakpoints()
+            except (GdbStubError, MachineError, OSError):
+                pass                # QEMU is gone or wedged: the diagnosis will say so
+        stub.close()
+
+
+# A jump to itself: `jmp .` as a short jump (EB, displacement -2) or a near one (E9, displacement -5 from the end of
+# its 5 bytes). With interrupts off nothing can take the CPU away from it (an NMI handler returns there). Only the
+# kernel's own (ring 0, as `for(;;);` ends a panic) counts as it stopping: a process spinning in ring 3 with
+# interrupts off is a kernel that lost control, reported as the hang it is.
+SHORT_SELF_JUMP = b"\xeb\xfe"
+NEAR_SELF_JUMP = b"\xe9\xfb\xff\xff\xff"
+
+
+class SelfJumpWatch:
+    """Tells a CPU spinning in ring 0 on a jump to itself with interrupts off, from successive register samples. The
+    code at EIP is read (through the guest's page tables) only when a sample finds the CPU running with interrupts off
+    at the same EIP and CR3 as the one before, and once per such place: a boot that moves on pays nothing."""
+
+    def __init__(self, machine, elf: ElfInfo | None):
+        self.machine = machine
+        self.elf = elf
+        self.last: tuple[int, int] | None = None
+        self.not_a_spin: set[tuple[int, int]] = set()
+
+    def sample(self, regs) -> str | None:
+        """"spinning on a jump to itself with interrupts off at <symbol>" when it is, else None."""
+        ring = regs.cpl if regs.cpl is not None else regs.cs & 3
+        place = (regs.eip, regs.cr3) if not regs.halted and not regs.eflags & EFLAGS_IF and ring == 0 else None
+        previous, self.last = self.last, place
+        if place is None or place != previous or place in self.not_a_spin:
+            return None
+        if not jumps_to_itself(self.machine, regs):
+            self.not_a_spin.add(place)
+            return None
+        where = (self.elf.symbolize(regs.eip) if self.elf is not None
+                 else f"{regs.eip:#0{18 if regs.long_mode else 10}x}")
+        return f"spinning on a jump to itself with interrupts off at {where}"
+
+
+def jumps_to_itself(machine, regs) -> bool:
+    """Whether the instruction at EIP (RIP) is a jump to itself, read as the CPU fetches it: through the page
+    tables in CR3 with paging on, at that physical address with paging off (a flat code segment, as Multiboot
+    leaves it). Code that cannot be read is not taken for one."""
+    try:
+        read = (GuestView(regs, machine.read_phys, None).need_walker().read_virtual if regs.cr0 & CR0_PG
+                else machine.read_phys)
+        head = read(regs.eip, len(SHORT_SELF_JUMP))
+        return head == SHORT_SELF_JUMP or (head[:1] == NEAR_SELF_JUMP[:1]
+                                           and read(regs.eip, len(NEAR_SELF_JUMP)) == NEAR_SELF_JUMP)
+    except (WalkError, MachineError, OSError, ValueError):
+        return False
+
+
+def _tables_fingerprint(machine, regs) -> tuple:
+    """CR3 and a digest of every page table it reaches (top level first), for `--ready-after`."""
+    view = GuestView(regs, machine.read_phys, None)
+    digest = hashlib.sha256()
+    try:
+        walker = view.need_walker()
+        for frame in [walker.top] + [frame for _, frame in walker.page_tables()]:
+            digest.update(machine.read_phys(frame, 4096))
+    except WalkError as err:
+        digest.update(str(err).encode())    # unwalkable: the same broken tables twice still count as unchanged
+    return regs.cr3, digest.hexdigest()
+
