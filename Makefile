@@ -54,4 +54,4 @@ $(STAMP): pyproject.toml
 	touch $@
 
 clean:
-	rm -rf build dist .pytest_cache
+	rm -rf out build dist .pytest_cache

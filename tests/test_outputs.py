@@ -333,3 +333,28 @@ def test_ctrl_c_during_kgen_test_is_one_line_and_130(tmp_path, short_tmpdir, job
     else:
         wait_until(proc, lambda: qemus_of(proc.pid), "booting the kernel")
     group_interrupted(proc, tmpdir)
+
+
+def test_the_default_output_folder_is_out_and_an_old_build_folder_is_still_used_with_a_note(tmp_path):
+    # Item 6 of issue 20: the default --out was build/, which read as the package kgen/build; a checkout's old
+    # build/ keeps working for a release, with one note line.
+    fresh = kgen_in(tmp_path / "fresh", "build", "--no-iso")
+    assert fresh.returncode == 0, fresh.stderr
+    assert (tmp_path / "fresh" / "out" / "kernel.elf").is_file() and not (tmp_path / "fresh" / "build").exists()
+    assert "note" not in fresh.stderr
+    old = tmp_path / "old"
+    assert kgen_in(old, "build", "--no-iso", "--out", "build").returncode == 0
+    again = kgen_in(old, "build", "--no-iso")
+    assert again.returncode == 0, again.stderr
+    assert not (old / "out").exists()
+    notes = [line for line in again.stderr.splitlines() if line.startswith("kgen: note:")]
+    assert notes == ["kgen: note: using build/, the old default output folder (the default is out/ now; pass "
+                     "--out build to keep it, or remove it)"], again.stderr
+    (old / "out").mkdir()        # once out/ exists, it is the one
+    third = kgen_in(old, "build", "--no-iso")
+    assert third.returncode == 0 and "note" not in third.stderr and (old / "out" / "kernel.elf").is_file()
+
+
+def kgen_in(directory, *args):
+    directory.mkdir(parents=True, exist_ok=True)
+    return kgen(*args, cwd=directory)

@@ -14,7 +14,11 @@ from pathlib import Path
 
 from kgen.errors import (EXIT_INTERRUPTED, EXIT_USAGE, KgenError, exit_codes_text)
 
-DEFAULT_OUT = Path("build")
+# The default output folder. It was build/ until this release; a build/ that holds a kgen build and no out/ beside it
+# is still used, with a note (`output_folder`), so a checkout's old `kgen run` keeps finding its kernel. build/ read
+# as the package kgen/build to newcomers.
+DEFAULT_OUT = Path("out")
+OLD_DEFAULT_OUT = Path("build")
 DEFAULT_TIMEOUT = 30.0
 
 
@@ -69,7 +73,7 @@ def jobs(text: str) -> str:
 def _add_config_args(p: argparse.ArgumentParser):
     from kgen.arch import ARCHES
     p.add_argument("--config", type=Path, help="kgen.toml to read (default: ./kgen.toml if present, else defaults)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default: build/)")
+    p.add_argument("--out", type=Path, default=None, help=f"output directory (default: {DEFAULT_OUT}/)")
     p.add_argument("--arch", choices=tuple(ARCHES),
                    help="target architecture (default: the config's `arch`, else i386); keys the config does not set "
                         "take this architecture's defaults")
@@ -171,7 +175,7 @@ def parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, epilog=exit_codes_text(), formatter_class=argparse.RawDescriptionHelpFormatter,
                               **kwargs)
 
-    b = command("build", help="write build/kernel.elf and build/kernel.iso")
+    b = command("build", help=f"write {DEFAULT_OUT}/kernel.elf and {DEFAULT_OUT}/kernel.iso")
     _add_config_args(b)
     b.add_argument("--no-iso", action="store_true", help="write the ELF only")
     b.set_defaults(func=cmd_build)
@@ -298,6 +302,8 @@ def _main(argv: list[str]) -> int:
         return cmd_bench(args, unknown + extra)
     if unknown:
         parser().parse_args(argv)      # reports the first unknown argument in one line, exit 2
+    if hasattr(args, "out") and args.out is None:
+        args.out = output_folder()
     if args.command in ("test", "run", "inspect"):
         from kgen.harness.foreign import apply_foreign_config
         apply_foreign_config(args)     # the config's [foreign] table: a kernel to check and its options
@@ -308,6 +314,17 @@ def _main(argv: list[str]) -> int:
     if args.command == "debug":
         return cmd_debug(args, extra)
     return args.func(args)
+
+
+def output_folder() -> Path:
+    """Where a command writes when --out is not given: out/, or build/ (the old default) when it holds a kgen build
+    and out/ does not exist, said in one note on stderr."""
+    from kgen.build.pipeline import FINGERPRINT_NAME       # not at the top: see this module's docstring
+    if not DEFAULT_OUT.exists() and (OLD_DEFAULT_OUT / FINGERPRINT_NAME).is_file():
+        print(f"kgen: note: using {OLD_DEFAULT_OUT}/, the old default output folder (the default is {DEFAULT_OUT}/ "
+              f"now; pass --out {OLD_DEFAULT_OUT} to keep it, or remove it)", file=sys.stderr)
+        return OLD_DEFAULT_OUT
+    return DEFAULT_OUT
 
 
 def main(argv: list[str] | None = None) -> int:
