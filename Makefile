@@ -35,6 +35,8 @@ system-deps:
 	command -v qemu-img >/dev/null || missing="$$missing qemu-utils"; \
 	command -v grub-mkrescue >/dev/null || missing="$$missing grub-common"; \
 	[ -d /usr/lib/grub/i386-pc ] || missing="$$missing grub-pc-bin"; \
+	[ -d /usr/lib/grub/x86_64-efi ] || missing="$$missing grub-efi-amd64-bin"; \
+	[ -f /usr/share/OVMF/OVMF_CODE_4M.fd ] || missing="$$missing ovmf"; \
 	command -v xorriso >/dev/null || missing="$$missing xorriso"; \
 	command -v mformat >/dev/null || missing="$$missing mtools"; \
 	command -v objdump >/dev/null || missing="$$missing binutils"; \

@@ -1,4 +1,4 @@
-"""Facts of the x86 hardware and of the Multiboot v1 protocol.
+"""Facts of the x86 hardware and of the Multiboot v1 and v2 protocols.
 
 Nothing here is kgen's choice: these values come from the Intel SDM and the Multiboot specification. kgen's own
 choices (where things go, which slot is recursive) live in `layout.py`.
@@ -61,6 +61,30 @@ MULTIBOOT_INFO_MMAP = 1 << 6              # mbi.flags: mmap_length/mmap_addr val
 MULTIBOOT_MMAP_AVAILABLE = 1              # memory-map entry type of usable RAM
 MULTIBOOT_INFO_SIZE = 0x58                # the fixed part of the information structure
 
+# Multiboot 2 (the Multiboot2 specification 2.0; GRUB's `multiboot2` command). The header is a list of tags after
+# magic, architecture, header_length and checksum (the four sum to 0), 8-byte aligned in the first 32 KiB.
+MULTIBOOT2_HEADER_MAGIC = 0xE85250D6
+MULTIBOOT2_BOOTLOADER_MAGIC = 0x36D76289  # in EAX at entry; EBX holds the boot information's physical address
+MULTIBOOT2_HEADER_SEARCH_LIMIT = 32768    # the header must lie entirely in the first 32 KiB of the file
+MULTIBOOT2_HEADER_ALIGN = 8               # at an offset that is a multiple of 8; tags are 8-aligned too
+MULTIBOOT2_HEADER_FIXED_SIZE = 16         # magic, architecture, header_length, checksum
+MULTIBOOT2_ARCHITECTURE_I386 = 0          # entered in 32-bit protected mode, paging off (also for x86-64 kernels)
+MULTIBOOT2_TAG_OPTIONAL = 1 << 0          # a header tag's flags: the loader may ignore it
+# Header tag types (what the kernel asks of the loader).
+MULTIBOOT2_HEADER_TAG_END = 0
+MULTIBOOT2_HEADER_TAG_RELOCATABLE = 10    # min_addr, max_addr, align, preference: load anywhere in that range
+MULTIBOOT2_HEADER_TAGS = {
+    0: "end", 1: "information request", 2: "address", 3: "entry address", 4: "console flags", 5: "framebuffer",
+    6: "module alignment", 7: "EFI boot services", 8: "EFI i386 entry address", 9: "EFI amd64 entry address",
+    10: "relocatable",
+}
+MULTIBOOT2_RELOCATABLE_PREFERENCES = {0: "none", 1: "lowest", 2: "highest"}
+# Boot information tag types (what the loader tells the kernel).
+MULTIBOOT2_INFO_TAG_END = 0
+MULTIBOOT2_INFO_TAG_CMDLINE = 1
+MULTIBOOT2_INFO_TAG_MODULE = 3            # mod_start, mod_end, then the module's command line
+MULTIBOOT2_INFO_TAG_LOAD_BASE_ADDR = 21   # where a relocatable kernel was put
+
 # PC platform.
 COM1_PORT = 0x3F8
 COM2_PORT = 0x2F8
@@ -94,6 +118,10 @@ def error_code_mask() -> int:
 
 def multiboot_header_checksum(flags: int) -> int:
     return (-(MULTIBOOT_HEADER_MAGIC + flags)) & 0xFFFFFFFF
+
+
+def multiboot2_header_checksum(architecture: int, header_length: int) -> int:
+    return (-(MULTIBOOT2_HEADER_MAGIC + architecture + header_length)) & 0xFFFFFFFF
 
 EXCEPTION_NAMES = {
     0: "#DE divide error", 1: "#DB debug", 2: "NMI", 3: "#BP breakpoint", 4: "#OF overflow",

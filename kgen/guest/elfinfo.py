@@ -16,6 +16,7 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
 
+from kgen.arch import hw
 from kgen.errors import KgenError
 
 MULTIBOOT_MAGIC = 0x1BADB002
@@ -63,7 +64,7 @@ class ElfInfo:
     segments: tuple[LoadSegment, ...]
     by_address: tuple[ElfSymbol, ...]             # sorted by value, for symbolize
     symbols: Mapping[str, ElfSymbol] = field(hash=False)
-    head: bytes = field(repr=False)               # the start of the file, where a Multiboot header must be
+    head: bytes = field(repr=False)               # the start of the file, where a Multiboot header (v1 or v2) must be
     program_headers: tuple[str, ...] = ()         # every program header's p_type (PT_LOAD, PT_NOTE, ...), in order
 
     @classmethod
@@ -124,11 +125,101 @@ class ElfInfo:
 
     def multiboot_header_offset(self) -> int | None:
         """File offset of a valid Multiboot v1 header (magic, flags, checksum summing to 0), as GRUB finds it."""
-        for offset in range(0, len(self.head) - 11, 4):
+        for offset in range(0, min(len(self.head), MULTIBOOT_SEARCH) - 11, 4):
             magic, flags, checksum = struct.unpack_from("<III", self.head, offset)
             if magic == MULTIBOOT_MAGIC and (magic + flags + checksum) & 0xFFFFFFFF == 0:
                 return offset
         return None
+
+    def multiboot_headers(self) -> MultibootHeaders:
+        """Which Multiboot headers this ELF has (v1, v2, both or none) and what the v2 header's tags ask for."""
+        v1 = self.multiboot_header_offset()
+        v1_flags = struct.unpack_from("<I", self.head, v1 + 4)[0] if v1 is not None else None
+        v2 = multiboot2_header_offset(self.head)
+        if v2 is None:
+            return MultibootHeaders(v1, v1_flags)
+        architecture, length = struct.unpack_from("<II", self.head, v2 + 4)
+        tags = multiboot2_header_tags(self.head[v2:v2 + length])
+        relocatable = next((Multiboot2Relocatable(*struct.unpack_from("<IIII", body))
+                            for kind, _, body in tags if kind == hw.MULTIBOOT2_HEADER_TAG_RELOCATABLE
+                            and len(body) >= 16), None)
+        return MultibootHeaders(v1, v1_flags, v2, architecture, tuple(kind for kind, _, _ in tags), relocatable)
+
+
+@dataclass(frozen=True)
+class Multiboot2Relocatable:
+    """A Multiboot 2 relocatable tag: the loader may put the image anywhere in [min_addr, max_addr], aligned."""
+    min_addr: int
+    max_addr: int
+    align: int
+    preference: int            # 0 none, 1 lowest, 2 highest address (hw.MULTIBOOT2_RELOCATABLE_PREFERENCES)
+
+
+@dataclass(frozen=True)
+class MultibootHeaders:
+    """The Multiboot headers of one ELF as GRUB finds them: file offsets (None: absent) and what they ask for."""
+    v1_offset: int | None = None
+    v1_flags: int | None = None
+    v2_offset: int | None = None
+    v2_architecture: int | None = None
+    v2_tags: tuple[int, ...] = ()                   # header tag types in file order, the end tag left out
+    v2_relocatable: Multiboot2Relocatable | None = None
+
+    @property
+    def protocols(self) -> tuple[str, ...]:
+        """GRUB's commands that can load this ELF: "multiboot" (v1), "multiboot2" (v2), in that order."""
+        return tuple(name for name, offset in (("multiboot", self.v1_offset), ("multiboot2", self.v2_offset))
+                     if offset is not None)
+
+    @property
+    def v1_addresses(self) -> bool:
+        """The v1 header carries the load addresses (flag bit 16): a loader needs no ELF program headers."""
+        return self.v1_flags is not None and bool(self.v1_flags & hw.MULTIBOOT_FLAG_ADDRESSES)
+
+    def describe(self) -> str:
+        """One line: which headers were found where, or which were looked for."""
+        if not self.protocols:
+            return f"no Multiboot header: looked for {LOOKED_FOR}"
+        parts = []
+        if self.v1_offset is not None:
+            parts.append(f"Multiboot 1 header at file offset {self.v1_offset:#x} (flags {self.v1_flags:#x})")
+        if self.v2_offset is not None:
+            tags = ", ".join(hw.MULTIBOOT2_HEADER_TAGS.get(kind, f"type {kind}") for kind in self.v2_tags)
+            parts.append(f"Multiboot 2 header at file offset {self.v2_offset:#x} (architecture "
+                         f"{self.v2_architecture}, tags: {tags or 'none'})")
+        return "; ".join(parts)
+
+
+# What the probe searches, for the line that says an ELF has neither header.
+LOOKED_FOR = (f"a Multiboot 1 header (magic {hw.MULTIBOOT_HEADER_MAGIC:#x}, 4-byte aligned, in the first "
+              f"{MULTIBOOT_SEARCH // 1024} KiB) and a Multiboot 2 header (magic {hw.MULTIBOOT2_HEADER_MAGIC:#x}, "
+              f"{hw.MULTIBOOT2_HEADER_ALIGN}-byte aligned, in the first {hw.MULTIBOOT2_HEADER_SEARCH_LIMIT // 1024} KiB)")
+
+
+def multiboot2_header_offset(head: bytes) -> int | None:
+    """File offset of a valid Multiboot 2 header in `head` (the file's start), as GRUB's `multiboot2` finds it:
+    8-aligned, magic, the four fixed fields summing to 0, the whole header_length inside the search window."""
+    window = head[:hw.MULTIBOOT2_HEADER_SEARCH_LIMIT]
+    fixed = hw.MULTIBOOT2_HEADER_FIXED_SIZE
+    for offset in range(0, len(window) - fixed + 1, hw.MULTIBOOT2_HEADER_ALIGN):
+        magic, architecture, length, checksum = struct.unpack_from("<IIII", window, offset)
+        if (magic == hw.MULTIBOOT2_HEADER_MAGIC and (magic + architecture + length + checksum) & 0xFFFFFFFF == 0
+                and fixed <= length and offset + length <= len(window)):
+            return offset
+    return None
+
+
+def multiboot2_header_tags(header: bytes) -> list[tuple[int, int, bytes]]:
+    """(type, flags, body) of each tag of a Multiboot 2 header up to its end tag; a malformed size ends the list."""
+    tags = []
+    offset = hw.MULTIBOOT2_HEADER_FIXED_SIZE
+    while offset + 8 <= len(header):
+        kind, flags, size = struct.unpack_from("<HHI", header, offset)
+        if kind == hw.MULTIBOOT2_HEADER_TAG_END or size < 8 or offset + size > len(header):
+            break
+        tags.append((kind, flags, header[offset + 8:offset + size]))
+        offset += (size + hw.MULTIBOOT2_HEADER_ALIGN - 1) & -hw.MULTIBOOT2_HEADER_ALIGN
+    return tags
 
 
 def _value(sym: ElfSymbol) -> int:
@@ -191,4 +282,4 @@ def _by_name(symbols: list[ElfSymbol]) -> dict[str, ElfSymbol]:
 
 def _read_head(stream) -> bytes:
     stream.seek(0)
-    return stream.read(MULTIBOOT_SEARCH)
+    return stream.read(max(MULTIBOOT_SEARCH, hw.MULTIBOOT2_HEADER_SEARCH_LIMIT))

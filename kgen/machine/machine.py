@@ -34,6 +34,7 @@ from kgen.build.layout import DEBUG_EXIT_PORT
 from kgen.errors import MachineError, ToolMissing
 from kgen.guest.registers import Registers, parse_info_registers
 from kgen.machine import process
+from kgen.machine.firmware import FIRMWARES, Ovmf, find_ovmf, machine_vars, pflash_args
 from kgen.machine.errors import MachineStepError
 from kgen.machine.qmp import LINK_ERRORS, ExecuteError, QmpLink
 from kgen.machine.ram import GuestRam, poison_pattern
@@ -60,6 +61,19 @@ def _opt(value: object) -> str:
     return str(value).replace(",", ",,")
 
 
+QCOW2_MAGIC = b"QFI\xfb"
+
+
+def disk_format(path: Path) -> str:
+    """qcow2 for a file that starts with qcow2's magic, else raw: named, so QEMU neither guesses (and warns) nor
+    lets a raw image's first bytes pass for a header."""
+    try:
+        with open(path, "rb") as stream:
+            return "qcow2" if stream.read(4) == QCOW2_MAGIC else "raw"
+    except OSError:
+        return "raw"        # QEMU's own error names the file
+
+
 @dataclass(frozen=True)
 class MachineState:
     """What `save_state` kept besides QEMU's own snapshot: guest RAM and the COM1 text with its read cursor."""
@@ -68,16 +82,26 @@ class MachineState:
 
 
 class Machine:
-    """A QEMU `pc` machine booting one kernel (Multiboot ELF via `-kernel`) or one ISO (`-cdrom`)."""
+    """A QEMU `pc` machine booting one kernel (Multiboot ELF via `-kernel`), one ISO (`-cdrom`) or one disk image
+    (the first IDE disk, opened `snapshot=on`: the guest's writes never reach the file), under SeaBIOS
+    (`firmware="bios"`) or OVMF (`firmware="uefi"`, kgen/machine/firmware.py)."""
 
     def __init__(self, kernel: str | os.PathLike | None = None, iso: str | os.PathLike | None = None, *,
+                 disk: str | os.PathLike | None = None, firmware: str = "bios",
                  append: str | None = None, accel: str = "tcg", memory_mib: int = 128,
                  poison: int | bytes | None = None, debug_exit_port: int = DEBUG_EXIT_PORT, echo_serial: bool = False,
                  icount: bool = False, ram_file: bool = True, extra_args: Sequence[str] = (),
                  qemu: str = "qemu-system-i386", snapshot_image: str | os.PathLike | None = None,
                  start_paused: bool = False, gdbstub: bool = False):
-        if (kernel is None) == (iso is None):
-            raise ValueError("give exactly one of kernel= or iso=")
+        if sum(x is not None for x in (kernel, iso, disk)) != 1:
+            raise ValueError("give exactly one of kernel=, iso= or disk=")
+        if firmware not in FIRMWARES:
+            raise ValueError(f"firmware must be one of {', '.join(FIRMWARES)}, not {firmware!r}")
+        if firmware == "uefi" and kernel is not None:
+            # QEMU's -kernel loads a Multiboot kernel through an option ROM of the legacy BIOS; OVMF has no use for it.
+            raise ValueError("firmware='uefi' boots an iso= or disk=, not a -kernel")
+        if firmware == "uefi" and Path(qemu).name == "qemu-system-i386":
+            raise ValueError("OVMF is x86_64 firmware: firmware='uefi' needs qemu='qemu-system-x86_64'")
         if append is not None and kernel is None:
             raise ValueError("append= is the -kernel command line; an ISO's bootloader has its own")
         if accel not in ("tcg", "kvm"):
@@ -91,6 +115,10 @@ class Machine:
         # Absolute, because QEMU runs in the temporary directory.
         self.kernel = Path(kernel).resolve() if kernel is not None else None
         self.iso = Path(iso).resolve() if iso is not None else None
+        self.disk = Path(disk).resolve() if disk is not None else None
+        self.firmware = firmware
+        self._ovmf: Ovmf | None = None
+        self._ovmf_vars: Path | None = None   # the variable store's copy this machine boots with (firmware.py)
         self.append = append
         self.accel = accel
         self.memory_mib = memory_mib
@@ -141,6 +169,8 @@ class Machine:
         binary = shutil.which(self.qemu)
         if binary is None:
             raise ToolMissing(f"{self.qemu} not found: install the Debian package {QEMU_PACKAGE}")
+        if self.firmware == "uefi":
+            self._ovmf = find_ovmf()
         self._launched = True
         started = time.monotonic()
         try:
@@ -148,6 +178,8 @@ class Machine:
             process.install_hooks()
             process.register(self)
             self.tmpdir = process.make_dir()
+            if self._ovmf is not None:
+                self._ovmf_vars = machine_vars(self._ovmf, self.tmpdir, self.snapshot_image)
             if self.ram_file:
                 self._ram = GuestRam(self.tmpdir / "ram", self.memory_mib, self.poison)
                 self._ram.create()
@@ -276,6 +308,8 @@ class Machine:
                 *chardev("com2"), "-serial", "chardev:com2"]
         if self._ram is not None:
             args += self._ram.qemu_args(_opt)
+        if self._ovmf is not None:
+            args += pflash_args(self._ovmf, self._ovmf_vars, _opt)
         if self.snapshot_image is not None:
             # A drive no device uses: only the home of the internal snapshot (CPU and device state; RAM is kept
             # by the harness, see snapshot.py).
@@ -293,8 +327,11 @@ class Machine:
             args += ["-kernel", str(self.kernel)]
             if self.append is not None:
                 args += ["-append", self.append]
-        else:
+        elif self.iso is not None:
             args += ["-cdrom", str(self.iso), "-boot", "d"]
+        else:
+            args += ["-drive", f"file={_opt(self.disk)},format={disk_format(self.disk)},if=ide,index=0,media=disk,"
+                               "snapshot=on", "-boot", "c"]
         return args + list(self.extra_args)
 
     def _accept(self, listener: socket.socket, what: str, deadline: float) -> socket.socket:

@@ -14,6 +14,9 @@ How (the mechanism measured against the others, README "Figures"):
   (a memcpy, ≈12 ms for 128 MiB). Letting QEMU save RAM into the qcow2 works too, but a poisoned RAM has no zero
   pages to skip and `loadvm` then takes ≈0.3 s. `loadvm` resets the machine first, which copies the kernel's ELF
   segments back into RAM as at power-on, so RAM is put back after `loadvm`, never before.
+- UEFI firmware state outside RAM (OVMF's variable store, a pflash drive): a qcow2 image kept beside the snapshot
+  image, so `savevm`/`loadvm` snapshot and restore it like a disk (kgen/machine/firmware.py). The firmware's code
+  pflash is read-only and not snapshotted.
 - COM1 and COM2: the COM1 text and read cursor of the ready state are kept with the RAM; what the previous test
   left in either socket is dropped. A machine whose COM2 still holds bytes the guest has not taken is not reused
   (they would reach the next test's kernel), nor is one that exited, triple-faulted or stopped answering QMP: the
@@ -43,6 +46,7 @@ from pathlib import Path
 
 from kgen.errors import MachineError
 from kgen.machine import process
+from kgen.machine.firmware import vars_beside
 from kgen.machine.machine import Machine, MachineState
 
 COLD_BOOT_ENV = "KGEN_COLD_BOOT"
@@ -84,7 +88,7 @@ def snapshot_key(options: dict, ready: str) -> str:
     parts = []
     for name in sorted(options):
         value = options[name]
-        if name in ("kernel", "iso") and value is not None:
+        if name in ("kernel", "iso", "disk") and value is not None:
             value = _file_digest(Path(value))
         parts.append((name, value))
     binary = shutil.which(options.get("qemu", "qemu-system-i386"))
@@ -165,6 +169,7 @@ class MachinePool:
             warnings.warn(SnapshotWarning(f"kgen: cannot snapshot {self._name(options)} ({err}); "
                                           "each test boots it cold"), stacklevel=3)
             image.unlink(missing_ok=True)
+            vars_beside(image).unlink(missing_ok=True)
             return machine
         entry = _Entry(key, dict(options), image, state, running=was_running)
         self._entries[key] = entry
@@ -234,6 +239,7 @@ class MachinePool:
             entry.machine.quit()
             entry.machine = None
         entry.image.unlink(missing_ok=True)
+        vars_beside(entry.image).unlink(missing_ok=True)
 
     def _image_for(self, key: str) -> Path | None:
         if self._dir is None:
@@ -243,6 +249,7 @@ class MachinePool:
             self._dir = Path(tempfile.mkdtemp(prefix=f"{process.TMP_PREFIX}{os.getpid()}-snapshots-"))
         image = self._dir / f"{key[:24]}.qcow2"
         image.unlink(missing_ok=True)
+        vars_beside(image).unlink(missing_ok=True)     # a UEFI machine's variable store from an earlier image
         tool = shutil.which("qemu-img")
         if tool is None:
             warnings.warn(SnapshotWarning("kgen: qemu-img not found (Debian package qemu-utils): machines boot "
@@ -258,7 +265,7 @@ class MachinePool:
 
     @staticmethod
     def _name(options: dict) -> str:
-        target = options.get("kernel") or options.get("iso")
+        target = options.get("kernel") or options.get("iso") or options.get("disk")
         return Path(target).name if target is not None else "the machine"
 
     # --- ending ----------------------------------------------------------------------------------------------
