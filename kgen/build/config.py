@@ -139,6 +139,8 @@ class ForeignConfig:
     qemu_args: tuple[str, ...] | None = None
     address_spaces: str | None = None
     boot_only_segments: tuple[int, ...] | None = None
+    boot: str | None = None         # --boot: direct, grub, grub-multiboot2
+    firmware: str | None = None     # --firmware: bios, uefi
 
     def key(self, name: str) -> str:
         """`kgen.toml: foreign.memory`, how an error names where a value came from."""
@@ -149,7 +151,8 @@ class ForeignConfig:
 # an array of strings, an array of indices.
 _FOREIGN_KINDS = {"kernel": "path", "ready": "text", "ready_at": "text", "ready_symbol": "text", "ready_vga": "text",
                   "ready_after": "seconds", "boot_timeout": "seconds", "memory": "count", "append": "any text",
-                  "modules": "paths", "qemu_args": "texts", "address_spaces": "text", "boot_only_segments": "indices"}
+                  "modules": "paths", "qemu_args": "texts", "address_spaces": "text", "boot_only_segments": "indices",
+                  "boot": "text", "firmware": "text"}
 
 
 def _foreign_from_mapping(table: dict, where: str, base_dir: Path) -> ForeignConfig:

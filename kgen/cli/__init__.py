@@ -96,6 +96,13 @@ def _add_foreign_boot_args(p: argparse.ArgumentParser):
     p.add_argument("--qemu-arg", action="append", metavar="ARGS",
                    help="with --kernel: more QEMU arguments, split like a shell line (--qemu-arg '-smp 2'); "
                         "repeatable")
+    from kgen.harness.bootnames import BOOT_METHODS, FIRMWARES
+    p.add_argument("--boot", choices=BOOT_METHODS, help="with --kernel: how to boot it: "
+                   "direct is QEMU's -kernel (Multiboot 1, BIOS); grub an ISO kgen makes with GRUB around the ELF "
+                   "(its multiboot line, or multiboot2 for an ELF with only a Multiboot 2 header; grub-multiboot2 "
+                   "for one with both). Default: direct for a Multiboot 1 ELF under the BIOS, else grub")
+    p.add_argument("--firmware", choices=FIRMWARES, help="with --kernel: SeaBIOS (default) or UEFI through "
+                   "OVMF (Debian's ovmf; boots through GRUB)")
 
 
 def _add_checked_kernel_args(p: argparse.ArgumentParser, what: str):

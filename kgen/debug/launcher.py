@@ -117,7 +117,8 @@ def _config_file(args) -> Path | None:
 def debug(args, extra: list[str]) -> int:
     from kgen.build.pipeline import build, check_out_dir
     from kgen.guest.elfinfo import ElfInfo
-    from kgen.harness.run import _existing_file, grub_icount, machine_config
+    from kgen.harness.bootpath import grub_icount
+    from kgen.harness.run import _existing_file, machine_config
     from kgen.machine import Machine
 
     if extra and args.no_gdb:
@@ -151,7 +152,7 @@ def debug(args, extra: list[str]) -> int:
         elf_path, qemu, kgen_arch = out.elf, layout.architecture.qemu, layout.arch
         target = {"kernel": out.elf, "append": args.append} if args.direct else {"iso": out.iso}
 
-    icount = grub_icount("iso" in target, args.accel)      # as kgen run: GRUB under TCG
+    icount = grub_icount("iso" in target, "bios", args.accel)      # as kgen run: GRUB under TCG
     machine = Machine(**target, accel=args.accel, memory_mib=layout.memory_mib, echo_serial=True, icount=icount,
                       debug_exit_port=layout.debug_exit_port, qemu=qemu, start_paused=True,
                       extra_args=("-gdb", f"tcp:{GDB_HOST}:{port}"))

@@ -1,22 +1,28 @@
 """How a kernel given with --kernel is booted: the one place a way of booting plugs in.
 
 A boot path turns the kernel's ELF into the arguments of a `Machine` (kgen/machine) and says, before QEMU does, why
-it cannot boot an ELF. `DirectMultiboot` is QEMU's own Multiboot loader (`-kernel`). kgen's own kernel is booted by
-`KernelSession` (kgen/harness/session.py) from its layout, not through here.
+it cannot boot an ELF. `DirectMultiboot` is QEMU's own Multiboot loader (`-kernel`, BIOS only); `GrubBoot` puts GRUB
+around the ELF in an ISO, as most hobby kernels are booted (Multiboot 2 needs it; some Multiboot 1 kernels need what
+GRUB hands over and QEMU's loader does not), under SeaBIOS or OVMF. `boot_path_for` picks one from the ELF's headers
+and the options. kgen's own kernel is booted by `KernelSession` (kgen/harness/session.py) from its layout.
 """
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Union
 
-from kgen.errors import MachineError, UsageError
-from kgen.guest.elfinfo import MULTIBOOT_SEARCH, ElfInfo
+from kgen.arch import X86_64
+from kgen.build.iso import grub_platforms, make_boot_iso
+from kgen.errors import KgenError, MachineError, UsageError
+from kgen.guest.elfinfo import ElfInfo
+from kgen.harness.bootnames import BOOT_METHODS, FIRMWARES
 from kgen.harness.qemuargs import drives_copy_on_write, initrd_args, qemu_refusal
 from kgen.machine import Machine
 
 DEFAULT_MEMORY_MIB = 128
-MULTIBOOT_AOUT_KLUDGE = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -33,22 +39,123 @@ class DirectMultiboot:
         """What stops this path from booting `elf`, or None (QEMU may still refuse it: `launch_refusing`)."""
         return multiboot_problem(elf)
 
-    def machine_options(self, elf_path: Path, *, qemu: str, accel: str, poison: bytes | None) -> dict:
-        """Machine(...) arguments that boot `elf_path` this way."""
-        extra = initrd_args(self.modules) + drives_copy_on_write(self.qemu_args)
+    def machine_options(self, elf_path: Path, *, qemu: str, accel: str, poison: bytes | None,
+                        disks_writable: bool = False) -> dict:
+        """Machine(...) arguments that boot `elf_path` this way; the user's disks copy-on-write unless
+        `disks_writable` (`kgen run`: there the guest's writes are the user's to keep)."""
+        extra = initrd_args(self.modules) + (self.qemu_args if disks_writable else drives_copy_on_write(self.qemu_args))
         return dict(kernel=elf_path, accel=accel, poison=poison, qemu=qemu, memory_mib=self.memory_mib,
                     append=self.append, extra_args=extra)
+
+    def describe(self) -> str:
+        return "QEMU's -kernel"
+
+
+@dataclass(frozen=True)
+class GrubBoot:
+    """GRUB around the ELF: an ISO kgen makes (grub.cfg's `multiboot` or `multiboot2` line with --append as the
+    command line, a `module`/`module2` line per --module; kgen/build/iso.py `make_boot_iso`), booted from CD-ROM
+    under SeaBIOS or, with `firmware="uefi"`, OVMF (then on qemu-system-x86_64, OVMF being x86_64 firmware). The
+    ISO is kept in kgen's cache under a digest of everything in it, so each parallel machine and each later run
+    boots the same file without making it again."""
+    protocol: str = "multiboot"         # or "multiboot2"
+    memory_mib: int = DEFAULT_MEMORY_MIB
+    append: str | None = None
+    modules: tuple[str, ...] = ()
+    qemu_args: tuple[str, ...] = ()
+    firmware: str = "bios"              # or "uefi"
+    name: ClassVar[str] = "grub"
+
+    def problem(self, elf: ElfInfo) -> str | None:
+        headers = elf.multiboot_headers()
+        if self.protocol == "multiboot2" and headers.v2_offset is None:
+            return f"GRUB's multiboot2 needs a Multiboot 2 header, and this ELF has none ({headers.describe()})"
+        if self.protocol == "multiboot" and headers.v1_offset is None:
+            return f"GRUB's multiboot needs a Multiboot 1 header, and this ELF has none ({headers.describe()})"
+        return None
+
+    def machine_options(self, elf_path: Path, *, qemu: str, accel: str, poison: bytes | None,
+                        disks_writable: bool = False) -> dict:
+        iso = self.iso(elf_path)
+        extra = self.qemu_args if disks_writable else drives_copy_on_write(self.qemu_args)
+        return dict(iso=iso, firmware=self.firmware, accel=accel, poison=poison,
+                    qemu=X86_64.qemu if self.firmware == "uefi" else qemu, memory_mib=self.memory_mib,
+                    extra_args=extra, icount=grub_icount(True, self.firmware, accel))
+
+    def iso(self, elf_path: Path) -> Path:
+        """The GRUB ISO that boots `elf_path` this way, made once per content (kgen's cache, `iso_cache_dir`)."""
+        digest = hashlib.sha256(repr((self.protocol, self.append, grub_platforms())).encode())
+        for path in [str(elf_path)] + [m.partition(",")[0] for m in self.modules]:
+            digest.update(Path(path).read_bytes())
+        digest.update(repr([m.partition(",")[2] for m in self.modules]).encode())
+        directory = iso_cache_dir() / digest.hexdigest()[:24]
+        iso = directory / "boot.iso"
+        if not iso.is_file():
+            make_boot_iso(Path(elf_path), directory, protocol=self.protocol, modules=self.modules,
+                          append=self.append)
+        return iso
+
+    def describe(self) -> str:
+        return f"GRUB's {self.protocol} from an ISO kgen made, {self.firmware.upper()}"
+
+
+BootPath = Union[DirectMultiboot, GrubBoot]
+
+
+def grub_icount(iso: bool, firmware: str, accel: str) -> bool:
+    """Whether to run QEMU with -icount: GRUB 2.06 on SeaBIOS under TCG can crash in real mode when a timer
+    interrupt lands at the wrong moment, which happens on a loaded host (see docs/toolchain.md). Counting
+    instructions for time makes the boot deterministic and it does not crash; it costs a few seconds."""
+    return iso and firmware == "bios" and accel == "tcg"
+
+
+def iso_cache_dir() -> Path:
+    """Where the GRUB ISOs kgen makes around kernels are kept: $XDG_CACHE_HOME/kgen/grub-iso (~/.cache by default)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "kgen" / "grub-iso"
+
+
+def boot_path_for(elf: ElfInfo, *, method: str | None = None, firmware: str | None = None,
+                  memory_mib: int | None = None, append: str | None = None, modules=(), qemu_args=()) -> BootPath:
+    """How to boot `elf`: `method` (BOOT_METHODS) if given, else by its headers: QEMU's -kernel for a Multiboot 1
+    ELF under the BIOS (today's default), GRUB for one with only a Multiboot 2 header or under UEFI. `grub` uses
+    GRUB's `multiboot` when the ELF has a Multiboot 1 header, else `multiboot2`; `grub-multiboot2` asks for
+    multiboot2 when it has both. A combination that cannot work raises KgenError."""
+    firmware = firmware or "bios"
+    if firmware not in FIRMWARES:
+        raise KgenError(f"--firmware {firmware}: give one of {', '.join(FIRMWARES)}")
+    if method is not None and method not in BOOT_METHODS:
+        raise KgenError(f"--boot {method}: give one of {', '.join(BOOT_METHODS)}")
+    headers = elf.multiboot_headers()
+    if method is None:
+        only_v2 = headers.v1_offset is None and headers.v2_offset is not None
+        method = "grub" if firmware == "uefi" or only_v2 else "direct"
+    common = dict(memory_mib=memory_mib or DEFAULT_MEMORY_MIB, append=append, modules=tuple(modules),
+                  qemu_args=tuple(qemu_args))
+    if method == "direct":
+        if firmware == "uefi":
+            raise KgenError("--boot direct is QEMU's -kernel, which needs the BIOS: use --boot grub with "
+                            "--firmware uefi")
+        return DirectMultiboot(**common)
+    protocol = ("multiboot2" if method == "grub-multiboot2" or headers.v1_offset is None and headers.v2_offset
+                is not None else "multiboot")
+    boot = GrubBoot(protocol, firmware=firmware, **common)
+    problem = boot.problem(elf)
+    if problem is not None:
+        raise KgenError(f"{elf.path}: --boot {method}: {problem}")
+    return boot
 
 
 def multiboot_problem(elf: ElfInfo) -> str | None:
     """What stops QEMU's -kernel from booting this ELF as Multiboot, or None: no header, or an ELF64 without the
     header's address fields (flag bit 16), which QEMU needs to load anything but an ELF32."""
-    offset = elf.multiboot_header_offset()
-    if offset is None:
-        return (f"an ELF{elf.bits} with no Multiboot header in its first {MULTIBOOT_SEARCH // 1024} KiB: QEMU's "
-                "-kernel boots Multiboot (v1) kernels only")
-    flags = int.from_bytes(elf.head[offset + 4:offset + 8], "little")
-    if elf.bits != 32 and not flags & MULTIBOOT_AOUT_KLUDGE:
+    headers = elf.multiboot_headers()
+    if headers.v1_offset is None and headers.v2_offset is not None:
+        return (f"an ELF{elf.bits} with a Multiboot 2 header only: QEMU's -kernel boots Multiboot 1 kernels; "
+                "--boot grub boots it through GRUB")
+    if headers.v1_offset is None:
+        return f"an ELF{elf.bits} with {headers.describe()}: QEMU's -kernel boots Multiboot (v1) kernels only"
+    if elf.bits != 32 and not headers.v1_addresses:
         return ("an ELF64 whose Multiboot header lacks the address fields (flag bit 16): QEMU's -kernel loads "
                 "an ELF64 only through them")
     return None
@@ -56,7 +163,7 @@ def multiboot_problem(elf: ElfInfo) -> str | None:
 
 
 def launch_refusing(machine: Machine, elf_path: Path | None, elf: ElfInfo | None = None,
-                    boot: DirectMultiboot | None = None) -> None:
+                    boot: BootPath | None = None) -> None:
     """Launch `machine`; when QEMU refuses a kernel the user gave (`elf_path`, from --kernel) that is the user's
     input: one line with what stops `boot` (default: QEMU's -kernel) from booting it, if anything, and QEMU's own
     reason (UsageError). kgen test, kgen run and kgen debug say it alike."""

@@ -16,6 +16,7 @@ from kgen.guest.diagnose import RunFailed
 from kgen.guest.elfinfo import ElfInfo
 from kgen.build.layout import compute
 from kgen.build.pipeline import check_out_dir
+from kgen.harness.bootnames import BOOT_METHODS, FIRMWARES
 from kgen.harness.kernel import KernelUnderTest, boot_only_problem, check_qemu_accepts
 from kgen.harness.live import boot
 from kgen.harness.qemuargs import check_modules, require_qemu, split_qemu_args
@@ -24,7 +25,8 @@ from kgen.harness.ready import READY_OPTIONS, resolve_ready_at
 # [foreign] key (kgen/build/config.py ForeignConfig) -> the command-line option's attribute holding the same.
 FOREIGN_OPTIONS = {**{name: name for name in READY_OPTIONS}, "boot_timeout": "boot_timeout", "memory": "memory",
                    "append": "append", "modules": "module", "qemu_args": "qemu_arg",
-                   "address_spaces": "address_spaces", "boot_only_segments": "boot_only_segment"}
+                   "address_spaces": "address_spaces", "boot_only_segments": "boot_only_segment", "boot": "boot",
+                   "firmware": "firmware"}
 
 
 def apply_foreign_config(args) -> None:
@@ -95,6 +97,9 @@ def _check_from_table(args, foreign, from_table: set[str]) -> None:
         problem = boot_only_problem(elf, index)
         if problem is not None:
             raise refuse("boot_only_segments", f"{index}: {problem}")
+    for key, allowed in (("boot", BOOT_METHODS), ("firmware", FIRMWARES)):
+        if key in from_table and getattr(foreign, key) not in allowed:
+            raise refuse(key, f"give one of {', '.join(allowed)}")
     if "ready_symbol" in from_table and foreign.ready_symbol not in elf.symbols:
         raise refuse("ready_symbol", f"{elf.path.name} has no such symbol")
     if "ready_at" in from_table:
@@ -123,8 +128,8 @@ def foreign_kernel_from_args(args) -> KernelUnderTest:
             memory_mib=getattr(args, "memory", None), append=getattr(args, "append", None),
             modules=getattr(args, "module", None) or (),
             qemu_args=split_qemu_args(getattr(args, "qemu_arg", None) or ()),
-            boot_only_segments=getattr(args, "boot_only_segment", None),
-            **{name: getattr(args, name, None) for name in READY_OPTIONS})
+            boot_only_segments=getattr(args, "boot_only_segment", None), boot_method=getattr(args, "boot", None),
+            firmware=getattr(args, "firmware", None), **{name: getattr(args, name, None) for name in READY_OPTIONS})
     except KgenError as err:
         raise UsageError(f"--kernel {err}") from None
     if getattr(args, "address_spaces", None):

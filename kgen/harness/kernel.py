@@ -13,7 +13,7 @@ from kgen.build.pipeline import build, current_elf
 from kgen.errors import KgenError
 from kgen.guest.bootreport import BOOT_OK
 from kgen.guest.elfinfo import ElfInfo
-from kgen.harness.bootpath import DirectMultiboot, launch_refusing
+from kgen.harness.bootpath import BootPath, DirectMultiboot, boot_path_for, launch_refusing
 from kgen.harness.ready import Ready
 from kgen.machine import Machine
 
@@ -27,7 +27,7 @@ class KernelUnderTest:
     elf_path: Path
     elf: ElfInfo
     layout: Layout | None = None
-    boot: DirectMultiboot = field(default_factory=DirectMultiboot)
+    boot: BootPath = field(default_factory=DirectMultiboot)
     ready: Ready = field(default_factory=Ready)
     boot_timeout: float = BOOT_TIMEOUT
     # Program-header indices of segments that are boot code (may be unmapped once the kernel runs high, not the
@@ -43,12 +43,14 @@ class KernelUnderTest:
         return cls(elf, ElfInfo.load(elf), compute(config))
 
     @classmethod
-    def foreign(cls, elf_path: Path, ready: str | None = None, *, boot: DirectMultiboot | None = None,
+    def foreign(cls, elf_path: Path, ready: str | None = None, *, boot: BootPath | None = None,
                 boot_timeout: float | None = None, boot_only_segments=None, memory_mib: int | None = None,
-                append: str | None = None, modules=(), qemu_args=(), **when) -> KernelUnderTest:
+                append: str | None = None, modules=(), qemu_args=(), boot_method: str | None = None,
+                firmware: str | None = None, **when) -> KernelUnderTest:
         """Anyone else's ELF. `ready` is --ready's text and `when` holds the other "when to look" options by their
-        READY_OPTIONS names (ready_symbol=, ready_at=, ...); `boot` how to boot it, else QEMU's -kernel with
-        `memory_mib`, `append`, `modules` and `qemu_args`. A value wrong for this ELF raises KgenError."""
+        READY_OPTIONS names (ready_symbol=, ready_at=, ...); `boot` how to boot it, else the way `boot_path_for`
+        picks from the ELF, `boot_method` (--boot) and `firmware` (--firmware), with `memory_mib`, `append`,
+        `modules` and `qemu_args`. A value wrong for this ELF raises KgenError."""
         elf = ElfInfo.load(elf_path)
         for index in boot_only_segments or ():
             problem = boot_only_problem(elf, index)
@@ -56,7 +58,8 @@ class KernelUnderTest:
                 raise KgenError(f"{elf_path}: --boot-only-segment {index}: {problem}")
         how = Ready.from_options(elf, ready=ready, **when)
         if boot is None:
-            boot = DirectMultiboot(memory_mib or DirectMultiboot.memory_mib, append, tuple(modules), tuple(qemu_args))
+            boot = boot_path_for(elf, method=boot_method, firmware=firmware, memory_mib=memory_mib, append=append,
+                                 modules=modules, qemu_args=qemu_args)
         return cls(Path(elf_path), elf, None, boot, how, boot_timeout or BOOT_TIMEOUT,
                    None if boot_only_segments is None else tuple(sorted(set(boot_only_segments))))
 

@@ -58,6 +58,11 @@ def pytest_addoption(parser):
     group.addoption("--kgen-boot-only-segment", action="append", metavar="N", help="with --kgen-kernel: program "
                     "header N (as readelf -l numbers them) is boot code the kernel may unmap; repeatable; `none`: no "
                     "segment is (default: a segment linked where it is loaded in an otherwise higher-half kernel)")
+    from kgen.harness.bootnames import BOOT_METHODS, FIRMWARES
+    group.addoption("--kgen-boot", choices=BOOT_METHODS, help="with --kgen-kernel: how "
+                    "to boot it (direct: QEMU's -kernel; grub: an ISO with GRUB around it; default by its headers)")
+    group.addoption("--kgen-firmware", choices=FIRMWARES, help="with --kgen-kernel: bios (default) or uefi "
+                    "(OVMF, through GRUB)")
     group.addoption("--kgen-accel", choices=("tcg", "kvm"), default="tcg", help="QEMU accelerator (default: tcg)")
     group.addoption("--kgen-cold-boot", action="store_true", help="boot a new machine for every test instead of "
                     "restoring a snapshot of the booted kernel (the default: one boot per kernel and worker)")

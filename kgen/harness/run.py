@@ -15,16 +15,16 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from kgen.arch import hw
+from kgen.arch import X86_64, hw
 from kgen.build import config as configmod
 from kgen.guest.diagnose import explain
 from kgen.guest.elfinfo import ElfInfo
 from kgen.errors import (EXIT_KERNEL_FAILED, EXIT_OK, KernelFailed, KgenError, MachineError, ToolMissing,
                          UsageError)
 from kgen.build.layout import compute
-from kgen.harness.bootpath import launch_refusing
+from kgen.harness.bootpath import boot_path_for, grub_icount, launch_refusing
 from kgen.harness.kernel import KernelUnderTest
-from kgen.harness.qemuargs import check_modules, initrd_args, split_qemu_args
+from kgen.harness.qemuargs import check_modules, split_qemu_args
 from kgen.harness.ready import READY_OPTIONS, Ready, wait_booted
 
 KVM_DEVICE = "/dev/kvm"
@@ -34,13 +34,6 @@ SERIAL_GRACE = 5.0      # seconds to wait for COM1's last line after QEMU exited
 def require_kvm():
     if not os.access(KVM_DEVICE, os.R_OK | os.W_OK):
         raise ToolMissing(f"--accel kvm: {KVM_DEVICE} is missing or not accessible on this host; use --accel tcg")
-
-
-def grub_icount(iso: bool, accel: str) -> bool:
-    """Whether to run QEMU with -icount: GRUB 2.06 on SeaBIOS under TCG can crash in real mode when a timer
-    interrupt lands at the wrong moment, which happens on a loaded host (see docs/toolchain.md). Counting
-    instructions for time makes the boot deterministic and it does not crash; it costs a few seconds."""
-    return iso and accel == "tcg"
 
 
 def machine_config(args):
@@ -79,7 +72,7 @@ def run(args) -> int:
     from kgen.guest.bootreport import EXIT_SUCCESS, reported_success
     from kgen.machine import Machine
 
-    foreign_only = [name for name in (*READY_OPTIONS, "module", "qemu_arg") if getattr(args, name, None)]
+    foreign_only = [name for name in (*READY_OPTIONS, "module", "qemu_arg", "boot") if getattr(args, name, None)]
     if foreign_only and args.kernel is None:
         raise UsageError(f"--{foreign_only[0].replace('_', '-')} is for a kernel given with --kernel")
     if args.append is not None and args.iso is not None:
@@ -91,12 +84,10 @@ def run(args) -> int:
     cfg, layout = machine_config(args)
     target: dict = {}
     elf_path = None
-    extra_args: tuple[str, ...] = ()
+    boot = None
     if args.kernel is not None:
         elf_path = _existing_file("--kernel", args.kernel)
         check_modules(args.module or ())
-        extra_args = initrd_args(args.module or ()) + split_qemu_args(args.qemu_arg or ())
-        target = {"kernel": args.kernel, "append": args.append}
     elif args.iso is not None:
         target = {"iso": _existing_file("--iso", args.iso)}
     else:
@@ -113,15 +104,28 @@ def run(args) -> int:
     except KgenError as err:
         raise UsageError(str(err)) from None
 
-    icount = grub_icount("iso" in target, args.accel)
     qemu = layout.architecture.qemu
     if args.kernel is not None:
         qemu = KernelUnderTest(elf_path, elf).qemu      # the ELF's class picks it, as under kgen test
+        try:
+            boot = boot_path_for(elf, method=args.boot, firmware=args.firmware, memory_mib=layout.memory_mib,
+                                 append=args.append, modules=args.module or (),
+                                 qemu_args=split_qemu_args(args.qemu_arg or ()))
+        except KgenError as err:
+            raise UsageError(str(err)) from None
+        # The user's disks as given: under `kgen run` the guest's writes are the user's to keep.
+        target = boot.machine_options(elf_path, qemu=qemu, accel=args.accel, poison=None, disks_writable=True)
+    elif args.firmware == "uefi":
+        if "iso" not in target:
+            raise UsageError("--firmware uefi boots an ISO (GRUB under OVMF): drop --direct")
+        target.update(firmware="uefi", qemu=X86_64.qemu)    # OVMF is x86_64 firmware; it boots an i386 kernel too
+    target = {"accel": args.accel, "memory_mib": layout.memory_mib, "qemu": qemu, **target}
+    # GRUB on SeaBIOS under TCG: counted instructions (grub_icount).
+    target.setdefault("icount", grub_icount("iso" in target, target.get("firmware", "bios"), args.accel))
     # --ready-at: held at the first instruction with the gdbstub up, so its breakpoint is in before the CPU runs.
     held = dict(gdbstub=True, start_paused=True) if ready.kind == "at" else {}
-    machine = Machine(**target, accel=args.accel, memory_mib=layout.memory_mib, echo_serial=True, icount=icount,
-                      debug_exit_port=layout.debug_exit_port, qemu=qemu, extra_args=extra_args, **held)
-    launch_refusing(machine, elf_path if elf is not None else None, elf)
+    machine = Machine(**target, echo_serial=True, debug_exit_port=layout.debug_exit_port, **held)
+    launch_refusing(machine, elf_path if elf is not None else None, elf, boot)
     with _shut_down_after(machine):
         try:
             if args.kernel is not None:
