@@ -726,3 +726,322 @@ SECTIONS {
 def elf64_multiboot(out: Path, name: str = "mb64") -> Path:
     """The ELF64 above, built."""
     return build(out, name, ELF64_MULTIBOOT, ELF64_LDS, bits=64)
+
+
+# --- ways in through GRUB: Multiboot 2 and GRUB's own Multiboot 1 (tests/test_grub_boot.py) -----------------------
+
+def multiboot2_header(tags: str = "") -> str:
+    """The Multiboot 2 header: magic, architecture 0 (i386: entered in 32-bit protected mode), its length, a checksum
+    that makes the four sum to 0, then `tags` (whole lines, each tag starting 8-aligned) and the end tag. The loader
+    looks for it 8-aligned in the first 32 KiB of the file."""
+    tags = f"\n{tags}" if tags else ""
+    return rf""".balign 8
+mb2_header:
+    .long 0xE85250D6, 0, mb2_header_end - mb2_header
+    .long -(0xE85250D6 + 0 + (mb2_header_end - mb2_header)){tags}
+    .balign 8
+    .word 0, 0                          /* the end tag: type 0, flags 0, size 8 */
+    .long 8
+mb2_header_end:"""
+
+
+def relocatable_tag(min_addr: str, max_addr: str, align: str, preference: int) -> str:
+    """Multiboot 2 header tag 10: the loader may put the image anywhere from `min_addr` to `max_addr`, `align`ed,
+    as low (preference 1) or as high (2) as it can."""
+    return rf"""    .balign 8
+    .word 10, 0                         /* relocatable, required */
+    .long 24
+    .long {min_addr}, {max_addr}, {align}, {preference}"""
+
+
+# Serial output of %eax as 8 hex digits (flat kernels: `hexdigits` by its linked address).
+PRINT_HEX = r"""print_hex:
+    push %ebx
+    mov %eax, %ebx
+    mov $8, %ecx
+1:  rol $4, %ebx
+    mov %ebx, %eax
+    and $0xF, %eax
+    mov hexdigits(%eax), %al
+    mov $0x3F8, %dx
+    out %al, %dx
+    loop 1b
+    pop %ebx
+    ret
+hexdigits: .ascii """ + '"0123456789abcdef"'
+
+
+# The entry of MB2_I386: HIGH_ENTRY with the Multiboot 2 header instead of the v1 one, and the loader's magic (EAX)
+# kept in `boot_magic` (by its physical address: paging is off) for the check once running high.
+MB2_HIGH_ENTRY = rf""".set KBASE, 0xC0000000
+.section .multiboot, "a"
+{multiboot2_header()}
+.text
+.globl _start
+_start:
+    cli
+    mov %eax, boot_magic - KBASE"""
+
+# Prints `ready` if the loader's magic was Multiboot 2's (0x36D76289), `wrong` if not.
+MB2_MAGIC_REPORT = r"""    mov $ready, %esi
+    cmpl $0x36D76289, boot_magic
+    je 1f
+    mov $wrong, %esi
+1:  call puts"""
+
+# A Multiboot 2 kernel for i386, higher half like HIGHER_HALF (loaded at 1 MiB, linked at 0xC0100000): GRUB's
+# `multiboot2` enters it in 32-bit protected mode, paging off; it maps its image, runs high and reports the magic.
+MB2_I386_READY = "mb2-i386: ready\n"
+MB2_I386 = rf"""
+{MB2_HIGH_ENTRY}
+    mov $(stack_top - KBASE), %esp
+{CLEAR_PD_PT}
+{map_image()}
+{map_low_and_high()}
+{paging_on_and_jump_high()}
+higher_half:
+    mov $stack_top, %esp
+{unmap_identity()}
+{MB2_MAGIC_REPORT}
+{halt_loop()}
+{SERIAL_PUTS}
+.section .rodata
+ready: .asciz "mb2-i386: ready\n"
+wrong: .asciz "mb2-i386: not entered by a Multiboot 2 loader\n"
+.data
+boot_magic: .long 0
+{PAGE_TABLES}
+{STACK}
+"""
+
+
+def mb2_i386(out: Path, name: str = "mb2-i386") -> Path:
+    return build(out, name, MB2_I386, HIGHER_HALF_LDS)
+
+
+# A Multiboot 2 kernel for x86_64 (an ELF64), higher half: its boot part (header and 32-bit entry; page tables, GDT) is
+# linked and loaded at 1 MiB, the rest linked at 0xFFFFFFFF80100000 and loaded at the physical address after it
+# (MB2_X86_64_LDS). Entered in 32-bit protected mode, it builds 4-level tables (one 2 MiB page at physical 0, seen
+# at 0 and at 0xFFFFFFFF80000000: PML4[0] and PML4[511] -> PDPT[510]), turns on PAE, EFER.LME and paging, enters
+# long mode in its boot part, jumps to the higher half by absolute address and reports the magic from there.
+MB2_X86_64_READY = "mb2-x86_64: ready\n"
+MB2_X86_64 = rf"""
+.section .multiboot, "a"
+{multiboot2_header()}
+.section .boot, "awx"
+.code32
+.globl _start
+_start:
+    cli
+    mov %eax, %ebp                      /* the loader's magic, checked once in long mode */
+    mov $boot_stack_top, %esp
+    mov $pml4, %edi
+    xor %eax, %eax
+    mov $(4 * 1024), %ecx               /* pml4, both pdpts, pd: RAM may be poisoned */
+    rep stosl
+    movl $(pdpt_low + 3), pml4
+    movl $(pdpt_high + 3), pml4 + 511 * 8
+    movl $(pd + 3), pdpt_low
+    movl $(pd + 3), pdpt_high + 510 * 8
+    movl $0x83, pd                      /* 2 MiB at physical 0: P RW PS */
+    mov %cr4, %eax
+    or $0x20, %eax                      /* PAE */
+    mov %eax, %cr4
+    mov $pml4, %eax
+    mov %eax, %cr3
+    mov $0xC0000080, %ecx               /* EFER.LME */
+    rdmsr
+    or $0x100, %eax
+    wrmsr
+    mov %cr0, %eax
+    or $0x80010001, %eax                /* PG | WP | PE */
+    mov %eax, %cr0
+    lgdt gdtr
+    ljmp $0x08, $long_mode
+.code64
+long_mode:
+    movabs $higher_half, %rax           /* by its linked address: a relative jump would stay low */
+    jmp *%rax
+.section .boot.data, "aw"
+.balign 8
+gdt:  .quad 0, 0x00AF9A000000FFFF     /* 64-bit code 0x08 */
+{descriptor_pointer("gdtr", "gdt", "2 * 8")}
+.balign 4096
+pml4: .skip 4096
+pdpt_low: .skip 4096
+pdpt_high: .skip 4096
+pd: .skip 4096
+boot_stack: .skip 4096
+boot_stack_top:
+.text
+higher_half:
+    movabs $stack_top, %rsp
+    lea ready(%rip), %rsi
+    cmp $0x36D76289, %ebp
+    je 1f
+    lea wrong(%rip), %rsi
+1:  lodsb
+    test %al, %al
+    jz 2f
+    mov $0x3F8, %dx
+    out %al, %dx
+    jmp 1b
+2:  cli
+    hlt
+    jmp 2b
+.section .rodata
+ready: .asciz "mb2-x86_64: ready\n"
+wrong: .asciz "mb2-x86_64: not entered by a Multiboot 2 loader\n"
+.bss
+.balign 16
+stack: .skip 4096
+stack_top:
+"""
+
+MB2_X86_64_LDS = """
+ENTRY(_start)
+SECTIONS {
+  . = 1M;
+  .boot : { *(.multiboot) *(.boot) }
+  .boot.data : ALIGN(0x1000) { *(.boot.data) }
+  . = ALIGN(0x1000);
+  . += 0xFFFFFFFF80000000;
+  .text : AT(ADDR(.text) - 0xFFFFFFFF80000000) { *(.text) }
+  .rodata : ALIGN(0x1000) { *(.rodata) }
+  .bss : ALIGN(0x1000) { *(.bss) }
+}
+"""
+
+
+def mb2_x86_64(out: Path, name: str = "mb2-x86_64") -> Path:
+    return build(out, name, MB2_X86_64, MB2_X86_64_LDS, bits=64)
+
+
+# A Multiboot 2 kernel with the relocatable header tag: flat (paging off), linked at 1 MiB but asking to be put
+# between 4 MiB and 16 MiB, as low as possible, so a loader that honours the tag must move it. All its code is
+# position-independent (addresses from a `call`/`pop` base in %ebp). It looks up the boot information's "load base
+# address" tag (type 21) and prints its ready line only if that says where it really runs, at 4 MiB or above.
+MB2_RELOCATABLE_READY = "mb2-reloc: ready\n"
+MB2_RELOCATABLE_MIN, MB2_RELOCATABLE_MAX = 0x400000, 0x1000000
+MB2_RELOCATABLE = rf"""
+.text
+.globl _start
+{multiboot2_header(relocatable_tag("MIN_ADDR", "MAX_ADDR", "0x1000", 1))}
+_start:
+    cli
+    call 1f
+1:  pop %ebp                            /* where label 1 runs: every address below is %ebp + (X - 1b) */
+    lea (stack_top - 1b)(%ebp), %esp
+    lea (wrong - 1b)(%ebp), %esi
+    cmp $0x36D76289, %eax
+    jne report
+    lea 8(%ebx), %edi                   /* the first tag of the boot information */
+find_base:
+    mov (%edi), %eax
+    test %eax, %eax
+    jz report                           /* the end tag: no load base address */
+    cmp $21, %eax
+    je found_base
+    mov 4(%edi), %eax                   /* its size, rounded up to 8 */
+    add $7, %eax
+    and $~7, %eax
+    add %eax, %edi
+    jmp find_base
+found_base:
+    lea (__image_start - 1b)(%ebp), %eax
+    cmp 8(%edi), %eax
+    jne report
+    cmp $MIN_ADDR, %eax                 /* and it was moved, as the tag asks */
+    jb report
+    lea (ready - 1b)(%ebp), %esi
+report:
+    lodsb
+    test %al, %al
+    jz 2f
+    mov $0x3F8, %dx
+    out %al, %dx
+    jmp report
+2:  hlt
+    jmp 2b
+ready: .asciz "mb2-reloc: ready\n"
+wrong: .asciz "mb2-reloc: not at the load base address the loader reported\n"
+.balign 16
+stack: .skip 1024
+stack_top:
+"""
+
+MB2_RELOCATABLE_LDS = """
+ENTRY(_start)
+SECTIONS {
+  . = 1M;
+  __image_start = .;
+  .text : { *(.text) }
+}
+"""
+
+
+def mb2_relocatable(out: Path, name: str = "mb2-reloc") -> Path:
+    return build(out, name, MB2_RELOCATABLE, MB2_RELOCATABLE_LDS, MIN_ADDR=MB2_RELOCATABLE_MIN,
+                 MAX_ADDR=MB2_RELOCATABLE_MAX)
+
+
+# A Multiboot 1 kernel that needs GRUB: it finds its module by the module's command line, which GRUB gives as the
+# words after the file name (`module /modules/x zoo.initrd` -> "zoo.initrd"), while QEMU's -kernel gives the file
+# name first ("x zoo.initrd"): under -kernel it says it has no such module and halts. The module is a NUL-terminated
+# text, printed after the ready line.
+GRUB_MODULE_NAME = "zoo.initrd"
+GRUB_MODULE_READY = "grubmod: ready: "
+GRUB_MODULE_MISSING = "grubmod: no module named zoo.initrd\n"
+GRUB_MODULE = rf"""
+{FLAT_ENTRY}
+    mov $0x80000, %esp
+    testl $(1 << 3), (%ebx)             /* Multiboot info flags bit 3: mods_count and mods_addr are valid */
+    jz missing
+    mov 20(%ebx), %ecx                  /* mods_count */
+    mov 24(%ebx), %edi                  /* mods_addr: 16 bytes a module: start, end, command line, reserved */
+next_module:
+    jecxz missing
+    mov 8(%edi), %esi
+    mov $wanted, %edx
+    call streq
+    je found
+    add $16, %edi
+    dec %ecx
+    jmp next_module
+found:
+    mov $ready, %esi
+    call puts
+    mov (%edi), %esi                    /* mod_start: the module's text */
+    call puts
+    mov $newline, %esi
+    jmp report
+missing:
+    mov $nomodule, %esi
+report:
+    call puts
+{halt_loop()}
+streq:                                  /* ZF set if the strings at %esi and %edx are equal */
+    push %esi
+    push %edx
+1:  mov (%esi), %al
+    cmp (%edx), %al
+    jne 2f
+    inc %esi
+    inc %edx
+    test %al, %al
+    jnz 1b
+2:  pop %edx
+    pop %esi
+    ret
+{SERIAL_PUTS}
+wanted: .asciz "@NAME@"
+ready: .asciz "@READY@"
+nomodule: .asciz "@MISSING@"
+newline: .asciz "\n"
+"""
+
+
+def grub_module(out: Path, name: str = "grubmod") -> Path:
+    source = (GRUB_MODULE.replace("@NAME@", GRUB_MODULE_NAME).replace("@READY@", GRUB_MODULE_READY)
+              .replace("@MISSING@", GRUB_MODULE_MISSING.replace("\n", "\\n")))
+    return build(out, name, source)
