@@ -828,7 +828,7 @@ MB2_X86_64_READY = "mb2-x86_64: ready\n"
 MB2_X86_64 = rf"""
 .section .multiboot, "a"
 {multiboot2_header()}
-.section .boot, "awx"
+.section .boot, "ax"
 .code32
 .globl _start
 _start:

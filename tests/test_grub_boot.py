@@ -77,7 +77,10 @@ def test_the_probe_finds_each_zoo_kernels_header(zoo):
         MB2_RELOCATABLE_MIN, MB2_RELOCATABLE_MAX, 0x1000, 1)
     assert found["mb2-reloc"].v2_tags == (10,)
     assert found["grubmod"].v1_flags == 0x3 and not found["grubmod"].v1_addresses
-    assert "Multiboot 2 header at file offset 0x1000" in found["mb2-x86_64"].describe()
+    assert found["mb2-x86_64"].describe() == ("Multiboot 2 header at file offset 0x1000 (architecture i386, "
+                                              "tags: none)")
+    assert found["mb2-reloc"].describe().endswith("tags: relocatable), relocatable to 0x400000-0x1000000, aligned to "
+                                                  "0x1000, lowest")
 
 
 def test_a_plain_elf_has_no_header_and_the_line_says_what_was_looked_for(tmp_path):

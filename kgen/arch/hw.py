@@ -69,7 +69,6 @@ MULTIBOOT2_HEADER_SEARCH_LIMIT = 32768    # the header must lie entirely in the 
 MULTIBOOT2_HEADER_ALIGN = 8               # at an offset that is a multiple of 8; tags are 8-aligned too
 MULTIBOOT2_HEADER_FIXED_SIZE = 16         # magic, architecture, header_length, checksum
 MULTIBOOT2_ARCHITECTURE_I386 = 0          # entered in 32-bit protected mode, paging off (also for x86-64 kernels)
-MULTIBOOT2_TAG_OPTIONAL = 1 << 0          # a header tag's flags: the loader may ignore it
 # Header tag types (what the kernel asks of the loader).
 MULTIBOOT2_HEADER_TAG_END = 0
 MULTIBOOT2_HEADER_TAG_RELOCATABLE = 10    # min_addr, max_addr, align, preference: load anywhere in that range
@@ -78,12 +77,7 @@ MULTIBOOT2_HEADER_TAGS = {
     6: "module alignment", 7: "EFI boot services", 8: "EFI i386 entry address", 9: "EFI amd64 entry address",
     10: "relocatable",
 }
-MULTIBOOT2_RELOCATABLE_PREFERENCES = {0: "none", 1: "lowest", 2: "highest"}
-# Boot information tag types (what the loader tells the kernel).
-MULTIBOOT2_INFO_TAG_END = 0
-MULTIBOOT2_INFO_TAG_CMDLINE = 1
-MULTIBOOT2_INFO_TAG_MODULE = 3            # mod_start, mod_end, then the module's command line
-MULTIBOOT2_INFO_TAG_LOAD_BASE_ADDR = 21   # where a relocatable kernel was put
+MULTIBOOT2_RELOCATABLE_PREFERENCES = {0: "anywhere", 1: "lowest", 2: "highest"}
 
 # PC platform.
 COM1_PORT = 0x3F8

@@ -152,7 +152,12 @@ class Multiboot2Relocatable:
     min_addr: int
     max_addr: int
     align: int
-    preference: int            # 0 none, 1 lowest, 2 highest address (hw.MULTIBOOT2_RELOCATABLE_PREFERENCES)
+    preference: int            # 0 anywhere, 1 lowest, 2 highest address (hw.MULTIBOOT2_RELOCATABLE_PREFERENCES)
+
+    def describe(self) -> str:
+        where = hw.MULTIBOOT2_RELOCATABLE_PREFERENCES.get(self.preference, f"preference {self.preference}")
+        return (f"relocatable to {self.min_addr:#x}-{self.max_addr:#x}, aligned to {self.align:#x}, "
+                f"{where}")
 
 
 @dataclass(frozen=True)
@@ -185,15 +190,20 @@ class MultibootHeaders:
             parts.append(f"Multiboot 1 header at file offset {self.v1_offset:#x} (flags {self.v1_flags:#x})")
         if self.v2_offset is not None:
             tags = ", ".join(hw.MULTIBOOT2_HEADER_TAGS.get(kind, f"type {kind}") for kind in self.v2_tags)
-            parts.append(f"Multiboot 2 header at file offset {self.v2_offset:#x} (architecture "
-                         f"{self.v2_architecture}, tags: {tags or 'none'})")
+            arch = ("i386" if self.v2_architecture == hw.MULTIBOOT2_ARCHITECTURE_I386
+                    else f"{self.v2_architecture}, not i386")
+            parts.append(f"Multiboot 2 header at file offset {self.v2_offset:#x} (architecture {arch}, tags: "
+                         f"{tags or 'none'})")
+            if self.v2_relocatable is not None:
+                parts[-1] += f", {self.v2_relocatable.describe()}"
         return "; ".join(parts)
 
 
 # What the probe searches, for the line that says an ELF has neither header.
 LOOKED_FOR = (f"a Multiboot 1 header (magic {hw.MULTIBOOT_HEADER_MAGIC:#x}, 4-byte aligned, in the first "
               f"{MULTIBOOT_SEARCH // 1024} KiB) and a Multiboot 2 header (magic {hw.MULTIBOOT2_HEADER_MAGIC:#x}, "
-              f"{hw.MULTIBOOT2_HEADER_ALIGN}-byte aligned, in the first {hw.MULTIBOOT2_HEADER_SEARCH_LIMIT // 1024} KiB)")
+              f"{hw.MULTIBOOT2_HEADER_ALIGN}-byte aligned, in the first "
+              f"{hw.MULTIBOOT2_HEADER_SEARCH_LIMIT // 1024} KiB)")
 
 
 def multiboot2_header_offset(head: bytes) -> int | None:
