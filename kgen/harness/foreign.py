@@ -148,6 +148,8 @@ def checked_kernel(args) -> KernelUnderTest:
         kernel = foreign_kernel_from_args(args)
         require_qemu(kernel.qemu)
         check_qemu_accepts(kernel)
+        if kernel.boot.name != "direct":        # not QEMU's -kernel, as before boot paths: say which way in
+            print(f"kgen: booting {kernel.elf_path.name} through {kernel.boot.describe()}", file=sys.stderr)
         return kernel
     used = [attr for key, attr in FOREIGN_OPTIONS.items()
             if key != "boot_only_segments" and getattr(args, attr, None)]

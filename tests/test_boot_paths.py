@@ -1,0 +1,102 @@
+"""`kgen test|run --kernel` through each way in (issue 21): a Multiboot 2 ELF through the GRUB ISO kgen makes around
+it, a Multiboot 1 kernel that needs GRUB's hand-over (`--boot grub`), the same under UEFI (`--firmware uefi`), and
+the one-line refusals when a way in cannot boot an ELF. Verdicts are judged against what the zoo kernels really do
+(tests/minikernels.py): the true findings and the absence of false ones."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import needs_grub, needs_qemu
+from kgen.machine import firmware
+from kgen.build.iso import GRUB_EFI_MODULES
+from minikernels import (GRUB_MODULE_NAME, GRUB_MODULE_READY, MB2_I386_READY, MB2_X86_64_READY, grub_module, kgen,
+                         mb2_i386, mb2_x86_64, outcomes)
+
+pytestmark = [needs_qemu, needs_grub]
+needs_efi = pytest.mark.skipif(not GRUB_EFI_MODULES.is_dir() or not any(c.is_file() for c, _ in
+                                                                        firmware.OVMF_CANDIDATES),
+                               reason="UEFI needs the Debian packages grub-efi-amd64-bin and ovmf")
+PAYLOAD = "boot-paths-payload"
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("boot-paths")
+    (out / "payload.txt").write_bytes(PAYLOAD.encode() + b"\0")
+    return {"mb2-i386": mb2_i386(out), "mb2-x86_64": mb2_x86_64(out), "grubmod": grub_module(out),
+            "payload": out / "payload.txt"}
+
+
+def ready_text(text: str) -> str:
+    return text.rstrip("\n")
+
+
+def test_a_multiboot2_kernel_is_booted_through_grub_and_judged(zoo):
+    result = kgen("test", "--kernel", str(zoo["mb2-i386"]), "--ready", ready_text(MB2_I386_READY), "-j", "1",
+                  "--", "-v")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "kgen: booting mb2-i386.elf through GRUB's multiboot2 from an ISO kgen made, BIOS" in result.stderr
+    seen = outcomes(result.stdout)
+    assert seen["test_paging_and_write_protect_are_on"] == "PASSED"
+    assert seen["test_nothing_is_mapped_below_the_kernel_base"] == "PASSED"
+    assert seen["test_walker_agrees_with_qemu_gva2gpa"] == "PASSED"
+
+
+def test_a_64_bit_multiboot2_kernel_gets_its_true_findings_only(zoo):
+    # mb2-x86_64 keeps its boot identity map (PD[0] reached from PML4[0] and PML4[511]) and maps its kernel half with
+    # one writable 2 MiB page: those three checks fail, naming it; the rest hold.
+    result = kgen("test", "--kernel", str(zoo["mb2-x86_64"]), "--ready", ready_text(MB2_X86_64_READY), "-j", "1",
+                  "--", "-v")
+    assert result.returncode == 1, result.stdout + result.stderr
+    seen = outcomes(result.stdout)
+    failed = {name for name, outcome in seen.items() if outcome == "FAILED"}
+    assert failed == {"test_elf_segments_map_vaddr_to_paddr_no_wider_than_their_flags",
+                      "test_nothing_is_mapped_below_the_kernel_base", "test_each_page_table_is_referenced_once"}
+    assert "<higher_half> (segment R-X, loaded at 0x107000): writable" in result.stdout
+    assert seen["test_paging_and_write_protect_are_on"] == "PASSED"
+    assert seen["test_recursive_slot_maps_the_pd_supervisor_only"] in ("PASSED", "SKIPPED")
+
+
+def test_a_multiboot1_kernel_that_needs_grub_gets_its_module_only_through_grub(zoo):
+    module = f"{zoo['payload']},{GRUB_MODULE_NAME}"
+    ready = ready_text(GRUB_MODULE_READY + PAYLOAD)
+    direct = kgen("run", "--kernel", str(zoo["grubmod"]), "--module", module, "--ready", ready, "--timeout", "20")
+    assert direct.returncode != 0 and ready not in direct.stdout, direct.stdout + direct.stderr
+    grub = kgen("run", "--kernel", str(zoo["grubmod"]), "--boot", "grub", "--module", module, "--ready", ready)
+    assert grub.returncode == 0, grub.stdout + grub.stderr
+    assert f"kgen: ready: the kernel printed {ready!r}" in grub.stderr
+    checked = kgen("test", "--kernel", str(zoo["grubmod"]), "--boot", "grub", "--module", module, "--ready", ready,
+                   "-j", "1", "-k", "paging_and_write_protect or walker_agrees")
+    assert checked.returncode in (0, 1) and "did not boot" not in checked.stderr, checked.stdout + checked.stderr
+
+
+@needs_efi
+def test_a_multiboot2_kernel_under_uefi(zoo):
+    result = kgen("test", "--kernel", str(zoo["mb2-i386"]), "--ready", ready_text(MB2_I386_READY), "--firmware",
+                  "uefi", "-j", "1", "--", "-v")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "through GRUB's multiboot2 from an ISO kgen made, UEFI" in result.stderr
+    assert outcomes(result.stdout)["test_walker_agrees_with_qemu_gva2gpa"] == "PASSED"
+
+
+def one_line(result) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+def test_a_way_in_that_cannot_boot_the_elf_is_one_line(zoo, tmp_path):
+    line = one_line(kgen("test", "--kernel", str(zoo["mb2-i386"]), "--boot", "direct", "-j", "1"))
+    assert "a Multiboot 2 header only: QEMU's -kernel boots Multiboot 1 kernels; --boot grub boots it" in line, line
+    line = one_line(kgen("test", "--kernel", str(zoo["grubmod"]), "--boot", "direct", "--firmware", "uefi"))
+    assert "--boot direct is QEMU's -kernel, which needs the BIOS" in line, line
+    plain = tmp_path / "plain.elf"      # an ELF with neither header: which headers were looked for
+    plain.write_bytes(zoo["mb2-i386"].read_bytes().replace(b"\xd6\x50\x52\xe8", b"\0\0\0\0"))
+    line = one_line(kgen("test", "--kernel", str(plain), "-j", "1"))
+    assert "no Multiboot header: looked for a Multiboot 1 header" in line and "and a Multiboot 2 header" in line
+    line = one_line(kgen("test", "--kernel", str(plain), "--boot", "grub", "-j", "1"))
+    assert "--boot grub: GRUB's multiboot needs a Multiboot 1 header, and this ELF has none" in line, line
+    config = tmp_path / "kgen.toml"
+    config.write_text(f'[foreign]\nkernel = "{zoo["mb2-i386"]}"\nfirmware = "efi"\n')
+    line = one_line(kgen("test", "--config", str(config), "-j", "1"))
+    assert "foreign.firmware = 'efi': give one of bios, uefi" in line, line
