@@ -141,6 +141,8 @@ class ForeignConfig:
     boot_only_segments: tuple[int, ...] | None = None
     boot: str | None = None         # --boot: direct, grub, grub-multiboot2
     firmware: str | None = None     # --firmware: bios, uefi
+    qemu_command: str | None = None     # --qemu-command: the project's own QEMU command line
+    image: Path | None = None           # --image: the project's own bootable image
 
     def key(self, name: str) -> str:
         """`kgen.toml: foreign.memory`, how an error names where a value came from."""
@@ -152,7 +154,7 @@ class ForeignConfig:
 _FOREIGN_KINDS = {"kernel": "path", "ready": "text", "ready_at": "text", "ready_symbol": "text", "ready_vga": "text",
                   "ready_after": "seconds", "boot_timeout": "seconds", "memory": "count", "append": "any text",
                   "modules": "paths", "qemu_args": "texts", "address_spaces": "text", "boot_only_segments": "indices",
-                  "boot": "text", "firmware": "text"}
+                  "boot": "text", "firmware": "text", "qemu_command": "text", "image": "path"}
 
 
 def _foreign_from_mapping(table: dict, where: str, base_dir: Path) -> ForeignConfig:

@@ -101,6 +101,12 @@ def _add_foreign_boot_args(p: argparse.ArgumentParser):
                    "direct is QEMU's -kernel (Multiboot 1, BIOS); grub an ISO kgen makes with GRUB around the ELF "
                    "(its multiboot line, or multiboot2 for an ELF with only a Multiboot 2 header; grub-multiboot2 "
                    "for one with both). Default: direct for a Multiboot 1 ELF under the BIOS, else grub")
+    p.add_argument("--image", type=Path, metavar="FILE", help="boot your own bootable image as it is (an ISO as the "
+                   "CD-ROM, anything else as the first disk; never written); --kernel names the ELF it boots, else "
+                   "kgen looks for it in an ISO's GRUB or Limine configuration")
+    p.add_argument("--qemu-command", metavar="'qemu-system-x86_64 ...'", help="with --kernel: boot it with your own "
+                   "QEMU command line (your Makefile's run target), kept but for what kgen owns: its QMP socket, COM1 "
+                   "capture instead of -serial stdio, -display none, the RAM as a shared file sized from -m")
     p.add_argument("--firmware", choices=FIRMWARES, help="with --kernel: SeaBIOS (default) or UEFI through "
                    "OVMF (Debian's ovmf; boots through GRUB)")
 

@@ -14,11 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Union
 
-from kgen.arch import X86_64
+from kgen.arch import I386, X86_64
 from kgen.build.iso import grub_platforms, make_boot_iso
 from kgen.errors import KgenError, MachineError, UsageError
 from kgen.guest.elfinfo import ElfInfo
 from kgen.harness.bootnames import BOOT_METHODS, FIRMWARES
+from kgen.harness.image import is_iso
+from kgen.harness.qemucommand import adapt
 from kgen.harness.qemuargs import drives_copy_on_write, initrd_args, qemu_refusal
 from kgen.machine import Machine
 
@@ -46,6 +48,10 @@ class DirectMultiboot:
         extra = initrd_args(self.modules) + (self.qemu_args if disks_writable else drives_copy_on_write(self.qemu_args))
         return dict(kernel=elf_path, accel=accel, poison=poison, qemu=qemu, memory_mib=self.memory_mib,
                     append=self.append, extra_args=extra)
+
+    def qemu_for(self, arch_qemu: str) -> str:
+        """The QEMU binary this way in runs the kernel on, given its architecture's."""
+        return arch_qemu
 
     def describe(self) -> str:
         return "QEMU's -kernel"
@@ -79,7 +85,7 @@ class GrubBoot:
         iso = self.iso(elf_path)
         extra = self.qemu_args if disks_writable else drives_copy_on_write(self.qemu_args)
         return dict(iso=iso, firmware=self.firmware, accel=accel, poison=poison,
-                    qemu=X86_64.qemu if self.firmware == "uefi" else qemu, memory_mib=self.memory_mib,
+                    qemu=self.qemu_for(qemu), memory_mib=self.memory_mib,
                     extra_args=extra, icount=grub_icount(True, self.firmware, accel))
 
     def iso(self, elf_path: Path) -> Path:
@@ -95,11 +101,78 @@ class GrubBoot:
                           append=self.append)
         return iso
 
+    def qemu_for(self, arch_qemu: str) -> str:
+        return X86_64.qemu if self.firmware == "uefi" else arch_qemu    # OVMF is x86_64 firmware
+
     def describe(self) -> str:
         return f"GRUB's {self.protocol} from an ISO kgen made, {self.firmware.upper()}"
 
 
-BootPath = Union[DirectMultiboot, GrubBoot]
+@dataclass(frozen=True)
+class QemuCommandBoot:
+    """The user's own QEMU command line (--qemu-command), kept but for what kgen owns (kgen/harness/qemucommand.py):
+    whatever it boots (-kernel, -cdrom, disks, -bios or pflash firmware) boots as in the user's `make run`."""
+    command: str
+    memory_mib: int = DEFAULT_MEMORY_MIB      # the command's -m
+    name: ClassVar[str] = "qemu-command"
+
+    @classmethod
+    def from_command(cls, command: str) -> QemuCommandBoot:
+        return cls(command, adapt(command, copy_on_write=True).memory_mib)     # a command kgen refuses: now
+
+    def problem(self, elf: ElfInfo) -> str | None:
+        binary = adapt(self.command, copy_on_write=True).binary
+        if elf.bits == 64 and binary == I386.qemu:
+            return f"an ELF64 cannot run on {binary}: the command names another architecture than the ELF"
+        return None
+
+    def machine_options(self, elf_path: Path, *, qemu: str, accel: str, poison: bytes | None,
+                        disks_writable: bool = False) -> dict:
+        user = adapt(self.command, copy_on_write=not disks_writable)
+        return dict(boot_in_args=True, qemu=user.binary, accel=accel, poison=poison, memory_mib=user.memory_mib,
+                    machine_type=user.machine_type + user.machine_props, extra_args=user.args,
+                    **({"debug_exit_port": None} if user.has_debug_exit else {}))
+
+    def qemu_for(self, arch_qemu: str) -> str:
+        return adapt(self.command, copy_on_write=True).binary
+
+    def describe(self) -> str:
+        return "your QEMU command line (--qemu-command)"
+
+
+@dataclass(frozen=True)
+class ImageBoot:
+    """The author's own bootable image (--image), booted as it is: an ISO 9660 file as a CD-ROM, anything else as
+    the first IDE disk (snapshot=on: the guest's writes never reach the file), under SeaBIOS or OVMF. Whatever
+    loader it holds (GRUB, Limine, a boot block of its own) loads the kernel."""
+    image: Path
+    memory_mib: int = DEFAULT_MEMORY_MIB
+    qemu_args: tuple[str, ...] = ()
+    firmware: str = "bios"
+    name: ClassVar[str] = "image"
+
+    def problem(self, elf: ElfInfo) -> str | None:
+        return None     # whether the image boots this ELF shows once it runs (KernelUnderTest: the loaded bytes)
+
+    def qemu_for(self, arch_qemu: str) -> str:
+        # What the image boots may be another build than --kernel's ELF, of either architecture: the 64-bit
+        # binary runs both, so a mismatch shows as a kernel not in memory (kgen/guest/loaded.py), not as a crash.
+        return X86_64.qemu
+
+    def machine_options(self, elf_path: Path, *, qemu: str, accel: str, poison: bytes | None,
+                        disks_writable: bool = False) -> dict:
+        media = {"iso": self.image} if is_iso(self.image) else {"disk": self.image}
+        extra = self.qemu_args if disks_writable else drives_copy_on_write(self.qemu_args)
+        return dict(**media, firmware=self.firmware, accel=accel, poison=poison, qemu=self.qemu_for(qemu),
+                    memory_mib=self.memory_mib, extra_args=extra,
+                    icount=grub_icount(True, self.firmware, accel))
+
+    def describe(self) -> str:
+        kind = "CD-ROM" if is_iso(self.image) else "first disk"
+        return f"its own image {self.image.name} as the {kind}, {self.firmware.upper()}"
+
+
+BootPath = Union[DirectMultiboot, GrubBoot, QemuCommandBoot, ImageBoot]
 
 
 def grub_icount(iso: bool, firmware: str, accel: str) -> bool:
@@ -109,18 +182,42 @@ def grub_icount(iso: bool, firmware: str, accel: str) -> bool:
     return iso and firmware == "bios" and accel == "tcg"
 
 
-def iso_cache_dir() -> Path:
-    """Where the GRUB ISOs kgen makes around kernels are kept: $XDG_CACHE_HOME/kgen/grub-iso (~/.cache by default)."""
+def cache_dir(name: str) -> Path:
+    """kgen's cache folder `name`: $XDG_CACHE_HOME/kgen/NAME (~/.cache by default). GRUB ISOs made around kernels
+    (grub-iso) and kernels read out of images (image-kernels) are kept there, never in the user's folders."""
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "kgen" / "grub-iso"
+    return Path(base) / "kgen" / name
+
+
+def iso_cache_dir() -> Path:
+    return cache_dir("grub-iso")
 
 
 def boot_path_for(elf: ElfInfo, *, method: str | None = None, firmware: str | None = None,
-                  memory_mib: int | None = None, append: str | None = None, modules=(), qemu_args=()) -> BootPath:
+                  memory_mib: int | None = None, append: str | None = None, modules=(), qemu_args=(),
+                  qemu_command: str | None = None, image: Path | None = None) -> BootPath:
     """How to boot `elf`: `method` (BOOT_METHODS) if given, else by its headers: QEMU's -kernel for a Multiboot 1
     ELF under the BIOS (today's default), GRUB for one with only a Multiboot 2 header or under UEFI. `grub` uses
     GRUB's `multiboot` when the ELF has a Multiboot 1 header, else `multiboot2`; `grub-multiboot2` asks for
-    multiboot2 when it has both. A combination that cannot work raises KgenError."""
+    multiboot2 when it has both. `qemu_command` (--qemu-command) is the whole boot, so it takes none of the others.
+    A combination that cannot work raises KgenError."""
+    if image is not None:
+        given = [flag for flag, value in (("--boot", method), ("--append", append), ("--module", modules),
+                                          ("--qemu-command", qemu_command)) if value]
+        if given:
+            raise KgenError(f"--image boots as it is, its loader choosing the rest: drop {given[0]}")
+        return ImageBoot(Path(image), memory_mib or DEFAULT_MEMORY_MIB, tuple(qemu_args), firmware or "bios")
+    if qemu_command is not None:
+        given = [flag for flag, value in (("--boot", method), ("--firmware", firmware), ("--memory", memory_mib),
+                                          ("--append", append), ("--module", modules), ("--qemu-arg", qemu_args))
+                 if value]
+        if given:
+            raise KgenError(f"--qemu-command holds the whole boot: drop {given[0]} (put it in the command instead)")
+        boot = QemuCommandBoot.from_command(qemu_command)
+        problem = boot.problem(elf)
+        if problem is not None:
+            raise KgenError(f"--qemu-command: {problem}")
+        return boot
     firmware = firmware or "bios"
     if firmware not in FIRMWARES:
         raise KgenError(f"--firmware {firmware}: give one of {', '.join(FIRMWARES)}")

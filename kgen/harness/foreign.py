@@ -16,7 +16,10 @@ from kgen.guest.diagnose import RunFailed
 from kgen.guest.elfinfo import ElfInfo
 from kgen.build.layout import compute
 from kgen.build.pipeline import check_out_dir
+from kgen.guest.loaded import kernel_not_in_memory
 from kgen.harness.bootnames import BOOT_METHODS, FIRMWARES
+from kgen.harness.bootpath import cache_dir
+from kgen.harness.image import check_image, find_kernel
 from kgen.harness.kernel import KernelUnderTest, boot_only_problem, check_qemu_accepts
 from kgen.harness.live import boot
 from kgen.harness.qemuargs import check_modules, require_qemu, split_qemu_args
@@ -26,7 +29,8 @@ from kgen.harness.ready import READY_OPTIONS, resolve_ready_at
 FOREIGN_OPTIONS = {**{name: name for name in READY_OPTIONS}, "boot_timeout": "boot_timeout", "memory": "memory",
                    "append": "append", "modules": "module", "qemu_args": "qemu_arg",
                    "address_spaces": "address_spaces", "boot_only_segments": "boot_only_segment", "boot": "boot",
-                   "firmware": "firmware"}
+                   "firmware": "firmware", "qemu_command": "qemu_command",
+                   "image": "image"}
 
 
 def apply_foreign_config(args) -> None:
@@ -40,7 +44,8 @@ def apply_foreign_config(args) -> None:
         return      # kgen's own kernel: the table is not about it
     config = configmod.load(args.config, args.arch)
     foreign = config.foreign
-    if args.kernel is None and (foreign is None or foreign.kernel is None):
+    if (args.kernel is None and getattr(args, "image", None) is None
+            and (foreign is None or foreign.kernel is None and foreign.image is None)):
         if getattr(args, "boot_only_segment", None):
             raise UsageError("--boot-only-segment is for a kernel given with --kernel (or [foreign] kernel)")
         return
@@ -114,10 +119,29 @@ def _check_from_table(args, foreign, from_table: set[str]) -> None:
             raise refuse("address_spaces", str(err)) from None
 
 
+def image_kernel(args) -> Path | None:
+    """--image checked (one line if it cannot be read) and, without --kernel, the kernel its loader names taken out
+    of it into args.kernel, saying which; the image, or None without --image."""
+    image = getattr(args, "image", None)
+    if image is None:
+        return None
+    check_image(image)
+    if args.kernel is None:
+        found = find_kernel(image, cache_dir("image-kernels"))
+        if found is None:
+            raise UsageError(f"--image {image}: found no kernel in it (an ISO's GRUB multiboot/multiboot2 line or "
+                             "Limine kernel path); name the ELF it boots with --kernel")
+        print(f"kgen: --image {image.name}: checking {found.path_in_image}, the kernel its {found.config} loads",
+              file=sys.stderr)
+        args.kernel = found.elf
+    return image
+
+
 def foreign_kernel_from_args(args) -> KernelUnderTest:
     """The --kernel ELF and its boot and "when to look" options (`_add_foreign_boot_args` in kgen/cli), as
     `kgen test --kernel` and `kgen inspect --kernel` take them (after `apply_foreign_config`): a missing file or
     module, no usable ELF, or options that do not fit it, is one line (UsageError)."""
+    image = image_kernel(args)
     if not args.kernel.is_file():
         raise UsageError(f"--kernel {args.kernel}: no such file" if not args.kernel.exists()
                          else f"--kernel {args.kernel}: not a file")
@@ -129,7 +153,8 @@ def foreign_kernel_from_args(args) -> KernelUnderTest:
             modules=getattr(args, "module", None) or (),
             qemu_args=split_qemu_args(getattr(args, "qemu_arg", None) or ()),
             boot_only_segments=getattr(args, "boot_only_segment", None), boot_method=getattr(args, "boot", None),
-            firmware=getattr(args, "firmware", None), **{name: getattr(args, name, None) for name in READY_OPTIONS})
+            firmware=getattr(args, "firmware", None), qemu_command=getattr(args, "qemu_command", None), image=image,
+            **{name: getattr(args, name, None) for name in READY_OPTIONS})
     except KgenError as err:
         raise UsageError(f"--kernel {err}") from None
     if getattr(args, "address_spaces", None):
@@ -140,11 +165,15 @@ def foreign_kernel_from_args(args) -> KernelUnderTest:
     return kernel
 
 
+# Ways in whose loader is the author's, not kgen's: the ELF given may not be the file they load.
+LOADS_ITS_OWN = ("image", "qemu-command")
+
+
 def checked_kernel(args) -> KernelUnderTest:
     """The kernel `kgen test` and `kgen inspect` look at, ready to boot: --kernel's, its options checked and QEMU
     asked once whether it takes it; or kgen's own, built from the config (and an option only --kernel takes refused
     in one line)."""
-    if args.kernel is not None:
+    if args.kernel is not None or getattr(args, "image", None) is not None:
         kernel = foreign_kernel_from_args(args)
         require_qemu(kernel.qemu)
         check_qemu_accepts(kernel)
@@ -167,8 +196,10 @@ def check_boots(kernel: KernelUnderTest, accel: str) -> None:
     reported once, its diagnosis on stderr and one line, status 1 (a finding about the kernel), instead of once per
     test."""
     try:
-        with boot(kernel, accel, cold=True):
-            pass
+        with boot(kernel, accel, cold=True) as live:
+            # A loader of the author's (--image, --qemu-command) may boot another file than the ELF given.
+            elsewhere = (kernel_not_in_memory(live.view(), kernel.elf_path) if kernel.boot.name in LOADS_ITS_OWN
+                         else None)
     except RunFailed as err:
         sys.stdout.flush()
         print(err.details(), file=sys.stderr)
@@ -176,3 +207,5 @@ def check_boots(kernel: KernelUnderTest, accel: str) -> None:
                            exit_code=EXIT_CHECKS_FAILED)
         failed.failure = err.failure        # for the --json report
         raise failed from None
+    if elsewhere is not None:
+        raise UsageError(f"--kernel {kernel.elf_path.name}: {elsewhere}; give the ELF the image boots")

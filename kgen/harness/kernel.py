@@ -46,7 +46,8 @@ class KernelUnderTest:
     def foreign(cls, elf_path: Path, ready: str | None = None, *, boot: BootPath | None = None,
                 boot_timeout: float | None = None, boot_only_segments=None, memory_mib: int | None = None,
                 append: str | None = None, modules=(), qemu_args=(), boot_method: str | None = None,
-                firmware: str | None = None, **when) -> KernelUnderTest:
+                firmware: str | None = None, qemu_command: str | None = None, image: Path | None = None,
+                **when) -> KernelUnderTest:
         """Anyone else's ELF. `ready` is --ready's text and `when` holds the other "when to look" options by their
         READY_OPTIONS names (ready_symbol=, ready_at=, ...); `boot` how to boot it, else the way `boot_path_for`
         picks from the ELF, `boot_method` (--boot) and `firmware` (--firmware), with `memory_mib`, `append`,
@@ -59,7 +60,7 @@ class KernelUnderTest:
         how = Ready.from_options(elf, ready=ready, **when)
         if boot is None:
             boot = boot_path_for(elf, method=boot_method, firmware=firmware, memory_mib=memory_mib, append=append,
-                                 modules=modules, qemu_args=qemu_args)
+                                 modules=modules, qemu_args=qemu_args, qemu_command=qemu_command, image=image)
         return cls(Path(elf_path), elf, None, boot, how, boot_timeout or BOOT_TIMEOUT,
                    None if boot_only_segments is None else tuple(sorted(set(boot_only_segments))))
 
@@ -69,7 +70,7 @@ class KernelUnderTest:
         (booted through its Multiboot header's address fields) qemu-system-x86_64."""
         if self.layout is not None:
             return self.layout.architecture.qemu
-        return (X86_64 if self.elf.bits == 64 else I386).qemu
+        return self.boot.qemu_for((X86_64 if self.elf.bits == 64 else I386).qemu)
 
     @property
     def memory_mib(self) -> int:

@@ -61,6 +61,10 @@ def pytest_addoption(parser):
     from kgen.harness.bootnames import BOOT_METHODS, FIRMWARES
     group.addoption("--kgen-boot", choices=BOOT_METHODS, help="with --kgen-kernel: how "
                     "to boot it (direct: QEMU's -kernel; grub: an ISO with GRUB around it; default by its headers)")
+    group.addoption("--kgen-image", type=Path, help="with --kgen-kernel: boot this image of the author's (ISO: "
+                    "CD-ROM, else the first disk), never written")
+    group.addoption("--kgen-qemu-command", help="with --kgen-kernel: boot it with this QEMU command line (kgen "
+                    "adds its sockets, kgen/harness/qemucommand.py)")
     group.addoption("--kgen-firmware", choices=FIRMWARES, help="with --kgen-kernel: bios (default) or uefi "
                     "(OVMF, through GRUB)")
     group.addoption("--kgen-accel", choices=("tcg", "kvm"), default="tcg", help="QEMU accelerator (default: tcg)")

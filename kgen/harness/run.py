@@ -23,6 +23,7 @@ from kgen.errors import (EXIT_KERNEL_FAILED, EXIT_OK, KernelFailed, KgenError, M
                          UsageError)
 from kgen.build.layout import compute
 from kgen.harness.bootpath import boot_path_for, grub_icount, launch_refusing
+from kgen.harness.foreign import image_kernel
 from kgen.harness.kernel import KernelUnderTest
 from kgen.harness.qemuargs import check_modules, split_qemu_args
 from kgen.harness.ready import READY_OPTIONS, Ready, wait_booted
@@ -72,7 +73,9 @@ def run(args) -> int:
     from kgen.guest.bootreport import EXIT_SUCCESS, reported_success
     from kgen.machine import Machine
 
-    foreign_only = [name for name in (*READY_OPTIONS, "module", "qemu_arg", "boot") if getattr(args, name, None)]
+    image = image_kernel(args)
+    foreign_only = [name for name in (*READY_OPTIONS, "module", "qemu_arg", "boot", "qemu_command")
+                    if getattr(args, name, None)]
     if foreign_only and args.kernel is None:
         raise UsageError(f"--{foreign_only[0].replace('_', '-')} is for a kernel given with --kernel")
     if args.append is not None and args.iso is not None:
@@ -106,13 +109,14 @@ def run(args) -> int:
 
     qemu = layout.architecture.qemu
     if args.kernel is not None:
-        qemu = KernelUnderTest(elf_path, elf).qemu      # the ELF's class picks it, as under kgen test
         try:
-            boot = boot_path_for(elf, method=args.boot, firmware=args.firmware, memory_mib=layout.memory_mib,
+            boot = boot_path_for(elf, method=args.boot, firmware=args.firmware, memory_mib=args.memory,
                                  append=args.append, modules=args.module or (),
-                                 qemu_args=split_qemu_args(args.qemu_arg or ()))
+                                 qemu_args=split_qemu_args(args.qemu_arg or ()), qemu_command=args.qemu_command,
+                                 image=image)
         except KgenError as err:
             raise UsageError(str(err)) from None
+        qemu = KernelUnderTest(elf_path, elf, boot=boot).qemu     # as under kgen test
         # The user's disks as given: under `kgen run` the guest's writes are the user's to keep.
         target = boot.machine_options(elf_path, qemu=qemu, accel=args.accel, poison=None, disks_writable=True)
     elif args.firmware == "uefi":
@@ -124,7 +128,8 @@ def run(args) -> int:
     target.setdefault("icount", grub_icount("iso" in target, target.get("firmware", "bios"), args.accel))
     # --ready-at: held at the first instruction with the gdbstub up, so its breakpoint is in before the CPU runs.
     held = dict(gdbstub=True, start_paused=True) if ready.kind == "at" else {}
-    machine = Machine(**target, echo_serial=True, debug_exit_port=layout.debug_exit_port, **held)
+    target.setdefault("debug_exit_port", layout.debug_exit_port)     # None: the user's command brings its own
+    machine = Machine(**target, echo_serial=True, **held)
     launch_refusing(machine, elf_path if elf is not None else None, elf, boot)
     with _shut_down_after(machine):
         try:

@@ -92,9 +92,12 @@ class Machine:
                  poison: int | bytes | None = None, debug_exit_port: int = DEBUG_EXIT_PORT, echo_serial: bool = False,
                  icount: bool = False, ram_file: bool = True, extra_args: Sequence[str] = (),
                  qemu: str = "qemu-system-i386", snapshot_image: str | os.PathLike | None = None,
-                 start_paused: bool = False, gdbstub: bool = False):
-        if sum(x is not None for x in (kernel, iso, disk)) != 1:
-            raise ValueError("give exactly one of kernel=, iso= or disk=")
+                 start_paused: bool = False, gdbstub: bool = False, machine_type: str = "pc",
+                 boot_in_args: bool = False):
+        # boot_in_args: what boots is in extra_args (a user's own QEMU command line, kgen/harness/qemucommand.py),
+        # not a kernel=, iso= or disk= of kgen's.
+        if sum(x is not None for x in (kernel, iso, disk)) != (0 if boot_in_args else 1):
+            raise ValueError("give exactly one of kernel=, iso= or disk=, or none with boot_in_args=True")
         if firmware not in FIRMWARES:
             raise ValueError(f"firmware must be one of {', '.join(FIRMWARES)}, not {firmware!r}")
         if firmware == "uefi" and kernel is not None:
@@ -117,6 +120,8 @@ class Machine:
         self.iso = Path(iso).resolve() if iso is not None else None
         self.disk = Path(disk).resolve() if disk is not None else None
         self.firmware = firmware
+        self.machine_type = machine_type
+        self.boot_in_args = boot_in_args
         self._ovmf: Ovmf | None = None
         self._ovmf_vars: Path | None = None   # the variable store's copy this machine boots with (firmware.py)
         self.append = append
@@ -294,17 +299,22 @@ class Machine:
         return sock
 
     def _command_line(self, binary: str) -> list[str]:
-        def chardev(name: str) -> list[str]:
-            return ["-chardev", f"socket,id={name},path={_opt(self.tmpdir / f'{name}.sock')}"]
+        def chardev(name: str, mux: bool = False) -> list[str]:
+            return ["-chardev", f"socket,id={name},path={_opt(self.tmpdir / f'{name}.sock')}" + (",mux=on" * mux)]
 
-        machine = f"pc,memory-backend={GuestRam.BACKEND_ID}" if self.ram_file else "pc"
-        args = [binary, "-machine", machine, "-m", str(self.memory_mib), "-display", "none",
-                "-no-user-config", "-no-reboot", "-no-shutdown", "-parallel", "none", "-net", "none",
-                "-device", f"isa-debug-exit,iobase={self.debug_exit_port:#x},iosize=0x04",
+        machine = (f"{self.machine_type},memory-backend={GuestRam.BACKEND_ID}" if self.ram_file
+                   else self.machine_type)
+        # A user's own command line keeps its devices, network and firmware: kgen adds only what it needs.
+        own = ["-no-user-config", "-parallel", "none", "-net", "none"] if not self.boot_in_args else []
+        exit_device = (["-device", f"isa-debug-exit,iobase={self.debug_exit_port:#x},iosize=0x04"]
+                       if self.debug_exit_port is not None else [])
+        args = [binary, "-machine", machine, "-m", str(self.memory_mib), "-display", "none", *own,
+                "-no-reboot", "-no-shutdown", *exit_device,
                 "-accel", self.accel,
                 # QEMU is the client of sockets we already listen on: connected before the guest runs a cycle.
                 *chardev("qmp"), "-mon", "chardev=qmp,mode=control",
-                *chardev("com1"), "-serial", "chardev:com1",
+                # mux: a user's own command may send its debug console (-debugcon) into COM1's capture too.
+                *chardev("com1", mux=self.boot_in_args), "-serial", "chardev:com1",
                 *chardev("com2"), "-serial", "chardev:com2"]
         if self._ram is not None:
             args += self._ram.qemu_args(_opt)
@@ -329,7 +339,7 @@ class Machine:
                 args += ["-append", self.append]
         elif self.iso is not None:
             args += ["-cdrom", str(self.iso), "-boot", "d"]
-        else:
+        elif self.disk is not None:
             args += ["-drive", f"file={_opt(self.disk)},format={disk_format(self.disk)},if=ide,index=0,media=disk,"
                                "snapshot=on", "-boot", "c"]
         return args + list(self.extra_args)
