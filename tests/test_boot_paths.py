@@ -100,3 +100,66 @@ def test_a_way_in_that_cannot_boot_the_elf_is_one_line(zoo, tmp_path):
     config.write_text(f'[foreign]\nkernel = "{zoo["mb2-i386"]}"\nfirmware = "efi"\n')
     line = one_line(kgen("test", "--config", str(config), "-j", "1"))
     assert "foreign.firmware = 'efi': give one of bios, uefi" in line, line
+
+
+# --- the author's own image and QEMU command line --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def author_iso(zoo, tmp_path_factory):
+    """An ISO as a project's `make iso` makes one: GRUB with a multiboot2 line naming its kernel."""
+    from kgen.build.iso import make_boot_iso
+    return make_boot_iso(zoo["mb2-i386"], tmp_path_factory.mktemp("author"), protocol="multiboot2",
+                         name="myos.iso")
+
+
+def test_an_image_is_booted_as_it_is_and_its_kernel_found_in_it(zoo, author_iso):
+    before = author_iso.read_bytes()
+    found = kgen("test", "--image", str(author_iso), "--ready", ready_text(MB2_I386_READY), "-j", "1", "--", "-v")
+    assert found.returncode == 0, found.stdout + found.stderr
+    assert "kgen: --image myos.iso: checking /kernel/mb2-i386.elf, the kernel its /boot/grub/grub.cfg loads" \
+        in found.stderr, found.stderr
+    assert "through its own image myos.iso as the CD-ROM, BIOS" in found.stderr
+    assert outcomes(found.stdout)["test_nothing_is_mapped_below_the_kernel_base"] == "PASSED"
+    given = kgen("test", "--image", str(author_iso), "--kernel", str(zoo["mb2-i386"]), "--ready",
+                 ready_text(MB2_I386_READY), "-j", "1", "-k", "paging_and_write_protect")
+    assert given.returncode == 0 and "checking /kernel" not in given.stderr, given.stdout + given.stderr
+    assert author_iso.read_bytes() == before         # never written
+
+
+def test_an_elf_the_image_does_not_boot_is_said_before_the_checks(zoo, author_iso):
+    line = [ln for ln in kgen("test", "--image", str(author_iso), "--kernel", str(zoo["mb2-x86_64"]), "--ready",
+                              ready_text(MB2_I386_READY), "-j", "1").stderr.splitlines() if "error" in ln]
+    assert len(line) == 1 and "mb2-x86_64.elf: its code is not in guest memory" in line[0], line
+
+
+def test_an_image_kgen_cannot_read_is_one_line(tmp_path):
+    short = tmp_path / "short.img"
+    short.write_bytes(b"\0" * 1000)
+    assert "not a whole number of 512-byte sectors" in one_line(kgen("test", "--image", str(short)))
+    assert "not a file" in one_line(kgen("test", "--image", str(tmp_path)))
+    assert "no such file" in one_line(kgen("test", "--image", str(tmp_path / "none.iso")))
+    raw = tmp_path / "raw.img"
+    raw.write_bytes(b"\0" * 4096)       # not an ISO: nothing to read a kernel from
+    assert "found no kernel in it" in one_line(kgen("test", "--image", str(raw)))
+
+
+def test_the_users_own_qemu_command_boots_the_kernel(zoo, tmp_path):
+    from minikernels import HIGHER_HALF, HIGHER_HALF_LDS, HIGHER_HALF_READY, build
+    elf = build(tmp_path, "mini", HIGHER_HALF, HIGHER_HALF_LDS, WRITABLE_TEXT=0)
+    command = f"qemu-system-i386 -m 64M -kernel {elf} -serial stdio -nographic -no-reboot"
+    run = kgen("run", "--kernel", str(elf), "--qemu-command", command, "--ready", ready_text(HIGHER_HALF_READY))
+    assert run.returncode == 0, run.stdout + run.stderr
+    checked = kgen("test", "--kernel", str(elf), "--qemu-command", command, "-j", "1", "--", "-v")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "through your QEMU command line" in checked.stderr
+    assert outcomes(checked.stdout)["test_walker_agrees_with_qemu_gva2gpa"] == "PASSED"
+    for bad, said in ((f"qemu-system-i386 -kernel {elf} -daemonize", "-daemonize cannot be combined with kgen"),
+                      (f"qemu-system-i386 -kernel {elf} -serial tcp::4444", "kgen needs COM1 and COM2"),
+                      (f"make run", "starts with 'make', not qemu-system-i386 or qemu-system-x86_64"),
+                      (f"qemu-system-i386 -kernel {elf} -m lots", "-m lots: not a memory size")):
+        assert said in one_line(kgen("test", "--kernel", str(elf), "--qemu-command", bad, "-j", "1"))
+    assert "drop --module" in one_line(kgen("test", "--kernel", str(elf), "--qemu-command", command, "--module",
+                                            str(zoo["payload"]), "-j", "1"))
+    other = kgen("test", "--kernel", str(zoo["mb2-x86_64"]), "--qemu-command",
+                 f"qemu-system-i386 -cdrom x.iso", "-j", "1")
+    assert "the command names another architecture than the ELF" in one_line(other)
