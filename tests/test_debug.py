@@ -20,7 +20,8 @@ from conftest import ARCH_BUILDS, needs_grub, needs_qemu
 from kgen import errors
 from kgen.arch import hw
 from kgen.guest.elfinfo import ElfInfo
-from kgen.guest.pagewalk import I386, X86_64, Walker
+from kgen.arch.paging import I386, X86_64
+from kgen.guest.pagewalk import Walker
 from kgen.guest.pmmview import parse_report
 
 KGEN = [str(Path(sys.executable).with_name("kgen"))]

@@ -2,8 +2,8 @@
 
 The layout, the assembler, the ELF writer, the walker, the invariants, the call channel and the machine all read an
 `Arch`; none of them says "i386" or "x86_64" itself. Paging geometry (levels, index bits, entry size, which levels
-may map large pages) is the walker's `PagingMode`, so the numbers the kernel is built with and the numbers its page
-tables are checked with are the same object.
+may map large pages) is a `PagingMode` (`kgen.arch.paging`), which the walker reads too, so the numbers the kernel is
+built with and the numbers its page tables are checked with are the same object.
 
 Templates see the word size through a handful of selectors (Linux's asm.h does the same for its 32/64-bit sources):
 
@@ -21,9 +21,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from kgen.guest.pagewalk import I386 as I386_PAGING
-from kgen.guest.pagewalk import X86_64 as X86_64_PAGING
-from kgen.guest.pagewalk import PagingMode
+from kgen.arch.paging import I386 as I386_PAGING
+from kgen.arch.paging import X86_64 as X86_64_PAGING
+from kgen.arch.paging import PagingMode
 
 _WORD_REGISTERS = ("ax", "bx", "cx", "dx", "si", "di", "bp", "sp")
 

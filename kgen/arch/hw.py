@@ -21,7 +21,7 @@ PTE_FRAME_MASK = 0xFFFFF000
 # Bit 63 of a 64-bit (PAE or 4-level) entry: XD, execute-disable, when EFER.NXE is on; a reserved bit when it is off.
 PTE_NX = 1 << 63
 
-# Paging geometry (levels, index bits, entry size) is the walker's PagingMode, reached through kgen.arch.
+# Paging geometry (levels, index bits, entry size) is a PagingMode, in kgen.arch.paging.
 
 # Control registers.
 CR0_PE = 1 << 0

@@ -15,7 +15,8 @@ from kgen.arch import hw
 from kgen.guest.elfinfo import ElfInfo
 from kgen.errors import KgenError
 from kgen.build.layout import Layout
-from kgen.guest.pagewalk import I386, PAE, X86_64, PagingMode, ReadPhys, Walker, WalkError
+from kgen.arch.paging import I386, PAE, X86_64, PagingMode
+from kgen.guest.pagewalk import ReadPhys, Walker, WalkError
 from kgen.guest.registers import Registers
 
 # The boot stub's page directory (templates/boot.s): CR3 must hold its physical address.
