@@ -14,6 +14,7 @@ from kgen.arch.hw import PTE_FRAME_MASK, PTE_PS
 @dataclass(frozen=True)
 class PagingMode:
     name: str
+    title: str                       # as reports name the mode: "32-bit", "PAE", "4-level"
     entry_size: int                  # bytes per entry
     index_bits: tuple[int, ...]      # virtual-address bits that index each level, top level first
     level_names: tuple[str, ...]     # for messages, top level first
@@ -51,7 +52,7 @@ class PagingMode:
 
 
 I386 = PagingMode(
-    name="i386", entry_size=4, index_bits=(10, 10), level_names=("PD", "PT"),
+    name="i386", title="32-bit", entry_size=4, index_bits=(10, 10), level_names=("PD", "PT"),
     large_levels=frozenset({0}), large_needs_pse=True, rights_levels=frozenset({0, 1}),
     frame_mask=PTE_FRAME_MASK, cr3_mask=PTE_FRAME_MASK,
     reserved=(0, 0),
@@ -63,7 +64,7 @@ I386 = PagingMode(
 _ADDR52 = 0x000F_FFFF_FFFF_F000
 
 PAE = PagingMode(
-    name="pae", entry_size=8, index_bits=(2, 9, 9), level_names=("PDPT", "PD", "PT"),
+    name="pae", title="PAE", entry_size=8, index_bits=(2, 9, 9), level_names=("PDPT", "PD", "PT"),
     large_levels=frozenset({1}), large_needs_pse=False, rights_levels=frozenset({1, 2}),
     frame_mask=_ADDR52, cr3_mask=0xFFFF_FFE0,
     # A PDPTE has no RW, US, A, D, PS or G; PAE reserves bits 62:52 everywhere and 63 in the PDPTE too: a PDPTE has
@@ -73,7 +74,7 @@ PAE = PagingMode(
 )
 
 X86_64 = PagingMode(
-    name="x86-64", entry_size=8, index_bits=(9, 9, 9, 9), level_names=("PML4", "PDPT", "PD", "PT"),
+    name="x86-64", title="4-level", entry_size=8, index_bits=(9, 9, 9, 9), level_names=("PML4", "PDPT", "PD", "PT"),
     large_levels=frozenset({1, 2}), large_needs_pse=False, rights_levels=frozenset({0, 1, 2, 3}),
     frame_mask=_ADDR52, cr3_mask=_ADDR52,
     # Bits 62:52 are free for software in 4-level paging; only PS in a PML4E is reserved.

@@ -104,7 +104,7 @@ def run(args) -> int:
     except KgenError as err:
         raise UsageError(str(err)) from None
 
-    qemu = layout.architecture.qemu
+    qemu = layout.arch.qemu
     if args.kernel is not None:
         qemu = KernelUnderTest(elf_path, elf).qemu      # the ELF's class picks it, as under kgen test
         try:
