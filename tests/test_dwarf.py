@@ -216,7 +216,7 @@ def test_gdb_stops_in_kmain_on_its_template_line_and_next_goes_to_the_next(built
     arch = built.kernel.layout.arch
     constants = built.kernel.layout.asm_constants()
     definitions = label_definitions(arch)
-    result = debug(built.elf.parent, arch, "-ex", "break _start", "-ex", "break kmain",
+    result = debug(built.elf.parent, arch.name, "-ex", "break _start", "-ex", "break kmain",
                    "-ex", "continue", "-ex", "echo STUB\\n", "-ex", "info line *$pc",
                    "-ex", "continue", "-ex", "echo HIGH\\n", "-ex", "info line *$pc", "-ex", "list",
                    "-ex", "echo NEXT\\n", "-ex", "next", "-ex", "info line *$pc", "-ex", "kill", cwd=tmp_path)
