@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kgen.arch import hw
-from kgen.arch import ARCHES, named
+from kgen.arch import ARCHES, X86_64, named
 from kgen.guest.bootreport import BOOT_OK
 from kgen.guest.bootreport import parse as parse_boot_report
 from kgen.build.pipeline import build
@@ -296,7 +296,7 @@ def host_description() -> str:
     except OSError:
         pass
     try:
-        qemu = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True,
+        qemu = subprocess.run([X86_64.qemu, "--version"], capture_output=True, text=True,
                               timeout=10).stdout.splitlines()[0]
     except (OSError, IndexError, subprocess.SubprocessError):
         qemu = "QEMU version unknown"

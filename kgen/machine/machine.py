@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from kgen.arch import I386
 from kgen.build.layout import DEBUG_EXIT_PORT
 from kgen.errors import MachineError, ToolMissing
 from kgen.guest.registers import Registers, parse_info_registers
@@ -41,6 +42,7 @@ from kgen.machine.ram import GuestRam, poison_pattern
 from kgen.machine.serial import SerialLog
 
 QEMU_PACKAGE = "qemu-system-x86"
+DEFAULT_QEMU = I386.qemu     # the QEMU of a machine not told its kernel's architecture: the default config's
 
 START_TIMEOUT = 10.0       # QEMU up to its chardev connections and QMP greeting; it takes ~0.05 s
 QUIT_GRACE = 2.0           # after QMP quit, before kill -9
@@ -91,7 +93,7 @@ class Machine:
                  append: str | None = None, accel: str = "tcg", memory_mib: int = 128,
                  poison: int | bytes | None = None, debug_exit_port: int = DEBUG_EXIT_PORT, echo_serial: bool = False,
                  icount: bool = False, ram_file: bool = True, extra_args: Sequence[str] = (),
-                 qemu: str = "qemu-system-i386", snapshot_image: str | os.PathLike | None = None,
+                 qemu: str = DEFAULT_QEMU, snapshot_image: str | os.PathLike | None = None,
                  start_paused: bool = False, gdbstub: bool = False):
         if sum(x is not None for x in (kernel, iso, disk)) != 1:
             raise ValueError("give exactly one of kernel=, iso= or disk=")
