@@ -117,6 +117,12 @@ class Arch:
             return X86_64
         return X86_64 if long_mode_evidence(elf.path) else I386
 
+    @staticmethod
+    def for_cpu(long_mode: bool) -> Arch:
+        """The architecture whose code a CPU in this mode runs (x86_64 in long mode): how its registers are named
+        and printed, whatever the ELF it was booted from."""
+        return X86_64 if long_mode else I386
+
     @property
     def ip_name(self) -> str:
         """The instruction pointer's name: EIP, RIP in long mode."""
