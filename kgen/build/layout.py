@@ -158,7 +158,7 @@ class Layout:
     # ---- the architecture ------------------------------------------------------------------------------------
     @property
     def architecture(self) -> Arch:
-        """`arch`, by its older name (kgen/harness/testing.py still says it)."""
+        """`arch`, by its older name (kgen/harness/kernel.py and foreign.py still say it)."""
         return self.arch
 
     @property

@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from kgen.arch import I386
+from kgen.arch import I386, X86_64
 from kgen.build.layout import DEBUG_EXIT_PORT
 from kgen.errors import MachineError, ToolMissing
 from kgen.guest.registers import Registers, parse_info_registers
@@ -102,8 +102,8 @@ class Machine:
         if firmware == "uefi" and kernel is not None:
             # QEMU's -kernel loads a Multiboot kernel through an option ROM of the legacy BIOS; OVMF has no use for it.
             raise ValueError("firmware='uefi' boots an iso= or disk=, not a -kernel")
-        if firmware == "uefi" and Path(qemu).name == "qemu-system-i386":
-            raise ValueError("OVMF is x86_64 firmware: firmware='uefi' needs qemu='qemu-system-x86_64'")
+        if firmware == "uefi" and Path(qemu).name == I386.qemu:
+            raise ValueError(f"OVMF is x86_64 firmware: firmware='uefi' needs qemu={X86_64.qemu!r}")
         if append is not None and kernel is None:
             raise ValueError("append= is the -kernel command line; an ISO's bootloader has its own")
         if accel not in ("tcg", "kvm"):
