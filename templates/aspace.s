@@ -100,9 +100,7 @@ as_set_foreign:
     test xax, xax
     jz .Lset_store
     or xax, PTE_P | PTE_RW
-.if ARCH_X86_64
-    bts rax, NX_BIT                                 # a window onto tables: never executable
-.endif
+    SET_NX xax                                      # a window onto tables: never executable
 .Lset_store:
     mov xdx, LEVEL0_ENTRIES
     mov [xdx + FOREIGN_SLOT*ENTRY_SIZE], xax
@@ -345,7 +343,7 @@ as_switch:
     mov [xdx + FOREIGN_SLOT*ENTRY_SIZE], xax
     mov xax, FOREIGN_TOP
     invlpg [xax]
-.if ARCH_I386
+.if KERNEL_HALF_GENERATION
     mov eax, [vmm_kernel_pde_generation]
     cmp [esi + WORD_SIZE], eax
     je .Lswitch_fresh
@@ -369,9 +367,7 @@ as_switch:
     test xax, xax
     jz .Lswitch_store
     or xax, PTE_P | PTE_RW
-.if ARCH_X86_64
-    bts rax, NX_BIT
-.endif
+    SET_NX xax
 .Lswitch_store:
     mov xdx, FOREIGN_TOP
     mov [xdx + FOREIGN_SLOT*ENTRY_SIZE], xax        # the new space's foreign slot

@@ -38,9 +38,7 @@ heap_init:
     jz .Lheap_init_failed
     mov [heap_slab_base], xax
     mov eax, PTE_P | PTE_RW                         # kernel data: writable...
-.if ARCH_X86_64
-    bts rax, NX_BIT                                 # ...and never executable
-.endif
+    SET_NX xax                                      # ...and never executable
     mov [heap_page_flags], xax
     ret
 .Lheap_init_failed:

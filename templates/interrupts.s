@@ -83,11 +83,7 @@ interrupt_common:
     out PIC1_COMMAND, al
     pop xax
     add xsp, 2*WORD_SIZE
-.if ARCH_X86_64
-    iretq
-.else
-    iretd
-.endif
+    IRET
 
 # page_fault(cr2, error) -> 1 when the fault was the first touch of a lazy allocation, now backed: the handler
 # returns to the faulting instruction. Else 0, once the fault's cause is on COM1 (the exception report follows).

@@ -36,7 +36,7 @@ pmm_init:
     jz .Lpmm_entries_done
     cmp dword ptr [xsi + 0x10], MULTIBOOT_MMAP_AVAILABLE
     jne .Lpmm_next_entry
-.if ARCH_I386
+.if CLIPS_RAM_AT_4G
     cmp dword ptr [esi + 0x4], 0x0                  # starts at or above 4 GiB: out of reach without PAE
     jne .Lpmm_next_entry
 .endif
@@ -48,7 +48,7 @@ pmm_init:
     jae .Lpmm_start_ok
     mov xax, PMM_LOWEST
 .Lpmm_start_ok:
-.if ARCH_I386
+.if CLIPS_RAM_AT_4G
     mov ecx, [esi]                                  # end = align_down(base + length), clipped below 4 GiB
     mov edx, [esi + 0x4]
     add ecx, [esi + 0x8]

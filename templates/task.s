@@ -321,11 +321,7 @@ syscall_entry:
     pop xcx
     pop xbx
 .Lsys_return:
-.if ARCH_X86_64
-    iretq
-.else
-    iretd
-.endif
+    IRET
 .Lsys_exit:
     push xbx
     push xword ptr [task_current]
@@ -460,9 +456,7 @@ user_page_fault:
     push xax
     call as_set_foreign                             # the running space, attached to itself
     mov xcx, PTE_P | PTE_RW | PTE_US
-.if ARCH_X86_64
-    bts rcx, NX_BIT
-.endif
+    SET_NX xcx
     push xcx
     push xbx
     mov xdi, [xsp + 7*WORD_SIZE]

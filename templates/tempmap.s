@@ -17,9 +17,7 @@ temp_map:
     mov xax, [xsp + WORD_SIZE]
     and xax, -PAGE_SIZE
     or xax, PTE_P | PTE_RW
-.if ARCH_X86_64
-    bts rax, NX_BIT                                 # a window onto data: never executable
-.endif
+    SET_NX xax                                      # a window onto data: never executable
     mov xdx, TEMPMAP_PTES
     mov [xdx + xcx*ENTRY_SIZE], xax
     mov eax, ecx

@@ -31,7 +31,7 @@
 
 .section .text
 vmm_init:
-.if ARCH_X86_64
+.if KERNEL_HALF_GENERATION == 0
     push rbx
     push rdi
     mov ebx, KERNEL_HALF_FIRST_SLOT
@@ -109,7 +109,7 @@ vmm_table_for:
     mov ecx, PAGE_SIZE / 4
     rep stosd
 .endif
-.if ARCH_I386
+.if KERNEL_HALF_GENERATION
     mov eax, [esp + 0xc]
     cmp eax, KERNEL_HALF_START
     jb .Lfor_next
@@ -140,7 +140,7 @@ vmm_tables_put:
 .Lput_level:
     test ebx, ebx
     jz .Lput_done                                   # the top table stays
-.if ARCH_X86_64
+.if KERNEL_HALF_GENERATION == 0
     cmp ebx, 0x1
     jne .Lput_table
     mov rdx, KERNEL_HALF_START                      # the kernel half's PDPTs are shared: they stay
@@ -178,7 +178,7 @@ vmm_tables_put:
     add xsp, WORD_SIZE
     mov xax, [xsp + 3*WORD_SIZE]
     invlpg [xax]                                    # drop cached entries of the path (INVLPG flushes them)
-.if ARCH_I386
+.if KERNEL_HALF_GENERATION
     cmp ebx, 0x1
     jne .Lput_next
     cmp dword ptr [esp + 0xc], KERNEL_HALF_START

@@ -87,7 +87,7 @@ def require_kvm(out) -> None:
 def open_session(out, accel: str = "tcg", **options) -> KernelSession:
     """A session on `out` (a BuildOutput) with its architecture's QEMU, on RAM poisoned with POISON unless
     `poison=` says otherwise; skipped where that QEMU is missing."""
-    qemu = out.kernel.layout.architecture.qemu
+    qemu = out.kernel.layout.arch.qemu
     if shutil.which(qemu) is None:
         pytest.skip(f"{qemu} not installed (Debian package qemu-system-x86)")
     return KernelSession(out.elf, out.kernel.layout, accel=accel, **{"poison": POISON, **options})
@@ -134,7 +134,7 @@ def walker(s: KernelSession):
     from kgen.guest import bootreport
     from kgen.guest.invariants import GuestView
     from kgen.guest.pagewalk import Walker
-    paging = s.layout.architecture.paging
+    paging = s.layout.arch.paging
     state = s.machine.status()
     if state not in ("running", "paused"):
         cr3, mode, pse, nxe = bootreport.parse(s.machine.serial).cr3, paging, True, bool(paging.nx_levels)

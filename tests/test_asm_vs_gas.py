@@ -164,7 +164,7 @@ def test_both_architectures_and_the_entry_are_covered():
 
 @pytest.mark.parametrize("kernel, result", CASES)
 def test_keystone_matches_gnu_as(kernel, result, tmp_path):
-    arch = kernel.layout.architecture
+    arch = kernel.layout.arch
     visible = visible_to(kernel, result.piece)
     reference = gas_bytes(asm.render(result.piece, visible), result.address, tmp_path, arch=arch,
                           bits=result.piece.bits, data=result.piece.section == ".bss")

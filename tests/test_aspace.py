@@ -25,14 +25,14 @@ USER_FLAGS = hw.PTE_P | hw.PTE_RW | hw.PTE_US
 
 # ---- reading a space ---------------------------------------------------------------------------------------------
 def top_entries(s, top: int) -> list[int]:
-    size = s.layout.architecture.entry_size
+    size = s.layout.arch.entry_size
     data = s.machine.read_phys(top, hw.PAGE_SIZE)
     return [int.from_bytes(data[i:i + size], "little") for i in range(0, hw.PAGE_SIZE, size)]
 
 
 def space_walker(s, top: int) -> Walker:
     """A walk of the space whose top-level table is at `top` (not necessarily the one in CR3)."""
-    paging = s.layout.architecture.paging
+    paging = s.layout.arch.paging
     return Walker(s.machine.read_phys, top, paging, pse=True, nxe=bool(paging.nx_levels),
                   recursive_slot=s.layout.recursive_slot)
 
@@ -65,14 +65,14 @@ def live_spaces(s) -> list[tuple[int, int]]:
 def cr3(s) -> int:
     s.machine.stop()
     try:
-        return s.machine.registers().cr3 & s.layout.architecture.paging.cr3_mask
+        return s.machine.registers().cr3 & s.layout.arch.paging.cr3_mask
     finally:
         s.machine.cont()
 
 
 def user_address(layout, slot: int, *indices: int) -> int:
     """The user-half page with top-level index `slot` and the given indices below it (missing ones 0)."""
-    arch = layout.architecture
+    arch = layout.arch
     v = slot << arch.shift(0)
     for level, i in enumerate(indices, start=1):
         v += i << arch.shift(level)
@@ -80,7 +80,7 @@ def user_address(layout, slot: int, *indices: int) -> int:
 
 
 def path_of(layout, vaddr: int) -> list[tuple[int, ...]]:
-    arch = layout.architecture
+    arch = layout.arch
     idx = [(vaddr >> arch.shift(level)) & (arch.entries_per_table - 1) for level in range(arch.levels)]
     return [tuple(idx[:level]) for level in range(1, arch.levels)]
 
@@ -89,10 +89,10 @@ def check_kernel_half_shared(s, top: int) -> None:
     layout = s.layout
     first_kernel = layout.asm_constants()["KERNEL_HALF_FIRST_SLOT"]
     boot, mine = top_entries(s, boot_top(s)), top_entries(s, top)
-    names = layout.architecture.paging.level_names
-    for i in range(first_kernel, layout.architecture.entries_per_table):
+    names = layout.arch.paging.level_names
+    for i in range(first_kernel, layout.arch.entries_per_table):
         if i == layout.recursive_slot:
-            assert mine[i] & layout.architecture.paging.frame_mask == top, f"{names[0]}[{i}] is not the self-map"
+            assert mine[i] & layout.arch.paging.frame_mask == top, f"{names[0]}[{i}] is not the self-map"
             assert not mine[i] & hw.PTE_US
         elif i == layout.foreign_slot:
             assert mine[i] == 0, f"{names[0]}[{i}] (foreign slot) is {mine[i]:#x} in a space that is not running"
@@ -133,7 +133,7 @@ def test_switch_loads_cr3_and_the_kernel_keeps_serving(kernel):
 
 def test_destroy_gives_back_every_frame_of_every_level(kernel):
     s = kernel
-    layout, arch = s.layout, s.layout.architecture
+    layout, arch = s.layout, s.layout.arch
     free = s.call("pmm_stats_free")
     top = s.call("as_create")
     assert s.call("as_attach", top) == 1
@@ -207,7 +207,7 @@ def test_map_unmap_translate_in_a_space_that_is_not_running(kernel):
     frame = s.call("pmm_alloc")
     assert s.call("vmm_map_in", top, v, frame, USER_FLAGS) == 0, "mapped in a space that is not attached"
     assert s.call("as_attach", top) == 1
-    assert top_entries(s, boot_top(s))[layout.foreign_slot] & layout.architecture.paging.frame_mask == top
+    assert top_entries(s, boot_top(s))[layout.foreign_slot] & layout.arch.paging.frame_mask == top
     assert s.call("vmm_map_in", top, v, frame, USER_FLAGS) == 1
     assert s.call("vmm_map_in", top, v, frame, USER_FLAGS) == 0, "mapped twice"
     assert s.call("vmm_map_in", top, layout.kernel_half_start, frame, USER_FLAGS) == 0, "mapped in the kernel half"
@@ -247,7 +247,7 @@ def window_problems(s) -> list[str]:
         assert s.call("as_attach", top) == 1
         if s.call("vmm_map_in", top, v, frames[top], USER_FLAGS) != 1:
             problems.append(f"vmm_map_in refused {v:#x} in space {top:#x}: the window still showed a mapping there")
-    pte = layout.foreign_entry_address(v, layout.architecture.levels - 1)
+    pte = layout.foreign_entry_address(v, layout.arch.levels - 1)
     for top in (a, b, a):
         assert s.call("as_attach", top) == 1
         seen = s.call("kmem_read32", pte) & ~(hw.PAGE_SIZE - 1)
@@ -280,7 +280,7 @@ class SpacesModel:
     def __init__(self, s):
         self.s = s
         self.layout = layout = s.layout
-        arch = layout.architecture
+        arch = layout.arch
         choices = [(1, 2)] + [(1, 300)] * (arch.levels - 2) + [(0, 5, arch.entries_per_table - 1)]
         pool = [0]
         for level, picks in enumerate(choices):
@@ -472,7 +472,7 @@ def test_the_space_invariants_catch_what_they_check(kernel):
     """Each finding of check_address_spaces and check_frames_unreferenced, provoked by editing a stopped guest."""
     from kgen.guest import invariants
     s = kernel
-    layout, arch = s.layout, s.layout.architecture
+    layout, arch = s.layout, s.layout.arch
     spaces = populated_spaces(s)
     assert s.call("as_switch", boot_top(s)) == 1
     view = view_of(s)

@@ -24,7 +24,7 @@ BOOT_TIMEOUT = 60
 
 def boot(out, *, iso: bool):
     layout = out.kernel.layout
-    qemu = layout.architecture.qemu
+    qemu = layout.arch.qemu
     if shutil.which(qemu) is None:
         pytest.skip(f"{qemu} not installed (Debian package qemu-system-x86)")
     target = {"iso": out.iso} if iso else {"kernel": out.elf}
@@ -46,7 +46,7 @@ def check_report(out, serial: str):
     assert report.recursive_slot == layout.recursive_slot
     assert report.recursive_pd == layout.recursive_top
     # The line names the top table as the architecture does: PD on i386, PML4 on x86_64.
-    top = layout.architecture.paging.level_names[0]
+    top = layout.arch.paging.level_names[0]
     assert re.search(rf"^recursive: {top}\[0x0*{layout.recursive_slot:x}\] at 0x0*{layout.recursive_top:x} "
                      rf"maps the {top} at CR3; all entries match$", serial, re.MULTILINE), serial
     ram = [r for r in report.mmap if r.type == hw.MULTIBOOT_MMAP_AVAILABLE]
@@ -61,7 +61,7 @@ def test_the_x86_64_kernel_is_the_one_booted(x86_64_build):
     """The parametrised boots below really run a 64-bit kernel in qemu-system-x86_64, its image in the top 2 GiB
     and its top table a PML4 reached through slot 510."""
     layout = x86_64_build.kernel.layout
-    assert layout.architecture.qemu == "qemu-system-x86_64"
+    assert layout.arch.qemu == "qemu-system-x86_64"
     assert ElfInfo.load(x86_64_build.elf).bits == 64
     assert layout.kernel_virtual_start == 0xFFFFFFFF80100000 and layout.recursive_slot == 510
 
@@ -82,7 +82,7 @@ def test_elf_boots_through_qemu_kernel(arch_build):
 def test_fault_is_reported_with_vector_and_address(arch_fault_build):
     status, serial = boot(arch_fault_build, iso=False)
     layout = arch_fault_build.kernel.layout
-    long_mode = layout.architecture.word_size == 8
+    long_mode = layout.arch.word_size == 8
     assert status == layout.failure_status, serial
     fault = find_exception(serial)
     assert fault is not None, serial
@@ -107,7 +107,7 @@ def kgen(*args, env=None):
 
 
 def arch_of(out) -> str:
-    return out.kernel.layout.arch
+    return out.kernel.layout.arch.name
 
 
 def test_kgen_run_exits_0_on_success(arch_build):
@@ -131,7 +131,7 @@ def test_kgen_run_names_the_fault(arch_fault_build):
     result = kgen("run", "--arch", arch_of(arch_fault_build), "--kernel", str(arch_fault_build.elf))
     assert result.returncode == 4          # the kernel failed (kgen/errors.py)
     last = result.stderr.strip().splitlines()[-1]
-    name = "RIP" if arch_fault_build.kernel.layout.architecture.word_size == 8 else "EIP"
+    name = "RIP" if arch_fault_build.kernel.layout.arch.word_size == 8 else "EIP"
     assert "#PF page fault (vector 14)" in last and re.search(rf"{name}=0x[0-9a-f]+ <kmain(\+0x[0-9a-f]+)?>", last)
     assert "Traceback" not in result.stderr
 
@@ -140,7 +140,7 @@ def test_missing_qemu_is_one_line(arch_build, tmp_path):
     env = dict(os.environ, PATH=str(tmp_path))
     result = kgen("run", "--arch", arch_of(arch_build), "--kernel", str(arch_build.elf), env=env)
     assert result.returncode == 3
-    assert result.stderr.strip() == (f"kgen: error: {arch_build.kernel.layout.architecture.qemu} not found: "
+    assert result.stderr.strip() == (f"kgen: error: {arch_build.kernel.layout.arch.qemu} not found: "
                                      "install the Debian package qemu-system-x86")
 
 

@@ -135,7 +135,7 @@ def recursive_address(slot: int, times: int) -> int:
 
 def test_x86_64_defaults_give_the_documented_layout():
     layout = compute(Config.for_arch("x86_64"))
-    assert layout.arch == "x86_64" and layout.architecture.levels == 4
+    assert layout.arch.name == "x86_64" and layout.arch.levels == 4
     assert layout.kernel_virtual_base == 0xFFFFFFFF80000000 and layout.kernel_load_address == 0x100000
     assert layout.kernel_virtual_start == 0xFFFFFFFF80000000 + 0x100000
     assert layout.recursive_slot == 510

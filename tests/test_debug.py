@@ -20,7 +20,8 @@ from conftest import ARCH_BUILDS, needs_grub, needs_qemu
 from kgen import errors
 from kgen.arch import hw
 from kgen.guest.elfinfo import ElfInfo
-from kgen.guest.pagewalk import I386, X86_64, Walker
+from kgen.arch.paging import I386, X86_64
+from kgen.guest.pagewalk import Walker
 from kgen.guest.pmmview import parse_report
 
 KGEN = [str(Path(sys.executable).with_name("kgen"))]
@@ -146,7 +147,7 @@ def test_the_gdb_helper_agrees_with_the_walker_and_the_kernel_report(request, tm
     build = request.getfixturevalue(ARCH_BUILDS[arch])
     layout = build.kernel.layout
     dump = tmp_path / "ram.bin"
-    top_self = layout.architecture.recursive_window(layout.recursive_slot, 0)     # the top table's own page
+    top_self = layout.arch.recursive_window(layout.recursive_slot, 0)     # the top table's own page
     result = debug(build.elf.parent, arch,
                    "-ex", "break report_pmm", "-ex", "continue",
                    "-ex", 'printf "CR3=%#lx\\n", $cr3',

@@ -12,6 +12,7 @@ from elftools.elf.elffile import ELFFile
 
 from conftest import needs_qemu
 from test_debug import assert_gone, debug, load_address, needs_gdb, qemu_pid
+from kgen.arch import Arch
 from kgen.build import asm
 from kgen.build.config import Config
 from kgen.build.link import SECTION_PERMS
@@ -73,7 +74,7 @@ def first_code_line(lines: list[str], start: int, rest: str, constants: dict[str
     return None
 
 
-def label_definitions(arch: str) -> dict[str, tuple[Path, list[str], int, str]]:
+def label_definitions(arch: Arch) -> dict[str, tuple[Path, list[str], int, str]]:
     """label -> (template, its lines, the line defining it, the text after `label:`) over the kernel's units."""
     found = {}
     for unit in kernel_units(arch):
@@ -215,7 +216,7 @@ def test_gdb_stops_in_kmain_on_its_template_line_and_next_goes_to_the_next(built
     arch = built.kernel.layout.arch
     constants = built.kernel.layout.asm_constants()
     definitions = label_definitions(arch)
-    result = debug(built.elf.parent, arch, "-ex", "break _start", "-ex", "break kmain",
+    result = debug(built.elf.parent, arch.name, "-ex", "break _start", "-ex", "break kmain",
                    "-ex", "continue", "-ex", "echo STUB\\n", "-ex", "info line *$pc",
                    "-ex", "continue", "-ex", "echo HIGH\\n", "-ex", "info line *$pc", "-ex", "list",
                    "-ex", "echo NEXT\\n", "-ex", "next", "-ex", "info line *$pc", "-ex", "kill", cwd=tmp_path)

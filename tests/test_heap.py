@@ -67,7 +67,7 @@ def assert_intact(vm, ptr: int, size: int, word: int):
 def heap_page_attrs(s) -> int:
     """What every heap page must be: present, writable, global (kernel half), and never executable where the
     architecture has NX."""
-    nx = hw.PTE_NX if s.layout.architecture.paging.nx_levels else 0
+    nx = hw.PTE_NX if s.layout.arch.paging.nx_levels else 0
     return hw.PTE_P | hw.PTE_RW | hw.PTE_G | nx
 
 
@@ -160,7 +160,7 @@ def test_heap_pages_are_never_executable_where_there_is_nx(kernel):
               s.call("kmalloc_aligned", 4096, 4096): 4096, s.call("kmalloc_aligned", 100, 16384): 100}
     assert all(blocks)
     check_heap_pages(s, blocks)
-    if s.layout.architecture.paging.nx_levels:
+    if s.layout.arch.paging.nx_levels:
         w = walker(s)
         assert all(w.translate(b).entry & hw.PTE_NX for b in blocks), "NX is bit 63 of the PTE itself"
 
@@ -179,7 +179,7 @@ def stop_idle(s) -> tuple[int, int]:
         time.sleep(0.005)
     else:
         pytest.fail("the idle kernel was never seen in com2_get_byte's hlt")
-    paging = s.layout.architecture.paging
+    paging = s.layout.arch.paging
     [(phys, _)] = Walker(s.machine.read_phys, regs.cr3 & paging.cr3_mask, paging).physical_spans(regs.esp,
                                                                                                  s.word_size)
     back = int.from_bytes(s.machine.read_phys(phys, s.word_size), "little")
@@ -245,7 +245,7 @@ def test_running_a_heap_block_faults_as_a_fetch(kernel):
 @pytest.mark.parametrize("size", ["zero", "all ones", "top bit", "beyond the window"])
 def test_zero_and_huge_sizes_return_0(kernel, size):
     s = kernel
-    arch = s.layout.architecture
+    arch = s.layout.arch
     size = {"zero": 0, "all ones": arch.word_mask, "top bit": 1 << (8 * arch.word_size - 1),
             "beyond the window": s.layout.vmm_size + 1}[size]
     before = s.call("pmm_stats_free")

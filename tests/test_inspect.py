@@ -131,7 +131,7 @@ def test_va_of_the_top_table_is_explained_as_the_self_map(inspected):
     doc, view, layout = inspected
     walker = view.walker
     t = doc["translation"]
-    levels = layout.architecture.levels
+    levels = layout.arch.levels
     assert [s["index"] for s in t["steps"]] == [layout.recursive_slot] * levels
     assert all(h(s["next"]) == walker.top for s in t["steps"])
     assert h(t["phys"]) == walker.top and t["fault"] is None
@@ -153,7 +153,7 @@ def test_entry_virt_reaches_the_entry_at_entry_phys(inspected):
     text_page = next(s for s in view.elf.segments if s.executable).vaddr
     checked = 0
     for va in (text_page, layout.tempmap_base, layout.vmm_base, layout.recursive_top,
-               layout.recursive_pt(layout.kernel_pde_first) if layout.arch == "i386" else layout.recursive_base):
+               layout.recursive_pt(layout.kernel_pde_first) if layout.arch.name == "i386" else layout.recursive_base):
         t = explain_translation(view, walker, va)
         chain, _ = walker.walk(va)
         assert [h(s["entry_phys"]) for s in t["steps"]] == [ref.addr for ref in chain]
@@ -162,7 +162,7 @@ def test_entry_virt_reaches_the_entry_at_entry_phys(inspected):
             assert walker.read_virtual(h(step["entry_virt"]), size) == phys_bytes, (hex(va), step)
             assert int.from_bytes(phys_bytes, "little") == h(step["entry"])
             checked += 1
-    assert checked >= 3 * layout.architecture.levels
+    assert checked >= 3 * layout.arch.levels
 
 
 @needs_qemu
@@ -196,7 +196,7 @@ def test_text_output(inspected):
     va = render_text(doc, colour=True)
     assert "\x1b[" in va
     slot = f"[{layout.recursive_slot}]"
-    assert sum(slot in line for line in va.splitlines()) >= layout.architecture.levels
+    assert sum(slot in line for line in va.splitlines()) >= layout.arch.levels
 
 
 @needs_qemu
@@ -346,7 +346,7 @@ def test_user_pages_are_named_with_their_space(user_and_shared):
     assert (other_run["role"], other_run["detail"]) == ("user page", f"space {space:#x}")
     # The second space's own tables are its page tables, not "allocated, unmapped".
     names = walker.mode.level_names
-    first_kernel = (view.layout.kernel_half_start & view.layout.architecture.va_mask) >> walker.mode.shift(0)
+    first_kernel = (view.layout.kernel_half_start & view.layout.arch.va_mask) >> walker.mode.shift(0)
     tables = [(path, frame) for path, frame in invariants.space_walker(view, space).page_tables()
               if path[0] < first_kernel]
     assert len(tables) == walker.mode.levels - 1

@@ -43,7 +43,7 @@ def test_both_architectures_are_checked():
 
 def test_entry_is_the_virtual_start_label(elf):
     elffile, out = elf
-    bits, machine, _, _ = EXPECTED[out.kernel.layout.arch]
+    bits, machine, _, _ = EXPECTED[out.kernel.layout.arch.name]
     assert elffile.header.e_entry == out.kernel.image.symbol("_start").value == symtab(elffile)["_start"]
     assert elffile.header.e_entry >= out.kernel.layout.kernel_virtual_start
     assert elffile.elfclass == bits and elffile.header.e_machine == machine
@@ -51,7 +51,7 @@ def test_entry_is_the_virtual_start_label(elf):
 
 def test_readelf_names_class_and_machine(elf):
     _, out = elf
-    _, _, elf_class, machine = EXPECTED[out.kernel.layout.arch]
+    _, _, elf_class, machine = EXPECTED[out.kernel.layout.arch.name]
     header = subprocess.run(["readelf", "-h", "-W", str(out.elf)], capture_output=True, text=True, check=True).stdout
     assert re.search(rf"^\s*Class:\s+{elf_class}$", header, re.MULTILINE), header
     assert re.search(rf"^\s*Machine:\s+{machine}$", header, re.MULTILINE), header
@@ -132,7 +132,7 @@ def test_multiboot_header_in_the_first_8k(elf):
     assert (magic + flags + checksum) & 0xFFFFFFFF == 0
     # The ELF32 kernel is loaded from its program headers; the ELF64 one through the header's address fields,
     # the only way QEMU's -kernel takes a 64-bit ELF.
-    assert bool(flags & hw.MULTIBOOT_FLAG_ADDRESSES) == (out.kernel.layout.arch == "x86_64")
+    assert bool(flags & hw.MULTIBOOT_FLAG_ADDRESSES) == (out.kernel.layout.arch.name == "x86_64")
     assert hw.MULTIBOOT_FLAG_ADDRESSES == 1 << 16
 
 

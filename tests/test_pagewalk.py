@@ -9,7 +9,8 @@ from hypothesis import given, settings, strategies as st
 from kgen.errors import KgenError
 from kgen.arch.hw import PAGE_SIZE, PTE_A as A, PTE_D as D, PTE_G as G, PTE_P as P, PTE_PCD as PCD, PTE_PS as PS
 from kgen.arch.hw import PTE_NX as NX, PTE_PWT as PWT, PTE_RW as RW, PTE_US as US
-from kgen.guest.pagewalk import I386, PAE, X86_64, Attrs, Mapping, RecursiveWindow, Walker, WalkError
+from kgen.arch.paging import I386, PAE, X86_64
+from kgen.guest.pagewalk import Attrs, Mapping, RecursiveWindow, Walker, WalkError
 
 KiB4, MiB2, MiB4, GiB = 1 << 12, 1 << 21, 1 << 22, 1 << 30
 PAT = 0x80      # bit 7 of a 4 KiB entry: a cache attribute, not PS

@@ -44,7 +44,7 @@ BIG_GUEST_MIB = 4608
 
 
 def open_session(out, accel: str = "tcg", **options) -> KernelSession:
-    qemu = out.kernel.layout.architecture.qemu
+    qemu = out.kernel.layout.arch.qemu
     if shutil.which(qemu) is None:
         pytest.skip(f"{qemu} not installed (Debian package qemu-system-x86)")
     return KernelSession(out.elf, out.kernel.layout, accel=accel, **{"poison": POISON, **options})
@@ -124,7 +124,7 @@ class Model:
     def __init__(self, s: KernelSession):
         self.s = s
         self.layout = s.layout
-        self.arch = s.layout.architecture
+        self.arch = s.layout.arch
         self.view = PmmView.of(s)
         boot = bootreport.parse(s.machine.serial)
         self.cr3 = boot.cr3
@@ -311,7 +311,7 @@ def test_init_accounts_for_the_memory_map_and_the_image(kernel):
     report = parse_report(kernel.machine.serial)
     boot = bootreport.parse(kernel.machine.serial)
     state = PmmView.of(kernel).state()
-    assert list(state.ranges) == ranges_from_mmap(boot.mmap, kernel.layout.architecture)
+    assert list(state.ranges) == ranges_from_mmap(boot.mmap, kernel.layout.arch)
     image_end = -(-(kernel.symbol("__kernel_end") - kernel.layout.kernel_virtual_base) // hw.PAGE_SIZE)
     assert (kernel.layout.kernel_load_address, image_end * hw.PAGE_SIZE) in state.reserved
     assert state.total == sum(hi - lo for lo, hi in state.ranges) // hw.PAGE_SIZE == report.total
@@ -323,7 +323,7 @@ def test_init_accounts_for_the_memory_map_and_the_image(kernel):
 def test_ram_above_4_gib_is_used_on_x86_64_and_clipped_on_i386(kernel_build):
     # Unpoisoned: the 4.5 GiB RAM file stays sparse.
     with open_session(kernel_build, poison=None, memory_mib=BIG_GUEST_MIB) as s:
-        arch = s.layout.architecture
+        arch = s.layout.arch
         boot = bootreport.parse(s.machine.serial)
         assert any(r.type == hw.MULTIBOOT_MMAP_AVAILABLE and r.base >= HIGH for r in boot.mmap), \
             f"the memory map shows no RAM above 4 GiB to test with: {boot.mmap}"
@@ -450,7 +450,7 @@ def test_small_guest_exhausts_at_the_expected_count_and_recovers(small_kernel):
     boot = bootreport.parse(s.machine.serial)
     model = Model(s)
     state = model.view.state()
-    ram = ranges_from_mmap(boot.mmap, s.layout.architecture)
+    ram = ranges_from_mmap(boot.mmap, s.layout.arch)
     expected = (sum(hi - lo for lo, hi in ram) // hw.PAGE_SIZE
                 - overlap_frames(ram, state.reserved) - s.layout.vmm_init_tables)
     assert expected == parse_report(s.machine.serial).free == state.free

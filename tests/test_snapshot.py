@@ -75,7 +75,7 @@ def machine_state(s) -> dict:
 
 
 def s_levels(out) -> int:
-    return out.kernel.layout.architecture.paging.levels
+    return out.kernel.layout.arch.paging.levels
 
 
 def differences(a: dict, b: dict) -> list[str]:

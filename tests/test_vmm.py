@@ -34,7 +34,7 @@ def hexword(s, value: int) -> str:
 
 
 def index(layout, vaddr: int, level: int) -> int:
-    arch = layout.architecture
+    arch = layout.arch
     return (vaddr & arch.va_mask) >> arch.shift(level) & (arch.entries_per_table - 1)
 
 
@@ -46,7 +46,7 @@ def table_path(layout, vaddr: int, level: int) -> tuple[int, ...]:
 
 def paths_of(layout, vaddr: int) -> list[tuple[int, ...]]:
     """Every table below the top one that vaddr's walk goes through, top down (the last is its page table)."""
-    return [table_path(layout, vaddr, level) for level in range(1, layout.architecture.levels)]
+    return [table_path(layout, vaddr, level) for level in range(1, layout.arch.levels)]
 
 
 def tables(s, w: Walker | None = None) -> dict[tuple[int, ...], int]:
@@ -55,12 +55,12 @@ def tables(s, w: Walker | None = None) -> dict[tuple[int, ...], int]:
 
 
 def describe_path(layout, path: tuple[int, ...]) -> str:
-    names = layout.architecture.paging.level_names
+    names = layout.arch.paging.level_names
     return " → ".join(f"{names[level]}[{i}]" for level, i in enumerate(path)) + f" → {names[len(path)]}"
 
 
 def entries(s, frame: int) -> list[int]:
-    size = s.layout.architecture.entry_size
+    size = s.layout.arch.entry_size
     data = s.machine.read_phys(frame, hw.PAGE_SIZE)
     return [int.from_bytes(data[i:i + size], "little") for i in range(0, hw.PAGE_SIZE, size)]
 
@@ -69,7 +69,7 @@ def poisoned_tables(s) -> list[str]:
     """Every table holding the poison pattern in one of its entries: a table nobody cleared. A poisoned entry of a
     table above the last level reads as present with reserved bits (0xA5 has P and PS), so the walk itself
     stops there: that is reported too, with the entry's value."""
-    size = s.layout.architecture.entry_size
+    size = s.layout.arch.entry_size
     poison = int.from_bytes(bytes([POISON]) * size, "little")
     try:
         found = walker(s).page_tables()
@@ -88,7 +88,7 @@ def unused_addresses(s, count: int) -> list[int]:
     """Pages in the vmm window, each where no page table exists yet (one per leaf_table_span: 4 MiB on i386, 2 MiB
     on x86_64), so mapping one must make a table."""
     layout = s.layout
-    span, leaf = layout.leaf_table_span, layout.architecture.levels - 1
+    span, leaf = layout.leaf_table_span, layout.arch.levels - 1
     present = tables(s)
     regions = range(layout.vmm_base // span, (layout.vmm_window.end - 1) // span + 1)
     found = [r * span + 5 * hw.PAGE_SIZE for r in regions if table_path(layout, r * span, leaf) not in present]
@@ -103,7 +103,7 @@ def unused_address(s) -> int:
 
 def empty_user_slot(s) -> int:
     """A top-level slot in the user half that no layout region touches (the middle one), checked empty."""
-    layout, arch = s.layout, s.layout.architecture
+    layout, arch = s.layout, s.layout.arch
     first_kernel = (layout.kernel_half_start & arch.va_mask) >> arch.shift(0)
     slot = first_kernel // 2
     base = arch.canonical(slot << arch.shift(0))
@@ -116,7 +116,7 @@ def empty_user_slot(s) -> int:
 
 def address_in_slot(s, slot: int) -> int:
     """A page in top-level slot `slot` whose index at every level below is non-zero and different (3, 5, 7...)."""
-    arch = s.layout.architecture
+    arch = s.layout.arch
     return arch.canonical(slot << arch.shift(0)) + sum((2 * level + 1) * arch.span(level)
                                                      for level in range(1, arch.levels))
 
@@ -167,7 +167,7 @@ def test_tables_made_on_demand_are_clean_and_given_back(kernel):
     v = unused_address(s)
     before = tables(s)
     missing = [p for p in paths_of(layout, v) if p not in before]
-    assert missing and missing[-1] == table_path(layout, v, layout.architecture.levels - 1)
+    assert missing and missing[-1] == table_path(layout, v, layout.arch.levels - 1)
     free = s.call("pmm_stats_free")
     assert s.call("vmm_map", v, frame, FLAGS) == 1
     after = tables(s)
@@ -189,7 +189,7 @@ def test_tables_made_on_demand_are_clean_and_given_back(kernel):
 def check_every_level_made_and_freed(s) -> None:
     """One page where the top-level entry is empty: the frame and one table per level below the top are taken,
     the walk goes top -> ... -> PTE -> frame through exactly those tables, and unmapping gives every one back."""
-    layout, arch = s.layout, s.layout.architecture
+    layout, arch = s.layout, s.layout.arch
     mode, size = arch.paging, arch.entry_size
     slot = empty_user_slot(s)
     v = address_in_slot(s, slot)
@@ -240,7 +240,7 @@ def test_pdpt_pd_pt_made_and_given_back_under_kvm(kernel):
 
 def test_tables_appear_at_their_recursive_window_address(kernel):
     s = kernel
-    layout, arch = s.layout, s.layout.architecture
+    layout, arch = s.layout, s.layout.arch
     size = arch.entry_size
     v = address_in_slot(s, empty_user_slot(s))
     frame = s.call("pmm_alloc")
@@ -271,7 +271,7 @@ def test_vmm_translate_of_large_pages(kernel):
     """A large page written by hand (PS, and the PAT bit the translation must drop) into a table the kernel made:
     4 MiB on i386; 2 MiB (PD) and 1 GiB (PDPT) on x86_64. vmm_translate takes the offset bits from the address."""
     s = kernel
-    layout, arch = s.layout, s.layout.architecture
+    layout, arch = s.layout, s.layout.arch
     size = arch.entry_size
     v = address_in_slot(s, empty_user_slot(s))
     assert s.call("vmm_map", v, s.call("pmm_alloc"), FLAGS) == 1
@@ -389,7 +389,7 @@ def test_kernel_half_top_level_entries_are_all_present_after_boot(kernel):
     they stay while kernel-half tables come and go. The user half is empty, and so is the foreign slot
     (templates/aspace.s), which only holds a space while one is attached."""
     s = kernel
-    layout, arch = s.layout, s.layout.architecture
+    layout, arch = s.layout, s.layout.arch
     mode = arch.paging
     w = walker(s)
     top = entries(s, w.top)
@@ -542,7 +542,7 @@ class VmmModel:
     def __init__(self, s):
         self.s = s
         self.layout = layout = s.layout
-        arch = layout.architecture
+        arch = layout.arch
         slot = empty_user_slot(s)
         assert entries(s, walker(s).top)[slot + 1] == 0
         choices = [(slot, slot + 1)] + [(1, 300)] * (arch.levels - 2) + [(0, 5, arch.entries_per_table - 1)]
@@ -732,5 +732,5 @@ def test_unzeroed_page_table_variant_is_caught(tmp_path_factory, arch):
         except CallError:
             pass
         found = poisoned_tables(s)
-        poison = bytes([POISON]).hex() * s.layout.architecture.entry_size
+        poison = bytes([POISON]).hex() * s.layout.arch.entry_size
         assert found and poison in "\n".join(found), f"poisoned RAM should show the table was never cleared: {found}"

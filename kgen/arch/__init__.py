@@ -2,8 +2,8 @@
 
 The layout, the assembler, the ELF writer, the walker, the invariants, the call channel and the machine all read an
 `Arch`; none of them says "i386" or "x86_64" itself. Paging geometry (levels, index bits, entry size, which levels
-may map large pages) is the walker's `PagingMode`, so the numbers the kernel is built with and the numbers its page
-tables are checked with are the same object.
+may map large pages) is a `PagingMode` (`kgen.arch.paging`), which the walker reads too, so the numbers the kernel is
+built with and the numbers its page tables are checked with are the same object.
 
 Templates see the word size through a handful of selectors (Linux's asm.h does the same for its 32/64-bit sources):
 
@@ -11,19 +11,27 @@ Templates see the word size through a handful of selectors (Linux's asm.h does t
     xword ptr                         dword ptr / qword ptr
     .xword                            .long / .quad
     WORD_SIZE, WORD_SHIFT             4, 2 / 8, 3
-    ARCH_I386, ARCH_X86_64            1 or 0, for `.if` around the few lines that must differ
+    ARCH_I386, ARCH_X86_64            1 or 0: the instruction set, for `.if` around lines written for one of them
 
 so one template serves both word sizes; only the entry, GDT, IDT and interrupt frames live per architecture, in
-`templates/<arch>/`.
+`templates/<arch>/`. What the kernel does differently beyond the instruction set is a feature of the record, and
+the templates ask the feature, not the name (`kgen.build.layout` exports them): HAS_NX (with the SET_NX macro),
+KERNEL_HALF_GENERATION, CLIPS_RAM_AT_4G; the IRET macro picks the interrupt return of the word size. A third paging
+mode (i386 PAE, LA57) is then one more record here plus the templates it needs (README, "Adding a paging mode").
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 
-from kgen.guest.pagewalk import I386 as I386_PAGING
-from kgen.guest.pagewalk import X86_64 as X86_64_PAGING
-from kgen.guest.pagewalk import PagingMode
+from elftools.elf.constants import P_FLAGS
+from elftools.common.exceptions import ELFError
+from elftools.elf.elffile import ELFFile
+
+from kgen.arch import hw
+from kgen.arch.paging import I386 as I386_PAGING
+from kgen.arch.paging import X86_64 as X86_64_PAGING
+from kgen.arch.paging import PagingMode
 
 _WORD_REGISTERS = ("ax", "bx", "cx", "dx", "si", "di", "bp", "sp")
 
@@ -45,6 +53,80 @@ class Arch:
     memory_limit_reason: str
     # Config defaults a kernel of this architecture would pick (see config.py for their meaning).
     defaults: tuple[tuple[str, int], ...]
+    # ---- how kgen's kernel differs, beyond word size and paging geometry ----------------------------------------
+    kernel_half_at_base: bool     # the kernel half starts at kernel.virtual_base (the user's split, 3 GiB by default);
+                                  # else it is the upper canonical half
+    kernel_half_generation: bool  # spaces copy the kernel half's top-level entries and re-copy them on a switch
+                                  # when vmm_kernel_pde_generation moved; else vmm_init gives every kernel-half
+                                  # top-level entry its table at boot and those tables never go
+    boot_shares_tables: bool      # the boot stub points the image's identity and higher-half top-level entries at
+                                  # the same page tables (kernel.virtual_base aligned to a top-level entry's span)
+    # GDT selectors (RPL 0) of ring 3's code and data and of the TSS: i386 puts user code and data after the
+    # kernel's and the TSS last; x86_64 the TSS (two slots) first, then user data and code, the order sysret wants.
+    user_code_selector: int
+    user_data_selector: int
+    tss_selector: int
+
+    def __str__(self) -> str:
+        return self.name
+
+    # ---- features that follow from the above ------------------------------------------------------------------
+    @property
+    def long_mode(self) -> bool:
+        """The kernel's code runs in 64-bit mode: the x86_64 instruction set, 64-bit code segments, interrupt gates
+        and TSS (the templates' ARCH_X86_64; ARCH_I386 is its negation)."""
+        return self.keystone_mode == 64
+
+    @property
+    def has_nx(self) -> bool:
+        """Entries have an XD bit (bit 63): the kernel turns EFER.NXE on and maps data and windows no-execute."""
+        return bool(self.paging.nx_levels)
+
+    @property
+    def clips_ram_at_4g(self) -> bool:
+        """The PMM keeps a frame's address in a word: with 4-byte words it takes no RAM at or above 4 GiB."""
+        return self.word_size == 4
+
+    @property
+    def code_segment_flags(self) -> int:
+        """GDT flags of a code descriptor: 32-bit protected mode, or L (64-bit) in long mode."""
+        return hw.SEG_FLAGS_64BIT_CODE if self.long_mode else hw.SEG_FLAGS_32BIT_4K
+
+    @property
+    def interrupt_gate(self) -> int:
+        return hw.IDT_GATE_INTERRUPT64 if self.long_mode else hw.IDT_GATE_INTERRUPT32
+
+    def hex(self, value: int) -> str:
+        """`value` as a register of this mode prints: 8 hex digits, 16 in long mode (0x-prefixed)."""
+        return f"{value:#0{2 * self.word_size + 2}x}"
+
+    @staticmethod
+    def for_elf(elf) -> Arch:
+        """The architecture of a kernel kgen did not build (`elf`: a kgen.guest.elfinfo.ElfInfo), by what its code
+        does rather than by its ELF class alone: a Multiboot kernel always enters in 32-bit protected mode, and a
+        64-bit one often comes wrapped in an ELF32 (GRUB's and QEMU's Multiboot loaders take an ELF32 as is).
+
+        An ELF64 is x86_64. An ELF32 is x86_64 when its loaded bytes hold both things a switch to long mode from that
+        32-bit entry cannot do without: the EFER MSR's number loaded for wrmsr (`mov ecx, 0xC0000080`) in executable
+        code, and a 64-bit code descriptor (L set, D clear) in a GDT. Either alone does not decide it: an i386 PAE
+        kernel writes EFER to turn NX on, and a descriptor is eight bytes that data could hold by chance. A kernel
+        that builds its GDT at run time is judged i386 (its QEMU would then be qemu-system-i386); see
+        `long_mode_evidence`.
+        """
+        if elf.bits == 64:
+            return X86_64
+        return X86_64 if long_mode_evidence(elf.path) else I386
+
+    @staticmethod
+    def for_cpu(long_mode: bool) -> Arch:
+        """The architecture whose code a CPU in this mode runs (x86_64 in long mode): how its registers are named
+        and printed, whatever the ELF it was booted from."""
+        return X86_64 if long_mode else I386
+
+    @property
+    def ip_name(self) -> str:
+        """The instruction pointer's name: EIP, RIP in long mode."""
+        return "RIP" if self.long_mode else "EIP"
 
     # ---- word size --------------------------------------------------------------------------------------------
     @property
@@ -148,6 +230,10 @@ I386 = Arch(
     defaults=(("kernel_virtual_base", 0xC0000000), ("paging_recursive_slot", 1023),
               ("paging_foreign_slot", 1021),
               ("tempmap_base", 0xFF800000), ("vmm_base", 0xD0000000), ("vmm_size", 0x10000000)),
+    # The kernel half's PDEs point at page tables, made on demand and given back: a generation count, not tables
+    # made at boot (templates/aspace.s).
+    kernel_half_at_base=True, kernel_half_generation=True, boot_shares_tables=True,
+    user_code_selector=0x18, user_data_selector=0x20, tss_selector=0x28,
 )
 
 X86_64 = Arch(
@@ -164,10 +250,44 @@ X86_64 = Arch(
               ("paging_foreign_slot", 507),
               ("tempmap_base", 0xFFFFFE8000000000), ("vmm_base", 0xFFFFFE0000000000),
               ("vmm_size", 0x10000000)),
+    # The kernel half's PML4 entries point at PDPTs, a level above the tables that come and go: made once at boot,
+    # so a copy of the 256 entries never falls out of step (templates/vmm.s).
+    kernel_half_at_base=False, kernel_half_generation=False, boot_shares_tables=False,
+    user_code_selector=0x30, user_data_selector=0x28, tss_selector=0x18,
 )
 
 ARCHES: dict[str, Arch] = {a.name: a for a in (I386, X86_64)}
 
+# `mov ecx, imm32` with EFER's MSR number (0xC0000080): how 32-bit code names the MSR it then writes with wrmsr.
+_MOV_ECX_EFER = b"\xb9" + hw.MSR_EFER.to_bytes(4, "little")
 
-def get(name: str) -> Arch:
+
+def long_mode_evidence(path) -> bool:
+    """Whether the ELF at `path` names EFER in executable code and holds a 64-bit code descriptor in its loaded
+    bytes (`Arch.for_elf`). The descriptor is looked for at 8-byte-aligned virtual addresses, where a GDT's entries
+    are: present, a code segment (S and the code type bit), L = 1, D = 0, base 0 (long mode ignores the base; every
+    kernel writes 0)."""
+    try:
+        with open(path, "rb") as stream:
+            loads = [(seg["p_vaddr"], seg["p_flags"], seg.data()) for seg in ELFFile(stream).iter_segments()
+                     if seg["p_type"] == "PT_LOAD"]
+    except (OSError, ELFError):     # an ELF kgen.guest.elfinfo read but whose segments are cut short: no evidence
+        return False
+    names_efer = any(flags & P_FLAGS.PF_X and _MOV_ECX_EFER in data for _, flags, data in loads)
+    return names_efer and any(_holds_long_mode_descriptor(vaddr, data) for vaddr, _, data in loads)
+
+
+def _holds_long_mode_descriptor(vaddr: int, data: bytes) -> bool:
+    for offset in range(-vaddr % 8, len(data) - 7, 8):
+        value = int.from_bytes(data[offset:offset + 8], "little")
+        access, flags, base = value >> 40 & 0xFF, value >> 52 & 0xF, (value >> 16 & 0xFF_FFFF) | value >> 56
+        if (access & hw.SEG_ACCESS_CODE == hw.SEG_ACCESS_CODE
+                and flags & (hw.SEG_FLAG_L | hw.SEG_FLAG_D) == hw.SEG_FLAG_L and base == 0):
+            return True
+    return False
+
+
+def named(name: str) -> Arch:
+    """The record a user's or a report's architecture name stands for (`arch = "x86_64"`, --arch): the one place a
+    name becomes an Arch."""
     return ARCHES[name]

@@ -21,7 +21,7 @@ PTE_FRAME_MASK = 0xFFFFF000
 # Bit 63 of a 64-bit (PAE or 4-level) entry: XD, execute-disable, when EFER.NXE is on; a reserved bit when it is off.
 PTE_NX = 1 << 63
 
-# Paging geometry (levels, index bits, entry size) is the walker's PagingMode, reached through kgen.arch.
+# Paging geometry (levels, index bits, entry size) is a PagingMode, in kgen.arch.paging.
 
 # Control registers.
 CR0_PE = 1 << 0
@@ -160,6 +160,8 @@ CPUID_EXTENDED_FEATURES = 0x80000001
 CPUID_EDX_LONG_MODE = 1 << 29
 CPUID_EDX_NX = 1 << 20
 SEG_FLAGS_64BIT_CODE = 0xA   # 4 KiB granularity, L: a 64-bit code segment (D must be 0)
+SEG_FLAG_L, SEG_FLAG_D = 0x2, 0x4   # a descriptor's flags nibble: L, 64-bit code; D, 32-bit default operands
+SEG_ACCESS_CODE = 0x98       # the access bits every code descriptor has: present, S (code or data), code
 SEG_ACCESS_TSS64 = 0x89      # present, ring 0, available 64-bit TSS
 IDT_GATE_INTERRUPT64 = 0x8E00  # the type word of a long-mode interrupt gate: present, ring 0
 TSS64_SIZE = 0x68

@@ -51,7 +51,7 @@ import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from kgen.arch import ARCHES, I386
+from kgen.arch import ARCHES, I386, named
 from kgen.errors import ConfigError
 
 DEFAULT_CONFIG_NAME = "kgen.toml"
@@ -112,7 +112,7 @@ class Config:
         if arch not in ARCHES:
             raise ConfigError(f"{self.source}: arch = {show_value(arch)}: must be one of {', '.join(ARCHES)}")
         given = set(self.explicit) | {"arch"}
-        defaults = {name: value for name, value in ARCHES[arch].defaults if name not in given}
+        defaults = {name: value for name, value in named(arch).defaults if name not in given}
         return replace(self, arch=arch, **defaults)
 
 

@@ -78,7 +78,7 @@ def line_sequences(linked: LinkResult, layout: Layout) -> list[Sequence]:
 
 def with_line_table(linked: LinkResult, layout: Layout, comp_dir: str) -> LinkResult:
     """The link result whose image carries the DWARF sections for its code."""
-    sections = debug_sections(line_sequences(linked, layout), layout.architecture.word_size, comp_dir)
+    sections = debug_sections(line_sequences(linked, layout), layout.arch.word_size, comp_dir)
     return replace(linked, image=replace(linked.image, unloaded=tuple(sections.items())))
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kgen.arch import hw
-from kgen.arch import ARCHES, Arch
+from kgen.arch import Arch, named
 from kgen.build.config import DECIMAL_KEYS, Config, show_int, show_value
 from kgen.errors import ConfigError
 
@@ -87,7 +87,7 @@ class Layout:
     long mode, jumps to the higher half and clears PML4[0..255], the identity map with it.
     """
 
-    arch: str
+    arch: Arch                      # what differs between i386 and x86_64 (kgen.arch): ask it, never its name
     page_size: int
     # Kernel image.
     kernel_virtual_base: int        # virtual address of physical 0 in the kernel half
@@ -109,12 +109,11 @@ class Layout:
     debug_exit_port: int = DEBUG_EXIT_PORT
     debug_exit_success: int = 0x10
     debug_exit_failure: int = 0x11
-    # Segment selectors of kgen's GDT: null, kernel code, kernel data.
+    # Segment selectors of kgen's GDT: null, kernel code, kernel data; then, per architecture, the TSS and ring 3's
+    # (Arch.tss_selector, user_code_selector, user_data_selector).
     kernel_cs: int = 0x08
     kernel_ds: int = 0x10
-    kernel_tss: int = 0x18             # x86_64: the TSS descriptor (two GDT slots) after code and data
-    # User mode (templates/task.s). i386 GDT: null, kernel code, kernel data, user code 0x18, user data 0x20, TSS
-    # 0x28. x86_64: ..., TSS 0x18 (two slots), user data 0x28, user code 0x30 (the order sysret would want).
+    # User mode (templates/task.s).
     user_text_base: int = 0x400000     # where a user program's read-only text is mapped
     user_lazy_base: int = 0x10000000   # a user range backed on first touch: data and the stack's top
     user_lazy_size: int = 0x100000
@@ -158,54 +157,50 @@ class Layout:
 
     # ---- the architecture ------------------------------------------------------------------------------------
     @property
-    def architecture(self) -> Arch:
-        return ARCHES[self.arch]
-
-    @property
     def kernel_half_start(self) -> int:
         """Where the kernel half begins: the i386 kernel owns everything from its virtual base (3 GiB by default);
         on x86_64 the upper canonical half, PML4[256..511], which every address space will share."""
-        return self.kernel_virtual_base if self.arch == "i386" else self.architecture.kernel_half
+        return self.kernel_virtual_base if self.arch.kernel_half_at_base else self.arch.kernel_half
 
     def level_window(self, level: int) -> int:
         """Virtual address of the entries of paging level `level` (0 = top) through the recursive slot."""
-        return self.architecture.recursive_window(self.recursive_slot, level)
+        return self.arch.recursive_window(self.recursive_slot, level)
 
     def entry_address(self, vaddr: int, level: int) -> int:
         """Virtual address of the entry that maps `vaddr` at `level`, reached through the recursive slot."""
-        return self.architecture.entry_address(self.recursive_slot, vaddr, level)
+        return self.arch.entry_address(self.recursive_slot, vaddr, level)
 
     def foreign_level_window(self, level: int) -> int:
         """Virtual address of the attached (foreign) space's entries of level `level` (0 = its top table)."""
-        return self.architecture.recursive_window(self.recursive_slot, level, foreign=self.foreign_slot)
+        return self.arch.recursive_window(self.recursive_slot, level, foreign=self.foreign_slot)
 
     def foreign_entry_address(self, vaddr: int, level: int) -> int:
         """Virtual address of the entry that maps `vaddr` at `level` in the attached space."""
-        arch = self.architecture
+        arch = self.arch
         return self.foreign_level_window(level) + ((vaddr & arch.va_mask) >> arch.shift(level)) * arch.entry_size
 
     @property
     def foreign_window(self) -> Region:
         """The top-level slot that maps an attached space's tables: its leaf entries fill it."""
-        base = self.architecture.canonical(self.foreign_slot << self.architecture.shift(0))
+        base = self.arch.canonical(self.foreign_slot << self.arch.shift(0))
         return Region("foreign window", "paging.foreign_slot", self.foreign_slot, base,
-                      base + self.architecture.span(0))
+                      base + self.arch.span(0))
 
     @property
     def user_half_end(self) -> int:
         """Addresses below this belong to one address space; from the kernel half on, all spaces share them."""
-        return self.kernel_half_start if self.arch == "i386" else 1 << (self.architecture.va_bits - 1)
+        return self.kernel_half_start & self.arch.va_mask     # on x86_64 the end of the lower canonical half
 
     @property
     def leaf_table_span(self) -> int:
         """Bytes one last-level page table maps (4 MiB on i386, 2 MiB on x86_64)."""
-        return self.architecture.span(self.architecture.levels - 2)
+        return self.arch.span(self.arch.levels - 2)
 
     @property
     def boot_table_count(self) -> int:
         """Tables the x86_64 boot stub takes from its .bss pool: one per table on the paths to the image's pages
         (higher half and identity) and to the temp-map window's page table, the top table not counted."""
-        arch = self.architecture
+        arch = self.arch
         tables: set[tuple[int, ...]] = set()
 
         def path_to(vaddr: int, depth: int):
@@ -239,12 +234,12 @@ class Layout:
 
     @property
     def recursive_base(self) -> int:
-        return self.level_window(self.architecture.levels - 1)
+        return self.level_window(self.arch.levels - 1)
 
     @property
     def recursive_window(self) -> Region:
         return Region("recursive window", "paging.recursive_slot", self.recursive_slot, self.recursive_base,
-                      self.recursive_base + self.architecture.span(0))
+                      self.recursive_base + self.arch.span(0))
 
     @property
     def recursive_top(self) -> int:
@@ -268,36 +263,36 @@ class Layout:
     @property
     def tempmap_pde_index(self) -> int:
         """Index of the temp-map window's page table among all page tables (its PDE's index on i386)."""
-        return (self.tempmap_base & self.architecture.va_mask) // self.leaf_table_span
+        return (self.tempmap_base & self.arch.va_mask) // self.leaf_table_span
 
     @property
     def tempmap_pt(self) -> int:
         """Virtual address of the temp-map window's page table through the recursive slot."""
-        return self.entry_address(self.tempmap_base & ~(self.leaf_table_span - 1), self.architecture.levels - 1)
+        return self.entry_address(self.tempmap_base & ~(self.leaf_table_span - 1), self.arch.levels - 1)
 
     def tempmap_slot_address(self, slot: int) -> int:
         return self.tempmap_base + slot * self.page_size
 
     @property
     def kernel_pde_first(self) -> int:
-        return self.kernel_virtual_start >> self.architecture.shift(0)
+        return self.kernel_virtual_start >> self.arch.shift(0)
 
     @property
     def kernel_pde_count(self) -> int:
         """Page tables the boot stub needs for the image window (shared by its identity and higher-half PDEs)."""
-        last = (self.kernel_window.end - 1) >> self.architecture.shift(0)
+        last = (self.kernel_window.end - 1) >> self.arch.shift(0)
         return last - self.kernel_pde_first + 1
 
     @property
     def identity_pde_first(self) -> int:
-        return self.kernel_load_address >> self.architecture.shift(0)
+        return self.kernel_load_address >> self.arch.shift(0)
 
     @property
     def tempmap_in_image_table(self) -> bool:
         """i386: the temp-map window lies in one of the image window's page tables (tempmap.base = 0xC0000000 below
         an image at 0xC0100000), so the boot stub points no PDE of its own at it: the slots are PTEs of that table."""
         first = self.kernel_pde_first
-        return self.arch == "i386" and first <= self.tempmap_pde_index < first + self.kernel_pde_count
+        return self.arch.boot_shares_tables and first <= self.tempmap_pde_index < first + self.kernel_pde_count
 
     @property
     def boot_page_tables(self) -> int:
@@ -323,21 +318,21 @@ class Layout:
     @property
     def multiboot_header_flags(self) -> int:
         flags = hw.MULTIBOOT_FLAG_PAGE_ALIGN | hw.MULTIBOOT_FLAG_MEMORY_INFO
-        if self.architecture.word_size == 8:
+        if self.arch.word_size == 8:
             flags |= hw.MULTIBOOT_FLAG_ADDRESSES    # QEMU's -kernel loads an ELF64 only through these fields
         return flags
 
     def asm_strings(self) -> dict[str, str]:
         """String constants the templates name as labels (generated into .rodata by the build)."""
-        return {"serve_token": self.serve_token, "top_table_name": self.architecture.paging.level_names[0]}
+        return {"serve_token": self.serve_token, "top_table_name": self.arch.paging.level_names[0]}
 
     @property
     def vmm_init_tables(self) -> int:
         """Frames vmm_init takes at boot: on x86_64 a PDPT for every kernel-half PML4 entry the boot stub left
         empty (so every address space can share the kernel half by copying those entries); none on i386."""
-        if self.arch == "i386":
+        if self.arch.kernel_half_generation:
             return 0
-        arch = self.architecture
+        arch = self.arch
         made_at_boot = {self.recursive_slot, self.foreign_slot} | {
             (v & arch.va_mask) >> arch.shift(0)
             for v in (self.kernel_virtual_start, self.kernel_window.end - 1, self.tempmap_base)}
@@ -360,7 +355,7 @@ class Layout:
     @property
     def vmm_none(self) -> int:
         """vmm_translate/vmm_unmap's answer for "nothing mapped there": all ones, where no frame can start."""
-        return self.architecture.word_mask
+        return self.arch.word_mask
 
     @property
     def vmm_window(self) -> Region:
@@ -387,13 +382,13 @@ class Layout:
             "FOREIGN_SLOT": self.foreign_slot,
             "FOREIGN_BASE": self.foreign_window.start,
             "FOREIGN_TOP": self.foreign_level_window(0),
-            "FOREIGN_LEAF_ENTRIES": self.foreign_level_window(self.architecture.levels - 1),
+            "FOREIGN_LEAF_ENTRIES": self.foreign_level_window(self.arch.levels - 1),
             "USER_HALF_END": self.user_half_end,
             "AS_MAX_SPACES": self.as_max_spaces,
             "FOREIGN_FLUSH": int(not self.aspace_skip_foreign_flush),
             "TEMPMAP_BASE": self.tempmap_base,
             "TEMPMAP_SLOTS": self.tempmap_slots,
-            "TEMPMAP_PTES": self.entry_address(self.tempmap_base, self.architecture.levels - 1),
+            "TEMPMAP_PTES": self.entry_address(self.tempmap_base, self.arch.levels - 1),
             "DEBUG_EXIT_PORT": self.debug_exit_port,
             "DEBUG_EXIT_SUCCESS": self.debug_exit_success,
             "DEBUG_EXIT_FAILURE": self.debug_exit_failure,
@@ -454,7 +449,7 @@ class Layout:
                      "UART_LSR_TX_DONE", "UART_MCR_DTR_RTS_OUT2"):
             consts[name] = getattr(hw, name)
         consts.update(self._geometry_constants())
-        consts.update(self._i386_constants() if self.arch == "i386" else self._x86_64_constants())
+        consts.update(self._x86_64_constants() if self.arch.long_mode else self._i386_constants())
         return consts
 
     def _geometry_constants(self) -> dict[str, int]:
@@ -462,12 +457,17 @@ class Layout:
         word sizes. LEVELn_SHIFT is log2 of what an entry of level n (0 = top) maps; LEVELn_ENTRIES is where that
         level's entries appear through the recursive slot, so the entry mapping v at level n is at
         LEVELn_ENTRIES + ((v & VA_MASK) >> LEVELn_SHIFT) * ENTRY_SIZE."""
-        arch = self.architecture
+        arch = self.arch
         consts = {
             "WORD_SIZE": arch.word_size,
             "WORD_SHIFT": arch.word_shift,
-            "ARCH_I386": int(arch.name == "i386"),
-            "ARCH_X86_64": int(arch.name == "x86_64"),
+            "ARCH_I386": int(not arch.long_mode),
+            "ARCH_X86_64": int(arch.long_mode),
+            # Features the templates ask instead of the architecture (kgen.arch.Arch).
+            "HAS_NX": int(arch.has_nx),
+            "NX_BIT": hw.PTE_NX.bit_length() - 1,      # XD, bit 63 of an entry
+            "KERNEL_HALF_GENERATION": int(arch.kernel_half_generation),
+            "CLIPS_RAM_AT_4G": int(arch.clips_ram_at_4g),
             "PAGING_LEVELS": arch.levels,
             "LEAF_LEVEL": arch.levels - 1,
             "ENTRY_SIZE": arch.entry_size,
@@ -491,16 +491,16 @@ class Layout:
 
     @property
     def user_cs(self) -> int:
-        return (0x18 if self.arch == "i386" else 0x30) | hw.SELECTOR_RPL3
+        return self.arch.user_code_selector | hw.SELECTOR_RPL3
 
     @property
     def user_ds(self) -> int:
-        return (0x20 if self.arch == "i386" else 0x28) | hw.SELECTOR_RPL3
+        return self.arch.user_data_selector | hw.SELECTOR_RPL3
 
     @property
     def task_killed_status(self) -> int:
         # What task_run returns for a task stopped by a fault (an exit status is the user's own word).
-        return self.architecture.word_mask
+        return self.arch.word_mask
 
     @property
     def user_lazy_window(self) -> Region:
@@ -508,22 +508,20 @@ class Layout:
 
     def _user_constants(self) -> dict[str, int]:
         # Ring 3: selectors, descriptors, the system-call gate and where a task's pages go (templates/task.s).
-        code_flags = hw.SEG_FLAGS_32BIT_4K if self.arch == "i386" else hw.SEG_FLAGS_64BIT_CODE
-        gate = hw.IDT_GATE_INTERRUPT32 if self.arch == "i386" else hw.IDT_GATE_INTERRUPT64
         return {
             "USER_CS": self.user_cs,
             "USER_DS": self.user_ds,
             "GDT_USER_CODE": hw.segment_descriptor(0, 0xFFFFF, hw.SEG_ACCESS_KERNEL_CODE | hw.SEG_ACCESS_DPL3,
-                                                   code_flags),
+                                                   self.arch.code_segment_flags),
             "GDT_USER_DATA": hw.segment_descriptor(0, 0xFFFFF, hw.SEG_ACCESS_KERNEL_DATA | hw.SEG_ACCESS_DPL3,
                                                    hw.SEG_FLAGS_32BIT_4K),
-            "TASK_TSS": 0x28 if self.arch == "i386" else self.kernel_tss,
+            "TASK_TSS": self.arch.tss_selector,
             "SEG_ACCESS_TSS32": hw.SEG_ACCESS_TSS32,
             "TSS32_SIZE": hw.TSS32_SIZE,
             "TSS_SP0": hw.TSS_SP0,
             "TSS32_SS0": hw.TSS32_SS0,
             "TSS32_IOMAP": hw.TSS32_IOMAP,
-            "IDT_GATE_USER": gate | hw.IDT_GATE_DPL3,
+            "IDT_GATE_USER": self.arch.interrupt_gate | hw.IDT_GATE_DPL3,
             "SYSCALL_VECTOR": self.syscall_vector,
             "IDT_ENTRIES": self.syscall_vector + 1,
             "SYS_EXIT": 0x0,
@@ -565,10 +563,10 @@ class Layout:
     def _x86_64_constants(self) -> dict[str, int]:
         return {
             "BOOT_TABLE_COUNT": self.boot_table_count,
-            "PTE_FRAME_MASK": self.architecture.paging.frame_mask,   # address bits 51..12 of a 64-bit entry
+            "PTE_FRAME_MASK": self.arch.paging.frame_mask,   # address bits 51..12 of a 64-bit entry
             "GDT_KERNEL_CODE": hw.segment_descriptor(0, 0xFFFFF, hw.SEG_ACCESS_KERNEL_CODE, hw.SEG_FLAGS_64BIT_CODE),
             "GDT_KERNEL_DATA": hw.segment_descriptor(0, 0xFFFFF, hw.SEG_ACCESS_KERNEL_DATA, hw.SEG_FLAGS_32BIT_4K),
-            "KERNEL_TSS": self.kernel_tss,
+            "KERNEL_TSS": self.arch.tss_selector,
             "IDT_GATE_INTERRUPT64": hw.IDT_GATE_INTERRUPT64,
             "TSS64_SIZE": hw.TSS64_SIZE,
             "TSS64_IST1": hw.TSS64_IST1,
@@ -584,8 +582,7 @@ class Layout:
             "CPUID_EDX_LONG_MODE": hw.CPUID_EDX_LONG_MODE,
             "CPUID_EDX_NX": hw.CPUID_EDX_NX,
             "PTE_NX_HIGH": 1 << 31,
-            "NX_BIT": hw.PTE_NX.bit_length() - 1,          # bit 63 of an entry, as 32-bit code writes it: in the high dword
-            "KERNEL_PML4_FIRST": (self.kernel_virtual_start & self.architecture.va_mask) >> self.architecture.shift(0),
+            "KERNEL_PML4_FIRST": (self.kernel_virtual_start & self.arch.va_mask) >> self.arch.shift(0),
         }
 
 
@@ -629,7 +626,7 @@ def compute(config: Config) -> Layout:
     """Check every rule that relates config values and return the layout; the first broken rule raises."""
     page = hw.PAGE_SIZE
     c = config
-    arch = ARCHES[c.arch]
+    arch = named(c.arch)
     entries = arch.entries_per_table
     top = 1 << arch.va_bits if arch.word_size == 4 else 1 << 64     # where the address space ends
     address_keys = (("kernel.virtual_base", c.kernel_virtual_base), ("tempmap.base", c.tempmap_base),
@@ -645,7 +642,7 @@ def compute(config: Config) -> Layout:
         if not arch.is_canonical(value):
             _fail(c, key, value, f"is not canonical: bits 63..{arch.va_bits - 1} must all equal bit "
                   f"{arch.va_bits - 1} (x86_64 has {arch.va_bits}-bit virtual addresses)")
-    if arch.name == "i386":
+    if arch.boot_shares_tables:
         aligned("kernel_virtual_base", c.kernel_virtual_base, arch.span(0),
                 "4 MiB, so the image's identity and higher-half mappings can share boot page tables")
     else:
@@ -663,7 +660,7 @@ def compute(config: Config) -> Layout:
     vmm_end = c.vmm_base + c.vmm_size
     if vmm_end >= top or not arch.is_canonical(vmm_end - 1):
         blamed = "vmm_size" if c.vmm_size >= top else _blame(c, "vmm_size", "vmm_base")
-        where = "below 4 GiB" if arch.name == "i386" else "within the canonical half it starts in, below 2**64"
+        where = "within the canonical half it starts in, below 2**64" if arch.paging.canonical else "below 4 GiB"
         _fail_on(c, blamed, f"the vmm range window [{show_int(c.vmm_base)}, {show_int(vmm_end)}) must end {where} "
                  "(its end is a word of the kernel)")
 
@@ -672,7 +669,7 @@ def compute(config: Config) -> Layout:
               f"must be at or above {show_int(LOW_MEMORY_END)} (the first MiB holds BIOS data and VGA memory)")
     if c.kernel_virtual_base == 0:
         _fail(c, "kernel.virtual_base", 0, "must be above 0: the kernel lives in the higher half")
-    if arch.name == "i386" and c.kernel_virtual_base < I386_MIN_USER_HALF:
+    if arch.kernel_half_at_base and c.kernel_virtual_base < I386_MIN_USER_HALF:
         _fail(c, "kernel.virtual_base", c.kernel_virtual_base,
               f"must be at least {show_int(I386_MIN_USER_HALF)}: the user half below it holds address spaces' user "
               "pages and user programs (1 GiB at least, Linux's lowest split)")
@@ -696,7 +693,7 @@ def compute(config: Config) -> Layout:
                  f"below kernel.virtual_base ({show_int(c.kernel_virtual_base)}) and 4 GiB, to be identity-mapped at "
                  "boot")
     start = c.kernel_virtual_base + c.kernel_load_address
-    if arch.name == "i386":
+    if not arch.long_mode:
         if start + c.kernel_max_size > FOUR_GIB:
             _fail_on(c, _blame_largest(c, "kernel_virtual_base", "kernel_load_address", "kernel_max_size"),
                      f"the image window [{show_int(start)}, {show_int(start + c.kernel_max_size)}) would end beyond "
@@ -742,7 +739,7 @@ def compute(config: Config) -> Layout:
               f"must be in {MIN_MEMORY_MIB}..{arch.max_memory_mib} ({arch.memory_limit_reason})")
 
     layout = Layout(
-        arch=c.arch, page_size=page,
+        arch=arch, page_size=page,
         kernel_virtual_base=c.kernel_virtual_base, kernel_load_address=c.kernel_load_address,
         kernel_max_size=c.kernel_max_size, kernel_stack_size=c.kernel_stack_size,
         recursive_slot=c.paging_recursive_slot, foreign_slot=c.paging_foreign_slot,
@@ -760,9 +757,9 @@ def compute(config: Config) -> Layout:
     kernel_half = layout.kernel_half_start
     for region in (layout.recursive_window, layout.tempmap_window, layout.vmm_window, layout.foreign_window):
         if region.start < kernel_half:
-            which = "kernel.virtual_base" if arch.name == "i386" else "the upper canonical half"
+            which = "kernel.virtual_base" if arch.kernel_half_at_base else "the upper canonical half"
             placed_by = _PLACED_BY.get(region.name, ())
-            if arch.name == "i386" and "kernel_virtual_base" in c.explicit and not set(placed_by) & c.explicit:
+            if arch.kernel_half_at_base and "kernel_virtual_base" in c.explicit and not set(placed_by) & c.explicit:
                 _fail_on(c, "kernel_virtual_base", f"the {region} must lie in the kernel half, at or above "
                          f"kernel.virtual_base: move the window or lower the base")
             _fail(c, region.key, region.value, f"the {region.name} must lie in the kernel "

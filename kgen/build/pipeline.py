@@ -18,6 +18,7 @@ from pathlib import Path
 from kgen.build import asm
 from kgen.errors import ConfigError, ImageTooLarge, UsageError
 
+from kgen.arch import Arch
 from kgen.build import dwarf, link
 from kgen.build.config import Config
 from kgen.build.image import LinkedImage
@@ -32,8 +33,8 @@ KERNEL_UNITS = ("multiboot", "bootinfo", "{arch}/boot", "{arch}/gdt", "{arch}/id
 MEMORY_UNITS = ("paging", "tempmap", "pmm", "vmm", "vrange", "heap", "aspace", "bench")
 
 
-def kernel_units(arch: str) -> tuple[str, ...]:
-    return tuple(unit.format(arch=arch) for unit in KERNEL_UNITS) + MEMORY_UNITS
+def kernel_units(arch: Arch) -> tuple[str, ...]:
+    return tuple(unit.format(arch=arch.name) for unit in KERNEL_UNITS) + MEMORY_UNITS
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ def generated_pieces(layout: Layout) -> list[asm.Piece]:
         if not text.isascii() or '"' in text or "\\" in text:
             raise ValueError(f"string constant {label} must be plain ASCII")
         lines += [f"{label}:", f'    .asciz "{text}"']
-    levels = range(layout.architecture.levels)
+    levels = range(layout.arch.levels)
     lines += [".balign 8", "paging_level_entries:"] + [f"    .xword LEVEL{n}_ENTRIES" for n in levels]
     lines += ["paging_foreign_entries:"] + [f"    .xword FOREIGN_LEVEL{n}_ENTRIES" for n in levels]
     lines += ["paging_level_shift:"] + [f"    .byte LEVEL{n}_SHIFT" for n in levels]
@@ -64,13 +65,13 @@ def generated_pieces(layout: Layout) -> list[asm.Piece]:
     # wants it as well as the exit status, which QEMU cuts to 8 bits, so a stray write to the port cannot succeed.
     from kgen.guest.bootreport import EXIT_SUCCESS
     lines += ["str_exit_success:", f'    .asciz "{EXIT_SUCCESS}"']
-    return asm.parse_unit("layout_strings", "\n".join(lines), layout.architecture)
+    return asm.parse_unit("layout_strings", "\n".join(lines), layout.arch)
 
 
 def kernel_pieces(layout: Layout, templates: Path | None = None) -> list[asm.Piece]:
     templates = templates or templates_dir()
     units = [piece for unit in kernel_units(layout.arch) for piece in
-             asm.load_unit(templates, unit, layout.architecture)]
+             asm.load_unit(templates, unit, layout.arch)]
     return units + generated_pieces(layout)
 
 
@@ -300,7 +301,7 @@ def build(config: Config, out_dir: Path, *, iso: bool = True, force: bool = True
                 except OSError as err:
                     raise UsageError(f"--out {out_dir}: cannot replace {stale} ({err.strerror or err}); "
                                      "choose another --out") from None
-            write_elf(kernel.image, elf_path, target=getattr(elf_module, kernel.layout.architecture.elf_target))
+            write_elf(kernel.image, elf_path, target=getattr(elf_module, kernel.layout.arch.elf_target))
             if iso:
                 make_iso(elf_path, iso_path)
             _write_stamp(out_dir, {"fingerprint": wanted, "elf": _digest(elf_path),

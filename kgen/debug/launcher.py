@@ -149,7 +149,7 @@ def debug(args, extra: list[str]) -> int:
         kgen_arch = None                                # foreign: no layout for the helper
     else:
         out = build(cfg, args.out, iso=not args.direct, force=False)
-        elf_path, qemu, kgen_arch = out.elf, layout.architecture.qemu, layout.arch
+        elf_path, qemu, kgen_arch = out.elf, layout.arch.qemu, layout.arch.name
         target = {"kernel": out.elf, "append": args.append} if args.direct else {"iso": out.iso}
 
     icount = grub_icount("iso" in target, "bios", args.accel)      # as kgen run: GRUB under TCG

@@ -3,14 +3,15 @@
 A kernel with processes has one top-level table per process, and CR3 holds whichever process happened to run last:
 judged on CR3 alone, its verdicts would change from run to run, and a flaw in a space that is not current would go
 unseen. Such a kernel keeps its spaces somewhere; `--address-spaces SYMBOL[,COUNT]` names an array in its ELF holding
-the physical address of each space's top-level table, one ELF word each (4 bytes in an ELF32, 8 in an ELF64), 0 for
-an unused slot. COUNT defaults to the symbol's size over the word size. The checks then run once per slot, each
+the physical address of each space's top-level table, one word of the kernel each (4 bytes for an i386 kernel, 8 for
+a 64-bit one, in an ELF64 or wrapped in an ELF32: `Arch.for_elf`), 0 for an unused slot. COUNT defaults to the symbol's size over the word size. The checks then run once per slot, each
 on the machine seen through that space (`GuestView.in_space`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kgen.arch import Arch
 from kgen.errors import KgenError
 from kgen.guest.elfinfo import ElfInfo
 
@@ -34,7 +35,7 @@ class SpaceArray:
         if symbol not in elf.symbols:
             raise KgenError(f"{where}: {elf.path.name} has no symbol {symbol!r} (a stripped ELF has none)")
         sym = elf.symbols[symbol]
-        entry_size = 8 if elf.bits == 64 else 4
+        entry_size = Arch.for_elf(elf).word_size
         if count_text.strip():
             try:
                 count = int(count_text, 0)

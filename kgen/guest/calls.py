@@ -59,7 +59,7 @@ class CallChannel:
         if len(args) > self.layout.call_max_args:
             raise CallError(f"call {name}: {len(args)} arguments, the channel carries at most "
                             f"{self.layout.call_max_args}")
-        arch = self.layout.architecture
+        arch = self.layout.arch
         words = [self.layout.call_request_magic, address, len(args)] + [a & arch.word_mask for a in args]
         word = "I" if arch.word_size == 4 else "Q"
         sock: socket.socket = self.machine.com2

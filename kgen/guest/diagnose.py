@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from kgen.arch import hw
+from kgen.arch import I386, Arch, hw
 from kgen.guest.elfinfo import ElfInfo
 from kgen.errors import MachineError
 
@@ -30,18 +30,21 @@ class KernelException:
         return "rip" in self.fields
 
     @property
+    def mode(self) -> Arch:
+        return Arch.for_cpu(self.long_mode)
+
+    @property
     def ip(self) -> int:
         """The faulting instruction's address: RIP or EIP."""
-        return self.fields["rip" if self.long_mode else "eip"]
+        return self.fields[self.mode.ip_name.lower()]
 
     def describe(self, elf: ElfInfo | None = None) -> str:
         f = self.fields
         name = hw.EXCEPTION_NAMES.get(self.vector, "reserved exception")
         text = f"{name} (vector {self.vector}) error={f['error']:#x}"
-        digits = 16 if self.long_mode else 8
         if self.vector == hw.VECTOR_PAGE_FAULT:
-            text += f" [{hw.describe_page_fault_error(f['error'])}] CR2={f['cr2']:#0{digits + 2}x}"
-        return f"{text} {'RIP' if self.long_mode else 'EIP'}={_symbol(elf, self.ip, long_mode=self.long_mode)}"
+            text += f" [{hw.describe_page_fault_error(f['error'])}] CR2={self.mode.hex(f['cr2'])}"
+        return f"{text} {at_ip(elf, self.ip, self.mode)}"
 
 
 PANIC_LINE = re.compile(r"kgen: panic: (.*)")
@@ -114,16 +117,15 @@ def explain(machine, elf: ElfInfo | None, why: BaseException | str) -> Failure:
         # Still running: before it is stopped, a short look at the exceptions it takes (kgen/guest/faultloop.py).
         loop = fault_loop_probe(machine) if state == "running" else None
         regs = _registers(machine, state, evidence)
-        where = (f"{'RIP' if regs.long_mode else 'EIP'}={_symbol(elf, regs.eip, long_mode=regs.long_mode)}"
-                 if regs else "registers unreadable")
+        where = at_ip(elf, regs.eip, regs.mode) if regs else "registers unreadable"
         if state == "shutdown" and _guest_reset(machine):
             kind = "triple fault"
             summary = (f"triple fault (vector unknown: the CPU reset instead of reporting it): {where}"
-                       + (f" CR2={regs.cr2:#0{18 if regs.long_mode else 10}x}" if regs else ""))
+                       + (f" CR2={regs.mode.hex(regs.cr2)}" if regs else ""))
         elif state == "exited":
             kind, summary = "exit", f"QEMU exited ({reason}) without a kernel exception report"
         elif loop is not None:
-            kind, summary = "fault loop", loop.describe(elf, long_mode=bool(regs and regs.long_mode))
+            kind, summary = "fault loop", loop.describe(elf, regs.mode if regs else I386)
         else:
             kind = "hang"
             summary = f"hang: {reason}; " + (f"CPU {'halted' if regs and regs.halted else 'running'} at {where}"
@@ -174,12 +176,12 @@ def register_line(regs) -> str:
     """The registers that say where a stopped CPU was, named as the mode it ran in names them."""
     # CS and the privilege level the CPU ran at: a kernel stuck in ring 3 (a user process) is not one stuck in ring 0.
     ring = f"CS={regs.cs:#06x} CPL={'?' if regs.cpl is None else regs.cpl}"
-    if not regs.long_mode:
-        return (f"EIP={regs.eip:#010x} {ring} ESP={regs.esp:#010x} EFLAGS={regs.eflags:#010x} CR0={regs.cr0:#010x} "
-                f"CR2={regs.cr2:#010x} CR3={regs.cr3:#010x} CR4={regs.cr4:#010x} halted={regs.halted}")
-    efer = f"{regs.efer:#018x}" if regs.efer is not None else "?"
-    return (f"RIP={regs.eip:#018x} {ring} RSP={regs.esp:#018x} RFLAGS={regs.eflags:#010x} CR0={regs.cr0:#010x} "
-            f"CR2={regs.cr2:#018x} CR3={regs.cr3:#018x} CR4={regs.cr4:#010x} EFER={efer} halted={regs.halted}")
+    mode = regs.mode
+    r = mode.register_prefix.upper()                # EIP, ESP, EFLAGS; RIP, RSP, RFLAGS
+    efer = (f" EFER={'?' if regs.efer is None else mode.hex(regs.efer)}" if mode.long_mode else "")
+    return (f"{r}IP={mode.hex(regs.eip)} {ring} {r}SP={mode.hex(regs.esp)} {r}FLAGS={regs.eflags:#010x} "
+            f"CR0={regs.cr0:#010x} CR2={mode.hex(regs.cr2)} CR3={mode.hex(regs.cr3)} CR4={regs.cr4:#010x}{efer} "
+            f"halted={regs.halted}")
 
 
 def _guest_reset(machine) -> bool:
@@ -187,12 +189,17 @@ def _guest_reset(machine) -> bool:
                for e in machine.events)
 
 
-def _symbol(elf: ElfInfo | None, addr: int, *, long_mode: bool = False) -> str:
+def at_ip(elf: ElfInfo | None, ip: int, mode: Arch) -> str:
+    """"EIP=0xc01000a3 <kmain+0x13>": the instruction pointer named as the CPU's mode names it, from the ELF."""
+    return f"{mode.ip_name}={_symbol(elf, ip, mode)}"
+
+
+def _symbol(elf: ElfInfo | None, addr: int, mode: Arch = I386) -> str:
     """`addr` named from the ELF: 8 hex digits for EIP as the ELF prints it, always 16 for RIP (a 64-bit kernel may
     come as an ELF32 for Multiboot, whose symbolize would pad to 8)."""
-    if not long_mode:
-        return elf.symbolize(addr) if elf else f"{addr:#010x}"
-    text = f"{addr:#018x}"
+    if not mode.long_mode:
+        return elf.symbolize(addr) if elf else mode.hex(addr)
+    text = mode.hex(addr)
     if elf is None:
         return text
     named = elf.symbolize(addr)

@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from kgen.arch import hw
+from kgen.arch import I386, Arch, hw
 from kgen.errors import MachineError
 
 PROBE_WINDOW = 0.02
@@ -43,17 +43,17 @@ class FaultLoop:
     total: int
     window: float
 
-    def describe(self, elf=None, long_mode: bool = False) -> str:
-        """"fault loop: #PF page fault at 0xc0101096 <f+0x6> over and over, CR2=0xdead0000 (...)"."""
+    def describe(self, elf=None, mode: Arch = I386) -> str:
+        """"fault loop: #PF page fault at 0xc0101096 <f+0x6> over and over, CR2=0xdead0000 (...)"; `mode`, the
+        CPU's (Registers.mode), says how wide an address prints."""
         from kgen.guest.diagnose import _symbol
-        digits = 18 if long_mode else 10
         parts = []
         for (vector, pc, cr2, cpl), _ in self.sites:
-            text = f"{hw.EXCEPTION_NAMES.get(vector, f'vector {vector}')} at {_symbol(elf, pc, long_mode=long_mode)}"
+            text = f"{hw.EXCEPTION_NAMES.get(vector, f'vector {vector}')} at {_symbol(elf, pc, mode)}"
             parts.append(text + (f" in ring {cpl}" if cpl else ""))
         cr2s = sorted({cr2 for (_, _, cr2, _), _ in self.sites if cr2 is not None})
         return (f"fault loop: {' and '.join(parts)} over and over"
-                + "".join(f", CR2={cr2:#0{digits}x}" for cr2 in cr2s)
+                + "".join(f", CR2={mode.hex(cr2)}" for cr2 in cr2s)
                 + f" ({self.total} exceptions in {self.window * 1000:.0f} ms: the handler returns to the faulting "
                   f"instruction without removing the cause)")
 

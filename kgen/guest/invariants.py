@@ -15,7 +15,8 @@ from kgen.arch import hw
 from kgen.guest.elfinfo import ElfInfo
 from kgen.errors import KgenError
 from kgen.build.layout import Layout
-from kgen.guest.pagewalk import I386, PAE, X86_64, PagingMode, ReadPhys, Walker, WalkError
+from kgen.arch.paging import I386, PAE, X86_64, PagingMode
+from kgen.guest.pagewalk import ReadPhys, Walker, WalkError
 from kgen.guest.registers import Registers
 
 # The boot stub's page directory (templates/boot.s): CR3 must hold its physical address.
@@ -400,7 +401,7 @@ ATTACHED_SYMBOL = "as_attached"
 
 def _kernel_word(view: GuestView, name: str, index: int = 0, size: int | None = None) -> int:
     layout = view.need_layout()
-    size = size or layout.architecture.word_size
+    size = size or layout.arch.word_size
     phys = view.elf.symbols[name].value - layout.kernel_virtual_base + index * size
     return int.from_bytes(view.read_phys(phys, size), "little")
 
@@ -446,10 +447,10 @@ def check_space(view: GuestView, top: int, *, idle: bool = True) -> list[str]:
     first = _top_slot(view, layout.kernel_half_start)
     running = view.regs.cr3 & mode.cr3_mask
     fresh = True
-    if top != running and GENERATION_SYMBOL in view.elf.symbols and layout.arch == "i386":
+    if top != running and GENERATION_SYMBOL in view.elf.symbols and layout.arch.kernel_half_generation:
         generation = _kernel_word(view, GENERATION_SYMBOL, size=4)
         fresh = dict(live_spaces(view)).get(top, generation) == generation
-    # A stale i386 kernel half (a kernel table made or freed since the copy; as_switch re-copies it before the space
+    # A stale kernel half (i386: a kernel table made or freed since the copy; as_switch re-copies it before the space
     # runs) may point at a frame used for something else by now: such a space is walked through its user half only.
     w = space_walker(view, top) if fresh else _user_half_walker(view, top, first)
     recursive = entries[layout.recursive_slot]

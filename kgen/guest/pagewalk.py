@@ -2,7 +2,8 @@
 
 The walker sees memory only through `read_phys(addr, size) -> bytes`, so the same code checks tables read out of a
 running QEMU and tables a test built in a bytearray. Paging modes differ only in numbers (entry width, index bits,
-which levels may map large pages), so a mode is data and the walk is written once over it.
+which levels may map large pages), so a mode is data
+(`kgen.arch.paging`) and the walk is written once over it.
 
 A Walker is a snapshot: each table is read once, in one piece, and cached. Make a new Walker after the guest changes
 its tables.
@@ -13,6 +14,7 @@ import struct
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+from kgen.arch.paging import I386, PagingMode
 from kgen.errors import KgenError
 from kgen.arch.hw import (PAGE_SIZE, PTE_A, PTE_D, PTE_FRAME_MASK, PTE_G, PTE_NX, PTE_P, PTE_PCD, PTE_PS, PTE_PWT,
                      PTE_RW, PTE_US)
@@ -29,78 +31,6 @@ _ATTR_NAMES = ((PTE_P, "P"), (PTE_RW, "RW"), (PTE_US, "US"), (PTE_PWT, "PWT"), (
 
 class WalkError(KgenError):
     """Page tables the walker cannot follow: an unreadable table or reserved bits set. Names the entry."""
-
-
-@dataclass(frozen=True)
-class PagingMode:
-    name: str
-    entry_size: int                  # bytes per entry
-    index_bits: tuple[int, ...]      # virtual-address bits that index each level, top level first
-    level_names: tuple[str, ...]     # for messages, top level first
-    large_levels: frozenset[int]     # levels where PS makes the entry map a page instead of a table
-    large_needs_pse: bool            # non-PAE paging honours PS only when CR4.PSE is on
-    rights_levels: frozenset[int]    # levels whose RW and US bits restrict access (PAE PDPTEs have none)
-    frame_mask: int                  # address bits of an entry pointing to a table or a 4 KiB page
-    cr3_mask: int                    # address bits of CR3 locating the top-level table
-    reserved: tuple[int, ...]        # per level, bits that must be clear in a present entry
-    canonical: bool = False          # addresses sign-extend above the top index bit (x86-64)
-    nx_levels: frozenset[int] = frozenset()  # levels whose bit 63 is XD with EFER.NXE on, reserved with it off
-
-    @property
-    def levels(self) -> int:
-        return len(self.index_bits)
-
-    @property
-    def va_bits(self) -> int:
-        return 12 + sum(self.index_bits)
-
-    def shift(self, level: int) -> int:
-        """log2 of the span one entry at `level` covers."""
-        return 12 + sum(self.index_bits[level + 1:])
-
-    def sign_extend(self, vaddr: int) -> int:
-        top = 1 << (self.va_bits - 1)
-        if self.canonical and vaddr & top:
-            return vaddr | ((1 << 64) - (top << 1))
-        return vaddr
-
-    def contains(self, vaddr: int) -> bool:
-        if self.canonical:
-            return self.sign_extend(vaddr & ((1 << self.va_bits) - 1)) == vaddr
-        return 0 <= vaddr < 1 << self.va_bits
-
-
-I386 = PagingMode(
-    name="i386", entry_size=4, index_bits=(10, 10), level_names=("PD", "PT"),
-    large_levels=frozenset({0}), large_needs_pse=True, rights_levels=frozenset({0, 1}),
-    frame_mask=PTE_FRAME_MASK, cr3_mask=PTE_FRAME_MASK,
-    reserved=(0, 0),
-)
-
-# For the 64-bit entries, reserved address bits are counted from the architectural 52-bit limit; a CPU with a
-# smaller MAXPHYADDR reserves more, which this walker does not know about. Bit 63 (XD) of the levels in nx_levels
-# is execute-disable or reserved depending on EFER.NXE, which the Walker is told (`nxe`).
-_ADDR52 = 0x000F_FFFF_FFFF_F000
-
-PAE = PagingMode(
-    name="pae", entry_size=8, index_bits=(2, 9, 9), level_names=("PDPT", "PD", "PT"),
-    large_levels=frozenset({1}), large_needs_pse=False, rights_levels=frozenset({1, 2}),
-    frame_mask=_ADDR52, cr3_mask=0xFFFF_FFE0,
-    # A PDPTE has no RW, US, A, D, PS or G; PAE reserves bits 62:52 everywhere and 63 in the PDPTE too: a PDPTE has
-    # no XD either.
-    reserved=(0xFFF0_0000_0000_01E6, 0x7FF0_0000_0000_0000, 0x7FF0_0000_0000_0000),
-    nx_levels=frozenset({1, 2}),
-)
-
-X86_64 = PagingMode(
-    name="x86-64", entry_size=8, index_bits=(9, 9, 9, 9), level_names=("PML4", "PDPT", "PD", "PT"),
-    large_levels=frozenset({1, 2}), large_needs_pse=False, rights_levels=frozenset({0, 1, 2, 3}),
-    frame_mask=_ADDR52, cr3_mask=_ADDR52,
-    # Bits 62:52 are free for software in 4-level paging; only PS in a PML4E is reserved.
-    reserved=(PTE_PS, 0, 0, 0),
-    canonical=True,
-    nx_levels=frozenset({0, 1, 2, 3}),
-)
 
 
 class Attrs(int):

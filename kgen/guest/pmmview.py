@@ -76,7 +76,7 @@ def ranges_from_mmap(mmap, arch: Arch = I386) -> list[tuple[int, int]]:
     """What pmm_init should make of memory-map entries (bootreport.MemoryRegion): available RAM at or above
     1 MiB, shrunk to whole frames; a 32-bit kernel (no PAE) also keeps only what lies below 4 GiB, its last frame
     excepted (a range's end must fit in a word). Written independently of the template, to check it."""
-    clip = arch.word_size == 4
+    clip = arch.clips_ram_at_4g
     ranges = []
     for region in mmap:
         if region.type != hw.MULTIBOOT_MMAP_AVAILABLE or clip and region.base >= FOUR_GIB:
@@ -111,7 +111,7 @@ class PmmView:
         self.read_phys = read_phys
         self.elf = elf
         self.layout = layout
-        self.word_size = word_size or layout.architecture.word_size
+        self.word_size = word_size or layout.arch.word_size
 
     @classmethod
     def of(cls, session) -> "PmmView":

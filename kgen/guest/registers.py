@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from kgen.arch import Arch
+
 # `NAME=hex` pairs; segment lines put a space before `=` ("CS =0008 ..."), and their first number is the selector.
 _PAIR = re.compile(r"\b([A-Z][A-Z0-9]*)\s?=([0-9a-fA-F]+)\b")
 # Descriptor-table lines have no selector: "GDT=     000cb2b8 00000027".
@@ -61,6 +63,11 @@ class Registers:
     r13: int | None = None
     r14: int | None = None
     r15: int | None = None
+
+    @property
+    def mode(self) -> Arch:
+        """The architecture whose code the CPU ran: how these registers are named and printed (Arch.hex, ip_name)."""
+        return Arch.for_cpu(self.long_mode)
 
 
 def parse_info_registers(text: str) -> Registers:

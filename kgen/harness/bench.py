@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kgen.arch import hw
-from kgen.arch import ARCHES
+from kgen.arch import ARCHES, X86_64, named
 from kgen.guest.bootreport import BOOT_OK
 from kgen.guest.bootreport import parse as parse_boot_report
 from kgen.build.pipeline import build
@@ -40,7 +40,7 @@ from kgen.harness.session import KernelSession
 LOOPS = 1000
 KVM_REPEATS = 5
 KVM_INIT_BOOTS = 3    # kvm_pvm's pmm_init cycles vary from boot to boot: the best of a few
-INIT_GUESTS_MIB = {"i386": (64, 1024, 3072), "x86_64": (64, 1024, 3072, 8192)}
+INIT_GUESTS_MIB = (64, 1024, 3072, 8192)   # those up to the architecture's max_memory_mib
 TARGET_RATIO = 1.10   # issue 4: alloc_at+free_at within about 10% of map+unmap
 UNITS = {"tcg": "instructions", "kvm": "TSC cycles"}
 RW = hw.PTE_P | hw.PTE_RW
@@ -130,7 +130,7 @@ def vmm_cases(layout: Layout) -> tuple[int, list[tuple[str, int, int]]]:
     first's table, and with it every level above, so a map in the second makes just the PT. On x86_64 also a
     user-half address whose PML4 entry is empty (the user half is after boot), so a map there makes a PDPT, a PD
     and a PT, and the unmap gives all three back (user-half PDPTs are not pinned like the kernel half's)."""
-    arch = layout.architecture
+    arch = layout.arch
     span = layout.leaf_table_span
     end = layout.vmm_window.end & ~(span - 1)
     kept, bare = end - 2 * span, end - span
@@ -185,14 +185,14 @@ def vm_hwm_kib(pid: int) -> int:
 def init_costs(arch: str, work: Path, accel: str, guests_mib=None, boots: int = 1) -> list[InitRow]:
     """PMM init and QEMU's peak resident memory per guest size, booted without a RAM file (the best of `boots`)."""
     rows = []
-    for mib in guests_mib or INIT_GUESTS_MIB[arch]:
+    for mib in guests_mib or [m for m in INIT_GUESTS_MIB if m <= named(arch).max_memory_mib]:
         out = build(Config.for_arch(arch, machine_memory_mib=mib), work / f"init-{arch}-{mib}", iso=False)
         samples = []
         for _ in range(boots):
             with KernelSession(out.elf, out.kernel.layout, accel=accel, icount=accel == "tcg", ram_file=False) as s:
                 serial = s.machine.serial
                 report, mmap = parse_report(serial), parse_boot_report(serial).mmap
-                samples.append(InitRow(mib, report.total, len(mmap), len(ranges_from_mmap(mmap, ARCHES[arch])),
+                samples.append(InitRow(mib, report.total, len(mmap), len(ranges_from_mmap(mmap, named(arch))),
                                        report.init_ticks, vm_hwm_kib(s.machine.pid)))
         rows.append(min(samples, key=lambda row: row.ticks))
     return rows
@@ -296,7 +296,7 @@ def host_description() -> str:
     except OSError:
         pass
     try:
-        qemu = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True,
+        qemu = subprocess.run([X86_64.qemu, "--version"], capture_output=True, text=True,
                               timeout=10).stdout.splitlines()[0]
     except (OSError, IndexError, subprocess.SubprocessError):
         qemu = "QEMU version unknown"
@@ -319,7 +319,7 @@ def bench_arch(arch: str, work: Path, *, init: bool = True, kvm: bool = True) ->
     runs = [run]
     if not kvm:
         return runs
-    usable, why = kvm_usable_for(out.elf, BOOT_OK, qemu=layout.architecture.qemu)
+    usable, why = kvm_usable_for(out.elf, BOOT_OK, qemu=layout.arch.qemu)
     if not usable:
         print(f"\n{arch} KVM: skipped: {why}")
         return runs

@@ -17,7 +17,9 @@ from pathlib import Path
 from kgen.arch import ARCHES, hw
 from kgen.build.config import Config
 from kgen.build.pipeline import build
+from kgen.guest.bootreport import BOOT_OK
 from kgen.harness.session import KernelSession
+from kgen.machine import kvm_usable_for
 
 REPEATS = 5
 USER_RW = hw.PTE_P | hw.PTE_RW | hw.PTE_US
@@ -33,7 +35,7 @@ def _best(s: KernelSession, body) -> int:
 
 def measure(s: KernelSession, *, system_calls: bool = True) -> dict[str, float]:
     layout = s.layout
-    arch = layout.architecture
+    arch = layout.arch
     results: dict[str, float] = {}
     boot = s.call("as_current")
 
@@ -86,8 +88,15 @@ def measure(s: KernelSession, *, system_calls: bool = True) -> dict[str, float]:
     return results
 
 
-def bench(arch: str, work: Path, accel: str) -> dict[str, float]:
+def bench(arch: str, work: Path, accel: str) -> dict[str, float] | None:
+    """One architecture's costs under `accel`; None (and a line saying why) where this host's KVM cannot run its
+    kernel (kvm_pvm triple-faults 32-bit paging)."""
     out = build(Config.for_arch(arch), work / arch, iso=False)
+    if accel == "kvm":
+        usable, why = kvm_usable_for(out.elf, BOOT_OK, qemu=out.kernel.layout.arch.qemu)
+        if not usable:
+            print(f"{arch} KVM: skipped: {why}")
+            return None
     with KernelSession(out.elf, out.kernel.layout, accel=accel, icount=accel == "tcg") as s:
         return measure(s, system_calls=accel == "tcg")
 
@@ -95,15 +104,16 @@ def bench(arch: str, work: Path, accel: str) -> dict[str, float]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="kgen.harness.bench_aspace", description=__doc__.splitlines()[0])
     parser.add_argument("--arch", choices=(*ARCHES, "all"), default="all")
-    parser.add_argument("--kvm", action="store_true", help="also x86_64 under KVM")
+    parser.add_argument("--kvm", action="store_true", help="also under KVM, each architecture it can run")
     args = parser.parse_args(argv)
     arches = tuple(ARCHES) if args.arch == "all" else (args.arch,)
     runs = []
     with tempfile.TemporaryDirectory(prefix="kgen-bench-aspace-") as tmp:
         for arch in arches:
             runs.append((f"{arch} TCG (instructions)", bench(arch, Path(tmp), "tcg")))
-        if args.kvm and "x86_64" in arches:
-            runs.append(("x86_64 KVM (cycles)", bench("x86_64", Path(tmp), "kvm")))
+        for arch in arches if args.kvm else ():
+            if (costs := bench(arch, Path(tmp), "kvm")) is not None:
+                runs.append((f"{arch} KVM (cycles)", costs))
     rows = list(dict.fromkeys(k for _, r in runs for k in r))
     print("| operation | " + " | ".join(title for title, _ in runs) + " |")
     print("|---|" + "---:|" * len(runs))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Union
 
-from kgen.arch import I386, X86_64
+from kgen.arch import I386, X86_64, Arch
 from kgen.build.iso import grub_platforms, make_boot_iso
 from kgen.errors import KgenError, MachineError, UsageError
 from kgen.guest.elfinfo import ElfInfo
@@ -122,8 +122,8 @@ class QemuCommandBoot:
 
     def problem(self, elf: ElfInfo) -> str | None:
         binary = adapt(self.command, copy_on_write=True).binary
-        if elf.bits == 64 and binary == I386.qemu:
-            return f"an ELF64 cannot run on {binary}: the command names another architecture than the ELF"
+        if Arch.for_elf(elf).long_mode and binary == I386.qemu:
+            return f"a 64-bit kernel cannot run on {binary}: the command names another architecture than the ELF"
         return None
 
     def machine_options(self, elf_path: Path, *, qemu: str, accel: str, poison: bytes | None,

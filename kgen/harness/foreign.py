@@ -186,7 +186,7 @@ def checked_kernel(args) -> KernelUnderTest:
         raise UsageError(f"--{used[0].replace('_', '-')} is for a kernel given with --kernel; a kgen kernel "
                          "takes its machine from the config")
     check_out_dir(args.out)
-    require_qemu(compute(configmod.load(args.config, args.arch)).architecture.qemu)     # before a build: say it now
+    require_qemu(compute(configmod.load(args.config, args.arch)).arch.qemu)     # before a build: say it now
     # Built once here, so parallel workers find it up to date instead of each writing it.
     return KernelUnderTest.built(args.config, args.out, args.arch)
 

@@ -32,13 +32,14 @@ def kernel_record(elf_path: Path | None, kind: str, arch: str | None) -> dict:
 
 
 def foreign_kernel_record(elf_path: Path) -> dict:
-    """A foreign ELF's arch is the QEMU it boots in: an ELF64 qemu-system-x86_64, an ELF32 qemu-system-i386."""
+    """A foreign ELF's arch is the one its code runs in, the QEMU it boots in (`Arch.for_elf`)."""
+    from kgen.arch import Arch
     from kgen.guest.elfinfo import ElfInfo
     try:
-        bits = ElfInfo.load(elf_path).bits
+        arch = Arch.for_elf(ElfInfo.load(elf_path)).name
     except Exception:  # noqa: BLE001 - an unreadable ELF is reported elsewhere; the record just says unknown
-        bits = None
-    return kernel_record(Path(elf_path).resolve(), "foreign", {64: "x86_64", 32: "i386"}.get(bits))
+        arch = None
+    return kernel_record(Path(elf_path).resolve(), "foreign", arch)
 
 
 def document(kernel: dict, accel: str, checks: list[dict], boot_failure: dict | None = None) -> dict:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kgen.arch import I386, X86_64
+from kgen.arch import Arch
 from kgen.build import config as configmod
 from kgen.build.layout import Layout, compute
 from kgen.build.pipeline import build, current_elf
@@ -66,11 +66,11 @@ class KernelUnderTest:
 
     @property
     def qemu(self) -> str:
-        """The QEMU binary for this kernel: its architecture's; a foreign ELF32 gets qemu-system-i386, an ELF64
-        (booted through its Multiboot header's address fields) qemu-system-x86_64."""
+        """The QEMU binary for this kernel: its architecture's (a foreign kernel's judged from its code,
+        `Arch.for_elf`), or the one its way in needs (OVMF and an author's image: qemu-system-x86_64)."""
         if self.layout is not None:
-            return self.layout.architecture.qemu
-        return self.boot.qemu_for((X86_64 if self.elf.bits == 64 else I386).qemu)
+            return self.layout.arch.qemu
+        return self.boot.qemu_for(Arch.for_elf(self.elf).qemu)
 
     @property
     def memory_mib(self) -> int:

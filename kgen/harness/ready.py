@@ -345,7 +345,7 @@ class SelfJumpWatch:
             self.not_a_spin.add(place)
             return None
         where = (self.elf.symbolize(regs.eip) if self.elf is not None
-                 else f"{regs.eip:#0{18 if regs.long_mode else 10}x}")
+                 else regs.mode.hex(regs.eip))
         return f"spinning on a jump to itself with interrupts off at {where}"
 
 

@@ -107,7 +107,7 @@ def run(args) -> int:
     except KgenError as err:
         raise UsageError(str(err)) from None
 
-    qemu = layout.architecture.qemu
+    qemu = layout.arch.qemu
     if args.kernel is not None:
         try:
             boot = boot_path_for(elf, method=args.boot, firmware=args.firmware, memory_mib=args.memory,
@@ -194,7 +194,7 @@ def _foreign_stop(machine, elf: ElfInfo, ready: Ready, timeout: float) -> str | 
     """For a kernel given with --kernel: the line saying it stopped cleanly (ready as `ready` says, or halted as
     `kgen test` waits for), or None when QEMU exited first (its status is then judged as for any kernel). A
     kernel that gets neither far raises the MachineError `explain` reads."""
-    from kgen.guest.diagnose import _symbol
+    from kgen.guest.diagnose import at_ip
     try:
         how = wait_booted(machine, ready, timeout, elf)
     except MachineError:
@@ -203,7 +203,7 @@ def _foreign_stop(machine, elf: ElfInfo, ready: Ready, timeout: float) -> str | 
         raise
     machine.stop()
     regs = machine.registers()
-    where = f"{'RIP' if regs.long_mode else 'EIP'}={_symbol(elf, regs.eip, long_mode=regs.long_mode)}"
+    where = at_ip(elf, regs.eip, regs.mode)
     paging = "on" if regs.cr0 & hw.CR0_PG else "off"
     if ready.kind is not None:
         return f"ready: the kernel {how} (CPU at {where}, paging {paging})"

@@ -26,7 +26,7 @@ class KernelSession:
         self.options = dict(kernel=elf_path, append=layout.serve_token, accel=accel, poison=poison,
                             memory_mib=memory_mib or layout.memory_mib, icount=icount, ram_file=ram_file,
                             echo_serial=echo_serial, extra_args=tuple(extra_args),
-                            debug_exit_port=layout.debug_exit_port, qemu=layout.architecture.qemu)
+                            debug_exit_port=layout.debug_exit_port, qemu=layout.arch.qemu)
         self.cold = cold        # None: the process's choice (kgen.machine.snapshot); True: always boot cold
         self.machine = None
         self.channel: CallChannel | None = None
@@ -67,7 +67,7 @@ class KernelSession:
     @property
     def word_size(self) -> int:
         """Bytes in the kernel's words (pointers, physical addresses): 4 on i386, 8 on x86_64."""
-        return self.layout.architecture.word_size
+        return self.layout.arch.word_size
 
     def read(self, vaddr_in_kernel_image: int, size: int) -> int:
         """`size` bytes of the kernel image, little-endian, read from physical memory (the image is mapped at a

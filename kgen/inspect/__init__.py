@@ -70,9 +70,9 @@ def run(args) -> int:
 
 def _check_va(kernel, vaddr: int) -> None:
     """An address no CPU of this kernel's architecture can translate is refused before the boot."""
-    from kgen.arch import I386, X86_64
+    from kgen.arch import Arch
     from kgen.errors import UsageError
-    arch = kernel.layout.architecture if kernel.layout is not None else (X86_64 if kernel.elf.bits == 64 else I386)
+    arch = kernel.layout.arch if kernel.layout is not None else Arch.for_elf(kernel.elf)
     if not arch.is_canonical(vaddr):
         what = (f"not canonical: bits 63..{arch.va_bits - 1} must all equal bit {arch.va_bits - 1}"
                 if arch.va_bits < 64 and arch.word_size == 8 else f"beyond the {arch.va_bits}-bit address space")

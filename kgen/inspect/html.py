@@ -20,6 +20,7 @@ from pathlib import Path
 
 import jinja2
 
+from kgen.arch import ARCHES
 from kgen.arch.hw import EFER_NXE
 
 TEMPLATES = Path(__file__).with_name("templates")
@@ -135,7 +136,8 @@ class Geometry:
     def __init__(self, doc: dict):
         self.doc = doc
         paging = doc.get("paging") or {}
-        self.va_bits = paging.get("va_bits") or (48 if doc["kernel"]["arch"] == "x86_64" else 32)
+        arch = ARCHES.get(doc["kernel"]["arch"])
+        self.va_bits = paging.get("va_bits") or (arch.va_bits if arch is not None else 32)
         self.va_mask = (1 << self.va_bits) - 1
         self.half = 1 << (self.va_bits - 1) if self.va_bits > 32 else None   # the canonical hole sits here
         efer = _int((doc.get("registers") or {}).get("efer")) or 0
@@ -248,7 +250,6 @@ class Geometry:
 
     def chain(self, masked: int, v: dict) -> list[str]:
         """Index at each level, and where the kernel itself reaches that entry through its recursive slot."""
-        from kgen.arch import ARCHES
         arch = ARCHES.get(self.doc["kernel"]["arch"])
         levels = (self.doc.get("paging") or {}).get("levels")
         if arch is None or levels != arch.levels:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from kgen.arch import hw
+from kgen.arch import Arch, hw
 from kgen.guest import invariants
 from kgen.guest.invariants import GuestView, NotApplicable
 from kgen.guest.pmmview import ChainError, PmmView
@@ -22,7 +22,6 @@ SCHEMA_VERSION = 1
 PAGE = hw.PAGE_SIZE
 MIB = 1 << 20
 EFLAGS_IF = 1 << 9
-MODE_NAMES = {"i386": "32-bit", "pae": "PAE", "x86-64": "4-level"}
 
 
 def hexa(value: int) -> str:
@@ -368,7 +367,7 @@ def physical_runs(view: GuestView, walker: Walker | None, regions: list[Region],
             spaces = invariants.live_spaces(view)
         except (NotApplicable, WalkError):
             spaces = []
-        first_kernel = (layout.kernel_half_start & layout.architecture.va_mask) >> walker.mode.shift(0)
+        first_kernel = (layout.kernel_half_start & layout.arch.va_mask) >> walker.mode.shift(0)
         for top, _ in spaces:
             if top == walker.top:
                 continue
@@ -409,7 +408,7 @@ def paging_info(view: GuestView, walker: Walker | None) -> dict:
     if view.layout is not None:
         slots.append({"slot": view.layout.foreign_slot, "base": hexa(view.layout.foreign_window.start),
                       "role": "foreign"})
-    return {"enabled": bool(view.regs.cr0 & hw.CR0_PG), "mode": MODE_NAMES[mode.name], "levels": mode.levels,
+    return {"enabled": bool(view.regs.cr0 & hw.CR0_PG), "mode": mode.title, "levels": mode.levels,
             "va_bits": mode.va_bits, "recursive_slots": slots}
 
 
@@ -453,7 +452,7 @@ def collect(live, *, accel: str = "tcg", va: int | None = None, how: str | None 
     if problems[checked:] or problems_of_walk:
         # What inspect itself could not follow (the page tables, the free stack) is a finding too.
         results.append({"name": "kgen inspect", "outcome": "failed", "messages": problems_of_walk + problems[checked:]})
-    arch = layout.arch if layout is not None else ("x86_64" if view.elf.bits == 64 else "i386")
+    arch = (layout.arch if layout is not None else Arch.for_elf(view.elf)).name
     return {
         "kgen_inspect": SCHEMA_VERSION,
         "kernel": {"elf": str(kernel.elf_path), "arch": arch, "kind": "kgen" if layout is not None else "foreign",

@@ -5,11 +5,11 @@ import os
 import time
 
 from kgen.errors import MachineError
-from kgen.machine.machine import Machine
+from kgen.machine.machine import DEFAULT_QEMU, Machine
 
 
 def kvm_usable_for(kernel_path: str | os.PathLike, marker: bytes | str, timeout: float = 10.0,
-                   qemu: str = "qemu-system-i386") -> tuple[bool, str]:
+                   qemu: str = DEFAULT_QEMU) -> tuple[bool, str]:
     """Boot `kernel_path` once under KVM: (True, how long) if it reaches `marker`, else (False, why).
 
     A KVM that cannot run the kernel's paging mode (kvm_pvm triple-faults 32-bit paging) ends in runstate

@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from kgen.arch import I386, X86_64
 from kgen.build.layout import DEBUG_EXIT_PORT
 from kgen.errors import MachineError, ToolMissing
 from kgen.guest.registers import Registers, parse_info_registers
@@ -41,6 +42,7 @@ from kgen.machine.ram import GuestRam, poison_pattern
 from kgen.machine.serial import SerialLog
 
 QEMU_PACKAGE = "qemu-system-x86"
+DEFAULT_QEMU = I386.qemu     # the QEMU of a machine not told its kernel's architecture: the default config's
 
 START_TIMEOUT = 10.0       # QEMU up to its chardev connections and QMP greeting; it takes ~0.05 s
 QUIT_GRACE = 2.0           # after QMP quit, before kill -9
@@ -91,7 +93,7 @@ class Machine:
                  append: str | None = None, accel: str = "tcg", memory_mib: int = 128,
                  poison: int | bytes | None = None, debug_exit_port: int = DEBUG_EXIT_PORT, echo_serial: bool = False,
                  icount: bool = False, ram_file: bool = True, extra_args: Sequence[str] = (),
-                 qemu: str = "qemu-system-i386", snapshot_image: str | os.PathLike | None = None,
+                 qemu: str = DEFAULT_QEMU, snapshot_image: str | os.PathLike | None = None,
                  start_paused: bool = False, gdbstub: bool = False, machine_type: str = "pc",
                  boot_in_args: bool = False):
         # boot_in_args: what boots is in extra_args (a user's own QEMU command line, kgen/harness/qemucommand.py),
@@ -103,8 +105,8 @@ class Machine:
         if firmware == "uefi" and kernel is not None:
             # QEMU's -kernel loads a Multiboot kernel through an option ROM of the legacy BIOS; OVMF has no use for it.
             raise ValueError("firmware='uefi' boots an iso= or disk=, not a -kernel")
-        if firmware == "uefi" and Path(qemu).name == "qemu-system-i386":
-            raise ValueError("OVMF is x86_64 firmware: firmware='uefi' needs qemu='qemu-system-x86_64'")
+        if firmware == "uefi" and Path(qemu).name == I386.qemu:
+            raise ValueError(f"OVMF is x86_64 firmware: firmware='uefi' needs qemu={X86_64.qemu!r}")
         if append is not None and kernel is None:
             raise ValueError("append= is the -kernel command line; an ISO's bootloader has its own")
         if accel not in ("tcg", "kvm"):

@@ -47,7 +47,7 @@ from pathlib import Path
 from kgen.errors import MachineError
 from kgen.machine import process
 from kgen.machine.firmware import vars_beside
-from kgen.machine.machine import Machine, MachineState
+from kgen.machine.machine import DEFAULT_QEMU, Machine, MachineState
 
 COLD_BOOT_ENV = "KGEN_COLD_BOOT"
 MAX_RESTORE_MIB = 512      # above this the saved RAM copy costs more memory and time than a boot is worth
@@ -91,7 +91,7 @@ def snapshot_key(options: dict, ready: str) -> str:
         if name in ("kernel", "iso", "disk") and value is not None:
             value = _file_digest(Path(value))
         parts.append((name, value))
-    binary = shutil.which(options.get("qemu", "qemu-system-i386"))
+    binary = shutil.which(options.get("qemu", DEFAULT_QEMU))
     qemu_id = (binary, os.stat(binary).st_mtime_ns) if binary else None
     return hashlib.sha256(repr((parts, qemu_id, ready, os.uname().release)).encode()).hexdigest()
 

@@ -27,7 +27,7 @@ def problems_of(live, check, *args, **kwargs) -> list[str]:
 
 
 def test_address_spaces_through_the_foreign_slot(live, kgen_layout):
-    layout, arch = kgen_layout, kgen_layout.architecture
+    layout, arch = kgen_layout, kgen_layout.arch
     free = live.call("pmm_stats_free")
     boot = live.call("as_current")
     v = arch.span(0) + 5 * hw.PAGE_SIZE + 3 * arch.span(arch.levels - 2)   # user half, top-level slot 1

@@ -65,7 +65,7 @@ class Exercise:
         self.live = live
         self.layout = live.kernel.layout
         self.elf = live.kernel.elf
-        self.arch = self.layout.architecture
+        self.arch = self.layout.arch
         self.mode = self.arch.paging
         self.pmm = PmmView(live.machine.read_phys, self.elf, self.layout)
         self.held: set[int] = set()         # frames the test took with pmm_alloc and has not mapped or freed
