@@ -8,7 +8,12 @@ from kgen.errors import MachineError
 from kgen.machine.machine import DEFAULT_QEMU, Machine
 
 
-def kvm_usable_for(kernel_path: str | os.PathLike, marker: bytes | str, timeout: float = 10.0,
+# A kvm_pvm boot of the x86_64 kernel takes ~3 s here alone, ~9.5 s with the host's two cores under a load of 15:
+# the bound is for a guest that hangs, not a verdict on speed (a failing paging mode ends at once, see below).
+PROBE_TIMEOUT = 30.0
+
+
+def kvm_usable_for(kernel_path: str | os.PathLike, marker: bytes | str, timeout: float = PROBE_TIMEOUT,
                    qemu: str = DEFAULT_QEMU) -> tuple[bool, str]:
     """Boot `kernel_path` once under KVM: (True, how long) if it reaches `marker`, else (False, why).
 
