@@ -107,8 +107,8 @@ def _add_foreign_boot_args(p: argparse.ArgumentParser):
     p.add_argument("--qemu-command", metavar="'qemu-system-x86_64 ...'", help="with --kernel: boot it with your own "
                    "QEMU command line (your Makefile's run target), kept but for what kgen owns: its QMP socket, COM1 "
                    "capture instead of -serial stdio, -display none, the RAM as a shared file sized from -m")
-    p.add_argument("--firmware", choices=FIRMWARES, help="with --kernel: SeaBIOS (default) or UEFI through "
-                   "OVMF (Debian's ovmf; boots through GRUB)")
+    p.add_argument("--firmware", choices=FIRMWARES, help="SeaBIOS (default) or UEFI through OVMF (Debian's ovmf; "
+                   "boots through GRUB), for kgen's kernel or one given with --kernel")
 
 
 def _add_checked_kernel_args(p: argparse.ArgumentParser, what: str):

@@ -52,6 +52,8 @@ def pytest_args(args, extra: list[str]) -> list[str]:
         if args.arch is not None:
             argv += ["--kgen-arch", args.arch]
         argv += ["--kgen-out", str(args.out.resolve())]
+        if getattr(args, "firmware", None) is not None:
+            argv += ["--kgen-firmware", args.firmware]
     if getattr(args, "cold_boot", False):
         argv.append("--kgen-cold-boot")
     if args.keyword:

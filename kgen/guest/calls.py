@@ -63,6 +63,9 @@ class CallChannel:
         words = [self.layout.call_request_magic, address, len(args)] + [a & arch.word_mask for a in args]
         word = "I" if arch.word_size == 4 else "Q"
         sock: socket.socket = self.machine.com2
+        # The kernel writes COM2 only in reply to a request: bytes already there are nobody's reply. Under OVMF a
+        # stray byte turns up after the first savevm (a firmware console's leftover), and would shift every word.
+        self.machine.drain_com2()
         try:
             sock.sendall(struct.pack(f"<{len(words)}{word}", *words))
             reply = self._receive(sock, arch.word_size * REPLY_WORDS, timeout)

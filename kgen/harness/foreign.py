@@ -181,14 +181,14 @@ def checked_kernel(args) -> KernelUnderTest:
             print(f"kgen: booting {kernel.elf_path.name} through {kernel.boot.describe()}", file=sys.stderr)
         return kernel
     used = [attr for key, attr in FOREIGN_OPTIONS.items()
-            if key != "boot_only_segments" and getattr(args, attr, None)]
+            if key not in ("boot_only_segments", "firmware") and getattr(args, attr, None)]
     if used:
         raise UsageError(f"--{used[0].replace('_', '-')} is for a kernel given with --kernel; a kgen kernel "
                          "takes its machine from the config")
     check_out_dir(args.out)
     require_qemu(compute(configmod.load(args.config, args.arch)).arch.qemu)     # before a build: say it now
     # Built once here, so parallel workers find it up to date instead of each writing it.
-    return KernelUnderTest.built(args.config, args.out, args.arch)
+    return KernelUnderTest.built(args.config, args.out, args.arch, getattr(args, "firmware", None))
 
 
 def check_boots(kernel: KernelUnderTest, accel: str) -> None:

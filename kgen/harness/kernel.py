@@ -13,7 +13,7 @@ from kgen.build.pipeline import build, current_elf
 from kgen.errors import KgenError
 from kgen.guest.bootreport import BOOT_OK
 from kgen.guest.elfinfo import ElfInfo
-from kgen.harness.bootpath import BootPath, DirectMultiboot, boot_path_for, launch_refusing
+from kgen.harness.bootpath import BootPath, DirectMultiboot, GrubBoot, boot_path_for, launch_refusing
 from kgen.harness.ready import Ready
 from kgen.machine import Machine
 
@@ -35,12 +35,18 @@ class KernelUnderTest:
     boot_only_segments: tuple[int, ...] | None = None
 
     @classmethod
-    def built(cls, config_path: Path | None, out_dir: Path, arch: str | None = None) -> KernelUnderTest:
+    def built(cls, config_path: Path | None, out_dir: Path, arch: str | None = None,
+              firmware: str | None = None) -> KernelUnderTest:
+        """kgen's own kernel, built from the config (or found up to date in out_dir); with firmware "uefi" booted
+        through GRUB under OVMF instead of QEMU's -kernel."""
         config = configmod.load(config_path, arch)
         # Each parallel worker asks; linking again (~0.4 s) only to find the ELF up to date is the common case. The
         # stamp names the ELF's bytes too, so an ELF another build left beside it is not taken for this config's.
         elf = current_elf(config, out_dir) or build(config, out_dir, iso=False, force=False).elf
-        return cls(elf, ElfInfo.load(elf), compute(config))
+        layout = compute(config)
+        boot = (GrubBoot("multiboot", layout.memory_mib, layout.serve_token, firmware="uefi") if firmware == "uefi"
+                else DirectMultiboot(layout.memory_mib))
+        return cls(elf, ElfInfo.load(elf), layout, boot)
 
     @classmethod
     def foreign(cls, elf_path: Path, ready: str | None = None, *, boot: BootPath | None = None,

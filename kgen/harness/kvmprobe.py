@@ -29,7 +29,8 @@ def probe_kvm(kernel: KernelUnderTest, cache_dir: Path | None = None) -> tuple[b
     if cache_dir is not None:
         qemu = shutil.which(kernel.qemu)
         key = hashlib.sha256(kernel.elf_path.read_bytes() + repr(
-            (os.uname().release, qemu, qemu and os.stat(qemu).st_mtime_ns, os.access("/dev/kvm", os.R_OK | os.W_OK))
+            (os.uname().release, qemu, qemu and os.stat(qemu).st_mtime_ns, os.access("/dev/kvm", os.R_OK | os.W_OK),
+             kernel.boot.describe())
         ).encode()).hexdigest()
         cache = cache_dir / KVM_PROBE_CACHE
         try:
@@ -38,8 +39,10 @@ def probe_kvm(kernel: KernelUnderTest, cache_dir: Path | None = None) -> tuple[b
                 return saved["usable"], saved["why"] + " (probed earlier, answer kept in " + str(cache) + ")"
         except (OSError, ValueError, KeyError, TypeError):
             pass    # no answer kept, or not one we wrote: probe
-    if kernel.layout is None:
-        usable, why = _probe_foreign_kvm(kernel)
+    if kernel.layout is None or kernel.boot.name != "direct":
+        # Booted the way the tests will boot it: under kvm_pvm OVMF itself stops with an internal error although
+        # the same kernel runs from -kernel.
+        usable, why = _probe_by_boot(kernel)
     else:
         usable, why = kvm_usable_for(kernel.elf_path, marker, qemu=kernel.qemu)
     if cache is not None:
@@ -47,15 +50,16 @@ def probe_kvm(kernel: KernelUnderTest, cache_dir: Path | None = None) -> tuple[b
     return usable, why
 
 
-def _probe_foreign_kvm(kernel: KernelUnderTest) -> tuple[bool, str]:
-    """A foreign kernel boots under KVM to the state the suite waits for (its ready text, or a halt)."""
+def _probe_by_boot(kernel: KernelUnderTest) -> tuple[bool, str]:
+    """The kernel boots under KVM to the state the suite waits for (a foreign kernel's ready text or halt, a kgen
+    kernel serving calls), its own way in."""
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return False, "/dev/kvm is missing or not accessible"
     started = time.monotonic()
     try:
         with boot(kernel, "kvm", poison=None, cold=True, timeout=min(kernel.boot_timeout, KVM_PROBE_TIMEOUT)):
             pass
-    except MachineError as err:
+    except MachineError as err:       # RunFailed too
         return False, f"the KVM boot failed: {err}"
     return True, f"the KVM boot got there in {time.monotonic() - started:.2f} s"
 

@@ -79,7 +79,8 @@ def boot(kernel: KernelUnderTest, accel: str = "tcg", *, poison: bytes | None = 
     `--kgen-cold-boot` boots every time)."""
 
     if kernel.layout is not None:
-        with KernelSession(kernel.elf_path, kernel.layout, accel=accel, poison=poison, cold=cold) as session:
+        with KernelSession(kernel.elf_path, kernel.layout, accel=accel, poison=poison, cold=cold,
+                           firmware=getattr(kernel.boot, "firmware", "bios")) as session:
             yield LiveKernel(kernel, session.machine, session.channel, poison)
         return
 

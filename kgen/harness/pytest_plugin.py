@@ -65,8 +65,8 @@ def pytest_addoption(parser):
                     "CD-ROM, else the first disk), never written")
     group.addoption("--kgen-qemu-command", help="with --kgen-kernel: boot it with this QEMU command line (kgen "
                     "adds its sockets, kgen/harness/qemucommand.py)")
-    group.addoption("--kgen-firmware", choices=FIRMWARES, help="with --kgen-kernel: bios (default) or uefi "
-                    "(OVMF, through GRUB)")
+    group.addoption("--kgen-firmware", choices=FIRMWARES, help="bios (default) or uefi (OVMF, through GRUB), for "
+                    "kgen's kernel or one given with --kgen-kernel")
     group.addoption("--kgen-accel", choices=("tcg", "kvm"), default="tcg", help="QEMU accelerator (default: tcg)")
     group.addoption("--kgen-cold-boot", action="store_true", help="boot a new machine for every test instead of "
                     "restoring a snapshot of the booted kernel (the default: one boot per kernel and worker)")
@@ -138,7 +138,7 @@ def kgen_kernel(request, tmp_path_factory):
             args.boot_only_segment = _boot_only(args.boot_only_segment)
             return foreign_kernel_from_args(args)
         return KernelUnderTest.built(opt("kgen_config"), opt("kgen_out") or tmp_path_factory.mktemp("kgen-kernel"),
-                                     opt("kgen_arch"))
+                                     opt("kgen_arch"), opt("kgen_firmware"))
     except KgenError as err:
         pytest.fail(f"kgen: cannot get the kernel under test: {err}", pytrace=False)
 

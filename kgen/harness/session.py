@@ -6,11 +6,14 @@
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from kgen.guest.calls import CallChannel, CallResult
 from kgen.guest.diagnose import RunFailed, explain
 from kgen.guest.elfinfo import ElfInfo
 from kgen.errors import MachineError
 from kgen.build.layout import Layout
+from kgen.harness.bootpath import GrubBoot
 
 SERVING_MARKER = "kgen: serving calls on COM2"
 BOOT_TIMEOUT = 60.0
@@ -19,7 +22,7 @@ BOOT_TIMEOUT = 60.0
 class KernelSession:
     def __init__(self, elf_path, layout: Layout, *, accel: str = "tcg", poison=None, memory_mib: int | None = None,
                  icount: bool = False, echo_serial: bool = False, extra_args=(), ram_file: bool = True,
-                 cold: bool | None = None):
+                 cold: bool | None = None, firmware: str = "bios"):
         self.elf_path = elf_path
         self.layout = layout
         self.elf = ElfInfo.load(elf_path)
@@ -27,6 +30,13 @@ class KernelSession:
                             memory_mib=memory_mib or layout.memory_mib, icount=icount, ram_file=ram_file,
                             echo_serial=echo_serial, extra_args=tuple(extra_args),
                             debug_exit_port=layout.debug_exit_port, qemu=layout.arch.qemu)
+        if firmware == "uefi":
+            # OVMF cannot take a -kernel: GRUB's EFI build loads the same ELF with the serve token on its
+            # command line, from an ISO made around it (kgen/harness/bootpath.py GrubBoot).
+            grub = GrubBoot("multiboot", memory_mib or layout.memory_mib, layout.serve_token, firmware="uefi")
+            del self.options["kernel"], self.options["append"]
+            self.options.update(grub.machine_options(Path(elf_path), qemu=layout.arch.qemu, accel=accel,
+                                                     poison=poison), icount=icount)
         self.cold = cold        # None: the process's choice (kgen.machine.snapshot); True: always boot cold
         self.machine = None
         self.channel: CallChannel | None = None

@@ -435,13 +435,14 @@ class Machine:
         self._snapshot_step("restore", "loadvm")
         self._ram.restore(state.ram)
         self._serial.reset(state.serial)
-        self._drain_com2()
+        self.drain_com2()
         self._qmp.events.clear()
         if run:
             self.cont()
         self.timings["restore"] = time.monotonic() - started
 
-    def _drain_com2(self) -> None:
+    def drain_com2(self) -> None:
+        """Drop what the guest wrote on COM2 and the host has not read, without waiting for more."""
         self.com2.setblocking(False)
         try:
             while self.com2.recv(65536):
