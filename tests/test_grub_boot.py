@@ -5,7 +5,6 @@ a snapshot."""
 from __future__ import annotations
 
 import hashlib
-import shutil
 from pathlib import Path
 
 import pytest
@@ -13,8 +12,9 @@ import pytest
 from conftest import ARCH_BUILDS, needs_grub
 from kgen.build.iso import GRUB_EFI_MODULES, grub_config, make_boot_iso
 from kgen.errors import ToolMissing
-from kgen.guest.elfinfo import ElfInfo
+from kgen.guest.elfinfo import ElfInfo, multiboot2_header_offset
 from kgen.guest.bootreport import EXIT_SUCCESS
+from kgen.harness.bootpath import grub_icount
 from kgen.machine import Machine, firmware
 from kgen.machine.snapshot import MachinePool
 from minikernels import (GRUB_MODULE_MISSING, GRUB_MODULE_NAME, GRUB_MODULE_READY, MB2_I386_READY,
@@ -22,14 +22,8 @@ from minikernels import (GRUB_MODULE_MISSING, GRUB_MODULE_NAME, GRUB_MODULE_READ
                          grub_module, mb2_i386, mb2_relocatable, mb2_x86_64)
 
 QEMU = "qemu-system-x86_64"     # OVMF is x86_64 firmware; SeaBIOS boots the same ISOs in it
-BOOT_TIMEOUT = 120              # OVMF + GRUB under TCG with -icount on a loaded host
+BOOT_TIMEOUT = 120              # GRUB under TCG on a loaded host: ≈10 s with -icount (SeaBIOS), ≈12 s under OVMF
 MODULE_TEXT = "zoo-module-payload"
-
-def icount_for(firmware: str) -> bool:
-    """-icount for a SeaBIOS boot, as for every GRUB boot (BIOS GRUB can crash under TCG on a loaded host otherwise);
-    none for OVMF, which under `-icount shift=0,sleep=off` did not reach the kernel within 120 s (docs/toolchain.md)."""
-    return firmware == "bios"
-
 
 needs_efi = pytest.mark.skipif(not GRUB_EFI_MODULES.is_dir() or not any(c.is_file() for c, _ in
                                                                         firmware.OVMF_CANDIDATES),
@@ -60,7 +54,7 @@ def zoo_isos(zoo, tmp_path_factory):
 
 
 def boot_to_ready(ready: str, firmware: str = "bios", **target) -> str:
-    with Machine(**target, firmware=firmware, qemu=QEMU, icount=icount_for(firmware)) as m:
+    with Machine(**target, firmware=firmware, qemu=QEMU, icount=grub_icount(True, firmware, "tcg")) as m:
         return m.wait_for(ready, BOOT_TIMEOUT)
 
 
@@ -95,7 +89,6 @@ def test_a_plain_elf_has_no_header_and_the_line_says_what_was_looked_for(tmp_pat
 def test_a_multiboot2_header_with_a_bad_checksum_or_past_32_kib_is_not_found(tmp_path):
     header = bytes.fromhex("d65052e8" "00000000" "18000000") + (
         (-(0xE85250D6 + 0x18)) & 0xFFFFFFFF).to_bytes(4, "little") + bytes.fromhex("0000000008000000")
-    from kgen.guest.elfinfo import multiboot2_header_offset
     assert multiboot2_header_offset(bytes(0x100) + header) == 0x100
     assert multiboot2_header_offset(bytes(0x104) + header) is None                 # not 8-aligned
     assert multiboot2_header_offset(bytes(0x100) + header[:12] + bytes(4) + header[16:]) is None
@@ -143,8 +136,8 @@ def test_a_hybrid_iso_boots_as_a_disk_and_the_file_is_not_written(zoo_isos):
 def test_kgens_own_iso_boots_under_uefi(request, arch):
     out = request.getfixturevalue(ARCH_BUILDS[arch])
     layout = out.kernel.layout
-    with Machine(iso=out.iso, firmware="uefi", qemu=QEMU, icount=icount_for("uefi"), memory_mib=layout.memory_mib,
-                 debug_exit_port=layout.debug_exit_port) as m:
+    with Machine(iso=out.iso, firmware="uefi", qemu=QEMU, icount=grub_icount(True, "uefi", "tcg"),
+                 memory_mib=layout.memory_mib, debug_exit_port=layout.debug_exit_port) as m:
         status = m.wait_exit(BOOT_TIMEOUT)
         assert status == layout.success_status, m.serial
         assert m.serial.rstrip().endswith(EXIT_SUCCESS), m.serial
@@ -173,7 +166,7 @@ def test_impossible_machines_are_refused(options, why):
 @needs_efi
 def test_a_uefi_machine_is_restored_from_its_snapshot_and_relaunched(zoo_isos):
     pool = MachinePool()
-    options = dict(iso=zoo_isos["mb2-i386"], firmware="uefi", qemu=QEMU, icount=icount_for("uefi"))
+    options = dict(iso=zoo_isos["mb2-i386"], firmware="uefi", qemu=QEMU, icount=grub_icount(True, "uefi", "tcg"))
 
     def ready(m):
         m.wait_for(MB2_I386_READY, BOOT_TIMEOUT)
