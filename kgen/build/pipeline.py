@@ -136,17 +136,17 @@ def check_out_dir(out_dir: Path) -> None:
             inside = out_dir / name
             if inside.is_dir() or (inside.exists() and not inside.is_file()):
                 raise refuse(f"{inside} is a directory or special file where kgen writes a regular file; remove it")
-        _probe_writable(out_dir, refuse)
+        probe_writable(out_dir, refuse)
         return
     parent = out_dir.parent
     while not (parent.exists() or parent.is_symlink()):
         parent = parent.parent
     if not parent.is_dir():
         raise refuse(f"{parent} is not a directory")
-    _probe_writable(parent, refuse)
+    probe_writable(parent, refuse)
 
 
-def _probe_writable(directory: Path, refuse) -> None:
+def probe_writable(directory: Path, refuse) -> None:
     # os.access says yes to root for a read-only directory, and nothing for a read-only file system or /proc:
     # only creating a file tells.
     probe = directory / f".kgen-probe.{secrets.token_hex(6)}"

@@ -3,10 +3,9 @@ written is one line now rather than a traceback after a long run.
 """
 from __future__ import annotations
 
-import os
-import time
 from pathlib import Path
 
+from kgen.build.pipeline import probe_writable
 from kgen.errors import UsageError
 
 
@@ -23,10 +22,4 @@ def check_report_path(option: str, path: Path) -> None:
         parent = parent.parent
     if not parent.is_dir():
         raise refuse(f"{parent} is not a directory")
-    probe = parent / f".kgen-probe.{os.getpid()}.{time.monotonic_ns()}"
-    try:
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    except OSError as err:
-        raise refuse(f"cannot create files in {parent} ({err.strerror or err})") from None
-    finally:
-        probe.unlink(missing_ok=True)
+    probe_writable(parent, refuse)

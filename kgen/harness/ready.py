@@ -89,6 +89,20 @@ class Ready:
         return self.value.name if isinstance(self.value, ReadyAt) else f"{self.value}" if self.kind != "after" \
             else f"{self.value:g}"
 
+    def goal(self) -> str:
+        """What the kernel has not become yet, for "stopped before it was ...": "ready ('login:' on COM1)"."""
+        said = {"text": "ready ({!r} on COM1)", "symbol": "inside {}", "after": "settled (page tables unchanged for "
+                "{:g} s)", "at": "at {}", "vga": "showing {!r} on the VGA screen"}
+        return said[self.kind].format(self.value) if self.kind is not None else "halted"
+
+    def missed(self) -> str:
+        """What did not happen in time, for a timeout: "'login:' did not appear on COM1"."""
+        said = {"text": "{!r} did not appear on COM1", "symbol": "the CPU did not stay in {}",
+                "after": "paging was not on with page tables unchanged for {:g} s", "at": "the CPU did not reach {}",
+                "vga": "{!r} did not appear on the VGA screen"}
+        return (said[self.kind].format(self.value) if self.kind is not None
+                else "the kernel neither halted with interrupts off nor sat idle in hlt with paging on")
+
     def reached(self) -> str:
         """What the kernel did to count as booted, for a report: "printed 'login:' on COM1"."""
         said = {"text": "printed {!r} on COM1", "symbol": "stayed inside {}", "after": "page tables unchanged for {} s",
@@ -160,16 +174,7 @@ def wait_booted(machine, ready: Ready, timeout: float, elf: ElfInfo | None = Non
         return _wait_breakpoint(machine, at, timeout, elf)
     settle, symbol, vga = ready.get("after"), ready.get("symbol"), ready.get("vga")
     text = ready.get("text")
-    if settle is not None:
-        goal = f"settled (page tables unchanged for {settle:g} s)"
-    elif symbol is not None:
-        goal = f"inside {symbol}"
-    elif text is not None:
-        goal = f"ready ({text!r} on COM1)"
-    elif vga is not None:
-        goal = f"showing {vga!r} on the VGA screen"
-    else:
-        goal = "halted"
+    goal = ready.goal()
     deadline = time.monotonic() + timeout
     settled: tuple[int | str, float] | None = None      # (EIP or symbol, when first seen there)
     regs = None
@@ -227,17 +232,7 @@ def wait_booted(machine, ready: Ready, timeout: float, elf: ElfInfo | None = Non
             if faultloop.probe(machine) is not None:
                 raise MachineError("the kernel took the same exception over and over: a fault loop")
         if now >= deadline:
-            if settle is not None:
-                want = f"paging was not on with page tables unchanged for {settle:g} s"
-            elif symbol is not None:
-                want = f"the CPU did not stay in {symbol}"
-            elif text is not None:
-                want = f"{text!r} did not appear on COM1"
-            elif vga is not None:
-                want = f"{vga!r} did not appear on the VGA screen"
-            else:
-                want = "the kernel neither halted with interrupts off nor sat idle in hlt with paging on"
-            raise MachineError(f"{want} within {timeout:g} s (last seen: "
+            raise MachineError(f"{ready.missed()} within {timeout:g} s (last seen: "
                                f"{'halted' if regs.halted else 'running'}, interrupts "
                                f"{'on' if regs.eflags & EFLAGS_IF else 'off'}, paging {paging}); pass --ready "
                                f"TEXT, --ready-vga TEXT, --ready-at SYMBOL or --ready-symbol SYMBOL, or a longer "
