@@ -106,7 +106,9 @@ as_set_foreign:
 .Lset_store:
     mov xdx, LEVEL0_ENTRIES
     mov [xdx + FOREIGN_SLOT*ENTRY_SIZE], xax
-.if FOREIGN_FLUSH
+.if ASPACE_SKIP_FOREIGN_FLUSH
+    # Build variant: no reload. A read through the foreign window may still show the space attached before.
+.else
     mov xax, cr3                                    # every translation through the slot is stale (see above)
     mov cr3, xax
 .endif
@@ -526,7 +528,9 @@ vmm_map_in:
     add xsp, 2*WORD_SIZE
     test xax, xax
     jz .Lmap_in_no_memory
-.if VMM_CLEAR_TABLES
+.if VMM_SKIP_TABLE_CLEAR
+    # Build variant: the new table keeps whatever its frame held, and stale words there read as entries.
+.else
     xor eax, eax
     mov ecx, PAGE_SIZE / 4
     rep stosd

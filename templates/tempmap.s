@@ -28,7 +28,9 @@ temp_map:
     shl xax, PAGE_SHIFT
     mov xdx, TEMPMAP_BASE
     add xax, xdx
-.if TEMPMAP_INVLPG
+.if TEMPMAP_SKIP_INVLPG
+    # Build variant: no INVLPG. A read through the slot may still reach the frame it mapped before.
+.else
     invlpg [xax]
 .endif
     ret
@@ -55,7 +57,8 @@ temp_unmap:
     mov xdx, TEMPMAP_PTES
     mov xword ptr [xdx + xcx*ENTRY_SIZE], 0x0
     mov [tempmap_used], ecx
-.if TEMPMAP_INVLPG
+.if TEMPMAP_SKIP_INVLPG
+.else
     invlpg [xax]
 .endif
     ret

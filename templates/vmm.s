@@ -104,7 +104,9 @@ vmm_table_for:
     add xsp, 2*WORD_SIZE
     test xax, xax
     jz .Lfor_no_memory
-.if VMM_CLEAR_TABLES
+.if VMM_SKIP_TABLE_CLEAR
+    # Build variant: the new table keeps whatever its frame held, and stale words there read as entries.
+.else
     xor eax, eax
     mov ecx, PAGE_SIZE / 4
     rep stosd
