@@ -465,11 +465,31 @@ class Layout:
             "KERNEL_HALF_START": self.kernel_half_start,
             "KERNEL_HALF_FIRST_SLOT": (self.kernel_half_start & arch.va_mask) >> arch.shift(0),
         }
+        consts.update(self._exception_frame_constants())
         for level in range(arch.levels):
             consts[f"LEVEL{level}_SHIFT"] = arch.shift(level)
             consts[f"LEVEL{level}_ENTRIES"] = self.level_window(level)
             consts[f"FOREIGN_LEVEL{level}_ENTRIES"] = self.foreign_level_window(level)
         return consts
+
+    def _exception_frame_constants(self) -> dict[str, int]:
+        """Offsets in the frame exception_common builds (templates/interrupts.s), from its base (xbp) up: cr2; the
+        general registers it saves, EXCEPTION_SAVED_REGISTERS of them (pushad's eight on i386; on x86_64, which has
+        no pushad, the fifteen besides rsp); the stub's vector and error code; then the CPU's ip, cs and flags.
+        One frame description serves the page-fault hand-off, the user-fault hand-off and the report's table."""
+        word = self.architecture.word_size
+        saved = 8 if word == 4 else 15
+        vector = (1 + saved) * word
+        return {
+            "EXCEPTION_SAVED_REGISTERS": saved,
+            "EXC_CR2": 0,
+            "EXC_REGISTERS": word,
+            "EXC_VECTOR": vector,
+            "EXC_ERROR": vector + word,
+            "EXC_IP": vector + 2 * word,
+            "EXC_CS": vector + 3 * word,
+            "EXC_FLAGS": vector + 4 * word,
+        }
 
     @property
     def user_cs(self) -> int:
