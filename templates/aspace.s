@@ -64,7 +64,8 @@
 .section .text
 # as_find(top) -> the address of the space record holding top, or 0 (as_find(0) finds a free record)
 as_find:
-    mov xax, [xsp + WORD_SIZE]
+    FRAME 0x0
+    mov xax, [xsp + ARG1]
     mov xcx, offset as_spaces
     mov edx, AS_MAX_SPACES
 .Lfind_next:
@@ -88,7 +89,8 @@ as_current:
 
 # as_set_foreign(top): point the foreign slot at top (0: empty it), flushing when that changes what it shows
 as_set_foreign:
-    mov xax, [xsp + WORD_SIZE]
+    FRAME 0x0
+    mov xax, [xsp + ARG1]
     cmp xax, [as_attached]
     je .Lset_unchanged
     mov [as_attached], xax
@@ -112,24 +114,22 @@ as_set_foreign:
 
 # as_attach(space) -> 1, or 0 when space is not a live address space
 as_attach:
-    push xword ptr [xsp + WORD_SIZE]
+    FRAME 0x0
+    PUSHW xword ptr [xsp + ARG1]
     call as_find
-    add xsp, WORD_SIZE
+    DROP 0x1
     test xax, xax
     jz .Lattach_refused
-    push xword ptr [xsp + WORD_SIZE]
+    PUSHW xword ptr [xsp + ARG1]
     call as_set_foreign
-    add xsp, WORD_SIZE
+    DROP 0x1
     mov eax, 0x1
     ret
 .Lattach_refused:
-    push offset str_not_a_space
-    call serial_puts
-    push xword ptr [xsp + 2*WORD_SIZE]
-    call serial_puthex
-    push offset str_newline
-    call serial_puts
-    add xsp, 3*WORD_SIZE
+    PUSHW xword ptr [xsp + ARG1]
+    PUSHW offset str_not_a_space
+    call serial_putline
+    DROP 0x2
     xor eax, eax
     ret
 
@@ -269,7 +269,8 @@ as_free_tree:
 as_destroy:
     push xbx
     push xsi
-    mov xbx, [xsp + 3*WORD_SIZE]
+    FRAME 0x2
+    mov xbx, [xsp + ARG1]
     push xbx
     call as_find
     add xsp, WORD_SIZE
@@ -310,13 +311,10 @@ as_destroy:
     pop xbx
     ret
 .Ldestroy_refused:
-    push offset str_destroy_refused
-    call serial_puts
-    push xbx
-    call serial_puthex
-    push offset str_newline
-    call serial_puts
-    add xsp, 3*WORD_SIZE
+    PUSHW xbx
+    PUSHW offset str_destroy_refused
+    call serial_putline
+    DROP 0x2
     xor eax, eax
     pop xsi
     pop xbx
@@ -328,7 +326,8 @@ as_destroy:
 as_switch:
     push xbx
     push xsi
-    mov xbx, [xsp + 3*WORD_SIZE]
+    FRAME 0x2
+    mov xbx, [xsp + ARG1]
     push xbx
     call as_find
     add xsp, WORD_SIZE
@@ -384,13 +383,10 @@ as_switch:
     pop xbx
     ret
 .Lswitch_refused:
-    push offset str_not_a_space
-    call serial_puts
-    push xbx
-    call serial_puthex
-    push offset str_newline
-    call serial_puts
-    add xsp, 3*WORD_SIZE
+    PUSHW xbx
+    PUSHW offset str_not_a_space
+    call serial_putline
+    DROP 0x2
     xor eax, eax
     pop xsi
     pop xbx
@@ -399,31 +395,29 @@ as_switch:
 # as_target_ok(space, vaddr) -> 1 when space is the attached one and vaddr lies in the user half, else 0 (said on
 # COM1)
 as_target_ok:
-    mov xax, [xsp + WORD_SIZE]
+    FRAME 0x0
+    mov xax, [xsp + ARG1]
     test xax, xax
     jz .Ltarget_not_attached
     cmp xax, [as_attached]
     jne .Ltarget_not_attached
-    mov xax, [xsp + 2*WORD_SIZE]
+    mov xax, [xsp + ARG2]
     mov xdx, USER_HALF_END
     cmp xax, xdx
     jae .Ltarget_kernel_half
     mov eax, 0x1
     ret
 .Ltarget_not_attached:
-    push xword ptr [xsp + WORD_SIZE]                # the space
-    push offset str_not_attached
+    PUSHW xword ptr [xsp + ARG1]                    # the space
+    PUSHW offset str_not_attached
     jmp .Ltarget_refused
 .Ltarget_kernel_half:
-    push xword ptr [xsp + 2*WORD_SIZE]              # the address
-    push offset str_kernel_half
+    FRAME 0x0
+    PUSHW xword ptr [xsp + ARG2]                    # the address
+    PUSHW offset str_kernel_half
 .Ltarget_refused:
-    call serial_puts
-    add xsp, WORD_SIZE
-    call serial_puthex
-    push offset str_newline
-    call serial_puts
-    add xsp, 2*WORD_SIZE
+    call serial_putline
+    DROP 0x2
     xor eax, eax
     ret
 
@@ -468,13 +462,10 @@ vmm_map_in:
     pop xbx
     ret
 .Lmap_in_refused:
-    PUSHW offset str_map_in_refused
-    call serial_puts
     PUSHW xbx
-    call serial_puthex
-    PUSHW offset str_newline
-    call serial_puts
-    DROP 0x3
+    PUSHW offset str_map_in_refused
+    call serial_putline
+    DROP 0x2
     xor eax, eax
     pop xbx
     ret

@@ -92,6 +92,21 @@ serial_puthex:
     DROP 0x1
     ret
 
+# serial_putline(text, value): text, "0x" and the value's digits, a newline: the shape of every refusal the kernel
+# reports ("kgen: not an address space: 0x...")
+serial_putline:
+    FRAME 0x0
+    PUSHW xword ptr [xsp + ARG1]
+    call serial_puts
+    DROP 0x1
+    PUSHW xword ptr [xsp + ARG2]
+    call serial_puthex
+    DROP 0x1
+    PUSHW offset str_newline
+    call serial_puts
+    DROP 0x1
+    ret
+
 .section .rodata
 hex_digits:
     .ascii "0123456789abcdef"

@@ -122,13 +122,10 @@ vmm_map:
     pop xbx
     ret
 .Lmap_present:
-    PUSHW offset str_map_present
-    call serial_puts
     PUSHW xbx
-    call serial_puthex
-    PUSHW offset str_newline
-    call serial_puts
-    DROP 0x3
+    PUSHW offset str_map_present
+    call serial_putline
+    DROP 0x2
     xor eax, eax
     pop xbx
     ret
