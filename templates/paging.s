@@ -27,6 +27,16 @@
 # above the leaf, so no routine ever takes a large page's memory for a page table.
 
 .section .text
+# PT_ENTRY level: xax = pt_entry(windows, vaddr, level) for the windows and vaddr the calling routine was given (its
+# ARG1 and ARG2); level is a register or a constant.
+.macro PT_ENTRY level
+    PUSHW \level
+    PUSHW xword ptr [xsp + ARG2]
+    PUSHW xword ptr [xsp + ARG1]
+    call pt_entry
+    DROP 0x3
+.endm
+
 # pt_entry(windows, vaddr, level) -> the virtual address of the entry that maps vaddr at level (0 = the top table):
 # windows[level] + (vaddr[VA_BITS-1:0] >> LEVELn_SHIFT) * ENTRY_SIZE
 pt_entry:
@@ -53,11 +63,7 @@ pt_table_present:
 .Lpresent_level:
     cmp ebx, LEAF_LEVEL
     jae .Lpresent_yes
-    PUSHW xbx
-    PUSHW xword ptr [xsp + ARG2]
-    PUSHW xword ptr [xsp + ARG1]
-    call pt_entry
-    DROP 0x3
+    PT_ENTRY xbx
     mov xax, [xax]
     test eax, PTE_P
     jz .Lpresent_no
@@ -99,11 +105,7 @@ pt_table_for:
     cmp ebx, LEAF_LEVEL
     ja .Lfor_done
     lea xax, [xbx - 1]
-    PUSHW xax
-    PUSHW xword ptr [xsp + ARG2]
-    PUSHW xword ptr [xsp + ARG1]
-    call pt_entry                                   # the entry one level up
-    DROP 0x3
+    PT_ENTRY xax                                    # the entry one level up
     mov xax, [xax]
     test eax, PTE_P
     jz .Lfor_make
@@ -111,11 +113,7 @@ pt_table_for:
     jnz .Lfor_large                                 # it maps a large page: there is no table below it
     jmp .Lfor_next
 .Lfor_make:
-    PUSHW xbx
-    PUSHW xword ptr [xsp + ARG2]
-    PUSHW xword ptr [xsp + ARG1]
-    call pt_entry                                   # the table's entry for vaddr: its page is the table
-    DROP 0x3
+    PT_ENTRY xbx                                    # the table's entry for vaddr: its page is the table
     mov xdi, xax
     and xdi, -PAGE_SIZE
     PUSHW xword ptr [xsp + ARG3]
@@ -184,11 +182,7 @@ pt_tables_put:
     jae .Lput_done
 .Lput_table:
 .endif
-    PUSHW xbx
-    PUSHW xword ptr [xsp + ARG2]
-    PUSHW xword ptr [xsp + ARG1]
-    call pt_entry
-    DROP 0x3
+    PT_ENTRY xbx
     mov xdi, xax
     and xdi, -PAGE_SIZE                             # the table, through its window page
     push xdi
@@ -198,11 +192,7 @@ pt_tables_put:
     pop xdi
     jne .Lput_done                                  # still in use: so are the tables above
     lea xax, [xbx - 1]
-    PUSHW xax
-    PUSHW xword ptr [xsp + ARG2]
-    PUSHW xword ptr [xsp + ARG1]
-    call pt_entry
-    DROP 0x3
+    PT_ENTRY xax
     mov xax, [xax]
     mov xdx, PTE_FRAME_MASK
     and xax, xdx
@@ -235,11 +225,7 @@ pt_tables_put:
 # table holding it must exist (pt_table_for). Flushes nothing: a page that was not mapped has no translation cached.
 pt_set_leaf:
     FRAME 0x0
-    PUSHW LEAF_LEVEL
-    PUSHW xword ptr [xsp + ARG2]
-    PUSHW xword ptr [xsp + ARG1]
-    call pt_entry
-    DROP 0x3
+    PT_ENTRY LEAF_LEVEL
 .if VMM_MAP_WRONG_INDEX
     # Build variant: off by one entry. The frame is mapped at vaddr + PAGE_SIZE (or, for a table's last entry, in
     # the next table's window page), vaddr stays unmapped, and an unmap of vaddr finds nothing to take back.
@@ -306,11 +292,7 @@ pt_translate:
     FRAME 0x1
     xor ebx, ebx
 .Ltranslate_level:
-    PUSHW xbx
-    PUSHW xword ptr [xsp + ARG2]
-    PUSHW xword ptr [xsp + ARG1]
-    call pt_entry
-    DROP 0x3
+    PT_ENTRY xbx
     mov xax, [xax]
     test eax, PTE_P
     jz .Ltranslate_none
