@@ -22,13 +22,13 @@
 # With F pointing at the foreign top table T, an address whose top index is F walks one level short *into T*: the
 # foreign space's leaf entries (PTEs) fill F's window in address order, just as the current space's fill R's. The
 # levels above are reached by going through R first: the entries of level n of the foreign space sit at
-# FOREIGN_LEVELn_ENTRIES (R, ..., R, F, indices...: kgen/arch Arch.recursive_window(R, n, foreign=F)), and
-# as_entry(v, n) is paging_entry with that table. T itself appears at FOREIGN_TOP (indices R, ..., R, F).
+# FOREIGN_LEVELn_ENTRIES (R, ..., R, F, indices...: kgen/arch Arch.recursive_window(R, n, foreign=F)), a windows
+# table of their own (paging_foreign_entries). T itself appears at FOREIGN_TOP (indices R, ..., R, F).
 #
-# So the foreign space is edited exactly like the current one: a missing table is allocated at its own window
-# page with pmm_map_top (the *local* PTE of that window page is the foreign entry one level up, so the frame lands
-# in the right place), cleared through that page, and given back with pmm_free_at while still mapped there. No temp
-# slot, no CR3 switch.
+# So the foreign space is edited exactly like the current one, by the same routines (templates/paging.s) given the
+# foreign windows table: a missing table is allocated at its own window page with pmm_map_top (the *local* PTE of
+# that window page is the foreign entry one level up, so the frame lands in the right place), cleared through that
+# page, and given back with pmm_free_at while still mapped there. No temp slot, no CR3 switch.
 #
 # The TLB. Every translation whose walk passes through the foreign slot is cached under a fixed virtual address: the
 # foreign window's pages (the attached space's page tables) and, through R, the pages that show its upper tables
@@ -62,14 +62,10 @@
 # the harness reads to check every space, not only the one in CR3 (kgen/guest/invariants.py).
 
 .section .text
-# as_entry(vaddr, level) -> the virtual address of the attached space's entry that maps vaddr at level (0 = top)
-as_entry:
-    LEVEL_ENTRY paging_foreign_entries                # templates/macros.inc
-    ret
-
 # as_find(top) -> the address of the space record holding top, or 0 (as_find(0) finds a free record)
 as_find:
-    mov xax, [xsp + WORD_SIZE]
+    FRAME 0x0
+    mov xax, [xsp + ARG1]
     mov xcx, offset as_spaces
     mov edx, AS_MAX_SPACES
 .Lfind_next:
@@ -93,7 +89,8 @@ as_current:
 
 # as_set_foreign(top): point the foreign slot at top (0: empty it), flushing when that changes what it shows
 as_set_foreign:
-    mov xax, [xsp + WORD_SIZE]
+    FRAME 0x0
+    mov xax, [xsp + ARG1]
     cmp xax, [as_attached]
     je .Lset_unchanged
     mov [as_attached], xax
@@ -104,7 +101,9 @@ as_set_foreign:
 .Lset_store:
     mov xdx, LEVEL0_ENTRIES
     mov [xdx + FOREIGN_SLOT*ENTRY_SIZE], xax
-.if FOREIGN_FLUSH
+.if ASPACE_SKIP_FOREIGN_FLUSH
+    # Build variant: no reload. A read through the foreign window may still show the space attached before.
+.else
     mov xax, cr3                                    # every translation through the slot is stale (see above)
     mov cr3, xax
 .endif
@@ -113,24 +112,22 @@ as_set_foreign:
 
 # as_attach(space) -> 1, or 0 when space is not a live address space
 as_attach:
-    push xword ptr [xsp + WORD_SIZE]
+    FRAME 0x0
+    PUSHW xword ptr [xsp + ARG1]
     call as_find
-    add xsp, WORD_SIZE
+    DROP 0x1
     test xax, xax
     jz .Lattach_refused
-    push xword ptr [xsp + WORD_SIZE]
+    PUSHW xword ptr [xsp + ARG1]
     call as_set_foreign
-    add xsp, WORD_SIZE
+    DROP 0x1
     mov eax, 0x1
     ret
 .Lattach_refused:
-    push offset str_not_a_space
-    call serial_puts
-    push xword ptr [xsp + 2*WORD_SIZE]
-    call serial_puthex
-    push offset str_newline
-    call serial_puts
-    add xsp, 3*WORD_SIZE
+    PUSHW xword ptr [xsp + ARG1]
+    PUSHW offset str_not_a_space
+    call serial_putline
+    DROP 0x2
     xor eax, eax
     ret
 
@@ -206,13 +203,15 @@ as_free_tree:
     push xsi
     push xdi
     push xbp
-    push xword ptr [xsp + 6*WORD_SIZE]
-    push xword ptr [xsp + 6*WORD_SIZE]
-    call as_entry
-    add xsp, 2*WORD_SIZE
+    FRAME 0x4
+    PUSHW xword ptr [xsp + ARG2]
+    PUSHW xword ptr [xsp + ARG1]
+    PUSHW offset paging_foreign_entries
+    call pt_entry
+    DROP 0x3
     and xax, -PAGE_SIZE
     mov xsi, xax                                    # the table, through its window page
-    mov xbp, [xsp + 6*WORD_SIZE]                    # its level
+    mov xbp, [xsp + ARG2]                           # its level
     mov edi, TABLE_ENTRIES
     test ebp, ebp
     jnz .Lfree_tree_scan
@@ -232,24 +231,25 @@ as_free_tree:
     movzx ecx, byte ptr [paging_level_shift + xbp]
     mov xax, xbx
     shl xax, cl
-    add xax, [xsp + 5*WORD_SIZE]                    # the first address the child table maps
+    add xax, [xsp + ARG1]                           # the first address the child table maps
     lea xcx, [xbp + 0x1]
-    push xcx
-    push xax
+    PUSHW xcx
+    PUSHW xax
     call as_free_tree
-    call as_entry                                   # same arguments: the child's entry, on its window page
-    add xsp, 2*WORD_SIZE
+    PUSHW offset paging_foreign_entries             # the same vaddr and level: the child's entry, on its window page
+    call pt_entry
+    DROP 0x3
     and xax, -PAGE_SIZE
-    push xax
+    PUSHW xax
     call pmm_free_at
-    add xsp, WORD_SIZE
+    DROP 0x1
     jmp .Lfree_tree_next
 .Lfree_tree_page:
     mov xcx, PTE_FRAME_MASK
     and xax, xcx
-    push xax
+    PUSHW xax
     call pmm_free
-    add xsp, WORD_SIZE
+    DROP 0x1
 .Lfree_tree_clear:
     mov xword ptr [xsi + xbx*ENTRY_SIZE], 0x0
 .Lfree_tree_next:
@@ -267,7 +267,8 @@ as_free_tree:
 as_destroy:
     push xbx
     push xsi
-    mov xbx, [xsp + 3*WORD_SIZE]
+    FRAME 0x2
+    mov xbx, [xsp + ARG1]
     push xbx
     call as_find
     add xsp, WORD_SIZE
@@ -308,13 +309,10 @@ as_destroy:
     pop xbx
     ret
 .Ldestroy_refused:
-    push offset str_destroy_refused
-    call serial_puts
-    push xbx
-    call serial_puthex
-    push offset str_newline
-    call serial_puts
-    add xsp, 3*WORD_SIZE
+    PUSHW xbx
+    PUSHW offset str_destroy_refused
+    call serial_putline
+    DROP 0x2
     xor eax, eax
     pop xsi
     pop xbx
@@ -326,7 +324,8 @@ as_destroy:
 as_switch:
     push xbx
     push xsi
-    mov xbx, [xsp + 3*WORD_SIZE]
+    FRAME 0x2
+    mov xbx, [xsp + ARG1]
     push xbx
     call as_find
     add xsp, WORD_SIZE
@@ -380,13 +379,10 @@ as_switch:
     pop xbx
     ret
 .Lswitch_refused:
-    push offset str_not_a_space
-    call serial_puts
-    push xbx
-    call serial_puthex
-    push offset str_newline
-    call serial_puts
-    add xsp, 3*WORD_SIZE
+    PUSHW xbx
+    PUSHW offset str_not_a_space
+    call serial_putline
+    DROP 0x2
     xor eax, eax
     pop xsi
     pop xbx
@@ -395,264 +391,112 @@ as_switch:
 # as_target_ok(space, vaddr) -> 1 when space is the attached one and vaddr lies in the user half, else 0 (said on
 # COM1)
 as_target_ok:
-    mov xax, [xsp + WORD_SIZE]
+    FRAME 0x0
+    mov xax, [xsp + ARG1]
     test xax, xax
     jz .Ltarget_not_attached
     cmp xax, [as_attached]
     jne .Ltarget_not_attached
-    mov xax, [xsp + 2*WORD_SIZE]
+    mov xax, [xsp + ARG2]
     mov xdx, USER_HALF_END
     cmp xax, xdx
     jae .Ltarget_kernel_half
     mov eax, 0x1
     ret
 .Ltarget_not_attached:
-    push xword ptr [xsp + WORD_SIZE]                # the space
-    push offset str_not_attached
+    PUSHW xword ptr [xsp + ARG1]                    # the space
+    PUSHW offset str_not_attached
     jmp .Ltarget_refused
 .Ltarget_kernel_half:
-    push xword ptr [xsp + 2*WORD_SIZE]              # the address
-    push offset str_kernel_half
+    FRAME 0x0
+    PUSHW xword ptr [xsp + ARG2]                    # the address
+    PUSHW offset str_kernel_half
 .Ltarget_refused:
-    call serial_puts
-    add xsp, WORD_SIZE
-    call serial_puthex
-    push offset str_newline
-    call serial_puts
-    add xsp, 2*WORD_SIZE
+    call serial_putline
+    DROP 0x2
     xor eax, eax
     ret
 
-# as_table_present(vaddr) -> 1 when the attached space has the page table holding vaddr's PTE, else 0
-as_table_present:
-    push xbx
-    xor ebx, ebx
-.Las_present_level:
-    cmp ebx, LEAF_LEVEL
-    jae .Las_present_yes
-    push xbx
-    push xword ptr [xsp + 3*WORD_SIZE]
-    call as_entry
-    add xsp, 2*WORD_SIZE
-    mov xax, [xax]
-    test eax, PTE_P
-    jz .Las_present_no
-    test eax, PTE_PS
-    jnz .Las_present_no
-    inc ebx
-    jmp .Las_present_level
-.Las_present_yes:
-    mov eax, 0x1
-    pop xbx
-    ret
-.Las_present_no:
-    xor eax, eax
-    pop xbx
-    ret
-
-# as_tables_put(vaddr): vaddr's page left the attached space; give back every table on its path now empty
-as_tables_put:
-    push xbx
-    push xdi
-    mov ebx, LEAF_LEVEL
-.Las_put_level:
-    test ebx, ebx
-    jz .Las_put_done                                # the top table stays
-    push xbx
-    push xword ptr [xsp + 4*WORD_SIZE]
-    call as_entry
-    add xsp, 2*WORD_SIZE
-    mov xdi, xax
-    and xdi, -PAGE_SIZE
-    push xdi
-    xor eax, eax
-    mov ecx, PAGE_SIZE / 4
-    repe scasd
-    pop xdi
-    jne .Las_put_done                               # still in use: so are the tables above
-    push xdi
-    call pmm_free_at                                # pushed while mapped at its window page; the entry above cleared
-    add xsp, WORD_SIZE
-    dec ebx
-    jmp .Las_put_level
-.Las_put_done:
-    pop xdi
-    pop xbx
-    ret
-
-# vmm_map_in(space, vaddr, phys, flags) -> 1, or 0 when refused (not attached, kernel half, already mapped) or out
-# of memory for a table. Tables of a user half are made with U/S, so the leaf's flags alone decide ring 3 access.
+# vmm_map_in(space, vaddr, phys, flags) -> 1, or 0 when refused (not attached, kernel half, already mapped, inside
+# a large page) or out of memory for a table. Tables of a user half are made with U/S, so the leaf's flags alone
+# decide ring 3 access. No INVLPG: nothing was mapped at vaddr, so nothing of it is cached.
 vmm_map_in:
     push xbx
-    push xdi
-    push xword ptr [xsp + 4*WORD_SIZE]
-    push xword ptr [xsp + 4*WORD_SIZE]
+    FRAME 0x1
+    PUSHW xword ptr [xsp + ARG2]
+    PUSHW xword ptr [xsp + ARG1]
     call as_target_ok
-    add xsp, 2*WORD_SIZE
+    DROP 0x2
     test eax, eax
     jz .Lmap_in_done
-    mov xax, [xsp + 4*WORD_SIZE]
-    and xax, -PAGE_SIZE
-    mov [xsp + 4*WORD_SIZE], xax
-    mov ebx, 0x1                                    # the level whose table must exist
-.Lmap_in_level:
-    cmp ebx, LEAF_LEVEL
-    ja .Lmap_in_leaf
-    lea xax, [xbx - 1]
-    push xax
-    push xword ptr [xsp + 5*WORD_SIZE]
-    call as_entry                                   # the entry one level up
-    add xsp, 2*WORD_SIZE
-    mov xax, [xax]
-    test eax, PTE_P
-    jz .Lmap_in_make
-    test eax, PTE_PS
-    jnz .Lmap_in_refused                            # a large page covers vaddr
-    jmp .Lmap_in_next
-.Lmap_in_make:
-    push xbx
-    push xword ptr [xsp + 5*WORD_SIZE]
-    call as_entry                                   # the new table's entry for vaddr: its page is the table
-    add xsp, 2*WORD_SIZE
-    mov xdi, xax
-    and xdi, -PAGE_SIZE
-    push PTE_P | PTE_RW | PTE_US
-    push xdi
-    call pmm_map_top                                # its local PTE is the foreign entry one level up
-    add xsp, 2*WORD_SIZE
-    test xax, xax
-    jz .Lmap_in_no_memory
-.if VMM_CLEAR_TABLES
-    xor eax, eax
-    mov ecx, PAGE_SIZE / 4
-    rep stosd
-.endif
-.Lmap_in_next:
-    inc ebx
-    jmp .Lmap_in_level
-.Lmap_in_leaf:
-    mov xax, [xsp + 4*WORD_SIZE]
-    ENTRY_OF xax, xcx, PAGE_SHIFT, FOREIGN_LEAF_ENTRIES
-    test xword ptr [xax], PTE_P
-    jnz .Lmap_in_refused
-    mov xcx, [xsp + 6*WORD_SIZE]                    # flags: the low 12 bits and NX, never G in a user half
+    mov xbx, [xsp + ARG2]
+    and xbx, -PAGE_SIZE
+    PUSHW PTE_P | PTE_RW | PTE_US
+    PUSHW xbx
+    PUSHW offset paging_foreign_entries
+    call pt_table_for                               # the levels above the leaf; their local PTEs are foreign entries
+    DROP 0x3
+    test eax, eax
+    jz .Lmap_in_done
+    js .Lmap_in_refused
+    mov xcx, [xsp + ARG4]                           # flags: the low 12 bits and NX, never G in a user half
     mov xdx, PTE_FLAGS_MASK
     and xcx, xdx
     and xcx, ~PTE_G
     or xcx, PTE_P
-    mov xdx, [xsp + 5*WORD_SIZE]
+    mov xdx, [xsp + ARG3]
     and xdx, -PAGE_SIZE
     or xcx, xdx
-    mov [xax], xcx
-    mov eax, 0x1
+    PUSHW xcx
+    PUSHW xbx
+    PUSHW offset paging_foreign_entries
+    call pt_set_leaf
+    DROP 0x3
+    test eax, eax
+    jz .Lmap_in_refused
 .Lmap_in_done:
-    pop xdi
     pop xbx
     ret
 .Lmap_in_refused:
-    push offset str_map_in_refused
-    call serial_puts
-    push xword ptr [xsp + 5*WORD_SIZE]
-    call serial_puthex
-    push offset str_newline
-    call serial_puts
-    add xsp, 3*WORD_SIZE
+    PUSHW xbx
+    PUSHW offset str_map_in_refused
+    call serial_putline
+    DROP 0x2
     xor eax, eax
-    pop xdi
-    pop xbx
-    ret
-.Lmap_in_no_memory:                                 # give back the levels made for this call
-    push xword ptr [xsp + 4*WORD_SIZE]
-    call as_tables_put
-    add xsp, WORD_SIZE
-    xor eax, eax
-    pop xdi
     pop xbx
     ret
 
 # vmm_unmap_in(space, vaddr) -> the frame that was mapped there (now the caller's), or VMM_NONE
 vmm_unmap_in:
-    push xbx
-    push xword ptr [xsp + 3*WORD_SIZE]
-    push xword ptr [xsp + 3*WORD_SIZE]
+    FRAME 0x0
+    PUSHW xword ptr [xsp + ARG2]
+    PUSHW xword ptr [xsp + ARG1]
     call as_target_ok
-    add xsp, 2*WORD_SIZE
+    DROP 0x2
     test eax, eax
-    jz .Lunmap_in_none
-    mov xbx, [xsp + 3*WORD_SIZE]
-    and xbx, -PAGE_SIZE
-    push xbx
-    call as_table_present
-    add xsp, WORD_SIZE
-    test eax, eax
-    jz .Lunmap_in_none
-    mov xcx, xbx
-    ENTRY_OF xcx, xdx, PAGE_SHIFT, FOREIGN_LEAF_ENTRIES
-    mov xax, [xcx]
-    test eax, PTE_P
-    jz .Lunmap_in_none
-    mov xword ptr [xcx], 0x0
-    push xax
-    mov xax, cr3                                    # the attached space may be the running one
-    mov xdx, PTE_FRAME_MASK
-    and xax, xdx
-    cmp xax, [xsp + 3*WORD_SIZE]
-    jne .Lunmap_in_not_running
-    invlpg [xbx]
-.Lunmap_in_not_running:
-    push xbx
-    call as_tables_put
-    add xsp, WORD_SIZE
-    pop xax
-    mov xdx, PTE_FRAME_MASK
-    and xax, xdx
-    pop xbx
-    ret
-.Lunmap_in_none:
-    mov xax, VMM_NONE
-    pop xbx
-    ret
+    jz vmm_entry_frame                              # xax = 0: VMM_NONE
+    PUSHW xword ptr [xsp + ARG2]
+    PUSHW offset paging_foreign_entries
+    call pt_unmap
+    DROP 0x2
+    jmp vmm_entry_frame                             # templates/vmm.s: the entry's frame, or VMM_NONE
 
 # vmm_translate_in(space, vaddr) -> the physical address vaddr maps to in the attached space, or VMM_NONE
 vmm_translate_in:
-    push xbx
-    push xword ptr [xsp + 3*WORD_SIZE]
-    push xword ptr [xsp + 3*WORD_SIZE]
+    FRAME 0x0
+    PUSHW xword ptr [xsp + ARG2]
+    PUSHW xword ptr [xsp + ARG1]
     call as_target_ok
-    add xsp, 2*WORD_SIZE
+    DROP 0x2
     test eax, eax
     jz .Ltranslate_in_none
-    xor ebx, ebx
-.Ltranslate_in_level:
-    push xbx
-    push xword ptr [xsp + 4*WORD_SIZE]
-    call as_entry
-    add xsp, 2*WORD_SIZE
-    mov xax, [xax]
-    test eax, PTE_P
-    jz .Ltranslate_in_none
-    mov ecx, PAGE_SHIFT
-    cmp ebx, LEAF_LEVEL
-    je .Ltranslate_in_page
-    inc ebx
-    test eax, PTE_PS
-    jz .Ltranslate_in_level
-    movzx ecx, byte ptr [paging_level_shift + xbx - 1]
-.Ltranslate_in_page:                                # xax: the entry, cl: log2 of the page size
-    mov xdx, PTE_FRAME_MASK
-    and xax, xdx
-    shr xax, cl
-    shl xax, cl
-    mov xdx, -1
-    shl xdx, cl
-    not xdx
-    and xdx, [xsp + 3*WORD_SIZE]
-    or xax, xdx
-    pop xbx
+    PUSHW xword ptr [xsp + ARG2]
+    PUSHW offset paging_foreign_entries
+    call pt_translate
+    DROP 0x2
     ret
 .Ltranslate_in_none:
     mov xax, VMM_NONE
-    pop xbx
     ret
 
 .section .rodata

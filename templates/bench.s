@@ -10,7 +10,8 @@
 # bench_empty(n)
 bench_empty:
     push xbx
-    mov xbx, [xsp + 2*WORD_SIZE]
+    FRAME 0x1
+    mov xbx, [xsp + ARG1]
     call bench_start
 .Lempty_loop:
     dec ebx
@@ -22,13 +23,14 @@ bench_empty:
 # bench_alloc_free(n): pmm_alloc then pmm_free of that frame, each reaching the frame through a temp-map slot
 bench_alloc_free:
     push xbx
-    mov xbx, [xsp + 2*WORD_SIZE]
+    FRAME 0x1
+    mov xbx, [xsp + ARG1]
     call bench_start
 .Lalloc_free_loop:
     call pmm_alloc
-    push xax
+    PUSHW xax
     call pmm_free
-    add xsp, WORD_SIZE
+    DROP 0x1
     dec ebx
     jnz .Lalloc_free_loop
     call bench_stop
@@ -39,17 +41,18 @@ bench_alloc_free:
 bench_alloc_at_free_at:
     push xbx
     push xsi
-    mov xbx, [xsp + 3*WORD_SIZE]
-    mov xsi, [xsp + 4*WORD_SIZE]
+    FRAME 0x2
+    mov xbx, [xsp + ARG1]
+    mov xsi, [xsp + ARG2]
     call bench_start
 .Lalloc_at_loop:
-    push PTE_RW
-    push xsi
+    PUSHW PTE_RW
+    PUSHW xsi
     call pmm_alloc_at
-    add xsp, 2*WORD_SIZE
-    push xsi
+    DROP 0x2
+    PUSHW xsi
     call pmm_free_at
-    add xsp, WORD_SIZE
+    DROP 0x1
     dec ebx
     jnz .Lalloc_at_loop
     call bench_stop
@@ -62,7 +65,8 @@ bench_map_unmap:
     push xbx
     push xsi
     push xdi
-    mov xbx, [xsp + 4*WORD_SIZE]
+    FRAME 0x3
+    mov xbx, [xsp + ARG1]
     call bench_pte_of_arg
     call bench_start
 .Lmap_unmap_loop:
@@ -84,20 +88,21 @@ bench_map_clear_unmap:
     push xbx
     push xsi
     push xdi
-    mov xbx, [xsp + 4*WORD_SIZE]
+    FRAME 0x3
+    mov xbx, [xsp + ARG1]
     call bench_pte_of_arg
     call bench_start
 .Lmap_clear_loop:
     mov [xsi], xdi
     invlpg [xcx]
-    push xdi
-    push xcx
+    PUSHW xdi
+    PUSHW xcx
     mov xdi, xcx
     xor eax, eax
     mov ecx, PAGE_SIZE / 4
     rep stosd
-    pop xcx
-    pop xdi
+    POPW xcx
+    POPW xdi
     mov xword ptr [xsi], 0x0
     invlpg [xcx]
     dec ebx
@@ -111,8 +116,9 @@ bench_map_clear_unmap:
 # bench_invlpg(n, vaddr)
 bench_invlpg:
     push xbx
-    mov xbx, [xsp + 2*WORD_SIZE]
-    mov xcx, [xsp + 3*WORD_SIZE]
+    FRAME 0x1
+    mov xbx, [xsp + ARG1]
+    mov xcx, [xsp + ARG2]
     call bench_start
 .Linvlpg_loop:
     invlpg [xcx]
@@ -128,19 +134,20 @@ bench_vmm_map_unmap:
     push xbx
     push xsi
     push xdi
-    mov xbx, [xsp + 4*WORD_SIZE]
-    mov xsi, [xsp + 5*WORD_SIZE]
-    mov xdi, [xsp + 6*WORD_SIZE]
+    FRAME 0x3
+    mov xbx, [xsp + ARG1]
+    mov xsi, [xsp + ARG2]
+    mov xdi, [xsp + ARG3]
     call bench_start
 .Lvmm_map_loop:
-    push PTE_P | PTE_RW
-    push xdi
-    push xsi
+    PUSHW PTE_P | PTE_RW
+    PUSHW xdi
+    PUSHW xsi
     call vmm_map
-    add xsp, 3*WORD_SIZE
-    push xsi
+    DROP 0x3
+    PUSHW xsi
     call vmm_unmap
-    add xsp, WORD_SIZE
+    DROP 0x1
     dec ebx
     jnz .Lvmm_map_loop
     call bench_stop
@@ -153,8 +160,9 @@ bench_vmm_map_unmap:
 bench_demand_fault:
     push xbx
     push xsi
-    mov xbx, [xsp + 3*WORD_SIZE]
-    mov xsi, [xsp + 4*WORD_SIZE]
+    FRAME 0x2
+    mov xbx, [xsp + ARG1]
+    mov xsi, [xsp + ARG2]
     call bench_start
 .Lfault_loop:
     mov dword ptr [xsi], 0x1
@@ -170,17 +178,18 @@ bench_demand_fault:
 bench_range:
     push xbx
     push xsi
-    mov xbx, [xsp + 3*WORD_SIZE]
-    mov xsi, [xsp + 4*WORD_SIZE]
+    FRAME 0x2
+    mov xbx, [xsp + ARG1]
+    mov xsi, [xsp + ARG2]
     call bench_start
 .Lrange_loop:
-    push xsi
+    PUSHW xsi
     call vrange_reserve
-    add xsp, WORD_SIZE
-    push xsi
-    push xax
+    DROP 0x1
+    PUSHW xsi
+    PUSHW xax
     call vrange_release
-    add xsp, 2*WORD_SIZE
+    DROP 0x2
     dec ebx
     jnz .Lrange_loop
     call bench_stop
@@ -193,18 +202,19 @@ bench_kmalloc_kfree:
     push xbx
     push xsi
     push xdi
-    mov xbx, [xsp + 4*WORD_SIZE]
-    mov xsi, [xsp + 5*WORD_SIZE]
-    mov xdi, [xsp + 6*WORD_SIZE]
+    FRAME 0x3
+    mov xbx, [xsp + ARG1]
+    mov xsi, [xsp + ARG2]
+    mov xdi, [xsp + ARG3]
     call bench_start
 .Lkmalloc_loop:
-    push xdi
-    push xsi
+    PUSHW xdi
+    PUSHW xsi
     call kmalloc_aligned
-    add xsp, 2*WORD_SIZE
-    push xax
+    DROP 0x2
+    PUSHW xax
     call kfree
-    add xsp, WORD_SIZE
+    DROP 0x1
     dec ebx
     jnz .Lkmalloc_loop
     call bench_stop

@@ -1,7 +1,7 @@
 # The Multiboot entry both architectures share, and what the loader hands over, kept before paging hides it: the
 # Multiboot information (flags, memory sizes, command line, memory map) is copied into .bss while it is still
 # reachable at its physical address. Then each architecture turns paging on its own way (boot_paging_on in
-# templates/<arch>/boot.s).
+# templates/<arch>/boot.s), and both end in kernel_start, below.
 #
 # This is 32-bit code that runs before paging, so every address it names is a link-time (virtual) address minus
 # KERNEL_VIRTUAL_BASE; relative jumps and calls need no adjustment (on x86_64 the `.code32` piece is assembled at
@@ -126,3 +126,15 @@ boot_mmap:
     .skip BOOT_MMAP_MAX_ENTRIES * BOOT_MMAP_ENTRY_SIZE
 boot_cmdline:
     .skip BOOT_CMDLINE_MAX
+
+.section .text
+# kernel_start: where both boot stubs jump once they run in the higher half with the identity map gone: the
+# descriptor tables, the interrupt controllers and COM1, then kmain, which does not return.
+kernel_start:
+    call gdt_init
+    call idt_init
+    call pic_init
+    call serial_init
+    call kmain
+    push DEBUG_EXIT_FAILURE                         # kmain does not return
+    call debug_exit

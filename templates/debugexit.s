@@ -16,12 +16,13 @@
 .section .text
 # debug_exit(value): does not return
 debug_exit:
+    FRAME 0x0
     mov dx, COM1_PORT + 0x5                         # line status register
 .Lwait_sent:
     in al, dx
     test al, UART_LSR_TX_DONE
     jz .Lwait_sent
-    mov xax, [xsp + WORD_SIZE]
+    mov xax, [xsp + ARG1]
     mov dx, DEBUG_EXIT_PORT
     out dx, eax
 .Lhalt:
@@ -40,13 +41,14 @@ exit_success:
 
 # panic(message): a kernel structure is corrupt or an invariant broke; say so on COM1 and stop with failure.
 panic:
-    push offset str_panic
+    FRAME 0x0
+    PUSHW offset str_panic
     call serial_puts
-    push xword ptr [xsp + 2*WORD_SIZE]
+    PUSHW xword ptr [xsp + ARG1]
     call serial_puts
-    push offset str_newline
+    PUSHW offset str_newline
     call serial_puts
-    push DEBUG_EXIT_FAILURE
+    PUSHW DEBUG_EXIT_FAILURE
     call debug_exit
 
 .section .rodata

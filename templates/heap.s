@@ -47,10 +47,11 @@ heap_init:
 
 # heap_class_shift(size, align) -> log2 of the block size serving the request (>= HEAP_MIN_SHIFT)
 heap_class_shift:
-    mov xax, [xsp + WORD_SIZE]
-    cmp xax, [xsp + 2*WORD_SIZE]
+    FRAME 0x0
+    mov xax, [xsp + ARG1]
+    cmp xax, [xsp + ARG2]
     jae .Lshift_size
-    mov xax, [xsp + 2*WORD_SIZE]
+    mov xax, [xsp + ARG2]
 .Lshift_size:
     cmp xax, 0x1 << HEAP_MIN_SHIFT
     jbe .Lshift_min
@@ -69,21 +70,23 @@ heap_class_shift:
 
 # kmalloc(size) -> block, or 0 for size 0, a size beyond the heap, or no memory
 kmalloc:
-    push 0x1
-    push xword ptr [xsp + 2*WORD_SIZE]
+    FRAME 0x0
+    PUSHW 0x1
+    PUSHW xword ptr [xsp + ARG1]
     call kmalloc_aligned
-    add xsp, 2*WORD_SIZE
+    DROP 0x2
     ret
 
 # kmalloc_aligned(size, align) -> block aligned to align (a power of two), or 0
 kmalloc_aligned:
-    mov xax, [xsp + WORD_SIZE]
+    FRAME 0x0
+    mov xax, [xsp + ARG1]
     test xax, xax
     jz .Lmalloc_zero
     mov xdx, HEAP_MAX_SIZE
     cmp xax, xdx
     ja .Lmalloc_zero
-    mov xcx, [xsp + 2*WORD_SIZE]
+    mov xcx, [xsp + ARG2]
     test xcx, xcx
     jz .Lmalloc_zero
     cmp xcx, xdx
@@ -91,15 +94,15 @@ kmalloc_aligned:
     lea xdx, [xcx - 0x1]
     test xcx, xdx
     jnz .Lmalloc_zero                               # not a power of two
-    push xcx
-    push xax
+    PUSHW xcx
+    PUSHW xax
     call heap_class_shift
-    add xsp, 2*WORD_SIZE
+    DROP 0x2
     cmp eax, HEAP_MAX_SHIFT
     ja heap_alloc_large
-    push xax
+    PUSHW xax
     call heap_alloc_small
-    add xsp, WORD_SIZE
+    DROP 0x1
     ret
 .Lmalloc_zero:
     xor eax, eax
@@ -109,24 +112,25 @@ kmalloc_aligned:
 heap_alloc_small:
     push xbx
     push xsi
-    mov ecx, [xsp + 3*WORD_SIZE]
+    FRAME 0x2
+    mov ecx, [xsp + ARG1]
     mov xbx, [heap_partial + xcx*WORD_SIZE - HEAP_MIN_SHIFT*WORD_SIZE]
     test xbx, xbx
     jnz .Lsmall_have_slab
-    push xcx
+    PUSHW xcx
     call heap_new_slab
-    add xsp, WORD_SIZE
+    DROP 0x1
     test xax, xax
     jz .Lsmall_done
     mov xbx, xax
 .Lsmall_have_slab:
-    push xbx
+    PUSHW xbx
     call heap_check_slab
-    add xsp, WORD_SIZE
-    push xword ptr [xbx + 0x8]                      # the first free block
-    push xbx
+    DROP 0x1
+    PUSHW xword ptr [xbx + 0x8]                     # the first free block
+    PUSHW xbx
     call heap_block_index
-    add xsp, 2*WORD_SIZE
+    DROP 0x2
     bts [xbx + 0x20], eax
     jc .Lsmall_corrupt                              # a "free" block that is live: the free list is corrupt
     mov xsi, [xbx + 0x8]
@@ -134,9 +138,9 @@ heap_alloc_small:
     mov [xbx + 0x8], xax
     dec byte ptr [xbx + 0x5]
     jnz .Lsmall_taken
-    push xbx                                        # full: no longer a slab with room
+    PUSHW xbx                                       # full: no longer a slab with room
     call heap_unlink_slab
-    add xsp, WORD_SIZE
+    DROP 0x1
 .Lsmall_taken:
     mov xax, xsi
 .Lsmall_done:
@@ -144,7 +148,7 @@ heap_alloc_small:
     pop xbx
     ret
 .Lsmall_corrupt:
-    push offset str_heap_free_list
+    PUSHW offset str_heap_free_list
     call panic
 
 # heap_new_slab(shift) -> a fresh slab page on the class's list, or 0 when no page or frame is left
@@ -152,6 +156,7 @@ heap_new_slab:
     push xbx
     push xsi
     push xdi
+    FRAME 0x3
     xor ecx, ecx                                    # find an unused page of the slab window
 .Lnew_slab_scan:
     cmp ecx, HEAP_SLAB_PAGES
@@ -164,16 +169,16 @@ heap_new_slab:
     mov xbx, xcx
     shl xbx, PAGE_SHIFT
     add xbx, [heap_slab_base]
-    push xcx
-    push xword ptr [heap_page_flags]
-    push xbx
+    PUSHW xcx
+    PUSHW xword ptr [heap_page_flags]
+    PUSHW xbx
     call vmm_back_page                              # a cleared frame: bitmap and links start at zero
-    add xsp, 2*WORD_SIZE
-    pop xcx
+    DROP 0x2
+    POPW xcx
     test xax, xax
     jz .Lnew_slab_none
     bts [heap_slab_pages_used], ecx
-    mov ecx, [xsp + 4*WORD_SIZE]                    # shift
+    mov ecx, [xsp + ARG1]                           # shift
     mov edx, 0x1
     shl edx, cl                                     # block size
     mov dword ptr [xbx], HEAP_SLAB_MAGIC
@@ -199,7 +204,7 @@ heap_new_slab:
     mov xsi, xax
     jmp .Lnew_slab_link
 .Lnew_slab_linked:
-    mov ecx, [xsp + 4*WORD_SIZE]
+    mov ecx, [xsp + ARG1]
     mov xax, [heap_partial + xcx*WORD_SIZE - HEAP_MIN_SHIFT*WORD_SIZE]
     mov [xbx + 0x8 + WORD_SIZE], xax
     test xax, xax
@@ -220,7 +225,8 @@ heap_new_slab:
 
 # heap_unlink_slab(slab): take a slab off its class's list of slabs with room
 heap_unlink_slab:
-    mov xdx, [xsp + WORD_SIZE]
+    FRAME 0x0
+    mov xdx, [xsp + ARG1]
     mov xax, [xdx + 0x8 + WORD_SIZE]                # next
     mov xcx, [xdx + 0x8 + 2*WORD_SIZE]              # previous
     test xcx, xcx
@@ -242,7 +248,8 @@ heap_unlink_slab:
 
 # heap_check_slab(slab): stop the kernel if the header was overwritten
 heap_check_slab:
-    mov xdx, [xsp + WORD_SIZE]
+    FRAME 0x0
+    mov xdx, [xsp + ARG1]
     cmp dword ptr [xdx], HEAP_SLAB_MAGIC
     jne .Lcheck_slab_bad
     mov al, [xdx + 0x4]                             # block shift: one of the classes
@@ -255,14 +262,15 @@ heap_check_slab:
     ja .Lcheck_slab_bad
     ret
 .Lcheck_slab_bad:
-    push offset str_heap_header
+    PUSHW offset str_heap_header
     call panic
 
 # heap_block_index(slab, block) -> index of the block in its slab; stops the kernel if block is not the start
 # of one of the slab's blocks
 heap_block_index:
-    mov xdx, [xsp + WORD_SIZE]
-    mov xax, [xsp + 2*WORD_SIZE]
+    FRAME 0x0
+    mov xdx, [xsp + ARG1]
+    mov xax, [xsp + ARG2]
     sub xax, xdx
     movzx ecx, byte ptr [xdx + 0x4]
     mov edx, 0x1
@@ -279,13 +287,13 @@ heap_block_index:
     test eax, edx
     jnz .Lindex_bad
     shr xax, cl
-    mov xdx, [xsp + WORD_SIZE]
+    mov xdx, [xsp + ARG1]
     movzx edx, byte ptr [xdx + 0x6]
     cmp xax, xdx
     jae .Lindex_bad
     ret
 .Lindex_bad:
-    push offset str_heap_not_block
+    PUSHW offset str_heap_not_block
     call panic
 
 # heap_alloc_large(...) is entered by a jump from kmalloc_aligned with its arguments in place:
@@ -294,6 +302,7 @@ heap_alloc_large:
     push xbx
     push xsi
     push xdi
+    FRAME 0x3
     mov xbx, offset heap_large                      # a free record
 .Llarge_slot:
     cmp xbx, offset heap_large + HEAP_LARGE_SLOTS * 2 * WORD_SIZE
@@ -303,21 +312,21 @@ heap_alloc_large:
     add xbx, 2*WORD_SIZE
     jmp .Llarge_slot
 .Llarge_slot_found:
-    mov xsi, [xsp + 4*WORD_SIZE]                    # pages = ceil(size / PAGE_SIZE)
+    mov xsi, [xsp + ARG1]                           # pages = ceil(size / PAGE_SIZE)
     add xsi, PAGE_SIZE - 1
     shr xsi, PAGE_SHIFT
-    mov xdi, [xsp + 5*WORD_SIZE]                    # extra pages reserved so an aligned start fits
+    mov xdi, [xsp + ARG2]                           # extra pages reserved so an aligned start fits
     shr xdi, PAGE_SHIFT
     jz .Llarge_reserve
     dec xdi
 .Llarge_reserve:
     lea xax, [xsi + xdi]
-    push xax
+    PUSHW xax
     call vrange_reserve
-    add xsp, WORD_SIZE
+    DROP 0x1
     test xax, xax
     jz .Llarge_fail
-    mov xcx, [xsp + 5*WORD_SIZE]                    # aligned start
+    mov xcx, [xsp + ARG2]                           # aligned start
     cmp xcx, PAGE_SIZE
     jae .Llarge_align
     mov ecx, PAGE_SIZE
@@ -332,27 +341,27 @@ heap_alloc_large:
     jz .Llarge_no_head
     shr xdx, PAGE_SHIFT
     sub xdi, xdx
-    push xdx
-    push xax
+    PUSHW xdx
+    PUSHW xax
     call vrange_release
-    add xsp, 2*WORD_SIZE
+    DROP 0x2
 .Llarge_no_head:
     test xdi, xdi                                   # ...and those after the block
     jz .Llarge_back
-    push xdi
+    PUSHW xdi
     mov xax, xsi
     shl xax, PAGE_SHIFT
     add xax, [xbx]
-    push xax
+    PUSHW xax
     call vrange_release
-    add xsp, 2*WORD_SIZE
+    DROP 0x2
 .Llarge_back:
     mov xdi, [xbx]
 .Llarge_back_page:
-    push xword ptr [heap_page_flags]
-    push xdi
+    PUSHW xword ptr [heap_page_flags]
+    PUSHW xdi
     call vmm_back_page
-    add xsp, 2*WORD_SIZE
+    DROP 0x2
     test xax, xax
     jz .Llarge_unwind
     add xdi, PAGE_SIZE
@@ -361,14 +370,14 @@ heap_alloc_large:
     mov xax, [xbx]
     jmp .Llarge_done
 .Llarge_unwind:                                     # out of frames part way: free what was backed
-    push xword ptr [xbx]
+    PUSHW xword ptr [xbx]
     call heap_free_large
-    add xsp, WORD_SIZE
+    DROP 0x1
     jmp .Llarge_fail
 .Llarge_no_slot:
-    push offset str_heap_large_full
+    PUSHW offset str_heap_large_full
     call serial_puts
-    add xsp, WORD_SIZE
+    DROP 0x1
 .Llarge_fail:
     xor eax, eax
 .Llarge_done:
@@ -382,7 +391,8 @@ heap_free_large:
     push xbx
     push xsi
     push xdi
-    mov xax, [xsp + 4*WORD_SIZE]
+    FRAME 0x3
+    mov xax, [xsp + ARG1]
     test xax, xax
     jz .Lfree_large_none
     mov xbx, offset heap_large
@@ -397,22 +407,22 @@ heap_free_large:
     mov xsi, xax
     mov xdi, [xbx + WORD_SIZE]
 .Lfree_large_page:
-    push xsi
+    PUSHW xsi
     call vrange_page_mapped
-    add xsp, WORD_SIZE
+    DROP 0x1
     test eax, eax
     jz .Lfree_large_next
-    push xsi
+    PUSHW xsi
     call vmm_release_page
-    add xsp, WORD_SIZE
+    DROP 0x1
 .Lfree_large_next:
     add xsi, PAGE_SIZE
     dec xdi
     jnz .Lfree_large_page
-    push xword ptr [xbx + WORD_SIZE]
-    push xword ptr [xbx]
+    PUSHW xword ptr [xbx + WORD_SIZE]
+    PUSHW xword ptr [xbx]
     call vrange_release
-    add xsp, 2*WORD_SIZE
+    DROP 0x2
     mov xword ptr [xbx], 0x0
     mov eax, 0x1
     jmp .Lfree_large_done
@@ -428,7 +438,8 @@ heap_free_large:
 kfree:
     push xbx
     push xsi
-    mov xsi, [xsp + 3*WORD_SIZE]
+    FRAME 0x2
+    mov xsi, [xsp + ARG1]
     test xsi, xsi
     jz .Lkfree_done
     mov xax, xsi                                    # a slab block lies inside the slab window
@@ -440,13 +451,13 @@ kfree:
     jnc .Lkfree_foreign
     mov xbx, xsi
     and xbx, -PAGE_SIZE
-    push xbx
+    PUSHW xbx
     call heap_check_slab
-    add xsp, WORD_SIZE
-    push xsi
-    push xbx
+    DROP 0x1
+    PUSHW xsi
+    PUSHW xbx
     call heap_block_index
-    add xsp, 2*WORD_SIZE
+    DROP 0x2
     btr [xbx + 0x20], eax
     jnc .Lkfree_twice
     mov xax, [xbx + 0x8]
@@ -471,23 +482,23 @@ kfree:
 .Lkfree_slab_empty:                                 # every block free: the page goes back
     cmp byte ptr [xbx + 0x6], 0x1                   # a one-block slab was never on the list once full
     je .Lkfree_release
-    push xbx
+    PUSHW xbx
     call heap_unlink_slab
-    add xsp, WORD_SIZE
+    DROP 0x1
 .Lkfree_release:
     mov xax, xbx
     sub xax, [heap_slab_base]
     shr xax, PAGE_SHIFT
     btr [heap_slab_pages_used], eax
-    push xbx
+    PUSHW xbx
     call vmm_release_page
-    add xsp, WORD_SIZE
+    DROP 0x1
     dec dword ptr [heap_slabs]
     jmp .Lkfree_done
 .Lkfree_large:
-    push xsi
+    PUSHW xsi
     call heap_free_large
-    add xsp, WORD_SIZE
+    DROP 0x1
     test eax, eax
     jz .Lkfree_foreign
 .Lkfree_done:
@@ -495,10 +506,11 @@ kfree:
     pop xbx
     ret
 .Lkfree_twice:
-    push offset str_heap_double_free
+    PUSHW offset str_heap_double_free
     call panic
 .Lkfree_foreign:
-    push offset str_heap_not_block
+    FRAME 0x2
+    PUSHW offset str_heap_not_block
     call panic
 
 .section .rodata

@@ -1,6 +1,6 @@
-# The interrupt entry points both architectures share: one 16-byte stub per vector, the PIC acknowledgement, and
-# the exception report. Each architecture's idt.s fills its gates from interrupt_stubs, saves its own frame in
-# exception_common and names the frame's fields in exception_fields.
+# The interrupt entry points both architectures share: one 16-byte stub per vector, the PIC acknowledgement, the
+# exception frame with its page-fault and user-fault hand-offs, and the exception report. Each architecture's
+# idt.s fills its gates from interrupt_stubs and names the frame's registers in exception_fields.
 #
 # Each stub is 16 bytes so the gate for vector v is interrupt_stubs + 16*v. Stubs of vectors that push no error
 # code push a 0 first, so every handler sees the same frame: error code, then vector, each a word. Which vectors
@@ -85,20 +85,88 @@ interrupt_common:
     add xsp, 2*WORD_SIZE
     IRET
 
+# exception_common: the frame is cr2, the general registers, then the stub's vector and error code and the CPU's
+# frame; EXC_VECTOR, EXC_ERROR... name their offsets from its base (computed once, kgen/build/layout.py). i386
+# saves its eight registers with pushad; x86_64 has no pushad and saves the fifteen besides rsp, rax lowest. A page
+# fault goes to page_fault first: when it backed the page, the faulting instruction runs again. Anything else from
+# ring 3 stops the task (user_fault); from the kernel it is reported (exception_report) and the machine exits.
+exception_common:
+.if WORD_SIZE == 4
+    pushad
+.else
+    push r15
+    push r14
+    push r13
+    push r12
+    push r11
+    push r10
+    push r9
+    push r8
+    push rbp
+    push rdi
+    push rsi
+    push rdx
+    push rcx
+    push rbx
+    push rax
+.endif
+    mov xax, cr2
+    push xax
+    mov xbp, xsp
+    cmp xword ptr [xbp + EXC_VECTOR], VECTOR_PAGE_FAULT
+    jne .Lexception_not_handled
+    push xword ptr [xbp + EXC_ERROR]
+    push xword ptr [xbp + EXC_CR2]
+    call page_fault
+    add xsp, 2*WORD_SIZE
+    test eax, eax
+    jz .Lexception_not_handled
+    add xsp, WORD_SIZE                              # cr2
+.if WORD_SIZE == 4
+    popad
+.else
+    pop rax
+    pop rbx
+    pop rcx
+    pop rdx
+    pop rsi
+    pop rdi
+    pop rbp
+    pop r8
+    pop r9
+    pop r10
+    pop r11
+    pop r12
+    pop r13
+    pop r14
+    pop r15
+.endif
+    add xsp, 2*WORD_SIZE                            # vector and error code
+    IRET
+.Lexception_not_handled:
+    test xword ptr [xbp + EXC_CS], SELECTOR_RPL3    # from ring 3: the task stops, not the kernel
+    jz exception_report
+    push xword ptr [xbp + EXC_ERROR]
+    push xword ptr [xbp + EXC_IP]
+    push xword ptr [xbp + EXC_CR2]
+    push xword ptr [xbp + EXC_VECTOR]
+    call user_fault                                 # (vector, cr2, ip, error); does not return
+
 # page_fault(cr2, error) -> 1 when the fault was the first touch of a lazy allocation, now backed: the handler
 # returns to the faulting instruction. Else 0, once the fault's cause is on COM1 (the exception report follows).
 page_fault:
-    test xword ptr [xsp + 2*WORD_SIZE], PF_U        # from ring 3: only the task's lazy range is backed here
+    FRAME 0x0
+    test xword ptr [xsp + ARG2], PF_U               # from ring 3: only the task's lazy range is backed here
     jnz user_page_fault                             # (templates/task.s); a 0 stops the task
-    push xword ptr [xsp + 2*WORD_SIZE]
-    push xword ptr [xsp + 2*WORD_SIZE]
+    PUSHW xword ptr [xsp + ARG2]
+    PUSHW xword ptr [xsp + ARG1]
     call vmm_page_fault
-    add xsp, 2*WORD_SIZE
+    DROP 0x2
     test eax, eax
     jnz .Lpage_fault_done
-    push xword ptr [xsp + 2*WORD_SIZE]
+    PUSHW xword ptr [xsp + ARG2]
     call vmm_report_fault
-    add xsp, WORD_SIZE
+    DROP 0x1
     xor eax, eax
 .Lpage_fault_done:
     ret

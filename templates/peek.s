@@ -4,6 +4,7 @@
 .section .text
 # peek32(vaddr) -> the dword at vaddr (a page fault here is reported like any other)
 peek32:
-    mov xax, [xsp + WORD_SIZE]
+    FRAME 0x0
+    mov xax, [xsp + ARG1]
     mov eax, [xax]
     ret

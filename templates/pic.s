@@ -24,7 +24,8 @@ pic_init:
 
 # pic_unmask(irq): open one line of the master PIC (IRQ 0-7)
 pic_unmask:
-    mov xcx, [xsp + WORD_SIZE]
+    FRAME 0x0
+    mov xcx, [xsp + ARG1]
     in al, PIC1_DATA
     mov dl, 0x1
     shl dl, cl

@@ -190,7 +190,8 @@ pmm_bump:
 # pmm_check_link(next): the link just read from a frame must be a frame address, and 0 exactly at the bottom.
 # A corrupt stack is reported and stops the kernel rather than handing out a wrong frame.
 pmm_check_link:
-    mov xax, [xsp + WORD_SIZE]
+    FRAME 0x0
+    mov xax, [xsp + ARG1]
     test eax, PAGE_SIZE - 1
     jnz .Lcheck_link_bad
     cmp dword ptr [pmm_count], 0x1
@@ -203,7 +204,7 @@ pmm_check_link:
     jnz .Lcheck_link_bad
     ret
 .Lcheck_link_bad:
-    push offset str_pmm_corrupt
+    PUSHW offset str_pmm_corrupt
     call panic
 
 # pmm_alloc() -> physical address of a frame (contents undefined), or 0 when memory is exhausted
@@ -239,49 +240,51 @@ pmm_alloc:
 # pmm_free(phys) -> 1, or 0 when the frame is refused (unaligned, outside RAM, reserved, already on top)
 pmm_free:
     push xbx
-    mov xbx, [xsp + 2*WORD_SIZE]
-    push xbx
+    FRAME 0x1
+    mov xbx, [xsp + ARG1]
+    PUSHW xbx
     call pmm_frame_refusal
-    add xsp, WORD_SIZE
+    DROP 0x1
     test xax, xax
     jnz .Lfree_refused
-    push xbx
+    PUSHW xbx
     call temp_map
-    add xsp, WORD_SIZE
+    DROP 0x1
     test xax, xax
     jz .Lalloc_no_slot
     mov xcx, [pmm_top]
     mov [xax], xcx
-    push xax
+    PUSHW xax
     call temp_unmap
-    add xsp, WORD_SIZE
+    DROP 0x1
     mov [pmm_top], xbx
     inc dword ptr [pmm_count]
     mov eax, 0x1
     pop xbx
     ret
 .Lfree_refused:
-    push xax
-    push offset str_pmm_refused
+    PUSHW xax
+    PUSHW offset str_pmm_refused
     call serial_puts
-    add xsp, WORD_SIZE
-    push xbx
+    DROP 0x1
+    PUSHW xbx
     call serial_puthex
-    add xsp, WORD_SIZE
+    DROP 0x1
     call serial_puts                                # the reason, still on the stack
-    add xsp, WORD_SIZE
-    push offset str_newline
+    DROP 0x1
+    PUSHW offset str_newline
     call serial_puts
-    add xsp, WORD_SIZE
+    DROP 0x1
     xor eax, eax
     pop xbx
     ret
 
 # pmm_interval_of(addr, intervals, count) -> the address of the [start, end) pair holding addr, or 0
 pmm_interval_of:
-    mov xax, [xsp + WORD_SIZE]
-    mov xdx, [xsp + 2*WORD_SIZE]
-    mov xcx, [xsp + 3*WORD_SIZE]
+    FRAME 0x0
+    mov xax, [xsp + ARG1]
+    mov xdx, [xsp + ARG2]
+    mov xcx, [xsp + ARG3]
 .Linterval_next:
     test xcx, xcx
     jz .Linterval_none
@@ -302,30 +305,31 @@ pmm_interval_of:
 
 # pmm_frame_refusal(phys) -> 0 when phys may be freed, else the reason as a string
 pmm_frame_refusal:
-    mov xax, [xsp + WORD_SIZE]
+    FRAME 0x0
+    mov xax, [xsp + ARG1]
     test eax, PAGE_SIZE - 1
     jnz .Lrefuse_unaligned
     mov ecx, [pmm_range_count]
-    push xcx
-    push offset pmm_ranges
-    push xax
+    PUSHW xcx
+    PUSHW offset pmm_ranges
+    PUSHW xax
     call pmm_interval_of
-    add xsp, 3*WORD_SIZE
+    DROP 0x3
     test xax, xax
     jz .Lrefuse_not_ram
     mov ecx, [pmm_reserved_count]
-    push xcx
-    push offset pmm_reserved
-    push xword ptr [xsp + 3*WORD_SIZE]
+    PUSHW xcx
+    PUSHW offset pmm_reserved
+    PUSHW xword ptr [xsp + ARG1]
     call pmm_interval_of
-    add xsp, 3*WORD_SIZE
+    DROP 0x3
     test xax, xax
     jnz .Lrefuse_reserved
 .if PMM_DOUBLE_PUSH
     # Build variant: the frame on top of the stack is not refused. A double free pushes it twice: its link then
     # points at itself, the frames below are lost, and the count says one frame more than the stack holds.
 .else
-    mov xax, [xsp + WORD_SIZE]
+    mov xax, [xsp + ARG1]
     cmp xax, [pmm_top]
     je .Lrefuse_top
 .endif
@@ -349,14 +353,15 @@ pmm_frame_refusal:
 # table must exist (vmm_map grows tables); mapping over a present page is refused.
 pmm_alloc_at:
     push xdi
-    mov xdi, [xsp + 2*WORD_SIZE]
+    FRAME 0x1
+    mov xdi, [xsp + ARG1]
     and xdi, -PAGE_SIZE
-    mov xax, [xsp + 3*WORD_SIZE]
+    mov xax, [xsp + ARG2]
     or xax, PTE_RW                                  # writable until cleared
-    push xax
-    push xdi
+    PUSHW xax
+    PUSHW xdi
     call pmm_map_top
-    add xsp, 2*WORD_SIZE
+    DROP 0x2
     test xax, xax
     jz .Lalloc_at_done
     mov xdx, xax
@@ -364,15 +369,15 @@ pmm_alloc_at:
     mov ecx, PAGE_SIZE / 4
     rep stosd
     mov xax, xdx
-    test xword ptr [xsp + 3*WORD_SIZE], PTE_RW
+    test xword ptr [xsp + ARG2], PTE_RW
     jnz .Lalloc_at_done
     sub xdi, PAGE_SIZE
-    push xax
+    PUSHW xax
     mov xcx, xdi
     ENTRY_OF xcx, xax, PAGE_SHIFT, LEAF_ENTRIES
     and xword ptr [xcx], ~PTE_RW
     invlpg [xdi]
-    pop xax
+    POPW xax
 .Lalloc_at_done:
     pop xdi
     ret
@@ -383,11 +388,12 @@ pmm_alloc_at:
 pmm_map_top:
     push xbx
     push xdi
-    mov xdi, [xsp + 3*WORD_SIZE]                    # vaddr
+    FRAME 0x2
+    mov xdi, [xsp + ARG1]                           # vaddr
     and xdi, -PAGE_SIZE
-    push xdi
+    PUSHW xdi
     call paging_table_present
-    add xsp, WORD_SIZE
+    DROP 0x1
     test eax, eax
     jz .Lmap_top_no_table
     mov xbx, xdi
@@ -400,12 +406,12 @@ pmm_map_top:
     call pmm_entry_for
     mov [xbx], xcx
     invlpg [xdi]
-    push xax                                        # the frame, returned below
-    push xword ptr [xdi]                            # the link, read through its new home
+    PUSHW xax                                       # the frame, returned below
+    PUSHW xword ptr [xdi]                           # the link, read through its new home
     call pmm_check_link
-    pop xword ptr [pmm_top]
+    POPW xword ptr [pmm_top]
     dec dword ptr [pmm_count]
-    pop xax
+    POPW xax
     jmp .Lmap_top_done
 .Lmap_top_bump:
     call pmm_bump
@@ -419,13 +425,14 @@ pmm_map_top:
     pop xbx
     ret
 .Lmap_top_no_table:
-    push offset str_alloc_at_no_table
+    PUSHW offset str_alloc_at_no_table
     jmp .Lmap_top_refuse
 .Lmap_top_present:
-    push offset str_alloc_at_present
+    FRAME 0x2
+    PUSHW offset str_alloc_at_present
 .Lmap_top_refuse:
     call serial_puts
-    add xsp, WORD_SIZE
+    DROP 0x1
     xor eax, eax
     pop xdi
     pop xbx
@@ -445,11 +452,12 @@ pmm_entry_for:
 # stack while it is still mapped (the link is written through vaddr), then unmaps it.
 pmm_free_at:
     push xbx
-    mov xdx, [xsp + 2*WORD_SIZE]
+    FRAME 0x1
+    mov xdx, [xsp + ARG1]
     and xdx, -PAGE_SIZE
-    push xdx
+    PUSHW xdx
     call paging_table_present
-    pop xdx
+    POPW xdx
     test eax, eax
     jz .Lfree_at_nothing
     mov xbx, xdx
@@ -483,7 +491,7 @@ pmm_free_at:
     pop xbx
     ret
 .Lfree_at_image:
-    push offset str_free_at_image
+    PUSHW offset str_free_at_image
     call panic
 .Lfree_at_nothing:
     xor eax, eax

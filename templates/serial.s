@@ -2,7 +2,8 @@
 # works on a real 16550.
 #
 # kgen's calling convention, the same on both architectures: arguments are words (4 or 8 bytes) pushed right to
-# left, the first at [xsp + WORD_SIZE] on entry; the result is in xax; xax, xcx and xdx may be clobbered, the
+# left, the first at [xsp + WORD_SIZE] on entry, read as [xsp + ARG1] (FRAME and its companions in
+# templates/macros.inc keep ARGn right across pushes); the result is in xax; xax, xcx and xdx may be clobbered, the
 # other registers are preserved. `xax`, `xsi`, `xword`... are word-size selectors (kgen/arch), so this one file
 # assembles as i386 and as x86_64 code.
 
@@ -36,14 +37,16 @@ serial_putc:
     test al, UART_LSR_TX_EMPTY
     jz .Lputc_wait
     mov dx, COM1_PORT
-    mov al, [xsp + WORD_SIZE]
+    FRAME 0x0
+    mov al, [xsp + ARG1]
     out dx, al
     ret
 
 # serial_puts(const char *s)
 serial_puts:
     push xsi
-    mov xsi, [xsp + 2*WORD_SIZE]
+    FRAME 0x1
+    mov xsi, [xsp + ARG1]
 .Lputs_next:
     movzx eax, byte ptr [xsi]
     test eax, eax
@@ -61,7 +64,8 @@ serial_puts:
 serial_putdigits:
     push xbx
     push xsi
-    mov xbx, [xsp + 3*WORD_SIZE]
+    FRAME 0x2
+    mov xbx, [xsp + ARG1]
     mov esi, 2*WORD_SIZE
 .Ldigit:
     rol xbx, 0x4
@@ -79,12 +83,28 @@ serial_putdigits:
 
 # serial_puthex(value): "0x" and the word's hex digits
 serial_puthex:
-    push offset str_hex_prefix
+    FRAME 0x0
+    PUSHW offset str_hex_prefix
     call serial_puts
-    add xsp, WORD_SIZE
-    push xword ptr [xsp + WORD_SIZE]
+    DROP 0x1
+    PUSHW xword ptr [xsp + ARG1]
     call serial_putdigits
-    add xsp, WORD_SIZE
+    DROP 0x1
+    ret
+
+# serial_putline(text, value): text, "0x" and the value's digits, a newline: the shape of every refusal the kernel
+# reports ("kgen: not an address space: 0x...")
+serial_putline:
+    FRAME 0x0
+    PUSHW xword ptr [xsp + ARG1]
+    call serial_puts
+    DROP 0x1
+    PUSHW xword ptr [xsp + ARG2]
+    call serial_puthex
+    DROP 0x1
+    PUSHW offset str_newline
+    call serial_puts
+    DROP 0x1
     ret
 
 .section .rodata
@@ -100,7 +120,8 @@ str_newline:
 serial_putdec:
     push xbx
     push xsi
-    mov xax, [xsp + 3*WORD_SIZE]
+    FRAME 0x2
+    mov xax, [xsp + ARG1]
     mov ebx, 0xa
     xor esi, esi                                    # digits pushed so far
 .Ldec_divide:

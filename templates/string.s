@@ -6,10 +6,11 @@ str_contains:
     push xsi
     push xdi
     push xbx
-    mov xbx, [xsp + 4*WORD_SIZE]
+    FRAME 0x3
+    mov xbx, [xsp + ARG1]
 .Lcontains_start:
     mov xsi, xbx
-    mov xdi, [xsp + 5*WORD_SIZE]
+    mov xdi, [xsp + ARG2]
 .Lcontains_byte:
     mov al, [xdi]
     test al, al

@@ -35,7 +35,8 @@
 .section .text
 # task_record(id) -> the address of task id's record (1..TASK_MAX), or 0
 task_record:
-    mov xax, [xsp + WORD_SIZE]
+    FRAME 0x0
+    mov xax, [xsp + ARG1]
     test xax, xax
     jz .Lrecord_none
     cmp xax, TASK_MAX
@@ -50,9 +51,10 @@ task_record:
 
 # task_create(space, entry, stack) -> task id (1..TASK_MAX), or 0 when space is no address space or the table is full
 task_create:
-    push xword ptr [xsp + WORD_SIZE]
+    FRAME 0x0
+    PUSHW xword ptr [xsp + ARG1]
     call as_find
-    add xsp, WORD_SIZE
+    DROP 0x1
     test xax, xax
     jz .Lcreate_task_none
     mov xcx, offset task_table
@@ -69,11 +71,11 @@ task_create:
     ret
 .Lcreate_task_found:
     mov xword ptr [xcx], TASK_READY
-    mov xax, [xsp + WORD_SIZE]
+    mov xax, [xsp + ARG1]
     mov [xcx + WORD_SIZE], xax                      # space
-    mov xax, [xsp + 2*WORD_SIZE]
+    mov xax, [xsp + ARG2]
     mov [xcx + 2*WORD_SIZE], xax                    # entry
-    mov xax, [xsp + 3*WORD_SIZE]
+    mov xax, [xsp + ARG3]
     mov [xcx + 3*WORD_SIZE], xax                    # stack
     xor eax, eax
     mov [xcx + 4*WORD_SIZE], xax                    # status, vector, address, error
@@ -85,9 +87,10 @@ task_create:
 
 # task_release(id): give task id's record back (a task that has exited or was killed)
 task_release:
-    push xword ptr [xsp + WORD_SIZE]
+    FRAME 0x0
+    PUSHW xword ptr [xsp + ARG1]
     call task_record
-    add xsp, WORD_SIZE
+    DROP 0x1
     test xax, xax
     jz .Lrelease_done
     mov xword ptr [xax], 0x0
@@ -101,33 +104,34 @@ user_load:
     push xsi
     push xdi
     push xbp
-    push xword ptr [as_attached]                    # put back at the end
-    push xword ptr [xsp + 6*WORD_SIZE]
+    FRAME 0x4
+    PUSHW xword ptr [as_attached]                   # put back at the end
+    PUSHW xword ptr [xsp + ARG1]
     call as_attach
-    add xsp, WORD_SIZE
+    DROP 0x1
     test eax, eax
     jz .Lload_failed
-    mov xsi, [xsp + 7*WORD_SIZE]
+    mov xsi, [xsp + ARG2]
     mov xbp, USER_TEXT_BASE
 .Lload_page:
-    cmp xsi, [xsp + 8*WORD_SIZE]
+    cmp xsi, [xsp + ARG3]
     jae .Lload_done
     call pmm_alloc
     test xax, xax
     jz .Lload_failed
     mov xbx, xax
-    push xax
+    PUSHW xax
     call temp_map
-    add xsp, WORD_SIZE
+    DROP 0x1
     test xax, xax
     jz .Lload_no_slot
     mov xdi, xax
-    push xax
+    PUSHW xax
     xor eax, eax
     mov ecx, PAGE_SIZE / 4
     rep stosd
     mov xdi, [xsp]
-    mov xcx, [xsp + 9*WORD_SIZE]                    # bytes left, at most a page
+    mov xcx, [xsp + ARG3]                           # bytes left, at most a page
     sub xcx, xsi
     cmp xcx, PAGE_SIZE
     jbe .Lload_copy
@@ -135,34 +139,35 @@ user_load:
 .Lload_copy:
     rep movsb
     call temp_unmap                                 # the slot, still on the stack
-    add xsp, WORD_SIZE
-    push PTE_P | PTE_US                             # read-only, executable
-    push xbx
-    push xbp
-    push xword ptr [xsp + 9*WORD_SIZE]
+    DROP 0x1
+    PUSHW PTE_P | PTE_US                            # read-only, executable
+    PUSHW xbx
+    PUSHW xbp
+    PUSHW xword ptr [xsp + ARG1]
     call vmm_map_in
-    add xsp, 4*WORD_SIZE
+    DROP 0x4
     test eax, eax
     jz .Lload_map_failed
     add xbp, PAGE_SIZE
     jmp .Lload_page
 .Lload_done:
     call as_set_foreign                             # the previous attachment
-    add xsp, WORD_SIZE
+    DROP 0x1
     mov xax, USER_TEXT_BASE
     jmp .Lload_return
 .Lload_map_failed:
-    push xbx
+    FRAME 0x5
+    PUSHW xbx
     call pmm_free
-    add xsp, WORD_SIZE
+    DROP 0x1
     jmp .Lload_failed
 .Lload_no_slot:
-    push xbx
+    PUSHW xbx
     call pmm_free
-    add xsp, WORD_SIZE
+    DROP 0x1
 .Lload_failed:                                      # what was mapped belongs to the space: as_destroy takes it
     call as_set_foreign
-    add xsp, WORD_SIZE
+    DROP 0x1
     xor eax, eax
 .Lload_return:
     pop xbp
@@ -174,24 +179,25 @@ user_load:
 # task_run(id) -> the task's exit status, or TASK_KILLED_STATUS when a fault stopped it (also when id is not a
 # ready task). Enters ring 3; comes back through task_finish.
 task_run:
-    push xword ptr [xsp + WORD_SIZE]
+    FRAME 0x0
+    PUSHW xword ptr [xsp + ARG1]
     call task_record
-    add xsp, WORD_SIZE
+    DROP 0x1
     test xax, xax
     jz .Lrun_refused
     cmp xword ptr [xax], TASK_READY
     jne .Lrun_refused
-    push xbx
-    push xsi
-    push xdi
-    push xbp
+    PUSHW xbx
+    PUSHW xsi
+    PUSHW xdi
+    PUSHW xbp
     mov xbx, xax
-    push xword ptr [xbx + WORD_SIZE]
+    PUSHW xword ptr [xbx + WORD_SIZE]
     call as_switch
-    add xsp, WORD_SIZE
+    DROP 0x1
     test eax, eax
     jz .Lrun_no_space
-    mov xax, [xsp + 5*WORD_SIZE]
+    mov xax, [xsp + ARG1]
     mov [task_current], xax
     mov [task_kernel_sp], xsp
     mov [tss + TSS_SP0], xsp                        # ring 3's interrupts land just below this frame
@@ -229,10 +235,11 @@ task_run:
 .endif
 .Lrun_no_space:
     mov xword ptr [xbx], TASK_KILLED
-    pop xbp
-    pop xdi
-    pop xsi
-    pop xbx
+    FRAME 0x4
+    POPW xbp
+    POPW xdi
+    POPW xsi
+    POPW xbx
 .Lrun_refused:
     mov xax, TASK_KILLED_STATUS
     ret
@@ -372,12 +379,13 @@ syscall_entry64:
 
 # user_page_mapped(vaddr) -> 1 when vaddr's page is present and user-accessible in the running space, else 0
 user_page_mapped:
-    push xword ptr [xsp + WORD_SIZE]
+    FRAME 0x0
+    PUSHW xword ptr [xsp + ARG1]
     call paging_table_present                       # every level above present, none a large page
-    add xsp, WORD_SIZE
+    DROP 0x1
     test eax, eax
     jz .Lmapped_no
-    mov xcx, [xsp + WORD_SIZE]
+    mov xcx, [xsp + ARG1]
     ENTRY_OF xcx, xdx, PAGE_SHIFT, LEAF_ENTRIES
     mov xax, [xcx]
     and eax, PTE_P | PTE_US
@@ -393,8 +401,9 @@ user_page_mapped:
 user_write:
     push xbx
     push xsi
-    mov xsi, [xsp + 3*WORD_SIZE]
-    mov xbx, [xsp + 4*WORD_SIZE]
+    FRAME 0x2
+    mov xsi, [xsp + ARG1]
+    mov xbx, [xsp + ARG2]
     add xbx, xsi                                    # the end
     jc .Lwrite_bad
     mov xax, USER_HALF_END
@@ -405,12 +414,12 @@ user_write:
 .Lwrite_check:
     cmp xax, xbx
     jae .Lwrite_out
-    push xax
-    push xax
+    PUSHW xax
+    PUSHW xax
     call user_page_mapped
-    add xsp, WORD_SIZE
+    DROP 0x1
     test eax, eax
-    pop xax
+    POPW xax
     jz .Lwrite_bad
     add xax, PAGE_SIZE
     jmp .Lwrite_check
@@ -418,13 +427,13 @@ user_write:
     cmp xsi, xbx
     jae .Lwrite_done
     movzx eax, byte ptr [xsi]
-    push xax
+    PUSHW xax
     call serial_putc
-    add xsp, WORD_SIZE
+    DROP 0x1
     inc xsi
     jmp .Lwrite_out
 .Lwrite_done:
-    mov xax, [xsp + 4*WORD_SIZE]
+    mov xax, [xsp + ARG2]
     pop xsi
     pop xbx
     ret
@@ -437,40 +446,41 @@ user_write:
 # user_page_fault(cr2, error) -> 1 when a ring-3 fault was the first touch of the lazy range, now backed (a cleared
 # frame mapped user, writable, NX on x86_64); else 0, and exception_common stops the task
 user_page_fault:
+    FRAME 0x0
     cld
-    test xword ptr [xsp + 2*WORD_SIZE], PF_P | PF_I  # present already, or a fetch: never backed here
+    test xword ptr [xsp + ARG2], PF_P | PF_I        # present already, or a fetch: never backed here
     jnz .Luser_pf_no
-    mov xax, [xsp + WORD_SIZE]
+    mov xax, [xsp + ARG1]
     cmp xax, USER_LAZY_BASE
     jb .Luser_pf_no
     cmp xax, USER_LAZY_END
     jae .Luser_pf_no
-    push xbx
-    push xdi
+    PUSHW xbx
+    PUSHW xdi
     call pmm_alloc
     test xax, xax
     jz .Luser_pf_popped
     mov xbx, xax
-    push xword ptr [as_attached]                    # put back below
+    PUSHW xword ptr [as_attached]                   # put back below
     call as_current
-    push xax
+    PUSHW xax
     call as_set_foreign                             # the running space, attached to itself
     mov xcx, PTE_P | PTE_RW | PTE_US
     SET_NX xcx
-    push xcx
-    push xbx
-    mov xdi, [xsp + 7*WORD_SIZE]
+    PUSHW xcx
+    PUSHW xbx
+    mov xdi, [xsp + ARG1]
     and xdi, -PAGE_SIZE
-    push xdi
-    push xword ptr [xsp + 3*WORD_SIZE]
+    PUSHW xdi
+    PUSHW xword ptr [xsp + 3*WORD_SIZE]
     call vmm_map_in
-    add xsp, 5*WORD_SIZE
-    push xax                                        # 1 when mapped
-    push xword ptr [xsp + WORD_SIZE]
+    DROP 0x5
+    PUSHW xax                                       # 1 when mapped
+    PUSHW xword ptr [xsp + WORD_SIZE]
     call as_set_foreign                             # the previous attachment
-    add xsp, WORD_SIZE
-    pop xax
-    add xsp, WORD_SIZE
+    DROP 0x1
+    POPW xax
+    DROP 0x1
     test eax, eax
     jz .Luser_pf_unused
     xor eax, eax                                    # not present before: no stale entry to flush
@@ -482,107 +492,109 @@ user_page_fault:
     pop xbx
     ret
 .Luser_pf_unused:
-    push xbx
+    PUSHW xbx
     call pmm_free
-    add xsp, WORD_SIZE
+    DROP 0x1
 .Luser_pf_popped:
-    pop xdi
-    pop xbx
+    POPW xdi
+    POPW xbx
 .Luser_pf_no:
     xor eax, eax
     ret
 
 # user_fault(vector, cr2, ip, error): a fault in ring 3 nobody handled. Reported, the task killed; does not return.
 user_fault:
+    FRAME 0x0
     mov xbx, [task_current]
     test xbx, xbx
     jz exception_report                             # ring 3 without a task: cannot be, report it as the kernel's
-    push offset str_user_fault
+    PUSHW offset str_user_fault
     call serial_puts
-    push xbx
+    PUSHW xbx
     call serial_puthex
-    push offset str_uf_space
+    PUSHW offset str_uf_space
     call serial_puts
     call as_current
-    push xax
+    PUSHW xax
     call serial_puthex
-    push offset str_uf_vector
+    PUSHW offset str_uf_vector
     call serial_puts
-    push xword ptr [xsp + 6*WORD_SIZE]
+    PUSHW xword ptr [xsp + ARG1]
     call serial_puthex
-    push offset str_uf_addr
+    PUSHW offset str_uf_addr
     call serial_puts
-    push xword ptr [xsp + 9*WORD_SIZE]
+    PUSHW xword ptr [xsp + ARG2]
     call serial_puthex
-    push offset str_uf_ip
+    PUSHW offset str_uf_ip
     call serial_puts
-    push xword ptr [xsp + 12*WORD_SIZE]
+    PUSHW xword ptr [xsp + ARG3]
     call serial_puthex
-    push offset str_uf_error
+    PUSHW offset str_uf_error
     call serial_puts
-    push xword ptr [xsp + 15*WORD_SIZE]
+    PUSHW xword ptr [xsp + ARG4]
     call serial_puthex
-    add xsp, 12*WORD_SIZE
-    cmp xword ptr [xsp + WORD_SIZE], VECTOR_PAGE_FAULT
+    DROP 0xc
+    cmp xword ptr [xsp + ARG1], VECTOR_PAGE_FAULT
     jne .Luser_fault_line
-    push xword ptr [xsp + 4*WORD_SIZE]
+    PUSHW xword ptr [xsp + ARG4]
     call user_fault_bits
-    add xsp, WORD_SIZE
+    DROP 0x1
 .Luser_fault_line:
-    push offset str_newline
+    PUSHW offset str_newline
     call serial_puts
-    add xsp, WORD_SIZE
-    push xbx
+    DROP 0x1
+    PUSHW xbx
     call task_record
-    add xsp, WORD_SIZE
+    DROP 0x1
     mov xword ptr [xax], TASK_KILLED
     mov xcx, TASK_KILLED_STATUS
     mov [xax + 4*WORD_SIZE], xcx
-    mov xcx, [xsp + WORD_SIZE]
+    mov xcx, [xsp + ARG1]
     mov [xax + 5*WORD_SIZE], xcx
-    mov xcx, [xsp + 2*WORD_SIZE]
+    mov xcx, [xsp + ARG2]
     mov [xax + 6*WORD_SIZE], xcx
-    mov xcx, [xsp + 4*WORD_SIZE]
+    mov xcx, [xsp + ARG4]
     mov [xax + 7*WORD_SIZE], xcx
     jmp task_finish
 
 # user_fault_bits(error): " not-present|protection read|write user|supervisor [reserved-bit] [fetch]"
 user_fault_bits:
     push xbx
-    mov xbx, [xsp + 2*WORD_SIZE]
+    FRAME 0x1
+    mov xbx, [xsp + ARG1]
     mov xax, offset str_pf_not_present
     test ebx, PF_P
     jz .Lbits_p
     mov xax, offset str_pf_protection
 .Lbits_p:
-    push xax
+    PUSHW xax
     call serial_puts
     mov xax, offset str_pf_read
     test ebx, PF_W
     jz .Lbits_w
     mov xax, offset str_pf_write
 .Lbits_w:
-    push xax
+    PUSHW xax
     call serial_puts
     mov xax, offset str_pf_supervisor
     test ebx, PF_U
     jz .Lbits_u
     mov xax, offset str_pf_user
 .Lbits_u:
-    push xax
+    PUSHW xax
     call serial_puts
-    add xsp, 3*WORD_SIZE
+    DROP 0x3
     test ebx, PF_RSVD
     jz .Lbits_rsvd
-    push offset str_pf_reserved
+    PUSHW offset str_pf_reserved
     call serial_puts
-    add xsp, WORD_SIZE
+    DROP 0x1
 .Lbits_rsvd:
     test ebx, PF_I
     jz .Lbits_fetch
-    push offset str_pf_fetch
+    PUSHW offset str_pf_fetch
     call serial_puts
-    add xsp, WORD_SIZE
+    DROP 0x1
 .Lbits_fetch:
     pop xbx
     ret

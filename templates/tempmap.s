@@ -11,10 +11,11 @@
 .section .text
 # temp_map(phys) -> virtual address of a slot now mapping the frame holding phys, or 0 when all slots are in use
 temp_map:
+    FRAME 0x0
     mov ecx, [tempmap_used]
     cmp ecx, TEMPMAP_SLOTS
     jae .Ltemp_map_exhausted
-    mov xax, [xsp + WORD_SIZE]
+    mov xax, [xsp + ARG1]
     and xax, -PAGE_SIZE
     or xax, PTE_P | PTE_RW
     SET_NX xax                                      # a window onto data: never executable
@@ -26,7 +27,9 @@ temp_map:
     shl xax, PAGE_SHIFT
     mov xdx, TEMPMAP_BASE
     add xax, xdx
-.if TEMPMAP_INVLPG
+.if TEMPMAP_SKIP_INVLPG
+    # Build variant: no INVLPG. A read through the slot may still reach the frame it mapped before.
+.else
     invlpg [xax]
 .endif
     ret
@@ -40,6 +43,7 @@ temp_map:
 
 # temp_unmap(vaddr): give back the newest slot
 temp_unmap:
+    FRAME 0x0
     mov ecx, [tempmap_used]
     test ecx, ecx
     jz .Ltemp_unmap_bad
@@ -48,12 +52,13 @@ temp_unmap:
     shl xax, PAGE_SHIFT
     mov xdx, TEMPMAP_BASE
     add xax, xdx
-    cmp xax, [xsp + WORD_SIZE]
+    cmp xax, [xsp + ARG1]
     jne .Ltemp_unmap_bad
     mov xdx, TEMPMAP_PTES
     mov xword ptr [xdx + xcx*ENTRY_SIZE], 0x0
     mov [tempmap_used], ecx
-.if TEMPMAP_INVLPG
+.if TEMPMAP_SKIP_INVLPG
+.else
     invlpg [xax]
 .endif
     ret

@@ -26,7 +26,8 @@ vrange_init:
 
 # vrange_reserve(pages) -> start of a free range of that many pages, or 0 (first fit)
 vrange_reserve:
-    mov xdx, [xsp + WORD_SIZE]
+    FRAME 0x0
+    mov xdx, [xsp + ARG1]
     test xdx, xdx
     jz .Lreserve_none
     mov xax, offset vmm_free_ranges
@@ -48,10 +49,10 @@ vrange_reserve:
     mov xax, xcx
     ret
 .Lreserve_remove:                                   # the range is used up: close the gap in the array
-    push xcx
-    push xax
+    PUSHW xcx
+    PUSHW xax
     call vrange_remove_slot
-    add xsp, WORD_SIZE
+    DROP 0x1
     pop xax
     ret
 .Lreserve_none:
@@ -60,7 +61,8 @@ vrange_reserve:
 
 # vrange_remove_slot(range): drop one entry (its address in vmm_free_ranges) of the free array
 vrange_remove_slot:
-    mov xcx, [xsp + WORD_SIZE]
+    FRAME 0x0
+    mov xcx, [xsp + ARG1]
     dec dword ptr [vmm_free_range_count]
     mov edx, [vmm_free_range_count]
     shl xdx, WORD_SHIFT + 1
@@ -83,8 +85,9 @@ vrange_release:
     push xbx
     push xsi
     push xdi
-    mov xbx, [xsp + 4*WORD_SIZE]                    # start
-    mov xsi, [xsp + 5*WORD_SIZE]                    # pages
+    FRAME 0x3
+    mov xbx, [xsp + ARG1]                           # start
+    mov xsi, [xsp + ARG2]                           # pages
     test ebx, PAGE_SIZE - 1
     jnz .Lrelease_bad
     test xsi, xsi
@@ -138,9 +141,9 @@ vrange_release:
     jne .Lrelease_ok
     mov xax, [xcx + WORD_SIZE]
     add [xcx - WORD_SIZE], xax
-    push xcx
+    PUSHW xcx
     call vrange_remove_slot
-    add xsp, WORD_SIZE
+    DROP 0x1
     jmp .Lrelease_ok
 .Lrelease_try_next:
     cmp xcx, xdx
@@ -175,21 +178,23 @@ vrange_release:
     mov eax, 0x1
     jmp .Lrelease_done
 .Lrelease_twice:
-    push offset str_release_twice
+    PUSHW offset str_release_twice
     jmp .Lrelease_report
 .Lrelease_full:
-    push offset str_release_full
+    FRAME 0x3
+    PUSHW offset str_release_full
     jmp .Lrelease_report
 .Lrelease_bad:
-    push offset str_release_bad
+    FRAME 0x3
+    PUSHW offset str_release_bad
 .Lrelease_report:
     call serial_puts
-    add xsp, WORD_SIZE
-    push xbx
+    DROP 0x1
+    PUSHW xbx
     call serial_puthex
-    push offset str_newline
+    PUSHW offset str_newline
     call serial_puts
-    add xsp, 2*WORD_SIZE
+    DROP 0x2
     xor eax, eax
 .Lrelease_done:
     pop xdi
@@ -205,6 +210,7 @@ vmm_alloc:
     push xbx
     push xsi
     push xdi
+    FRAME 0x3
     mov xbx, offset vmm_allocs                      # find an empty record
 .Lalloc_slot:
     cmp xbx, offset vmm_allocs + VMM_ALLOC_SLOTS * 4 * WORD_SIZE
@@ -214,27 +220,27 @@ vmm_alloc:
     add xbx, 4*WORD_SIZE
     jmp .Lalloc_slot
 .Lalloc_slot_found:
-    push xword ptr [xsp + 4*WORD_SIZE]
+    PUSHW xword ptr [xsp + ARG1]
     call vrange_reserve
-    add xsp, WORD_SIZE
+    DROP 0x1
     test xax, xax
     jz .Lalloc_done
     mov [xbx], xax
-    mov xcx, [xsp + 4*WORD_SIZE]
+    mov xcx, [xsp + ARG1]
     mov [xbx + WORD_SIZE], xcx
-    mov xcx, [xsp + 5*WORD_SIZE]
+    mov xcx, [xsp + ARG2]
     mov [xbx + 2*WORD_SIZE], xcx
-    mov xcx, [xsp + 6*WORD_SIZE]
+    mov xcx, [xsp + ARG3]
     mov [xbx + 3*WORD_SIZE], xcx
     test xcx, xcx
     jnz .Lalloc_ok                                  # lazy: the page-fault handler backs each page
     mov xsi, xax                                    # back every page now
     mov xdi, [xbx + WORD_SIZE]
 .Lalloc_back:
-    push xword ptr [xbx + 2*WORD_SIZE]
-    push xsi
+    PUSHW xword ptr [xbx + 2*WORD_SIZE]
+    PUSHW xsi
     call vmm_back_page
-    add xsp, 2*WORD_SIZE
+    DROP 0x2
     test xax, xax
     jz .Lalloc_unwind
     add xsi, PAGE_SIZE
@@ -248,21 +254,22 @@ vmm_alloc:
     pop xbx
     ret
 .Lalloc_unwind:                                     # out of memory part way: give back what was taken
-    push xword ptr [xbx]
+    PUSHW xword ptr [xbx]
     call vmm_free
-    add xsp, WORD_SIZE
+    DROP 0x1
     xor eax, eax
     jmp .Lalloc_done
 .Lalloc_no_slot:
-    push offset str_alloc_no_slot
+    PUSHW offset str_alloc_no_slot
     call serial_puts
-    add xsp, WORD_SIZE
+    DROP 0x1
     xor eax, eax
     jmp .Lalloc_done
 
 # vmm_find(vaddr) -> the allocation record containing vaddr, or 0
 vmm_find:
-    mov xdx, [xsp + WORD_SIZE]
+    FRAME 0x0
+    mov xdx, [xsp + ARG1]
     mov xax, offset vmm_allocs
 .Lfind_record:
     cmp xax, offset vmm_allocs + VMM_ALLOC_SLOTS * 4 * WORD_SIZE
@@ -287,12 +294,13 @@ vmm_find:
 
 # vrange_page_mapped(vaddr) -> 1 when a page is mapped at vaddr, else 0 (its page table may be missing too)
 vrange_page_mapped:
-    push xword ptr [xsp + WORD_SIZE]
+    FRAME 0x0
+    PUSHW xword ptr [xsp + ARG1]
     call paging_table_present
-    add xsp, WORD_SIZE
+    DROP 0x1
     test eax, eax
     jz .Lmapped_done
-    mov xax, [xsp + WORD_SIZE]
+    mov xax, [xsp + ARG1]
     ENTRY_OF xax, xcx, PAGE_SHIFT, LEAF_ENTRIES
     mov xax, [xax]
     and eax, PTE_P
@@ -304,44 +312,45 @@ vmm_free:
     push xbx
     push xsi
     push xdi
-    push xword ptr [xsp + 4*WORD_SIZE]
+    FRAME 0x3
+    PUSHW xword ptr [xsp + ARG1]
     call vmm_find
-    add xsp, WORD_SIZE
+    DROP 0x1
     test xax, xax
     jz .Lfree_not_allocation
     mov xbx, xax
     mov xsi, [xbx]
-    cmp xsi, [xsp + 4*WORD_SIZE]
+    cmp xsi, [xsp + ARG1]
     jne .Lfree_not_allocation
     mov xdi, [xbx + WORD_SIZE]
 .Lfree_page:
-    push xsi
+    PUSHW xsi
     call vrange_page_mapped
-    add xsp, WORD_SIZE
+    DROP 0x1
     test eax, eax
     jz .Lfree_next_page
-    push xsi
+    PUSHW xsi
     call vmm_release_page
-    add xsp, WORD_SIZE
+    DROP 0x1
 .Lfree_next_page:
     add xsi, PAGE_SIZE
     dec xdi
     jnz .Lfree_page
-    push xword ptr [xbx + WORD_SIZE]
-    push xword ptr [xbx]
+    PUSHW xword ptr [xbx + WORD_SIZE]
+    PUSHW xword ptr [xbx]
     call vrange_release
-    add xsp, 2*WORD_SIZE
+    DROP 0x2
     mov xax, [xbx + WORD_SIZE]
     mov xword ptr [xbx], 0x0
     jmp .Lfree_done
 .Lfree_not_allocation:
-    push offset str_free_not_allocation
+    PUSHW offset str_free_not_allocation
     call serial_puts
-    push xword ptr [xsp + 5*WORD_SIZE]
+    PUSHW xword ptr [xsp + ARG1]
     call serial_puthex
-    push offset str_newline
+    PUSHW offset str_newline
     call serial_puts
-    add xsp, 3*WORD_SIZE
+    DROP 0x3
     xor eax, eax
 .Lfree_done:
     pop xdi
@@ -353,19 +362,20 @@ vmm_free:
 
 # vmm_page_fault(cr2, error) -> 1 when the fault was a first touch of a lazy allocation and is now backed
 vmm_page_fault:
-    test dword ptr [xsp + 2*WORD_SIZE], PF_P        # a protection fault is never a missing lazy page
+    FRAME 0x0
+    test dword ptr [xsp + ARG2], PF_P               # a protection fault is never a missing lazy page
     jnz .Lfault_not_ours
-    push xword ptr [xsp + WORD_SIZE]
+    PUSHW xword ptr [xsp + ARG1]
     call vmm_find
-    add xsp, WORD_SIZE
+    DROP 0x1
     test xax, xax
     jz .Lfault_not_ours
     cmp xword ptr [xax + 3*WORD_SIZE], 0x0
     je .Lfault_not_ours
-    push xword ptr [xax + 2*WORD_SIZE]
-    push xword ptr [xsp + 2*WORD_SIZE]
+    PUSHW xword ptr [xax + 2*WORD_SIZE]
+    PUSHW xword ptr [xsp + ARG1]
     call vmm_back_page
-    add xsp, 2*WORD_SIZE
+    DROP 0x2
     test xax, xax
     jz .Lfault_not_ours
     inc dword ptr [vmm_demand_faults]

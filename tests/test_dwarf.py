@@ -45,6 +45,10 @@ def _condition(expression: str, constants: dict[str, int]) -> bool:
     return bool(eval(python, {"__builtins__": {}}))     # noqa: S307 - numbers and operators from the templates
 
 
+# Macros of templates/macros.inc that emit no bytes (they keep the argument offsets): their line has no address.
+COUNTING_MACROS = frozenset({"frame"})
+
+
 def first_code_line(lines: list[str], start: int, rest: str, constants: dict[str, int]) -> int | None:
     """The number of the first line from `start` (1-based; of that line only `rest` counts) that holds an
     instruction, a macro invocation or data in this kernel: `.if` branches decided by the layout's constants,
@@ -69,7 +73,7 @@ def first_code_line(lines: list[str], start: int, rest: str, constants: dict[str
             in_macro = True
         elif word == ".section":
             return None
-        elif word and (not word.startswith(".") or word in DATA):
+        elif word and (not word.startswith(".") or word in DATA) and word not in COUNTING_MACROS:
             return number
     return None
 

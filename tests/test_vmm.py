@@ -293,6 +293,10 @@ def test_vmm_translate_of_large_pages(kernel):
         for off in (0, 0x123, offset, span - 1):
             assert s.call("vmm_translate", large + off) == phys + off, \
                 f"{span >> 20} MiB page: vmm_translate({large + off:#x})"
+        frame = s.call("pmm_alloc")       # no table lies below a large page: mapping into it is refused
+        assert s.call("vmm_map", large + offset, frame, FLAGS) == 0, f"vmm_map inside a {span >> 20} MiB page"
+        assert s.call("vmm_translate", large + offset) == phys + offset
+        s.call("pmm_free", frame)
         cpu = walker(s)
         honoured = cpu.pse or not arch.paging.large_needs_pse
         # The i386 kernel leaves CR4.PSE off, so the CPU reads PS in a PDE as nothing and the entry as a page

@@ -427,7 +427,10 @@ def assemble(piece: Piece, address: int, symbols: dict[str, int], *, line_table:
     words = data[len(body):]
     values = [int.from_bytes(words[i:i + 8], "little") for i in range(0, len(words), 8)]
     labels = dict(zip(defined, values))
-    lines = tuple(zip((number for number, _ in marks), values[len(defined):]))
+    marked_lines = list(zip((number for number, _ in marks), values[len(defined):]))
+    # A line at the same address as the next one emitted nothing (a macro that only counts, such as FRAME in
+    # templates/macros.inc): the address belongs to the line that follows.
+    lines = tuple(row for row, after in zip(marked_lines, marked_lines[1:] + [(None, None)]) if row[1] != after[1])
     return Assembled(piece, address, body, labels, lines)
 
 

@@ -30,17 +30,7 @@ ranges) belong to `layout.py`, which turns a Config into addresses.
     kernel = "build/myos.bin"   # relative to this file; each key below is the --kernel option of the same name
 
     [variant]                   # kernels broken on purpose, to prove the tests catch the break
-    fault_at_boot = false       # touch an unmapped page right after boot
-    aspace_skip_foreign_flush = false  # change the foreign slot without flushing the TLB
-    tempmap_skip_invlpg = false # remap temp-map slots without INVLPG
-    vmm_skip_table_clear = false  # leave new page tables uncleared
-    vmm_unmap_skip_invlpg = false # unmap pages without INVLPG
-    vmm_table_user = false        # give a new table's entry one level up U/S
-    vmm_map_wrong_index = false   # write vmm_map's PTE one entry too far
-    pmm_double_push = false       # let pmm_free push the frame already on top
-    vrange_bad_merge = false      # merge a released range into the next free one wrongly
-    heap_small_block = false      # serve kmalloc from blocks one class too small
-    pmm_free_at_skip_invlpg = false  # free mapped frames (vmm_free, kfree) without INVLPG
+    fault_at_boot = false       # one key per entry of kgen/build/variants.py (each names the bug it seeds)
 """
 from __future__ import annotations
 
@@ -52,6 +42,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from kgen.arch import ARCHES, I386, named
+from kgen.build.variants import VARIANT_NAMES
 from kgen.errors import ConfigError
 
 DEFAULT_CONFIG_NAME = "kgen.toml"
@@ -73,18 +64,12 @@ class Config:
     vmm_base: int = _I386["vmm_base"]
     vmm_size: int = _I386["vmm_size"]
     machine_memory_mib: int = 128
-    # Build variants that break the kernel on purpose, so tests can prove they catch the break.
-    fault_at_boot: bool = False
-    aspace_skip_foreign_flush: bool = False
-    tempmap_skip_invlpg: bool = False
-    vmm_skip_table_clear: bool = False
-    vmm_unmap_skip_invlpg: bool = False
-    vmm_table_user: bool = False
-    vmm_map_wrong_index: bool = False
-    pmm_double_push: bool = False
-    vrange_bad_merge: bool = False
-    heap_small_block: bool = False
-    pmm_free_at_skip_invlpg: bool = False
+    # Build variants that break the kernel on purpose, so tests can prove they catch the break: one bool field per
+    # entry of kgen/build/variants.py, off by default (`Config(fault_at_boot=True)` seeds that bug).
+    for _variant in VARIANT_NAMES:
+        __annotations__[_variant] = "bool"
+        vars()[_variant] = False
+    del _variant
 
     source: str = "defaults"   # where the values came from, for error messages
     # Fields the user set; the others take their architecture's default (`for_arch`).
@@ -214,9 +199,7 @@ _SCHEMA: dict[str, tuple[str, ...]] = {
     "tempmap": ("base", "slots"),
     "vmm": ("base", "size"),
     "machine": ("memory_mib",),
-    "variant": ("fault_at_boot", "tempmap_skip_invlpg", "vmm_skip_table_clear", "vmm_unmap_skip_invlpg",
-                "vmm_table_user", "vmm_map_wrong_index", "pmm_double_push", "vrange_bad_merge",
-                "heap_small_block", "aspace_skip_foreign_flush", "pmm_free_at_skip_invlpg"),
+    "variant": VARIANT_NAMES,
 }
 
 

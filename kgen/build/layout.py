@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from kgen.arch import hw
 from kgen.arch import Arch, named
 from kgen.build.config import DECIMAL_KEYS, Config, show_int, show_value
+from kgen.build.variants import VARIANT_NAMES, VARIANTS
 from kgen.errors import ConfigError
 
 MIB = 1 << 20
@@ -140,20 +141,10 @@ class Layout:
     heap_slab_header: int = 0x40
     heap_slab_magic: int = 0x48454150  # "HEAP"
     heap_large_slots: int = 64
-    # Address spaces (templates/aspace.s): live top-level tables, the boot one included; a build variant.
+    # Address spaces (templates/aspace.s): live top-level tables, the boot one included.
     as_max_spaces: int = 16
-    aspace_skip_foreign_flush: bool = False
-    # Build variants.
-    fault_at_boot: bool = False
-    tempmap_skip_invlpg: bool = False
-    vmm_skip_table_clear: bool = False
-    vmm_unmap_skip_invlpg: bool = False
-    vmm_table_user: bool = False
-    vmm_map_wrong_index: bool = False
-    pmm_double_push: bool = False
-    vrange_bad_merge: bool = False
-    heap_small_block: bool = False
-    pmm_free_at_skip_invlpg: bool = False
+    # The build variants seeded in this kernel (names from kgen/build/variants.py): each bug's constant is 1.
+    variants: frozenset[str] = frozenset()
 
     # ---- the architecture ------------------------------------------------------------------------------------
     @property
@@ -385,15 +376,12 @@ class Layout:
             "FOREIGN_LEAF_ENTRIES": self.foreign_level_window(self.arch.levels - 1),
             "USER_HALF_END": self.user_half_end,
             "AS_MAX_SPACES": self.as_max_spaces,
-            "FOREIGN_FLUSH": int(not self.aspace_skip_foreign_flush),
             "TEMPMAP_BASE": self.tempmap_base,
             "TEMPMAP_SLOTS": self.tempmap_slots,
             "TEMPMAP_PTES": self.entry_address(self.tempmap_base, self.arch.levels - 1),
             "DEBUG_EXIT_PORT": self.debug_exit_port,
             "DEBUG_EXIT_SUCCESS": self.debug_exit_success,
             "DEBUG_EXIT_FAILURE": self.debug_exit_failure,
-            "FAULT_AT_BOOT": int(self.fault_at_boot),
-            "TEMPMAP_INVLPG": int(not self.tempmap_skip_invlpg),
             "PMM_LOWEST": LOW_MEMORY_END,
             "PMM_HIGHEST_END": FOUR_GIB - self.page_size,
             "PMM_RESERVED_INTERVALS": 2,
@@ -403,14 +391,6 @@ class Layout:
             "VMM_FREE_SLOTS": self.vmm_free_slots,
             "VMM_ALLOC_SLOTS": self.vmm_alloc_slots,
             "VMM_NONE": self.vmm_none,
-            "VMM_CLEAR_TABLES": int(not self.vmm_skip_table_clear),
-            "VMM_UNMAP_SKIP_INVLPG": int(self.vmm_unmap_skip_invlpg),
-            "VMM_TABLE_USER": int(self.vmm_table_user),
-            "VMM_MAP_WRONG_INDEX": int(self.vmm_map_wrong_index),
-            "PMM_DOUBLE_PUSH": int(self.pmm_double_push),
-            "VRANGE_BAD_MERGE": int(self.vrange_bad_merge),
-            "HEAP_SMALL_BLOCK": int(self.heap_small_block),
-            "PMM_FREE_AT_SKIP_INVLPG": int(self.pmm_free_at_skip_invlpg),
             "HEAP_SLAB_PAGES": self.heap_slab_pages,
             "HEAP_MIN_SHIFT": self.heap_min_shift,
             "HEAP_MAX_SHIFT": self.heap_max_shift,
@@ -419,6 +399,8 @@ class Layout:
             "HEAP_LARGE_SLOTS": self.heap_large_slots,
             "HEAP_MAX_SIZE": self.vmm_size,
             **self._user_constants(),
+            # Seeded bugs: the templates wrap each in `.if NAME` (kgen/build/variants.py).
+            **{variant.constant: int(variant.name in self.variants) for variant in VARIANTS},
             # The first page of the image, virtually below the kernel base: unmapped once the identity map is gone.
             "BOOT_FAULT_ADDRESS": self.kernel_load_address,
             "KERNEL_CS": self.kernel_cs,
@@ -483,11 +465,31 @@ class Layout:
             "KERNEL_HALF_START": self.kernel_half_start,
             "KERNEL_HALF_FIRST_SLOT": (self.kernel_half_start & arch.va_mask) >> arch.shift(0),
         }
+        consts.update(self._exception_frame_constants())
         for level in range(arch.levels):
             consts[f"LEVEL{level}_SHIFT"] = arch.shift(level)
             consts[f"LEVEL{level}_ENTRIES"] = self.level_window(level)
             consts[f"FOREIGN_LEVEL{level}_ENTRIES"] = self.foreign_level_window(level)
         return consts
+
+    def _exception_frame_constants(self) -> dict[str, int]:
+        """Offsets in the frame exception_common builds (templates/interrupts.s), from its base (xbp) up: cr2; the
+        general registers it saves, EXCEPTION_SAVED_REGISTERS of them (pushad's eight on i386; on x86_64, which has
+        no pushad, the fifteen besides rsp); the stub's vector and error code; then the CPU's ip, cs and flags.
+        One frame description serves the page-fault hand-off, the user-fault hand-off and the report's table."""
+        word = self.arch.word_size
+        saved = 8 if word == 4 else 15
+        vector = (1 + saved) * word
+        return {
+            "EXCEPTION_SAVED_REGISTERS": saved,
+            "EXC_CR2": 0,
+            "EXC_REGISTERS": word,
+            "EXC_VECTOR": vector,
+            "EXC_ERROR": vector + word,
+            "EXC_IP": vector + 2 * word,
+            "EXC_CS": vector + 3 * word,
+            "EXC_FLAGS": vector + 4 * word,
+        }
 
     @property
     def user_cs(self) -> int:
@@ -743,14 +745,9 @@ def compute(config: Config) -> Layout:
         kernel_virtual_base=c.kernel_virtual_base, kernel_load_address=c.kernel_load_address,
         kernel_max_size=c.kernel_max_size, kernel_stack_size=c.kernel_stack_size,
         recursive_slot=c.paging_recursive_slot, foreign_slot=c.paging_foreign_slot,
-        aspace_skip_foreign_flush=c.aspace_skip_foreign_flush,
         tempmap_base=c.tempmap_base, tempmap_slots=c.tempmap_slots,
-        memory_mib=c.machine_memory_mib, fault_at_boot=c.fault_at_boot,
-        tempmap_skip_invlpg=c.tempmap_skip_invlpg, vmm_skip_table_clear=c.vmm_skip_table_clear,
-        vmm_unmap_skip_invlpg=c.vmm_unmap_skip_invlpg, vmm_table_user=c.vmm_table_user,
-        vmm_map_wrong_index=c.vmm_map_wrong_index, pmm_double_push=c.pmm_double_push,
-        vrange_bad_merge=c.vrange_bad_merge, heap_small_block=c.heap_small_block,
-        pmm_free_at_skip_invlpg=c.pmm_free_at_skip_invlpg,
+        memory_mib=c.machine_memory_mib,
+        variants=frozenset(name for name in VARIANT_NAMES if getattr(c, name)),
         vmm_base=c.vmm_base, vmm_size=c.vmm_size,
     )
 

@@ -74,13 +74,7 @@ boot_higher_half:
     mov eax, cr4
     or eax, CR4_PGE | CR4_PSE                       # PSE: a PDE with PS maps 4 MiB, as vmm_translate reads it
     mov cr4, eax
-    call gdt_init
-    call idt_init
-    call pic_init
-    call serial_init
-    call kmain
-    push DEBUG_EXIT_FAILURE                         # kmain does not return
-    call debug_exit
+    jmp kernel_start                                # templates/bootinfo.s
 
 .section .bss
 .balign 0x1000

@@ -12,12 +12,7 @@ gdt_init:
     lgdt [gdt_descriptor]
     ljmp KERNEL_CS, .Lreload_cs                      # a far jump is the only way to reload CS
 .Lreload_cs:
-    mov eax, KERNEL_DS
-    mov ds, eax
-    mov es, eax
-    mov fs, eax
-    mov gs, eax
-    mov ss, eax
+    KERNEL_DATA_SEGMENTS                            # templates/macros.inc
     mov dword ptr [tss + TSS32_SS0], KERNEL_DS
     mov word ptr [tss + TSS32_IOMAP], TSS32_SIZE
     mov ax, TASK_TSS
@@ -27,9 +22,7 @@ gdt_init:
 .section .data
 .balign 8
 gdt:
-    .quad 0x0
-    .quad GDT_KERNEL_CODE
-    .quad GDT_KERNEL_DATA
+    GDT_KERNEL_DESCRIPTORS                          # null, KERNEL_CS, KERNEL_DS (templates/macros.inc)
     .quad GDT_USER_CODE
     .quad GDT_USER_DATA
     .quad (TSS32_SIZE - 1) | ((tss & 0xffffff) << 0x10) | (SEG_ACCESS_TSS32 << 0x28) | (((tss >> 0x18) & 0xff) << 0x38)

@@ -1,6 +1,6 @@
 # The i386 IDT: 8-byte gates to the shared stubs (templates/interrupts.s). Its 32 exception gates lead to one
 # report on COM1 and a failure exit through isa-debug-exit (a page fault first asks the VMM whether it was the first
-# touch of a lazy allocation); its 16 PIC gates (IRQ_BASE..) only acknowledge the interrupt: the kernel uses IRQs
+# touch of a lazy allocation: exception_common, templates/interrupts.s); its 16 PIC gates (IRQ_BASE..) only acknowledge the interrupt: the kernel uses IRQs
 # just to wake from `hlt` (templates/calls.s).
 
 .section .text
@@ -27,41 +27,13 @@ idt_init:
     lidt [idt_descriptor]
     ret
 
-# Frame after the pushes below, from esp upwards: cr2, edi, esi, ebp, esp, ebx, edx, ecx, eax (pushad),
-# vector, error code, eip, cs, eflags (the CPU's). exception_fields names the offsets.
-exception_common:
-    pushad
-    mov eax, cr2
-    push eax
-    mov ebp, esp
-    cmp dword ptr [ebp + 0x24], VECTOR_PAGE_FAULT
-    jne .Lexception_report
-    push dword ptr [ebp + 0x28]
-    push dword ptr [ebp]
-    call page_fault
-    add esp, 0x8
-    test eax, eax
-    jz .Lexception_report
-    add esp, 0x4                                    # cr2
-    popad
-    add esp, 0x8                                    # vector and error code
-    iret
-.Lexception_report:
-    test dword ptr [ebp + 0x30], SELECTOR_RPL3      # from ring 3: the task stops, not the kernel
-    jz exception_report
-    push dword ptr [ebp + 0x28]
-    push dword ptr [ebp + 0x2c]
-    push dword ptr [ebp]
-    push dword ptr [ebp + 0x24]
-    call user_fault                                 # (vector, cr2, eip, error); does not return
-
 .section .rodata
 .balign 4
-exception_fields:
-    .xword str_vector, 0x24
-    .xword str_error, 0x28
-    .xword str_eip, 0x2c
-    .xword str_cr2, 0x0
+exception_fields:                                   # the frame exception_common saves (templates/interrupts.s)
+    .xword str_vector, EXC_VECTOR
+    .xword str_error, EXC_ERROR
+    .xword str_eip, EXC_IP
+    .xword str_cr2, EXC_CR2
     .xword str_eax, 0x20
     .xword str_ebx, 0x14
     .xword str_ecx, 0x1c
@@ -70,8 +42,8 @@ exception_fields:
     .xword str_edi, 0x4
     .xword str_ebp, 0xc
     .xword str_esp, 0x10
-    .xword str_cs, 0x30
-    .xword str_eflags, 0x34
+    .xword str_cs, EXC_CS
+    .xword str_eflags, EXC_FLAGS
     .xword 0x0
 str_vector:
     .asciz " vector="

@@ -195,13 +195,7 @@ boot_higher_half:
     mov rax, cr4
     or rax, CR4_PGE
     mov cr4, rax
-    call gdt_init
-    call idt_init
-    call pic_init
-    call serial_init
-    call kmain
-    push DEBUG_EXIT_FAILURE                         # kmain does not return
-    call debug_exit
+    jmp kernel_start                                # templates/bootinfo.s
 
 .section .rodata
 boot_level_shifts:                                  # the levels above the page tables, top first

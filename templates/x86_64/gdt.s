@@ -15,12 +15,7 @@ gdt_init:
     push rax
     retfq
 .Lreload_cs:
-    mov eax, KERNEL_DS
-    mov ds, eax
-    mov es, eax
-    mov fs, eax
-    mov gs, eax
-    mov ss, eax
+    KERNEL_DATA_SEGMENTS                            # templates/macros.inc
     mov rax, offset double_fault_stack_top
     mov [tss + TSS64_IST1], rax
     mov ax, KERNEL_TSS
@@ -49,9 +44,7 @@ gdt_init:
 .section .data
 .balign 8
 gdt:
-    .quad 0x0
-    .quad GDT_KERNEL_CODE
-    .quad GDT_KERNEL_DATA
+    GDT_KERNEL_DESCRIPTORS                          # null, KERNEL_CS, KERNEL_DS (templates/macros.inc)
     # A 64-bit TSS descriptor takes two slots: base 31..0 spread over the first, base 63..32 in the second.
     .quad (TSS64_SIZE - 1) | ((tss & 0xffffff) << 0x10) | (SEG_ACCESS_TSS64 << 0x28) | (((tss >> 0x18) & 0xff) << 0x38)
     .quad tss >> 0x20

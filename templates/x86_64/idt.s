@@ -39,69 +39,13 @@ idt_init:
     lidt [idt_descriptor]
     ret
 
-# Frame after the pushes below, from rsp upwards: cr2, rax, rbx, rcx, rdx, rsi, rdi, rbp, r8..r15, then vector,
-# error code, rip, cs, rflags, rsp, ss (the CPU pushes the last five in long mode). exception_fields names them.
-exception_common:
-    push r15
-    push r14
-    push r13
-    push r12
-    push r11
-    push r10
-    push r9
-    push r8
-    push rbp
-    push rdi
-    push rsi
-    push rdx
-    push rcx
-    push rbx
-    push rax
-    mov rax, cr2
-    push rax
-    mov rbp, rsp
-    cmp qword ptr [rbp + 0x80], VECTOR_PAGE_FAULT
-    jne .Lexception_report
-    push qword ptr [rbp + 0x88]
-    push qword ptr [rbp]
-    call page_fault
-    add rsp, 0x10
-    test eax, eax
-    jz .Lexception_report
-    add rsp, 0x8                                    # cr2
-    pop rax
-    pop rbx
-    pop rcx
-    pop rdx
-    pop rsi
-    pop rdi
-    pop rbp
-    pop r8
-    pop r9
-    pop r10
-    pop r11
-    pop r12
-    pop r13
-    pop r14
-    pop r15
-    add rsp, 0x10                                   # vector and error code
-    iretq
-.Lexception_report:
-    test qword ptr [rbp + 0x98], SELECTOR_RPL3      # from ring 3: the task stops, not the kernel
-    jz exception_report
-    push qword ptr [rbp + 0x88]
-    push qword ptr [rbp + 0x90]
-    push qword ptr [rbp]
-    push qword ptr [rbp + 0x80]
-    call user_fault                                 # (vector, cr2, rip, error); does not return
-
 .section .rodata
 .balign 8
-exception_fields:
-    .xword str_vector, 0x80
-    .xword str_error, 0x88
-    .xword str_rip, 0x90
-    .xword str_cr2, 0x0
+exception_fields:                                   # the frame exception_common saves (templates/interrupts.s)
+    .xword str_vector, EXC_VECTOR
+    .xword str_error, EXC_ERROR
+    .xword str_rip, EXC_IP
+    .xword str_cr2, EXC_CR2
     .xword str_rax, 0x8
     .xword str_rbx, 0x10
     .xword str_rcx, 0x18
@@ -118,8 +62,8 @@ exception_fields:
     .xword str_r13, 0x68
     .xword str_r14, 0x70
     .xword str_r15, 0x78
-    .xword str_cs, 0x98
-    .xword str_rflags, 0xa0
+    .xword str_cs, EXC_CS
+    .xword str_rflags, EXC_FLAGS
     .xword 0x0
 str_vector:
     .asciz " vector="

@@ -1,0 +1,39 @@
+"""The build variants: kernels broken on purpose, one seeded bug each, so the tests can prove they catch it.
+
+This list is the only place a variant is named. The config's `[variant]` table takes one key per entry and the
+Config one boolean field (kgen/build/config.py); the layout hands each to the templates as the constant NAME in
+capitals (kgen/build/layout.py), 1 when the bug is seeded, so a template wraps the broken code in `.if NAME`; and
+tests/test_variants.py builds every entry and runs the stage named here. Every variant is named for the bug it
+seeds and is off by default: no constant means "the correct code" when it is 1.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str         # the [variant] key and the Config field
+    bug: str          # what the kernel does wrong with it on (the config's comment)
+    caught_by: str    # the stage of `kgen test` (a -k expression) that must see the bug on its own
+
+    @property
+    def constant(self) -> str:
+        """The template constant: 1 when the bug is built in, else 0."""
+        return self.name.upper()
+
+
+VARIANTS: tuple[Variant, ...] = (
+    Variant("fault_at_boot", "touch an unmapped page right after boot", "invariants"),
+    Variant("aspace_skip_foreign_flush", "change the foreign slot without flushing the TLB", "address_spaces"),
+    Variant("tempmap_skip_invlpg", "remap temp-map slots without INVLPG", "temp_map"),
+    Variant("vmm_skip_table_clear", "leave new page tables uncleared", "page_tables"),
+    Variant("vmm_unmap_skip_invlpg", "unmap pages without INVLPG", "tlb"),
+    Variant("vmm_table_user", "give a new table's entry one level up U/S", "page_tables"),
+    Variant("vmm_map_wrong_index", "write vmm_map's PTE one entry too far", "page_tables"),
+    Variant("pmm_double_push", "let pmm_free push the frame already on top", "double_free"),
+    Variant("vrange_bad_merge", "merge a released range into the next free one wrongly", "merge"),
+    Variant("heap_small_block", "serve kmalloc from blocks one class too small", "heap"),
+    Variant("pmm_free_at_skip_invlpg", "free mapped frames (vmm_free, kfree) without INVLPG", "tlb"),
+)
+VARIANT_NAMES: tuple[str, ...] = tuple(v.name for v in VARIANTS)
