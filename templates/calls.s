@@ -1,10 +1,10 @@
 # The call channel: with `kgen.serve` on its command line the kernel, after its boot report, waits on COM2 for
-# requests and runs any kernel routine for the harness (kgen/calls.py), which names it by symbol.
-#
+# requests and runs any kernel routine for the harness (kgen/guest/calls.py), which names it by symbol. The frame,
+# its magic numbers, its port and the SERVING_TEXT line are kgen/protocol.py's, which both sides read.
 # Request (little-endian words: 4 bytes on i386, 8 on x86_64):
 #     CALL_REQUEST_MAGIC, routine address, argument count n, n arguments
 # Reply (words):
-#     CALL_REPLY_MAGIC, status (0 ran, 1 refused), xax, xdx, rdtsc delta (low half, high half)
+#     CALL_REPLY_MAGIC, status (CALL_STATUS_RAN or CALL_STATUS_REFUSED), xax, xdx, rdtsc delta (low half, high half)
 #
 # Routines follow kgen's convention (templates/serial.s): arguments pushed right to left, result in xax (xdx:xax
 # for a double word). They run with interrupts off. The rdtsc delta brackets the call alone.
@@ -15,7 +15,7 @@
 .section .text
 serve:
     call com2_init
-    push COM2_IRQ
+    push CALL_IRQ
     call pic_unmask
     add xsp, WORD_SIZE
     push offset str_serving
@@ -77,7 +77,7 @@ serve:
     mov edi, edx
     push CALL_REPLY_MAGIC
     call com2_put_word
-    push 0x0
+    push CALL_STATUS_RAN
     call com2_put_word
     push xword ptr [call_result]
     call com2_put_word
@@ -92,7 +92,7 @@ serve:
 .Lserve_refuse:
     push CALL_REPLY_MAGIC
     call com2_put_word
-    push 0x1
+    push CALL_STATUS_REFUSED
     call com2_put_word
     push 0x0
     call com2_put_word
@@ -116,28 +116,28 @@ serve:
 
 # COM2 as COM1 (templates/serial.s), plus the received-data interrupt that wakes the kernel from hlt.
 com2_init:
-    mov dx, COM2_PORT + 0x1
+    mov dx, CALL_PORT + 0x1
     xor al, al
     out dx, al
-    mov dx, COM2_PORT + 0x3
+    mov dx, CALL_PORT + 0x3
     mov al, 0x80
     out dx, al
-    mov dx, COM2_PORT
+    mov dx, CALL_PORT
     mov al, 0x1
     out dx, al
-    mov dx, COM2_PORT + 0x1
+    mov dx, CALL_PORT + 0x1
     xor al, al
     out dx, al
-    mov dx, COM2_PORT + 0x3
+    mov dx, CALL_PORT + 0x3
     mov al, 0x3
     out dx, al
-    mov dx, COM2_PORT + 0x2
+    mov dx, CALL_PORT + 0x2
     mov al, 0xc7
     out dx, al
-    mov dx, COM2_PORT + 0x4
+    mov dx, CALL_PORT + 0x4
     mov al, UART_MCR_DTR_RTS_OUT2
     out dx, al
-    mov dx, COM2_PORT + 0x1
+    mov dx, CALL_PORT + 0x1
     mov al, UART_IER_RX_AVAILABLE
     out dx, al
     ret
@@ -146,7 +146,7 @@ com2_init:
 # an interrupt that arrives in between still ends the hlt instead of being lost before it.
 com2_get_byte:
     cli
-    mov dx, COM2_PORT + 0x5
+    mov dx, CALL_PORT + 0x5
     in al, dx
     test al, UART_LSR_DATA_READY
     jnz .Lget_byte_ready
@@ -154,7 +154,7 @@ com2_get_byte:
     hlt
     jmp com2_get_byte
 .Lget_byte_ready:
-    mov dx, COM2_PORT
+    mov dx, CALL_PORT
     in al, dx
     movzx eax, al
     ret
@@ -182,12 +182,12 @@ com2_get_word:
 com2_put_word:
     mov ecx, WORD_SIZE
 .Lput_word_byte:
-    mov dx, COM2_PORT + 0x5
+    mov dx, CALL_PORT + 0x5
 .Lput_word_wait:
     in al, dx
     test al, UART_LSR_TX_EMPTY
     jz .Lput_word_wait
-    mov dx, COM2_PORT
+    mov dx, CALL_PORT
     mov al, [xsp + WORD_SIZE]
     out dx, al
     shr xword ptr [xsp + WORD_SIZE], 0x8
@@ -197,7 +197,8 @@ com2_put_word:
 
 .section .rodata
 str_serving:
-    .asciz "kgen: serving calls on COM2\n"
+    SERVING_TEXT                                    # kgen/protocol.py's SERVING, then the line's end
+    .asciz "\n"
 str_bad_magic:
     .asciz "kgen: call channel: bad request magic\n"
 str_bad_argc:

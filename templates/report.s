@@ -1,5 +1,5 @@
 # The boot report on COM1: what the loader handed over, where the kernel lives, and proof that the recursive
-# slot works. The harness and `kgen run` read these lines (kgen/guest/bootreport.py); "kgen: boot ok" is the last.
+# slot works. The harness and `kgen run` read these lines (kgen/guest/bootreport.py); BOOT_OK_TEXT is the last.
 # Then the kernel exits with success (exit_success prints "kgen: exit success" first), or serves calls when its
 # command line holds the serve token.
 
@@ -232,4 +232,5 @@ str_recursive_ok:
 str_recursive_bad:
     .asciz "recursive: self-check FAILED\n"
 str_boot_ok:
-    .asciz "kgen: boot ok\n"
+    BOOT_OK_TEXT                                    # kgen/protocol.py's BOOT_OK, then the line's end
+    .asciz "\n"

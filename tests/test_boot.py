@@ -29,7 +29,7 @@ def boot(out, *, iso: bool):
         pytest.skip(f"{qemu} not installed (Debian package qemu-system-x86)")
     target = {"iso": out.iso} if iso else {"kernel": out.elf}
     # An ISO boots with -icount, as `kgen run` does: GRUB can crash under TCG on a loaded host otherwise.
-    with Machine(**target, memory_mib=layout.memory_mib, debug_exit_port=layout.debug_exit_port, icount=iso,
+    with Machine(**target, memory_mib=layout.memory_mib, icount=iso,
                  qemu=qemu) as m:
         status = m.wait_exit(BOOT_TIMEOUT)
         return status, m.serial

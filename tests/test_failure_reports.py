@@ -54,7 +54,7 @@ def test_a_hang_is_named_with_where_the_cpu_spins(flat):
 
 
 def test_a_kernel_exception_is_named_from_its_own_report(fault_build):
-    with Machine(kernel=fault_build.elf, debug_exit_port=fault_build.kernel.layout.debug_exit_port) as machine:
+    with Machine(kernel=fault_build.elf) as machine:
         status = machine.wait_exit(30)
         failure = explain(machine, ElfInfo.load(fault_build.elf), f"exit status {status}")
     assert failure.kind == "exception"

@@ -10,6 +10,7 @@ import re
 
 import pytest
 
+from kgen import protocol
 from kgen.arch import hw
 
 from conftest import KVM_ONLY, X86_64_ONLY
@@ -21,7 +22,7 @@ FAULT_LINE = re.compile(r"kgen: user fault: task=0x(?P<task>[0-9a-f]+) space=0x(
                         r"error=0x(?P<error>[0-9a-f]+)(?P<bits>[a-z\- ]*)\n")
 
 
-SYNC_TEXT = "kgen: serving calls on COM2\n"
+SYNC_TEXT = protocol.SERVING + "\n"
 
 
 def serial(s) -> str:

@@ -79,9 +79,10 @@ MULTIBOOT2_HEADER_TAGS = {
 }
 MULTIBOOT2_RELOCATABLE_PREFERENCES = {0: "anywhere", 1: "lowest", 2: "highest"}
 
-# PC platform.
+# PC platform: the serial ports' I/O bases and IRQ lines, COM1 first (kgen/protocol.py says which is used for what).
 COM1_PORT = 0x3F8
 COM2_PORT = 0x2F8
+COM_PORTS = (COM1_PORT, COM2_PORT)
 
 # Segment descriptors (SDM vol. 3, 3.4.5). Access bytes have the accessed bit preset so the CPU never writes the GDT.
 SEG_ACCESS_KERNEL_CODE = 0x9B   # present, ring 0, code, readable, accessed
@@ -141,7 +142,9 @@ PIC1_COMMAND, PIC1_DATA = 0x20, 0x21
 PIC2_COMMAND, PIC2_DATA = 0xA0, 0xA1
 PIC_EOI = 0x20
 PIC_IRQ_COUNT = 16
+COM1_IRQ = 4
 COM2_IRQ = 3
+COM_IRQS = (COM1_IRQ, COM2_IRQ)
 UART_IER_RX_AVAILABLE = 0x01
 UART_LSR_DATA_READY = 0x01
 UART_LSR_TX_EMPTY = 0x20     # THRE: room for the next byte (the FIFO is empty); the last may still be sending

@@ -31,6 +31,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from kgen import protocol
 from kgen.arch import I386, Arch
 from kgen.errors import AssemblyError
 
@@ -134,11 +135,13 @@ def parse_unit(unit: str, text: str, arch: Arch = I386, prelude: tuple[str, ...]
 
 
 def load_prelude(templates: Path, arch: Arch = I386) -> tuple[str, ...]:
-    """The macros every piece may use (templates/macros.inc: macros only, no code or data of its own)."""
+    """The macros every piece may use: templates/macros.inc (macros only, no code or data of its own), then one per
+    text of the kernel<->host contract (`BOOT_OK_TEXT`..., kgen/protocol.py), which emits it where a template
+    writes its name: the way a string reaches the templates, as `.equ` lines bring the numbers."""
     path = templates / PRELUDE
     text = path.read_text(encoding="ascii") if path.exists() else ""
     lines = [arch.apply_selectors(line) for raw in text.splitlines() if (line := strip_comment(raw)).strip()]
-    return tuple(lines)
+    return tuple(lines) + protocol.asm_string_macros()
 
 
 def load_unit(templates: Path, unit: str, arch: Arch = I386) -> list[Piece]:

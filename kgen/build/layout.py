@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kgen import protocol
 from kgen.arch import hw
 from kgen.arch import Arch, named
 from kgen.build.config import DECIMAL_KEYS, Config, show_int, show_value
@@ -27,8 +28,6 @@ I386_MIN_USER_HALF = 0x40000000
 # Room the vmm window keeps for vmm_alloc beyond the heap's slab window, in last-level page tables' spans: enough
 # for ranges that make page tables and give them back.
 VMM_ROOM_TABLES = 2
-# Where QEMU's isa-debug-exit device listens: the kernel's exit port and the harness's device option.
-DEBUG_EXIT_PORT = 0xF4
 # The image of an x86_64 kernel lies in the top 2 GiB, so every kernel address is a sign-extended 32-bit value:
 # `push offset label`, `mov [label], eax` and call/jump targets encode in 32 bits (GCC's -mcmodel=kernel).
 TOP_2_GIB = (1 << 64) - (1 << 31)
@@ -106,10 +105,6 @@ class Layout:
     vmm_size: int
     # Guest.
     memory_mib: int
-    # QEMU's isa-debug-exit device: the kernel writes a value, QEMU exits with (value << 1) | 1.
-    debug_exit_port: int = DEBUG_EXIT_PORT
-    debug_exit_success: int = 0x10
-    debug_exit_failure: int = 0x11
     # Segment selectors of kgen's GDT: null, kernel code, kernel data; then, per architecture, the TSS and ring 3's
     # (Arch.tss_selector, user_code_selector, user_data_selector).
     kernel_cs: int = 0x08
@@ -125,12 +120,8 @@ class Layout:
     boot_mmap_max_entries: int = 32
     boot_mmap_entry_size: int = 24     # base (8), length (8), type (4), padding (4)
     boot_cmdline_max: int = 256
-    # The call channel on COM2 (templates/calls.s, kgen/calls.py).
+    # The PIC's interrupts (the call channel's IRQ wakes the serving kernel; kgen/protocol.py has the channel).
     irq_base: int = 0x20               # PIC vectors 0x20..0x2f, clear of the CPU's exceptions
-    call_request_magic: int = 0x4C4C4143   # "CALL"
-    call_reply_magic: int = 0x54455221     # "!RET"
-    call_max_args: int = 8
-    serve_token: str = "kgen.serve"    # on the kernel command line: stay up and serve calls instead of exiting
     # Bounded metadata of the virtual-range allocator (templates/vmm.s): free ranges and live allocations.
     vmm_free_slots: int = 128
     vmm_alloc_slots: int = 128
@@ -294,17 +285,13 @@ class Layout:
     def memory_bytes(self) -> int:
         return self.memory_mib * MIB
 
-    def exit_status(self, value: int) -> int:
-        """QEMU's process exit status after the kernel writes `value` to isa-debug-exit."""
-        return (value << 1) | 1
-
     @property
     def success_status(self) -> int:
-        return self.exit_status(self.debug_exit_success)
+        return protocol.exit_status(protocol.DEBUG_EXIT_SUCCESS)
 
     @property
     def failure_status(self) -> int:
-        return self.exit_status(self.debug_exit_failure)
+        return protocol.exit_status(protocol.DEBUG_EXIT_FAILURE)
 
     @property
     def multiboot_header_flags(self) -> int:
@@ -315,7 +302,7 @@ class Layout:
 
     def asm_strings(self) -> dict[str, str]:
         """String constants the templates name as labels (generated into .rodata by the build)."""
-        return {"serve_token": self.serve_token, "top_table_name": self.arch.paging.level_names[0]}
+        return {"serve_token": protocol.SERVE_TOKEN, "top_table_name": self.arch.paging.level_names[0]}
 
     @property
     def vmm_init_tables(self) -> int:
@@ -358,7 +345,8 @@ class Layout:
 
     # ---- what the templates see --------------------------------------------------------------------------
     def asm_constants(self) -> dict[str, int]:
-        """Every value a template may name. Layout choices and hardware facts side by side, each named once."""
+        """Every value a template may name. Layout choices, hardware facts and the kernel<->host contract
+        (kgen/protocol.py) side by side, each named once."""
         consts = {
             "PAGE_SIZE": self.page_size,
             "KERNEL_VIRTUAL_BASE": self.kernel_virtual_base,
@@ -379,9 +367,6 @@ class Layout:
             "TEMPMAP_BASE": self.tempmap_base,
             "TEMPMAP_SLOTS": self.tempmap_slots,
             "TEMPMAP_PTES": self.entry_address(self.tempmap_base, self.arch.levels - 1),
-            "DEBUG_EXIT_PORT": self.debug_exit_port,
-            "DEBUG_EXIT_SUCCESS": self.debug_exit_success,
-            "DEBUG_EXIT_FAILURE": self.debug_exit_failure,
             "PMM_LOWEST": LOW_MEMORY_END,
             "PMM_HIGHEST_END": FOUR_GIB - self.page_size,
             "PMM_RESERVED_INTERVALS": 2,
@@ -414,9 +399,10 @@ class Layout:
             "BOOT_CMDLINE_MAX": self.boot_cmdline_max,
             "IRQ_BASE": self.irq_base,
             "IDT_VECTORS": self.irq_base + hw.PIC_IRQ_COUNT,
-            "CALL_REQUEST_MAGIC": self.call_request_magic,
-            "CALL_REPLY_MAGIC": self.call_reply_magic,
-            "CALL_MAX_ARGS": self.call_max_args,
+            **protocol.asm_constants(),
+            # The call channel's UART, the serial port kgen/protocol.py gives it.
+            "CALL_PORT": hw.COM_PORTS[protocol.CALL_SERIAL],
+            "CALL_IRQ": hw.COM_IRQS[protocol.CALL_SERIAL],
             "MEMORY_BYTES": self.memory_bytes,
         }
         for name in ("PTE_P", "PTE_RW", "PTE_US", "PTE_PWT", "PTE_PCD", "PTE_A", "PTE_D", "PTE_PS", "PTE_G",
@@ -425,9 +411,9 @@ class Layout:
                      "PF_P", "PF_W", "PF_U", "PF_RSVD", "PF_I", "VECTOR_PAGE_FAULT",
                      "MULTIBOOT_HEADER_MAGIC", "MULTIBOOT_BOOTLOADER_MAGIC", "MULTIBOOT_FLAG_PAGE_ALIGN",
                      "MULTIBOOT_FLAG_MEMORY_INFO", "MULTIBOOT_FLAG_ADDRESSES", "MULTIBOOT_INFO_MEM", "MULTIBOOT_INFO_MMAP",
-                     "MULTIBOOT_INFO_CMDLINE", "MULTIBOOT_MMAP_AVAILABLE", "MULTIBOOT_INFO_SIZE", "COM1_PORT", "COM2_PORT",
+                     "MULTIBOOT_INFO_CMDLINE", "MULTIBOOT_MMAP_AVAILABLE", "MULTIBOOT_INFO_SIZE", "COM1_PORT",
                      "PIC1_COMMAND", "PIC1_DATA", "PIC2_COMMAND", "PIC2_DATA", "PIC_EOI", "PIC_IRQ_COUNT",
-                     "COM2_IRQ", "UART_IER_RX_AVAILABLE", "UART_LSR_DATA_READY", "UART_LSR_TX_EMPTY",
+                     "UART_IER_RX_AVAILABLE", "UART_LSR_DATA_READY", "UART_LSR_TX_EMPTY",
                      "UART_LSR_TX_DONE", "UART_MCR_DTR_RTS_OUT2"):
             consts[name] = getattr(hw, name)
         consts.update(self._geometry_constants())

@@ -15,6 +15,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from kgen import protocol
 from kgen.build import asm
 from kgen.errors import ConfigError, ImageTooLarge, UsageError
 
@@ -63,8 +64,7 @@ def generated_pieces(layout: Layout) -> list[asm.Piece]:
     lines += ["paging_level_shift:"] + [f"    .byte LEVEL{n}_SHIFT" for n in levels]
     # The line the kernel prints just before it exits with success (templates/debugexit.s, exit_success): `kgen run`
     # wants it as well as the exit status, which QEMU cuts to 8 bits, so a stray write to the port cannot succeed.
-    from kgen.guest.bootreport import EXIT_SUCCESS
-    lines += ["str_exit_success:", f'    .asciz "{EXIT_SUCCESS}"']
+    lines += ["str_exit_success:", f'    .asciz "{protocol.EXIT_SUCCESS}"']
     return asm.parse_unit("layout_strings", "\n".join(lines), layout.arch)
 
 

@@ -154,7 +154,7 @@ def debug(args, extra: list[str]) -> int:
 
     icount = grub_icount("iso" in target, "bios", args.accel)      # as kgen run: GRUB under TCG
     machine = Machine(**target, accel=args.accel, memory_mib=layout.memory_mib, echo_serial=True, icount=icount,
-                      debug_exit_port=layout.debug_exit_port, qemu=qemu, start_paused=True,
+                      qemu=qemu, start_paused=True,
                       extra_args=("-gdb", f"tcp:{GDB_HOST}:{port}"))
     config_file = _config_file(args) if kgen_arch is not None else None
     recipe = gdb_command_line(args.gdb if gdb is None else gdb, Path(elf_path), port, kgen_arch, config_file)

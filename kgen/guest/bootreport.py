@@ -5,12 +5,7 @@ import re
 from dataclasses import dataclass
 
 from kgen.errors import KgenError
-
-BOOT_OK = "kgen: boot ok"
-# The last line a kgen kernel prints before it writes the success value to the debug-exit port (templates/debugexit.s,
-# exit_success; the assembly gets this text from here). QEMU's exit status keeps only 8 bits of `(value << 1) | 1`, so
-# any value ending in 0x10 - 0x90, 0xdead0010, a stray write - gives the success status; success needs this line too.
-EXIT_SUCCESS = "kgen: exit success"
+from kgen.protocol import BOOT_OK, EXIT_SUCCESS
 
 
 def reported_success(serial: str) -> bool:

@@ -15,12 +15,13 @@ import struct
 import time
 from dataclasses import dataclass
 
+from kgen import protocol
 from kgen.guest.diagnose import find_exception, find_panic, tail
 from kgen.guest.elfinfo import ElfInfo
 from kgen.errors import KgenError
 from kgen.build.layout import Layout
 
-REPLY_WORDS = 6
+REPLY_WORDS = len(protocol.CALL_REPLY_FIELDS)
 CALL_TIMEOUT = 30.0
 
 
@@ -56,11 +57,11 @@ class CallChannel:
     def call_full(self, routine: str | int, *args: int, timeout: float = CALL_TIMEOUT) -> CallResult:
         name = routine if isinstance(routine, str) else f"{routine:#x}"
         address = self.address_of(routine)
-        if len(args) > self.layout.call_max_args:
+        if len(args) > protocol.CALL_MAX_ARGS:
             raise CallError(f"call {name}: {len(args)} arguments, the channel carries at most "
-                            f"{self.layout.call_max_args}")
+                            f"{protocol.CALL_MAX_ARGS}")
         arch = self.layout.arch
-        words = [self.layout.call_request_magic, address, len(args)] + [a & arch.word_mask for a in args]
+        words = [protocol.CALL_REQUEST_MAGIC, address, len(args)] + [a & arch.word_mask for a in args]
         word = "I" if arch.word_size == 4 else "Q"
         sock: socket.socket = self.machine.com2
         # The kernel writes COM2 only in reply to a request: bytes already there are nobody's reply. Under OVMF a
@@ -71,12 +72,13 @@ class CallChannel:
             reply = self._receive(sock, arch.word_size * REPLY_WORDS, timeout)
         except (OSError, TimeoutError) as err:
             raise CallError(self._why_no_reply(name, err)) from None
-        magic, status, eax, edx, lo, hi = struct.unpack(f"<{REPLY_WORDS}{word}", reply)
-        if magic != self.layout.call_reply_magic:
-            raise CallError(f"call {name}: reply has magic {magic:#x}, expected {self.layout.call_reply_magic:#x}")
-        if status != 0:
+        fields = dict(zip(protocol.CALL_REPLY_FIELDS, struct.unpack(f"<{REPLY_WORDS}{word}", reply)))
+        if fields["magic"] != protocol.CALL_REPLY_MAGIC:
+            raise CallError(f"call {name}: reply has magic {fields['magic']:#x}, expected "
+                            f"{protocol.CALL_REPLY_MAGIC:#x}")
+        if fields["status"] != protocol.CALL_STATUS_RAN:
             raise CallError(f"call {name}: the kernel refused address {address:#x} (outside its text)")
-        return CallResult(eax, edx, hi << 32 | lo)
+        return CallResult(fields["xax"], fields["xdx"], fields["tsc_high"] << 32 | fields["tsc_low"])
 
     def call(self, routine: str | int, *args: int, timeout: float = CALL_TIMEOUT) -> int:
         return self.call_full(routine, *args, timeout=timeout).eax

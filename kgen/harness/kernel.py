@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kgen import protocol
 from kgen.arch import Arch
 from kgen.build import config as configmod
 from kgen.build.layout import Layout, compute
@@ -44,7 +45,7 @@ class KernelUnderTest:
         # stamp names the ELF's bytes too, so an ELF another build left beside it is not taken for this config's.
         elf = current_elf(config, out_dir) or build(config, out_dir, iso=False, force=False).elf
         layout = compute(config)
-        boot = (GrubBoot("multiboot", layout.memory_mib, layout.serve_token, firmware="uefi") if firmware == "uefi"
+        boot = (GrubBoot("multiboot", layout.memory_mib, protocol.SERVE_TOKEN, firmware="uefi") if firmware == "uefi"
                 else DirectMultiboot(layout.memory_mib))
         return cls(elf, ElfInfo.load(elf), layout, boot)
 

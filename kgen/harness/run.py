@@ -128,7 +128,6 @@ def run(args) -> int:
     target.setdefault("icount", grub_icount("iso" in target, target.get("firmware", "bios"), args.accel))
     # --ready-at: held at the first instruction with the gdbstub up, so its breakpoint is in before the CPU runs.
     held = dict(gdbstub=True, start_paused=True) if ready.kind == "at" else {}
-    target.setdefault("debug_exit_port", layout.debug_exit_port)     # None: the user's command brings its own
     machine = Machine(**target, echo_serial=True, **held)
     launch_refusing(machine, elf_path if elf is not None else None, elf, boot)
     with _shut_down_after(machine):

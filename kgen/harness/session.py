@@ -8,14 +8,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kgen import protocol
+from kgen.build.layout import Layout
+from kgen.errors import MachineError
 from kgen.guest.calls import CallChannel, CallResult
 from kgen.guest.diagnose import RunFailed, explain
 from kgen.guest.elfinfo import ElfInfo
-from kgen.errors import MachineError
-from kgen.build.layout import Layout
 from kgen.harness.bootpath import GrubBoot
+from kgen.machine.snapshot import fresh_machine
 
-SERVING_MARKER = "kgen: serving calls on COM2"
 BOOT_TIMEOUT = 60.0
 
 
@@ -26,14 +27,13 @@ class KernelSession:
         self.elf_path = elf_path
         self.layout = layout
         self.elf = ElfInfo.load(elf_path)
-        self.options = dict(kernel=elf_path, append=layout.serve_token, accel=accel, poison=poison,
+        self.options = dict(kernel=elf_path, append=protocol.SERVE_TOKEN, accel=accel, poison=poison,
                             memory_mib=memory_mib or layout.memory_mib, icount=icount, ram_file=ram_file,
-                            echo_serial=echo_serial, extra_args=tuple(extra_args),
-                            debug_exit_port=layout.debug_exit_port, qemu=layout.arch.qemu)
+                            echo_serial=echo_serial, extra_args=tuple(extra_args), qemu=layout.arch.qemu)
         if firmware == "uefi":
             # OVMF cannot take a -kernel: GRUB's EFI build loads the same ELF with the serve token on its
             # command line, from an ISO made around it (kgen/harness/bootpath.py GrubBoot).
-            grub = GrubBoot("multiboot", memory_mib or layout.memory_mib, layout.serve_token, firmware="uefi")
+            grub = GrubBoot("multiboot", memory_mib or layout.memory_mib, protocol.SERVE_TOKEN, firmware="uefi")
             del self.options["kernel"], self.options["append"]
             self.options.update(grub.machine_options(Path(elf_path), qemu=layout.arch.qemu, accel=accel,
                                                      poison=poison), icount=icount)
@@ -42,11 +42,9 @@ class KernelSession:
         self.channel: CallChannel | None = None
 
     def __enter__(self) -> "KernelSession":
-        from kgen.machine.snapshot import fresh_machine
-
         def serve(machine) -> None:
             try:
-                machine.wait_for(SERVING_MARKER, BOOT_TIMEOUT)
+                machine.wait_for(protocol.SERVING, BOOT_TIMEOUT)
                 # Ready means idle in the call loop's hlt (templates/calls.s), not just "the marker was seen": the
                 # kernel is then still printing the line's end on its way there, for milliseconds on a busy host.
                 # At the hlt every session starts at the same instruction, booted or restored (its snapshot is
@@ -56,7 +54,7 @@ class KernelSession:
                 raise RunFailed(explain(machine, self.elf, err)) from err
 
         # Booted once per kernel and options, restored for every later session (kgen/machine/snapshot.py).
-        self.machine = fresh_machine(self.options, serve, f"serving: {SERVING_MARKER}", cold=self.cold)
+        self.machine = fresh_machine(self.options, serve, f"serving: {protocol.SERVING}", cold=self.cold)
         self.channel = CallChannel(self.machine, self.elf, self.layout)
         return self
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from kgen import protocol
 from kgen.arch import Arch, hw
 from kgen.guest import invariants
 from kgen.guest.invariants import GuestView, NotApplicable
@@ -477,7 +478,7 @@ def collect(live, *, accel: str = "tcg", va: int | None = None, how: str | None 
 def stopped_how(kernel, regs) -> str:
     """The ready point the kernel was booted to (kgen/harness/live.py `boot`, kgen/harness/ready.py)."""
     if kernel.layout is not None:
-        return "serving calls: idle in hlt between calls (kgen: serving calls on COM2)"
+        return f"serving calls: idle in hlt between calls ({protocol.SERVING})"
     if kernel.ready.kind is not None:
         return kernel.ready.reached()
     if regs.halted and not regs.eflags & EFLAGS_IF:

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kgen.arch import I386, X86_64
-from kgen.build.layout import DEBUG_EXIT_PORT
 from kgen.errors import MachineError, ToolMissing
+from kgen.protocol import DEBUG_EXIT_PORT
 from kgen.guest.registers import Registers, parse_info_registers
 from kgen.machine import process
 from kgen.machine.firmware import FIRMWARES, Ovmf, find_ovmf, machine_vars, pflash_args
