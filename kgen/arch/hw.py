@@ -23,13 +23,16 @@ PTE_NX = 1 << 63
 
 # Paging geometry (levels, index bits, entry size) is a PagingMode, in kgen.arch.paging.
 
-# Control registers.
+# Control registers and flags.
 CR0_PE = 1 << 0
 CR0_WP = 1 << 16             # supervisor writes honour read-only pages
 CR0_PG = 1 << 31
 CR4_PSE = 1 << 4
 CR4_PGE = 1 << 7
 CR4_PAE = 1 << 5
+CR4_SMEP = 1 << 20           # ring 0 may not execute user pages
+CR4_SMAP = 1 << 21           # ring 0 may not touch user pages (unless EFLAGS.AC)
+EFLAGS_IF = 1 << 9           # interrupts enabled
 
 # EFER (MSR 0xC0000080, SDM vol. 3, 2.2.1).
 EFER_LME = 1 << 8            # long mode enable
@@ -55,6 +58,9 @@ MULTIBOOT_BOOTLOADER_MAGIC = 0x2BADB002   # in EAX at entry
 MULTIBOOT_FLAG_PAGE_ALIGN = 1 << 0
 MULTIBOOT_FLAG_MEMORY_INFO = 1 << 1
 MULTIBOOT_HEADER_SEARCH_LIMIT = 8192      # the header must lie in the first 8 KiB of the file
+MULTIBOOT_HEADER_SIZE = 12                # magic, flags, checksum
+MULTIBOOT_ADDRESS_HEADER_SIZE = 32        # with MULTIBOOT_FLAG_ADDRESSES: header_addr, load_addr, load_end_addr,
+                                          # bss_end_addr, entry_addr follow
 MULTIBOOT_INFO_MEM = 1 << 0               # mbi.flags: mem_lower/mem_upper valid
 MULTIBOOT_INFO_CMDLINE = 1 << 2           # mbi.flags: cmdline valid
 MULTIBOOT_INFO_MMAP = 1 << 6              # mbi.flags: mmap_length/mmap_addr valid
@@ -79,7 +85,17 @@ MULTIBOOT2_HEADER_TAGS = {
 }
 MULTIBOOT2_RELOCATABLE_PREFERENCES = {0: "anywhere", 1: "lowest", 2: "highest"}
 
-# PC platform: the serial ports' I/O bases and IRQ lines, COM1 first (kgen/protocol.py says which is used for what).
+# PC platform. The first MiB holds the BIOS data area, VGA memory and option ROMs; Multiboot kernels load above it.
+LOW_MEMORY_END = 0x100000
+# The legacy window below 1 MiB shows VGA memory or BIOS shadow copies (the chipset's PAM registers decide): not RAM.
+LEGACY_HOLE = (0xA0000, LOW_MEMORY_END)
+# VGA text mode 3, which the BIOS leaves set: 80 x 25 cells, row after row, each the character then its attribute.
+VGA_TEXT_BUFFER = 0xB8000
+VGA_TEXT_COLUMNS = 80
+VGA_TEXT_ROWS = 25
+VGA_TEXT_CELL = 2
+VGA_TEXT_CODEPAGE = "cp437"
+# The serial ports' I/O bases and IRQ lines, COM1 first (kgen/protocol.py says which is used for what).
 COM1_PORT = 0x3F8
 COM2_PORT = 0x2F8
 COM_PORTS = (COM1_PORT, COM2_PORT)

@@ -50,13 +50,9 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 from elftools.elf.enums import ENUM_E_MACHINE
 
+from kgen.arch import hw
 from kgen.errors import KgenError, LinkError
 from kgen.build.image import LinkedImage, Section
-
-MULTIBOOT_WINDOW = 8192          # GRUB and QEMU look for the Multiboot v1 header only this far into the file
-MULTIBOOT_HEADER_SIZE = 12       # magic, flags, checksum
-MULTIBOOT_AOUT_KLUDGE = 1 << 16  # flags bit 16: five address fields follow (what an ELF64 kernel needs for QEMU)
-MULTIBOOT_AOUT_HEADER_SIZE = 32  # ... header_addr, load_addr, load_end_addr, bss_end_addr, entry_addr
 
 _PT_LOAD = 1
 _PF_X, _PF_W, _PF_R = 1, 2, 4
@@ -84,7 +80,7 @@ class ElfTarget:
     phdr_format: str
     phdr_fields: tuple[str, ...]   # p_flags moves between the classes, so the fields are packed by name
     shdr_format: str
-    page_size: int = 0x1000
+    page_size: int = hw.PAGE_SIZE
 
     @property
     def bits(self) -> int:
@@ -327,17 +323,17 @@ def _layout(image: LinkedImage, target: ElfTarget) -> _Layout:
         cursor = offset + filesz
     for entry in placed:
         if (entry.section.name == ".multiboot"
-                and entry.offset + _multiboot_header_size(entry.section) > MULTIBOOT_WINDOW):
+                and entry.offset + _multiboot_header_size(entry.section) > hw.MULTIBOOT_HEADER_SEARCH_LIMIT):
             raise LinkError(f"the Multiboot header would sit at file offset {entry.offset:#x}, past the first "
-                            f"{MULTIBOOT_WINDOW // 1024} KiB where loaders look for it")
+                            f"{hw.MULTIBOOT_HEADER_SEARCH_LIMIT // 1024} KiB where loaders look for it")
     return _Layout(tuple(loads), tuple(placed), cursor)
 
 
 def _multiboot_header_size(sec: Section) -> int:
     """12 bytes, or 32 when the flags ask for the a.out address fields; the whole header must be in the window."""
-    if len(sec.data) >= 8 and struct.unpack_from("<I", sec.data, 4)[0] & MULTIBOOT_AOUT_KLUDGE:
-        return MULTIBOOT_AOUT_HEADER_SIZE
-    return MULTIBOOT_HEADER_SIZE
+    if len(sec.data) >= 8 and struct.unpack_from("<I", sec.data, 4)[0] & hw.MULTIBOOT_FLAG_ADDRESSES:
+        return hw.MULTIBOOT_ADDRESS_HEADER_SIZE
+    return hw.MULTIBOOT_HEADER_SIZE
 
 
 def _set_segment_header(segment: lief.ELF.Segment, load: _Load, target: ElfTarget) -> None:

@@ -16,8 +16,6 @@ from kgen.errors import ConfigError
 
 MIB = 1 << 20
 FOUR_GIB = 1 << 32
-# The first MiB holds the BIOS data area, VGA memory and option ROMs; Multiboot kernels load above it.
-LOW_MEMORY_END = 0x100000
 MIN_MEMORY_MIB = 16
 # Guest RAM the kernel needs above its image window, beyond the tables vmm_init makes at boot: frames for page
 # tables, the heap and the temp-map round trips of `kgen test` (which take their frames above the image).
@@ -367,7 +365,7 @@ class Layout:
             "TEMPMAP_BASE": self.tempmap_base,
             "TEMPMAP_SLOTS": self.tempmap_slots,
             "TEMPMAP_PTES": self.entry_address(self.tempmap_base, self.arch.levels - 1),
-            "PMM_LOWEST": LOW_MEMORY_END,
+            "PMM_LOWEST": hw.LOW_MEMORY_END,
             "PMM_HIGHEST_END": FOUR_GIB - self.page_size,
             "PMM_RESERVED_INTERVALS": 2,
             "VMM_BASE": self.vmm_base,
@@ -652,9 +650,9 @@ def compute(config: Config) -> Layout:
         _fail_on(c, blamed, f"the vmm range window [{show_int(c.vmm_base)}, {show_int(vmm_end)}) must end {where} "
                  "(its end is a word of the kernel)")
 
-    if c.kernel_load_address < LOW_MEMORY_END:
+    if c.kernel_load_address < hw.LOW_MEMORY_END:
         _fail(c, "kernel.load_address", c.kernel_load_address,
-              f"must be at or above {show_int(LOW_MEMORY_END)} (the first MiB holds BIOS data and VGA memory)")
+              f"must be at or above {show_int(hw.LOW_MEMORY_END)} (the first MiB holds BIOS data and VGA memory)")
     if c.kernel_virtual_base == 0:
         _fail(c, "kernel.virtual_base", 0, "must be above 0: the kernel lives in the higher half")
     if arch.kernel_half_at_base and c.kernel_virtual_base < I386_MIN_USER_HALF:

@@ -19,9 +19,6 @@ from elftools.elf.sections import SymbolTableSection
 from kgen.arch import hw
 from kgen.errors import KgenError
 
-MULTIBOOT_MAGIC = 0x1BADB002
-MULTIBOOT_SEARCH = 8192          # the Multiboot v1 header must lie entirely within this many bytes of the file
-
 _PF_X, _PF_W, _PF_R = 1, 2, 4
 _KINDS = {"STT_FUNC": "func", "STT_OBJECT": "object", "STT_NOTYPE": "notype"}
 
@@ -125,9 +122,10 @@ class ElfInfo:
 
     def multiboot_header_offset(self) -> int | None:
         """File offset of a valid Multiboot v1 header (magic, flags, checksum summing to 0), as GRUB finds it."""
-        for offset in range(0, min(len(self.head), MULTIBOOT_SEARCH) - 11, 4):
+        window = min(len(self.head), hw.MULTIBOOT_HEADER_SEARCH_LIMIT)
+        for offset in range(0, window - hw.MULTIBOOT_HEADER_SIZE + 1, 4):
             magic, flags, checksum = struct.unpack_from("<III", self.head, offset)
-            if magic == MULTIBOOT_MAGIC and (magic + flags + checksum) & 0xFFFFFFFF == 0:
+            if magic == hw.MULTIBOOT_HEADER_MAGIC and (magic + flags + checksum) & 0xFFFFFFFF == 0:
                 return offset
         return None
 
@@ -201,8 +199,8 @@ class MultibootHeaders:
 
 # What the probe searches, for the line that says an ELF has neither header.
 LOOKED_FOR = (f"a Multiboot 1 header (magic {hw.MULTIBOOT_HEADER_MAGIC:#x}, 4-byte aligned, in the first "
-              f"{MULTIBOOT_SEARCH // 1024} KiB) and a Multiboot 2 header (magic {hw.MULTIBOOT2_HEADER_MAGIC:#x}, "
-              f"{hw.MULTIBOOT2_HEADER_ALIGN}-byte aligned, in the first "
+              f"{hw.MULTIBOOT_HEADER_SEARCH_LIMIT // 1024} KiB) and a Multiboot 2 header "
+              f"(magic {hw.MULTIBOOT2_HEADER_MAGIC:#x}, {hw.MULTIBOOT2_HEADER_ALIGN}-byte aligned, in the first "
               f"{hw.MULTIBOOT2_HEADER_SEARCH_LIMIT // 1024} KiB)")
 
 
@@ -292,4 +290,4 @@ def _by_name(symbols: list[ElfSymbol]) -> dict[str, ElfSymbol]:
 
 def _read_head(stream) -> bytes:
     stream.seek(0)
-    return stream.read(max(MULTIBOOT_SEARCH, hw.MULTIBOOT2_HEADER_SEARCH_LIMIT))
+    return stream.read(max(hw.MULTIBOOT_HEADER_SEARCH_LIMIT, hw.MULTIBOOT2_HEADER_SEARCH_LIMIT))

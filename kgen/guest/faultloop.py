@@ -30,7 +30,6 @@ PROBE_EVERY = 2.0
 # A loop: at least this many exceptions in the window, all at no more than MAX_SITES (vector, address) pairs.
 MIN_EXCEPTIONS = 16
 MAX_SITES = 3
-FIRST_EXCEPTION_VECTORS = 32    # vectors 0-31 are CPU exceptions; above are interrupts (the timer) and `int n`
 _EVENT = re.compile(r"^\s*\d+: v=([0-9a-f]+) e=([0-9a-f]+) i=(\d) cpl=(\d) IP=([0-9a-f]+):([0-9a-f]+) "
                     r"pc=([0-9a-f]+) SP=[0-9a-f]+:[0-9a-f]+(?: CR2=([0-9a-f]+))?", re.MULTILINE)
 LOG_NAME = "fault-probe.log"
@@ -63,7 +62,7 @@ def parse(log: str) -> list[tuple[int, int, int | None, int]]:
     found = []
     for m in _EVENT.finditer(log):
         vector, software = int(m.group(1), 16), m.group(3) == "1"
-        if software or vector >= FIRST_EXCEPTION_VECTORS:
+        if software or vector >= hw.EXCEPTION_COUNT:     # above: interrupts (the timer)
             continue
         found.append((vector, int(m.group(7), 16), int(m.group(8), 16) if m.group(8) else None, int(m.group(4))))
     return found

@@ -20,7 +20,7 @@ from kgen.arch import hw
 from kgen.arch import I386, Arch
 from kgen.guest.elfinfo import ElfInfo
 from kgen.errors import KgenError
-from kgen.build.layout import FOUR_GIB, LOW_MEMORY_END, Layout
+from kgen.build.layout import FOUR_GIB, Layout
 
 ReadPhys = Callable[[int, int], bytes]
 
@@ -81,7 +81,7 @@ def ranges_from_mmap(mmap, arch: Arch = I386) -> list[tuple[int, int]]:
     for region in mmap:
         if region.type != hw.MULTIBOOT_MMAP_AVAILABLE or clip and region.base >= FOUR_GIB:
             continue
-        start = max(-(-region.base // hw.PAGE_SIZE) * hw.PAGE_SIZE, LOW_MEMORY_END)
+        start = max(-(-region.base // hw.PAGE_SIZE) * hw.PAGE_SIZE, hw.LOW_MEMORY_END)
         end = region.base + region.length
         if clip:
             end = min(end, FOUR_GIB - hw.PAGE_SIZE)

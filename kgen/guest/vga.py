@@ -12,11 +12,8 @@ API (`Machine.read_phys` falls back to QMP `pmemsave`, ≈1 ms for the 4000 byte
 """
 from __future__ import annotations
 
-TEXT_BUFFER = 0xB8000
-COLUMNS = 80
-ROWS = 25
-CELL = 2                    # character byte, attribute byte
-CODEPAGE = "cp437"
+from kgen.arch.hw import (VGA_TEXT_BUFFER as TEXT_BUFFER, VGA_TEXT_CELL as CELL, VGA_TEXT_CODEPAGE as CODEPAGE,
+                          VGA_TEXT_COLUMNS as COLUMNS, VGA_TEXT_ROWS as ROWS)
 
 
 def decode_rows(cells: bytes) -> list[str]:

@@ -15,7 +15,7 @@ import hashlib
 import time
 from dataclasses import dataclass
 
-from kgen.arch.hw import CR0_PG
+from kgen.arch.hw import CR0_PG, EFLAGS_IF
 from kgen.errors import KgenError, MachineError
 from kgen.guest import faultloop
 from kgen.guest import vga as screen
@@ -28,7 +28,6 @@ IDLE_POLL = 0.01
 # A kernel halted with interrupts on wakes for each interrupt; found halted at the same instruction this long
 # apart, with no sample in between outside it, it idles (a timer tick's handler is rarely caught running).
 IDLE_SETTLE = 0.2
-EFLAGS_IF = 1 << 9
 # COM1 bytes reach `machine.serial` through a reader thread, after the CPU wrote them: a kernel that prints its ready
 # text and halts at once can be seen halted before the text is seen. A final state gives that text this long to
 # arrive before it counts as "halted before the text appeared".

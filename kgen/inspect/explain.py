@@ -15,8 +15,6 @@ from kgen.guest.pagewalk import PTE_NX, PTE_P, PTE_RW, PTE_US, Walker, WalkError
 
 _FLAG_NAMES = ((hw.PTE_PWT, "PWT"), (hw.PTE_PCD, "PCD"), (hw.PTE_A, "A"), (hw.PTE_D, "D"), (hw.PTE_PS, "PS"),
                (hw.PTE_G, "G"), (PTE_NX, "NX"))
-CR4_SMEP = 1 << 20
-CR4_SMAP = 1 << 21
 
 
 def decode(entry: int) -> str:
@@ -142,7 +140,7 @@ def access_rights(view: GuestView, walker: Walker, chain, attrs: int) -> list[di
     mode = walker.mode
     wp = bool(view.regs.cr0 & hw.CR0_WP)
     nx = bool(mode.nx_levels) and walker.nxe
-    smep, smap = bool(view.regs.cr4 & CR4_SMEP), bool(view.regs.cr4 & CR4_SMAP)
+    smep, smap = bool(view.regs.cr4 & hw.CR4_SMEP), bool(view.regs.cr4 & hw.CR4_SMAP)
     rights = [(level, ref) for level, ref in enumerate(chain) if level in mode.rights_levels]
     no_user = next((ref for _, ref in rights if not ref.value & PTE_US), None)
     no_write = next((ref for _, ref in rights if not ref.value & PTE_RW), None)

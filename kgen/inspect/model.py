@@ -22,7 +22,6 @@ from kgen.machine.ram import RamWindow, clip_legacy_hole
 SCHEMA_VERSION = 1
 PAGE = hw.PAGE_SIZE
 MIB = 1 << 20
-EFLAGS_IF = 1 << 9
 
 
 def hexa(value: int) -> str:
@@ -481,6 +480,6 @@ def stopped_how(kernel, regs) -> str:
         return f"serving calls: idle in hlt between calls ({protocol.SERVING})"
     if kernel.ready.kind is not None:
         return kernel.ready.reached()
-    if regs.halted and not regs.eflags & EFLAGS_IF:
+    if regs.halted and not regs.eflags & hw.EFLAGS_IF:
         return "halted with interrupts off"
     return "idle in hlt with interrupts on" if regs.halted else "running (stopped by kgen)"

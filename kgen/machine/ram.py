@@ -12,11 +12,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-MIB = 1 << 20
+from kgen.arch.hw import LEGACY_HOLE
 
-# The legacy window below 1 MiB shows VGA memory or BIOS shadow copies depending on the chipset's PAM registers,
-# which the firmware changes at run time: never read it from the RAM file.
-LEGACY_HOLE = (0xA0000, 0x100000)
+MIB = 1 << 20
+# The legacy window below 1 MiB (LEGACY_HOLE) shows VGA memory or BIOS shadow copies depending on the chipset's PAM
+# registers, which the firmware changes at run time: never read it from the RAM file.
 
 
 @dataclass(frozen=True)
