@@ -9,7 +9,7 @@ import pytest
 from kgen.arch import hw
 from kgen.guest.diagnose import explain, find_exception
 from kgen.guest.elfinfo import ElfInfo
-from kgen.guest.registers import parse_info_registers
+from kgen.machine.registers import parse_info_registers
 
 # HMP `info registers` of qemu-system-x86_64 7.2 with the CPU halted in 64-bit code, written from the formats of
 # target/i386/cpu-dump.c: "R8 =" with a space like the segment names, RFL, CR0 and CR4 in 8 digits, CR2/CR3, the

@@ -17,7 +17,7 @@ import pytest
 from kgen.arch import hw
 from kgen.errors import MachineError, ToolMissing
 from kgen.machine import MIB, Machine, RamWindow, fill_file, kvm_usable_for, parse_ram_windows
-from kgen.guest.registers import parse_info_registers
+from kgen.machine.registers import parse_info_registers
 
 needs_qemu = pytest.mark.skipif(shutil.which("qemu-system-i386") is None,
                                 reason="qemu-system-i386 not installed (Debian package qemu-system-x86)")

@@ -31,6 +31,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from keystone import KS_ARCH_X86, KS_MODE_32, KS_MODE_64, Ks, KsError
+
 from kgen import protocol
 from kgen.arch import I386, Arch
 from kgen.errors import AssemblyError
@@ -388,13 +390,11 @@ _KS: dict[int, object] = {}
 def _keystone(bits: int):
     # Options are never set: setting any of them switches keystone's default number base to 16.
     if bits not in _KS:
-        from keystone import KS_ARCH_X86, KS_MODE_32, KS_MODE_64, Ks
         _KS[bits] = Ks(KS_ARCH_X86, KS_MODE_32 if bits == 32 else KS_MODE_64)
     return _KS[bits]
 
 
 def _ks_asm(source: str, address: int, bits: int = 32) -> bytes | None:
-    from keystone import KsError
     try:
         encoding, _count = _keystone(bits).asm(source, address)
     except KsError:

@@ -24,7 +24,7 @@ from kgen.build import dwarf, link
 from kgen.build.config import Config
 from kgen.build.image import LinkedImage
 from kgen.build.layout import Layout, compute
-from kgen.build.resources import templates_dir
+from kgen.build.resources import boot_dir, templates_dir
 
 # The kernel's units, in the order their pieces are placed within each section. `{arch}/` units are the entry,
 # GDT and IDT of one architecture (templates/i386/, templates/x86_64/); every other unit serves both word sizes.
@@ -108,7 +108,6 @@ _TEMP_PATTERNS = (f".{ELF_NAME}.*.tmp", f".{ISO_NAME}.*.partial", f".{ISO_NAME}.
 
 def fingerprint(config: Config) -> str:
     """What the outputs depend on: the config, the templates, kgen's own source and the boot tree."""
-    from kgen.build.resources import boot_dir
     digest = hashlib.sha256(repr(dataclasses.replace(config, source="")).encode())
     package = Path(__file__).resolve().parent.parent  # all of kgen, not only this stage
     for root in (templates_dir(), boot_dir(), package):
@@ -275,6 +274,8 @@ def build(config: Config, out_dir: Path, *, iso: bool = True, force: bool = True
     to be current; a directory this build created is removed again if it fails.
     Without `force`, outputs whose stamp matches the inputs and the files' bytes are kept as they are.
     """
+    # LIEF (kgen.build.elf and .iso) takes 0.3 s to import and aborts the process if Ctrl-C lands meanwhile: imported
+    # here, under import_deferring_sigint, when an ELF is written, not by everything that imports the pipeline.
     import_deferring_sigint("lief")
     from kgen.build import elf as elf_module
     from kgen.build.elf import write_elf

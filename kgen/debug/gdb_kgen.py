@@ -26,7 +26,7 @@ Physical memory is read through the gdbstub: QEMU's `Qqemu.PhyMemMode:1` packet 
 packets) into physical reads until `Qqemu.PhyMemMode:0`. That is a binary read of any size, a page table in one or
 two packets; HMP `monitor xp` would print hex text at about 150 ms per MiB to be parsed back. gdb's own caches
 are flushed on each switch, so a byte read in one mode is never served in the other. The registers come from
-`monitor info registers`, parsed by the parser kgen uses on QMP (kgen/guest/registers.py), which also gives
+`monitor info registers`, parsed by the parser kgen uses on QMP (kgen/machine/registers.py), which also gives
 EFER and CR4 whatever gdb's register set is.
 """
 from __future__ import annotations
@@ -52,6 +52,8 @@ class _Loaded:
     layout = None
 
 
+# kgen's own modules are imported inside the commands, never here: sourced into gdb, this file may import only gdb and
+# the standard library (see above), and pyelftools is on sys.path only once kgen-load has run.
 def _kgen_error():
     from kgen.errors import KgenError
     return KgenError
@@ -97,7 +99,7 @@ def read_phys(addr: int, size: int) -> bytes:
 
 
 def registers():
-    from kgen.guest.registers import parse_info_registers
+    from kgen.machine.registers import parse_info_registers
     text = gdb.execute("monitor info registers", to_string=True).replace("\r\n", "\n")
     try:
         return parse_info_registers(text)

@@ -26,7 +26,17 @@ import sys
 import time
 from pathlib import Path
 
+import elftools
+
+from kgen.build.config import DEFAULT_CONFIG_NAME
+from kgen.build.pipeline import build, check_out_dir
 from kgen.errors import EXIT_INTERNAL, EXIT_OK, KgenError, ToolMissing, UsageError
+from kgen.guest.elfinfo import ElfInfo
+from kgen.harness.bootpath import grub_icount, launch_refusing
+from kgen.harness.kernel import KernelUnderTest
+from kgen.harness.run import _existing_file, machine_config
+from kgen.machine import Machine
+from kgen.machine.process import die_with_parent
 
 GDB_PACKAGE = "gdb"
 GDB_HOST = "127.0.0.1"          # the stub listens on loopback only: it gives full control of the guest
@@ -77,7 +87,6 @@ def pick_port(requested: int | None) -> int:
 def python_path_for_helper() -> list[str]:
     """Directories gdb's Python (the system python3) needs besides kgen itself: where this Python finds pyelftools,
     the helper's one import from outside the standard library."""
-    import elftools
     return [str(Path(elftools.__file__).resolve().parent.parent)]
 
 
@@ -107,7 +116,6 @@ def gdb_command_line(gdb: str, elf: Path, port: int, arch: str | None, config: P
 
 def _config_file(args) -> Path | None:
     """The config file the build read: --config, or ./kgen.toml when present (kgen/build/config.py's rule)."""
-    from kgen.build.config import DEFAULT_CONFIG_NAME
     if args.config is not None:
         return args.config
     default = Path(DEFAULT_CONFIG_NAME)
@@ -115,12 +123,6 @@ def _config_file(args) -> Path | None:
 
 
 def debug(args, extra: list[str]) -> int:
-    from kgen.build.pipeline import build, check_out_dir
-    from kgen.guest.elfinfo import ElfInfo
-    from kgen.harness.bootpath import grub_icount
-    from kgen.harness.run import _existing_file, machine_config
-    from kgen.machine import Machine
-
     if extra and args.no_gdb:
         raise UsageError("arguments after -- go to gdb; --no-gdb starts none")
     if args.append is not None and args.kernel is None and not args.direct:
@@ -138,7 +140,6 @@ def debug(args, extra: list[str]) -> int:
     cfg, layout = machine_config(args)
 
     if args.kernel is not None:
-        from kgen.harness.kernel import KernelUnderTest
         elf_path = _existing_file("--kernel", args.kernel)
         try:
             elf = ElfInfo.load(elf_path)
@@ -159,7 +160,6 @@ def debug(args, extra: list[str]) -> int:
     config_file = _config_file(args) if kgen_arch is not None else None
     recipe = gdb_command_line(args.gdb if gdb is None else gdb, Path(elf_path), port, kgen_arch, config_file)
     try:
-        from kgen.harness.bootpath import launch_refusing
         launch_refusing(machine, elf_path if args.kernel is not None else None)
         print(f"kgen: QEMU (pid {machine.pid}) holds the kernel at its first instruction; gdbstub on "
               f"{GDB_HOST}:{port}", file=sys.stderr)
@@ -201,8 +201,7 @@ def _end_on_signal(signum: int, frame: object) -> None:
 
 def _gdb_dies_with_kgen() -> None:
     # In the forked child before exec: if kgen is SIGKILLed, the kernel kills gdb too (QEMU already has the same).
-    from kgen.machine.process import _die_with_parent
-    _die_with_parent()
+    die_with_parent()
 
 
 def run_gdb(command: list[str]) -> int:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from kgen.arch import I386, Arch, hw
-from kgen.guest.elfinfo import ElfInfo
+from kgen.arch import Arch, hw
 from kgen.errors import MachineError
+from kgen.guest import faultloop
+from kgen.guest.elfinfo import ElfInfo, name_address
+from kgen.guest.vga import non_empty_lines, screen_rows
 
 # One shape for both kernels: "kgen: exception vector=0x.. error=0x.. eip=0x.. cr2=0x.. eax=0x.. ..." from the i386
 # one (templates/i386/idt.s), the same with rip= and r8=..r15=, rflags= and 16-digit values from the 64-bit one.
@@ -115,7 +117,7 @@ def explain(machine, elf: ElfInfo | None, why: BaseException | str) -> Failure:
         except MachineError as err:
             state = f"unknown ({err})"
         # Still running: before it is stopped, a short look at the exceptions it takes (kgen/guest/faultloop.py).
-        loop = fault_loop_probe(machine) if state == "running" else None
+        loop = faultloop.probe(machine) if state == "running" else None
         regs = _registers(machine, state, evidence)
         where = at_ip(elf, regs.eip, regs.mode) if regs else "registers unreadable"
         if state == "shutdown" and _guest_reset(machine):
@@ -144,18 +146,11 @@ def explain(machine, elf: ElfInfo | None, why: BaseException | str) -> Failure:
 
 def _vga_screen(machine) -> list[str]:
     """The VGA text screen's non-empty rows under a heading, or nothing (QEMU gone, or a blank screen)."""
-    from kgen.guest.vga import non_empty_lines, screen_rows
     try:
         rows = non_empty_lines(screen_rows(machine))
     except (MachineError, OSError, AttributeError):
         return []
     return ["--- VGA text screen (non-empty rows) ---", *rows] if rows else []
-
-
-def fault_loop_probe(machine):
-    """The fault loop a running machine is in, or None (kgen/guest/faultloop.py); never fails a diagnosis."""
-    from kgen.guest.faultloop import probe
-    return probe(machine)
 
 
 def _registers(machine, state: str, evidence: list[str]):
@@ -191,16 +186,4 @@ def _guest_reset(machine) -> bool:
 
 def at_ip(elf: ElfInfo | None, ip: int, mode: Arch) -> str:
     """"EIP=0xc01000a3 <kmain+0x13>": the instruction pointer named as the CPU's mode names it, from the ELF."""
-    return f"{mode.ip_name}={_symbol(elf, ip, mode)}"
-
-
-def _symbol(elf: ElfInfo | None, addr: int, mode: Arch = I386) -> str:
-    """`addr` named from the ELF: 8 hex digits for EIP as the ELF prints it, always 16 for RIP (a 64-bit kernel may
-    come as an ELF32 for Multiboot, whose symbolize would pad to 8)."""
-    if not mode.long_mode:
-        return elf.symbolize(addr) if elf else mode.hex(addr)
-    text = mode.hex(addr)
-    if elf is None:
-        return text
-    named = elf.symbolize(addr)
-    return text + named[named.index(" "):] if " " in named else text
+    return f"{mode.ip_name}={name_address(elf, ip, mode)}"

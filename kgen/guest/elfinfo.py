@@ -16,7 +16,7 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
 
-from kgen.arch import hw
+from kgen.arch import I386, Arch, hw
 from kgen.errors import KgenError
 
 _PF_X, _PF_W, _PF_R = 1, 2, 4
@@ -228,6 +228,18 @@ def multiboot2_header_tags(header: bytes) -> list[tuple[int, int, bytes]]:
         tags.append((kind, flags, header[offset + 8:offset + size]))
         offset += (size + hw.MULTIBOOT2_HEADER_ALIGN - 1) & -hw.MULTIBOOT2_HEADER_ALIGN
     return tags
+
+
+def name_address(elf: ElfInfo | None, addr: int, mode: Arch = I386) -> str:
+    """`addr` named from the ELF: 8 hex digits for EIP as the ELF prints it, always 16 for RIP (a 64-bit kernel may
+    come as an ELF32 for Multiboot, whose symbolize would pad to 8)."""
+    if not mode.long_mode:
+        return elf.symbolize(addr) if elf else mode.hex(addr)
+    text = mode.hex(addr)
+    if elf is None:
+        return text
+    named = elf.symbolize(addr)
+    return text + named[named.index(" "):] if " " in named else text
 
 
 def _value(sym: ElfSymbol) -> int:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from kgen.arch import I386, Arch, hw
 from kgen.errors import MachineError
+from kgen.guest.elfinfo import name_address
 
 PROBE_WINDOW = 0.02
 # While `kgen run/test --kernel` waits for a kernel that keeps running, it looks this long after the start and then
@@ -45,10 +46,10 @@ class FaultLoop:
     def describe(self, elf=None, mode: Arch = I386) -> str:
         """"fault loop: #PF page fault at 0xc0101096 <f+0x6> over and over, CR2=0xdead0000 (...)"; `mode`, the
         CPU's (Registers.mode), says how wide an address prints."""
-        from kgen.guest.diagnose import _symbol
         parts = []
         for (vector, pc, cr2, cpl), _ in self.sites:
-            text = f"{hw.EXCEPTION_NAMES.get(vector, f'vector {vector}')} at {_symbol(elf, pc, mode)}"
+            name = hw.EXCEPTION_NAMES.get(vector, f"vector {vector}")
+            text = f"{name} at {name_address(elf, pc, mode)}"
             parts.append(text + (f" in ring {cpl}" if cpl else ""))
         cr2s = sorted({cr2 for (_, _, cr2, _), _ in self.sites if cr2 is not None})
         return (f"fault loop: {' and '.join(parts)} over and over"

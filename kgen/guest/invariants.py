@@ -9,7 +9,7 @@ read it from the `Layout`; without one (anyone's Multiboot ELF) they raise `NotA
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kgen.arch import hw
 from kgen.guest.elfinfo import ElfInfo
@@ -17,7 +17,7 @@ from kgen.errors import KgenError
 from kgen.build.layout import Layout
 from kgen.arch.paging import I386, PAE, X86_64, PagingMode
 from kgen.guest.pagewalk import ReadPhys, Walker, WalkError
-from kgen.guest.registers import Registers
+from kgen.machine.registers import Registers
 
 # The boot stub's page directory (templates/boot.s): CR3 must hold its physical address.
 BOOT_PD_SYMBOL = "boot_top_table"
@@ -45,7 +45,6 @@ class GuestView:
     def in_space(self, top: int, name: str) -> GuestView:
         """The same machine seen through another address space: its top-level table at physical `top` in place of
         CR3, so every check walks that space (kgen test --address-spaces)."""
-        from dataclasses import replace
         return replace(self, regs=replace(self.regs, cr3=top), space=name)
 
     @property

@@ -23,6 +23,10 @@ import time
 from pathlib import Path
 
 from kgen.arch import ARCHES
+from kgen.harness.kernel import KernelUnderTest
+from kgen.harness.kvmprobe import probe_kvm
+from kgen.harness.live import boot
+from kgen.harness.session import KernelSession
 
 
 def _median_seconds(action, runs: int) -> float:
@@ -37,7 +41,6 @@ def _median_seconds(action, runs: int) -> float:
 def fresh_machine_costs(kernel, accel: str, runs: int) -> dict:
     """Median seconds for a test's machine from start to shut down, cold and by restore, with a call in each so a
     machine that does not serve cannot look fast."""
-    from kgen.harness.session import KernelSession
 
     def session(cold: bool):
         with KernelSession(kernel.elf_path, kernel.layout, accel=accel, poison=b"\xcc", cold=cold) as s:
@@ -115,12 +118,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="also time a failing hypothesis test until it reports its shrunk example")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = p.parse_args(argv)
-
-    from kgen.harness.kernel import KernelUnderTest
-
-    from kgen.harness.live import boot
-
-    from kgen.harness.kvmprobe import probe_kvm
     arches = tuple(ARCHES) if args.arch == "all" else (args.arch,)
     figures: dict = {"host": {"cores": os.cpu_count()}, "fresh machine": [], "hypothesis": [], "suite": []}
     say = (lambda *a: None) if args.json else print

@@ -19,8 +19,17 @@ A kernel that never reaches the state the checks look at is reported before the 
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
+import sys
+import tempfile
 from pathlib import Path
+
+from kgen.arch import Arch
+from kgen.errors import KgenError
+from kgen.guest.elfinfo import ElfInfo
+from kgen.harness.outputs import check_report_path
 
 FORMAT_VERSION = 1
 FAILED_PREFIX = "Failed: "
@@ -33,8 +42,6 @@ def kernel_record(elf_path: Path | None, kind: str, arch: str | None) -> dict:
 
 def foreign_kernel_record(elf_path: Path) -> dict:
     """A foreign ELF's arch is the one its code runs in, the QEMU it boots in (`Arch.for_elf`)."""
-    from kgen.arch import Arch
-    from kgen.guest.elfinfo import ElfInfo
     try:
         arch = Arch.for_elf(ElfInfo.load(elf_path)).name
     except Exception:  # noqa: BLE001 - an unreadable ELF is reported elsewhere; the record just says unknown
@@ -106,12 +113,6 @@ def run_suite_json(args, extra: list[str], run_suite) -> int:
     """`kgen test --json FILE` (`-`: the document on stdout, everything pytest prints on stderr): `run_suite` with
     the plugin's reporter on. A foreign kernel that never boots to the state the checks look at still gets a
     document: no checks, and `boot_failure` saying what it did instead."""
-    import contextlib
-    import shutil
-    import sys
-    import tempfile
-    from kgen.errors import KgenError
-    from kgen.harness.outputs import check_report_path
     to_stdout = args.json == "-"
     scratch = None
     if to_stdout:

@@ -17,16 +17,20 @@ from pathlib import Path
 
 from kgen.arch import X86_64, hw
 from kgen.build import config as configmod
-from kgen.guest.diagnose import explain
-from kgen.guest.elfinfo import ElfInfo
+from kgen.build.layout import compute
+from kgen.build.pipeline import build, check_out_dir
 from kgen.errors import (EXIT_KERNEL_FAILED, EXIT_OK, KernelFailed, KgenError, MachineError, ToolMissing,
                          UsageError)
-from kgen.build.layout import compute
+from kgen.guest.bootreport import reported_success
+from kgen.guest.diagnose import at_ip, explain
+from kgen.guest.elfinfo import ElfInfo
 from kgen.harness.bootpath import boot_path_for, grub_icount, launch_refusing
 from kgen.harness.foreign import image_kernel
 from kgen.harness.kernel import KernelUnderTest
 from kgen.harness.qemuargs import check_modules, split_qemu_args
 from kgen.harness.ready import READY_OPTIONS, Ready, wait_booted
+from kgen.machine import Machine
+from kgen.protocol import EXIT_SUCCESS
 
 KVM_DEVICE = "/dev/kvm"
 SERIAL_GRACE = 5.0      # seconds to wait for COM1's last line after QEMU exited with the success status
@@ -69,10 +73,6 @@ def _late_exit_status(machine, grace: float = 1.0) -> int | None:
 
 
 def run(args) -> int:
-    from kgen.build.pipeline import build, check_out_dir
-    from kgen.guest.bootreport import EXIT_SUCCESS, reported_success
-    from kgen.machine import Machine
-
     image = image_kernel(args)
     foreign_only = [name for name in (*READY_OPTIONS, "module", "qemu_arg", "boot", "qemu_command")
                     if getattr(args, name, None)]
@@ -193,7 +193,6 @@ def _foreign_stop(machine, elf: ElfInfo, ready: Ready, timeout: float) -> str | 
     """For a kernel given with --kernel: the line saying it stopped cleanly (ready as `ready` says, or halted as
     `kgen test` waits for), or None when QEMU exited first (its status is then judged as for any kernel). A
     kernel that gets neither far raises the MachineError `explain` reads."""
-    from kgen.guest.diagnose import at_ip
     try:
         how = wait_booted(machine, ready, timeout, elf)
     except MachineError:

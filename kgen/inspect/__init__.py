@@ -16,11 +16,21 @@ from __future__ import annotations
 import json
 import sys
 
+from kgen.arch import Arch
+from kgen.errors import KernelFailed, UsageError
+from kgen.guest.diagnose import RunFailed
+from kgen.harness.bench import load_figures
+from kgen.harness.foreign import checked_kernel
+from kgen.harness.live import boot
+from kgen.harness.outputs import check_report_path
+from kgen.harness.run import require_kvm
+from kgen.inspect.model import collect
+from kgen.inspect.text import render_text, use_colour
+
 
 def _html_renderer():
     """kgen.inspect.html.render_html, or a one-line refusal before anything boots."""
-    from kgen.errors import UsageError
-    try:
+    try:    # imported here: the page needs jinja2, which a distribution's package may leave out; the rest does not
         from kgen.inspect.html import render_html
     except ImportError as err:
         raise UsageError(f"--html: the HTML page is not available in this installation ({err})") from None
@@ -28,20 +38,11 @@ def _html_renderer():
 
 
 def run(args) -> int:
-    from kgen.errors import KernelFailed, UsageError
-    from kgen.guest.diagnose import RunFailed
-    from kgen.harness.foreign import checked_kernel
-    from kgen.harness.live import boot
-    from kgen.harness.outputs import check_report_path
-    from kgen.inspect.model import collect
-    from kgen.inspect.text import render_text, use_colour
-
     render_html = _html_renderer() if args.html is not None else None
     bench = None
     if getattr(args, "bench", None) is not None:
         if args.html is None:
             raise UsageError("--bench draws figures in the HTML page: give --html FILE as well")
-        from kgen.harness.bench import load_figures
         bench = load_figures(args.bench, "--bench")
     if args.html is not None:
         check_report_path("--html", args.html)
@@ -49,7 +50,6 @@ def run(args) -> int:
     if args.va is not None:
         _check_va(kernel, args.va)
     if args.accel == "kvm":
-        from kgen.harness.run import require_kvm
         require_kvm()
     try:
         with boot(kernel, args.accel, cold=True) as live:
@@ -70,8 +70,6 @@ def run(args) -> int:
 
 def _check_va(kernel, vaddr: int) -> None:
     """An address no CPU of this kernel's architecture can translate is refused before the boot."""
-    from kgen.arch import Arch
-    from kgen.errors import UsageError
     arch = kernel.layout.arch if kernel.layout is not None else Arch.for_elf(kernel.elf)
     if not arch.is_canonical(vaddr):
         what = (f"not canonical: bits 63..{arch.va_bits - 1} must all equal bit {arch.va_bits - 1}"

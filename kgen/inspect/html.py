@@ -16,6 +16,7 @@ Region edges cut the empty stretches, so every region of the layout, even an emp
 from __future__ import annotations
 
 from dataclasses import dataclass
+from math import log2
 from pathlib import Path
 
 import jinja2
@@ -409,7 +410,6 @@ def bench_charts(bench: dict) -> dict:
         lo, hi = mibs[0].bit_length(), max(mibs[-1].bit_length(), mibs[0].bit_length() + 1)
 
         def x(mib: int) -> float:
-            from math import log2
             return left + (log2(mib) - (lo - 1)) / (hi - (lo - 1)) * width
 
         lines = []

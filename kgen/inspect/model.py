@@ -17,6 +17,7 @@ from kgen.guest import invariants
 from kgen.guest.invariants import GuestView, NotApplicable
 from kgen.guest.pmmview import ChainError, PmmView
 from kgen.guest.pagewalk import PTE_NX, PTE_P, PTE_RW, PTE_US, PTE_G, Walker, WalkError
+from kgen.inspect.explain import explain_translation
 from kgen.machine.ram import RamWindow, clip_legacy_hole
 
 SCHEMA_VERSION = 1
@@ -421,7 +422,6 @@ def symbol_name(view: GuestView, addr: int) -> str | None:
 
 def collect(live, *, accel: str = "tcg", va: int | None = None, how: str | None = None) -> dict:
     """The document of a booted kernel (`kgen.harness.live.LiveKernel`), stopped now if it still runs."""
-    from kgen.inspect.explain import explain_translation
     view = live.view()
     kernel = live.kernel
     layout = view.layout

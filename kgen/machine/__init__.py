@@ -5,8 +5,9 @@
         m.read_phys(0x100000, 16)
 
 Files by job: `machine.py` (the Machine: lifecycle, waiting, inspection), `process.py` (the QEMU process, its
-directory, no orphans), `qmp.py`, `serial.py` (COM1), `ram.py` (the shared RAM file), `snapshot.py` (a fresh machine
-per test by restore), `kvm.py` (the KVM probe), `errors.py`.
+directory, no orphans), `qmp.py`, `serial.py` (COM1), `ram.py` (the shared RAM file), `registers.py` (the CPU's
+registers from `info registers`), `snapshot.py` (a fresh machine per test by restore), `kvm.py` (the KVM probe),
+`errors.py`.
 """
 from kgen.machine.errors import MachineStepError
 from kgen.machine.kvm import kvm_usable_for

@@ -32,14 +32,14 @@ from pathlib import Path
 
 from kgen.arch import I386, X86_64
 from kgen.errors import MachineError, ToolMissing
-from kgen.protocol import DEBUG_EXIT_PORT
-from kgen.guest.registers import Registers, parse_info_registers
 from kgen.machine import process
 from kgen.machine.firmware import FIRMWARES, Ovmf, find_ovmf, machine_vars, pflash_args
 from kgen.machine.errors import MachineStepError
 from kgen.machine.qmp import LINK_ERRORS, ExecuteError, QmpLink
 from kgen.machine.ram import GuestRam, poison_pattern
+from kgen.machine.registers import Registers, parse_info_registers
 from kgen.machine.serial import SerialLog
+from kgen.protocol import DEBUG_EXIT_PORT
 
 QEMU_PACKAGE = "qemu-system-x86"
 DEFAULT_QEMU = I386.qemu     # the QEMU of a machine not told its kernel's architecture: the default config's

@@ -35,7 +35,7 @@ _PR_SET_PDEATHSIG = 1
 _SIGKILL = int(signal.SIGKILL)
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     # Runs in the forked child before exec: if the harness is SIGKILLed (no atexit, no handler), the kernel kills
     # QEMU too. Linux ties this to the thread that forked, so launch machines from a thread that outlives them.
     if _prctl is not None:
@@ -146,7 +146,7 @@ def caller_cwd() -> Path | None:
 
 def spawn(command, cwd: Path, log) -> subprocess.Popen:
     return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
-                            preexec_fn=_die_with_parent)
+                            preexec_fn=die_with_parent)
 
 
 def accept(listener: socket.socket, proc: subprocess.Popen, deadline: float) -> socket.socket | None:
