@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from kgen import protocol
 from kgen.arch import hw
 from kgen.errors import MachineError, ToolMissing
 from kgen.machine import MIB, Machine, RamWindow, fill_file, kvm_usable_for, parse_ram_windows
@@ -175,7 +176,7 @@ def kernels(tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("kernels")
     (out / "kernel.S").write_text(KERNEL_SOURCE)
     symbols = {"KNOWN_ADDR": KNOWN_ADDR, "KNOWN_VALUE": KNOWN_VALUE, "KNOWN_EDI": KNOWN_EDI,
-               "EXIT_VALUE": EXIT_VALUE, "PAGE_DIR": PAGE_DIR, "DEBUG_EXIT_PORT": 0xF4}
+               "EXIT_VALUE": EXIT_VALUE, "PAGE_DIR": PAGE_DIR, "DEBUG_EXIT_PORT": protocol.DEBUG_EXIT_PORT}
     built = {}
     for variant, name in enumerate(("exit", "spin", "triple")):
         defsyms = [arg for sym, value in {**symbols, "VARIANT": variant}.items()
