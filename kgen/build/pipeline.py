@@ -23,6 +23,7 @@ from kgen.arch import Arch
 from kgen.build import dwarf, link
 from kgen.build.config import Config
 from kgen.build.image import LinkedImage
+from kgen.build.iso import make_iso, require_grub
 from kgen.build.layout import Layout, compute
 from kgen.build.resources import boot_dir, templates_dir
 
@@ -274,12 +275,11 @@ def build(config: Config, out_dir: Path, *, iso: bool = True, force: bool = True
     to be current; a directory this build created is removed again if it fails.
     Without `force`, outputs whose stamp matches the inputs and the files' bytes are kept as they are.
     """
-    # LIEF (kgen.build.elf and .iso) takes 0.3 s to import and aborts the process if Ctrl-C lands meanwhile: imported
-    # here, under import_deferring_sigint, when an ELF is written, not by everything that imports the pipeline.
+    # LIEF (kgen.build.elf) takes 0.3 s to import and aborts the process if Ctrl-C lands meanwhile: imported here,
+    # under import_deferring_sigint, when an ELF is written, not by everything that imports the pipeline.
     import_deferring_sigint("lief")
     from kgen.build import elf as elf_module
     from kgen.build.elf import write_elf
-    from kgen.build.iso import make_iso, require_grub
 
     check_out_dir(out_dir)
     kernel = link_kernel(config)          # a config or template error stops the build before out_dir is touched
