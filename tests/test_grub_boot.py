@@ -137,7 +137,7 @@ def test_kgens_own_iso_boots_under_uefi(request, arch):
     out = request.getfixturevalue(ARCH_BUILDS[arch])
     layout = out.kernel.layout
     with Machine(iso=out.iso, firmware="uefi", qemu=QEMU, icount=grub_icount(True, "uefi", "tcg"),
-                 memory_mib=layout.memory_mib, debug_exit_port=layout.debug_exit_port) as m:
+                 memory_mib=layout.memory_mib) as m:
         status = m.wait_exit(BOOT_TIMEOUT)
         assert status == layout.success_status, m.serial
         assert m.serial.rstrip().endswith(EXIT_SUCCESS), m.serial
