@@ -145,9 +145,10 @@ def cmd_run(args) -> int:
 def cmd_bench(args, extra: list[str]) -> int:
     if args.harness:
         from kgen.harness.benchharness import main as bench_main
-    else:
-        from kgen.harness.bench import main as bench_main
-    return bench_main(extra)
+        return bench_main(extra)
+    from kgen.harness.bench import main as bench_main
+    from kgen.inspect.html import render_bench_html     # the page is inspect's; the harness below it takes it
+    return bench_main(extra, render_html=render_bench_html)
 
 
 def cmd_test(args, extra: list[str]) -> int:

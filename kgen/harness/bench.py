@@ -355,11 +355,8 @@ def load_figures(path: Path, option: str = "--from-json") -> dict:
     return data
 
 
-def _write_html(path: Path, data: dict) -> None:
-    # The one import of a higher floor left (tests/test_import_order.py names it): the page is kgen.inspect's, and
-    # this program's --html needs it. It goes when `kgen bench` (kgen/cli) hands the renderer in.
-    from kgen.inspect.html import render_bench_html
-    page = render_bench_html(data)
+def _write_html(path: Path, data: dict, render_html) -> None:
+    page = render_html(data)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(page)
@@ -368,7 +365,9 @@ def _write_html(path: Path, data: dict) -> None:
     print(f"kgen: wrote {path}", file=sys.stderr)
 
 
-def main(argv=None) -> int:
+def main(argv=None, render_html=None) -> int:
+    """The benchmarks' command line; `render_html(figures) -> str` draws --html's page (kgen.inspect's, handed in by
+    `kgen bench`: the harness does not reach up to inspect)."""
     parser = argparse.ArgumentParser(prog="kgen.harness.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--arch", choices=(*ARCHES, "all"), default="all", help="architecture(s) to measure")
     parser.add_argument("--no-init", action="store_true", help="skip the PMM init runs (64 MiB .. 3 or 8 GiB guests)")
@@ -379,6 +378,8 @@ def main(argv=None) -> int:
     parser.add_argument("--from-json", type=Path, metavar="FILE", help="measure nothing: take the figures from a "
                         "file `--json` wrote (to draw them with --html)")
     args = parser.parse_args(argv)
+    if args.html and render_html is None:
+        raise UsageError("--html draws the page with kgen inspect's renderer: run `kgen bench --html FILE`")
     if args.html:
         check_report_path("--html", args.html)      # before measuring, not after
     if args.from_json:
@@ -397,7 +398,7 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(data, indent=2))
     if args.html:
-        _write_html(args.html, data)
+        _write_html(args.html, data, render_html)
     return 0
 
 
