@@ -1,4 +1,4 @@
-# Benchmarks for the harness (kgen/bench.py): each routine runs its body n times (n >= 1) between two rdtsc
+# Benchmarks for the harness (kgen/harness/bench.py): each routine runs its body n times (n >= 1) between two rdtsc
 # reads and returns the delta in edx:eax (the call channel's xdx:xax). Every loop has the same control (dec,
 # jnz), so bench_empty's delta is the overhead to subtract. Under TCG with -icount shift=0 the delta counts
 # executed instructions; under KVM it counts cycles (of this host's hypervisor, where that is kvm_pvm).

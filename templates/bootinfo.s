@@ -5,7 +5,7 @@
 #
 # This is 32-bit code that runs before paging, so every address it names is a link-time (virtual) address minus
 # KERNEL_VIRTUAL_BASE; relative jumps and calls need no adjustment (on x86_64 the `.code32` piece is assembled at
-# its physical address: kgen/asm.py).
+# its physical address: kgen/build/asm.py).
 
 .section .text
 .code32

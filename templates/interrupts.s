@@ -6,7 +6,7 @@
 # code push a 0 first, so every handler sees the same frame: error code, then vector, each a word. Which vectors
 # push one is a CPU fact, passed in as EXCEPTIONS_WITH_ERROR_CODE_MASK.
 #
-# The report is one line the harness parses (kgen/diagnose.py):
+# The report is one line the harness parses (kgen/guest/diagnose.py):
 # "kgen: exception vector=0x... error=0x... eip=0x... cr2=0x... ..." (rip= and 64-bit values on x86_64).
 
 .section .text

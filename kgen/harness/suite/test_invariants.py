@@ -1,5 +1,5 @@
 """The kernel's paging against its own intent (ELF segments, and the layout for a kgen kernel), on the kernel
-booted to idle and stopped, RAM poisoned. One test per invariant; kgen/invariants.py holds the checks.
+booted to idle and stopped, RAM poisoned. One test per invariant; kgen/guest/invariants.py holds the checks.
 
 The page-table checks take `kgen_space`: the space in CR3, or with `--address-spaces` (a kernel given with --kernel
 that lists its spaces) each space in turn, so a kernel with processes is judged the same whichever one is current."""
