@@ -20,6 +20,10 @@ BOOT_OK = "kgen: boot ok"
 EXIT_SUCCESS = "kgen: exit success"
 # Printed once the kernel waits for calls on the call channel (templates/calls.s); kgen/harness/session.py waits for it.
 SERVING = "kgen: serving calls on COM2"
+# How a kgen kernel reports a CPU exception and a panic on COM1 (templates/interrupts.s, debugexit.s), each followed by
+# its fields; kgen/guest/diagnose.py reads them back.
+EXCEPTION_PREFIX = "kgen: exception"
+PANIC_PREFIX = "kgen: panic: "
 # On the kernel command line: stay up and serve calls instead of exiting.
 SERVE_TOKEN = "kgen.serve"
 
@@ -72,6 +76,8 @@ def asm_constants() -> dict[str, int]:
 ASM_STRINGS = {
     "BOOT_OK_TEXT": BOOT_OK,
     "SERVING_TEXT": SERVING,
+    "EXCEPTION_TEXT": EXCEPTION_PREFIX,
+    "PANIC_TEXT": PANIC_PREFIX,
 }
 
 

@@ -53,4 +53,5 @@ panic:
 
 .section .rodata
 str_panic:
-    .asciz "kgen: panic: "
+    PANIC_TEXT
+    .byte 0x0

@@ -197,4 +197,5 @@ exception_report:
 
 .section .rodata
 str_exception:
-    .asciz "kgen: exception"
+    EXCEPTION_TEXT
+    .byte 0x0

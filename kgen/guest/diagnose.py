@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 
 from kgen.arch import Arch, hw
+from kgen import protocol
 from kgen.errors import MachineError
 from kgen.guest import faultloop
 from kgen.guest.elfinfo import ElfInfo, name_address
@@ -13,7 +14,7 @@ from kgen.guest.vga import non_empty_lines, screen_rows
 
 # One shape for both kernels: "kgen: exception vector=0x.. error=0x.. eip=0x.. cr2=0x.. eax=0x.. ..." from the i386
 # one (templates/i386/idt.s), the same with rip= and r8=..r15=, rflags= and 16-digit values from the 64-bit one.
-EXCEPTION_LINE = re.compile(r"kgen: exception((?: \w+=0x[0-9a-fA-F]+)+)")
+EXCEPTION_LINE = re.compile(re.escape(protocol.EXCEPTION_PREFIX) + r"((?: \w+=0x[0-9a-fA-F]+)+)")
 FIELD = re.compile(r"(\w+)=0x([0-9a-fA-F]+)")
 
 
@@ -49,7 +50,7 @@ class KernelException:
         return f"{text} {at_ip(elf, self.ip, self.mode)}"
 
 
-PANIC_LINE = re.compile(r"kgen: panic: (.*)")
+PANIC_LINE = re.compile(re.escape(protocol.PANIC_PREFIX) + r"(.*)")
 
 
 def find_panic(serial: str) -> str | None:
