@@ -199,8 +199,9 @@ class FakeMachine:
 
 
 def cpu(eip: int, *, halted: bool = False, interrupts: bool = False, ring: int = 0):
+    from kgen.arch import Arch
     return SimpleNamespace(eip=eip, cr3=0, cr0=0x11, halted=halted, eflags=0x202 if interrupts else 0x2,
-                           long_mode=False, cpl=ring, cs=0x1b if ring else 0x08)
+                           long_mode=False, mode=Arch.for_cpu(False), cpl=ring, cs=0x1b if ring else 0x08)
 
 
 @pytest.mark.parametrize("code, spins", [
