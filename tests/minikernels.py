@@ -1192,3 +1192,110 @@ def limine_iso(out: Path, kernel: Path, name: str = "limine.iso") -> Path:
                     "--efi-boot", "boot/limine/limine-uefi-cd.bin", "-efi-boot-part", "--efi-boot-image",
                     "--protective-msdos-label", root, "-o", iso], check=True, capture_output=True)
     return iso
+
+
+# --- a relocated kernel with paging (tests/test_placement.py) -----------------------------------------------------
+# MB2_RELOCATABLE with paging: linked at 1 MiB (text R-X, data RW- each a PT_LOAD), asking to be put from 4 MiB on.
+# Running where GRUB put it (paging off, position-independent: %ebp holds runtime - link address), it maps its link
+# addresses to where it really is, text read-only, data writable, plus its running pages identity-mapped for the
+# instructions right after paging goes on; jumps to its link address, drops the identity entry, and prints its ready
+# line only if it was moved and entered by a Multiboot 2 loader. The checks must find it at its real base.
+# WRITABLE_TEXT=1 maps its text writable too: the segment check must name those pages where they really are.
+MB2_RELOCATED_PAGED_READY = "mb2-paged: ready\n"
+MB2_RELOCATED_PAGED = rf"""
+.text
+.globl _start
+{multiboot2_header(relocatable_tag("MIN_ADDR", "MAX_ADDR", "0x1000", 1))}
+_start:
+    cli
+    call 1f
+1:  pop %ebp
+    sub $1b, %ebp                       /* runtime - link address: add it to a linked address to reach it */
+    lea stack_top(%ebp), %esp
+    mov %eax, boot_magic(%ebp)
+    lea pd(%ebp), %edi                  /* pd, pt_link and pt_here: three pages, RAM may be poisoned */
+    xor %eax, %eax
+    mov $(3 * 1024), %ecx
+    rep stosl
+    mov $__image_start, %esi            /* each page of the image, by its link address */
+map_page:
+    lea (%esi,%ebp), %eax               /* where it really is */
+    mov %eax, %ebx
+    or $1, %eax                         /* present, read-only */
+.if WRITABLE_TEXT
+    or $2, %eax                         /* every page writable: a true finding */
+.endif
+    cmp $__data_start, %esi
+    jb 2f
+    or $2, %eax                         /* data and bss: writable */
+2:  mov %esi, %edx
+    shr $12, %edx
+    and $0x3FF, %edx
+    mov %eax, pt_link(%ebp,%edx,4)      /* link address -> where it is */
+    mov %ebx, %edx
+    shr $12, %edx
+    and $0x3FF, %edx
+    or $3, %ebx
+    mov %ebx, pt_here(%ebp,%edx,4)      /* where it is -> itself, until it runs at its link address */
+    add $0x1000, %esi
+    cmp $__image_end, %esi
+    jb map_page
+    lea pt_link + 3(%ebp), %eax
+    mov %eax, pd(%ebp)                  /* PD[0]: the link addresses (below 4 MiB) */
+    lea __image_start(%ebp), %edx
+    shr $22, %edx                       /* the PD slot of where it runs (4 MiB or above: not slot 0) */
+    lea pt_here + 3(%ebp), %eax
+    mov %eax, pd(%ebp,%edx,4)
+    lea pd(%ebp), %eax
+    mov %eax, %cr3
+    mov %cr0, %eax
+    or $0x80010000, %eax                /* PG | WP */
+    mov %eax, %cr0
+    mov $linked, %eax                   /* by its link address: a relative jump would stay where it runs */
+    jmp *%eax
+linked:
+    mov $stack_top, %esp
+    movl $0, pd(,%edx,4)                /* drop the running pages' identity entry */
+    mov %cr3, %eax
+    mov %eax, %cr3
+    mov $wrong, %esi
+    cmpl $0x36D76289, boot_magic
+    jne 3f
+    test %ebp, %ebp
+    jz 3f                               /* not moved: the loader ignored the relocatable tag */
+    mov $ready, %esi
+3:  call puts
+{halt_loop()}
+{SERIAL_PUTS}
+ready: .asciz "mb2-paged: ready\n"
+wrong: .asciz "mb2-paged: not moved by a Multiboot 2 loader\n"
+.data
+boot_magic: .long 0
+.bss
+.balign 4096
+pd: .skip 4096
+pt_link: .skip 4096
+pt_here: .skip 4096
+stack: .skip 4096
+stack_top:
+"""
+
+MB2_RELOCATED_PAGED_LDS = """
+ENTRY(_start)
+PHDRS { text PT_LOAD FLAGS(5); data PT_LOAD FLAGS(6); }
+SECTIONS {
+  . = 1M;
+  __image_start = .;
+  .text : { *(.text) } :text
+  . = ALIGN(0x1000);
+  __data_start = .;
+  .data : { *(.data) } :data
+  .bss : { *(.bss) } :data
+  __image_end = ALIGN(0x1000);
+}
+"""
+
+
+def mb2_relocated_paged(out: Path, name: str = "mb2-paged", *, writable_text: int = 0) -> Path:
+    return build(out, name, MB2_RELOCATED_PAGED, MB2_RELOCATED_PAGED_LDS, MIN_ADDR=MB2_RELOCATABLE_MIN,
+                 MAX_ADDR=MB2_RELOCATABLE_MAX, WRITABLE_TEXT=writable_text)

@@ -113,8 +113,8 @@ def test_the_base_found_in_the_tables_is_where_limine_says_it_put_the_kernel(zoo
         moved = live.view()
         assert moved.placement.strays == {data.index: placement.offset + hw.PAGE_SIZE}
         problems = invariants.check_segments(moved)
-        assert problems[1] == (f"segment {data.index} ({data.vaddr:#x} <limine_requests_start>) is mapped at physical "
-                               f"{data.paddr + placement.offset + hw.PAGE_SIZE:#x}, not "
+        assert problems[1] == (f"segment {data.index} ({data.vaddr:#x} <limine_requests_start>) is mapped at "
+                               f"physical {data.paddr + placement.offset + hw.PAGE_SIZE:#x}, not "
                                f"{data.paddr + placement.offset:#x} where the rest of the kernel puts it (physical base "
                                f"{placement.base:#x}): a kernel's segments keep their distances wherever it is "
                                f"loaded"), problems
