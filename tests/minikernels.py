@@ -1045,3 +1045,257 @@ def grub_module(out: Path, name: str = "grubmod") -> Path:
     source = (GRUB_MODULE.replace("@NAME@", GRUB_MODULE_NAME).replace("@READY@", GRUB_MODULE_READY)
               .replace("@MISSING@", GRUB_MODULE_MISSING.replace("\n", "\\n")))
     return build(out, name, source)
+
+
+# --- the Limine boot protocol (tests/test_limine.py) --------------------------------------------------------------
+# Limine (tests/limine/: its prebuilt BIOS CD and UEFI loaders) loads an ELF64 linked at or above 0xffffffff80000000
+# at a physical address of its own choosing, maps each PT_LOAD with its rights, and enters it in long mode. The kernel
+# asks for what it wants with requests: 8-aligned structures in its image, each starting with an ID Limine scans
+# for, that Limine answers by filling in their response pointer. IDs are Limine's `limine.h` (v8) values.
+LIMINE_DIR = ROOT / "tests" / "limine"
+LIMINE_COMMON_MAGIC = "0xc7b1dd30df4c8b88, 0x0a82e883a194f07b"
+
+
+def limine_requests(*requests: str) -> str:
+    """The requests area: a start marker, the base-revision tag asking for revision 2 (Limine sets its third word to
+    0 when it honours it), `requests` (whole lines), an end marker. In a writable section: Limine writes into it."""
+    body = "\n".join(requests)
+    return rf""".section .data
+.balign 8
+limine_requests_start:
+    .quad 0xf6b8f4b39de7d1ae, 0xfab91a6940fcb9cf, 0x785c6ed015d3e316, 0x181e920a7852b9d9
+limine_base_revision:
+    .quad 0xf9562b2d5c95a6c8, 0x6a7b384944536bdc, 2
+{body}
+limine_requests_end:
+    .quad 0xadc0e0531bb10d03, 0x9572709f31764c62"""
+
+
+def limine_request(label: str, id_words: str) -> str:
+    """One request of revision 0: its ID (the common magic, then the request's own two words), its revision, and
+    the response pointer Limine fills in (at `label` + 40)."""
+    return rf"""{label}:
+    .quad {LIMINE_COMMON_MAGIC}, {id_words}
+    .quad 0                             /* revision */
+    .quad 0                             /* response: set by Limine */"""
+
+
+# The kernel address request: its response gives the physical and virtual base Limine loaded the kernel at.
+LIMINE_KERNEL_ADDRESS_REQUEST = limine_request("kernel_address", "0x71ba76863cc55f63, 0xb2644a48c516a487")
+
+# Serial output in long mode: the NUL-terminated string at %rsi to COM1; %rax as 16 hex digits.
+SERIAL_PUTS64 = r"""puts:
+    lodsb
+    test %al, %al
+    jz 1f
+    mov $0x3F8, %dx
+    out %al, %dx
+    jmp puts
+1:  ret
+print_hex64:
+    mov %rax, %rbx
+    mov $16, %ecx
+1:  rol $4, %rbx
+    mov %ebx, %eax
+    and $0xF, %eax
+    lea hexdigits(%rip), %rdi
+    mov (%rdi,%rax), %al
+    mov $0x3F8, %dx
+    out %al, %dx
+    loop 1b
+    ret"""
+
+# A Limine-protocol kernel: checks Limine honoured base revision 2, prints the physical base its kernel address
+# response gives, then its ready line, and halts. Text, rodata and data each a PT_LOAD with its own rights
+# (LIMINE_LDS), linked at 0xffffffff80000000 with no load address (p_paddr = p_vaddr), as Limine's templates link.
+LIMINE_READY = "limine-zoo: ready"
+LIMINE_LOADED_AT = "limine-zoo: loaded at physical 0x"
+LIMINE_KERNEL = rf"""
+.text
+.globl _start
+_start:
+    cli
+    lea wrong_revision(%rip), %rsi
+    cmpq $0, limine_base_revision + 16(%rip)
+    jne report
+    lea no_address(%rip), %rsi
+    mov kernel_address + 40(%rip), %rbx
+    test %rbx, %rbx
+    jz report
+    lea loaded_at(%rip), %rsi
+    call puts
+    mov 8(%rbx), %rax                   /* the response's physical_base */
+    call print_hex64
+    lea ready(%rip), %rsi
+report:
+    call puts
+{halt_loop()}
+{SERIAL_PUTS64}
+.section .rodata
+hexdigits: .ascii "0123456789abcdef"
+loaded_at: .asciz "{LIMINE_LOADED_AT}"
+ready: .asciz "\n{LIMINE_READY}\n"
+wrong_revision: .asciz "limine-zoo: Limine did not honour base revision 2\n"
+no_address: .asciz "limine-zoo: no kernel address response\n"
+{limine_requests(LIMINE_KERNEL_ADDRESS_REQUEST)}
+"""
+
+LIMINE_LDS = """
+ENTRY(_start)
+PHDRS { text PT_LOAD FLAGS(5); rodata PT_LOAD FLAGS(4); data PT_LOAD FLAGS(6); }
+SECTIONS {
+  . = 0xffffffff80000000;
+  .text : { *(.text) } :text
+  .rodata : ALIGN(0x1000) { *(.rodata) } :rodata
+  .data : ALIGN(0x1000) { *(.data) } :data
+  .bss : { *(.bss) } :data
+}
+"""
+
+
+def limine_kernel(out: Path, name: str = "limine-zoo") -> Path:
+    return build(out, name, LIMINE_KERNEL, LIMINE_LDS, bits=64)
+
+
+# limine.conf (Limine 8's syntax): boot the one entry at once, by the Limine protocol.
+LIMINE_CONF = """timeout: 0
+
+/kgen zoo
+    protocol: limine
+    kernel_path: boot():/boot/{kernel}
+"""
+
+
+def limine_iso(out: Path, kernel: Path, name: str = "limine.iso") -> Path:
+    """A BIOS + UEFI ISO as Limine's USAGE.md makes one (tests/limine/README.md): limine.conf, limine-bios.sys and
+    the El Torito images in /boot/limine, BOOTX64.EFI in /EFI/BOOT, the kernel in /boot. The UEFI El Torito image is
+    a FAT holding BOOTX64.EFI, made with mtools in place of Limine's five-architecture limine-uefi-cd.bin."""
+    missing = [tool for tool in ("xorriso", "mformat", "mmd", "mcopy") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed (Debian packages xorriso, mtools)")
+    root = out / f"{name}.root"
+    shutil.rmtree(root, ignore_errors=True)
+    (root / "boot" / "limine").mkdir(parents=True)
+    (root / "EFI" / "BOOT").mkdir(parents=True)
+    shutil.copy(kernel, root / "boot" / kernel.name)
+    for binary in ("limine-bios.sys", "limine-bios-cd.bin"):
+        shutil.copy(LIMINE_DIR / binary, root / "boot" / "limine" / binary)
+    shutil.copy(LIMINE_DIR / "BOOTX64.EFI", root / "EFI" / "BOOT" / "BOOTX64.EFI")
+    (root / "boot" / "limine" / "limine.conf").write_text(LIMINE_CONF.format(kernel=kernel.name))
+    fat = root / "boot" / "limine" / "limine-uefi-cd.bin"
+    for command in (["mformat", "-i", fat, "-C", "-f", "1440", "::"], ["mmd", "-i", fat, "::/EFI", "::/EFI/BOOT"],
+                    ["mcopy", "-i", fat, LIMINE_DIR / "BOOTX64.EFI", "::/EFI/BOOT/BOOTX64.EFI"]):
+        subprocess.run(command, check=True, capture_output=True)
+    iso = out / name
+    subprocess.run(["xorriso", "-as", "mkisofs", "-R", "-r", "-J", "-b", "boot/limine/limine-bios-cd.bin",
+                    "-no-emul-boot", "-boot-load-size", "4", "-boot-info-table", "-hfsplus", "-apm-block-size", "2048",
+                    "--efi-boot", "boot/limine/limine-uefi-cd.bin", "-efi-boot-part", "--efi-boot-image",
+                    "--protective-msdos-label", root, "-o", iso], check=True, capture_output=True)
+    return iso
+
+
+# --- a relocated kernel with paging (tests/test_placement.py) -----------------------------------------------------
+# MB2_RELOCATABLE with paging: linked at 1 MiB (text R-X, data RW- each a PT_LOAD), asking to be put from 4 MiB on.
+# Running where GRUB put it (paging off, position-independent: %ebp holds runtime - link address), it maps its link
+# addresses to where it really is, text read-only, data writable, plus its running pages identity-mapped for the
+# instructions right after paging goes on; jumps to its link address, drops the identity entry, and prints its ready
+# line only if it was moved and entered by a Multiboot 2 loader. The checks must find it at its real base.
+# WRITABLE_TEXT=1 maps its text writable too: the segment check must name those pages where they really are.
+MB2_RELOCATED_PAGED_READY = "mb2-paged: ready\n"
+MB2_RELOCATED_PAGED = rf"""
+.text
+.globl _start
+{multiboot2_header(relocatable_tag("MIN_ADDR", "MAX_ADDR", "0x1000", 1))}
+_start:
+    cli
+    call 1f
+1:  pop %ebp
+    sub $1b, %ebp                       /* runtime - link address: add it to a linked address to reach it */
+    lea stack_top(%ebp), %esp
+    mov %eax, boot_magic(%ebp)
+    lea pd(%ebp), %edi                  /* pd, pt_link and pt_here: three pages, RAM may be poisoned */
+    xor %eax, %eax
+    mov $(3 * 1024), %ecx
+    rep stosl
+    mov $__image_start, %esi            /* each page of the image, by its link address */
+map_page:
+    lea (%esi,%ebp), %eax               /* where it really is */
+    mov %eax, %ebx
+    or $1, %eax                         /* present, read-only */
+.if WRITABLE_TEXT
+    or $2, %eax                         /* every page writable: a true finding */
+.endif
+    cmp $__data_start, %esi
+    jb 2f
+    or $2, %eax                         /* data and bss: writable */
+2:  mov %esi, %edx
+    shr $12, %edx
+    and $0x3FF, %edx
+    mov %eax, pt_link(%ebp,%edx,4)      /* link address -> where it is */
+    mov %ebx, %edx
+    shr $12, %edx
+    and $0x3FF, %edx
+    or $3, %ebx
+    mov %ebx, pt_here(%ebp,%edx,4)      /* where it is -> itself, until it runs at its link address */
+    add $0x1000, %esi
+    cmp $__image_end, %esi
+    jb map_page
+    lea pt_link + 3(%ebp), %eax
+    mov %eax, pd(%ebp)                  /* PD[0]: the link addresses (below 4 MiB) */
+    lea __image_start(%ebp), %edx
+    shr $22, %edx                       /* the PD slot of where it runs (4 MiB or above: not slot 0) */
+    lea pt_here + 3(%ebp), %eax
+    mov %eax, pd(%ebp,%edx,4)
+    lea pd(%ebp), %eax
+    mov %eax, %cr3
+    mov %cr0, %eax
+    or $0x80010000, %eax                /* PG | WP */
+    mov %eax, %cr0
+    mov $linked, %eax                   /* by its link address: a relative jump would stay where it runs */
+    jmp *%eax
+linked:
+    mov $stack_top, %esp
+    movl $0, pd(,%edx,4)                /* drop the running pages' identity entry */
+    mov %cr3, %eax
+    mov %eax, %cr3
+    mov $wrong, %esi
+    cmpl $0x36D76289, boot_magic
+    jne 3f
+    test %ebp, %ebp
+    jz 3f                               /* not moved: the loader ignored the relocatable tag */
+    mov $ready, %esi
+3:  call puts
+{halt_loop()}
+{SERIAL_PUTS}
+ready: .asciz "mb2-paged: ready\n"
+wrong: .asciz "mb2-paged: not moved by a Multiboot 2 loader\n"
+.data
+boot_magic: .long 0
+.bss
+.balign 4096
+pd: .skip 4096
+pt_link: .skip 4096
+pt_here: .skip 4096
+stack: .skip 4096
+stack_top:
+"""
+
+MB2_RELOCATED_PAGED_LDS = """
+ENTRY(_start)
+PHDRS { text PT_LOAD FLAGS(5); data PT_LOAD FLAGS(6); }
+SECTIONS {
+  . = 1M;
+  __image_start = .;
+  .text : { *(.text) } :text
+  . = ALIGN(0x1000);
+  __data_start = .;
+  .data : { *(.data) } :data
+  .bss : { *(.bss) } :data
+  __image_end = ALIGN(0x1000);
+}
+"""
+
+
+def mb2_relocated_paged(out: Path, name: str = "mb2-paged", *, writable_text: int = 0) -> Path:
+    return build(out, name, MB2_RELOCATED_PAGED, MB2_RELOCATED_PAGED_LDS, MIN_ADDR=MB2_RELOCATABLE_MIN,
+                 MAX_ADDR=MB2_RELOCATABLE_MAX, WRITABLE_TEXT=writable_text)

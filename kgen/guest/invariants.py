@@ -8,8 +8,8 @@ read it from the `Layout`; without one (anyone's Multiboot ELF) they raise `NotA
 """
 from __future__ import annotations
 
-from collections import defaultdict
-from dataclasses import dataclass, replace
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field, replace
 
 from kgen.arch import hw
 from kgen.guest.elfinfo import ElfInfo
@@ -23,6 +23,9 @@ from kgen.machine.registers import Registers
 BOOT_PD_SYMBOL = "boot_top_table"
 # Messages beyond this many per check add nothing a person reads; the count of the rest is given.
 MAX_PROBLEMS = 20
+# x86 physical addresses have at most 52 bits: a p_paddr at or above this is no load address but a copy of p_vaddr
+# (a Limine kernel linked without AT(): the loader chooses where it goes).
+PHYS_LIMIT = 1 << 52
 
 
 class NotApplicable(KgenError):
@@ -41,6 +44,9 @@ class GuestView:
     space: str | None = None        # which address space CR3 stands for when it is not the CPU's (`in_space`)
     # Program-header indices of the segments the user named boot-only (--boot-only-segment); None: the default rule.
     boot_only: tuple[int, ...] | None = None
+    # What a check learnt that holds and still matters to a reader (where the loader put the kernel): said beside
+    # the verdict, pass or fail (`assert_holds`).
+    notes: list[str] = field(default_factory=list, compare=False)
 
     def in_space(self, top: int, name: str) -> GuestView:
         """The same machine seen through another address space: its top-level table at physical `top` in place of
@@ -81,7 +87,12 @@ class GuestView:
         named = self.boot_only or ()
         offsets = {seg.vaddr - seg.paddr for seg in self.elf.segments
                    if seg.memsz and seg.vaddr > seg.paddr and seg.index not in named}
-        return min(offsets) if offsets else None
+        if offsets:
+            return min(offsets)
+        # Linked high with no load address (p_paddr = p_vaddr, beyond any physical address): its lowest segment.
+        unplaced = [seg.vaddr for seg in self.elf.segments if seg.memsz and seg.paddr >= PHYS_LIMIT
+                    and seg.index not in named]
+        return min(unplaced) if unplaced else None
 
     @property
     def boot_segments(self) -> tuple:
@@ -94,7 +105,15 @@ class GuestView:
             return tuple(seg for seg in self.elf.segments if seg.index in self.boot_only)
         if self.kernel_base is None:
             return ()
-        return tuple(seg for seg in self.elf.segments if seg.memsz and seg.vaddr == seg.paddr)
+        return tuple(seg for seg in self.elf.segments
+                     if seg.memsz and seg.vaddr == seg.paddr and seg.vaddr < self.kernel_base)
+
+    @property
+    def placement(self) -> Placement:
+        """Where the page tables put the kernel's segments (`find_placement`), learnt on first use."""
+        if "_placement" not in self.__dict__:
+            self.__dict__["_placement"] = find_placement(self)
+        return self.__dict__["_placement"]
 
     def page(self, vaddr: int) -> str:
         return self.elf.symbolize(vaddr)
@@ -118,6 +137,53 @@ class GuestView:
         size = self.mode.entry_size
         value = self.entry(table, index)
         return f"{self.mode.level_names[level]}[{index}] @ {table + size * index:#x} = {value:#0{2 * size + 2}x}"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a loader really put the kernel: physical address minus p_paddr, the same for every PT_LOAD of a kernel
+    loaded whole (Limine chooses its physical base; so does GRUB for a Multiboot 2 relocatable header). 0: where
+    the ELF says."""
+
+    offset: int
+    elf_base: int                                   # the lowest p_paddr of the loaded segments
+    # segment index -> the offset its pages lie at, for the segments that do not lie at `offset`: a finding.
+    strays: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def base(self) -> int:
+        return self.elf_base + self.offset
+
+    def describe(self) -> str:
+        return (f"the page tables put the kernel at physical base {self.base:#x}, where its ELF's p_paddr say "
+                f"{self.elf_base:#x}: every segment is judged there")
+
+
+def find_placement(view: GuestView) -> Placement:
+    """The offset from p_paddr to the physical address the live tables map each PT_LOAD page to: the one most of
+    the kernel's mapped pages share (ties: the ELF's own, else the lowest segment's). A segment whose pages lie
+    elsewhere is a stray."""
+    walker = view.need_walker()
+    loaded = [seg for seg in view.elf.segments if seg.memsz]
+    elf_base = min((seg.paddr for seg in loaded), default=0)
+    per_segment: dict[int, Counter] = {}
+    for seg in loaded:
+        first = seg.vaddr & ~(hw.PAGE_SIZE - 1)
+        seen = Counter()
+        for vaddr in range(first, seg.vaddr + seg.memsz, hw.PAGE_SIZE):
+            t = walker.translate(vaddr)
+            if t is not None:
+                seen[t.paddr - ((seg.paddr & ~(hw.PAGE_SIZE - 1)) + vaddr - first)] += 1
+        per_segment[seg.index] = seen
+    pages = sum(per_segment.values(), Counter())
+    if not pages:
+        return Placement(0, elf_base)
+    most = max(pages.values())
+    tied = [offset for offset, count in pages.items() if count == most]
+    offset = 0 if 0 in tied else tied[0]
+    strays = {index: seen.most_common(1)[0][0] for index, seen in per_segment.items()
+              if seen and seen.most_common(1)[0][0] != offset}
+    return Placement(offset, elf_base, strays)
 
 
 def _capped(problems: list[str]) -> list[str]:
@@ -206,17 +272,21 @@ def check_recursive_slot(view: GuestView) -> list[str]:
 
 @_walk_errors_reported
 def check_segments(view: GuestView) -> list[str]:
-    """Every page of every PT_LOAD maps p_vaddr -> p_paddr, is writable only if a segment there is, and, where the
-    paging mode has NX, executable only if a segment there is (and executable where one is).
+    """Every page of every PT_LOAD maps p_vaddr -> p_paddr + the one offset the loader put the whole kernel at, is
+    writable only if a segment there is, and, where the paging mode has NX, executable only if a segment there is
+    (and executable where one is).
 
-    i386 paging has no NX, so there "no wider than the segment flags" comes down to: a page holding no writable
-    segment must not be RW."""
+    The offset is learnt from the tables (`find_placement`): a loader may choose the kernel's physical base, but not
+    move its segments apart. i386 paging has no NX, so there "no wider than the segment flags" comes down to: a page
+    holding no writable segment must not be RW."""
     walker = view.need_walker()
+    placement = view.placement
     has_nx = bool(walker.mode.nx_levels) and walker.nxe
     expected: dict[int, int] = {}
     writable: dict[int, bool] = defaultdict(bool)
     executable: dict[int, bool] = defaultdict(bool)
     flags: dict[int, str] = {}
+    segment_of: dict[int, int] = {}
     boot_only: set[int] = set()
     for seg in view.elf.segments:
         if not seg.memsz:
@@ -225,19 +295,27 @@ def check_segments(view: GuestView) -> list[str]:
         if seg in view.boot_segments:
             boot_only.update(range(first, seg.vaddr + seg.memsz, hw.PAGE_SIZE))
         for vaddr in range(first, seg.vaddr + seg.memsz, hw.PAGE_SIZE):
-            expected[vaddr] = (seg.paddr & ~(hw.PAGE_SIZE - 1)) + vaddr - first
+            expected[vaddr] = (seg.paddr & ~(hw.PAGE_SIZE - 1)) + vaddr - first + placement.offset
             writable[vaddr] |= seg.writable
             executable[vaddr] |= seg.executable
             flags[vaddr] = "".join(c if on else "-" for c, on in
                                    (("R", seg.readable), ("W", seg.writable), ("X", seg.executable)))
+            segment_of[vaddr] = seg.index
     problems = []
+    by_index = {seg.index: seg for seg in view.elf.segments}
+    for index, offset in placement.strays.items():
+        seg = by_index[index]
+        problems.append(f"segment {index} ({view.page(seg.vaddr)}) is mapped at physical {seg.paddr + offset:#x}, "
+                        f"not {seg.paddr + placement.offset:#x} where the rest of the kernel puts it (physical base "
+                        f"{placement.base:#x}): a kernel's segments keep their distances wherever it is loaded")
     for vaddr, paddr in sorted(expected.items()):
         t = walker.translate(vaddr)
         what = f"page {view.page(vaddr)} (segment {flags[vaddr]}, loaded at {paddr:#x})"
+        stray = placement.strays.get(segment_of[vaddr])
         if t is None:
             if vaddr not in boot_only:      # boot code the kernel unmapped once it ran high: as meant
                 problems.append(f"{what}: not mapped")
-        elif t.paddr != paddr:
+        elif t.paddr != paddr and (stray is None or t.paddr != paddr - placement.offset + stray):
             problems.append(f"{what}: maps physical {t.paddr:#x} via {t.path}")
         elif t.attrs & hw.PTE_RW and not writable[vaddr]:
             problems.append(f"{what}: writable ({t.attrs}) via {t.path}, but no writable segment lies there")
@@ -246,6 +324,10 @@ def check_segments(view: GuestView) -> list[str]:
                             f"there")
         elif has_nx and t.attrs & hw.PTE_NX and executable[vaddr]:
             problems.append(f"{what}: NX via {t.path}, but an executable segment lies there")
+    if placement.offset:
+        view.notes.append(placement.describe())
+        if problems:
+            problems.insert(0, placement.describe())
     return problems
 
 
@@ -259,7 +341,8 @@ def check_nothing_below_kernel_base(view: GuestView) -> list[str]:
     base = view.kernel_base
     if base is None:
         raise NotApplicable(f"{view.elf.path.name} is not a higher-half kernel (p_vaddr == p_paddr)")
-    image = [(seg.paddr, seg.paddr + seg.memsz) for seg in view.elf.segments if seg.memsz]
+    shift = view.placement.offset       # where the loader really put the image's frames
+    image = [(seg.paddr + shift, seg.paddr + seg.memsz + shift) for seg in view.elf.segments if seg.memsz]
     problems = []
     for m in walker.mappings():
         if m.vstart >= base:

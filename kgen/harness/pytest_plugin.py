@@ -234,10 +234,13 @@ def assert_holds(check, view) -> None:
     apply; in a view of another address space than CR3's, both name that space."""
     from kgen.guest.invariants import NotApplicable
     where = f" in address space {view.space}" if getattr(view, "space", None) else ""
+    noted = len(view.notes)
     try:
         problems = check(view)
     except NotApplicable as why:
         pytest.skip(f"{why}{where}")
+    for note in view.notes[noted:]:     # what this check learnt (where the kernel is): in the report, pass or fail
+        print(f"{note}{where}")
     if problems:
         pytest.fail(f"{check.__doc__.splitlines()[0]}{where}\n" + "\n".join(f"  {p}" for p in problems),
                     pytrace=False)
