@@ -64,8 +64,8 @@ class CallChannel:
         words = [protocol.CALL_REQUEST_MAGIC, address, len(args)] + [a & arch.word_mask for a in args]
         word = "I" if arch.word_size == 4 else "Q"
         sock: socket.socket = self.machine.com2
-        # The kernel writes COM2 only in reply to a request: bytes already there are nobody's reply. Under OVMF a
-        # stray byte turns up after the first savevm (a firmware console's leftover), and would shift every word.
+        # The kernel writes COM2 only in reply to a request: bytes already there are nobody's reply (one to a call
+        # that timed out), and would shift every word of this one.
         self.machine.drain_com2()
         try:
             sock.sendall(struct.pack(f"<{len(words)}{word}", *words))

@@ -38,7 +38,7 @@ from kgen.machine.errors import MachineStepError
 from kgen.machine.qmp import LINK_ERRORS, ExecuteError, QmpLink
 from kgen.machine.ram import GuestRam, poison_pattern
 from kgen.machine.registers import Registers, parse_info_registers
-from kgen.machine.serial import SerialLog
+from kgen.machine.serial import SerialLog, SerialSink
 from kgen.protocol import DEBUG_EXIT_PORT
 
 QEMU_PACKAGE = "qemu-system-x86"
@@ -140,7 +140,8 @@ class Machine:
         self.start_paused = start_paused
         self.gdbstub = gdbstub      # QEMU's gdbstub listens on gdb.sock in the machine's directory (gdbstub.py)
 
-        self.com2: socket.socket | None = None  # connected to the guest's COM2 once launched; raw bytes both ways
+        self._com2: socket.socket | None = None     # the `com2` property
+        self._com2_sink: SerialSink | None = None   # reads COM2 from launch until `com2` is first used
         self.tmpdir: Path | None = None
         self.command: tuple[str, ...] = ()
         self.timings: dict[str, float] = {}
@@ -199,7 +200,8 @@ class Machine:
             self._proc = process.spawn(self.command, process.caller_cwd() or self.tmpdir, self._log)
             deadline = time.monotonic() + START_TIMEOUT
             self._serial = SerialLog(self._accept(com1_listener, "COM1", deadline), self.echo_serial)
-            self.com2 = self._accept(com2_listener, "COM2", deadline)
+            self._com2 = self._accept(com2_listener, "COM2", deadline)
+            self._com2_sink = SerialSink(self._com2, "com2")
             self._connect_qmp(self._accept(qmp_listener, "QMP", deadline), deadline)
             if self._ram is not None:
                 problem = self._ram.map(self.hmp("info mtree -f", step="launch"))
@@ -261,7 +263,9 @@ class Machine:
             self._qmp.close(QUIT_GRACE)
         if self._serial is not None:
             self._serial.close(QUIT_GRACE)  # QEMU is dead, so COM1 is at EOF and the reader is ending
-        for sock in (self.com2, *self._listeners):
+        if self._com2_sink is not None:
+            self._com2_sink.close(QUIT_GRACE)
+        for sock in (self._com2, *self._listeners):
             if sock is not None:
                 sock.close()
         if self._ram is not None:
@@ -441,6 +445,15 @@ class Machine:
             self.cont()
         self.timings["restore"] = time.monotonic() - started
 
+    @property
+    def com2(self) -> socket.socket | None:
+        """The guest's COM2 once launched: raw bytes both ways. Until first used here a thread reads and drops what
+        the guest writes on it (the firmware's console, under OVMF), so QEMU never holds back a byte that would turn
+        up later in a reply (SerialSink); from the first use on, every byte is the caller's."""
+        if self._com2_sink is not None:
+            self._com2_sink.stop()
+        return self._com2
+
     def drain_com2(self) -> None:
         """Drop what the guest wrote on COM2 and the host has not read, without waiting for more."""
         self.com2.setblocking(False)
@@ -454,7 +467,7 @@ class Machine:
 
     def com2_unread_by_guest(self) -> int:
         """Bytes the host sent on COM2 that QEMU has not taken yet (they would reach the next user's guest)."""
-        buf = fcntl.ioctl(self.com2.fileno(), termios.TIOCOUTQ, struct.pack("i", 0))
+        buf = fcntl.ioctl(self._com2.fileno(), termios.TIOCOUTQ, struct.pack("i", 0))
         return struct.unpack("i", buf)[0]
 
     # --- serial and waiting ------------------------------------------------------------------------------------

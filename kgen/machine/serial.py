@@ -130,3 +130,55 @@ class SerialLog:
         self._closing = True
         self._thread.join(timeout)
         self.sock.close()
+
+
+class SerialSink:
+    """A serial port the harness does not read yet, kept flowing: a thread reads and drops what the guest writes
+    until `stop()`.
+
+    Why COM2 needs one: QEMU's 16550 hands each byte to the chardev at once, and when the socket is full (a unix
+    stream socket takes a few hundred 1-byte writes nobody reads) it parks the byte in the transmit shift register
+    and retries when the socket becomes writable. OVMF writes its console to every serial port, COM2 too, so an
+    unread COM2 fills during the firmware's boot and the byte parked there is sent whenever the harness first
+    reads COM2: into the middle of the first call (docs/toolchain.md). Read from launch on, the socket never
+    fills, so nothing is parked and everything the firmware wrote is in the socket, to be dropped, long before
+    the kernel serves calls.
+
+    Like SerialLog's reader, the thread waits for data outside its lock and receives inside it: once `stop()`
+    returns it takes no byte more, and the port's bytes are the caller's."""
+
+    def __init__(self, sock: socket.socket, name: str):
+        self.sock = sock
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._pump, name=f"kgen-{name}-sink", daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        while True:
+            try:
+                ready = select.select([self.sock], [], [], _POLL)[0]
+            except (OSError, ValueError):
+                return
+            with self._lock:
+                if self._stopped:
+                    return
+                if not ready:
+                    continue
+                try:
+                    data = self.sock.recv(65536, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    return
+                if not data:
+                    return
+
+    def stop(self) -> None:
+        """Read no more: what arrives from now on stays in the socket for the caller."""
+        with self._lock:
+            self._stopped = True
+
+    def close(self, timeout: float) -> None:
+        self.stop()
+        self._thread.join(timeout)
