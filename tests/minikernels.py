@@ -1299,3 +1299,57 @@ SECTIONS {
 def mb2_relocated_paged(out: Path, name: str = "mb2-paged", *, writable_text: int = 0) -> Path:
     return build(out, name, MB2_RELOCATED_PAGED, MB2_RELOCATED_PAGED_LDS, MIN_ADDR=MB2_RELOCATABLE_MIN,
                  MAX_ADDR=MB2_RELOCATABLE_MAX, WRITABLE_TEXT=writable_text)
+
+
+# ---- a loader stage that carries the real kernel (issue 21: --symbols) ------------------------------------------
+def flat_binary(elf: Path) -> Path:
+    """The ELF's loadable bytes as one flat file from its lowest load address (`objcopy -O binary`; .bss, having
+    no bytes in the file, left out): what a loader copies to the load address."""
+    flat = elf.with_suffix(".bin")
+    subprocess.run(["objcopy", "-O", "binary", elf, flat], check=True)
+    return flat
+
+
+def entry_and_load(elf: Path) -> tuple[int, int]:
+    """The physical address `_start` runs at (e_entry less its segment's vaddr - paddr) and the lowest p_paddr."""
+    from kgen.guest.elfinfo import ElfInfo
+    info = ElfInfo.load(elf)
+    home = next(seg for seg in info.segments if seg.vaddr <= info.entry < seg.vaddr + seg.memsz)
+    return info.entry - home.vaddr + home.paddr, min(seg.paddr for seg in info.segments)
+
+
+# The real kernel of the stage: HIGHER_HALF again, loaded at 2 MiB (out of the stage's way at 1 MiB) and linked at
+# 0xC0200000. Its own Multiboot header stays (a kernel booted either way), unused when the stage starts it.
+STAGED_KERNEL_LDS = HIGHER_HALF_LDS.replace(". = 0xC0100000;", ". = 0xC0200000;")
+LOADER_STAGE_SAYS = "stage: starting the real kernel\n"
+
+# A Multiboot 1 loader stage (i386, paging off, linked flat at 1 MiB) that carries the real kernel's flat image
+# (.incbin REAL_BIN, a path set by `loader_stage`), copies it to its load address REAL_LOAD and jumps to its physical
+# entry REAL_ENTRY: what QEMU's -kernel loads is the stage, what runs and builds the page tables is the real kernel.
+LOADER_STAGE = rf"""
+{FLAT_ENTRY}
+    mov $0x80000, %esp
+    mov $says, %esi
+    call puts
+    mov $real_image, %esi
+    mov $REAL_LOAD, %edi
+    mov $(real_image_end - real_image), %ecx
+    cld
+    rep movsb                           /* the real kernel to where it is loaded */
+    mov $REAL_ENTRY, %eax
+    jmp *%eax                           /* its _start, at its load address: paging is off */
+{SERIAL_PUTS}
+says: .asciz "stage: starting the real kernel\n"
+.align 16
+real_image: .incbin "REAL_BIN"
+real_image_end:
+"""
+
+
+def loader_stage(out: Path, name: str = "stage") -> tuple[Path, Path]:
+    """(the loader stage's ELF, which boots; the real kernel's ELF, which runs): the real kernel built on its own,
+    its flat image embedded in the stage."""
+    real = build(out, f"{name}-real", HIGHER_HALF, STAGED_KERNEL_LDS, WRITABLE_TEXT=0)
+    entry, load = entry_and_load(real)
+    source = LOADER_STAGE.replace("REAL_BIN", str(flat_binary(real)))
+    return build(out, name, source, REAL_ENTRY=entry, REAL_LOAD=load), real
