@@ -1353,3 +1353,87 @@ def loader_stage(out: Path, name: str = "stage") -> tuple[Path, Path]:
     entry, load = entry_and_load(real)
     source = LOADER_STAGE.replace("REAL_BIN", str(flat_binary(real)))
     return build(out, name, source, REAL_ENTRY=entry, REAL_LOAD=load), real
+
+
+# ---- a kernel booted from a disk image with a boot block of its own (issue 21: --image) -------------------------
+# The real kernel: HIGHER_HALF loaded at 64 KiB (below 1 MiB: real mode reaches it, no A20 gate to open), linked at
+# 0xC0010000. Its ELF is built beside the disk image, for the checks; the image holds only its flat bytes.
+BOOT_BLOCK_KERNEL_LDS = HIGHER_HALF_LDS.replace(". = 0xC0100000;", ". = 0xC0010000;")
+BOOT_BLOCK_LOAD_SEGMENT = 0x1000            # real-mode segment of the load address 0x10000
+
+# A 512-byte MBR boot sector, loaded by the BIOS at 0x7C00 in 16-bit real mode with the boot drive in %dl: it reads
+# SECTORS sectors from LBA 1 to 0x10000 (int 13h, AH=42h extended read), loads a flat GDT, enters protected mode and
+# jumps to the kernel's physical entry KERNEL_ENTRY (paging is the kernel's to turn on). A failed read says so on
+# COM1 and halts.
+BOOT_BLOCK = rf"""
+.code16
+.text
+.globl _start
+_start:
+    cli
+    xor %ax, %ax
+    mov %ax, %ds
+    mov %ax, %ss
+    mov $0x7C00, %sp
+    mov $0x42, %ah
+    mov $dap, %si
+    int $0x13                           /* the kernel's sectors, %dl still the boot drive */
+    jc read_failed
+    lgdt gdtr
+    mov %cr0, %eax
+    or $1, %eax                         /* PE */
+    mov %eax, %cr0
+    ljmp $0x08, $protected
+read_failed:
+    mov $failed, %si
+    mov $0x3F8, %dx
+1:  lodsb
+    test %al, %al
+    jz 2f
+    out %al, %dx
+    jmp 1b
+2:  hlt
+    jmp 2b
+.code32
+protected:
+    mov $0x10, %ax
+    mov %ax, %ds
+    mov %ax, %es
+    mov %ax, %ss
+    mov $KERNEL_ENTRY, %eax
+    jmp *%eax
+failed: .asciz "boot block: disk read failed\n"
+.align 4
+dap: .byte 0x10, 0                      /* disk address packet: its size, reserved */
+     .word SECTORS                      /* sectors to read */
+     .word 0, {BOOT_BLOCK_LOAD_SEGMENT:#x}                /* to segment:offset */
+     .quad 1                            /* from LBA 1, the sector after this one */
+{FLAT_GDT}
+{descriptor_pointer("gdtr", "gdt", "3 * 8")}
+. = _start + 510
+.word 0xAA55                            /* the BIOS boots a sector that ends so */
+"""
+
+BOOT_BLOCK_LDS = """
+ENTRY(_start)
+SECTIONS {
+  . = 0x7C00;
+  .text : { *(.text) }
+}
+"""
+
+
+def boot_block_disk(out: Path, name: str = "bootblock", *, writable_text: int = 0) -> tuple[Path, Path]:
+    """(the disk image: boot sector, then the kernel's flat bytes padded to whole sectors; the kernel's ELF).
+    `writable_text`: the kernel maps its text writable (HIGHER_HALF's WRITABLE_TEXT), a finding."""
+    kernel = build(out, f"{name}-kernel", HIGHER_HALF, BOOT_BLOCK_KERNEL_LDS, WRITABLE_TEXT=writable_text)
+    entry, load = entry_and_load(kernel)
+    assert load == BOOT_BLOCK_LOAD_SEGMENT * 16, hex(load)
+    body = flat_binary(kernel).read_bytes()
+    body += bytes(-len(body) % 512)
+    sector = flat_binary(build(out, f"{name}-mbr", BOOT_BLOCK, BOOT_BLOCK_LDS, KERNEL_ENTRY=entry,
+                               SECTORS=len(body) // 512)).read_bytes()
+    assert len(sector) == 512 and sector.endswith(b"\x55\xaa"), len(sector)
+    disk = out / f"{name}.img"
+    disk.write_bytes(sector + body)
+    return disk, kernel
