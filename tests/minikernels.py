@@ -1299,3 +1299,141 @@ SECTIONS {
 def mb2_relocated_paged(out: Path, name: str = "mb2-paged", *, writable_text: int = 0) -> Path:
     return build(out, name, MB2_RELOCATED_PAGED, MB2_RELOCATED_PAGED_LDS, MIN_ADDR=MB2_RELOCATABLE_MIN,
                  MAX_ADDR=MB2_RELOCATABLE_MAX, WRITABLE_TEXT=writable_text)
+
+
+# ---- a loader stage that carries the real kernel (issue 21: --symbols) ------------------------------------------
+def flat_binary(elf: Path) -> Path:
+    """The ELF's loadable bytes as one flat file from its lowest load address (`objcopy -O binary`; .bss, having
+    no bytes in the file, left out): what a loader copies to the load address."""
+    flat = elf.with_suffix(".bin")
+    subprocess.run(["objcopy", "-O", "binary", elf, flat], check=True)
+    return flat
+
+
+def entry_and_load(elf: Path) -> tuple[int, int]:
+    """The physical address `_start` runs at (e_entry less its segment's vaddr - paddr) and the lowest p_paddr."""
+    from kgen.guest.elfinfo import ElfInfo
+    info = ElfInfo.load(elf)
+    home = next(seg for seg in info.segments if seg.vaddr <= info.entry < seg.vaddr + seg.memsz)
+    return info.entry - home.vaddr + home.paddr, min(seg.paddr for seg in info.segments)
+
+
+# The real kernel of the stage: HIGHER_HALF again, loaded at 2 MiB (out of the stage's way at 1 MiB) and linked at
+# 0xC0200000. Its own Multiboot header stays (a kernel booted either way), unused when the stage starts it.
+STAGED_KERNEL_LDS = HIGHER_HALF_LDS.replace(". = 0xC0100000;", ". = 0xC0200000;")
+LOADER_STAGE_SAYS = "stage: starting the real kernel\n"
+
+# A Multiboot 1 loader stage (i386, paging off, linked flat at 1 MiB) that carries the real kernel's flat image
+# (.incbin REAL_BIN, a path set by `loader_stage`), copies it to its load address REAL_LOAD and jumps to its physical
+# entry REAL_ENTRY: what QEMU's -kernel loads is the stage, what runs and builds the page tables is the real kernel.
+LOADER_STAGE = rf"""
+{FLAT_ENTRY}
+    mov $0x80000, %esp
+    mov $says, %esi
+    call puts
+    mov $real_image, %esi
+    mov $REAL_LOAD, %edi
+    mov $(real_image_end - real_image), %ecx
+    cld
+    rep movsb                           /* the real kernel to where it is loaded */
+    mov $REAL_ENTRY, %eax
+    jmp *%eax                           /* its _start, at its load address: paging is off */
+{SERIAL_PUTS}
+says: .asciz "stage: starting the real kernel\n"
+.align 16
+real_image: .incbin "REAL_BIN"
+real_image_end:
+"""
+
+
+def loader_stage(out: Path, name: str = "stage") -> tuple[Path, Path]:
+    """(the loader stage's ELF, which boots; the real kernel's ELF, which runs): the real kernel built on its own,
+    its flat image embedded in the stage."""
+    real = build(out, f"{name}-real", HIGHER_HALF, STAGED_KERNEL_LDS, WRITABLE_TEXT=0)
+    entry, load = entry_and_load(real)
+    source = LOADER_STAGE.replace("REAL_BIN", str(flat_binary(real)))
+    return build(out, name, source, REAL_ENTRY=entry, REAL_LOAD=load), real
+
+
+# ---- a kernel booted from a disk image with a boot block of its own (issue 21: --image) -------------------------
+# The real kernel: HIGHER_HALF loaded at 64 KiB (below 1 MiB: real mode reaches it, no A20 gate to open), linked at
+# 0xC0010000. Its ELF is built beside the disk image, for the checks; the image holds only its flat bytes.
+BOOT_BLOCK_KERNEL_LDS = HIGHER_HALF_LDS.replace(". = 0xC0100000;", ". = 0xC0010000;")
+BOOT_BLOCK_LOAD_SEGMENT = 0x1000            # real-mode segment of the load address 0x10000
+
+# A 512-byte MBR boot sector, loaded by the BIOS at 0x7C00 in 16-bit real mode with the boot drive in %dl: it reads
+# SECTORS sectors from LBA 1 to 0x10000 (int 13h, AH=42h extended read), loads a flat GDT, enters protected mode and
+# jumps to the kernel's physical entry KERNEL_ENTRY (paging is the kernel's to turn on). A failed read says so on
+# COM1 and halts.
+BOOT_BLOCK = rf"""
+.code16
+.text
+.globl _start
+_start:
+    cli
+    xor %ax, %ax
+    mov %ax, %ds
+    mov %ax, %ss
+    mov $0x7C00, %sp
+    mov $0x42, %ah
+    mov $dap, %si
+    int $0x13                           /* the kernel's sectors, %dl still the boot drive */
+    jc read_failed
+    lgdt gdtr
+    mov %cr0, %eax
+    or $1, %eax                         /* PE */
+    mov %eax, %cr0
+    ljmp $0x08, $protected
+read_failed:
+    mov $failed, %si
+    mov $0x3F8, %dx
+1:  lodsb
+    test %al, %al
+    jz 2f
+    out %al, %dx
+    jmp 1b
+2:  hlt
+    jmp 2b
+.code32
+protected:
+    mov $0x10, %ax
+    mov %ax, %ds
+    mov %ax, %es
+    mov %ax, %ss
+    mov $KERNEL_ENTRY, %eax
+    jmp *%eax
+failed: .asciz "boot block: disk read failed\n"
+.align 4
+dap: .byte 0x10, 0                      /* disk address packet: its size, reserved */
+     .word SECTORS                      /* sectors to read */
+     .word 0, {BOOT_BLOCK_LOAD_SEGMENT:#x}                /* to segment:offset */
+     .quad 1                            /* from LBA 1, the sector after this one */
+{FLAT_GDT}
+{descriptor_pointer("gdtr", "gdt", "3 * 8")}
+. = _start + 510
+.word 0xAA55                            /* the BIOS boots a sector that ends so */
+"""
+
+BOOT_BLOCK_LDS = """
+ENTRY(_start)
+SECTIONS {
+  . = 0x7C00;
+  .text : { *(.text) }
+}
+"""
+
+
+def boot_block_disk(out: Path, name: str = "bootblock", *, writable_text: int = 0) -> tuple[Path, Path]:
+    """(the disk image: boot sector, then the kernel's flat bytes padded to whole sectors; the kernel's ELF).
+    `writable_text`: the kernel maps its text writable (HIGHER_HALF's WRITABLE_TEXT), a finding."""
+    kernel = build(out, f"{name}-kernel", HIGHER_HALF, BOOT_BLOCK_KERNEL_LDS, WRITABLE_TEXT=writable_text)
+    entry, load = entry_and_load(kernel)
+    assert load == BOOT_BLOCK_LOAD_SEGMENT * 16, hex(load)
+    body = flat_binary(kernel).read_bytes()
+    body += bytes(-len(body) % 512)
+    sector = flat_binary(build(out, f"{name}-mbr", BOOT_BLOCK, BOOT_BLOCK_LDS, KERNEL_ENTRY=entry,
+                               SECTORS=len(body) // 512)).read_bytes()
+    assert len(sector) == 512 and sector.endswith(b"\x55\xaa"), len(sector)
+    disk = out / f"{name}.img"
+    disk.write_bytes(sector + body)
+    return disk, kernel

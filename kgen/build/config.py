@@ -106,9 +106,9 @@ class ForeignConfig:
     """[foreign]: how to boot and judge a kernel kgen did not build, for `kgen test`, `kgen run` and `kgen inspect`.
     Each key holds what the command-line option of the same name holds (`modules` is --module, repeated;
     `qemu_args` is --qemu-arg, one array item per QEMU argument, not split; `boot_only_segments` is
-    --boot-only-segment, repeated) and that option, when given, wins (one --ready* option replaces all the table's
-    ready keys; --module or --qemu-arg replaces the whole array). `kernel` and the files of `modules` are relative
-    to the config file; with `kernel` set the commands check that kernel without --kernel
+    --boot-only-segment, repeated; `symbols` is --symbols, repeated) and that option, when given, wins (one --ready*
+    option replaces all the table's ready keys; --module, --qemu-arg or --symbols replaces the whole array). `kernel`
+    and the files of `modules` and `symbols` are relative to the config file; with `kernel` set the commands check that kernel without --kernel
     (kgen/harness/foreign.py `apply_foreign_config`)."""
     source: str
     kernel: Path | None = None
@@ -128,6 +128,7 @@ class ForeignConfig:
     firmware: str | None = None     # --firmware: bios, uefi
     qemu_command: str | None = None     # --qemu-command: the project's own QEMU command line
     image: Path | None = None           # --image: the project's own bootable image
+    symbols: tuple[str, ...] | None = None  # --symbols: ELF[@OFFSET] each, the ELF judged when a loader stage boots
 
     def key(self, name: str) -> str:
         """`kgen.toml: foreign.memory`, how an error names where a value came from."""
@@ -139,7 +140,8 @@ class ForeignConfig:
 _FOREIGN_KINDS = {"kernel": "path", "ready": "text", "ready_at": "text", "ready_symbol": "text", "ready_vga": "text",
                   "ready_after": "seconds", "boot_timeout": "seconds", "memory": "count", "append": "any text",
                   "modules": "paths", "qemu_args": "texts", "address_spaces": "text", "boot_only_segments": "indices",
-                  "boot": "text", "firmware": "text", "qemu_command": "text", "image": "path"}
+                  "boot": "text", "firmware": "text", "qemu_command": "text", "image": "path",
+                  "symbols": "symbol files"}
 
 
 def _foreign_from_mapping(table: dict, where: str, base_dir: Path) -> ForeignConfig:
@@ -183,9 +185,13 @@ def _foreign_from_mapping(table: dict, where: str, base_dir: Path) -> ForeignCon
                     raise bad(f"item {show_value(item)}: must be a string")
                 if kind == "paths" and not item.partition(",")[0]:
                     raise bad(f"item {show_value(item)}: must name a file (FILE[,ARGS])")
+                if kind == "symbol files" and not item:
+                    raise bad("an item is empty: each names an ELF (ELF or ELF@OFFSET)")
             if kind == "paths":     # FILE[,ARGS]: the file relative to the config, its command line as written
                 value = [str(base_dir / item.partition(",")[0]) + item[len(item.partition(",")[0]):]
                          for item in value]
+            if kind == "symbol files":      # ELF[@OFFSET]: relative to the config (the @OFFSET tail joins as is)
+                value = [str(base_dir / item) for item in value]
             value = tuple(value)
         values[key] = value
     return ForeignConfig(source=where, **values)

@@ -125,6 +125,11 @@ def _add_checked_kernel_args(p: argparse.ArgumentParser, what: str):
                    "program header N (as readelf -l numbers them) is boot code: unmapped once the kernel runs high "
                    "is as meant, and it is not the kernel base (default: a segment linked where it is loaded in an "
                    "otherwise higher-half kernel); repeatable")
+    p.add_argument("--symbols", action="append", metavar="ELF[@OFFSET]", help="with --kernel or --image: the ELF "
+                   "of the kernel that runs, when what boots is a loader stage carrying it: its segments are judged "
+                   "and its symbols name addresses (--ready-at, --ready-symbol, fault reports); @OFFSET for one "
+                   "running OFFSET bytes above its link addresses; repeatable (judged as one kernel, the first "
+                   "ELF's name winning a symbol two define; --boot-only-segment counts their program headers on)")
 
 
 def cmd_build(args) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -40,6 +41,8 @@ def pytest_args(args, extra: list[str]) -> list[str]:
             option = "--kgen-" + attr.replace("_", "-")
             if attr == "module":        # the file as an absolute path: pytest runs elsewhere
                 value = [f"{Path(m.partition(',')[0]).resolve()}" + m[len(m.partition(',')[0]):] for m in value or ()]
+            if attr == "symbols":           # ELF[@OFFSET], absolute: pytest runs elsewhere
+                value = [os.path.abspath(spec) for spec in value or ()]
             if attr == "boot_only_segment" and value == []:     # [foreign] boot_only_segments = []: none at all
                 value = ["none"]
             if isinstance(value, list):

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import bisect
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
@@ -88,6 +88,17 @@ class ElfInfo:
             raise KgenError(f"{path}: not a readable ELF file ({reason})") from err
         return info
 
+    def relocated(self, offset: int) -> ElfInfo:
+        """This ELF moved by `offset` bytes of virtual address, as a loader that relocates a kernel runs it
+        (--symbols ELF@OFFSET): every segment's p_vaddr, the entry and every symbol move; p_paddr stay (where a
+        loader really put the kernel is learnt from the page tables, kgen/guest/invariants.py `find_placement`)."""
+        if not offset:
+            return self
+        moved = tuple(replace(sym, value=sym.value + offset, end=sym.end + offset) for sym in self.by_address)
+        return replace(self, entry=self.entry + offset,
+                       segments=tuple(replace(seg, vaddr=seg.vaddr + offset) for seg in self.segments),
+                       by_address=moved, symbols=MappingProxyType(_by_name(moved)))
+
     def symbolize(self, addr: int) -> str:
         """`0xc01000a3 <pmm_alloc+0x13>` for an address inside a symbol, the bare address otherwise."""
         text = f"{addr:#0{self.bits // 4 + 2}x}"
@@ -142,6 +153,27 @@ class ElfInfo:
                             for kind, _, body in tags if kind == hw.MULTIBOOT2_HEADER_TAG_RELOCATABLE
                             and len(body) >= 16), None)
         return MultibootHeaders(v1, v1_flags, v2, architecture, tuple(kind for kind, _, _ in tags), relocatable)
+
+
+def merged(parts: Sequence[ElfInfo]) -> ElfInfo:
+    """Several ELFs judged as one kernel (--symbols given more than once: a kernel and the parts loaded beside it).
+    Segments: all of them, in the order given, their program headers numbered on from the previous ELF's (the first
+    ELF's 0 to n-1, the second's from n: what --boot-only-segment counts). Symbols: all of them; a name two ELFs
+    define is the first one's (within one ELF the global one's, as `load` reads it). Path, class, entry and head
+    (what names the kernel in messages and judges its architecture): the first ELF's."""
+    if len(parts) == 1:
+        return parts[0]
+    segments, headers, symbols = [], [], []
+    for part in parts:
+        segments += [replace(seg, index=seg.index + len(headers)) for seg in part.segments]
+        headers += part.program_headers
+        symbols += part.by_address
+    table: dict[str, ElfSymbol] = {}
+    for part in reversed(parts):
+        table.update(part.symbols)      # the first ELF's last: its names win
+    return replace(parts[0], segments=tuple(segments), program_headers=tuple(headers),
+                   by_address=tuple(sorted(symbols, key=lambda s: (s.value, s.name))),
+                   symbols=MappingProxyType(table))
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from kgen.harness.image import check_image, find_kernel
 from kgen.harness.kernel import KernelUnderTest, boot_only_problem, check_qemu_accepts
 from kgen.harness.live import boot
 from kgen.harness.qemuargs import check_modules, require_qemu, split_qemu_args
+from kgen.harness.symbols import judged_elf
 from kgen.harness.ready import READY_OPTIONS, resolve_ready_at
 
 # [foreign] key (kgen/build/config.py ForeignConfig) -> the command-line option's attribute holding the same.
@@ -30,7 +31,7 @@ FOREIGN_OPTIONS = {**{name: name for name in READY_OPTIONS}, "boot_timeout": "bo
                    "append": "append", "modules": "module", "qemu_args": "qemu_arg",
                    "address_spaces": "address_spaces", "boot_only_segments": "boot_only_segment", "boot": "boot",
                    "firmware": "firmware", "qemu_command": "qemu_command",
-                   "image": "image"}
+                   "image": "image", "symbols": "symbols"}
 
 
 def apply_foreign_config(args) -> None:
@@ -65,7 +66,7 @@ def apply_foreign_config(args) -> None:
                 continue
             if key == "qemu_args":
                 value = [shlex.join(value)] if value else []      # one array item, one QEMU argument
-            elif key in ("modules", "boot_only_segments"):
+            elif key in ("modules", "boot_only_segments", "symbols"):
                 value = list(value)
             setattr(args, attr, value)
             from_table.add(key)
@@ -98,6 +99,12 @@ def _check_from_table(args, foreign, from_table: set[str]) -> None:
         if "kernel" in from_table:
             raise refuse("kernel", str(err).removeprefix(f"{args.kernel}: ")) from None
         return          # --kernel's own check says so
+    try:
+        elf = judged_elf(getattr(args, "symbols", None)) or elf     # what the symbol keys below are about
+    except KgenError as err:
+        if "symbols" in from_table:
+            raise refuse("symbols", str(err).removeprefix("--symbols ")) from None
+        return          # --symbols' own check says so
     for index in (args.boot_only_segment or ()) if "boot_only_segments" in from_table else ():
         problem = boot_only_problem(elf, index)
         if problem is not None:
@@ -146,6 +153,7 @@ def foreign_kernel_from_args(args) -> KernelUnderTest:
         raise UsageError(f"--kernel {args.kernel}: no such file" if not args.kernel.exists()
                          else f"--kernel {args.kernel}: not a file")
     check_modules(getattr(args, "module", None) or ())
+    judged = judged_elf(getattr(args, "symbols", None))     # one line for a missing file, no ELF, a bad @OFFSET
     try:
         kernel = KernelUnderTest.foreign(   # a file that is no usable ELF fails here, in one line
             args.kernel, boot_timeout=getattr(args, "boot_timeout", None),
@@ -154,7 +162,7 @@ def foreign_kernel_from_args(args) -> KernelUnderTest:
             qemu_args=split_qemu_args(getattr(args, "qemu_arg", None) or ()),
             boot_only_segments=getattr(args, "boot_only_segment", None), boot_method=getattr(args, "boot", None),
             firmware=getattr(args, "firmware", None), qemu_command=getattr(args, "qemu_command", None), image=image,
-            **{name: getattr(args, name, None) for name in READY_OPTIONS})
+            judged=judged, **{name: getattr(args, name, None) for name in READY_OPTIONS})
     except KgenError as err:
         raise UsageError(f"--kernel {err}") from None
     if getattr(args, "address_spaces", None):

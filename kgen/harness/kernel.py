@@ -24,7 +24,11 @@ BOOT_TIMEOUT = 60.0
 @dataclass(frozen=True)
 class KernelUnderTest:
     """The ELF and, for a kernel kgen built, the layout it was built from (None for anyone else's ELF). A foreign
-    kernel also has how it is booted (`boot`), when it counts as booted (`ready`) and how long that may take."""
+    kernel also has how it is booted (`boot`), when it counts as booted (`ready`) and how long that may take.
+
+    `elf_path` is the file that boots and `elf` the ELF the checks judge and name addresses from: the same file,
+    unless a loader stage boots (--kernel) and carries the real kernel (--symbols, kgen/harness/symbols.py); then
+    `boot_elf` is the stage's own ELF, which only the boot path looks at."""
     elf_path: Path
     elf: ElfInfo
     layout: Layout | None = None
@@ -34,6 +38,7 @@ class KernelUnderTest:
     # Program-header indices of segments that are boot code (may be unmapped once the kernel runs high, not the
     # kernel base); None: the default rule (GuestView.boot_segments).
     boot_only_segments: tuple[int, ...] | None = None
+    boot_elf: ElfInfo | None = None     # the booted file's ELF when it is not `elf` (--symbols)
 
     @classmethod
     def built(cls, config_path: Path | None, out_dir: Path, arch: str | None = None,
@@ -54,22 +59,31 @@ class KernelUnderTest:
                 boot_timeout: float | None = None, boot_only_segments=None, memory_mib: int | None = None,
                 append: str | None = None, modules=(), qemu_args=(), boot_method: str | None = None,
                 firmware: str | None = None, qemu_command: str | None = None, image: Path | None = None,
-                **when) -> KernelUnderTest:
+                judged: ElfInfo | None = None, **when) -> KernelUnderTest:
         """Anyone else's ELF. `ready` is --ready's text and `when` holds the other "when to look" options by their
         READY_OPTIONS names (ready_symbol=, ready_at=, ...); `boot` how to boot it, else the way `boot_path_for`
         picks from the ELF, `boot_method` (--boot) and `firmware` (--firmware), with `memory_mib`, `append`,
-        `modules` and `qemu_args`. A value wrong for this ELF raises KgenError."""
-        elf = ElfInfo.load(elf_path)
+        `modules` and `qemu_args`. `judged`: the ELF the checks judge when it is not the one that boots
+        (--symbols); the symbols and segments options are checked against it. A value wrong for this ELF raises
+        KgenError."""
+        booted = ElfInfo.load(elf_path)
+        elf = judged if judged is not None else booted
         for index in boot_only_segments or ():
             problem = boot_only_problem(elf, index)
             if problem is not None:
                 raise KgenError(f"{elf_path}: --boot-only-segment {index}: {problem}")
         how = Ready.from_options(elf, ready=ready, **when)
         if boot is None:
-            boot = boot_path_for(elf, method=boot_method, firmware=firmware, memory_mib=memory_mib, append=append,
+            boot = boot_path_for(booted, method=boot_method, firmware=firmware, memory_mib=memory_mib, append=append,
                                  modules=modules, qemu_args=qemu_args, qemu_command=qemu_command, image=image)
         return cls(Path(elf_path), elf, None, boot, how, boot_timeout or BOOT_TIMEOUT,
-                   None if boot_only_segments is None else tuple(sorted(set(boot_only_segments))))
+                   None if boot_only_segments is None else tuple(sorted(set(boot_only_segments))),
+                   booted if judged is not None else None)
+
+    @property
+    def booted_elf(self) -> ElfInfo:
+        """The ELF of the file that boots (`elf_path`): a loader stage's under --symbols, else `elf`."""
+        return self.boot_elf if self.boot_elf is not None else self.elf
 
     @property
     def qemu(self) -> str:
@@ -77,7 +91,11 @@ class KernelUnderTest:
         `Arch.for_elf`), or the one its way in needs (OVMF and an author's image: qemu-system-x86_64)."""
         if self.layout is not None:
             return self.layout.arch.qemu
-        return self.boot.qemu_for(Arch.for_elf(self.elf).qemu)
+        # A 32-bit loader stage may carry a 64-bit kernel: qemu-system-x86_64 runs both.
+        arch = Arch.for_elf(self.elf)
+        if self.boot_elf is not None and not arch.long_mode:
+            arch = Arch.for_elf(self.boot_elf)
+        return self.boot.qemu_for(arch.qemu)
 
     @property
     def memory_mib(self) -> int:
@@ -116,6 +134,6 @@ def check_qemu_accepts(kernel: KernelUnderTest) -> None:
     options = kernel.machine_options("tcg", None)
     machine = Machine(**{**options, "start_paused": True}, ram_file=False)
     try:
-        launch_refusing(machine, kernel.elf_path, kernel.elf, kernel.boot)
+        launch_refusing(machine, kernel.elf_path, kernel.booted_elf, kernel.boot)
     finally:
         machine.quit()

@@ -12,7 +12,7 @@ probe boot under KVM), `kgen_accel`; `kgen_boot(kernel, accel)` and `assert_hold
 Options: --kgen-config, --kgen-arch, --kgen-out, --kgen-kernel, --kgen-accel, --kgen-cold-boot; for a kernel given
 with --kgen-kernel how to boot it and when to look: --kgen-ready, --kgen-ready-symbol, --kgen-ready-after,
 --kgen-ready-at, --kgen-ready-vga, --kgen-boot-timeout, --kgen-memory, --kgen-append, --kgen-module, --kgen-qemu-arg,
---kgen-boot-only-segment, --kgen-address-spaces (the page-table checks take `kgen_space` and run once per address
+--kgen-boot-only-segment, --kgen-symbols, --kgen-address-spaces (the page-table checks take `kgen_space` and run once per address
 space the kernel lists; `space_view(live, kgen_space)` is the machine seen through it); --kgen-json FILE writes the
 results as JSON (kgen/harness/jsonreport.py).
 
@@ -63,6 +63,8 @@ def pytest_addoption(parser):
                     "to boot it (direct: QEMU's -kernel; grub: an ISO with GRUB around it; default by its headers)")
     group.addoption("--kgen-image", type=Path, help="with --kgen-kernel: boot this image of the author's (ISO: "
                     "CD-ROM, else the first disk), never written")
+    group.addoption("--kgen-symbols", action="append", metavar="ELF[@OFFSET]", help="with --kgen-kernel: the "
+                    "ELF judged and symbolised when --kgen-kernel is a loader stage carrying it; repeatable")
     group.addoption("--kgen-qemu-command", help="with --kgen-kernel: boot it with this QEMU command line (kgen "
                     "adds its sockets, kgen/harness/qemucommand.py)")
     group.addoption("--kgen-firmware", choices=FIRMWARES, help="bios (default) or uefi (OVMF, through GRUB), for "
@@ -110,11 +112,13 @@ def pytest_generate_tests(metafunc):
     from kgen.errors import KgenError
     from kgen.guest.addrspaces import SpaceArray, SpaceSlot
     from kgen.guest.elfinfo import ElfInfo
+    from kgen.harness.symbols import judged_elf
     kernel = metafunc.config.getoption("kgen_kernel")
     if kernel is None:
         raise pytest.UsageError("--kgen-address-spaces is for a kernel given with --kgen-kernel")
     try:
-        array = SpaceArray.parse(spec, ElfInfo.load(kernel))
+        symbols = metafunc.config.getoption("kgen_symbols", None)
+        array = SpaceArray.parse(spec, judged_elf(symbols) or ElfInfo.load(kernel))
     except KgenError as err:
         raise pytest.UsageError(str(err)) from None
     slots = [SpaceSlot(array, i) for i in range(array.count)]
