@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -174,6 +175,18 @@ def test_an_elf_swapped_in_behind_the_stamp_is_not_current(tmp_path):
     (tmp_path / "a" / "kernel.elf").write_bytes((tmp_path / "b" / "kernel.elf").read_bytes())
     assert not _current(tmp_path / "a", stamp["fingerprint"], iso=False)
     assert current_elf(a, tmp_path / "a") is None
+
+
+def test_the_fingerprint_is_the_same_in_every_process():
+    """The stamp's fingerprint names the config the same way whatever PYTHONHASHSEED a process drew: the `repr` of
+    the set of keys the user wrote follows the string hash, so pytest-xdist workers of `kgen test --config` each saw
+    another stamp for a config with two or more keys and rebuilt kernel.elf while another worker booted it."""
+    script = ("import sys; from kgen.build.config import Config; from kgen.build.pipeline import fingerprint; "
+              "print(fingerprint(Config.for_arch('x86_64', tempmap_slots=8, vmm_size=0x800000, kernel_stack_size="
+              "0x8000, machine_memory_mib=64, paging_foreign_slot=300)))")
+    prints = {seed: subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                                   env=dict(os.environ, PYTHONHASHSEED=seed)).stdout for seed in ("1", "2", "3")}
+    assert len(set(prints.values())) == 1, prints
 
 
 # --- two builds, one --out ----------------------------------------------------------------------------------------
