@@ -1,5 +1,10 @@
-"""Shared fixtures: kernels built once per session from the layouts the tests then read."""
+"""Shared fixtures: kernels built once per session from the layouts the tests then read; `run_kgen`, the command
+line as a user runs it."""
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +19,34 @@ needs_qemu = pytest.mark.skipif(shutil.which("qemu-system-i386") is None,
                                 reason="qemu-system-i386 not installed (Debian package qemu-system-x86)")
 needs_grub = pytest.mark.skipif(shutil.which("grub-mkrescue") is None,
                                 reason="grub-mkrescue not installed (Debian packages grub-common grub-pc-bin)")
+
+# ---- kgen on the command line ------------------------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parent.parent
+# What a user runs: the venv's console script; without one (no venv), the module it calls.
+KGEN = [str(Path(sys.executable).with_name("kgen"))]
+if not Path(KGEN[0]).exists():
+    KGEN = [sys.executable, "-m", "kgen.cli"]
+
+
+def kgen_env(**changes: str) -> dict[str, str]:
+    """The environment of a kgen subprocess: this process's, with this checkout first on PYTHONPATH (the kgen under
+    test, wherever the venv's editable install points), and `changes` on top."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), **changes}
+
+
+def run_kgen(*args, env: dict[str, str] | None = None, timeout: float = 300,
+             **options) -> subprocess.CompletedProcess:
+    """`kgen ARGS` in a new process, as a user runs it, stdout and stderr captured as text. `env`: variables set on
+    top of `kgen_env()`; `options` go to subprocess.run (cwd, stdin...)."""
+    return subprocess.run([*KGEN, *map(str, args)], capture_output=True, text=True, env=kgen_env(**(env or {})),
+                          timeout=timeout, **options)
+
+
+def start_kgen(*args, env: dict[str, str] | None = None, **options) -> subprocess.Popen:
+    """`kgen ARGS` started, for a test that reads or signals it while it runs: stdout and stderr piped as text
+    unless `options` (for subprocess.Popen) say otherwise."""
+    options = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **options}
+    return subprocess.Popen([*KGEN, *map(str, args)], env=kgen_env(**(env or {})), **options)
 
 
 @pytest.fixture(scope="session")

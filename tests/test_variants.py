@@ -7,10 +7,8 @@ missing INVLPG may go unnoticed (README, known limits): these runs use TCG, QEMU
 """
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -20,7 +18,7 @@ from kgen.build.config import Config
 from kgen.build.variants import VARIANTS as ALL_VARIANTS
 
 import minikernels
-from conftest import ARCH_BUILDS, needs_qemu
+from conftest import ARCH_BUILDS, needs_qemu, run_kgen
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.vm, needs_qemu]
@@ -33,9 +31,7 @@ CAUGHT_BY = {variant.name: variant.caught_by for variant in ALL_VARIANTS}
 
 def kgen_test(out: Path, *args: str) -> subprocess.CompletedProcess:
     """The real `kgen test`, in a subprocess, one machine at a time (the test run itself may be parallel)."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "kgen.cli", "test", "--out", str(out), "-j", "1", *args],
-                          capture_output=True, text=True, env=env, timeout=600)
+    return run_kgen("test", "--out", out, "-j", "1", *args, timeout=600)
 
 
 def config_file(tmp_path: Path, variant: str | None) -> Path:

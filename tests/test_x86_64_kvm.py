@@ -2,8 +2,6 @@
 a differential test that boots the same kernel under each and requires the same invariant results and the same
 kernel-half page tables (this host's /dev/kvm, kvm_pvm, runs long mode; where a probe boot shows KVM cannot run
 the kernel the KVM half is skipped with the probe's reason)."""
-import subprocess
-import sys
 
 import pytest
 
@@ -14,7 +12,7 @@ from kgen.harness.kernel import KernelUnderTest
 from kgen.harness.live import boot
 from kgen.harness.kvmprobe import probe_kvm
 
-from conftest import needs_qemu
+from conftest import needs_qemu, run_kgen
 
 pytestmark = [pytest.mark.vm, needs_qemu]
 # Accessed and dirty bits record what the CPU touched, which differs between TCG and KVM by design.
@@ -66,9 +64,8 @@ def test_tcg_and_kvm_agree_on_invariants_and_kernel_tables(kernel, kvm):
 def test_kgen_test_runs_the_suite_on_x86_64(accel, kernel, tmp_path, request):
     if accel == "kvm":
         request.getfixturevalue("kvm")
-    run = subprocess.run([sys.executable, "-m", "kgen.cli", "test", "--arch", "x86_64", "--accel", accel,
-                          "--out", str(tmp_path), "-j", "1", "--", "-rs", "-v"],
-                         capture_output=True, text=True, timeout=600)
+    run = run_kgen("test", "--arch", "x86_64", "--accel", accel, "--out", tmp_path, "-j", "1", "--", "-rs", "-v",
+                   timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     assert "passed" in run.stdout and " failed" not in run.stdout
     # The invariants ran (not skipped), and the CPU oracle's KVM leg with them.
