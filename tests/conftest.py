@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import strategies as st
 
 from kgen.build.pipeline import build
 from kgen.build.config import Config
@@ -98,8 +99,7 @@ def session(default_build):
         yield s
 
 
-# ---- the memory-manager tests (test_vmm.py, test_heap.py): every architecture, TCG and where possible KVM -------
-# (test_pmm.py keeps its own copies of these fixtures; a module's fixtures take precedence over these.)
+# ---- the memory-manager tests (test_pmm, test_vmm, test_heap, test_aspace): every architecture, TCG, KVM where it can
 _KVM_PROBES: dict[str, tuple[bool, str]] = {}
 
 
@@ -183,3 +183,38 @@ def walker(s: KernelSession):
         cr3, mode, pse, nxe = view.regs.cr3, view.mode, view.walker.pse, view.walker.nxe
     return Walker(s.machine.read_phys, cr3 & mode.cr3_mask, mode, pse=pse, nxe=nxe,
                   recursive_slot=s.layout.recursive_slot)
+
+
+# ---- model-based runs: a kernel and a model of it, driven through operations hypothesis draws ---------------------
+def op_lists(*ops: tuple, min_size: int, max_size: int):
+    """Lists of operations `(name, *draws)`; each of `ops` is `(name, *strategies for its arguments)`, and a name
+    given twice is drawn about twice as often."""
+    return st.lists(st.one_of([st.tuples(st.just(name), *draws) for name, *draws in ops]),
+                    min_size=min_size, max_size=max_size)
+
+
+class DrivenModel:
+    """What `run_model` asks of a model besides one method per operation, which makes the kernel's calls and
+    checks their answers against the model's prediction."""
+
+    def after_step(self) -> None:
+        """Cheap checks after every operation."""
+
+    def check(self) -> None:
+        """The whole machine against the model."""
+
+    def release(self) -> None:
+        """Give back everything the operations took, and check that nothing leaked."""
+
+
+def run_model(model: DrivenModel, ops, *, check_every: int | None = None) -> None:
+    """Each operation in turn (`model.<name>(*draws)`), `model.after_step()` after each, `model.check()` every
+    `check_every` operations and at the end, then `model.release()`. A failed example skips the release: the next
+    example starts from whatever the machine holds, unless each boots its own."""
+    for i, (name, *draws) in enumerate(ops):
+        getattr(model, name)(*draws)
+        model.after_step()
+        if check_every and i % check_every == check_every - 1:
+            model.check()
+    model.check()
+    model.release()

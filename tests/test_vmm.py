@@ -21,7 +21,7 @@ from kgen.guest.diagnose import find_exception
 from kgen.guest.pagewalk import Walker, WalkError
 from kgen.guest.pmmview import PmmView
 
-from conftest import KVM_ONLY, POISON, X86_64_ONLY, open_session, walker
+from conftest import KVM_ONLY, POISON, X86_64_ONLY, DrivenModel, op_lists, open_session, run_model, walker
 
 pytestmark = [pytest.mark.vm]
 FLAGS = hw.PTE_P | hw.PTE_RW
@@ -536,7 +536,7 @@ def test_double_release_and_release_never_reserved_are_refused(kernel):
 
 
 # ---- the whole VMM against a model -------------------------------------------------------------------------------
-class VmmModel:
+class VmmModel(DrivenModel):
     """What the VMM should hold: raw mappings (vmm_map of pmm_alloc'd frames) at a pool of user-half pages spread
     over two top-level slots and two tables at every level, and vmm_alloc ranges with the pages backed so far.
     The free count must equal the start's minus the frames held and the tables every mapped page needs that were
@@ -676,39 +676,30 @@ class VmmModel:
         assert tables(self.s) == self.start_tables
         assert self.s.variable("vmm_free_range_count", 4) == self.start_ranges
 
+    # ---- run_model's checks ------------------------------------------------------------------------------------
+    def after_step(self) -> None:
+        self.check_counts()
 
-VMM_OPS = st.lists(st.tuples(st.sampled_from(["map", "map", "unmap", "alloc", "touch", "touch", "free"]),
-                             st.integers(0, 1 << 16), st.integers(0, 1 << 16)), min_size=20, max_size=60)
+    def check(self) -> None:
+        self.check_machine()
+
+    def release(self) -> None:
+        self.release_all()
+        self.check_released()
+
+
+PICK = st.integers(0, 1 << 16)
+VMM_OPS = op_lists(("map", PICK), ("map", PICK), ("unmap", PICK), ("alloc", PICK, PICK), ("touch", PICK, PICK),
+                   ("touch", PICK, PICK), ("free", PICK), min_size=20, max_size=60)
 VMM_BATCH = 15
 VMM_SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-
-
-def run_vmm_model(s, ops) -> None:
-    model = VmmModel(s)
-    for i, (op, a, b) in enumerate(ops):
-        if op == "map":
-            model.map(a)
-        elif op == "unmap":
-            model.unmap(a)
-        elif op == "alloc":
-            model.alloc(a, b)
-        elif op == "touch":
-            model.touch(a, b)
-        else:
-            model.free(a)
-        model.check_counts()
-        if i % VMM_BATCH == VMM_BATCH - 1:
-            model.check_machine()
-    model.check_machine()
-    model.release_all()
-    model.check_released()
 
 
 @settings(max_examples=6, **VMM_SETTINGS)
 @given(ops=VMM_OPS)
 def test_random_vmm_sequences_match_the_model(kernel_build, ops):
     with open_session(kernel_build) as s:
-        run_vmm_model(s, ops)
+        run_model(VmmModel(s), ops, check_every=VMM_BATCH)
 
 
 # Under KVM a boot costs seconds (≈2.6 s here against ≈0.2 s under TCG): the examples share one machine, each
@@ -718,7 +709,7 @@ def test_random_vmm_sequences_match_the_model(kernel_build, ops):
 @X86_64_ONLY
 @KVM_ONLY
 def test_random_vmm_sequences_match_the_model_under_kvm(kernel, ops):
-    run_vmm_model(kernel, ops)
+    run_model(VmmModel(kernel), ops, check_every=VMM_BATCH)
 
 
 # ---- a kernel that forgets to clear its tables ---------------------------------------------------------------------
