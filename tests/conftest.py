@@ -1,5 +1,6 @@
 """Shared fixtures: kernels built once per session from the layouts the tests then read; `run_kgen`, the command
 line as a user runs it."""
+import fcntl
 import os
 import shutil
 import subprocess
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 from hypothesis import strategies as st
 
-from kgen.build.pipeline import build
+from kgen.build.pipeline import BuildOutput, build, fingerprint
 from kgen.build.config import Config
 from kgen.harness.session import KernelSession
 
@@ -50,29 +51,48 @@ def start_kgen(*args, env: dict[str, str] | None = None, **options) -> subproces
     return subprocess.Popen([*KGEN, *map(str, args)], env=kgen_env(**(env or {})), **options)
 
 
+# ---- kernels built once per test run ------------------------------------------------------------------------------
+def run_dir(tmp_path_factory) -> Path:
+    """A directory every xdist worker of this test run shares: the parent of the workers' own temporary directories
+    (pytest-N/ beside popen-gw0/...), or this process's when the run has no workers."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def shared_build(tmp_path_factory, config: Config, *, iso: bool = False) -> BuildOutput:
+    """`build(config)` once per test run, by whichever worker asks first, into a directory named by the build's
+    fingerprint (and whether it holds an ISO) in `run_dir`. Another worker asking meanwhile waits on the directory's
+    build lock, then finds its stamp current and takes the files as they are (kgen/build/pipeline.py): an ELF is
+    never rewritten while a worker boots it. Each worker still links the kernel itself, for its layout and image."""
+    out = run_dir(tmp_path_factory) / "kgen-builds" / f"{fingerprint(config)[:20]}-{'iso' if iso else 'elf'}"
+    return build(config, out, iso=iso, force=False)
+
+
+HAVE_GRUB = shutil.which("grub-mkrescue") is not None
+
+
 @pytest.fixture(scope="session")
 def default_build(tmp_path_factory):
     """The default kernel: ELF and ISO."""
-    return build(Config(), tmp_path_factory.mktemp("default"), iso=shutil.which("grub-mkrescue") is not None)
+    return shared_build(tmp_path_factory, Config(), iso=HAVE_GRUB)
 
 
 @pytest.fixture(scope="session")
 def fault_build(tmp_path_factory):
     """A kernel that touches an unmapped page right after boot."""
-    return build(Config(fault_at_boot=True), tmp_path_factory.mktemp("fault"), iso=False)
+    return shared_build(tmp_path_factory, Config(fault_at_boot=True))
 
 
 @pytest.fixture(scope="session")
 def x86_64_build(tmp_path_factory):
     """The default x86_64 kernel: ELF64 and ISO."""
-    return build(Config.for_arch("x86_64"), tmp_path_factory.mktemp("x86_64"),
-                 iso=shutil.which("grub-mkrescue") is not None)
+    return shared_build(tmp_path_factory, Config.for_arch("x86_64"), iso=HAVE_GRUB)
 
 
 @pytest.fixture(scope="session")
 def x86_64_fault_build(tmp_path_factory):
     """An x86_64 kernel whose kmain writes to the physical load address, unmapped once the boot stub is done."""
-    return build(Config.for_arch("x86_64", fault_at_boot=True), tmp_path_factory.mktemp("x86_64_fault"), iso=False)
+    return shared_build(tmp_path_factory, Config.for_arch("x86_64", fault_at_boot=True))
 
 
 # Every architecture's default kernel and fault variant, by the fixture that builds it.
@@ -101,17 +121,22 @@ def session(default_build):
 
 # ---- the memory-manager tests (test_pmm, test_vmm, test_heap, test_aspace): every architecture, TCG, KVM where it can
 _KVM_PROBES: dict[str, tuple[bool, str]] = {}
+KVM_PROBE_LOCK = ".kvm-probe.lock"
 
 
 def require_kvm(out) -> None:
-    """Skip unless KVM on this host runs this kernel: one probe boot per ELF and worker (kvm_pvm here runs long
-    mode, not the i386 kernel's 32-bit paging)."""
+    """Skip unless KVM on this host runs this kernel (kvm_pvm here runs long mode, not the i386 kernel's 32-bit
+    paging): one probe boot per ELF and test run, its answer kept beside the ELF for the other workers (a build of
+    `shared_build`: its directory lives as long as the run), a probe at a time."""
     from kgen.guest.elfinfo import ElfInfo
     from kgen.harness.kernel import KernelUnderTest
     from kgen.harness.kvmprobe import probe_kvm
     key = str(out.elf)
     if key not in _KVM_PROBES:
-        _KVM_PROBES[key] = probe_kvm(KernelUnderTest(out.elf, ElfInfo.load(out.elf), out.kernel.layout))
+        with open(out.elf.parent / KVM_PROBE_LOCK, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            _KVM_PROBES[key] = probe_kvm(KernelUnderTest(out.elf, ElfInfo.load(out.elf), out.kernel.layout),
+                                         out.elf.parent)
     usable, why = _KVM_PROBES[key]
     if not usable:
         pytest.skip(f"KVM cannot run the {out.kernel.layout.arch} kernel here: {why}")

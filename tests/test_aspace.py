@@ -13,11 +13,10 @@ from hypothesis import strategies as st
 
 from kgen.arch import hw
 from kgen.build.config import Config
-from kgen.build.pipeline import build
 from kgen.guest.pagewalk import Walker
 from kgen.guest.pmmview import PmmView
 
-from conftest import KVM_ONLY, X86_64_ONLY, DrivenModel, op_lists, open_session, run_model
+from conftest import KVM_ONLY, X86_64_ONLY, DrivenModel, op_lists, open_session, run_model, shared_build
 
 pytestmark = [pytest.mark.vm]
 USER_FLAGS = hw.PTE_P | hw.PTE_RW | hw.PTE_US
@@ -264,8 +263,7 @@ def test_reattaching_the_foreign_slot_shows_the_new_space(kernel):
 
 
 def test_a_kernel_that_does_not_flush_on_reattach_is_caught(tmp_path_factory, arch):
-    variant = build(Config.for_arch(arch, aspace_skip_foreign_flush=True),
-                    tmp_path_factory.mktemp(f"noflush-{arch}"), iso=False)
+    variant = shared_build(tmp_path_factory, Config.for_arch(arch, aspace_skip_foreign_flush=True))
     with open_session(variant) as s:
         problems = window_problems(s)
     assert problems, "a foreign slot changed without a flush went unnoticed"

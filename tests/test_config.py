@@ -289,10 +289,9 @@ def error_of_arch(arch: str, **values) -> str:
 def test_issue_15_temp_map_windows_the_rules_accept_work(tmp_path_factory, arch, values):
     """The kernel boots and every slot maps the frame it was given: the slot's PTE is found from tempmap.base, not
     from the start of its table, and a window inside the image's table shares it instead of replacing it."""
-    from conftest import open_session
-    from kgen.build.pipeline import build
+    from conftest import open_session, shared_build
     config = Config.for_arch(arch, **values)
-    out = build(config, tmp_path_factory.mktemp(f"tempmap-{arch}"), iso=False)
+    out = shared_build(tmp_path_factory, config)
     layout = out.kernel.layout
     with open_session(out) as s:
         count = min(layout.tempmap_slots, 16)

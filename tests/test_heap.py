@@ -12,13 +12,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kgen.arch import hw
-from kgen.build.pipeline import build
 from kgen.guest.calls import CallError
 from kgen.build.config import Config
 from kgen.guest.diagnose import find_exception
 from kgen.guest.pagewalk import Attrs, Walker
 
-from conftest import KVM_ONLY, X86_64_ONLY, DrivenModel, op_lists, open_session, run_model, walker
+from conftest import KVM_ONLY, X86_64_ONLY, DrivenModel, op_lists, open_session, run_model, shared_build, walker
 
 pytestmark = [pytest.mark.vm]
 PAGE_MASK = ~(hw.PAGE_SIZE - 1)
@@ -270,8 +269,7 @@ def test_zero_and_huge_sizes_return_0(kernel, size):
 
 
 def test_exhaustion_returns_0_and_leaves_the_heap_intact(tmp_path_factory, arch):
-    small = build(Config.for_arch(arch, machine_memory_mib=16), tmp_path_factory.mktemp(f"heap-small-{arch}"),
-                  iso=False)
+    small = shared_build(tmp_path_factory, Config.for_arch(arch, machine_memory_mib=16))
     with open_session(small, poison=None) as s:
         start_free = s.call("pmm_stats_free")
         big = []

@@ -21,7 +21,6 @@ from kgen.guest import bootreport
 
 from kgen.arch import hw
 from kgen.arch import ARCHES
-from kgen.build.pipeline import build
 from kgen.guest.calls import CallError
 from kgen.build.config import Config
 from kgen.guest.pagewalk import Walker
@@ -29,7 +28,7 @@ from kgen.guest.pmmview import (ChainError, PmmState, PmmView, alloc_at_pages, o
                           ranges_from_mmap)
 from kgen.harness.session import KernelSession
 
-from conftest import KVM_ONLY, POISON, DrivenModel, op_lists, open_session, run_model
+from conftest import KVM_ONLY, POISON, DrivenModel, op_lists, open_session, run_model, shared_build
 
 pytestmark = [pytest.mark.vm]
 
@@ -39,8 +38,8 @@ BIG_GUEST_MIB = 4608
 
 
 def session_for(tmp_path_factory, arch: str, name: str, accel: str = "tcg", **config) -> KernelSession:
-    """A variant kernel of `arch`, built for this test."""
-    out = build(Config.for_arch(arch, **config), tmp_path_factory.mktemp(f"{name}-{arch}"), iso=False)
+    """A variant kernel of `arch` (built once per test run)."""
+    out = shared_build(tmp_path_factory, Config.for_arch(arch, **config))
     return open_session(out, accel)
 
 

@@ -14,14 +14,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kgen.arch import hw
-from kgen.build.pipeline import build
 from kgen.guest.calls import CallError
 from kgen.build.config import Config
 from kgen.guest.diagnose import find_exception
 from kgen.guest.pagewalk import Walker, WalkError
 from kgen.guest.pmmview import PmmView
 
-from conftest import KVM_ONLY, POISON, X86_64_ONLY, DrivenModel, op_lists, open_session, run_model, walker
+from conftest import KVM_ONLY, POISON, X86_64_ONLY, DrivenModel, op_lists, open_session, run_model, shared_build, walker
 
 pytestmark = [pytest.mark.vm]
 FLAGS = hw.PTE_P | hw.PTE_RW
@@ -718,8 +717,7 @@ def test_unzeroed_page_table_variant_is_caught(tmp_path_factory, arch):
     table vmm_map makes (i386: the page table; x86_64: the vmm window's PD, its PDPT being made at boot) keeps the
     poison. i386 then refuses the map (the poisoned PTE looks present); on x86_64 the poisoned PD entry looks like a
     present large page with reserved bits, and the kernel faults on its own PTE. Either way the poison is found."""
-    variant = build(Config.for_arch(arch, vmm_skip_table_clear=True), tmp_path_factory.mktemp(f"noclear-{arch}"),
-                    iso=False)
+    variant = shared_build(tmp_path_factory, Config.for_arch(arch, vmm_skip_table_clear=True))
     with open_session(variant) as s:
         assert poisoned_tables(s) == [], "the tables made at boot are clean even here"
         try:

@@ -10,9 +10,9 @@ from kgen.arch import hw
 from kgen.guest import invariants
 from kgen.harness.kernel import KernelUnderTest
 from kgen.harness.live import boot
-from kgen.harness.kvmprobe import probe_kvm
+from kgen.guest.elfinfo import ElfInfo
 
-from conftest import needs_qemu, run_kgen
+from conftest import needs_qemu, require_kvm, run_kgen
 
 pytestmark = [pytest.mark.vm, needs_qemu]
 # Accessed and dirty bits record what the CPU touched, which differs between TCG and KVM by design.
@@ -20,16 +20,14 @@ HISTORY_BITS = hw.PTE_A | hw.PTE_D
 
 
 @pytest.fixture(scope="module")
-def kernel(tmp_path_factory):
-    return KernelUnderTest.built(None, tmp_path_factory.mktemp("x86_64"), "x86_64")
+def kernel(x86_64_build):
+    return KernelUnderTest(x86_64_build.elf, ElfInfo.load(x86_64_build.elf), x86_64_build.kernel.layout)
 
 
 @pytest.fixture(scope="module")
-def kvm(kernel):
-    usable, why = probe_kvm(kernel)
-    if not usable:
-        pytest.skip(f"KVM cannot run the x86_64 kernel here: {why}")
-    return why
+def kvm(x86_64_build):
+    """Skipped where this host's KVM cannot run the kernel (conftest's probe, once per run)."""
+    require_kvm(x86_64_build)
 
 
 def state(kernel, accel: str):
