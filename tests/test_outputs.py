@@ -364,4 +364,4 @@ def test_the_default_output_folder_is_out_and_an_old_build_folder_is_still_used_
 
 def kgen_in(directory, *args):
     directory.mkdir(parents=True, exist_ok=True)
-    return kgen(*args, cwd=directory)
+    return run_kgen(*args, cwd=directory)
