@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 def outcomes(stdout: str) -> dict[str, str]:
     """test name -> PASSED/FAILED/SKIPPED/ERROR from pytest's -v lines ("path::test PASSED [ 4%]")."""
