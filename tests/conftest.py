@@ -1,9 +1,16 @@
-"""Shared fixtures: kernels built once per session from the layouts the tests then read."""
+"""Shared fixtures: kernels built once per session from the layouts the tests then read; `run_kgen`, the command
+line as a user runs it."""
+import fcntl
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+from hypothesis import strategies as st
 
-from kgen.build.pipeline import build
+from kgen.build.pipeline import BuildOutput, build, fingerprint
 from kgen.build.config import Config
 from kgen.harness.session import KernelSession
 
@@ -15,30 +22,77 @@ needs_qemu = pytest.mark.skipif(shutil.which("qemu-system-i386") is None,
 needs_grub = pytest.mark.skipif(shutil.which("grub-mkrescue") is None,
                                 reason="grub-mkrescue not installed (Debian packages grub-common grub-pc-bin)")
 
+# ---- kgen on the command line ------------------------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parent.parent
+# What a user runs: the venv's console script; without one (no venv), the module it calls.
+KGEN = [str(Path(sys.executable).with_name("kgen"))]
+if not Path(KGEN[0]).exists():
+    KGEN = [sys.executable, "-m", "kgen.cli"]
+
+
+def kgen_env(**changes: str) -> dict[str, str]:
+    """The environment of a kgen subprocess: this process's, with this checkout first on PYTHONPATH (the kgen under
+    test, wherever the venv's editable install points), and `changes` on top."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), **changes}
+
+
+def run_kgen(*args, env: dict[str, str] | None = None, timeout: float = 300,
+             **options) -> subprocess.CompletedProcess:
+    """`kgen ARGS` in a new process, as a user runs it, stdout and stderr captured as text. `env`: variables set on
+    top of `kgen_env()`; `options` go to subprocess.run (cwd, stdin...)."""
+    return subprocess.run([*KGEN, *map(str, args)], capture_output=True, text=True, env=kgen_env(**(env or {})),
+                          timeout=timeout, **options)
+
+
+def start_kgen(*args, env: dict[str, str] | None = None, **options) -> subprocess.Popen:
+    """`kgen ARGS` started, for a test that reads or signals it while it runs: stdout and stderr piped as text
+    unless `options` (for subprocess.Popen) say otherwise."""
+    options = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **options}
+    return subprocess.Popen([*KGEN, *map(str, args)], env=kgen_env(**(env or {})), **options)
+
+
+# ---- kernels built once per test run ------------------------------------------------------------------------------
+def run_dir(tmp_path_factory) -> Path:
+    """A directory every xdist worker of this test run shares: the parent of the workers' own temporary directories
+    (pytest-N/ beside popen-gw0/...), or this process's when the run has no workers."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def shared_build(tmp_path_factory, config: Config, *, iso: bool = False) -> BuildOutput:
+    """`build(config)` once per test run, by whichever worker asks first, into a directory named by the build's
+    fingerprint (and whether it holds an ISO) in `run_dir`. Another worker asking meanwhile waits on the directory's
+    build lock, then finds its stamp current and takes the files as they are (kgen/build/pipeline.py): an ELF is
+    never rewritten while a worker boots it. Each worker still links the kernel itself, for its layout and image."""
+    out = run_dir(tmp_path_factory) / "kgen-builds" / f"{fingerprint(config)[:20]}-{'iso' if iso else 'elf'}"
+    return build(config, out, iso=iso, force=False)
+
+
+HAVE_GRUB = shutil.which("grub-mkrescue") is not None
+
 
 @pytest.fixture(scope="session")
 def default_build(tmp_path_factory):
     """The default kernel: ELF and ISO."""
-    return build(Config(), tmp_path_factory.mktemp("default"), iso=shutil.which("grub-mkrescue") is not None)
+    return shared_build(tmp_path_factory, Config(), iso=HAVE_GRUB)
 
 
 @pytest.fixture(scope="session")
 def fault_build(tmp_path_factory):
     """A kernel that touches an unmapped page right after boot."""
-    return build(Config(fault_at_boot=True), tmp_path_factory.mktemp("fault"), iso=False)
+    return shared_build(tmp_path_factory, Config(fault_at_boot=True))
 
 
 @pytest.fixture(scope="session")
 def x86_64_build(tmp_path_factory):
     """The default x86_64 kernel: ELF64 and ISO."""
-    return build(Config.for_arch("x86_64"), tmp_path_factory.mktemp("x86_64"),
-                 iso=shutil.which("grub-mkrescue") is not None)
+    return shared_build(tmp_path_factory, Config.for_arch("x86_64"), iso=HAVE_GRUB)
 
 
 @pytest.fixture(scope="session")
 def x86_64_fault_build(tmp_path_factory):
     """An x86_64 kernel whose kmain writes to the physical load address, unmapped once the boot stub is done."""
-    return build(Config.for_arch("x86_64", fault_at_boot=True), tmp_path_factory.mktemp("x86_64_fault"), iso=False)
+    return shared_build(tmp_path_factory, Config.for_arch("x86_64", fault_at_boot=True))
 
 
 # Every architecture's default kernel and fault variant, by the fixture that builds it.
@@ -65,20 +119,24 @@ def session(default_build):
         yield s
 
 
-# ---- the memory-manager tests (test_vmm.py, test_heap.py): every architecture, TCG and where possible KVM -------
-# (test_pmm.py keeps its own copies of these fixtures; a module's fixtures take precedence over these.)
+# ---- the memory-manager tests (test_pmm, test_vmm, test_heap, test_aspace): every architecture, TCG, KVM where it can
 _KVM_PROBES: dict[str, tuple[bool, str]] = {}
+KVM_PROBE_LOCK = ".kvm-probe.lock"
 
 
 def require_kvm(out) -> None:
-    """Skip unless KVM on this host runs this kernel: one probe boot per ELF and worker (kvm_pvm here runs long
-    mode, not the i386 kernel's 32-bit paging)."""
+    """Skip unless KVM on this host runs this kernel (kvm_pvm here runs long mode, not the i386 kernel's 32-bit
+    paging): one probe boot per ELF and test run, its answer kept beside the ELF for the other workers (a build of
+    `shared_build`: its directory lives as long as the run), a probe at a time."""
     from kgen.guest.elfinfo import ElfInfo
     from kgen.harness.kernel import KernelUnderTest
     from kgen.harness.kvmprobe import probe_kvm
     key = str(out.elf)
     if key not in _KVM_PROBES:
-        _KVM_PROBES[key] = probe_kvm(KernelUnderTest(out.elf, ElfInfo.load(out.elf), out.kernel.layout))
+        with open(out.elf.parent / KVM_PROBE_LOCK, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            _KVM_PROBES[key] = probe_kvm(KernelUnderTest(out.elf, ElfInfo.load(out.elf), out.kernel.layout),
+                                         out.elf.parent)
     usable, why = _KVM_PROBES[key]
     if not usable:
         pytest.skip(f"KVM cannot run the {out.kernel.layout.arch} kernel here: {why}")
@@ -150,3 +208,38 @@ def walker(s: KernelSession):
         cr3, mode, pse, nxe = view.regs.cr3, view.mode, view.walker.pse, view.walker.nxe
     return Walker(s.machine.read_phys, cr3 & mode.cr3_mask, mode, pse=pse, nxe=nxe,
                   recursive_slot=s.layout.recursive_slot)
+
+
+# ---- model-based runs: a kernel and a model of it, driven through operations hypothesis draws ---------------------
+def op_lists(*ops: tuple, min_size: int, max_size: int):
+    """Lists of operations `(name, *draws)`; each of `ops` is `(name, *strategies for its arguments)`, and a name
+    given twice is drawn about twice as often."""
+    return st.lists(st.one_of([st.tuples(st.just(name), *draws) for name, *draws in ops]),
+                    min_size=min_size, max_size=max_size)
+
+
+class DrivenModel:
+    """What `run_model` asks of a model besides one method per operation, which makes the kernel's calls and
+    checks their answers against the model's prediction."""
+
+    def after_step(self) -> None:
+        """Cheap checks after every operation."""
+
+    def check(self) -> None:
+        """The whole machine against the model."""
+
+    def release(self) -> None:
+        """Give back everything the operations took, and check that nothing leaked."""
+
+
+def run_model(model: DrivenModel, ops, *, check_every: int | None = None) -> None:
+    """Each operation in turn (`model.<name>(*draws)`), `model.after_step()` after each, `model.check()` every
+    `check_every` operations and at the end, then `model.release()`. A failed example skips the release: the next
+    example starts from whatever the machine holds, unless each boots its own."""
+    for i, (name, *draws) in enumerate(ops):
+        getattr(model, name)(*draws)
+        model.after_step()
+        if check_every and i % check_every == check_every - 1:
+            model.check()
+    model.check()
+    model.release()

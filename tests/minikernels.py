@@ -3,25 +3,16 @@ and the failure diagnosis must handle. Each is built by `build(tmp_path, name, s
 
 The kernels are composed of the named pieces below (the Multiboot header, the page-table setup, the jump to the
 higher half, the GDT and timer, serial output, the halt loops), so each kernel's text reads as what makes it
-different. The tests that boot them share `kgen` (the command line, in a subprocess) and `outcomes` from here too."""
+different. The tests that boot them share `outcomes` (pytest's verdicts in `kgen test -- -v`) from here too."""
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def kgen(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`kgen ARGS` as a user runs it (a new Python process, this checkout's kgen), its output captured."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "kgen.cli", *args], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=timeout)
 
 
 def outcomes(stdout: str) -> dict[str, str]:

@@ -13,11 +13,10 @@ from hypothesis import strategies as st
 
 from kgen.arch import hw
 from kgen.build.config import Config
-from kgen.build.pipeline import build
 from kgen.guest.pagewalk import Walker
 from kgen.guest.pmmview import PmmView
 
-from conftest import KVM_ONLY, X86_64_ONLY, open_session
+from conftest import KVM_ONLY, X86_64_ONLY, DrivenModel, op_lists, open_session, run_model, shared_build
 
 pytestmark = [pytest.mark.vm]
 USER_FLAGS = hw.PTE_P | hw.PTE_RW | hw.PTE_US
@@ -264,15 +263,14 @@ def test_reattaching_the_foreign_slot_shows_the_new_space(kernel):
 
 
 def test_a_kernel_that_does_not_flush_on_reattach_is_caught(tmp_path_factory, arch):
-    variant = build(Config.for_arch(arch, aspace_skip_foreign_flush=True),
-                    tmp_path_factory.mktemp(f"noflush-{arch}"), iso=False)
+    variant = shared_build(tmp_path_factory, Config.for_arch(arch, aspace_skip_foreign_flush=True))
     with open_session(variant) as s:
         problems = window_problems(s)
     assert problems, "a foreign slot changed without a flush went unnoticed"
 
 
 # ---- the model ---------------------------------------------------------------------------------------------------
-class SpacesModel:
+class SpacesModel(DrivenModel):
     """Live spaces and what each maps: vaddr -> frame. Every page is mapped through the foreign slot, usually while
     another space is running; the free count must equal the start's minus one top table per space, the tables
     each space's pages need and the frames handed to spaces; every space's tables must match."""
@@ -383,40 +381,20 @@ class SpacesModel:
         assert top_entries(self.s, self.boot)[self.layout.foreign_slot] == 0
 
 
-SPACE_OPS = st.lists(st.tuples(st.sampled_from(["create", "create", "map", "map", "map", "unmap", "unmap", "switch",
-                                                "destroy", "detach"]),
-                               st.integers(0, 1 << 16), st.integers(0, 7)), min_size=10, max_size=60)
+PICK, WHICH = st.integers(0, 1 << 16), st.integers(0, 7)
+SPACE_OPS = op_lists(("create", PICK), ("create", PICK), ("map", PICK, WHICH), ("map", PICK, WHICH),
+                     ("map", PICK, WHICH), ("unmap", PICK, WHICH), ("unmap", PICK, WHICH), ("switch", WHICH),
+                     ("destroy", PICK), ("detach",), min_size=10, max_size=60)
 SPACE_BATCH = 6
 SPACE_SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                            HealthCheck.function_scoped_fixture])
-
-
-def run_spaces_model(s, ops) -> None:
-    model = SpacesModel(s)
-    for i, (op, a, b) in enumerate(ops):
-        if op == "create":
-            model.create(a)
-        elif op == "destroy":
-            model.destroy(a)
-        elif op == "map":
-            model.map(a, b)
-        elif op == "unmap":
-            model.unmap(a, b)
-        elif op == "switch":
-            model.switch(b)
-        else:
-            model.detach()
-        if i % SPACE_BATCH == SPACE_BATCH - 1:
-            model.check()
-    model.check()
-    model.release()
 
 
 @settings(max_examples=5, **SPACE_SETTINGS)
 @given(ops=SPACE_OPS)
 def test_random_space_sequences_match_the_model(kernel_build, ops):
     with open_session(kernel_build) as s:
-        run_spaces_model(s, ops)
+        run_model(SpacesModel(s), ops, check_every=SPACE_BATCH)
 
 
 @settings(max_examples=3, **SPACE_SETTINGS)
@@ -424,7 +402,7 @@ def test_random_space_sequences_match_the_model(kernel_build, ops):
 @X86_64_ONLY
 @KVM_ONLY
 def test_random_space_sequences_match_the_model_under_kvm(kernel, ops):
-    run_spaces_model(kernel, ops)
+    run_model(SpacesModel(kernel), ops, check_every=SPACE_BATCH)
 
 
 # ---- invariants of every live space (kgen/guest/invariants.py) ----------------------------------------------------

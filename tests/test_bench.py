@@ -6,10 +6,11 @@ import shutil
 import pytest
 
 from kgen.harness import bench
-from kgen.build.pipeline import build
 from kgen.build.config import Config
 from kgen.build.layout import compute
 from kgen.harness.session import KernelSession
+
+from conftest import ARCH_BUILDS
 
 ARCHES = ("i386", "x86_64")
 
@@ -40,9 +41,9 @@ needs_qemu = pytest.mark.skipif(shutil.which("qemu-system-i386") is None or shut
 @pytest.mark.vm
 @needs_qemu
 @pytest.mark.parametrize("arch", ARCHES)
-def test_bench_runs_and_returns_numbers(arch, tmp_path, monkeypatch):
+def test_bench_runs_and_returns_numbers(arch, request, monkeypatch):
     monkeypatch.setattr(bench, "LOOPS", 50)      # the numbers are not checked: a short loop keeps the test quick
-    out = build(Config.for_arch(arch), tmp_path, iso=False)
+    out = request.getfixturevalue(ARCH_BUILDS[arch])
     with KernelSession(out.elf, out.kernel.layout, icount=True) as s:
         pmm = bench.per_op(s, 1)
         vmm = bench.vmm_heap_ops(s, 1)      # raises when a case makes other than the page tables it names

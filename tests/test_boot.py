@@ -1,11 +1,8 @@
 """The kernel of every architecture booted for real: through GRUB from the ISO and through QEMU's -kernel, its report
 checked against the layout and the ELF that produced it; and a kernel that faults on purpose reported as what it
 is."""
-import os
 import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 
@@ -16,7 +13,7 @@ from kgen.guest.diagnose import find_exception
 from kgen.guest.elfinfo import ElfInfo
 from kgen.machine import Machine
 
-from conftest import ARCH_BUILDS, needs_grub, needs_qemu
+from conftest import ARCH_BUILDS, needs_grub, needs_qemu, run_kgen
 
 pytestmark = [pytest.mark.vm, needs_qemu]
 BOOT_TIMEOUT = 60
@@ -101,17 +98,12 @@ def test_fault_is_reported_with_vector_and_address(arch_fault_build):
                      fault.describe(ElfInfo.load(arch_fault_build.elf)))
 
 
-def kgen(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "kgen.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=120)
-
-
 def arch_of(out) -> str:
     return out.kernel.layout.arch.name
 
 
 def test_kgen_run_exits_0_on_success(arch_build):
-    result = kgen("run", "--arch", arch_of(arch_build), "--kernel", str(arch_build.elf))
+    result = run_kgen("run", "--arch", arch_of(arch_build), "--kernel", str(arch_build.elf))
     assert result.returncode == 0, result.stderr
     assert bootreport.BOOT_OK in result.stdout
 
@@ -119,7 +111,7 @@ def test_kgen_run_exits_0_on_success(arch_build):
 @pytest.mark.parametrize("arch", tuple(ARCH_BUILDS))
 def test_kgen_run_direct_builds_and_boots(arch, tmp_path):
     """`kgen run --arch ARCH --direct`: build the ELF, boot it with -kernel, exit 0 on the kernel's success."""
-    result = kgen("run", "--arch", arch, "--direct", "--out", str(tmp_path / "out"))
+    result = run_kgen("run", "--arch", arch, "--direct", "--out", str(tmp_path / "out"))
     assert result.returncode == 0, result.stdout + result.stderr
     assert bootreport.BOOT_OK in result.stdout
     top = "PML4" if arch == "x86_64" else "PD"
@@ -128,7 +120,7 @@ def test_kgen_run_direct_builds_and_boots(arch, tmp_path):
 
 
 def test_kgen_run_names_the_fault(arch_fault_build):
-    result = kgen("run", "--arch", arch_of(arch_fault_build), "--kernel", str(arch_fault_build.elf))
+    result = run_kgen("run", "--arch", arch_of(arch_fault_build), "--kernel", str(arch_fault_build.elf))
     assert result.returncode == 4          # the kernel failed (kgen/errors.py)
     last = result.stderr.strip().splitlines()[-1]
     name = "RIP" if arch_fault_build.kernel.layout.arch.word_size == 8 else "EIP"
@@ -137,8 +129,8 @@ def test_kgen_run_names_the_fault(arch_fault_build):
 
 
 def test_missing_qemu_is_one_line(arch_build, tmp_path):
-    env = dict(os.environ, PATH=str(tmp_path))
-    result = kgen("run", "--arch", arch_of(arch_build), "--kernel", str(arch_build.elf), env=env)
+    result = run_kgen("run", "--arch", arch_of(arch_build), "--kernel", str(arch_build.elf),
+                      env={"PATH": str(tmp_path)})
     assert result.returncode == 3
     assert result.stderr.strip() == (f"kgen: error: {arch_build.kernel.layout.arch.qemu} not found: "
                                      "install the Debian package qemu-system-x86")
@@ -146,9 +138,8 @@ def test_missing_qemu_is_one_line(arch_build, tmp_path):
 
 @pytest.mark.parametrize("arch", tuple(ARCH_BUILDS))
 def test_missing_grub_is_one_line_and_leaves_no_iso(arch, tmp_path):
-    env = dict(os.environ, PATH=str(tmp_path))
     out = tmp_path / "out"
-    result = kgen("build", "--arch", arch, "--out", str(out), env=env)
+    result = run_kgen("build", "--arch", arch, "--out", str(out), env={"PATH": str(tmp_path)})
     assert result.returncode == 3
     assert result.stderr.strip() == ("kgen: error: grub-mkrescue not found: install the Debian packages "
                                      "grub-common grub-pc-bin xorriso")

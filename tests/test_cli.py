@@ -6,8 +6,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -15,18 +13,10 @@ import pytest
 
 from kgen import errors
 
-from conftest import needs_qemu
+from conftest import needs_qemu, run_kgen, start_kgen
 
 ROOT = Path(__file__).resolve().parent.parent
-KGEN = [str(Path(sys.executable).with_name("kgen"))]
-if not Path(KGEN[0]).exists():                 # not in a venv with the console script: the module does the same
-    KGEN = [sys.executable, "-m", "kgen.cli"]
 COMMANDS = ("build", "run", "test")
-
-
-def kgen(*args, env=None, cwd=None, timeout=300):
-    return subprocess.run([*KGEN, *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd,
-                          timeout=timeout)
 
 
 def one_line(result) -> str:
@@ -60,7 +50,7 @@ def test_exit_codes_are_distinct_and_in_every_help_and_the_readme():
             errors.EXIT_KERNEL_FAILED, errors.EXIT_INTERNAL, errors.EXIT_INTERRUPTED} == set(codes)
     readme = (ROOT / "README.md").read_text()
     for command in ((), *((c,) for c in COMMANDS)):
-        result = kgen(*command, "--help")
+        result = run_kgen(*command, "--help")
         assert result.returncode == 0, result.stderr
         for code, meaning in errors.EXIT_CODES:
             assert re.search(rf"^  {code} +{re.escape(meaning)}$", result.stdout, re.MULTILINE), (command, code)
@@ -94,7 +84,7 @@ def test_pytest_statuses_map_onto_kgens():
     (("test", "-j", "-1"), "argument -j/--jobs: '-1'"),
 ])
 def test_a_bad_command_line_is_one_line_exit_2(tmp_path, args, fragment):
-    result = kgen(*args, cwd=tmp_path)
+    result = run_kgen(*args, cwd=tmp_path)
     assert result.returncode == errors.EXIT_USAGE
     assert fragment in one_line(result)
     assert tree(tmp_path) == set()
@@ -102,7 +92,7 @@ def test_a_bad_command_line_is_one_line_exit_2(tmp_path, args, fragment):
 
 @pytest.mark.parametrize("value", ["nan", "-1", "0", "inf", "-inf", "1e999", "soon"])
 def test_a_timeout_must_be_finite_and_positive(tmp_path, value):
-    result = kgen("run", "--out", tmp_path / "out", f"--timeout={value}", cwd=tmp_path)
+    result = run_kgen("run", "--out", tmp_path / "out", f"--timeout={value}", cwd=tmp_path)
     assert result.returncode == errors.EXIT_USAGE
     line = one_line(result)
     assert line.startswith("kgen: error: kgen run: argument --timeout: ") and repr(value) in line, line
@@ -145,7 +135,7 @@ def test_an_unusable_out_is_one_line_exit_2_and_leaves_nothing(tmp_path, command
     if kind == "read-only directory" and os.access("/sys", os.W_OK) and not os.path.ismount("/sys"):
         pytest.skip("/sys is not read-only here")
     before = tree(tmp_path)
-    result = kgen(command, "--out", out, "-j", "1") if command == "test" else kgen(command, "--out", out)
+    result = run_kgen(command, "--out", out, "-j", "1") if command == "test" else run_kgen(command, "--out", out)
     assert result.returncode == errors.EXIT_USAGE, result.stderr
     line = one_line(result)
     assert line.startswith(f"kgen: error: --out {out}: ") and says in line and "choose another --out" in line, line
@@ -157,7 +147,7 @@ def test_an_unusable_out_is_one_line_exit_2_and_leaves_nothing(tmp_path, command
 def test_an_unwritable_junitxml_is_one_line_exit_2_before_any_test(tmp_path, kind):
     """pytest found out only after the whole run, with a traceback and status 1."""
     path = tmp_path if kind == "a directory" else Path(kind)
-    result = kgen("test", "--out", tmp_path / "out", "-j", "1", "--junitxml", path)
+    result = run_kgen("test", "--out", tmp_path / "out", "-j", "1", "--junitxml", path)
     assert result.returncode == errors.EXIT_USAGE
     line = one_line(result)
     assert line.startswith(f"kgen: error: --junitxml {path}: ") and line.endswith("; choose another path"), line
@@ -167,7 +157,7 @@ def test_an_unwritable_junitxml_is_one_line_exit_2_before_any_test(tmp_path, kin
 def test_an_image_larger_than_max_size_names_the_file_key_and_sizes(tmp_path):
     config = tmp_path / "small.toml"
     config.write_text("[kernel]\nmax_size = 0x8000\nstack_size = 0x1000\n")
-    result = kgen("build", "--config", config, "--out", tmp_path / "out")
+    result = run_kgen("build", "--config", config, "--out", tmp_path / "out")
     assert result.returncode == errors.EXIT_USAGE
     line = one_line(result)
     m = re.fullmatch(rf"kgen: error: {re.escape(str(config))}: kernel\.max_size = 0x8000: the kernel image needs "
@@ -178,7 +168,7 @@ def test_an_image_larger_than_max_size_names_the_file_key_and_sizes(tmp_path):
     assert not (tmp_path / "out").exists()
     # The suggestion is enough (the stack and boot tables are inside the image, so it is the whole need).
     config.write_text(f"[kernel]\nmax_size = {suggested:#x}\nstack_size = 0x1000\n")
-    result = kgen("build", "--no-iso", "--config", config, "--out", tmp_path / "out")
+    result = run_kgen("build", "--no-iso", "--config", config, "--out", tmp_path / "out")
     assert result.returncode == 0, result.stderr
 
 
@@ -187,8 +177,7 @@ def test_an_image_larger_than_max_size_names_the_file_key_and_sizes(tmp_path):
 def test_kgen_test_without_qemu_is_one_line_exit_3(tmp_path):
     empty = tmp_path / "bin"
     empty.mkdir()
-    env = dict(os.environ, PATH=str(empty), TMPDIR=str(tmp_path))
-    result = kgen("test", "--out", tmp_path / "out", "-j", "1", env=env)
+    result = run_kgen("test", "--out", tmp_path / "out", "-j", "1", env={"PATH": str(empty), "TMPDIR": str(tmp_path)})
     assert result.returncode == errors.EXIT_TOOL_MISSING
     assert one_line(result) == ("kgen: error: qemu-system-i386 not found: install the Debian package "
                                 "qemu-system-x86")
@@ -208,13 +197,13 @@ def test_kgen_run_with_kvm_missing_is_a_missing_tool(tmp_path, monkeypatch):
 @needs_qemu
 def test_kgen_test_leaves_nothing_in_tmpdir_and_a_k_that_selects_nothing_is_usage(tmp_path, short_tmpdir):
     tmpdir = short_tmpdir
-    env = dict(os.environ, TMPDIR=str(tmpdir))
+    env = {"TMPDIR": str(tmpdir)}
     out = tmp_path / "out"
-    result = kgen("test", "--out", out, "-j", "1", "-k", "recursive_slot_maps", env=env)
+    result = run_kgen("test", "--out", out, "-j", "1", "-k", "recursive_slot_maps", env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert " passed" in result.stdout
     assert tree(tmpdir) == set(), "kgen test left this in TMPDIR"
-    result = kgen("test", "--out", out, "-j", "1", "-k", "no_test_is_called_this", env=env)
+    result = run_kgen("test", "--out", out, "-j", "1", "-k", "no_test_is_called_this", env=env)
     assert result.returncode == errors.EXIT_USAGE
     assert result.stderr.strip().splitlines() == [
         "kgen: error: no test was selected by -k 'no_test_is_called_this'; "
@@ -225,7 +214,7 @@ def test_kgen_test_leaves_nothing_in_tmpdir_and_a_k_that_selects_nothing_is_usag
 @needs_qemu
 def test_kgen_run_leaves_nothing_in_tmpdir(tmp_path, short_tmpdir):
     tmpdir = short_tmpdir
-    result = kgen("run", "--direct", "--out", tmp_path / "out", env=dict(os.environ, TMPDIR=str(tmpdir)))
+    result = run_kgen("run", "--direct", "--out", tmp_path / "out", env={"TMPDIR": str(tmpdir)})
     assert result.returncode == 0, result.stderr
     assert tree(tmpdir) == set()
     # kgen's kernel succeeds by the protocol `kgen run` wants: its success line last, then the status.
@@ -236,16 +225,16 @@ def test_kgen_run_leaves_nothing_in_tmpdir(tmp_path, short_tmpdir):
 @pytest.mark.parametrize("command, option", [("run", "--kernel"), ("run", "--iso"), ("test", "--kernel")])
 def test_a_kernel_or_iso_that_is_not_there_or_not_an_elf_is_one_line_exit_2(tmp_path, command, option):
     missing = tmp_path / "missing.elf"
-    result = kgen(command, option, missing, cwd=tmp_path)
+    result = run_kgen(command, option, missing, cwd=tmp_path)
     assert result.returncode == errors.EXIT_USAGE
     assert one_line(result) == f"kgen: error: {option} {missing}: no such file"
-    result = kgen(command, option, tmp_path, cwd=tmp_path)
+    result = run_kgen(command, option, tmp_path, cwd=tmp_path)
     assert result.returncode == errors.EXIT_USAGE
     assert one_line(result) == f"kgen: error: {option} {tmp_path}: not a file"
     if option == "--kernel":
         text = tmp_path / "notes.txt"
         text.write_text("not an ELF\n")
-        result = kgen(command, option, text, cwd=tmp_path)
+        result = run_kgen(command, option, text, cwd=tmp_path)
         assert result.returncode == errors.EXIT_USAGE
         assert one_line(result).startswith(f"kgen: error: --kernel {text}: not a readable ELF file")
     assert tree(tmp_path) <= {"notes.txt"}
@@ -269,8 +258,7 @@ def test_no_pointer_to_notes_users_do_not_have():
 def test_a_reader_that_goes_away_is_no_failure(tmp_path, command):
     """`kgen run | head -1`: the broken pipe stopped QEMU's serial pump, the success line was lost and a good run
     was reported as a failure; `kgen build | true` ended in a traceback."""
-    proc = subprocess.Popen([*KGEN, *command, "--out", str(tmp_path / "out")], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = start_kgen(*command, "--out", tmp_path / "out")
     if command[0] == "run":
         assert proc.stdout.readline() == "kgen: boot report\n"
     proc.stdout.close()

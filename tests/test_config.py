@@ -1,9 +1,7 @@
 """Config and layout rules: each rule broken once, each error one line naming the key, the value and the rule."""
-import subprocess
-import sys
-
 import pytest
 
+from conftest import run_kgen
 from kgen.arch import hw
 from kgen.build.config import Config, from_mapping, load
 from kgen.errors import ConfigError
@@ -106,8 +104,7 @@ def test_cli_bad_config_is_one_line_exit_2(tmp_path, text, fragment):
     path = tmp_path / "kgen.toml"
     path.write_text(text)
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, "-m", "kgen.cli", "build", "--config", str(path), "--out", str(out)],
-                            capture_output=True, text=True)
+    result = run_kgen("build", "--config", path, "--out", out)
     assert result.returncode == 2
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
@@ -214,8 +211,7 @@ def test_x86_64_windows_just_inside_the_rules_are_accepted():
 
 def test_cli_build_x86_64_writes_an_elf64(tmp_path):
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, "-m", "kgen.cli", "build", "--arch", "x86_64", "--no-iso", "--out",
-                             str(out)], capture_output=True, text=True)
+    result = run_kgen("build", "--arch", "x86_64", "--no-iso", "--out", out)
     assert result.returncode == 0, result.stderr
     head = (out / "kernel.elf").read_bytes()[:20]
     assert head[:4] == b"\x7fELF" and head[4] == 2           # EI_CLASS: ELFCLASS64
@@ -232,8 +228,7 @@ def test_cli_bad_x86_64_config_is_one_line_exit_2(tmp_path, text, fragment):
     path = tmp_path / "kgen.toml"
     path.write_text(text)
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, "-m", "kgen.cli", "build", "--arch", "x86_64", "--config", str(path),
-                             "--out", str(out)], capture_output=True, text=True)
+    result = run_kgen("build", "--arch", "x86_64", "--config", path, "--out", out)
     assert result.returncode == 2
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
@@ -294,10 +289,9 @@ def error_of_arch(arch: str, **values) -> str:
 def test_issue_15_temp_map_windows_the_rules_accept_work(tmp_path_factory, arch, values):
     """The kernel boots and every slot maps the frame it was given: the slot's PTE is found from tempmap.base, not
     from the start of its table, and a window inside the image's table shares it instead of replacing it."""
-    from conftest import open_session
-    from kgen.build.pipeline import build
+    from conftest import open_session, shared_build
     config = Config.for_arch(arch, **values)
-    out = build(config, tmp_path_factory.mktemp(f"tempmap-{arch}"), iso=False)
+    out = shared_build(tmp_path_factory, config)
     layout = out.kernel.layout
     with open_session(out) as s:
         count = min(layout.tempmap_slots, 16)
@@ -380,8 +374,7 @@ def test_cli_odd_config_is_one_line_exit_2(tmp_path, content, fragment):
     path = tmp_path / "kgen.toml"
     path.write_bytes(content)
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, "-m", "kgen.cli", "build", "--config", str(path), "--out", str(out)],
-                            capture_output=True, text=True)
+    result = run_kgen("build", "--config", path, "--out", out)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in result.stderr, result.stderr

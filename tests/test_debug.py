@@ -10,13 +10,12 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import ARCH_BUILDS, needs_grub, needs_qemu
+from conftest import ARCH_BUILDS, KGEN, kgen_env, needs_grub, needs_qemu, run_kgen, start_kgen
 from kgen import errors
 from kgen.arch import hw
 from kgen.guest.elfinfo import ElfInfo
@@ -24,7 +23,6 @@ from kgen.arch.paging import I386, X86_64
 from kgen.guest.pagewalk import Walker
 from kgen.guest.pmmview import parse_report
 
-KGEN = [str(Path(sys.executable).with_name("kgen"))]
 needs_gdb = pytest.mark.skipif(shutil.which("gdb") is None, reason="gdb not installed (Debian package gdb)")
 pytestmark = [pytest.mark.vm, needs_qemu, needs_gdb]
 
@@ -37,10 +35,8 @@ STUB_SYMBOL, HIGH_SYMBOL = "_start", "kmain"
 def debug(out: Path, arch: str, *gdb_args: str, boot="direct", cwd: Path, timeout=240) -> subprocess.CompletedProcess:
     """`kgen debug` on the kernel built in `out` (--direct, or its ISO through GRUB), gdb in batch mode (no
     ~/.gdbinit) running gdb_args."""
-    return subprocess.run([*KGEN, "debug", *(["--direct"] if boot == "direct" else []), "--out", str(out),
-                           "--arch", arch,
-                           "--", "-nx", "-batch", *gdb_args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
+    return run_kgen("debug", *(["--direct"] if boot == "direct" else []), "--out", out, "--arch", arch,
+                    "--", "-nx", "-batch", *gdb_args, cwd=cwd, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
 def qemu_pid(stderr: str) -> int:
@@ -101,11 +97,11 @@ def test_anyones_kernel_with_kernel(tmp_path):
     elf_path = minikernels.build(tmp_path, "mini", minikernels.HIGHER_HALF, minikernels.HIGHER_HALF_LDS,
                                  WRITABLE_TEXT=0)
     elf = ElfInfo.load(elf_path)
-    result = subprocess.run([*KGEN, "debug", "--kernel", str(elf_path), "--", "-nx", "-batch",
-                             "-ex", "break _start", "-ex", "break higher_half",
-                             "-ex", "continue", "-ex", printf("STUB"), "-ex", "continue", "-ex", printf("HIGH"),
-                             "-ex", "kgen-pt higher_half", "-ex", "kgen-free", "-ex", "kill"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
+    result = run_kgen("debug", "--kernel", elf_path, "--", "-nx", "-batch",
+                      "-ex", "break _start", "-ex", "break higher_half",
+                      "-ex", "continue", "-ex", printf("STUB"), "-ex", "continue", "-ex", printf("HIGH"),
+                      "-ex", "kgen-pt higher_half", "-ex", "kgen-free", "-ex", "kill",
+                      cwd=tmp_path, timeout=240, stdin=subprocess.DEVNULL)
     assert result.returncode == errors.EXIT_OK, result.stdout + result.stderr
     stops = {tag: (int(pc, 16), int(cr0, 16)) for tag, pc, cr0 in STOP_LINE.findall(result.stdout)}
     assert stops["STUB"][0] == load_address(elf, elf.symbols["_start"].value) and not stops["STUB"][1] & hw.CR0_PG
@@ -122,11 +118,11 @@ def test_under_kvm_hardware_breakpoints_stop_in_the_stub_and_the_higher_half(x86
     from conftest import require_kvm
     require_kvm(x86_64_build)
     elf = ElfInfo.load(x86_64_build.elf)
-    result = subprocess.run([*KGEN, "debug", "--direct", "--accel", "kvm", "--arch", "x86_64", "--out",
-                             str(x86_64_build.elf.parent), "--", "-nx", "-batch",
-                             "-ex", f"hbreak {STUB_SYMBOL}", "-ex", "continue", "-ex", printf("STUB"), "-ex", "delete",
-                             "-ex", f"hbreak {HIGH_SYMBOL}", "-ex", "continue", "-ex", printf("HIGH"), "-ex", "kill"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
+    result = run_kgen("debug", "--direct", "--accel", "kvm", "--arch", "x86_64", "--out",
+                      x86_64_build.elf.parent, "--", "-nx", "-batch",
+                      "-ex", f"hbreak {STUB_SYMBOL}", "-ex", "continue", "-ex", printf("STUB"), "-ex", "delete",
+                      "-ex", f"hbreak {HIGH_SYMBOL}", "-ex", "continue", "-ex", printf("HIGH"), "-ex", "kill",
+                      cwd=tmp_path, timeout=240, stdin=subprocess.DEVNULL)
     assert result.returncode == errors.EXIT_OK, result.stdout + result.stderr
     assert "use hbreak" in result.stderr
     stops = {tag: (int(pc, 16), int(cr0, 16)) for tag, pc, cr0 in STOP_LINE.findall(result.stdout)}
@@ -195,8 +191,7 @@ def test_a_busy_port_is_refused_in_one_line(tmp_path):
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
         port = busy.getsockname()[1]
-        result = subprocess.run([*KGEN, "debug", "--gdb-port", str(port), "--out", str(tmp_path / "out")],
-                                cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        result = run_kgen("debug", "--gdb-port", port, "--out", tmp_path / "out", cwd=tmp_path, timeout=60)
     assert result.returncode == errors.EXIT_USAGE
     assert result.stderr.count("\n") == 1 and f"--gdb-port {port}: port {port} on 127.0.0.1 is in use" in result.stderr
     assert not (tmp_path / "out").exists()
@@ -204,16 +199,14 @@ def test_a_busy_port_is_refused_in_one_line(tmp_path):
 
 def test_a_kernel_qemu_refuses_is_one_line_and_no_qemu(tmp_path):
     not_multiboot = Path(shutil.which("true")).resolve()        # an ELF, but no Multiboot header
-    result = subprocess.run([*KGEN, "debug", "--kernel", str(not_multiboot), "--", "-nx", "-batch"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    result = run_kgen("debug", "--kernel", not_multiboot, "--", "-nx", "-batch", cwd=tmp_path, timeout=60)
     assert result.returncode == errors.EXIT_USAGE, result.stderr
     assert result.stderr.count("\n") == 1 and "no Multiboot header" in result.stderr
     assert "QEMU refused to boot it" in result.stderr
 
 
 def test_a_missing_gdb_is_a_missing_tool(tmp_path):
-    result = subprocess.run([*KGEN, "debug", "--gdb", str(tmp_path / "no-gdb"), "--out", str(tmp_path / "out")],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    result = run_kgen("debug", "--gdb", tmp_path / "no-gdb", "--out", tmp_path / "out", cwd=tmp_path, timeout=60)
     assert result.returncode == errors.EXIT_TOOL_MISSING
     assert result.stderr.count("\n") == 1 and "install the Debian package gdb" in result.stderr
 
@@ -236,9 +229,8 @@ def _read_until(stream, pattern: re.Pattern, deadline: float, seen: str = "") ->
 def test_no_gdb_prints_a_recipe_that_attaches(default_build, tmp_path):
     """--no-gdb waits with QEMU paused; the printed line, run as it is (plus batch commands), breaks in kmain;
     when that gdb kills the guest, kgen debug ends with 0 and QEMU is gone."""
-    proc = subprocess.Popen([*KGEN, "debug", "--no-gdb", "--direct", "--out", str(default_build.elf.parent)],
-                            cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    proc = start_kgen("debug", "--no-gdb", "--direct", "--out", default_build.elf.parent,
+                      cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, text=False)
     try:
         seen = _read_until(proc.stderr.fileno(), re.compile(r"\n(\S*gdb .*target remote[^\n]*)\n"),
                            time.monotonic() + 120)
@@ -271,9 +263,8 @@ def _processes_with(text: str) -> list[int]:
 
 def test_sigterm_to_kgen_ends_gdb_and_qemu(default_build, tmp_path):
     """kgen told to end while the guest runs under gdb: gdb and QEMU end with it, status 128 + SIGTERM."""
-    proc = subprocess.Popen([*KGEN, "debug", "--direct", "--append", "kgen.serve", "--out",
-                             str(default_build.elf.parent), "--", "-nx", "-batch", "-ex", "continue"],
-                            cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = start_kgen("debug", "--direct", "--append", "kgen.serve", "--out", default_build.elf.parent,
+                      "--", "-nx", "-batch", "-ex", "continue", cwd=tmp_path, stdin=subprocess.DEVNULL, text=False)
     try:
         _read_until(proc.stdout.fileno(), re.compile("kgen: serving calls"), time.monotonic() + 120)
         stub = re.compile(r"gdbstub on 127\.0\.0\.1:(\d+)")
@@ -296,8 +287,8 @@ def test_ctrl_c_in_gdb_interrupts_the_guest_and_quitting_ends_qemu(default_build
     pid, fd = pty.fork()
     if pid == 0:
         os.chdir(tmp_path)
-        os.execv(KGEN[0], [*KGEN, "debug", "--direct", "--append", "kgen.serve", "--out",
-                           str(default_build.elf.parent), "--", "-nx"])
+        os.execve(KGEN[0], [*KGEN, "debug", "--direct", "--append", "kgen.serve", "--out",
+                            str(default_build.elf.parent), "--", "-nx"], kgen_env())
     try:
         deadline = time.monotonic() + 120
         seen = _read_until(fd, re.compile(r"\(gdb\) $"), deadline)

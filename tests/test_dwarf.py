@@ -10,13 +10,12 @@ from pathlib import Path
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from conftest import needs_qemu
+from conftest import ARCH_BUILDS, needs_qemu
 from test_debug import assert_gone, debug, load_address, needs_gdb, qemu_pid
 from kgen.arch import Arch
 from kgen.build import asm
-from kgen.build.config import Config
 from kgen.build.link import SECTION_PERMS
-from kgen.build.pipeline import build, kernel_units
+from kgen.build.pipeline import kernel_units
 from kgen.build.resources import templates_dir
 from kgen.guest.elfinfo import ElfInfo
 
@@ -27,8 +26,9 @@ DATA = {".byte", ".word", ".short", ".long", ".int", ".quad", ".ascii", ".asciz"
 
 
 @pytest.fixture(scope="module", params=ARCHES)
-def built(request, tmp_path_factory):
-    return build(Config.for_arch(request.param), tmp_path_factory.mktemp(f"dwarf-{request.param}"), iso=False)
+def built(request):
+    """The default kernel of each architecture (conftest's, shared with the other modules)."""
+    return request.getfixturevalue(ARCH_BUILDS[request.param])
 
 
 # ---- the templates, read here on their own ---------------------------------------------------------------------

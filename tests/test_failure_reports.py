@@ -2,8 +2,6 @@
 ELF, never as a bare timeout: `diagnose.explain` on the machine, `kgen run`, and a KernelSession that never
 comes up to serve."""
 import re
-import subprocess
-import sys
 
 import pytest
 
@@ -16,7 +14,7 @@ from kgen.harness.session import KernelSession
 from kgen.harness.kernel import KernelUnderTest
 from kgen.harness.live import boot
 
-from conftest import needs_qemu
+from conftest import needs_qemu, run_kgen
 
 pytestmark = [pytest.mark.vm, needs_qemu]
 
@@ -63,8 +61,7 @@ def test_a_kernel_exception_is_named_from_its_own_report(fault_build):
 
 
 def test_kgen_run_reports_a_triple_fault_in_one_line(flat):
-    result = subprocess.run([sys.executable, "-m", "kgen.cli", "run", "--kernel", str(flat["triple"])],
-                            capture_output=True, text=True, timeout=120)
+    result = run_kgen("run", "--kernel", flat["triple"], timeout=120)
     assert result.returncode == 4          # the kernel failed (kgen/errors.py)
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("kgen: error: triple fault") and "<crash+0x" in last, result.stderr

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 
 import minikernels
-from conftest import needs_qemu
-from minikernels import kgen, outcomes
+from conftest import needs_qemu, run_kgen
+from minikernels import outcomes
 
 
 
@@ -75,7 +75,7 @@ def one_error_line(result, *parts: str) -> str:
 
 @boots
 def test_the_table_boots_its_kernel_with_its_memory_and_boot_only_segment(project, tmp_path):
-    result = kgen("test", "--config", str(project), "-j", "1", "--", "-v", cwd=tmp_path)
+    result = run_kgen("test", "--config", str(project), "-j", "1", "--", "-v", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     seen = outcomes(result.stdout)
     assert seen[SEGMENTS] == "PASSED" and seen["test_paging_and_write_protect_are_on"] == "PASSED", result.stdout
@@ -84,7 +84,7 @@ def test_the_table_boots_its_kernel_with_its_memory_and_boot_only_segment(projec
 @boots
 def test_the_tables_ready_text_is_what_is_waited_for(zoo, tmp_path):
     config = write_config(tmp_path / "proj", zoo["big"], 'ready = "not printed"', "memory = 256")
-    result = kgen("test", "--config", str(config), "-j", "1", cwd=tmp_path)
+    result = run_kgen("test", "--config", str(config), "-j", "1", cwd=tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr
     assert ("halted with interrupts off (for good, paging on) before 'not printed' appeared on COM1"
             in result.stderr.splitlines()[-1]), result.stderr
@@ -92,13 +92,13 @@ def test_the_tables_ready_text_is_what_is_waited_for(zoo, tmp_path):
 
 @boots
 def test_the_command_line_overrides_the_table(zoo, project, tmp_path):
-    ready = kgen("test", "--config", str(project), "-j", "1", "--ready", "never printed", cwd=tmp_path)
+    ready = run_kgen("test", "--config", str(project), "-j", "1", "--ready", "never printed", cwd=tmp_path)
     assert ready.returncode == 1 and "before 'never printed' appeared on COM1" in ready.stderr.splitlines()[-1], \
         ready.stderr
-    memory = kgen("test", "--config", str(project), "-j", "1", "--memory", "128", cwd=tmp_path)
+    memory = run_kgen("test", "--config", str(project), "-j", "1", "--memory", "128", cwd=tmp_path)
     assert memory.returncode == 1 and "triple fault" in memory.stderr.splitlines()[-1], memory.stderr
-    kernel = kgen("test", "--config", str(project), "-j", "1", "--kernel", str(zoo["spin"]), "--ready", "never",
-                  cwd=tmp_path)
+    kernel = run_kgen("test", "--config", str(project), "-j", "1", "--kernel", str(zoo["spin"]), "--ready", "never",
+                      cwd=tmp_path)
     assert kernel.returncode == 1, kernel.stderr
     assert kernel.stderr.splitlines()[-1].startswith("kgen: error: --kernel spin.elf did not boot"), kernel.stderr
 
@@ -106,17 +106,17 @@ def test_the_command_line_overrides_the_table(zoo, project, tmp_path):
 @boots
 def test_config_with_kernel_takes_the_tables_options(zoo, tmp_path):
     config = write_config(tmp_path / "proj", None, "memory = 256")
-    result = kgen("test", "--kernel", str(zoo["big"]), "--config", str(config), "-j", "1", "-k", "paging_and_write",
-                  cwd=tmp_path)
+    result = run_kgen("test", "--kernel", str(zoo["big"]), "--config", str(config), "-j", "1", "-k", "paging_and_write",
+                      cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 @boots
 def test_kgen_run_and_inspect_take_the_table(zoo, project, tmp_path):
-    run = kgen("run", "--config", str(project), cwd=tmp_path)
+    run = run_kgen("run", "--config", str(project), cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     assert f"kgen: ready: the kernel printed '{READY}'" in run.stderr and READY in run.stdout, run.stderr
-    inspect = kgen("inspect", "--config", str(project), "--json", cwd=tmp_path)
+    inspect = run_kgen("inspect", "--config", str(project), "--json", cwd=tmp_path)
     assert inspect.returncode == 0, inspect.stderr
     doc = json.loads(inspect.stdout)
     assert Path(doc["kernel"]["elf"]).name == "big.elf"
@@ -134,23 +134,23 @@ def test_kgen_run_and_inspect_take_the_table(zoo, project, tmp_path):
 ])
 def test_a_bad_key_or_value_is_one_line_naming_the_key(zoo, tmp_path, line, expected):
     config = write_config(tmp_path / "proj", zoo["big"], line)
-    one_error_line(kgen("test", "--config", str(config), cwd=tmp_path), expected)
+    one_error_line(run_kgen("test", "--config", str(config), cwd=tmp_path), expected)
 
 
 @pytest.mark.parametrize("command", ["run", "inspect"])
 def test_run_and_inspect_read_the_table_too(zoo, tmp_path, command):
     config = write_config(tmp_path / "proj", zoo["big"], "memory = 0")
-    one_error_line(kgen(command, "--config", str(config), cwd=tmp_path), "foreign.memory = 0: must be above 0")
+    one_error_line(run_kgen(command, "--config", str(config), cwd=tmp_path), "foreign.memory = 0: must be above 0")
     missing = write_config(tmp_path / "other", tmp_path / "absent.elf")
-    one_error_line(kgen(command, "--config", str(missing), cwd=tmp_path), "foreign.kernel = ", "no such file")
+    one_error_line(run_kgen(command, "--config", str(missing), cwd=tmp_path), "foreign.kernel = ", "no such file")
 
 
 def test_a_boot_only_segment_out_of_range_is_one_line(zoo, tmp_path):
-    one_error_line(kgen("test", "--kernel", str(zoo["init"]), "--boot-only-segment", "9", cwd=tmp_path),
+    one_error_line(run_kgen("test", "--kernel", str(zoo["init"]), "--boot-only-segment", "9", cwd=tmp_path),
                    "--boot-only-segment 9: out of range: the ELF has 4 program headers, numbered 0 to 3")
-    one_error_line(kgen("test", "--boot-only-segment", "1", cwd=tmp_path),
+    one_error_line(run_kgen("test", "--boot-only-segment", "1", cwd=tmp_path),
                    "--boot-only-segment is for a kernel given with --kernel")
-    one_error_line(kgen("test", "--kernel", str(zoo["init"]), "--boot-only-segment", "-1", cwd=tmp_path),
+    one_error_line(run_kgen("test", "--kernel", str(zoo["init"]), "--boot-only-segment", "-1", cwd=tmp_path),
                    "--boot-only-segment")
 
 
@@ -159,11 +159,11 @@ def test_a_boot_only_segment_out_of_range_is_one_line(zoo, tmp_path):
 @boots
 def test_a_boot_only_segment_named_by_index_is_not_reported(zoo, tmp_path):
     kernel, index = str(zoo["init"]), init_index(zoo["init"])
-    found = kgen("test", "--kernel", kernel, "-j", "1", "-k", "elf_segments", "--", "-v", cwd=tmp_path)
+    found = run_kgen("test", "--kernel", kernel, "-j", "1", "-k", "elf_segments", "--", "-v", cwd=tmp_path)
     assert outcomes(found.stdout)[SEGMENTS] == "FAILED", found.stdout      # the default rule does not cover it
     assert "<init_once> (segment R-X, loaded at 0x101000): not mapped" in found.stdout, found.stdout
-    named = kgen("test", "--kernel", kernel, "-j", "1", "-k", "elf_segments", "--boot-only-segment", str(index),
-                 "--", "-v", cwd=tmp_path)
+    named = run_kgen("test", "--kernel", kernel, "-j", "1", "-k", "elf_segments", "--boot-only-segment", str(index),
+                     "--", "-v", cwd=tmp_path)
     assert named.returncode == 0 and outcomes(named.stdout)[SEGMENTS] == "PASSED", named.stdout + named.stderr
 
 
@@ -173,12 +173,12 @@ def test_a_boot_only_segment_named_by_index_is_not_reported(zoo, tmp_path):
 @pytest.mark.parametrize("name", ["spin", "spin-near"])
 def test_a_spin_with_interrupts_off_is_final_at_once(zoo, tmp_path, name):
     # --boot-timeout 600 with a subprocess limit far below it: only a spin seen as final gets an answer in time.
-    test = kgen("test", "--kernel", str(zoo[name]), "--ready", "never printed", "--boot-timeout", "600", "-j", "1",
-                cwd=tmp_path, timeout=240)
+    test = run_kgen("test", "--kernel", str(zoo[name]), "--ready", "never printed", "--boot-timeout", "600", "-j", "1",
+                    cwd=tmp_path, timeout=240)
     assert test.returncode == 1, test.stderr
     assert ("the kernel is spinning on a jump to itself with interrupts off at 0xc01000d2 <spin_here> (for good, "
             "paging on) before 'never printed' appeared on COM1") in test.stderr.splitlines()[-1], test.stderr
-    run = kgen("run", "--kernel", str(zoo[name]), "--boot-timeout", "600", cwd=tmp_path, timeout=240)
+    run = run_kgen("run", "--kernel", str(zoo[name]), "--boot-timeout", "600", cwd=tmp_path, timeout=240)
     assert run.returncode == 0, run.stderr
     assert ("kgen: halted: the kernel is spinning on a jump to itself with interrupts off at 0xc01000d2 <spin_here>, "
             "paging on") in run.stderr, run.stderr

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 import minikernels
-from conftest import needs_qemu
+from conftest import needs_qemu, run_kgen
 from minikernels import (BOOT_SEGMENT_ENTRY, CLEAR_PD_PT, FLAT_ENTRY, FLAT_GDT, FLUSH_TLB, IDLE, LOAD_GDT,
                          NEEDS_MIB_CHECK, PAGE_TABLES, SERIAL_PUTS, SETUP_TIMER, STACK, boot_segment_lds,
-                         descriptor_pointer, halt_loop, kgen, map_image, map_low_and_high, outcomes,
+                         descriptor_pointer, halt_loop, map_image, map_low_and_high, outcomes,
                          paging_on_and_jump_high, timer_tick, unmap_identity)
 
 pytestmark = [pytest.mark.vm, needs_qemu]
@@ -168,7 +168,7 @@ def kernels(tmp_path_factory):
 
 
 def test_higher_half_bare_bones_layout_is_judged_by_its_higher_half(kernels):
-    result = kgen("test", "--kernel", str(kernels["hhbb"]), "-j", "1", "--", "-v", "-rs")
+    result = run_kgen("test", "--kernel", str(kernels["hhbb"]), "-j", "1", "--", "-v", "-rs")
     assert result.returncode == 0, result.stdout + result.stderr
     seen = outcomes(result.stdout)
     # The kernel base comes from the higher-half segments, so the check applies (and holds: PD[0] is dropped) ...
@@ -184,13 +184,13 @@ def test_higher_half_bare_bones_layout_is_judged_by_its_higher_half(kernels):
 def test_a_kept_boot_identity_map_is_still_found(kernels, tmp_path):
     # The same kernel without the line that drops PD[0]: the boot segment's identity map must be reported.
     elf = hhbb(tmp_path, "kept", source=HHBB.replace(unmap_identity(), FLUSH_TLB))
-    result = kgen("test", "--kernel", str(elf), "-j", "1", "-k", "below_the_kernel_base")
+    result = run_kgen("test", "--kernel", str(elf), "-j", "1", "-k", "below_the_kernel_base")
     assert result.returncode == 1, result.stdout + result.stderr
     assert "is identity-mapped" in result.stdout and "below the kernel base 0xc0000000" in result.stdout
 
 
 def test_a_reserved_bit_in_a_pde_is_a_finding_of_each_check_not_a_crash(kernels):
-    result = kgen("test", "--kernel", str(kernels["bad-pde"]), "-j", "1", "--", "-v", "-rs")
+    result = run_kgen("test", "--kernel", str(kernels["bad-pde"]), "-j", "1", "--", "-v", "-rs")
     assert result.returncode == 1, result.stdout + result.stderr
     seen = outcomes(result.stdout)
     assert seen["test_paging_and_write_protect_are_on"] == "PASSED", result.stdout
@@ -201,7 +201,7 @@ def test_a_reserved_bit_in_a_pde_is_a_finding_of_each_check_not_a_crash(kernels)
 
 
 def test_info_tlb_oracle_agrees_on_4mib_pages_seen_through_a_recursive_slot(kernels):
-    result = kgen("test", "--kernel", str(kernels["recursive-large"]), "-j", "1", "--", "-v", "-rs")
+    result = run_kgen("test", "--kernel", str(kernels["recursive-large"]), "-j", "1", "--", "-v", "-rs")
     assert result.returncode == 0, result.stdout + result.stderr
     seen = outcomes(result.stdout)
     assert seen["test_walker_agrees_with_qemu_info_tlb"] == "PASSED"
@@ -210,7 +210,8 @@ def test_info_tlb_oracle_agrees_on_4mib_pages_seen_through_a_recursive_slot(kern
 
 def test_a_kernel_halted_with_paging_off_is_judged_at_once(kernels):
     # A boot timeout far above the time this takes: reaching it would mean the final state was not recognised.
-    result = kgen("test", "--kernel", str(kernels["paging-off"]), "-j", "1", "--boot-timeout", "240", "--", "-v", "-rs")
+    result = run_kgen("test", "--kernel", str(kernels["paging-off"]), "-j", "1", "--boot-timeout", "240",
+                      "--", "-v", "-rs")
     assert result.returncode == 1, result.stdout + result.stderr
     seen = outcomes(result.stdout)
     assert seen.pop("test_paging_and_write_protect_are_on") == "FAILED"
@@ -222,37 +223,37 @@ def test_a_kernel_halted_with_paging_off_is_judged_at_once(kernels):
 def test_a_transient_hlt_with_interrupts_on_is_not_taken_for_idle(kernels):
     # Caught in its two-tick wait the kernel still has its identity map; only the idle loop after it is the
     # booted state.
-    result = kgen("test", "--kernel", str(kernels["tick-wait"]), "-j", "1", "--", "-v", "-rs")
+    result = run_kgen("test", "--kernel", str(kernels["tick-wait"]), "-j", "1", "--", "-v", "-rs")
     assert result.returncode == 0, result.stdout + result.stderr
     assert outcomes(result.stdout)["test_nothing_is_mapped_below_the_kernel_base"] == "PASSED"
 
 
 def test_ready_text_is_an_option(kernels):
-    result = kgen("test", "--kernel", str(kernels["tick-wait"]), "--ready", READY.strip(), "-j", "1",
-                  "-k", "below_the_kernel_base")
+    result = run_kgen("test", "--kernel", str(kernels["tick-wait"]), "--ready", READY.strip(), "-j", "1",
+                      "-k", "below_the_kernel_base")
     assert result.returncode == 0, result.stdout + result.stderr
-    missing = kgen("test", "--kernel", str(kernels["hhbb"]), "--ready", "never printed", "-j", "1",
-                   "-k", "paging_and_write")
+    missing = run_kgen("test", "--kernel", str(kernels["hhbb"]), "--ready", "never printed", "-j", "1",
+                       "-k", "paging_and_write")
     assert missing.returncode == 1
     assert "halted with interrupts off (for good, paging on) before 'never printed' appeared" in missing.stderr
 
 
 def test_ready_symbol_or_settle_time_for_a_kernel_that_idles_busily(kernels):
     kernel = str(kernels["busy"])
-    never = kgen("test", "--kernel", kernel, "-j", "1", "--boot-timeout", "3")
+    never = run_kgen("test", "--kernel", kernel, "-j", "1", "--boot-timeout", "3")
     assert never.returncode == 1, never.stdout + never.stderr
     assert "neither halted with interrupts off nor sat idle in hlt" in never.stderr, never.stderr
-    found = kgen("test", "--kernel", kernel, "-j", "1", "--ready-symbol", "spin", "--", "-v")
+    found = run_kgen("test", "--kernel", kernel, "-j", "1", "--ready-symbol", "spin", "--", "-v")
     assert found.returncode == 0, found.stdout + found.stderr
     assert outcomes(found.stdout)["test_nothing_is_mapped_below_the_kernel_base"] == "PASSED"
-    settled = kgen("test", "--kernel", kernel, "-j", "1", "--ready-after", "0.5", "-k", "below_the_kernel_base")
+    settled = run_kgen("test", "--kernel", kernel, "-j", "1", "--ready-after", "0.5", "-k", "below_the_kernel_base")
     assert settled.returncode == 0, settled.stdout + settled.stderr
-    run = kgen("run", "--kernel", kernel, "--ready-after", "0.5")
+    run = run_kgen("run", "--kernel", kernel, "--ready-after", "0.5")
     assert run.returncode == 0 and "kgen: ready: the kernel settled: paging on, page tables unchanged for 0.5 s" \
         in run.stderr, run.stderr
-    run = kgen("run", "--kernel", kernel, "--ready-symbol", "spin")
+    run = run_kgen("run", "--kernel", kernel, "--ready-symbol", "spin")
     assert run.returncode == 0 and "kgen: ready: the kernel stayed in spin, paging on" in run.stderr, run.stderr
-    unknown = kgen("test", "--kernel", kernel, "--ready-symbol", "no_such_function")
+    unknown = run_kgen("test", "--kernel", kernel, "--ready-symbol", "no_such_function")
     assert unknown.returncode == 2 and "no symbol 'no_such_function'" in unknown.stderr, unknown.stderr
 
 
@@ -262,7 +263,7 @@ def test_ready_symbol_or_settle_time_for_a_kernel_that_idles_busily(kernels):
 ])
 def test_an_elf_qemu_refuses_is_one_line_with_qemus_reason(kernels, name, why):
     for command in (["test", "-j", "1"], ["run"]):
-        result = kgen(*command, "--kernel", str(kernels[name]))
+        result = run_kgen(*command, "--kernel", str(kernels[name]))
         assert result.returncode == 2, result.stdout + result.stderr
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and why in lines[0], result.stderr
@@ -271,10 +272,10 @@ def test_an_elf_qemu_refuses_is_one_line_with_qemus_reason(kernels, name, why):
 
 
 def test_an_elf64_with_multiboot_address_fields_is_checked_in_long_mode(kernels):
-    run = kgen("run", "--kernel", str(kernels["mb64"]))
+    run = run_kgen("run", "--kernel", str(kernels["mb64"]))
     assert run.returncode == 0 and run.stdout == "x64: ready\n", run.stdout + run.stderr
     assert "paging on, at RIP=0x0000000000100" in run.stderr, run.stderr
-    result = kgen("test", "--kernel", str(kernels["mb64"]), "-j", "1", "--", "-v", "-rs")
+    result = run_kgen("test", "--kernel", str(kernels["mb64"]), "-j", "1", "--", "-v", "-rs")
     assert result.returncode == 1, result.stdout + result.stderr
     seen = outcomes(result.stdout)
     assert seen["test_paging_and_write_protect_are_on"] == "PASSED"
@@ -287,22 +288,22 @@ def test_an_elf64_with_multiboot_address_fields_is_checked_in_long_mode(kernels)
 
 
 def test_kgen_run_calls_a_clean_halt_halted(kernels):
-    result = kgen("run", "--kernel", str(kernels["hhbb"]))
+    result = run_kgen("run", "--kernel", str(kernels["hhbb"]))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "hhbb: ready" in result.stdout
     halted = "kgen: halted: the kernel halted with interrupts off, paging on, at EIP=0xc01"
     assert halted in result.stderr, result.stderr
-    ready = kgen("run", "--kernel", str(kernels["tick-wait"]), "--ready", "hhbb: ready")
+    ready = run_kgen("run", "--kernel", str(kernels["tick-wait"]), "--ready", "hhbb: ready")
     assert ready.returncode == 0 and "kgen: ready: the kernel printed 'hhbb: ready'" in ready.stderr, ready.stderr
 
 
 def test_kgen_run_reports_start_on_their_own_line_and_show_com1_once(kernels):
     # The kernel prints "p" with no newline, then halts with paging off (a clean stop for kgen run) ...
-    halted = kgen("run", "--kernel", str(kernels["paging-off"]))
+    halted = run_kgen("run", "--kernel", str(kernels["paging-off"]))
     assert halted.returncode == 0 and halted.stdout == "p\n", halted.stdout
     assert "paging off" in halted.stderr, halted.stderr
     # ... and one that never prints its ready text is a hang, its COM1 tail shown once.
-    hung = kgen("run", "--kernel", str(kernels["busy"]), "--ready", "never printed", "--timeout", "2")
+    hung = run_kgen("run", "--kernel", str(kernels["busy"]), "--ready", "never printed", "--timeout", "2")
     assert hung.returncode == 4, hung.stdout + hung.stderr
     assert hung.stdout.endswith("hhbb: ready\n")
     assert hung.stderr.count("--- COM1 (tail) ---") == 1, hung.stderr
@@ -326,40 +327,40 @@ def test_a_diagnosis_shows_com1_once(kernels):
 def test_boot_options_reach_the_machine(kernels, tmp_path):
     module = tmp_path / "mod.bin"
     module.write_bytes(b"module")
-    shown = kgen("run", "--kernel", str(kernels["boot-info"]), "--append", "root=/dev/x quiet",
-                 "--module", f"{module},init=1,two", "--module", str(module))
+    shown = run_kgen("run", "--kernel", str(kernels["boot-info"]), "--append", "root=/dev/x quiet",
+                     "--module", f"{module},init=1,two", "--module", str(module))
     assert shown.returncode == 0, shown.stdout + shown.stderr
     # QEMU puts the kernel's path in front of its command line.
     assert shown.stdout.splitlines()[:3] == [f"{kernels['boot-info'].resolve()} root=/dev/x quiet",
                                              f"{module} init=1,two", str(module)], shown.stdout
     # QEMU refuses an unknown option in one line: proof the --qemu-arg reached it.
-    result = kgen("test", "--kernel", str(kernels["hhbb"]), "-j", "1", "--qemu-arg", "-no-such-option 1")
+    result = run_kgen("test", "--kernel", str(kernels["hhbb"]), "-j", "1", "--qemu-arg", "-no-such-option 1")
     assert result.returncode == 2 and "-no-such-option" in result.stderr, result.stdout + result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-    ok = kgen("test", "--kernel", str(kernels["hhbb"]), "-j", "1", "--append", "a=b", "--module", f"{module},x=1",
-              "--qemu-arg", "-smp 2", "-k", "paging_and_write")
+    ok = run_kgen("test", "--kernel", str(kernels["hhbb"]), "-j", "1", "--append", "a=b", "--module", f"{module},x=1",
+                  "--qemu-arg", "-smp 2", "-k", "paging_and_write")
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    missing = kgen("test", "--kernel", str(kernels["hhbb"]), "--module", str(tmp_path / "absent"))
+    missing = run_kgen("test", "--kernel", str(kernels["hhbb"]), "--module", str(tmp_path / "absent"))
     assert missing.returncode == 2 and "no such file" in missing.stderr
-    built = kgen("test", "--memory", "256")
+    built = run_kgen("test", "--memory", "256")
     assert built.returncode == 2 and "--memory is for a kernel given with --kernel" in built.stderr
 
 
 def test_memory_from_the_option_or_the_config(kernels, tmp_path):
     kernel = str(kernels["needs-256"])
     # A kernel that cannot boot is reported once, before the suite: its diagnosis, then one line.
-    short = kgen("test", "--kernel", kernel, "-j", "1")
+    short = run_kgen("test", "--kernel", kernel, "-j", "1")
     assert short.returncode == 1, short.stdout + short.stderr
     last = short.stderr.strip().splitlines()[-1]
     assert last.startswith("kgen: error: --kernel needs-256.elf did not boot to a state the checks can look at: "
                            "triple fault"), short.stderr
     assert short.stderr.count("--- COM1 (tail) ---") == 1 and "passed" not in short.stdout, short.stdout
     assert "During handling" not in short.stderr and "direct cause" not in short.stderr, short.stderr
-    given = kgen("test", "--kernel", kernel, "-j", "1", "--memory", "256", "-k", "paging_and_write")
+    given = run_kgen("test", "--kernel", kernel, "-j", "1", "--memory", "256", "-k", "paging_and_write")
     assert given.returncode == 0, given.stdout + given.stderr
     config = tmp_path / "kgen.toml"
     config.write_text("[machine]\nmemory_mib = 256\n")
-    configured = kgen("test", "--kernel", kernel, "-j", "1", "--config", str(config), "-k", "paging_and_write")
+    configured = run_kgen("test", "--kernel", kernel, "-j", "1", "--config", str(config), "-k", "paging_and_write")
     assert configured.returncode == 0, configured.stdout + configured.stderr
 
 
@@ -371,7 +372,7 @@ def test_accel_kvm_that_cannot_run_the_kernel_is_one_line_and_status_3(kernels):
     usable, _ = probe_kvm(KernelUnderTest.foreign(kernels["hhbb"]))
     if usable:
         pytest.skip("this host's KVM runs 32-bit paging: nothing to refuse")
-    result = kgen("test", "--kernel", str(kernels["hhbb"]), "-j", "1", "--accel", "kvm")
+    result = run_kgen("test", "--kernel", str(kernels["hhbb"]), "-j", "1", "--accel", "kvm")
     assert result.returncode == 3, result.stdout + result.stderr
     assert result.stderr.startswith("kgen: error: --accel kvm: KVM cannot run hhbb.elf on this host")
     assert len(result.stderr.strip().splitlines()) == 1 and "passed" not in result.stdout

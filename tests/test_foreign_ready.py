@@ -8,8 +8,8 @@ import time
 import pytest
 
 import minikernels
-from conftest import needs_qemu
-from minikernels import kgen, outcomes
+from conftest import needs_qemu, run_kgen
+from minikernels import outcomes
 
 pytestmark = [pytest.mark.vm, needs_qemu]
 
@@ -194,17 +194,17 @@ def test_vga_text_wrapping_at_column_80_is_found():
 
 def test_kgen_test_ready_vga_judges_the_booted_state(zoo):
     kernel = str(zoo["vga"])
-    ready = kgen("test", "--kernel", kernel, "--ready-vga", minikernels.READY_ZOO_READY, "-j", "1", "--", "-v")
+    ready = run_kgen("test", "--kernel", kernel, "--ready-vga", minikernels.READY_ZOO_READY, "-j", "1", "--", "-v")
     assert ready.returncode == 0, ready.stdout + ready.stderr
     assert outcomes(ready.stdout)["test_nothing_is_mapped_below_the_kernel_base"] == "PASSED", ready.stdout
     # Judged during its boot wait, the identity map it still has is found: the option is what makes the verdict.
-    early = kgen("test", "--kernel", kernel, "-j", "1", "-k", "below_the_kernel_base")
+    early = run_kgen("test", "--kernel", kernel, "-j", "1", "-k", "below_the_kernel_base")
     assert early.returncode == 1 and "is identity-mapped" in early.stdout, early.stdout + early.stderr
     assert "Traceback" not in ready.stdout + ready.stderr + early.stdout + early.stderr
 
 
 def test_kgen_test_ready_at_judges_the_booted_state(zoo):
-    result = kgen("test", "--kernel", str(zoo["late"]), "--ready-at", "main_loop", "-j", "1", "--", "-v")
+    result = run_kgen("test", "--kernel", str(zoo["late"]), "--ready-at", "main_loop", "-j", "1", "--", "-v")
     assert result.returncode == 0, result.stdout + result.stderr
     assert outcomes(result.stdout)["test_nothing_is_mapped_below_the_kernel_base"] == "PASSED", result.stdout
     assert "Traceback" not in result.stdout + result.stderr
@@ -213,30 +213,30 @@ def test_kgen_test_ready_at_judges_the_booted_state(zoo):
 def test_kgen_run_ready_at_and_ready_vga(zoo):
     from kgen.guest.elfinfo import ElfInfo
     main_loop = ElfInfo.load(zoo["late"]).symbols["main_loop"].value
-    at = kgen("run", "--kernel", str(zoo["late"]), "--ready-at", "main_loop")
+    at = run_kgen("run", "--kernel", str(zoo["late"]), "--ready-at", "main_loop")
     assert at.returncode == 0, at.stdout + at.stderr
     assert f"kgen: ready: the kernel reached main_loop, paging on (CPU at EIP={main_loop:#010x} <main_loop>" \
         in at.stderr, at.stderr
-    shown = kgen("run", "--kernel", str(zoo["vga"]), "--ready-vga", minikernels.READY_ZOO_READY)
+    shown = run_kgen("run", "--kernel", str(zoo["vga"]), "--ready-vga", minikernels.READY_ZOO_READY)
     assert shown.returncode == 0, shown.stdout + shown.stderr
     assert f"kgen: ready: the kernel showed {minikernels.READY_ZOO_READY!r} on the VGA screen" in shown.stderr
 
 
 def test_an_unknown_ready_at_symbol_is_one_line_naming_close_matches(zoo):
     for command in (["test", "-j", "1"], ["run"]):
-        result = kgen(*command, "--kernel", str(zoo["late"]), "--ready-at", "main_lop")
+        result = run_kgen(*command, "--kernel", str(zoo["late"]), "--ready-at", "main_lop")
         assert result.returncode == 2, result.stdout + result.stderr
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and "no symbol 'main_lop' for --ready-at (close matches: main_loop" in lines[0], lines
     for wrong, said in ((["--ready-at", "0xzz"], "--ready-at 0xzz: not a hex address"),
                         (["--ready-at", "main_loop", "--ready-vga", "x"], "give one of --ready, --ready-symbol")):
-        result = kgen("test", "--kernel", str(zoo["late"]), *wrong)
+        result = run_kgen("test", "--kernel", str(zoo["late"]), *wrong)
         assert result.returncode == 2 and said in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 def test_a_vga_only_kernel_that_panics_shows_its_screen_in_the_report(zoo):
-    result = kgen("test", "--kernel", str(zoo["panic"]), "--ready-vga", minikernels.READY_ZOO_READY, "-j", "1")
+    result = run_kgen("test", "--kernel", str(zoo["panic"]), "--ready-vga", minikernels.READY_ZOO_READY, "-j", "1")
     assert result.returncode == 1, result.stdout + result.stderr
     assert "--- VGA text screen (non-empty rows) ---" in result.stderr, result.stderr
     screen = result.stderr.split("--- VGA text screen (non-empty rows) ---", 1)[1]
@@ -247,7 +247,7 @@ def test_a_vga_only_kernel_that_panics_shows_its_screen_in_the_report(zoo):
 
 
 def test_a_ready_at_never_reached_is_one_failure_not_a_traceback(zoo):
-    result = kgen("test", "--kernel", str(zoo["late"]), "--ready-at", "0x7000", "--boot-timeout", "2", "-j", "1")
+    result = run_kgen("test", "--kernel", str(zoo["late"]), "--ready-at", "0x7000", "--boot-timeout", "2", "-j", "1")
     assert result.returncode == 1, result.stdout + result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert "the CPU did not reach 0x7000 within 2 s" in last, result.stderr
@@ -256,5 +256,5 @@ def test_a_ready_at_never_reached_is_one_failure_not_a_traceback(zoo):
 
 def test_help_documents_both_options():
     for command in ("test", "run"):
-        shown = kgen(command, "--help").stdout
+        shown = run_kgen(command, "--help").stdout
         assert "--ready-at SYMBOL" in shown and "--ready-vga TEXT" in shown, shown

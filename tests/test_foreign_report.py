@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 import minikernels
-from conftest import needs_qemu
+from conftest import needs_qemu, run_kgen
 from minikernels import (PROCESS_FAULT_ADDRESS, PROCESS_SPACE_SLOTS, PROCESS_SPACES, PROCESS_USER_CODE,
-                         PROCESS_USER_STACK, kgen)
+                         PROCESS_USER_STACK)
 
 pytestmark = [pytest.mark.vm, needs_qemu]
 KBASE = 0xC0000000
@@ -45,8 +45,8 @@ def tables(elf: Path) -> dict[str, int]:
 def json_test(elf: Path, tmp_path: Path, *options: str, verbose: bool = False):
     """`kgen test --kernel ELF --json FILE`: (process result, document, {check name: outcome} from pytest's -v)."""
     report = tmp_path / f"{elf.stem}-{len(list(tmp_path.iterdir()))}.json"
-    result = kgen("test", "--kernel", str(elf), "-j", "1", "--json", str(report), *options,
-                  "-k", "not exercise", "--", "-v")
+    result = run_kgen("test", "--kernel", str(elf), "-j", "1", "--json", str(report), *options,
+                      "-k", "not exercise", "--", "-v")
     assert "Traceback" not in result.stdout + result.stderr, result.stdout + result.stderr
     doc = json.loads(report.read_text())
     printed = {}
@@ -157,11 +157,11 @@ def test_a_fault_loop_is_named_not_a_hang(zoo, tmp_path):
     fault = symbol(elf, "fault_here")
     expected = (f"fault loop: #PF page fault at {fault:#010x} <fault_here> over and over, "
                 f"CR2={PROCESS_FAULT_ADDRESS:#010x} (")
-    run = kgen("run", "--kernel", str(elf), "--timeout", "60")
+    run = run_kgen("run", "--kernel", str(elf), "--timeout", "60")
     assert run.returncode == 4, run.stdout + run.stderr
     assert run.stderr.strip().splitlines()[-1].startswith(f"kgen: error: {expected}"), run.stderr
     report = tmp_path / "loop.json"
-    test = kgen("test", "--kernel", str(elf), "-j", "1", "--json", str(report))
+    test = run_kgen("test", "--kernel", str(elf), "-j", "1", "--json", str(report))
     assert test.returncode == 1, test.stdout + test.stderr
     assert test.stderr.strip().splitlines()[-1].startswith(
         f"kgen: error: --kernel {elf.name} did not boot to a state the checks can look at: {expected}"), test.stderr
@@ -169,7 +169,7 @@ def test_a_fault_loop_is_named_not_a_hang(zoo, tmp_path):
     assert doc["checks"] == [] and doc["boot_failure"]["kind"] == "fault loop"
     assert doc["boot_failure"]["summary"].startswith(expected)
     # A kernel that keeps running without taking exceptions (a process spinning in ring 3) is still a hang.
-    spin = kgen("run", "--kernel", str(zoo["ring3"]), "--timeout", "3")
+    spin = run_kgen("run", "--kernel", str(zoo["ring3"]), "--timeout", "3")
     assert spin.returncode == 4 and "kgen: error: hang: " in spin.stderr, spin.stderr
     assert "fault loop" not in spin.stderr
 
@@ -182,12 +182,12 @@ def register_line(stderr: str) -> str:
 
 def test_the_register_line_names_cs_and_cpl(zoo):
     # Halted in ring 0 before the text asked for: the kernel's code selector, CPL 0.
-    halted = kgen("run", "--kernel", str(zoo["kernel-current"]), "--ready", "never printed")
+    halted = run_kgen("run", "--kernel", str(zoo["kernel-current"]), "--ready", "never printed")
     assert halted.returncode == 4, halted.stdout + halted.stderr
     line = register_line(halted.stderr)
     assert " CS=0x0008 CPL=0 " in line and "halted=True" in line, line
     # Spinning in the process, ring 3: the user code selector (GDT entry 3, RPL 3), CPL 3.
-    user = kgen("run", "--kernel", str(zoo["ring3"]), "--timeout", "3")
+    user = run_kgen("run", "--kernel", str(zoo["ring3"]), "--timeout", "3")
     line = register_line(user.stderr)
     assert line.startswith(f"registers: EIP={PROCESS_USER_CODE:#010x} CS=0x001b CPL=3 "), line
 
@@ -225,7 +225,7 @@ def test_the_fault_loop_judge_counts_exceptions_only_at_few_places():
 
 def test_json_on_stdout_for_a_kgen_kernel(tmp_path):
     out = tmp_path / "build"
-    result = kgen("test", "--out", str(out), "-j", "1", "-k", "test_invariants", "--json", "-", "--", "-v")
+    result = run_kgen("test", "--out", str(out), "-j", "1", "-k", "test_invariants", "--json", "-", "--", "-v")
     assert result.returncode == 0, result.stdout + result.stderr
     doc = json.loads(result.stdout)        # stdout holds the document alone: pytest's lines went to stderr
     printed = {line.split()[0].split("::", 1)[1]: line.split()[1].lower() for line in result.stderr.splitlines()

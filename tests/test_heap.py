@@ -12,13 +12,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kgen.arch import hw
-from kgen.build.pipeline import build
 from kgen.guest.calls import CallError
 from kgen.build.config import Config
 from kgen.guest.diagnose import find_exception
 from kgen.guest.pagewalk import Attrs, Walker
 
-from conftest import KVM_ONLY, X86_64_ONLY, open_session, walker
+from conftest import KVM_ONLY, X86_64_ONLY, DrivenModel, op_lists, open_session, run_model, shared_build, walker
 
 pytestmark = [pytest.mark.vm]
 PAGE_MASK = ~(hw.PAGE_SIZE - 1)
@@ -84,52 +83,65 @@ def check_heap_pages(s, blocks: dict[int, int]) -> None:
 
 sizes = st.one_of(st.integers(1, 64), st.integers(65, 2048), st.integers(2049, 20000))
 aligns = st.sampled_from([1, 8, 64, 256, 2048, 4096, 16384])
-ops = st.lists(st.tuples(st.sampled_from(["malloc", "aligned", "free"]), sizes, aligns, st.integers(0, 10 ** 6)),
+# A free with no block live frees nothing.
+ops = op_lists(("malloc", sizes), ("aligned", sizes, aligns), ("free", st.integers(0, 10 ** 6)),
                min_size=50, max_size=250)
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
-def run_heap_model(s, sequence):
-    word = s.word_size
-    vm = VirtualMemory(s)
-    start_free = s.call("pmm_stats_free")
-    start_slabs = s.variable("heap_slabs", 4)
-    live: dict[int, int] = {}
-    for op, size, align, pick in sequence:
-        if op == "free" and live:
-            ptr = sorted(live)[pick % len(live)]
-            assert_intact(vm, ptr, live[ptr], word)
-            s.call("kfree", ptr)
-            del live[ptr]
-            continue
-        if op == "malloc":
-            align = 1
-            ptr = s.call("kmalloc", size)
-        else:
-            ptr = s.call("kmalloc_aligned", size, align)
+class HeapModel(DrivenModel):
+    """The blocks the heap handed out, each filled with stamps that every later allocation and free must leave
+    intact; no two overlap, all are in the vmm window; freeing them all gives back every slab and frame."""
+
+    def __init__(self, s):
+        self.s, self.word = s, s.word_size
+        self.vm = VirtualMemory(s)
+        self.start_free = s.call("pmm_stats_free")
+        self.start_slabs = s.variable("heap_slabs", 4)
+        self.live: dict[int, int] = {}          # block -> size
+
+    def malloc(self, size: int) -> None:
+        self._taken(self.s.call("kmalloc", size), size, 1)
+
+    def aligned(self, size: int, align: int) -> None:
+        self._taken(self.s.call("kmalloc_aligned", size, align), size, align)
+
+    def free(self, pick: int) -> None:
+        if self.live:
+            ptr = sorted(self.live)[pick % len(self.live)]
+            assert_intact(self.vm, ptr, self.live.pop(ptr), self.word)
+            self.s.call("kfree", ptr)
+
+    def _taken(self, ptr: int, size: int, align: int) -> None:
+        layout = self.s.layout
         assert ptr, f"kmalloc({size}, {align}) failed with plenty of memory"
         assert ptr % align == 0
-        assert s.layout.vmm_base <= ptr and ptr + size <= s.layout.vmm_window.end, f"{ptr:#x} outside the window"
-        for other, n in live.items():
+        assert layout.vmm_base <= ptr and ptr + size <= layout.vmm_window.end, f"{ptr:#x} outside the window"
+        for other, n in self.live.items():
             assert ptr + size <= other or other + n <= ptr, f"{ptr:#x}+{size} overlaps {other:#x}+{n}"
-        live[ptr] = size
-        vm.refresh()
-        write_stamps(vm, ptr, size, word)
-    vm.refresh()
-    for ptr, size in live.items():
-        assert_intact(vm, ptr, size, word)
-    check_heap_pages(s, live)
-    for ptr in list(live):
-        s.call("kfree", ptr)
-    assert s.variable("heap_slabs", 4) == start_slabs == 0, "emptied slabs kept their pages"
-    assert s.call("pmm_stats_free") == start_free, "frames lost after freeing everything"
+        self.live[ptr] = size
+        self.vm.refresh()
+        write_stamps(self.vm, ptr, size, self.word)
+
+    def check(self) -> None:
+        self.vm.refresh()
+        for ptr, size in self.live.items():
+            assert_intact(self.vm, ptr, size, self.word)
+        check_heap_pages(self.s, self.live)
+
+    def release(self) -> None:
+        for ptr in list(self.live):
+            self.s.call("kfree", ptr)
+            del self.live[ptr]
+        assert self.s.variable("heap_slabs", 4) == self.start_slabs == 0, "emptied slabs kept their pages"
+        assert self.s.call("pmm_stats_free") == self.start_free, "frames lost after freeing everything"
 
 
 @settings(max_examples=8, **SETTINGS)
 @given(ops)
 def test_random_sequences_against_a_model(kernel_build, sequence):
     with open_session(kernel_build) as s:
-        run_heap_model(s, sequence)
+        run_model(HeapModel(s), sequence)
 
 
 # A KVM boot costs seconds: the examples share one machine (each gives back everything it took).
@@ -138,7 +150,7 @@ def test_random_sequences_against_a_model(kernel_build, sequence):
 @X86_64_ONLY
 @KVM_ONLY
 def test_random_sequences_against_a_model_under_kvm(kernel, sequence):
-    run_heap_model(kernel, sequence)
+    run_model(HeapModel(kernel), sequence)
 
 
 def test_small_blocks_share_pages_and_pages_come_back(kernel):
@@ -257,8 +269,7 @@ def test_zero_and_huge_sizes_return_0(kernel, size):
 
 
 def test_exhaustion_returns_0_and_leaves_the_heap_intact(tmp_path_factory, arch):
-    small = build(Config.for_arch(arch, machine_memory_mib=16), tmp_path_factory.mktemp(f"heap-small-{arch}"),
-                  iso=False)
+    small = shared_build(tmp_path_factory, Config.for_arch(arch, machine_memory_mib=16))
     with open_session(small, poison=None) as s:
         start_free = s.call("pmm_stats_free")
         big = []

@@ -6,15 +6,11 @@ are explained on the same stopped machine."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 import minikernels
-from conftest import ARCH_BUILDS, needs_qemu
+from conftest import ARCH_BUILDS, needs_qemu, run_kgen
 from kgen.arch import hw
 from kgen.guest import invariants
 from kgen.guest.elfinfo import ElfInfo
@@ -26,14 +22,7 @@ from kgen.inspect.explain import explain_translation
 from kgen.inspect.model import collect
 from kgen.inspect.text import render_text
 
-ROOT = Path(__file__).resolve().parent.parent
 PAGE = hw.PAGE_SIZE
-
-
-def kgen(*args, env=None):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
-    return subprocess.run([sys.executable, "-m", "kgen.cli", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=300)
 
 
 def h(text: str) -> int:
@@ -202,7 +191,7 @@ def test_text_output(inspected):
 @needs_qemu
 def test_the_cli_explains_0xfffff000_on_the_default_i386_kernel(default_build):
     out = default_build.elf.parent
-    r = kgen("inspect", "--out", out, "--va", "0xFFFFF000", env={"NO_COLOR": "1"})
+    r = run_kgen("inspect", "--out", out, "--va", "0xFFFFF000", env={"NO_COLOR": "1"})
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     layout = default_build.kernel.layout
     pd = ElfInfo.load(default_build.elf).symbols["boot_top_table"].value - layout.kernel_virtual_base
@@ -215,7 +204,7 @@ def test_a_foreign_kernel_as_json_from_the_cli(tmp_path):
     elf_path = minikernels.build(tmp_path, "hh", minikernels.HIGHER_HALF, minikernels.HIGHER_HALF_LDS,
                                  WRITABLE_TEXT=0)
     elf = ElfInfo.load(elf_path)
-    r = kgen("inspect", "--kernel", elf_path, "--json", "--va", "0xfffff000", "--ready", "mini: ready")
+    r = run_kgen("inspect", "--kernel", elf_path, "--json", "--va", "0xfffff000", "--ready", "mini: ready")
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     doc = json.loads(r.stdout)
     assert doc["kernel"]["kind"] == "foreign" and doc["kernel"]["arch"] == "i386"
@@ -249,7 +238,7 @@ def test_bad_input_is_one_line(tmp_path):
             (("--bench", tmp_path / "f.json"), "--bench draws figures in the HTML page: give --html FILE"),
             (("--html", tmp_path / "m.html", "--bench", tmp_path / "f.json"), f"--bench {tmp_path / 'f.json'}: "),
             (("--html", tmp_path / "m.html", "--bench", tmp_path / "other.json"), "not the output of `kgen bench")):
-        r = kgen("inspect", *args)
+        r = run_kgen("inspect", *args)
         assert r.returncode == 2, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr and "Traceback" not in r.stderr
 

@@ -15,7 +15,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from html.parser import HTMLParser
@@ -24,10 +23,9 @@ from pathlib import Path
 import pytest
 
 import minikernels
-from conftest import needs_qemu
+from conftest import needs_qemu, run_kgen
 from kgen.inspect.html import FOLD_PX, FOLDED_ROLES, MIN_PX, render_bench_html, render_html
 
-KGEN = [sys.executable, "-m", "kgen.cli"]
 CHROMIUM = shutil.which("chromium")
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (make system-deps)")
 
@@ -248,8 +246,8 @@ def inspected(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(f"inspect-{arch}")
     page = tmp / "map.html"
     va = compute(Config.for_arch(arch)).kernel_window.start
-    result = subprocess.run([*KGEN, "inspect", "--arch", arch, "--out", str(tmp / "build"), "--va", f"{va:#x}",
-                             "--json", "--html", str(page)], capture_output=True, text=True, cwd=tmp, timeout=600)
+    result = run_kgen("inspect", "--arch", arch, "--out", tmp / "build", "--va", f"{va:#x}", "--json", "--html", page,
+                      cwd=tmp, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return arch, json.loads(result.stdout), page
 
@@ -308,8 +306,7 @@ def test_a_foreign_kernel_with_writable_text_has_its_failure_drawn(tmp_path):
     symbols as regions, the failing invariant listed, exactly the ranges it names outlined."""
     elf = minikernels.build(tmp_path, "hh", minikernels.HIGHER_HALF, minikernels.HIGHER_HALF_LDS, WRITABLE_TEXT=1)
     page = tmp_path / "foreign.html"
-    result = subprocess.run([*KGEN, "inspect", "--kernel", str(elf), "--ready", minikernels.HIGHER_HALF_READY,
-                             "--json", "--html", str(page)], capture_output=True, text=True, timeout=300)
+    result = run_kgen("inspect", "--kernel", elf, "--ready", minikernels.HIGHER_HALF_READY, "--json", "--html", page)
     assert result.returncode == 0, result.stderr[-3000:]
     doc = json.loads(result.stdout)
     assert any(inv["outcome"] == "failed" for inv in doc["invariants"]), "the writable text went unnoticed"
@@ -397,8 +394,7 @@ def benched(tmp_path_factory):
     and its page."""
     tmp = tmp_path_factory.mktemp("bench")
     page = tmp / "bench.html"
-    result = subprocess.run([*KGEN, "bench", "--arch", "i386", "--no-kvm", "--json", "--html", str(page)],
-                            capture_output=True, text=True, cwd=tmp, timeout=900)
+    result = run_kgen("bench", "--arch", "i386", "--no-kvm", "--json", "--html", page, cwd=tmp, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout), page, tmp
 
@@ -437,19 +433,16 @@ def test_bench_from_json_draws_the_same_page_and_refuses_other_files(benched, tm
     saved = tmp_path / "figures.json"
     saved.write_text(json.dumps(data))
     again = tmp_path / "again.html"
-    result = subprocess.run([*KGEN, "bench", "--from-json", str(saved), "--html", str(again)],
-                            capture_output=True, text=True, timeout=120)
+    result = run_kgen("bench", "--from-json", saved, "--html", again, timeout=120)
     assert result.returncode == 0, result.stderr
     assert again.read_text() == page.read_text()
     for html in (tmp_path, Path("/proc/kgen.html")):        # refused before anything is measured
-        result = subprocess.run([*KGEN, "bench", "--arch", "i386", "--html", str(html)],
-                                capture_output=True, text=True, timeout=120)
+        result = run_kgen("bench", "--arch", "i386", "--html", html, timeout=120)
         assert result.returncode == 2 and result.stderr.startswith(f"kgen: error: --html {html}"), result.stderr
         assert result.stderr.count("\n") == 1 and result.stdout == ""
     for content in ("not json", json.dumps({"kgen_inspect": 1})):
         saved.write_text(content)
-        result = subprocess.run([*KGEN, "bench", "--from-json", str(saved), "--html", str(again)],
-                                capture_output=True, text=True, timeout=120)
+        result = run_kgen("bench", "--from-json", saved, "--html", again, timeout=120)
         assert result.returncode == 2
         assert result.stderr.startswith("kgen: error: --from-json") and result.stderr.count("\n") == 1, \
             result.stderr
@@ -468,9 +461,8 @@ def test_an_inspect_document_with_bench_figures_shows_the_charts(inspected, benc
     figures = tmp_path / "figures.json"
     figures.write_text(json.dumps(data))
     page = tmp_path / "with-bench.html"
-    result = subprocess.run([*KGEN, "inspect", "--arch", arch, "--out", str(tmp_path / "build"), "--json",
-                             "--html", str(page), "--bench", str(figures)],
-                            capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    result = run_kgen("inspect", "--arch", arch, "--out", tmp_path / "build", "--json", "--html", page,
+                      "--bench", figures, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     doc = json.loads(result.stdout)
     assert doc["bench"] == data

@@ -13,15 +13,15 @@ import pytest
 
 import minikernels
 
-from conftest import needs_qemu
+from conftest import KGEN, kgen_env, needs_qemu, run_kgen
 
-ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.vm, needs_qemu]
 
 
-def run(*args, cwd=None):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+def python(*args, cwd=None):
+    """This Python, not kgen's command line, in the environment kgen's subprocesses get."""
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=kgen_env(), cwd=cwd,
+                          timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def higher_half(tmp_path_factory):
 
 
 def test_generic_suite_passes_on_a_gnu_as_higher_half_kernel(higher_half):
-    result = run("-m", "kgen.cli", "test", "--kernel", str(higher_half["good"]), "-j", "1", "--", "-rs")
+    result = run_kgen("test", "--kernel", str(higher_half["good"]), "-j", "1", "--", "-rs")
     assert result.returncode == 0, result.stdout + result.stderr
     passed = [line for line in result.stdout.splitlines() if " passed" in line]
     assert passed and "failed" not in passed[-1]
@@ -42,7 +42,7 @@ def test_generic_suite_passes_on_a_gnu_as_higher_half_kernel(higher_half):
 
 
 def test_generic_suite_fails_naming_the_page_and_pytest_status_is_the_exit_status(higher_half):
-    result = run("-m", "kgen.cli", "test", "--kernel", str(higher_half["writable-text"]), "-j", "1")
+    result = run_kgen("test", "--kernel", str(higher_half["writable-text"]), "-j", "1")
     assert result.returncode == 1, result.stdout + result.stderr
     assert "FAILED" in result.stdout and "test_elf_segments_map_vaddr_to_paddr_no_wider_than_their_flags" in result.stdout
     assert ("page 0xc0100000 <__image_start> (segment R-X, loaded at 0x100000): writable (P RW A) via PD[768]"
@@ -64,12 +64,11 @@ def qemus_booting(kernel: Path) -> list[int]:
 
 def test_ctrl_c_leaves_no_qemu(higher_half):
     kernel = higher_half["good"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
     # As a terminal's Ctrl-C: SIGINT to the whole process group, pytest's and its QEMUs'.
     child = subprocess.Popen([sys.executable, "-c", "import os, signal, sys; "
-                              "signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.executable, sys.argv[1:])",
-                              sys.executable, "-m", "kgen.cli", "test", "--kernel", str(kernel), "-j", "1"],
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+                              "signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])",
+                              *KGEN, "test", "--kernel", str(kernel), "-j", "1"],
+                             env=kgen_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
         while not qemus_booting(kernel):
@@ -86,8 +85,8 @@ def test_ctrl_c_leaves_no_qemu(higher_half):
 
 def test_kgen_test_builds_filters_runs_in_parallel_and_writes_junit(tmp_path):
     report = tmp_path / "report.xml"
-    result = run("-m", "kgen.cli", "test", "--out", str(tmp_path / "build"), "-k", "recursive or slots_are_empty",
-                 "-j", "2", "--junitxml", str(report))
+    result = run_kgen("test", "--out", str(tmp_path / "build"), "-k", "recursive or slots_are_empty",
+                      "-j", "2", "--junitxml", str(report))
     assert result.returncode == 0, result.stdout + result.stderr
     assert (tmp_path / "build" / "kernel.elf").is_file()
     assert "2 workers" in result.stdout
@@ -96,9 +95,9 @@ def test_kgen_test_builds_filters_runs_in_parallel_and_writes_junit(tmp_path):
 
 
 def test_importing_the_plugin_loads_nothing_of_kgen_or_qemu():
-    result = run("-c", "import sys, kgen.harness.pytest_plugin; "
-                       "print(sorted(m for m in sys.modules if m.split('.')[0] in "
-                       "('kgen', 'qemu', 'elftools', 'lief', 'keystone')))")
+    result = python("-c", "import sys, kgen.harness.pytest_plugin; "
+                          "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+                          "('kgen', 'qemu', 'elftools', 'lief', 'keystone')))")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "['kgen', 'kgen.harness', 'kgen.harness.pytest_plugin']"
 
@@ -126,7 +125,7 @@ def plugin_installed() -> bool:
 def test_users_write_their_own_tests_with_the_fixtures(tmp_path):
     (tmp_path / "test_mine.py").write_text(USER_TEST)
     load = [] if plugin_installed() else ["-p", "kgen.harness.pytest_plugin"]
-    result = run("-m", "pytest", *load, "-p", "no:cacheprovider", "-q",
-                 "--kgen-out", str(tmp_path / "build"), str(tmp_path / "test_mine.py"), cwd=tmp_path)
+    result = python("-m", "pytest", *load, "-p", "no:cacheprovider", "-q",
+                    "--kgen-out", str(tmp_path / "build"), str(tmp_path / "test_mine.py"), cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 passed" in result.stdout

@@ -9,13 +9,13 @@ import re
 
 import pytest
 
-from conftest import needs_qemu
+from conftest import needs_qemu, run_kgen
 from kgen.arch import hw
 from kgen.guest import invariants
 from kgen.harness.kernel import KernelUnderTest
 from kgen.harness.live import boot
 from kgen.machine import firmware
-from minikernels import LIMINE_LOADED_AT, LIMINE_READY, kgen, limine_iso, limine_kernel, outcomes
+from minikernels import LIMINE_LOADED_AT, LIMINE_READY, limine_iso, limine_kernel, outcomes
 
 pytestmark = [needs_qemu]
 needs_ovmf = pytest.mark.skipif(not any(c.is_file() for c, _ in firmware.OVMF_CANDIDATES),
@@ -51,8 +51,8 @@ def found_base(stdout: str) -> int:
 @pytest.mark.parametrize("firmware_name", FIRMWARES)
 def test_a_limine_iso_is_booted_and_its_kernel_found_through_limine_conf(zoo, firmware_name):
     before = zoo["iso"].read_bytes()
-    result = kgen("test", "--image", str(zoo["iso"]), "--ready", LIMINE_READY, "--firmware", firmware_name,
-                  "-j", "1", "--", "-v", "-rP")
+    result = run_kgen("test", "--image", str(zoo["iso"]), "--ready", LIMINE_READY, "--firmware", firmware_name,
+                      "-j", "1", "--", "-v", "-rP")
     assert result.returncode == 1, result.stdout + result.stderr
     assert ("kgen: --image limine.iso: checking /boot/limine-zoo.elf, the kernel its /boot/limine/limine.conf "
             "loads") in result.stderr, result.stderr
@@ -74,8 +74,8 @@ def test_a_limine_iso_is_booted_and_its_kernel_found_through_limine_conf(zoo, fi
 
 
 def test_the_kernel_given_with_the_limine_iso_is_judged_the_same(zoo):
-    result = kgen("test", "--image", str(zoo["iso"]), "--kernel", str(zoo["kernel"]), "--ready", LIMINE_READY,
-                  "-j", "1", "-k", "segments or below_the_kernel_base", "--", "-v", "-rP")
+    result = run_kgen("test", "--image", str(zoo["iso"]), "--kernel", str(zoo["kernel"]), "--ready", LIMINE_READY,
+                      "-j", "1", "-k", "segments or below_the_kernel_base", "--", "-v", "-rP")
     assert result.returncode == 1, result.stdout + result.stderr
     assert "checking /boot" not in result.stderr and "error" not in result.stderr, result.stderr
     seen = outcomes(result.stdout)

@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,15 +21,10 @@ from kgen.build import config as configmod
 from kgen.build.pipeline import FINGERPRINT_NAME, LOCK_NAME, _current, _digest, _read_stamp, current_elf
 from kgen.guest.bootreport import EXIT_SUCCESS
 
-from conftest import needs_grub, needs_qemu
-from test_cli import KGEN, kgen, one_line, short_tmpdir  # noqa: F401 (a fixture)
+from conftest import needs_grub, needs_qemu, run_kgen, start_kgen
+from test_cli import one_line, short_tmpdir  # noqa: F401 (a fixture)
 
 TEMP_NAMES = re.compile(r"^\.kernel\.(elf|iso)\..*(tmp|partial)$|^\.kgen-build\..*\.tmp$|^\.kgen-probe")
-
-
-def start(*args, env=None) -> subprocess.Popen:
-    return subprocess.Popen([*KGEN, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
 
 
 def wait_until(proc: subprocess.Popen, ready, what: str, timeout: float = 120) -> None:
@@ -101,7 +97,7 @@ def test_ctrl_c_while_lief_loads_is_one_line_and_130(tmp_path):
     was being imported."""
     for round_ in range(4):
         out = tmp_path / f"out{round_}"
-        proc = start("build", "--no-iso", "--out", out)
+        proc = start_kgen("build", "--no-iso", "--out", out)
         wait_until(proc, lambda: lief_loaded(proc.pid), "importing LIEF")
         interrupted(proc)
         assert not out.exists()
@@ -115,8 +111,8 @@ def test_ctrl_c_at_any_moment_of_a_build_leaves_no_lying_pair(tmp_path, delay):
     old_path, _ = config_file(tmp_path, "old", "[tempmap]\nslots = 8\n")
     new_path, _ = config_file(tmp_path, "new", "")
     out = tmp_path / "out"
-    assert kgen("build", "--config", old_path, "--out", out).returncode == 0
-    proc = start("build", "--config", new_path, "--out", out)
+    assert run_kgen("build", "--config", old_path, "--out", out).returncode == 0
+    proc = start_kgen("build", "--config", new_path, "--out", out)
     wait_until(proc, lambda: lief_loaded(proc.pid), "importing LIEF")
     time.sleep(delay)
     if proc.poll() is None:
@@ -139,7 +135,7 @@ def fake_grub(tmp_path: Path) -> tuple[dict, Path]:
     script = bin_dir / "grub-mkrescue"
     script.write_text(f"#!/bin/sh\ntouch {started}\nexec sleep 60\n")
     script.chmod(0o755)
-    return dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}"), started
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}"}, started
 
 
 @needs_grub
@@ -149,10 +145,10 @@ def test_an_iso_step_interrupted_leaves_no_elf_beside_the_old_iso(tmp_path):
     old_path, old = config_file(tmp_path, "old", "[tempmap]\nslots = 8\n")
     new_path, new = config_file(tmp_path, "new", "")
     out = tmp_path / "out"
-    assert kgen("build", "--config", old_path, "--out", out).returncode == 0
+    assert run_kgen("build", "--config", old_path, "--out", out).returncode == 0
     assert pair_is_honest(out)
     env, started = fake_grub(tmp_path)
-    proc = start("build", "--config", new_path, "--out", out, env=env)
+    proc = start_kgen("build", "--config", new_path, "--out", out, env=env)
     wait_until(proc, started.exists, "making the ISO")
     interrupted(proc)
     assert not (out / "kernel.iso").exists(), "the old config's ISO is still there beside the new ELF"
@@ -160,7 +156,7 @@ def test_an_iso_step_interrupted_leaves_no_elf_beside_the_old_iso(tmp_path):
     assert current_elf(new, out) is None and current_elf(old, out) is None
     no_temp_files(out)
     # The next build makes the pair.
-    assert kgen("build", "--config", new_path, "--out", out).returncode == 0
+    assert run_kgen("build", "--config", new_path, "--out", out).returncode == 0
     assert pair_is_honest(out)
 
 
@@ -168,12 +164,24 @@ def test_an_elf_swapped_in_behind_the_stamp_is_not_current(tmp_path):
     a_path, a = config_file(tmp_path, "a", "")
     b_path, b = config_file(tmp_path, "b", "[tempmap]\nslots = 8\n")
     for name, path in (("a", a_path), ("b", b_path)):
-        assert kgen("build", "--no-iso", "--config", path, "--out", tmp_path / name).returncode == 0
+        assert run_kgen("build", "--no-iso", "--config", path, "--out", tmp_path / name).returncode == 0
     stamp = _read_stamp(tmp_path / "a")
     assert _current(tmp_path / "a", stamp["fingerprint"], iso=False)
     (tmp_path / "a" / "kernel.elf").write_bytes((tmp_path / "b" / "kernel.elf").read_bytes())
     assert not _current(tmp_path / "a", stamp["fingerprint"], iso=False)
     assert current_elf(a, tmp_path / "a") is None
+
+
+def test_the_fingerprint_is_the_same_in_every_process():
+    """The stamp's fingerprint names the config the same way whatever PYTHONHASHSEED a process drew: the `repr` of
+    the set of keys the user wrote follows the string hash, so pytest-xdist workers of `kgen test --config` each saw
+    another stamp for a config with two or more keys and rebuilt kernel.elf while another worker booted it."""
+    script = ("import sys; from kgen.build.config import Config; from kgen.build.pipeline import fingerprint; "
+              "print(fingerprint(Config.for_arch('x86_64', tempmap_slots=8, vmm_size=0x800000, kernel_stack_size="
+              "0x8000, machine_memory_mib=64, paging_foreign_slot=300)))")
+    prints = {seed: subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                                   env=dict(os.environ, PYTHONHASHSEED=seed)).stdout for seed in ("1", "2", "3")}
+    assert len(set(prints.values())) == 1, prints
 
 
 # --- two builds, one --out ----------------------------------------------------------------------------------------
@@ -193,7 +201,7 @@ def test_a_build_waits_for_the_one_holding_the_out_lock(tmp_path):
     fd = os.open(lock, os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        proc = start("build", "--no-iso", "--out", out)
+        proc = start_kgen("build", "--no-iso", "--out", out)
         wait_until(proc, lambda: proc_locks_waiter(lock), "waiting on the lock")
         assert not (out / "kernel.elf").exists()
     finally:
@@ -211,7 +219,7 @@ def test_concurrent_builds_of_two_configs_leave_one_honest_pair(tmp_path):
     b_path, _ = config_file(tmp_path, "b", "[tempmap]\nslots = 8\n")
     out = tmp_path / "out"
     for _ in range(2):
-        procs = [start("build", "--config", path, "--out", out) for path in (a_path, b_path)]
+        procs = [start_kgen("build", "--config", path, "--out", out) for path in (a_path, b_path)]
         for proc in procs:
             stdout, stderr = proc.communicate(timeout=300)
             assert proc.returncode == 0, stderr
@@ -272,7 +280,7 @@ def test_success_needs_the_line_and_the_status(tmp_path, value, say_success, say
     assert EXIT_SUCCESS == "kgen: exit success"     # the text the mini kernel prints
     elf = minikernels.build(tmp_path, "exiter", EXITER, VALUE=value, SAY_SUCCESS=int(say_success),
                             SAY_MORE=int(say_more))
-    result = kgen("run", "--kernel", elf, "--timeout", "60")
+    result = run_kgen("run", "--kernel", elf, "--timeout", "60")
     assert result.returncode == code, result.stdout + result.stderr
     if says is None:
         assert result.stdout.strip().splitlines()[-1] == EXIT_SUCCESS and result.stderr == ""
@@ -309,8 +317,7 @@ def group_interrupted(proc: subprocess.Popen, tmpdir: Path) -> None:
 
 
 def start_group(*args, tmpdir: Path) -> subprocess.Popen:
-    return subprocess.Popen([*KGEN, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, TMPDIR=str(tmpdir)), start_new_session=True)
+    return start_kgen(*args, env={"TMPDIR": str(tmpdir)}, start_new_session=True)
 
 
 @needs_qemu
@@ -357,4 +364,4 @@ def test_the_default_output_folder_is_out_and_an_old_build_folder_is_still_used_
 
 def kgen_in(directory, *args):
     directory.mkdir(parents=True, exist_ok=True)
-    return kgen(*args, cwd=directory)
+    return run_kgen(*args, cwd=directory)

@@ -8,8 +8,8 @@ import re
 
 import pytest
 
-from conftest import needs_grub, needs_qemu
-from minikernels import (MB2_RELOCATABLE_MAX, MB2_RELOCATABLE_MIN, MB2_RELOCATED_PAGED_READY, kgen,
+from conftest import needs_grub, needs_qemu, run_kgen
+from minikernels import (MB2_RELOCATABLE_MAX, MB2_RELOCATABLE_MIN, MB2_RELOCATED_PAGED_READY,
                          mb2_relocated_paged, outcomes)
 
 pytestmark = [needs_qemu, needs_grub]
@@ -32,8 +32,8 @@ def kernels(tmp_path_factory):
 
 
 def test_a_kernel_grub_moved_is_judged_where_grub_put_it(kernels):
-    result = kgen("test", "--kernel", str(kernels["good"]), "--boot", "grub", "--ready", READY, "-j", "1",
-                  "-k", "segments or paging_and_write_protect", "--", "-v", "-rP")
+    result = run_kgen("test", "--kernel", str(kernels["good"]), "--boot", "grub", "--ready", READY, "-j", "1",
+                      "-k", "segments or paging_and_write_protect", "--", "-v", "-rP")
     assert result.returncode == 0, result.stdout + result.stderr
     assert outcomes(result.stdout)[SEGMENTS] == "PASSED"
     base = found_base(result.stdout)
@@ -42,8 +42,8 @@ def test_a_kernel_grub_moved_is_judged_where_grub_put_it(kernels):
 
 def test_rights_are_judged_at_the_base_found(kernels):
     # Its text is mapped writable: each text page is named, loaded where GRUB put it, the base said first.
-    result = kgen("test", "--kernel", str(kernels["writable"]), "--boot", "grub", "--ready", READY, "-j", "1",
-                  "-k", "segments", "--", "-v", "-rP")
+    result = run_kgen("test", "--kernel", str(kernels["writable"]), "--boot", "grub", "--ready", READY, "-j", "1",
+                      "-k", "segments", "--", "-v", "-rP")
     assert result.returncode == 1, result.stdout + result.stderr
     assert outcomes(result.stdout)[SEGMENTS] == "FAILED"
     base = found_base(result.stdout)

@@ -11,7 +11,6 @@ probe boot says KVM can run that kernel (kvm_pvm here runs long mode, not 32-bit
 from __future__ import annotations
 
 import random
-import shutil
 import time
 
 import pytest
@@ -22,86 +21,30 @@ from kgen.guest import bootreport
 
 from kgen.arch import hw
 from kgen.arch import ARCHES
-from kgen.build.pipeline import build
 from kgen.guest.calls import CallError
 from kgen.build.config import Config
-from kgen.guest.elfinfo import ElfInfo
 from kgen.guest.pagewalk import Walker
 from kgen.guest.pmmview import (ChainError, PmmState, PmmView, alloc_at_pages, overlap_frames, parse_report,
                           ranges_from_mmap)
 from kgen.harness.session import KernelSession
-from kgen.harness.kernel import KernelUnderTest
-from kgen.harness.kvmprobe import probe_kvm
 
-from conftest import ARCH_BUILDS
+from conftest import KVM_ONLY, POISON, DrivenModel, op_lists, open_session, run_model, shared_build
 
 pytestmark = [pytest.mark.vm]
 
-POISON = 0xA5
 SMALL_GUEST_MIB = 16
 # More than kgen's configs allow (3072): QEMU's pc machine then puts 3 GiB below the PCI hole and the rest at 4 GiB.
 BIG_GUEST_MIB = 4608
 
 
-def open_session(out, accel: str = "tcg", **options) -> KernelSession:
-    qemu = out.kernel.layout.arch.qemu
-    if shutil.which(qemu) is None:
-        pytest.skip(f"{qemu} not installed (Debian package qemu-system-x86)")
-    return KernelSession(out.elf, out.kernel.layout, accel=accel, **{"poison": POISON, **options})
-
-
 def session_for(tmp_path_factory, arch: str, name: str, accel: str = "tcg", **config) -> KernelSession:
-    """A variant kernel of `arch`, built for this test."""
-    out = build(Config.for_arch(arch, **config), tmp_path_factory.mktemp(f"{name}-{arch}"), iso=False)
+    """A variant kernel of `arch` (built once per test run)."""
+    out = shared_build(tmp_path_factory, Config.for_arch(arch, **config))
     return open_session(out, accel)
 
 
-_KVM_PROBES: dict[str, tuple[bool, str]] = {}
-
-
-def require_kvm(out) -> None:
-    """Skip unless KVM on this host runs this kernel (one probe boot per ELF and worker)."""
-    key = str(out.elf)
-    if key not in _KVM_PROBES:
-        _KVM_PROBES[key] = probe_kvm(KernelUnderTest(out.elf, ElfInfo.load(out.elf), out.kernel.layout))
-    usable, why = _KVM_PROBES[key]
-    if not usable:
-        pytest.skip(f"KVM cannot run the {out.kernel.layout.arch} kernel here: {why}")
-
-
-@pytest.fixture(scope="module", params=tuple(ARCH_BUILDS))
-def arch(request) -> str:
-    """Each architecture in turn: test ids end in [i386] / [x86_64]."""
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def kernel_build(request, arch):
-    """The default kernel of `arch` (conftest's shared build)."""
-    return request.getfixturevalue(ARCH_BUILDS[arch])
-
-
-@pytest.fixture(scope="module")
-def accel(request, kernel_build):
-    """--kgen-accel when kgen's pytest plugin is loaded, else TCG; a test parametrised with `accel` (indirect, see
-    BOTH_ACCELS) asks for its own. KVM is probed first, as this host's may not run the kernel: where it cannot,
-    the test is skipped with the probe's reason (here: the i386 kernel, whose 32-bit paging kvm_pvm cannot run)."""
-    accel = getattr(request, "param", None) or request.config.getoption("kgen_accel", default="tcg")
-    if accel == "kvm":
-        require_kvm(kernel_build)
-    return accel
-
-
-# The KVM subset: these tests run under TCG and under KVM, whatever --kgen-accel says.
+# The KVM subset: these tests run under TCG and under KVM, whatever --kgen-accel says (conftest's `accel`).
 BOTH_ACCELS = pytest.mark.parametrize("accel", ["tcg", "kvm"], indirect=True)
-KVM_ONLY = pytest.mark.parametrize("accel", ["kvm"], indirect=True)
-
-
-@pytest.fixture
-def kernel(kernel_build, accel):
-    """A fresh boot per test (≈0.25 s), so a test that breaks the allocator cannot fail the next one."""
-    with open_session(kernel_build, accel) as s:
-        yield s
 
 
 @pytest.fixture
@@ -118,7 +61,7 @@ def wait_output(s: KernelSession, since: int, text: str, timeout: float = 5.0) -
         time.sleep(0.005)
 
 
-class Model:
+class Model(DrivenModel):
     """The allocator as the tests expect it to behave, kept next to the real one."""
 
     def __init__(self, s: KernelSession):
@@ -176,6 +119,34 @@ class Model:
             self.free_at(vaddr)
         for frame in list(self.held):
             self.free(frame)
+
+    # ---- the operations random sequences draw (run_model), each with a number that picks its argument --------
+    def free_held(self, pick: int) -> None:
+        if self.held:
+            held = sorted(self.held)
+            self.free(held[pick % len(held)])
+
+    def alloc_at_spare(self, pick: int) -> None:
+        free_vaddrs = [v for v in alloc_at_pages(self.layout) if v not in self.mapped]
+        self.alloc_at(free_vaddrs[pick % len(free_vaddrs)], hw.PTE_RW if pick & 1 else 0)
+
+    def free_at_mapped(self, pick: int) -> None:
+        if self.mapped:
+            mapped = sorted(self.mapped)
+            self.free_at(mapped[pick % len(mapped)])
+
+    def free_top_twice(self) -> None:
+        """pmm_free of the frame on top of the free stack: refused, nothing changes."""
+        if self.stack:
+            assert self.s.call("pmm_free", self.stack[-1]) == 0
+            self.check_accounting()
+
+    def check(self) -> None:
+        self.check_machine()
+
+    def release(self) -> None:
+        self.release_all()
+        self.check_machine()
 
     def _expected_pop(self) -> int | None:
         """The frame the next allocation must return: the stack's top, 0 when all is gone, None for a bump."""
@@ -507,8 +478,9 @@ def test_a_kernel_without_invlpg_is_caught(tmp_path_factory, arch):
 
 
 # ---- random sequences against the model -----------------------------------------------------------------------
-OPS = st.lists(st.tuples(st.sampled_from(["alloc", "alloc", "free", "alloc_at", "free_at", "double_free"]),
-                         st.integers(0, 1 << 16)), min_size=100, max_size=200)
+PICK = st.integers(0, 1 << 16)
+OPS = op_lists(("alloc",), ("alloc",), ("free_held", PICK), ("alloc_at_spare", PICK), ("free_at_mapped", PICK),
+               ("free_top_twice",), min_size=100, max_size=200)
 BATCH = 25
 
 
@@ -518,35 +490,11 @@ SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, Heal
 @settings(max_examples=20, **SETTINGS)
 @given(ops=OPS)
 def test_random_sequences_match_the_model(kernel, ops):
-    run_against_the_model(kernel, ops)
+    run_model(Model(kernel), ops, check_every=BATCH)
 
 
 @settings(max_examples=5, **SETTINGS)
 @given(ops=OPS)
 @KVM_ONLY
 def test_random_sequences_match_the_model_under_kvm(kernel, ops):
-    run_against_the_model(kernel, ops)
-
-
-def run_against_the_model(kernel: KernelSession, ops) -> None:
-    model = Model(kernel)
-    spare = alloc_at_pages(kernel.layout)
-    for i, (op, pick) in enumerate(ops):
-        held, mapped = sorted(model.held), sorted(model.mapped)
-        if op == "alloc":
-            model.alloc()
-        elif op == "free" and held:
-            model.free(held[pick % len(held)])
-        elif op == "alloc_at":
-            free_vaddrs = [v for v in spare if v not in model.mapped]
-            model.alloc_at(free_vaddrs[pick % len(free_vaddrs)], hw.PTE_RW if pick & 1 else 0)
-        elif op == "free_at" and mapped:
-            model.free_at(mapped[pick % len(mapped)])
-        elif op == "double_free" and model.stack:
-            assert kernel.call("pmm_free", model.stack[-1]) == 0
-            model.check_accounting()
-        if i % BATCH == BATCH - 1:
-            model.check_machine()
-    # Give everything back (a failed example skips this: the next one starts from whatever the machine holds).
-    model.release_all()
-    model.check_machine()
+    run_model(Model(kernel), ops, check_every=BATCH)

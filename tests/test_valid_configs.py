@@ -21,21 +21,18 @@ A failure prints the config as a kgen.toml, which `kgen test --config` replays.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, Phase, assume, given, note, seed, settings
 from hypothesis import strategies as st
 
-from conftest import needs_qemu
+from conftest import needs_qemu, run_kgen
 from kgen.arch import ARCHES
 from kgen.build.config import Config, load
 from kgen.build.layout import I386_MIN_USER_HALF, RAM_ABOVE_IMAGE, TOP_2_GIB, Layout, compute
 from kgen.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
 PAGE = 0x1000
 ARCH_NAMES = tuple(ARCHES)
@@ -396,9 +393,7 @@ def run_kgen_test(config: Config, work: Path, replay: str = "") -> None:
     path.write_text(toml_of(config))
     print(f"{config.arch} config:\n{path.read_text()}{replay}")
     assert compute(load(path)) == compute(config), "the written kgen.toml is not the drawn config"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    result = subprocess.run([sys.executable, "-m", "kgen.cli", "test", "--config", str(path), "--out",
-                             str(work / "out"), "-j", "1"], capture_output=True, text=True, env=env, timeout=600)
+    result = run_kgen("test", "--config", path, "--out", work / "out", "-j", "1", timeout=600)
     if result.returncode == 2 and "kgen.toml: kernel.max_size = " in result.stderr:
         # The one rule only the linker can check: the image did not fit. A clean refusal, naming the key.
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -14,14 +14,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kgen.arch import hw
-from kgen.build.pipeline import build
 from kgen.guest.calls import CallError
 from kgen.build.config import Config
 from kgen.guest.diagnose import find_exception
 from kgen.guest.pagewalk import Walker, WalkError
 from kgen.guest.pmmview import PmmView
 
-from conftest import KVM_ONLY, POISON, X86_64_ONLY, open_session, walker
+from conftest import KVM_ONLY, POISON, X86_64_ONLY, DrivenModel, op_lists, open_session, run_model, shared_build, walker
 
 pytestmark = [pytest.mark.vm]
 FLAGS = hw.PTE_P | hw.PTE_RW
@@ -536,7 +535,7 @@ def test_double_release_and_release_never_reserved_are_refused(kernel):
 
 
 # ---- the whole VMM against a model -------------------------------------------------------------------------------
-class VmmModel:
+class VmmModel(DrivenModel):
     """What the VMM should hold: raw mappings (vmm_map of pmm_alloc'd frames) at a pool of user-half pages spread
     over two top-level slots and two tables at every level, and vmm_alloc ranges with the pages backed so far.
     The free count must equal the start's minus the frames held and the tables every mapped page needs that were
@@ -676,39 +675,30 @@ class VmmModel:
         assert tables(self.s) == self.start_tables
         assert self.s.variable("vmm_free_range_count", 4) == self.start_ranges
 
+    # ---- run_model's checks ------------------------------------------------------------------------------------
+    def after_step(self) -> None:
+        self.check_counts()
 
-VMM_OPS = st.lists(st.tuples(st.sampled_from(["map", "map", "unmap", "alloc", "touch", "touch", "free"]),
-                             st.integers(0, 1 << 16), st.integers(0, 1 << 16)), min_size=20, max_size=60)
+    def check(self) -> None:
+        self.check_machine()
+
+    def release(self) -> None:
+        self.release_all()
+        self.check_released()
+
+
+PICK = st.integers(0, 1 << 16)
+VMM_OPS = op_lists(("map", PICK), ("map", PICK), ("unmap", PICK), ("alloc", PICK, PICK), ("touch", PICK, PICK),
+                   ("touch", PICK, PICK), ("free", PICK), min_size=20, max_size=60)
 VMM_BATCH = 15
 VMM_SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-
-
-def run_vmm_model(s, ops) -> None:
-    model = VmmModel(s)
-    for i, (op, a, b) in enumerate(ops):
-        if op == "map":
-            model.map(a)
-        elif op == "unmap":
-            model.unmap(a)
-        elif op == "alloc":
-            model.alloc(a, b)
-        elif op == "touch":
-            model.touch(a, b)
-        else:
-            model.free(a)
-        model.check_counts()
-        if i % VMM_BATCH == VMM_BATCH - 1:
-            model.check_machine()
-    model.check_machine()
-    model.release_all()
-    model.check_released()
 
 
 @settings(max_examples=6, **VMM_SETTINGS)
 @given(ops=VMM_OPS)
 def test_random_vmm_sequences_match_the_model(kernel_build, ops):
     with open_session(kernel_build) as s:
-        run_vmm_model(s, ops)
+        run_model(VmmModel(s), ops, check_every=VMM_BATCH)
 
 
 # Under KVM a boot costs seconds (≈2.6 s here against ≈0.2 s under TCG): the examples share one machine, each
@@ -718,7 +708,7 @@ def test_random_vmm_sequences_match_the_model(kernel_build, ops):
 @X86_64_ONLY
 @KVM_ONLY
 def test_random_vmm_sequences_match_the_model_under_kvm(kernel, ops):
-    run_vmm_model(kernel, ops)
+    run_model(VmmModel(kernel), ops, check_every=VMM_BATCH)
 
 
 # ---- a kernel that forgets to clear its tables ---------------------------------------------------------------------
@@ -727,8 +717,7 @@ def test_unzeroed_page_table_variant_is_caught(tmp_path_factory, arch):
     table vmm_map makes (i386: the page table; x86_64: the vmm window's PD, its PDPT being made at boot) keeps the
     poison. i386 then refuses the map (the poisoned PTE looks present); on x86_64 the poisoned PD entry looks like a
     present large page with reserved bits, and the kernel faults on its own PTE. Either way the poison is found."""
-    variant = build(Config.for_arch(arch, vmm_skip_table_clear=True), tmp_path_factory.mktemp(f"noclear-{arch}"),
-                    iso=False)
+    variant = shared_build(tmp_path_factory, Config.for_arch(arch, vmm_skip_table_clear=True))
     with open_session(variant) as s:
         assert poisoned_tables(s) == [], "the tables made at boot are clean even here"
         try:

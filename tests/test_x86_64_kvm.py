@@ -2,8 +2,6 @@
 a differential test that boots the same kernel under each and requires the same invariant results and the same
 kernel-half page tables (this host's /dev/kvm, kvm_pvm, runs long mode; where a probe boot shows KVM cannot run
 the kernel the KVM half is skipped with the probe's reason)."""
-import subprocess
-import sys
 
 import pytest
 
@@ -12,9 +10,9 @@ from kgen.arch import hw
 from kgen.guest import invariants
 from kgen.harness.kernel import KernelUnderTest
 from kgen.harness.live import boot
-from kgen.harness.kvmprobe import probe_kvm
+from kgen.guest.elfinfo import ElfInfo
 
-from conftest import needs_qemu
+from conftest import needs_qemu, require_kvm, run_kgen
 
 pytestmark = [pytest.mark.vm, needs_qemu]
 # Accessed and dirty bits record what the CPU touched, which differs between TCG and KVM by design.
@@ -22,16 +20,14 @@ HISTORY_BITS = hw.PTE_A | hw.PTE_D
 
 
 @pytest.fixture(scope="module")
-def kernel(tmp_path_factory):
-    return KernelUnderTest.built(None, tmp_path_factory.mktemp("x86_64"), "x86_64")
+def kernel(x86_64_build):
+    return KernelUnderTest(x86_64_build.elf, ElfInfo.load(x86_64_build.elf), x86_64_build.kernel.layout)
 
 
 @pytest.fixture(scope="module")
-def kvm(kernel):
-    usable, why = probe_kvm(kernel)
-    if not usable:
-        pytest.skip(f"KVM cannot run the x86_64 kernel here: {why}")
-    return why
+def kvm(x86_64_build):
+    """Skipped where this host's KVM cannot run the kernel (conftest's probe, once per run)."""
+    require_kvm(x86_64_build)
 
 
 def state(kernel, accel: str):
@@ -66,9 +62,8 @@ def test_tcg_and_kvm_agree_on_invariants_and_kernel_tables(kernel, kvm):
 def test_kgen_test_runs_the_suite_on_x86_64(accel, kernel, tmp_path, request):
     if accel == "kvm":
         request.getfixturevalue("kvm")
-    run = subprocess.run([sys.executable, "-m", "kgen.cli", "test", "--arch", "x86_64", "--accel", accel,
-                          "--out", str(tmp_path), "-j", "1", "--", "-rs", "-v"],
-                         capture_output=True, text=True, timeout=600)
+    run = run_kgen("test", "--arch", "x86_64", "--accel", accel, "--out", tmp_path, "-j", "1", "--", "-rs", "-v",
+                   timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     assert "passed" in run.stdout and " failed" not in run.stdout
     # The invariants ran (not skipped), and the CPU oracle's KVM leg with them.

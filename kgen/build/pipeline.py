@@ -107,9 +107,17 @@ ELF_NAME, ISO_NAME = "kernel.elf", "kernel.iso"
 _TEMP_PATTERNS = (f".{ELF_NAME}.*.tmp", f".{ISO_NAME}.*.partial", f".{ISO_NAME}.partial", f".{FINGERPRINT_NAME}.*.tmp")
 
 
+def config_text(config: Config) -> str:
+    """The config as the build reads it, the same text in every process: the `repr` of a set (`Config.explicit`)
+    follows the string hash, which PYTHONHASHSEED draws anew per process. `source` and `[foreign]` are not inputs."""
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.compare and f.name != "source"}
+    values["explicit"] = sorted(values["explicit"])
+    return json.dumps(values, sort_keys=True)
+
+
 def fingerprint(config: Config) -> str:
     """What the outputs depend on: the config, the templates, kgen's own source and the boot tree."""
-    digest = hashlib.sha256(repr(dataclasses.replace(config, source="")).encode())
+    digest = hashlib.sha256(config_text(config).encode())
     package = Path(__file__).resolve().parent.parent  # all of kgen, not only this stage
     for root in (templates_dir(), boot_dir(), package):
         for path in sorted(root.rglob("*")):
