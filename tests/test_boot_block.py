@@ -9,8 +9,8 @@ import hashlib
 
 import pytest
 
-from conftest import needs_qemu
-from minikernels import HIGHER_HALF_READY, boot_block_disk, kgen, outcomes
+from conftest import needs_qemu, run_kgen
+from minikernels import HIGHER_HALF_READY, boot_block_disk, outcomes
 
 SEGMENTS = "test_elf_segments_map_vaddr_to_paddr_no_wider_than_their_flags"
 READY = HIGHER_HALF_READY.rstrip("\n")
@@ -26,7 +26,7 @@ def disks(tmp_path_factory):
 def test_a_boot_block_disk_gives_a_verdict_and_is_left_as_it_was(disks):
     disk, kernel = disks["good"]
     before = hashlib.sha256(disk.read_bytes()).hexdigest()
-    result = kgen("test", "--image", str(disk), "--kernel", str(kernel), "--ready", READY, "-j", "1",
+    result = run_kgen("test", "--image", str(disk), "--kernel", str(kernel), "--ready", READY, "-j", "1",
                   "-k", "invariants or oracles", "--", "-v")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "through its own image bootblock.img as the first disk, BIOS" in result.stderr, result.stderr
@@ -39,7 +39,7 @@ def test_a_boot_block_disk_gives_a_verdict_and_is_left_as_it_was(disks):
 def test_the_verdict_is_about_the_kernel_the_boot_block_loaded(disks):
     # The same kernel with its text mapped writable: the segment check names its text pages.
     disk, kernel = disks["writable"]
-    result = kgen("test", "--image", str(disk), "--kernel", str(kernel), "--ready", READY, "-j", "1",
+    result = run_kgen("test", "--image", str(disk), "--kernel", str(kernel), "--ready", READY, "-j", "1",
                   "-k", "segments", "--", "-v")
     assert result.returncode == 1, result.stdout + result.stderr
     assert outcomes(result.stdout)[SEGMENTS] == "FAILED"
@@ -49,7 +49,7 @@ def test_the_verdict_is_about_the_kernel_the_boot_block_loaded(disks):
 
 def test_without_kernel_the_image_holds_none_to_find(disks):
     disk, _ = disks["good"]
-    result = kgen("test", "--image", str(disk))
+    result = run_kgen("test", "--image", str(disk))
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith(f"kgen: error: --image {disk}: found no kernel in it"), result.stderr
     assert len(result.stderr.splitlines()) == 1, result.stderr

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import needs_qemu
+from conftest import needs_qemu, run_kgen
 from kgen.guest.elfinfo import ElfInfo, merged
-from minikernels import HIGHER_HALF_READY, kgen, loader_stage, outcomes
+from minikernels import HIGHER_HALF_READY, loader_stage, outcomes
 
 SEGMENTS = "test_elf_segments_map_vaddr_to_paddr_no_wider_than_their_flags"
 BELOW = "test_nothing_is_mapped_below_the_kernel_base"
@@ -27,7 +27,7 @@ def test_judged_as_the_stage_the_real_kernel_is_misjudged(zoo):
     # The stage's own segment (flat at 1 MiB) is what the checks compare with the tables the real kernel built:
     # none of its pages are mapped (a false finding), and the stage is not higher-half, so the check that the
     # low half is empty does not run at all.
-    result = kgen("test", "--kernel", str(zoo["stage"]), "--ready", READY, "-j", "1", "-k", INVARIANTS,
+    result = run_kgen("test", "--kernel", str(zoo["stage"]), "--ready", READY, "-j", "1", "-k", INVARIANTS,
                   "--", "-v", "-rs")
     assert result.returncode == 1, result.stdout + result.stderr
     seen = outcomes(result.stdout)
@@ -38,8 +38,8 @@ def test_judged_as_the_stage_the_real_kernel_is_misjudged(zoo):
 
 @needs_qemu
 def test_with_symbols_the_real_kernel_is_judged_as_when_it_boots_alone(zoo):
-    alone = kgen("test", "--kernel", str(zoo["real"]), "--ready", READY, "-j", "1", "-k", INVARIANTS, "--", "-v")
-    staged = kgen("test", "--kernel", str(zoo["stage"]), "--symbols", str(zoo["real"]), "--ready", READY,
+    alone = run_kgen("test", "--kernel", str(zoo["real"]), "--ready", READY, "-j", "1", "-k", INVARIANTS, "--", "-v")
+    staged = run_kgen("test", "--kernel", str(zoo["stage"]), "--symbols", str(zoo["real"]), "--ready", READY,
                   "-j", "1", "-k", INVARIANTS, "--", "-v")
     assert alone.returncode == 0, alone.stdout + alone.stderr
     assert staged.returncode == 0, staged.stdout + staged.stderr
@@ -54,17 +54,17 @@ def test_ready_at_a_symbol_of_the_real_kernel_from_the_config(zoo, tmp_path):
     config.write_text(f'[foreign]\nkernel = "{zoo["stage"]}"\nsymbols = ["{zoo["real"].name}"]\n'
                       'ready_at = "higher_half"\n')
     (tmp_path / zoo["real"].name).write_bytes(zoo["real"].read_bytes())
-    result = kgen("test", "--config", str(config), "-j", "1", "-k", "segments", "--", "-v")
+    result = run_kgen("test", "--config", str(config), "-j", "1", "-k", "segments", "--", "-v")
     assert result.returncode == 0, result.stdout + result.stderr
     assert outcomes(result.stdout)[SEGMENTS] == "PASSED"
-    inspected = kgen("inspect", "--kernel", str(zoo["stage"]), "--symbols", str(zoo["real"]), "--ready-at",
+    inspected = run_kgen("inspect", "--kernel", str(zoo["stage"]), "--symbols", str(zoo["real"]), "--ready-at",
                      "higher_half")
     assert inspected.returncode == 0, inspected.stdout + inspected.stderr
     assert "<higher_half>" in inspected.stdout.splitlines()[1], inspected.stdout
 
 
 def test_ready_at_a_symbol_the_stage_lacks_is_refused_without_symbols(zoo):
-    result = kgen("test", "--kernel", str(zoo["stage"]), "--ready-at", "higher_half")
+    result = run_kgen("test", "--kernel", str(zoo["stage"]), "--ready-at", "higher_half")
     assert result.returncode == 2, result.stderr
     assert "no symbol 'higher_half'" in result.stderr and len(result.stderr.splitlines()) == 1, result.stderr
 
@@ -78,7 +78,7 @@ def test_ready_at_a_symbol_the_stage_lacks_is_refused_without_symbols(zoo):
 ])
 def test_bad_symbols_are_one_line(zoo, value, said):
     where = dict(dir=zoo["stage"].parent, real=zoo["real"])
-    result = kgen("test", "--kernel", str(zoo["stage"]), "--symbols", value.format(**where))
+    result = run_kgen("test", "--kernel", str(zoo["stage"]), "--symbols", value.format(**where))
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("kgen: error: " + said.format(**where)), result.stderr
     assert len(result.stderr.splitlines()) == 1, result.stderr
@@ -87,7 +87,7 @@ def test_bad_symbols_are_one_line(zoo, value, said):
 def test_a_bad_symbols_key_is_named(zoo, tmp_path):
     config = tmp_path / "kgen.toml"
     config.write_text(f'[foreign]\nkernel = "{zoo["stage"]}"\nsymbols = ["missing.elf"]\n')
-    result = kgen("test", "--config", str(config))
+    result = run_kgen("test", "--config", str(config))
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith(f"kgen: error: {config}: foreign.symbols = "), result.stderr
     assert "missing.elf: no such file" in result.stderr and len(result.stderr.splitlines()) == 1, result.stderr
