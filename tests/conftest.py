@@ -5,12 +5,15 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 from hypothesis import strategies as st
 
+from kgen.build import iso
 from kgen.build.pipeline import BuildOutput, build, fingerprint
+from kgen.machine import firmware
 from kgen.build.config import Config
 from kgen.harness.session import KernelSession
 
@@ -19,10 +22,31 @@ POISON = 0xA5
 
 needs_qemu = pytest.mark.skipif(shutil.which("qemu-system-i386") is None,
                                 reason="qemu-system-i386 not installed (Debian package qemu-system-x86)")
+needs_efi = pytest.mark.skipif(not iso.GRUB_EFI_MODULES.is_dir() or not any(c.is_file() for c, _ in
+                                                                        firmware.OVMF_CANDIDATES),
+                               reason="UEFI needs the Debian packages grub-efi-amd64-bin and ovmf")
 needs_grub = pytest.mark.skipif(shutil.which("grub-mkrescue") is None,
                                 reason="grub-mkrescue not installed (Debian packages grub-common grub-pc-bin)")
 
 # ---- kgen on the command line ------------------------------------------------------------------------------------
+def one_line(result) -> str:
+    """The single stderr line of a refused command; no traceback, nothing on stdout."""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == "", result.stdout + result.stderr
+    assert lines[0].startswith("kgen: error: "), lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def short_tmpdir():
+    """A TMPDIR of the test's own to look into afterwards; short, as QEMU's unix socket paths live in it (at most
+    108 bytes: under pytest's long tmp_path a boot fails at launch)."""
+    path = Path(tempfile.mkdtemp(prefix="kgen-t-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 ROOT = Path(__file__).resolve().parent.parent
 # What a user runs: the venv's console script; without one (no venv), the module it calls.
 KGEN = [str(Path(sys.executable).with_name("kgen"))]

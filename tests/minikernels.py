@@ -455,7 +455,7 @@ def process_kernel(out: Path, name: str, **flags: int) -> Path:
     return build(out, name, PROCESS, PROCESS_LDS, **values)
 
 
-# --- when to look: kernels only --ready-vga / --ready-at judge right (tests/test_foreign_ready.py) -----------------
+# --- when to look: kernels only --ready-vga / --ready-at judge right (tests/harness/test_foreign_ready.py) -----------------
 
 # Higher-half like HIGHER_HALF: `_start` is linked at 0xC010000C but runs at its load address 0x10000C (paging is
 # off there). It maps its image and the VGA text page (0xB8000 at KBASE + 0xB8000), turns paging on, loads its own
@@ -553,7 +553,7 @@ def late_symbol(out: Path, name: str = "late-symbol", **flags) -> Path:
     return ready_zoo(out, name, **flags)
 
 
-# --- [foreign], boot-only segments and a final spin (tests/test_foreign_config.py) ---------------------------------
+# --- [foreign], boot-only segments and a final spin (tests/harness/test_foreign_config.py) ---------------------------------
 # Higher-half like HIGHER_HALF (`_start` linked at 0xC0100000 + runs at its load address), its program headers placed
 # by PHDRS: 0 `text` (Multiboot header, boot code, text), 1 `init` (.init.text, linked high like the rest: code run
 # once at boot, as a kernel's __init code), 2 `rodata`, 3 `data`. It maps its image, turns paging on with CR0.WP,
@@ -634,7 +634,7 @@ def init_spin(out: Path, name: str, *, spin: int = 0, needs_mib: int = 0) -> Pat
                  SPIN=spin, NEEDS_MIB=needs_mib)
 
 
-# --- an ELF64 kernel (tests/test_foreign_kernels.py, tests/test_foreign_ready.py) ---------------------------------
+# --- an ELF64 kernel (tests/harness/test_foreign_kernels.py, tests/harness/test_foreign_ready.py) ---------------------------------
 # An ELF64 booted by QEMU's -kernel through the Multiboot header's address fields (flag bit 16): 32-bit entry, PAE
 # with EFER.LME, one 2 MiB identity page (writable, so its text is too: a true finding), PML4[511] recursive, long
 # mode, print and halt.
@@ -719,7 +719,7 @@ def elf64_multiboot(out: Path, name: str = "mb64") -> Path:
     return build(out, name, ELF64_MULTIBOOT, ELF64_LDS, bits=64)
 
 
-# --- ways in through GRUB: Multiboot 2 and GRUB's own Multiboot 1 (tests/test_grub_boot.py) -----------------------
+# --- ways in through GRUB: Multiboot 2 and GRUB's own Multiboot 1 (tests/machine/test_grub_boot.py) -----------------------
 
 def multiboot2_header(tags: str = "") -> str:
     """The Multiboot 2 header: magic, architecture 0 (i386: entered in 32-bit protected mode), its length, a checksum
@@ -1038,7 +1038,7 @@ def grub_module(out: Path, name: str = "grubmod") -> Path:
     return build(out, name, source)
 
 
-# --- the Limine boot protocol (tests/test_limine.py) --------------------------------------------------------------
+# --- the Limine boot protocol (tests/harness/test_limine.py) --------------------------------------------------------------
 # Limine (tests/limine/: its prebuilt BIOS CD and UEFI loaders) loads an ELF64 linked at or above 0xffffffff80000000
 # at a physical address of its own choosing, maps each PT_LOAD with its rights, and enters it in long mode. The kernel
 # asks for what it wants with requests: 8-aligned structures in its image, each starting with an ID Limine scans
@@ -1185,7 +1185,7 @@ def limine_iso(out: Path, kernel: Path, name: str = "limine.iso") -> Path:
     return iso
 
 
-# --- a relocated kernel with paging (tests/test_placement.py) -----------------------------------------------------
+# --- a relocated kernel with paging (tests/guest/test_placement.py) -----------------------------------------------------
 # MB2_RELOCATABLE with paging: linked at 1 MiB (text R-X, data RW- each a PT_LOAD), asking to be put from 4 MiB on.
 # Running where GRUB put it (paging off, position-independent: %ebp holds runtime - link address), it maps its link
 # addresses to where it really is, text read-only, data writable, plus its running pages identity-mapped for the

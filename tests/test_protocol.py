@@ -1,5 +1,5 @@
 """kgen/protocol.py reaches the kernel: its lines are in the kernel's bytes where the templates put them, and its
-numbers are the constants the templates assemble with; the harness reads the same module (tests/test_boot.py and
+numbers are the constants the templates assemble with; the harness reads the same module (tests/kernel/test_boot.py and
 every KernelSession wait for those lines on a real boot)."""
 from __future__ import annotations
 

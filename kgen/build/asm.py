@@ -11,11 +11,11 @@ those words back off the end. The same trick gives the address of every template
 (kgen/build/dwarf.py): `assemble(..., line_table=True)` puts a local label `.Lkgen_line_N:` before each instruction
 or data line N (not inside a `.macro` or `.rept` body: a macro invocation line owns its whole expansion), reads those
 labels back the same way, and drops the ones that fell into an `.if` branch not taken. A label emits no bytes, so
-the bytes are the same as without them (`tests/test_asm_vs_gas.py` compares them with GNU as, which never sees the
+the bytes are the same as without them (`tests/build/test_asm_vs_gas.py` compares them with GNU as, which never sees the
 labels).
 
 keystone 0.9.2 mis-encodes a few instructions silently (see docs/toolchain.md). `keystone_source` rewrites
-exactly those into the bytes GNU as produces; `tests/test_asm_vs_gas.py` pins every rewrite against binutils.
+exactly those into the bytes GNU as produces; `tests/build/test_asm_vs_gas.py` pins every rewrite against binutils.
 
 One template serves both word sizes: the architecture's selectors (`xax`, `xword ptr`, `.xword`: see kgen/arch)
 are replaced when a unit is parsed, so both assemblers see plain registers. A unit of a 64-bit kernel may hold

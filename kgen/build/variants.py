@@ -3,7 +3,7 @@
 This list is the only place a variant is named. The config's `[variant]` table takes one key per entry and the
 Config one boolean field (kgen/build/config.py); the layout hands each to the templates as the constant NAME in
 capitals (kgen/build/layout.py), 1 when the bug is seeded, so a template wraps the broken code in `.if NAME`; and
-tests/test_variants.py builds every entry and runs the stage named here. Every variant is named for the bug it
+tests/kernel/test_variants.py builds every entry and runs the stage named here. Every variant is named for the bug it
 seeds and is off by default: no constant means "the correct code" when it is 1.
 """
 from __future__ import annotations

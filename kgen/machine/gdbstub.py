@@ -13,7 +13,7 @@ The protocol, as much as is used here (GDB manual, "Remote Protocol"):
   `T02` (SIGINT: we, or QMP `stop`, paused it), `T03`/`W..`/`X..` (the machine shut down, or QEMU is leaving).
 - A lone byte 0x03 (not a packet) asks QEMU to stop the guest; it answers with a stop reply.
 
-What QEMU does with it (QEMU 7.2 gdbstub.c, checked on this machine, see tests/test_foreign_ready.py):
+What QEMU does with it (QEMU 7.2 gdbstub.c, checked on this machine, see tests/harness/test_foreign_ready.py):
 - Connecting pauses a running guest (`vm_stop(RUN_STATE_PAUSED)`); a guest held with `-S` stays held. While a client
   is attached, every later stop of the VM, QMP `stop` included, sends it a stop reply.
 - Under TCG `Z0` and `Z1` are the same thing: the translator checks the CPU's linear PC (EIP with a flat CS) against

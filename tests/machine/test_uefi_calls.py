@@ -6,11 +6,10 @@ import re
 
 import pytest
 
-from conftest import ARCH_BUILDS, needs_grub
+from conftest import ARCH_BUILDS, needs_efi, needs_grub
 from kgen.arch.hw import COM_PORTS, UART_LSR_TX_DONE
 from kgen.harness.session import KernelSession
 from kgen.protocol import CALL_SERIAL
-from test_grub_boot import needs_efi
 
 CALLS = 200     # the stray byte came in about one run of the kernel suite in two, which makes a few hundred calls
 

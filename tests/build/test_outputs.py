@@ -22,7 +22,6 @@ from kgen.build.pipeline import FINGERPRINT_NAME, LOCK_NAME, _current, _digest, 
 from kgen.guest.bootreport import EXIT_SUCCESS
 
 from conftest import needs_grub, needs_qemu, run_kgen, start_kgen
-from test_cli import one_line, short_tmpdir  # noqa: F401 (a fixture)
 
 TEMP_NAMES = re.compile(r"^\.kernel\.(elf|iso)\..*(tmp|partial)$|^\.kgen-build\..*\.tmp$|^\.kgen-probe")
 

@@ -20,7 +20,7 @@ from kgen.build.variants import VARIANTS as ALL_VARIANTS
 import minikernels
 from conftest import ARCH_BUILDS, needs_qemu, run_kgen
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.vm, needs_qemu]
 
 # Every build variant (kgen/build/variants.py), with the suite's stage meant for it (`-k` of the second run below):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ARCH_BUILDS, needs_grub
+from conftest import ARCH_BUILDS, needs_efi, needs_grub
 from kgen.build.iso import GRUB_EFI_MODULES, grub_config, make_boot_iso
 from kgen.errors import ToolMissing
 from kgen.guest.elfinfo import ElfInfo, multiboot2_header_offset
@@ -25,9 +25,6 @@ QEMU = "qemu-system-x86_64"     # OVMF is x86_64 firmware; SeaBIOS boots the sam
 BOOT_TIMEOUT = 120              # GRUB under TCG on a loaded host: ≈10 s with -icount (SeaBIOS), ≈12 s under OVMF
 MODULE_TEXT = "zoo-module-payload"
 
-needs_efi = pytest.mark.skipif(not GRUB_EFI_MODULES.is_dir() or not any(c.is_file() for c, _ in
-                                                                        firmware.OVMF_CANDIDATES),
-                               reason="UEFI needs the Debian packages grub-efi-amd64-bin and ovmf")
 FIRMWARES = ("bios", pytest.param("uefi", marks=needs_efi))
 
 

@@ -15,7 +15,7 @@ message is one line naming one of the keys that were set.
 
 With a VM (marked `vm`): each drawn valid config is built and `kgen test` runs on it. KGEN_CONFIG_EXAMPLES per
 architecture (3 by default, derandomized so CI draws the same configs each run); KGEN_CONFIG_SEED=<n> draws
-another sample, e.g. `KGEN_CONFIG_EXAMPLES=20 KGEN_CONFIG_SEED=1 pytest tests/test_valid_configs.py -k kgen_test`.
+another sample, e.g. `KGEN_CONFIG_EXAMPLES=20 KGEN_CONFIG_SEED=1 pytest tests/build/test_valid_configs.py -k kgen_test`.
 A failure prints the config as a kgen.toml, which `kgen test --config` replays.
 """
 from __future__ import annotations

@@ -5,36 +5,16 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
 
 from kgen import errors
 
-from conftest import needs_qemu, run_kgen, start_kgen
+from conftest import needs_qemu, one_line, run_kgen, start_kgen
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 COMMANDS = ("build", "run", "test")
-
-
-def one_line(result) -> str:
-    """The single stderr line of a refused command; no traceback, nothing on stdout."""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr and result.stdout == "", result.stdout + result.stderr
-    assert lines[0].startswith("kgen: error: "), lines[0]
-    return lines[0]
-
-
-@pytest.fixture
-def short_tmpdir():
-    """A TMPDIR of the test's own to look into afterwards; short, as QEMU's unix socket paths live in it (at most
-    108 bytes: under pytest's long tmp_path a boot fails at launch)."""
-    path = Path(tempfile.mkdtemp(prefix="kgen-t-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def tree(path: Path) -> set[str]:

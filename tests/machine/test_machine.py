@@ -505,7 +505,7 @@ time.sleep(60)
 @vm
 @pytest.mark.parametrize("ending", ["exit", "SIGTERM", "SIGKILL"])
 def test_no_qemu_outlives_its_harness(kernels, ending):
-    harness = subprocess.Popen([sys.executable, "-c", HARNESS, str(Path(__file__).parents[1]), kernels["spin"],
+    harness = subprocess.Popen([sys.executable, "-c", HARNESS, str(Path(__file__).parents[2]), kernels["spin"],
                                 ending], stdout=subprocess.PIPE, text=True)
     try:
         tmpdir, pid = harness.stdout.readline().split()

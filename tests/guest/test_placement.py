@@ -1,7 +1,7 @@
 """Where the kernel really is (issue 21): a loader may put a kernel at a physical address of its own choosing, so the
 ELF's p_paddr are not where it is. The segment check learns the base from the live tables (every PT_LOAD at one
 offset) and judges rights there. Here GRUB moves a Multiboot 2 kernel with the relocatable header tag (and paging:
-MB2_RELOCATED_PAGED maps its link addresses to where it really is); tests/test_limine.py does the same for Limine."""
+MB2_RELOCATED_PAGED maps its link addresses to where it really is); tests/harness/test_limine.py does the same for Limine."""
 from __future__ import annotations
 
 import re

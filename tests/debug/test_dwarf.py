@@ -181,7 +181,7 @@ def test_readelf_decodes_the_table_without_a_warning(built):
 def test_grub_gets_an_alignment_for_every_unloaded_section(built):
     """GRUB 2.06 copies every section with sh_addr 0 into memory, aligned up to its sh_addralign: 0 there puts it
     at physical 0, over the real-mode interrupt vectors, and the boot hangs in GRUB once the DWARF sections' names
-    make `.shstrtab` reach vector 0x10 (tests/test_boot.py boots the ISO)."""
+    make `.shstrtab` reach vector 0x10 (tests/kernel/test_boot.py boots the ISO)."""
     with built.elf.open("rb") as stream:
         unloaded = {sec.name: sec["sh_addralign"] for sec in ELFFile(stream).iter_sections()
                     if sec.name and not sec["sh_addr"] and sec["sh_size"]}
@@ -190,7 +190,7 @@ def test_grub_gets_an_alignment_for_every_unloaded_section(built):
 
 
 def test_line_labels_change_no_byte(built):
-    """Each piece of code assembled with its line labels and without: the same bytes (tests/test_asm_vs_gas.py
+    """Each piece of code assembled with its line labels and without: the same bytes (tests/build/test_asm_vs_gas.py
     compares the labelled bytes with GNU as too)."""
     kernel = built.kernel
     with_lines = 0
