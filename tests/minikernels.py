@@ -1149,7 +1149,7 @@ def limine_kernel(out: Path, name: str = "limine-zoo") -> Path:
 
 
 # limine.conf (Limine 8's syntax): boot the one entry at once, by the Limine protocol.
-LIMINE_CONF = """timeout: 0
+LIMINE_CONF = """timeout: {timeout}
 
 /kgen zoo
     protocol: limine
@@ -1157,10 +1157,11 @@ LIMINE_CONF = """timeout: 0
 """
 
 
-def limine_iso(out: Path, kernel: Path, name: str = "limine.iso") -> Path:
+def limine_iso(out: Path, kernel: Path, name: str = "limine.iso", *, timeout: int = 0) -> Path:
     """A BIOS + UEFI ISO as Limine's USAGE.md makes one (tests/limine/README.md): limine.conf, limine-bios.sys and
     the El Torito images in /boot/limine, BOOTX64.EFI in /EFI/BOOT, the kernel in /boot. The UEFI El Torito image is
-    a FAT holding BOOTX64.EFI, made with mtools in place of Limine's five-architecture limine-uefi-cd.bin."""
+    a FAT holding BOOTX64.EFI, made with mtools in place of Limine's five-architecture limine-uefi-cd.bin.
+    `timeout`: seconds Limine's menu waits (its templates ship 3)."""
     missing = [tool for tool in ("xorriso", "mformat", "mmd", "mcopy") if shutil.which(tool) is None]
     if missing:
         pytest.skip(f"{', '.join(missing)} not installed (Debian packages xorriso, mtools)")
@@ -1172,7 +1173,7 @@ def limine_iso(out: Path, kernel: Path, name: str = "limine.iso") -> Path:
     for binary in ("limine-bios.sys", "limine-bios-cd.bin"):
         shutil.copy(LIMINE_DIR / binary, root / "boot" / "limine" / binary)
     shutil.copy(LIMINE_DIR / "BOOTX64.EFI", root / "EFI" / "BOOT" / "BOOTX64.EFI")
-    (root / "boot" / "limine" / "limine.conf").write_text(LIMINE_CONF.format(kernel=kernel.name))
+    (root / "boot" / "limine" / "limine.conf").write_text(LIMINE_CONF.format(kernel=kernel.name, timeout=timeout))
     fat = root / "boot" / "limine" / "limine-uefi-cd.bin"
     for command in (["mformat", "-i", fat, "-C", "-f", "1440", "::"], ["mmd", "-i", fat, "::/EFI", "::/EFI/BOOT"],
                     ["mcopy", "-i", fat, LIMINE_DIR / "BOOTX64.EFI", "::/EFI/BOOT/BOOTX64.EFI"]):

@@ -19,7 +19,7 @@ from kgen.build.iso import grub_platforms, make_boot_iso
 from kgen.errors import KgenError, MachineError, UsageError
 from kgen.guest.elfinfo import ElfInfo
 from kgen.harness.bootnames import BOOT_METHODS, FIRMWARES
-from kgen.harness.image import is_iso
+from kgen.harness.image import holds_grub, is_iso
 from kgen.harness.qemucommand import adapt
 from kgen.harness.qemuargs import drives_copy_on_write, initrd_args, qemu_refusal
 from kgen.machine import Machine
@@ -36,6 +36,9 @@ class DirectMultiboot:
     modules: tuple[str, ...] = ()       # FILE[,ARGS] as --module takes them
     qemu_args: tuple[str, ...] = ()     # the user's own QEMU arguments
     name: ClassVar[str] = "direct"
+    # Whether a loader of the author's (not QEMU's, not a GRUB kgen set up) loads the kernel: it may boot another file
+    # than the ELF given, and it may halt or idle before the kernel runs (kgen/harness/ready.py in_kernel_only).
+    loads_its_own: ClassVar[bool] = False
 
     def problem(self, elf: ElfInfo) -> str | None:
         """What stops this path from booting `elf`, or None (QEMU may still refuse it: `launch_refusing`)."""
@@ -71,6 +74,7 @@ class GrubBoot:
     qemu_args: tuple[str, ...] = ()
     firmware: str = "bios"              # or "uefi"
     name: ClassVar[str] = "grub"
+    loads_its_own: ClassVar[bool] = False
 
     def problem(self, elf: ElfInfo) -> str | None:
         headers = elf.multiboot_headers()
@@ -115,6 +119,7 @@ class QemuCommandBoot:
     command: str
     memory_mib: int = DEFAULT_MEMORY_MIB      # the command's -m
     name: ClassVar[str] = "qemu-command"
+    loads_its_own: ClassVar[bool] = True
 
     @classmethod
     def from_command(cls, command: str) -> QemuCommandBoot:
@@ -150,6 +155,7 @@ class ImageBoot:
     qemu_args: tuple[str, ...] = ()
     firmware: str = "bios"
     name: ClassVar[str] = "image"
+    loads_its_own: ClassVar[bool] = True
 
     def problem(self, elf: ElfInfo) -> str | None:
         return None     # whether the image boots this ELF shows once it runs (KernelUnderTest: the loaded bytes)
@@ -163,9 +169,10 @@ class ImageBoot:
                         disks_writable: bool = False) -> dict:
         media = {"iso": self.image} if is_iso(self.image) else {"disk": self.image}
         extra = self.qemu_args if disks_writable else drives_copy_on_write(self.qemu_args)
+        # -icount for GRUB's sake only: under it Limine's BIOS menu timeout never runs out (seen with Limine 8.2).
         return dict(**media, firmware=self.firmware, accel=accel, poison=poison, qemu=self.qemu_for(qemu),
                     memory_mib=self.memory_mib, extra_args=extra,
-                    icount=grub_icount(True, self.firmware, accel))
+                    icount=grub_icount(holds_grub(self.image), self.firmware, accel))
 
     def describe(self) -> str:
         kind = "CD-ROM" if is_iso(self.image) else "first disk"

@@ -173,10 +173,6 @@ def foreign_kernel_from_args(args) -> KernelUnderTest:
     return kernel
 
 
-# Ways in whose loader is the author's, not kgen's: the ELF given may not be the file they load.
-LOADS_ITS_OWN = ("image", "qemu-command")
-
-
 def checked_kernel(args) -> KernelUnderTest:
     """The kernel `kgen test` and `kgen inspect` look at, ready to boot: --kernel's, its options checked and QEMU
     asked once whether it takes it; or kgen's own, built from the config (and an option only --kernel takes refused
@@ -190,6 +186,8 @@ def checked_kernel(args) -> KernelUnderTest:
         return kernel
     used = [attr for key, attr in FOREIGN_OPTIONS.items()
             if key not in ("boot_only_segments", "firmware") and getattr(args, attr, None)]
+    if "qemu_command" in used:
+        used.insert(0, used.pop(used.index("qemu_command")))     # the one the others follow from
     if used:
         raise UsageError(f"--{used[0].replace('_', '-')} is for a kernel given with --kernel; a kgen kernel "
                          "takes its machine from the config")
@@ -206,12 +204,14 @@ def check_boots(kernel: KernelUnderTest, accel: str) -> None:
     try:
         with boot(kernel, accel, cold=True) as live:
             # A loader of the author's (--image, --qemu-command) may boot another file than the ELF given.
-            elsewhere = (kernel_not_in_memory(live.view(), kernel.elf_path) if kernel.boot.name in LOADS_ITS_OWN
+            elsewhere = (kernel_not_in_memory(live.view(), kernel.elf_path) if kernel.boot.loads_its_own
                          else None)
     except RunFailed as err:
         sys.stdout.flush()
         print(err.details(), file=sys.stderr)
-        failed = KgenError(f"--kernel {kernel.elf_path.name} did not boot to a state the checks can look at: {err}",
+        what = (f"--image {kernel.boot.image.name}" if kernel.boot.name == "image"
+                else f"--kernel {kernel.elf_path.name}")
+        failed = KgenError(f"{what} did not boot to a state the checks can look at: {err}",
                            exit_code=EXIT_CHECKS_FAILED)
         failed.failure = err.failure        # for the --json report
         raise failed from None

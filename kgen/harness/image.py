@@ -7,6 +7,7 @@ copied out with xorriso (the tool that makes kgen's own ISOs) into kgen's cache.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import shutil
@@ -73,6 +74,16 @@ def find_kernel(image: Path, cache: Path) -> FoundKernel | None:
             continue
         return FoundKernel(inside, config, copy)
     return None
+
+
+@functools.lru_cache(maxsize=16)
+def _listing(image: Path, mtime_ns: int) -> frozenset[str]:
+    return frozenset(_files(image))
+
+
+def holds_grub(image: Path) -> bool:
+    """Whether the image is an ISO whose loader is GRUB (it has a GRUB configuration)."""
+    return is_iso(image) and any(config in _listing(image, image.stat().st_mtime_ns) for config in GRUB_CONFIGS)
 
 
 def _kernel_path(text: str, grub: bool) -> str | None:

@@ -89,7 +89,7 @@ def boot(kernel: KernelUnderTest, accel: str = "tcg", *, poison: bytes | None = 
 
     def ready(machine) -> None:
         try:
-            wait_booted(machine, kernel.ready, timeout, kernel.elf)
+            wait_booted(machine, kernel.ready, timeout, kernel.elf, in_kernel_only=kernel.boot.loads_its_own)
         except MachineError as err:
             raise RunFailed(explain(machine, kernel.elf, err)) from err
 

@@ -155,7 +155,8 @@ def resolve_ready_at(elf: ElfInfo, text: str) -> ReadyAt:
     return ReadyAt(text, tuple(dict.fromkeys([sym.value, *loads])))
 
 
-def wait_booted(machine, ready: Ready, timeout: float, elf: ElfInfo | None = None) -> str:
+def wait_booted(machine, ready: Ready, timeout: float, elf: ElfInfo | None = None, *,
+                in_kernel_only: bool = False) -> str:
     """Wait until a foreign kernel is ready to be looked at; return how it got there, or raise `MachineError`.
 
     `ready` (a `Ready`) says when: its text on COM1; the CPU staying inside its symbol, a function of `elf`
@@ -167,7 +168,11 @@ def wait_booted(machine, ready: Ready, timeout: float, elf: ElfInfo | None = Non
     interrupts off (nothing can wake it: final at once, paging on or off), or halted with interrupts on and paging
     on at the same instruction IDLE_SETTLE seconds apart (an idle loop). A CPU spinning on a jump to itself with
     interrupts off (`for(;;);` at the end of a panic) is as final as that halt (`SelfJumpWatch`). A final state
-    before the text appeared, or outside the symbol, is reported at once too."""
+    before the text appeared, or outside the symbol, is reported at once too.
+
+    `in_kernel_only`: the machine runs a loader of its own (an author's image, their QEMU command line) that may halt
+    or idle before the kernel is even loaded (a boot menu's timeout): halted and idle count only with the CPU in the
+    code of `elf`."""
     at = ready.get("at")
     if at is not None:
         return _wait_breakpoint(machine, at, timeout, elf)
@@ -194,8 +199,9 @@ def wait_booted(machine, ready: Ready, timeout: float, elf: ElfInfo | None = Non
         if symbol is not None:
             found = elf.symbol_at(regs.eip) if elf is not None else None
             here = symbol if found is not None and found.name == symbol else None
+        in_kernel = not in_kernel_only or elf is None or in_code(elf, regs.eip)
         spinning = spin.sample(regs)
-        if (regs.halted or spinning) and not regs.eflags & EFLAGS_IF:
+        if (regs.halted or spinning) and not regs.eflags & EFLAGS_IF and in_kernel:
             final = "halted with interrupts off" if regs.halted else f"is {spinning}"
             if symbol is None and text is None and vga is None:
                 return f"{final}, paging {paging}"     # final: nothing will change any more
@@ -212,7 +218,7 @@ def wait_booted(machine, ready: Ready, timeout: float, elf: ElfInfo | None = Non
             mark = _tables_fingerprint(machine, regs) if regs.cr0 & CR0_PG else None
         elif symbol is not None:
             mark = here
-        elif text is None and vga is None and regs.halted and regs.cr0 & CR0_PG:
+        elif text is None and vga is None and regs.halted and regs.cr0 & CR0_PG and in_kernel:
             mark = regs.eip
         else:
             mark = None
@@ -231,12 +237,18 @@ def wait_booted(machine, ready: Ready, timeout: float, elf: ElfInfo | None = Non
             if faultloop.probe(machine) is not None:
                 raise MachineError("the kernel took the same exception over and over: a fault loop")
         if now >= deadline:
-            raise MachineError(f"{ready.missed()} within {timeout:g} s (last seen: "
+            where = " in the kernel's code" if in_kernel_only and ready.kind is None else ""
+            raise MachineError(f"{ready.missed()}{where} within {timeout:g} s (last seen: "
                                f"{'halted' if regs.halted else 'running'}, interrupts "
                                f"{'on' if regs.eflags & EFLAGS_IF else 'off'}, paging {paging}); pass --ready "
                                f"TEXT, --ready-vga TEXT, --ready-at SYMBOL or --ready-symbol SYMBOL, or a longer "
                                f"--boot-timeout")
         time.sleep(IDLE_POLL)
+
+
+def in_code(elf: ElfInfo, ip: int) -> bool:
+    """Whether `ip` lies in an executable segment of `elf`, at its link address."""
+    return any(seg.executable and seg.vaddr <= ip < seg.vaddr + seg.memsz for seg in elf.segments)
 
 
 def _arrives(machine, text: str, grace: float) -> bool:

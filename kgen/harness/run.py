@@ -133,7 +133,7 @@ def run(args) -> int:
     with _shut_down_after(machine):
         try:
             if args.kernel is not None:
-                stopped = _foreign_stop(machine, elf, ready, args.timeout)
+                stopped = _foreign_stop(machine, elf, ready, args.timeout, boot.loads_its_own)
                 if stopped is not None:
                     _end_kernel_line(machine)
                     print(f"kgen: {stopped}", file=sys.stderr)
@@ -189,12 +189,12 @@ def _shut_down_after(machine):
         machine.shutdown()
 
 
-def _foreign_stop(machine, elf: ElfInfo, ready: Ready, timeout: float) -> str | None:
+def _foreign_stop(machine, elf: ElfInfo, ready: Ready, timeout: float, in_kernel_only: bool = False) -> str | None:
     """For a kernel given with --kernel: the line saying it stopped cleanly (ready as `ready` says, or halted as
     `kgen test` waits for), or None when QEMU exited first (its status is then judged as for any kernel). A
     kernel that gets neither far raises the MachineError `explain` reads."""
     try:
-        how = wait_booted(machine, ready, timeout, elf)
+        how = wait_booted(machine, ready, timeout, elf, in_kernel_only=in_kernel_only)
     except MachineError:
         if machine.status() == "exited":
             return None

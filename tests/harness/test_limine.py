@@ -73,6 +73,20 @@ def test_a_limine_iso_is_booted_and_its_kernel_found_through_limine_conf(zoo, fi
     assert zoo["iso"].read_bytes() == before        # never written
 
 
+@pytest.mark.parametrize("firmware_name", FIRMWARES)
+def test_a_limine_menu_that_waits_is_not_taken_for_the_kernel(zoo, tmp_path, firmware_name):
+    # Limine's templates wait 3 s in their menu. Under BIOS that wait ran forever with the -icount GRUB needs, and
+    # under UEFI the loader idling in it looked like a booted kernel: without --ready the checks then ran before the
+    # kernel was even loaded. Now halted or idle counts only in the kernel's own code, and -icount is GRUB's alone.
+    iso = limine_iso(tmp_path, zoo["kernel"], "menu.iso", timeout=3)
+    result = run_kgen("test", "--image", str(iso), "--firmware", firmware_name, "-j", "1", "-k",
+                      "segments or below_the_kernel_base", "--", "-v")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "error" not in result.stderr, result.stderr
+    seen = outcomes(result.stdout)
+    assert seen[SEGMENTS] == "PASSED" and seen[BELOW] == "FAILED", result.stdout
+
+
 def test_the_kernel_given_with_the_limine_iso_is_judged_the_same(zoo):
     result = run_kgen("test", "--image", str(zoo["iso"]), "--kernel", str(zoo["kernel"]), "--ready", LIMINE_READY,
                       "-j", "1", "-k", "segments or below_the_kernel_base", "--", "-v", "-rP")
