@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from kgen.errors import (EXIT_INTERRUPTED, EXIT_USAGE, KgenError, exit_codes_text)
@@ -347,6 +349,7 @@ def output_folder() -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    own_process = argv is None      # the kgen program itself, not a caller running it in its own process
     argv = list(sys.argv[1:] if argv is None else argv)
     stdout = sys.stdout
     if stdout is not None:
@@ -361,6 +364,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     finally:
         sys.stdout = stdout
+        if own_process and threading.current_thread() is threading.main_thread():
+            # The work is over and its status decided: a Ctrl-C between here and the process's exit would end it by
+            # the signal instead (status -2), a finished build reported as killed.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 if __name__ == "__main__":
