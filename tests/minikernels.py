@@ -638,6 +638,25 @@ def init_spin(out: Path, name: str, *, spin: int = 0, needs_mib: int = 0) -> Pat
 # An ELF64 booted by QEMU's -kernel through the Multiboot header's address fields (flag bit 16): 32-bit entry, PAE
 # with EFER.LME, one 2 MiB identity page (writable, so its text is too: a true finding), PML4[511] recursive, long
 # mode, print and halt.
+# From 32-bit protected mode with `pml4` built: PAE, CR3, EFER.LME, paging with WP, the 64-bit GDT (`gdtr`), and a far
+# jump to the label long_mode that follows.
+ENTER_LONG_MODE = r"""    mov %cr4, %eax
+    or $0x20, %eax                      /* PAE */
+    mov %eax, %cr4
+    mov $pml4, %eax
+    mov %eax, %cr3
+    mov $0xC0000080, %ecx               /* EFER.LME */
+    rdmsr
+    or $0x100, %eax
+    wrmsr
+    mov %cr0, %eax
+    or $0x80010001, %eax                /* PG | WP | PE */
+    mov %eax, %cr0
+    lgdt gdtr
+    ljmp $0x08, $long_mode
+.code64
+long_mode:"""
+
 ELF64_MULTIBOOT = rf"""
 .set FLAGS, 0x00010003
 .text
@@ -658,22 +677,7 @@ _start:
     movl $(pd + 3), pdpt
     movl $0x83, pd                      /* 2 MiB at 0: P RW PS */
     movl $(pml4 + 3), pml4 + 511 * 8
-    mov %cr4, %eax
-    or $0x20, %eax                      /* PAE */
-    mov %eax, %cr4
-    mov $pml4, %eax
-    mov %eax, %cr3
-    mov $0xC0000080, %ecx               /* EFER.LME */
-    rdmsr
-    or $0x100, %eax
-    wrmsr
-    mov %cr0, %eax
-    or $0x80010001, %eax                /* PG | WP | PE */
-    mov %eax, %cr0
-    lgdt gdtr
-    ljmp $0x08, $long_mode
-.code64
-long_mode:
+{ENTER_LONG_MODE}
     lea ready64(%rip), %rsi
 1:  lodsb
     test %al, %al
@@ -835,22 +839,7 @@ _start:
     movl $(pd + 3), pdpt_low
     movl $(pd + 3), pdpt_high + 510 * 8
     movl $0x83, pd                      /* 2 MiB at physical 0: P RW PS */
-    mov %cr4, %eax
-    or $0x20, %eax                      /* PAE */
-    mov %eax, %cr4
-    mov $pml4, %eax
-    mov %eax, %cr3
-    mov $0xC0000080, %ecx               /* EFER.LME */
-    rdmsr
-    or $0x100, %eax
-    wrmsr
-    mov %cr0, %eax
-    or $0x80010001, %eax                /* PG | WP | PE */
-    mov %eax, %cr0
-    lgdt gdtr
-    ljmp $0x08, $long_mode
-.code64
-long_mode:
+{ENTER_LONG_MODE}
     movabs $higher_half, %rax           /* by its linked address: a relative jump would stay low */
     jmp *%rax
 .section .boot.data, "aw"
