@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Union
 
+from kgen import protocol
 from kgen.arch import I386, X86_64, Arch
 from kgen.build.iso import grub_platforms, make_boot_iso
 from kgen.errors import KgenError, MachineError, UsageError
@@ -25,6 +26,12 @@ from kgen.harness.qemuargs import drives_copy_on_write, initrd_args, qemu_refusa
 from kgen.machine import Machine
 
 DEFAULT_MEMORY_MIB = 128
+
+
+def users_args(qemu_args: tuple[str, ...], disks_writable: bool) -> tuple[str, ...]:
+    """The user's --qemu-arg arguments: their disks copy-on-write unless `disks_writable` (`kgen run`: there the
+    guest's writes are the user's to keep)."""
+    return tuple(qemu_args) if disks_writable else drives_copy_on_write(qemu_args)
 
 
 @dataclass(frozen=True)
@@ -48,7 +55,7 @@ class DirectMultiboot:
                         disks_writable: bool = False) -> dict:
         """Machine(...) arguments that boot `elf_path` this way; the user's disks copy-on-write unless
         `disks_writable` (`kgen run`: there the guest's writes are the user's to keep)."""
-        extra = initrd_args(self.modules) + (self.qemu_args if disks_writable else drives_copy_on_write(self.qemu_args))
+        extra = initrd_args(self.modules) + users_args(self.qemu_args, disks_writable)
         return dict(kernel=elf_path, accel=accel, poison=poison, qemu=qemu, memory_mib=self.memory_mib,
                     append=self.append, extra_args=extra)
 
@@ -87,7 +94,7 @@ class GrubBoot:
     def machine_options(self, elf_path: Path, *, qemu: str, accel: str, poison: bytes | None,
                         disks_writable: bool = False) -> dict:
         iso = self.iso(elf_path)
-        extra = self.qemu_args if disks_writable else drives_copy_on_write(self.qemu_args)
+        extra = users_args(self.qemu_args, disks_writable)
         return dict(iso=iso, firmware=self.firmware, accel=accel, poison=poison,
                     qemu=self.qemu_for(qemu), memory_mib=self.memory_mib,
                     extra_args=extra, icount=grub_icount(True, self.firmware, accel))
@@ -168,7 +175,7 @@ class ImageBoot:
     def machine_options(self, elf_path: Path, *, qemu: str, accel: str, poison: bytes | None,
                         disks_writable: bool = False) -> dict:
         media = {"iso": self.image} if is_iso(self.image) else {"disk": self.image}
-        extra = self.qemu_args if disks_writable else drives_copy_on_write(self.qemu_args)
+        extra = users_args(self.qemu_args, disks_writable)
         # -icount for GRUB's sake only: under it Limine's BIOS menu timeout never runs out (seen with Limine 8.2).
         return dict(**media, firmware=self.firmware, accel=accel, poison=poison, qemu=self.qemu_for(qemu),
                     memory_mib=self.memory_mib, extra_args=extra,
@@ -180,6 +187,14 @@ class ImageBoot:
 
 
 BootPath = Union[DirectMultiboot, GrubBoot, QemuCommandBoot, ImageBoot]
+
+
+def serving_boot(memory_mib: int, firmware: str | None = None) -> BootPath:
+    """How kgen's own kernel is booted to serve calls: QEMU's -kernel with the serve token as its command line, or
+    under UEFI (OVMF takes no -kernel) GRUB's EFI build loading the same ELF with the token on GRUB's line."""
+    if firmware == "uefi":
+        return GrubBoot("multiboot", memory_mib, protocol.SERVE_TOKEN, firmware="uefi")
+    return DirectMultiboot(memory_mib, protocol.SERVE_TOKEN)
 
 
 def grub_icount(iso: bool, firmware: str, accel: str) -> bool:

@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kgen import protocol
 from kgen.arch import Arch
 from kgen.build import config as configmod
 from kgen.build.layout import Layout, compute
@@ -14,7 +13,7 @@ from kgen.build.pipeline import build, current_elf
 from kgen.errors import KgenError
 from kgen.guest.bootreport import BOOT_OK
 from kgen.guest.elfinfo import ElfInfo
-from kgen.harness.bootpath import BootPath, DirectMultiboot, GrubBoot, boot_path_for, launch_refusing
+from kgen.harness.bootpath import BootPath, DirectMultiboot, boot_path_for, launch_refusing, serving_boot
 from kgen.harness.ready import Ready
 from kgen.machine import Machine
 
@@ -50,9 +49,7 @@ class KernelUnderTest:
         # stamp names the ELF's bytes too, so an ELF another build left beside it is not taken for this config's.
         elf = current_elf(config, out_dir) or build(config, out_dir, iso=False, force=False).elf
         layout = compute(config)
-        boot = (GrubBoot("multiboot", layout.memory_mib, protocol.SERVE_TOKEN, firmware="uefi") if firmware == "uefi"
-                else DirectMultiboot(layout.memory_mib))
-        return cls(elf, ElfInfo.load(elf), layout, boot)
+        return cls(elf, ElfInfo.load(elf), layout, serving_boot(layout.memory_mib, firmware))
 
     @classmethod
     def foreign(cls, elf_path: Path, ready: str | None = None, *, boot: BootPath | None = None,

@@ -14,7 +14,7 @@ from kgen.errors import MachineError
 from kgen.guest.calls import CallChannel, CallResult
 from kgen.guest.diagnose import RunFailed, explain
 from kgen.guest.elfinfo import ElfInfo
-from kgen.harness.bootpath import GrubBoot
+from kgen.harness.bootpath import serving_boot
 from kgen.machine.snapshot import fresh_machine
 
 BOOT_TIMEOUT = 60.0
@@ -24,19 +24,13 @@ class KernelSession:
     def __init__(self, elf_path, layout: Layout, *, accel: str = "tcg", poison=None, memory_mib: int | None = None,
                  icount: bool = False, echo_serial: bool = False, extra_args=(), ram_file: bool = True,
                  cold: bool | None = None, firmware: str = "bios"):
+        # firmware "uefi": booted through GRUB under OVMF (bootpath.serving_boot), the same ELF and serve token.
         self.elf_path = elf_path
         self.layout = layout
         self.elf = ElfInfo.load(elf_path)
-        self.options = dict(kernel=elf_path, append=protocol.SERVE_TOKEN, accel=accel, poison=poison,
-                            memory_mib=memory_mib or layout.memory_mib, icount=icount, ram_file=ram_file,
-                            echo_serial=echo_serial, extra_args=tuple(extra_args), qemu=layout.arch.qemu)
-        if firmware == "uefi":
-            # OVMF cannot take a -kernel: GRUB's EFI build loads the same ELF with the serve token on its
-            # command line, from an ISO made around it (kgen/harness/bootpath.py GrubBoot).
-            grub = GrubBoot("multiboot", memory_mib or layout.memory_mib, protocol.SERVE_TOKEN, firmware="uefi")
-            del self.options["kernel"], self.options["append"]
-            self.options.update(grub.machine_options(Path(elf_path), qemu=layout.arch.qemu, accel=accel,
-                                                     poison=poison), icount=icount)
+        boot = serving_boot(memory_mib or layout.memory_mib, firmware)
+        self.options = dict(boot.machine_options(Path(elf_path), qemu=layout.arch.qemu, accel=accel, poison=poison),
+                            icount=icount, ram_file=ram_file, echo_serial=echo_serial, extra_args=tuple(extra_args))
         self.cold = cold        # None: the process's choice (kgen.machine.snapshot); True: always boot cold
         self.machine = None
         self.channel: CallChannel | None = None
