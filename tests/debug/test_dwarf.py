@@ -169,8 +169,9 @@ def test_readelf_decodes_the_table_without_a_warning(built):
     template line of its first instruction."""
     if shutil.which("readelf") is None:
         pytest.skip("readelf not installed (Debian package binutils)")
-    result = subprocess.run(["readelf", "--debug-dump=info,abbrev,rawline,decodedline,Ranges", str(built.elf)],
-                            capture_output=True, text=True)
+    # --wide: without it readelf cuts a file name longer than its column from the left (a checkout's long path).
+    result = subprocess.run(["readelf", "--wide", "--debug-dump=info,abbrev,rawline,decodedline,Ranges",
+                             str(built.elf)], capture_output=True, text=True)
     assert result.returncode == 0 and result.stderr == "" and "warning" not in result.stdout.lower(), result.stderr
     path, lines, number, rest = label_definitions(built.kernel.layout.arch)["kmain"]
     kmain = built.kernel.image.symbol("kmain").value
