@@ -5,6 +5,8 @@ The exit codes are the same for `kgen build`, `kgen run` and `kgen test` (`kgen 
 tool, nor an interrupt for a bad config.
 """
 
+import argparse
+
 EXIT_OK = 0
 EXIT_CHECKS_FAILED = 1      # kgen test: a check of the kernel failed
 EXIT_USAGE = 2              # a bad command line, config value or output directory (argparse uses 2 too)
@@ -86,3 +88,31 @@ class ImageTooLarge(LinkError):
                          "raise kernel.max_size")
         self.needed = needed
         self.limit = limit
+
+
+def input_file_problem(path) -> str | None:
+    """Why `path`, named as a file for kgen to read (a kernel, a module, a config), cannot be one, or None if it is a
+    regular file. A fifo or a device would block or never end (/dev/zero read until memory runs out)."""
+    import os
+    import stat
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "no such file"
+    except OSError as err:
+        return err.strerror or str(err)
+    if stat.S_ISDIR(mode):
+        return "not a file (a directory)"
+    if not stat.S_ISREG(mode):
+        return "not a regular file (a fifo, a device or a socket): give the file itself"
+    return None
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one line, as every other bad input is (argparse prints usage first)."""
+
+    def error(self, message: str):
+        if message.endswith("expected one argument"):
+            # argparse takes a value beginning with "-" for an option: `--qemu-arg -S` must be `--qemu-arg=-S`.
+            message += "; a value that begins with '-' is written with '=' (--option=-value)"
+        self.exit(EXIT_USAGE, f"kgen: error: {self.prog}: {message} (see {self.prog} --help)\n")

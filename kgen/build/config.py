@@ -34,6 +34,7 @@ ranges) belong to `layout.py`, which turns a Config into addresses.
 """
 from __future__ import annotations
 
+import datetime
 import math
 import re
 import sys
@@ -43,7 +44,7 @@ from pathlib import Path
 
 from kgen.arch import ARCHES, I386, named
 from kgen.build.variants import VARIANT_NAMES
-from kgen.errors import ConfigError
+from kgen.errors import ConfigError, input_file_problem
 
 DEFAULT_CONFIG_NAME = "kgen.toml"
 # The values that differ between architectures are the architecture record's; the Config defaults are i386's.
@@ -271,13 +272,19 @@ def show_value(value, decimal: bool = True) -> str:
     if isinstance(value, dict):
         items = [f"{show_key_part(k)} = {show_value(v, decimal)}" for k, v in list(value.items())[:3]]
         return "{" + ", ".join(items) + (f", … ({len(value)} keys)}}" if len(value) > 3 else "}")
-    shown = repr(value)         # floats, dates and times: short by nature
+    if isinstance(value, (datetime.date, datetime.time)):     # as TOML writes them, not as Python's repr
+        return value.isoformat()
+    shown = repr(value)         # floats: short by nature
     return shown if len(shown) <= 2 * SHOWN_CHARS else shown[:2 * SHOWN_CHARS] + "…"
 
 
 def show_key_part(part: str) -> str:
     """One part of a dotted key: bare when TOML allows it bare, else quoted with escapes."""
-    return part if _BARE_KEY.fullmatch(part) else show_text(part)
+    if not _BARE_KEY.fullmatch(part):
+        return show_text(part)
+    if len(part) <= 2 * SHOWN_CHARS:
+        return part
+    return f"{part[:SHOWN_CHARS]}…{part[-SHOWN_CHARS // 2:]} ({len(part)} characters)"
 
 
 def show_key(*parts: str) -> str:
@@ -343,6 +350,10 @@ def load(path: Path | None, arch: str | None = None) -> Config:
     return config if arch is None else config.with_arch(arch)
 
 
+# A config is a few dozen lines; a file far larger is the wrong file (read whole, it could exhaust memory).
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def _load(path: Path | None) -> Config:
     if path is None:
         default = Path(DEFAULT_CONFIG_NAME)
@@ -350,6 +361,12 @@ def _load(path: Path | None) -> Config:
             return Config()
         path = default
     where = show_path(path)
+    problem = input_file_problem(path)
+    if problem is not None and problem != "no such file":
+        raise ConfigError(f"{where}: cannot read config: {problem}")
+    if problem is None and Path(path).stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{where}: {Path(path).stat().st_size} bytes: a kgen config is a few lines of TOML (at most "
+                          f"{MAX_CONFIG_BYTES} bytes); is this the right file?")
     try:
         raw = Path(path).read_bytes()
     except OSError as err:

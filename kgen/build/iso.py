@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from kgen.errors import KgenError, ToolMissing, UsageError
+from kgen.errors import KgenError, ToolMissing, UsageError, input_file_problem
 from kgen.build.resources import boot_dir
 
 GRUB_PC_MODULES = Path("/usr/lib/grub/i386-pc")
@@ -101,8 +101,9 @@ def make_boot_iso(kernel_elf: Path, directory: Path, *, protocol: str, modules: 
     sources = []
     for index, spec in enumerate(modules):
         path, _, args = spec.partition(",")
-        if not Path(path).is_file():
-            raise UsageError(f"--module {spec}: {path!r} is no such file")
+        problem = input_file_problem(path)
+        if problem:
+            raise UsageError(f"--module {spec}: {path!r}: {problem}")
         sources.append((Path(path), f"/modules/{index}-{Path(path).name}", args))
     kernel_in_iso = f"/kernel/{kernel_elf.name}"
     config = grub_config(protocol, kernel_in_iso, append, [(inside, args) for _, inside, args in sources])

@@ -116,6 +116,7 @@ class Layout:
     user_null_calls: int = 0x100       # system calls user_null_calls makes (kgen.harness.bench_aspace)
     # What the boot stub keeps of the Multiboot information before the identity mapping goes away.
     boot_mmap_max_entries: int = 32
+    pmm_reserved_intervals: int = 2     # [start, end) pairs pmm_init keeps out of the free stack (image, boot tables)
     boot_mmap_entry_size: int = 24     # base (8), length (8), type (4), padding (4)
     boot_cmdline_max: int = 256
     # The PIC's interrupts (the call channel's IRQ wakes the serving kernel; kgen/protocol.py has the channel).
@@ -367,7 +368,7 @@ class Layout:
             "TEMPMAP_PTES": self.entry_address(self.tempmap_base, self.arch.levels - 1),
             "PMM_LOWEST": hw.LOW_MEMORY_END,
             "PMM_HIGHEST_END": FOUR_GIB - self.page_size,
-            "PMM_RESERVED_INTERVALS": 2,
+            "PMM_RESERVED_INTERVALS": self.pmm_reserved_intervals,
             "VMM_BASE": self.vmm_base,
             "VMM_END": self.vmm_base + self.vmm_size,
             "VMM_PAGES": self.vmm_size // self.page_size,

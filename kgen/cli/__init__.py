@@ -7,6 +7,8 @@ extension takes ~0.2 s) must land inside `main`'s handler, not in the interprete
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import math
 import os
 import signal
@@ -14,7 +16,7 @@ import sys
 import threading
 from pathlib import Path
 
-from kgen.errors import (EXIT_INTERRUPTED, EXIT_USAGE, KgenError, exit_codes_text)
+from kgen.errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, KgenError, OneLineParser, exit_codes_text)
 
 # The default output folder. It was build/ until this release; a build/ that holds a kgen build and no out/ beside it
 # is still used, with a note (`output_folder`), so a checkout's old `kgen run` keeps finding its kernel. build/ read
@@ -22,13 +24,6 @@ from kgen.errors import (EXIT_INTERRUPTED, EXIT_USAGE, KgenError, exit_codes_tex
 DEFAULT_OUT = Path("out")
 OLD_DEFAULT_OUT = Path("build")
 DEFAULT_TIMEOUT = 30.0
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad command line is one line, as every other bad input is (argparse prints usage first)."""
-
-    def error(self, message: str):
-        self.exit(EXIT_USAGE, f"kgen: error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def positive_seconds(text: str) -> float:
@@ -53,6 +48,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def nonempty_text(text: str) -> str:
+    """A text to wait for or a symbol to stop at: an empty one would match at once or nothing ([foreign] refuses
+    it too)."""
+    if text == "":
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 def segment_index(text: str) -> int:
     """--boot-only-segment: a program-header index, as `readelf -l` numbers them (its range is the ELF's to judge)."""
     try:
@@ -65,9 +68,19 @@ def segment_index(text: str) -> int:
     return value
 
 
+# More parallel machines than this is no plan but a typo: each is a QEMU with its RAM, and pytest-xdist would try to
+# start them all (-j 99999999999 ended in MemoryError).
+MAX_JOBS = 256
+
+
 def jobs(text: str) -> str:
     """-j: how many machines at once; pytest-xdist's own refusal would be a usage screen, not one line."""
-    if text in ("auto", "logical") or (text.isdigit() and text.isascii()):
+    if text in ("auto", "logical"):
+        return text
+    if text.isdigit() and text.isascii():
+        if int(text) > MAX_JOBS:
+            raise argparse.ArgumentTypeError(f"{text}: at most {MAX_JOBS} parallel machines (each is a QEMU with its "
+                                             "own RAM); give fewer, or auto (one per core)")
         return text
     raise argparse.ArgumentTypeError(f"{text!r}: give a number of parallel machines, or auto")
 
@@ -83,13 +96,13 @@ def _add_config_args(p: argparse.ArgumentParser):
 
 def _add_foreign_boot_args(p: argparse.ArgumentParser):
     """How to boot a kernel given with --kernel, and when it counts as booted (kgen/harness/bootpath.py, ready.py)."""
-    p.add_argument("--ready", metavar="TEXT", help="with --kernel: COM1 text the kernel prints once booted (default: "
+    p.add_argument("--ready", type=nonempty_text, metavar="TEXT", help="with --kernel: COM1 text the kernel prints once booted (default: "
                    "booted when it halts with interrupts off, or idles in hlt with paging on)")
-    p.add_argument("--ready-symbol", metavar="SYMBOL", help="with --kernel: booted once the CPU stays inside this "
+    p.add_argument("--ready-symbol", type=nonempty_text, metavar="SYMBOL", help="with --kernel: booted once the CPU stays inside this "
                    "function of the ELF (its idle or busy loop), found by sampling EIP")
-    p.add_argument("--ready-at", metavar="SYMBOL", help="with --kernel: stop the CPU the first time it reaches this "
+    p.add_argument("--ready-at", type=nonempty_text, metavar="SYMBOL", help="with --kernel: stop the CPU the first time it reaches this "
                    "symbol of the ELF (or 0x address), by a breakpoint through QEMU's gdbstub")
-    p.add_argument("--ready-vga", metavar="TEXT", help="with --kernel: booted once the VGA text screen (0xB8000) "
+    p.add_argument("--ready-vga", type=nonempty_text, metavar="TEXT", help="with --kernel: booted once the VGA text screen (0xB8000) "
                    "shows this text (a kernel that prints only to the screen)")
     p.add_argument("--ready-after", type=positive_seconds, metavar="SECONDS", help="with --kernel: booted once "
                    "paging is on and the page tables have not changed for this long (a kernel that never halts)")
@@ -188,7 +201,7 @@ def cmd_debug(args, extra: list[str]) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    top = _Parser(prog="kgen", description="Generate a higher-half x86 kernel and check it in QEMU.",
+    top = OneLineParser(prog="kgen", description="Generate a higher-half x86 kernel and check it in QEMU.",
                   epilog=exit_codes_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = top.add_subparsers(dest="command", required=True)
 
@@ -348,6 +361,35 @@ def output_folder() -> Path:
     return DEFAULT_OUT
 
 
+# What each refusal of a path means for the person who typed it.
+_PATH_ADVICE = {
+    errno.ENAMETOOLONG: "a name in it is longer than the file system allows (255 bytes): choose a shorter path",
+    errno.ENOENT: "no such file or directory: check the path",
+    errno.ENOTDIR: "a part of the path is not a directory: check the path",
+    errno.EISDIR: "is a directory: name a file",
+    errno.EACCES: "permission denied: choose a path you can write, or fix its permissions",
+    errno.EPERM: "operation not permitted: choose another path",
+    errno.EROFS: "on a read-only file system: choose another path",
+    errno.ELOOP: "too many symbolic links: check the path",
+}
+_HOST_ADVICE = {
+    errno.ENOSPC: "no space left on the device: free some (TMPDIR and the output's disk) and run again",
+    errno.EDQUOT: "disk quota exceeded: free some space and run again",
+    errno.EIO: "input/output error: the host's disk failed",
+}
+
+
+def os_error_text(err: OSError) -> tuple[str, int]:
+    """An OSError as (one line, exit status): a path the user gave that cannot be used is status 2; the host failing
+    (disk full, I/O error) is status 5."""
+    from kgen.build.config import show_path     # here: only the standard library at module level (see the top)
+    where = f"{show_path(err.filename)}: " if err.filename is not None else ""
+    if err.errno in _PATH_ADVICE:
+        return f"{where}{_PATH_ADVICE[err.errno]}", EXIT_USAGE
+    advice = _HOST_ADVICE.get(err.errno, f"{err.strerror or err}")
+    return f"{where or 'the host refused an operation: '}{advice}", EXIT_INTERNAL
+
+
 def main(argv: list[str] | None = None) -> int:
     own_process = argv is None      # the kgen program itself, not a caller running it in its own process
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -362,6 +404,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kgen: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except OSError as err:
+        # A file kgen was asked to read or write that the operating system refused, wherever it surfaced: one line
+        # naming it. Paths the user chose (too long, missing, not writable) are a usage error; the host failing
+        # (a full disk, an I/O error) is kgen's environment failing, not a verdict on any kernel.
+        text, code = os_error_text(err)
+        with contextlib.suppress(OSError):
+            print(f"kgen: error: {text}", file=sys.stderr)
+        return code
     finally:
         sys.stdout = stdout
         if own_process and threading.current_thread() is threading.main_thread():

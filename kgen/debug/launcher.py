@@ -28,13 +28,13 @@ from pathlib import Path
 
 import elftools
 
-from kgen.build.config import DEFAULT_CONFIG_NAME
+from kgen.build.config import DEFAULT_CONFIG_NAME, show_path
 from kgen.build.pipeline import build, check_out_dir
 from kgen.errors import EXIT_INTERNAL, EXIT_OK, KgenError, ToolMissing, UsageError
 from kgen.guest.elfinfo import ElfInfo
 from kgen.harness.bootpath import grub_icount, launch_refusing
 from kgen.harness.kernel import KernelUnderTest
-from kgen.harness.run import _existing_file, machine_config
+from kgen.harness.run import _existing_file, guest_memory_mib, machine_config
 from kgen.machine import Machine
 from kgen.machine.process import die_with_parent
 
@@ -131,6 +131,9 @@ def debug(args, extra: list[str]) -> int:
     gdb = None
     if not args.no_gdb:
         gdb = shutil.which(args.gdb)
+        if gdb is None and os.sep in args.gdb and Path(args.gdb).exists():
+            what = "a directory" if Path(args.gdb).is_dir() else "not an executable file"
+            raise UsageError(f"--gdb {show_path(args.gdb)}: {what}; give the path of the gdb program")
         if gdb is None:
             raise ToolMissing(f"{args.gdb} not found: install the Debian package {GDB_PACKAGE}, give --gdb PATH, or "
                               "use --no-gdb and attach a debugger of your own")
@@ -154,7 +157,7 @@ def debug(args, extra: list[str]) -> int:
         target = {"kernel": out.elf, "append": args.append} if args.direct else {"iso": out.iso}
 
     icount = grub_icount("iso" in target, "bios", args.accel)      # as kgen run: GRUB under TCG
-    machine = Machine(**target, accel=args.accel, memory_mib=layout.memory_mib, echo_serial=True, icount=icount,
+    machine = Machine(**target, accel=args.accel, memory_mib=guest_memory_mib(args, layout), echo_serial=True, icount=icount,
                       qemu=qemu, start_paused=True,
                       extra_args=("-gdb", f"tcp:{GDB_HOST}:{port}"))
     config_file = _config_file(args) if kgen_arch is not None else None

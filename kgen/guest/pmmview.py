@@ -133,14 +133,20 @@ class PmmView:
         """The link a free frame holds: the word at its start."""
         return int.from_bytes(self.read_phys(frame, self.word_size), "little")
 
-    def pairs(self, array: str, count: str) -> tuple[tuple[int, int], ...]:
-        return tuple((self.word(array, 2 * i), self.word(array, 2 * i + 1)) for i in range(self.u32(count)))
+    def pairs(self, array: str, count: str, capacity: int) -> tuple[tuple[int, int], ...]:
+        """The [start, end) pairs of `array`, as many as the kernel's `count` says. The count is read from the guest,
+        so it is bounded by the array's `capacity` before it is used (a wild count would loop for ever)."""
+        n = self.u32(count)
+        if n > capacity:
+            raise ChainError(f"{count} = {n}: more than the {capacity} pairs {array} holds (the kernel's memory is "
+                             "corrupt, or this is not the kernel the ELF describes)")
+        return tuple((self.word(array, 2 * i), self.word(array, 2 * i + 1)) for i in range(n))
 
     def state(self) -> PmmState:
         return PmmState(top=self.word("pmm_top"), count=self.u32("pmm_count"), untouched=self.u32("pmm_untouched"),
                         total=self.u32("pmm_total"), reserved_frames=self.u32("pmm_reserved_frames"),
-                        ranges=self.pairs("pmm_ranges", "pmm_range_count"),
-                        reserved=self.pairs("pmm_reserved", "pmm_reserved_count"))
+                        ranges=self.pairs("pmm_ranges", "pmm_range_count", self.layout.boot_mmap_max_entries),
+                        reserved=self.pairs("pmm_reserved", "pmm_reserved_count", self.layout.pmm_reserved_intervals))
 
     def free_stack(self, state: PmmState | None = None) -> list[int]:
         """The frames on the free stack, top first. Looks at most count + 1 links, so a chain longer than the

@@ -16,7 +16,6 @@ anonymous memory that only becomes resident when touched, so an init that touche
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -35,8 +34,8 @@ from kgen.build.config import Config
 from kgen.build.layout import Layout
 from kgen.machine import kvm_usable_for
 from kgen.guest.pmmview import PmmView, alloc_at_pages, parse_report, ranges_from_mmap
-from kgen.errors import UsageError
-from kgen.harness.outputs import check_report_path
+from kgen.errors import OneLineParser, UsageError
+from kgen.harness.outputs import check_report_path, write_report
 from kgen.harness.session import KernelSession
 
 LOOPS = 1000
@@ -358,8 +357,7 @@ def load_figures(path: Path, option: str = "--from-json") -> dict:
 def _write_html(path: Path, data: dict, render_html) -> None:
     page = render_html(data)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(page)
+        write_report(path, page)
     except OSError as e:
         raise UsageError(f"--html {path}: {e.strerror}: give a writable file path") from None
     print(f"kgen: wrote {path}", file=sys.stderr)
@@ -368,7 +366,7 @@ def _write_html(path: Path, data: dict, render_html) -> None:
 def main(argv=None, render_html=None) -> int:
     """The benchmarks' command line; `render_html(figures) -> str` draws --html's page (kgen.inspect's, handed in by
     `kgen bench`: the harness does not reach up to inspect)."""
-    parser = argparse.ArgumentParser(prog="kgen.harness.bench", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="kgen bench", description=__doc__.splitlines()[0])
     parser.add_argument("--arch", choices=(*ARCHES, "all"), default="all", help="architecture(s) to measure")
     parser.add_argument("--no-init", action="store_true", help="skip the PMM init runs (64 MiB .. 3 or 8 GiB guests)")
     parser.add_argument("--no-kvm", action="store_true", help="TCG only: do not probe or use KVM")

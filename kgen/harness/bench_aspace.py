@@ -10,13 +10,13 @@ system calls from ring 3 (docs/toolchain.md), so under KVM that row is absent.
 """
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
 from kgen.arch import ARCHES, hw
 from kgen.build.config import Config
 from kgen.build.pipeline import build
+from kgen.errors import OneLineParser
 from kgen.guest.bootreport import BOOT_OK
 from kgen.harness.session import KernelSession
 from kgen.machine import kvm_usable_for
@@ -102,7 +102,7 @@ def bench(arch: str, work: Path, accel: str) -> dict[str, float] | None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="kgen.harness.bench_aspace", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="kgen.harness.bench_aspace", description=__doc__.splitlines()[0])
     parser.add_argument("--arch", choices=(*ARCHES, "all"), default="all")
     parser.add_argument("--kvm", action="store_true", help="also under KVM, each architecture it can run")
     args = parser.parse_args(argv)

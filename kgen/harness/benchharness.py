@@ -11,7 +11,6 @@ belong in the README with the machine they came from.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -23,6 +22,7 @@ import time
 from pathlib import Path
 
 from kgen.arch import ARCHES
+from kgen.errors import OneLineParser
 from kgen.harness.kernel import KernelUnderTest
 from kgen.harness.kvmprobe import probe_kvm
 from kgen.harness.live import boot
@@ -109,7 +109,7 @@ def read_throughput(machine, size: int, runs: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="kgen bench --harness", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="kgen bench --harness", description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=15, help="machines per median (default 15)")
     p.add_argument("--arch", choices=(*ARCHES, "all"), default="all")
     p.add_argument("--no-kvm", action="store_true", help="TCG only")

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 from kgen.build import config as configmod
-from kgen.build.config import show_value
-from kgen.errors import EXIT_CHECKS_FAILED, KgenError, UsageError
+from kgen.build.config import show_path, show_value
+from kgen.errors import EXIT_CHECKS_FAILED, KgenError, UsageError, input_file_problem
 from kgen.guest.addrspaces import SpaceArray
 from kgen.guest.diagnose import RunFailed
 from kgen.guest.elfinfo import ElfInfo
@@ -84,13 +84,14 @@ def _check_from_table(args, foreign, from_table: set[str]) -> None:
         shown = show_value(str(value) if key == "kernel" else list(value) if isinstance(value, tuple) else value)
         return UsageError(f"{foreign.key(key)} = {shown}: {why}")
 
-    if "kernel" in from_table and not args.kernel.is_file():
-        raise refuse("kernel", "no such file" if not args.kernel.exists() else "not a file")
+    if "kernel" in from_table and input_file_problem(args.kernel):
+        raise refuse("kernel", input_file_problem(args.kernel))
     if "modules" in from_table:
         for spec in foreign.modules:
             path = spec.partition(",")[0]
-            if not Path(path).is_file():
-                raise refuse("modules", f"{path!r} is no such file")
+            problem = input_file_problem(path)
+            if problem:
+                raise refuse("modules", f"{path!r}: {problem}")
     if not args.kernel.is_file():
         return          # --kernel's own check says so
     try:
@@ -149,9 +150,9 @@ def foreign_kernel_from_args(args) -> KernelUnderTest:
     `kgen test --kernel` and `kgen inspect --kernel` take them (after `apply_foreign_config`): a missing file or
     module, no usable ELF, or options that do not fit it, is one line (UsageError)."""
     image = image_kernel(args)
-    if not args.kernel.is_file():
-        raise UsageError(f"--kernel {args.kernel}: no such file" if not args.kernel.exists()
-                         else f"--kernel {args.kernel}: not a file")
+    problem = input_file_problem(args.kernel)
+    if problem:
+        raise UsageError(f"--kernel {show_path(args.kernel)}: {problem}")
     check_modules(getattr(args, "module", None) or ())
     judged = judged_elf(getattr(args, "symbols", None))     # one line for a missing file, no ELF, a bad @OFFSET
     try:

@@ -15,7 +15,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from kgen.errors import ToolMissing, UsageError
+from kgen.errors import ToolMissing, UsageError, input_file_problem
 
 ISO9660_MAGIC = b"CD001"
 ISO9660_MAGIC_AT = 0x8001         # the primary volume descriptor, 16 sectors of 2 KiB in
@@ -36,10 +36,10 @@ def is_iso(path: Path) -> bool:
 
 def check_image(path: Path) -> Path:
     """--image FILE as a usable file, else one line (status 2): missing, a directory, empty or cut short."""
-    if not path.exists():
-        raise UsageError(f"--image {path}: no such file")
-    if not path.is_file():
-        raise UsageError(f"--image {path}: not a file (give the bootable image itself)")
+    problem = input_file_problem(path)
+    if problem:
+        raise UsageError(f"--image {path}: {problem}" + ("" if problem == "no such file" else
+                                                         " (give the bootable image itself)"))
     size = path.stat().st_size
     if size < 512:
         raise UsageError(f"--image {path}: {size} bytes is too short to boot (a disk's boot sector is 512)")

@@ -29,7 +29,7 @@ from pathlib import Path
 from kgen.arch import Arch
 from kgen.errors import KgenError
 from kgen.guest.elfinfo import ElfInfo
-from kgen.harness.outputs import check_report_path
+from kgen.harness.outputs import check_report_path, write_report
 
 FORMAT_VERSION = 1
 FAILED_PREFIX = "Failed: "
@@ -58,7 +58,7 @@ def document(kernel: dict, accel: str, checks: list[dict], boot_failure: dict | 
 
 
 def write(path: Path, doc: dict) -> None:
-    Path(path).write_text(json.dumps(doc, indent=2) + "\n")
+    write_report(Path(path), json.dumps(doc, indent=2) + "\n")
 
 
 def _messages(report) -> list[str]:

@@ -8,7 +8,7 @@ import shlex
 import shutil
 from pathlib import Path
 
-from kgen.errors import ToolMissing, UsageError
+from kgen.errors import ToolMissing, UsageError, input_file_problem
 from kgen.machine import QEMU_PACKAGE
 
 
@@ -77,8 +77,9 @@ def check_modules(modules) -> None:
     """Refuse in one line a --module whose file is missing or whose path QEMU's -initrd list cannot hold."""
     for spec in modules:
         path = spec.partition(",")[0]
-        if not Path(path).is_file():
-            raise UsageError(f"--module {spec}: {path!r} is no such file")
+        problem = input_file_problem(path)
+        if problem:
+            raise UsageError(f"--module {spec}: {path!r}: {problem}")
         if " " in str(Path(path).resolve()):
             raise UsageError(f"--module {spec}: QEMU's -initrd cannot take a path with a space; move the file")
 

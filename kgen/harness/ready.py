@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 
 from kgen.arch.hw import CR0_PG, EFLAGS_IF
+from kgen.build.config import show_text
 from kgen.errors import KgenError, MachineError
 from kgen.guest import faultloop
 from kgen.guest import vga as screen
@@ -139,9 +140,13 @@ def resolve_ready_at(elf: ElfInfo, text: str) -> ReadyAt:
     """`--ready-at` as a symbol of the ELF or a 0x address; an unknown symbol raises KgenError naming close ones."""
     if text.lower().startswith("0x"):
         try:
-            return ReadyAt(text, (int(text, 16),))
+            address = int(text, 16)
         except ValueError:
             raise KgenError(f"{elf.path.name}: --ready-at {text}: not a hex address (0x then hex digits)") from None
+        if address >> 64:       # an ELF32 may hold 64-bit code: the CPU's widest address is the bound
+            raise KgenError(f"{elf.path.name}: --ready-at {show_text(text)}: wider than 64 bits; give an address "
+                            "the CPU can reach")
+        return ReadyAt(text, (address,))
     sym = elf.symbols.get(text)
     if sym is None:
         close = difflib.get_close_matches(text, list(elf.symbols), n=4, cutoff=0.6)

@@ -17,15 +17,17 @@ from pathlib import Path
 
 from kgen.arch import X86_64, hw
 from kgen.build import config as configmod
+from kgen.build.config import show_path
 from kgen.build.layout import compute
 from kgen.build.pipeline import build, check_out_dir
 from kgen.errors import (EXIT_KERNEL_FAILED, EXIT_OK, KernelFailed, KgenError, MachineError, ToolMissing,
-                         UsageError)
+                         UsageError, input_file_problem)
 from kgen.guest.bootreport import reported_success
 from kgen.guest.diagnose import at_ip, explain
 from kgen.guest.elfinfo import ElfInfo
 from kgen.harness.bootpath import boot_path_for, grub_icount, launch_refusing
 from kgen.harness.foreign import image_kernel
+from kgen.harness.image import ISO9660_MAGIC_AT, is_iso
 from kgen.harness.kernel import KernelUnderTest
 from kgen.harness.qemuargs import check_modules, split_qemu_args
 from kgen.harness.ready import READY_OPTIONS, Ready, wait_booted
@@ -44,7 +46,9 @@ def require_kvm():
 def machine_config(args):
     """(config, layout) of `kgen run` and `kgen debug`: the config with --memory applied; KVM checked when asked for."""
     cfg = configmod.load(args.config, args.arch)
-    if args.memory is not None:
+    if args.memory is not None and getattr(args, "kernel", None) is None:
+        # kgen's own kernel: its layout's rule for RAM applies. Anyone's kernel (--kernel) gets the RAM it asks for,
+        # as under `kgen test --kernel` (`guest_memory_mib`).
         cfg = cfg.with_values(machine_memory_mib=args.memory, source=f"{cfg.source} with --memory")
     layout = compute(cfg)
     if args.accel == "kvm":
@@ -52,9 +56,17 @@ def machine_config(args):
     return cfg, layout
 
 
+def guest_memory_mib(args, layout) -> int:
+    """The guest RAM of `kgen run` and `kgen debug`: --memory for anyone's kernel, else the layout's."""
+    if getattr(args, "kernel", None) is not None and args.memory is not None:
+        return args.memory
+    return layout.memory_mib
+
+
 def _existing_file(option: str, path: Path) -> Path:
-    if not path.is_file():
-        raise UsageError(f"{option} {path}: no such file" if not path.exists() else f"{option} {path}: not a file")
+    problem = input_file_problem(path)
+    if problem:
+        raise UsageError(f"{option} {show_path(path)}: {problem}")
     return path
 
 
@@ -92,7 +104,11 @@ def run(args) -> int:
         elf_path = _existing_file("--kernel", args.kernel)
         check_modules(args.module or ())
     elif args.iso is not None:
-        target = {"iso": _existing_file("--iso", args.iso)}
+        iso = _existing_file("--iso", args.iso)
+        if not is_iso(iso):
+            raise UsageError(f"--iso {show_path(iso)}: not an ISO 9660 image (no CD001 volume descriptor at "
+                             f"{ISO9660_MAGIC_AT:#x}); an ELF boots with --kernel, a disk image with kgen test --image")
+        target = {"iso": iso}
     else:
         out = build(cfg, args.out, iso=not args.direct, force=False)
         elf_path = out.elf
@@ -123,7 +139,7 @@ def run(args) -> int:
         if "iso" not in target:
             raise UsageError("--firmware uefi boots an ISO (GRUB under OVMF): drop --direct")
         target.update(firmware="uefi", qemu=X86_64.qemu)    # OVMF is x86_64 firmware; it boots an i386 kernel too
-    target = {"accel": args.accel, "memory_mib": layout.memory_mib, "qemu": qemu, **target}
+    target = {"accel": args.accel, "memory_mib": guest_memory_mib(args, layout), "qemu": qemu, **target}
     # GRUB on SeaBIOS under TCG: counted instructions (grub_icount).
     target.setdefault("icount", grub_icount("iso" in target, target.get("firmware", "bios"), args.accel))
     # --ready-at: held at the first instruction with the gdbstub up, so its breakpoint is in before the CPU runs.

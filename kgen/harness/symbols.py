@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from kgen.errors import KgenError, UsageError
+from kgen.errors import KgenError, UsageError, input_file_problem
 from kgen.guest.elfinfo import ElfInfo, merged
 
 
@@ -42,9 +42,9 @@ class SymbolsFile:
 
     def load(self) -> ElfInfo:
         """The ELF as it runs (moved by the offset); a file that is missing or no ELF raises UsageError."""
-        if not self.path.is_file():
-            raise UsageError(f"--symbols {self.path}: " + ("not a file" if self.path.exists() else "no such file")
-                             + ": name the ELF of the kernel the loader stage carries")
+        problem = input_file_problem(self.path)
+        if problem:
+            raise UsageError(f"--symbols {self.path}: {problem}: name the ELF of the kernel the loader stage carries")
         try:
             elf = ElfInfo.load(self.path)
         except KgenError as err:

@@ -22,7 +22,7 @@ from kgen.guest.diagnose import RunFailed
 from kgen.harness.bench import load_figures
 from kgen.harness.foreign import checked_kernel
 from kgen.harness.live import boot
-from kgen.harness.outputs import check_report_path
+from kgen.harness.outputs import check_report_path, write_report
 from kgen.harness.run import require_kvm
 from kgen.inspect.model import collect
 from kgen.inspect.text import render_text, use_colour
@@ -59,7 +59,7 @@ def run(args) -> int:
         raise KernelFailed(f"{kernel.elf_path.name} did not reach the point to look at: {err}") from None
     doc["bench"] = bench
     if args.html is not None:
-        args.html.write_text(render_html(doc))
+        write_report(args.html, render_html(doc))
         print(f"kgen: wrote {args.html}", file=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps(doc, indent=1))

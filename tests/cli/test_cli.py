@@ -210,7 +210,7 @@ def test_a_kernel_or_iso_that_is_not_there_or_not_an_elf_is_one_line_exit_2(tmp_
     assert one_line(result) == f"kgen: error: {option} {missing}: no such file"
     result = run_kgen(command, option, tmp_path, cwd=tmp_path)
     assert result.returncode == errors.EXIT_USAGE
-    assert one_line(result) == f"kgen: error: {option} {tmp_path}: not a file"
+    assert one_line(result) == f"kgen: error: {option} {tmp_path}: not a file (a directory)"
     if option == "--kernel":
         text = tmp_path / "notes.txt"
         text.write_text("not an ELF\n")

@@ -145,7 +145,7 @@ class Exercise:
 
     def free_ranges(self) -> list[tuple[int, int]]:
         self.live.stop()
-        return list(self.pmm.pairs("vmm_free_ranges", "vmm_free_range_count"))
+        return list(self.pmm.pairs("vmm_free_ranges", "vmm_free_range_count", self.layout.vmm_free_slots))
 
     def live_ranges(self) -> list[tuple[int, int, str]]:
         """(start, pages, owner) of every range taken from the vmm window that the kernel records."""
