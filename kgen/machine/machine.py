@@ -44,6 +44,9 @@ from kgen.protocol import DEBUG_EXIT_PORT
 QEMU_PACKAGE = "qemu-system-x86"
 DEFAULT_QEMU = I386.qemu     # the QEMU of a machine not told its kernel's architecture: the default config's
 
+# A -kernel path longer than this is passed through a short link (`Machine._kernel_path`): it leaves more than half
+# of kgen's 256-byte command-line buffer (BOOT_CMDLINE_MAX) to the arguments after it.
+KERNEL_PATH_MAX = 128
 START_TIMEOUT = 10.0       # QEMU up to its chardev connections and QMP greeting; it takes ~0.05 s
 QUIT_GRACE = 2.0           # after QMP quit, before kill -9
 RUNSTATE_POLL = 0.1        # how often wait_* asks QMP whether the guest stopped for good
@@ -340,7 +343,7 @@ class Machine:
         if self.icount:
             args += ["-icount", "shift=0,sleep=off"]
         if self.kernel is not None:
-            args += ["-kernel", str(self.kernel)]
+            args += ["-kernel", self._kernel_path()]
             if self.append is not None:
                 args += ["-append", self.append]
         elif self.iso is not None:
@@ -349,6 +352,18 @@ class Machine:
             args += ["-drive", f"file={_opt(self.disk)},format={disk_format(self.disk)},if=ide,index=0,media=disk,"
                                "snapshot=on", "-boot", "c"]
         return args + list(self.extra_args)
+
+    def _kernel_path(self) -> str:
+        """The -kernel path: QEMU makes it the first word of the Multiboot command line, which a kernel copies into
+        a buffer of its own (kgen's: 256 bytes, BOOT_CMDLINE_MAX). A long path would crowd out the arguments after
+        it (kgen.serve): such a kernel is handed over through a short link in this machine's directory."""
+        path = str(self.kernel)
+        if len(path) <= KERNEL_PATH_MAX:
+            return path
+        link = self.tmpdir / "kernel.elf"
+        if not link.is_symlink():
+            link.symlink_to(Path(path).resolve())
+        return str(link)
 
     def _accept(self, listener: socket.socket, what: str, deadline: float) -> socket.socket:
         conn = process.accept(listener, self._proc, deadline)

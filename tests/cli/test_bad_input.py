@@ -184,3 +184,14 @@ def test_run_and_test_of_anyones_kernel_take_the_same_memory(tmp_path, elf):
     result = run_kgen("run", "--memory", "8", "--out", tmp_path / "o", cwd=tmp_path)
     assert result.returncode == errors.EXIT_USAGE
     assert "machine.memory_mib = 8: must be in 16..3072" in one_line(result)
+
+
+def test_a_kernel_in_a_deep_directory_keeps_its_command_line(tmp_path):
+    """QEMU puts the -kernel path first on the Multiboot command line; a path of ~250 bytes filled the kernel's
+    256-byte buffer and cut off `kgen.serve`: a good kernel went red."""
+    deep = tmp_path
+    while len(str(deep)) < 300:
+        deep = deep / ("d" * 60)
+    result = run_kgen("test", "--out", deep / "out", "-k", "recursive", "-j", "1", cwd=tmp_path)
+    assert result.returncode == errors.EXIT_OK, result.stdout[-3000:] + result.stderr
+    assert len(str(deep / "out" / "kernel.elf")) > 300
