@@ -123,6 +123,22 @@ def make_boot_iso(kernel_elf: Path, directory: Path, *, protocol: str, modules: 
     return iso
 
 
+def tool_reason(stderr: str) -> str:
+    """The line of a tool's stderr that says why it failed: the last line naming a root cause (xorriso's FAILURE or
+    SORRY, a full disk, a refused permission), else the last "error" line (grub-mkrescue's own, which only says that
+    xorriso failed), else the last line that says anything (grub-mkrescue may end with a lone ".")."""
+    lines = [line.strip() for line in stderr.splitlines() if len(line.strip()) > 1]
+    for markers in (_ROOT_CAUSES, ("error", "cannot", "failed")):
+        found = [line for line in lines if any(marker in line for marker in markers)]
+        if found:
+            return found[-1]
+    return (lines or ["no output"])[-1]
+
+
+_ROOT_CAUSES = ("FAILURE", "SORRY", "FATAL", "No space left", "Permission denied", "Read-only file system",
+                "Disk quota")
+
+
 def _mkrescue(fill, iso: Path) -> None:
     """Write `iso` whole or not at all from the tree `fill(root)` writes: grub-mkrescue writes a temp file (a name
     of its own, so two builds never share it) that replaces `iso` on success and is removed on any failure or
@@ -136,10 +152,11 @@ def _mkrescue(fill, iso: Path) -> None:
             fill(tree)
             cmd = [tool, f"--install-modules={_GRUB_MODULES}", "--fonts=", "--locales=", "--themes=",
                    "-o", str(partial), str(tree)]
-            result = subprocess.run(cmd, capture_output=True, text=True)
+            # Its own TMPDIR inside ours: grub-mkrescue leaves its grub.* directories behind when it fails.
+            result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TMPDIR": tmp})
             if result.returncode != 0 or not partial.exists():
-                tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
-                raise KgenError(f"grub-mkrescue failed with status {result.returncode}: {tail}")
+                raise KgenError(f"grub-mkrescue failed with status {result.returncode}: "
+                                f"{tool_reason(result.stderr)}")
             os.replace(partial, iso)
     finally:
         partial.unlink(missing_ok=True)

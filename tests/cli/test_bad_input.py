@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 from kgen import errors
 from kgen.build.config import Config
 
-from conftest import KGEN, kgen_env, one_line, run_kgen, shared_build
+from conftest import KGEN, kgen_env, one_line, run_kgen, shared_build, short_tmpdir  # noqa: F401 (a fixture)
 
 LONG_NAME = "a" * 300       # longer than any Linux file system's 255-byte names
 
@@ -195,3 +196,22 @@ def test_a_kernel_in_a_deep_directory_keeps_its_command_line(tmp_path):
     result = run_kgen("test", "--out", deep / "out", "-k", "recursive", "-j", "1", cwd=tmp_path)
     assert result.returncode == errors.EXIT_OK, result.stdout[-3000:] + result.stderr
     assert len(str(deep / "out" / "kernel.elf")) > 300
+
+
+def test_grub_mkrescue_failing_says_why_and_leaves_nothing_in_tmpdir(tmp_path, short_tmpdir):
+    """A full TMPDIR made grub-mkrescue fail with "grub-mkrescue failed with status 1: ." and leave its grub.*
+    directories behind. Here xorriso fails as it does on a full disk."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    xorriso = fake / "xorriso"
+    real = shutil.which("xorriso")
+    # grub-mkrescue asks xorriso for its help first: the real one answers that; the writing fails.
+    xorriso.write_text(f"#!/bin/sh\ncase \"$*\" in *-help*|*-version*) exec {real} \"$@\";; esac\n"
+                       "echo 'xorriso : FAILURE : Cannot write: No space left on device' >&2\necho '.' >&2\nexit 5\n")
+    xorriso.chmod(0o755)
+    result = run_kgen("build", "--out", tmp_path / "out", cwd=tmp_path,
+                      env={"PATH": f"{fake}:{os.environ['PATH']}", "TMPDIR": str(short_tmpdir)})
+    line = one_line(result)
+    assert result.returncode == errors.EXIT_INTERNAL, line
+    assert "No space left on device" in line, line
+    assert os.listdir(short_tmpdir) == []
