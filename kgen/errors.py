@@ -14,6 +14,7 @@ EXIT_TOOL_MISSING = 3       # QEMU, GRUB, KVM or a Python package is missing on 
 EXIT_KERNEL_FAILED = 4      # kgen run: the kernel faulted, panicked, hung, triple-faulted or did not report success
 EXIT_INTERNAL = 5           # kgen or its tools failed: an assembler, linker, LIEF or GRUB failure, a QEMU/QMP error
 EXIT_INTERRUPTED = 130      # Ctrl-C (128 + SIGINT), as a shell reports it
+EXIT_TERMINATED = 143       # SIGTERM (128 + 15): kgen cleans up and ends with the status a shell reports for it
 
 EXIT_CODES = (
     (EXIT_OK, "success"),
@@ -23,6 +24,7 @@ EXIT_CODES = (
     (EXIT_KERNEL_FAILED, "the kernel failed: fault, panic, hang, triple fault, no success report (kgen run)"),
     (EXIT_INTERNAL, "kgen or a tool it drives failed (assembler, LIEF, GRUB, QEMU/QMP, pytest internal error)"),
     (EXIT_INTERRUPTED, "interrupted (Ctrl-C)"),
+    (EXIT_TERMINATED, "terminated (SIGTERM), after cleaning up"),
 )
 
 

@@ -1,7 +1,7 @@
 """The packages' order, read from the source: every module under kgen/ is parsed with `ast` and each of its imports
 of kgen (at the top or inside a function, both count) is checked against the floors
 
-    errors, protocol  <  arch  <  build  <  machine  <  guest  <  harness  <  inspect  <  debug  <  cli
+    errors, protocol, scratch  <  arch  <  build  <  machine  <  guest  <  harness  <  inspect  <  debug  <  cli
 
 A module may import its own floor and the floors below it, never one above; and no import cycle may run through
 two modules (within a package or across packages). The data flows one way (README, "Where things are"), so an
@@ -17,7 +17,7 @@ import pytest
 import kgen
 
 PACKAGE = Path(kgen.__file__).resolve().parent
-FLOORS = (("errors", "protocol"), ("arch",), ("build",), ("machine",), ("guest",), ("harness",), ("inspect",),
+FLOORS = (("errors", "protocol", "scratch"), ("arch",), ("build",), ("machine",), ("guest",), ("harness",), ("inspect",),
           ("debug",), ("cli",))
 FLOOR_OF = {name: level for level, names in enumerate(FLOORS) for name in names}
 

@@ -12,12 +12,12 @@ import os
 import secrets
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from kgen.errors import KgenError, ToolMissing, UsageError, input_file_problem
 from kgen.build.resources import boot_dir
+from kgen.scratch import scratch_dir
 
 GRUB_PC_MODULES = Path("/usr/lib/grub/i386-pc")
 GRUB_EFI_MODULES = Path("/usr/lib/grub/x86_64-efi")
@@ -147,16 +147,19 @@ def _mkrescue(fill, iso: Path) -> None:
     iso.parent.mkdir(parents=True, exist_ok=True)
     partial = iso.with_name(f".{iso.name}.{secrets.token_hex(6)}.partial")
     try:
-        with tempfile.TemporaryDirectory(prefix="kgen-iso-") as tmp:
-            tree = Path(tmp) / "tree"
+        tmp = scratch_dir("iso")        # named after this process: swept by a later run if this one is killed
+        try:
+            tree = tmp / "tree"
             fill(tree)
             cmd = [tool, f"--install-modules={_GRUB_MODULES}", "--fonts=", "--locales=", "--themes=",
                    "-o", str(partial), str(tree)]
             # Its own TMPDIR inside ours: grub-mkrescue leaves its grub.* directories behind when it fails.
-            result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TMPDIR": tmp})
+            result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TMPDIR": str(tmp)})
             if result.returncode != 0 or not partial.exists():
                 raise KgenError(f"grub-mkrescue failed with status {result.returncode}: "
                                 f"{tool_reason(result.stderr)}")
             os.replace(partial, iso)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     finally:
         partial.unlink(missing_ok=True)

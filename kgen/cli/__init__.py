@@ -16,7 +16,8 @@ import sys
 import threading
 from pathlib import Path
 
-from kgen.errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, KgenError, OneLineParser, exit_codes_text)
+from kgen.errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, KgenError, OneLineParser,
+                         exit_codes_text)
 
 # The default output folder. It was build/ until this release; a build/ that holds a kgen build and no out/ beside it
 # is still used, with a note (`output_folder`), so a checkout's old `kgen run` keeps finding its kernel. build/ read
@@ -396,14 +397,25 @@ def main(argv: list[str] | None = None) -> int:
     stdout = sys.stdout
     if stdout is not None:
         sys.stdout = _PipeSafeStdout(stdout)
+    terminated = []
+    if own_process and threading.current_thread() is threading.main_thread():
+        def on_sigterm(signum, frame):
+            # Unwind as Ctrl-C does (pytest stops its workers, every `finally` removes its directory, the machines'
+            # own handler has killed QEMU first), then end with SIGTERM's status: a CI runner's cancel leaves
+            # nothing behind.
+            terminated.append(signum)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            raise KeyboardInterrupt
+        signal.signal(signal.SIGTERM, on_sigterm)
     try:
         return _main(argv)
     except KgenError as err:
         print(f"kgen: error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
-        print("kgen: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        with contextlib.suppress(OSError):
+            print("kgen: terminated" if terminated else "kgen: interrupted", file=sys.stderr)
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     except OSError as err:
         # A file kgen was asked to read or write that the operating system refused, wherever it surfaced: one line
         # naming it. Paths the user chose (too long, missing, not writable) are a usage error; the host failing
@@ -418,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
             # The work is over and its status decided: a Ctrl-C between here and the process's exit would end it by
             # the signal instead (status -2), a finished build reported as killed.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

@@ -8,12 +8,12 @@ import importlib.metadata
 import importlib.util
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from kgen.errors import (EXIT_CHECKS_FAILED, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, KgenError,
                          ToolMissing, UsageError)
 from kgen.harness import suite
+from kgen.scratch import scratch_dir
 from kgen.harness.foreign import FOREIGN_OPTIONS, check_boots, checked_kernel
 from kgen.harness.kvmprobe import require_kvm_for
 from kgen.harness.outputs import check_report_path
@@ -115,7 +115,7 @@ def run_suite(args, extra: list[str]) -> int:
 
     scratch = None
     if not any(arg == "--basetemp" or arg.startswith("--basetemp=") for arg in extra):
-        scratch = Path(tempfile.mkdtemp(prefix="kgen-test-"))
+        scratch = scratch_dir("test")
         argv += ["--basetemp", str(scratch / "pytest")]
     try:
         status = int(pytest.main(argv))

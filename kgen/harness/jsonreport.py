@@ -23,12 +23,12 @@ import contextlib
 import json
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from kgen.arch import Arch
 from kgen.errors import KgenError
 from kgen.guest.elfinfo import ElfInfo
+from kgen.scratch import scratch_dir
 from kgen.harness.outputs import check_report_path, write_report
 
 FORMAT_VERSION = 1
@@ -116,7 +116,7 @@ def run_suite_json(args, extra: list[str], run_suite) -> int:
     to_stdout = args.json == "-"
     scratch = None
     if to_stdout:
-        scratch = Path(tempfile.mkdtemp(prefix="kgen-json-"))
+        scratch = scratch_dir("json")
         args.json_path = scratch / "report.json"
     else:
         args.json_path = Path(args.json)

@@ -11,7 +11,6 @@ import atexit
 import ctypes
 import os
 import select
-import shutil
 import signal
 import socket
 import subprocess
@@ -20,7 +19,10 @@ import threading
 import time
 from pathlib import Path
 
-TMP_PREFIX = "kgen-qemu-"
+from kgen import scratch
+
+MACHINE_DIR_KIND = "qemu"
+TMP_PREFIX = f"{scratch.PREFIX}{MACHINE_DIR_KIND}-"
 SOCKET_PATH_MAX = 107       # sun_path is 108 bytes with its terminating NUL
 
 _live: set = set()          # objects with a `_kill_hard()`: machines whose QEMU has not been reaped yet
@@ -79,48 +81,18 @@ def unregister(owner) -> None:
 
 # --- directories -------------------------------------------------------------------------------------------------
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def sweep_stale_dirs(root: Path | None = None) -> list[Path]:
     """Remove the directories of kgen processes that are gone; returns what was removed."""
-    root = Path(root or tempfile.gettempdir())
-    removed = []
-    try:
-        candidates = list(root.glob(f"{TMP_PREFIX}*-*"))
-    except OSError:
-        return removed
-    for path in candidates:
-        pid_text = path.name[len(TMP_PREFIX):].split("-", 1)[0]
-        if not pid_text.isdigit() or int(pid_text) == os.getpid() or _pid_alive(int(pid_text)):
-            continue
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(path)
-    return removed
-
-
-_swept = False
+    return scratch.sweep_stale_dirs(root)
 
 
 def make_dir() -> Path:
     """A private directory for one machine, named after this process so a later run can tell whether it is stale."""
-    global _swept
-    if not _swept:
-        _swept = True
-        for root in {Path(tempfile.gettempdir()), Path("/tmp")}:
-            sweep_stale_dirs(root)
     root = Path(tempfile.gettempdir())
     # The sockets live in this directory and AF_UNIX paths stop at 107 bytes: a long TMPDIR falls back to /tmp.
     if len(str(root)) + len(TMP_PREFIX) + 40 > SOCKET_PATH_MAX and Path("/tmp").is_dir():
         root = Path("/tmp")
-    return Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=root))
+    return scratch.scratch_dir(MACHINE_DIR_KIND, root)
 
 
 # --- the process -------------------------------------------------------------------------------------------------

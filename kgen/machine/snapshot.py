@@ -37,7 +37,6 @@ import hashlib
 import os
 import shutil
 import subprocess
-import tempfile
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
@@ -45,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kgen.errors import MachineError
+from kgen import scratch
 from kgen.machine import process
 from kgen.machine.firmware import vars_beside
 from kgen.machine.machine import DEFAULT_QEMU, Machine, MachineState
@@ -246,7 +246,7 @@ class MachinePool:
             process.install_hooks()
             process.register(self)             # removed with the machines, whatever ends the process
             atexit.register(self.close)        # runs before the hooks' kill: idle machines quit properly
-            self._dir = Path(tempfile.mkdtemp(prefix=f"{process.TMP_PREFIX}{os.getpid()}-snapshots-"))
+            self._dir = scratch.scratch_dir(process.MACHINE_DIR_KIND)     # swept by pid when the process is gone
         image = self._dir / f"{key[:24]}.qcow2"
         image.unlink(missing_ok=True)
         vars_beside(image).unlink(missing_ok=True)     # a UEFI machine's variable store from an earlier image

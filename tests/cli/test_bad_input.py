@@ -13,7 +13,7 @@ import pytest
 from kgen import errors
 from kgen.build.config import Config
 
-from conftest import KGEN, kgen_env, one_line, run_kgen, shared_build, short_tmpdir  # noqa: F401 (a fixture)
+from conftest import KGEN, kgen_env, one_line, run_kgen, shared_build
 
 LONG_NAME = "a" * 300       # longer than any Linux file system's 255-byte names
 

@@ -27,7 +27,7 @@ def test_exit_codes_are_distinct_and_in_every_help_and_the_readme():
     codes = [code for code, _ in errors.EXIT_CODES]
     assert len(codes) == len(set(codes))
     assert {errors.EXIT_OK, errors.EXIT_CHECKS_FAILED, errors.EXIT_USAGE, errors.EXIT_TOOL_MISSING,
-            errors.EXIT_KERNEL_FAILED, errors.EXIT_INTERNAL, errors.EXIT_INTERRUPTED} == set(codes)
+            errors.EXIT_KERNEL_FAILED, errors.EXIT_INTERNAL, errors.EXIT_INTERRUPTED, errors.EXIT_TERMINATED} == set(codes)
     readme = (ROOT / "README.md").read_text()
     for command in ((), *((c,) for c in COMMANDS)):
         result = run_kgen(*command, "--help")

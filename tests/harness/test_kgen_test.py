@@ -129,3 +129,50 @@ def test_users_write_their_own_tests_with_the_fixtures(tmp_path):
                     "--kgen-out", str(tmp_path / "build"), str(tmp_path / "test_mine.py"), cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 passed" in result.stdout
+
+
+@pytest.mark.parametrize("to_group", [False, True], ids=["to-kgen", "to-group"])
+def test_sigterm_cleans_up_and_ends_with_its_status(higher_half, short_tmpdir, to_group):
+    """A CI runner cancelling a job sends SIGTERM, to kgen alone or to its process group: kgen-test-* and kgen-iso-*
+    directories stayed behind and nothing swept them. Now kgen unwinds as for Ctrl-C and ends with 143."""
+    kernel = higher_half["good"]
+    child = subprocess.Popen([*KGEN, "test", "--kernel", str(kernel), "-j", "2"],
+                             env=kgen_env(TMPDIR=str(short_tmpdir)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not qemus_booting(kernel):
+            assert child.poll() is None and time.monotonic() < deadline, "the suite never booted the kernel"
+            time.sleep(0.01)
+        if to_group:
+            os.killpg(child.pid, signal.SIGTERM)
+        else:
+            child.send_signal(signal.SIGTERM)
+        output = child.communicate(timeout=60)[0].decode()
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+    assert child.returncode == 143 and output.strip().splitlines()[-1] == "kgen: terminated", output
+    assert "Traceback" not in output, output
+    deadline = time.monotonic() + 20      # pytest-xdist's workers finish their own shutdown a moment later
+    while (qemus_booting(kernel) or os.listdir(short_tmpdir)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert qemus_booting(kernel) == []
+    assert os.listdir(short_tmpdir) == []
+
+
+def test_directories_of_a_killed_kgen_are_swept_by_the_next(tmp_path):
+    """SIGKILL leaves no chance to clean up: the next kgen removes what a gone process left (named by its pid)."""
+    from kgen.scratch import scratch_dir, sweep_stale_dirs
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = [tmp_path / f"kgen-{kind}-{dead.pid}-x1" for kind in ("test", "iso", "qemu", "json")]
+    for path in stale:
+        (path / "inside").mkdir(parents=True)
+    alive = tmp_path / "kgen-test-1-x2"     # pid 1 is always alive
+    alive.mkdir()
+    other = tmp_path / "kgen-notes"         # not ours by its name
+    other.mkdir()
+    assert sorted(sweep_stale_dirs(tmp_path)) == sorted(stale)
+    mine = scratch_dir("test", tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, other.name, mine.name])
