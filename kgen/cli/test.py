@@ -17,6 +17,7 @@ from kgen.scratch import scratch_dir
 from kgen.harness.foreign import FOREIGN_OPTIONS, check_boots, checked_kernel
 from kgen.harness.kvmprobe import require_kvm_for
 from kgen.harness.outputs import check_report_path
+from kgen.machine.machine import check_room_for_ram
 
 PLUGIN_ENTRY_POINT = "kgen"
 SUITE = Path(suite.__file__).resolve().parent
@@ -106,6 +107,7 @@ def run_suite(args, extra: list[str]) -> int:
     if args.junitxml is not None:
         check_report_path("--junitxml", args.junitxml)
     kernel = checked_kernel(args)
+    check_room_for_ram(kernel.memory_mib)       # a full TMPDIR: one line (status 5), not an error per test
     if args.accel == "kvm":
         require_kvm_for(kernel, args.out if args.kernel is None else None)     # its probe is a boot under KVM
     elif args.kernel is not None:

@@ -176,6 +176,10 @@ def run(args) -> int:
             said_success = reported_success(machine.serial)
         if status == layout.success_status and said_success:
             return EXIT_OK
+        host = machine.host_failure(status)
+        if host is not None:
+            _end_kernel_line(machine)
+            raise KgenError(host)       # status 5: the host failed, no verdict on the kernel
         if status == layout.success_status:
             meaning = (f"the success status, but the kernel's last COM1 line is not {EXIT_SUCCESS!r}: "
                        "something other than exit_success wrote to the debug-exit port")

@@ -18,12 +18,15 @@ All methods must be called from one thread: QMP runs on a private asyncio loop d
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
+import tempfile
 import termios
 import time
 from collections.abc import Callable, Sequence
@@ -36,7 +39,7 @@ from kgen.machine import process
 from kgen.machine.firmware import FIRMWARES, Ovmf, find_ovmf, machine_vars, pflash_args
 from kgen.machine.errors import MachineStepError
 from kgen.machine.qmp import LINK_ERRORS, ExecuteError, QmpLink
-from kgen.machine.ram import GuestRam, poison_pattern
+from kgen.machine.ram import MIB, GuestRam, fill_file, poison_pattern
 from kgen.machine.registers import Registers, parse_info_registers
 from kgen.machine.serial import SerialLog, SerialSink
 from kgen.protocol import DEBUG_EXIT_PORT
@@ -77,6 +80,37 @@ def disk_format(path: Path) -> str:
             return "qcow2" if stream.read(4) == QCOW2_MAGIC else "raw"
     except OSError:
         return "raw"        # QEMU's own error names the file
+
+
+def no_space_text(where: Path, ram_mib: int | None, poisoned: bool) -> str:
+    """What to say when the machine's directory runs out of space: what needed it, what is free, what to do."""
+    try:
+        free = f"{shutil.disk_usage(where).free // MIB} MiB free"
+    except OSError:
+        free = "free space unknown"
+    if ram_mib is None:
+        need = "the machine keeps its sockets and log there"
+    elif poisoned:
+        need = f"the guest's RAM file is {ram_mib} MiB, all of it written with the poison pattern"
+    else:
+        need = f"the guest's RAM file is {ram_mib} MiB, written as the guest touches it"
+    return (f"no space left for the machine's files ({need}; {free}): free space there or set TMPDIR to a larger "
+            "file system - the host failing, not the kernel")
+
+
+def check_room_for_ram(memory_mib: int) -> None:
+    """Refuse now, in one line, a TMPDIR that cannot hold one poisoned guest's RAM file (status 5): a run would
+    otherwise fail test by test. Writes the file once (≈0.02 s for 128 MiB) and removes it."""
+    directory = process.make_dir()
+    try:
+        fill_file(directory / "ram", memory_mib * MIB, b"\xcc")
+    except OSError as err:
+        shutil.rmtree(directory, ignore_errors=True)        # first: the free space said is what there really is
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise MachineStepError("launch", f"{directory.parent}: "
+                               + no_space_text(directory.parent, memory_mib, True)) from None
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 @dataclass(frozen=True)
@@ -214,7 +248,10 @@ class Machine:
                 self.qmp("cont", step="launch")
             self.timings["launch"] = time.monotonic() - started
         except OSError as err:  # a socket path too long for AF_UNIX, a full disk, an unexecutable binary
-            failure = self._error("launch", f"{err} (working in {self.tmpdir})")
+            if err.errno in (errno.ENOSPC, errno.EDQUOT) and self.tmpdir is not None:
+                failure = self._error("launch", f"{self.tmpdir.parent}: {self._no_space_text()}")
+            else:
+                failure = self._error("launch", f"{err} (working in {self.tmpdir})")
             self._teardown()
             raise failure from err
         except BaseException:
@@ -352,6 +389,18 @@ class Machine:
             args += ["-drive", f"file={_opt(self.disk)},format={disk_format(self.disk)},if=ide,index=0,media=disk,"
                                "snapshot=on", "-boot", "c"]
         return args + list(self.extra_args)
+
+    def _no_space_text(self) -> str:
+        where = self.tmpdir.parent if self.tmpdir is not None else Path(tempfile.gettempdir())
+        return no_space_text(where, self.memory_mib if self.ram_file else None, bool(self.poison))
+
+    def host_failure(self, status: int | None) -> str | None:
+        """Why QEMU's exit `status` is the host's failure rather than the kernel's: a SIGBUS is QEMU touching a page
+        of the guest's RAM file that the file system could not back (a full TMPDIR); None otherwise."""
+        if status == -signal.SIGBUS and self.ram_file:
+            where = self.tmpdir.parent if self.tmpdir is not None else "TMPDIR"
+            return f"QEMU died of SIGBUS, most likely out of space in {where}: {self._no_space_text()}"
+        return None
 
     def _kernel_path(self) -> str:
         """The -kernel path: QEMU makes it the first word of the Multiboot command line, which a kernel copies into

@@ -215,3 +215,36 @@ def test_grub_mkrescue_failing_says_why_and_leaves_nothing_in_tmpdir(tmp_path, s
     assert result.returncode == errors.EXIT_INTERNAL, line
     assert "No space left on device" in line, line
     assert os.listdir(short_tmpdir) == []
+
+
+@pytest.fixture
+def full_tmpdir(short_tmpdir):
+    """A TMPDIR on a file system with 16 MiB: too small for a 128 MiB guest's RAM file (root mounts a tmpfs; where
+    mounting is not allowed the test is skipped, saying so). Short: a long TMPDIR would send the machines to /tmp."""
+    mount = short_tmpdir
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True,
+                            text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {result.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_full_tmpdir_is_the_hosts_failure_in_one_line_not_a_verdict(tmp_path, elf, full_tmpdir):
+    """A full TMPDIR gave 23 errors (status 1) under kgen test, and under kgen run --kernel "QEMU exited (exit
+    status -7)" (QEMU's SIGBUS) as the kernel's failure (status 4)."""
+    env = {"TMPDIR": str(full_tmpdir)}
+    for args in (("test", "--out", tmp_path / "out", "-j", "1"), ("test", "--kernel", elf, "-j", "1")):
+        result = run_kgen(*args, env=env, cwd=tmp_path)
+        line = result.stderr.strip().splitlines()[-1]
+        assert result.returncode == errors.EXIT_INTERNAL, result.stdout[-2000:] + result.stderr
+        assert "no space left for the machine's files" in line and "not the kernel" in line, line
+        assert " error" not in result.stdout, result.stdout[-2000:]
+    # A sparse RAM file that runs out of room under the guest: QEMU's SIGBUS, said as the host's failure.
+    (full_tmpdir / "filler").write_bytes(b"\0" * (15 << 20))
+    result = run_kgen("run", "--kernel", elf, "--timeout", "20", env=env, cwd=tmp_path)
+    assert result.returncode == errors.EXIT_INTERNAL, result.stderr
+    assert "QEMU died of SIGBUS" in result.stderr.strip().splitlines()[-1], result.stderr
+    assert sorted(p.name for p in full_tmpdir.iterdir()) == ["filler"]
