@@ -388,8 +388,9 @@ def check_nothing_below_kernel_base(view: GuestView) -> list[str]:
         if m.vstart >= half:
             break
         end = min(m.vstart + m.size, half)
-        pieces = _without(m.vstart, end, own)
-        kept = problems[:]
+        # The kernel's own link addresses are its business, unless ring 3 may use them.
+        pieces = [(m.vstart, end)] if m.attrs & hw.PTE_US else _without(m.vstart, end, own)
+        before = len(problems)
         for lo, hi in pieces:
             plo = m.pstart + lo - m.vstart
             phi = plo + hi - lo
@@ -406,7 +407,7 @@ def check_nothing_below_kernel_base(view: GuestView) -> list[str]:
                     kind = "identity-mapped" if lo == plo else f"mapped to {plo:#x}"
                     problems.append(Finding(f"{lo:#010x}-{hi:#010x} is {kind} ({m.attrs}) below the kernel base "
                                             f"{half:#x}, first page via {walker.translate(lo).path}", **where))
-        if len(problems) == len(kept) and not m.attrs & hw.PTE_US and pieces:
+        if len(problems) == before and not m.attrs & hw.PTE_US and pieces:
             problems.append(_supervisor_in_user_half(view, walker, m, end, half, own))
     return problems
 

@@ -127,6 +127,10 @@ def all_regions(view: GuestView) -> list[Region]:
 DIRECT_MAP_MIN = 16 * MIB
 
 
+def _mib(size: int) -> str:
+    return f"{size // MIB} MiB" if size % MIB == 0 else f"{size / MIB:.1f} MiB"
+
+
 def mapped_regions(view: GuestView, walker: Walker, ram: list[tuple[int, int]],
                    named: list[Region]) -> list[Region]:
     """What kgen recognises in the page tables where neither the layout nor the ELF names a range: a direct map of
@@ -155,7 +159,7 @@ def mapped_regions(view: GuestView, walker: Walker, ram: list[tuple[int, int]],
                                 f"maps {where}, none of it RAM in QEMU's memory map: a device's registers"))
         elif in_ram >= min(DIRECT_MAP_MIN, total // 2):
             how = "identity-mapped" if vlo == plo else f"at offset {vlo - plo:#x}"
-            share = "all" if in_ram == total else f"{in_ram // MIB} MiB of the {total // MIB} MiB"
+            share = "all" if in_ram == total else f"{_mib(in_ram)} of the {_mib(total)}"
             found.append(Region("direct map of RAM", vlo, vhi, "mapping",
                                 f"maps {where} {how}: {share} of the guest's RAM"
                                 + (" and the holes between" if in_ram < phi - plo else "")))
