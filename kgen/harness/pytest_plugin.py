@@ -12,9 +12,9 @@ probe boot under KVM), `kgen_accel`; `kgen_boot(kernel, accel)` and `assert_hold
 Options: --kgen-config, --kgen-arch, --kgen-out, --kgen-kernel, --kgen-accel, --kgen-cold-boot; for a kernel given
 with --kgen-kernel how to boot it and when to look: --kgen-ready, --kgen-ready-symbol, --kgen-ready-after,
 --kgen-ready-at, --kgen-ready-vga, --kgen-boot-timeout, --kgen-memory, --kgen-append, --kgen-module, --kgen-qemu-arg,
---kgen-boot-only-segment, --kgen-symbols, --kgen-kernel-base, --kgen-address-spaces (the page-table checks take `kgen_space` and run once per address
-space the kernel lists; `space_view(live, kgen_space)` is the machine seen through it); --kgen-json FILE writes the
-results as JSON (kgen/harness/jsonreport.py).
+--kgen-boot-only-segment, --kgen-symbols, --kgen-kernel-base, --kgen-address-spaces (the page-table checks take
+`kgen_space` and run once per address space the kernel lists; `space_view(live, kgen_space)` is the machine seen
+through it); --kgen-json FILE writes the results as JSON (kgen/harness/jsonreport.py).
 
 Every machine a fixture hands out is as a cold boot leaves it, but only the first per kernel is booted: the
 others are restored from a snapshot of it (kgen/machine/snapshot.py), unless --kgen-cold-boot.
@@ -66,7 +66,8 @@ def pytest_addoption(parser):
     group.addoption("--kgen-symbols", action="append", metavar="ELF[@OFFSET]", help="with --kgen-kernel: the "
                     "ELF judged and symbolised when --kgen-kernel is a loader stage carrying it; repeatable")
     group.addoption("--kgen-kernel-base", type=lambda text: int(text, 0), metavar="ADDR", help="with "
-                    "--kgen-kernel, a 32-bit kernel: where its kernel half starts (default: its ELF's higher-half base)")
+                    "--kgen-kernel, a 32-bit kernel: where its kernel half starts (default: its ELF's higher-half "
+                    "base)")
     group.addoption("--kgen-qemu-command", help="with --kgen-kernel: boot it with this QEMU command line (kgen "
                     "adds its sockets, kgen/harness/qemucommand.py)")
     group.addoption("--kgen-firmware", choices=FIRMWARES, help="bios (default) or uefi (OVMF, through GRUB), for "
