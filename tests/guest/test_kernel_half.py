@@ -55,8 +55,9 @@ def test_a_direct_map_and_an_mmio_window_in_the_kernel_half_are_the_kernels(zoo)
         direct, mmio = named["direct map of RAM"], named["MMIO window"]
         assert (int(direct["start"], 16), int(direct["end"], 16)) == (HALF64_DIRECT_MAP, HALF64_DIRECT_MAP
                                                                       + HALF64_DIRECT_MAP_PAGES * (2 << 20))
+        # 64 MiB mapped, the legacy VGA/BIOS hole in it no RAM.
         assert direct["description"].startswith(f"maps physical 0x0-{HALF64_DIRECT_MAP_PAGES * (2 << 20):#x} at "
-                                                f"offset {HALF64_DIRECT_MAP:#x}: 63.6 MiB of the"), direct  # no VGA hole
+                                                f"offset {HALF64_DIRECT_MAP:#x}: 63.6 MiB of the"), direct
         assert (int(mmio["start"], 16), int(mmio["end"], 16)) == (HALF64_MMIO, HALF64_MMIO + (2 << 20))
         rows = {r["region"]: r for r in doc["virtual"]}
         assert rows["direct map of RAM"]["pages"] == HALF64_DIRECT_MAP_PAGES        # one row, the A/D bits aside
