@@ -408,12 +408,11 @@ def check_nothing_below_kernel_base(view: GuestView) -> list[str]:
                     problems.append(Finding(f"{lo:#010x}-{hi:#010x} is {kind} ({m.attrs}) below the kernel base "
                                             f"{half:#x}, first page via {walker.translate(lo).path}", **where))
         if len(problems) == before and not m.attrs & hw.PTE_US and pieces:
-            problems.append(_supervisor_in_user_half(view, walker, m, end, half, own))
+            problems.append(_supervisor_in_user_half(walker, m, end, half, own))
     return problems
 
 
-def _supervisor_in_user_half(view: GuestView, walker: Walker, m, end: int, half: int,
-                             own: list[tuple[int, int]]) -> Finding:
+def _supervisor_in_user_half(walker: Walker, m: Mapping, end: int, half: int, own: list[tuple[int, int]]) -> Finding:
     """A supervisor-only mapping of the user half that maps no frame of the kernel image (but where the kernel is
     linked, for a kernel linked low): information, ring 3 faults on it. A guard page when a user page is its
     neighbour."""
