@@ -133,10 +133,11 @@ def _mib(size: int) -> str:
 
 def mapped_regions(view: GuestView, walker: Walker, ram: list[tuple[int, int]],
                    named: list[Region]) -> list[Region]:
-    """What kgen recognises in the page tables where neither the layout nor the ELF names a range: a direct map of
-    RAM (supervisor pages at one offset covering much of the guest's RAM, whatever their page sizes and caching)
-    and an MMIO window (supervisor pages of which none is RAM in QEMU's memory map: a device's registers). The
-    recursive windows are named where they are drawn (`virtual_ranges`)."""
+    """What kgen recognises in the page tables where the layout names no range: a direct map of RAM (supervisor
+    pages at one offset covering much of the guest's RAM, whatever their page sizes and caching; the ELF's segments
+    inside it keep their names, the smaller regions) and an MMIO window (supervisor pages of which none is RAM in
+    QEMU's memory map: a device's registers). The recursive windows are named where they are drawn
+    (`virtual_ranges`)."""
     runs: list[list[int]] = []          # [vstart, vend, pstart] at one offset, supervisor pages only
     for m in walker.mappings():
         if m.attrs & PTE_US:
@@ -149,7 +150,7 @@ def mapped_regions(view: GuestView, walker: Walker, ram: list[tuple[int, int]],
     total = sum(hi - lo for lo, hi in ram)
     found = []
     for vlo, vhi, plo in runs:
-        if any(r.start < vhi and vlo < r.end for r in named):
+        if any(r.source == "layout" and r.start < vhi and vlo < r.end for r in named):
             continue
         phi = plo + vhi - vlo
         in_ram = sum(max(0, min(hi, phi) - max(lo, plo)) for lo, hi in ram)

@@ -138,6 +138,10 @@ def test_a_kernel_not_linked_high_owns_its_identity_map_and_its_process_its_page
                                    f"half (below the kernel half at {UPPER_HALF:#x}), around the kernel's own image "
                                    "at 0x100000-"), found
         assert any("is not linked in the higher half" in note for note in view.notes), view.notes
+        regions = [r for r in collect(live)["regions"] if r["source"] == "mapping"]
+        assert [(r["name"], r["start"], r["end"]) for r in regions] == [("direct map of RAM", "0x0", "0x40000000")]
+        assert regions[0]["description"] == ("maps physical 0x0-0x40000000 identity-mapped: all of the guest's RAM "
+                                             "and the holes between")
         # ... and the true finding where it is one: the kernel's text and rodata are writable through it.
         segments = invariants.check_segments(view)
         assert any("(segment R-X, loaded at 0x100000): writable (P RW A PS) via PML4[0]" in p for p in segments)
