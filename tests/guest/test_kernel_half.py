@@ -17,6 +17,7 @@ from kgen.harness.kernel import KernelUnderTest
 from kgen.harness.live import boot
 from kgen.harness.pytest_plugin import assert_holds
 from kgen.inspect.model import collect
+from kgen.inspect.text import render_text
 from minikernels import PROCESS_USER_CODE, PROCESS_USER_STACK, outcomes
 from zoo_half import (GUARD_FRAME, GUARD_PAGE, HALF64_BASE, HALF64_DIRECT_MAP, HALF64_DIRECT_MAP_PAGES, HALF64_MMIO,
                       HALF64_MMIO_FRAME, HALF64_READY, LOW64_READY, LOW64_USER, guard_page, half64, low64)
@@ -92,6 +93,10 @@ def test_a_guard_page_under_a_user_stack_is_information(zoo, capsys):
         assert found[0].vrange == (GUARD_PAGE, PROCESS_USER_STACK) and found[0].frames == (GUARD_FRAME,)
         assert_holds(invariants.check_nothing_below_kernel_base, view)        # holds, the guard page a note
         assert f"note: {found[0]}" in capsys.readouterr().out
+        doc = collect(live)
+        below = next(r for r in doc["invariants"] if r["name"] == "check_nothing_below_kernel_base")
+        assert below["outcome"] == "passed" and below["messages"] == [found[0]]
+        assert f"note: {found[0]}" in render_text(doc, colour=False)
         assert invariants.check_no_user_pages(view) == []
 
         # --kernel-base moves the half: from 0x80000000 the user stack is a kernel page given to ring 3.
