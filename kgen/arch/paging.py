@@ -45,6 +45,13 @@ class PagingMode:
             return vaddr | ((1 << 64) - (top << 1))
         return vaddr
 
+    @property
+    def upper_half(self) -> int | None:
+        """The first address of the upper canonical half (x86-64's kernel half by its own definition), None for a
+        mode whose addresses do not sign-extend (32-bit and PAE paging: where the kernel half starts is the
+        kernel's choice)."""
+        return self.sign_extend(1 << (self.va_bits - 1)) if self.canonical else None
+
     def contains(self, vaddr: int) -> bool:
         if self.canonical:
             return self.sign_extend(vaddr & ((1 << self.va_bits) - 1)) == vaddr

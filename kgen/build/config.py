@@ -130,6 +130,7 @@ class ForeignConfig:
     qemu_command: str | None = None     # --qemu-command: the project's own QEMU command line
     image: Path | None = None           # --image: the project's own bootable image
     symbols: tuple[str, ...] | None = None  # --symbols: ELF[@OFFSET] each, the ELF judged when a loader stage boots
+    kernel_base: int | None = None      # --kernel-base: where a 32-bit kernel's half starts
 
     def key(self, name: str) -> str:
         """`kgen.toml: foreign.memory`, how an error names where a value came from."""
@@ -137,12 +138,12 @@ class ForeignConfig:
 
 
 # [foreign] key -> what its value must be: a non-empty string, any string, a path, seconds above 0, a count above 0,
-# an array of strings, an array of indices.
+# an address (an integer, 0 or above), an array of strings, an array of indices.
 _FOREIGN_KINDS = {"kernel": "path", "ready": "text", "ready_at": "text", "ready_symbol": "text", "ready_vga": "text",
                   "ready_after": "seconds", "boot_timeout": "seconds", "memory": "count", "append": "any text",
                   "modules": "paths", "qemu_args": "texts", "address_spaces": "text", "boot_only_segments": "indices",
                   "boot": "text", "firmware": "text", "qemu_command": "text", "image": "path",
-                  "symbols": "symbol files"}
+                  "symbols": "symbol files", "kernel_base": "address"}
 
 
 def _foreign_from_mapping(table: dict, where: str, base_dir: Path) -> ForeignConfig:
@@ -153,7 +154,7 @@ def _foreign_from_mapping(table: dict, where: str, base_dir: Path) -> ForeignCon
         dotted = show_key("foreign", key)
         if kind is None:
             raise ConfigError(f"{where}: unknown key {dotted}; known keys of [foreign]: {', '.join(_FOREIGN_KINDS)}")
-        shown = show_value(value)
+        shown = show_value(value, decimal=kind != "address")
 
         def bad(rule: str) -> ConfigError:
             return ConfigError(f"{where}: {dotted} = {shown}: {rule}")
@@ -170,6 +171,9 @@ def _foreign_from_mapping(table: dict, where: str, base_dir: Path) -> ForeignCon
             if not math.isfinite(value) or value <= 0:
                 raise bad("must be a finite number of seconds above 0")
             value = float(value)
+        elif kind == "address":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise bad("must be an address, an integer (0xC0000000)")
         elif kind == "count":
             if isinstance(value, bool) or not isinstance(value, int):
                 raise bad("must be an integer (MiB)")

@@ -69,6 +69,17 @@ def segment_index(text: str) -> int:
     return value
 
 
+def address(text: str) -> int:
+    """--kernel-base: an address, 0x... or decimal (whether it fits the kernel is the ELF's to judge)."""
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an address (0xC0000000)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: an address is 0 or above")
+    return value
+
+
 # More parallel machines than this is no plan but a typo: each is a QEMU with its RAM, and pytest-xdist would try to
 # start them all (-j 99999999999 ended in MemoryError).
 MAX_JOBS = 256
@@ -146,6 +157,10 @@ def _add_checked_kernel_args(p: argparse.ArgumentParser, what: str):
                    "and its symbols name addresses (--ready-at, --ready-symbol, fault reports); @OFFSET for one "
                    "running OFFSET bytes above its link addresses; repeatable (judged as one kernel, the first "
                    "ELF's name winning a symbol two define; --boot-only-segment counts their program headers on)")
+    p.add_argument("--kernel-base", type=address, metavar="ADDR", help="with --kernel, a 32-bit kernel: its kernel "
+                   "half starts at ADDR (default: where its ELF is linked above its load address; x86_64's is always "
+                   "the upper canonical half): supervisor mappings from there up are the kernel's, pages below "
+                   "belong to processes")
 
 
 def cmd_build(args) -> int:

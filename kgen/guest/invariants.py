@@ -13,10 +13,11 @@ from dataclasses import dataclass, field, replace
 
 from kgen.arch import hw
 from kgen.guest.elfinfo import ElfInfo
+from kgen.guest.findings import Finding, failures
 from kgen.errors import KgenError
 from kgen.build.layout import Layout
 from kgen.arch.paging import I386, PAE, X86_64, PagingMode
-from kgen.guest.pagewalk import ReadPhys, Walker, WalkError
+from kgen.guest.pagewalk import Attrs, Mapping, ReadPhys, Walker, WalkError
 from kgen.machine.registers import Registers
 
 # The boot stub's page directory (templates/boot.s): CR3 must hold its physical address.
@@ -44,6 +45,8 @@ class GuestView:
     space: str | None = None        # which address space CR3 stands for when it is not the CPU's (`in_space`)
     # Program-header indices of the segments the user named boot-only (--boot-only-segment); None: the default rule.
     boot_only: tuple[int, ...] | None = None
+    # Where the kernel half starts, as the user said (--kernel-base, for 32-bit paging); None: the ELF's base.
+    kernel_base_given: int | None = None
     # What a check learnt that holds and still matters to a reader (where the loader put the kernel): said beside
     # the verdict, pass or fail (`assert_holds`).
     notes: list[str] = field(default_factory=list, compare=False)
@@ -93,6 +96,24 @@ class GuestView:
         unplaced = [seg.vaddr for seg in self.elf.segments if seg.memsz and seg.paddr >= PHYS_LIMIT
                     and seg.index not in named]
         return min(unplaced) if unplaced else None
+
+    @property
+    def kernel_half(self) -> int | None:
+        """Where the kernel half starts: what the paging mode says. kgen's layout says it for its own kernel; in long
+        mode it is the upper canonical half (x86-64 defines it, whatever the ELF is linked at); under 32-bit and PAE
+        paging the kernel chooses, so it is --kernel-base when given, else the ELF's higher-half base
+        (`kernel_base`), else None: a kernel linked where it is loaded, whose half kgen cannot tell from its
+        processes'. Everything from here up is the kernel's; below it, the user half."""
+        if self.layout is not None:
+            return self.layout.kernel_half_start
+        if self.mode.upper_half is not None:
+            return self.mode.upper_half
+        return self.kernel_base_given if self.kernel_base_given is not None else self.kernel_base
+
+    def image_frames(self) -> list[tuple[int, int]]:
+        """[start, end) of the kernel image's frames, where the loader really put them (`placement`)."""
+        shift = self.placement.offset
+        return [(seg.paddr + shift, seg.paddr + seg.memsz + shift) for seg in self.elf.segments if seg.memsz]
 
     @property
     def boot_segments(self) -> tuple:
@@ -187,9 +208,15 @@ def find_placement(view: GuestView) -> Placement:
 
 
 def _capped(problems: list[str]) -> list[str]:
+    """At most MAX_PROBLEMS findings, those that fail first; the count of the rest is itself information when
+    none of the rest fails."""
     if len(problems) <= MAX_PROBLEMS:
         return problems
-    return problems[:MAX_PROBLEMS] + [f"... and {len(problems) - MAX_PROBLEMS} more"]
+    failing = failures(problems)
+    ordered = failing + [p for p in problems if getattr(p, "info", False)]
+    rest = ordered[MAX_PROBLEMS:]
+    more = f"... and {len(rest)} more"
+    return ordered[:MAX_PROBLEMS] + [more if failures(rest) else Finding(more, info=True)]
 
 
 def _walk_errors_reported(check):
@@ -333,64 +360,167 @@ def check_segments(view: GuestView) -> list[str]:
 
 @_walk_errors_reported
 def check_nothing_below_kernel_base(view: GuestView) -> list[str]:
-    """Nothing but user pages is mapped below the kernel base: the boot identity map is gone, no stray low page.
+    """Nothing but user pages is mapped below the kernel half: the boot identity map is gone, no stray low page.
 
-    A page ring 3 may use (U/S at every level) is a process's code, data or stack, not a leftover of the boot; it is
-    still reported when its frame lies in the kernel image (ring 3 would see the kernel)."""
+    The kernel half is what the paging mode says (`GuestView.kernel_half`): a supervisor mapping there (a direct
+    map, an MMIO window) is the kernel's business, never "below the kernel base". In the user half, a page ring 3
+    may use (U/S at every level) is a process's code, data or stack, reported only when its frame lies in the kernel
+    image (ring 3 would see the kernel); a supervisor-only page is reported when it maps a frame of the kernel image
+    (a boot identity map left behind), and is information otherwise (a guard page: ring 3 faults on it). A kernel
+    linked in the user half (x86-64 linked low) owns its image's link addresses there: the segment check judges
+    those pages."""
     walker = view.need_walker()
-    base = view.kernel_base
-    if base is None:
-        raise NotApplicable(f"{view.elf.path.name} is not a higher-half kernel (p_vaddr == p_paddr)")
-    shift = view.placement.offset       # where the loader really put the image's frames
-    image = [(seg.paddr + shift, seg.paddr + seg.memsz + shift) for seg in view.elf.segments if seg.memsz]
+    half = view.kernel_half
+    if half is None:
+        raise NotApplicable(f"{view.elf.path.name} is not a higher-half kernel (p_vaddr == p_paddr): kgen cannot "
+                            "tell its kernel half from its processes'; give --kernel-base ADDR where the kernel half "
+                            "starts")
+    image = view.image_frames()
+    boot = view.boot_segments
+    own = sorted((seg.vaddr & ~(hw.PAGE_SIZE - 1), _page_up(seg.vaddr + seg.memsz)) for seg in view.elf.segments
+                 if seg.memsz and seg.vaddr < half and seg not in boot)
+    if own:
+        view.notes.append(f"{view.elf.path.name} is not linked in the higher half: its image {own[0][0]:#x}-"
+                          f"{own[-1][1]:#x} lies in the user half, below the kernel half at {half:#x}; those pages "
+                          "are the kernel's own, judged by the segment check")
     problems = []
-    for m in walker.mappings():
-        if m.vstart >= base:
+    for m in whole_mappings(walker):
+        if m.vstart >= half:
             break
-        end = min(m.vstart + m.size, base)
-        if m.attrs & hw.PTE_US:
-            pend = m.pstart + end - m.vstart
-            overlap = [(max(lo, m.pstart), min(hi, pend)) for lo, hi in image if lo < pend and m.pstart < hi]
+        end = min(m.vstart + m.size, half)
+        # The kernel's own link addresses are its business, unless ring 3 may use them.
+        pieces = [(m.vstart, end)] if m.attrs & hw.PTE_US else _without(m.vstart, end, own)
+        before = len(problems)
+        for lo, hi in pieces:
+            plo = m.pstart + lo - m.vstart
+            phi = plo + hi - lo
+            overlap = [(max(a, plo), min(b, phi)) for a, b in image if a < phi and plo < b]
             if overlap:
-                lo, hi = overlap[0]
-                t = walker.translate(m.vstart + lo - m.pstart)
-                problems.append(f"{m.vstart:#010x}-{end:#010x} is a user page ({m.attrs}) on the kernel image's "
-                                f"frames {lo:#x}-{hi:#x}: ring 3 sees the kernel, first such page via {t.path}")
-            continue
-        kind = "identity-mapped" if m.vstart == m.pstart else f"mapped to {m.pstart:#x}"
-        t = walker.translate(m.vstart)
-        problems.append(f"{m.vstart:#010x}-{end:#010x} is {kind} ({m.attrs}) below the kernel base {base:#x}, "
-                        f"first page via {t.path}")
+                a, b = overlap[0]
+                t = walker.translate(lo + a - plo)
+                where = dict(vrange=(lo, hi), frames=_frames(a, b), chain=t.chain)
+                if m.attrs & hw.PTE_US:
+                    problems.append(Finding(f"{lo:#010x}-{hi:#010x} is a user page ({m.attrs}) on the kernel "
+                                            f"image's frames {a:#x}-{b:#x}: ring 3 sees the kernel, first such page "
+                                            f"via {t.path}", **where))
+                else:
+                    kind = "identity-mapped" if lo == plo else f"mapped to {plo:#x}"
+                    problems.append(Finding(f"{lo:#010x}-{hi:#010x} is {kind} ({m.attrs}) below the kernel base "
+                                            f"{half:#x}, first page via {walker.translate(lo).path}", **where))
+        if len(problems) == before and not m.attrs & hw.PTE_US and pieces:
+            problems.append(_supervisor_in_user_half(walker, m, end, half, own))
     return problems
+
+
+def _supervisor_in_user_half(walker: Walker, m: Mapping, end: int, half: int, own: list[tuple[int, int]]) -> Finding:
+    """A supervisor-only mapping of the user half that maps no frame of the kernel image (but where the kernel is
+    linked, for a kernel linked low): information, ring 3 faults on it. A guard page when a user page is its
+    neighbour."""
+    lo, hi = m.vstart, end
+    where = dict(vrange=(lo, hi), frames=_frames(m.pstart, m.pstart + hi - lo), chain=walker.translate(lo).chain,
+                 info=True)
+    span = f"{lo:#010x}-{hi:#010x}"
+    for neighbour, side in ((hi, "below"), (lo - hw.PAGE_SIZE, "above")) if hi - lo <= GUARD_MAX else ():
+        t = walker.translate(neighbour) if 0 <= neighbour < half else None
+        if t is not None and t.attrs & hw.PTE_US:
+            return Finding(f"{span} is a guard page: supervisor-only ({m.attrs}) {side} the user page "
+                           f"{neighbour:#x}, on no frame of the kernel image; ring 3 faults on it", **where)
+    kind = "identity-mapped" if m.vstart == m.pstart else f"mapped to {m.pstart:#x}"
+    inside = [f"{a:#x}-{b:#x}" for a, b in own if lo <= a and b <= hi]
+    holds = f", around the kernel's own image at {', '.join(inside)} (linked there)" if inside else ""
+    return Finding(f"{span} is {kind}, supervisor-only ({m.attrs}), in the user half (below the kernel half at "
+                   f"{half:#x}){holds}; it maps no other frame of the kernel image and ring 3 faults on it",
+                   **where)
+
+
+# The most a guard page spans: a few 4 KiB pages (a larger supervisor range beside user pages is named as a range).
+GUARD_MAX = 16 * hw.PAGE_SIZE
+# Bits the CPU sets in an entry as it uses the page: two neighbouring pages that differ in these alone are one
+# mapping for whoever reads the tables.
+CPU_BITS = hw.PTE_A | hw.PTE_D
+
+
+def whole_mappings(walker: Walker) -> list[Mapping]:
+    """`Walker.mappings` merged across Accessed/Dirty differences (attributes shown without them): the ranges the
+    kernel made, not the pages the CPU happened to touch."""
+    merged: list[Mapping] = []
+    for m in walker.mappings():
+        attrs = Attrs(m.attrs & ~CPU_BITS)
+        last = merged[-1] if merged else None
+        if (last and last.vstart + last.size == m.vstart and last.pstart + last.size == m.pstart
+                and last.attrs == attrs):
+            merged[-1] = Mapping(last.vstart, last.pstart, last.size + m.size, attrs)
+        else:
+            merged.append(Mapping(m.vstart, m.pstart, m.size, attrs))
+    return merged
+
+
+def _page_up(addr: int) -> int:
+    return (addr + hw.PAGE_SIZE - 1) & ~(hw.PAGE_SIZE - 1)
+
+
+def _without(lo: int, hi: int, holes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """[lo, hi) less the sorted `holes`, as the pieces left."""
+    pieces = []
+    for a, b in holes:
+        if b <= lo or a >= hi:
+            continue
+        if a > lo:
+            pieces.append((lo, a))
+        lo = max(lo, b)
+    if lo < hi:
+        pieces.append((lo, hi))
+    return pieces
+
+
+# A finding names its frames one by one only up to this many: a 1 GiB mapping is named by its range alone.
+MAX_FRAMES = 1024
+
+
+def _frames(start: int, end: int) -> tuple[int, ...]:
+    first = start & ~(hw.PAGE_SIZE - 1)
+    count = (end - first + hw.PAGE_SIZE - 1) // hw.PAGE_SIZE
+    return tuple(range(first, end, hw.PAGE_SIZE)) if count <= MAX_FRAMES else ()
 
 
 @_walk_errors_reported
 def check_no_user_pages(view: GuestView) -> list[str]:
     """No entry leading to a kernel page carries U/S.
 
-    The CPU grants ring 3 access only if every level does, but a U/S bit in a kernel PTE is still a fault one
-    entry change away, so each offending entry is reported, saying whether the page is reachable from ring 3.
-    kgen's own kernel keeps U/S off at every level of its half. Another kernel may set U/S on its table entries
-    and deny at the leaf (xv6 and Linux do: one PDE then serves user and kernel pages alike), so there only the
-    leaf entry counts."""
+    Kernel pages are those of the kernel half (`GuestView.kernel_half`); for a kernel whose half kgen cannot tell
+    (32-bit, linked where it is loaded, no --kernel-base), those that map a frame of its image, wherever they lie:
+    a process's pages elsewhere are its own. The CPU grants ring 3 access only if every level does, but a U/S bit in
+    a kernel PTE is still a fault one entry change away, so each offending entry is reported, saying whether the
+    page is reachable from ring 3. kgen's own kernel keeps U/S off at every level of its half. Another kernel may
+    set U/S on its table entries and deny at the leaf (xv6 and Linux do: one PDE then serves user and kernel pages
+    alike), so there only the leaf entry counts."""
     walker = view.need_walker()
-    base = view.kernel_base or 0
+    half = view.kernel_half
     strict = view.layout is not None
+    if half is not None:
+        judged = [(max(m.vstart, half), m.vstart + m.size) for m in walker.mappings() if m.vstart + m.size > half]
+    else:
+        view.notes.append(f"{view.elf.path.name} has no kernel half kgen can tell (linked where it is loaded): only "
+                          "pages on its image's frames are judged as kernel pages; give --kernel-base ADDR to judge "
+                          "a kernel half")
+        image = view.image_frames()
+        judged = [(m.vstart + max(a, m.pstart) - m.pstart, m.vstart + min(b, m.pstart + m.size) - m.pstart)
+                  for m in walker.mappings() for a, b in image if a < m.pstart + m.size and m.pstart < b]
     offenders: dict[int, list] = {}
-    for m in walker.mappings():
-        if m.vstart + m.size <= base:
-            continue
-        for vaddr, t in mapped_pages(walker, max(m.vstart, base), m.vstart + m.size):
+    for lo, hi in judged:
+        for vaddr, t in mapped_pages(walker, lo, hi):
             for ref in (t.chain if strict else t.chain[-1:]):
                 if ref.value & hw.PTE_US:
-                    first = offenders.setdefault(ref.addr, [ref, vaddr, t, 0])
+                    first = offenders.setdefault(ref.addr, [ref, vaddr, t, 0, vaddr + t.size])
                     first[3] += 1
+                    first[4] = max(first[4], (vaddr & ~(t.size - 1)) + t.size)
     problems = []
-    for ref, vaddr, t, count in offenders.values():
+    for ref, vaddr, t, count, end in offenders.values():
         reach = ("user-accessible" if t.attrs & hw.PTE_US else
                  "not yet user-accessible, another level still denies it")
         pages = f"page {view.page(vaddr)}" + (f" and {count - 1} more" if count > 1 else "")
-        problems.append(f"{ref} = {ref.value:#010x} has U/S set for kernel {pages} ({reach}; path {t.path})")
+        problems.append(Finding(f"{ref} = {ref.value:#010x} has U/S set for kernel {pages} ({reach}; path {t.path})",
+                                vrange=(vaddr, end), frames=(t.paddr & ~(hw.PAGE_SIZE - 1),), chain=t.chain))
     return problems
 
 
@@ -563,9 +693,8 @@ def check_space(view: GuestView, top: int, *, idle: bool = True) -> list[str]:
     if top != running and fresh:
         mine = entries
         theirs = _top_entries(view, running)
-        cpu_bits = hw.PTE_A | hw.PTE_D          # set by the CPU in whichever copy it walked
-        differ = [i for i in range(first, len(mine))
-                  if i not in windows and mine[i] & ~cpu_bits != theirs[i] & ~cpu_bits]
+        differ = [i for i in range(first, len(mine))         # A and D: set by the CPU in whichever copy it walked
+                  if i not in windows and mine[i] & ~CPU_BITS != theirs[i] & ~CPU_BITS]
         problems += [f"{where}: kernel-half {names[0]}[{i}] = {mine[i]:#x}, the running space's "
                      f"{theirs[i]:#x}: the kernel half is not shared" for i in differ]
     return problems

@@ -20,7 +20,7 @@ from kgen.guest.loaded import kernel_not_in_memory
 from kgen.harness.bootnames import BOOT_METHODS, FIRMWARES
 from kgen.harness.bootpath import cache_dir
 from kgen.harness.image import check_image, find_kernel
-from kgen.harness.kernel import KernelUnderTest, boot_only_problem, check_qemu_accepts
+from kgen.harness.kernel import KernelUnderTest, boot_only_problem, check_qemu_accepts, kernel_base_problem
 from kgen.harness.live import boot
 from kgen.harness.qemuargs import check_modules, require_qemu, split_qemu_args
 from kgen.harness.symbols import judged_elf
@@ -31,7 +31,7 @@ FOREIGN_OPTIONS = {**{name: name for name in READY_OPTIONS}, "boot_timeout": "bo
                    "append": "append", "modules": "module", "qemu_args": "qemu_arg",
                    "address_spaces": "address_spaces", "boot_only_segments": "boot_only_segment", "boot": "boot",
                    "firmware": "firmware", "qemu_command": "qemu_command",
-                   "image": "image", "symbols": "symbols"}
+                   "image": "image", "symbols": "symbols", "kernel_base": "kernel_base"}
 
 
 def apply_foreign_config(args) -> None:
@@ -81,7 +81,8 @@ def _check_from_table(args, foreign, from_table: set[str]) -> None:
 
     def refuse(key: str, why: str) -> UsageError:
         value = getattr(foreign, key)
-        shown = show_value(str(value) if key == "kernel" else list(value) if isinstance(value, tuple) else value)
+        shown = show_value(str(value) if key == "kernel" else list(value) if isinstance(value, tuple) else value,
+                           decimal=key != "kernel_base")
         return UsageError(f"{foreign.key(key)} = {shown}: {why}")
 
     if "kernel" in from_table and input_file_problem(args.kernel):
@@ -110,6 +111,8 @@ def _check_from_table(args, foreign, from_table: set[str]) -> None:
         problem = boot_only_problem(elf, index)
         if problem is not None:
             raise refuse("boot_only_segments", f"{index}: {problem}")
+    if "kernel_base" in from_table and (problem := kernel_base_problem(elf, foreign.kernel_base)) is not None:
+        raise refuse("kernel_base", problem)
     for key, allowed in (("boot", BOOT_METHODS), ("firmware", FIRMWARES)):
         if key in from_table and getattr(foreign, key) not in allowed:
             raise refuse(key, f"give one of {', '.join(allowed)}")
@@ -163,7 +166,8 @@ def foreign_kernel_from_args(args) -> KernelUnderTest:
             qemu_args=split_qemu_args(getattr(args, "qemu_arg", None) or ()),
             boot_only_segments=getattr(args, "boot_only_segment", None), boot_method=getattr(args, "boot", None),
             firmware=getattr(args, "firmware", None), qemu_command=getattr(args, "qemu_command", None), image=image,
-            judged=judged, **{name: getattr(args, name, None) for name in READY_OPTIONS})
+            judged=judged, kernel_base=getattr(args, "kernel_base", None),
+            **{name: getattr(args, name, None) for name in READY_OPTIONS})
     except KgenError as err:
         raise UsageError(f"--kernel {err}") from None
     if getattr(args, "address_spaces", None):

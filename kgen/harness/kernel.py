@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kgen.arch import Arch
+from kgen.arch import Arch, hw
 from kgen.build import config as configmod
 from kgen.build.layout import Layout, compute
 from kgen.build.pipeline import build, current_elf
@@ -38,6 +38,9 @@ class KernelUnderTest:
     # kernel base); None: the default rule (GuestView.boot_segments).
     boot_only_segments: tuple[int, ...] | None = None
     boot_elf: ElfInfo | None = None     # the booted file's ELF when it is not `elf` (--symbols)
+    # Where the kernel half starts (--kernel-base, a 32-bit kernel's); None: the ELF's higher-half base
+    # (GuestView.kernel_half).
+    kernel_base: int | None = None
 
     @classmethod
     def built(cls, config_path: Path | None, out_dir: Path, arch: str | None = None,
@@ -56,26 +59,28 @@ class KernelUnderTest:
                 boot_timeout: float | None = None, boot_only_segments=None, memory_mib: int | None = None,
                 append: str | None = None, modules=(), qemu_args=(), boot_method: str | None = None,
                 firmware: str | None = None, qemu_command: str | None = None, image: Path | None = None,
-                judged: ElfInfo | None = None, **when) -> KernelUnderTest:
+                judged: ElfInfo | None = None, kernel_base: int | None = None, **when) -> KernelUnderTest:
         """Anyone else's ELF. `ready` is --ready's text and `when` holds the other "when to look" options by their
         READY_OPTIONS names (ready_symbol=, ready_at=, ...); `boot` how to boot it, else the way `boot_path_for`
         picks from the ELF, `boot_method` (--boot) and `firmware` (--firmware), with `memory_mib`, `append`,
         `modules` and `qemu_args`. `judged`: the ELF the checks judge when it is not the one that boots
-        (--symbols); the symbols and segments options are checked against it. A value wrong for this ELF raises
-        KgenError."""
+        (--symbols); the symbols, segments and kernel-base options are checked against it. A value wrong for this
+        ELF raises KgenError."""
         booted = ElfInfo.load(elf_path)
         elf = judged if judged is not None else booted
         for index in boot_only_segments or ():
             problem = boot_only_problem(elf, index)
             if problem is not None:
                 raise KgenError(f"{elf_path}: --boot-only-segment {index}: {problem}")
+        if kernel_base is not None and (problem := kernel_base_problem(elf, kernel_base)) is not None:
+            raise KgenError(f"{elf_path}: --kernel-base {kernel_base:#x}: {problem}")
         how = Ready.from_options(elf, ready=ready, **when)
         if boot is None:
             boot = boot_path_for(booted, method=boot_method, firmware=firmware, memory_mib=memory_mib, append=append,
                                  modules=modules, qemu_args=qemu_args, qemu_command=qemu_command, image=image)
         return cls(Path(elf_path), elf, None, boot, how, boot_timeout or BOOT_TIMEOUT,
                    None if boot_only_segments is None else tuple(sorted(set(boot_only_segments))),
-                   booted if judged is not None else None)
+                   booted if judged is not None else None, kernel_base)
 
     @property
     def booted_elf(self) -> ElfInfo:
@@ -122,6 +127,20 @@ def boot_only_problem(elf: ElfInfo, index: int) -> str | None:
     if elf.program_headers[index] != "PT_LOAD":
         return (f"program header {index} is {elf.program_headers[index]}, not a PT_LOAD segment (`readelf -l` "
                 "lists them)")
+    return None
+
+
+def kernel_base_problem(elf: ElfInfo, address: int) -> str | None:
+    """Why `address` cannot be where `elf`'s kernel half starts, or None. Only 32-bit paging leaves that to the
+    kernel: x86-64 defines its kernel half (the upper canonical half)."""
+    arch = Arch.for_elf(elf)
+    if arch.long_mode:
+        return (f"{elf.path.name} is a 64-bit kernel, whose kernel half is the upper canonical half (from "
+                f"{arch.kernel_half:#x}) whatever it says; --kernel-base is for a 32-bit kernel")
+    if not 0 < address < 1 << arch.va_bits:
+        return f"give an address above 0 and below {1 << arch.va_bits:#x} (32-bit paging), where the kernel half starts"
+    if address % hw.PAGE_SIZE:
+        return f"not page-aligned: give the first address of the kernel half, a multiple of {hw.PAGE_SIZE:#x}"
     return None
 
 

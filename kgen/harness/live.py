@@ -50,6 +50,7 @@ class LiveKernel:
             self.stop()
             self._view = GuestView.capture(self.machine, self.kernel.elf, self.kernel.layout, self.poison)
             self._view.boot_only = self.kernel.boot_only_segments
+            self._view.kernel_base_given = self.kernel.kernel_base
         return self._view
 
     def write_phys(self, addr: int, data: bytes) -> None:

@@ -12,9 +12,9 @@ probe boot under KVM), `kgen_accel`; `kgen_boot(kernel, accel)` and `assert_hold
 Options: --kgen-config, --kgen-arch, --kgen-out, --kgen-kernel, --kgen-accel, --kgen-cold-boot; for a kernel given
 with --kgen-kernel how to boot it and when to look: --kgen-ready, --kgen-ready-symbol, --kgen-ready-after,
 --kgen-ready-at, --kgen-ready-vga, --kgen-boot-timeout, --kgen-memory, --kgen-append, --kgen-module, --kgen-qemu-arg,
---kgen-boot-only-segment, --kgen-symbols, --kgen-address-spaces (the page-table checks take `kgen_space` and run once per address
-space the kernel lists; `space_view(live, kgen_space)` is the machine seen through it); --kgen-json FILE writes the
-results as JSON (kgen/harness/jsonreport.py).
+--kgen-boot-only-segment, --kgen-symbols, --kgen-kernel-base, --kgen-address-spaces (the page-table checks take
+`kgen_space` and run once per address space the kernel lists; `space_view(live, kgen_space)` is the machine seen
+through it); --kgen-json FILE writes the results as JSON (kgen/harness/jsonreport.py).
 
 Every machine a fixture hands out is as a cold boot leaves it, but only the first per kernel is booted: the
 others are restored from a snapshot of it (kgen/machine/snapshot.py), unless --kgen-cold-boot.
@@ -65,6 +65,9 @@ def pytest_addoption(parser):
                     "CD-ROM, else the first disk), never written")
     group.addoption("--kgen-symbols", action="append", metavar="ELF[@OFFSET]", help="with --kgen-kernel: the "
                     "ELF judged and symbolised when --kgen-kernel is a loader stage carrying it; repeatable")
+    group.addoption("--kgen-kernel-base", type=lambda text: int(text, 0), metavar="ADDR", help="with "
+                    "--kgen-kernel, a 32-bit kernel: where its kernel half starts (default: its ELF's higher-half "
+                    "base)")
     group.addoption("--kgen-qemu-command", help="with --kgen-kernel: boot it with this QEMU command line (kgen "
                     "adds its sockets, kgen/harness/qemucommand.py)")
     group.addoption("--kgen-firmware", choices=FIRMWARES, help="bios (default) or uefi (OVMF, through GRUB), for "
@@ -236,14 +239,18 @@ def space_view(live, space):
 def assert_holds(check, view) -> None:
     """Run one `kgen.guest.invariants` check: fail with its problems (one line per page), skip where it does not
     apply; in a view of another address space than CR3's, both name that space."""
+    from kgen.guest.findings import failures
     from kgen.guest.invariants import NotApplicable
     where = f" in address space {view.space}" if getattr(view, "space", None) else ""
     noted = len(view.notes)
     try:
-        problems = check(view)
+        findings = check(view)
     except NotApplicable as why:
         pytest.skip(f"{why}{where}")
-    for note in view.notes[noted:]:     # what this check learnt (where the kernel is): in the report, pass or fail
+    problems = failures(findings)
+    # What this check learnt (where the kernel is) and the information it found (a guard page): in the report,
+    # pass or fail, never the verdict.
+    for note in view.notes[noted:] + [f"note: {f}" for f in findings if getattr(f, "info", False)]:
         print(f"{note}{where}")
     if problems:
         pytest.fail(f"{check.__doc__.splitlines()[0]}{where}\n" + "\n".join(f"  {p}" for p in problems),

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from kgen import protocol
 from kgen.arch import Arch, hw
 from kgen.guest import invariants
+from kgen.guest.findings import failures
 from kgen.guest.invariants import GuestView, NotApplicable
 from kgen.guest.pmmview import ChainError, PmmView
 from kgen.guest.pagewalk import PTE_NX, PTE_P, PTE_RW, PTE_US, PTE_G, Walker, WalkError
@@ -104,7 +105,11 @@ def elf_regions(view: GuestView) -> list[Region]:
         if sym.size:
             end = sym.value + sym.size
         elif sym.value % PAGE == 0 and not sym.name.startswith("__"):     # not a linker script's section mark
-            end = next((s.value for s in symbols[i + 1:] if s.value > sym.value), sym.value)
+            # Up to the next symbol, but not past its own segment: the label that ends a boot segment at 1 MiB is
+            # not a region reaching up to the higher half.
+            segment_end = next((seg.vaddr + seg.memsz for seg in elf.segments
+                                if seg.vaddr <= sym.value < seg.vaddr + seg.memsz), sym.value)
+            end = min(segment_end, next((s.value for s in symbols[i + 1:] if s.value > sym.value), sym.value))
         else:
             continue
         if end - sym.value >= PAGE:
@@ -117,6 +122,51 @@ def all_regions(view: GuestView) -> list[Region]:
     return regions + elf_regions(view)
 
 
+# A run of supervisor pages at one virtual-to-physical offset is a direct map of RAM when it maps at least this much
+# of the guest's RAM (or half of it, in a small guest): more than a kernel image, which its ELF names anyway.
+DIRECT_MAP_MIN = 16 * MIB
+
+
+def _mib(size: int) -> str:
+    return f"{size // MIB} MiB" if size % MIB == 0 else f"{size / MIB:.1f} MiB"
+
+
+def mapped_regions(view: GuestView, walker: Walker, ram: list[tuple[int, int]],
+                   named: list[Region]) -> list[Region]:
+    """What kgen recognises in the page tables where the layout names no range: a direct map of RAM (supervisor
+    pages at one offset covering much of the guest's RAM, whatever their page sizes and caching; the ELF's segments
+    inside it keep their names, the smaller regions) and an MMIO window (supervisor pages of which none is RAM in
+    QEMU's memory map: a device's registers). The recursive windows are named where they are drawn
+    (`virtual_ranges`)."""
+    runs: list[list[int]] = []          # [vstart, vend, pstart] at one offset, supervisor pages only
+    for m in walker.mappings():
+        if m.attrs & PTE_US:
+            continue
+        last = runs[-1] if runs else None
+        if last and last[1] == m.vstart and last[2] + (last[1] - last[0]) == m.pstart:
+            last[1] = m.vstart + m.size
+        else:
+            runs.append([m.vstart, m.vstart + m.size, m.pstart])
+    total = sum(hi - lo for lo, hi in ram)
+    found = []
+    for vlo, vhi, plo in runs:
+        if any(r.source == "layout" and r.start < vhi and vlo < r.end for r in named):
+            continue
+        phi = plo + vhi - vlo
+        in_ram = sum(max(0, min(hi, phi) - max(lo, plo)) for lo, hi in ram)
+        where = f"physical {plo:#x}-{phi:#x}"
+        if not in_ram:
+            found.append(Region("MMIO window", vlo, vhi, "mapping",
+                                f"maps {where}, none of it RAM in QEMU's memory map: a device's registers"))
+        elif in_ram >= min(DIRECT_MAP_MIN, total // 2):
+            how = "identity-mapped" if vlo == plo else f"at offset {vlo - plo:#x}"
+            share = "all" if in_ram == total else f"{_mib(in_ram)} of the {_mib(total)}"
+            found.append(Region("direct map of RAM", vlo, vhi, "mapping",
+                                f"maps {where} {how}: {share} of the guest's RAM"
+                                + (" and the holes between" if in_ram < phi - plo else "")))
+    return found
+
+
 def region_of(regions: list[Region], vaddr: int) -> Region | None:
     """The most specific region holding `vaddr`: the smallest."""
     holding = [r for r in regions if r.start <= vaddr < r.end]
@@ -127,6 +177,8 @@ def region_of(regions: list[Region], vaddr: int) -> Region | None:
 
 # What makes two neighbouring pages one range: the CPU sets Accessed and Dirty page by page, so those do not count.
 MERGE_BITS = PTE_P | PTE_RW | PTE_US | hw.PTE_PWT | hw.PTE_PCD | hw.PTE_PS | PTE_G | PTE_NX
+# What a recognised range (a direct map) keeps the same along one row: the rights.
+RIGHTS_BITS = PTE_P | PTE_RW | PTE_US | PTE_NX
 
 
 def flags_text(attrs: int, mode_has_nx: bool) -> str:
@@ -148,10 +200,15 @@ def virtual_ranges(view: GuestView, walker: Walker, regions: list[Region], probl
     runs: list[list] = []
     for lo, hi, phys, attrs, size, region in pieces:
         last = runs[-1] if runs else None
-        if last and last[1] == lo and last[3] & MERGE_BITS == attrs & MERGE_BITS and last[4] == size \
+        # A range kgen recognised from the tables (a direct map) is one row as long as its rights hold: its page
+        # sizes and caching may change along the way (a framebuffer written through in Limine's direct map).
+        whole = region is not None and region.source == "mapping"
+        bits = RIGHTS_BITS if whole else MERGE_BITS
+        if last and last[1] == lo and last[3] & bits == attrs & bits and (whole or last[4] == size) \
                 and last[5] == region:
             last[6] &= last[2] + (last[1] - last[0]) == phys
             last[1] = hi
+            last[4] = min(last[4], size)        # a row of mixed page sizes counts in its smallest
         else:
             runs.append([lo, hi, phys, attrs, size, region, True])
     ranges = [{
@@ -213,7 +270,7 @@ def run_invariants(view: GuestView) -> list[dict]:
         except NotApplicable as why:
             results.append({"name": check.__name__, "outcome": "skipped", "messages": [str(why)]})
             continue
-        results.append({"name": check.__name__, "outcome": "failed" if messages else "passed",
+        results.append({"name": check.__name__, "outcome": "failed" if failures(messages) else "passed",
                         "messages": list(messages)})
     return results
 
@@ -435,8 +492,13 @@ def collect(live, *, accel: str = "tcg", va: int | None = None, how: str | None 
         walker = None
         problems_of_walk.append(f"the page tables cannot be walked: {err}")
     regions = all_regions(view)
+    if walker is not None:
+        try:
+            regions += mapped_regions(view, walker, ram, regions)
+        except WalkError:
+            pass        # said below, where the ranges are drawn
     results = run_invariants(view)
-    problems = [m for r in results if r["outcome"] == "failed" for m in r["messages"]] + problems_of_walk
+    problems = [m for r in results if r["outcome"] == "failed" for m in failures(r["messages"])] + problems_of_walk
     checked = len(problems)
     virtual: list[dict] = []
     if walker is not None:

@@ -118,8 +118,9 @@ def invariants(doc: dict, paint) -> list[str]:
     colours = {"passed": "green", "failed": "red", "skipped": "yellow"}
     for r in results:
         lines.append(f"  {paint(r['outcome'].upper().ljust(7), colours[r['outcome']])} {r['name']}")
-        if r["outcome"] != "passed":
-            lines += [f"          {m}" for m in r["messages"]]
+        # A passed check's messages are information (a guard page): shown as notes.
+        note = "note: " if r["outcome"] == "passed" else ""
+        lines += [f"          {note}{m}" for m in r["messages"]]
     return lines
 
 

@@ -2,7 +2,8 @@
 BIOS and UEFI: kgen finds the kernel through limine.conf, learns where Limine put it from the live page tables (its
 ELF's p_paddr are no load address: Limine chooses one) and judges it there. Verdicts are judged against what the zoo
 kernel really does (tests/minikernels.py, LIMINE_KERNEL): Limine maps each segment with its rights, so the segment
-check holds; the kernel keeps Limine's higher-half direct map of all RAM below its base, a true finding."""
+check holds; Limine's direct map of all RAM lies below the kernel's base but in the kernel half (x86-64's upper
+canonical half): the kernel's, no finding, and every check holds."""
 from __future__ import annotations
 
 import re
@@ -53,16 +54,15 @@ def test_a_limine_iso_is_booted_and_its_kernel_found_through_limine_conf(zoo, fi
     before = zoo["iso"].read_bytes()
     result = run_kgen("test", "--image", str(zoo["iso"]), "--ready", LIMINE_READY, "--firmware", firmware_name,
                       "-j", "1", "--", "-v", "-rP")
-    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.returncode == 0, result.stdout + result.stderr
     assert ("kgen: --image limine.iso: checking /boot/limine-zoo.elf, the kernel its /boot/limine/limine.conf "
             "loads") in result.stderr, result.stderr
     assert f"through its own image limine.iso as the CD-ROM, {firmware_name.upper()}" in result.stderr
     seen = outcomes(result.stdout)
     failed = {name for name, outcome in seen.items() if outcome == "FAILED"}
-    assert failed == {BELOW}, result.stdout
-    # The true finding: Limine's direct map of RAM from HHDM, kept below the kernel's base.
-    assert re.search(rf"{HHDM:#x}-0x[0-9a-f]+ is mapped to 0x0 \(P RW [A-Z ]*PS\) below the kernel base "
-                     rf"{ELF_BASE:#x}", result.stdout), result.stdout
+    # Limine's direct map of RAM from HHDM, below the kernel's base, is in the kernel half: not a finding.
+    assert failed == set() and seen[BELOW] == "PASSED", result.stdout
+    assert f"{HHDM:#x}-" not in result.stdout, result.stdout
     # Where Limine put it: found in the tables, the base its kernel-address response gave; every page judged there.
     assert seen[SEGMENTS] == "PASSED"
     base = found_base(result.stdout)
@@ -81,19 +81,19 @@ def test_a_limine_menu_that_waits_is_not_taken_for_the_kernel(zoo, tmp_path, fir
     iso = limine_iso(tmp_path, zoo["kernel"], "menu.iso", timeout=3)
     result = run_kgen("test", "--image", str(iso), "--firmware", firmware_name, "-j", "1", "-k",
                       "segments or below_the_kernel_base", "--", "-v")
-    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.returncode == 0, result.stdout + result.stderr
     assert "error" not in result.stderr, result.stderr
     seen = outcomes(result.stdout)
-    assert seen[SEGMENTS] == "PASSED" and seen[BELOW] == "FAILED", result.stdout
+    assert seen[SEGMENTS] == "PASSED" and seen[BELOW] == "PASSED", result.stdout
 
 
 def test_the_kernel_given_with_the_limine_iso_is_judged_the_same(zoo):
     result = run_kgen("test", "--image", str(zoo["iso"]), "--kernel", str(zoo["kernel"]), "--ready", LIMINE_READY,
                       "-j", "1", "-k", "segments or below_the_kernel_base", "--", "-v", "-rP")
-    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.returncode == 0, result.stdout + result.stderr
     assert "checking /boot" not in result.stderr and "error" not in result.stderr, result.stderr
     seen = outcomes(result.stdout)
-    assert seen[SEGMENTS] == "PASSED" and seen[BELOW] == "FAILED", result.stdout
+    assert seen[SEGMENTS] == "PASSED" and seen[BELOW] == "PASSED", result.stdout
     assert found_base(result.stdout) != ELF_BASE
 
 

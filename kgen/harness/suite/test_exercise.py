@@ -27,6 +27,7 @@ import pytest
 
 from kgen.arch import hw
 from kgen.guest import invariants
+from kgen.guest.findings import failures
 from kgen.guest.pmmview import ChainError, PmmView
 
 PAGE = hw.PAGE_SIZE
@@ -180,7 +181,7 @@ class Exercise:
                 found = check(view)
             except invariants.NotApplicable:
                 continue
-            problems += [f"{check.__doc__.splitlines()[0]} {line}" for line in found]
+            problems += [f"{check.__doc__.splitlines()[0]} {line}" for line in failures(found)]
         problems += self.accounting_problems()
         problems += self.range_problems(view)
         if problems:
