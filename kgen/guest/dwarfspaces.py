@@ -139,7 +139,6 @@ _LOADED: dict[tuple, KernelTypes] = {}
 
 
 def _read_types(path: Path, elf: ElfInfo) -> KernelTypes:
-    from elftools.common.exceptions import ELFError, DWARFError
     from elftools.elf.elffile import ELFFile
     try:
         with path.open("rb") as stream:
@@ -170,9 +169,10 @@ def _read_types(path: Path, elf: ElfInfo) -> KernelTypes:
                     if name in found and not die.attributes.get("DW_AT_external"):
                         continue        # a static of another file with a global's name: the global wins
                     found[name] = Global(name, address, reader.type_of(spec))
-    except (ELFError, DWARFError, OSError, ValueError, KeyError, AssertionError) as err:
-        if isinstance(err, KgenError):
-            raise
+    except KgenError:
+        raise
+    except Exception as err:  # noqa: BLE001 - pyelftools on DWARF it does not know raises many kinds (ELFError,
+        # DWARFError, KeyError, struct.error, NotImplementedError...): each is "cannot be read", in one line
         raise KgenError(f"{path.name}: its DWARF cannot be read ({' '.join(str(err).split())})") from None
     return KernelTypes(path, word, found)
 

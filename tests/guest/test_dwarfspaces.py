@@ -1,0 +1,171 @@
+"""Address spaces found in a kernel's own data through its DWARF (kgen/guest/dwarfspaces.py), on the C zoo kernels of
+tests/zoo_c.py: the expression yields each process's space by name, virtual pointers and physical values alike; the
+flaw planted in the third process is found in that space only, and named so; the kernels without it hold every
+check in every space; the candidates are the expressions a user would write; expressions that do not fit the types
+are one line each. Each kernel is built by gcc and booted once, in QEMU, for all its assertions."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+import zoo_c
+from conftest import needs_qemu
+from kgen.errors import KgenError
+from kgen.guest import dwarfspaces, invariants
+from kgen.guest.addrspaces import SpaceArray, parse_spec
+from kgen.guest.elfinfo import ElfInfo
+
+EXPRESSIONS = {"array": zoo_c.ARRAY_EXPRESSION, "list": zoo_c.LIST_EXPRESSION}
+BELOW = invariants.check_nothing_below_kernel_base
+
+
+def named(kind: str, index: int) -> str:
+    """How a space of the zoo kernel is named: the expression with the element, and the process's name."""
+    path = (f"ptable.proc[{index}].pgdir" if kind == "array" else f"task_list[->next:{index}].cr3")
+    return f'{path} "{zoo_c.NAMES[index]}"'
+
+
+class Built(dict):
+    """(arch, kind, flaw) -> the zoo kernel, built on first use (a worker builds only the kernels its tests boot)."""
+
+    def __init__(self, out):
+        super().__init__()
+        self.out = out
+
+    def __missing__(self, key):
+        arch, kind, flaw = key
+        self[key] = zoo_c.c_kernel(self.out, kind, arch, flaw=flaw)
+        return self[key]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    return Built(tmp_path_factory.mktemp("zoo-c"))
+
+
+def problems_in(view, space) -> dict[str, list[str]]:
+    """Each generic check's problems in `space` (those that apply), by check name."""
+    seen = view.in_space(space.top, space.name)
+    found = {}
+    for check in invariants.GENERIC_CHECKS:
+        try:
+            problems = check(seen)
+        except invariants.NotApplicable:
+            continue
+        if problems:
+            found[check.__name__] = problems
+    return found
+
+
+@needs_qemu
+@pytest.mark.vm
+@pytest.mark.parametrize("kind", ["array", "list"])
+@pytest.mark.parametrize("arch", ["i386", "x86_64"])
+def test_every_process_space_is_found_and_the_flaw_only_in_the_third(built, arch, kind):
+    from kgen.harness.kernel import KernelUnderTest
+    from kgen.harness.live import boot
+    results = {}
+    for flaw in (False, True):
+        elf = built[arch, kind, flaw]
+        with boot(KernelUnderTest.foreign(elf), cold=True) as live:
+            view = live.view()
+            found = dwarfspaces.spaces_in_view(view, EXPRESSIONS[kind])
+            proposals = dwarfspaces.propose(view)
+            assert all(s.problem is None and dwarfspaces.implausible(view, s.top) is None for s in found)
+            # The space in CR3 is the first process's (the kernel ends there): one of those found.
+            assert found[0].top == view.regs.cr3 & view.mode.cr3_mask
+            results[flaw] = (found, {s.name: problems_in(view, s) for s in found}, proposals)
+            if kind == "array":
+                # Without its condition, the expression also yields the slot of the process that exited: a stale
+                # pointer to a freed page, which maps no kernel.
+                every = dwarfspaces.spaces_in_view(view, "ptable.proc[].pgdir")
+                assert [s.name for s in every] == [s.name for s in found] + ["ptable.proc[3].pgdir"]
+                assert "does not map the kernel" in dwarfspaces.implausible(view, every[-1].top)
+    for found, _, proposals in results.values():
+        assert [s.name for s in found] == [named(kind, i) for i in range(3)]
+        assert [s.label for s in found] == list(zoo_c.NAMES)
+        kbase = zoo_c.KBASE[arch]
+        for space in found:
+            # array: a virtual pointer, translated; list: the physical address itself.
+            assert space.top == (space.value - kbase if kind == "array" else space.value), space
+        # Proposed without asking: the same expression, usable, naming the same spaces.
+        assert proposals[0].expression == EXPRESSIONS[kind] and proposals[0].problem is None
+        assert [s.name for s in proposals[0].spaces] == [s.name for s in found]
+    assert all(problems == {} for problems in results[False][1].values()), results[False][1]
+    flawed = results[True][1]
+    third = named(kind, zoo_c.FLAWED)
+    assert {name for name, p in flawed.items() if p} == {third}, flawed
+    assert list(flawed[third]) == [BELOW.__name__], flawed[third]
+    [line] = flawed[third][BELOW.__name__]
+    assert line.startswith(f"{zoo_c.USER_PEEK:#010x}-{zoo_c.USER_PEEK + 0x1000:#010x} is a user page"), line
+    assert "on the kernel image's frames" in line
+
+
+@pytest.fixture(scope="module")
+def types(built):
+    return {kind: dwarfspaces.KernelTypes.load(ElfInfo.load(built["i386", kind, False])) for kind in ("array", "list")}
+
+
+@pytest.mark.parametrize("kind, expression, steps", [
+    ("array", "ptable.proc[].pgdir", "member elements member"),
+    ("array", "ptable.proc[3].pgdir", "member elements member"),
+    ("array", "ptable.proc[state == RUNNABLE && pid > 1].pgdir", "member elements member"),
+    ("array", "kpgdir", ""),
+    ("list", "task_list[->next].cr3", "list member"),
+    ("list", "task_list[->next, pid != 2].cr3", "list member"),
+    ("list", "task_list[->next:1].cr3", "list member"),
+    ("list", "task_list->next->cr3", "deref deref"),
+])
+def test_expressions_that_fit_the_types(types, kind, expression, steps):
+    checked = dwarfspaces.plan(types[kind], expression)
+    assert " ".join(step.kind for step in checked.expression.steps) == steps
+    assert checked.types[-1].is_word
+
+
+@pytest.mark.parametrize("kind, expression, says", [
+    ("array", "nosuch[].pgdir", "zoo-c-array-i386.elf's DWARF has no global variable 'nosuch'"),
+    ("array", "ptable.procs[].pgdir", "ptable is an anonymous struct with no member 'procs' (its members: lock, proc)"),
+    ("array", "ptable.proc.pgdir", "ptable.proc is a struct proc[8], not a struct: it has no member 'pgdir'"),
+    ("array", "ptable.proc[]->pgdir", "ptable.proc[] is a struct proc, not a pointer to a struct, so '->' does not "
+                                      "apply: write ptable.proc[].pgdir"),
+    ("array", "ptable.proc[].name", "ptable.proc[].name is a char[16]; the expression must end at a pointer or an "
+                                    "integer of at least 4 bytes"),
+    ("array", "ptable.proc[state != UNUSD].pgdir", "'UNUSD' is no enumerator of enum procstate (enumerators: "
+                                                   "UNUSED, EMBRYO, RUNNABLE, RUNNING)"),
+    ("array", "ptable.proc[8].pgdir", "ptable.proc has 8 elements; 8 is not one of them"),
+    ("array", "ptable.proc[].pgdir)", "unexpected ')' at column 20"),
+    ("array", "ptable.proc[state !=].pgdir", "expected a number or an enumerator after '!=' at column 21"),
+    ("list", "task_list.cr3", "task_list is a pointer (struct task *): write task_list->cr3"),
+    ("list", "task_list[].cr3", "task_list is a struct task *, not an array, so '[]' does not apply (a list? "
+                                "[->MEMBER])"),
+    ("list", "task_list[->comm].cr3", "struct task's member comm is a char[16], not a pointer to struct task: it "
+                                      "does not link a list of them"),
+])
+def test_expressions_that_do_not_fit_are_one_line_each(types, kind, expression, says):
+    with pytest.raises(KgenError) as err:
+        dwarfspaces.plan(types[kind], expression)
+    text = str(err.value)
+    assert "\n" not in text and text.startswith(f"--address-spaces {expression}: ") and says in text, text
+
+
+def test_the_old_form_and_no_dwarf(built, tmp_path):
+    elf = ElfInfo.load(built["i386", "array", False])
+    # SYMBOL[,COUNT] is still the array of physical addresses, DWARF or not.
+    assert isinstance(parse_spec("ptable,2", elf), SpaceArray)
+    assert isinstance(parse_spec("ptable.proc[].pgdir", elf), dwarfspaces.Plan)
+    if shutil.which("objcopy") is None:
+        pytest.skip("objcopy not installed (Debian package binutils)")
+    stripped = tmp_path / "stripped.elf"
+    subprocess.run(["objcopy", "--strip-debug", built["i386", "array", False], stripped], check=True)
+    with pytest.raises(KgenError) as err:
+        parse_spec("ptable.proc[].pgdir", ElfInfo.load(stripped))
+    assert str(err.value).startswith("--address-spaces ptable.proc[].pgdir: stripped.elf has no DWARF (.debug_info)")
+    assert dwarfspaces.candidates(ElfInfo.load(stripped)) == []
+
+
+def test_candidates_come_from_the_types(built):
+    for arch in ("i386", "x86_64"):
+        for kind, expression in EXPRESSIONS.items():
+            assert dwarfspaces.candidates(ElfInfo.load(built[arch, kind, False])) == [expression]
