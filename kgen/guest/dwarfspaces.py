@@ -782,7 +782,8 @@ class Proposal:
     def describe(self) -> str:
         if self.problem is not None:
             return f"{self.expression}: {self.problem}"
-        return f"{self.expression}: {len(self.spaces)} spaces ({', '.join(s.name for s in self.spaces)})"
+        count = f"{len(self.spaces)} space{'s' if len(self.spaces) != 1 else ''}"
+        return f"{self.expression}: {count} ({', '.join(s.name for s in self.spaces)})"
 
 
 def propose(view) -> list[Proposal]:
