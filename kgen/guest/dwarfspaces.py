@@ -36,7 +36,7 @@ per-CPU variables, an ELF relocated by --symbols ELF@OFFSET.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -421,7 +421,17 @@ class Plan:
 
 def plan(types: KernelTypes, text: str) -> Plan:
     """Parse `text` and check every step against the DWARF types; KgenError (one line) on the first that does not
-    fit: which step, the type it met, what it expected."""
+    fit: which step, the type it met, what it expected. Kept per types and text: `--check-at` asks at every hit."""
+    key = (id(types), text)
+    if key not in _PLANS:
+        _PLANS[key] = (types, _plan(types, text))       # the types kept alive: their id stays theirs
+    return _PLANS[key][1]
+
+
+_PLANS: dict[tuple[int, str], tuple[KernelTypes, Plan]] = {}
+
+
+def _plan(types: KernelTypes, text: str) -> Plan:
     expr = Expression.parse(text)
     where = f"--address-spaces {text}"
     root = types.globals.get(expr.root)
@@ -526,12 +536,15 @@ class KernelMemory:
         """Through the view's space (CR3, or the one `in_space` chose), its physical memory and its kernel base."""
         walker = view.need_walker()
         base = view.kernel_base
+        frames: dict[int, int | None] = {}      # page -> its frame: a walk per page, not per read
 
         def phys(vaddr: int) -> int | None:
-            if not walker.mode.contains(vaddr):
-                return None
-            t = walker.translate(vaddr)
-            return t.paddr if t is not None else None
+            page = vaddr & ~0xFFF
+            if page not in frames:
+                t = walker.translate(page) if walker.mode.contains(page) else None
+                frames[page] = t.paddr if t is not None else None
+            frame = frames[page]
+            return frame + (vaddr & 0xFFF) if frame is not None else None
 
         def read(vaddr: int, size: int) -> bytes | None:
             data = b""
@@ -675,6 +688,26 @@ _COMPARE = {"==": lambda a, b: a == b, "!=": lambda a, b: a != b, "<": lambda a,
 def spaces_in_view(view, expression: str | Plan) -> list[Space]:
     """`spaces` on a stopped machine's `GuestView`, with the types of its ELF."""
     return spaces(KernelTypes.load(view.elf), expression, KernelMemory.of_view(view))
+
+
+@dataclass(frozen=True)
+class ExpressionSource:
+    """`--address-spaces EXPR` as a source of spaces asked again at every moment (`describe()`, `spaces(view)`:
+    the shape of kgen/guest/spacesource.py's sources): each space with its top-level table (CR3's address bits);
+    one that could not be followed at this moment (a pointer into unmapped memory while a list is being changed) is
+    left out, and `problems(view)` says which."""
+    expression: str
+
+    def describe(self) -> str:
+        return f"--address-spaces {self.expression}"
+
+    def spaces(self, view) -> list[Space]:
+        mask = view.mode.cr3_mask
+        return [replace(space, top=space.top & mask) for space in spaces_in_view(view, self.expression)
+                if space.top is not None]
+
+    def problems(self, view) -> list[str]:
+        return [space.problem for space in spaces_in_view(view, self.expression) if space.problem is not None]
 
 
 # ---- found without asking -----------------------------------------------------------------------------------------

@@ -74,6 +74,10 @@ def test_every_process_space_is_found_and_the_flaw_only_in_the_third(built, arch
             found = dwarfspaces.spaces_in_view(view, EXPRESSIONS[kind])
             proposals = dwarfspaces.propose(view)
             assert all(s.problem is None and dwarfspaces.implausible(view, s.top) is None for s in found)
+            # As a source asked at every moment (kgen test --check-at): the same spaces.
+            source = dwarfspaces.ExpressionSource(EXPRESSIONS[kind])
+            assert [(s.name, s.top) for s in source.spaces(view)] == [(s.name, s.top) for s in found]
+            assert source.problems(view) == []
             # The space in CR3 is the first process's (the kernel ends there): one of those found.
             assert found[0].top == view.regs.cr3 & view.mode.cr3_mask
             results[flaw] = (found, {s.name: problems_in(view, s) for s in found}, proposals)
