@@ -52,6 +52,9 @@ PAGE_TABLE_NAMES = re.compile(r"^(pgdir|pgd|pml4|pml4t|cr3|page_?dir(ectory)?|pa
                               re.IGNORECASE)
 # Member names a process's name is kept under (a char array).
 NAME_MEMBERS = re.compile(r"^(name|comm|cmd|procname|pname)$|name$", re.IGNORECASE)
+# Members that link a list of processes (a pointer to the same struct): `parent` points at the same struct too,
+# but follows a chain of ancestors, not the processes.
+LIST_LINKS = re.compile(r"next|link|sibling", re.IGNORECASE)
 STATE_MEMBER = "state"
 UNUSED_ENUMERATORS = re.compile(r"UNUSED|FREE", re.IGNORECASE)
 
@@ -714,7 +717,8 @@ class ExpressionSource:
 
 def candidates(elf: ElfInfo) -> list[str]:
     """Expressions that may name every process's space, from the types alone: a global holding an array of structs
-    or a list of structs (through a member pointing at the same struct), whose struct has a member whose name says
+    or a list of structs (through a member pointing at the same struct, named like `next`: LIST_LINKS), whose struct
+    has a member whose name says
     page table (PAGE_TABLE_NAMES) and whose type may hold an address, directly or one pointer away
     (`[->next].mm->pgd`). An element with a `state` member gets the condition that skips unused ones: `state !=
     UNUSED` (an enumerator with UNUSED or FREE in its name), else `state != 0`. [] without DWARF."""
@@ -766,7 +770,7 @@ def _candidates_in(shown: str, ctype: CType, depth: int) -> Iterator[str]:
     if record is None:
         return
     for link in record.members.values():
-        if link.type.kind == "pointer" and link.type.target is record:
+        if link.type.kind == "pointer" and link.type.target is record and LIST_LINKS.search(link.name):
             cond = _unused_condition(record)
             for tail in _page_table_member(record):
                 yield f"{shown}[->{link.name}{', ' + cond if cond else ''}]{tail}"
