@@ -580,7 +580,12 @@ class Space:
 
 
 class Unreadable(Exception):
-    pass
+    """A read the kernel's tables do not map; `where` is the part of the expression being read."""
+    where: str | None = None
+
+
+class TooLong(Unreadable):
+    """A list longer than MAX_LIST_NODES: corrupt, or a cycle that does not come back to a node seen."""
 
 
 def spaces(types: KernelTypes, expression: str | Plan, memory: KernelMemory) -> list[Space]:
@@ -595,7 +600,7 @@ def spaces(types: KernelTypes, expression: str | Plan, memory: KernelMemory) -> 
         size = ctype.size or word
         data = memory.read(addr, size)
         if data is None:
-            raise Unreadable(f"{addr:#x} is not mapped in the kernel's tables")
+            raise Unreadable(f"{addr:#x}, which the kernel's tables do not map")
         value = int.from_bytes(data, "little")
         if ctype.signed and value >> (8 * size - 1):
             value -= 1 << (8 * size)
@@ -631,6 +636,14 @@ def spaces(types: KernelTypes, expression: str | Plan, memory: KernelMemory) -> 
         return True
 
     def walk(index: int, addr: int, shown: str, element: tuple[int, CType] | None) -> None:
+        try:
+            step_from(index, addr, shown, element)
+        except Unreadable as err:
+            if err.where is None:
+                err.where = shown       # the innermost part: what was being read
+            raise
+
+    def step_from(index: int, addr: int, shown: str, element: tuple[int, CType] | None) -> None:
         if index == len(checked.expression.steps):
             leaf = checked.types[-1]
             value = value_of(addr, leaf)
@@ -669,7 +682,7 @@ def spaces(types: KernelTypes, expression: str | Plan, memory: KernelMemory) -> 
             n = 0
             while node and node not in seen:
                 if n >= MAX_LIST_NODES:
-                    raise Unreadable(f"{shown}[->{step.name}] has more than {MAX_LIST_NODES} nodes: corrupt?")
+                    raise TooLong(f"{shown}[->{step.name}] has more than {MAX_LIST_NODES} nodes: corrupt?")
                 seen.add(node)
                 if (step.index is None or step.index == n) and holds(node, node_type, step.conditions):
                     walk(index + 1, node, f"{shown}[->{step.name}:{n}]", (node, node_type))
@@ -679,8 +692,9 @@ def spaces(types: KernelTypes, expression: str | Plan, memory: KernelMemory) -> 
     try:
         walk(0, checked.root.address, checked.expression.root, None)
     except Unreadable as err:
+        why = str(err) if isinstance(err, TooLong) else f"reading {err.where} at {err}"
         found.append(Space(f"{checked.expression.text} (unreadable)", None, 0, checked.expression.text, None,
-                           f"{checked.expression.text}: stopped after {len(found)} spaces: {err}"))
+                           f"{checked.expression.text}: stopped after {len(found)} spaces: {why}"))
     return found
 
 

@@ -173,3 +173,44 @@ def test_candidates_come_from_the_types(built):
     for arch in ("i386", "x86_64"):
         for kind, expression in EXPRESSIONS.items():
             assert dwarfspaces.candidates(ElfInfo.load(built[arch, kind, False])) == [expression]
+
+
+def test_a_list_is_followed_until_it_comes_back_and_a_bad_pointer_is_named(types):
+    """task_list's nodes in a made-up memory (no machine): a circular list ends where it began, a node whose cr3 is 0
+    is skipped, a condition picks nodes, and a `next` into unmapped memory ends the walk with a space that says so."""
+    task = types["list"].globals["task_list"].type.target
+    offset = {name: member.offset for name, member in task.members.items()}
+    head = types["list"].globals["task_list"].address
+    memory: dict[int, int] = {head: 0x1000}
+
+    def node(at: int, following: int, pid: int, cr3: int, comm: str) -> None:
+        memory[at + offset["next"]] = following
+        memory[at + offset["pid"]] = pid
+        memory[at + offset["cr3"]] = cr3
+        for i, byte in enumerate(comm.encode() + b"\0"):
+            memory[at + offset["comm"] + i] = byte
+
+    def read(vaddr: int, size: int) -> bytes | None:
+        if size == 16:      # comm
+            return bytes(memory.get(vaddr + i, 0) & 0xFF for i in range(16))
+        if vaddr not in memory:
+            return None
+        return memory[vaddr].to_bytes(size, "little")
+
+    node(0x1000, 0x2000, 1, 0x10000, "init")
+    node(0x2000, 0x3000, 2, 0, "zombie")            # no table: skipped
+    node(0x3000, 0x4000, 3, 0x30000, "sh")
+    node(0x4000, 0x1000, 4, 0x40000, "cat")         # back to the first
+    kernel = dwarfspaces.KernelMemory(read, lambda value: value)
+    found = dwarfspaces.spaces(types["list"], "task_list[->next].cr3", kernel)
+    assert [(s.name, s.top) for s in found] == [('task_list[->next:0].cr3 "init"', 0x10000),
+                                                 ('task_list[->next:2].cr3 "sh"', 0x30000),
+                                                 ('task_list[->next:3].cr3 "cat"', 0x40000)]
+    picked = dwarfspaces.spaces(types["list"], "task_list[->next, pid >= 3 && pid != 4].cr3", kernel)
+    assert [s.label for s in picked] == ["sh"]
+    assert [s.label for s in dwarfspaces.spaces(types["list"], "task_list[->next:3].cr3", kernel)] == ["cat"]
+    memory[0x3000 + offset["next"]] = 0x9000        # into nothing
+    broken = dwarfspaces.spaces(types["list"], "task_list[->next].cr3", kernel)
+    assert [s.label for s in broken[:2]] == ["init", "sh"] and broken[2].top is None
+    assert broken[2].problem == ("task_list[->next].cr3: stopped after 2 spaces: reading task_list[->next:3].cr3 "
+                                 "at 0x9018, which the kernel's tables do not map")
