@@ -19,12 +19,13 @@ The expression (one step after another, from a global variable):
     current->mm->pgd                    `->` follows a pointer to a struct, `.` takes a member of a struct
 
 A null pointer on the way, or a value of 0 at the end, skips that element: no space there. The value at the end is
-a pointer or an integer of the kernel's word size or wider. The rule for what it holds: a value at or above the
-kernel base (the lowest virtual address of the ELF's higher-half segments, `GuestView.kernel_base`) is a kernel
-virtual address, translated through the kernel's own tables (the space in CR3, whose kernel half every process
-shares); any other value is the physical address of the top-level table (a kernel that is not higher-half keeps its
-memory where it lies, so the two agree). Every global, pointer and member on the way is read the same way: kernel
-virtual memory through CR3's tables.
+a pointer or an integer of at least 4 bytes. The rule for what it holds: a value at or above the kernel base (the
+lowest virtual address of the ELF's higher-half segments, `GuestView.kernel_base`), or too large for a physical
+address (2**52 and up: x86-64's upper half, where a direct map of RAM lies too), is a kernel virtual address,
+translated through the kernel's own tables (the space in CR3, whose kernel half every process shares); any other
+value is the physical address of the top-level table (a kernel that is not higher-half keeps its memory where it
+lies, so the two agree). Every global, pointer and member on the way is read the same way: kernel virtual memory
+through CR3's tables.
 
 Each space is named by the expression with each `[]`, condition or list replaced by the element it is, and, when
 the element (the last array element or list node on the way) has a char-array member called like a name (`name`,
@@ -42,10 +43,10 @@ from typing import Callable, Iterator, Sequence
 
 from kgen.errors import KgenError
 from kgen.guest.elfinfo import ElfInfo
+from kgen.guest.invariants import PHYS_LIMIT
 
 # Lists longer than this are taken as corrupt (a cycle the walk could not see, a pointer into garbage).
 MAX_LIST_NODES = 4096
-MAX_ELEMENTS = 65536
 # Member names that say "the top-level page table" (candidates): whole names, or these words inside a name.
 PAGE_TABLE_NAMES = re.compile(r"^(pgdir|pgd|pml4|pml4t|cr3|page_?dir(ectory)?|page_?map|page_?table|pagetable|"
                               r"top_?table|vm_?root|ptbr|pt_?root|root_?table)$|pgdir|pml4|page_?directory|pagemap",
@@ -277,12 +278,11 @@ class Condition:
     path: tuple[tuple[str, str], ...]       # (".", name) or ("->", name)
     op: str
     value: int | str
+    bare: bool = False                      # written as the member alone: "is not 0"
 
     def __str__(self) -> str:
         path = "".join(f"{sep}{name}" for sep, name in self.path).removeprefix(".")
-        return path if self.op == "!=" and self.value == 0 and self.bare else f"{path} {self.op} {self.value}"
-
-    bare: bool = False
+        return path if self.bare else f"{path} {self.op} {self.value}"
 
 
 @dataclass(frozen=True)
@@ -561,7 +561,7 @@ class KernelMemory:
             return data
 
         def table(value: int) -> int | None:
-            if base is not None and value >= base:
+            if base is not None and value >= base or value >= PHYS_LIMIT:
                 return phys(value)
             return value
         return cls(read, table)
