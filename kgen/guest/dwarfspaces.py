@@ -31,6 +31,12 @@ Each space is named by the expression with each `[]`, condition or list replaced
 the element (the last array element or list node on the way) has a char-array member called like a name (`name`,
 `comm`, `*name`), by that too: `ptable.proc[1].pgdir "sh"`.
 
+What the rest of kgen calls: `plan(types, text)` checks an expression before anything boots; `spaces(types,
+expression, memory)` evaluates it over any `KernelMemory` (`spaces_in_view(view, expression)` on a stopped machine),
+each `Space` with its `name` and `top`; `ExpressionSource` asks again at every moment; `candidates(elf)` and
+`propose(view)` find expressions without being asked; `implausible(view, top)` says why a table is none of the
+kernel's spaces.
+
 Not handled: lists threaded through an embedded `struct list_head` (Linux's), bit-fields, unions chosen by a tag,
 per-CPU variables, an ELF relocated by --symbols ELF@OFFSET.
 """
@@ -665,6 +671,8 @@ def spaces(types: KernelTypes, expression: str | Plan, memory: KernelMemory) -> 
             target = value_of(addr, ctype)
             if target == 0:
                 return
+            if element is not None and element[0] == addr and element[1] is ctype:
+                element = (target, ctype.target)      # an array of pointers: the element is the struct pointed at
             member = ctype.target.members[step.name]
             walk(index + 1, target + member.offset, f"{shown}->{step.name}", element)
         elif step.kind == "elements":

@@ -214,3 +214,24 @@ def test_a_list_is_followed_until_it_comes_back_and_a_bad_pointer_is_named(types
     assert [s.label for s in broken[:2]] == ["init", "sh"] and broken[2].top is None
     assert broken[2].problem == ("task_list[->next].cr3: stopped after 2 spaces: reading task_list[->next:3].cr3 "
                                  "at 0x9018, which the kernel's tables do not map")
+
+
+def test_an_array_of_pointers_names_each_space_by_the_struct_pointed_at():
+    """`procs[]->pgdir` over `struct proc *procs[3]` (made-up types and memory): a null slot is skipped, the name is
+    the pointed-at struct's."""
+    from pathlib import Path
+    char = dwarfspaces.CType("base", "char", 1, char=True)
+    word = dwarfspaces.CType("base", "unsigned int", 4)
+    proc = dwarfspaces.CType("struct", "proc", 20)
+    proc.members = {"pgdir": dwarfspaces.Member("pgdir", 0, word),
+                    "name": dwarfspaces.Member("name", 4, dwarfspaces.CType("array", "", 16, target=char, count=16))}
+    slots = dwarfspaces.CType("array", "", 12, target=dwarfspaces.CType("pointer", "", 4, target=proc), count=3)
+    types = dwarfspaces.KernelTypes(Path("made-up.elf"), 4, {"procs": dwarfspaces.Global("procs", 0x100, slots)})
+    data = bytearray(0x1000)
+    data[0x100:0x10C] = (0x200).to_bytes(4, "little") + bytes(4) + (0x300).to_bytes(4, "little")
+    for at, top, name in ((0x200, 0x5000, b"init"), (0x300, 0x6000, b"sh")):
+        data[at:at + 4] = top.to_bytes(4, "little")
+        data[at + 4:at + 4 + len(name)] = name
+    memory = dwarfspaces.KernelMemory(lambda vaddr, size: bytes(data[vaddr:vaddr + size]), lambda value: value)
+    found = dwarfspaces.spaces(types, "procs[]->pgdir", memory)
+    assert [(s.name, s.top) for s in found] == [('procs[0]->pgdir "init"', 0x5000), ('procs[2]->pgdir "sh"', 0x6000)]
