@@ -788,6 +788,10 @@ def _candidates_in(shown: str, ctype: CType, depth: int) -> Iterator[str]:
         for tail in _page_table_member(ctype.target):
             yield f"{shown}[{cond}]{tail}"
         return
+    if ctype.kind == "array" and ctype.target is not None and ctype.target.points_at_record and ctype.count:
+        for tail in _page_table_member(ctype.target.target):      # an array of pointers: null slots are unused
+            yield f"{shown}[]->{tail[1:]}"
+        return
     record = ctype.target if ctype.points_at_record else ctype if ctype.is_record else None
     if record is None:
         return

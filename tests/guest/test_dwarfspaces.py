@@ -169,10 +169,17 @@ def test_the_old_form_and_no_dwarf(built, tmp_path):
     assert dwarfspaces.candidates(ElfInfo.load(stripped)) == []
 
 
-def test_candidates_come_from_the_types(built):
+def test_candidates_come_from_the_types(built, tmp_path):
     for arch in ("i386", "x86_64"):
         for kind, expression in EXPRESSIONS.items():
             assert dwarfspaces.candidates(ElfInfo.load(built[arch, kind, False])) == [expression]
+    # An array of pointers to processes whose table is one pointer further; a chain of parents is no list of them.
+    source = tmp_path / "procs.c"
+    source.write_text("struct mm { unsigned long pgd; };\n"
+                      "struct proc { struct mm *mm; struct proc *parent; char name[16]; };\n"
+                      "struct proc *procs[8];\nstruct proc *initproc;\n")
+    subprocess.run(["gcc", "-m32", "-g", "-c", source, "-o", tmp_path / "procs.o"], check=True)
+    assert dwarfspaces.candidates(ElfInfo.load(tmp_path / "procs.o")) == ["procs[]->mm->pgd"]
 
 
 def test_a_list_is_followed_until_it_comes_back_and_a_bad_pointer_is_named(types):
