@@ -177,7 +177,12 @@ static inline void lcr3(uword top) { __asm__ volatile("mov %0, %%cr3" : : "r"(to
 
 static void puts(const char *s) { while (*s) outb(0x3F8, *s++); }
 static void fill(void *at, u8 value) { for (int i = 0; i < PAGE; i++) ((volatile u8 *)at)[i] = value; }
-static void copy_name(char *to, const char *from) { int i = 0; for (; from[i] && i < 15; i++) to[i] = from[i]; to[i] = 0; }
+static void copy_name(char *to, const char *from) {
+    int i = 0;
+    for (; from[i] && i < 15; i++)
+        to[i] = from[i];
+    to[i] = 0;
+}
 
 const char kernel_secret[] = "the kernel's own data";
 static uword next_frame = 0x400000;         /* physical: frames above the image, inside the 16 MiB mapped */

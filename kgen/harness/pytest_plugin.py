@@ -12,9 +12,9 @@ probe boot under KVM), `kgen_accel`; `kgen_boot(kernel, accel)` and `assert_hold
 Options: --kgen-config, --kgen-arch, --kgen-out, --kgen-kernel, --kgen-accel, --kgen-cold-boot; for a kernel given
 with --kgen-kernel how to boot it and when to look: --kgen-ready, --kgen-ready-symbol, --kgen-ready-after,
 --kgen-ready-at, --kgen-ready-vga, --kgen-boot-timeout, --kgen-memory, --kgen-append, --kgen-module, --kgen-qemu-arg,
---kgen-boot-only-segment, --kgen-symbols, --kgen-address-spaces (the page-table checks take `kgen_space` and run once per address
-space the kernel lists, or an expression over its globals yields; `space_view(live, kgen_space)` is the machine seen through it); --kgen-json FILE writes the
-results as JSON (kgen/harness/jsonreport.py).
+--kgen-boot-only-segment, --kgen-symbols, --kgen-address-spaces (the page-table checks take `kgen_space` and run once
+per address space the kernel lists, or an expression over its globals yields; `space_view(live, kgen_space)` is the
+machine seen through it); --kgen-json FILE writes the results as JSON (kgen/harness/jsonreport.py).
 
 Every machine a fixture hands out is as a cold boot leaves it, but only the first per kernel is booted: the
 others are restored from a snapshot of it (kgen/machine/snapshot.py), unless --kgen-cold-boot.
