@@ -90,3 +90,26 @@ def test_what_does_not_fit_is_one_line_before_anything_boots(out, tmp_path):
     assert nodwarf.returncode == 2
     assert one_line(nodwarf).startswith(f"kgen: error: --address-spaces {zoo_c.ARRAY_EXPRESSION}: stripped.elf has "
                                         f"no DWARF (.debug_info): build it with -g")
+
+
+def test_a_test_of_a_space_that_is_not_there_skips_or_fails_saying_why(monkeypatch):
+    """`space_view` for what collection found (no machine: a stand-in that only hands out its view)."""
+    from types import SimpleNamespace
+
+    from kgen.guest import dwarfspaces
+    from kgen.guest.addrspaces import NamedSpace, NoSpaces
+    from kgen.harness.pytest_plugin import space_view
+    live = SimpleNamespace(view=lambda: SimpleNamespace())
+    with pytest.raises(pytest.skip.Exception, match=r"^x\[\] yields no space"):
+        space_view(live, NoSpaces("x[]", "x[] yields no space on the booted kernel"))
+    with pytest.raises(pytest.fail.Exception, match=r"^x\[\] could not be evaluated: boom$"):
+        space_view(live, NoSpaces("x[]", "x[] could not be evaluated: boom", failed=True))
+    gone = NamedSpace("x[].pgdir", 'x[2].pgdir "cat"')
+    monkeypatch.setattr(NamedSpace, "find", lambda self, view: None)
+    gone_line = r'^x\[2\].pgdir "cat" is no longer among the spaces of x\[\].pgdir$'
+    with pytest.raises(pytest.fail.Exception, match=gone_line):
+        space_view(live, gone)
+    broken = dwarfspaces.Space("x[] (unreadable)", None, 0, "x[]", None, "x[]: stopped after 2 spaces: ...")
+    monkeypatch.setattr(NamedSpace, "find", lambda self, view: broken)
+    with pytest.raises(pytest.fail.Exception, match=r"^x\[\]: stopped after 2 spaces: \.\.\.$"):
+        space_view(live, gone)
