@@ -41,6 +41,7 @@ system-deps:
 	command -v mformat >/dev/null || missing="$$missing mtools"; \
 	command -v objdump >/dev/null || missing="$$missing binutils"; \
 	command -v gdb >/dev/null || missing="$$missing gdb"; \
+	command -v gcc >/dev/null || missing="$$missing gcc"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \

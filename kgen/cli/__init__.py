@@ -256,8 +256,11 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--junitxml", type=Path, help="write a JUnit XML report here")
     t.add_argument("--json", metavar="FILE", help="write the results as JSON, one object per check (name, outcome, "
                    "messages) and a summary; - for stdout (pytest's own lines then go to stderr)")
-    t.add_argument("--address-spaces", metavar="SYMBOL[,COUNT]", help="with --kernel: the kernel's array of "
-                   "top-level page table physical addresses (0 = unused); the page-table checks run on each space")
+    t.add_argument("--address-spaces", metavar="SYMBOL[,COUNT]|EXPR", help="with --kernel: the kernel's array of "
+                   "top-level page table physical addresses (0 = unused), or an expression over its globals evaluated "
+                   "with its DWARF: ptable.proc[state != UNUSED].pgdir, task_list[->next].cr3 (README); the "
+                   "page-table checks run on each space. Without it, a kernel with DWARF gets the expression kgen "
+                   "finds there, said on stderr")
     _add_checked_kernel_args(t, "check this Multiboot ELF (any kernel) with the generic invariants")
     t.add_argument("-j", "--jobs", type=jobs, default="auto", help="parallel machines (pytest-xdist; default: one per core)")
     t.add_argument("--cold-boot", action="store_true",

@@ -111,7 +111,9 @@ def run_suite(args, extra: list[str]) -> int:
     if args.accel == "kvm":
         require_kvm_for(kernel, args.out if args.kernel is None else None)     # its probe is a boot under KVM
     elif args.kernel is not None:
-        check_boots(kernel, args.accel)
+        found = check_boots(kernel, args.accel, find_spaces=not getattr(args, "address_spaces", None))
+        if found is not None:
+            args.address_spaces = found     # forwarded to the suite as --kgen-address-spaces
     argv = pytest_args(args, extra)
     import pytest       # here, not at the top: `kgen test` without pytest installed is the one line above
 

@@ -6,14 +6,24 @@ unseen. Such a kernel keeps its spaces somewhere; `--address-spaces SYMBOL[,COUN
 the physical address of each space's top-level table, one word of the kernel each (4 bytes for an i386 kernel, 8 for
 a 64-bit one, in an ELF64 or wrapped in an ELF32: `Arch.for_elf`), 0 for an unused slot. COUNT defaults to the symbol's size over the word size. The checks then run once per slot, each
 on the machine seen through that space (`GuestView.in_space`).
+
+Any other form, `--address-spaces EXPR`, is an expression over the kernel's globals evaluated with its DWARF
+(kgen/guest/dwarfspaces.py: `ptable.proc[state != UNUSED].pgdir`, `task_list[->next].cr3`): the checks then run once
+per space it yields on the booted machine, each named by the expression with its element (and the element's name
+member): `ptable.proc[2].pgdir "cat"`. A bare SYMBOL, or SYMBOL,COUNT, keeps the array meaning above.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from kgen.arch import Arch
 from kgen.errors import KgenError
+from kgen.guest import dwarfspaces
 from kgen.guest.elfinfo import ElfInfo
+
+# SYMBOL or SYMBOL,COUNT: the array of physical addresses; anything else is an expression.
+_ARRAY_FORM = re.compile(r"^\s*[A-Za-z_$][\w$]*\s*(,.*)?$")
 
 
 @dataclass(frozen=True)
@@ -77,3 +87,45 @@ class SpaceSlot:
 
     def top(self, read_phys) -> int:
         return self.array.tops(read_phys)[self.index]
+
+
+def is_array_form(spec: str) -> bool:
+    """`SYMBOL[,COUNT]`: the array of physical top-level table addresses; else an expression (dwarfspaces)."""
+    return bool(_ARRAY_FORM.match(spec))
+
+
+def parse_spec(spec: str, elf: ElfInfo) -> SpaceArray | dwarfspaces.Plan:
+    """--address-spaces SPEC checked against the ELF before anything boots: the array of `SYMBOL[,COUNT]`, or an
+    expression checked against the DWARF's types; what does not fit is one line (KgenError)."""
+    if is_array_form(spec):
+        return SpaceArray.parse(spec, elf)
+    try:
+        types = dwarfspaces.KernelTypes.load(elf)
+    except KgenError as err:
+        raise KgenError(f"--address-spaces {spec}: {err}") from None
+    return dwarfspaces.plan(types, spec)
+
+
+@dataclass(frozen=True)
+class NamedSpace:
+    """One space an expression yields, by the name it had when the tests were collected: what a test parametrised
+    over the spaces is given for `--address-spaces EXPR`. `find` evaluates the expression again on the view."""
+    expression: str
+    name: str
+
+    def find(self, view) -> dwarfspaces.Space | None:
+        return next((space for space in dwarfspaces.spaces_in_view(view, self.expression)
+                     if space.name == self.name), None)
+
+
+@dataclass(frozen=True)
+class NoSpaces:
+    """What a test parametrised over an expression's spaces is given when there are none to check: `reason` says
+    why (every element skipped, or the kernel could not be booted to evaluate it); `failed`: a finding, not a skip."""
+    expression: str
+    reason: str
+    failed: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.expression

@@ -11,7 +11,8 @@ from pathlib import Path
 from kgen.build import config as configmod
 from kgen.build.config import show_path, show_value
 from kgen.errors import EXIT_CHECKS_FAILED, KgenError, UsageError, input_file_problem
-from kgen.guest.addrspaces import SpaceArray
+from kgen.guest import dwarfspaces
+from kgen.guest.addrspaces import parse_spec
 from kgen.guest.diagnose import RunFailed
 from kgen.guest.elfinfo import ElfInfo
 from kgen.build.layout import compute
@@ -125,7 +126,7 @@ def _check_from_table(args, foreign, from_table: set[str]) -> None:
             raise refuse("ready_at", str(err)) from None
     if "address_spaces" in from_table:
         try:
-            SpaceArray.parse(foreign.address_spaces, elf)
+            parse_spec(foreign.address_spaces, elf)
         except KgenError as err:
             raise refuse("address_spaces", str(err)) from None
 
@@ -172,7 +173,7 @@ def foreign_kernel_from_args(args) -> KernelUnderTest:
         raise UsageError(f"--kernel {err}") from None
     if getattr(args, "address_spaces", None):
         try:
-            SpaceArray.parse(args.address_spaces, kernel.elf)
+            parse_spec(args.address_spaces, kernel.elf)
         except KgenError as err:
             raise UsageError(str(err)) from None
     return kernel
@@ -202,15 +203,17 @@ def checked_kernel(args) -> KernelUnderTest:
     return KernelUnderTest.built(args.config, args.out, args.arch, getattr(args, "firmware", None))
 
 
-def check_boots(kernel: KernelUnderTest, accel: str) -> None:
+def check_boots(kernel: KernelUnderTest, accel: str, *, find_spaces: bool = False) -> str | None:
     """Boot a foreign kernel once before the suite: one that never gets to the state the checks look at is
     reported once, its diagnosis on stderr and one line, status 1 (a finding about the kernel), instead of once per
-    test."""
+    test. With `find_spaces` (no --address-spaces given), the expressions its DWARF suggests are tried on the booted
+    machine (`proposed_spaces`): the one used, or None."""
     try:
         with boot(kernel, accel, cold=True) as live:
             # A loader of the author's (--image, --qemu-command) may boot another file than the ELF given.
             elsewhere = (kernel_not_in_memory(live.view(), kernel.elf_path) if kernel.boot.loads_its_own
                          else None)
+            chosen = proposed_spaces(live.view()) if find_spaces and elsewhere is None else None
     except RunFailed as err:
         sys.stdout.flush()
         print(err.details(), file=sys.stderr)
@@ -222,3 +225,26 @@ def check_boots(kernel: KernelUnderTest, accel: str) -> None:
         raise failed from None
     if elsewhere is not None:
         raise UsageError(f"--kernel {kernel.elf_path.name}: {elsewhere}; give the ELF the image boots")
+    return chosen
+
+
+def proposed_spaces(view) -> str | None:
+    """Without --address-spaces: the candidates the kernel's DWARF suggests (kgen/guest/dwarfspaces.py `propose`),
+    each tried on the booted machine and said on stderr with its verdict; the usable one that yields the most spaces
+    is used, and said so with the option that pins it. None (and nothing said) for an ELF without DWARF or
+    candidates."""
+    proposals = dwarfspaces.propose(view)
+    if not proposals:
+        return None
+    name = view.elf.path.name
+    for proposal in proposals:
+        verdict = "plausible" if proposal.problem is None else "not used"
+        print(f"kgen: {name}: its DWARF suggests --address-spaces {proposal.describe()} [{verdict}]", file=sys.stderr)
+    best = proposals[0]
+    if best.problem is not None:
+        print(f"kgen: {name}: no suggested expression names plausible top-level tables; checking the space in CR3 "
+              f"only (give --address-spaces EXPR)", file=sys.stderr)
+        return None
+    print(f"kgen: {name}: checking every space of {best.expression}; pin it with "
+          f"--address-spaces {shlex.quote(best.expression)}", file=sys.stderr)
+    return best.expression

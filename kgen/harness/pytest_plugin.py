@@ -13,8 +13,9 @@ Options: --kgen-config, --kgen-arch, --kgen-out, --kgen-kernel, --kgen-accel, --
 with --kgen-kernel how to boot it and when to look: --kgen-ready, --kgen-ready-symbol, --kgen-ready-after,
 --kgen-ready-at, --kgen-ready-vga, --kgen-boot-timeout, --kgen-memory, --kgen-append, --kgen-module, --kgen-qemu-arg,
 --kgen-boot-only-segment, --kgen-symbols, --kgen-kernel-base, --kgen-address-spaces (the page-table checks take
-`kgen_space` and run once per address space the kernel lists; `space_view(live, kgen_space)` is the machine seen
-through it); --kgen-json FILE writes the results as JSON (kgen/harness/jsonreport.py).
+`kgen_space` and run once per address space the kernel lists, or an expression over its globals yields;
+`space_view(live, kgen_space)` is the machine seen through it); --kgen-json FILE writes the results as JSON
+(kgen/harness/jsonreport.py).
 
 Every machine a fixture hands out is as a cold boot leaves it, but only the first per kernel is booted: the
 others are restored from a snapshot of it (kgen/machine/snapshot.py), unless --kgen-cold-boot.
@@ -75,9 +76,10 @@ def pytest_addoption(parser):
     group.addoption("--kgen-accel", choices=("tcg", "kvm"), default="tcg", help="QEMU accelerator (default: tcg)")
     group.addoption("--kgen-cold-boot", action="store_true", help="boot a new machine for every test instead of "
                     "restoring a snapshot of the booted kernel (the default: one boot per kernel and worker)")
-    group.addoption("--kgen-address-spaces", metavar="SYMBOL[,COUNT]", help="with --kgen-kernel: the kernel's "
-                    "array of top-level table physical addresses (0 = unused slot); the page-table checks run on "
-                    "every space in it, not only the one in CR3")
+    group.addoption("--kgen-address-spaces", metavar="SYMBOL[,COUNT]|EXPR", help="with --kgen-kernel: the "
+                    "kernel's array of top-level table physical addresses (0 = unused slot), or an expression over "
+                    "its globals evaluated with its DWARF (ptable.proc[state != UNUSED].pgdir, task_list[->next].cr3; "
+                    "kgen/guest/dwarfspaces.py); the page-table checks run on every space it names, not only CR3's")
     group.addoption("--kgen-json", type=Path, metavar="FILE", help="also write the results as JSON, one object "
                     "per check (kgen/harness/jsonreport.py)")
     group.addoption("--kgen-arch", help="architecture to build for (default: the config's `arch`); keys the "
@@ -108,12 +110,13 @@ def _kernel_record(config) -> dict:
 
 
 def pytest_generate_tests(metafunc):
-    """A test that takes `kgen_space` runs once per slot of --kgen-address-spaces (ids name the slot)."""
+    """A test that takes `kgen_space` runs once per slot of --kgen-address-spaces SYMBOL[,COUNT], or once per space
+    its expression yields on the booted kernel (ids name the slot or the space)."""
     spec = metafunc.config.getoption("kgen_address_spaces", None)
     if spec is None or "kgen_space" not in metafunc.fixturenames:
         return
     from kgen.errors import KgenError
-    from kgen.guest.addrspaces import SpaceArray, SpaceSlot
+    from kgen.guest.addrspaces import SpaceArray, SpaceSlot, parse_spec
     from kgen.guest.elfinfo import ElfInfo
     from kgen.harness.symbols import judged_elf
     kernel = metafunc.config.getoption("kgen_kernel")
@@ -121,29 +124,60 @@ def pytest_generate_tests(metafunc):
         raise pytest.UsageError("--kgen-address-spaces is for a kernel given with --kgen-kernel")
     try:
         symbols = metafunc.config.getoption("kgen_symbols", None)
-        array = SpaceArray.parse(spec, judged_elf(symbols) or ElfInfo.load(kernel))
+        parsed = parse_spec(spec, judged_elf(symbols) or ElfInfo.load(kernel))
     except KgenError as err:
         raise pytest.UsageError(str(err)) from None
-    slots = [SpaceSlot(array, i) for i in range(array.count)]
+    if isinstance(parsed, SpaceArray):
+        slots = [SpaceSlot(parsed, i) for i in range(parsed.count)]
+    else:
+        slots = _expression_spaces(metafunc.config, spec)
     metafunc.parametrize("kgen_space", slots, ids=[slot.name for slot in slots])
+
+
+def _expression_spaces(config, spec: str) -> list:
+    """The spaces `spec` yields on the kernel booted to its ready state, once per process (the boot leaves the
+    snapshot every later machine of this process is restored from, so it costs no boot of its own)."""
+    cached = getattr(config, "_kgen_expression_spaces", None)
+    if cached is not None:
+        return cached
+    from kgen.errors import KgenError
+    from kgen.guest import dwarfspaces
+    from kgen.guest.addrspaces import NamedSpace, NoSpaces
+    from kgen.guest.diagnose import RunFailed
+    from kgen.harness.live import boot
+    try:
+        with boot(_foreign_kernel(config), config.getoption("kgen_accel")) as live:
+            found = dwarfspaces.spaces_in_view(live.view(), spec)
+        spaces = ([NamedSpace(spec, space.name) for space in found] if found else
+                  [NoSpaces(spec, f"{spec} yields no space on the booted kernel: every element null or skipped")])
+    except (RunFailed, KgenError) as err:
+        spaces = [NoSpaces(spec, f"{spec} could not be evaluated: {err}", failed=True)]
+    config._kgen_expression_spaces = spaces
+    return spaces
+
+
+def _foreign_kernel(config):
+    """The --kgen-kernel kernel with its options, read the way `kgen test` reads its own (kgen/cli/test.py forwards
+    each as --kgen-<option>)."""
+    from types import SimpleNamespace
+
+    from kgen.harness.foreign import FOREIGN_OPTIONS, foreign_kernel_from_args
+    opt = config.getoption
+    args = SimpleNamespace(kernel=opt("kgen_kernel"),
+                           **{attr: opt(f"kgen_{attr}") for attr in FOREIGN_OPTIONS.values()})
+    args.boot_only_segment = _boot_only(args.boot_only_segment)
+    return foreign_kernel_from_args(args)
 
 
 @pytest.fixture(scope="session")
 def kgen_kernel(request, tmp_path_factory):
-    from types import SimpleNamespace
-
     from kgen.errors import KgenError
-    from kgen.harness.foreign import FOREIGN_OPTIONS, foreign_kernel_from_args
     from kgen.harness.kernel import KernelUnderTest
 
     opt = request.config.getoption
     try:
         if opt("kgen_kernel") is not None:
-            # The options `kgen test` forwards as --kgen-<option> (kgen/cli/test.py), read the way it reads its own.
-            args = SimpleNamespace(kernel=opt("kgen_kernel"),
-                                   **{attr: opt(f"kgen_{attr}") for attr in FOREIGN_OPTIONS.values()})
-            args.boot_only_segment = _boot_only(args.boot_only_segment)
-            return foreign_kernel_from_args(args)
+            return _foreign_kernel(request.config)
         return KernelUnderTest.built(opt("kgen_config"), opt("kgen_out") or tmp_path_factory.mktemp("kgen-kernel"),
                                      opt("kgen_arch"), opt("kgen_firmware"))
     except KgenError as err:
@@ -221,17 +255,33 @@ def kgen_space():
 
 
 def space_view(live, space):
-    """The stopped machine seen through `space` (a `SpaceSlot`, or None for CR3); an unused slot (0) is skipped."""
+    """The stopped machine seen through `space` (a `SpaceSlot` or a `NamedSpace`, or None for CR3); an unused slot
+    (0) is skipped, and so is an expression that yields no space."""
+    from kgen.guest.addrspaces import NamedSpace, NoSpaces
     view = live.view()
     if space is None:
         return view
-    top = space.top(view.read_phys) & view.mode.cr3_mask
-    if top == 0:
-        pytest.skip(f"{space.name} is 0: no address space in this slot")
+    if isinstance(space, NoSpaces):
+        if space.failed:
+            pytest.fail(space.reason, pytrace=False)
+        pytest.skip(space.reason)
+    if isinstance(space, NamedSpace):
+        found = space.find(view)
+        if found is None:
+            pytest.fail(f"{space.name} is no longer among the spaces of {space.expression}", pytrace=False)
+        if found.problem is not None:
+            pytest.fail(found.problem, pytrace=False)
+        top = found.top & view.mode.cr3_mask
+        holder = f"does {space.expression} hold their addresses?"
+    else:
+        top = space.top(view.read_phys) & view.mode.cr3_mask
+        if top == 0:
+            pytest.skip(f"{space.name} is 0: no address space in this slot")
+        holder = f"is {space.array.symbol} the array of their physical addresses?"
     ram = live.machine.ram_windows
     if ram and not any(w.start <= top and top + 4096 <= w.end for w in ram):
         pytest.fail(f"{space.name} = {top:#x} is not in the guest's RAM: not the top-level table of an address space "
-                    f"(is {space.array.symbol} the array of their physical addresses?)", pytrace=False)
+                    f"({holder})", pytrace=False)
     current = " (the space in CR3)" if top == view.regs.cr3 & view.mode.cr3_mask else ""
     return view.in_space(top, f"{space.name}: {view.mode.level_names[0]} at {top:#x}{current}")
 
