@@ -201,6 +201,11 @@ def cmd_debug(args, extra: list[str]) -> int:
     return debug(args, extra)
 
 
+def cmd_doctor(args) -> int:
+    from kgen.cli.doctor import doctor
+    return doctor(args)
+
+
 def parser() -> argparse.ArgumentParser:
     top = OneLineParser(prog="kgen", description="Generate a higher-half x86 kernel and check it in QEMU.",
                   epilog=exit_codes_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -287,6 +292,15 @@ def parser() -> argparse.ArgumentParser:
                              "--from-json FILE: draw saved figures) or of kgen.harness.benchharness with --harness.")
     be.add_argument("--harness", action="store_true", help="benchmark the test harness: restore vs cold boot")
     be.set_defaults(func=cmd_bench)
+
+    doc = command("doctor", help="list which tools kgen drives are on this host (QEMU, GRUB, xorriso, OVMF, gdb, "
+                                 "KVM...), the Debian package of each and what it is for",
+                  description="Status 0 when everything kgen test needs by default is here (QEMU, pytest, "
+                              "pytest-xdist), 3 when one is missing; optional tools are listed without changing it.")
+    doc.add_argument("--probe-kvm", action="store_true", help="also boot kgen's kernel of each architecture once "
+                     "under KVM: usable or why not (seconds each; without it nothing is booted)")
+    doc.add_argument("-v", "--verbose", action="store_true", help="also show where each tool was found")
+    doc.set_defaults(func=cmd_doctor)
     return top
 
 
