@@ -69,6 +69,15 @@ def segment_index(text: str) -> int:
     return value
 
 
+def shard(text: str):
+    """--shard K/N: one machine's share of the checks (kgen/harness/shard.py)."""
+    from kgen.harness.shard import Shard, ShardError
+    try:
+        return Shard.parse(text)
+    except ShardError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 # More parallel machines than this is no plan but a typo: each is a QEMU with its RAM, and pytest-xdist would try to
 # start them all (-j 99999999999 ended in MemoryError).
 MAX_JOBS = 256
@@ -250,6 +259,9 @@ def parser() -> argparse.ArgumentParser:
                    "top-level page table physical addresses (0 = unused); the page-table checks run on each space")
     _add_checked_kernel_args(t, "check this Multiboot ELF (any kernel) with the generic invariants")
     t.add_argument("-j", "--jobs", type=jobs, default="auto", help="parallel machines (pytest-xdist; default: one per core)")
+    t.add_argument("--shard", type=shard, metavar="K/N", help="run share K of N of the checks (1 <= K <= N), split "
+                   "by test id after -k: N machines of a CI matrix given 1/N .. N/N run every check once between them "
+                   "(docs/ci.md)")
     t.add_argument("--cold-boot", action="store_true",
                    help="boot a new machine for every test instead of restoring a snapshot of the booted kernel")
     t.set_defaults(func=cmd_test)
