@@ -11,7 +11,7 @@ from kgen.cli import main
 from kgen.errors import EXIT_OK, EXIT_TOOL_MISSING
 from kgen.machine import QEMU_PACKAGE, firmware
 
-from tests.conftest import run_kgen
+from conftest import run_kgen
 
 
 def rows(stdout: str) -> dict[str, tuple[str, str]]:

@@ -1,17 +1,14 @@
 """`kgen test --shard K/N`: the N shares of a CI matrix hold every check exactly once, whatever order the checks
 are collected in; a bad K/N is one line and status 2."""
 import random
-import subprocess
-import sys
 
 import pytest
 
-from kgen.cli import main, parser
-from kgen.cli.test import pytest_args
+from kgen.cli import main
 from kgen.errors import EXIT_USAGE
 from kgen.harness.shard import Shard, ShardError
 
-from tests.conftest import run_kgen
+from conftest import run_kgen, suite_node_ids
 
 
 @pytest.mark.parametrize("count", range(1, 6))
@@ -25,23 +22,8 @@ def test_shares_of_any_list_cover_it_once_and_are_even(count):
         assert max(map(len, shares)) - min(map(len, shares)) <= 1
 
 
-def collected(argv: list[str]) -> list[str]:
-    """The node ids a pytest run of `argv` (`--collect-only`) keeps, in process."""
-    class Recorder:
-        ids: list[str] = []
-
-        def pytest_collection_finish(self, session):
-            Recorder.ids = [item.nodeid for item in session.items]
-    status = pytest.main(argv + ["--collect-only", "-q"], plugins=[Recorder()])
-    assert status in (0, 5), status         # 5: an empty share
-    return Recorder.ids
-
-
 def suite_ids(tmp_path, *options: str) -> list[str]:
-    """What `kgen test OPTIONS` hands pytest, collected: its command line as kgen builds it (nothing is built or
-    booted by collecting)."""
-    args = parser().parse_args(["test", "-j", "1", "--out", str(tmp_path / "out"), *options])
-    return collected(pytest_args(args, []))
+    return suite_node_ids("--out", str(tmp_path / "out"), *options)
 
 
 def test_kgen_test_shares_cover_the_suite_once_for_1_to_5_machines(tmp_path, capsys):
