@@ -24,7 +24,7 @@ class Shard:
     @classmethod
     def parse(cls, text: str) -> Shard:
         index, slash, count = text.partition("/")
-        if not slash or not (index.strip().isdigit() and count.strip().isdigit()):
+        if not slash or not all(part.isdigit() and part.isascii() for part in (index, count)):
             raise ShardError(f"{text!r} is not K/N (this machine's share K of N, as 2/3)")
         shard = cls(int(index), int(count))
         if shard.count < 1 or not 1 <= shard.index <= shard.count:

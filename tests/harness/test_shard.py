@@ -53,7 +53,7 @@ def test_the_kgen_command_takes_the_share_pytest_would(tmp_path):
     assert got and len(got) < len(suite_ids(tmp_path))
 
 
-@pytest.mark.parametrize("bad", ["0/3", "4/3", "1/0", "3", "a/b", "1/2/3", "-1/2", ""])
+@pytest.mark.parametrize("bad", ["0/3", "4/3", "1/0", "3", "a/b", "1/2/3", "-1/2", "", " 1/2", "١/٢"])
 def test_a_bad_shard_is_one_line_and_status_2(bad, capsys):
     with pytest.raises(SystemExit) as exited:
         main(["test", "--shard", bad])
