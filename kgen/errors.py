@@ -20,7 +20,7 @@ EXIT_CODES = (
     (EXIT_OK, "success"),
     (EXIT_CHECKS_FAILED, "checks failed (kgen test)"),
     (EXIT_USAGE, "bad command line, config or --out"),
-    (EXIT_TOOL_MISSING, "a tool is missing (QEMU, GRUB, KVM, pytest)"),
+    (EXIT_TOOL_MISSING, "a tool is missing (QEMU, GRUB, KVM, pytest; kgen doctor lists them)"),
     (EXIT_KERNEL_FAILED, "the kernel failed: fault, panic, hang, triple fault, no success report (kgen run)"),
     (EXIT_INTERNAL, "kgen or a tool it drives failed (assembler, LIEF, GRUB, QEMU/QMP, pytest internal error)"),
     (EXIT_INTERRUPTED, "interrupted (Ctrl-C)"),

@@ -75,6 +75,25 @@ def start_kgen(*args, env: dict[str, str] | None = None, **options) -> subproces
     return subprocess.Popen([*KGEN, *map(str, args)], env=kgen_env(**(env or {})), **options)
 
 
+def suite_node_ids(*options: str) -> list[str]:
+    """The node ids of the checks `kgen test OPTIONS` runs, in collection order: kgen's own pytest command line for
+    them, collected in this process (nothing is built or booted by collecting; ~0.1 s)."""
+    from kgen.cli import parser
+    from kgen.cli.test import pytest_args
+
+    class Recorder:
+        ids: list[str] = []
+
+        def pytest_collection_finish(self, session):
+            Recorder.ids = [item.nodeid for item in session.items]
+    args = parser().parse_args(["test", "-j", "1", *options])
+    if args.out is None:
+        args.out = Path("out")          # what kgen's main fills in; nothing is written while collecting
+    status = pytest.main(pytest_args(args, []) + ["--collect-only", "-q"], plugins=[Recorder()])
+    assert status in (0, 5), f"collecting the suite failed: pytest status {status}"     # 5: nothing selected
+    return Recorder.ids
+
+
 # ---- kernels built once per test run ------------------------------------------------------------------------------
 def run_dir(tmp_path_factory) -> Path:
     """A directory every xdist worker of this test run shares: the parent of the workers' own temporary directories

@@ -19,9 +19,16 @@ from kgen.errors import KgenError, ToolMissing, UsageError, input_file_problem
 from kgen.build.resources import boot_dir
 from kgen.scratch import scratch_dir
 
+# The programs and GRUB platform trees an ISO needs, and the Debian package that brings each (`kgen doctor` lists them).
+GRUB_MKRESCUE = "grub-mkrescue"
+GRUB_COMMON_PACKAGE = "grub-common"
 GRUB_PC_MODULES = Path("/usr/lib/grub/i386-pc")
+GRUB_PC_PACKAGE = "grub-pc-bin"
 GRUB_EFI_MODULES = Path("/usr/lib/grub/x86_64-efi")
 GRUB_EFI_PACKAGE = "grub-efi-amd64-bin"
+XORRISO = "xorriso"             # the program and its package share the name
+MFORMAT = "mformat"
+MTOOLS_PACKAGE = "mtools"
 # The GRUB modules the image carries beyond its core. EFI GRUB's early config probes every partition map it knows
 # (`insmod part_*`); without them it prints one "file not found" line each, on COM1 under OVMF.
 _GRUB_MODULES = ("multiboot multiboot2 normal configfile part_acorn part_amiga part_apple part_bsd part_dfly part_dvh "
@@ -32,16 +39,17 @@ GRUB_LOADERS = {"multiboot": ("multiboot", "module"), "multiboot2": ("multiboot2
 
 
 def require_grub() -> str:
-    tool = shutil.which("grub-mkrescue")
+    tool = shutil.which(GRUB_MKRESCUE)
     if tool is None:
-        raise ToolMissing("grub-mkrescue not found: install the Debian packages grub-common grub-pc-bin xorriso")
+        raise ToolMissing(f"{GRUB_MKRESCUE} not found: install the Debian packages {GRUB_COMMON_PACKAGE} "
+                          f"{GRUB_PC_PACKAGE} {XORRISO}")
     if not GRUB_PC_MODULES.is_dir():
-        raise ToolMissing(f"{GRUB_PC_MODULES} missing: install the Debian package grub-pc-bin (BIOS GRUB)")
-    if shutil.which("xorriso") is None:
-        raise ToolMissing("xorriso not found: install the Debian package xorriso (grub-mkrescue needs it)")
-    if GRUB_EFI_MODULES.is_dir() and shutil.which("mformat") is None:
-        raise ToolMissing("mformat not found: install the Debian package mtools (grub-mkrescue needs it for the "
-                          "ISO's UEFI boot image)")
+        raise ToolMissing(f"{GRUB_PC_MODULES} missing: install the Debian package {GRUB_PC_PACKAGE} (BIOS GRUB)")
+    if shutil.which(XORRISO) is None:
+        raise ToolMissing(f"{XORRISO} not found: install the Debian package {XORRISO} (grub-mkrescue needs it)")
+    if GRUB_EFI_MODULES.is_dir() and shutil.which(MFORMAT) is None:
+        raise ToolMissing(f"{MFORMAT} not found: install the Debian package {MTOOLS_PACKAGE} (grub-mkrescue needs it "
+                          "for the ISO's UEFI boot image)")
     return tool
 
 

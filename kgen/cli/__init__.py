@@ -80,6 +80,15 @@ def address(text: str) -> int:
     return value
 
 
+def shard(text: str):
+    """--shard K/N: one machine's share of the checks (kgen/harness/shard.py)."""
+    from kgen.harness.shard import Shard, ShardError
+    try:
+        return Shard.parse(text)
+    except ShardError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 # More parallel machines than this is no plan but a typo: each is a QEMU with its RAM, and pytest-xdist would try to
 # start them all (-j 99999999999 ended in MemoryError).
 MAX_JOBS = 256
@@ -216,6 +225,11 @@ def cmd_debug(args, extra: list[str]) -> int:
     return debug(args, extra)
 
 
+def cmd_doctor(args) -> int:
+    from kgen.cli.doctor import doctor
+    return doctor(args)
+
+
 def parser() -> argparse.ArgumentParser:
     top = OneLineParser(prog="kgen", description="Generate a higher-half x86 kernel and check it in QEMU.",
                   epilog=exit_codes_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -258,11 +272,14 @@ def parser() -> argparse.ArgumentParser:
                    "messages) and a summary; - for stdout (pytest's own lines then go to stderr)")
     t.add_argument("--address-spaces", metavar="SYMBOL[,COUNT]|EXPR", help="with --kernel: the kernel's array of "
                    "top-level page table physical addresses (0 = unused), or an expression over its globals evaluated "
-                   "with its DWARF: ptable.proc[state != UNUSED].pgdir, task_list[->next].cr3 (README); the "
+                   "with its DWARF: ptable.proc[state != UNUSED].pgdir, task_list[->next].cr3 (docs/your-kernel.md); the "
                    "page-table checks run on each space. Without it, a kernel with DWARF gets the expression kgen "
                    "finds there, said on stderr")
     _add_checked_kernel_args(t, "check this Multiboot ELF (any kernel) with the generic invariants")
     t.add_argument("-j", "--jobs", type=jobs, default="auto", help="parallel machines (pytest-xdist; default: one per core)")
+    t.add_argument("--shard", type=shard, metavar="K/N", help="run share K of N of the checks (1 <= K <= N), split "
+                   "by test id after -k: N machines of a CI matrix given 1/N .. N/N run every check once between them "
+                   "(docs/ci.md)")
     t.add_argument("--cold-boot", action="store_true",
                    help="boot a new machine for every test instead of restoring a snapshot of the booted kernel")
     t.set_defaults(func=cmd_test)
@@ -305,6 +322,15 @@ def parser() -> argparse.ArgumentParser:
                              "--from-json FILE: draw saved figures) or of kgen.harness.benchharness with --harness.")
     be.add_argument("--harness", action="store_true", help="benchmark the test harness: restore vs cold boot")
     be.set_defaults(func=cmd_bench)
+
+    doc = command("doctor", help="list which tools kgen drives are on this host (QEMU, GRUB, xorriso, OVMF, gdb, "
+                                 "KVM...), the Debian package of each and what it is for",
+                  description="Status 0 when everything kgen test needs by default is here (QEMU, pytest, "
+                              "pytest-xdist), 3 when one is missing; optional tools are listed without changing it.")
+    doc.add_argument("--probe-kvm", action="store_true", help="also boot kgen's kernel of each architecture once "
+                     "under KVM: usable or why not (seconds each; without it nothing is booted)")
+    doc.add_argument("-v", "--verbose", action="store_true", help="also show where each tool was found")
+    doc.set_defaults(func=cmd_doctor)
     return top
 
 

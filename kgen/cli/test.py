@@ -62,6 +62,8 @@ def pytest_args(args, extra: list[str]) -> list[str]:
         argv.append("--kgen-cold-boot")
     if args.keyword:
         argv += ["-k", args.keyword]
+    if getattr(args, "shard", None) is not None:
+        argv.append(f"--kgen-shard={args.shard}")
     if args.exitfirst:
         argv.append("-x")
     if args.junitxml is not None:
@@ -130,6 +132,10 @@ def run_suite(args, extra: list[str]) -> int:
     if code == EXIT_INTERRUPTED:
         raise KeyboardInterrupt         # one line and 130, as anywhere else in kgen
     if status == 5:
+        if getattr(args, "shard", None) is not None:
+            raise UsageError(f"share {args.shard} of the checks is empty: fewer checks were selected"
+                             + (f" by -k {args.keyword!r}" if args.keyword else "") + " than there are shares; "
+                             "use fewer shares (`kgen test -- --collect-only -q` lists the checks)")
         raise UsageError("no test was selected" + (f" by -k {args.keyword!r}" if args.keyword else "")
                          + "; `kgen test -- --collect-only -q` lists them")
     if status == 3:

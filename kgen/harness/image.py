@@ -15,6 +15,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from kgen.build.iso import XORRISO
 from kgen.errors import ToolMissing, UsageError, input_file_problem
 
 ISO9660_MAGIC = b"CD001"
@@ -99,9 +100,10 @@ def _kernel_path(text: str, grub: bool) -> str | None:
 
 
 def _xorriso() -> str:
-    tool = shutil.which("xorriso")
+    tool = shutil.which(XORRISO)
     if tool is None:
-        raise ToolMissing("xorriso not found (it reads the kernel out of --image): install the Debian package xorriso")
+        raise ToolMissing(f"{XORRISO} not found (it reads the kernel out of --image): install the Debian package "
+                          f"{XORRISO}")
     return tool
 
 

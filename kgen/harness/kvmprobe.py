@@ -13,7 +13,7 @@ from pathlib import Path
 from kgen.errors import MachineError, ToolMissing
 from kgen.harness.kernel import KernelUnderTest
 from kgen.harness.live import boot
-from kgen.machine import kvm_usable_for
+from kgen.machine import KVM_DEVICE, kvm_accessible, kvm_usable_for
 
 KVM_PROBE_CACHE = ".kgen-kvm-probe.json"
 KVM_PROBE_TIMEOUT = 20.0
@@ -29,7 +29,7 @@ def probe_kvm(kernel: KernelUnderTest, cache_dir: Path | None = None) -> tuple[b
     if cache_dir is not None:
         qemu = shutil.which(kernel.qemu)
         key = hashlib.sha256(kernel.elf_path.read_bytes() + repr(
-            (os.uname().release, qemu, qemu and os.stat(qemu).st_mtime_ns, os.access("/dev/kvm", os.R_OK | os.W_OK),
+            (os.uname().release, qemu, qemu and os.stat(qemu).st_mtime_ns, kvm_accessible(),
              kernel.boot.describe())
         ).encode()).hexdigest()
         cache = cache_dir / KVM_PROBE_CACHE
@@ -53,8 +53,8 @@ def probe_kvm(kernel: KernelUnderTest, cache_dir: Path | None = None) -> tuple[b
 def _probe_by_boot(kernel: KernelUnderTest) -> tuple[bool, str]:
     """The kernel boots under KVM to the state the suite waits for (a foreign kernel's ready text or halt, a kgen
     kernel serving calls), its own way in."""
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return False, "/dev/kvm is missing or not accessible"
+    if not kvm_accessible():
+        return False, f"{KVM_DEVICE} is missing or not accessible"
     started = time.monotonic()
     try:
         with boot(kernel, "kvm", poison=None, cold=True, timeout=min(kernel.boot_timeout, KVM_PROBE_TIMEOUT)):

@@ -9,7 +9,8 @@ Fixtures: `kgen_kernel` (session: elf_path, elf, layout), `kgen_layout` (skips u
 `kgen_machine` (a fresh machine per test, in serve mode for a kgen kernel; shut down afterwards whatever happens),
 `kgen_idle` (one boot per module, stopped: for tests that only look), `kgen_kvm` (session: `(usable, why)` from a
 probe boot under KVM), `kgen_accel`; `kgen_boot(kernel, accel)` and `assert_holds(check, view)` for your own.
-Options: --kgen-config, --kgen-arch, --kgen-out, --kgen-kernel, --kgen-accel, --kgen-cold-boot; for a kernel given
+Options: --kgen-config, --kgen-arch, --kgen-out, --kgen-kernel, --kgen-accel, --kgen-cold-boot, --kgen-shard K/N
+(share K of N of the tests, kgen/harness/shard.py); for a kernel given
 with --kgen-kernel how to boot it and when to look: --kgen-ready, --kgen-ready-symbol, --kgen-ready-after,
 --kgen-ready-at, --kgen-ready-vga, --kgen-boot-timeout, --kgen-memory, --kgen-append, --kgen-module, --kgen-qemu-arg,
 --kgen-boot-only-segment, --kgen-symbols, --kgen-kernel-base, --kgen-address-spaces (the page-table checks take
@@ -82,11 +83,19 @@ def pytest_addoption(parser):
                     "kgen/guest/dwarfspaces.py); the page-table checks run on every space it names, not only CR3's")
     group.addoption("--kgen-json", type=Path, metavar="FILE", help="also write the results as JSON, one object "
                     "per check (kgen/harness/jsonreport.py)")
+    group.addoption("--kgen-shard", metavar="K/N", help="run share K of N of the selected tests (by node id; the N "
+                    "shares hold every test once): one machine's part of a CI matrix")
     group.addoption("--kgen-arch", help="architecture to build for (default: the config's `arch`); keys the "
                     "config does not set take that architecture's defaults")
 
 
 def pytest_configure(config):
+    if config.getoption("kgen_shard", None) is not None:
+        from kgen.harness.shard import Shard, ShardError
+        try:
+            config.stash[_SHARD] = Shard.parse(config.getoption("kgen_shard"))
+        except ShardError as err:
+            raise pytest.UsageError(f"--kgen-shard {err}") from None
     if config.getoption("kgen_cold_boot", False):
         from kgen.machine.snapshot import set_cold_boot
         set_cold_boot(True)
@@ -95,6 +104,21 @@ def pytest_configure(config):
         from kgen.harness.jsonreport import JsonReport
         config.pluginmanager.register(JsonReport(config.getoption("kgen_json"), lambda: _kernel_record(config),
                                                  config.getoption("kgen_accel")), "kgen-json")
+
+
+_SHARD = pytest.StashKey()
+
+
+@pytest.hookimpl(trylast=True)      # after -k and -m: the N machines split what they selected
+def pytest_collection_modifyitems(config, items):
+    shard = config.stash.get(_SHARD, None)
+    if shard is None:
+        return
+    mine = shard.take([item.nodeid for item in items])
+    others = [item for item in items if item.nodeid not in mine]
+    if others:
+        config.hook.pytest_deselected(items=others)
+        items[:] = [item for item in items if item.nodeid in mine]
 
 
 def _kernel_record(config) -> dict:

@@ -31,15 +31,14 @@ from kgen.harness.image import ISO9660_MAGIC_AT, is_iso
 from kgen.harness.kernel import KernelUnderTest
 from kgen.harness.qemuargs import check_modules, split_qemu_args
 from kgen.harness.ready import READY_OPTIONS, Ready, wait_booted
-from kgen.machine import Machine
+from kgen.machine import KVM_DEVICE, Machine, kvm_accessible
 from kgen.protocol import EXIT_SUCCESS
 
-KVM_DEVICE = "/dev/kvm"
 SERIAL_GRACE = 5.0      # seconds to wait for COM1's last line after QEMU exited with the success status
 
 
 def require_kvm():
-    if not os.access(KVM_DEVICE, os.R_OK | os.W_OK):
+    if not kvm_accessible():
         raise ToolMissing(f"--accel kvm: {KVM_DEVICE} is missing or not accessible on this host; use --accel tcg")
 
 

@@ -10,9 +10,10 @@ registers from `info registers`), `snapshot.py` (a fresh machine per test by res
 `errors.py`.
 """
 from kgen.machine.errors import MachineStepError
-from kgen.machine.kvm import kvm_usable_for
+from kgen.machine.kvm import KVM_DEVICE, kvm_accessible, kvm_usable_for
+from kgen.machine.firmware import QEMU_IMG, QEMU_IMG_PACKAGE
 from kgen.machine.machine import QEMU_PACKAGE, Machine, MachineState
 from kgen.machine.ram import MIB, RamWindow, fill_file, parse_ram_windows
 
-__all__ = ["MIB", "QEMU_PACKAGE", "Machine", "MachineState", "MachineStepError", "RamWindow", "fill_file",
-           "kvm_usable_for", "parse_ram_windows"]
+__all__ = ["KVM_DEVICE", "MIB", "QEMU_IMG", "QEMU_IMG_PACKAGE", "QEMU_PACKAGE", "Machine", "MachineState",
+           "MachineStepError", "RamWindow", "fill_file", "kvm_accessible", "kvm_usable_for", "parse_ram_windows"]

@@ -21,6 +21,9 @@ from pathlib import Path
 from kgen.errors import MachineError, ToolMissing
 
 FIRMWARES = ("bios", "uefi")
+# qemu-img makes the qcow2 images OVMF's variable stores (here) and the machines' snapshots (snapshot.py) live in.
+QEMU_IMG = "qemu-img"
+QEMU_IMG_PACKAGE = "qemu-utils"
 OVMF_PACKAGE = "ovmf"
 # Debian bookworm's `ovmf`: the 4 MiB build without Secure Boot or SMM, the one QEMU's own firmware descriptor
 # (/usr/share/qemu/firmware/60-edk2-x86_64.json) names for `pc` and `q35`. The 2 MiB build is the older layout.
@@ -62,9 +65,9 @@ def machine_vars(ovmf: Ovmf, machine_dir: Path, snapshot_image: Path | None) -> 
 
 def private_vars(ovmf: Ovmf, target: Path) -> Path:
     """A copy of the variable store template at `target`, as qcow2 (so `savevm` can snapshot it)."""
-    tool = shutil.which("qemu-img")
+    tool = shutil.which(QEMU_IMG)
     if tool is None:
-        raise ToolMissing("qemu-img not found: install the Debian package qemu-utils (UEFI needs it for the "
+        raise ToolMissing(f"{QEMU_IMG} not found: install the Debian package {QEMU_IMG_PACKAGE} (UEFI needs it for the "
                           "firmware's variable store)")
     result = subprocess.run([tool, "convert", "-q", "-f", "raw", "-O", "qcow2", str(ovmf.vars_template),
                              str(target)], capture_output=True, text=True)

@@ -7,6 +7,13 @@ import time
 from kgen.errors import MachineError
 from kgen.machine.machine import DEFAULT_QEMU, Machine
 
+KVM_DEVICE = "/dev/kvm"
+
+
+def kvm_accessible() -> bool:
+    """Whether this process may open the KVM device (present, and read-write for this user: the `kvm` group)."""
+    return os.access(KVM_DEVICE, os.R_OK | os.W_OK)
+
 
 # A kvm_pvm boot of the x86_64 kernel takes ~3 s here alone (~9.5 s with the two cores under a load of 15). An i386
 # kernel under kvm_pvm does not fail at once: it never gets there, so every i386 probe waits the whole bound, and a
@@ -21,8 +28,8 @@ def kvm_usable_for(kernel_path: str | os.PathLike, marker: bytes | str, timeout:
     A KVM that cannot run the kernel's paging mode (kvm_pvm triple-faults 32-bit paging) ends in runstate
     shutdown or internal-error, which `wait_for` reports at once; `timeout` bounds a guest that just hangs.
     """
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return False, "/dev/kvm is missing or not accessible"
+    if not kvm_accessible():
+        return False, f"{KVM_DEVICE} is missing or not accessible"
     started = time.monotonic()
     try:
         with Machine(kernel=kernel_path, accel="kvm", qemu=qemu) as machine:

@@ -46,7 +46,7 @@ from pathlib import Path
 from kgen.errors import MachineError
 from kgen import scratch
 from kgen.machine import process
-from kgen.machine.firmware import vars_beside
+from kgen.machine.firmware import QEMU_IMG, QEMU_IMG_PACKAGE, vars_beside
 from kgen.machine.machine import DEFAULT_QEMU, Machine, MachineState
 
 COLD_BOOT_ENV = "KGEN_COLD_BOOT"
@@ -250,10 +250,10 @@ class MachinePool:
         image = self._dir / f"{key[:24]}.qcow2"
         image.unlink(missing_ok=True)
         vars_beside(image).unlink(missing_ok=True)     # a UEFI machine's variable store from an earlier image
-        tool = shutil.which("qemu-img")
+        tool = shutil.which(QEMU_IMG)
         if tool is None:
-            warnings.warn(SnapshotWarning("kgen: qemu-img not found (Debian package qemu-utils): machines boot "
-                                          "cold instead of restoring a snapshot"), stacklevel=4)
+            warnings.warn(SnapshotWarning(f"kgen: {QEMU_IMG} not found (Debian package {QEMU_IMG_PACKAGE}): machines "
+                                          "boot cold instead of restoring a snapshot"), stacklevel=4)
             return None
         result = subprocess.run([tool, "create", "-q", "-f", "qcow2", str(image), "1M"], capture_output=True,
                                 text=True)

@@ -166,7 +166,8 @@ def test_kgen_test_without_qemu_is_one_line_exit_3(tmp_path):
 
 def test_kgen_run_with_kvm_missing_is_a_missing_tool(tmp_path, monkeypatch):
     from kgen.harness import run as runmod
-    monkeypatch.setattr(runmod, "KVM_DEVICE", str(tmp_path / "no-kvm"))
+    from kgen.machine import kvm
+    monkeypatch.setattr(kvm, "KVM_DEVICE", str(tmp_path / "no-kvm"))
     with pytest.raises(errors.ToolMissing) as missing:
         runmod.require_kvm()
     assert missing.value.exit_code == errors.EXIT_TOOL_MISSING
