@@ -148,6 +148,21 @@ def test_a_poisoned_entry_in_a_live_table_is_named(live):
     assert "1 of 1024 entries hold the poison 0xcccccccc, first index 1000" in problems[0]
 
 
+def test_a_malformed_pde_is_one_finding_and_every_other_check_still_holds(live):
+    # A 4 MiB PDE with bit 21 set (reserved whatever MAXPHYADDR is) in a user-half slot the kernel never touches.
+    view = live.view()
+    slot, value = 5, 0x00C00000 | 1 << 21 | hw.PTE_P | hw.PTE_PS
+    live.write_phys(view.walker.top + 4 * slot, u32(value))
+    tampered = live.view()
+    [found] = invariants.check_entries_well_formed(tampered)
+    assert found.startswith(f"PD[{slot}] @ {view.walker.top + 4 * slot:#x} = {value:#x}: reserved bits 0x200000 set")
+    assert found.vrange == (slot << 22, slot + 1 << 22) and [ref.index for ref in found.chain] == [slot]
+    assert "is not mapped: any access there is a page fault with error code RSVD" in found
+    others = invariants.GENERIC_CHECKS + invariants.KGEN_CHECKS + (invariants.check_address_spaces,)
+    assert {check.__name__: check(tampered) for check in others if check is not invariants.check_entries_well_formed
+            } == {check.__name__: [] for check in others if check is not invariants.check_entries_well_formed}
+
+
 def test_cr3_and_cr0_are_checked_against_the_layout(live):
     view = live.view()
     wrong = dataclasses.replace(view, regs=dataclasses.replace(view.regs, cr3=view.regs.cr3 + hw.PAGE_SIZE,
