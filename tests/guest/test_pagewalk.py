@@ -768,3 +768,13 @@ def test_a_malformed_entry_is_found_once_through_the_recursive_window_too():
     assert w.translate(window_address(510, (0, 0), 0)).paddr == t.tables[(0, 0)]
     assert w.translate(canonical(510 << 39 | 0 << 30 | 0 << 21 | 5 << 12)) is None
     assert [m.entry.index for m in w.malformed()] == [5, 6]
+
+
+def test_with_nxe_off_both_bit_63_and_the_address_bits_are_named():
+    # The public kernel's case: EFER.NXE off, so bit 63 is reserved too; the finding names both rules, not bit 63
+    # alone.
+    t = process_space_with_a_virtual_address_as_pde()
+    first = t.walker(X86_64, nxe=False, maxphyaddr=40).malformed()[0]
+    assert first.bits == 0x8000_0000_0000_0000 | 0x000F_FF00_0000_0000
+    assert ("reserved bits 0x800fff0000000000 set (0x8000000000000000: XD, bit 63, is reserved with EFER.NXE off; "
+            "0xfff0000000000: address bits above MAXPHYADDR 40)") in str(first)
