@@ -51,6 +51,9 @@ class GuestView:
     # The CPU's MAXPHYADDR (`Machine.phys_bits`): entry address bits at and above it are reserved. None: unknown,
     # the widest the paging mode allows.
     phys_bits: int | None = None
+    # Where the guest has RAM, [start, end) each (`Machine.ram_windows`): a page table elsewhere is no table (QEMU
+    # reads zeros there, which would look like an empty one). Empty: unknown, every read trusted.
+    ram: tuple[tuple[int, int], ...] = ()
 
     def in_space(self, top: int, name: str) -> GuestView:
         """The same machine seen through another address space: its top-level table at physical `top` in place of
@@ -69,7 +72,10 @@ class GuestView:
     def walker_of(self, top: int, read_phys: ReadPhys | None = None) -> Walker:
         """A walk of the space whose top-level table `top` locates (a CR3 value), as this CPU walks it: its paging
         mode, CR4.PSE, EFER.NXE and MAXPHYADDR."""
-        return Walker(read_phys or self.read_phys, top, self.mode, pse=bool(self.regs.cr4 & hw.CR4_PSE),
+        read = read_phys or self.read_phys
+        if self.ram:
+            read = _tables_in_ram(read, self.ram)
+        return Walker(read, top, self.mode, pse=bool(self.regs.cr4 & hw.CR4_PSE),
                       nxe=bool((self.regs.efer or 0) & hw.EFER_NXE), maxphyaddr=self.phys_bits)
 
     @property
@@ -84,7 +90,8 @@ class GuestView:
         """Snapshot a machine; stop it first, or the registers and tables may belong to different moments."""
         phys_bits = getattr(machine, "phys_bits", None)
         return cls(machine.registers(), machine.read_phys, elf, layout, poison,
-                   phys_bits=phys_bits() if callable(phys_bits) else None)
+                   phys_bits=phys_bits() if callable(phys_bits) else None,
+                   ram=tuple((w.start, w.end) for w in getattr(machine, "ram_windows", None) or ()))
 
     @property
     def kernel_base(self) -> int | None:
@@ -146,6 +153,15 @@ class GuestView:
         size = self.mode.entry_size
         value = self.entry(table, index)
         return f"{self.mode.level_names[level]}[{index}] @ {table + size * index:#x} = {value:#0{2 * size + 2}x}"
+
+
+def _tables_in_ram(read_phys: ReadPhys, ram: tuple[tuple[int, int], ...]) -> ReadPhys:
+    """`read_phys` for the walker: a table that does not lie whole in one RAM window cannot be read."""
+    def read(addr: int, size: int) -> bytes:
+        if not any(lo <= addr and addr + size <= hi for lo, hi in ram):
+            raise ValueError(f"{addr:#x}-{addr + size:#x} is not in the guest's RAM (QEMU's memory map)")
+        return read_phys(addr, size)
+    return read
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,7 @@ class Malformed:
         """What the CPU does with an address below the entry."""
         if self.bits:
             return "any access there is a page fault with error code RSVD (reserved bit)"
-        return "the table it points at lies outside RAM, so nothing below this entry maps a page"
+        return "the walk cannot read the table it points at, so nothing below this entry is mapped"
 
     def __str__(self) -> str:
         return (f"{describe(self.chain)} = {self.entry.value:#x}: {self.why}; {self.vstart:#x}-"
