@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 from kgen.arch.paging import I386, PagingMode
 from kgen.errors import KgenError
@@ -353,7 +353,7 @@ class Walker:
             low = (size - 1) & ~(2 * PAGE_SIZE - 1)
             high = 0
             if mode.entry_size == 4:
-                high = ((1 << (self.maxphyaddr - 32)) - 1) << 13
+                high = ((1 << max(self.maxphyaddr - 32, 0)) - 1) << 13
                 rules.append((low & ~high, f"reserved in a 4 MiB {name} entry with MAXPHYADDR {self.maxphyaddr}"))
             else:
                 rules.append((low, f"a {size >> 20} MiB page's frame must be aligned to its size"))
