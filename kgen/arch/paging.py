@@ -26,6 +26,9 @@ class PagingMode:
     reserved: tuple[int, ...]        # per level, bits that must be clear in a present entry
     canonical: bool = False          # addresses sign-extend above the top index bit (x86-64)
     nx_levels: frozenset[int] = frozenset()  # levels whose bit 63 is XD with EFER.NXE on, reserved with it off
+    # The widest physical address an entry can hold: 52 bits in a 64-bit entry; 40 in a 32-bit 4 MiB PDE, whose bits
+    # 20:13 hold address bits 39:32 (PSE-36). A CPU reserves the address bits at and above its own MAXPHYADDR.
+    max_phys_bits: int = 52
 
     @property
     def levels(self) -> int:
@@ -63,11 +66,12 @@ I386 = PagingMode(
     large_levels=frozenset({0}), large_needs_pse=True, rights_levels=frozenset({0, 1}),
     frame_mask=PTE_FRAME_MASK, cr3_mask=PTE_FRAME_MASK,
     reserved=(0, 0),
+    max_phys_bits=40,
 )
 
-# For the 64-bit entries, reserved address bits are counted from the architectural 52-bit limit; a CPU with a
-# smaller MAXPHYADDR reserves more, which this walker does not know about. Bit 63 (XD) of the levels in nx_levels
-# is execute-disable or reserved depending on EFER.NXE, which the Walker is told (`nxe`).
+# `reserved` holds the bits every CPU reserves; the address bits at and above the CPU's MAXPHYADDR, which the Walker
+# is told (`maxphyaddr`), are reserved too. Bit 63 (XD) of the levels in nx_levels is execute-disable or reserved
+# depending on EFER.NXE, which the Walker is told (`nxe`).
 _ADDR52 = 0x000F_FFFF_FFFF_F000
 
 PAE = PagingMode(

@@ -153,7 +153,10 @@ def pt_lines(view, vaddr: int | None = None) -> list[str]:
         if not mode.contains(vaddr):
             return lines + [f"{vaddr:#x} is not a {mode.name} virtual address (non-canonical or too wide)"]
         t = walker.translate(vaddr)
-        if t is None:
+        bad = walker.malformed_at(vaddr) if t is None else None
+        if bad is not None:
+            lines.append(f"{vaddr:#0{width}x} not mapped: {bad}")
+        elif t is None:
             lines.append(f"{vaddr:#0{width}x} not mapped: an access raises #PF (page not present)")
         else:
             lines.append(f"{t.vaddr:#0{width}x} -> {t.paddr:#x} ({t.size // 1024} KiB page) {t.attrs}{_where(t.vaddr)}")

@@ -50,6 +50,12 @@ class GuestView:
     # What a check learnt that holds and still matters to a reader (where the loader put the kernel): said beside
     # the verdict, pass or fail (`assert_holds`).
     notes: list[str] = field(default_factory=list, compare=False)
+    # The CPU's MAXPHYADDR (`Machine.phys_bits`): entry address bits at and above it are reserved. None: unknown,
+    # the widest the paging mode allows.
+    phys_bits: int | None = None
+    # Where the guest has RAM, [start, end) each (`Machine.ram_windows`): a page table elsewhere is no table (QEMU
+    # reads zeros there, which would look like an empty one). Empty: unknown, every read trusted.
+    ram: tuple[tuple[int, int], ...] = ()
 
     def in_space(self, top: int, name: str) -> GuestView:
         """The same machine seen through another address space: its top-level table at physical `top` in place of
@@ -59,14 +65,20 @@ class GuestView:
     @property
     def walker(self) -> Walker | None:
         """The walk from CR3, None with paging off. Built on first use, inside the check that asks: a top-level
-        table the walker cannot read (reserved bits in an entry) is that check's finding, and checks that need no
-        walk (CR0) still run."""
+        table the walker cannot read (CR3 outside RAM) is that check's finding, and checks that need no walk (CR0)
+        still run. Malformed entries below the top do not stop it (`check_entries_well_formed` names them)."""
         if "_walker" not in self.__dict__:
-            self.__dict__["_walker"] = (
-                Walker(self.read_phys, self.regs.cr3, self.mode, pse=bool(self.regs.cr4 & hw.CR4_PSE),
-                       nxe=bool((self.regs.efer or 0) & hw.EFER_NXE))
-                if self.regs.cr0 & hw.CR0_PG else None)
+            self.__dict__["_walker"] = self.walker_of(self.regs.cr3) if self.regs.cr0 & hw.CR0_PG else None
         return self.__dict__["_walker"]
+
+    def walker_of(self, top: int, read_phys: ReadPhys | None = None) -> Walker:
+        """A walk of the space whose top-level table `top` locates (a CR3 value), as this CPU walks it: its paging
+        mode, CR4.PSE, EFER.NXE and MAXPHYADDR."""
+        read = read_phys or self.read_phys
+        if self.ram:
+            read = _tables_in_ram(read, self.ram)
+        return Walker(read, top, self.mode, pse=bool(self.regs.cr4 & hw.CR4_PSE),
+                      nxe=bool((self.regs.efer or 0) & hw.EFER_NXE), maxphyaddr=self.phys_bits)
 
     @property
     def mode(self) -> PagingMode:
@@ -78,7 +90,10 @@ class GuestView:
     @classmethod
     def capture(cls, machine, elf: ElfInfo, layout: Layout | None = None, poison: bytes | None = None) -> GuestView:
         """Snapshot a machine; stop it first, or the registers and tables may belong to different moments."""
-        return cls(machine.registers(), machine.read_phys, elf, layout, poison)
+        phys_bits = getattr(machine, "phys_bits", None)
+        return cls(machine.registers(), machine.read_phys, elf, layout, poison,
+                   phys_bits=phys_bits() if callable(phys_bits) else None,
+                   ram=tuple((w.start, w.end) for w in getattr(machine, "ram_windows", None) or ()))
 
     @property
     def kernel_base(self) -> int | None:
@@ -160,6 +175,15 @@ class GuestView:
         return f"{self.mode.level_names[level]}[{index}] @ {table + size * index:#x} = {value:#0{2 * size + 2}x}"
 
 
+def _tables_in_ram(read_phys: ReadPhys, ram: tuple[tuple[int, int], ...]) -> ReadPhys:
+    """`read_phys` for the walker: a table that does not lie whole in one RAM window cannot be read."""
+    def read(addr: int, size: int) -> bytes:
+        if not any(lo <= addr and addr + size <= hi for lo, hi in ram):
+            raise ValueError(f"{addr:#x}-{addr + size:#x} is not in the guest's RAM (QEMU's memory map)")
+        return read_phys(addr, size)
+    return read
+
+
 @dataclass(frozen=True)
 class Placement:
     """Where a loader really put the kernel: physical address minus p_paddr, the same for every PT_LOAD of a kernel
@@ -220,8 +244,9 @@ def _capped(problems: list[str]) -> list[str]:
 
 
 def _walk_errors_reported(check):
-    # Tables the walker cannot follow (reserved bits, e.g. a poisoned entry marked present) are themselves a
-    # finding of the check that met them, not a crash of the harness.
+    # A top-level table the walker cannot read at all (CR3 outside RAM) is itself a finding of the check that met
+    # it, not a crash of the harness. Malformed entries below it do not stop the walk: check_entries_well_formed
+    # names them, and every other check judges the rest.
     def guarded(view: GuestView, *args, **kwargs) -> list[str]:
         try:
             return _capped(check(view, *args, **kwargs))
@@ -252,6 +277,19 @@ def check_paging_enabled(view: GuestView) -> list[str]:
             for bit, name, why in ((hw.CR0_PG, "PG", "paging is off"),
                                    (hw.CR0_WP, "WP", "the kernel can write its own read-only pages"))
             if not cr0 & bit]
+
+
+@_walk_errors_reported
+def check_entries_well_formed(view: GuestView) -> list[str]:
+    """Every present entry is one the CPU accepts: no reserved bit set (per the paging mode, EFER.NXE and the CPU's
+    MAXPHYADDR) and every table it points at in RAM.
+
+    A malformed entry makes its whole range a page fault (error code RSVD); the walk skips that range, so the other
+    checks judge the rest of the tables and leave these entries to this one."""
+    walker = view.need_walker()
+    return [Finding(str(bad), vrange=bad.vrange, chain=bad.chain, frames=(bad.entry.addr & ~(hw.PAGE_SIZE - 1),),
+                    space=view.space)
+            for bad in walker.malformed()]
 
 
 @_walk_errors_reported
@@ -340,7 +378,9 @@ def check_segments(view: GuestView) -> list[str]:
         what = f"page {view.page(vaddr)} (segment {flags[vaddr]}, loaded at {paddr:#x})"
         stray = placement.strays.get(segment_of[vaddr])
         if t is None:
-            if vaddr not in boot_only:      # boot code the kernel unmapped once it ran high: as meant
+            # Boot code the kernel unmapped once it ran high: as meant. Below a malformed entry: that entry is
+            # check_entries_well_formed's finding, not one per page here.
+            if vaddr not in boot_only and walker.malformed_at(vaddr) is None:
                 problems.append(f"{what}: not mapped")
         elif t.paddr != paddr and (stray is None or t.paddr != paddr - placement.offset + stray):
             problems.append(f"{what}: maps physical {t.paddr:#x} via {t.path}")
@@ -598,7 +638,7 @@ def _poison_at(pattern: bytes, addr: int, size: int) -> bytes:
 
 
 # What a running machine and an ELF show, for any Multiboot kernel; then what needs kgen's layout.
-GENERIC_CHECKS = (check_paging_enabled, check_recursive_slot, check_segments, check_nothing_below_kernel_base,
+GENERIC_CHECKS = (check_paging_enabled, check_entries_well_formed, check_recursive_slot, check_segments, check_nothing_below_kernel_base,
                   check_no_user_pages, check_tables_referenced_once, check_tables_unpoisoned)
 KGEN_CHECKS = (check_cr3, check_tempmap_empty)
 
@@ -630,8 +670,8 @@ def live_spaces(view: GuestView) -> list[tuple[int, int]]:
 
 def space_walker(view: GuestView, top: int) -> Walker:
     """A walk of the space whose top-level table is at physical `top`, in the CPU's paging mode."""
-    walker = view.need_walker()
-    return Walker(view.read_phys, top, view.mode, pse=walker.pse, nxe=walker.nxe)
+    view.need_walker()
+    return view.walker_of(top)
 
 
 def _top_entries(view: GuestView, top: int) -> list[int]:
@@ -665,6 +705,9 @@ def check_space(view: GuestView, top: int, *, idle: bool = True) -> list[str]:
     # A stale kernel half (i386: a kernel table made or freed since the copy; as_switch re-copies it before the space
     # runs) may point at a frame used for something else by now: such a space is walked through its user half only.
     w = space_walker(view, top) if fresh else _user_half_walker(view, top, first)
+    if top != running:      # the running space's are check_entries_well_formed's
+        problems += [Finding(f"{where}: {bad}", vrange=bad.vrange, chain=bad.chain, space=where)
+                     for bad in w.malformed()]
     recursive = entries[layout.recursive_slot]
     if not recursive & hw.PTE_P or recursive & mode.frame_mask != top:
         problems.append(f"{where}: {names[0]}[{layout.recursive_slot}] = {recursive:#x} is not its recursive slot")
@@ -711,8 +754,8 @@ def _user_half_walker(view: GuestView, top: int, first_kernel_slot: int) -> Walk
         if start < end:
             data[start - addr:end - addr] = bytes(end - start)
         return bytes(data)
-    walker = view.need_walker()
-    return Walker(read_phys, top, view.mode, pse=walker.pse, nxe=walker.nxe)
+    view.need_walker()
+    return view.walker_of(top, read_phys)
 
 
 def _space_frames(view: GuestView, top: int) -> dict[int, str]:

@@ -7,12 +7,16 @@ which levels may map large pages), so a mode is data
 
 A Walker is a snapshot: each table is read once, in one piece, and cached. Make a new Walker after the guest changes
 its tables.
+
+A present entry the CPU refuses (reserved bits set, a table it points at that cannot be read) does not stop the walk:
+it is recorded as a `Malformed` entry, the range below it is not mapped (the CPU raises a reserved-bit page fault
+there), and the rest of the tables are walked. Only a top-level table that cannot be read is a WalkError.
 """
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 from kgen.arch.paging import I386, PagingMode
 from kgen.errors import KgenError
@@ -30,7 +34,8 @@ _ATTR_NAMES = ((PTE_P, "P"), (PTE_RW, "RW"), (PTE_US, "US"), (PTE_PWT, "PWT"), (
 
 
 class WalkError(KgenError):
-    """Page tables the walker cannot follow: an unreadable table or reserved bits set. Names the entry."""
+    """Page tables the walker cannot follow at all (a top-level table that cannot be read), or a claim about them
+    that does not hold. Names the entry."""
 
 
 class Attrs(int):
@@ -60,6 +65,37 @@ class EntryRef:
 
 def describe(chain: tuple[EntryRef, ...]) -> str:
     return " → ".join(map(str, chain))
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """A present entry the CPU refuses, and the virtual range below it, which is not mapped: every access there is a
+    page fault (error code RSVD for reserved bits). Printed as one line naming the entry, its value, what is wrong
+    and the range."""
+    chain: tuple[EntryRef, ...]     # the entries read to get there, top level first, the malformed one last
+    vstart: int                     # the virtual range the entry covers
+    size: int
+    bits: int                       # the reserved bits set; 0 when the table the entry points at cannot be read
+    why: str
+
+    @property
+    def entry(self) -> EntryRef:
+        return self.chain[-1]
+
+    @property
+    def vrange(self) -> tuple[int, int]:
+        return self.vstart, self.vstart + self.size
+
+    @property
+    def fault(self) -> str:
+        """What the CPU does with an address below the entry."""
+        if self.bits:
+            return "any access there is a page fault with error code RSVD (reserved bit)"
+        return "the walk cannot read the table it points at, so nothing below this entry is mapped"
+
+    def __str__(self) -> str:
+        return (f"{describe(self.chain)} = {self.entry.value:#x}: {self.why}; {self.vstart:#x}-"
+                f"{self.vstart + self.size:#x} is not mapped: {self.fault}")
 
 
 @dataclass(frozen=True)
@@ -99,25 +135,33 @@ class RecursiveWindow:
 
 class Walker:
     def __init__(self, read_phys: ReadPhys, cr3: int, mode: PagingMode = I386, *, pse: bool = True,
-                 recursive_slot: int | None = None, nxe: bool = True):
-        """Read the top-level table now. `recursive_slot` is a claim: WalkError if that entry is no self-reference.
+                 recursive_slot: int | None = None, nxe: bool = True, maxphyaddr: int | None = None):
+        """Read the top-level table now (WalkError if it cannot be read). `recursive_slot` is a claim: WalkError if
+        that entry is no self-reference.
 
         Self-referencing top-level entries are found whether or not a slot is named. `nxe` is EFER.NXE: with it on,
         bit 63 of a 64-bit entry (PAE, x86-64) makes everything below it NX; with it off, that bit is reserved.
-        i386 entries have no bit 63: there `nxe` changes nothing.
+        i386 entries have no bit 63: there `nxe` changes nothing. `maxphyaddr` is the CPU's physical-address width
+        (CPUID 0x80000008 EAX[7:0]; `Machine.phys_bits`): the address bits of an entry at and above it are reserved.
+        None: the widest the mode allows (`PagingMode.max_phys_bits`), which finds fewer malformed entries.
         """
         self.read_phys = read_phys
         self.cr3 = cr3
         self.mode = mode
         self.pse = pse
         self.nxe = nxe
+        self.maxphyaddr = min(maxphyaddr or mode.max_phys_bits, mode.max_phys_bits)
         self.top = cr3 & mode.cr3_mask
         self._format = "<%d" + {4: "I", 8: "Q"}[mode.entry_size]
         self._cache: dict[tuple[int, int], tuple[int, ...]] = {}
+        # The malformed entries met so far, by the chain that reached them: what `malformed_at` answers.
+        self._faults: dict[tuple[EntryRef, ...], Malformed] = {}
+        self._walked: tuple[list, list, list] | None = None     # the whole walk, once (`_walk_all`)
 
         top = self._table(0, self.top, ())
-        self._self_slots = frozenset(i for i, e in enumerate(top)
-                                     if e & PTE_P and self._decode((), 0, self.top, i, e) == (self.top, 0))
+        self._self_slots = frozenset(
+            i for i, e in enumerate(top)
+            if e & PTE_P and self._decode((self._ref(0, self.top, i, e),), 0, self._slot_vaddr(i)) == (self.top, 0))
         if recursive_slot is not None and recursive_slot not in self._self_slots:
             if not 0 <= recursive_slot < len(top):
                 raise ValueError(f"recursive_slot {recursive_slot} outside the {mode.level_names[0]}")
@@ -130,24 +174,42 @@ class Walker:
         return self.walk(vaddr)[1]
 
     def walk(self, vaddr: int) -> tuple[tuple[EntryRef, ...], Translation | None]:
-        """The entries the MMU reads for `vaddr`, top level first, and the translation; where it would raise a
-        not-present fault, (entries read, the last one not present, None)."""
+        """The entries the MMU reads for `vaddr`, top level first, and the translation; where it would raise a page
+        fault, (entries read, the last one not present or malformed, None): `malformed_at` says which."""
         mode = self.mode
         if not mode.contains(vaddr):
             raise ValueError(f"{vaddr:#x} is not a {mode.name} virtual address")
         level, base, rights, chain = 0, self.top, _RIGHTS, ()
+        table = self._table(0, self.top, ())
         while True:     # ends at the last level at the latest, where every present entry maps a page
             index = vaddr >> mode.shift(level) & ((1 << mode.index_bits[level]) - 1)
-            entry = self._table(level, base, chain)[index]
-            if not entry & PTE_P:
-                return chain + (self._ref(level, base, index, entry),), None
-            frame, size = self._decode(chain, level, base, index, entry)
-            rights = self._restrict(level, rights, entry)
+            entry = table[index]
             chain += (self._ref(level, base, index, entry),)
+            if not entry & PTE_P:
+                return chain, None
+            covers = vaddr & ~((1 << mode.shift(level)) - 1)
+            decoded = self._decode(chain, level, covers)
+            if isinstance(decoded, Malformed):
+                return chain, None
+            frame, size = decoded
+            rights = self._restrict(level, rights, entry)
             if size:
                 return chain, Translation(vaddr, frame | vaddr & (size - 1), size, entry,
                                           self._attrs(entry, rights, size), chain)
+            table = self._lower_table(level + 1, frame, chain, covers)
+            if isinstance(table, Malformed):
+                return chain, None
             level, base = level + 1, frame
+
+    def malformed_at(self, vaddr: int) -> Malformed | None:
+        """Why `vaddr` does not translate when the reason is a malformed entry on its way (None otherwise)."""
+        chain, t = self.walk(vaddr)
+        return None if t is not None else self._faults.get(chain)
+
+    def malformed(self) -> list[Malformed]:
+        """Every malformed entry of the tables (the recursive windows aside: they show the same entries again), in
+        walk order."""
+        return list(self._walk_all()[2])
 
     def physical_spans(self, vaddr: int, size: int) -> list[tuple[int, int]]:
         """The (physical address, length) pieces that `size` bytes at `vaddr` occupy, page by page."""
@@ -155,7 +217,9 @@ class Walker:
         while size > 0:
             t = self.translate(vaddr)
             if t is None:
-                raise WalkError(f"{vaddr:#x} is not mapped: an access there would fault")
+                bad = self.malformed_at(vaddr)
+                raise WalkError(f"{vaddr:#x} is not mapped: an access there would fault"
+                                + (f" ({bad})" if bad is not None else ""))
             chunk = min(size, t.size - (vaddr & (t.size - 1)))
             spans.append((t.paddr, chunk))
             vaddr, size = vaddr + chunk, size - chunk
@@ -167,9 +231,9 @@ class Walker:
 
     def mappings(self) -> list[Mapping]:
         """Every mapped range outside the recursive windows, merged where virtual and physical addresses both
-        continue and the attributes agree."""
+        continue and the attributes agree. The ranges below malformed entries are not mapped (`malformed`)."""
         runs: list[list[int]] = []
-        for vaddr, paddr, size, attrs in self._leaves(0, self.top, 0, _RIGHTS, ()):
+        for vaddr, paddr, size, attrs in self._walk_all()[0]:
             last = runs[-1] if runs else None
             if last and last[0] + last[2] == vaddr and last[1] + last[2] == paddr and last[3] == attrs:
                 last[2] += size
@@ -181,44 +245,56 @@ class Walker:
         shift = self.mode.shift(0)
         top = self._table(0, self.top, ())
         bits = PTE_P | _RIGHTS | PTE_PWT | PTE_PCD | PTE_A | (PTE_NX if self._nx_at(0) else 0)
-        return [RecursiveWindow(slot, self.mode.sign_extend(slot << shift), 1 << shift, Attrs(top[slot] & bits),
+        return [RecursiveWindow(slot, self._slot_vaddr(slot), 1 << shift, Attrs(top[slot] & bits),
                                 self.top + slot * self.mode.entry_size)
                 for slot in sorted(self._self_slots)]
 
     def page_tables(self) -> list[tuple[tuple[int, ...], int]]:
-        """(index path, physical address) of every table below the top level, in walk order."""
-        found: list[tuple[tuple[int, ...], int]] = []
+        """(index path, physical address) of every table below the top level that the walk reads, in walk order
+        (a table a malformed entry points at is none)."""
+        return list(self._walk_all()[1])
 
-        def visit(level: int, base: int, path: tuple[int, ...], chain: tuple[EntryRef, ...]) -> None:
-            for index, entry in enumerate(self._table(level, base, chain)):
+    def _walk_all(self) -> tuple[list[tuple[int, int, int, Attrs]], list[tuple[tuple[int, ...], int]],
+                                 list[Malformed]]:
+        """(every page: vaddr, frame, size, attributes; every table below the top: index path, address; every
+        malformed entry), from one walk of all the tables, made once."""
+        if self._walked is not None:
+            return self._walked
+        mode = self.mode
+        leaves: list[tuple[int, int, int, Attrs]] = []
+        tables: list[tuple[tuple[int, ...], int]] = []
+        bad: list[Malformed] = []
+
+        def visit(level: int, base: int, table: tuple[int, ...], vbase: int, rights: int,
+                  chain: tuple[EntryRef, ...]) -> None:
+            shift = mode.shift(level)
+            for index, entry in enumerate(table):
                 if not entry & PTE_P or level == 0 and index in self._self_slots:
                     continue
-                frame, size = self._decode(chain, level, base, index, entry)
-                if size:
+                here = chain + (self._ref(level, base, index, entry),)
+                vaddr = mode.sign_extend(vbase | index << shift)
+                decoded = self._decode(here, level, vaddr)
+                if isinstance(decoded, Malformed):
+                    bad.append(decoded)
                     continue
-                found.append((path + (index,), frame))
-                # Tables at the last level hold only pages; there is no need to read them.
-                if level + 2 < self.mode.levels:
-                    visit(level + 1, frame, path + (index,), chain + (self._ref(level, base, index, entry),))
+                frame, size = decoded
+                allowed = self._restrict(level, rights, entry)
+                if size:
+                    leaves.append((vaddr, frame, size, self._attrs(entry, allowed, size)))
+                    continue
+                lower = self._lower_table(level + 1, frame, here, vaddr)
+                if isinstance(lower, Malformed):
+                    bad.append(lower)
+                    continue
+                tables.append((tuple(ref.index for ref in here), frame))
+                visit(level + 1, frame, lower, vaddr & ((1 << mode.va_bits) - 1), allowed, here)
 
-        visit(0, self.top, (), ())
-        return found
+        visit(0, self.top, self._table(0, self.top, ()), 0, _RIGHTS, ())
+        self._walked = leaves, tables, bad
+        return self._walked
 
-    def _leaves(self, level: int, base: int, vbase: int, rights: int,
-                chain: tuple[EntryRef, ...]) -> Iterator[tuple[int, int, int, Attrs]]:
-        mode = self.mode
-        shift = mode.shift(level)
-        for index, entry in enumerate(self._table(level, base, chain)):
-            if not entry & PTE_P or level == 0 and index in self._self_slots:
-                continue
-            frame, size = self._decode(chain, level, base, index, entry)
-            here = self._restrict(level, rights, entry)
-            vaddr = vbase | index << shift
-            if size:
-                yield mode.sign_extend(vaddr), frame, size, self._attrs(entry, here, size)
-            else:
-                yield from self._leaves(level + 1, frame, vaddr, here,
-                                        chain + (self._ref(level, base, index, entry),))
+    def _slot_vaddr(self, slot: int) -> int:
+        return self.mode.sign_extend(slot << self.mode.shift(0))
 
     def _table(self, level: int, base: int, chain: tuple[EntryRef, ...]) -> tuple[int, ...]:
         count = 1 << self.mode.index_bits[level]
@@ -238,29 +314,59 @@ class Walker:
             self._cache[base, count] = table
         return table
 
-    def _decode(self, chain: tuple[EntryRef, ...], level: int, base: int, index: int,
-                entry: int) -> tuple[int, int]:
-        """Where a present entry leads: (frame, page size) if it maps a page, (table address, 0) if not."""
+    def _lower_table(self, level: int, base: int, chain: tuple[EntryRef, ...],
+                     vstart: int) -> tuple[int, ...] | Malformed:
+        """The table the last entry of `chain` points at, or that entry as Malformed when the table cannot be read
+        (outside RAM): the walk of the rest goes on."""
+        try:
+            return self._table(level, base, chain)
+        except WalkError as err:
+            why = str(err).split(": ", 1)[1]
+            return self._record(Malformed(chain, vstart, 1 << self.mode.shift(level - 1), 0, why))
+
+    def _record(self, bad: Malformed) -> Malformed:
+        self._faults[bad.chain] = bad
+        return bad
+
+    def _decode(self, chain: tuple[EntryRef, ...], level: int, vstart: int) -> tuple[int, int] | Malformed:
+        """Where the present entry last in `chain` leads: (frame, page size) if it maps a page, (table address, 0)
+        if not; Malformed (recorded) if the CPU would refuse it. `vstart`: the virtual address it covers first."""
         mode = self.mode
+        entry = chain[-1].value
         size = 0
         if level == mode.levels - 1:
             size = PAGE_SIZE
         elif entry & PTE_PS and level in mode.large_levels and (self.pse or not mode.large_needs_pse):
             size = 1 << mode.shift(level)
-        reserved = mode.reserved[level]
+        name = mode.level_names[level]
+        # (bits, why they are wrong), each checked on its own so the finding says which rule each bit breaks.
+        rules = [(mode.reserved[level], f"reserved in a {name} entry")]
         if level in mode.nx_levels and not self.nxe:
-            reserved |= PTE_NX
+            rules.append((PTE_NX, "XD, bit 63, is reserved with EFER.NXE off"))
         frame = entry & mode.frame_mask
+        if mode.entry_size == 8:
+            rules.append((mode.frame_mask & ~((1 << self.maxphyaddr) - 1),
+                          f"address bits above MAXPHYADDR {self.maxphyaddr}"))
         if size > PAGE_SIZE:
-            # Bit 12 of a large entry is PAT; the bits from 13 up to the frame must be clear. In a 4 MiB PDE they
-            # are PSE-36 address bits above 4 GiB, which kgen never maps, so they count as reserved too.
-            reserved |= (size - 1) & ~(2 * PAGE_SIZE - 1)
-            frame &= ~(size - 1)
-        if entry & reserved:
-            ref = self._ref(level, base, index, entry)
-            why = (" (XD, bit 63, is reserved with EFER.NXE off)"
-                   if entry & reserved & PTE_NX and level in mode.nx_levels else "")
-            raise WalkError(f"{describe(chain + (ref,))} = {entry:#x}: reserved bits {entry & reserved:#x} set{why}")
+            # Bit 12 of a large entry is PAT; the bits from 13 up to the frame must be clear, but in a 4 MiB PDE
+            # (PSE-36) bits 13 and up hold address bits 32 and up, as many as MAXPHYADDR allows.
+            low = (size - 1) & ~(2 * PAGE_SIZE - 1)
+            high = 0
+            if mode.entry_size == 4:
+                high = ((1 << max(self.maxphyaddr - 32, 0)) - 1) << 13
+                rules.append((low & ~high, f"reserved in a 4 MiB {name} entry with MAXPHYADDR {self.maxphyaddr}"))
+            else:
+                rules.append((low, f"a {size >> 20} MiB page's frame must be aligned to its size"))
+            frame = (frame & ~(size - 1)) | (entry & high) >> 13 << 32
+        wrong = [(entry & bits, why) for bits, why in rules if entry & bits]
+        if wrong:
+            bits = 0
+            for b, _ in wrong:
+                bits |= b
+            why = f"reserved bits {bits:#x} set (" + "; ".join(f"{b:#x}: {w}" for b, w in wrong) + ")"
+            if mode.canonical and entry >> (mode.va_bits - 1) == (1 << (65 - mode.va_bits)) - 1:
+                why += ": the entry holds what looks like a kernel virtual address, not a physical one"
+            return self._record(Malformed(chain, vstart, 1 << mode.shift(level), bits, why))
         return frame, size
 
     def _nx_at(self, level: int) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from kgen.arch import ARCHES, hw
 from kgen.errors import UsageError
 from kgen.guest.invariants import GuestView
-from kgen.guest.pagewalk import PTE_NX, PTE_P, PTE_RW, PTE_US, Walker, WalkError
+from kgen.guest.pagewalk import PTE_NX, PTE_P, PTE_RW, PTE_US, Walker
 
 _FLAG_NAMES = ((hw.PTE_PWT, "PWT"), (hw.PTE_PCD, "PCD"), (hw.PTE_A, "A"), (hw.PTE_D, "D"), (hw.PTE_PS, "PS"),
                (hw.PTE_G, "G"), (PTE_NX, "NX"))
@@ -67,12 +67,8 @@ def explain_translation(view: GuestView, walker: Walker | None, vaddr: int, *, w
         result["phys"] = f"{vaddr:#x}"
         return result
     check_address(view, vaddr)
-    try:
-        chain, t = walker.walk(vaddr)
-    except WalkError as err:
-        result["fault"] = f"reserved bit set: {err} (#PF with error code RSVD)"
-        result["explanation"].append(result["fault"])
-        return result
+    chain, t = walker.walk(vaddr)
+    bad = walker.malformed_at(vaddr) if t is None else None     # the walk stopped at an entry the CPU refuses
     mode = walker.mode
     top = names[0]
     tables = {walker.top} | {frame for _, frame in walker.page_tables()}
@@ -86,7 +82,9 @@ def explain_translation(view: GuestView, walker: Walker | None, vaddr: int, *, w
         notes = []
         if base == walker.top and level > 0:
             notes.append(f"this {names[level]} is the {top} itself")
-        if present:
+        if bad is not None and level == len(chain) - 1:
+            notes.append(f"malformed: {bad.why}")
+        elif present:
             size = 1 << mode.shift(level) if leaf else 0
             nxt = ref.value & mode.frame_mask & ~((size or hw.PAGE_SIZE) - 1)
             if nxt == walker.top:
@@ -111,8 +109,12 @@ def explain_translation(view: GuestView, walker: Walker | None, vaddr: int, *, w
                                             "entries through one"))
     if t is None:
         last = chain[-1]
-        result["fault"] = (f"not present at level {mode.levels - len(chain) + 1} ({last.table}): {last} = "
-                           f"{last.value:#x}")
+        if bad is not None:
+            result["fault"] = (f"malformed entry at level {mode.levels - len(chain) + 1} ({last.table}): {last} = "
+                               f"{last.value:#x}: {bad.why}; {bad.fault}")
+        else:
+            result["fault"] = (f"not present at level {mode.levels - len(chain) + 1} ({last.table}): {last} = "
+                               f"{last.value:#x}")
         lines.append(f"any access faults: {result['fault']}")
         return result
     result["phys"] = f"{t.paddr:#x}"

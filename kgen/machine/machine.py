@@ -194,6 +194,7 @@ class Machine:
         self._launched = False
         self._closed = False
         self._ignore_shared = False   # the migration capability is set once per QEMU
+        self._phys_bits: int | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -631,6 +632,19 @@ class Machine:
             return parse_info_registers(text)
         except ValueError as err:
             raise self._error("read", str(err)) from err
+
+    def phys_bits(self) -> int | None:
+        """The guest CPU's physical-address width, MAXPHYADDR (what CPUID 0x80000008 EAX[7:0] tells the guest):
+        CPU 0's QOM property `phys-bits`, asked once (docs/toolchain.md: qemu64 40, qemu32 32 under TCG; a user's
+        -cpu or host-phys-bits changes it). None if QEMU does not say."""
+        if self._phys_bits is None:
+            try:
+                cpus = self.qmp("query-cpus-fast", step="read")
+                bits = self.qmp("qom-get", {"path": cpus[0]["qom-path"], "property": "phys-bits"}, step="read")
+            except (MachineError, LookupError, TypeError):
+                return None
+            self._phys_bits = bits if isinstance(bits, int) and 32 <= bits <= 52 else None
+        return self._phys_bits
 
     def gva2gpa(self, vaddr: int) -> int | None:
         """Translate a guest virtual address with the current CR3 (None when unmapped)."""

@@ -148,6 +148,28 @@ def test_a_poisoned_entry_in_a_live_table_is_named(live):
     assert "1 of 1024 entries hold the poison 0xcccccccc, first index 1000" in problems[0]
 
 
+def test_malformed_pdes_are_one_finding_each_and_every_other_check_still_holds(live):
+    # In user-half slots the kernel never touches: a 4 MiB PDE with bit 21 set (reserved whatever MAXPHYADDR is),
+    # and a PDE whose table lies beyond the guest's RAM (QEMU reads zeros there: no error, unless kgen asks where
+    # RAM is).
+    view = live.view()
+    reserved, outside = (5, 0x00C00000 | 1 << 21 | hw.PTE_P | hw.PTE_PS), (6, 0x7FFF0000 | hw.PTE_P | hw.PTE_RW)
+    for slot, value in (reserved, outside):
+        live.write_phys(view.walker.top + 4 * slot, u32(value))
+    tampered = live.view()
+    found = invariants.check_entries_well_formed(tampered)
+    assert [f.split(": ")[0] for f in found] == [f"PD[{slot}] @ {view.walker.top + 4 * slot:#x} = {value:#x}"
+                                                 for slot, value in (reserved, outside)]
+    assert found[0].startswith(f"PD[5] @ {view.walker.top + 20:#x} = {reserved[1]:#x}: reserved bits 0x200000 set")
+    assert "is not mapped: any access there is a page fault with error code RSVD" in found[0]
+    assert "PT at 0x7fff0000 cannot be read: 0x7fff0000-0x7fff1000 is not in the guest's RAM" in found[1]
+    assert [f.vrange for f in found] == [(5 << 22, 6 << 22), (6 << 22, 7 << 22)]
+    assert [[ref.index for ref in f.chain] for f in found] == [[5], [6]]
+    others = invariants.GENERIC_CHECKS + invariants.KGEN_CHECKS + (invariants.check_address_spaces,)
+    assert {check.__name__: check(tampered) for check in others if check is not invariants.check_entries_well_formed
+            } == {check.__name__: [] for check in others if check is not invariants.check_entries_well_formed}
+
+
 def test_cr3_and_cr0_are_checked_against_the_layout(live):
     view = live.view()
     wrong = dataclasses.replace(view, regs=dataclasses.replace(view.regs, cr3=view.regs.cr3 + hw.PAGE_SIZE,

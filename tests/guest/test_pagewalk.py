@@ -3,6 +3,8 @@
 Expected values come from what each test built, never from the walker: the builder below knows the geometry of
 each paging mode on its own, so a walker that misreads a mode disagrees with it.
 """
+import re
+
 import pytest
 from hypothesis import given, settings, strategies as st
 
@@ -86,6 +88,13 @@ def i386():
     return Tables(4, (10, 10))
 
 
+def only_malformed(walker):
+    """The one malformed entry the walker found."""
+    found = walker.malformed()
+    assert len(found) == 1, found
+    return found[0]
+
+
 # --- translate -------------------------------------------------------------------------------------------------
 
 def test_translate_4k_page():
@@ -117,10 +126,18 @@ def test_ps_is_a_table_pointer_without_pse():
     t.set((), 768, pt | P | RW | US | PS)
     tr = t.walker(pse=False).translate(0xC0000000)
     assert (tr.paddr, tr.size, tr.attrs) == (0x5000, KiB4, P | RW)
-    # With PSE the same entry is a 4 MiB page whose frame bits below bit 22 are not all clear.
+    # With PSE the same entry is a 4 MiB page whose frame bits below bit 22 are not all clear: on a CPU whose
+    # MAXPHYADDR is 32 (no PSE-36) those are reserved bits ...
     assert pt & 0x3FE000
-    with pytest.raises(WalkError, match=r"PD\[768\].*reserved bits"):
-        t.walker(pse=True)
+    w = t.walker(pse=True, maxphyaddr=32)
+    bad = only_malformed(w)
+    assert (bad.entry.table, bad.entry.index, bad.bits, bad.vrange) == ("PD", 768, pt & 0x3FE000,
+                                                                        (0xC0000000, 0xC0400000))
+    assert w.translate(0xC0000000) is None and w.mappings() == []
+    # ... with PSE-36 (MAXPHYADDR 40), bits 20:13 are address bits 39:32, and bit 21 alone is reserved.
+    assert not pt & 1 << 21
+    tr = t.walker(pse=True, maxphyaddr=40).translate(0xC0000ABC)
+    assert (tr.paddr, tr.size) == ((pt & 0xFFC00000) | (pt >> 13 & 0xFF) << 32 | 0xABC, MiB4)
 
 
 def test_unmapped_is_none():
@@ -249,12 +266,16 @@ def test_pde_outside_ram():
     t.map(0xC0000000, 0x5000, P | RW)
     t.set((), 5, 0x7FFF0000 | P | RW)
     w = t.walker()
-    expected = rf"PD\[5\] @ {t.entry_addr((), 5):#x} = 0x7fff0003: PT at 0x7fff0000 cannot be read"
-    with pytest.raises(WalkError, match=expected) as err:
-        w.translate(5 << 22)
-    assert isinstance(err.value, KgenError) and isinstance(err.value.__cause__, ValueError)
+    expected = rf"PD\[5\] @ {t.entry_addr((), 5):#x} = 0x7fff0003: PT at 0x7fff0000 cannot be read: .*outside RAM"
+    # The walk goes on: the range below the entry is not mapped, the rest is.
+    assert w.translate(5 << 22) is None
+    bad = w.malformed_at(5 << 22)
+    assert re.search(expected, str(bad)) and bad.vrange == (5 << 22, 6 << 22) and bad.bits == 0
+    assert w.mappings() == [Mapping(0xC0000000, 0x5000, KiB4, P | RW)]
+    assert w.malformed() == [bad]
+    assert w.page_tables() == [((768,), t.tables[(768,)])]
     with pytest.raises(WalkError, match=expected):
-        w.mappings()
+        w.read_virtual(5 << 22, 4)
 
 
 def test_cr3_outside_ram():
@@ -268,15 +289,20 @@ def test_short_read():
     t.map(0xC0000000, 0x5000, P | RW)
     pt = t.tables[(768,)]
     w = Walker(lambda addr, size: t.mem.read(addr, size)[:100] if addr == pt else t.mem.read(addr, size), t.top)
-    with pytest.raises(WalkError, match="got 100 of 4096 bytes"):
-        w.translate(0xC0000000)
+    assert w.translate(0xC0000000) is None
+    assert "got 100 of 4096 bytes" in str(w.malformed_at(0xC0000000))
 
 
 def test_reserved_bits_in_a_4m_entry():
     t = i386()
     t.set((), 7, 0x00C00000 | 1 << 21 | P | PS)
-    with pytest.raises(WalkError, match=rf"PD\[7\] @ {t.entry_addr((), 7):#x} = 0xe00081: reserved bits 0x200000"):
-        t.walker()
+    t.map(0xC0000000, 0x5000, P | RW)
+    w = t.walker()
+    assert re.search(rf"PD\[7\] @ {t.entry_addr((), 7):#x} = 0xe00081: reserved bits 0x200000 set \(0x200000: "
+                    rf"reserved in a 4 MiB PD entry with MAXPHYADDR 40\); 0x1c00000-0x2000000 is not mapped: any access "
+                    rf"there is a page fault with error code RSVD", str(only_malformed(w)))
+    assert w.translate(7 << 22) is None
+    assert w.mappings() == [Mapping(0xC0000000, 0x5000, KiB4, P | RW)]
 
 
 # --- efficiency --------------------------------------------------------------------------------------------------
@@ -364,8 +390,10 @@ def test_pae():
     assert w.page_tables() == t.lower_tables()
 
     t.set((), 3, t.tables[(3,)] | P | RW)
-    with pytest.raises(WalkError, match=r"PDPT\[3\].*reserved bits 0x2 set"):
-        t.walker(PAE)
+    w = t.walker(PAE)
+    bad = only_malformed(w)
+    assert re.search(r"PDPT\[3\].*reserved bits 0x2 set \(0x2: reserved in a PDPT entry\)", str(bad)), str(bad)
+    assert bad.vrange == (0xC0000000, 1 << 32) and w.mappings() == [] and w.translate(0xC0000000) is None
 
 
 def test_x86_64():
@@ -394,8 +422,10 @@ def test_x86_64():
         w.translate(0x0000_8000_0000_0000)      # not canonical
 
     t.set((), 1, 0x7000 | P | PS)
-    with pytest.raises(WalkError, match=r"PML4\[1\].*reserved bits 0x80 set"):
-        t.walker(X86_64)
+    w = t.walker(X86_64)
+    assert re.search(r"PML4\[1\].*reserved bits 0x80 set", str(only_malformed(w)))
+    assert only_malformed(w).vrange == (1 << 39, 2 << 39)
+    assert len(w.mappings()) == 3
 
 
 def test_read_virtual_crosses_pages_and_refuses_unmapped():
@@ -514,8 +544,11 @@ def test_x86_64_large_page_frames_must_be_aligned(level, bad):
     t.map(0xFFFF_8000_0000_0000, (GiB if level == 1 else MiB2) | bad, P | RW, level=level)
     path = tuple(t.index(0xFFFF_8000_0000_0000, lv) for lv in range(level))
     where = t.entry_addr(path, t.index(0xFFFF_8000_0000_0000, level))
-    with pytest.raises(WalkError, match=rf"{LEVELS64[level]}\[0\] @ {where:#x} = .*reserved bits {bad:#x} set"):
-        t.walker(X86_64).translate(0xFFFF_8000_0000_0000)
+    w = t.walker(X86_64)
+    assert w.translate(0xFFFF_8000_0000_0000) is None
+    assert re.search(rf"{LEVELS64[level]}\[0\] @ {where:#x} = .*reserved bits {bad:#x} set \({bad:#x}: a "
+                    rf"{(GiB if level == 1 else MiB2) >> 20} MiB page's frame must be aligned to its size\)",
+                    str(w.malformed_at(0xFFFF_8000_0000_0000)))
 
 
 @pytest.mark.parametrize("vaddr, pml4", [(0x0000_0000_0000_0000, 0), (0x0000_7FFF_FFFF_F000, 255),
@@ -596,10 +629,12 @@ def test_xd_with_nxe_off_is_a_reserved_bit_named_by_its_entry(level):
     path = tuple(t.index(vaddr, lv) for lv in range(level))
     index = t.index(vaddr, level)
     ref = rf"{LEVELS64[level]}\[{index}\] @ {t.entry_addr(path, index):#x} = {entry_value(t, path, index):#x}"
-    with pytest.raises(WalkError, match=rf"{ref}: reserved bits 0x8000000000000000 set \(XD.*EFER.NXE off\)"):
-        t.walker(X86_64, nxe=False).translate(vaddr)
-    with pytest.raises(WalkError, match=ref):
-        t.walker(X86_64, nxe=False).mappings()
+    w = t.walker(X86_64, nxe=False)
+    assert w.translate(vaddr) is None
+    assert re.search(rf"{ref}: reserved bits 0x8000000000000000 set \(0x8000000000000000: XD.*EFER.NXE off\)",
+                    str(w.malformed_at(vaddr)))
+    w = t.walker(X86_64, nxe=False)
+    assert w.mappings() == [] and re.search(ref, str(only_malformed(w)))
     assert t.walker(X86_64, nxe=True).translate(vaddr).attrs == P | RW | NX
 
 
@@ -620,13 +655,13 @@ def test_pae_nx():
     assert w.translate(0xC0000000).attrs == P | RW | NX
     assert w.translate(0xC0200000).attrs == P | RW | PS
     assert w.translate(0xC0400000).attrs == P | RW | NX
-    with pytest.raises(WalkError, match=r"PT\[0\] .*reserved bits 0x8000000000000000 set"):
-        t.walker(PAE, nxe=False).translate(0xC0000000)
+    assert re.search(r"PT\[0\] .*reserved bits 0x8000000000000000 set",
+                    str(t.walker(PAE, nxe=False).malformed_at(0xC0000000)).split(" → ")[-1])
     # A PDPTE has no XD: bit 63 there is reserved whatever EFER.NXE says.
     t.set((), 3, t.tables[(3,)] | P | NX)
     for nxe in (True, False):
-        with pytest.raises(WalkError, match=r"PDPT\[3\] .*reserved bits 0x8000000000000000 set$"):
-            t.walker(PAE, nxe=nxe)
+        assert re.search(r"PDPT\[3\] .*reserved bits 0x8000000000000000 set \(0x8000000000000000: reserved in a "
+                        r"PDPT entry\)", str(only_malformed(t.walker(PAE, nxe=nxe))))
 
 
 def test_nxe_changes_nothing_in_i386():
@@ -670,3 +705,76 @@ def test_attrs_print_nx():
     assert str(Attrs(P | US | PS | G | NX)) == "P US PS G NX"
     assert str(Mapping(0xFFFF_FFFF_8000_0000, 0x200000, KiB4, Attrs(P | NX))) == \
         "0xffffffff80000000-0xffffffff80001000 → 0x200000 P NX"
+
+
+# --- malformed entries: recorded, their subtree skipped, the rest walked ------------------------------------------
+
+KERNEL_VA_AS_ENTRY = 0xFFFF_FFFF_8010_5003     # a kernel virtual address | P | RW, stored where a PDE belongs
+
+
+def process_space_with_a_virtual_address_as_pde():
+    """A 64-bit process space like a public kernel's: its own user page, the kernel's 2 MiB image page, and two PD
+    entries in the user half that hold kernel virtual addresses (present: bits 51:40 are set)."""
+    t = x86_64()
+    t.map(0x40_0000, 0x30_0000, P | RW | US)                           # PML4[0] PDPT[0] PD[2] PT[0]
+    t.map(0xFFFF_FFFF_8000_0000, 0x20_0000, P | RW | G, level=2)       # PML4[511] PDPT[510] PD[0]
+    for index in (5, 6):
+        t.set((0, 0), index, KERNEL_VA_AS_ENTRY + index * 8)
+    return t
+
+
+def test_address_bits_above_maxphyaddr_are_one_finding_each_and_the_rest_is_walked():
+    t = process_space_with_a_virtual_address_as_pde()
+    w = t.walker(X86_64, maxphyaddr=40)
+    found = w.malformed()
+    assert [(m.entry.table, m.entry.index, m.entry.addr) for m in found] == [
+        ("PD", i, t.entry_addr((0, 0), i)) for i in (5, 6)]
+    first = found[0]
+    assert first.vrange == (5 * MiB2, 6 * MiB2)
+    assert first.bits == 0x000F_FF00_0000_0000           # address bits 51:40; 62:52 are free for software
+    text = str(first)
+    assert text.startswith(f"PML4[0] @ {t.entry_addr((), 0):#x} → PDPT[0] @ {t.entry_addr((0,), 0):#x} → PD[5] @ "
+                           f"{t.entry_addr((0, 0), 5):#x} = {KERNEL_VA_AS_ENTRY + 40:#x}: reserved bits "
+                           f"0xfff0000000000 set (0xfff0000000000: address bits above MAXPHYADDR 40)")
+    assert "looks like a kernel virtual address" in text and "0xa00000-0xc00000 is not mapped" in text
+    assert "error code RSVD" in text
+    # The rest: both good mappings, both tables below them; nothing below the malformed entries.
+    assert w.mappings() == [Mapping(0x40_0000, 0x30_0000, KiB4, P | RW | US),
+                            Mapping(0xFFFF_FFFF_8000_0000, 0x20_0000, MiB2, P | RW | PS | G)]
+    assert w.page_tables() == t.lower_tables()
+    # An address below it: no translation, as the CPU's reserved-bit fault; the walk names the entry.
+    chain, tr = w.walk(5 * MiB2 + 0x123)
+    assert tr is None and chain == first.chain and w.malformed_at(5 * MiB2 + 0x123) == first
+    assert w.malformed_at(0x40_0000) is None and w.malformed_at(0x80_0000) is None     # mapped; not present
+    with pytest.raises(WalkError, match=r"0xa00000 is not mapped.*PD\[5\].*MAXPHYADDR 40"):
+        w.read_virtual(5 * MiB2, 8)
+
+
+def test_without_maxphyaddr_the_same_entry_points_at_a_table_outside_ram():
+    # With all 52 address bits allowed, the entry is well-formed and leads to a "table" at 0xfffff80105000.
+    t = process_space_with_a_virtual_address_as_pde()
+    w = t.walker(X86_64)
+    found = w.malformed()
+    assert [m.entry.index for m in found] == [5, 6] and [m.bits for m in found] == [0, 0]
+    assert "PT at 0xfffff80105000 cannot be read" in str(found[0]) and "outside RAM" in str(found[0])
+    assert len(w.mappings()) == 2
+
+
+def test_a_malformed_entry_is_found_once_through_the_recursive_window_too():
+    t = process_space_with_a_virtual_address_as_pde()
+    t.set((), 510, t.top | P | RW)
+    w = t.walker(X86_64, maxphyaddr=40)
+    # The PD seen as a page through the window, and the malformed PDE read there as a PTE: not a translation.
+    assert w.translate(window_address(510, (0, 0), 0)).paddr == t.tables[(0, 0)]
+    assert w.translate(canonical(510 << 39 | 0 << 30 | 0 << 21 | 5 << 12)) is None
+    assert [m.entry.index for m in w.malformed()] == [5, 6]
+
+
+def test_with_nxe_off_both_bit_63_and_the_address_bits_are_named():
+    # The public kernel's case: EFER.NXE off, so bit 63 is reserved too; the finding names both rules, not bit 63
+    # alone.
+    t = process_space_with_a_virtual_address_as_pde()
+    first = t.walker(X86_64, nxe=False, maxphyaddr=40).malformed()[0]
+    assert first.bits == 0x8000_0000_0000_0000 | 0x000F_FF00_0000_0000
+    assert ("reserved bits 0x800fff0000000000 set (0x8000000000000000: XD, bit 63, is reserved with EFER.NXE off; "
+            "0xfff0000000000: address bits above MAXPHYADDR 40)") in str(first)

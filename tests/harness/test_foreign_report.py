@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.vm, needs_qemu]
 KBASE = 0xC0000000
 BELOW = "test_nothing_is_mapped_below_the_kernel_base"
 # The page-table checks of the suite (kgen/harness/suite/test_invariants.py) that --address-spaces repeats per space.
-PER_SPACE = ("test_recursive_slot_maps_the_pd_supervisor_only",
+PER_SPACE = ("test_page_table_entries_are_well_formed", "test_recursive_slot_maps_the_pd_supervisor_only",
              "test_elf_segments_map_vaddr_to_paddr_no_wider_than_their_flags", BELOW,
              "test_no_kernel_page_is_user_accessible", "test_each_page_table_is_referenced_once",
              "test_page_tables_hold_no_poison")

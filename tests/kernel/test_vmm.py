@@ -66,15 +66,16 @@ def entries(s, frame: int) -> list[int]:
 
 def poisoned_tables(s) -> list[str]:
     """Every table holding the poison pattern in one of its entries: a table nobody cleared. A poisoned entry of a
-    table above the last level reads as present with reserved bits (0xA5 has P and PS), so the walk itself
-    stops there: that is reported too, with the entry's value."""
+    table above the last level reads as present with reserved bits (0xA5 has P and PS), so the walk skips
+    what is below it: that is reported too, with the entry's value."""
     size = s.layout.arch.entry_size
     poison = int.from_bytes(bytes([POISON]) * size, "little")
     try:
-        found = walker(s).page_tables()
+        w = walker(s)
+        found = w.page_tables()
     except WalkError as err:
         return [f"the walk cannot go on: {err}"]
-    bad = []
+    bad = [f"the walk cannot go on below: {m}" for m in w.malformed()]
     for path, frame in found:
         values = entries(s, frame)
         if poison in values:

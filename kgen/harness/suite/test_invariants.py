@@ -11,6 +11,10 @@ def test_paging_and_write_protect_are_on(kgen_idle):
     assert_holds(invariants.check_paging_enabled, kgen_idle.view())
 
 
+def test_page_table_entries_are_well_formed(kgen_idle, kgen_space):
+    assert_holds(invariants.check_entries_well_formed, space_view(kgen_idle, kgen_space))
+
+
 def test_cr3_is_the_boot_page_directory(kgen_idle, kgen_layout):
     assert_holds(invariants.check_cr3, kgen_idle.view())
 
