@@ -1,6 +1,6 @@
 """Errors that reach the user as one line and an exit code, never as a traceback.
 
-The exit codes are the same for `kgen build`, `kgen run` and `kgen test` (`kgen --help` and the README list them);
+The exit codes are the same for `kgen build`, `kgen run` and `kgen test` (`kgen --help` and docs/exit-status.md list them);
 `kgen test` maps pytest's own codes onto them (kgen/cli/test.py), so a bad `-k` is never taken for a missing
 tool, nor an interrupt for a bad config.
 """

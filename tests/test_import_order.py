@@ -4,7 +4,7 @@ of kgen (at the top or inside a function, both count) is checked against the flo
     errors, protocol, scratch  <  arch  <  build  <  machine  <  guest  <  harness  <  inspect  <  debug  <  cli
 
 A module may import its own floor and the floors below it, never one above; and no import cycle may run through
-two modules (within a package or across packages). The data flows one way (README, "Where things are"), so an
+two modules (within a package or across packages). The data flows one way (docs/design.md, "Where things are"), so an
 import against that flow is a design error even when Python happens to resolve it.
 """
 from __future__ import annotations

@@ -17,7 +17,7 @@ so one template serves both word sizes; only the entry, GDT, IDT and interrupt f
 `templates/<arch>/`. What the kernel does differently beyond the instruction set is a feature of the record, and
 the templates ask the feature, not the name (`kgen.build.layout` exports them): HAS_NX (with the SET_NX macro),
 KERNEL_HALF_GENERATION, CLIPS_RAM_AT_4G; the IRET macro picks the interrupt return of the word size. A third paging
-mode (i386 PAE, LA57) is then one more record here plus the templates it needs (README, "Adding a paging mode").
+mode (i386 PAE, LA57) is then one more record here plus the templates it needs (docs/design.md, "Adding a paging mode").
 """
 from __future__ import annotations
 

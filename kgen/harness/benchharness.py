@@ -7,7 +7,7 @@ the QEMU the last test gave back, RAM copied back). Both are measured in the sam
 and under KVM where this host's KVM runs the kernel; the ratio restore/cold is printed. Also: how long a failing
 hypothesis test that boots a machine per example takes to report its shrunk example, the wall time of `kgen test`,
 physical-read throughput and a full page walk. A script, not a timed test: the figures depend on the host and
-belong in the README with the machine they came from.
+belong in docs/benchmarks.md with the machine they came from.
 """
 from __future__ import annotations
 

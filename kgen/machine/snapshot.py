@@ -5,7 +5,7 @@ COM1 text, call channel, QMP). A cold boot costs a QEMU start, firmware and the 
 ≈1.6 s under the kvm_pvm KVM here); a restore costs ≈20 ms. `MachinePool.fresh()` pays the boot once per kernel
 and machine options in each process (each pytest-xdist worker has its own pool), then hands out restored machines.
 
-How (the mechanism measured against the others, README "Figures"):
+How (the mechanism measured against the others, docs/benchmarks.md):
 - CPU and device state: QEMU's internal snapshot (`savevm`/`loadvm`) in a small qcow2 image attached as a drive no
   device uses. `loadvm` in the QEMU that is already running takes ≈5 ms; starting a QEMU for it costs ≈40 ms more,
   so a machine given back by its test stays up, stopped, for the next one.

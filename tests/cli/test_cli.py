@@ -23,19 +23,19 @@ def tree(path: Path) -> set[str]:
 
 # --- exit codes: distinct, documented ---------------------------------------------------------------------------
 
-def test_exit_codes_are_distinct_and_in_every_help_and_the_readme():
+def test_exit_codes_are_distinct_and_in_every_help_and_the_docs():
     codes = [code for code, _ in errors.EXIT_CODES]
     assert len(codes) == len(set(codes))
     assert {errors.EXIT_OK, errors.EXIT_CHECKS_FAILED, errors.EXIT_USAGE, errors.EXIT_TOOL_MISSING,
             errors.EXIT_KERNEL_FAILED, errors.EXIT_INTERNAL, errors.EXIT_INTERRUPTED, errors.EXIT_TERMINATED} == set(codes)
-    readme = (ROOT / "README.md").read_text()
+    table = (ROOT / "docs" / "exit-status.md").read_text()
     for command in ((), *((c,) for c in COMMANDS)):
         result = run_kgen(*command, "--help")
         assert result.returncode == 0, result.stderr
         for code, meaning in errors.EXIT_CODES:
             assert re.search(rf"^  {code} +{re.escape(meaning)}$", result.stdout, re.MULTILINE), (command, code)
     for code, _ in errors.EXIT_CODES:
-        assert re.search(rf"^\| `{code}` \|", readme, re.MULTILINE), f"README's exit-status table lacks {code}"
+        assert re.search(rf"^\| `{code}` \|", table, re.MULTILINE), f"docs/exit-status.md's table lacks {code}"
 
 
 def test_pytest_statuses_map_onto_kgens():

@@ -3,7 +3,7 @@ architecture, through the real command line and under TCG; the unbroken kernel p
 gets the exercise stages skipped, not failed.
 
 The variants are read from their one list (kgen/build/variants.py), so a new one is covered here as soon as it exists. Under KVM (kvm_pvm) a
-missing INVLPG may go unnoticed (README, known limits): these runs use TCG, QEMU's default here.
+missing INVLPG may go unnoticed (docs/known-limits.md): these runs use TCG, QEMU's default here.
 """
 from __future__ import annotations
 
