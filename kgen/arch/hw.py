@@ -153,6 +153,24 @@ def describe_page_fault_error(code: int) -> str:
         parts.append("instruction fetch")
     return ", ".join(parts)
 
+
+# The exceptions whose error code names a selector (SDM vol. 3, 6.13): bit 0 EXT (raised while delivering an
+# external event), bit 1 IDT (the index is an IDT vector), else bit 2 TI (LDT, not GDT); the index from bit 3 up.
+SELECTOR_ERROR_VECTORS = (10, 11, 12, 13)
+
+
+def describe_error_code(vector: int, code: int) -> str | None:
+    """The error code's bits in words: a #PF's access, or the selector of a #TS, #NP, #SS or #GP; None when the
+    code says nothing more than its number (0 for a #GP that names no selector, a vector without one)."""
+    if vector == VECTOR_PAGE_FAULT:
+        return describe_page_fault_error(code)
+    if vector not in SELECTOR_ERROR_VECTORS or code == 0:
+        return None
+    table = "IDT vector" if code & 0b10 else "LDT selector" if code & 0b100 else "GDT selector"
+    index = code >> 3
+    text = f"{table} {index:#x}" if code & 0b10 else f"{table} {index * 8:#x}"
+    return text + (", while delivering an external event" if code & 1 else "")
+
 # 8259 PICs and the 16550 UART registers kgen touches.
 PIC1_COMMAND, PIC1_DATA = 0x20, 0x21
 PIC2_COMMAND, PIC2_DATA = 0xA0, 0xA1

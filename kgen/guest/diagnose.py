@@ -74,10 +74,13 @@ def tail(text: str, lines: int = 12) -> str:
 class Failure:
     """A failed run, diagnosed: `kind` is "exception", "panic", "triple fault", "fault loop", "hang" or "exit";
     `summary` is the one line to print, `details` the evidence behind it (registers, COM1 tail, QEMU's command line
-    and stderr)."""
+    and stderr); `findings` what else was learnt about the kernel (it fails only with poisoned RAM), a line each;
+    `timed_out`: the kernel ran on until a wait gave up (not a state it stopped in)."""
     kind: str
     summary: str
     details: str
+    findings: tuple[str, ...] = ()
+    timed_out: bool = False
 
     def __str__(self) -> str:
         return self.summary
@@ -123,26 +126,44 @@ def explain(machine, elf: ElfInfo | None, why: BaseException | str) -> Failure:
         where = at_ip(elf, regs.eip, regs.mode) if regs else "registers unreadable"
         if state == "shutdown" and _guest_reset(machine):
             kind = "triple fault"
-            summary = (f"triple fault (vector unknown: the CPU reset instead of reporting it): {where}"
-                       + (f" CR2={regs.mode.hex(regs.cr2)}" if regs else ""))
+            summary = _triple_fault(machine, elf, regs, where, evidence)
         elif state == "exited":
             kind, summary = "exit", f"QEMU exited ({reason}) without a kernel exception report"
         elif loop is not None:
             kind, summary = "fault loop", loop.describe(elf, regs.mode if regs else I386)
+        elif getattr(why, "timed_out", False):
+            kind, summary = "hang", f"hang: {reason}"      # the wait said what it saw, and what would have matched
         else:
             kind = "hang"
             summary = f"hang: {reason}; " + (f"CPU {'halted' if regs and regs.halted else 'running'} at {where}"
                                                if regs else where)
     evidence.append("--- COM1 (tail) ---")
     evidence.append(tail(serial) or "(empty)")
-    if not serial.strip():
-        evidence += _vga_screen(machine)       # a kernel that prints only to the screen said it there
+    if getattr(machine, "firmware", "bios") == "uefi":
+        evidence.append("(no VGA text screen under UEFI: the firmware leaves a graphics mode)")
+    else:
+        evidence += _vga_screen(machine)       # what a kernel printed on the screen, next to what it said on COM1
     if hasattr(why, "details"):
         # A machine step's details end with COM1's tail too: shown once, above.
         text = why.details()
         cut = text.find("\n--- COM1 (tail) ---")
         evidence.append(text[:cut] if cut >= 0 else text)
-    return Failure(kind, summary, "\n".join(evidence))
+    return Failure(kind, summary, "\n".join(evidence), timed_out=bool(getattr(why, "timed_out", False)))
+
+
+def _triple_fault(machine, elf: ElfInfo | None, regs, where: str, evidence: list[str]) -> str:
+    """A triple fault named from its first fault when QEMU's exception log has the chain (kgen/guest/faultloop.py),
+    else from the registers, which are the last fault's (its CR2, its stack pointer), saying so."""
+    last = where + (f" CR2={regs.mode.hex(regs.cr2)}" if regs else "")
+    log = machine.exception_log_text() if hasattr(machine, "exception_log_text") else None
+    chain = faultloop.triple_fault_chain(log) if log else None
+    if chain is not None:
+        evidence.append(f"the registers above are the last fault's, at the reset: {last}")
+        return chain.describe(elf)
+    if getattr(machine, "accel", "tcg") == "kvm":
+        return (f"triple fault (first fault unknown: under KVM the guest's exceptions never reach QEMU's log; "
+                f"the registers are the last fault's, --accel tcg names the first): {last}")
+    return f"triple fault (vector unknown: the CPU reset instead of reporting it): {last}"
 
 
 def _vga_screen(machine) -> list[str]:

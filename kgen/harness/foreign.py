@@ -22,7 +22,7 @@ from kgen.harness.bootnames import BOOT_METHODS, FIRMWARES
 from kgen.harness.bootpath import cache_dir
 from kgen.harness.image import check_image, find_kernel
 from kgen.harness.kernel import KernelUnderTest, boot_only_problem, check_qemu_accepts, kernel_base_problem
-from kgen.harness.live import boot
+from kgen.harness.live import boot, boot_with_zeroed_ram
 from kgen.harness.qemuargs import check_modules, require_qemu, split_qemu_args
 from kgen.harness.symbols import judged_elf
 from kgen.harness.ready import READY_OPTIONS, resolve_ready_at
@@ -217,11 +217,14 @@ def check_boots(kernel: KernelUnderTest, accel: str, *, find_spaces: bool = Fals
     except RunFailed as err:
         sys.stdout.flush()
         print(err.details(), file=sys.stderr)
+        failure = boot_with_zeroed_ram(kernel, accel, err.failure)
         what = (f"--image {kernel.boot.image.name}" if kernel.boot.name == "image"
                 else f"--kernel {kernel.elf_path.name}")
-        failed = KgenError(f"{what} did not boot to a state the checks can look at: {err}",
+        for finding in failure.findings:        # each a line of its own, before the verdict
+            print(f"kgen: finding: {what} {finding}", file=sys.stderr)
+        failed = KgenError(f"{what} did not boot to a state the checks can look at: {failure.summary}",
                            exit_code=EXIT_CHECKS_FAILED)
-        failed.failure = err.failure        # for the --json report
+        failed.failure = failure            # for the --json report
         raise failed from None
     if elsewhere is not None:
         raise UsageError(f"--kernel {kernel.elf_path.name}: {elsewhere}; give the ELF the image boots")

@@ -9,13 +9,14 @@ pytest-xdist the workers' reports reach it too), never by reading the text pytes
      "checks": [{"name": "test_nothing_is_mapped_below_the_kernel_base[spaces[1]]", "module": "test_invariants",
                  "outcome": "passed"|"failed"|"skipped"|"error", "messages": ["..."], "duration": 0.01}],
      "summary": {"passed": 8, "failed": 1, "skipped": 17, "error": 0, "total": 26},
-     "boot_failure": null | {"kind": "fault loop"|"triple fault"|"hang"|..., "summary": "..."}}
+     "boot_failure": null | {"kind": "fault loop"|"triple fault"|"hang"|..., "summary": "...", "findings": ["..."]}}
 
 One object per check (per test, and per address space for the checks `--address-spaces` repeats). `messages` are
 the lines of a failure as kgen words them (one per entry or page at fault; the first names the invariant), or the
 reason of a skip; an `error` is a failure outside the check itself (its fixture: the kernel could not be booted).
 A kernel that never reaches the state the checks look at is reported before the suite: no checks, and
-`boot_failure` says what it did instead.
+`boot_failure` says what it did instead; its `findings`, what else the failure showed (the kernel boots with zeroed
+RAM only: it reads memory it never wrote).
 """
 from __future__ import annotations
 
@@ -130,7 +131,8 @@ def run_suite_json(args, extra: list[str], run_suite) -> int:
                 if failure is None or args.kernel is None:
                     raise
                 write(args.json_path, document(foreign_kernel_record(args.kernel), args.accel, [],
-                                               {"kind": failure.kind, "summary": failure.summary}))
+                                               {"kind": failure.kind, "summary": failure.summary,
+                                                "findings": [str(f) for f in failure.findings]}))
                 raise
     finally:
         if to_stdout:

@@ -106,6 +106,8 @@ class KernelUnderTest:
     def machine_options(self, accel: str, poison: bytes | None) -> dict:
         """Machine(...) arguments that boot this foreign kernel as the user asked."""
         options = self.boot.machine_options(self.elf_path, qemu=self.qemu, accel=accel, poison=poison)
+        # Under TCG, QEMU logs the exceptions from the start: a triple fault is then named from its first fault.
+        options.update(exception_log=accel == "tcg")
         if self.ready.kind == "at":
             # Held at the first instruction (-S) with the gdbstub up, so the breakpoint is in before the CPU runs
             # anything (a symbol in the boot code is passed within microseconds).

@@ -7,11 +7,14 @@ looked at when its `Ready` says (kgen/harness/ready.py).
 """
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
+from dataclasses import replace
 
 from kgen.errors import KgenError, MachineError
 from kgen.guest.calls import CallError
 from kgen.guest.diagnose import Failure, RunFailed, explain
+from kgen.guest.findings import Finding
 from kgen.guest.invariants import GuestView
 from kgen.harness.kernel import BOOT_TIMEOUT, KernelUnderTest
 from kgen.harness.qemuargs import qemu_refusal
@@ -23,6 +26,9 @@ from kgen.machine.snapshot import fresh_machine
 # entry 0xcccccccc is not present, so a table that was never cleared shows up as poison rather than as garbage
 # mappings the walk would have to survive.
 POISON = b"\xcc"
+# What it means when a kernel boots with zeroed RAM and not with POISON: the one finding of `boot_with_zeroed_ram`.
+READS_UNWRITTEN_MEMORY = (f"boots with zeroed RAM, fails with RAM poisoned to {'0x' + POISON.hex()}: it reads memory "
+                          "it never wrote")
 
 
 class LiveKernel:
@@ -107,3 +113,21 @@ def boot(kernel: KernelUnderTest, accel: str = "tcg", *, poison: bytes | None = 
         yield LiveKernel(kernel, machine, None, poison)
     finally:
         machine.shutdown()
+
+
+def boot_with_zeroed_ram(kernel: KernelUnderTest, accel: str, failure: Failure) -> Failure:
+    """A foreign kernel whose boot failed with RAM poisoned (POISON, as `boot` fills it) booted once more with RAM
+    zeroed, as real firmware and QEMU's own -kernel leave it: when that boot gets to the state to look at, the
+    failure gains the finding READS_UNWRITTEN_MEMORY (it still fails: a kernel must not read what it never wrote).
+    Asked only after a failure, so a kernel that boots costs nothing more; not after QEMU refused it, nor after a
+    wait that timed out (that would cost the whole wait again; its report says what the kernel was doing)."""
+    if kernel.layout is not None or failure.kind == "refused" or failure.timed_out:
+        return failure
+    print("kgen: the boot failed with RAM poisoned; booting again with zeroed RAM to see whether that is why",
+          file=sys.stderr)
+    try:
+        with boot(kernel, accel, poison=None, cold=True):
+            pass
+    except MachineError:        # RunFailed too: it fails either way, the poison is not why
+        return failure
+    return replace(failure, findings=(*failure.findings, Finding(READS_UNWRITTEN_MEMORY)))

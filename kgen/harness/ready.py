@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 from kgen.arch.hw import CR0_PG, EFLAGS_IF
@@ -20,7 +21,7 @@ from kgen.build.config import show_text
 from kgen.errors import KgenError, MachineError
 from kgen.guest import faultloop
 from kgen.guest import vga as screen
-from kgen.guest.elfinfo import ElfInfo
+from kgen.guest.elfinfo import ElfInfo, name_address
 from kgen.guest.invariants import GuestView
 from kgen.guest.pagewalk import WalkError
 from kgen.machine.gdbstub import GdbStub, GdbStubError
@@ -188,8 +189,11 @@ def wait_booted(machine, ready: Ready, timeout: float, elf: ElfInfo | None = Non
     settled: tuple[int | str, float] | None = None      # (EIP or symbol, when first seen there)
     regs = None
     spin = SelfJumpWatch(machine, elf)
+    seen = BootWatch(machine, elf, fingerprints=settle is None)
     next_probe = time.monotonic() + faultloop.FIRST_PROBE_AFTER
     while True:
+        if hasattr(machine, "tend_exception_log"):     # QEMU's log of exceptions kept small (machine.py)
+            machine.tend_exception_log()
         if text is not None and text in machine.serial:
             return f"printed {text!r}"
         state = machine.status()
@@ -199,6 +203,7 @@ def wait_booted(machine, ready: Ready, timeout: float, elf: ElfInfo | None = Non
             return f"showed {vga!r} on the VGA screen"
         regs = machine.registers()
         now = time.monotonic()
+        seen.sample(regs, now)
         paging = "on" if regs.cr0 & CR0_PG else "off"
         here = None
         if symbol is not None:
@@ -243,12 +248,143 @@ def wait_booted(machine, ready: Ready, timeout: float, elf: ElfInfo | None = Non
                 raise MachineError("the kernel took the same exception over and over: a fault loop")
         if now >= deadline:
             where = " in the kernel's code" if in_kernel_only and ready.kind is None else ""
-            raise MachineError(f"{ready.missed()}{where} within {timeout:g} s (last seen: "
-                               f"{'halted' if regs.halted else 'running'}, interrupts "
-                               f"{'on' if regs.eflags & EFLAGS_IF else 'off'}, paging {paging}); pass --ready "
-                               f"TEXT, --ready-vga TEXT, --ready-at SYMBOL or --ready-symbol SYMBOL, or a longer "
-                               f"--boot-timeout")
+            raise BootTimeout(f"{ready.missed()}{where} within {timeout:g} s (last seen: "
+                              f"{'halted' if regs.halted else 'running'}, interrupts "
+                              f"{'on' if regs.eflags & EFLAGS_IF else 'off'}, paging {paging}); "
+                              + seen.report(ready, now))
         time.sleep(IDLE_POLL)
+
+
+class BootTimeout(MachineError):
+    """A kernel that never got ready within its time: the message says what was seen and which option would have
+    matched (`BootWatch.report`)."""
+    timed_out = True
+
+
+# A --ready-after the hint proposes: at most this, and at most half of what the tables were seen unchanged for.
+SUGGESTED_SETTLE = 5
+FINGERPRINT_EVERY = 1.0     # how often a wait without --ready-after digests the page tables, for the hint
+# Rows the firmware leaves on the VGA screen: not the kernel's, so no --ready-vga text to propose.
+FIRMWARE_ROWS = ("SeaBIOS", "Booting from", "iPXE", "Machine UUID")
+
+
+class BootWatch:
+    """What a wait saw of the CPU, from the samples it takes anyway, for the report of a timeout: the rings it ran
+    in and where, CR3's values, how long the page tables stayed unchanged (a digest each FINGERPRINT_EVERY
+    seconds), so the report can name the ready option that would have matched."""
+
+    def __init__(self, machine, elf: ElfInfo | None, *, fingerprints: bool = True):
+        self.machine = machine
+        self.elf = elf
+        self.fingerprints = fingerprints
+        self.started = time.monotonic()
+        self.rings: Counter[int] = Counter()
+        self.kernel_places: Counter[str] = Counter()     # ring 0: symbols (or addresses) sampled
+        self.last_ip: dict[int, int] = {}                # ring -> the last EIP seen there
+        self.ring: tuple[int, float] | None = None       # (ring, since when it has been in it, sample after sample)
+        self.place: tuple[str | None, float] | None = None   # (ring-0 symbol, since when), likewise
+        self.cr3s: list[int] = []                        # CR3 values in the order they were first seen
+        self.cr3_changes = 0
+        self.last_cr3: int | None = None
+        self.tables: tuple[tuple, float] | None = None   # (fingerprint, since when it has been the same)
+        self.next_fingerprint = 0.0
+        self.last = None
+
+    def sample(self, regs, now: float) -> None:
+        self.last = regs
+        ring = regs.cpl if regs.cpl is not None else regs.cs & 3
+        self.rings[ring] += 1
+        self.last_ip[ring] = regs.eip
+        if self.ring is None or self.ring[0] != ring:
+            self.ring = (ring, now)
+        sym = self.elf.symbol_at(regs.eip) if self.elf is not None and ring == 0 else None
+        name = sym.name if sym is not None else None
+        if ring == 0:
+            self.kernel_places[name or regs.mode.hex(regs.eip)] += 1
+        if self.place is None or self.place[0] != name:
+            self.place = (name, now)
+        if regs.cr0 & CR0_PG and regs.cr3 != self.last_cr3:       # CR3 means nothing with paging off
+            self.cr3_changes += self.last_cr3 is not None
+            self.last_cr3 = regs.cr3
+            if regs.cr3 not in self.cr3s:
+                self.cr3s.append(regs.cr3)
+        if self.fingerprints and regs.cr0 & CR0_PG and now >= self.next_fingerprint:
+            self.next_fingerprint = now + FINGERPRINT_EVERY
+            mark = _tables_fingerprint(self.machine, regs)
+            if self.tables is None or self.tables[0] != mark:
+                self.tables = (mark, now)
+        elif not regs.cr0 & CR0_PG:
+            self.tables = None
+
+    def report(self, ready: Ready, now: float) -> str:
+        """"seen: in ring 3 at 0x08048000 for 3 s, CR3 0x00105000 (never changed), page tables unchanged for 3 s;
+        try --ready-after 1" (the options that would have matched, or the list of them when none is known)."""
+        regs = self.last
+        if regs is None:
+            return "nothing seen: " + self._all_options()
+        mode = regs.mode
+        ring, since = self.ring
+        total = sum(self.rings.values())
+        where = f"at {mode.ip_name}={name_address(self.elf, self.last_ip[ring], mode)}"
+        share = f" ({100 * self.rings[ring] // total}% of samples)" if self.rings[ring] != total else ""
+        seen = [f"in ring {ring} {where} for the last {_seconds(now - since)} s{share}"]
+        kernel = [name for name, _ in self.kernel_places.most_common() if self.elf and name in self.elf.symbols]
+        if ring and kernel:
+            seen.append(f"in ring 0 mostly in {kernel[0]}")
+        cr3 = ", ".join(mode.hex(value) for value in self.cr3s[-3:])
+        if not self.cr3s:
+            seen.append("paging never on")
+        elif self.cr3_changes == 0:
+            seen.append(f"CR3 {cr3} (never changed)")
+        else:
+            times = "once" if self.cr3_changes == 1 else f"{self.cr3_changes} times"
+            seen.append(f"CR3 changed {times} between {len(self.cr3s)} values (last: {cr3})")
+        stable = now - self.tables[1] if self.tables is not None else None
+        if stable is not None and self.fingerprints:
+            seen.append(f"page tables unchanged for {_seconds(stable)} s" if stable >= FINGERPRINT_EVERY
+                        else "page tables still changing")
+        hints = []
+        if stable is not None and stable >= 2 * FINGERPRINT_EVERY and ready.kind != "after":
+            hints.append(f"--ready-after {min(SUGGESTED_SETTLE, int(stable // 2)):d}")
+        name, there_since = self.place
+        if name is not None and now - there_since >= 2 * IDLE_SETTLE and ready.kind != "symbol":
+            hints.append(f"--ready-symbol {name}")      # it stays in one function of the kernel
+        line = _last_line(self.machine.serial)
+        if line and ready.kind != "text":
+            hints.append(f"--ready {line!r}")
+        uefi = getattr(self.machine, "firmware", "bios") == "uefi"
+        if not uefi and ready.kind != "vga":
+            rows = _kernel_rows(self.machine)
+            if rows:
+                hints.append(f"--ready-vga {rows[-1].strip()!r}")
+        text = "seen: " + ", ".join(seen) + "; "
+        text += (f"try {' or '.join(hints)}" if hints else self._all_options())
+        if uefi:
+            text += " (under UEFI there is no VGA text screen for --ready-vga: the firmware left a graphics mode)"
+        return text
+
+    @staticmethod
+    def _all_options() -> str:
+        return ("pass --ready TEXT, --ready-vga TEXT, --ready-at SYMBOL, --ready-symbol SYMBOL or --ready-after "
+                "SECONDS, or a longer --boot-timeout")
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.0f}" if value >= 1 else f"{value:.1f}"
+
+
+def _last_line(serial: str) -> str | None:
+    lines = [line.strip() for line in serial.splitlines() if line.strip()]
+    return lines[-1] if lines else None
+
+
+def _kernel_rows(machine) -> list[str]:
+    """The VGA screen's non-empty rows the firmware did not write."""
+    try:
+        rows = screen.non_empty_lines(screen.screen_rows(machine))
+    except (MachineError, OSError):
+        return []
+    return [row for row in rows if not row.strip().startswith(FIRMWARE_ROWS)]
 
 
 def in_code(elf: ElfInfo, ip: int) -> bool:

@@ -139,6 +139,8 @@ def run(args) -> int:
             raise UsageError("--firmware uefi boots an ISO (GRUB under OVMF): drop --direct")
         target.update(firmware="uefi", qemu=X86_64.qemu)    # OVMF is x86_64 firmware; it boots an i386 kernel too
     target = {"accel": args.accel, "memory_mib": guest_memory_mib(args, layout), "qemu": qemu, **target}
+    # Under TCG, QEMU logs the exceptions from the start: a triple fault is then named from its first fault.
+    target.setdefault("exception_log", args.accel == "tcg")
     # GRUB on SeaBIOS under TCG: counted instructions (grub_icount).
     target.setdefault("icount", grub_icount("iso" in target, target.get("firmware", "bios"), args.accel))
     # --ready-at: held at the first instruction with the gdbstub up, so its breakpoint is in before the CPU runs.

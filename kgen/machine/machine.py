@@ -61,6 +61,16 @@ SNAPSHOT_NAME = "kgen"     # the one internal snapshot in a machine's snapshot i
 _DEAD_END_RUNSTATES = {"shutdown", "internal-error", "guest-panicked"}
 
 _SERIAL_TAIL = 2000
+
+# QEMU's exception log (`exception_log=True`): under TCG, `-d int` writes one line per exception and interrupt the
+# CPU delivers (and a register dump after it), `check_exception old: .. new ..` when one is raised while another is
+# being delivered, and `-d cpu_reset` the line "Triple fault" when the third one resets the CPU. The log is how the
+# *first* fault of a triple fault is known (kgen/guest/faultloop.py reads it): the registers QEMU keeps are the last
+# fault's. A timer at 1 kHz writes ~1 MB a second and a fault loop far more, so once the file holds
+# EXCEPTION_LOG_LIMIT bytes QEMU is sent to a second file (HMP `logfile`), the older of the two dropped: the last
+# stretch of the log is all a diagnosis reads.
+EXCEPTION_LOG_NAMES = ("exceptions.log", "exceptions.1.log")
+EXCEPTION_LOG_LIMIT = 4 << 20
 _STDERR_TAIL = 2000
 
 
@@ -132,7 +142,7 @@ class Machine:
                  icount: bool = False, ram_file: bool = True, extra_args: Sequence[str] = (),
                  qemu: str = DEFAULT_QEMU, snapshot_image: str | os.PathLike | None = None,
                  start_paused: bool = False, gdbstub: bool = False, machine_type: str = "pc",
-                 boot_in_args: bool = False):
+                 boot_in_args: bool = False, exception_log: bool = False):
         # boot_in_args: what boots is in extra_args (a user's own QEMU command line, kgen/harness/qemucommand.py),
         # not a kernel=, iso= or disk= of kgen's.
         if sum(x is not None for x in (kernel, iso, disk)) != (0 if boot_in_args else 1):
@@ -150,6 +160,8 @@ class Machine:
             raise ValueError(f"accel must be 'tcg' or 'kvm', not {accel!r}")
         if icount and accel != "tcg":
             raise ValueError("icount needs accel='tcg'")
+        if exception_log and accel != "tcg":
+            raise ValueError("exception_log needs accel='tcg': under KVM the guest's exceptions never reach QEMU")
         if poison is not None and not ram_file:
             raise ValueError("poison= needs ram_file=True: the pattern is written into the RAM file")
         if snapshot_image is not None and not ram_file:
@@ -176,6 +188,9 @@ class Machine:
         self.snapshot_image = Path(snapshot_image).resolve() if snapshot_image is not None else None
         self.start_paused = start_paused
         self.gdbstub = gdbstub      # QEMU's gdbstub listens on gdb.sock in the machine's directory (gdbstub.py)
+        # A user's own command line that sets QEMU's log itself keeps it: one -d/-D is QEMU's, not two.
+        self.exception_log = exception_log and not any(arg in ("-d", "-D") for arg in self.extra_args)
+        self._exception_logs = list(EXCEPTION_LOG_NAMES[:1])     # the files written so far, the current one last
 
         self._com2: socket.socket | None = None     # the `com2` property
         self._com2_sink: SerialSink | None = None   # reads COM2 from launch until `com2` is first used
@@ -380,6 +395,8 @@ class Machine:
         args += ["-S"]
         if self.icount:
             args += ["-icount", "shift=0,sleep=off"]
+        if self.exception_log:
+            args += ["-d", "int,cpu_reset", "-D", str(self.tmpdir / EXCEPTION_LOG_NAMES[0])]
         if self.kernel is not None:
             args += ["-kernel", self._kernel_path()]
             if self.append is not None:
@@ -607,6 +624,7 @@ class Machine:
 
     def _dead_end(self) -> str | None:
         """Why the guest can make no more progress, or None while it can."""
+        self.tend_exception_log()
         state = self.status()
         if state == "exited":
             self._serial.drain(QUIT_GRACE)
@@ -618,6 +636,52 @@ class Machine:
                 reason += ": a triple fault, or a reset the guest asked for"
             return f"the guest stopped in runstate {state}" + (f" (reason {reason})" if reason else "")
         return None
+
+    # --- QEMU's exception log --------------------------------------------------------------------------------
+
+    def tend_exception_log(self) -> None:
+        """Send QEMU's exception log to the other file once the current one holds EXCEPTION_LOG_LIMIT bytes (cheap
+        otherwise: one stat); called by the waits, which are the only time a guest runs for long unwatched."""
+        if not self.exception_log or self.tmpdir is None or not self.alive:
+            return
+        current = self.tmpdir / self._exception_logs[-1]
+        try:
+            if current.stat().st_size < EXCEPTION_LOG_LIMIT:
+                return
+        except OSError:
+            return
+        following = next(name for name in EXCEPTION_LOG_NAMES if name != self._exception_logs[-1])
+        self.hmp(f"logfile {self.tmpdir / following}", step="log")      # QEMU truncates it and writes on there
+        self._exception_logs = [self._exception_logs[-1], following]
+
+    def exception_log_text(self) -> str | None:
+        """What QEMU's exception log holds (the previous file, then the current one), or None for a machine that
+        keeps none (under KVM, or not asked for)."""
+        if not self.exception_log or self.tmpdir is None:
+            return None
+        parts = []
+        for name in self._exception_logs:
+            try:
+                parts.append((self.tmpdir / name).read_bytes().decode("utf-8", "replace"))
+            except OSError:
+                pass
+        return "".join(parts)
+
+    def exception_log_size(self) -> int:
+        """Bytes in the current exception log file: where new lines will start (0 without one)."""
+        try:
+            return (self.tmpdir / self._exception_logs[-1]).stat().st_size if self.exception_log else 0
+        except OSError:
+            return 0
+
+    def exception_log_since(self, offset: int) -> str:
+        """The current exception log file from byte `offset` on."""
+        try:
+            with open(self.tmpdir / self._exception_logs[-1], "rb") as stream:
+                stream.seek(offset)
+                return stream.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
 
     # --- inspection --------------------------------------------------------------------------------------------
 
