@@ -192,8 +192,7 @@ def wait_booted(machine, ready: Ready, timeout: float, elf: ElfInfo | None = Non
     seen = BootWatch(machine, elf, fingerprints=settle is None)
     next_probe = time.monotonic() + faultloop.FIRST_PROBE_AFTER
     while True:
-        if hasattr(machine, "tend_exception_log"):     # QEMU's log of exceptions kept small (machine.py)
-            machine.tend_exception_log()
+        _tend_log(machine)
         if text is not None and text in machine.serial:
             return f"printed {text!r}"
         state = machine.status()
@@ -261,7 +260,7 @@ class BootTimeout(MachineError):
     timed_out = True
 
 
-# A --ready-after the hint proposes: at most this, and at most half of what the tables were seen unchanged for.
+# A --ready-after the hint proposes: at most this, and half of what the tables were seen unchanged for.
 SUGGESTED_SETTLE = 5
 FINGERPRINT_EVERY = 1.0     # how often a wait without --ready-after digests the page tables, for the hint
 # Rows the firmware leaves on the VGA screen: not the kernel's, so no --ready-vga text to propose.
@@ -277,7 +276,6 @@ class BootWatch:
         self.machine = machine
         self.elf = elf
         self.fingerprints = fingerprints
-        self.started = time.monotonic()
         self.rings: Counter[int] = Counter()
         self.kernel_places: Counter[str] = Counter()     # ring 0: symbols (or addresses) sampled
         self.last_ip: dict[int, int] = {}                # ring -> the last EIP seen there
@@ -320,8 +318,9 @@ class BootWatch:
         """"seen: in ring 3 at 0x08048000 for 3 s, CR3 0x00105000 (never changed), page tables unchanged for 3 s;
         try --ready-after 1" (the options that would have matched, or the list of them when none is known)."""
         regs = self.last
+        uefi = getattr(self.machine, "firmware", "bios") == "uefi"
         if regs is None:
-            return "nothing seen: " + self._all_options()
+            return "nothing seen: " + self._all_options(uefi)
         mode = regs.mode
         ring, since = self.ring
         total = sum(self.rings.values())
@@ -344,29 +343,30 @@ class BootWatch:
             seen.append(f"page tables unchanged for {_seconds(stable)} s" if stable >= FINGERPRINT_EVERY
                         else "page tables still changing")
         hints = []
-        if stable is not None and stable >= 2 * FINGERPRINT_EVERY and ready.kind != "after":
-            hints.append(f"--ready-after {min(SUGGESTED_SETTLE, int(stable // 2)):d}")
+        if stable is not None and stable >= FINGERPRINT_EVERY and ready.kind != "after":
+            # Half of what was seen (in half seconds): it matches again on a slower run.
+            hints.append(f"--ready-after {min(SUGGESTED_SETTLE, int(stable) / 2):g}")
         name, there_since = self.place
         if name is not None and now - there_since >= 2 * IDLE_SETTLE and ready.kind != "symbol":
             hints.append(f"--ready-symbol {name}")      # it stays in one function of the kernel
         line = _last_line(self.machine.serial)
         if line and ready.kind != "text":
             hints.append(f"--ready {line!r}")
-        uefi = getattr(self.machine, "firmware", "bios") == "uefi"
         if not uefi and ready.kind != "vga":
             rows = _kernel_rows(self.machine)
             if rows:
                 hints.append(f"--ready-vga {rows[-1].strip()!r}")
         text = "seen: " + ", ".join(seen) + "; "
-        text += (f"try {' or '.join(hints)}" if hints else self._all_options())
+        text += (f"try {' or '.join(hints)}" if hints else self._all_options(uefi))
         if uefi:
             text += " (under UEFI there is no VGA text screen for --ready-vga: the firmware left a graphics mode)"
         return text
 
     @staticmethod
-    def _all_options() -> str:
-        return ("pass --ready TEXT, --ready-vga TEXT, --ready-at SYMBOL, --ready-symbol SYMBOL or --ready-after "
-                "SECONDS, or a longer --boot-timeout")
+    def _all_options(uefi: bool) -> str:
+        vga = "" if uefi else "--ready-vga TEXT, "
+        return (f"pass --ready TEXT, {vga}--ready-at SYMBOL, --ready-symbol SYMBOL or --ready-after SECONDS, or a "
+                "longer --boot-timeout")
 
 
 def _seconds(value: float) -> str:
@@ -385,6 +385,12 @@ def _kernel_rows(machine) -> list[str]:
     except (MachineError, OSError):
         return []
     return [row for row in rows if not row.strip().startswith(FIRMWARE_ROWS)]
+
+
+def _tend_log(machine) -> None:
+    """QEMU's exception log kept small while a wait lets the guest run (Machine.tend_exception_log)."""
+    if hasattr(machine, "tend_exception_log"):      # a test's stand-in for a Machine may have none
+        machine.tend_exception_log()
 
 
 def in_code(elf: ElfInfo, ip: int) -> bool:
@@ -414,6 +420,7 @@ def _wait_breakpoint(machine, at: ReadyAt, timeout: float, elf: ElfInfo | None =
     deadline = time.monotonic() + timeout
     regs = None
     spin = SelfJumpWatch(machine, elf)
+    seen = BootWatch(machine, elf)
     try:
         stub.connect()
         for addr in at.addresses:
@@ -436,17 +443,19 @@ def _wait_breakpoint(machine, at: ReadyAt, timeout: float, elf: ElfInfo | None =
                 continue
             if state != "running":
                 continue        # stopped at the breakpoint a moment ago: its stop reply is on the way
+            _tend_log(machine)
             regs = machine.registers()
+            seen.sample(regs, time.monotonic())
             paging = "on" if regs.cr0 & CR0_PG else "off"
             spinning = spin.sample(regs)
             if (regs.halted or spinning) and not regs.eflags & EFLAGS_IF:
                 final = "halted with interrupts off" if regs.halted else f"is {spinning}"
                 raise MachineError(f"the kernel {final} (for good, paging {paging}) before the CPU reached {at}")
             if time.monotonic() >= deadline:
-                raise MachineError(f"the CPU did not reach {at} within {timeout:g} s (last seen: "
-                                   f"{'halted' if regs.halted else 'running'}, interrupts "
-                                   f"{'on' if regs.eflags & EFLAGS_IF else 'off'}, paging {paging}); name a place "
-                                   "the kernel gets to, or give a longer --boot-timeout")
+                raise BootTimeout(f"the CPU did not reach {at} within {timeout:g} s (last seen: "
+                                  f"{'halted' if regs.halted else 'running'}, interrupts "
+                                  f"{'on' if regs.eflags & EFLAGS_IF else 'off'}, paging {paging}); "
+                                  + seen.report(Ready("at", at), time.monotonic()))
     except GdbStubError as err:
         if machine.status() == "exited":
             raise MachineError(f"QEMU exited before the CPU reached {at}") from None

@@ -155,7 +155,8 @@ def test_user_pages_are_not_a_stray_identity_map(zoo, tmp_path):
 def test_a_fault_loop_is_named_not_a_hang(zoo, tmp_path):
     elf = zoo["fault-loop"]
     fault = symbol(elf, "fault_here")
-    expected = (f"fault loop: #PF page fault at {fault:#010x} <fault_here> over and over, "
+    expected = (f"fault loop: #PF page fault [page not present, write, supervisor] at {fault:#010x} <fault_here> "
+                f"over and over, "
                 f"CR2={PROCESS_FAULT_ADDRESS:#010x} (")
     run = run_kgen("run", "--kernel", str(elf), "--timeout", "60")
     assert run.returncode == 4, run.stdout + run.stderr
