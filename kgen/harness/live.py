@@ -27,8 +27,8 @@ from kgen.machine.snapshot import fresh_machine
 # mappings the walk would have to survive.
 POISON = b"\xcc"
 # What it means when a kernel boots with zeroed RAM and not with POISON: the one finding of `boot_with_zeroed_ram`.
-READS_UNWRITTEN_MEMORY = (f"boots with zeroed RAM, fails with RAM poisoned to {'0x' + POISON.hex()}: it reads memory "
-                          "it never wrote")
+READS_UNWRITTEN_MEMORY = (f"boots with zeroed RAM, fails with RAM poisoned to 0x{POISON.hex()}: it reads memory it "
+                          "never wrote")
 
 
 class LiveKernel:

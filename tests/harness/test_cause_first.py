@@ -80,6 +80,23 @@ def test_a_long_mode_triple_fault_is_named_from_its_page_fault(zoo):
     assert f"CR2={DOUBLE_FAULT_GATE[64]:#018x}" in failure.details
 
 
+@needs_qemu
+@pytest.mark.vm
+def test_the_exception_log_moves_to_its_second_file_and_still_shows_the_loop(tmp_path, monkeypatch):
+    from kgen.errors import MachineError
+    from kgen.guest import faultloop
+    from kgen.machine import Machine, machine as machine_module
+    monkeypatch.setattr(machine_module, "EXCEPTION_LOG_LIMIT", 64 << 10)
+    elf = minikernels.process_kernel(tmp_path, "fault-loop", FAULT_LOOP=1)
+    with Machine(kernel=elf, exception_log=True) as machine:
+        with pytest.raises(MachineError):
+            machine.wait_for("never printed", 0.5)       # looks at the log's size at each runstate poll
+        assert [(machine.tmpdir / name).is_file() for name in machine_module.EXCEPTION_LOG_NAMES] == [True, True]
+        loop = faultloop.probe(machine)
+    assert loop is not None and loop.describe().startswith(
+        f"fault loop: #PF page fault [page not present, write, supervisor] at {symbol(elf, 'fault_here'):#010x}")
+
+
 class Stopped:
     """What `explain` asks of a machine that triple-faulted, with no exception log: QEMU under KVM, or none asked."""
 
