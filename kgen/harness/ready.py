@@ -247,10 +247,7 @@ def wait_booted(machine, ready: Ready, timeout: float, elf: ElfInfo | None = Non
                 raise MachineError("the kernel took the same exception over and over: a fault loop")
         if now >= deadline:
             where = " in the kernel's code" if in_kernel_only and ready.kind is None else ""
-            raise BootTimeout(f"{ready.missed()}{where} within {timeout:g} s (last seen: "
-                              f"{'halted' if regs.halted else 'running'}, interrupts "
-                              f"{'on' if regs.eflags & EFLAGS_IF else 'off'}, paging {paging}); "
-                              + seen.report(ready, now))
+            raise BootTimeout(f"{ready.missed()}{where} within {timeout:g} s; {seen.report(ready, now)}")
         time.sleep(IDLE_POLL)
 
 
@@ -277,8 +274,6 @@ class BootWatch:
         self.elf = elf
         self.fingerprints = fingerprints
         self.rings: Counter[int] = Counter()
-        self.kernel_places: Counter[str] = Counter()     # ring 0: symbols (or addresses) sampled
-        self.last_ip: dict[int, int] = {}                # ring -> the last EIP seen there
         self.ring: tuple[int, float] | None = None       # (ring, since when it has been in it, sample after sample)
         self.place: tuple[str | None, float] | None = None   # (ring-0 symbol, since when), likewise
         self.cr3s: list[int] = []                        # CR3 values in the order they were first seen
@@ -286,19 +281,16 @@ class BootWatch:
         self.last_cr3: int | None = None
         self.tables: tuple[tuple, float] | None = None   # (fingerprint, since when it has been the same)
         self.next_fingerprint = 0.0
-        self.last = None
+        self.last = None                                 # the last sample's registers
 
     def sample(self, regs, now: float) -> None:
         self.last = regs
         ring = regs.cpl if regs.cpl is not None else regs.cs & 3
         self.rings[ring] += 1
-        self.last_ip[ring] = regs.eip
         if self.ring is None or self.ring[0] != ring:
             self.ring = (ring, now)
         sym = self.elf.symbol_at(regs.eip) if self.elf is not None and ring == 0 else None
         name = sym.name if sym is not None else None
-        if ring == 0:
-            self.kernel_places[name or regs.mode.hex(regs.eip)] += 1
         if self.place is None or self.place[0] != name:
             self.place = (name, now)
         if regs.cr0 & CR0_PG and regs.cr3 != self.last_cr3:       # CR3 means nothing with paging off
@@ -315,8 +307,9 @@ class BootWatch:
             self.tables = None
 
     def report(self, ready: Ready, now: float) -> str:
-        """"seen: in ring 3 at 0x08048000 for 3 s, CR3 0x00105000 (never changed), page tables unchanged for 3 s;
-        try --ready-after 1" (the options that would have matched, or the list of them when none is known)."""
+        """"seen: in ring 3 at EIP=0x08048000 for the last 3 s, last running with interrupts off, paging on, CR3
+        0x00105000 (never changed), page tables unchanged for 3 s; try --ready-after 1" (the options that would have
+        matched, or the list of them when none is known)."""
         regs = self.last
         uefi = getattr(self.machine, "firmware", "bios") == "uefi"
         if regs is None:
@@ -324,18 +317,15 @@ class BootWatch:
         mode = regs.mode
         ring, since = self.ring
         total = sum(self.rings.values())
-        where = f"at {mode.ip_name}={name_address(self.elf, self.last_ip[ring], mode)}"
+        where = f"at {mode.ip_name}={name_address(self.elf, regs.eip, mode)}"
         share = f" ({100 * self.rings[ring] // total}% of samples)" if self.rings[ring] != total else ""
-        seen = [f"in ring {ring} {where} for the last {_seconds(now - since)} s{share}"]
-        kernel = [name for name, _ in self.kernel_places.most_common() if self.elf and name in self.elf.symbols]
-        if ring and kernel:
-            seen.append(f"in ring 0 mostly in {kernel[0]}")
+        seen = [f"in ring {ring} {where} for the last {_seconds(now - since)} s{share}",
+                f"last {'halted' if regs.halted else 'running'} with interrupts "
+                f"{'on' if regs.eflags & EFLAGS_IF else 'off'}, paging {'on' if regs.cr0 & CR0_PG else 'off'}"]
         cr3 = ", ".join(mode.hex(value) for value in self.cr3s[-3:])
-        if not self.cr3s:
-            seen.append("paging never on")
-        elif self.cr3_changes == 0:
+        if self.cr3s and self.cr3_changes == 0:
             seen.append(f"CR3 {cr3} (never changed)")
-        else:
+        elif self.cr3s:
             times = "once" if self.cr3_changes == 1 else f"{self.cr3_changes} times"
             seen.append(f"CR3 changed {times} between {len(self.cr3s)} values (last: {cr3})")
         stable = now - self.tables[1] if self.tables is not None else None
@@ -370,7 +360,7 @@ class BootWatch:
 
 
 def _seconds(value: float) -> str:
-    return f"{value:.0f}" if value >= 1 else f"{value:.1f}"
+    return f"{value:.0f}" if value >= 10 else f"{value:.1f}"
 
 
 def _last_line(serial: str) -> str | None:
@@ -452,9 +442,7 @@ def _wait_breakpoint(machine, at: ReadyAt, timeout: float, elf: ElfInfo | None =
                 final = "halted with interrupts off" if regs.halted else f"is {spinning}"
                 raise MachineError(f"the kernel {final} (for good, paging {paging}) before the CPU reached {at}")
             if time.monotonic() >= deadline:
-                raise BootTimeout(f"the CPU did not reach {at} within {timeout:g} s (last seen: "
-                                  f"{'halted' if regs.halted else 'running'}, interrupts "
-                                  f"{'on' if regs.eflags & EFLAGS_IF else 'off'}, paging {paging}); "
+                raise BootTimeout(f"the CPU did not reach {at} within {timeout:g} s; "
                                   + seen.report(Ready("at", at), time.monotonic()))
     except GdbStubError as err:
         if machine.status() == "exited":

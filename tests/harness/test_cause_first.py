@@ -204,6 +204,7 @@ def test_under_uefi_a_timeout_says_there_is_no_text_screen():
     regs = Registers(*[0] * 24, cpl=0, halted=False)
     watch.sample(regs, 0.0)
     text = watch.report(Ready("vga", "login:"), 5.0)
-    assert "in ring 0 at EIP=0x00000000 for the last 5 s" in text, text
+    assert "in ring 0 at EIP=0x00000000 for the last 5.0 s, last running with interrupts off, paging off; " in text
+    assert "CR3" not in text, text       # paging never on: no CR3 to speak of
     assert "under UEFI there is no VGA text screen for --ready-vga" in text, text
     assert "--ready-vga" not in text.split("(under UEFI")[0]
