@@ -8,6 +8,8 @@ tests/minikernels.py by GNU as/ld:
 - a kernel that relies on zeroed RAM: it reads a word at UNWRITTEN_WORD, physical memory nothing wrote, and says it
   is ready only when that word is 0 (else it panics and halts). CLEARS=1 writes the word first: the same kernel,
   right.
+- a kernel that resets the machine on purpose (the keyboard controller's reset line): to QEMU the same "guest-reset"
+  as a triple fault, told apart by the exception log.
 """
 from __future__ import annotations
 
@@ -93,3 +95,21 @@ panic: .asciz "{ZEROED_PANIC}\n"
 def relies_on_zeroed_ram(out: Path, *, clears: bool = False) -> Path:
     """The kernel above; `clears`: it writes the word before reading it."""
     return build(out, "zero-clears" if clears else "zero-relies", RELIES_ON_ZEROED_RAM, CLEARS=int(clears))
+
+
+RESETS_SAYS = "reset: asking the keyboard controller"
+RESETS = rf"""
+{FLAT_ENTRY}
+    mov $0x80000, %esp
+    mov $says, %esi
+    call puts
+    mov $0xFE, %al                      /* pulse the reset line */
+    out %al, $0x64
+{halt_loop()}
+{SERIAL_PUTS}
+says: .asciz "{RESETS_SAYS}\n"
+"""
+
+
+def resets(out: Path) -> Path:
+    return build(out, "resets", RESETS)

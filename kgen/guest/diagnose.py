@@ -72,7 +72,8 @@ def tail(text: str, lines: int = 12) -> str:
 
 @dataclass(frozen=True)
 class Failure:
-    """A failed run, diagnosed: `kind` is "exception", "panic", "triple fault", "fault loop", "hang" or "exit";
+    """A failed run, diagnosed: `kind` is "exception", "panic", "triple fault", "reset", "fault loop", "hang" or
+    "exit";
     `summary` is the one line to print, `details` the evidence behind it (registers, COM1 tail, QEMU's command line
     and stderr); `findings` what else was learnt about the kernel (it fails only with poisoned RAM), a line each;
     `timed_out`: the kernel ran on until a wait gave up (not a state it stopped in)."""
@@ -124,9 +125,14 @@ def explain(machine, elf: ElfInfo | None, why: BaseException | str) -> Failure:
         loop = faultloop.probe(machine) if state == "running" else None
         regs = _registers(machine, state, evidence)
         where = at_ip(elf, regs.eip, regs.mode) if regs else "registers unreadable"
-        if state == "shutdown" and _guest_reset(machine):
+        log = machine.exception_log_text() if hasattr(machine, "exception_log_text") else None
+        if state == "shutdown" and _guest_reset(machine) and log is not None and faultloop.TRIPLE_FAULT not in log:
+            kind = "reset"      # QEMU logs every triple fault: this reset was asked for
+            summary = (f"the guest reset the machine (no triple fault in QEMU's exception log: a reset it asked for, "
+                       f"through the keyboard controller or port 0xcf9): {where}")
+        elif state == "shutdown" and _guest_reset(machine):
             kind = "triple fault"
-            summary = _triple_fault(machine, elf, regs, where, evidence)
+            summary = _triple_fault(machine, elf, regs, where, log, evidence)
         elif state == "exited":
             kind, summary = "exit", f"QEMU exited ({reason}) without a kernel exception report"
         elif loop is not None:
@@ -151,11 +157,11 @@ def explain(machine, elf: ElfInfo | None, why: BaseException | str) -> Failure:
     return Failure(kind, summary, "\n".join(evidence), timed_out=bool(getattr(why, "timed_out", False)))
 
 
-def _triple_fault(machine, elf: ElfInfo | None, regs, where: str, evidence: list[str]) -> str:
-    """A triple fault named from its first fault when QEMU's exception log has the chain (kgen/guest/faultloop.py),
-    else from the registers, which are the last fault's (its CR2, its stack pointer), saying so."""
+def _triple_fault(machine, elf: ElfInfo | None, regs, where: str, log: str | None, evidence: list[str]) -> str:
+    """A triple fault named from its first fault when QEMU's exception log `log` has the chain
+    (kgen/guest/faultloop.py), else from the registers, which are the last fault's (its CR2, its stack pointer),
+    saying so."""
     last = where + (f" CR2={regs.mode.hex(regs.cr2)}" if regs else "")
-    log = machine.exception_log_text() if hasattr(machine, "exception_log_text") else None
     chain = faultloop.triple_fault_chain(log) if log else None
     if chain is not None:
         evidence.append(f"the registers above are the last fault's, at the reset: {last}")

@@ -20,7 +20,7 @@ def zoo(tmp_path_factory):
     out = tmp_path_factory.mktemp("faults")
     return {"triple": zoo_faults.triple_from_pf(out), "triple64": zoo_faults.triple_from_pf(out, 64),
             "relies": zoo_faults.relies_on_zeroed_ram(out), "clears": zoo_faults.relies_on_zeroed_ram(out, clears=True),
-            "ring3": minikernels.process_kernel(out, "ring3", RING3=1)}
+            "ring3": minikernels.process_kernel(out, "ring3", RING3=1), "resets": zoo_faults.resets(out)}
 
 
 def symbol(elf, name: str) -> int:
@@ -78,6 +78,23 @@ def test_a_long_mode_triple_fault_is_named_from_its_page_fault(zoo):
         f"CR2={FAULT_ADDRESS:#018x} at RIP={symbol(elf, 'fault_here'):#018x} <fault_here> in ring 0; "), failure.summary
     assert f"{DOUBLE_FAULT_GATE[64]:#x}"[2:] not in failure.summary
     assert f"CR2={DOUBLE_FAULT_GATE[64]:#018x}" in failure.details
+
+
+@needs_qemu
+@pytest.mark.vm
+def test_a_reset_the_guest_asked_for_is_no_triple_fault(zoo):
+    from kgen.errors import MachineError
+    from kgen.guest.diagnose import explain
+    from kgen.guest.elfinfo import ElfInfo
+    from kgen.machine import Machine
+    with Machine(kernel=zoo["resets"], exception_log=True) as machine:
+        machine.wait_for(zoo_faults.RESETS_SAYS, 10)
+        with pytest.raises(MachineError) as stopped:
+            machine.wait_for("never printed", 10)
+        failure = explain(machine, ElfInfo.load(zoo["resets"]), stopped.value)
+    assert failure.kind == "reset", failure.summary
+    assert failure.summary.startswith("the guest reset the machine (no triple fault in QEMU's exception log"), \
+        failure.summary
 
 
 @needs_qemu
