@@ -9,7 +9,8 @@ pytest-xdist the workers' reports reach it too), never by reading the text pytes
      "checks": [{"name": "test_nothing_is_mapped_below_the_kernel_base[spaces[1]]", "module": "test_invariants",
                  "outcome": "passed"|"failed"|"skipped"|"error", "messages": ["..."], "duration": 0.01}],
      "summary": {"passed": 8, "failed": 1, "skipped": 17, "error": 0, "total": 26},
-     "boot_failure": null | {"kind": "fault loop"|"triple fault"|"reset"|"hang"|..., "summary": "...", "findings": ["..."]}}
+     "boot_failure": null | {"kind": "fault loop"|"triple fault"|"reset"|"hang"|..., "summary": "...",
+                             "findings": ["..."]}}
 
 One object per check (per test, and per address space for the checks `--address-spaces` repeats). `messages` are
 the lines of a failure as kgen words them (one per entry or page at fault; the first names the invariant), or the
