@@ -99,6 +99,9 @@ def pytest_configure(config):
     if config.getoption("kgen_cold_boot", False):
         from kgen.machine.snapshot import set_cold_boot
         set_cold_boot(True)
+    if config.getoption("kgen_kernel", None) is not None:
+        from kgen.harness.spacesjudged import SpacesJudged      # which spaces were judged, where the ready point came
+        config.pluginmanager.register(SpacesJudged(), "kgen-spaces-judged")
     if config.getoption("kgen_json", None) is not None and not hasattr(config, "workerinput"):
         # On the process that reports (an xdist worker's reports reach it too), not on each worker.
         from kgen.harness.jsonreport import JsonReport
@@ -310,22 +313,41 @@ def space_view(live, space):
     return view.in_space(top, f"{space.name}: {view.mode.level_names[0]} at {top:#x}{current}")
 
 
-def assert_holds(check, view) -> None:
-    """Run one `kgen.guest.invariants` check: fail with its problems (one line per page), skip where it does not
-    apply; in a view of another address space than CR3's, both name that space."""
+def judged_views(live, space) -> list:
+    """The views a page-table check judges for `space`: the slot's (`space_view`); given none (no
+    --address-spaces), for a kernel kgen did not build, the kernel's own space and the live one when they differ, so
+    a ready point that lands in a process's space gives the same verdict as one in the kernel's (kgen/guest/
+    ownspace.py `judged_spaces`); else the space in CR3."""
+    view = space_view(live, space)
+    if space is not None:
+        return [view]
+    from kgen.guest.ownspace import judged_spaces
+    return [judged.view for judged in judged_spaces(view)[0]]
+
+
+def assert_holds(check, view, *more) -> None:
+    """Run one `kgen.guest.invariants` check on each view given (`judged_views`: the kernel's own space and the live
+    one): fail with the problems of every one (one line per page), skip where it applies to none; in a view of
+    another address space than CR3's, both name that space."""
     from kgen.guest.findings import failures
     from kgen.guest.invariants import NotApplicable
-    where = f" in address space {view.space}" if getattr(view, "space", None) else ""
-    noted = len(view.notes)
-    try:
-        findings = check(view)
-    except NotApplicable as why:
-        pytest.skip(f"{why}{where}")
-    problems = failures(findings)
-    # What this check learnt (where the kernel is) and the information it found (a guard page): in the report,
-    # pass or fail, never the verdict.
-    for note in view.notes[noted:] + [f"note: {f}" for f in findings if getattr(f, "info", False)]:
-        print(f"{note}{where}")
-    if problems:
-        pytest.fail(f"{check.__doc__.splitlines()[0]}{where}\n" + "\n".join(f"  {p}" for p in problems),
-                    pytrace=False)
+    failed, skipped = [], []
+    for seen in (view, *more):
+        where = f" in address space {seen.space}" if getattr(seen, "space", None) else ""
+        noted = len(seen.notes)
+        try:
+            findings = check(seen)
+        except NotApplicable as why:
+            skipped.append(f"{why}{where}")
+            continue
+        problems = failures(findings)
+        # What this check learnt (where the kernel is) and the information it found (a guard page): in the report,
+        # pass or fail, never the verdict.
+        for note in seen.notes[noted:] + [f"note: {f}" for f in findings if getattr(f, "info", False)]:
+            print(f"{note}{where}")
+        if problems:
+            failed.append(f"{check.__doc__.splitlines()[0]}{where}\n" + "\n".join(f"  {p}" for p in problems))
+    if failed:
+        pytest.fail("\n".join(failed), pytrace=False)
+    if len(skipped) == 1 + len(more):
+        pytest.skip(skipped[0])

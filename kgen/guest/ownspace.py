@@ -1,0 +1,138 @@
+"""The kernel's own address space: the top-level table the kernel set up for itself at boot, whose kernel half every
+process's space copies, as opposed to whichever space happens to be live when the machine is stopped.
+
+Why it matters: a kernel with processes switches CR3 as it schedules them, on its timer. A ready point that stops
+the machine when a text appears on COM1 (`--ready TEXT`) stops it some milliseconds later, in whichever space was
+live then: judged on CR3 alone, a flaw of the kernel's own space is found in one run and not in the next. So the
+page-table checks judge the kernel's own space every run, and the live one beside it (`judged_spaces`).
+
+How kgen learns it, the same way every run: from the symbol the kernel keeps it under (`OWN_SPACE_SYMBOLS`: xv6's
+`kpgdir`, JOS's `kern_pgdir`, Linux's `swapper_pg_dir`, the Higher Half Bare Bones' `boot_page_directory`...),
+read from the stopped machine: a value the kernel wrote once at boot and keeps, whatever runs at the moment.
+Other ways, and why they are not used:
+- the first CR3 with paging on at boot: QEMU's gdbstub watches memory, not control registers, and stepping the boot
+  an instruction at a time costs a round trip each (a teaching kernel's boot runs millions); sampling CR3 while it
+  boots is timing again. And that first table is often a boot-only one (xv6's `entrypgdir`: 4 MiB pages mapped twice,
+  low and high) the kernel leaves for the one it builds in `main`, not the space it keeps;
+- QEMU's `-d int` log shows CR3 at each interrupt only: which of those is the kernel's is a guess again;
+- the space whose kernel half all others share: it needs the others (`--address-spaces`), and a freed process table
+  shares it too.
+A symbol either is the table (an object of a page or more: the top is where it is loaded) or holds its address (a
+word: a kernel virtual address, at or above the kernel half, translated through the live space, whose kernel half
+every space shares; below it, a physical address, as a CR3 value). What it names must be a top-level table of this
+kernel (dwarfspaces.implausible: it maps the kernel where the live space does), else it is not used and `find`
+says why.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kgen.arch import Arch
+from kgen.arch.hw import PAGE_SIZE
+from kgen.errors import KgenError
+from kgen.guest.invariants import PHYS_LIMIT, GuestView
+
+# Names kernels keep their own top-level table under, the most telling first (a kernel has one of them at most).
+OWN_SPACE_SYMBOLS = ("kpgdir", "kern_pgdir", "kernel_pgdir", "kernel_pgd", "kernel_page_directory",
+                     "kernel_pml4", "kernel_pml4t", "kpml4", "kernel_cr3", "kernel_top_table", "kernel_pagemap_top",
+                     "swapper_pg_dir", "init_top_pgt", "init_level4_pgt", "boot_page_directory", "boot_pml4",
+                     "boot_pgdir", "page_directory", "pml4")
+
+
+@dataclass(frozen=True)
+class OwnSpace:
+    """The kernel's own space: its top-level table's physical address and the symbol it was found by."""
+    top: int
+    symbol: str
+    is_table: bool          # the symbol is the table itself, not a word holding its address
+
+    def describe(self, view: GuestView) -> str:
+        """"the kernel's own space (PD at 0x400000, kpgdir)"."""
+        return f"the kernel's own space ({view.mode.level_names[0]} at {self.top:#x}, {self.symbol})"
+
+
+def own_space_symbol(elf) -> str | None:
+    """The symbol of `elf` that names the kernel's own top-level table, or None (no such symbol, or stripped)."""
+    return next((name for name in OWN_SPACE_SYMBOLS if name in elf.symbols), None)
+
+
+def find(view: GuestView) -> tuple[OwnSpace | None, str | None]:
+    """The kernel's own space on the stopped machine `view`, and None; or None and why not (no symbol names it, the
+    symbol holds 0 or no table of this kernel). Needs paging on (a walk of the live space)."""
+    name = own_space_symbol(view.elf)
+    if name is None:
+        return None, (f"{view.elf.path.name} has no symbol kgen knows a kernel's own top-level table by "
+                      f"({', '.join(OWN_SPACE_SYMBOLS[:4])}...)")
+    sym = view.elf.symbols[name]
+    live = view.need_walker()
+    is_table = sym.size >= PAGE_SIZE
+    try:
+        if is_table:
+            at = live.translate(sym.value)
+            top = at.paddr if at is not None else _loaded_at(view, sym.value)
+        else:
+            size = Arch.for_elf(view.elf).word_size
+            data = (live.read_virtual(sym.value, size) if live.translate(sym.value) is not None else
+                    view.read_phys(_loaded_at(view, sym.value), size))
+            value = int.from_bytes(data, "little")
+            if value == 0:
+                return None, f"{name} is 0: the kernel has not set its own space up"
+            half = view.kernel_half
+            if value >= PHYS_LIMIT or (half is not None and value >= half):    # a kernel virtual address
+                at = live.translate(value)
+                if at is None:
+                    return None, f"{name} = {value:#x}, an address the live space does not map"
+                top = at.paddr
+            else:
+                top = value     # a physical address, as CR3 takes it
+    except (KgenError, ValueError, OSError) as err:
+        return None, f"{name} cannot be read: {err}"
+    if top is None:
+        return None, f"{name} ({sym.value:#x}) lies in no loaded segment and the live space does not map it"
+    top &= view.mode.cr3_mask
+    if view.ram and not any(start <= top and top + PAGE_SIZE <= end for start, end in view.ram):
+        return None, f"{name} names {top:#x}, outside the guest's RAM: no top-level table"
+    from kgen.guest.dwarfspaces import implausible     # here: dwarfspaces loads pyelftools' DWARF reader
+    why = implausible(view, top)
+    if why is not None:
+        return None, f"{name} names {top:#x}, no top-level table of this kernel: {why}"
+    return OwnSpace(top, name, is_table), None
+
+
+def _loaded_at(view: GuestView, vaddr: int) -> int | None:
+    """Where the ELF loads `vaddr` (its segment's physical address), or None outside every segment."""
+    return next((seg.paddr + vaddr - seg.vaddr for seg in view.elf.segments
+                 if seg.memsz and seg.vaddr <= vaddr < seg.vaddr + seg.memsz), None)
+
+
+@dataclass(frozen=True)
+class Judged:
+    """One space a page-table check judges: its view (the machine seen through it) and what it is, in words."""
+    view: GuestView
+    role: str
+
+
+def judged_spaces(view: GuestView) -> tuple[list[Judged], str | None]:
+    """The spaces a page-table check judges when it is given none (no --address-spaces slot), and what a report says
+    of them: the kernel's own space (`find`) and the live one (CR3) when they differ, the own space first; the live
+    one alone when they are the same, or when the kernel's own space cannot be told (and the text says why). For a
+    kernel kgen did not build with paging on; kgen's own is judged in CR3 (check_cr3 holds it to its boot table), and
+    the text is then None."""
+    if view.layout is not None or view.walker is None:
+        return [Judged(view, "")], None
+    try:
+        own, why = find(view)
+    except KgenError as err:        # a live space that cannot be walked: the checks of it say so
+        own, why = None, str(err)
+    live_top = view.regs.cr3 & view.mode.cr3_mask
+    live = f"{view.mode.level_names[0]} at {live_top:#x}"
+    if own is None:
+        return [Judged(view, "")], f"judged the live space only ({live}): kgen cannot tell the kernel's own space: {why}"
+    mine = own.describe(view)
+    if own.top == live_top:
+        return ([Judged(view.in_space(own.top, f"{mine}, live at the ready point"), "own")],
+                f"the ready point came while {mine} was live: judged it")
+    return ([Judged(view.in_space(own.top, mine), "own"),
+             Judged(view.in_space(live_top, f"the live space: {live} (the ready point came while it was live, not "
+                                  f"the kernel's own)"), "live")],
+            f"the ready point came while {live} was live, not {mine}: judged both")
