@@ -129,10 +129,40 @@ def judged_spaces(view: GuestView) -> tuple[list[Judged], str | None]:
     if own is None:
         return [Judged(view, "")], f"judged the live space only ({live}): kgen cannot tell the kernel's own space: {why}"
     mine = own.describe(view)
-    if own.top == live_top:
-        return ([Judged(view.in_space(own.top, f"{mine}, live at the ready point"), "own")],
+    if own.top == live_top:     # the one space in CR3, as a check of CR3 names it (the report's last line says whose)
+        return ([Judged(view, "own")],
                 f"the ready point came while {mine} was live: judged it")
     return ([Judged(view.in_space(own.top, mine), "own"),
              Judged(view.in_space(live_top, f"the live space: {live} (the ready point came while it was live, not "
                                   f"the kernel's own)"), "live")],
             f"the ready point came while {live} was live, not {mine}: judged both")
+
+
+@dataclass(frozen=True)
+class OwnSpaceSlot:
+    """What a test parametrised over `--address-spaces SPEC`'s spaces is given besides them, for a kernel with a symbol
+    for its own space (`own_space_symbol`): the kernel's own space, which a list of processes seldom holds (xv6's
+    `kpgdir` is in no `struct proc`), and the live one when it is none of the listed spaces."""
+    spec: str
+
+    name = "the kernel's own space"
+
+    def judged(self, view: GuestView) -> tuple[list[GuestView], str | None]:
+        """The views to judge (none: the own space cannot be told, and why) and the report's text."""
+        judged, said = judged_spaces(view)
+        if not any(j.role == "own" for j in judged):
+            return [], said
+        listed = self.listed_tops(view)
+        return [j.view for j in judged if j.role == "own" or j.view.regs.cr3 not in listed], said
+
+    def listed_tops(self, view: GuestView) -> set[int]:
+        """The top-level tables `spec` lists on this machine (what cannot be read lists none)."""
+        from kgen.guest import addrspaces, dwarfspaces
+        mask = view.mode.cr3_mask
+        try:
+            if addrspaces.is_array_form(self.spec):
+                return {top & mask for top in addrspaces.SpaceArray.parse(self.spec, view.elf).tops(view.read_phys)}
+            return {space.top & mask for space in dwarfspaces.spaces_in_view(view, self.spec)
+                    if space.top is not None}
+        except (KgenError, ValueError, OSError):
+            return set()

@@ -151,13 +151,17 @@ def pytest_generate_tests(metafunc):
         raise pytest.UsageError("--kgen-address-spaces is for a kernel given with --kgen-kernel")
     try:
         symbols = metafunc.config.getoption("kgen_symbols", None)
-        parsed = parse_spec(spec, judged_elf(symbols) or ElfInfo.load(kernel))
+        elf = judged_elf(symbols) or ElfInfo.load(kernel)
+        parsed = parse_spec(spec, elf)
     except KgenError as err:
         raise pytest.UsageError(str(err)) from None
     if isinstance(parsed, SpaceArray):
         slots = [SpaceSlot(parsed, i) for i in range(parsed.count)]
     else:
         slots = _expression_spaces(metafunc.config, spec)
+    from kgen.guest.ownspace import OwnSpaceSlot, own_space_symbol
+    if own_space_symbol(elf) is not None:       # the kernel's own space, which the listed ones may not hold
+        slots = [*slots, OwnSpaceSlot(spec)]       # a new list: the expression's is kept for every test
     metafunc.parametrize("kgen_space", slots, ids=[slot.name for slot in slots])
 
 
@@ -317,11 +321,17 @@ def judged_views(live, space) -> list:
     """The views a page-table check judges for `space`: the slot's (`space_view`); given none (no
     --address-spaces), for a kernel kgen did not build, the kernel's own space and the live one when they differ, so
     a ready point that lands in a process's space gives the same verdict as one in the kernel's (kgen/guest/
-    ownspace.py `judged_spaces`); else the space in CR3."""
+    ownspace.py `judged_spaces`); else the space in CR3. Given the kernel's own space beside --address-spaces' spaces
+    (`OwnSpaceSlot`): that space, and the live one when it is none of those."""
+    from kgen.guest.ownspace import OwnSpaceSlot, judged_spaces
+    if isinstance(space, OwnSpaceSlot):
+        views, said = space.judged(live.view())
+        if not views:
+            pytest.skip(said)
+        return views
     view = space_view(live, space)
     if space is not None:
         return [view]
-    from kgen.guest.ownspace import judged_spaces
     return [judged.view for judged in judged_spaces(view)[0]]
 
 
