@@ -7,8 +7,9 @@ live then: judged on CR3 alone, a flaw of the kernel's own space is found in one
 page-table checks judge the kernel's own space every run, and the live one beside it (`judged_spaces`).
 
 How kgen learns it, the same way every run: from the symbol the kernel keeps it under (`OWN_SPACE_SYMBOLS`: xv6's
-`kpgdir`, JOS's `kern_pgdir`, Linux's `swapper_pg_dir`, the Higher Half Bare Bones' `boot_page_directory`...),
-read from the stopped machine: a value the kernel wrote once at boot and keeps, whatever runs at the moment.
+`kpgdir`, JOS's `kern_pgdir`, Linux's `swapper_pg_dir`...), read from the stopped machine: a value the kernel wrote
+once at boot and keeps, whatever runs at the moment. Cheap (a word read and a walk or two) and the same every run.
+A kernel with none of these symbols is judged in the live space only, and the run's last line says so.
 Other ways, and why they are not used:
 - the first CR3 with paging on at boot: QEMU's gdbstub watches memory, not control registers, and stepping the boot
   an instruction at a time costs a round trip each (a teaching kernel's boot runs millions); sampling CR3 while it
@@ -33,10 +34,11 @@ from kgen.errors import KgenError
 from kgen.guest.invariants import PHYS_LIMIT, GuestView
 
 # Names kernels keep their own top-level table under, the most telling first (a kernel has one of them at most).
-OWN_SPACE_SYMBOLS = ("kpgdir", "kern_pgdir", "kernel_pgdir", "kernel_pgd", "kernel_page_directory",
-                     "kernel_pml4", "kernel_pml4t", "kpml4", "kernel_cr3", "kernel_top_table", "kernel_pagemap_top",
-                     "swapper_pg_dir", "init_top_pgt", "init_level4_pgt", "boot_page_directory", "boot_pml4",
-                     "boot_pgdir", "page_directory", "pml4")
+# Names of a boot table (`boot_page_directory`, `boot_pml4`, `entrypgdir`) are not among them: many kernels leave
+# that table for one they build later, and judging a table no longer used would be findings about nothing.
+OWN_SPACE_SYMBOLS = ("kpgdir", "kern_pgdir", "kernel_pgdir", "kernel_pgd", "kernel_page_directory", "kernel_pml4",
+                     "kernel_pml4t", "kpml4", "kernel_cr3", "kernel_top_table", "swapper_pg_dir", "init_top_pgt",
+                     "init_level4_pgt")
 
 
 @dataclass(frozen=True)
