@@ -3,10 +3,10 @@ depends on timing, the way it did on a teaching kernel with processes (issue 22,
 
 i386, written in C with tests/zoo_c.py's boot stub and linker script (higher-half at 0xC0000000, 4 MiB pages). `kmain`
 builds the kernel's own top-level table (`kpgdir`: the kernel half, 16 MiB of large supervisor pages) and one process
-space (`proc_pgdir`: the kernel half's entries copied, one user page at USER_CODE), loads a GDT and an IDT of its own
-in the kernel half, starts the PIT at TICK_HZ and prints READY on COM1. From then on it idles in `hlt`, interrupts on,
-and every timer tick loads the other space into CR3: own, process, own... so the machine stopped "when READY
-appeared" is in either, half the time each.
+space (`proc_pgdir`, its physical address in `proc_cr3`: the kernel half's entries copied, one user page at
+USER_CODE), loads a GDT and an IDT of its own in the kernel half, starts the PIT at TICK_HZ and prints READY on COM1.
+From then on it idles in `hlt`, interrupts on, and every timer tick loads the other space into CR3: own, process,
+own... so the machine stopped "when READY appeared" is in either, half the time each.
 
 FLAW=1: after the process space copied the kernel half, the kernel's own table gets its first kernel-half entry
 (the 4 MiB page holding the image) user-accessible: ring 3 could read and write the kernel, but only while the
@@ -52,6 +52,7 @@ static void *alloc_page(void) { void *page = P2V(next_frame); next_frame += PAGE
 
 pte_t *kpgdir;                              /* the kernel's own top-level table (as xv6 names it) */
 pte_t *proc_pgdir;                          /* the one process's */
+uword proc_cr3;                             /* ... its physical address: `--address-spaces proc_cr3,1` */
 volatile unsigned ticks;
 
 static void kernel_space(void) {
@@ -104,6 +105,7 @@ static void tables(void) {                  /* the loader's GDT lies low, where 
 void kmain(void) {
     kernel_space();
     proc_pgdir = new_space();
+    proc_cr3 = V2P(proc_pgdir);
 #if FLAW
     kpgdir[768] |= PTE_U;
 #endif

@@ -96,3 +96,14 @@ def test_the_kernel_without_the_flaw_passes_whichever_space_is_live(kernels):
     result = run_kgen("test", "--kernel", kernels[False], *LEAN)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "kgen: page-table checks: the ready point came while" in result.stdout
+
+
+def test_with_address_spaces_the_kernels_own_space_is_one_more(kernels, tmp_path):
+    """--address-spaces lists the process only: the kernel's own space is judged as one more space, the flaw found
+    there and in no listed space."""
+    report = tmp_path / "spaces.json"
+    result = run_kgen("test", "--kernel", kernels[True], "--address-spaces", "proc_cr3,1", "--json", report, *LEAN)
+    assert result.returncode == 1, result.stdout + result.stderr
+    checks = {c["name"]: c for c in json.loads(report.read_text())["checks"]}
+    assert {name for name, c in checks.items() if c["outcome"] == "failed"} == {f"{USER_PAGES}[the kernel's own space]"}
+    assert checks[f"{USER_PAGES}[proc_cr3[0]]"]["outcome"] == "passed"
