@@ -27,11 +27,12 @@ def kernels(tmp_path_factory):
     return {flaw: zoo_race.race_kernel(out, flaw=flaw) for flaw in (True, False)}
 
 
-def test_the_kernels_own_space_and_the_live_one_are_judged_whichever_is_live(kernels):
+def test_the_kernels_own_space_and_the_live_one_are_judged_whichever_is_live(kernels, monkeypatch):
     """One boot, the ready point made to land in each space (the stopped machine seen with CR3 = each): the flaw is
     found in the kernel's own space both times, the process's space judged too when it is live and clean there."""
     from kgen.guest import invariants
     from kgen.guest.findings import failures
+    from kgen.guest import ownspace
     from kgen.guest.ownspace import find, judged_spaces
     from kgen.harness.kernel import KernelUnderTest
     from kgen.harness.live import boot
@@ -55,6 +56,13 @@ def test_the_kernels_own_space_and_the_live_one_are_judged_whichever_is_live(ker
             assert found.get("live", []) == [], "the process's space shares no flaw"
             verdicts[live_top] = bool(sum(found.values(), []))
         assert verdicts == {kpgdir: True, proc: True}
+        # A word holding a physical address (as a CR3 value) is read as one; a name the ELF lacks is said.
+        monkeypatch.setattr(ownspace, "OWN_SPACE_SYMBOLS", ("proc_cr3",))
+        own, why = ownspace.find(view)
+        assert why is None and own.top == proc and own.symbol == "proc_cr3"
+        monkeypatch.setattr(ownspace, "OWN_SPACE_SYMBOLS", ("no_such_table",))
+        assert ownspace.find(view) == (None, f"{kernel.elf_path.name} has no symbol kgen knows a kernel's own "
+                                             f"top-level table by (no_such_table...)")
 
 
 def test_a_kernel_without_a_symbol_for_its_own_space_is_judged_in_the_live_one_and_says_why(kernels, monkeypatch):
