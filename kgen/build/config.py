@@ -26,6 +26,9 @@ ranges) belong to `layout.py`, which turns a Config into addresses.
     [machine]
     memory_mib = 128            # guest RAM for `kgen run` and `kgen test`
 
+    [pmm]
+    kind = "stack"              # the frame allocator: "stack" (templates/pmm.s) or "bitmap" (templates/pmm_bitmap.s)
+
     [foreign]                   # a kernel kgen did not build: `kgen test|run|inspect` check it (`ForeignConfig`)
     kernel = "build/myos.bin"   # relative to this file; each key below is the --kernel option of the same name
 
@@ -47,6 +50,8 @@ from kgen.build.variants import VARIANT_NAMES
 from kgen.errors import ConfigError, input_file_problem
 
 DEFAULT_CONFIG_NAME = "kgen.toml"
+# pmm.kind: the physical frame allocators kgen generates, the first the default.
+PMM_KINDS = ("stack", "bitmap")
 # The values that differ between architectures are the architecture record's; the Config defaults are i386's.
 _I386 = dict(I386.defaults)
 
@@ -65,6 +70,7 @@ class Config:
     vmm_base: int = _I386["vmm_base"]
     vmm_size: int = _I386["vmm_size"]
     machine_memory_mib: int = 128
+    pmm_kind: str = PMM_KINDS[0]
     # Build variants that break the kernel on purpose, so tests can prove they catch the break: one bool field per
     # entry of kgen/build/variants.py, off by default (`Config(fault_at_boot=True)` seeds that bug).
     for _variant in VARIANT_NAMES:
@@ -210,6 +216,7 @@ _SCHEMA: dict[str, tuple[str, ...]] = {
     "tempmap": ("base", "slots"),
     "vmm": ("base", "size"),
     "machine": ("memory_mib",),
+    "pmm": ("kind",),
     "variant": VARIANT_NAMES,
 }
 

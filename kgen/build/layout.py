@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from kgen import protocol
 from kgen.arch import hw
 from kgen.arch import Arch, named
-from kgen.build.config import DECIMAL_KEYS, Config, show_int, show_value
+from kgen.build.config import DECIMAL_KEYS, PMM_KINDS, Config, show_int, show_value
 from kgen.build.variants import VARIANT_NAMES, VARIANTS
 from kgen.errors import ConfigError
 
@@ -60,6 +60,9 @@ class Layout:
     0xFF400000 .. 0xFF7FFFFF  foreign window: PD[foreign_slot] -> an attached space's PD, whose page tables appear
                               here; that PD itself at recursive_base + foreign_slot*4K (templates/aspace.s)
     0xFF800000 .. +slots*4K   temp-map window: one page table, PTEs rewritten by temp_map()/temp_unmap()
+    0xFFBE8000 .. 0xFFBFFFFF  pmm bitmap window (pmm.kind = "bitmap"): the last pages of the temp-map's page table,
+                              room for a bit per frame of the most RAM the architecture takes; pmm_init maps as many
+                              pages as the memory map's RAM needs (templates/pmm_bitmap.s)
     0xFFC00000 .. 0xFFFFFFFF  recursive window: PD[recursive_slot] -> PD, so page table i is at
                               recursive_base + i*4K and the PD itself at recursive_base + slot*4K
 
@@ -74,6 +77,7 @@ class Layout:
                                               PDPTs and PML4 through the recursive slot (Layout.foreign_level_window)
     0xFFFFFE0000000000 .. +vmm.size           vmm range window (PML4[508])
     0xFFFFFE8000000000 .. +slots*4K           temp-map window (PML4[509]), one page table
+    0xFFFFFE8000180000 .. 0xFFFFFE80001FFFFF  pmm bitmap window (pmm.kind = "bitmap"), the end of that page table
     0xFFFFFF0000000000 .. 0xFFFFFF7FFFFFFFFF  recursive window: PML4[510] -> PML4. The PTEs of all memory fill it;
                                               the PDEs sit at 0xFFFFFF7F80000000, the PDPTEs at 0xFFFFFF7FBFC00000,
                                               the PML4 itself at 0xFFFFFF7FBFDFE000 (Arch.recursive_window)
@@ -103,6 +107,8 @@ class Layout:
     vmm_size: int
     # Guest.
     memory_mib: int
+    # The physical frame allocator: "stack" or "bitmap" (config.PMM_KINDS).
+    pmm_kind: str = PMM_KINDS[0]
     # Segment selectors of kgen's GDT: null, kernel code, kernel data; then, per architecture, the TSS and ring 3's
     # (Arch.tss_selector, user_code_selector, user_data_selector).
     kernel_cs: int = 0x08
@@ -116,7 +122,6 @@ class Layout:
     user_null_calls: int = 0x100       # system calls user_null_calls makes (kgen.harness.bench_aspace)
     # What the boot stub keeps of the Multiboot information before the identity mapping goes away.
     boot_mmap_max_entries: int = 32
-    pmm_reserved_intervals: int = 2     # [start, end) pairs pmm_init keeps out of the free stack (image, boot tables)
     boot_mmap_entry_size: int = 24     # base (8), length (8), type (4), padding (4)
     boot_cmdline_max: int = 256
     # The PIC's interrupts (the call channel's IRQ wakes the serving kernel; kgen/protocol.py has the channel).
@@ -338,9 +343,31 @@ class Layout:
     def vmm_window(self) -> Region:
         return Region("vmm range window", "vmm.base", self.vmm_base, self.vmm_base, self.vmm_base + self.vmm_size)
 
+    @property
+    def pmm_bitmap_window(self) -> Region:
+        """Where the bitmap allocator maps its bitmap: the last pages of the temp-map window's page table, which the
+        boot stub makes, so pmm_init maps the bitmap before any allocator exists to make a table. Sized for a bit
+        per frame of the most RAM the architecture takes (pmm_init maps only the pages the memory map needs)."""
+        bits = self.arch.max_memory_mib * MIB // self.page_size
+        size = -(-bits // 8 // self.page_size) * self.page_size
+        end = (self.tempmap_base & ~(self.leaf_table_span - 1)) + self.leaf_table_span
+        return Region("pmm bitmap window", "pmm.kind", self.pmm_kind, end - size, end)
+
+    @property
+    def pmm_reserved_intervals(self) -> int:
+        """[start, end) pairs pmm_init keeps out of the allocator: the image and the Multiboot information; the
+        bitmap's own frames a third."""
+        return 2 if self.pmm_kind == "stack" else 3
+
+    @property
+    def pmm_unit(self) -> str:
+        """The template of the frame allocator this kernel is built with."""
+        return "pmm" if self.pmm_kind == "stack" else f"pmm_{self.pmm_kind}"
+
     def regions(self) -> list[Region]:
-        return [self.kernel_window, self.identity_window, self.recursive_window, self.tempmap_window,
-                self.vmm_window, self.foreign_window]
+        regions = [self.kernel_window, self.identity_window, self.recursive_window, self.tempmap_window,
+                   self.vmm_window, self.foreign_window]
+        return regions + [self.pmm_bitmap_window] if self.pmm_kind == "bitmap" else regions
 
     # ---- what the templates see --------------------------------------------------------------------------
     def asm_constants(self) -> dict[str, int]:
@@ -369,6 +396,7 @@ class Layout:
             "PMM_LOWEST": hw.LOW_MEMORY_END,
             "PMM_HIGHEST_END": FOUR_GIB - self.page_size,
             "PMM_RESERVED_INTERVALS": self.pmm_reserved_intervals,
+            **self._pmm_bitmap_constants(),
             "VMM_BASE": self.vmm_base,
             "VMM_END": self.vmm_base + self.vmm_size,
             "VMM_PAGES": self.vmm_size // self.page_size,
@@ -418,6 +446,13 @@ class Layout:
         consts.update(self._geometry_constants())
         consts.update(self._x86_64_constants() if self.arch.long_mode else self._i386_constants())
         return consts
+
+    def _pmm_bitmap_constants(self) -> dict[str, int]:
+        """The bitmap allocator's window and the frames it has bits for (none for the stack)."""
+        if self.pmm_kind != "bitmap":
+            return {}
+        window = self.pmm_bitmap_window
+        return {"PMM_BITMAP_BASE": window.start, "PMM_BITMAP_MAX_FRAMES": (window.end - window.start) * 8}
 
     def _geometry_constants(self) -> dict[str, int]:
         """The word size and the paging geometry, from the architecture record: what lets one template serve both
@@ -582,6 +617,7 @@ _PLACED_BY = {
     "temp-map window": ("tempmap_base", "tempmap_slots"),
     "vmm range window": ("vmm_base", "vmm_size"),
     "foreign window": ("paging_foreign_slot",),
+    "pmm bitmap window": ("pmm_kind",),
 }
 
 
@@ -721,6 +757,12 @@ def compute(config: Config) -> Layout:
         _fail_on(c, _blame(c, "tempmap_base", "tempmap_slots"),
               f"the temp-map window [{show_int(c.tempmap_base)}, {show_int(tm_end)}) must lie within one "
               f"{span >> 20} MiB page table")
+    if c.pmm_kind not in PMM_KINDS:
+        _fail(c, "pmm.kind", c.pmm_kind, f"must be one of {', '.join(map(show_value, PMM_KINDS))}")
+    for variant in VARIANTS:
+        if getattr(c, variant.name) and variant.pmm_kind not in (None, c.pmm_kind):
+            _fail(c, f"variant.{variant.name}", True, f"seeds its bug in the {variant.pmm_kind} allocator: set "
+                  f"pmm.kind = {show_value(variant.pmm_kind)} too")
     if not MIN_MEMORY_MIB <= c.machine_memory_mib <= arch.max_memory_mib:
         _fail(c, "machine.memory_mib", c.machine_memory_mib,
               f"must be in {MIN_MEMORY_MIB}..{arch.max_memory_mib} ({arch.memory_limit_reason})")
@@ -731,13 +773,13 @@ def compute(config: Config) -> Layout:
         kernel_max_size=c.kernel_max_size, kernel_stack_size=c.kernel_stack_size,
         recursive_slot=c.paging_recursive_slot, foreign_slot=c.paging_foreign_slot,
         tempmap_base=c.tempmap_base, tempmap_slots=c.tempmap_slots,
-        memory_mib=c.machine_memory_mib,
+        memory_mib=c.machine_memory_mib, pmm_kind=c.pmm_kind,
         variants=frozenset(name for name in VARIANT_NAMES if getattr(c, name)),
         vmm_base=c.vmm_base, vmm_size=c.vmm_size,
     )
 
     kernel_half = layout.kernel_half_start
-    for region in (layout.recursive_window, layout.tempmap_window, layout.vmm_window, layout.foreign_window):
+    for region in (r for r in layout.regions() if r not in (layout.kernel_window, layout.identity_window)):
         if region.start < kernel_half:
             which = "kernel.virtual_base" if arch.kernel_half_at_base else "the upper canonical half"
             placed_by = _PLACED_BY.get(region.name, ())

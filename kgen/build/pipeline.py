@@ -31,12 +31,14 @@ from kgen.build.resources import boot_dir, templates_dir
 # GDT and IDT of one architecture (templates/i386/, templates/x86_64/); every other unit serves both word sizes.
 KERNEL_UNITS = ("multiboot", "bootinfo", "{arch}/boot", "{arch}/gdt", "{arch}/idt", "interrupts", "pic", "serial",
                 "debugexit", "string", "report", "calls", "peek", "task", "user/programs")
-# The memory managers, the same templates for both word sizes.
-MEMORY_UNITS = ("paging", "tempmap", "pmm", "vmm", "vrange", "heap", "aspace", "bench")
+# The memory managers, the same templates for both word sizes; `{pmm}` is the frame allocator pmm.kind chose
+# (Layout.pmm_unit: templates/pmm.s, the free-page stack, or templates/pmm_bitmap.s).
+MEMORY_UNITS = ("paging", "tempmap", "{pmm}", "vmm", "vrange", "heap", "aspace", "bench")
 
 
-def kernel_units(arch: Arch) -> tuple[str, ...]:
-    return tuple(unit.format(arch=arch.name) for unit in KERNEL_UNITS) + MEMORY_UNITS
+def kernel_units(arch: Arch, pmm_unit: str = "pmm") -> tuple[str, ...]:
+    return (tuple(unit.format(arch=arch.name) for unit in KERNEL_UNITS)
+            + tuple(unit.format(pmm=pmm_unit) for unit in MEMORY_UNITS))
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,7 @@ def generated_pieces(layout: Layout) -> list[asm.Piece]:
 
 def kernel_pieces(layout: Layout, templates: Path | None = None) -> list[asm.Piece]:
     templates = templates or templates_dir()
-    units = [piece for unit in kernel_units(layout.arch) for piece in
+    units = [piece for unit in kernel_units(layout.arch, layout.pmm_unit) for piece in
              asm.load_unit(templates, unit, layout.arch)]
     return units + generated_pieces(layout)
 

@@ -16,6 +16,7 @@ class Variant:
     name: str         # the [variant] key and the Config field
     bug: str          # what the kernel does wrong with it on (the config's comment)
     caught_by: str    # the stage of `kgen test` (a -k expression) that must see the bug on its own
+    pmm_kind: str | None = None     # the frame allocator (pmm.kind) whose template holds the bug; None: any
 
     @property
     def constant(self) -> str:
@@ -31,9 +32,11 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("vmm_unmap_skip_invlpg", "unmap pages without INVLPG", "tlb"),
     Variant("vmm_table_user", "give a new table's entry one level up U/S", "page_tables"),
     Variant("vmm_map_wrong_index", "write vmm_map's PTE one entry too far", "page_tables"),
-    Variant("pmm_double_push", "let pmm_free push the frame already on top", "double_free"),
+    Variant("pmm_double_push", "let pmm_free push the frame already on top", "double_free", pmm_kind="stack"),
     Variant("vrange_bad_merge", "merge a released range into the next free one wrongly", "merge"),
     Variant("heap_small_block", "serve kmalloc from blocks one class too small", "heap"),
     Variant("pmm_free_at_skip_invlpg", "free mapped frames (vmm_free, kfree) without INVLPG", "tlb"),
+    Variant("pmm_bitmap_free_keeps_bit", "let the bitmap's pmm_free count the frame free but leave its bit set",
+            "double_free", pmm_kind="bitmap"),
 )
 VARIANT_NAMES: tuple[str, ...] = tuple(v.name for v in VARIANTS)

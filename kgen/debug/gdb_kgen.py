@@ -202,7 +202,7 @@ def source_lines(elf, layout, addr: int) -> list[str]:
     if sym is None:
         raise _kgen_error()(f"{addr:#x} is in no symbol of {elf.path.name}")
     templates = templates_dir()
-    for unit in kernel_units(layout.arch):
+    for unit in kernel_units(layout.arch, layout.pmm_unit):
         for piece in asm.load_unit(templates, unit, layout.arch):
             starts = [(number, m.group(1)) for number, text in piece.lines
                       if (m := asm._LABEL_RE.match(text)) and not m.group(1).startswith(".L")]
