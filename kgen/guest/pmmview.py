@@ -1,11 +1,17 @@
-"""The kernel's physical frame allocator (templates/pmm.s) seen from the host, read out of guest physical memory.
+"""The kernel's physical frame allocator (templates/pmm.s, or templates/pmm_bitmap.s for pmm.kind = "bitmap") seen
+from the host, read out of guest physical memory.
 
     view = PmmView.of(session)
     state = view.state()            # total, reserved, free = count + untouched, ranges, reserved intervals
     frames = view.free_stack(state) # the free stack, top first, by following the links inside the frames
+    frames = view.free_frames(state)    # what the allocator holds free: the stack, or the bitmap's clear bits
 
 Variables are found by their ELF symbols and reached through the kernel image's fixed physical offset, so nothing
 here restates an address. Reading is only meaningful while the kernel is idle between calls.
+
+The bitmap kind has no stack and no bump pointer (top and untouched read 0): bit b of its bitmap stands for the b-th
+frame of the ranges taken one after the other, set while the frame is in use; the bitmap's own frames are the third
+reserved interval, where it is read.
 
 Sizes follow the kernel's architecture: pmm_top, pmm_bump_next, the [start, end) pairs and the link inside a free
 frame are words (4 bytes on i386, 8 on x86_64); the frame counts are dwords on both.
@@ -92,11 +98,22 @@ def ranges_from_mmap(mmap, arch: Arch = I386) -> list[tuple[int, int]]:
 
 
 def alloc_at_pages(layout: Layout) -> list[int]:
-    """Pages of the temp-map window's page table above its slots: the table exists from boot, so pmm_alloc_at
-    can map them without the VMM growing tables."""
+    """Pages of the temp-map window's page table above its slots (below the bitmap window of a bitmap kernel): the
+    table exists from boot, so pmm_alloc_at can map them without the VMM growing tables."""
     span = layout.leaf_table_span
     table = layout.tempmap_base & ~(span - 1)
-    return list(range(layout.tempmap_window.end, table + span, hw.PAGE_SIZE))
+    end = layout.pmm_bitmap_window.start if layout.pmm_kind == "bitmap" else table + span
+    return list(range(layout.tempmap_window.end, end, hw.PAGE_SIZE))
+
+
+# The bitmap allocator's reserved intervals: the image, the Multiboot information, then its own frames.
+BITMAP_INTERVAL = 2
+
+
+def frames_in_bit_order(ranges):
+    """The frames of the ranges one after the other: the frame bit b of the bitmap stands for is the b-th."""
+    for start, end in ranges:
+        yield from range(start, end, hw.PAGE_SIZE)
 
 
 def overlap_frames(ranges, intervals) -> int:
@@ -112,6 +129,7 @@ class PmmView:
         self.elf = elf
         self.layout = layout
         self.word_size = word_size or layout.arch.word_size
+        self.kind = layout.pmm_kind if layout is not None else "stack"
 
     @classmethod
     def of(cls, session) -> "PmmView":
@@ -143,10 +161,36 @@ class PmmView:
         return tuple((self.word(array, 2 * i), self.word(array, 2 * i + 1)) for i in range(n))
 
     def state(self) -> PmmState:
-        return PmmState(top=self.word("pmm_top"), count=self.u32("pmm_count"), untouched=self.u32("pmm_untouched"),
+        stack = self.kind == "stack"
+        return PmmState(top=self.word("pmm_top") if stack else 0, count=self.u32("pmm_count"),
+                        untouched=self.u32("pmm_untouched") if stack else 0,
                         total=self.u32("pmm_total"), reserved_frames=self.u32("pmm_reserved_frames"),
                         ranges=self.pairs("pmm_ranges", "pmm_range_count", self.layout.boot_mmap_max_entries),
                         reserved=self.pairs("pmm_reserved", "pmm_reserved_count", self.layout.pmm_reserved_intervals))
+
+    def free_count(self) -> int:
+        """Frames free now, as pmm_stats_free counts them: the stack's and the bump pointer's, or the clear bits."""
+        return self.u32("pmm_count") + (self.u32("pmm_untouched") if self.kind == "stack" else 0)
+
+    def free_frames(self, state: PmmState | None = None) -> list[int]:
+        """The frames the allocator holds free: the free stack (top first; the bump pointer's frames not counted),
+        or the bitmap's clear bits (lowest first)."""
+        state = state or self.state()
+        if self.kind == "stack":
+            return self.free_stack(state)
+        data = self.bitmap(state)
+        return [frame for bit, frame in zip(range(state.total), frames_in_bit_order(state.ranges))
+                if not data[bit >> 3] >> (bit & 7) & 1]
+
+    def bitmap(self, state: PmmState) -> bytes:
+        """The bitmap's bytes (a bit per frame of the ranges, whole dwords), read from its own frames."""
+        start, _ = state.reserved[BITMAP_INTERVAL]
+        return self.read_phys(start, (state.total + 31) // 32 * 4)
+
+    def bitmap_frames(self, state: PmmState) -> list[int]:
+        """The frames that hold the bitmap."""
+        start, end = state.reserved[BITMAP_INTERVAL]
+        return list(range(start, end, hw.PAGE_SIZE))
 
     def free_stack(self, state: PmmState | None = None) -> list[int]:
         """The frames on the free stack, top first. Looks at most count + 1 links, so a chain longer than the

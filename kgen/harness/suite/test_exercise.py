@@ -12,7 +12,8 @@ each part of it checks
   through table entries that are present, writable and supervisor-only; the CPU reads what lies in that frame;
 - the frame accounting: free frames = the free frames at the start of the stage, less the frames now mapped and the
   tables now present that were not at the start (plus those gone since), less the frames the test holds; the free
-  stack is a chain of exactly `pmm_count` frames, none of them mapped, a table or held;
+  stack is a chain of exactly `pmm_count` frames (a bitmap kernel's bitmap has exactly `pmm_count` clear bits),
+  none of them mapped, a table or held;
 - the range allocator's free list: sorted, merged, inside the vmm window, clear of live allocations and mapped
   pages.
 
@@ -69,6 +70,7 @@ class Exercise:
         self.arch = self.layout.arch
         self.mode = self.arch.paging
         self.pmm = PmmView(live.machine.read_phys, self.elf, self.layout)
+        self.stack = self.layout.pmm_kind == "stack"      # else the bitmap (templates/pmm_bitmap.s)
         self.held: set[int] = set()         # frames the test took with pmm_alloc and has not mapped or freed
         self.mapped: dict[int, int] = {}    # vaddr -> frame of the pages the test mapped with vmm_map
         self._poison_pages: dict[int, bytes] = {}
@@ -128,7 +130,7 @@ class Exercise:
         mappings, page_tables = self.walk(view)
         frames = {m.pstart + o for m in mappings if self.in_play(m.vstart) for o in range(0, m.size, PAGE)}
         tables = {frame for _, frame in page_tables}
-        return frames, tables, self.pmm.u32("pmm_count") + self.pmm.u32("pmm_untouched")
+        return frames, tables, self.pmm.free_count()
 
     def in_play(self, vaddr: int) -> bool:
         """Where the stages map pages: the user half, the temp-map window and the vmm window (the kernel image and
@@ -242,16 +244,18 @@ class Exercise:
         if state.live != state.total - state.reserved_frames - state.free:
             problems.append(f"pmm counts disagree: {state}")
         try:
-            stack = self.pmm.free_stack(state)
+            free = self.pmm.free_frames(state)
         except ChainError as err:
             return problems + [f"the free stack: {err}"]
-        if len(stack) != state.count:
-            problems.append(f"the free stack holds {len(stack)} frames, pmm_count says {state.count}")
-        for frame in stack:
+        if len(free) != state.count:
+            held = f"the free stack holds {len(free)} frames" if self.stack else f"the bitmap has {len(free)} clear bits"
+            problems.append(f"{held}, pmm_count says {state.count}")
+        where = "on the free stack" if self.stack else "free in the bitmap"
+        for frame in free:
             what = ("mapped" if frame in frames else "a page table" if frame in tables else
                     "held by the test" if frame in self.held else None)
             if what:
-                problems.append(f"frame {frame:#x} is on the free stack and {what}")
+                problems.append(f"frame {frame:#x} is {where} and {what}")
         return problems
 
     def range_problems(self, view) -> list[str]:
@@ -431,6 +435,8 @@ def test_temp_map_slots_reach_each_new_frame(kernel):
 
 def test_free_stack_is_last_in_first_out_and_refuses_a_double_free(kernel):
     k = kernel
+    if not k.stack:
+        pytest.skip("a bitmap kernel has no free stack (test_bitmap_hands_out_the_lowest_free_frame...)")
     k.begin("frames allocated and freed")
     frames = [k.alloc_frame() for _ in range(STACK_FRAMES)]
     assert len(set(frames)) == STACK_FRAMES, f"pmm_alloc handed out a frame twice: {[hex(f) for f in frames]}"
@@ -449,6 +455,31 @@ def test_free_stack_is_last_in_first_out_and_refuses_a_double_free(kernel):
     k.check_released("the frames allocated again and freed")
 
 
+def test_bitmap_hands_out_the_lowest_free_frame_and_refuses_a_double_free(kernel):
+    """pmm.kind = "bitmap": pmm_alloc takes the lowest free frame (the next-free hint never skips one), sets its bit;
+    pmm_free clears it, and refuses a frame whose bit is already clear."""
+    k = kernel
+    if k.stack:
+        pytest.skip("a stack kernel has no bitmap (test_free_stack_is_last_in_first_out...)")
+    k.begin("frames allocated and freed")
+    k.live.stop()
+    lowest = k.pmm.free_frames()[:STACK_FRAMES]
+    frames = [k.alloc_frame() for _ in range(STACK_FRAMES)]
+    assert frames == lowest, f"pmm_alloc handed out {[hex(f) for f in frames]}, not the lowest free frames " \
+                             f"{[hex(f) for f in lowest]}"
+    k.check("frames allocated")
+    for frame in frames[::2] + frames[1::2]:
+        k.free_frame(frame)
+    k.check("frames freed")
+    assert k.call("pmm_free", frames[0]) == 0, f"pmm_free({frames[0]:#x}) accepted a frame already free (a double free)"
+    k.check(f"a double free of {frames[0]:#x}")
+    again = [k.alloc_frame() for _ in range(STACK_FRAMES)]
+    assert again == frames, "pmm_alloc did not take the freed frames back lowest first"
+    for frame in again:
+        k.free_frame(frame)
+    k.check_released("the frames allocated again and freed")
+
+
 def test_allocate_at_round_trips(kernel):
     """pmm_alloc_at maps a cleared frame with the flags asked for, pmm_free_at pushes it back while mapped; in a page
     table the test keeps alive with a page of its own."""
@@ -461,15 +492,19 @@ def test_allocate_at_round_trips(kernel):
     for vaddr, flags in zip(pages, (FLAGS, hw.PTE_P)):
         phys = k.call("pmm_alloc_at", vaddr, flags)
         assert phys, f"pmm_alloc_at({vaddr:#x}) failed with plenty of frames"
-        below = k.word("pmm_top")
+        below = k.word("pmm_top") if k.stack else None
         k.check(f"pmm_alloc_at({vaddr:#x}, {flags:#x})")
         k.live.stop()
         assert k.live.machine.read_phys(phys, PAGE) == bytes(PAGE), f"pmm_alloc_at({vaddr:#x}): {phys:#x} not cleared"
         k.check_page(vaddr, phys, flags)
         assert k.call("pmm_free_at", vaddr) == phys, f"pmm_free_at({vaddr:#x}) did not give back {phys:#x}"
         k.check_unmapped(vaddr)
-        assert k.word("pmm_top") == phys and k.pmm.link(phys) == below, \
-            f"pmm_free_at({vaddr:#x}): {phys:#x} is not on top of the free stack, linked to {below:#x}"
+        if k.stack:
+            assert k.word("pmm_top") == phys and k.pmm.link(phys) == below, \
+                f"pmm_free_at({vaddr:#x}): {phys:#x} is not on top of the free stack, linked to {below:#x}"
+        else:
+            k.live.stop()
+            assert phys in k.pmm.free_frames(), f"pmm_free_at({vaddr:#x}): {phys:#x} is not free in the bitmap"
         k.check(f"pmm_free_at({vaddr:#x})")
     k.unmap(anchor)
     k.free_frame(frame)
