@@ -74,6 +74,21 @@ def test_bad_documents(doc, fragment):
     assert fragment in str(info.value) and str(info.value).startswith("kgen.toml: ")
 
 
+@pytest.mark.parametrize("arch, window", [("i386", (0xFFBE8000, 0xFFC00000)),
+                                          ("x86_64", (0xFFFFFE8000180000, 0xFFFFFE8000200000))])
+def test_the_bitmap_window_ends_the_temp_map_page_table_and_is_refused_where_it_overlaps(arch, window):
+    """pmm.kind = "bitmap": a region of the layout (a bit per frame of the most RAM the architecture takes), at the
+    end of the temp-map window's page table; a temp-map window reaching it is refused, naming the bitmap's key."""
+    config = Config.for_arch(arch, pmm_kind="bitmap")
+    layout = compute(config)
+    assert (layout.pmm_bitmap_window.start, layout.pmm_bitmap_window.end) == window
+    assert layout.pmm_bitmap_window in layout.regions() and layout.pmm_unit == "pmm_bitmap"
+    assert layout.asm_constants()["PMM_BITMAP_BASE"] == window[0]
+    assert compute(Config.for_arch(arch)).pmm_unit == "pmm"
+    with pytest.raises(ConfigError, match=r"pmm.kind = 'bitmap': pmm bitmap window .* overlaps temp-map window"):
+        compute(config.with_values(tempmap_slots=layout.arch.entries_per_table))
+
+
 def test_file_values_reach_the_layout(tmp_path):
     path = tmp_path / "kgen.toml"
     path.write_text("[paging]\nrecursive_slot = 1000\n[tempmap]\nslots = 4\n")
@@ -99,6 +114,9 @@ def test_asm_constants_take_hardware_facts_from_hw():
     ("[kernel]\nvirtual_base = 0xC0001000\n", "kernel.virtual_base = 0xc0001000: must be aligned to 4 MiB"),
     ("[paging]\nrecursive_slot = 768\n", "paging.recursive_slot = 768"),
     ("[kernel\n", "not valid TOML"),
+    ('[pmm]\nkind = "buddy"\n', "pmm.kind = 'buddy': must be one of 'stack', 'bitmap'"),
+    ("[variant]\npmm_bitmap_free_keeps_bit = true\n", "variant.pmm_bitmap_free_keeps_bit = true: seeds its bug in "
+     "the bitmap allocator: set pmm.kind = 'bitmap' too"),
 ])
 def test_cli_bad_config_is_one_line_exit_2(tmp_path, text, fragment):
     path = tmp_path / "kgen.toml"

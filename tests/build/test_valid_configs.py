@@ -4,7 +4,8 @@ gets one line naming a key the user set.
 Configs are drawn by hypothesis over the whole config space of both architectures:
 
 - `valid_configs(arch)` builds a config the way a user who read the rules would, region by region in the kernel
-  half (image, recursive and foreign slots, temp-map window, vmm window in a gap that is left, RAM for what it
+  half (image, recursive and foreign slots, temp-map window, the frame allocator (pmm.kind: a bitmap kernel's
+  bitmap window takes the end of the temp-map's page table), vmm window in a gap that is left, RAM for what it
   needs), with a bias towards edges: windows that touch, that share a page table with the image, that end where
   the address space or a table ends. Almost every draw is accepted; the few the rules refuse are dropped.
 - `any_configs(arch)` sets a few keys to anything at all: edges, huge numbers, values just past a limit.
@@ -29,7 +30,7 @@ from hypothesis import strategies as st
 
 from conftest import needs_qemu, run_kgen
 from kgen.arch import ARCHES
-from kgen.build.config import Config, load
+from kgen.build.config import PMM_KINDS, Config, load
 from kgen.build.layout import I386_MIN_USER_HALF, RAM_ABOVE_IMAGE, TOP_2_GIB, Layout, compute
 from kgen.errors import ConfigError
 
@@ -145,9 +146,15 @@ def valid_values(draw, arch: str, memory_cap: int | None = None) -> dict:
         table_choices.append(st.builds(lambda s, t: a.canonical(s << a.shift(0)) + t * leaf, pml4,
                                        st.one_of(st.sampled_from([0, 1, 511, 0x3FFFF]), st.integers(0, 0x3FFFF))))
     table = draw(st.one_of(*table_choices))
+    # A bitmap kernel's bitmap window is the last pages of that table: the temp-map window stays below it.
+    v["pmm_kind"] = draw(st.sampled_from(PMM_KINDS))
+    bitmap_pages = BITMAP_PAGES[arch] if v["pmm_kind"] == "bitmap" else 0
+    slots = min(slots, entries - bitmap_pages)
     v["tempmap_slots"] = slots
-    v["tempmap_base"] = table + _edge_int(draw, 0, (entries - slots) * PAGE, PAGE)
+    v["tempmap_base"] = table + _edge_int(draw, 0, (entries - bitmap_pages - slots) * PAGE, PAGE)
     taken.append((v["tempmap_base"], v["tempmap_base"] + slots * PAGE))
+    if bitmap_pages:
+        taken.append((table + (entries - bitmap_pages) * PAGE, table + leaf))
 
     # The vmm window: in a gap of the kernel half the others leave, at least the heap's window and the room
     # beyond it, ending below the top of the address space. One draw in eight probes past what the rules are
@@ -177,6 +184,10 @@ def valid_values(draw, arch: str, memory_cap: int | None = None) -> dict:
     v["machine_memory_mib"] = draw(st.one_of(st.just(least_mib), st.just(max(least_mib, min(128, cap))),
                                              st.integers(least_mib, cap)))
     return v
+
+
+# Pages of a bitmap kernel's bitmap window (a bit per frame of the most RAM the architecture takes).
+BITMAP_PAGES = {arch: -(-ARCHES[arch].max_memory_mib * MIB // PAGE // 8 // PAGE) for arch in ARCH_NAMES}
 
 
 def valid_configs(arch: str, memory_cap: int | None = None):
@@ -231,6 +242,10 @@ def windows_of(config: Config) -> dict[str, tuple[int, int]]:
            "vmm": (config.vmm_base, config.vmm_base + config.vmm_size)}
     if hasattr(config, "paging_foreign_slot"):
         out["foreign"] = slot_window(config.arch, config.paging_foreign_slot)
+    if getattr(config, "pmm_kind", "stack") == "bitmap":
+        leaf = arch.span(arch.levels - 2)
+        table_end = config.tempmap_base // leaf * leaf + leaf
+        out["pmm bitmap"] = (table_end - BITMAP_PAGES[config.arch] * PAGE, table_end)
     assert arch  # every window above is in this architecture's terms
     return out
 

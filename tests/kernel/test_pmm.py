@@ -1,8 +1,9 @@
 """The physical frame allocator (templates/pmm.s) in a running kernel, through the call channel, on poisoned RAM.
 
-Every test drives the kernel through a `Model`: it predicts each answer (LIFO stack, then the bump pointer) and
-after every call checks total = free + live + reserved; `Model.check_machine` then walks the free stack and the
-page tables from the host (kgen.guest.pmmview, kgen.guest.pagewalk).
+Every test drives the kernel through a `Model`: it predicts each answer (LIFO stack, then the bump pointer; for
+pmm.kind = "bitmap", templates/pmm_bitmap.s, the lowest free frame) and after every call checks total = free + live
++ reserved; `Model.check_machine` then reads the free stack (or the bitmap) and walks the page tables from the host
+(kgen.guest.pmmview, kgen.guest.pagewalk). The bitmap kernel's tests are at the end.
 
 One template serves both word sizes, so the tests run on the i386 and the x86_64 kernel alike (ids [i386] and
 [x86_64]); sizes, spans and widths come from the architecture record. A subset runs under KVM as well, where the
@@ -10,6 +11,7 @@ probe boot says KVM can run that kernel (kvm_pvm here runs long mode, not 32-bit
 """
 from __future__ import annotations
 
+import bisect
 import random
 import time
 
@@ -24,8 +26,8 @@ from kgen.arch import ARCHES
 from kgen.guest.calls import CallError
 from kgen.build.config import Config
 from kgen.guest.pagewalk import Walker
-from kgen.guest.pmmview import (ChainError, PmmState, PmmView, alloc_at_pages, overlap_frames, parse_report,
-                          ranges_from_mmap)
+from kgen.guest.pmmview import (ChainError, PmmState, PmmView, alloc_at_pages, frames_in_bit_order, overlap_frames,
+                                parse_report, ranges_from_mmap)
 from kgen.harness.session import KernelSession
 
 from conftest import KVM_ONLY, POISON, DrivenModel, op_lists, open_session, run_model, shared_build
@@ -73,7 +75,15 @@ class Model(DrivenModel):
         self.cr3 = boot.cr3
         self.ram = ranges_from_mmap(boot.mmap, self.arch)
         start = self.view.state()
-        self.stack = self.view.free_stack(start)[::-1]      # bottom first, as a Python list grows
+        self.bitmap = self.layout.pmm_kind == "bitmap"
+        self.stack, self.free_bits = [], set()
+        if self.bitmap:
+            self.frame_of = list(frames_in_bit_order(start.ranges))    # bit -> frame
+            bit_of = {frame: bit for bit, frame in enumerate(self.frame_of)}
+            self.bit_of = bit_of.__getitem__
+            self.free_bits = {bit_of[frame] for frame in self.view.free_frames(start)}
+        else:
+            self.stack = self.view.free_stack(start)[::-1]  # bottom first, as a Python list grows
         self.untouched = start.untouched
         self.live_before = start.live                          # frames held before this model began
         self.held: set[int] = set()                            # frames from pmm_alloc
@@ -93,7 +103,7 @@ class Model(DrivenModel):
     def free(self, frame: int) -> None:
         assert self.s.call("pmm_free", frame) == 1, f"pmm_free({frame:#x}) refused a live frame"
         self.held.remove(frame)
-        self.stack.append(frame)
+        self._pushed(frame)
         self.check_accounting()
 
     def alloc_at(self, vaddr: int, flags: int = hw.PTE_RW) -> int:
@@ -110,7 +120,7 @@ class Model(DrivenModel):
     def free_at(self, vaddr: int) -> int:
         frame = self.mapped.pop(vaddr)
         assert self.s.call("pmm_free_at", vaddr) == frame
-        self.stack.append(frame)
+        self._pushed(frame)
         self.check_accounting()
         return frame
 
@@ -135,10 +145,12 @@ class Model(DrivenModel):
             mapped = sorted(self.mapped)
             self.free_at(mapped[pick % len(mapped)])
 
-    def free_top_twice(self) -> None:
-        """pmm_free of the frame on top of the free stack: refused, nothing changes."""
-        if self.stack:
-            assert self.s.call("pmm_free", self.stack[-1]) == 0
+    def free_again(self) -> None:
+        """pmm_free of a frame already free (the stack's top, the bitmap's lowest free frame): refused, nothing
+        changes."""
+        if self.stack or self.free_bits:
+            again = self.stack[-1] if self.stack else self.frame_of[min(self.free_bits)]
+            assert self.s.call("pmm_free", again) == 0, f"pmm_free({again:#x}) accepted a frame already free"
             self.check_accounting()
 
     def check(self) -> None:
@@ -149,7 +161,10 @@ class Model(DrivenModel):
         self.check_machine()
 
     def _expected_pop(self) -> int | None:
-        """The frame the next allocation must return: the stack's top, 0 when all is gone, None for a bump."""
+        """The frame the next allocation must return: the stack's top (the bitmap's lowest free frame), 0 when all
+        is gone, None for a bump."""
+        if self.free_bits:
+            return self.frame_of[min(self.free_bits)]
         if self.stack:
             return self.stack[-1]
         return None if self.untouched else 0
@@ -159,9 +174,22 @@ class Model(DrivenModel):
             self.untouched -= 1
             self.check_fresh(frame, what)
         else:
-            assert frame == expected, f"{what} = {frame:#x}, expected {expected:#x} (top of the stack, or 0)"
-            if frame:
+            assert frame == expected, f"{what} = {frame:#x}, expected {expected:#x} (top of the stack, the lowest " \
+                                      "free frame, or 0)"
+            if frame and self.bitmap:
+                self.free_bits.remove(self.bit_of(frame))
+            elif frame:
                 self.stack.pop()
+
+    def _pushed(self, frame: int) -> None:
+        if self.bitmap:
+            self.free_bits.add(self.bit_of(frame))
+        else:
+            self.stack.append(frame)
+
+    def free_set(self) -> set[int]:
+        """The frames the model holds free (the bump pointer's aside)."""
+        return {self.frame_of[bit] for bit in self.free_bits} if self.bitmap else set(self.stack)
 
     # ---- checks -----------------------------------------------------------------------------------------------
     def check_fresh(self, frame: int, what: str) -> None:
@@ -177,7 +205,7 @@ class Model(DrivenModel):
     def check_accounting(self) -> None:
         state = self.view.state()
         live = self.live_before + len(self.held) + len(self.mapped)
-        assert (state.count, state.untouched) == (len(self.stack), self.untouched)
+        assert (state.count, state.untouched) == (len(self.stack) + len(self.free_bits), self.untouched)
         assert state.total == state.free + live + state.reserved_frames, \
             f"total {state.total} != free {state.free} + live {live} + reserved {state.reserved_frames}"
 
@@ -193,9 +221,12 @@ class Model(DrivenModel):
 
     def check_machine(self) -> None:
         state = self.view.state()
-        chain = self.view.free_stack(state)
+        chain = self.view.free_frames(state)
         assert len(set(chain)) == len(chain) == state.count
-        assert chain == self.stack[::-1], "the free stack in memory is not the model's"
+        if self.bitmap:
+            assert set(chain) == self.free_set(), "the bitmap's clear bits are not the model's free frames"
+        else:
+            assert chain == self.stack[::-1], "the free stack in memory is not the model's"
         assert self.s.variable("tempmap_used", 4) == 0
         walker = self.walker()
         assert self.slot_ptes(walker) == [0] * self.layout.tempmap_slots, "a temp-map slot is still mapped"
@@ -203,9 +234,10 @@ class Model(DrivenModel):
             assert walker.translate(self.layout.tempmap_slot_address(slot)) is None, f"temp-map slot {slot} maps"
         on_stack = set(chain)
         tables = {walker.top} | {frame for _, frame in walker.page_tables()}
-        assert not on_stack & tables, f"page tables {[hex(f) for f in on_stack & tables]} are on the free stack"
+        assert not on_stack & tables, f"page tables {[hex(f) for f in on_stack & tables]} are free"
+        free = sorted(on_stack)
         for m in walker.mappings():
-            hit = [f for f in on_stack if m.pstart <= f < m.pstart + m.size]
+            hit = free[bisect.bisect_left(free, m.pstart):bisect.bisect_left(free, m.pstart + m.size)]
             assert not hit, f"free frames {[hex(f) for f in hit]} are mapped at {m}"
         for vaddr, frame in self.mapped.items():
             t = walker.translate(vaddr)
@@ -480,7 +512,7 @@ def test_a_kernel_without_invlpg_is_caught(tmp_path_factory, arch):
 # ---- random sequences against the model -----------------------------------------------------------------------
 PICK = st.integers(0, 1 << 16)
 OPS = op_lists(("alloc",), ("alloc",), ("free_held", PICK), ("alloc_at_spare", PICK), ("free_at_mapped", PICK),
-               ("free_top_twice",), min_size=100, max_size=200)
+               ("free_again",), min_size=100, max_size=200)
 BATCH = 25
 
 
@@ -498,3 +530,65 @@ def test_random_sequences_match_the_model(kernel, ops):
 @KVM_ONLY
 def test_random_sequences_match_the_model_under_kvm(kernel, ops):
     run_model(Model(kernel), ops, check_every=BATCH)
+
+
+# ---- the bitmap allocator (pmm.kind = "bitmap", templates/pmm_bitmap.s) -----------------------------------------
+@pytest.fixture(scope="module")
+def bitmap_build(tmp_path_factory, arch):
+    return shared_build(tmp_path_factory, Config.for_arch(arch, pmm_kind="bitmap"))
+
+
+@pytest.fixture
+def bitmap_kernel(bitmap_build):
+    with open_session(bitmap_build) as s:
+        yield s
+
+
+def test_bitmap_init_accounts_for_the_memory_map_the_image_and_itself(bitmap_kernel):
+    """A bit per frame of the ranges; the bitmap's own frames are the third reserved interval, mapped page by page at
+    the bottom of its window and nothing beyond; reserved frames and the bits past the last frame are set."""
+    s = bitmap_kernel
+    report, boot = parse_report(s.machine.serial), bootreport.parse(s.machine.serial)
+    view = PmmView.of(s)
+    state = view.state()
+    assert list(state.ranges) == ranges_from_mmap(boot.mmap, s.layout.arch)
+    assert state.total == sum(hi - lo for lo, hi in state.ranges) // hw.PAGE_SIZE == report.total
+    start, end = state.reserved[-1]
+    assert end - start == -(-state.total // 32 * 4 // hw.PAGE_SIZE) * hw.PAGE_SIZE, "not a bit per frame present"
+    assert state.reserved_frames == overlap_frames(state.ranges, state.reserved) == report.reserved
+    assert report.free == report.total - report.reserved - s.layout.vmm_init_tables
+    window = s.layout.pmm_bitmap_window.start
+    walker = Model(s).walker()
+    for i, frame in enumerate(view.bitmap_frames(state)):
+        t = walker.translate(window + i * hw.PAGE_SIZE)
+        assert t is not None and t.paddr == frame, f"bitmap page {i} at {window + i * hw.PAGE_SIZE:#x} maps {t}"
+    assert walker.translate(window + (end - start)) is None, "a page past the bitmap is mapped in its window"
+    data = view.bitmap(state)
+    bits = int.from_bytes(data, "little")
+    order = list(frames_in_bit_order(state.ranges))
+    assert all(bits >> bit & 1 for bit, frame in enumerate(order) if state.in_reserved(frame)), "a reserved bit clear"
+    assert bits >> state.total == (1 << (len(data) * 8 - state.total)) - 1, "a bit past the last frame is clear"
+
+    # Refusals, each with its report, the bitmap's frames and a double free among them (the same boot).
+    model = Model(s)
+    frame = model.alloc()
+    digits = 2 * s.word_size
+    reserved = "inside the kernel image, the Multiboot information or the bitmap"
+    cases = {frame + 0x10: "not page-aligned", state.ranges[-1][1]: "not in available RAM",
+             s.layout.kernel_load_address: reserved, start: reserved, end - hw.PAGE_SIZE: reserved}
+    for address, reason in cases.items():
+        before, since = model.view.state(), len(s.machine.serial)
+        assert s.call("pmm_free", address) == 0, f"pmm_free({address:#x}) accepted"
+        wait_output(s, since, f"kgen: pmm_free: refused 0x{address:0{digits}x}: {reason}")
+        assert model.view.state() == before, f"pmm_free({address:#x}) refused, and changed the allocator"
+    model.free(frame)
+    since = len(s.machine.serial)
+    assert s.call("pmm_free", frame) == 0, "double free accepted"
+    wait_output(s, since, f"refused 0x{frame:0{digits}x}: its bit is already clear (double free)")
+    model.check_machine()
+
+
+@settings(max_examples=3, **SETTINGS)
+@given(ops=OPS)
+def test_bitmap_random_sequences_match_the_model(bitmap_kernel, ops):
+    run_model(Model(bitmap_kernel), ops, check_every=BATCH)

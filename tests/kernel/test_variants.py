@@ -27,6 +27,7 @@ pytestmark = [pytest.mark.vm, needs_qemu]
 # it must see the bug on its own, not only a neighbour that happens to trip over it.
 VARIANTS = tuple(variant.name for variant in ALL_VARIANTS)
 CAUGHT_BY = {variant.name: variant.caught_by for variant in ALL_VARIANTS}
+PMM_KIND = {variant.name: variant.pmm_kind for variant in ALL_VARIANTS}
 
 
 def kgen_test(out: Path, *args: str) -> subprocess.CompletedProcess:
@@ -42,8 +43,11 @@ def stage_failed(stdout: str, keyword: str) -> bool:
 
 
 def config_file(tmp_path: Path, variant: str | None) -> Path:
+    """The variant's kgen.toml, with the frame allocator its bug lives in (Variant.pmm_kind) where it needs one."""
     path = tmp_path / "kgen.toml"
-    path.write_text(f"[variant]\n{variant} = true\n" if variant else "")
+    kind = PMM_KIND.get(variant)
+    path.write_text((f"[variant]\n{variant} = true\n" if variant else "")
+                    + (f'[pmm]\nkind = "{kind}"\n' if kind else ""))
     return path
 
 
