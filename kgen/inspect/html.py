@@ -39,7 +39,8 @@ FOLDED_ROLES = frozenset({"never allocated", "not RAM", "unreferenced"})
 ROLE_COLOURS = {
     "kernel image": "#4e79a7", "boot tables": "#9c755f", "page table (PT)": "#59a14f",
     "page table (PD)": "#8cd17d", "page table (PDPT)": "#b6992d", "page table (PML4)": "#f1ce63",
-    "temp-mapped": "#e15759", "free (on the stack)": "#bab0ac", "heap": "#f28e2b", "user page": "#b07aa1",
+    "temp-mapped": "#e15759", "free (on the stack)": "#bab0ac", "free (in the bitmap)": "#bab0ac",
+    "pmm bitmap": "#edc948", "heap": "#f28e2b", "user page": "#b07aa1",
     "mapped twice": "#ff0000", "mapped": "#76b7b2", "reserved": "#888888", "allocated, unmapped": "#ff9da7",
 }
 REGION_COLOURS = ("#4e79a7", "#f28e2b", "#59a14f", "#b07aa1", "#9c755f", "#e15759", "#76b7b2", "#edc948",

@@ -68,6 +68,8 @@ def layout_regions(view: GuestView) -> list[Region]:
         "vmm range window": "vmm_alloc's kernel ranges, the heap's slab window among them",
         "foreign window": f"{view.mode.level_names[0]}[{layout.foreign_slot}] points at an attached space's top "
                           "table while one is attached (as_attach): its page tables appear here",
+        "pmm bitmap window": "the bitmap allocator's bitmap, a bit per frame of RAM (pmm.kind = \"bitmap\"); pages "
+                             "mapped for the RAM present",
     }
     regions += [Region(r.name, r.start, r.end, "layout", described.get(r.name, "")) for r in layout.regions()]
     slabs = kernel_word(view, "heap_slab_base")
@@ -281,7 +283,8 @@ class FrameMap:
     """A role (and an optional detail) per 4 KiB frame below `end`; a role is only set over one of lower
     priority (a page table stays a page table when it is also mapped somewhere)."""
 
-    PRIORITY = ("page table", "boot tables", "temp-mapped", "free (on the stack)", "kernel image", "heap",
+    PRIORITY = ("page table", "boot tables", "temp-mapped", "pmm bitmap", "free (on the stack)", "free (in the bitmap)",
+                "kernel image", "heap",
                 "user page", "mapped twice", "mapped", "reserved", "never allocated", "allocated, unmapped",
                 "unreferenced", "not RAM")
 
@@ -349,7 +352,7 @@ def physical_runs(view: GuestView, walker: Walker | None, regions: list[Region],
     outside it are not RAM (a kgen kernel's PMM says where its RAM is)."""
     layout = view.layout
     pmm = state = None
-    if layout is not None and "pmm_top" in view.elf.symbols:
+    if layout is not None and "pmm_total" in view.elf.symbols:
         pmm = PmmView(view.read_phys, view.elf, layout)
         state = pmm.state()
     if ram is None:
@@ -361,11 +364,11 @@ def physical_runs(view: GuestView, walker: Walker | None, regions: list[Region],
             frames.set_range(lo, hi, "allocated, unmapped", "taken from the PMM, mapped nowhere in this space")
         for lo, hi in state.reserved:
             frames.set_range(lo, hi, "reserved", "a reserved interval of the PMM (image, Multiboot information)")
-        for frame in _untouched_frames(pmm, state):
+        for frame in _untouched_frames(pmm, state) if pmm.kind == "stack" else ():
             frames.set(frame, "never allocated")
         try:
-            for frame in pmm.free_stack(state):
-                frames.set(frame, "free (on the stack)")
+            for frame in pmm.free_frames(state):
+                frames.set(frame, "free (on the stack)" if pmm.kind == "stack" else "free (in the bitmap)")
         except ChainError as err:      # the chain itself is a finding
             problems.append(f"the free stack cannot be followed: {err}")
     else:
@@ -394,6 +397,7 @@ def physical_runs(view: GuestView, walker: Walker | None, regions: list[Region],
 
     # Mapped frames: who maps them, and how often (the recursive windows aside: they show the tables).
     tempmap = layout.tempmap_window if layout is not None else None
+    bitmap = layout.pmm_bitmap_window if layout is not None and layout.pmm_kind == "bitmap" else None
     heap = [r for r in regions if r.name.startswith("heap")]
     seen: dict[int, int] = {}
     for m in walker.mappings():
@@ -407,6 +411,8 @@ def physical_runs(view: GuestView, walker: Walker | None, regions: list[Region],
             seen[frame] += 1
             if tempmap is not None and tempmap.start <= vaddr < tempmap.end:
                 frames.set(frame, "temp-mapped", f"temp-map slot {(vaddr - tempmap.start) // PAGE}")
+            elif bitmap is not None and bitmap.start <= vaddr < bitmap.end:
+                frames.set(frame, "pmm bitmap", f"page {(vaddr - bitmap.start) // PAGE} of the frame allocator's bitmap")
             elif any(r.start <= vaddr < r.end for r in heap):
                 frames.set(frame, "heap")
             elif m.attrs & PTE_US:

@@ -10,7 +10,8 @@ import json
 import pytest
 
 import minikernels
-from conftest import ARCH_BUILDS, needs_qemu, run_kgen
+from conftest import ARCH_BUILDS, needs_qemu, run_kgen, shared_build
+from kgen.build.config import Config
 from kgen.arch import hw
 from kgen.guest import invariants
 from kgen.guest.elfinfo import ElfInfo
@@ -113,6 +114,28 @@ def test_physical_roles_agree_with_the_tables_and_the_pmm(inspected):
         if seg.executable:
             assert all(roles[f] == "kernel image" for f in range(seg.paddr, seg.paddr + seg.memsz, PAGE))
     assert all(r["outcome"] == "passed" for r in doc["invariants"]), doc["invariants"]
+
+
+@needs_qemu
+def test_a_bitmap_kernels_frames_have_their_own_roles(tmp_path_factory):
+    """pmm.kind = "bitmap": the bitmap's frames are `pmm bitmap`, its clear bits `free (in the bitmap)`; nothing is
+    `never allocated` (no bump pointer); the window is a region of the virtual map."""
+    out = shared_build(tmp_path_factory, Config(pmm_kind="bitmap"))
+    layout = out.kernel.layout
+    with boot(KernelUnderTest(out.elf, ElfInfo.load(out.elf), layout), "tcg") as live:
+        freed, kept = live.call("pmm_alloc"), live.call("pmm_alloc")
+        live.call("pmm_free", freed)
+        doc = collect(live)
+        view = live.view()
+        pmm = PmmView(view.read_phys, view.elf, layout)
+        state = pmm.state()
+        roles = frame_roles(doc)
+        assert sorted(f for f, role in roles.items() if role == "pmm bitmap") == pmm.bitmap_frames(state)
+        assert sorted(f for f, role in roles.items() if role == "free (in the bitmap)") == pmm.free_frames(state)
+        assert (roles[freed], roles[kept]) == ("free (in the bitmap)", "allocated, unmapped")
+        assert "never allocated" not in roles.values() and "free (on the stack)" not in roles.values()
+        assert any(r["region"] == "pmm bitmap window" for r in doc["virtual"]), "the bitmap window is no region"
+        assert all(r["outcome"] == "passed" for r in doc["invariants"]), doc["invariants"]
 
 
 @needs_qemu
