@@ -10,6 +10,11 @@ The VMM cases are placed by the layout's geometry (`Layout.leaf_table_span`, the
 checked against the free-frame count before it is timed: "table exists" makes no table, "PT made" makes exactly
 one, and on x86_64 "PDPT+PD+PT made", at a user-half address whose PML4 entry is empty, makes three.
 
+The two frame allocators (pmm.kind = "stack" and "bitmap") are measured side by side on kernels that differ only in
+that key: alloc+free on an empty machine and on one 90 % full, alloc_at+free_at, one allocation at its worst (a full
+machine whose bitmap hint was pulled to the bottom: the bitmap scans every dword), pmm_init per guest size and the
+RAM the allocator's own state takes (the bitmap's pages; the stack keeps its links inside the free frames).
+
 PMM init is read from the boot report for guests of several sizes (on x86_64 also 8 GiB, whose RAM above 4 GiB the
 memory map reports and the PMM uses), next to QEMU's peak resident memory: booted without a RAM file, guest RAM is
 anonymous memory that only becomes resident when touched, so an init that touched every frame would show up there.
@@ -30,7 +35,7 @@ from kgen.arch import ARCHES, X86_64, named
 from kgen.guest.bootreport import BOOT_OK
 from kgen.guest.bootreport import parse as parse_boot_report
 from kgen.build.pipeline import build
-from kgen.build.config import Config
+from kgen.build.config import PMM_KINDS, Config
 from kgen.build.layout import Layout
 from kgen.machine import kvm_usable_for
 from kgen.guest.pmmview import PmmView, alloc_at_pages, parse_report, ranges_from_mmap
@@ -87,6 +92,7 @@ class InitRow:
     ram_ranges: int     # of those, the ranges the PMM keeps (available RAM above 1 MiB; below 4 GiB on i386)
     ticks: int          # pmm_init's rdtsc delta
     hwm_kib: int        # QEMU's VmHWM once booted
+    pmm_bytes: int = 0  # RAM the allocator's own state takes: the bitmap's pages (the stack's links are in free frames)
 
 
 def _timed(session: KernelSession, routine: str, n: int, *args: int) -> int:
@@ -183,20 +189,121 @@ def vm_hwm_kib(pid: int) -> int:
     raise RuntimeError(f"no VmHWM in /proc/{pid}/status")
 
 
-def init_costs(arch: str, work: Path, accel: str, guests_mib=None, boots: int = 1) -> list[InitRow]:
+def init_costs(arch: str, work: Path, accel: str, guests_mib=None, boots: int = 1,
+               pmm_kind: str = PMM_KINDS[0]) -> list[InitRow]:
     """PMM init and QEMU's peak resident memory per guest size, booted without a RAM file (the best of `boots`)."""
     rows = []
     for mib in guests_mib or [m for m in INIT_GUESTS_MIB if m <= named(arch).max_memory_mib]:
-        out = build(Config.for_arch(arch, machine_memory_mib=mib), work / f"init-{arch}-{mib}", iso=False)
+        config = Config.for_arch(arch, machine_memory_mib=mib, pmm_kind=pmm_kind)
+        out = build(config, work / f"init-{arch}-{pmm_kind}-{mib}", iso=False)
         samples = []
         for _ in range(boots):
             with KernelSession(out.elf, out.kernel.layout, accel=accel, icount=accel == "tcg", ram_file=False) as s:
                 serial = s.machine.serial
                 report, mmap = parse_report(serial), parse_boot_report(serial).mmap
                 samples.append(InitRow(mib, report.total, len(mmap), len(ranges_from_mmap(mmap, named(arch))),
-                                       report.init_ticks, vm_hwm_kib(s.machine.pid)))
+                                       report.init_ticks, vm_hwm_kib(s.machine.pid), allocator_bytes(s)))
         rows.append(min(samples, key=lambda row: row.ticks))
     return rows
+
+
+def allocator_bytes(session: KernelSession) -> int:
+    """RAM the frame allocator keeps for itself: the bitmap's pages; 0 for the stack."""
+    view = PmmView.of(session)
+    return len(view.bitmap_frames(view.state())) * hw.PAGE_SIZE if view.kind == "bitmap" else 0
+
+
+# ---- the two allocators side by side ------------------------------------------------------------------------------
+ALLOC_EMPTY = "alloc + free, empty machine"
+ALLOC_FULL = "alloc + free, 90 % full"
+ALLOC_AT = "alloc_at + free_at"
+ALLOC_WORST = "one alloc + free, full, hint at the bottom"
+FULL_FRACTION = 0.9
+
+
+@dataclass
+class AllocatorRun:
+    """One frame allocator on one architecture under one accelerator."""
+    arch: str
+    accel: str
+    kind: str
+    ops: dict[str, float]
+    init: list[InitRow] | None = None
+
+    @property
+    def unit(self) -> str:
+        return UNITS[self.accel]
+
+    @property
+    def title(self) -> str:
+        return f"{self.arch} {self.accel.upper()} {self.kind}"
+
+
+def fill(session: KernelSession, frames: int) -> int:
+    """Take `frames` frames (less the page tables they need) into one eager vmm range; its start. Made by the kernel
+    itself, the way a loaded machine gets full: lowest frames first on the bitmap, the bump pointer's on the stack."""
+    tables = -(-frames // session.layout.arch.entries_per_table) + session.layout.arch.levels
+    start = session.call("vmm_alloc", frames - tables, RW, 0, timeout=600)
+    if not start:
+        raise RuntimeError(f"vmm_alloc({frames - tables}) found no room to fill the machine")
+    return start
+
+
+def allocator_ops(session: KernelSession, repeats: int) -> dict[str, float]:
+    """The allocator's costs on one freshly booted kernel, from empty to full (per operation, empty loop
+    subtracted)."""
+    empty = min(_timed(session, "bench_empty", LOOPS) for _ in range(repeats)) / LOOPS
+
+    def best(routine: str, n: int, *args: int) -> float:
+        return (min(_timed(session, routine, n, *args) for _ in range(repeats)) - empty * n) / n
+
+    results = {ALLOC_EMPTY: best("bench_alloc_free", LOOPS),
+               ALLOC_AT: best("bench_alloc_at_free_at", LOOPS, alloc_at_pages(session.layout)[0])}
+    start = fill(session, int(free_frames(session) * FULL_FRACTION))
+    results[ALLOC_FULL] = best("bench_alloc_free", LOOPS)
+    fill(session, free_frames(session))
+    while free_frames(session) > 1:
+        if not session.call("pmm_alloc"):
+            break
+    # The lowest frame of the range given back and taken again: the bitmap's hint moves down to it and stays, so
+    # the next allocation scans every dword above it to the one free frame left at the top.
+    low = session.call("vmm_unmap", start)
+    worst = []
+    for _ in range(repeats):
+        if session.call("pmm_free", low) != 1 or session.call("pmm_alloc") != low:
+            raise RuntimeError(f"the frame {low:#x} freed was not the next one handed out")
+        worst.append(_timed(session, "bench_alloc_free", 1) - empty)
+    results[ALLOC_WORST] = float(min(worst))
+    return results
+
+
+def bench_allocators(arch: str, work: Path, accel: str, *, init: bool = True) -> list[AllocatorRun]:
+    """Both allocators of `arch` under `accel`: kernels that differ only in pmm.kind."""
+    runs = []
+    for kind in PMM_KINDS:
+        out = build(Config.for_arch(arch, pmm_kind=kind), work / f"{arch}-{kind}", iso=False)
+        repeats = 1 if accel == "tcg" else KVM_REPEATS
+        with KernelSession(out.elf, out.kernel.layout, accel=accel, icount=accel == "tcg") as s:
+            run = AllocatorRun(arch, accel, kind, allocator_ops(s, repeats))
+        if init:
+            run.init = init_costs(arch, work, accel, boots=1 if accel == "tcg" else KVM_INIT_BOOTS, pmm_kind=kind)
+        runs.append(run)
+    return runs
+
+
+def print_allocators(runs: list[AllocatorRun]) -> None:
+    if not runs:
+        return
+    width = max(len(f"{r.title} [{r.unit}]") for r in runs)
+    print("\nThe frame allocators side by side (pmm.kind), per operation, empty loop subtracted")
+    print(f"  {'':<44}" + "".join(f" {r.title + ' [' + r.unit + ']':>{width}}" for r in runs))
+    for label in (ALLOC_EMPTY, ALLOC_FULL, ALLOC_AT, ALLOC_WORST):
+        print(f"  {label:<44}" + "".join(f" {r.ops[label]:>{width}.1f}" for r in runs))
+    for mib in sorted({row.mib for r in runs for row in r.init or ()}):
+        rows = [next((x for x in r.init or () if x.mib == mib), None) for r in runs]
+        print(f"  {f'pmm_init at {mib} MiB':<44}" + "".join(f" {'-' if x is None else x.ticks:>{width}}" for x in rows))
+        print(f"  {f'  its own RAM at {mib} MiB [KiB]':<44}"
+              + "".join(f" {'-' if x is None else x.pmm_bytes // 1024:>{width}}" for x in rows))
 
 
 def init_verdict(rows: list[InitRow], unit: str) -> str:
@@ -334,12 +441,15 @@ def bench_arch(arch: str, work: Path, *, init: bool = True, kvm: bool = True) ->
     return runs
 
 
-def figures(runs: list[Run], host: str) -> dict:
-    """What `kgen bench --json` prints and `--html` draws (kgen.inspect.html.bench_charts): every figure, by run."""
+def figures(runs: list[Run], host: str, allocators: list[AllocatorRun] = ()) -> dict:
+    """What `kgen bench --json` prints and `--html` draws (kgen.inspect.html.bench_charts): every figure, by run;
+    the allocators side by side under "allocators"."""
     return {"kgen_bench": 1, "host": host, "loops": LOOPS, "runs": [
         {"arch": r.arch, "accel": r.accel, "unit": r.unit, "pmm": r.pmm, "vmm": r.vmm,
          "init": None if r.init is None else [vars(row) for row in r.init],
-         "init_verdict": init_verdict(r.init, r.unit) if r.init and r.accel == "tcg" else None} for r in runs]}
+         "init_verdict": init_verdict(r.init, r.unit) if r.init and r.accel == "tcg" else None} for r in runs],
+        "allocators": [{"arch": r.arch, "accel": r.accel, "kind": r.kind, "unit": r.unit, "ops": r.ops,
+                        "init": None if r.init is None else [vars(row) for row in r.init]} for r in allocators]}
 
 
 def load_figures(path: Path, option: str = "--from-json") -> dict:
@@ -370,6 +480,8 @@ def main(argv=None, render_html=None) -> int:
     parser.add_argument("--arch", choices=(*ARCHES, "all"), default="all", help="architecture(s) to measure")
     parser.add_argument("--no-init", action="store_true", help="skip the PMM init runs (64 MiB .. 3 or 8 GiB guests)")
     parser.add_argument("--no-kvm", action="store_true", help="TCG only: do not probe or use KVM")
+    parser.add_argument("--no-allocators", action="store_true", help="skip the two frame allocators (pmm.kind) side "
+                        "by side")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON on stdout (the tables go to "
                         "stderr)")
     parser.add_argument("--html", type=Path, metavar="FILE", help="also write the figures as a page of charts")
@@ -384,15 +496,21 @@ def main(argv=None, render_html=None) -> int:
         data = load_figures(args.from_json)
     else:
         arches = tuple(ARCHES) if args.arch == "all" else (args.arch,)
-        runs = []
+        runs, allocators = [], []
         with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
             print(f"kgen bench: {host_description()}")
             print(f"{LOOPS} loops per operation; architectures: {', '.join(arches)}")
             with tempfile.TemporaryDirectory(prefix="kgen-bench-") as tmp:
                 for arch in arches:
                     runs += bench_arch(arch, Path(tmp), init=not args.no_init, kvm=not args.no_kvm)
+                    if not args.no_allocators:
+                        # Under KVM where bench_arch found it usable: its KVM run is the probe's answer.
+                        accels = ["tcg"] + ["kvm" for r in runs if r.arch == arch and r.accel == "kvm"]
+                        for accel in accels:
+                            allocators += bench_allocators(arch, Path(tmp), accel, init=not args.no_init)
             print_side_by_side(runs)
-        data = figures(runs, host_description())
+            print_allocators(allocators)
+        data = figures(runs, host_description(), allocators)
     if args.json:
         print(json.dumps(data, indent=2))
     if args.html:
