@@ -173,16 +173,21 @@ def pt_lines(view, vaddr: int | None = None) -> list[str]:
 
 
 def free_lines(view, shown: int | None) -> list[str]:
-    """kgen-free's output: the free stack as kgen/guest/pmmview.py reads it."""
+    """kgen-free's output: the free stack (or a bitmap kernel's free frames) as kgen/guest/pmmview.py reads it."""
     from kgen.guest.pmmview import PmmView
     pmm = PmmView(view.read_phys, view.elf, view.layout)
     state = pmm.state()
-    frames = pmm.free_stack(state)
-    lines = [f"pmm: top={state.top:#x} on the stack={state.count} untouched={state.untouched} free={state.free} "
-             f"total={state.total} reserved={state.reserved_frames} frames"]
+    frames = pmm.free_frames(state)
+    if pmm.kind == "stack":
+        lines = [f"pmm: top={state.top:#x} on the stack={state.count} untouched={state.untouched} free={state.free} "
+                 f"total={state.total} reserved={state.reserved_frames} frames"]
+    else:
+        lines = [f"pmm: bitmap, free={state.free} total={state.total} reserved={state.reserved_frames} frames, "
+                 f"hint at dword {pmm.u32('pmm_hint')}"]
     listed = frames if shown is None else frames[:shown]
     if listed:
-        lines.append("stack (top first): " + " ".join(f"{f:#x}" for f in listed)
+        lines.append(("stack (top first): " if pmm.kind == "stack" else "free in the bitmap (lowest first): ")
+                     + " ".join(f"{f:#x}" for f in listed)
                      + (f" ... ({len(frames) - len(listed)} more)" if len(listed) < len(frames) else ""))
     return lines
 

@@ -69,3 +69,21 @@ def test_pmm_init_does_not_grow_with_ram(arch, guests, tmp_path):
     assert all(len(ticks) == 1 for ticks in by_ranges.values()), rows
     if arch == "x86_64":
         assert rows[-1].ram_ranges == rows[0].ram_ranges + 1, "8 GiB should add one RAM range above 4 GiB"
+
+
+@pytest.mark.vm
+@needs_qemu
+def test_the_allocator_figures_measure_what_they_say(tmp_path_factory, monkeypatch):
+    """The allocator comparison on a small i386 bitmap kernel (the fill is the kernel's own vmm_alloc): every figure
+    is a count, the machine ends full, the bitmap's own RAM is its one page, and under -icount its worst case is a
+    scan, many times an allocation at the hint. Instruction counts, never times."""
+    from conftest import shared_build
+    monkeypatch.setattr(bench, "LOOPS", 50)
+    out = shared_build(tmp_path_factory, Config(pmm_kind="bitmap", machine_memory_mib=16))
+    with KernelSession(out.elf, out.kernel.layout, icount=True) as s:
+        ops = bench.allocator_ops(s, 1)
+        assert bench.free_frames(s) <= 1, "the machine was not filled"
+        assert bench.allocator_bytes(s) == 4096
+    assert set(ops) == {bench.ALLOC_EMPTY, bench.ALLOC_FULL, bench.ALLOC_AT, bench.ALLOC_WORST}
+    assert all(math.isfinite(v) and v > 0 for v in ops.values()), ops
+    assert ops[bench.ALLOC_WORST] > 5 * ops[bench.ALLOC_FULL], ops
