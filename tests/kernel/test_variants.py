@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from kgen.build.config import Config
+from kgen.build.config import PMM_KINDS, Config
 from kgen.build.variants import VARIANTS as ALL_VARIANTS
 
 import minikernels
@@ -61,9 +61,14 @@ def test_every_variant_is_a_config_key_and_a_template_switch():
     assert [v.constant for v in ALL_VARIANTS if v.constant not in switches] == []
 
 
+@pytest.mark.parametrize("pmm_kind", PMM_KINDS)
 @pytest.mark.parametrize("arch", tuple(ARCH_BUILDS))
-def test_the_unbroken_kernel_passes(tmp_path, arch):
-    result = kgen_test(tmp_path / "out", "--config", str(config_file(tmp_path, None)), "--arch", arch)
+def test_the_unbroken_kernel_passes(tmp_path, arch, pmm_kind):
+    """Each architecture with each frame allocator: the exercise stages (VMM, heap, address spaces, tasks) and the
+    invariants run on the bitmap kernel as on the stack's."""
+    config = tmp_path / "kgen.toml"
+    config.write_text(f'[pmm]\nkind = "{pmm_kind}"\n')
+    result = kgen_test(tmp_path / "out", "--config", str(config), "--arch", arch)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr
     summary = result.stdout.strip().splitlines()[-1]
     assert "passed" in summary and "failed" not in summary and "error" not in summary, summary
