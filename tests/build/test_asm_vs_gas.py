@@ -133,6 +133,8 @@ def visible_to(kernel, piece) -> dict[str, int]:
 KERNELS = {name: link_kernel(Config.for_arch(name)) for name in ARCHES}
 # The fault variants differ in kmain only (`.if FAULT_AT_BOOT`): their pieces whose code differs are checked too.
 FAULT_KERNELS = {name: link_kernel(Config.for_arch(name, fault_at_boot=True)) for name in ARCHES}
+# The bitmap frame allocator (pmm.kind = "bitmap") is a unit of its own: its pieces are checked too.
+BITMAP_KERNELS = {name: link_kernel(Config.for_arch(name, pmm_kind="bitmap")) for name in ARCHES}
 
 
 def _code(kernel, piece) -> str:
@@ -149,6 +151,10 @@ def _cases():
         for result in kernel.linked.assembled:
             if usual.get(result.piece.name) != _code(kernel, result.piece):
                 yield pytest.param(kernel, result, id=f"{name}-fault-{result.piece.name}")
+    for name, kernel in BITMAP_KERNELS.items():
+        for result in kernel.linked.assembled:
+            if result.piece.unit == "pmm_bitmap":
+                yield pytest.param(kernel, result, id=f"{name}-{result.piece.name}")
 
 
 CASES = list(_cases())
@@ -157,7 +163,8 @@ CASES = list(_cases())
 def test_both_architectures_and_the_entry_are_covered():
     names = {case.id for case in CASES}
     assert {"i386-i386/boot.text", "x86_64-x86_64/boot.text", "x86_64-x86_64/boot.text.code32",
-            "x86_64-multiboot.multiboot", "i386-fault-report.text", "x86_64-fault-report.text"} <= names
+            "x86_64-multiboot.multiboot", "i386-fault-report.text", "x86_64-fault-report.text",
+            "i386-pmm_bitmap.text", "x86_64-pmm_bitmap.text"} <= names
     assert any(r.piece.bits == 32 and r.address < KERNELS["x86_64"].layout.kernel_virtual_base
                for r in KERNELS["x86_64"].linked.assembled)
 
