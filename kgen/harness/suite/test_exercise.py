@@ -28,7 +28,7 @@ import pytest
 
 from kgen.arch import hw
 from kgen.guest import invariants
-from kgen.guest.findings import failures
+from kgen.guest.findings import Finding, failures
 from kgen.guest.pmmview import ChainError, PmmView
 
 PAGE = hw.PAGE_SIZE
@@ -255,7 +255,7 @@ class Exercise:
             what = ("mapped" if frame in frames else "a page table" if frame in tables else
                     "held by the test" if frame in self.held else None)
             if what:
-                problems.append(f"frame {frame:#x} is {where} and {what}")
+                problems.append(Finding(f"frame {frame:#x} is {where} and {what}", frames=(frame,)))
         return problems
 
     def range_problems(self, view) -> list[str]:
