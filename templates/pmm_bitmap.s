@@ -75,7 +75,7 @@ pmm_init:
     shr xcx, PAGE_SHIFT                             # frames in the range
     mov edx, PMM_BITMAP_MAX_FRAMES
     sub edx, [pmm_total]                            # bits the window has left
-    cmp ecx, edx
+    cmp xcx, xdx                                    # a word: a range may hold more frames than a dword counts
     jbe .Lpmm_fits
     mov ecx, edx
 .Lpmm_fits:
