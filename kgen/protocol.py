@@ -26,6 +26,9 @@ EXCEPTION_PREFIX = "kgen: exception"
 PANIC_PREFIX = "kgen: panic: "
 # On the kernel command line: stay up and serve calls instead of exiting.
 SERVE_TOKEN = "kgen.serve"
+# The frame allocator's line of the boot report (templates/pmm.s and pmm_bitmap.s, report_pmm; kgen/guest/pmmview.py
+# parses it): "pmm: total=N reserved=N free=N frames; init N rdtsc ticks", these texts around the four numbers.
+PMM_REPORT_PARTS = ("pmm: total=", " reserved=", " free=", " frames; init ", " rdtsc ticks")
 
 # ---- QEMU's isa-debug-exit device: how a kernel ends the run with a status ---------------------------------------
 # The port the device listens on: the kernel's exit port and the harness's `-device isa-debug-exit,iobase=`.
@@ -78,6 +81,7 @@ ASM_STRINGS = {
     "SERVING_TEXT": SERVING,
     "EXCEPTION_TEXT": EXCEPTION_PREFIX,
     "PANIC_TEXT": PANIC_PREFIX,
+    **{f"PMM_REPORT_TEXT{i}": part for i, part in enumerate(PMM_REPORT_PARTS)},
 }
 
 

@@ -552,15 +552,20 @@ str_alloc_at_present:
 str_free_at_image:
     .asciz "pmm_free_at: the frame belongs to the kernel image"
 str_pmm_total:
-    .asciz "pmm: total="
+    PMM_REPORT_TEXT0                                # the report line's texts: kgen/protocol.py, PMM_REPORT_PARTS
+    .byte 0x0
 str_pmm_reserved:
-    .asciz " reserved="
+    PMM_REPORT_TEXT1
+    .byte 0x0
 str_pmm_free:
-    .asciz " free="
+    PMM_REPORT_TEXT2
+    .byte 0x0
 str_pmm_init:
-    .asciz " frames; init "
+    PMM_REPORT_TEXT3
+    .byte 0x0
 str_pmm_ticks:
-    .asciz " rdtsc ticks\n"
+    PMM_REPORT_TEXT4
+    .asciz "\n"
 
 .section .bss
 .balign 8, 0

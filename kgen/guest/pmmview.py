@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
+from kgen import protocol
 from kgen.arch import hw
 from kgen.arch import I386, Arch
 from kgen.guest.elfinfo import ElfInfo
@@ -30,8 +31,7 @@ from kgen.build.layout import FOUR_GIB, Layout
 
 ReadPhys = Callable[[int, int], bytes]
 
-REPORT_LINE = re.compile(r"^pmm: total=(\d+) reserved=(\d+) free=(\d+) frames; init (\d+) rdtsc ticks$",
-                         re.MULTILINE)
+REPORT_LINE = re.compile("^" + r"(\d+)".join(map(re.escape, protocol.PMM_REPORT_PARTS)) + "$", re.MULTILINE)
 
 
 class ChainError(KgenError):
