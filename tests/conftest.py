@@ -207,6 +207,12 @@ def kernel_build(request, arch):
 
 
 @pytest.fixture(scope="module")
+def bitmap_build(tmp_path_factory, arch):
+    """`arch`'s kernel with the bitmap frame allocator (pmm.kind = "bitmap"), built once per test run."""
+    return shared_build(tmp_path_factory, Config.for_arch(arch, pmm_kind="bitmap"))
+
+
+@pytest.fixture(scope="module")
 def accel(request, kernel_build):
     """TCG (or --kgen-accel), unless a test asks for its own (`KVM_ONLY`, indirect); KVM is probed first and the
     test skipped with the probe's reason where this host's KVM cannot run the kernel."""

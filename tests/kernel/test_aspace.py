@@ -315,7 +315,7 @@ class SpacesModel(DrivenModel):
         held = set(self.spaces[top].values())
         assert self.s.call("as_destroy", top) == 1
         del self.spaces[top]
-        assert held <= set(PmmView.of(self.s).free_stack()), "a destroyed space's page is not free"
+        assert held <= set(PmmView.of(self.s).free_frames()), "a destroyed space's page is not free"
 
     def map(self, pick: int, which: int) -> None:
         top = self.pick_space(which)
@@ -394,6 +394,14 @@ SPACE_SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow
 @given(ops=SPACE_OPS)
 def test_random_space_sequences_match_the_model(kernel_build, ops):
     with open_session(kernel_build) as s:
+        run_model(SpacesModel(s), ops, check_every=SPACE_BATCH)
+
+
+@settings(max_examples=2, **SPACE_SETTINGS)
+@given(ops=SPACE_OPS)
+def test_random_space_sequences_match_the_model_on_a_bitmap_kernel(bitmap_build, ops):
+    """The same address spaces over the bitmap frame allocator (pmm.kind = "bitmap")."""
+    with open_session(bitmap_build) as s:
         run_model(SpacesModel(s), ops, check_every=SPACE_BATCH)
 
 

@@ -144,6 +144,14 @@ def test_random_sequences_against_a_model(kernel_build, sequence):
         run_model(HeapModel(s), sequence)
 
 
+@settings(max_examples=2, **SETTINGS)
+@given(ops)
+def test_random_sequences_against_a_model_on_a_bitmap_kernel(bitmap_build, sequence):
+    """The same heap over the bitmap frame allocator (pmm.kind = "bitmap")."""
+    with open_session(bitmap_build) as s:
+        run_model(HeapModel(s), sequence)
+
+
 # A KVM boot costs seconds: the examples share one machine (each gives back everything it took).
 @settings(max_examples=4, **SETTINGS)
 @given(ops)

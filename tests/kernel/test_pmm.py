@@ -533,11 +533,6 @@ def test_random_sequences_match_the_model_under_kvm(kernel, ops):
 
 
 # ---- the bitmap allocator (pmm.kind = "bitmap", templates/pmm_bitmap.s) -----------------------------------------
-@pytest.fixture(scope="module")
-def bitmap_build(tmp_path_factory, arch):
-    return shared_build(tmp_path_factory, Config.for_arch(arch, pmm_kind="bitmap"))
-
-
 @pytest.fixture
 def bitmap_kernel(bitmap_build):
     with open_session(bitmap_build) as s:

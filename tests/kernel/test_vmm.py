@@ -702,6 +702,14 @@ def test_random_vmm_sequences_match_the_model(kernel_build, ops):
         run_model(VmmModel(s), ops, check_every=VMM_BATCH)
 
 
+@settings(max_examples=2, **VMM_SETTINGS)
+@given(ops=VMM_OPS)
+def test_random_vmm_sequences_match_the_model_on_a_bitmap_kernel(bitmap_build, ops):
+    """The same VMM over the bitmap frame allocator (pmm.kind = "bitmap")."""
+    with open_session(bitmap_build) as s:
+        run_model(VmmModel(s), ops, check_every=VMM_BATCH)
+
+
 # Under KVM a boot costs seconds (≈2.6 s here against ≈0.2 s under TCG): the examples share one machine, each
 # starting from what the last one gave back (a failed example skips that, and the next starts from what it left).
 @settings(max_examples=4, **VMM_SETTINGS)
