@@ -30,7 +30,7 @@ from kgen.guest.pmmview import (ChainError, PmmState, PmmView, alloc_at_pages, f
                                 parse_report, ranges_from_mmap)
 from kgen.harness.session import KernelSession
 
-from conftest import KVM_ONLY, POISON, DrivenModel, op_lists, open_session, run_model, shared_build
+from conftest import KVM_ONLY, POISON, X86_64_ONLY, DrivenModel, op_lists, open_session, run_model, shared_build
 
 pytestmark = [pytest.mark.vm]
 
@@ -587,3 +587,26 @@ def test_bitmap_init_accounts_for_the_memory_map_the_image_and_itself(bitmap_ker
 @given(ops=OPS)
 def test_bitmap_random_sequences_match_the_model(bitmap_kernel, ops):
     run_model(Model(bitmap_kernel), ops, check_every=BATCH)
+
+
+@X86_64_ONLY
+def test_bitmap_bits_run_on_across_the_gap_below_4_gib(bitmap_build):
+    """RAM above 4 GiB is a second range: its first frame is the bit after the last frame below the gap (no bits for
+    the PCI hole). With the hint moved up to that bit's dword by hand, pmm_alloc hands that frame out, pmm_free takes it
+    back, and a frame above 4 GiB already free is refused as a double free."""
+    with open_session(bitmap_build, poison=None, memory_mib=BIG_GUEST_MIB) as s:
+        view = PmmView.of(s)
+        state = view.state()
+        assert len(state.ranges) == 2 and state.ranges[1][0] >= HIGH, state.ranges
+        first_high = (state.ranges[0][1] - state.ranges[0][0]) // hw.PAGE_SIZE       # its bit
+        assert list(frames_in_bit_order(state.ranges))[first_high] == state.ranges[1][0]
+        s.machine.stop()
+        hint = s.symbol("pmm_hint") - s.layout.kernel_virtual_base
+        s.machine.write_phys(hint, (first_high // 32).to_bytes(4, "little"))
+        s.machine.cont()
+        high_free = [frame for frame in view.free_frames(state) if frame >= HIGH][:2]
+        frame = s.call("pmm_alloc")
+        assert frame == high_free[0], f"pmm_alloc = {frame:#x}, not the first free frame above 4 GiB {high_free[0]:#x}"
+        assert frame not in view.free_frames(), "its bit is not set"
+        assert s.call("pmm_free", frame) == 1 and frame in view.free_frames()
+        assert s.call("pmm_free", high_free[1]) == 0, f"pmm_free({high_free[1]:#x}) accepted a free frame above 4 GiB"
