@@ -412,7 +412,7 @@ def physical_runs(view: GuestView, walker: Walker | None, regions: list[Region],
             if tempmap is not None and tempmap.start <= vaddr < tempmap.end:
                 frames.set(frame, "temp-mapped", f"temp-map slot {(vaddr - tempmap.start) // PAGE}")
             elif bitmap is not None and bitmap.start <= vaddr < bitmap.end:
-                frames.set(frame, "pmm bitmap", f"page {(vaddr - bitmap.start) // PAGE} of the frame allocator's bitmap")
+                frames.set(frame, "pmm bitmap", f"page {(vaddr - bitmap.start) // PAGE} of the allocator's bitmap")
             elif any(r.start <= vaddr < r.end for r in heap):
                 frames.set(frame, "heap")
             elif m.attrs & PTE_US:

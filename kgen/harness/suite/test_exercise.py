@@ -248,8 +248,9 @@ class Exercise:
         except ChainError as err:
             return problems + [f"the free stack: {err}"]
         if len(free) != state.count:
-            held = f"the free stack holds {len(free)} frames" if self.stack else f"the bitmap has {len(free)} clear bits"
-            problems.append(f"{held}, pmm_count says {state.count}")
+            holds = (f"the free stack holds {len(free)} frames" if self.stack
+                     else f"the bitmap has {len(free)} clear bits")
+            problems.append(f"{holds}, pmm_count says {state.count}")
         where = "on the free stack" if self.stack else "free in the bitmap"
         for frame in free:
             what = ("mapped" if frame in frames else "a page table" if frame in tables else
