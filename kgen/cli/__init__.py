@@ -318,8 +318,9 @@ def parser() -> argparse.ArgumentParser:
     be = command("bench", help="measure the memory managers (instructions under TCG -icount, KVM cycles) or, "
                                "with --harness, what a fresh machine per test costs",
                  description="Arguments after the options are those of `python -m kgen.harness.bench` "
-                             "(--arch, --no-init, --no-kvm, --json, --html FILE: the figures as charts, "
-                             "--from-json FILE: draw saved figures) or of kgen.harness.benchharness with --harness.")
+                             "(--arch, --no-init, --no-kvm, --no-allocators, --json, --html FILE: the figures as "
+                             "charts, --from-json FILE: draw saved figures) or of kgen.harness.benchharness with "
+                             "--harness.")
     be.add_argument("--harness", action="store_true", help="benchmark the test harness: restore vs cold boot")
     be.set_defaults(func=cmd_bench)
 
