@@ -17,7 +17,7 @@ from kgen.guest.findings import Finding, failures
 from kgen.errors import KgenError
 from kgen.build.layout import Layout
 from kgen.arch.paging import I386, PAE, X86_64, PagingMode
-from kgen.guest.pagewalk import Attrs, Mapping, ReadPhys, Walker, WalkError
+from kgen.guest.pagewalk import Attrs, EntryRef, Mapping, ReadPhys, Walker, WalkError
 from kgen.machine.registers import Registers
 
 # The boot stub's page directory (templates/boot.s): CR3 must hold its physical address.
@@ -231,6 +231,26 @@ def find_placement(view: GuestView) -> Placement:
     return Placement(offset, elf_base, strays)
 
 
+def _large_page_runs(faults: list) -> list[list]:
+    """Per-page faults grouped: consecutive pages in the same large page at fault for the same reason (the same
+    text, but for the physical address a "maps physical" names) are one run; others one each."""
+    runs: list[list] = []
+    for vaddr, t, why in faults:
+        last = runs[-1][-1] if runs else None
+        if (last is not None and t is not None and last[1] is not None and t.size > hw.PAGE_SIZE
+                and last[0] + hw.PAGE_SIZE == vaddr and last[1].size == t.size
+                and last[0] & ~(t.size - 1) == vaddr & ~(t.size - 1)
+                and (last[2] == why or last[2].startswith("maps physical") and why.startswith("maps physical"))):
+            runs[-1].append((vaddr, t, why))
+        else:
+            runs.append([(vaddr, t, why)])
+    return runs
+
+
+def _size_text(size: int) -> str:
+    return f"{size >> 30} GiB" if size >= 1 << 30 else f"{size >> 20} MiB" if size >= 1 << 20 else f"{size >> 10} KiB"
+
+
 def _capped(problems: list[str]) -> list[str]:
     """At most MAX_PROBLEMS findings, those that fail first; the count of the rest is itself information when
     none of the rest fails."""
@@ -273,7 +293,7 @@ def mapped_pages(walker: Walker, start: int, end: int):
 def check_paging_enabled(view: GuestView) -> list[str]:
     """CR0.PG (paging) and CR0.WP (supervisor writes honour read-only pages) are set."""
     cr0 = view.regs.cr0
-    return [f"CR0={cr0:#010x}: CR0.{name} is clear ({why})"
+    return [Finding(f"CR0={cr0:#010x}: CR0.{name} is clear ({why})")
             for bit, name, why in ((hw.CR0_PG, "PG", "paging is off"),
                                    (hw.CR0_WP, "WP", "the kernel can write its own read-only pages"))
             if not cr0 & bit]
@@ -301,8 +321,8 @@ def check_cr3(view: GuestView) -> list[str]:
     if cr3 == pd:
         return []
     top = {"PD": "page directory"}.get(view.mode.level_names[0], view.mode.level_names[0])
-    return [f"CR3={view.regs.cr3:#010x}: expected the boot {top} {BOOT_PD_SYMBOL} at physical "
-            f"{pd:#x} (link address {view.page(view.elf.symbols[BOOT_PD_SYMBOL].value)})"]
+    return [Finding(f"CR3={view.regs.cr3:#010x}: expected the boot {top} {BOOT_PD_SYMBOL} at physical "
+                    f"{pd:#x} (link address {view.page(view.elf.symbols[BOOT_PD_SYMBOL].value)})", frames=(cr3,))]
 
 
 @_walk_errors_reported
@@ -319,20 +339,30 @@ def check_recursive_slot(view: GuestView) -> list[str]:
         entry = view.entry(walker.top, slot)
         where = view.entry_text(walker.top, slot)
         frame = entry & view.mode.frame_mask
+        window = view.layout.recursive_window
+        place = dict(vrange=(window.start, window.end), chain=(_top_ref(view, walker.top, slot),))
         if not entry & hw.PTE_P:
-            problems.append(f"{where}: the recursive slot is not present; the {view.layout.recursive_window} "
-                            f"shows nothing")
+            problems.append(Finding(f"{where}: the recursive slot is not present; the {window} shows nothing",
+                                    **place))
         elif frame != walker.top:
-            problems.append(f"{where}: the recursive slot points at {frame:#x}, not at the {top} "
-                            f"{walker.top:#x}; {view.layout.recursive_top:#x} would show that frame as the {top}")
-        problems += [f"{top}[{w.slot}] @ {w.entry_addr:#x}: also points at the {top}, but the recursive slot is "
-                     f"{slot}" for w in windows if w.slot != slot]
+            problems.append(Finding(f"{where}: the recursive slot points at {frame:#x}, not at the {top} "
+                                    f"{walker.top:#x}; {view.layout.recursive_top:#x} would show that frame as the "
+                                    f"{top}", frames=(frame,), **place))
+        problems += [Finding(f"{top}[{w.slot}] @ {w.entry_addr:#x}: also points at the {top}, but the recursive "
+                             f"slot is {slot}", vrange=(w.vstart, w.vstart + w.size),
+                             chain=(_top_ref(view, walker.top, w.slot),)) for w in windows if w.slot != slot]
     if view.layout is None and not windows:
         raise NotApplicable(f"no {top} entry points at the {top} itself: this kernel has no recursive slot")
-    problems += [f"{top}[{w.slot}] @ {w.entry_addr:#x} ({w.attrs}): the recursive window {w.vstart:#x}-"
-                 f"{w.vstart + w.size:#x} is user-accessible: ring 3 could rewrite every page table"
+    problems += [Finding(f"{top}[{w.slot}] @ {w.entry_addr:#x} ({w.attrs}): the recursive window {w.vstart:#x}-"
+                         f"{w.vstart + w.size:#x} is user-accessible: ring 3 could rewrite every page table",
+                         vrange=(w.vstart, w.vstart + w.size), chain=(_top_ref(view, walker.top, w.slot),))
                  for w in windows if w.attrs & hw.PTE_US]
     return problems
+
+
+def _top_ref(view: GuestView, top: int, index: int) -> EntryRef:
+    """The top-level entry `index` of the table at `top`, as a finding's entry chain names it."""
+    return EntryRef(view.mode.level_names[0], index, top + view.mode.entry_size * index, view.entry(top, index))
 
 
 @_walk_errors_reported
@@ -370,27 +400,46 @@ def check_segments(view: GuestView) -> list[str]:
     by_index = {seg.index: seg for seg in view.elf.segments}
     for index, offset in placement.strays.items():
         seg = by_index[index]
-        problems.append(f"segment {index} ({view.page(seg.vaddr)}) is mapped at physical {seg.paddr + offset:#x}, "
-                        f"not {seg.paddr + placement.offset:#x} where the rest of the kernel puts it (physical base "
-                        f"{placement.base:#x}): a kernel's segments keep their distances wherever it is loaded")
+        problems.append(Finding(
+            f"segment {index} ({view.page(seg.vaddr)}) is mapped at physical {seg.paddr + offset:#x}, not "
+            f"{seg.paddr + placement.offset:#x} where the rest of the kernel puts it (physical base "
+            f"{placement.base:#x}): a kernel's segments keep their distances wherever it is loaded",
+            vrange=(seg.vaddr & ~(hw.PAGE_SIZE - 1), seg.vaddr + seg.memsz)))
+    # Each page at fault: (vaddr, translation, what is wrong, what it takes to be the same fault as the page before).
+    faults = []
     for vaddr, paddr in sorted(expected.items()):
         t = walker.translate(vaddr)
-        what = f"page {view.page(vaddr)} (segment {flags[vaddr]}, loaded at {paddr:#x})"
         stray = placement.strays.get(segment_of[vaddr])
         if t is None:
             # Boot code the kernel unmapped once it ran high: as meant. Below a malformed entry: that entry is
             # check_entries_well_formed's finding, not one per page here.
             if vaddr not in boot_only and walker.malformed_at(vaddr) is None:
-                problems.append(f"{what}: not mapped")
+                faults.append((vaddr, t, "not mapped"))
         elif t.paddr != paddr and (stray is None or t.paddr != paddr - placement.offset + stray):
-            problems.append(f"{what}: maps physical {t.paddr:#x} via {t.path}")
+            faults.append((vaddr, t, f"maps physical {t.paddr:#x} via {t.path}"))
         elif t.attrs & hw.PTE_RW and not writable[vaddr]:
-            problems.append(f"{what}: writable ({t.attrs}) via {t.path}, but no writable segment lies there")
+            faults.append((vaddr, t, f"writable ({t.attrs}) via {t.path}, but no writable segment lies there"))
         elif has_nx and not t.attrs & hw.PTE_NX and not executable[vaddr]:
-            problems.append(f"{what}: executable ({t.attrs}, no NX) via {t.path}, but no executable segment lies "
-                            f"there")
+            faults.append((vaddr, t, f"executable ({t.attrs}, no NX) via {t.path}, but no executable segment lies "
+                                     f"there"))
         elif has_nx and t.attrs & hw.PTE_NX and executable[vaddr]:
-            problems.append(f"{what}: NX via {t.path}, but an executable segment lies there")
+            faults.append((vaddr, t, f"NX via {t.path}, but an executable segment lies there"))
+    for run in _large_page_runs(faults):
+        first, t, why = run[0]
+        last = run[-1][0]
+        if len(run) == 1:
+            text = f"page {view.page(first)} (segment {flags[first]}, loaded at {expected[first]:#x}): {why}"
+        else:
+            # One entry decides them all: one finding for the large page, not one per 4 KiB page of it.
+            pages: dict[int, list[int]] = defaultdict(list)       # segment -> its pages in the run
+            for vaddr, _, _ in run:
+                pages[segment_of[vaddr]].append(vaddr)
+            spans = ", ".join(
+                (view.page(p[0]) if len(p) == 1 else f"{view.page(p[0])} to {view.page(p[-1])}")
+                + f" (segment {flags[p[0]]}, loaded at {expected[p[0]]:#x})" for p in pages.values())
+            text = (f"{len(run)} pages of the {_size_text(t.size)} page at {first & ~(t.size - 1):#x}, {spans}: "
+                    f"{why}")
+        problems.append(Finding(text, vrange=(first, last + hw.PAGE_SIZE), chain=t.chain if t else ()))
     if placement.offset:
         view.notes.append(placement.describe())
         if problems:
@@ -575,7 +624,9 @@ def check_tempmap_empty(view: GuestView) -> list[str]:
         index = (layout.tempmap_base >> mode.shift(level)) & ((1 << mode.index_bits[level]) - 1)
         entry = view.entry(table, index)
         if not entry & hw.PTE_P or entry & hw.PTE_PS:
-            return [f"{view.entry_text(table, index, level)}: the {layout.tempmap_window} has no page table"]
+            window = layout.tempmap_window
+            return [Finding(f"{view.entry_text(table, index, level)}: the {window} has no page table",
+                            vrange=(window.start, window.end))]
         table, level = entry & mode.frame_mask, level + 1
     size = mode.entry_size
     first = layout.tempmap_base >> hw.PAGE_SHIFT & ((1 << mode.index_bits[-1]) - 1)
@@ -585,9 +636,11 @@ def check_tempmap_empty(view: GuestView) -> list[str]:
         pte = view.entry(table, first + slot)
         if pte:
             state = (f"maps frame {pte & mode.frame_mask:#x}" if pte & hw.PTE_P else "is not present but not zero")
-            problems.append(f"temp-map slot {slot} at {vaddr:#x}: PT[{first + slot}] @ {table + size * (first + slot):#x}"
-                            f" = {pte:#0{2 * size + 2}x} {state} while the kernel is idle (a temp_map without "
-                            f"temp_unmap?)")
+            problems.append(Finding(
+                f"temp-map slot {slot} at {vaddr:#x}: PT[{first + slot}] @ {table + size * (first + slot):#x} = "
+                f"{pte:#0{2 * size + 2}x} {state} while the kernel is idle (a temp_map without temp_unmap?)",
+                vrange=(vaddr, vaddr + hw.PAGE_SIZE), frames=(pte & mode.frame_mask,) if pte & hw.PTE_P else (),
+                chain=(EntryRef(mode.level_names[-1], first + slot, table + size * (first + slot), pte),)))
     return problems
 
 
@@ -609,8 +662,9 @@ def check_tables_referenced_once(view: GuestView) -> list[str]:
     holders: dict[int, list[str]] = defaultdict(list)
     for how, frame in _tables(walker):
         holders[frame].append(how)
-    return [f"page table at {frame:#x} is reached {len(hows)} times: {', '.join(hows)}; a change made for one "
-            f"range silently changes the other" for frame, hows in holders.items() if len(hows) > 1]
+    return [Finding(f"page table at {frame:#x} is reached {len(hows)} times: {', '.join(hows)}; a change made for "
+                    f"one range silently changes the other", frames=(frame,))
+            for frame, hows in holders.items() if len(hows) > 1]
 
 
 @_walk_errors_reported
@@ -628,8 +682,9 @@ def check_tables_unpoisoned(view: GuestView) -> list[str]:
                                                                                     size)]
         if hits:
             value = int.from_bytes(data[hits[0] * size:(hits[0] + 1) * size], "little")
-            problems.append(f"table at {frame:#x} ({how}): {len(hits)} of {count} entries hold the poison "
-                            f"{value:#0{2 * size + 2}x}, first index {hits[0]}: the table was never cleared")
+            problems.append(Finding(f"table at {frame:#x} ({how}): {len(hits)} of {count} entries hold the poison "
+                                    f"{value:#0{2 * size + 2}x}, first index {hits[0]}: the table was never cleared",
+                                    frames=(frame,)))
     return problems
 
 
@@ -708,38 +763,50 @@ def check_space(view: GuestView, top: int, *, idle: bool = True) -> list[str]:
     if top != running:      # the running space's are check_entries_well_formed's
         problems += [Finding(f"{where}: {bad}", vrange=bad.vrange, chain=bad.chain, space=where)
                      for bad in w.malformed()]
+    shift = mode.shift(0)
+
+    def found(text: str, *, slot: int | None = None, **place) -> Finding:
+        # A finding of this space (named unless it is the running one), placed on a top-level slot's span or `place`.
+        if slot is not None:
+            start = mode.sign_extend(slot << shift)
+            place = dict(vrange=(start, start + (1 << shift)), chain=(_top_ref(view, top, slot),), **place)
+        return Finding(f"{where}: {text}", space=where if top != running else None, **place)
+
     recursive = entries[layout.recursive_slot]
     if not recursive & hw.PTE_P or recursive & mode.frame_mask != top:
-        problems.append(f"{where}: {names[0]}[{layout.recursive_slot}] = {recursive:#x} is not its recursive slot")
+        problems.append(found(f"{names[0]}[{layout.recursive_slot}] = {recursive:#x} is not its recursive slot",
+                              slot=layout.recursive_slot))
     elif recursive & hw.PTE_US:
-        problems.append(f"{where}: {names[0]}[{layout.recursive_slot}] = {recursive:#x}: the recursive window is "
-                        f"user-accessible; ring 3 could rewrite every page table")
+        problems.append(found(f"{names[0]}[{layout.recursive_slot}] = {recursive:#x}: the recursive window is "
+                              f"user-accessible; ring 3 could rewrite every page table", slot=layout.recursive_slot))
     foreign = entries[layout.foreign_slot]
     if foreign and idle:
-        problems.append(f"{where}: {names[0]}[{layout.foreign_slot}] = {foreign:#x}: the foreign slot holds a space "
-                        f"while the kernel is idle (as_attach without as_detach?)")
+        problems.append(found(f"{names[0]}[{layout.foreign_slot}] = {foreign:#x}: the foreign slot holds a space "
+                              f"while the kernel is idle (as_attach without as_detach?)", slot=layout.foreign_slot))
     elif foreign & hw.PTE_US:
-        problems.append(f"{where}: {names[0]}[{layout.foreign_slot}] = {foreign:#x}: the foreign window is "
-                        f"user-accessible")
+        problems.append(found(f"{names[0]}[{layout.foreign_slot}] = {foreign:#x}: the foreign window is "
+                              f"user-accessible", slot=layout.foreign_slot))
     windows = {layout.recursive_slot, layout.foreign_slot}
-    problems += [f"{where}: kernel-half {names[0]}[{i}] = {entries[i]:#x} has U/S: one entry below it away from "
-                 f"a user-accessible kernel page" for i in range(first, len(entries))
+    problems += [found(f"kernel-half {names[0]}[{i}] = {entries[i]:#x} has U/S: one entry below it away from "
+                       f"a user-accessible kernel page", slot=i) for i in range(first, len(entries))
                  if i not in windows and entries[i] & hw.PTE_P and entries[i] & hw.PTE_US]
     for m in w.mappings():
         if _top_slot(view, m.vstart) in windows:
             continue
         if m.vstart >= layout.user_half_end and m.attrs & hw.PTE_US:
             t = w.translate(m.vstart)
-            problems.append(f"{where}: kernel page {view.page(m.vstart)} is user-accessible ({m.attrs}) via {t.path}")
+            problems.append(found(f"kernel page {view.page(m.vstart)} is user-accessible ({m.attrs}) via {t.path}",
+                                  vrange=(m.vstart, m.vstart + m.size), frames=(m.pstart,), chain=t.chain))
         elif m.vstart < layout.user_half_end <= m.vstart + m.size:
-            problems.append(f"{where}: a mapping at {m.vstart:#x} reaches over the user half's end")
+            problems.append(found(f"a mapping at {m.vstart:#x} reaches over the user half's end",
+                                  vrange=(m.vstart, m.vstart + m.size)))
     if top != running and fresh:
         mine = entries
         theirs = _top_entries(view, running)
         differ = [i for i in range(first, len(mine))         # A and D: set by the CPU in whichever copy it walked
                   if i not in windows and mine[i] & ~CPU_BITS != theirs[i] & ~CPU_BITS]
-        problems += [f"{where}: kernel-half {names[0]}[{i}] = {mine[i]:#x}, the running space's "
-                     f"{theirs[i]:#x}: the kernel half is not shared" for i in differ]
+        problems += [found(f"kernel-half {names[0]}[{i}] = {mine[i]:#x}, the running space's {theirs[i]:#x}: the "
+                           f"kernel half is not shared", slot=i) for i in differ]
     return problems
 
 
@@ -784,7 +851,7 @@ def check_address_spaces(view: GuestView, idle: bool = True) -> list[str]:
         problems += check_space(view, top, idle=idle)
         for frame, what in _space_frames(view, top).items():
             if frame in owner and owner[frame] != what:
-                problems.append(f"frame {frame:#x} is {what} and also {owner[frame]}")
+                problems.append(Finding(f"frame {frame:#x} is {what} and also {owner[frame]}", frames=(frame,)))
             owner.setdefault(frame, what)
     return problems
 
@@ -797,8 +864,8 @@ def check_frames_unreferenced(view: GuestView, frames: set[int]) -> list[str]:
         w = space_walker(view, top)
         held = {top} | {frame for _, frame in w.page_tables()} | {
             m.pstart + off for m in w.mappings() for off in range(0, m.size, hw.PAGE_SIZE)}
-        problems += [f"frame {frame:#x} of a destroyed space is still referenced by space {top:#x}"
-                     for frame in sorted(frames & held)]
+        problems += [Finding(f"frame {frame:#x} of a destroyed space is still referenced by space {top:#x}",
+                             frames=(frame,)) for frame in sorted(frames & held)]
     return problems
 
 

@@ -23,6 +23,7 @@ import jinja2
 
 from kgen.arch import ARCHES
 from kgen.arch.hw import EFER_NXE
+from kgen.inspect.model import INFO_ROLES
 
 TEMPLATES = Path(__file__).with_name("templates")
 
@@ -209,10 +210,10 @@ class Geometry:
             label = human_size(s.size)
             return {"key": key, "y": s.y, "h": s.h, "folded": True, "cls": "fold", "text": label,
                     "start": self.hexv(s.start), "end": self.hexv(s.end), "size": s.size, "weight": s.weight,
-                    "problem": False}
+                    "problem": False, "info": False}
         v = self.doc["virtual"][s.index]
         key = f"v{s.index}"
-        problems = list(v.get("problems") or [])
+        problems, info = list(v.get("problems") or []), list(v.get("info") or [])
         rows = [["range", f"{v['start']} .. {self.hexv(s.end - 1)} (end {v['end']})"],
                 ["size", f"{human_size(s.size)}: {v.get('pages')} page{'' if v.get('pages') == 1 else 's'} of "
                          f"{human_size(v.get('page_size') or 4096)}"],
@@ -225,12 +226,14 @@ class Geometry:
         lists = [{"title": "entry chain of the first page", "items": self.chain(s.start, v)}]
         if problems:
             lists.append({"title": "problems", "items": problems, "bad": True})
+        if info:
+            lists.append({"title": "information (not a failure)", "items": info, "note": True})
         links = [f"p{i}" for i in self._frames_of(v)]
         self.details[key] = {"title": f"{v['start']} {v.get('flags')} {v.get('region') or ''}".strip(),
                              "rows": rows, "lists": lists, "links": links}
         return {"key": key, "y": s.y, "h": s.h, "folded": False, "cls": "map " + self._perm_class(v),
                 "text": v.get("flags") or "", "start": v["start"], "end": v["end"], "size": s.size, "weight": s.weight,
-                "problem": bool(problems), "links": " ".join(links)}
+                "problem": bool(problems), "info": bool(info), "links": " ".join(links)}
 
     def _perm_class(self, v: dict) -> str:
         """Colour by what the page allows: user, writable and executable, writable, executable, read-only. Without
@@ -279,7 +282,7 @@ class Geometry:
                 ["range", f"{s.start:#x} .. {s.end - 1:#x}"], ["size", human_size(s.size)]], "lists": []}
             return {"key": key, "y": s.y, "h": s.h, "folded": True, "cls": "fold", "text": human_size(s.size),
                     "start": f"{s.start:#x}", "end": f"{s.end:#x}", "size": s.size, "weight": s.weight,
-                    "problem": False, "colour": None, "role": None, "links": ""}
+                    "problem": False, "info": False, "colour": None, "role": None, "links": ""}
         p = self.doc["physical"][s.index]
         key = f"p{s.index}"
         mapped_at = [f"v{i}" for i, v in enumerate(self.doc.get("virtual") or []) if s.index in self._frames_of(v)]
@@ -289,12 +292,17 @@ class Geometry:
         lists = [{"title": "mapped at", "items": [
             f"{self.doc['virtual'][int(k[1:])]['start']} {self.doc['virtual'][int(k[1:])].get('region') or ''}"
             for k in mapped_at] or ["nowhere"]}]
+        if p.get("problems"):
+            lists.append({"title": "problems", "items": list(p["problems"]), "bad": True})
+        if p.get("info"):
+            lists.append({"title": "information (not a failure)", "items": list(p["info"]), "note": True})
         self.details[key] = {"title": f"{p['start']} {p.get('role')}", "rows": rows, "lists": lists,
                              "links": mapped_at}
         role = p.get("role") or ""
         return {"key": key, "y": s.y, "h": s.h, "folded": s.folded, "cls": "fold" if s.folded else "frame",
                 "text": human_size(s.size) if s.folded else "", "start": p["start"], "end": p["end"],
-                "size": s.size, "weight": s.weight, "problem": role == "mapped twice",
+                "size": s.size, "weight": s.weight, "problem": bool(p.get("problems")),
+                "info": role in INFO_ROLES or bool(p.get("info")),
                 "colour": ROLE_COLOURS.get(role, "#888"),
                 "role": role, "links": " ".join(mapped_at)}
 

@@ -3,12 +3,12 @@
 
 Nothing here decides an address. Regions come from the layout (`kgen/build/layout.py`) for a kgen kernel and from
 the ELF (segments, page-sized symbols) for any kernel; mappings from the `Walker`; the free stack from `PmmView`;
-problems from the checks of `kgen/guest/invariants.py`, attached to the ranges whose addresses they name.
+findings from the checks of `kgen/guest/invariants.py`, attached to the virtual ranges and frames they carry
+(`kgen.guest.findings.Finding`: never by the numbers in their text).
 Addresses are lower-case hex strings (JavaScript loses precision above 2**53); `end` is exclusive.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from kgen import protocol
@@ -24,6 +24,9 @@ from kgen.machine.ram import RamWindow, clip_legacy_hole
 SCHEMA_VERSION = 1
 PAGE = hw.PAGE_SIZE
 MIB = 1 << 20
+# Physical roles that are information, not a failure (a frame mapped twice may be meant: a buffer shared on
+# purpose): reports show them in the information colour, never as a failed invariant.
+INFO_ROLES = frozenset({"mapped twice"})
 
 
 def hexa(value: int) -> str:
@@ -188,8 +191,8 @@ def flags_text(attrs: int, mode_has_nx: bool) -> str:
 
 
 def virtual_ranges(view: GuestView, walker: Walker, regions: list[Region], problems: list[str]) -> list[dict]:
-    """Mapped ranges merged while the attributes and the region stay the same; the recursive windows as one range
-    each (their pages are the page tables)."""
+    """Mapped ranges merged while the attributes and the region stay the same; a large page one range, named by
+    the regions it holds; the recursive windows as one range each (their pages are the page tables)."""
     has_nx = bool(walker.mode.nx_levels) and walker.nxe
     cuts = sorted({r.start for r in regions} | {r.end for r in regions})
     pieces = []
@@ -198,7 +201,8 @@ def virtual_ranges(view: GuestView, walker: Walker, regions: list[Region], probl
         start, end = m.vstart, m.vstart + m.size
         inner = [c for c in cuts if start < c < end and c % page_size == 0]
         for lo, hi in zip([start] + inner, inner + [end]):
-            pieces.append((lo, hi, m.pstart + lo - start, m.attrs, page_size, region_of(regions, lo)))
+            region = region_of(regions, lo) if page_size == PAGE else large_page_region(regions, lo, hi)
+            pieces.append((lo, hi, m.pstart + lo - start, m.attrs, page_size, region))
     runs: list[list] = []
     for lo, hi, phys, attrs, size, region in pieces:
         last = runs[-1] if runs else None
@@ -217,7 +221,7 @@ def virtual_ranges(view: GuestView, walker: Walker, regions: list[Region], probl
         "start": hexa(lo), "end": hexa(hi), "pages": (hi - lo) // size, "page_size": size, "phys": hexa(phys),
         "phys_contiguous": contiguous, "writable": bool(attrs & PTE_RW), "user": bool(attrs & PTE_US),
         "nx": bool(has_nx and attrs & PTE_NX), "global": bool(attrs & PTE_G), "flags": flags_text(attrs, has_nx),
-        "region": region.name if region else None, "problems": [],
+        "region": region.name if region else None, "problems": [], "info": [],
     } for lo, hi, phys, attrs, size, region, contiguous in runs]
     top_entries = sum(1 for _ in _present_top_entries(view, walker))
     for w in walker.recursive_windows():
@@ -228,11 +232,32 @@ def virtual_ranges(view: GuestView, walker: Walker, regions: list[Region], probl
             "user": bool(w.attrs & PTE_US), "nx": bool(has_nx and w.attrs & PTE_NX), "global": False,
             "flags": flags_text(w.attrs, has_nx),
             "region": region.name if region and region.start == w.vstart else
-            f"recursive window ({walker.mode.level_names[0]}[{w.slot}])", "problems": [],
+            f"recursive window ({walker.mode.level_names[0]}[{w.slot}])", "problems": [], "info": [],
         })
     ranges.sort(key=lambda r: int(r["start"], 16))
-    attach_problems(ranges, problems)
+    attach_problems(ranges, problems, view.space)
     return ranges
+
+
+def large_page_region(regions: list[Region], lo: int, hi: int) -> Region | None:
+    """What a large page [lo, hi) holds: the smallest region holding all of it, else the outermost regions inside
+    it, named together (a 4 MiB page holding the kernel's segments: ".text (r-x) + .data .bss (rw-)")."""
+    holding = [r for r in regions if r.start <= lo and hi <= r.end]
+    if holding:
+        return min(holding, key=lambda r: (r.end - r.start, r.source != "symbol"))
+    inside = [r for r in regions if lo < r.end and r.start < hi]
+    # Segments and the layout's regions name it; symbols only where neither lies there.
+    inside = [r for r in inside if r.source != "symbol"] or inside
+    outer = sorted((r for r in inside if not any(o is not r and o.start <= r.start and r.end <= o.end
+                                                  and (o.start, o.end) != (r.start, r.end) for o in inside)),
+                   key=lambda r: (r.start, -r.end))
+    outer = list({(r.start, r.end): r for r in outer}.values())       # one name per stretch
+    if not outer:
+        return None
+    if len(outer) == 1:
+        return outer[0]
+    return Region(" + ".join(r.name for r in outer), lo, hi, outer[0].source,
+                  "; ".join(f"{r.name}: {r.description}" for r in outer))
 
 
 def _present_top_entries(view: GuestView, walker: Walker):
@@ -243,38 +268,63 @@ def _present_top_entries(view: GuestView, walker: Walker):
             yield i // size
 
 
-# An address in a check's message, unless it is where an entry lives ("PD[768] @ 0x104c00") or an entry's value
-# ("= 0x00105003"): those are physical addresses and bit patterns, not places in the address space.
-_ADDRESS = re.compile(r"(?<!@ )(?<!= )\b0x[0-9a-fA-F]+")
-
-
-def attach_problems(ranges: list[dict], problems: list[str]) -> None:
+def attach_problems(ranges: list[dict], findings: list[str], space: str | None = None) -> None:
+    """Each finding on the virtual ranges its `vrange` overlaps: a failure under "problems", information under
+    "info". A finding of another address space than the one drawn (`space`), and a plain string, go nowhere: they
+    are listed with their check."""
     bounds = [(int(r["start"], 16), int(r["end"], 16), r) for r in ranges]
-    for message in problems:
-        for number in {int(m, 16) for m in _ADDRESS.findall(message)}:
+    for finding in findings:
+        vrange = getattr(finding, "vrange", None)
+        if vrange is None or getattr(finding, "space", None) not in (None, space):
+            continue
+        key = "info" if finding.info else "problems"
+        for lo, hi, r in bounds:
+            if lo < vrange[1] and vrange[0] < hi and finding not in r[key]:
+                r[key].append(str(finding))
+
+
+def attach_to_frames(runs: list[dict], findings: list[str]) -> None:
+    """Each finding on the physical runs holding its `frames` (physical memory is one for every space)."""
+    bounds = [(int(r["start"], 16), int(r["end"], 16), r) for r in runs]
+    for finding in findings:
+        key = "info" if getattr(finding, "info", False) else "problems"
+        for frame in getattr(finding, "frames", ()):
             for lo, hi, r in bounds:
-                if lo <= number < hi and message not in r["problems"]:
-                    r["problems"].append(message)
+                if lo <= frame < hi and finding not in r[key]:
+                    r[key].append(str(finding))
 
 
 # ---- invariants ------------------------------------------------------------------------------------------------
 
-def run_invariants(view: GuestView) -> list[dict]:
+def run_invariants(view: GuestView) -> tuple[list[dict], list[str]]:
     """The suite's checks (kgen/guest/invariants.py) on this snapshot: the generic ones, and kgen's own with a
-    layout. A check that needs what this kernel lacks is skipped with its reason."""
+    layout. A check that needs what this kernel lacks is skipped with its reason; one whose findings are all
+    information holds. Returns the results and every finding, to attach to ranges and frames."""
     checks = list(invariants.GENERIC_CHECKS)
     if view.layout is not None:
         checks += list(invariants.KGEN_CHECKS) + [invariants.check_address_spaces]
-    results = []
+    results, found = [], []
     for check in checks:
         try:
             messages = check(view)
         except NotApplicable as why:
-            results.append({"name": check.__name__, "outcome": "skipped", "messages": [str(why)]})
+            results.append({"name": check.__name__, "outcome": "skipped", "messages": [str(why)], "findings": []})
             continue
+        found += messages
         results.append({"name": check.__name__, "outcome": "failed" if failures(messages) else "passed",
-                        "messages": list(messages)})
-    return results
+                        "messages": [str(m) for m in messages], "findings": [finding_record(m) for m in messages]})
+    return results, found
+
+
+def finding_record(finding: str) -> dict:
+    """A finding as the document holds it: its text and where it applies (docs/inspect.md)."""
+    vrange = getattr(finding, "vrange", None)
+    return {"text": str(finding), "info": bool(getattr(finding, "info", False)),
+            "vrange": [hexa(vrange[0]), hexa(vrange[1])] if vrange is not None else None,
+            "frames": [hexa(f) for f in getattr(finding, "frames", ())],
+            "chain": [{"table": e.table, "index": e.index, "addr": hexa(e.addr), "value": hexa(e.value)}
+                      for e in getattr(finding, "chain", ())],
+            "space": getattr(finding, "space", None)}
 
 
 # ---- physical memory -------------------------------------------------------------------------------------------
@@ -329,7 +379,7 @@ class FrameMap:
             run["end"] = hexa(run["start"] + run["frames"] * PAGE)
             run["start"] = hexa(run["start"])
         return [{"start": r["start"], "end": r["end"], "frames": r["frames"], "role": r["role"],
-                 "detail": r["detail"]} for r in out]
+                 "detail": r["detail"], "problems": [], "info": []} for r in out]
 
 
 def table_role(walker: Walker, depth: int) -> str:
@@ -476,6 +526,26 @@ def paging_info(view: GuestView, walker: Walker | None) -> dict:
             "va_bits": mode.va_bits, "recursive_slots": slots}
 
 
+def space_info(view: GuestView) -> dict:
+    """The address space drawn and judged: the one in CR3, named when the kernel's own table of spaces lists it."""
+    top = view.regs.cr3 & view.mode.cr3_mask
+    return {"cr3": hexa(view.regs.cr3), "top": hexa(top), "name": view.space or space_name(view, top)}
+
+
+def space_name(view: GuestView, top: int) -> str | None:
+    """How a kgen kernel's table of live spaces (`as_spaces`) knows `top`; None for a space it does not list."""
+    if view.layout is None or view.regs.cr0 & hw.CR0_PG == 0:
+        return None
+    try:
+        spaces = invariants.live_spaces(view)
+    except (NotApplicable, KeyError):
+        return None
+    for index, (space, _) in enumerate(spaces):       # record 0 is the boot space; the others live ones, packed
+        if space & view.mode.cr3_mask == top:
+            return "the boot space" if index == 0 else f"a space the kernel lists in {invariants.SPACES_SYMBOL}"
+    return None
+
+
 def symbol_name(view: GuestView, addr: int) -> str | None:
     sym = view.elf.symbol_at(addr)
     if sym is None:
@@ -503,8 +573,8 @@ def collect(live, *, accel: str = "tcg", va: int | None = None, how: str | None 
             regions += mapped_regions(view, walker, ram, regions)
         except WalkError:
             pass        # said below, where the ranges are drawn
-    results = run_invariants(view)
-    problems = [m for r in results if r["outcome"] == "failed" for m in failures(r["messages"])] + problems_of_walk
+    results, found = run_invariants(view)
+    problems = found + problems_of_walk
     checked = len(problems)
     virtual: list[dict] = []
     if walker is not None:
@@ -517,9 +587,12 @@ def collect(live, *, accel: str = "tcg", va: int | None = None, how: str | None 
     except WalkError as err:
         problems.append(f"the page tables cannot be walked: {err}")
         physical = physical_runs(view, None, regions, ram_bytes, problems, ram)
+    attach_to_frames(physical, problems)
     if problems[checked:] or problems_of_walk:
         # What inspect itself could not follow (the page tables, the free stack) is a finding too.
-        results.append({"name": "kgen inspect", "outcome": "failed", "messages": problems_of_walk + problems[checked:]})
+        own = problems_of_walk + problems[checked:]
+        results.append({"name": "kgen inspect", "outcome": "failed", "messages": [str(m) for m in own],
+                        "findings": [finding_record(m) for m in own]})
     arch = (layout.arch if layout is not None else Arch.for_elf(view.elf)).name
     return {
         "kgen_inspect": SCHEMA_VERSION,
@@ -531,6 +604,7 @@ def collect(live, *, accel: str = "tcg", va: int | None = None, how: str | None 
                       "efer": hexa(regs.efer or 0), "cs": hexa(regs.cs), "cpl": regs.cpl if regs.cpl is not None
                       else regs.cs & 3},
         "paging": paging_info(view, walker),
+        "space": space_info(view),
         "regions": [r.as_dict() for r in sorted(regions, key=lambda r: (r.start, -r.end))],
         "virtual": virtual,
         "physical": physical,

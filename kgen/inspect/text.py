@@ -1,13 +1,18 @@
 """The document of `kgen inspect` (kgen/inspect/model.py) as text for a terminal: a header, the virtual address
 space, physical memory and the invariants; with --va, the header and the translation only.
 
-Colour (ANSI) only when asked: `kgen inspect` asks when stdout is a terminal and NO_COLOR is unset."""
+Colour (ANSI) only when asked: `kgen inspect` asks when stdout is a terminal and NO_COLOR is unset. Without colour
+the marks say the same: `!` before a failure attached to a range, `i` before information (a frame mapped twice, a
+guard page), which fails nothing."""
 from __future__ import annotations
 
 import os
 import sys
 
-_CODES = {"bold": "1", "red": "31", "green": "32", "yellow": "33", "dim": "2", "cyan": "36"}
+from kgen.inspect.model import INFO_ROLES
+
+_CODES = {"bold": "1", "red": "31", "green": "32", "yellow": "33", "dim": "2", "cyan": "36", "blue": "34"}
+FAILURE, INFO = "red", "blue"       # a range an invariant fails on; information that fails nothing
 
 
 def use_colour(stream=None) -> bool:
@@ -44,7 +49,15 @@ def header(doc: dict, paint) -> list[str]:
     return [paint(f"kgen inspect: {k['elf']} ({k['arch']}, {k['kind']} kernel, {k['accel']})", "bold"),
             f"stopped:   {s['how']}, at {where}",
             f"registers: CR0={r['cr0']} CR3={r['cr3']} CR4={r['cr4']} EFER={r['efer']} CS={r['cs']} CPL={r['cpl']}",
-            f"paging:    {paging}"]
+            f"paging:    {paging}",
+            f"space:     {space_text(doc)}"]
+
+
+def space_text(doc: dict) -> str:
+    """The address space drawn and judged: "the one in CR3 (PD at 0x105000), the boot space"."""
+    space = doc.get("space") or {"top": doc["registers"]["cr3"], "name": None}
+    top = _top(doc["paging"]) if doc["paging"]["enabled"] else "top-level table"
+    return f"the one in CR3 ({top} at {space['top']})" + (f", {space['name']}" if space.get("name") else "")
 
 
 def _top(paging: dict) -> str:
@@ -93,10 +106,18 @@ def virtual(doc: dict, paint) -> list[str]:
     body = _table(rows, right={2})
     lines.append(paint(body[0], "dim"))
     for v, line in zip(doc["virtual"], body[1:]):
-        lines.append(paint(line, "red") if v["problems"] else line)
-        lines += [paint(f"      ! {m}", "red") for m in v["problems"]]
-    lines.append(paint("  (phys ending in '..': the range is not physically contiguous)", "dim"))
+        lines += _marked(line, v, paint)
+    lines.append(paint("  (phys ending in '..': the range is not physically contiguous; ! an invariant fails on the "
+                       "range, i information, not a failure)", "dim"))
     return lines
+
+
+def _marked(line: str, row: dict, paint, info_role: bool = False) -> list[str]:
+    """A row of the virtual or physical table in the colour of what is attached to it, then those findings."""
+    problems, info = row.get("problems") or [], row.get("info") or []
+    colour = FAILURE if problems else INFO if info or info_role else None
+    return ([paint(line, colour) if colour else line] + [paint(f"      ! {m}", FAILURE) for m in problems]
+            + [paint(f"      i {m}", INFO) for m in info])
 
 
 def physical(doc: dict, paint) -> list[str]:
@@ -106,7 +127,7 @@ def physical(doc: dict, paint) -> list[str]:
     body = _table(rows, right={2})
     lines.append(paint(body[0], "dim"))
     for r, line in zip(doc["physical"], body[1:]):
-        lines.append(paint(line, "red") if r["role"] == "mapped twice" else line)
+        lines += _marked(line, r, paint, info_role=r["role"] in INFO_ROLES)
     return lines
 
 
@@ -118,9 +139,15 @@ def invariants(doc: dict, paint) -> list[str]:
     colours = {"passed": "green", "failed": "red", "skipped": "yellow"}
     for r in results:
         lines.append(f"  {paint(r['outcome'].upper().ljust(7), colours[r['outcome']])} {r['name']}")
-        # A passed check's messages are information (a guard page): shown as notes.
-        note = "note: " if r["outcome"] == "passed" else ""
-        lines += [f"          {note}{m}" for m in r["messages"]]
+        findings = r.get("findings") or [{"text": m, "info": False} for m in r["messages"]]
+        if r["outcome"] == "skipped":
+            lines += [f"          {m}" for m in r["messages"]]
+            continue
+        for f in findings:      # information under any check, marked i; failures under a failed one
+            if f["info"]:
+                lines.append(paint(f"        i {f['text']}", INFO))
+            elif r["outcome"] != "passed":
+                lines.append(f"          {f['text']}")
     return lines
 
 
