@@ -129,3 +129,40 @@ class NoSpaces:
     @property
     def name(self) -> str:
         return self.expression
+
+
+def space_name(view, top: int, spaces: SpaceArray | dwarfspaces.Plan | None = None) -> str | None:
+    """Which space the top-level table at physical `top` is, when the kernel says: the slot of the array or the
+    space of the expression --address-spaces gave (`parse_spec`) that holds it, or for a kgen kernel "the boot
+    space" (record 0 of its `as_spaces`) or another space it lists; None when nothing names it."""
+    mask = view.mode.cr3_mask
+    if isinstance(spaces, SpaceArray):
+        for index, slot in enumerate(spaces.tops(view.read_phys)):
+            if slot and slot & mask == top:
+                return spaces.name(index)
+    elif spaces is not None:
+        try:
+            found = dwarfspaces.spaces_in_view(view, spaces)
+        except (KgenError, dwarfspaces.Unreadable):     # the expression cannot be followed now: no name, no error
+            found = []
+        for space in found:
+            if space.top is not None and space.top & mask == top:
+                return space.name
+    if view.layout is None:
+        return None
+    from kgen.guest import invariants      # here: invariants' own imports need not load for a foreign kernel
+    try:
+        spaces = invariants.live_spaces(view)
+    except invariants.NotApplicable:
+        return None
+    for index, (space, _) in enumerate(spaces):     # record 0 is the boot space; the other live ones follow, packed
+        if space & mask == top:
+            return "the boot space" if index == 0 else f"a space the kernel lists in {invariants.SPACES_SYMBOL}"
+    return None
+
+
+def cr3_space_text(view, spaces: SpaceArray | dwarfspaces.Plan | None = None) -> str:
+    """"the space in CR3: PD at 0x106000 (spaces[1])": the space a check judged when it was given no other."""
+    top = view.regs.cr3 & view.mode.cr3_mask
+    name = space_name(view, top, spaces)
+    return f"the space in CR3: {view.mode.level_names[0]} at {top:#x}" + (f" ({name})" if name else "")

@@ -7,14 +7,20 @@ pytest-xdist the workers' reports reach it too), never by reading the text pytes
      "kernel": {"elf": "/abs/kernel.elf", "kind": "kgen"|"foreign", "arch": "i386"|"x86_64"},
      "accel": "tcg"|"kvm",
      "checks": [{"name": "test_nothing_is_mapped_below_the_kernel_base[spaces[1]]", "module": "test_invariants",
-                 "outcome": "passed"|"failed"|"skipped"|"error", "messages": ["..."], "duration": 0.01}],
-     "summary": {"passed": 8, "failed": 1, "skipped": 17, "error": 0, "total": 26},
+                 "outcome": "passed"|"failed"|"skipped"|"error", "messages": ["..."], "duration": 0.01,
+                 "space": "spaces[1]: PD at 0x106000 (the space in CR3)"|null, "kgen_only": false}],
+     "summary": {"passed": 8, "failed": 1, "skipped": 17, "error": 0, "total": 26, "kgen_only": 16},
+     "spaces": ["the space in CR3: PD at 0x106000 (spaces[1])", "spaces[0]: PD at 0x104000", ...],
      "boot_failure": null | {"kind": "fault loop"|"triple fault"|"reset"|"hang"|..., "summary": "...",
                              "findings": ["..."]}}
 
 One object per check (per test, and per address space for the checks `--address-spaces` repeats). `messages` are
 the lines of a failure as kgen words them (one per entry or page at fault; the first names the invariant), or the
 reason of a skip; an `error` is a failure outside the check itself (its fixture: the kernel could not be booted).
+`space` is the address space the check judged (the one in CR3, named by the slot of --address-spaces or kgen's
+`as_spaces` that holds it, or the slot the check was given; null for a check of no stopped machine), and `spaces`
+every space the run judged. `kgen_only` marks a check skipped because it needs a kernel kgen built (its layout, its
+call channel): `kgen test` prints those as one line, here each keeps its record.
 A kernel that never reaches the state the checks look at is reported before the suite: no checks, and
 `boot_failure` says what it did instead; its `findings`, what else the failure showed (the kernel boots with zeroed
 RAM only: it reads memory it never wrote).
@@ -55,8 +61,15 @@ def document(kernel: dict, accel: str, checks: list[dict], boot_failure: dict | 
     summary = {outcome: sum(c["outcome"] == outcome for c in checks)
                for outcome in ("passed", "failed", "skipped", "error")}
     summary["total"] = len(checks)
+    summary["kgen_only"] = sum(bool(c.get("kgen_only")) for c in checks)
     return {"kgen_test": FORMAT_VERSION, "kernel": kernel, "accel": accel, "checks": checks, "summary": summary,
-            "boot_failure": boot_failure}
+            "spaces": distinct_spaces(c.get("space") for c in checks), "boot_failure": boot_failure}
+
+
+def distinct_spaces(spaces) -> list[str]:
+    """The spaces checks judged, each once: the one in CR3 first, then the slots in the order met."""
+    seen = [space for space in dict.fromkeys(spaces) if space]
+    return sorted(seen, key=lambda space: not space.startswith("the space in CR3"))
 
 
 def write(path: Path, doc: dict) -> None:
@@ -89,8 +102,11 @@ class JsonReport:
     def pytest_runtest_logreport(self, report) -> None:
         module, _, name = report.nodeid.rpartition("::")
         record = self.checks.setdefault(report.nodeid, {
-            "name": name, "module": Path(module).stem, "outcome": "passed", "messages": [], "duration": 0.0})
+            "name": name, "module": Path(module).stem, "outcome": "passed", "messages": [], "duration": 0.0,
+            "space": None, "kgen_only": False})
         record["duration"] = round(record["duration"] + (report.duration or 0.0), 4)
+        record["space"] = record["space"] or getattr(report, "kgen_space", None)
+        record["kgen_only"] = record["kgen_only"] or bool(getattr(report, "kgen_only", False))
         if report.passed:
             return
         if report.skipped:

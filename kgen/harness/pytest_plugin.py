@@ -21,6 +21,10 @@ with --kgen-kernel how to boot it and when to look: --kgen-ready, --kgen-ready-s
 Every machine a fixture hands out is as a cold boot leaves it, but only the first per kernel is booted: the
 others are restored from a snapshot of it (kgen/machine/snapshot.py), unless --kgen-cold-boot.
 
+What the report says besides pytest's lines: the address space each check of a stopped machine judged (`kgen_space`
+on its report, the distinct ones in one line at the end), and the checks that only apply to a kernel kgen built
+(`skip_kgen_only`) as one line with the reason, not one line each (the JSON report keeps one record per check).
+
 Installed as a pytest11 entry point, so it loads in every pytest run of an environment holding kgen: importing it
 costs pytest alone, and nothing is built or booted unless a test asks for a kgen fixture.
 """
@@ -241,11 +245,20 @@ def kgen_accel(request):
     return accel
 
 
+def skip_kgen_only(kernel) -> None:
+    """Skip a check that needs kgen's layout or call channel, for anyone else's kernel: reported once for all such
+    checks, not per check. Raised from this one line with one reason, so pytest's -rs folds them too."""
+    skip = pytest.skip.Exception(f"{kernel.elf_path.name} was not built by kgen: its layout and call channel are "
+                                 f"unknown")
+    skip.kgen_only = True       # pytest's own skip, so it is worded and counted as any other
+    raise skip
+
+
 @pytest.fixture(scope="session")
 def kgen_layout(kgen_kernel):
     """The layout the kernel was built from; tests that need it are skipped for anyone else's ELF."""
     if kgen_kernel.layout is None:
-        pytest.skip(f"{kgen_kernel.elf_path.name} was not built by kgen: its layout and call channel are unknown")
+        skip_kgen_only(kgen_kernel)
     return kgen_kernel.layout
 
 
@@ -313,8 +326,7 @@ def space_view(live, space):
     if ram and not any(w.start <= top and top + 4096 <= w.end for w in ram):
         pytest.fail(f"{space.name} = {top:#x} is not in the guest's RAM: not the top-level table of an address space "
                     f"({holder})", pytrace=False)
-    current = " (the space in CR3)" if top == view.regs.cr3 & view.mode.cr3_mask else ""
-    return view.in_space(top, f"{space.name}: {view.mode.level_names[0]} at {top:#x}{current}")
+    return view.in_space(top, space_label(view, space, top))
 
 
 def judged_views(live, space) -> list:
@@ -361,3 +373,98 @@ def assert_holds(check, view, *more) -> None:
         pytest.fail("\n".join(failed), pytrace=False)
     if len(skipped) == 1 + len(more):
         pytest.skip(skipped[0])
+
+
+# ---- what the report says besides pytest's lines -----------------------------------------------------------------
+
+_SPACE_SPEC = pytest.StashKey()
+
+
+def _space_spec(config):
+    """--kgen-address-spaces parsed once per process (`parse_spec`: an array or an expression; None without it)."""
+    if _SPACE_SPEC not in config.stash:
+        from kgen.guest.addrspaces import parse_spec
+        from kgen.guest.elfinfo import ElfInfo
+        from kgen.harness.symbols import judged_elf
+        spec, kernel = config.getoption("kgen_address_spaces", None), config.getoption("kgen_kernel", None)
+        config.stash[_SPACE_SPEC] = (parse_spec(spec, judged_elf(config.getoption("kgen_symbols", None))
+                                                or ElfInfo.load(kernel))
+                                     if spec is not None and kernel is not None else None)
+    return config.stash[_SPACE_SPEC]
+
+
+def _space_top(view, space) -> int | None:
+    """The top-level table a `kgen_space` stands for on this view; None where there is none (an unused slot, an
+    expression that yields nothing or no longer this space)."""
+    from kgen.guest.addrspaces import NamedSpace, NoSpaces
+    if isinstance(space, NoSpaces):
+        return None
+    if isinstance(space, NamedSpace):
+        found = space.find(view)
+        return found.top & view.mode.cr3_mask if found is not None and found.top is not None else None
+    return space.top(view.read_phys) & view.mode.cr3_mask or None
+
+
+def space_label(view, space, top: int) -> str:
+    """"spaces[1]: PD at 0x106000 (the space in CR3)": how reports name a space a check was given."""
+    current = " (the space in CR3)" if top == view.regs.cr3 & view.mode.cr3_mask else ""
+    return f"{space.name}: {view.mode.level_names[0]} at {top:#x}{current}"
+
+
+def judged_space(item) -> str | None:
+    """The address space the test judged, in words: the slot it was given (`space_view`), else the one in CR3 of
+    the stopped machine it looked at, named when the kernel lists it; None for a test of no stopped machine."""
+    live = item.funcargs.get("kgen_idle") if hasattr(item, "funcargs") else None
+    if live is None:
+        return None
+    from kgen.arch import hw
+    from kgen.errors import KgenError
+    from kgen.guest.addrspaces import cr3_space_text
+    try:
+        view = live.view()
+        if not view.regs.cr0 & hw.CR0_PG:
+            return f"none: paging is off (CR3={view.regs.cr3:#x})"
+        space = item.funcargs.get("kgen_space")
+        if space is None:
+            return cr3_space_text(view, _space_spec(item.config))
+        top = _space_top(view, space)
+        return space_label(view, space, top) if top else None
+    except KgenError:       # the machine is gone (its boot failed): the test's own report says why
+        return None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    # Plain attributes: pytest-xdist carries them from a worker to the process that reports.
+    if call.excinfo is not None and getattr(call.excinfo.value, "kgen_only", False):
+        report.kgen_only = True
+    if call.when == "call":
+        report.kgen_space = judged_space(item)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_report_teststatus(report, config):
+    if report.skipped and getattr(report, "kgen_only", False) and config.get_verbosity() < 2:
+        return "skipped", "", ""        # counted, but not a letter or a line each: one line at the end says why
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    reports = [r for outcome in ("passed", "failed", "skipped") for r in terminalreporter.stats.get(outcome, ())
+               if getattr(r, "when", None) in ("call", "setup")]
+    kgen_only = [r for r in reports if getattr(r, "kgen_only", False)]
+    if kgen_only:
+        reason = kgen_only_reason(kgen_only[0])
+        terminalreporter.write_line(f"kgen: {len(kgen_only)} checks skipped, for kernels kgen built only: {reason} "
+                                    f"(-vv or --json lists them)")
+    from kgen.harness.jsonreport import distinct_spaces
+    spaces = distinct_spaces(getattr(r, "kgen_space", None) for r in sorted(reports, key=lambda r: r.nodeid))
+    if spaces:
+        terminalreporter.write_line(f"kgen: address space{'s' * (len(spaces) > 1)} judged: {'; '.join(spaces)}")
+
+
+def kgen_only_reason(report) -> str:
+    longrepr = report.longrepr
+    text = str(longrepr[2]) if isinstance(longrepr, tuple) else str(longrepr)
+    return text.removeprefix("Skipped: ")

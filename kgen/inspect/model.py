@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from kgen import protocol
 from kgen.arch import Arch, hw
 from kgen.guest import invariants
+from kgen.guest.addrspaces import space_name
 from kgen.guest.findings import failures
 from kgen.guest.invariants import GuestView, NotApplicable
 from kgen.guest.pmmview import ChainError, PmmView
@@ -530,20 +531,6 @@ def space_info(view: GuestView) -> dict:
     """The address space drawn and judged: the one in CR3, named when the kernel's own table of spaces lists it."""
     top = view.regs.cr3 & view.mode.cr3_mask
     return {"cr3": hexa(view.regs.cr3), "top": hexa(top), "name": view.space or space_name(view, top)}
-
-
-def space_name(view: GuestView, top: int) -> str | None:
-    """How a kgen kernel's table of live spaces (`as_spaces`) knows `top`; None for a space it does not list."""
-    if view.layout is None or view.regs.cr0 & hw.CR0_PG == 0:
-        return None
-    try:
-        spaces = invariants.live_spaces(view)
-    except (NotApplicable, KeyError):
-        return None
-    for index, (space, _) in enumerate(spaces):       # record 0 is the boot space; the others live ones, packed
-        if space & view.mode.cr3_mask == top:
-            return "the boot space" if index == 0 else f"a space the kernel lists in {invariants.SPACES_SYMBOL}"
-    return None
 
 
 def symbol_name(view: GuestView, addr: int) -> str | None:

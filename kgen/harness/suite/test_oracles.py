@@ -13,7 +13,7 @@ import pytest
 from kgen.arch import hw
 from kgen.guest.invariants import NotApplicable, mapped_pages
 from kgen.guest.pagewalk import WalkError
-from kgen.harness.pytest_plugin import kgen_boot
+from kgen.harness.pytest_plugin import kgen_boot, skip_kgen_only
 
 # A sub-page offset, so a translation that drops or garbles the low bits shows.
 OFFSET = 0x124
@@ -134,8 +134,8 @@ def _show(page) -> str:
 @pytest.fixture(params=["tcg", "kvm"])
 def cpu(request, kgen_kernel):
     """A kgen kernel serving calls, under each accelerator; KVM only where the probe boot showed it works."""
-    if kgen_kernel.layout is None:
-        pytest.skip("the CPU oracle calls kernel routines: it needs a kgen kernel")
+    if kgen_kernel.layout is None:     # the CPU oracle calls kernel routines
+        skip_kgen_only(kgen_kernel)
     if request.param == "kvm":
         usable, why = request.getfixturevalue("kgen_kvm")
         if not usable:
