@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import minikernels
+import zoo_reports
 from conftest import needs_qemu, run_kgen
 from minikernels import (PROCESS_FAULT_ADDRESS, PROCESS_SPACE_SLOTS, PROCESS_SPACES, PROCESS_USER_CODE,
                          PROCESS_USER_STACK)
@@ -67,8 +68,14 @@ def test_json_has_one_object_per_check_with_the_outcome_pytest_printed(zoo, tmp_
     assert result.returncode == 0, result.stdout + result.stderr
     checks = by_name(doc)
     assert len(checks) == len(doc["checks"]), "a check appears twice"
-    # The same tests, the same outcomes, as pytest's own -v lines of the same run.
-    assert {name: c["outcome"] for name, c in checks.items()} == {n.split("::")[-1]: o for n, o in printed.items()}
+    # The same tests, the same outcomes, as pytest's own -v lines of the same run; the checks for kernels kgen
+    # built are skipped, each a record here but one line of their own there.
+    kgen_only = {name for name, c in checks.items() if c["kgen_only"]}
+    assert kgen_only and {checks[name]["outcome"] for name in kgen_only} == {"skipped"}
+    assert {name: c["outcome"] for name, c in checks.items() if name not in kgen_only} == \
+        {n.split("::")[-1]: o for n, o in printed.items()}
+    assert f"kgen: {len(kgen_only)} checks skipped, for kernels kgen built only: {elf.name} was not built by kgen" \
+        in result.stdout, result.stdout
     assert doc["kernel"] == {"elf": str(elf.resolve()), "kind": "foreign", "arch": "i386"} and doc["accel"] == "tcg"
     summary = doc["summary"]
     assert summary["total"] == len(checks) and summary["failed"] == summary["error"] == 0
@@ -89,6 +96,38 @@ def test_json_has_one_object_per_check_with_the_outcome_pytest_printed(zoo, tmp_
     assert recursive["messages"] == [f"no PD entry points at the PD itself: this kernel has no recursive slot in "
                                      f"address space {PROCESS_SPACES}[1]: PD at {tops[1]:#x} (the space in CR3)"]
     assert checks["test_paging_and_write_protect_are_on"]["outcome"] == "passed"
+    # The space each check judged: the slot it was given, or the one in CR3, named by the slot holding it.
+    cr3 = f"the space in CR3: PD at {tops[1]:#x} ({PROCESS_SPACES}[1])"
+    slots = [f"{PROCESS_SPACES}[0]: PD at {tops[0]:#x}", f"{PROCESS_SPACES}[1]: PD at {tops[1]:#x} (the space in CR3)"]
+    assert doc["spaces"] == [cr3] + slots
+    assert checks["test_paging_and_write_protect_are_on"]["space"] == cr3
+    assert checks[f"{BELOW}[{PROCESS_SPACES}[0]]"]["space"] == slots[0]
+    assert f"kgen: address spaces judged: {'; '.join([cr3] + slots)}" in result.stdout, result.stdout
+
+
+def test_a_large_page_is_one_finding_and_the_checks_for_kgen_kernels_one_line(tmp_path):
+    """The default output of `kgen test --kernel`: the writable 4 MiB kernel page of tests/zoo_reports.py is one
+    finding, the checks only a kernel kgen built can pass one line with the reason, and the space judged named."""
+    elf = zoo_reports.large_page_kernel(tmp_path)
+    report = tmp_path / "large.json"
+    result = run_kgen("test", "--kernel", str(elf), "-j", "1", "--json", str(report))
+    assert result.returncode == 1, result.stdout + result.stderr
+    doc = json.loads(report.read_text())
+    checks = by_name(doc)
+    segments = checks["test_elf_segments_map_vaddr_to_paddr_no_wider_than_their_flags"]
+    header, *findings = segments["messages"]
+    assert segments["outcome"] == "failed" and len(findings) == 1, segments["messages"]
+    assert findings[0].startswith(f"4 pages of the 4 MiB page at {KBASE:#x}, ") and "writable" in findings[0]
+    kgen_only = [c for c in doc["checks"] if c["kgen_only"]]
+    assert len(kgen_only) == doc["summary"]["kgen_only"] and {c["outcome"] for c in kgen_only} == {"skipped"}
+    assert {c["name"] for c in kgen_only} >= {"test_cr3_is_the_boot_page_directory",
+                                              "test_allocate_at_round_trips"}
+    lines = [line for line in result.stdout.splitlines() if "was not built by kgen" in line]
+    assert lines == [f"kgen: {len(kgen_only)} checks skipped, for kernels kgen built only: {elf.name} was not "
+                     f"built by kgen: its layout and call channel are unknown (-vv or --json lists them)"], lines
+    pd = symbol(elf, "pd") - KBASE
+    assert doc["spaces"] == [f"the space in CR3: PD at {pd:#x}"]
+    assert f"kgen: address space judged: the space in CR3: PD at {pd:#x}\n" in result.stdout, result.stdout
 
 
 def test_a_flaw_only_in_the_space_not_in_cr3_is_found_and_named(zoo, tmp_path):
@@ -235,6 +274,11 @@ def test_json_on_stdout_for_a_kgen_kernel(tmp_path):
     assert doc["kernel"] == {"elf": str((out / "kernel.elf").resolve()), "kind": "kgen", "arch": "i386"}
     assert doc["summary"]["total"] == len(printed) and doc["boot_failure"] is None
     assert all(c["module"] == "test_invariants" for c in doc["checks"])
+    # kgen's own kernel is looked at in its boot space, and says so.
+    from kgen.guest.elfinfo import ElfInfo
+    elf = ElfInfo.load(out / "kernel.elf")
+    top = elf.symbols["boot_top_table"].value - KBASE
+    assert doc["spaces"] == [f"the space in CR3: PD at {top:#x} (the boot space)"], doc["spaces"]
 
 
 def test_a_slot_outside_ram_is_a_failure_not_an_empty_space(zoo, tmp_path):
