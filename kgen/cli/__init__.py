@@ -289,6 +289,9 @@ def parser() -> argparse.ArgumentParser:
                   description="Text on a terminal, --json for scripts (docs/inspect.md), --html FILE for a page.")
     _add_config_args(ins)
     _add_checked_kernel_args(ins, "inspect this Multiboot ELF (any kernel) instead of kgen's")
+    ins.add_argument("--address-spaces", metavar="SYMBOL[,COUNT]|EXPR", help="with --kernel: the kernel's spaces, "
+                     "as kgen test takes them: the space in CR3 is named by the slot or the expression's element "
+                     "holding it")
     ins.add_argument("--accel", choices=("tcg", "kvm"), default="tcg", help="QEMU accelerator (default: tcg)")
     ins.add_argument("--va", type=virtual_address, metavar="ADDR",
                      help="explain the translation of this virtual address step by step")

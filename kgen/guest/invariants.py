@@ -405,7 +405,7 @@ def check_segments(view: GuestView) -> list[str]:
             f"{seg.paddr + placement.offset:#x} where the rest of the kernel puts it (physical base "
             f"{placement.base:#x}): a kernel's segments keep their distances wherever it is loaded",
             vrange=(seg.vaddr & ~(hw.PAGE_SIZE - 1), seg.vaddr + seg.memsz)))
-    # Each page at fault: (vaddr, translation, what is wrong, what it takes to be the same fault as the page before).
+    # Each page at fault: (vaddr, its translation or None, what is wrong), grouped by large page below.
     faults = []
     for vaddr, paddr in sorted(expected.items()):
         t = walker.translate(vaddr)

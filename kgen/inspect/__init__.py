@@ -18,6 +18,7 @@ import sys
 
 from kgen.arch import Arch
 from kgen.errors import KernelFailed, UsageError
+from kgen.guest.addrspaces import SpaceArray
 from kgen.guest.diagnose import RunFailed
 from kgen.harness.bench import load_figures
 from kgen.harness.foreign import checked_kernel
@@ -51,9 +52,10 @@ def run(args) -> int:
         _check_va(kernel, args.va)
     if args.accel == "kvm":
         require_kvm()
+    spaces = SpaceArray.parse(args.address_spaces, kernel.elf) if getattr(args, "address_spaces", None) else None
     try:
         with boot(kernel, args.accel, cold=True) as live:
-            doc = collect(live, accel=args.accel, va=args.va)
+            doc = collect(live, accel=args.accel, va=args.va, spaces=spaces)
     except RunFailed as err:
         print(err.details(), file=sys.stderr)
         raise KernelFailed(f"{kernel.elf_path.name} did not reach the point to look at: {err}") from None

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from kgen import protocol
 from kgen.arch import Arch, hw
 from kgen.guest import invariants
-from kgen.guest.addrspaces import space_name
+from kgen.guest.addrspaces import SpaceArray, space_name
 from kgen.guest.findings import failures
 from kgen.guest.invariants import GuestView, NotApplicable
 from kgen.guest.pmmview import ChainError, PmmView
@@ -527,10 +527,11 @@ def paging_info(view: GuestView, walker: Walker | None) -> dict:
             "va_bits": mode.va_bits, "recursive_slots": slots}
 
 
-def space_info(view: GuestView) -> dict:
-    """The address space drawn and judged: the one in CR3, named when the kernel's own table of spaces lists it."""
+def space_info(view: GuestView, spaces: SpaceArray | None = None) -> dict:
+    """The address space drawn and judged: the one in CR3, named by the slot of `spaces` (--address-spaces) or of
+    a kgen kernel's own table of spaces that holds it."""
     top = view.regs.cr3 & view.mode.cr3_mask
-    return {"cr3": hexa(view.regs.cr3), "top": hexa(top), "name": view.space or space_name(view, top)}
+    return {"cr3": hexa(view.regs.cr3), "top": hexa(top), "name": view.space or space_name(view, top, spaces)}
 
 
 def symbol_name(view: GuestView, addr: int) -> str | None:
@@ -540,8 +541,10 @@ def symbol_name(view: GuestView, addr: int) -> str | None:
     return sym.name + (f"+{addr - sym.value:#x}" if addr != sym.value else "")
 
 
-def collect(live, *, accel: str = "tcg", va: int | None = None, how: str | None = None) -> dict:
-    """The document of a booted kernel (`kgen.harness.live.LiveKernel`), stopped now if it still runs."""
+def collect(live, *, accel: str = "tcg", va: int | None = None, how: str | None = None,
+            spaces: SpaceArray | None = None) -> dict:
+    """The document of a booted kernel (`kgen.harness.live.LiveKernel`), stopped now if it still runs; `spaces`
+    (--address-spaces) names the space in CR3 by its slot."""
     view = live.view()
     kernel = live.kernel
     layout = view.layout
@@ -591,7 +594,7 @@ def collect(live, *, accel: str = "tcg", va: int | None = None, how: str | None 
                       "efer": hexa(regs.efer or 0), "cs": hexa(regs.cs), "cpl": regs.cpl if regs.cpl is not None
                       else regs.cs & 3},
         "paging": paging_info(view, walker),
-        "space": space_info(view),
+        "space": space_info(view, spaces),
         "regions": [r.as_dict() for r in sorted(regions, key=lambda r: (r.start, -r.end))],
         "virtual": virtual,
         "physical": physical,

@@ -130,6 +130,17 @@ def test_a_large_page_is_one_finding_and_the_checks_for_kgen_kernels_one_line(tm
     assert f"kgen: address space judged: the space in CR3: PD at {pd:#x}\n" in result.stdout, result.stdout
 
 
+def test_inspect_names_the_process_whose_space_it_shows(zoo):
+    from kgen.inspect.text import render_text
+    elf = zoo["process-current"]
+    result = run_kgen("inspect", "--kernel", str(elf), "--address-spaces", PROCESS_SPACES, "--json")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    process = tables(elf)["process"]
+    assert doc["space"] == {"cr3": hex(process), "top": hex(process), "name": f"{PROCESS_SPACES}[1]"}
+    assert f"space:     the one in CR3 (PD at {process:#x}), {PROCESS_SPACES}[1]" in render_text(doc)
+
+
 def test_a_flaw_only_in_the_space_not_in_cr3_is_found_and_named(zoo, tmp_path):
     elf = zoo["flaw-kernel-current"]
     pds = tables(elf)
