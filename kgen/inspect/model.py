@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from kgen import protocol
 from kgen.arch import Arch, hw
 from kgen.guest import invariants
-from kgen.guest.addrspaces import SpaceArray, space_name
 from kgen.guest.findings import failures
 from kgen.guest.invariants import GuestView, NotApplicable
+from kgen.guest.addrspaces import SpaceArray, space_name
 from kgen.guest.pmmview import ChainError, PmmView
 from kgen.guest.pagewalk import PTE_NX, PTE_P, PTE_RW, PTE_US, PTE_G, Walker, WalkError
 from kgen.inspect.explain import explain_translation

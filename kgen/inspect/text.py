@@ -143,9 +143,9 @@ def invariants(doc: dict, paint) -> list[str]:
         if r["outcome"] == "skipped":
             lines += [f"          {m}" for m in r["messages"]]
             continue
-        for f in findings:      # information under any check, marked i; failures under a failed one
+        for f in findings:      # information (a guard page) as notes under any check; failures under a failed one
             if f["info"]:
-                lines.append(paint(f"        i {f['text']}", INFO))
+                lines.append(paint(f"          note: {f['text']}", INFO))
             elif r["outcome"] != "passed":
                 lines.append(f"          {f['text']}")
     return lines

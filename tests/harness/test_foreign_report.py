@@ -302,3 +302,24 @@ def test_a_slot_outside_ram_is_a_failure_not_an_empty_space(zoo, tmp_path):
         check = by_name(doc)[f"{BELOW}[ready[{slot}]]"]
         assert check["outcome"] == "failed"
         assert check["messages"][0].startswith(f"ready[{slot}] = {word:#x} is not in the guest's RAM"), check
+
+
+def test_assert_holds_fails_on_failures_only_and_prints_information_as_notes(capsys):
+    from types import SimpleNamespace
+
+    from kgen.guest.findings import Finding
+    from kgen.harness.pytest_plugin import assert_holds
+    guard = Finding("0x00000000-0x00001000 is a guard page", vrange=(0, 0x1000), info=True)
+    stray = Finding("0x00100000-0x00101000 is identity-mapped", vrange=(0x100000, 0x101000))
+
+    def check_low(view):
+        """Nothing stray below the kernel base."""
+        return findings
+    view = SimpleNamespace(notes=[], space=None)
+    findings = [guard]
+    assert_holds(check_low, view)
+    assert capsys.readouterr().out == f"note: {guard}\n"
+    findings = [guard, stray]
+    with pytest.raises(pytest.fail.Exception) as failed:
+        assert_holds(check_low, view)
+    assert str(failed.value) == f"Nothing stray below the kernel base.\n  {stray}"

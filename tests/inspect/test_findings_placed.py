@@ -10,11 +10,12 @@ import pytest
 
 import zoo_reports
 from conftest import needs_qemu
+from kgen.guest import invariants
 from kgen.guest.findings import Finding
 from kgen.harness.kernel import KernelUnderTest
 from kgen.harness.live import boot
 from kgen.inspect.html import render_html
-from kgen.inspect.model import attach_problems, collect
+from kgen.inspect.model import attach_problems, collect, run_invariants
 from kgen.inspect.text import render_text
 
 pytestmark = [pytest.mark.vm, needs_qemu]
@@ -101,6 +102,29 @@ def test_a_frame_mapped_twice_is_information_not_a_failure(large):
     failing = {key for key, cls in classes.items() if "problem" in cls}
     assert failing == {f"v{doc['virtual'].index(range_at(doc, KBASE))}"}, failing
     assert "information, not a failure" in page and "an invariant fails here" in page
+
+
+def test_information_found_by_a_check_fails_nothing_and_is_drawn_apart(large, monkeypatch):
+    doc, view, _ = large
+    guard = Finding("0x00000000-0x00001000 is a guard page", vrange=(0, 0x1000), info=True)
+
+    def check_guard_pages(view):
+        return [guard]
+    monkeypatch.setattr(invariants, "GENERIC_CHECKS", (check_guard_pages,))
+    results, found = run_invariants(view)
+    assert results == [{"name": "check_guard_pages", "outcome": "passed", "messages": [str(guard)], "findings": [
+        {"text": str(guard), "info": True, "vrange": ["0x0", "0x1000"], "frames": [], "chain": [], "space": None}]}]
+    ranges = copy.deepcopy(doc["virtual"])
+    attach_problems(ranges, found)
+    user = next(v for v in ranges if v["start"] == "0x0")
+    assert user["info"] == [str(guard)] and user["problems"] == []
+    shown = {**doc, "virtual": ranges, "invariants": results}
+    text = render_text(shown, colour=True).splitlines()
+    row = text.index(next(line for line in text if line.startswith("\x1b[34m  0x0 ")))
+    assert text[row + 1] == f"\x1b[34m      i {guard}\x1b[0m", text[row:row + 2]
+    assert f"\x1b[34m          note: {guard}\x1b[0m" in text
+    classes = _segment_classes(render_html(shown))
+    assert "info" in classes[f"v{ranges.index(user)}"] and "problem" not in classes[f"v{ranges.index(user)}"]
 
 
 def test_the_space_judged_is_named(large):
