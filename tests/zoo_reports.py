@@ -6,7 +6,8 @@ at 0xC0000000 above its load address), maps the first 4 MiB of RAM at KBASE with
 read-only text and rodata are writable through that one entry. Beside it:
 - a user page at virtual 0 (PD[0] -> `upt`), on the frame USER_FRAME outside the image;
 - the frame TWICE_FRAME at TWICE_VADDR and the page after it, supervisor pages in the kernel half: a frame mapped
-  twice;
+  twice; their page table `tpt` is reached from PD entries 769 and 770 alike, so the same two pages appear at
+  TWICE_VADDR + 4 MiB too (a table reached twice: a finding about a frame, which names both virtual addresses);
 - `idt_init`, a function that crosses a page boundary 0x208 bytes in, so the page after its start is named
   `<idt_init+0x208>`: the text of the segment finding holds a number (0x208) that lies in the user page at 0.
 It prints LARGE_PAGE_READY and halts with interrupts off, its page directory `pd` in CR3.
@@ -48,6 +49,7 @@ higher_half:
     movl $(TWICE_FRAME + 3), tpt                /* TWICE_VADDR and the page after: one frame (P RW) */
     movl $(TWICE_FRAME + 3), tpt + 4
     movl $(tpt - KBASE + 3), pd + (TWICE_VADDR >> 22) * 4
+    movl $(tpt - KBASE + 3), pd + (TWICE_VADDR >> 22) * 4 + 4   /* the same table again, 4 MiB higher */
 {FLUSH_TLB}
     call idt_init
     mov $ready, %esi

@@ -85,12 +85,29 @@ def test_a_large_page_is_one_row_with_its_region(large):
     assert len(rows) == 1 and rows[0].split()[3] == "4M" and rows[0].endswith(big["region"]), rows
 
 
+def test_a_finding_about_a_frame_is_attached_to_that_frame_only(large):
+    doc, view, _ = large
+    tpt = view.elf.symbols["tpt"].value - KBASE
+    twice = zoo_reports.TWICE_VADDR
+    referenced = {i["name"]: i for i in doc["invariants"]}["check_tables_referenced_once"]
+    assert referenced["outcome"] == "failed"
+    (finding,) = referenced["findings"]
+    # Its text names the two virtual addresses the table serves; it is about the table's frame.
+    assert f"(for {twice:#010x})" in finding["text"] and f"(for {twice + (4 << 20):#010x})" in finding["text"]
+    assert finding["frames"] == [hex(tpt)] and finding["vrange"] is None
+    (run,) = [r for r in doc["physical"] if h(r["start"]) <= tpt < h(r["end"])]
+    assert run["role"] == "page table (PT)" and run["problems"] == [finding["text"]]
+    assert [r for r in doc["physical"] if r["problems"]] == [run]
+    assert not any(finding["text"] in v["problems"] for v in doc["virtual"])
+
+
 def test_a_frame_mapped_twice_is_information_not_a_failure(large):
     doc, _, _ = large
     (run,) = [r for r in doc["physical"] if h(r["start"]) <= zoo_reports.TWICE_FRAME < h(r["end"])]
     assert run["role"] == "mapped twice"
-    # No invariant fails on it: only the writable kernel text does.
-    assert [i["name"] for i in doc["invariants"] if i["outcome"] == "failed"] == ["check_segments"]
+    # No invariant fails on it: the writable kernel text and the table reached twice do.
+    assert [i["name"] for i in doc["invariants"] if i["outcome"] == "failed"] == [
+        "check_segments", "check_tables_referenced_once"]
     # Text: the information colour (blue), not the failure colour.
     (line,) = [line for line in render_text(doc, colour=True).splitlines() if "mapped twice" in line]
     assert line.startswith("\x1b[34m") and "\x1b[31m" not in line, repr(line)
@@ -100,7 +117,8 @@ def test_a_frame_mapped_twice_is_information_not_a_failure(large):
     index = doc["physical"].index(run)
     assert "info" in classes[f"p{index}"] and "problem" not in classes[f"p{index}"]
     failing = {key for key, cls in classes.items() if "problem" in cls}
-    assert failing == {f"v{doc['virtual'].index(range_at(doc, KBASE))}"}, failing
+    tables = [i for i, r in enumerate(doc["physical"]) if r["problems"]]
+    assert failing == {f"v{doc['virtual'].index(range_at(doc, KBASE))}"} | {f"p{i}" for i in tables}, failing
     assert "information, not a failure" in page and "an invariant fails here" in page
 
 
