@@ -445,7 +445,7 @@ def pytest_runtest_makereport(item, call):
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_report_teststatus(report, config):
-    if report.skipped and getattr(report, "kgen_only", False) and config.get_verbosity() < 2:
+    if report.skipped and getattr(report, "kgen_only", False) and config.getoption("verbose") < 2:
         return "skipped", "", ""        # counted, but not a letter or a line each: one line at the end says why
 
 
