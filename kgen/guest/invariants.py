@@ -231,26 +231,6 @@ def find_placement(view: GuestView) -> Placement:
     return Placement(offset, elf_base, strays)
 
 
-def _large_page_runs(faults: list) -> list[list]:
-    """Per-page faults grouped: consecutive pages in the same large page at fault for the same reason (the same
-    text, but for the physical address a "maps physical" names) are one run; others one each."""
-    runs: list[list] = []
-    for vaddr, t, why in faults:
-        last = runs[-1][-1] if runs else None
-        if (last is not None and t is not None and last[1] is not None and t.size > hw.PAGE_SIZE
-                and last[0] + hw.PAGE_SIZE == vaddr and last[1].size == t.size
-                and last[0] & ~(t.size - 1) == vaddr & ~(t.size - 1)
-                and (last[2] == why or last[2].startswith("maps physical") and why.startswith("maps physical"))):
-            runs[-1].append((vaddr, t, why))
-        else:
-            runs.append([(vaddr, t, why)])
-    return runs
-
-
-def _size_text(size: int) -> str:
-    return f"{size >> 30} GiB" if size >= 1 << 30 else f"{size >> 20} MiB" if size >= 1 << 20 else f"{size >> 10} KiB"
-
-
 def _capped(problems: list[str]) -> list[str]:
     """At most MAX_PROBLEMS findings, those that fail first; the count of the rest is itself information when
     none of the rest fails."""
@@ -363,6 +343,26 @@ def check_recursive_slot(view: GuestView) -> list[str]:
 def _top_ref(view: GuestView, top: int, index: int) -> EntryRef:
     """The top-level entry `index` of the table at `top`, as a finding's entry chain names it."""
     return EntryRef(view.mode.level_names[0], index, top + view.mode.entry_size * index, view.entry(top, index))
+
+
+def _large_page_runs(faults: list) -> list[list]:
+    """Per-page faults grouped: consecutive pages in the same large page at fault for the same reason (the same
+    text, but for the physical address a "maps physical" names) are one run; others one each."""
+    runs: list[list] = []
+    for vaddr, t, why in faults:
+        last = runs[-1][-1] if runs else None
+        if (last is not None and t is not None and last[1] is not None and t.size > hw.PAGE_SIZE
+                and last[0] + hw.PAGE_SIZE == vaddr and last[1].size == t.size
+                and last[0] & ~(t.size - 1) == vaddr & ~(t.size - 1)
+                and (last[2] == why or last[2].startswith("maps physical") and why.startswith("maps physical"))):
+            runs[-1].append((vaddr, t, why))
+        else:
+            runs.append([(vaddr, t, why)])
+    return runs
+
+
+def _size_text(size: int) -> str:
+    return f"{size >> 30} GiB" if size >= 1 << 30 else f"{size >> 20} MiB" if size >= 1 << 20 else f"{size >> 10} KiB"
 
 
 @_walk_errors_reported
