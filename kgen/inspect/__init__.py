@@ -18,7 +18,7 @@ import sys
 
 from kgen.arch import Arch
 from kgen.errors import KernelFailed, UsageError
-from kgen.guest.addrspaces import SpaceArray
+from kgen.guest.addrspaces import parse_spec
 from kgen.guest.diagnose import RunFailed
 from kgen.harness.bench import load_figures
 from kgen.harness.foreign import checked_kernel
@@ -52,7 +52,7 @@ def run(args) -> int:
         _check_va(kernel, args.va)
     if args.accel == "kvm":
         require_kvm()
-    spaces = SpaceArray.parse(args.address_spaces, kernel.elf) if getattr(args, "address_spaces", None) else None
+    spaces = parse_spec(args.address_spaces, kernel.elf) if getattr(args, "address_spaces", None) else None
     try:
         with boot(kernel, args.accel, cold=True) as live:
             doc = collect(live, accel=args.accel, va=args.va, spaces=spaces)

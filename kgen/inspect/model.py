@@ -16,6 +16,7 @@ from kgen.arch import Arch, hw
 from kgen.guest import invariants
 from kgen.guest.findings import failures
 from kgen.guest.invariants import GuestView, NotApplicable
+from kgen.guest import dwarfspaces
 from kgen.guest.addrspaces import SpaceArray, space_name
 from kgen.guest.pmmview import ChainError, PmmView
 from kgen.guest.pagewalk import PTE_NX, PTE_P, PTE_RW, PTE_US, PTE_G, Walker, WalkError
@@ -527,9 +528,9 @@ def paging_info(view: GuestView, walker: Walker | None) -> dict:
             "va_bits": mode.va_bits, "recursive_slots": slots}
 
 
-def space_info(view: GuestView, spaces: SpaceArray | None = None) -> dict:
-    """The address space drawn and judged: the one in CR3, named by the slot of `spaces` (--address-spaces) or of
-    a kgen kernel's own table of spaces that holds it."""
+def space_info(view: GuestView, spaces: SpaceArray | dwarfspaces.Plan | None = None) -> dict:
+    """The address space drawn and judged: the one in CR3, named by the slot or element of `spaces`
+    (--address-spaces) or of a kgen kernel's own table of spaces that holds it."""
     top = view.regs.cr3 & view.mode.cr3_mask
     return {"cr3": hexa(view.regs.cr3), "top": hexa(top), "name": view.space or space_name(view, top, spaces)}
 
@@ -542,7 +543,7 @@ def symbol_name(view: GuestView, addr: int) -> str | None:
 
 
 def collect(live, *, accel: str = "tcg", va: int | None = None, how: str | None = None,
-            spaces: SpaceArray | None = None) -> dict:
+            spaces: SpaceArray | dwarfspaces.Plan | None = None) -> dict:
     """The document of a booted kernel (`kgen.harness.live.LiveKernel`), stopped now if it still runs; `spaces`
     (--address-spaces) names the space in CR3 by its slot."""
     view = live.view()
