@@ -8,7 +8,7 @@ pytest-xdist the workers' reports reach it too), never by reading the text pytes
      "accel": "tcg"|"kvm",
      "checks": [{"name": "test_nothing_is_mapped_below_the_kernel_base[spaces[1]]", "module": "test_invariants",
                  "outcome": "passed"|"failed"|"skipped"|"error", "messages": ["..."], "duration": 0.01,
-                 "space": "spaces[1]: PD at 0x106000 (the space in CR3)"|null, "kgen_only": false}],
+                 "spaces": ["spaces[1]: PD at 0x106000 (the space in CR3)"]|null, "kgen_only": false}],
      "summary": {"passed": 8, "failed": 1, "skipped": 17, "error": 0, "total": 26, "kgen_only": 16},
      "spaces": ["the space in CR3: PD at 0x106000 (spaces[1])", "spaces[0]: PD at 0x104000", ...],
      "boot_failure": null | {"kind": "fault loop"|"triple fault"|"reset"|"hang"|..., "summary": "...",
@@ -17,9 +17,9 @@ pytest-xdist the workers' reports reach it too), never by reading the text pytes
 One object per check (per test, and per address space for the checks `--address-spaces` repeats). `messages` are
 the lines of a failure as kgen words them (one per entry or page at fault; the first names the invariant), or the
 reason of a skip; an `error` is a failure outside the check itself (its fixture: the kernel could not be booted).
-`space` is the address space the check judged (the one in CR3, named by the slot of --address-spaces or kgen's
-`as_spaces` that holds it, or the slot the check was given; null for a check of no stopped machine), and `spaces`
-every space the run judged. `kgen_only` marks a check skipped because it needs a kernel kgen built (its layout, its
+A check's `spaces` are the address spaces it judged (the slot it was given, or the kernel's own space and the live
+one, or the one in CR3, named by the slot of --address-spaces or kgen's `as_spaces` that holds it; null for a check
+of no stopped machine), and the document's `spaces` every space the run judged. `kgen_only` marks a check skipped because it needs a kernel kgen built (its layout, its
 call channel): `kgen test` prints those as one line, here each keeps its record.
 A kernel that never reaches the state the checks look at is reported before the suite: no checks, and
 `boot_failure` says what it did instead; its `findings`, what else the failure showed (the kernel boots with zeroed
@@ -63,12 +63,13 @@ def document(kernel: dict, accel: str, checks: list[dict], boot_failure: dict | 
     summary["total"] = len(checks)
     summary["kgen_only"] = sum(bool(c.get("kgen_only")) for c in checks)
     return {"kgen_test": FORMAT_VERSION, "kernel": kernel, "accel": accel, "checks": checks, "summary": summary,
-            "spaces": distinct_spaces(c.get("space") for c in checks), "boot_failure": boot_failure}
+            "spaces": distinct_spaces(c.get("spaces") for c in checks), "boot_failure": boot_failure}
 
 
 def distinct_spaces(spaces) -> list[str]:
-    """The spaces checks judged, each once: the one in CR3 first, then the slots in the order met."""
-    seen = [space for space in dict.fromkeys(spaces) if space]
+    """The spaces checks judged (a list per check, or None), each once: the one in CR3 first, then the others in
+    the order met."""
+    seen = [space for space in dict.fromkeys(name for names in spaces if names for name in names) if space]
     return sorted(seen, key=lambda space: not space.startswith("the space in CR3"))
 
 
@@ -103,9 +104,9 @@ class JsonReport:
         module, _, name = report.nodeid.rpartition("::")
         record = self.checks.setdefault(report.nodeid, {
             "name": name, "module": Path(module).stem, "outcome": "passed", "messages": [], "duration": 0.0,
-            "space": None, "kgen_only": False})
+            "spaces": None, "kgen_only": False})
         record["duration"] = round(record["duration"] + (report.duration or 0.0), 4)
-        record["space"] = record["space"] or getattr(report, "kgen_space", None)
+        record["spaces"] = record["spaces"] or getattr(report, "kgen_spaces", None)
         record["kgen_only"] = record["kgen_only"] or bool(getattr(report, "kgen_only", False))
         if report.passed:
             return

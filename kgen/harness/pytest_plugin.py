@@ -21,8 +21,8 @@ with --kgen-kernel how to boot it and when to look: --kgen-ready, --kgen-ready-s
 Every machine a fixture hands out is as a cold boot leaves it, but only the first per kernel is booted: the
 others are restored from a snapshot of it (kgen/machine/snapshot.py), unless --kgen-cold-boot.
 
-What the report says besides pytest's lines: the address space each check of a stopped machine judged (`kgen_space`
-on its report, the distinct ones in one line at the end), and the checks that only apply to a kernel kgen built
+What the report says besides pytest's lines: the address spaces each check of a stopped machine judged
+(`kgen_spaces` on its report, the distinct ones in one line at the end), and the checks that only apply to a kernel kgen built
 (`skip_kgen_only`) as one line with the reason, not one line each (the JSON report keeps one record per check).
 
 Installed as a pytest11 entry point, so it loads in every pytest run of an environment holding kgen: importing it
@@ -393,27 +393,16 @@ def _space_spec(config):
     return config.stash[_SPACE_SPEC]
 
 
-def _space_top(view, space) -> int | None:
-    """The top-level table a `kgen_space` stands for on this view; None where there is none (an unused slot, an
-    expression that yields nothing or no longer this space)."""
-    from kgen.guest.addrspaces import NamedSpace, NoSpaces
-    if isinstance(space, NoSpaces):
-        return None
-    if isinstance(space, NamedSpace):
-        found = space.find(view)
-        return found.top & view.mode.cr3_mask if found is not None and found.top is not None else None
-    return space.top(view.read_phys) & view.mode.cr3_mask or None
-
-
 def space_label(view, space, top: int) -> str:
     """"spaces[1]: PD at 0x106000 (the space in CR3)": how reports name a space a check was given."""
     current = " (the space in CR3)" if top == view.regs.cr3 & view.mode.cr3_mask else ""
     return f"{space.name}: {view.mode.level_names[0]} at {top:#x}{current}"
 
 
-def judged_space(item) -> str | None:
-    """The address space the test judged, in words: the slot it was given (`space_view`), else the one in CR3 of
-    the stopped machine it looked at, named when the kernel lists it; None for a test of no stopped machine."""
+def judged_space_names(item) -> list[str] | None:
+    """The address spaces the test judged, in words: those of `judged_views` for a page-table check (the slot it was
+    given, or the kernel's own space and the live one), else the one in CR3 of the stopped machine it looked at; the
+    space in CR3 named when the kernel lists it. None for a test of no stopped machine."""
     live = item.funcargs.get("kgen_idle") if hasattr(item, "funcargs") else None
     if live is None:
         return None
@@ -422,14 +411,11 @@ def judged_space(item) -> str | None:
     try:
         view = live.view()
         if not view.regs.cr0 & hw.CR0_PG:
-            return f"none: paging is off (CR3={view.regs.cr3:#x})"
-        space = item.funcargs.get("kgen_space")
-        if space is None:
-            return cr3_space_text(view, _space_spec(item.config))
-        top = _space_top(view, space)
-        return space_label(view, space, top) if top else None
-    except Exception:  # noqa: BLE001 - the machine is gone or unreadable: the test's own report says why; naming
-        return None     # the space must never turn a verdict into an internal error
+            return [f"none: paging is off (CR3={view.regs.cr3:#x})"]
+        views = judged_views(live, item.funcargs["kgen_space"]) if "kgen_space" in item.funcargs else [view]
+        return [seen.space or cr3_space_text(seen, _space_spec(item.config)) for seen in views]
+    except BaseException:  # noqa: BLE001 - a slot skipped or failed, the machine gone: the test's own report says
+        return None         # why; naming the space must never turn a verdict into an internal error
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -440,7 +426,7 @@ def pytest_runtest_makereport(item, call):
     if call.excinfo is not None and getattr(call.excinfo.value, "kgen_only", False):
         report.kgen_only = True
     if call.when == "call":
-        report.kgen_space = judged_space(item)
+        report.kgen_spaces = judged_space_names(item)
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -458,8 +444,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.write_line(f"kgen: {len(kgen_only)} checks skipped, for kernels kgen built only: {reason} "
                                     f"(-vv or --json lists them)")
     from kgen.harness.jsonreport import distinct_spaces
-    spaces = distinct_spaces(getattr(r, "kgen_space", None) for r in sorted(reports, key=lambda r: r.nodeid))
-    if spaces:
+    spaces = distinct_spaces(getattr(r, "kgen_spaces", None) for r in sorted(reports, key=lambda r: r.nodeid))
+    # Where a kernel's own space and the live one were judged, the SpacesJudged line says it (kgen/harness/
+    # spacesjudged.py); this one names the spaces otherwise: kgen's own kernel, --address-spaces' slots.
+    if spaces and not any(getattr(r, "kgen_ready_space", None) for r in reports):
         terminalreporter.write_line(f"kgen: address space{'s' * (len(spaces) > 1)} judged: {'; '.join(spaces)}")
 
 
