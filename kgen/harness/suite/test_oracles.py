@@ -6,6 +6,7 @@ The ranges below a malformed entry (reserved bits set, a table outside RAM: `Wal
 comparison with QEMU's monitor: its debug walk (`gva2gpa`, `info tlb`) does not check reserved bits, so it reads on
 where the CPU raises a reserved-bit page fault. Those entries are check_entries_well_formed's finding; the oracles
 judge the rest of the tables."""
+import random
 import re
 
 import pytest
@@ -21,6 +22,13 @@ OFFSET = 0x124
 TLB_LINE = re.compile(r"^([0-9a-f]+): ([0-9a-f]+) ([-X][-G][-P][-D][-A][-C][-T][-U][-W])$", re.MULTILINE)
 TLB_FLAGS = (hw.PTE_G, hw.PTE_PS, hw.PTE_D, hw.PTE_A, hw.PTE_PCD, hw.PTE_PWT, hw.PTE_US, hw.PTE_RW)
 TEMP_MAP_FRAMES = 8
+# Translations at every offset class: each page of the sample is translated at offset 0, its last byte, each offset
+# bit alone (4 KiB: 0x1..0x800; a 2 MiB page up to bit 20...) and OFFSET_DRAWS offsets drawn at random. The sample is
+# every large page and OFFSET_PAGES of the 4 KiB ones, drawn by a generator seeded with OFFSET_SEED: the same pages
+# on every run of one kernel, so the verdict does not change from run to run.
+OFFSET_PAGES = 24
+OFFSET_DRAWS = 4
+OFFSET_SEED = 24
 
 
 def walker_of(view):
@@ -99,6 +107,43 @@ def test_walker_agrees_with_qemu_gva2gpa(kgen_idle):
         if qemu is not None:
             wrong.append(f"{vaddr:#010x}: walker says unmapped, QEMU translates it to {qemu:#x}")
     assert not wrong, "\n".join(wrong)
+
+
+def offset_classes(size: int, rng: random.Random) -> list[int]:
+    """Offsets into a page of `size` bytes that tell a translation which keeps every offset bit from one that drops
+    some or mixes them into the frame."""
+    bits = size.bit_length() - 1
+    return sorted({0, size - 1, *(1 << b for b in range(bits)), *(rng.randrange(size) for _ in range(OFFSET_DRAWS))})
+
+
+def offset_sample(pages: dict[int, object]) -> list[int]:
+    """The virtual addresses the offset test translates: every large page and a seeded draw of the 4 KiB ones, each
+    at its offset classes."""
+    rng = random.Random(OFFSET_SEED)
+    small = sorted(v for v, t in pages.items() if t.size == hw.PAGE_SIZE)
+    chosen = sorted(v for v, t in pages.items() if t.size > hw.PAGE_SIZE)
+    chosen += rng.sample(small, min(OFFSET_PAGES, len(small)))
+    return [vaddr + offset for vaddr in chosen for offset in offset_classes(pages[vaddr].size, rng)]
+
+
+def test_walker_agrees_with_qemu_at_every_offset(kgen_idle):
+    """The walker translates an address *with* its page offset (not a page, then the offset added): it must agree
+    with QEMU at every offset bit of 4 KiB and of large pages, where the frame's low bits and the offset's meet."""
+    view = kgen_idle.view()
+    try:
+        pages = every_page(view)
+    except WalkError as err:
+        unwalkable(err)
+    walker = walker_of(view)
+    wrong = []
+    for vaddr in offset_sample(pages):
+        t = walker.translate(vaddr)
+        ours = None if t is None else t.paddr
+        qemu = kgen_idle.machine.gva2gpa(vaddr)
+        if ours != qemu:
+            wrong.append(f"{vaddr:#x}: walker {'unmapped' if ours is None else hex(ours)}"
+                         f"{f' via {t.path}' if t else ''}, QEMU {'unmapped' if qemu is None else hex(qemu)}")
+    assert not wrong, f"{len(wrong)} translations differ:\n" + "\n".join(wrong[:20])
 
 
 def test_walker_agrees_with_qemu_info_tlb(kgen_idle):
