@@ -60,6 +60,16 @@ CALL_REPLY_FIELDS = ("magic", "status", "xax", "xdx", "tsc_low", "tsc_high")
 CALL_STATUS_RAN = 0
 CALL_STATUS_REFUSED = 1             # the address is outside the kernel's text: nothing ran
 
+# ---- the access probe (probe_access in templates/peek.s) -----------------------------------------------------------
+# probe_access(vaddr, kind) makes the CPU try one access of `kind` at vaddr and returns 0 when it went through, or
+# PROBE_FAULTED | the page fault's error code (PF_* bits, cr2 in xdx) when the CPU refused it: the fault is contained,
+# the kernel goes on serving calls. Above every error-code bit the CPU defines.
+PROBE_READ = 0                      # a dword load
+PROBE_WRITE = 1                     # a locked add of 0: a write for paging, the memory unchanged
+PROBE_FETCH = 2                     # a call to vaddr (which must hold a `ret` if it is to come back)
+PROBE_KINDS = {"read": PROBE_READ, "write": PROBE_WRITE, "fetch": PROBE_FETCH}
+PROBE_FAULTED = 1 << 20
+
 
 def asm_constants() -> dict[str, int]:
     """The contract's numbers as the templates name them."""
@@ -72,6 +82,10 @@ def asm_constants() -> dict[str, int]:
         "CALL_MAX_ARGS": CALL_MAX_ARGS,
         "CALL_STATUS_RAN": CALL_STATUS_RAN,
         "CALL_STATUS_REFUSED": CALL_STATUS_REFUSED,
+        "PROBE_READ": PROBE_READ,
+        "PROBE_WRITE": PROBE_WRITE,
+        "PROBE_FETCH": PROBE_FETCH,
+        "PROBE_FAULTED": PROBE_FAULTED,
     }
 
 

@@ -104,6 +104,11 @@ as_set_foreign:
 .if ASPACE_SKIP_FOREIGN_FLUSH
     # Build variant: no reload. A read through the foreign window may still show the space attached before.
 .else
+.if ASPACE_DETACH_SKIP_FLUSH
+    # Build variant: no reload when the slot is emptied. The window still shows the space detached last.
+    test xax, xax
+    jz .Lset_unchanged
+.endif
     mov xax, cr3                                    # every translation through the slot is stale (see above)
     mov cr3, xax
 .endif

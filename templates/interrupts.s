@@ -88,8 +88,9 @@ interrupt_common:
 # exception_common: the frame is cr2, the general registers, then the stub's vector and error code and the CPU's
 # frame; EXC_VECTOR, EXC_ERROR... name their offsets from its base (computed once, kgen/build/layout.py). i386
 # saves its eight registers with pushad; x86_64 has no pushad and saves the fifteen besides rsp, rax lowest. A page
-# fault goes to page_fault first: when it backed the page, the faulting instruction runs again. Anything else from
-# ring 3 stops the task (user_fault); from the kernel it is reported (exception_report) and the machine exits.
+# fault while probe_access waits for one (templates/peek.s) is its answer; any other goes to page_fault first: when
+# it backed the page, the faulting instruction runs again. Anything else from ring 3 stops the task (user_fault);
+# from the kernel it is reported (exception_report) and the machine exits.
 exception_common:
 .if WORD_SIZE == 4
     pushad
@@ -115,12 +116,15 @@ exception_common:
     mov xbp, xsp
     cmp xword ptr [xbp + EXC_VECTOR], VECTOR_PAGE_FAULT
     jne .Lexception_not_handled
+    cmp xword ptr [probe_resume], 0x0               # a probe_access runs (templates/peek.s): the fault is its answer
+    jne .Lexception_probe
     push xword ptr [xbp + EXC_ERROR]
     push xword ptr [xbp + EXC_CR2]
     call page_fault
     add xsp, 2*WORD_SIZE
     test eax, eax
     jz .Lexception_not_handled
+.Lexception_resume:
     add xsp, WORD_SIZE                              # cr2
 .if WORD_SIZE == 4
     popad
@@ -143,6 +147,15 @@ exception_common:
 .endif
     add xsp, 2*WORD_SIZE                            # vector and error code
     IRET
+.Lexception_probe:                                  # return to the probe's resume point, the fault recorded
+    mov xax, [xbp + EXC_ERROR]
+    mov [probe_error], xax
+    mov xax, [xbp + EXC_CR2]
+    mov [probe_cr2], xax
+    mov xax, [probe_resume]
+    mov [xbp + EXC_IP], xax
+    mov xword ptr [probe_resume], 0x0
+    jmp .Lexception_resume
 .Lexception_not_handled:
     test xword ptr [xbp + EXC_CS], SELECTOR_RPL3    # from ring 3: the task stops, not the kernel
     jz exception_report

@@ -57,9 +57,14 @@ temp_unmap:
     mov xdx, TEMPMAP_PTES
     mov xword ptr [xdx + xcx*ENTRY_SIZE], 0x0
     mov [tempmap_used], ecx
+.if TEMPMAP_UNMAP_SKIP_INVLPG
+    # Build variant: no INVLPG when a slot is given back. The next temp_map of the slot flushes it, but until then
+    # the CPU still reaches the frame through a slot that maps nothing.
+.else
 .if TEMPMAP_SKIP_INVLPG
 .else
     invlpg [xax]
+.endif
 .endif
     ret
 .Ltemp_unmap_bad:

@@ -139,6 +139,52 @@ vmm_unmap:
     DROP 0x2
     jmp vmm_entry_frame
 
+# vmm_protect(vaddr, flags) -> 1 with the 4 KiB page at vaddr given flags (its frame kept; G added in the kernel
+# half, as vmm_map does), or 0 when no such page is mapped there. When rights narrow (writable -> read-only,
+# executable -> NX) the entry alone is not enough: the TLB may hold the old translation with the old rights, and
+# the CPU goes on using it until INVLPG drops it.
+vmm_protect:
+    push xbx
+    FRAME 0x1
+    mov xbx, [xsp + ARG1]
+    and xbx, -PAGE_SIZE
+    PUSHW xbx
+    call paging_table_present
+    DROP 0x1
+    test eax, eax
+    jz .Lprotect_none
+    PUSHW LEAF_LEVEL
+    PUSHW xbx
+    PUSHW offset paging_level_entries
+    call pt_entry
+    DROP 0x3
+    test xword ptr [xax], PTE_P
+    jz .Lprotect_none
+    PUSHW xax                                       # the PTE's address
+    PUSHW xword ptr [xsp + ARG2]
+    PUSHW xbx
+    call vmm_pte_flags
+    DROP 0x2
+    POPW xcx
+    mov xdx, PTE_FRAME_MASK
+    and xdx, [xcx]
+    or xax, xdx
+    or xax, PTE_P
+    mov [xcx], xax
+.if VMM_PROTECT_SKIP_INVLPG
+    # Build variant: no INVLPG. The CPU may go on writing a page now read-only, or running one now NX, through the
+    # translation it cached before.
+.else
+    invlpg [xbx]
+.endif
+    mov eax, 0x1
+    pop xbx
+    ret
+.Lprotect_none:
+    xor eax, eax
+    pop xbx
+    ret
+
 # vmm_entry_frame (jumped to, xax: an entry or 0) -> the entry's frame, or VMM_NONE for 0
 vmm_entry_frame:
     test xax, xax

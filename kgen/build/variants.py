@@ -38,5 +38,9 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("pmm_free_at_skip_invlpg", "free mapped frames (vmm_free, kfree) without INVLPG", "tlb"),
     Variant("pmm_bitmap_free_keeps_bit", "let the bitmap's pmm_free count the frame free but leave its bit set",
             "double_free", pmm_kind="bitmap"),
+    Variant("vmm_protect_skip_invlpg", "narrow a page's rights (read-only, NX) without INVLPG", "narrowed"),
+    Variant("tempmap_unmap_skip_invlpg", "give temp-map slots back without INVLPG", "temp_map"),
+    Variant("aspace_detach_skip_flush", "empty the foreign slot (as_detach) without flushing the TLB",
+            "address_spaces"),
 )
 VARIANT_NAMES: tuple[str, ...] = tuple(v.name for v in VARIANTS)

@@ -2,6 +2,7 @@
 
     session.call("pmm_alloc")            -> eax
     session.call_full("pmm_free", frame) -> CallResult(eax, edx, cycles)
+    channel.probe(vaddr, "write")        -> Probe: did the CPU fault, with which error code
 
 Arguments and results are words of the kernel's architecture (32-bit on i386, 64-bit on x86_64); a routine follows
 kgen's convention (arguments on the stack, templates/serial.s; on x86_64 the first six are also in the System V
@@ -16,6 +17,7 @@ import time
 from dataclasses import dataclass
 
 from kgen import protocol
+from kgen.arch import hw
 from kgen.guest.diagnose import find_exception, find_panic, tail
 from kgen.guest.elfinfo import ElfInfo
 from kgen.errors import KgenError
@@ -38,6 +40,29 @@ class CallResult:
     @property
     def value64(self) -> int:
         return self.edx << 32 | self.eax
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What the CPU did with one access probe_access tried (templates/peek.s): went through, or page-faulted with
+    `error` (the PF_* bits) at `cr2`."""
+    kind: str
+    vaddr: int
+    faulted: bool
+    error: int = 0
+    cr2: int = 0
+
+    @classmethod
+    def of(cls, kind: str, vaddr: int, result: CallResult) -> Probe:
+        if not result.eax & protocol.PROBE_FAULTED:
+            return cls(kind, vaddr, False)
+        return cls(kind, vaddr, True, result.eax & ~protocol.PROBE_FAULTED, result.edx)
+
+    def describe(self) -> str:
+        if not self.faulted:
+            return f"a {self.kind} at {self.vaddr:#x} went through"
+        return (f"a {self.kind} at {self.vaddr:#x} faulted at {self.cr2:#x} "
+                f"({hw.describe_page_fault_error(self.error)})")
 
 
 class CallChannel:
@@ -82,6 +107,12 @@ class CallChannel:
 
     def call(self, routine: str | int, *args: int, timeout: float = CALL_TIMEOUT) -> int:
         return self.call_full(routine, *args, timeout=timeout).eax
+
+    def probe(self, vaddr: int, kind: str, timeout: float = CALL_TIMEOUT) -> Probe:
+        """Make the CPU try one access ("read", "write" or "fetch") at vaddr; a page fault is contained and
+        returned, not a failed call."""
+        return Probe.of(kind, vaddr, self.call_full("probe_access", vaddr, protocol.PROBE_KINDS[kind],
+                                                    timeout=timeout))
 
     @staticmethod
     def _receive(sock: socket.socket, size: int, timeout: float) -> bytes:

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 
 from kgen.errors import KgenError, MachineError
-from kgen.guest.calls import CallError
+from kgen.guest.calls import CallError, Probe
 from kgen.guest.diagnose import Failure, RunFailed, explain
 from kgen.guest.findings import Finding
 from kgen.guest.invariants import GuestView
@@ -66,11 +66,19 @@ class LiveKernel:
 
     def call(self, routine: str | int, *args: int, timeout: float | None = None) -> int:
         """Run a kernel routine; one that faults or never returns raises `RunFailed` saying which and where."""
+        return self._over_channel(lambda channel: channel.call(
+            routine, *args, **({} if timeout is None else {"timeout": timeout})))
+
+    def probe(self, vaddr: int, kind: str) -> Probe:
+        """The CPU tries one access ("read", "write", "fetch") at vaddr (kgen/guest/calls.py, Probe)."""
+        return self._over_channel(lambda channel: channel.probe(vaddr, kind))
+
+    def _over_channel(self, use):
         if self.channel is None:
             raise KgenError(f"{self.kernel.elf_path.name} has no kgen call channel: routines cannot be called")
         self.cont()
         try:
-            return self.channel.call(routine, *args, **({} if timeout is None else {"timeout": timeout}))
+            return use(self.channel)
         except CallError as err:
             # The channel appends COM1's tail; the diagnosis shows that in its details already.
             why = str(err).split("; last output", 1)[0]

@@ -291,6 +291,7 @@ def test_an_elf64_with_multiboot_address_fields_is_checked_in_long_mode(kernels)
     assert seen["test_paging_and_write_protect_are_on"] == "PASSED"
     assert seen["test_recursive_slot_maps_the_pd_supervisor_only"] == "PASSED"        # PML4[511]
     assert seen["test_walker_agrees_with_qemu_gva2gpa"] == "PASSED"
+    assert seen["test_walker_agrees_with_qemu_at_every_offset"] == "PASSED"          # its 2 MiB page, offset bits 0-20
     # The one 2 MiB page is writable, so the text and rodata in it are: one finding for that page, named by its
     # PML4 path.
     assert seen["test_elf_segments_map_vaddr_to_paddr_no_wider_than_their_flags"] == "FAILED"

@@ -1,7 +1,7 @@
 """A kgen kernel's address spaces driven through the call channel (templates/aspace.s): two spaces map the same user
 page to different frames through the foreign slot while the boot space runs; the window must follow every
-re-attachment (a kernel that skips the flush shows the previous space); each space's tables are walked from its own
-top-level table; every invariant of every live space holds attached and idle; a switch runs the kernel in another
+re-attachment (a kernel that skips the flush shows the previous space) and, once detached, the CPU must fault
+through the empty slot; each space's tables are walked from its own top-level table; every invariant of every live space holds attached and idle; a switch runs the kernel in another
 space; destroying both gives every frame back and leaves none referenced. Addresses come from the layout. A kernel
 kgen did not build has no call channel or address spaces: skipped.
 """
@@ -53,6 +53,10 @@ def test_address_spaces_through_the_foreign_slot(live, kgen_layout):
     assert live.call("vmm_translate", v) == layout.vmm_none, "the running space sees a foreign page"
     assert problems_of(live, invariants.check_address_spaces, idle=False) == []
     live.call("as_detach")
+    for address in (pte, layout.foreign_level_window(0)):   # a leaf entry and the top table, through the slot
+        probe = live.probe(address, "read")
+        assert probe.faulted and not probe.error & hw.PF_P, \
+            f"as_detach emptied the foreign slot, yet {probe.describe()}: a stale translation through the slot"
     assert problems_of(live, invariants.check_address_spaces) == []
     live.write_phys(frames[spaces[0]], (0x5CA1AB1E).to_bytes(4, "little"))
     assert live.call("as_switch", spaces[0]) == 1

@@ -15,7 +15,11 @@ each part of it checks
   stack is a chain of exactly `pmm_count` frames (a bitmap kernel's bitmap has exactly `pmm_count` clear bits),
   none of them mapped, a table or held;
 - the range allocator's free list: sorted, merged, inside the vmm window, clear of live allocations and mapped
-  pages.
+  pages;
+- after every step that narrows a page's rights or unmaps it, the CPU itself: the access the tables now forbid
+  (a read of an unmapped page, a write to a page made read-only, a fetch from a page made NX) must fault, through
+  probe_access (templates/peek.s). The entries can be right while the TLB still holds the old translation (a
+  missing INVLPG); only an access by the CPU shows that, and QEMU's TCG caches translations as hardware does.
 
 Every address comes from the layout (the vmm window, the leaf-table span, the top-level slots of the user half), so
 any config the rules accept is exercised, with bounded loops: the suite stays fast on a good kernel. A kernel that
@@ -50,6 +54,9 @@ MERGE_PAGES = (2, 3, 4)
 HEAP_REQUESTS = ((1, 1), (16, 1), (17, 1), (24, 8), (32, 1), (33, 1), (100, 64), (500, 1), (2048, 1),
                  (2049, 1), (5000, 1), (24, 4096), (3000, 16384))
 HEAP_COPIES = 3
+# Where the narrowing stage puts a `ret` for the CPU to fetch (away from OFFSET's marker).
+FETCH_OFFSET = 0x3F0
+RET = b"\xc3"
 
 
 @pytest.fixture
@@ -310,10 +317,37 @@ class Exercise:
                         f"{marker:#010x}", pytrace=False)
 
     def check_unmapped(self, vaddr: int) -> None:
+        """No entry maps vaddr, and the CPU faults on a read there (no translation left in the TLB)."""
         t = self.live.view().walker.translate(vaddr)
         if t is not None:
             pytest.fail(f"after {self.stage}: {vaddr:#x} should be unmapped, it maps {t.paddr:#x} via {t.path}",
                         pytrace=False)
+        self.must_fault(vaddr + OFFSET, "read", "it is unmapped")
+
+    def must_fault(self, vaddr: int, kind: str, why: str, present: bool = False) -> None:
+        """The CPU must refuse a `kind` access at vaddr (`why`), with a fault of the right cause: not-present, or a
+        protection fault on a page still `present`."""
+        probe = self.live.probe(vaddr, kind)
+        if not probe.faulted:
+            pytest.fail(f"after {self.stage}: {vaddr:#x}: {why}, yet {probe.describe()}: the CPU still uses the "
+                        f"old translation from its TLB (an INVLPG missing?)", pytrace=False)
+        if bool(probe.error & hw.PF_P) != present:
+            pytest.fail(f"after {self.stage}: {vaddr:#x}: {why}, and {probe.describe()}: expected a "
+                        f"{'protection' if present else 'not-present'} fault", pytrace=False)
+
+    def must_go_through(self, vaddr: int, kind: str, why: str) -> None:
+        """The CPU carries out a `kind` access at vaddr (`why`); it also caches the translation, so a later
+        narrowing must flush it."""
+        probe = self.live.probe(vaddr, kind)
+        if probe.faulted:
+            pytest.fail(f"after {self.stage}: {vaddr:#x}: {why}, yet {probe.describe()}", pytrace=False)
+
+    def must_fault_where_unmapped(self, vaddrs, why: str) -> None:
+        """Every page of `vaddrs` the walker finds unmapped must fault for the CPU too (once per page)."""
+        walker = self.live.view().walker
+        pages = sorted({v & ~(PAGE - 1) for v in vaddrs})
+        for page in [p for p in pages if walker.translate(p) is None]:
+            self.must_fault(page + OFFSET, "read", why)
 
     def check_released(self, step: str) -> None:
         """Everything the stage took is back: free count, tables and free ranges as at its start."""
@@ -410,7 +444,7 @@ def test_page_tables_made_and_given_back_across_leaf_spans(kernel):
 
 def test_temp_map_slots_reach_each_new_frame(kernel):
     """Frames mapped one after another into the same temp-map slot: the CPU must read and write each one's own
-    memory (INVLPG on every remap); slots given back leave nothing mapped."""
+    memory (INVLPG on every remap); a slot given back leaves nothing mapped, for the CPU too (INVLPG on unmap)."""
     k = kernel
     k.begin("temp-map round trips")
     frames = [k.alloc_frame() for _ in range(ROUND_TRIPS)]
@@ -422,6 +456,7 @@ def test_temp_map_slots_reach_each_new_frame(kernel):
         got = k.call("kmem_read32", slot + OFFSET)
         k.call("kmem_write32", slot + 2 * OFFSET, 0x5107_0000 + i)
         k.call("temp_unmap", slot)
+        k.must_fault(slot + OFFSET, "read", "temp_unmap gave the slot back")
         if got != 0x7E570000 + i:
             pytest.fail(f"after {k.stage}: frame {frame:#x} through temp-map slot {slot:#x}: the CPU read "
                         f"{got:#010x}, the frame holds {0x7E570000 + i:#010x}", pytrace=False)
@@ -567,7 +602,7 @@ def test_unmapped_and_freed_pages_leave_the_tlb(kernel):
     old = k.call("vmm_unmap", middle)
     assert old not in (0, k.layout.vmm_none), f"vmm_unmap({middle:#x}) found nothing"
     k.held.add(old)
-    k.check_unmapped(middle)
+    k.check_unmapped(middle)        # the probe does not back the lazy page: its fault goes to the probe
     k.check(f"vmm_unmap({middle:#x})")
     got = k.call("kmem_read32", middle + OFFSET)
     if got != 0 or k.u32("vmm_demand_faults") != faults + 1:
@@ -585,6 +620,8 @@ def test_unmapped_and_freed_pages_leave_the_tlb(kernel):
     for page in range(2):
         k.call("kmem_write32", freed + page * PAGE + OFFSET, 0x0DF00000 + page)
     assert k.call("vmm_free", freed) == 2
+    for page in range(2):
+        k.must_fault(freed + page * PAGE + OFFSET, "read", "vmm_free gave its frame back")
     k.check(f"vmm_free({freed:#x})")
     again = k.call("vmm_alloc", 2, FLAGS, 1)
     assert again == freed, f"vmm_alloc(2) after vmm_free({freed:#x}) gave {again:#x}, not the first fit {freed:#x}"
@@ -598,6 +635,41 @@ def test_unmapped_and_freed_pages_leave_the_tlb(kernel):
     assert k.call("vmm_free", again) == 2
     assert k.call("vmm_free", lazy) == 3
     k.check_released("the ranges freed")
+
+
+def test_narrowed_rights_leave_the_tlb(kernel):
+    """A page whose rights narrow while the CPU has it in its TLB must be refused at once: vmm_protect makes it
+    read-only (a write faults), then NX where entries have the bit (a fetch faults), and vmm_unmap takes it away (a
+    read faults). The CPU uses the page the old way just before each step, so a translation left cached (no INVLPG)
+    would let the access through while the entry says otherwise."""
+    k = kernel
+    k.begin("a page's rights narrowed while the CPU has it in its TLB")
+    groups, reserved = k.leaf_spans()
+    vaddr = groups[0][0]
+    frame = k.alloc_frame()
+    k.map(vaddr, frame)
+    k.live.write_phys(frame + FETCH_OFFSET, RET)
+    k.must_go_through(vaddr + OFFSET, "write", "it is mapped writable")
+    k.must_go_through(vaddr + FETCH_OFFSET, "fetch", "it is mapped executable")
+    assert k.call("vmm_protect", vaddr, hw.PTE_P) == 1, f"vmm_protect({vaddr:#x}) found no page"
+    k.check_page(vaddr, frame, hw.PTE_P)
+    k.must_fault(vaddr + OFFSET, "write", "vmm_protect made it read-only", present=True)
+    k.check(f"vmm_protect({vaddr:#x}, read-only)")
+    if k.arch.has_nx:
+        k.must_go_through(vaddr + FETCH_OFFSET, "fetch", "it is read-only, still executable")
+        assert k.call("vmm_protect", vaddr, hw.PTE_P | hw.PTE_NX) == 1
+        k.check_page(vaddr, frame, hw.PTE_P)
+        if not k.live.view().walker.translate(vaddr).entry & hw.PTE_NX:
+            pytest.fail(f"after {k.stage}: vmm_protect({vaddr:#x}, NX) left the entry executable", pytrace=False)
+        k.must_fault(vaddr + FETCH_OFFSET, "fetch", "vmm_protect made it NX", present=True)
+        k.check(f"vmm_protect({vaddr:#x}, read-only, NX)")
+    k.must_go_through(vaddr + OFFSET, "read", "it is mapped")
+    k.unmap(vaddr)
+    k.check_unmapped(vaddr)
+    k.free_frame(frame)
+    if reserved:
+        assert k.call("vrange_release", *reserved) == 1, f"vrange_release{reserved} refused its own reservation"
+    k.check_released("the page unmapped and freed, the range released")
 
 
 def test_released_ranges_merge_with_their_neighbours(kernel):
@@ -645,6 +717,7 @@ def test_heap_blocks_are_whole_and_given_back(kernel):
         _check_stamp(k, ptr, size, word)
     for ptr in sorted(blocks)[::2] + sorted(blocks)[1::2]:
         k.call("kfree", ptr)
+    k.must_fault_where_unmapped(blocks, "kfree gave the block's pages back")
     k.check("every block freed")
     assert k.u32("heap_slabs") == start_slabs, "slab pages stayed after their last block was freed"
     k.check_released("every block freed")

@@ -1,11 +1,15 @@
 """The page walker against two other judges on the running kernel: QEMU's own translation (`gva2gpa`, and
 `info tlb`, its walk from CR3) and the CPU itself (a guest read through a virtual address returns what the walker
 says lies at the physical address), under TCG and, where the KVM probe says it can run the kernel, under KVM.
+Translations are compared at every offset class (each offset bit alone, the last byte, seeded draws), in 4 KiB pages
+and in large ones: a foreign kernel's own, and on kgen's kernel (which maps none) pages of every size the paging
+mode has, planted by hand.
 
 The ranges below a malformed entry (reserved bits set, a table outside RAM: `Walker.malformed`) are left out of the
 comparison with QEMU's monitor: its debug walk (`gva2gpa`, `info tlb`) does not check reserved bits, so it reads on
 where the CPU raises a reserved-bit page fault. Those entries are check_entries_well_formed's finding; the oracles
 judge the rest of the tables."""
+import random
 import re
 
 import pytest
@@ -21,6 +25,13 @@ OFFSET = 0x124
 TLB_LINE = re.compile(r"^([0-9a-f]+): ([0-9a-f]+) ([-X][-G][-P][-D][-A][-C][-T][-U][-W])$", re.MULTILINE)
 TLB_FLAGS = (hw.PTE_G, hw.PTE_PS, hw.PTE_D, hw.PTE_A, hw.PTE_PCD, hw.PTE_PWT, hw.PTE_US, hw.PTE_RW)
 TEMP_MAP_FRAMES = 8
+# Translations at every offset class: each page of the sample is translated at offset 0, its last byte, each offset
+# bit alone (4 KiB: 0x1..0x800; a 2 MiB page up to bit 20...) and OFFSET_DRAWS offsets drawn at random. The sample is
+# every large page and OFFSET_PAGES of the 4 KiB ones, drawn by a generator seeded with OFFSET_SEED: the same pages
+# on every run of one kernel, so the verdict does not change from run to run.
+OFFSET_PAGES = 24
+OFFSET_DRAWS = 4
+OFFSET_SEED = 24
 
 
 def walker_of(view):
@@ -99,6 +110,105 @@ def test_walker_agrees_with_qemu_gva2gpa(kgen_idle):
         if qemu is not None:
             wrong.append(f"{vaddr:#010x}: walker says unmapped, QEMU translates it to {qemu:#x}")
     assert not wrong, "\n".join(wrong)
+
+
+def offset_classes(size: int, rng: random.Random) -> list[int]:
+    """Offsets into a page of `size` bytes that tell a translation which keeps every offset bit from one that drops
+    some or mixes them into the frame."""
+    bits = size.bit_length() - 1
+    return sorted({0, size - 1, *(1 << b for b in range(bits)), *(rng.randrange(size) for _ in range(OFFSET_DRAWS))})
+
+
+def offset_sample(pages: dict[int, object]) -> list[int]:
+    """The virtual addresses the offset test translates: every large page and a seeded draw of the 4 KiB ones, each
+    at its offset classes."""
+    rng = random.Random(OFFSET_SEED)
+    small = sorted(v for v, t in pages.items() if t.size == hw.PAGE_SIZE)
+    chosen = sorted(v for v, t in pages.items() if t.size > hw.PAGE_SIZE)
+    chosen += rng.sample(small, min(OFFSET_PAGES, len(small)))
+    return [vaddr + offset for vaddr in chosen for offset in offset_classes(pages[vaddr].size, rng)]
+
+
+def test_walker_agrees_with_qemu_at_every_offset(kgen_idle):
+    """The walker translates an address *with* its page offset (not a page, then the offset added): it must agree
+    with QEMU at every offset bit of 4 KiB and of large pages, where the frame's low bits and the offset's meet."""
+    view = kgen_idle.view()
+    try:
+        pages = every_page(view)
+    except WalkError as err:
+        unwalkable(err)
+    walker = walker_of(view)
+    wrong = []
+    for vaddr in offset_sample(pages):
+        t = walker.translate(vaddr)
+        ours = None if t is None else t.paddr
+        qemu = kgen_idle.machine.gva2gpa(vaddr)
+        if ours != qemu:
+            wrong.append(f"{vaddr:#x}: walker {'unmapped' if ours is None else hex(ours)}"
+                         f"{f' via {t.path}' if t else ''}, QEMU {'unmapped' if qemu is None else hex(qemu)}")
+    assert not wrong, f"{len(wrong)} translations differ:\n" + "\n".join(wrong[:20])
+
+
+def plant_large_pages(live) -> list[tuple[int, int, int]]:
+    """(vaddr, size, paddr) of a 4 KiB page kgen's kernel maps in an empty top-level slot of the user half, and of a
+    large page of every size the paging mode has (4 MiB on i386; 2 MiB and 1 GiB on x86_64) written by hand into the
+    entry after that page's at the large page's level: kgen's kernel maps no large page of its own. A large page's
+    frame is twice its size, with the PAT bit (12) set, which a translation must not take for an address bit."""
+    layout = live.kernel.layout
+    arch = layout.arch
+    view = live.view()
+    first_kernel = (layout.kernel_half_start & arch.va_mask) >> arch.shift(0)
+    free = [i for i in range(1, first_kernel - 1)
+            if not any(view.entry(view.walker.top, j) & hw.PTE_P for j in (i, i + 1))
+            and not any(r.start < arch.canonical((i + 2) << arch.shift(0)) and arch.canonical(i << arch.shift(0)) < r.end
+                        for r in layout.regions())]
+    if not free:
+        pytest.skip("the user half has no two empty top-level slots side by side")
+    vaddr = arch.canonical(free[len(free) // 2] << arch.shift(0))
+    frame = live.call("pmm_alloc")
+    assert frame and live.call("vmm_map", vaddr, frame, hw.PTE_P | hw.PTE_RW) == 1, f"vmm_map({vaddr:#x}) refused"
+    chain = live.view().walker.translate(vaddr).chain
+    planted = [(vaddr, hw.PAGE_SIZE, frame)]
+    for level in sorted(arch.paging.large_levels):
+        span = 1 << arch.shift(level)
+        large = arch.canonical(((vaddr & arch.va_mask) >> arch.shift(level)) + 1 << arch.shift(level))
+        phys = 2 * span
+        live.write_phys(chain[level].addr + arch.entry_size,
+                        (phys | hw.PTE_P | hw.PTE_RW | hw.PTE_PS | hw.PAGE_SIZE).to_bytes(arch.entry_size, "little"))
+        planted.append((large, span, phys))
+    return planted
+
+
+def test_walker_qemu_and_cpu_agree_in_large_pages(kgen_machine):
+    """Large pages on kgen's kernel (planted by hand, plant_large_pages), at every offset class: the walker against
+    QEMU, and against the CPU (a read through the page) where the page's frame is guest RAM."""
+    if kgen_machine.channel is None:
+        pytest.skip("planting pages in tables the kernel made needs kgen's call channel")
+    live = kgen_machine
+    planted = plant_large_pages(live)
+    rng = random.Random(OFFSET_SEED)
+    wrong = []
+    for vaddr, size, paddr in planted:
+        offsets = offset_classes(size, rng)
+        walker = live.view().walker
+        for offset in offsets:
+            t = walker.translate(vaddr + offset)
+            ours = None if t is None else t.paddr
+            qemu = live.machine.gva2gpa(vaddr + offset)
+            if (ours, qemu) != (paddr + offset,) * 2:
+                wrong.append(f"{size:#x}-byte page {vaddr:#x} + {offset:#x}: walker "
+                             f"{'unmapped' if ours is None else hex(ours)}, QEMU "
+                             f"{'unmapped' if qemu is None else hex(qemu)}, planted at {paddr + offset:#x}")
+        if paddr + size > live.kernel.layout.memory_bytes:
+            continue        # not guest RAM: the CPU would read nothing there
+        for offset in sorted({o & ~3 for o in offsets}):
+            marker = 0x0FF5E700 ^ offset
+            live.write_phys(paddr + offset, marker.to_bytes(4, "little"))
+            got = live.call("peek32", vaddr + offset)
+            if got != marker:
+                wrong.append(f"{size:#x}-byte page {vaddr:#x} + {offset:#x}: the CPU read {got:#010x}, "
+                             f"{paddr + offset:#x} holds {marker:#010x}")
+    assert not wrong, f"{len(wrong)} translations differ:\n" + "\n".join(wrong[:20])
 
 
 def test_walker_agrees_with_qemu_info_tlb(kgen_idle):
