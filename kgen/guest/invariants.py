@@ -760,9 +760,6 @@ def check_space(view: GuestView, top: int, *, idle: bool = True) -> list[str]:
     # A stale kernel half (i386: a kernel table made or freed since the copy; as_switch re-copies it before the space
     # runs) may point at a frame used for something else by now: such a space is walked through its user half only.
     w = space_walker(view, top) if fresh else _user_half_walker(view, top, first)
-    if top != running:      # the running space's are check_entries_well_formed's
-        problems += [Finding(f"{where}: {bad}", vrange=bad.vrange, chain=bad.chain, space=where)
-                     for bad in w.malformed()]
     shift = mode.shift(0)
 
     def found(text: str, *, slot: int | None = None, **place) -> Finding:
@@ -807,6 +804,13 @@ def check_space(view: GuestView, top: int, *, idle: bool = True) -> list[str]:
                   if i not in windows and mine[i] & ~CPU_BITS != theirs[i] & ~CPU_BITS]
         problems += [found(f"kernel-half {names[0]}[{i}] = {mine[i]:#x}, the running space's {theirs[i]:#x}: the "
                            f"kernel half is not shared", slot=i) for i in differ]
+    else:
+        differ = []
+    if top != running:      # the running space's are check_entries_well_formed's
+        # Last, and not below a kernel-half entry already found unshared: what such an entry leads to is whatever
+        # the frame holds now, and its garbage would bury the one finding that says why.
+        problems += [Finding(f"{where}: {bad}", vrange=bad.vrange, chain=bad.chain, space=where)
+                     for bad in w.malformed() if _top_slot(view, bad.vstart) not in differ]
     return problems
 
 
