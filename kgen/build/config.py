@@ -137,6 +137,9 @@ class ForeignConfig:
     image: Path | None = None           # --image: the project's own bootable image
     symbols: tuple[str, ...] | None = None  # --symbols: ELF[@OFFSET] each, the ELF judged when a loader stage boots
     kernel_base: int | None = None      # --kernel-base: where a 32-bit kernel's half starts
+    check_at: str | None = None         # --check-at: SYMBOL[,SYMBOL...], where to check at every hit
+    check_count: int | None = None      # --check-count: hits
+    check_for: float | None = None      # --check-for: seconds
 
     def key(self, name: str) -> str:
         """`kgen.toml: foreign.memory`, how an error names where a value came from."""
@@ -149,7 +152,8 @@ _FOREIGN_KINDS = {"kernel": "path", "ready": "text", "ready_at": "text", "ready_
                   "ready_after": "seconds", "boot_timeout": "seconds", "memory": "count", "append": "any text",
                   "modules": "paths", "qemu_args": "texts", "address_spaces": "text", "boot_only_segments": "indices",
                   "boot": "text", "firmware": "text", "qemu_command": "text", "image": "path",
-                  "symbols": "symbol files", "kernel_base": "address"}
+                  "symbols": "symbol files", "kernel_base": "address",
+                  "check_at": "text", "check_count": "hits", "check_for": "seconds"}
 
 
 def _foreign_from_mapping(table: dict, where: str, base_dir: Path) -> ForeignConfig:
@@ -180,9 +184,9 @@ def _foreign_from_mapping(table: dict, where: str, base_dir: Path) -> ForeignCon
         elif kind == "address":
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise bad("must be an address, an integer (0xC0000000)")
-        elif kind == "count":
+        elif kind in ("count", "hits"):
             if isinstance(value, bool) or not isinstance(value, int):
-                raise bad("must be an integer (MiB)")
+                raise bad("must be an integer (" + ("MiB" if kind == "count" else "a number of hits") + ")")
             if value <= 0:
                 raise bad("must be above 0")
         else:

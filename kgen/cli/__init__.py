@@ -275,6 +275,13 @@ def parser() -> argparse.ArgumentParser:
                    "with its DWARF: ptable.proc[state != UNUSED].pgdir, task_list[->next].cr3 (docs/your-kernel.md); the "
                    "page-table checks run on each space. Without it, a kernel with DWARF gets the expression kgen "
                    "finds there, said on stderr")
+    t.add_argument("--check-at", metavar="SYMBOL[,SYMBOL...]", help="with --kernel: stop the CPU each time it "
+                   "reaches one of these symbols (a context switch) and check the page tables there, the space in "
+                   "CR3 and every space --address-spaces lists; the verdict names the first hit at which one breaks")
+    t.add_argument("--check-count", type=positive_int, metavar="N", help="with --check-at: stop after N hits "
+                   "(default: 100)")
+    t.add_argument("--check-for", type=positive_seconds, metavar="SECONDS", help="with --check-at: stop after "
+                   "this long (default: the boot timeout)")
     _add_checked_kernel_args(t, "check this Multiboot ELF (any kernel) with the generic invariants")
     t.add_argument("-j", "--jobs", type=jobs, default="auto", help="parallel machines (pytest-xdist; default: one per core)")
     t.add_argument("--shard", type=shard, metavar="K/N", help="run share K of N of the checks (1 <= K <= N), split "

@@ -20,6 +20,7 @@ from kgen.build.pipeline import check_out_dir
 from kgen.guest.loaded import kernel_not_in_memory
 from kgen.harness.bootnames import BOOT_METHODS, FIRMWARES
 from kgen.harness.bootpath import cache_dir
+from kgen.harness.checkat import CheckAt
 from kgen.harness.image import check_image, find_kernel
 from kgen.harness.kernel import KernelUnderTest, boot_only_problem, check_qemu_accepts, kernel_base_problem
 from kgen.harness.live import boot, boot_with_zeroed_ram
@@ -32,7 +33,11 @@ FOREIGN_OPTIONS = {**{name: name for name in READY_OPTIONS}, "boot_timeout": "bo
                    "append": "append", "modules": "module", "qemu_args": "qemu_arg",
                    "address_spaces": "address_spaces", "boot_only_segments": "boot_only_segment", "boot": "boot",
                    "firmware": "firmware", "qemu_command": "qemu_command",
-                   "image": "image", "symbols": "symbols", "kernel_base": "kernel_base"}
+                   "image": "image", "symbols": "symbols", "kernel_base": "kernel_base",
+                   "check_at": "check_at", "check_count": "check_count", "check_for": "check_for"}
+# The --check-at keys: `kgen test` only, for a kernel given with --kernel (kgen's own is checked at every as_switch
+# by the suite's own stage, kgen/harness/suite/test_check_at.py).
+CHECK_AT_OPTIONS = ("check_at", "check_count", "check_for")
 
 
 def apply_foreign_config(args) -> None:
@@ -124,6 +129,12 @@ def _check_from_table(args, foreign, from_table: set[str]) -> None:
             resolve_ready_at(elf, foreign.ready_at)
         except KgenError as err:
             raise refuse("ready_at", str(err)) from None
+    if from_table & set(CHECK_AT_OPTIONS):
+        try:
+            CheckAt.from_options(elf, args.check_at, args.check_count, args.check_for)
+        except KgenError as err:
+            key = next(key for key in CHECK_AT_OPTIONS if key in from_table)
+            raise refuse(key, str(err).removeprefix(f"{elf.path.name}: ")) from None
     if "address_spaces" in from_table:
         try:
             parse_spec(foreign.address_spaces, elf)
@@ -176,6 +187,10 @@ def foreign_kernel_from_args(args) -> KernelUnderTest:
             parse_spec(args.address_spaces, kernel.elf)
         except KgenError as err:
             raise UsageError(str(err)) from None
+    try:
+        CheckAt.from_options(kernel.elf, *(getattr(args, key, None) for key in CHECK_AT_OPTIONS))
+    except KgenError as err:
+        raise UsageError(str(err)) from None
     return kernel
 
 
@@ -194,6 +209,9 @@ def checked_kernel(args) -> KernelUnderTest:
             if key not in ("boot_only_segments", "firmware") and getattr(args, attr, None)]
     if "qemu_command" in used:
         used.insert(0, used.pop(used.index("qemu_command")))     # the one the others follow from
+    if used and used[0] in CHECK_AT_OPTIONS:
+        raise UsageError(f"--{used[0].replace('_', '-')} is for a kernel given with --kernel; kgen's own kernel "
+                         "is checked at every as_switch by the suite (test_every_space_holds_at_every_as_switch)")
     if used:
         raise UsageError(f"--{used[0].replace('_', '-')} is for a kernel given with --kernel; a kgen kernel "
                          "takes its machine from the config")

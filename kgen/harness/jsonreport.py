@@ -12,7 +12,11 @@ pytest-xdist the workers' reports reach it too), never by reading the text pytes
      "summary": {"passed": 8, "failed": 1, "skipped": 17, "error": 0, "total": 26, "kgen_only": 16},
      "spaces": ["the space in CR3: PD at 0x106000 (spaces[1])", "spaces[0]: PD at 0x104000", ...],
      "boot_failure": null | {"kind": "fault loop"|"triple fault"|"reset"|"hang"|..., "summary": "...",
-                             "findings": ["..."]}}
+                             "findings": ["..."]},
+     "hits": [{"hit": 5, "symbol": "switch_to", "ip": 1048832, "where": "0x00100100 <switch_to>", "cr3": 1060864,
+               "callers": ["0x00100080 <main+0x1c>"], "outcome": "passed"|"failed"|"unchecked", "unchecked": null,
+               "spaces": [{"name": "spaces[2]", "top": 1069056, "live": false,
+                           "findings": {"check_segments": ["..."]}}]}]}
 
 One object per check (per test, and per address space for the checks `--address-spaces` repeats). `messages` are
 the lines of a failure as kgen words them (one per entry or page at fault; the first names the invariant), or the
@@ -23,7 +27,9 @@ of no stopped machine), and the document's `spaces` every space the run judged. 
 call channel): `kgen test` prints those as one line, here each keeps its record.
 A kernel that never reaches the state the checks look at is reported before the suite: no checks, and
 `boot_failure` says what it did instead; its `findings`, what else the failure showed (the kernel boots with zeroed
-RAM only: it reads memory it never wrote).
+RAM only: it reads memory it never wrote). `hits`: with --check-at (kgen/harness/checkat.py), one record per hit in
+the order they came, each space checked there and what each check found in it (by the check's name in
+kgen/guest/invariants.py; only the checks that found something); kgen's own kernel adds its as_switch stage's hits; empty otherwise.
 """
 from __future__ import annotations
 
@@ -57,13 +63,19 @@ def foreign_kernel_record(elf_path: Path) -> dict:
     return kernel_record(Path(elf_path).resolve(), "foreign", arch)
 
 
-def document(kernel: dict, accel: str, checks: list[dict], boot_failure: dict | None = None) -> dict:
+# The name under which a test hands its hits to this report (pytest's `user_properties` of its report).
+HITS_PROPERTY = "kgen_hits"
+
+
+def document(kernel: dict, accel: str, checks: list[dict], boot_failure: dict | None = None,
+             hits: list[dict] | None = None) -> dict:
     summary = {outcome: sum(c["outcome"] == outcome for c in checks)
                for outcome in ("passed", "failed", "skipped", "error")}
     summary["total"] = len(checks)
     summary["kgen_only"] = sum(bool(c.get("kgen_only")) for c in checks)
     return {"kgen_test": FORMAT_VERSION, "kernel": kernel, "accel": accel, "checks": checks, "summary": summary,
-            "spaces": distinct_spaces(c.get("spaces") for c in checks), "boot_failure": boot_failure}
+            "spaces": distinct_spaces(c.get("spaces") for c in checks), "boot_failure": boot_failure,
+            "hits": hits or []}
 
 
 def distinct_spaces(spaces) -> list[str]:
@@ -99,8 +111,12 @@ class JsonReport:
         self.kernel = kernel            # a dict, or a callable giving one at the end (a kgen kernel is built late)
         self.accel = accel
         self.checks: dict[str, dict] = {}
+        self.hits: list[dict] = []
 
     def pytest_runtest_logreport(self, report) -> None:
+        for name, value in getattr(report, "user_properties", ()) if report.when == "call" else ():
+            if name == HITS_PROPERTY:
+                self.hits += value
         module, _, name = report.nodeid.rpartition("::")
         record = self.checks.setdefault(report.nodeid, {
             "name": name, "module": Path(module).stem, "outcome": "passed", "messages": [], "duration": 0.0,
@@ -125,7 +141,7 @@ class JsonReport:
     def pytest_sessionfinish(self, session, exitstatus) -> None:
         kernel = self.kernel() if callable(self.kernel) else self.kernel
         checks = [self.checks[nodeid] for nodeid in sorted(self.checks)]
-        write(self.path, document(kernel, self.accel, checks))
+        write(self.path, document(kernel, self.accel, checks, hits=self.hits))
 
 
 def run_suite_json(args, extra: list[str], run_suite) -> int:

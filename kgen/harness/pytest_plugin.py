@@ -15,8 +15,9 @@ with --kgen-kernel how to boot it and when to look: --kgen-ready, --kgen-ready-s
 --kgen-ready-at, --kgen-ready-vga, --kgen-boot-timeout, --kgen-memory, --kgen-append, --kgen-module, --kgen-qemu-arg,
 --kgen-boot-only-segment, --kgen-symbols, --kgen-kernel-base, --kgen-address-spaces (the page-table checks take
 `kgen_space` and run once per address space the kernel lists, or an expression over its globals yields;
-`space_view(live, kgen_space)` is the machine seen through it); --kgen-json FILE writes the results as JSON
-(kgen/harness/jsonreport.py).
+`space_view(live, kgen_space)` is the machine seen through it), --kgen-check-at, --kgen-check-count,
+--kgen-check-for (the checks at every hit of a symbol, kgen/harness/checkat.py); --kgen-json FILE writes the results
+as JSON (kgen/harness/jsonreport.py).
 
 Every machine a fixture hands out is as a cold boot leaves it, but only the first per kernel is booted: the
 others are restored from a snapshot of it (kgen/machine/snapshot.py), unless --kgen-cold-boot.
@@ -85,6 +86,12 @@ def pytest_addoption(parser):
                     "kernel's array of top-level table physical addresses (0 = unused slot), or an expression over "
                     "its globals evaluated with its DWARF (ptable.proc[state != UNUSED].pgdir, task_list[->next].cr3; "
                     "kgen/guest/dwarfspaces.py); the page-table checks run on every space it names, not only CR3's")
+    group.addoption("--kgen-check-at", metavar="SYMBOL[,SYMBOL...]", help="with --kgen-kernel: check the page "
+                    "tables each time the CPU reaches one of these symbols (kgen/harness/checkat.py)")
+    group.addoption("--kgen-check-count", type=int, metavar="N", help="with --kgen-check-at: at most N hits "
+                    "(default: 100)")
+    group.addoption("--kgen-check-for", type=float, metavar="SECONDS", help="with --kgen-check-at: for at most "
+                    "this long (default: the boot timeout)")
     group.addoption("--kgen-json", type=Path, metavar="FILE", help="also write the results as JSON, one object "
                     "per check (kgen/harness/jsonreport.py)")
     group.addoption("--kgen-shard", metavar="K/N", help="run share K of N of the selected tests (by node id; the N "

@@ -137,15 +137,16 @@ class ReadyAt:
         return link if self.name.lower().startswith("0x") else f"{self.name} ({link})"
 
 
-def resolve_ready_at(elf: ElfInfo, text: str) -> ReadyAt:
-    """`--ready-at` as a symbol of the ELF or a 0x address; an unknown symbol raises KgenError naming close ones."""
+def resolve_ready_at(elf: ElfInfo, text: str, option: str = "--ready-at") -> ReadyAt:
+    """`--ready-at` (or `option`, another that breaks at a place: --check-at) as a symbol of the ELF or a 0x
+    address; an unknown symbol raises KgenError naming close ones."""
     if text.lower().startswith("0x"):
         try:
             address = int(text, 16)
         except ValueError:
-            raise KgenError(f"{elf.path.name}: --ready-at {text}: not a hex address (0x then hex digits)") from None
+            raise KgenError(f"{elf.path.name}: {option} {text}: not a hex address (0x then hex digits)") from None
         if address >> 64:       # an ELF32 may hold 64-bit code: the CPU's widest address is the bound
-            raise KgenError(f"{elf.path.name}: --ready-at {show_text(text)}: wider than 64 bits; give an address "
+            raise KgenError(f"{elf.path.name}: {option} {show_text(text)}: wider than 64 bits; give an address "
                             "the CPU can reach")
         return ReadyAt(text, (address,))
     sym = elf.symbols.get(text)
@@ -154,7 +155,7 @@ def resolve_ready_at(elf: ElfInfo, text: str) -> ReadyAt:
         close += [name for name in sorted(elf.symbols) if text.lower() in name.lower() and name not in close][:4]
         hint = (f"close matches: {', '.join(close)}" if close else
                 "it has no symbols (stripped?)" if not elf.symbols else "nothing close")
-        raise KgenError(f"{elf.path.name}: no symbol {text!r} for --ready-at ({hint}); name a symbol of the ELF "
+        raise KgenError(f"{elf.path.name}: no symbol {text!r} for {option} ({hint}); name a symbol of the ELF "
                         "or give a 0x address")
     loads = [sym.value - seg.vaddr + seg.paddr for seg in elf.segments
              if seg.paddr != seg.vaddr and seg.vaddr <= sym.value < seg.vaddr + seg.memsz]

@@ -23,14 +23,16 @@ BOOT_TIMEOUT = 60.0
 class KernelSession:
     def __init__(self, elf_path, layout: Layout, *, accel: str = "tcg", poison=None, memory_mib: int | None = None,
                  icount: bool = False, echo_serial: bool = False, extra_args=(), ram_file: bool = True,
-                 cold: bool | None = None, firmware: str = "bios"):
+                 cold: bool | None = None, firmware: str = "bios", gdbstub: bool = False):
         # firmware "uefi": booted through GRUB under OVMF (bootpath.serving_boot), the same ELF and serve token.
+        # gdbstub: QEMU's gdbstub listens too (breakpoints while calls run: kgen/harness/checkat.py).
         self.elf_path = elf_path
         self.layout = layout
         self.elf = ElfInfo.load(elf_path)
         boot = serving_boot(memory_mib or layout.memory_mib, firmware)
         self.options = dict(boot.machine_options(Path(elf_path), qemu=layout.arch.qemu, accel=accel, poison=poison),
-                            icount=icount, ram_file=ram_file, echo_serial=echo_serial, extra_args=tuple(extra_args))
+                            icount=icount, ram_file=ram_file, echo_serial=echo_serial, extra_args=tuple(extra_args),
+                            **({"gdbstub": True} if gdbstub else {}))
         self.cold = cold        # None: the process's choice (kgen.machine.snapshot); True: always boot cold
         self.machine = None
         self.channel: CallChannel | None = None

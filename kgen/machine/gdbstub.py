@@ -1,5 +1,6 @@
-"""A small client of QEMU's gdbstub (the GDB remote serial protocol), for one job: stop the guest the first time its
-CPU reaches an address (`kgen test --kernel ... --ready-at SYMBOL`), then hand the machine back to QMP.
+"""A small client of QEMU's gdbstub (the GDB remote serial protocol), for two jobs: stop the guest the first time its
+CPU reaches an address (`kgen test --kernel ... --ready-at SYMBOL`), then hand the machine back to QMP; stop it at
+every time it reaches one (`--check-at`, kgen/harness/checkat.py), stepping past the breakpoint each time.
 
 Why a breakpoint and not sampling: sampling EIP (`--ready-symbol`) finds a place the kernel stays; a place it only
 passes through (the first instruction of `kmain`, a function called once) is found only by the CPU itself.
@@ -9,6 +10,7 @@ The protocol, as much as is used here (GDB manual, "Remote Protocol"):
   it) or `-` (checksum wrong: send it again). Both sides ack; QEMU in system mode does not wait for our ack.
 - `Z1,ADDR,KIND` inserts a hardware breakpoint, `Z0,...` a software one, `z1`/`z0` remove them (KIND is the
   instruction length GDB would patch: 1 on x86). Replies: `OK`, `Enn` (error), or an empty packet (not supported).
+- `s` runs one instruction and answers with a stop reply (QEMU steps with interrupts and timers held).
 - `c` continues the guest; there is no reply until it stops: then a stop reply `T05...` (SIGTRAP: a breakpoint),
   `T02` (SIGINT: we, or QMP `stop`, paused it), `T03`/`W..`/`X..` (the machine shut down, or QEMU is leaving).
 - A lone byte 0x03 (not a packet) asks QEMU to stop the guest; it answers with a stop reply.
@@ -220,6 +222,30 @@ class GdbStub:
             reply = self.request(f"z{kind},{addr:x},1")
             if reply != "OK":
                 raise GdbStubError(f"the gdbstub did not remove the breakpoint at {addr:#x}: {reply or 'no answer'}")
+
+    def step(self, timeout: float = REPLY_TIMEOUT) -> StopReply:
+        """Run one instruction (`s`; QEMU steps with interrupts and timers held) and return the stop reply it ends
+        with."""
+        self._pending.clear()
+        self._send("s")
+        stop = self.wait_stop(timeout)
+        if stop is None:
+            raise GdbStubError(f"a single step did not end within {timeout:g} s")
+        return stop
+
+    def step_over_breakpoints(self) -> StopReply:
+        """Get the CPU past the breakpoint it is stopped at, the breakpoints in again afterwards: the protocol
+        leaves that to the client (under KVM a `Z0` is an int3 in guest memory; a `Z1` fires again at once), so
+        all are taken out, one instruction is stepped and they go back as they were."""
+        inserted = list(self.breakpoints)
+        self.remove_breakpoints()
+        stop = self.step()
+        for kind, addr in inserted:
+            reply = self.request(f"Z{kind},{addr:x},1")
+            if reply != "OK":
+                raise GdbStubError(f"the gdbstub did not put the breakpoint at {addr:#x} back: {reply or 'no answer'}")
+            self.breakpoints.append((kind, addr))
+        return stop
 
     def cont(self) -> None:
         """Let the guest run; its next stop arrives as a stop reply (`wait_stop`)."""
