@@ -377,7 +377,16 @@ as_switch:
     mov [xdx + FOREIGN_SLOT*ENTRY_SIZE], xax        # the new space's foreign slot
     mov xdx, LEVEL0_ENTRIES
     mov xword ptr [xdx + FOREIGN_SLOT*ENTRY_SIZE], 0x0   # the old one's: empty
+.if ASPACE_SWITCH_USER_WINDOW
+    # Build variant: the space left behind gets a user-accessible recursive window, taken away again only when it
+    # runs next. Seen only while it is not running: at the next switch, never by a kernel at rest.
+    or xword ptr [xdx + RECURSIVE_SLOT*ENTRY_SIZE], PTE_US
+.endif
     mov cr3, xbx
+.if ASPACE_SWITCH_USER_WINDOW
+    mov xdx, LEVEL0_ENTRIES
+    and xword ptr [xdx + RECURSIVE_SLOT*ENTRY_SIZE], ~PTE_US
+.endif
 .Lswitch_done:
     mov eax, 0x1
     pop xsi

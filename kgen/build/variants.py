@@ -27,6 +27,8 @@ class Variant:
 VARIANTS: tuple[Variant, ...] = (
     Variant("fault_at_boot", "touch an unmapped page right after boot", "invariants"),
     Variant("aspace_skip_foreign_flush", "change the foreign slot without flushing the TLB", "address_spaces"),
+    Variant("aspace_switch_user_window", "leave the space as_switch leaves with a user-accessible recursive window "
+            "until it runs again", "as_switch"),
     Variant("tempmap_skip_invlpg", "remap temp-map slots without INVLPG", "temp_map"),
     Variant("vmm_skip_table_clear", "leave new page tables uncleared", "page_tables"),
     Variant("vmm_unmap_skip_invlpg", "unmap pages without INVLPG", "tlb"),

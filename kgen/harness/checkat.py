@@ -34,7 +34,7 @@ from kgen.guest.elfinfo import ElfInfo
 from kgen.guest.invariants import GuestView, NotApplicable
 from kgen.guest.pagewalk import WalkError
 from kgen.guest.spacesource import Space, SpaceSource
-from kgen.harness.ready import IDLE_POLL, ReadyAt, SelfJumpWatch, in_code, resolve_ready_at
+from kgen.harness.ready import IDLE_POLL, ReadyAt, SelfJumpWatch, in_code, resolve_ready_at, tables_fingerprint
 from kgen.machine.gdbstub import GdbStub, GdbStubError
 
 DEFAULT_COUNT = 100
@@ -166,18 +166,42 @@ class HitRun:
                 + f"; ended: {self.ended}")
 
 
-def _checks_of(view: GuestView, space: Space, live: bool) -> dict[str, list[str]]:
+class SeenSpaces:
+    """What the generic checks found in each space at earlier hits, by the space's tables: they judge a space by its
+    tables alone (with the ELF, the poison and the paging bits of CR4 and EFER, the same all run long), so a space
+    whose every table holds the same bytes as at an earlier hit gets the same verdict without a second walk of each
+    check (the poison check reads every entry of every table: ~0.4 s for kgen's x86_64 kernel)."""
+
+    def __init__(self, machine):
+        self.machine = machine
+        self.verdicts: dict[tuple, dict[str, list[str]]] = {}
+
+    def checks(self, view: GuestView) -> dict[str, list[str]]:
+        regs = view.regs
+        try:
+            key = (tables_fingerprint(self.machine, regs), regs.cr4, regs.efer)
+        except (MachineError, OSError, ValueError):
+            key = None      # tables that cannot be read: the checks say what is wrong
+        if key is not None and key in self.verdicts:
+            return self.verdicts[key]
+        found: dict[str, list[str]] = {}
+        for check in SPACE_CHECKS:
+            try:
+                found[check.__name__] = check(view)
+            except NotApplicable:
+                continue
+        if key is not None:
+            self.verdicts[key] = found
+        return found
+
+
+def _checks_of(view: GuestView, space: Space, live: bool, seen: SeenSpaces) -> dict[str, list[str]]:
     """The checks of one space: the generic ones (through the space, `in_space`); for kgen's kernel the generic ones
     on the running space only and `check_space` on each (a space not running may hold a stale kernel half on i386,
     which only check_space knows to leave out)."""
-    seen = view if live else view.in_space(space.top, space.name)
-    checks = SPACE_CHECKS if live or view.layout is None else ()
     found: dict[str, list[str]] = {}
-    for check in checks:
-        try:
-            found[check.__name__] = check(seen)
-        except NotApplicable:
-            continue
+    if live or view.layout is None:
+        found.update(seen.checks(view if live else view.in_space(space.top, space.name)))
     if view.layout is not None:
         found[invariants.check_space.__name__] = _space_problems(view, space.top)
     return found
@@ -230,8 +254,8 @@ def backtrace(view: GuestView, elf: ElfInfo, depth: int = BACKTRACE_DEPTH) -> li
     return found
 
 
-def judge_hit(machine, elf: ElfInfo, layout, poison: bytes | None, source: SpaceSource | None, number: int,
-              place: str, boot_only=None) -> Hit:
+def judge_hit(machine, elf: ElfInfo, layout, poison: bytes | None, source: SpaceSource | None, seen: SeenSpaces,
+              number: int, place: str, boot_only=None) -> Hit:
     """Check the stopped machine at one hit: the space in CR3 and every space `source` lists, each once."""
     regs = machine.registers()
     view = GuestView(regs, machine.read_phys, elf, layout, poison)
@@ -254,7 +278,7 @@ def judge_hit(machine, elf: ElfInfo, layout, poison: bytes | None, source: Space
     spaces += [space for space in dict((s.top, s) for s in listed).values() if space.top != live_top]
     for space in spaces:
         live = space.top == live_top
-        hit.spaces.append(SpaceVerdict(space, live, _checks_of(view, space, live)))
+        hit.spaces.append(SpaceVerdict(space, live, _checks_of(view, space, live, seen)))
     return hit
 
 
@@ -292,6 +316,7 @@ def run_hits(machine, elf: ElfInfo, layout, poison: bytes | None, source: SpaceS
     started = time.monotonic()
     deadline = started + seconds
     spin = SelfJumpWatch(machine, elf)
+    seen = SeenSpaces(machine)
     bps = _Breakpoints(machine, check_at)
     try:
         with bps as stub:
@@ -302,7 +327,8 @@ def run_hits(machine, elf: ElfInfo, layout, poison: bytes | None, source: SpaceS
                     regs_ip = machine.registers().eip
                     place = bps.place_of.get(regs_ip)
                     if place is not None:
-                        hits.append(judge_hit(machine, elf, layout, poison, source, len(hits) + 1, place, boot_only))
+                        hits.append(judge_hit(machine, elf, layout, poison, source, seen, len(hits) + 1, place,
+                                              boot_only))
                         if len(hits) >= check_at.count:
                             ended = f"{check_at.count} hits (--check-count)"
                             break
@@ -355,6 +381,7 @@ def hits_in_background(machine, elf: ElfInfo, layout, poison: bytes | None, sour
     hits: list[Hit] = []
     done = threading.Event()
     errors: list[BaseException] = []
+    seen = SeenSpaces(machine)
     bps = _Breakpoints(machine, check_at)
     stub = bps.__enter__()
 
@@ -370,7 +397,7 @@ def hits_in_background(machine, elf: ElfInfo, layout, poison: bytes | None, sour
                 if stop.signal == 5:
                     place = bps.place_of.get(machine.registers().eip)
                     if place is not None:
-                        hits.append(judge_hit(machine, elf, layout, poison, source, len(hits) + 1, place))
+                        hits.append(judge_hit(machine, elf, layout, poison, source, seen, len(hits) + 1, place))
                         stub.step_over_breakpoints()
                 stub.cont()
         except BaseException as err:  # noqa: BLE001 - handed to the caller's thread

@@ -225,7 +225,7 @@ def wait_booted(machine, ready: Ready, timeout: float, elf: ElfInfo | None = Non
                                + (f"{text!r} appeared on COM1" if text is not None else
                                   f"{vga!r} appeared on the VGA screen" if vga is not None else f"it reached {symbol}"))
         if settle is not None:
-            mark = _tables_fingerprint(machine, regs) if regs.cr0 & CR0_PG else None
+            mark = tables_fingerprint(machine, regs) if regs.cr0 & CR0_PG else None
         elif symbol is not None:
             mark = here
         elif text is None and vga is None and regs.halted and regs.cr0 & CR0_PG and in_kernel:
@@ -301,7 +301,7 @@ class BootWatch:
                 self.cr3s.append(regs.cr3)
         if self.fingerprints and regs.cr0 & CR0_PG and now >= self.next_fingerprint:
             self.next_fingerprint = now + FINGERPRINT_EVERY
-            mark = _tables_fingerprint(self.machine, regs)
+            mark = tables_fingerprint(self.machine, regs)
             if self.tables is None or self.tables[0] != mark:
                 self.tables = (mark, now)
         elif not regs.cr0 & CR0_PG:
@@ -508,8 +508,9 @@ def jumps_to_itself(machine, regs) -> bool:
         return False
 
 
-def _tables_fingerprint(machine, regs) -> tuple:
-    """CR3 and a digest of every page table it reaches (top level first), for `--ready-after`."""
+def tables_fingerprint(machine, regs) -> tuple:
+    """CR3 and a digest of every page table it reaches (top level first), for `--ready-after`, and for --check-at
+    to know a space it checked at an earlier hit unchanged (kgen/harness/checkat.py)."""
     view = GuestView(regs, machine.read_phys, None)
     digest = hashlib.sha256()
     try:
