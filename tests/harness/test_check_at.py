@@ -1,0 +1,101 @@
+"""`kgen test --kernel K --check-at SYMBOL`: the page-table checks at every hit of a symbol (kgen/harness/checkat.py),
+through the real command line, on the zoo kernels of tests/zoo_checkat.py (three spaces switched at `switch_to`, a
+flaw in space 2 between the 4th and the 7th switch only), i386 and x86_64 under TCG. Each run selects the check-at
+test alone (`-k every_hit`): the rest of the suite sees the kernel at rest, clean again.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import zoo_checkat
+from conftest import needs_qemu, one_line, run_kgen
+from zoo_checkat import FIRST_FLAWED_HIT, FIRST_FLAWED_HIT_IN_CR3, FLAWED_HITS, SPACES, SWITCHES, SYMBOL
+
+pytestmark = [pytest.mark.vm, needs_qemu]
+ARCHES = tuple(zoo_checkat.SOURCES)
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("check-at")
+    return {(arch, flaw): zoo_checkat.switcher(out, arch, flaw_at=zoo_checkat.FLAW_AT if flaw else 0)
+            for arch in ARCHES for flaw in (False, True)}
+
+
+def check_at(kernel, tmp_path, *args: str):
+    """`kgen test` of the check-at test alone, its JSON report read back."""
+    report = tmp_path / "report.json"
+    result = run_kgen("test", "--kernel", kernel, "--check-at", SYMBOL, "-k", "every_hit", "-j", "1",
+                      "--json", report, *args)
+    assert report.is_file(), result.stdout[-3000:] + result.stderr
+    return result, json.loads(report.read_text())
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_the_verdict_is_the_first_hit_the_flaw_is_there_in_the_space_it_is_in(zoo, tmp_path, arch):
+    result, doc = check_at(zoo[arch, True], tmp_path, "--address-spaces", SPACES)
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr
+    hits = doc["hits"]
+    assert [hit["hit"] for hit in hits] == list(range(1, SWITCHES + 1)), "one record per hit, in order"
+    assert {hit["symbol"] for hit in hits} == {SYMBOL}
+    assert [hit["hit"] for hit in hits if hit["outcome"] == "failed"] == list(FLAWED_HITS)
+    first = hits[FIRST_FLAWED_HIT - 1]
+    broken = [space for space in first["spaces"] if space["findings"]]
+    assert [(space["name"], space["live"]) for space in broken] == [(f"{SPACES}[2]", False)], \
+        "the flaw is in space 2, not the one in CR3 at that hit: only --address-spaces shows it there"
+    assert list(broken[0]["findings"]) == ["check_segments"]
+    assert "<switch_to>" in first["where"] and "<main+" in first["callers"][0], first
+    said = result.stdout
+    assert f"the page tables broke at hit {FIRST_FLAWED_HIT} of {SWITCHES}" in said, said[-3000:]
+    assert f"hit {FIRST_FLAWED_HIT} at {SYMBOL}: IP " in said and f"in {SPACES}[2] (top-level table" in said
+    assert "writable" in said and "but no writable segment lies there" in said
+
+
+def test_without_the_spaces_listed_the_first_hit_with_the_flaw_in_cr3_is_the_verdict(zoo, tmp_path):
+    # --check-count ends the run at that very hit: nothing after it is checked.
+    result, doc = check_at(zoo["i386", True], tmp_path, "--check-count", str(FIRST_FLAWED_HIT_IN_CR3))
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr
+    assert len(doc["hits"]) == FIRST_FLAWED_HIT_IN_CR3
+    failed = [hit for hit in doc["hits"] if hit["outcome"] == "failed"]
+    assert [hit["hit"] for hit in failed] == [FIRST_FLAWED_HIT_IN_CR3]
+    assert [(space["live"], bool(space["findings"])) for space in failed[0]["spaces"]] == [(True, True)]
+    assert len({hit["cr3"] for hit in doc["hits"]}) == 3, "every distinct CR3 is a space checked"
+    assert "ended: " + f"{FIRST_FLAWED_HIT_IN_CR3} hits (--check-count)" in result.stdout, result.stdout[-3000:]
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_the_kernel_without_the_flaw_passes_every_hit(zoo, tmp_path, arch):
+    result, doc = check_at(zoo[arch, False], tmp_path, "--address-spaces", SPACES)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    assert [hit["outcome"] for hit in doc["hits"]] == ["passed"] * SWITCHES
+    assert all(len(hit["spaces"]) == 3 for hit in doc["hits"])
+    assert [check["outcome"] for check in doc["checks"]] == ["passed"]
+
+
+@pytest.mark.parametrize("args, said", [
+    (("--check-at", "no_such_symbol"), "no symbol 'no_such_symbol' for --check-at"),
+    (("--check-at", f"{SYMBOL},"), "an empty symbol name"),
+    (("--check-at", SYMBOL, "--check-count", "0"), "--check-count"),
+    (("--check-at", SYMBOL, "--check-for", "-1"), "--check-for"),
+    (("--check-count", "5"), "--check-count is for --check-at"),
+])
+def test_a_bad_check_at_is_one_line(zoo, args, said):
+    result = run_kgen("test", "--kernel", zoo["i386", False], *args)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert said in one_line(result)
+
+
+def test_a_bad_check_count_in_the_config_is_one_line_naming_its_key(zoo, tmp_path):
+    config = tmp_path / "kgen.toml"
+    config.write_text(f'[foreign]\nkernel = "{zoo["i386", False]}"\ncheck_at = "{SYMBOL}"\ncheck_count = 0\n')
+    result = run_kgen("test", "--config", config)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "foreign.check_count" in one_line(result)
+
+
+def test_check_at_is_for_a_kernel_given_with_kernel(tmp_path):
+    result = run_kgen("test", "--out", tmp_path / "out", "--check-at", "as_switch")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "checked at every as_switch" in one_line(result)
