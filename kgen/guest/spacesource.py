@@ -7,7 +7,7 @@ person reads and the physical address of the top-level table, each), whatever th
 - `KgenSpaces`: kgen's own kernel, its `as_spaces` records (templates/aspace.s, `invariants.live_spaces`), each
   named `space 0x...` by its top table as the kernel's messages name it.
 A source that reads the kernel's own structures through its DWARF types plugs in the same way: a class with
-`describe()` and `spaces(view)`, picked by `source_for`.
+`describe()`, `spaces(view)` and `problems(view)`, picked by `source_for`.
 
 The sources are read again at every moment they are asked (a process created since the last look is there, one
 that exited is gone), so `kgen test --check-at` (kgen/harness/checkat.py) can ask at each hit.
@@ -36,6 +36,10 @@ class SpaceSource(Protocol):
     def spaces(self, view) -> list[Space]:
         """Every space the kernel keeps, read from the stopped machine `view` (a GuestView)."""
 
+    def problems(self, view) -> list[str]:
+        """What could not be followed at this moment (a pointer into unmapped memory while a list is changed): the
+        spaces `spaces` left out, one line each; [] when it read every one."""
+
 
 @dataclass(frozen=True)
 class ArraySource:
@@ -51,6 +55,9 @@ class ArraySource:
         return [Space(self.array.name(i), top & mask) for i, top in enumerate(self.array.tops(view.read_phys))
                 if top & mask]
 
+    def problems(self, view) -> list[str]:
+        return []
+
 
 @dataclass(frozen=True)
 class KgenSpaces:
@@ -65,6 +72,9 @@ class KgenSpaces:
         # Named by the top table, as the kernel's own messages and check_space name a space.
         tops = [top for top, _ in live_spaces(view)]
         return [Space(f"space {top:#x}" + (" (boot)" if i == 0 else ""), top) for i, top in enumerate(tops)]
+
+    def problems(self, view) -> list[str]:
+        return []
 
 
 def source_for(elf: ElfInfo, spec: str | None, *, kgen_kernel: bool = False) -> SpaceSource | None:
