@@ -13,6 +13,7 @@ import pytest
 
 from kgen.arch import hw
 from kgen.errors import KgenError, MachineError
+from kgen.guest.calls import CallError
 from kgen.guest.diagnose import explain
 from kgen.guest.spacesource import KgenSpaces, source_for
 from kgen.harness.checkat import CheckAt, HitRun, hits_in_background, run_hits
@@ -82,9 +83,17 @@ def switching_kernel(kgen_layout, kgen_kernel, kgen_accel):
 def test_every_space_holds_at_every_as_switch(request, switching_kernel, kgen_accel):
     s = switching_kernel
     check_at = CheckAt.from_options(s.elf, SWITCH)
+    failed = None
     with hits_in_background(s.machine, s.elf, s.layout, POISON, KgenSpaces(), check_at) as hits:
-        switches = _scenario(s, tasks=kgen_accel == "tcg")
+        try:
+            switches = _scenario(s, tasks=kgen_accel == "tcg")
+        except CallError as err:
+            failed = err            # said once the hits are no longer served (the diagnosis asks QMP too)
     request.node.user_properties.append((HITS_PROPERTY, [hit.record() for hit in hits]))
+    if failed is not None:
+        _fail_at_first_broken_hit(hits, f"then a call failed: {failed}")
+        failure = explain(s.machine, s.elf, str(failed).split("; last output", 1)[0])
+        pytest.fail(f"{failure.summary}\n{failure.details}", pytrace=False)
     assert len(hits) == switches, f"{switches} calls of {SWITCH}, {len(hits)} hits: a switch went unchecked"
     _fail_at_first_broken_hit(hits, f"every space in as_spaces, at every {SWITCH}")
 
