@@ -14,6 +14,7 @@ pytest-xdist the workers' reports reach it too), never by reading the text pytes
      "boot_failure": null | {"kind": "fault loop"|"triple fault"|"reset"|"hang"|..., "summary": "...",
                              "findings": ["..."]},
      "hits": [{"hit": 5, "symbol": "switch_to", "ip": 1048832, "where": "0x00100100 <switch_to>", "cr3": 1060864,
+               "seconds": 0.0021,
                "callers": ["0x00100080 <main+0x1c>"], "outcome": "passed"|"failed"|"unchecked", "unchecked": null,
                "unread": [],
                "spaces": [{"name": "spaces[2]", "top": 1069056, "live": false,
@@ -30,8 +31,9 @@ A kernel that never reaches the state the checks look at is reported before the 
 `boot_failure` says what it did instead; its `findings`, what else the failure showed (the kernel boots with zeroed
 RAM only: it reads memory it never wrote). `hits`: with --check-at (kgen/harness/checkat.py), one record per hit in
 the order they came, each space checked there and what each check found in it (by the check's name in
-kgen/guest/invariants.py; only the checks that found something), `unchecked` why nothing was (paging off), `unread`
-the spaces the kernel's list named but that could not be followed at that hit; kgen's own kernel adds its as_switch stage's hits; empty otherwise.
+kgen/guest/invariants.py; only the checks that found something), `unchecked` why nothing was (paging off),
+`unread` the spaces the kernel's list named but that could not be followed at that hit, `seconds` what judging it
+took; kgen's own kernel adds its as_switch stage's hits; empty otherwise.
 """
 from __future__ import annotations
 

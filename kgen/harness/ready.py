@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from kgen.arch.hw import CR0_PG, EFLAGS_IF
+from kgen.arch.hw import CR0_PG, EFLAGS_IF, PTE_A, PTE_D
 from kgen.build.config import show_text
 from kgen.errors import KgenError, MachineError
 from kgen.guest import faultloop
@@ -508,15 +508,26 @@ def jumps_to_itself(machine, regs) -> bool:
         return False
 
 
-def tables_fingerprint(machine, regs) -> tuple:
-    """CR3 and a digest of every page table it reaches (top level first), for `--ready-after`, and for --check-at
-    to know a space it checked at an earlier hit unchanged (kgen/harness/checkat.py)."""
+# Every byte value with the Accessed (bit 5) and Dirty (bit 6) bits of a paging entry's low byte cleared.
+_WITHOUT_ACCESSED_DIRTY = bytes(b & ~(PTE_A | PTE_D) for b in range(256))
+
+
+def tables_fingerprint(machine, regs, *, ignore_accessed: bool = False) -> tuple:
+    """CR3 and a digest of every page table it reaches (top level first), for `--ready-after`; with
+    `ignore_accessed`, blind to the Accessed and Dirty bits the CPU sets as it runs, for --check-at to know a space it
+    checked at an earlier hit unchanged for its checks (kgen/harness/checkat.py)."""
     view = GuestView(regs, machine.read_phys, None)
     digest = hashlib.sha256()
     try:
         walker = view.need_walker()
+        size = walker.mode.entry_size
         for frame in [walker.top] + [frame for _, frame in walker.page_tables()]:
-            digest.update(machine.read_phys(frame, 4096))
+            table = machine.read_phys(frame, 4096)
+            if ignore_accessed:
+                low = bytearray(table)
+                low[::size] = table[::size].translate(_WITHOUT_ACCESSED_DIRTY)
+                table = bytes(low)
+            digest.update(table)
     except WalkError as err:
         digest.update(str(err).encode())    # unwalkable: the same broken tables twice still count as unchanged
     return regs.cr3, digest.hexdigest()
