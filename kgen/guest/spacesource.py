@@ -4,10 +4,12 @@ A check of "every space" asks a `SpaceSource` for the spaces of the machine as i
 person reads and the physical address of the top-level table, each), whatever the source is:
 - `ArraySource`: `--address-spaces SYMBOL[,COUNT]`, an array of physical top-table addresses in the kernel's data
   (kgen/guest/addrspaces.py `SpaceArray`), unused slots (0) left out;
+- `ExpressionSource` (kgen/guest/dwarfspaces.py): `--address-spaces EXPR`, an expression over the kernel's globals
+  evaluated with its DWARF (`ptable.proc[state != UNUSED].pgdir`), each space named by its element and process;
 - `KgenSpaces`: kgen's own kernel, its `as_spaces` records (templates/aspace.s, `invariants.live_spaces`), each
   named `space 0x...` by its top table as the kernel's messages name it.
-A source that reads the kernel's own structures through its DWARF types plugs in the same way: a class with
-`describe()`, `spaces(view)` and `problems(view)`, picked by `source_for`.
+Another way of finding them plugs in the same way: a class with `describe()`, `spaces(view)` and `problems(view)`,
+picked by `source_for`.
 
 The sources are read again at every moment they are asked (a process created since the last look is there, one
 that exited is gone), so `kgen test --check-at` (kgen/harness/checkat.py) can ask at each hit.
@@ -17,7 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from kgen.guest.addrspaces import SpaceArray
+from kgen.guest.addrspaces import SpaceArray, is_array_form, parse_spec
+from kgen.guest.dwarfspaces import ExpressionSource
 from kgen.guest.elfinfo import ElfInfo
 
 
@@ -79,10 +82,13 @@ class KgenSpaces:
 
 def source_for(elf: ElfInfo, spec: str | None, *, kgen_kernel: bool = False) -> SpaceSource | None:
     """The source of `elf`'s spaces: kgen's own kernel keeps them in `as_spaces`; another kernel's are named by
-    `spec` (--address-spaces), or unknown (None: only the space in CR3 is seen). A spec that does not fit the ELF
-    raises KgenError (one line)."""
+    `spec` (--address-spaces: SYMBOL[,COUNT], or an expression), or unknown (None: only the space in CR3 is seen). A
+    spec that does not fit the ELF (or its DWARF's types) raises KgenError (one line)."""
     if kgen_kernel:
         return KgenSpaces()
     if spec is None:
         return None
+    if not is_array_form(spec):
+        parse_spec(spec, elf)       # an expression that does not fit the DWARF's types: one line
+        return ExpressionSource(spec)
     return ArraySource(SpaceArray.parse(spec, elf), spec)

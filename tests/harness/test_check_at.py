@@ -1,7 +1,8 @@
 """`kgen test --kernel K --check-at SYMBOL`: the page-table checks at every hit of a symbol (kgen/harness/checkat.py),
 through the real command line, on the zoo kernels of tests/zoo_checkat.py (three spaces switched at `switch_to`, a
-flaw in space 2 between the 4th and the 7th switch only), i386 and x86_64 under TCG. Each run selects the check-at
-test alone (`-k every_hit`): the rest of the suite sees the kernel at rest, clean again.
+flaw in space 2 between the 4th and the 7th switch only) and the C kernels of tests/zoo_c.py (processes found
+through their DWARF), i386 and x86_64 under TCG. Each run selects the check-at test alone (`-k every_hit`): the rest
+of the suite sees the kernel at rest.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 
 import pytest
 
+import zoo_c
 import zoo_checkat
 from conftest import needs_qemu, one_line, run_kgen
 from zoo_checkat import FIRST_FLAWED_HIT, FIRST_FLAWED_HIT_IN_CR3, FLAWED_HITS, SPACES, SWITCHES, SYMBOL
@@ -72,6 +74,21 @@ def test_the_kernel_without_the_flaw_passes_every_hit(zoo, tmp_path, arch):
     assert [hit["outcome"] for hit in doc["hits"]] == ["passed"] * SWITCHES
     assert all(len(hit["spaces"]) == 3 for hit in doc["hits"])
     assert [check["outcome"] for check in doc["checks"]] == ["passed"]
+
+
+@pytest.mark.parametrize("kind, arch", [("array", "i386"), ("list", "x86_64")])
+def test_a_c_kernel_s_processes_are_checked_at_every_switch_named_by_their_dwarf(tmp_path, kind, arch):
+    """tests/zoo_c.py: three processes (an array of structs with virtual pgdir pointers, or a list of tasks with
+    physical cr3s), the third ("cat") given a user page on a kernel frame by the first switch into it."""
+    expression = zoo_c.ARRAY_EXPRESSION if kind == "array" else zoo_c.LIST_EXPRESSION
+    elf = zoo_c.c_kernel(tmp_path, kind, arch, flaw=True)
+    result, doc = check_at(elf, tmp_path, "--address-spaces", expression)
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr
+    first = next(hit for hit in doc["hits"] if hit["outcome"] == "failed")
+    assert first["hit"] == len(zoo_c.NAMES) + 1, "the hit after the first switch into the third process"
+    broken = [space["name"] for space in first["spaces"] if space["findings"]]
+    assert len(broken) == 1 and broken[0].endswith(f'"{zoo_c.NAMES[zoo_c.FLAWED]}"'), first["spaces"]
+    assert "<kmain+" in first["callers"][0], first["callers"]
 
 
 @pytest.mark.parametrize("args, said", [
