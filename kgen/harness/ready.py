@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import struct
 import time
 from collections import Counter
 from dataclasses import dataclass
 
-from kgen.arch.hw import CR0_PG, EFLAGS_IF, PTE_A, PTE_D
+from kgen.arch.hw import CR0_PG, CR4_PSE, EFLAGS_IF, PTE_A, PTE_D, PTE_P, PTE_PS
 from kgen.build.config import show_text
 from kgen.errors import KgenError, MachineError
 from kgen.guest import faultloop
@@ -513,22 +514,40 @@ _WITHOUT_ACCESSED_DIRTY = bytes(b & ~(PTE_A | PTE_D) for b in range(256))
 
 
 def tables_fingerprint(machine, regs, *, ignore_accessed: bool = False) -> tuple:
-    """CR3 and a digest of every page table it reaches (top level first), for `--ready-after`; with
-    `ignore_accessed`, blind to the Accessed and Dirty bits the CPU sets as it runs, for --check-at to know a space it
-    checked at an earlier hit unchanged for its checks (kgen/harness/checkat.py)."""
-    view = GuestView(regs, machine.read_phys, None)
+    """CR3 and a digest of every page table it reaches (top level first, then each table below in entry order), for
+    `--ready-after`; with `ignore_accessed`, blind to the Accessed and Dirty bits the CPU sets as it runs, for
+    --check-at to know a space it checked at an earlier hit unchanged for its checks (kgen/harness/checkat.py).
+
+    The tables are found from their raw entries (present, and not a large page), not by a walk that decodes every
+    page: that is the checks' work, ~1.5 s for one of xv6's spaces; this is a read of each table."""
+    mode = GuestView(regs, machine.read_phys, None).mode
+    large_at_top = mode.levels == 2 and bool(regs.cr4 & CR4_PSE)     # 32-bit paging: a PDE may map 4 MiB
+    word = "I" if mode.entry_size == 4 else "Q"
     digest = hashlib.sha256()
-    try:
-        walker = view.need_walker()
-        size = walker.mode.entry_size
-        for frame in [walker.top] + [frame for _, frame in walker.page_tables()]:
-            table = machine.read_phys(frame, 4096)
-            if ignore_accessed:
-                low = bytearray(table)
-                low[::size] = table[::size].translate(_WITHOUT_ACCESSED_DIRTY)
-                table = bytes(low)
+    seen: set[int] = set()      # a recursive slot leads back to a table already read
+
+    def visit(level: int, frame: int) -> None:
+        seen.add(frame)
+        count = 1 << mode.index_bits[level]         # PAE's top table: 4 entries
+        table = machine.read_phys(frame, count * mode.entry_size)
+        if ignore_accessed:
+            low = bytearray(table)
+            low[::mode.entry_size] = table[::mode.entry_size].translate(_WITHOUT_ACCESSED_DIRTY)
+            digest.update(low)
+        else:
             digest.update(table)
-    except WalkError as err:
-        digest.update(str(err).encode())    # unwalkable: the same broken tables twice still count as unchanged
+        if level == mode.levels - 1:
+            return
+        for entry in struct.unpack(f"<{count}{word}", table):
+            if not entry & PTE_P or entry & PTE_PS and (level > 0 or large_at_top):
+                continue
+            lower = entry & mode.frame_mask
+            if lower not in seen:
+                visit(level + 1, lower)
+
+    try:
+        visit(0, regs.cr3 & mode.cr3_mask)
+    except (MachineError, OSError, ValueError) as err:
+        digest.update(str(err).encode())    # unreadable: the same broken tables twice still count as unchanged
     return regs.cr3, digest.hexdigest()
 
