@@ -116,3 +116,37 @@ def test_check_at_is_for_a_kernel_given_with_kernel(tmp_path):
     result = run_kgen("test", "--out", tmp_path / "out", "--check-at", "as_switch")
     assert result.returncode == 2, result.stdout + result.stderr
     assert "checked at every as_switch" in one_line(result)
+
+
+def test_a_space_s_fingerprint_reads_its_tables_and_nothing_else():
+    """ready.tables_fingerprint, what --check-at keys a space's verdict by: every table its entries lead to, once (a
+    recursive slot is not read twice, a 4 MiB page is no table); with ignore_accessed blind to Accessed and Dirty
+    only."""
+    from types import SimpleNamespace
+
+    from kgen.arch import hw
+    from kgen.harness.ready import tables_fingerprint
+    ram = bytearray(0x4000)
+
+    def entry(table: int, index: int, value: int) -> None:
+        ram[table + 4 * index:table + 4 * index + 4] = value.to_bytes(4, "little")
+
+    entry(0x1000, 0, 0x2000 | hw.PTE_P | hw.PTE_RW)                         # PD[0] -> the PT at 0x2000
+    entry(0x1000, 1, 0x400000 | hw.PTE_P | hw.PTE_PS)                       # PD[1]: a 4 MiB page
+    entry(0x1000, 1023, 0x1000 | hw.PTE_P | hw.PTE_RW)                      # PD[1023]: the recursive slot
+    entry(0x2000, 5, 0x3000 | hw.PTE_P)                                     # PT[5]: a page
+    reads = []
+
+    class Machine:
+        def read_phys(self, addr, size):
+            reads.append(addr)
+            return bytes(ram[addr:addr + size])
+
+    regs = SimpleNamespace(cr0=hw.CR0_PG, cr3=0x1000, cr4=hw.CR4_PSE, efer=0)
+    before = tables_fingerprint(Machine(), regs, ignore_accessed=True)
+    assert reads == [0x1000, 0x2000]
+    entry(0x2000, 5, 0x3000 | hw.PTE_P | hw.PTE_A | hw.PTE_D)             # the CPU used the page
+    assert tables_fingerprint(Machine(), regs, ignore_accessed=True) == before
+    assert tables_fingerprint(Machine(), regs) != before
+    entry(0x2000, 5, 0x3000 | hw.PTE_P | hw.PTE_RW)                         # the kernel made it writable
+    assert tables_fingerprint(Machine(), regs, ignore_accessed=True) != before
