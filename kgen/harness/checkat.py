@@ -18,7 +18,7 @@ this alone); `hits_in_background` serves the hits on a thread while the caller d
 channel (kgen's own kernel and a scenario of calls: the stage in kgen/harness/suite/test_check_at.py). The call
 channel uses COM2 and the RAM file only, the hits QMP and the gdbstub: the two never share a socket.
 
-What a hit costs: README, "What a hit costs".
+What a hit costs: docs/your-kernel.md, "What a hit costs".
 """
 from __future__ import annotations
 
