@@ -18,9 +18,10 @@ Other ways, and why they are not used:
 - QEMU's `-d int` log shows CR3 at each interrupt only: which of those is the kernel's is a guess again;
 - the space whose kernel half all others share: it needs the others (`--address-spaces`), and a freed process table
   shares it too.
-A symbol either is the table (an object of a page or more: the top is where it is loaded) or holds its address (a
-word: a kernel virtual address, at or above the kernel half, translated through the live space, whose kernel half
-every space shares; below it, a physical address, as a CR3 value). What it names must be a top-level table of this
+A symbol either is the table (an object of a page or more: the top is where it is loaded; an assembly label, of no
+size, at a page boundary may be it too) or holds its address (a word: a kernel virtual address, at or above the
+kernel half, translated through the live space, whose kernel half every space shares; below it, a physical address,
+as a CR3 value). What it names must be a top-level table of this
 kernel (dwarfspaces.implausible: it maps the kernel where the live space does), else it is not used and `find`
 says why.
 """
@@ -67,7 +68,27 @@ def find(view: GuestView) -> tuple[OwnSpace | None, str | None]:
                       f"({', '.join(OWN_SPACE_SYMBOLS[:4])}...)")
     sym = view.elf.symbols[name]
     live = view.need_walker()
-    is_table = sym.size >= PAGE_SIZE
+    # An assembly label has no size (0): page-aligned, it may be the table itself (mios's `kernel_page_directory:
+    # .space 4096`) as well as a word holding its address; the table is tried first, then the word.
+    if sym.size >= PAGE_SIZE:
+        readings = (True,)
+    elif sym.size == 0 and sym.value % PAGE_SIZE == 0:
+        readings = (True, False)
+    else:
+        readings = (False,)
+    problems = []
+    for is_table in readings:
+        top, problem = _top_named(view, live, name, sym, is_table)
+        if problem is None:
+            return OwnSpace(top, name, is_table), None
+        problems.append(problem if len(readings) == 1 else
+                        f"{'as the table itself' if is_table else 'as a word holding its address'}: {problem}")
+    return None, "; ".join(problems)
+
+
+def _top_named(view: GuestView, live, name: str, sym, is_table: bool) -> tuple[int | None, str | None]:
+    """The top-level table `sym` names read one way (the table itself, or a word holding its address), and None;
+    or None and why it names no top-level table of this kernel that way."""
     try:
         if is_table:
             at = live.translate(sym.value)
@@ -98,7 +119,7 @@ def find(view: GuestView) -> tuple[OwnSpace | None, str | None]:
     why = implausible(view, top)
     if why is not None:
         return None, f"{name} names {top:#x}, no top-level table of this kernel: {why}"
-    return OwnSpace(top, name, is_table), None
+    return top, None
 
 
 def _loaded_at(view: GuestView, vaddr: int) -> int | None:

@@ -115,3 +115,28 @@ def test_with_address_spaces_the_kernels_own_space_is_one_more(kernels, tmp_path
     checks = {c["name"]: c for c in json.loads(report.read_text())["checks"]}
     assert {name for name, c in checks.items() if c["outcome"] == "failed"} == {f"{USER_PAGES}[the kernel's own space]"}
     assert checks[f"{USER_PAGES}[proc_cr3[0]]"]["outcome"] == "passed"
+
+
+def test_an_assembly_label_of_no_size_at_a_page_boundary_is_read_as_the_table_itself(tmp_path, monkeypatch):
+    """A kernel written in assembly keeps its table under a label (`pd: .skip 4096`, mios's `kernel_page_directory:
+    .space 4096`): the symbol has no size, so it could be a word holding the table's address as well. Read as a
+    word, its first entry is taken for that address (0 here, the identity entry cleared; mios's PD[0] read as
+    0x10000000, "outside the guest's RAM") and the kernel's own space goes unjudged: the table is tried first."""
+    import minikernels
+    from kgen.guest import ownspace
+    from kgen.harness.kernel import KernelUnderTest
+    from kgen.harness.live import boot
+    elf = minikernels.build(tmp_path, "mini", minikernels.HIGHER_HALF, minikernels.HIGHER_HALF_LDS, WRITABLE_TEXT=0)
+    kernel = KernelUnderTest.foreign(elf, ready=minikernels.HIGHER_HALF_READY.strip(), memory_mib=16)
+    assert kernel.elf.symbols["pd"].size == 0 and kernel.elf.symbols["pd"].value % 4096 == 0
+    monkeypatch.setattr(ownspace, "OWN_SPACE_SYMBOLS", ("pd",))
+    with boot(kernel, cold=True) as live:
+        view = live.view()
+        assert view.walker.read_virtual(kernel.elf.symbols["pd"].value, 4) == bytes(4), "PD[0] cleared"
+        own, why = ownspace.find(view)
+        assert why is None and own.top == view.regs.cr3 & ~0xFFF and own.is_table
+        # A label whose page is no table of this kernel: both readings said, neither used.
+        monkeypatch.setattr(ownspace, "OWN_SPACE_SYMBOLS", ("stack",))
+        own, why = ownspace.find(view)
+        assert own is None and why.startswith("as the table itself: stack names ") and \
+            "; as a word holding its address: " in why
