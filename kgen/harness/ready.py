@@ -462,11 +462,14 @@ def _wait_breakpoint(machine, at: ReadyAt, timeout: float, elf: ElfInfo | None =
 
 
 # A jump to itself: `jmp .` as a short jump (EB, displacement -2) or a near one (E9, displacement -5 from the end of
-# its 5 bytes). With interrupts off nothing can take the CPU away from it (an NMI handler returns there). Only the
-# kernel's own (ring 0, as `for(;;);` ends a panic) counts as it stopping: a process spinning in ring 3 with
-# interrupts off is a kernel that lost control, reported as the hang it is.
+# its 5 bytes), or a jump back over NOPs only (gcc -O0 compiles `for(;;);` to `nop; jmp .-1`). With interrupts off
+# nothing can take the CPU away from it (an NMI handler returns there). Only the kernel's own (ring 0, as `for(;;);`
+# ends a panic) counts as it stopping: a process spinning in ring 3 with interrupts off is a kernel that lost control,
+# reported as the hang it is.
 SHORT_SELF_JUMP = b"\xeb\xfe"
 NEAR_SELF_JUMP = b"\xe9\xfb\xff\xff\xff"
+NOP = 0x90
+MAX_LOOP_NOPS = 8       # NOPs a spin loop may hold besides its jump
 
 
 class SelfJumpWatch:
@@ -496,15 +499,25 @@ class SelfJumpWatch:
 
 
 def jumps_to_itself(machine, regs) -> bool:
-    """Whether the instruction at EIP (RIP) is a jump to itself, read as the CPU fetches it: through the page
-    tables in CR3 with paging on, at that physical address with paging off (a flat code segment, as Multiboot
-    leaves it). Code that cannot be read is not taken for one."""
+    """Whether the CPU at EIP (RIP) spins on a jump to itself, or on one back over NOPs only with EIP among them,
+    read as the CPU fetches it: through the page tables in CR3 with paging on, at that physical address with paging
+    off (a flat code segment, as Multiboot leaves it). Code that cannot be read is not taken for one."""
     try:
         read = (GuestView(regs, machine.read_phys, None).need_walker().read_virtual if regs.cr0 & CR0_PG
                 else machine.read_phys)
-        head = read(regs.eip, len(SHORT_SELF_JUMP))
-        return head == SHORT_SELF_JUMP or (head[:1] == NEAR_SELF_JUMP[:1]
-                                           and read(regs.eip, len(NEAR_SELF_JUMP)) == NEAR_SELF_JUMP)
+        ahead = read(regs.eip, min(MAX_LOOP_NOPS + len(NEAR_SELF_JUMP), 4096 - regs.eip % 4096))
+        nops = len(ahead) - len(ahead.lstrip(bytes([NOP])))
+        jump = ahead[nops:]
+        if jump[:1] == SHORT_SELF_JUMP[:1] and len(jump) >= 2:
+            size, displacement = 2, int.from_bytes(jump[1:2], "little", signed=True)
+        elif jump[:1] == NEAR_SELF_JUMP[:1] and len(jump) >= 5:
+            size, displacement = 5, int.from_bytes(jump[1:5], "little", signed=True)
+        else:
+            return False
+        behind = -(nops + size + displacement)      # NOPs from the jump's target up to EIP
+        if not 0 <= behind <= MAX_LOOP_NOPS - nops:
+            return False
+        return behind == 0 or read(regs.eip - behind, behind) == bytes([NOP]) * behind
     except (WalkError, MachineError, OSError, ValueError):
         return False
 

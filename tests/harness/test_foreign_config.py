@@ -210,10 +210,23 @@ def cpu(eip: int, *, halted: bool = False, interrupts: bool = False, ring: int =
     (b"\xe9\xfe\xff\xff\xff", False),          # jumps 3 bytes in, into its own displacement
     (b"\xeb\xfd", False),
     (b"\xf3\x90\xeb\xfc", False),               # pause; jmp back: a spin-wait that interrupts may end
+    (b"\x90\xeb\xfd", True),                   # nop; jmp .-1: gcc -O0's for(;;);
+    (b"\x90\x90\xe9\xf9\xff\xff\xff", True),   # nops; a near jump back to the first
+    (b"\x90\xeb\xfe", False),                  # a nop, then jmp .: passed once, the spin is on the jump
+    (b"\x90\xeb\xfb", False),                  # a jump back past the nop, to what is no nop
+    (b"\x90\x01\xeb\xfc", False),              # an instruction in the loop: not a spin on nothing
 ])
 def test_only_a_jump_to_itself_counts(code, spins):
     from kgen.harness.ready import jumps_to_itself
     assert jumps_to_itself(FakeMachine({0x100000: code}), cpu(0x100000)) is spins
+
+
+def test_a_jump_back_over_nops_counts_wherever_eip_is_in_the_loop():
+    """Under KVM a sample may find EIP on the jump of `nop; jmp .-1` as well as on the nop."""
+    from kgen.harness.ready import jumps_to_itself
+    machine = FakeMachine({0x100000: b"\x00\x90\x90\xeb\xfc"})
+    assert [jumps_to_itself(machine, cpu(eip)) for eip in range(0x100000, 0x100005)] == \
+        [False, True, True, True, False]
 
 
 def test_code_is_read_only_when_eip_stays_put_with_interrupts_off():
