@@ -436,13 +436,20 @@ def pytest_runtest_makereport(item, call):
         report.kgen_spaces = judged_space_names(item)
 
 
+# Set once the run's own summary lines are written: pytest's short summary (-rs, -rA), after them, asks each skip's
+# word again, and a kgen-only skip is then "SKIPPED" like any other (its line would start with nothing else).
+_SUMMARISING = pytest.StashKey[bool]()
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_report_teststatus(report, config):
     if report.skipped and getattr(report, "kgen_only", False) and config.getoption("verbose") < 2:
-        return "skipped", "", ""        # counted, but not a letter or a line each: one line at the end says why
+        # Counted, but not a letter or a line each while the tests run: one line at the end says why.
+        return "skipped", "", "SKIPPED" if config.stash.get(_SUMMARISING, False) else ""
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    config.stash[_SUMMARISING] = True
     reports = [r for outcome in ("passed", "failed", "skipped") for r in terminalreporter.stats.get(outcome, ())
                if getattr(r, "when", None) in ("call", "setup")]
     kgen_only = [r for r in reports if getattr(r, "kgen_only", False)]

@@ -326,3 +326,13 @@ def test_assert_holds_fails_on_failures_only_and_prints_information_as_notes(cap
     with pytest.raises(pytest.fail.Exception) as failed:
         assert_holds(check_low, view)
     assert str(failed.value) == f"Nothing stray below the kernel base.\n  {stray}"
+
+
+def test_the_short_summary_words_the_checks_for_kgen_kernels_as_any_skip(tmp_path):
+    """`-- -rs` (or -rA) lists every skip in pytest's short summary, the checks for kernels kgen built too: each line
+    starts with SKIPPED, as pytest words it (the one-line-each rule of the run hid that word there too)."""
+    elf = zoo_reports.large_page_kernel(tmp_path)
+    result = run_kgen("test", "--kernel", str(elf), "-j", "1", "-k", "test_invariants", "--", "-rs")
+    summary = result.stdout.split("short test summary info", 1)[1].splitlines()[1:]
+    skips = [line for line in summary if "[" in line and ("was not built by kgen" in line or "no recursive" in line)]
+    assert skips and all(line.startswith("SKIPPED [") for line in skips), result.stdout
