@@ -193,10 +193,13 @@ def flags_text(attrs: int, mode_has_nx: bool) -> str:
 
 
 def virtual_ranges(view: GuestView, walker: Walker, regions: list[Region], problems: list[str]) -> list[dict]:
-    """Mapped ranges merged while the attributes and the region stay the same; a large page one range, named by
-    the regions it holds; the recursive windows as one range each (their pages are the page tables)."""
+    """Mapped ranges merged while the attributes and the region stay the same, never across the start of the kernel
+    half (a process's pages below it and the kernel's above are two rows even with the same rights); a large page
+    one range, named by the regions it holds; the recursive windows as one range each (their pages are the page
+    tables)."""
     has_nx = bool(walker.mode.nx_levels) and walker.nxe
-    cuts = sorted({r.start for r in regions} | {r.end for r in regions})
+    half = view.kernel_half
+    cuts = sorted({r.start for r in regions} | {r.end for r in regions} | ({half} if half is not None else set()))
     pieces = []
     for m in walker.mappings():
         page_size = walker.translate(m.vstart).size
@@ -213,7 +216,7 @@ def virtual_ranges(view: GuestView, walker: Walker, regions: list[Region], probl
         whole = region is not None and region.source == "mapping"
         bits = RIGHTS_BITS if whole else MERGE_BITS
         if last and last[1] == lo and last[3] & bits == attrs & bits and (whole or last[4] == size) \
-                and last[5] == region:
+                and last[5] == region and lo != half:
             last[6] &= last[2] + (last[1] - last[0]) == phys
             last[1] = hi
             last[4] = min(last[4], size)        # a row of mixed page sizes counts in its smallest
