@@ -226,3 +226,33 @@ def test_under_uefi_a_timeout_says_there_is_no_text_screen():
     assert "CR3" not in text, text       # paging never on: no CR3 to speak of
     assert "under UEFI there is no VGA text screen for --ready-vga" in text, text
     assert "--ready-vga" not in text.split("(under UEFI")[0]
+
+
+def test_a_boot_that_fails_once_and_then_boots_either_way_is_called_flaky_not_poison(monkeypatch):
+    """szhou42/osdev's ATA probe races the disk: one poisoned boot failed, the zeroed one succeeded, and kgen said
+    the kernel reads memory it never wrote. The poisoned boot is tried again before the poison is blamed."""
+    import contextlib
+    from kgen.guest.diagnose import Failure
+    from kgen.harness import live
+    from types import SimpleNamespace
+
+    kernel = SimpleNamespace(layout=None)       # anyone's kernel: all boot_with_zeroed_ram asks of it
+    failure = Failure("hang", "hang: the kernel halted", "")
+    boots = []
+
+    def fake_boot(outcomes):
+        @contextlib.contextmanager
+        def boot(kernel, accel="tcg", *, poison=live.POISON, timeout=None, cold=None):
+            boots.append("zeroed" if poison is None else "poisoned")
+            if not outcomes.pop(0):
+                raise live.MachineError("the boot failed again")
+            yield None
+        return boot
+
+    monkeypatch.setattr(live, "boot", fake_boot([True, True]))       # zeroed boots, poisoned boots too: timing
+    assert live.boot_with_zeroed_ram(kernel, "tcg", failure).findings == (live.BOOT_IS_FLAKY,)
+    assert boots == ["zeroed", "poisoned"]
+    boots.clear()
+    monkeypatch.setattr(live, "boot", fake_boot([True, False]))      # zeroed boots, poisoned fails again: poison
+    assert live.boot_with_zeroed_ram(kernel, "tcg", failure).findings == (FINDING,)
+    assert boots == ["zeroed", "poisoned"]
