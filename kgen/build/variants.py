@@ -44,5 +44,8 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("tempmap_unmap_skip_invlpg", "give temp-map slots back without INVLPG", "temp_map"),
     Variant("aspace_detach_skip_flush", "empty the foreign slot (as_detach) without flushing the TLB",
             "address_spaces"),
+    Variant("aspace_map_in_past_user_half", "let vmm_map_in map the first page past the user half", "user_half_edge"),
+    Variant("vmm_alloc_keep_on_oom", "keep what an eager vmm_alloc took when it runs out of memory", "exhausted"),
+    Variant("heap_double_free_unchecked", "let kfree take back a block freed before", "heap_pages_are_nx"),
 )
 VARIANT_NAMES: tuple[str, ...] = tuple(v.name for v in VARIANTS)
