@@ -6,7 +6,7 @@ twice, a range merged wrongly, a block too small. Each test here boots the kerne
 made and given back across several leaf-table spans, temp-map and allocate-at round trips, a double free, lazy ranges
 backed on first touch, pages unmapped or freed while in the TLB, range releases that merge, heap blocks, the heap's NX
 pages and its double free, the PMM against the memory map, memory exhausted and recovered, the user half's edge in
-vmm_map_in), and after each part of it checks
+vmm_map_in, ring-3 tasks and their faults), and after each part of it checks
 
 - every invariant of kgen.guest.invariants on the stopped machine (poisoned RAM: a table never cleared shows);
 - what the stage did, by the walker and by the CPU: the page maps the frame asked for, with the flags asked for,
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import pytest
 
+from kgen import protocol
 from kgen.arch import hw
 from kgen.guest import invariants
 from kgen.guest.bootreport import MemoryRegion
@@ -938,3 +939,53 @@ def _boot_mmap(k) -> list[MemoryRegion]:
 
 def _spans(spans) -> str:
     return ", ".join(f"[{lo:#x}, {hi:#x})" for lo, hi in spans) or "none"
+
+
+# Ring-3 programs (templates/user/programs.s) the ring-3 stage runs, with the status task_run returns (None: killed by
+# a fault, one report line) and whether it needs system calls (kvm_pvm delivers none from ring 3: docs/toolchain.md).
+USER_PROGRAMS = (("user_hello", 0x33333333, True), ("user_bad_write", 1, True), ("user_touch_kernel", None, False),
+                 ("user_write_text", None, False), ("user_cli", None, False), ("user_exec_data", None, False))
+USER_FAULT = "kgen: user fault: task="
+
+
+def test_ring_3_tasks_run_and_their_faults_are_contained(kernel):
+    """Programs run in ring 3, each in a space of its own: one makes system calls and demand-pages its data (under
+    TCG), one passes a kernel buffer to a system call (refused), others read the kernel, write their text, run a
+    privileged instruction or (x86_64) fetch from NX data: each fault stops its task with one report line, its space
+    destroyed with every frame, and the kernel goes on to the next."""
+    k = kernel
+    if "task_run" not in k.elf.symbols:
+        pytest.skip("this kernel has no ring-3 tasks")
+    k.begin("ring-3 tasks run one after another")
+    layout, killed = k.layout, k.layout.task_killed_status
+    syscalls = k.live.machine.accel != "kvm"
+    programs = []
+    for name, status, calls in USER_PROGRAMS:
+        if name == "user_exec_data" and not k.arch.has_nx:
+            status, calls = 7, True         # no NX (i386): it runs its data and exits by a system call
+        if syscalls or not calls:
+            programs.append((name, status))
+    seen, wrong = len(_com1(k).split(USER_FAULT)), []
+    for name, status in programs:
+        space = k.call("as_create")
+        entry = k.call("user_load", space, k.elf.symbols[name].value, k.elf.symbols[name + "_end"].value)
+        task = k.call("task_create", space, entry, layout.user_lazy_window.end)
+        assert space and entry == layout.user_text_base and task, f"{name}: as_create, user_load or task_create failed"
+        got = k.call("task_run", task)
+        k.call("task_release", task)
+        reports = _com1(k).split(USER_FAULT)[seen:]
+        seen += len(reports)
+        want = killed if status is None else status
+        if got != want or len(reports) != (status is None) or reports and int(reports[0].split()[0], 16) != task:
+            wrong.append(f"{name} (task {task:#x}): task_run returned {got:#x}, expected {want:#x}; fault reports: "
+                         f"{[USER_FAULT + r.splitlines()[0] for r in reports]}")
+        k.check(f"{name} finished")
+    if wrong:
+        pytest.fail(f"after {k.stage}:\n" + "\n".join(f"  {w}" for w in wrong), pytrace=False)
+    k.check_released("every task finished, its space destroyed")
+
+
+def _com1(k) -> str:
+    """COM1 up to now: the kernel prints a line the harness waits for, so nothing printed before is in transit."""
+    k.call("serial_puts", k.elf.symbols["str_serving"].value)
+    return k.live.machine.wait_for(protocol.SERVING + "\n", 10.0)
