@@ -309,7 +309,8 @@ def frames_across_ram(windows, lowest: int, limit: int | None) -> list[int]:
     frames, before = set(), 0
     for lo, hi in stretches:
         n = (hi - lo) // hw.PAGE_SIZE
-        frames |= {lo, hi - hw.PAGE_SIZE} | {lo + (i - before) * hw.PAGE_SIZE for i in wanted if before <= i < before + n}
+        frames |= {lo, hi - hw.PAGE_SIZE}
+        frames |= {lo + (i - before) * hw.PAGE_SIZE for i in wanted if before <= i < before + n}
         before += n
     return sorted(frames)
 
