@@ -414,7 +414,13 @@ as_target_ok:
     mov xax, [xsp + ARG2]
     mov xdx, USER_HALF_END
     cmp xax, xdx
+.if ASPACE_MAP_IN_PAST_USER_HALF
+    # Build variant: the first page past the user half is taken for a user page (on i386 the kernel base itself,
+    # a page of the kernel half every space shares; on x86_64 a non-canonical address).
+    ja .Ltarget_kernel_half
+.else
     jae .Ltarget_kernel_half
+.endif
     mov eax, 0x1
     ret
 .Ltarget_not_attached:

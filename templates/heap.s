@@ -459,7 +459,11 @@ kfree:
     call heap_block_index
     DROP 0x2
     btr [xbx + 0x20], eax
+.if HEAP_DOUBLE_FREE_UNCHECKED
+    # Build variant: a block freed twice goes on the free list twice, and two kmallocs then share it.
+.else
     jnc .Lkfree_twice
+.endif
     mov xax, [xbx + 0x8]
     mov [xsi], xax
     mov [xbx + 0x8], xsi

@@ -44,9 +44,14 @@ pmm_init:
     add xax, PAGE_SIZE - 1
     jc .Lpmm_next_entry
     and xax, -PAGE_SIZE
+.if PMM_BELOW_1MIB
+    # Build variant: the range starts where the map's entry does, so the frames below 1 MiB (the real-mode IVT and
+    # BIOS data, frame 0 among them) are handed out as free RAM.
+.else
     cmp xax, PMM_LOWEST
     jae .Lpmm_start_ok
     mov xax, PMM_LOWEST
+.endif
 .Lpmm_start_ok:
 .if CLIPS_RAM_AT_4G
     mov ecx, [esi]                                  # end = align_down(base + length), clipped below 4 GiB

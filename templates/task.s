@@ -140,7 +140,13 @@ user_load:
     rep movsb
     call temp_unmap                                 # the slot, still on the stack
     DROP 0x1
+.if USER_TEXT_WRITABLE
+    # Build variant: the text is mapped writable, so a program can rewrite its own code (and a stray user write
+    # corrupts it) instead of faulting.
+    PUSHW PTE_P | PTE_US | PTE_RW
+.else
     PUSHW PTE_P | PTE_US                            # read-only, executable
+.endif
     PUSHW xbx
     PUSHW xbp
     PUSHW xword ptr [xsp + ARG1]

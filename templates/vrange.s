@@ -254,9 +254,14 @@ vmm_alloc:
     pop xbx
     ret
 .Lalloc_unwind:                                     # out of memory part way: give back what was taken
+.if VMM_ALLOC_KEEP_ON_OOM
+    # Build variant: the refusal keeps what was taken: the record and the pages backed so far stay, out of reach of
+    # a caller who got 0.
+.else
     PUSHW xword ptr [xbx]
     call vmm_free
     DROP 0x1
+.endif
     xor eax, eax
     jmp .Lalloc_done
 .Lalloc_no_slot:

@@ -44,5 +44,11 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("tempmap_unmap_skip_invlpg", "give temp-map slots back without INVLPG", "temp_map"),
     Variant("aspace_detach_skip_flush", "empty the foreign slot (as_detach) without flushing the TLB",
             "address_spaces"),
+    Variant("aspace_map_in_past_user_half", "let vmm_map_in map the first page past the user half", "user_half_edge"),
+    Variant("vmm_alloc_keep_on_oom", "keep what an eager vmm_alloc took when it runs out of memory", "exhausted"),
+    Variant("heap_double_free_unchecked", "let kfree take back a block freed before", "heap_pages_are_nx"),
+    Variant("pmm_below_1mib", "count the memory map's RAM below 1 MiB as free frames", "pmm_totals",
+            pmm_kind="stack"),
+    Variant("user_text_writable", "map a user program's text writable", "ring_3"),
 )
 VARIANT_NAMES: tuple[str, ...] = tuple(v.name for v in VARIANTS)

@@ -794,7 +794,7 @@ def check_space(view: GuestView, top: int, *, idle: bool = True) -> list[str]:
             t = w.translate(m.vstart)
             problems.append(found(f"kernel page {view.page(m.vstart)} is user-accessible ({m.attrs}) via {t.path}",
                                   vrange=(m.vstart, m.vstart + m.size), frames=(m.pstart,), chain=t.chain))
-        elif m.vstart < layout.user_half_end <= m.vstart + m.size:
+        elif m.vstart < layout.user_half_end < m.vstart + m.size:      # one ending there is the last user page
             problems.append(found(f"a mapping at {m.vstart:#x} reaches over the user half's end",
                                   vrange=(m.vstart, m.vstart + m.size)))
     if top != running and fresh:

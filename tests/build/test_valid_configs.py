@@ -47,6 +47,13 @@ VM_MEMORY_MIB = 512
 # at boot but the free-range count).
 VMM_SIZE_CAP = 1 << 32
 
+# Where QEMU's pc machine moves guest RAM (MiB): all of it below the PCI hole up to 3.5 GiB; from 3.5 GiB on, 3 GiB
+# stay low and the rest starts at 4 GiB (the RAM windows of `info mtree`). A size on each side of each edge.
+RAM_SPLIT_MIB = (3072, 3584, 4096)
+RAM_EDGES_MIB = tuple(m + d for m in RAM_SPLIT_MIB for d in (-1, 0, 1))
+# The x86_64 kernel with RAM split below and above 4 GiB, booted (test_kgen_test_passes_with_ram_above_4gib).
+SPLIT_RAM_MIB = 3584
+
 EXAMPLES = int(os.environ.get("KGEN_CONFIG_EXAMPLES", "3"))
 SEED = os.environ.get("KGEN_CONFIG_SEED")
 
@@ -181,8 +188,9 @@ def valid_values(draw, arch: str, memory_cap: int | None = None) -> dict:
         least_mib = max(16, -(-(v["kernel_load_address"] + v["kernel_max_size"]) // MIB))
     cap = min(memory_cap or a.max_memory_mib, a.max_memory_mib)
     assume(least_mib <= cap)
+    edges = [m for m in RAM_EDGES_MIB if least_mib <= m <= cap]
     v["machine_memory_mib"] = draw(st.one_of(st.just(least_mib), st.just(max(least_mib, min(128, cap))),
-                                             st.integers(least_mib, cap)))
+                                             st.integers(least_mib, cap), *[st.sampled_from(edges)] * bool(edges)))
     return v
 
 
@@ -337,6 +345,7 @@ def test_the_generator_reaches_the_edges_it_is_meant_to():
     """The VM sample is only as good as the generator: it draws windows that share the image's page table and vmm
     windows that end at the top of a gap (checked on a fixed sample)."""
     seen = {"tempmap in image table": False, "vmm against another window": False, "low i386 base": False}
+    seen |= {f"x86_64 RAM around {m} MiB": False for m in RAM_SPLIT_MIB}
 
     @settings(max_examples=200, deadline=None, derandomize=True, database=None,
               suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
@@ -352,6 +361,8 @@ def test_the_generator_reaches_the_edges_it_is_meant_to():
             seen["vmm against another window"] = True
         if config.arch == "i386" and config.kernel_virtual_base == I386_MIN_USER_HALF:
             seen["low i386 base"] = True
+        if config.arch == "x86_64" and config.machine_memory_mib in RAM_EDGES_MIB:
+            seen[f"x86_64 RAM around {min(RAM_SPLIT_MIB, key=lambda m: abs(m - config.machine_memory_mib))} MiB"] = True
 
     sample()
     assert all(seen.values()), seen
@@ -431,6 +442,21 @@ def test_kgen_test_passes_on_the_edge_config(arch, tmp_path):
         assert touching >= 2 and windows[-1][1] == 1 << 64, "the x86_64 edge config's image should end at 2**64"
     assert layout.memory_bytes <= layout.ram_needed + MIB, "the edge config should have RAM at its minimum"
     run_kgen_test(config, tmp_path)
+
+
+@pytest.mark.vm
+@needs_qemu
+def test_kgen_test_passes_with_ram_above_4gib(tmp_path):
+    """x86_64 with RAM split around the PCI hole (3 GiB low, the rest from 4 GiB): the check that spreads frames over
+    all of RAM reaches the RAM above 4 GiB and none in the hole (it wrote into the hole, "not file-backed guest
+    RAM"). Only that check: every boot of this guest writes its 3.5 GiB of poison."""
+    config = Config.for_arch("x86_64", machine_memory_mib=SPLIT_RAM_MIB)
+    path = tmp_path / "kgen.toml"
+    path.write_text(toml_of(config))
+    result = run_kgen("test", "--config", path, "--out", tmp_path / "out", "-j", "1",
+                      "-k", "fresh_temp_map and tcg", "--", "-rA", timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    assert "PASSED kgen/harness/suite/test_oracles.py::test_cpu_reads_through_a_fresh_temp_map[tcg]" in result.stdout
 
 
 @pytest.mark.vm

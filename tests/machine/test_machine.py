@@ -18,6 +18,7 @@ from kgen import protocol
 from kgen.arch import hw
 from kgen.errors import MachineError, ToolMissing
 from kgen.machine import MIB, Machine, RamWindow, fill_file, kvm_usable_for, parse_ram_windows
+from kgen.machine.kvm import PROBE_WALL_FACTOR
 from kgen.machine.registers import parse_info_registers
 
 needs_qemu = pytest.mark.skipif(shutil.which("qemu-system-i386") is None,
@@ -481,12 +482,13 @@ def test_a_bad_qemu_option_is_a_launch_error_with_stderr(kernels):
 def test_kvm_probe_answers_within_a_bounded_time(kernels):
     started = time.monotonic()
     usable, reason = kvm_usable_for(kernels["spin"], READY, timeout=10)
-    assert time.monotonic() - started < 30
+    assert time.monotonic() - started < 10 * PROBE_WALL_FACTOR + 15
     assert reason
     if os.path.exists("/sys/module/kvm_pvm"):  # software hypervisor: 32-bit paging triple-faults
         assert not usable
-        # The triple fault usually comes within the probe's time; on a loaded host the boot may not get that far.
-        assert "guest-reset" in reason or "within 10 s" in reason
+        # The triple fault (or KVM no longer running the CPU) usually comes within the probe's time; on a loaded
+        # host the boot may not get that far, and the probe says that answer is not kept.
+        assert "guest-reset" in reason or "KVM stopped running the CPU" in reason or "not kept" in reason
 
 
 HARNESS = """

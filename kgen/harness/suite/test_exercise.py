@@ -4,8 +4,9 @@ The invariant tests look at the kernel once it has booted; most bugs of a memory
 a table made later and never cleared, an entry written one slot off, a translation left in the TLB, a frame pushed
 twice, a range merged wrongly, a block too small. Each test here boots the kernel and runs one stage (page tables
 made and given back across several leaf-table spans, temp-map and allocate-at round trips, a double free, lazy ranges
-backed on first touch, pages unmapped or freed while in the TLB, range releases that merge, heap blocks), and after
-each part of it checks
+backed on first touch, pages unmapped or freed while in the TLB, range releases that merge, heap blocks, the heap's NX
+pages and its double free, the PMM against the memory map, memory exhausted and recovered, the user half's edge in
+vmm_map_in, ring-3 tasks and their faults), and after each part of it checks
 
 - every invariant of kgen.guest.invariants on the stopped machine (poisoned RAM: a table never cleared shows);
 - what the stage did, by the walker and by the CPU: the page maps the frame asked for, with the flags asked for,
@@ -30,10 +31,13 @@ from __future__ import annotations
 
 import pytest
 
+from kgen import protocol
 from kgen.arch import hw
 from kgen.guest import invariants
+from kgen.guest.bootreport import MemoryRegion
+from kgen.guest.diagnose import RunFailed
 from kgen.guest.findings import Finding, failures
-from kgen.guest.pmmview import ChainError, PmmView
+from kgen.guest.pmmview import ChainError, PmmView, overlap_frames, ranges_from_mmap
 
 PAGE = hw.PAGE_SIZE
 FLAGS = hw.PTE_P | hw.PTE_RW
@@ -737,3 +741,251 @@ def _check_stamp(k, ptr: int, size: int, word: int) -> None:
             assert got == (ptr ^ at) & 0xFFFFFFFF ^ 0xB10C0000, \
                 f"block {ptr:#x} of {size} bytes: {at:#x} holds {got:#010x}: another block was written over it"
 
+
+
+# ---- more of the kernel: the heap's refusals, the PMM against the memory map, exhaustion, the user-half edge ----
+# Largest amount of free memory the exhaustion stage takes (frames): above it (a guest of more than 1 GiB) clearing
+# every frame under TCG would cost more than the rest of the suite, and the stage is skipped, saying so.
+EXHAUST_MAX_FRAMES = 1 << 18
+# Frames the exhaustion stage takes one pmm_alloc call at a time at most, after its eager ranges took the rest.
+EXHAUST_SINGLE_CALLS = 4096
+
+
+def test_heap_pages_are_nx_and_a_double_free_stops_the_kernel(kernel):
+    """Slab and whole-page blocks map NX where the architecture has it (a heap page the CPU may run is a way in);
+    freeing a block twice stops the kernel with its report instead of handing the block out twice."""
+    k = kernel
+    k.begin("heap blocks, NX, freed twice")
+    small, keep, large = k.call("kmalloc", 40), k.call("kmalloc", 40), k.call("kmalloc", 3 * PAGE)
+    assert small and keep and large, "kmalloc failed in a freshly booted kernel"
+    k.check("two small blocks and a large one")
+    walker = k.live.view().walker
+    for block in (small, large, large + 2 * PAGE):
+        t = walker.translate(block)
+        assert t is not None, f"heap block {block:#x} is not mapped"
+        if k.arch.has_nx and not t.entry & hw.PTE_NX:
+            pytest.fail(f"after {k.stage}: heap page {block & -PAGE:#x} is executable: its entry {t.entry:#x} via "
+                        f"{t.path} has no NX", pytrace=False)
+        if not t.entry & hw.PTE_RW or t.entry & hw.PTE_US:
+            pytest.fail(f"after {k.stage}: heap page {block & -PAGE:#x}: entry {t.entry:#x} via {t.path}, not "
+                        "writable-supervisor", pytrace=False)
+    k.call("kfree", large)
+    k.call("kfree", small)
+    k.check("the large block and one small block freed")
+    try:
+        k.call("kfree", small)
+    except RunFailed as stopped:
+        if stopped.failure.kind != "panic" or "freed twice" not in str(stopped):
+            pytest.fail(f"after {k.stage}: kfree({small:#x}) of a block freed before stopped the kernel, but not "
+                        f"with its report: {stopped}", pytrace=False)
+    else:
+        again = [k.call("kmalloc", 40) for _ in range(2)]
+        pytest.fail(f"after {k.stage}: kfree({small:#x}) of a block freed before returned; the next two kmalloc(40) "
+                    f"gave {again[0]:#x} and {again[1]:#x}", pytrace=False)
+
+
+def test_pmm_totals_match_the_memory_map(kernel):
+    """The PMM's ranges and frame counts are what the Multiboot memory map makes of RAM (kgen/guest/pmmview.py
+    ranges_from_mmap, written apart from the template), inside the RAM QEMU has; reserved frames are the overlap of
+    those ranges with the reserved intervals, the image and the Multiboot information among them."""
+    k = kernel
+    k.begin("the PMM at rest")
+    state = k.pmm.state()
+    ranges = ranges_from_mmap(_boot_mmap(k), k.arch)
+    problems = []
+    if list(state.ranges) != ranges:
+        problems.append(f"the PMM's ranges {_spans(state.ranges)}, the memory map gives {_spans(ranges)}")
+    total = sum(hi - lo for lo, hi in ranges) // PAGE
+    if state.total != total:
+        problems.append(f"pmm_total = {state.total} frames, the memory map's available RAM holds {total}")
+    if state.reserved_frames != overlap_frames(ranges, state.reserved):
+        problems.append(f"pmm_reserved_frames = {state.reserved_frames}, its intervals {_spans(state.reserved)} "
+                        f"overlap the ranges by {overlap_frames(ranges, state.reserved)} frames")
+    image = (k.layout.kernel_load_address, k.elf.symbols["__kernel_end"].value - k.layout.kernel_virtual_base)
+    if not any(lo <= image[0] and -(-image[1] // PAGE) * PAGE <= hi for lo, hi in state.reserved):
+        problems.append(f"no reserved interval covers the image {_spans([image])}: {_spans(state.reserved)}")
+    ram = k.live.machine.ram_windows
+    outside = [(lo, hi) for lo, hi in ranges if ram and not any(w.start <= lo and hi <= w.end for w in ram)]
+    if outside:
+        problems.append(f"ranges {_spans(outside)} of the memory map lie outside QEMU's RAM {ram}")
+    if problems:
+        pytest.fail(f"after {k.stage}:\n" + "\n".join(f"  {p}" for p in problems), pytrace=False)
+
+
+def test_memory_exhausted_refused_and_recovered(kernel):
+    """Nearly every free frame taken by eager ranges; an eager range one page larger than what is left is refused
+    with nothing kept; the rest taken one frame at a time until pmm_alloc returns 0, and kmalloc and vmm_alloc
+    refuse; every frame handed out is one of the memory map's, outside the reserved intervals, none twice; all
+    given back, the kernel goes on."""
+    k = kernel
+    k.begin("every free frame taken")
+    free = k.start_free
+    if free > EXHAUST_MAX_FRAMES:
+        pytest.skip(f"{free} free frames: clearing them all under TCG costs more than the suite (at most "
+                    f"{EXHAUST_MAX_FRAMES}; a smaller machine.memory_mib runs this stage)")
+    ranges, frames = [], []
+    for _ in range(k.layout.vmm_alloc_slots // 2):
+        left = _free_now(k)
+        largest = max((pages for _, pages in k.free_ranges()), default=0)
+        # Room for the page tables the range needs: one per leaf span it touches, and the levels above.
+        pages = min(largest, left - left * PAGE // k.layout.leaf_table_span - 2 * k.arch.levels)
+        if pages < EXHAUST_SINGLE_CALLS // 4:
+            break
+        start = k.call("vmm_alloc", pages, FLAGS, 0)
+        assert start, f"vmm_alloc({pages}, eager) with {left} frames free"
+        ranges.append((start, pages))
+    left = _free_now(k)
+    before = k.free_ranges()
+    assert k.call("vmm_alloc", left + 1, FLAGS, 0) == 0, f"vmm_alloc({left + 1}, eager) with {left} frames free"
+    kept = left - _free_now(k)
+    if kept or k.free_ranges() != before:
+        pytest.fail(f"after {k.stage}: vmm_alloc({left + 1}, eager) refused with {left} frames free, and kept "
+                    f"{kept} frames; free ranges {_ranges(k.free_ranges())}, before {_ranges(before)}",
+                    pytrace=False)
+    for _ in range(EXHAUST_SINGLE_CALLS):
+        frame = k.call("pmm_alloc")
+        if not frame:
+            break
+        frames.append(frame)
+        k.held.add(frame)
+    else:
+        pytest.skip(f"{EXHAUST_SINGLE_CALLS} frames taken one at a time and memory not exhausted yet")
+    assert _free_now(k) == 0, "pmm_alloc returned 0 with frames free"
+    assert k.call("kmalloc", 3 * PAGE) == 0, "kmalloc of whole pages succeeded with no free frame"
+    assert k.call("vmm_alloc", 1, FLAGS, 0) == 0, "vmm_alloc(1, eager) succeeded with no free frame"
+    # One full check here: with every frame mapped the walk is the suite's largest (≈1 s on a 128 MiB guest).
+    k.check(f"{len(ranges)} eager ranges and {len(frames)} frames taken, then kmalloc and vmm_alloc refused")
+    mappings = k.walk(k.live.view())[0]
+    handed = frames + [m.pstart + o for m in mappings for start, pages in ranges
+                       if start <= m.vstart < start + pages * PAGE for o in range(0, m.size, PAGE)]
+    state = k.pmm.state()
+    bad = [f for f in handed if not state.in_ram(f) or state.in_reserved(f)]
+    twice = len(handed) - len(set(handed))
+    if bad or twice:
+        pytest.fail(f"after {k.stage}: {len(bad)} frames handed out outside the memory map's ranges or inside a "
+                    f"reserved interval (first: {[hex(f) for f in bad[:4]]}); {twice} handed out twice", pytrace=False)
+    k.stage = "memory given back"
+    for start, pages in ranges:
+        assert k.call("vmm_free", start) == pages, f"vmm_free({start:#x}) did not free its {pages} pages"
+    for frame in frames:
+        k.free_frame(frame)
+    k.check_released("every range and frame given back")
+    block = k.call("kmalloc", 3 * PAGE)
+    assert block, "kmalloc failed after memory was given back: the kernel did not recover"
+    k.call("kfree", block)
+    # Counts only: the full check just walked the free frames, every frame of RAM among them now.
+    free = _free_now(k)
+    assert free == k.start_free, f"{free} frames free after a block of the recovered heap came and went, " \
+                                 f"{k.start_free} at the start"
+
+
+def test_vmm_map_in_stops_at_the_user_half_edge(kernel):
+    """vmm_map_in maps the first and the last page of the user half of an attached space, and refuses the first page
+    past it (on x86_64 the non-canonical hole; on i386 the kernel base) and the first page of the kernel half:
+    one page too far there and a space's map writes into the kernel half every space shares."""
+    k = kernel
+    if "as_create" not in k.elf.symbols:
+        pytest.skip("this kernel has no address spaces")
+    layout = k.layout
+    k.begin("a space mapped at the edges of its user half")
+    space = k.call("as_create")
+    assert space and k.call("as_attach", space) == 1, "as_create/as_attach failed"
+    edges = [0, layout.user_half_end - PAGE]
+    frames = {v: k.alloc_frame() for v in edges}
+    for vaddr, frame in frames.items():
+        assert k.call("vmm_map_in", space, vaddr, frame, USER_FLAGS) == 1, f"vmm_map_in({vaddr:#x}) refused"
+        k.held.discard(frame)
+    for vaddr in (layout.user_half_end, layout.kernel_half_start):
+        spare = k.alloc_frame()
+        if k.call("vmm_map_in", space, vaddr, spare, USER_FLAGS) != 0:
+            pytest.fail(f"after {k.stage}: vmm_map_in({vaddr:#x}) accepted a page past the user half "
+                        f"(it ends at {layout.user_half_end:#x})", pytrace=False)
+        k.free_frame(spare)
+    walker = invariants.space_walker(k.live.view(), space)
+    for vaddr, frame in frames.items():
+        t = walker.translate(vaddr + OFFSET)
+        if t is None or t.paddr != frame + OFFSET or not t.attrs & hw.PTE_US:
+            pytest.fail(f"after {k.stage}: in space {space:#x}, {vaddr:#x} should map frame {frame:#x} for ring 3, "
+                        f"the walker finds {t}", pytrace=False)
+    problems = invariants.check_address_spaces(k.live.view(), idle=False)
+    if problems:
+        pytest.fail(f"after {k.stage}:\n" + "\n".join(f"  {p}" for p in failures(problems)), pytrace=False)
+    k.call("as_detach")
+    assert k.call("as_destroy", space) == 1, f"as_destroy({space:#x}) refused"
+    k.check_released("the space destroyed, its frames with it")
+
+
+USER_FLAGS = hw.PTE_P | hw.PTE_RW | hw.PTE_US
+
+
+def _free_now(k) -> int:
+    k.live.stop()
+    return k.pmm.free_count()
+
+
+def _boot_mmap(k) -> list[MemoryRegion]:
+    """The Multiboot memory map as the boot code copied it (templates/bootinfo.s), entries of base, length, type."""
+    k.live.stop()
+    count = k.pmm.u32("boot_mmap_count")
+    size = k.layout.boot_mmap_entry_size
+    if count > k.layout.boot_mmap_max_entries:
+        pytest.fail(f"boot_mmap_count = {count}: more than the {k.layout.boot_mmap_max_entries} entries boot_mmap "
+                    "holds", pytrace=False)
+    at = k.elf.symbols["boot_mmap"].value - k.layout.kernel_virtual_base
+    data = k.live.machine.read_phys(at, count * size)
+    return [MemoryRegion(int.from_bytes(data[i:i + 8], "little"), int.from_bytes(data[i + 8:i + 16], "little"),
+                         int.from_bytes(data[i + 16:i + 20], "little")) for i in range(0, count * size, size)]
+
+
+def _spans(spans) -> str:
+    return ", ".join(f"[{lo:#x}, {hi:#x})" for lo, hi in spans) or "none"
+
+
+# Ring-3 programs (templates/user/programs.s) the ring-3 stage runs, with the status task_run returns (None: killed by
+# a fault, one report line) and whether it needs system calls (kvm_pvm delivers none from ring 3: docs/toolchain.md).
+USER_PROGRAMS = (("user_hello", 0x33333333, True), ("user_bad_write", 1, True), ("user_touch_kernel", None, False),
+                 ("user_write_text", None, False), ("user_cli", None, False), ("user_exec_data", None, False))
+USER_FAULT = "kgen: user fault: task="
+
+
+def test_ring_3_tasks_run_and_their_faults_are_contained(kernel):
+    """Programs run in ring 3, each in a space of its own: one makes system calls and demand-pages its data (under
+    TCG), one passes a kernel buffer to a system call (refused), others read the kernel, write their text, run a
+    privileged instruction or (x86_64) fetch from NX data: each fault stops its task with one report line, its space
+    destroyed with every frame, and the kernel goes on to the next."""
+    k = kernel
+    if "task_run" not in k.elf.symbols:
+        pytest.skip("this kernel has no ring-3 tasks")
+    k.begin("ring-3 tasks run one after another")
+    layout, killed = k.layout, k.layout.task_killed_status
+    syscalls = k.live.machine.accel != "kvm"
+    programs = []
+    for name, status, calls in USER_PROGRAMS:
+        if name == "user_exec_data" and not k.arch.has_nx:
+            status, calls = 7, True         # no NX (i386): it runs its data and exits by a system call
+        if syscalls or not calls:
+            programs.append((name, status))
+    seen, wrong = len(_com1(k).split(USER_FAULT)), []
+    for name, status in programs:
+        space = k.call("as_create")
+        entry = k.call("user_load", space, k.elf.symbols[name].value, k.elf.symbols[name + "_end"].value)
+        task = k.call("task_create", space, entry, layout.user_lazy_window.end)
+        assert space and entry == layout.user_text_base and task, f"{name}: as_create, user_load or task_create failed"
+        got = k.call("task_run", task)
+        k.call("task_release", task)
+        reports = _com1(k).split(USER_FAULT)[seen:]
+        seen += len(reports)
+        want = killed if status is None else status
+        if got != want or len(reports) != (status is None) or reports and int(reports[0].split()[0], 16) != task:
+            wrong.append(f"{name} (task {task:#x}): task_run returned {got:#x}, expected {want:#x}; fault reports: "
+                         f"{[USER_FAULT + r.splitlines()[0] for r in reports]}")
+        k.check(f"{name} finished")
+    if wrong:
+        pytest.fail(f"after {k.stage}:\n" + "\n".join(f"  {w}" for w in wrong), pytrace=False)
+    k.check_released("every task finished, its space destroyed")
+
+
+def _com1(k) -> str:
+    """COM1 up to now: the kernel prints a line the harness waits for, so nothing printed before is in transit."""
+    k.call("serial_puts", k.elf.symbols["str_serving"].value)
+    return k.live.machine.wait_for(protocol.SERVING + "\n", 10.0)

@@ -15,6 +15,7 @@ import re
 import pytest
 
 from kgen.arch import hw
+from kgen.build.layout import FOUR_GIB
 from kgen.guest.invariants import NotApplicable, mapped_pages
 from kgen.guest.pagewalk import WalkError
 from kgen.harness.pytest_plugin import kgen_boot, skip_kgen_only
@@ -273,9 +274,8 @@ def test_cpu_reads_through_a_fresh_temp_map(cpu):
     if "temp_map" not in cpu.kernel.elf.symbols:
         pytest.skip("this kernel has no temp-map routines (the x86_64 kernel gets them with its memory units)")
     layout = cpu.kernel.layout
-    first = layout.kernel_load_address + layout.kernel_max_size
-    frames = [first + i * (layout.memory_bytes - first) // TEMP_MAP_FRAMES for i in range(TEMP_MAP_FRAMES)]
-    frames = [f & ~(hw.PAGE_SIZE - 1) for f in frames]
+    frames = frames_across_ram(cpu.machine.ram_windows, layout.kernel_load_address + layout.kernel_max_size,
+                               FOUR_GIB if layout.arch.clips_ram_at_4g else None)
     saved = {f: cpu.machine.read_phys(f + OFFSET, 4) for f in frames}
     for i, frame in enumerate(frames):
         cpu.write_phys(frame + OFFSET, (0x7E57_0000 + i).to_bytes(4, "little"))
@@ -290,6 +290,29 @@ def test_cpu_reads_through_a_fresh_temp_map(cpu):
     finally:
         for frame, data in saved.items():
             cpu.write_phys(frame + OFFSET, data)
+
+
+def frames_across_ram(windows, lowest: int, limit: int | None) -> list[int]:
+    """TEMP_MAP_FRAMES frames spread evenly over the guest's RAM at or above `lowest` (and below `limit`, for a
+    kernel that reaches no higher), plus the first and last frame of each stretch: where QEMU put the RAM
+    (`Machine.ram_windows`), not [0, memory size), which with more than 3.5 GiB has the PCI hole in it and RAM
+    above 4 GiB."""
+    stretches = []
+    for w in windows:
+        lo = max(w.start, lowest) + hw.PAGE_SIZE - 1 & ~(hw.PAGE_SIZE - 1)
+        hi = min(w.end, limit or w.end) & ~(hw.PAGE_SIZE - 1)
+        if lo < hi:
+            stretches.append((lo, hi))
+    pages = sum(hi - lo for lo, hi in stretches) // hw.PAGE_SIZE
+    assert pages, f"no RAM at or above {lowest:#x} in the guest's RAM windows {windows}"
+    wanted = {i * (pages - 1) // max(TEMP_MAP_FRAMES - 1, 1) for i in range(TEMP_MAP_FRAMES)}
+    frames, before = set(), 0
+    for lo, hi in stretches:
+        n = (hi - lo) // hw.PAGE_SIZE
+        frames |= {lo, hi - hw.PAGE_SIZE}
+        frames |= {lo + (i - before) * hw.PAGE_SIZE for i in wanted if before <= i < before + n}
+        before += n
+    return sorted(frames)
 
 
 def _phys32(live, paddr: int) -> int:
