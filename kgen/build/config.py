@@ -349,8 +349,13 @@ def from_mapping(data: dict, where: str = "config", base_dir: Path | None = None
         for table, key, v in items:
             dotted = show_key(table, key)
             if key not in _SCHEMA.get(table, ()):
-                known = ", ".join(_FIELD_TO_KEY.values())
-                raise ConfigError(f"{where}: unknown key {dotted}; known keys: {known}")
+                # The keys of the table it was written in (the [variant] list alone is long): one readable line.
+                if table:
+                    known = f"known keys of [{table}]: {', '.join(_SCHEMA[table])}"
+                else:
+                    known = "known top-level keys: " + ", ".join(_SCHEMA[""]) + "; tables: " + ", ".join(
+                        f"[{t}]" for t in _SCHEMA if t) + ", [foreign]"
+                raise ConfigError(f"{where}: unknown key {dotted}; {known}")
             field = _field_name(table, key)
             _check_type(where, dotted, v, _FIELD_TYPES[field])
             values[field] = v
