@@ -31,6 +31,7 @@ from kgen.arch.hw import CR0_PG, EFLAGS_IF
 from kgen.errors import KgenError, MachineError
 from kgen.guest import invariants
 from kgen.guest.elfinfo import ElfInfo
+from kgen.guest.findings import failures
 from kgen.guest.invariants import GuestView, NotApplicable
 from kgen.guest.pagewalk import WalkError
 from kgen.guest.spacesource import Space, SpaceSource
@@ -94,7 +95,8 @@ class SpaceVerdict:
 
     @property
     def failed(self) -> bool:
-        return any(self.problems.values())
+        """Information (a guard page, a frame mapped twice) is shown, never a failure (kgen/guest/findings.py)."""
+        return any(failures(problems) for problems in self.problems.values())
 
     @property
     def label(self) -> str:
@@ -130,8 +132,11 @@ class Hit:
                 "callers": self.callers, "outcome": "failed" if self.failed else "unchecked" if self.unchecked
                 else "passed", "unchecked": self.unchecked, "unread": self.unread,
                 "spaces": [{"name": v.space.name, "top": v.space.top, "live": v.live,
-                            "findings": {check: [str(p) for p in problems]
-                                         for check, problems in v.problems.items() if problems}}
+                            "findings": {check: [str(p) for p in failures(problems)]
+                                         for check, problems in v.problems.items() if failures(problems)},
+                            "info": {check: [str(p) for p in problems if getattr(p, "info", False)]
+                                     for check, problems in v.problems.items()
+                                     if len(failures(problems)) < len(problems)}}
                            for v in self.spaces]}
 
     def report(self) -> str:
@@ -145,9 +150,9 @@ class Hit:
                 continue
             lines.append(f"  in {verdict.label}:")
             for check, problems in verdict.problems.items():
-                if problems:
+                if failures(problems):
                     lines.append(f"    {_title(check)}")
-                    lines += [f"      {p}" for p in problems]
+                    lines += [f"      {p}" for p in failures(problems)]
         return "\n".join(lines)
 
 

@@ -150,3 +150,18 @@ def test_a_space_s_fingerprint_reads_its_tables_and_nothing_else():
     assert tables_fingerprint(Machine(), regs) != before
     entry(0x2000, 5, 0x3000 | hw.PTE_P | hw.PTE_RW)                         # the kernel made it writable
     assert tables_fingerprint(Machine(), regs, ignore_accessed=True) != before
+
+
+def test_information_at_a_hit_is_shown_never_a_failure():
+    """xv6's stack guard page (supervisor-only, below the user stack) is information: --check-at called hit 18 of
+    xv6 a failure on it alone."""
+    from kgen.guest.findings import Finding
+    from kgen.guest.spacesource import Space
+    from kgen.harness.checkat import SpaceVerdict
+    guard = Finding("0x1000-0x2000 is a guard page: supervisor-only below the user page 0x2000", info=True)
+    quiet = SpaceVerdict(Space("proc[0]", 0x1000), live=True,
+                         problems={"check_nothing_below_kernel_base": [guard]})
+    assert not quiet.failed
+    loud = SpaceVerdict(Space("proc[0]", 0x1000), live=True,
+                        problems={"check_nothing_below_kernel_base": [guard, "kernel page 0xc0000000 is writable"]})
+    assert loud.failed
