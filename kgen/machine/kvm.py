@@ -147,7 +147,9 @@ def probe_kvm_boot(kernel_path: str | os.PathLike, marker: bytes | str, timeout:
                 except MachineStepError as err:
                     state = machine.status()
                     if state in _DEAD_END_RUNSTATES:        # the guest stopped for good: a fact
-                        return KvmProbe(False, f"KVM boot did not reach {marker!r}: {err}", lasting=True)
+                        # Said whether wait_for saw the end itself (guest-reset...) or its time slice ran out first.
+                        return KvmProbe(False, f"KVM boot did not reach {marker!r}: the guest stopped for good "
+                                        f"(runstate {state}): {err}", lasting=True)
                     if state != "running":                  # QEMU gone: maybe the host's doing
                         return KvmProbe(False, f"KVM boot did not reach {marker!r}: {err} (not kept)", lasting=False)
                     if left <= 0.0:
