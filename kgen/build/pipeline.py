@@ -32,8 +32,8 @@ from kgen.build.resources import boot_dir, templates_dir
 KERNEL_UNITS = ("multiboot", "bootinfo", "{arch}/boot", "{arch}/gdt", "{arch}/idt", "interrupts", "pic", "serial",
                 "debugexit", "string", "report", "calls", "peek", "task", "user/programs")
 # The memory managers, the same templates for both word sizes; `{pmm}` is the frame allocator pmm.kind chose
-# (Layout.pmm_unit: templates/pmm.s, the free-page stack, or templates/pmm_bitmap.s).
-MEMORY_UNITS = ("paging", "tempmap", "{pmm}", "vmm", "vrange", "heap", "aspace", "bench")
+# (Layout.pmm_unit: templates/pmm.s, the free-page stack, or templates/pmm_bitmap.s); pmm_common what both share.
+MEMORY_UNITS = ("paging", "tempmap", "{pmm}", "pmm_common", "vmm", "vrange", "heap", "aspace", "bench")
 
 
 def kernel_units(arch: Arch, pmm_unit: str = "pmm") -> tuple[str, ...]:
