@@ -85,6 +85,20 @@ PYTEST_EXIT = {0: EXIT_OK, 1: EXIT_CHECKS_FAILED, 2: EXIT_INTERRUPTED, 3: EXIT_I
                6: EXIT_CHECKS_FAILED}
 
 
+class StopReason:
+    """Why pytest's run ended early. pytest-xdist stops `-x` / `--maxfail` runs by raising its own `Interrupted` (a
+    KeyboardInterrupt), so pytest reports them as interrupted (2): that is a failed check, only a real Ctrl-C is 130."""
+    def __init__(self) -> None:
+        self.failures_reached_maxfail = False
+
+    def pytest_keyboard_interrupt(self, excinfo) -> None:
+        try:
+            from xdist.dsession import Interrupted
+        except ImportError:         # -j 1 without pytest-xdist: a KeyboardInterrupt is a Ctrl-C
+            return
+        self.failures_reached_maxfail = isinstance(excinfo.value, Interrupted)
+
+
 def check_keyword(expression: str) -> None:
     """Refuse a -k expression pytest would refuse, before anything is built."""
     try:
@@ -123,12 +137,15 @@ def run_suite(args, extra: list[str]) -> int:
     if not any(arg == "--basetemp" or arg.startswith("--basetemp=") for arg in extra):
         scratch = scratch_dir("test")
         argv += ["--basetemp", str(scratch / "pytest")]
+    stop = StopReason()
     try:
-        status = int(pytest.main(argv))
+        status = int(pytest.main(argv, plugins=[stop]))
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
     code = PYTEST_EXIT.get(status, EXIT_INTERNAL)
+    if code == EXIT_INTERRUPTED and stop.failures_reached_maxfail:
+        code = EXIT_CHECKS_FAILED
     if code == EXIT_INTERRUPTED:
         raise KeyboardInterrupt         # one line and 130, as anywhere else in kgen
     if status == 5:

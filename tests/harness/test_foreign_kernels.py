@@ -190,6 +190,16 @@ def test_a_kept_boot_identity_map_is_still_found(kernels, tmp_path):
     assert "is identity-mapped" in result.stdout and "below the kernel base 0xc0000000" in result.stdout
 
 
+def test_stopping_at_the_first_failure_is_a_failed_check_not_an_interruption(kernels, tmp_path):
+    # -x with parallel machines: pytest-xdist stops the run by raising its own KeyboardInterrupt, which pytest reports
+    # as "interrupted"; kgen must still say "checks failed" (1), not 130, or a CI job reads a failing kernel as a
+    # cancelled one.
+    elf = hhbb(tmp_path, "kept", source=HHBB.replace(unmap_identity(), FLUSH_TLB))
+    result = run_kgen("test", "--kernel", str(elf), "-j", "2", "-x")
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr
+    assert "stopping after 1 failures" in result.stdout and "interrupted" not in result.stderr
+
+
 def test_a_reserved_bit_in_a_pde_is_one_finding_and_the_rest_is_judged(kernels):
     # PD[770], a 4 MiB PDE with bit 13 set: reserved on QEMU's qemu32 CPU (MAXPHYADDR 32, so no PSE-36 address
     # bits). One finding, naming the entry, its bits and its range; the kernel's own mappings are judged as they
