@@ -38,7 +38,11 @@ heap_init:
     jz .Lheap_init_failed
     mov [heap_slab_base], xax
     mov eax, PTE_P | PTE_RW                         # kernel data: writable...
+.if HEAP_PAGES_EXECUTABLE
+    # Build variant: no NX, so a heap block the kernel is tricked into jumping to runs as code.
+.else
     SET_NX xax                                      # ...and never executable
+.endif
     mov [heap_page_flags], xax
     ret
 .Lheap_init_failed:

@@ -134,7 +134,12 @@ pt_table_for:
     # has tables made in its kernel half; the attached one is edited in its user half alone.
     cmp dword ptr [esp + ARG2], KERNEL_HALF_START
     jb .Lfor_next
+.if KERNEL_PDE_GENERATION_KEPT
+    # Build variant: the new kernel-half PDE is not counted; a space made before keeps its copy of the kernel half
+    # without it, and as_switch to that space loses the kernel's new table.
+.else
     inc dword ptr [vmm_kernel_pde_generation]
+.endif
 .endif
 .Lfor_next:
     inc ebx
@@ -308,9 +313,18 @@ pt_translate:
     and xax, xdx
     shr xax, cl                                     # the frame, without PAT or the low bits of a large page
     shl xax, cl
+.if TRANSLATE_LARGE_PAGE_SMALL_OFFSET
+    # Build variant: the offset is taken as a 4 KiB page's, whatever the page's size; a large page translates right
+    # only in its first 4 KiB.
+    mov ecx, PAGE_SHIFT
+.endif
     mov xdx, -1
     shl xdx, cl
     not xdx
+.if TRANSLATE_OFFSET_LOW_BITS
+    # Build variant: 9 offset bits kept instead of 12 (an index width taken for the offset's), right below 0x200.
+    and xdx, 0x1FF
+.endif
     and xdx, [xsp + ARG2]                           # the offset within the page
     or xax, xdx
     pop xbx

@@ -763,6 +763,9 @@ def compute(config: Config) -> Layout:
         if getattr(c, variant.name) and variant.pmm_kind not in (None, c.pmm_kind):
             _fail(c, f"variant.{variant.name}", True, f"seeds its bug in the {variant.pmm_kind} allocator: set "
                   f"pmm.kind = {show_value(variant.pmm_kind)} too")
+        if getattr(c, variant.name) and variant.arch not in (None, c.arch):
+            _fail(c, f"variant.{variant.name}", True, f"seeds its bug in code only the {variant.arch} kernel has: "
+                  f"build it with --arch {variant.arch}")
     if not MIN_MEMORY_MIB <= c.machine_memory_mib <= arch.max_memory_mib:
         _fail(c, "machine.memory_mib", c.machine_memory_mib,
               f"must be in {MIN_MEMORY_MIB}..{arch.max_memory_mib} ({arch.memory_limit_reason})")

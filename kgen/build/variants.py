@@ -17,6 +17,7 @@ class Variant:
     bug: str          # what the kernel does wrong with it on (the config's comment)
     caught_by: str    # the stage of `kgen test` (a -k expression) that must see the bug on its own
     pmm_kind: str | None = None     # the frame allocator (pmm.kind) whose template holds the bug; None: any
+    arch: str | None = None         # the architecture whose kernel has the code it breaks; None: both
 
     @property
     def constant(self) -> str:
@@ -50,5 +51,12 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("pmm_below_1mib", "count the memory map's RAM below 1 MiB as free frames", "pmm_totals",
             pmm_kind="stack"),
     Variant("user_text_writable", "map a user program's text writable", "ring_3"),
+    Variant("translate_offset_low_bits", "keep only the low 9 bits of the page offset in vmm_translate (right "
+            "below 0x200)", "page_tables"),
+    Variant("translate_large_page_small_offset", "translate inside a large page with a 4 KiB page's offset (right "
+            "in its first 4 KiB)", "large_pages"),
+    Variant("heap_pages_executable", "map heap pages without NX", "heap_pages_are_nx", arch="x86_64"),
+    Variant("kernel_pde_generation_kept", "make a kernel-half page table without moving vmm_kernel_pde_generation "
+            "(other spaces keep their stale kernel half)", "kernel_table_made", arch="i386"),
 )
 VARIANT_NAMES: tuple[str, ...] = tuple(v.name for v in VARIANTS)

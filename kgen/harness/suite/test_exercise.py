@@ -9,8 +9,9 @@ pages and its double free, the PMM against the memory map, memory exhausted and 
 vmm_map_in, ring-3 tasks and their faults), and after each part of it checks
 
 - every invariant of kgen.guest.invariants on the stopped machine (poisoned RAM: a table never cleared shows);
-- what the stage did, by the walker and by the CPU: the page maps the frame asked for, with the flags asked for,
-  through table entries that are present, writable and supervisor-only; the CPU reads what lies in that frame;
+- what the stage did, by the walker, the kernel and the CPU: the page maps the frame asked for, with the flags
+  asked for, through table entries that are present, writable and supervisor-only; the kernel's vmm_translate finds
+  that frame at every offset class; the CPU reads what lies in that frame;
 - the frame accounting: free frames = the free frames at the start of the stage, less the frames now mapped and the
   tables now present that were not at the start (plus those gone since), less the frames the test holds; the free
   stack is a chain of exactly `pmm_count` frames (a bitmap kernel's bitmap has exactly `pmm_count` clear bits),
@@ -47,6 +48,9 @@ SPANS = 3
 PAGES_PER_SPAN = 3
 # A sub-page offset for markers, so a translation that drops or garbles the low bits shows.
 OFFSET = 0x124
+# Offsets the kernel's own vmm_translate is asked at on every page a stage maps: none and every offset bit set, so
+# a translation that mixes the entry's flags into the address, or keeps too few offset bits, shows.
+TRANSLATE_OFFSETS = (0x0, OFFSET, 0xFFF)
 # Frames the temp-map stage reaches through one slot after another, and the free-stack stage allocates.
 ROUND_TRIPS = 4
 STACK_FRAMES = 6
@@ -313,6 +317,11 @@ class Exercise:
         if bool(t.entry & hw.PTE_RW) != bool(flags & hw.PTE_RW) or t.entry & hw.PTE_US:
             pytest.fail(f"{where}: the page's entry {t.entry:#x} via {t.path}, asked for flags {flags:#x}",
                         pytrace=False)
+        for offset in TRANSLATE_OFFSETS:
+            got = self.call("vmm_translate", vaddr + offset)
+            if got != frame + offset:
+                pytest.fail(f"{where}: the kernel's vmm_translate({vaddr + offset:#x}) gives {got:#x}, the page "
+                            f"maps frame {frame:#x}", pytrace=False)
         marker = 0x5EED0000 | vaddr >> 12 & 0xFFFF
         self.write_phys32(frame + OFFSET, marker)
         got = self.call("kmem_read32", vaddr + OFFSET)

@@ -181,8 +181,9 @@ def plant_large_pages(live) -> list[tuple[int, int, int]]:
 
 
 def test_walker_qemu_and_cpu_agree_in_large_pages(kgen_machine):
-    """Large pages on kgen's kernel (planted by hand, plant_large_pages), at every offset class: the walker against
-    QEMU, and against the CPU (a read through the page) where the page's frame is guest RAM."""
+    """Large pages on kgen's kernel (planted by hand, plant_large_pages), at every offset class: the walker and the
+    kernel's own vmm_translate against QEMU, and against the CPU (a read through the page) where the page's frame is
+    guest RAM."""
     if kgen_machine.channel is None:
         pytest.skip("planting pages in tables the kernel made needs kgen's call channel")
     live = kgen_machine
@@ -200,6 +201,10 @@ def test_walker_qemu_and_cpu_agree_in_large_pages(kgen_machine):
                 wrong.append(f"{size:#x}-byte page {vaddr:#x} + {offset:#x}: walker "
                              f"{'unmapped' if ours is None else hex(ours)}, QEMU "
                              f"{'unmapped' if qemu is None else hex(qemu)}, planted at {paddr + offset:#x}")
+            kernels = live.call("vmm_translate", vaddr + offset)    # the kernel's own walk (templates/paging.s)
+            if kernels != paddr + offset:
+                wrong.append(f"{size:#x}-byte page {vaddr:#x} + {offset:#x}: the kernel's vmm_translate gives "
+                             f"{kernels:#x}, planted at {paddr + offset:#x}")
         if paddr + size > live.kernel.layout.memory_bytes:
             continue        # not guest RAM: the CPU would read nothing there
         for offset in sorted({o & ~3 for o in offsets}):
