@@ -164,8 +164,8 @@ pt_table_for:
     pop xbx
     ret
 
-# pt_tables_put(windows, vaddr): vaddr's page went away; give back every table on its path that is now empty,
-# bottom up.
+# pt_tables_put(windows, vaddr): vaddr's page went away (or was never mapped: pt_table_for ran out of memory); give
+# back every table on its path that is now empty, bottom up.
 #
 # A table is scanned whole (`repe scas` stops at the first entry still in use), and an empty one is pushed onto the
 # free stack while still mapped (pmm_free_at at its window page), which also clears the entry above. No count is
@@ -175,7 +175,20 @@ pt_tables_put:
     push xbx
     push xdi
     FRAME 0x2
-    mov ebx, LEAF_LEVEL
+    # Start at the deepest table that exists on vaddr's path: after pt_table_for ran out of memory part way down,
+    # the levels below it were never made, and their window pages are unmapped.
+    xor ebx, ebx
+.Lput_find:
+    cmp ebx, LEAF_LEVEL
+    jae .Lput_level
+    PT_ENTRY xbx
+    mov xax, [xax]
+    test eax, PTE_P
+    jz .Lput_level
+    test eax, PTE_PS
+    jnz .Lput_done                                  # a large page: no table below it to give back
+    inc ebx
+    jmp .Lput_find
 .Lput_level:
     test ebx, ebx
     jz .Lput_done                                   # the top table stays

@@ -862,6 +862,14 @@ def test_memory_exhausted_refused_and_recovered(kernel):
     assert _free_now(k) == 0, "pmm_alloc returned 0 with frames free"
     assert k.call("kmalloc", 3 * PAGE) == 0, "kmalloc of whole pages succeeded with no free frame"
     assert k.call("vmm_alloc", 1, FLAGS, 0) == 0, "vmm_alloc(1, eager) succeeded with no free frame"
+    # A page whose page table would need a frame: refused, nothing mapped (the frame stays the test's).
+    slot = k.empty_user_slot()
+    if slot is not None:
+        vaddr = k.arch.canonical(slot << k.arch.shift(0))
+        assert k.call("vmm_map", vaddr, frames[-1], FLAGS) == 0, \
+            f"vmm_map({vaddr:#x}) succeeded with no frame for its page table"
+    if "as_create" in k.elf.symbols:
+        assert k.call("as_create") == 0, "as_create succeeded with no frame for its top-level table"
     # One full check here: with every frame mapped the walk is the suite's largest (≈1 s on a 128 MiB guest).
     k.check(f"{len(ranges)} eager ranges and {len(frames)} frames taken, then kmalloc and vmm_alloc refused")
     mappings = k.walk(k.live.view())[0]
@@ -925,6 +933,95 @@ def test_vmm_map_in_stops_at_the_user_half_edge(kernel):
 
 
 USER_FLAGS = hw.PTE_P | hw.PTE_RW | hw.PTE_US
+
+
+def test_every_routine_refuses_what_it_must(kernel):
+    """The refusals every routine documents (templates/*.s, the line above each routine), each asked for once: a
+    frame that is unaligned, outside RAM or the kernel's own; a page already mapped, or none there; a range outside
+    the window, unaligned or released twice; an address that starts no allocation; a value that is no address space;
+    the boot space destroyed; a foreign page with nothing attached or in the kernel half; a temp-map slot when all
+    are taken; a heap request of nothing or beyond the heap. A missing check leaks a frame, maps twice or edits the
+    wrong space, so after each group the machine is checked, and at the end everything is as it was."""
+    k = kernel
+    layout = k.layout
+    none = layout.vmm_none
+    k.begin("asking every routine for what it must refuse")
+    refused: list[str] = []
+
+    def expect(routine: str, *args: int, want: int = 0, why: str) -> None:
+        got = k.call(routine, *args)
+        if got != want:
+            refused.append(f"{routine}({', '.join(hex(a) for a in args)}) = {got:#x}, expected {want:#x}: {why}")
+
+    frame = k.alloc_frame()
+    expect("pmm_free", frame + 8, why="an unaligned frame")
+    expect("pmm_free", layout.memory_bytes + 16 * PAGE, why="a frame beyond RAM")
+    expect("pmm_free", layout.kernel_load_address, why="the kernel image's first frame")
+    groups, reserved = k.leaf_spans()
+    vaddr = groups[0][0]
+    k.map(vaddr, frame)
+    other = k.alloc_frame()
+    expect("vmm_map", vaddr, other, FLAGS, why="a page already mapped")
+    expect("vmm_unmap", vaddr + PAGE, want=none, why="no page mapped there")
+    expect("vmm_protect", vaddr + PAGE, hw.PTE_P, why="no page mapped there (its table exists)")
+    no_table = next((v for v in (g[0] for g in groups[1:]) if not k.call("paging_table_present", v)), None)
+    if no_table is not None:
+        expect("vmm_protect", no_table, hw.PTE_P, why="no page table there")
+        expect("vmm_unmap", no_table, want=none, why="no page table there")
+    k.check_page(vaddr, frame)
+    k.check("pages refused: mapped twice, unmapped or protected where nothing is")
+    if reserved:
+        start, pages = reserved
+        expect("vrange_release", start + 8, 1, why="an unaligned start")
+        expect("vrange_release", layout.vmm_base - PAGE, 1, why="a page below the vmm window")
+        expect("vrange_release", layout.vmm_base + layout.vmm_size, 1, why="a page past the vmm window")
+    free_start, free_pages = k.free_ranges()[-1]
+    expect("vrange_release", free_start, 1, why="a range already free (released twice)")
+    expect("vmm_free", vaddr, why="an address that starts no allocation")
+    k.check("ranges refused")
+    if "as_create" in k.elf.symbols:
+        boot = k.call("as_current")
+        expect("as_attach", other, why="a frame that is no address space")
+        expect("as_switch", other, why="a frame that is no address space")
+        expect("as_destroy", other, why="a frame that is no address space")
+        expect("as_destroy", boot, why="the boot space (running)")
+        elsewhere = k.call("as_create")
+        assert elsewhere and k.call("as_switch", elsewhere) == 1, "as_create/as_switch failed"
+        expect("as_destroy", boot, why="the boot space (not running)")
+        expect("as_destroy", elsewhere, why="the running space")
+        assert k.call("as_switch", boot) == 1 and k.call("as_destroy", elsewhere) == 1, "as_switch/as_destroy failed"
+        expect("vmm_map_in", 0, 0, other, USER_FLAGS, why="nothing attached (space 0)")
+        space = k.call("as_create")
+        assert space and k.call("as_attach", space) == 1, "as_create/as_attach failed"
+        expect("vmm_map_in", other, 0, other, USER_FLAGS, why="a space that is not the attached one")
+        image = layout.kernel_virtual_start     # a kernel-half page every space maps (the kernel's first)
+        expect("vmm_unmap_in", space, image, want=none, why="the kernel half")
+        expect("vmm_translate_in", space, image, want=none, why="the kernel half")
+        expect("vmm_unmap_in", space, 0, want=none, why="no page mapped there")
+        expect("as_destroy", space, want=1, why="a live space, attached: destroyed and detached")
+        attached = k.word("as_attached")
+        if attached:
+            refused.append(f"as_destroy of the attached space {space:#x} left as_attached = {attached:#x}")
+        expect("as_attach", space, why="a space destroyed")
+        k.must_fault(layout.foreign_level_window(0), "read", "the attached space was destroyed: the foreign slot "
+                     "is empty")
+        expect("as_current", want=boot, why="destroying another space leaves the running one")
+        k.check("address spaces refused")
+    slots = [k.call("temp_map", frame) for _ in range(layout.tempmap_slots)]
+    expect("temp_map", frame, why=f"all {layout.tempmap_slots} temp-map slots taken")
+    for slot in reversed(slots):
+        if slot:
+            k.call("temp_unmap", slot)
+    expect("kmalloc", 0, why="a request of no bytes")
+    expect("kmalloc", layout.heap_slab_pages * PAGE + layout.vmm_size, why="a request beyond the heap")
+    k.unmap(vaddr)
+    k.free_frame(frame)
+    k.free_frame(other)
+    if reserved:
+        assert k.call("vrange_release", *reserved) == 1, f"vrange_release{reserved} refused its own reservation"
+    if refused:
+        pytest.fail(f"after {k.stage}:\n" + "\n".join(f"  {line}" for line in refused), pytrace=False)
+    k.check_released("every refusal asked, the stage's pages given back")
 
 
 def _free_now(k) -> int:
