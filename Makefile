@@ -11,7 +11,7 @@ STAMP := $(VENV)/.kgen-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?= -n auto
 
-.PHONY: run test build bench deps system-deps clean
+.PHONY: run test build bench mutants deps system-deps clean
 
 run: deps
 	$(KGEN) run
@@ -25,6 +25,11 @@ build: deps
 bench: deps
 	$(KGEN) bench
 	$(KGEN) bench --harness
+
+# The mutation run (docs/testing.md): bugs planted one at a time in the templates, the share `kgen test` catches.
+MUTANTS ?= 120
+mutants: deps
+	$(PY) tests/mutation/mutate.py --sample $(MUTANTS) --seed 1 --report mutants.json
 
 deps: system-deps $(STAMP)
 
@@ -57,4 +62,4 @@ $(STAMP): pyproject.toml
 	touch $@
 
 clean:
-	rm -rf out build dist .pytest_cache
+	rm -rf out build dist .pytest_cache mutants.json
