@@ -793,6 +793,57 @@ def test_heap_pages_are_nx_and_a_double_free_stops_the_kernel(kernel):
                     f"gave {again[0]:#x} and {again[1]:#x}", pytrace=False)
 
 
+def must_stop(k, why: str, report: str, routine: str, *args: int) -> None:
+    """Calling routine(*args) on the damage done (`why`) must stop the kernel with a panic whose report holds
+    `report`: a kernel that goes on hands out a frame or a block twice."""
+    try:
+        got = k.call(routine, *args)
+    except RunFailed as stopped:
+        if stopped.failure.kind != "panic" or report not in str(stopped):
+            pytest.fail(f"after {k.stage}: {routine}({', '.join(map(hex, args))}) on {why} stopped the kernel, but "
+                        f"not with its report ({report!r}): {stopped}", pytrace=False)
+    else:
+        pytest.fail(f"after {k.stage}: {routine}({', '.join(map(hex, args))}) on {why} returned {got:#x}: the "
+                    f"kernel went on", pytrace=False)
+
+
+@pytest.mark.parametrize("damage", ["free-stack link", "free-stack count", "heap free list", "a pointer into a block"])
+def test_damage_the_kernel_checks_for_stops_it(kernel, damage):
+    """What the allocators check on every call (templates/pmm.s pmm_check_link, templates/heap.s): a free frame's
+    link that is no frame address, a count that says the bottom is reached above it, a slab's free list leading to a
+    live block, kfree of a pointer inside a block.
+    Each stops the kernel with its report, on a machine booted for it alone."""
+    k = kernel
+    k.begin(f"{damage} damaged")
+    if damage.startswith("free-stack"):
+        if not k.stack:
+            pytest.skip("the bitmap allocator keeps no links")
+        below, top = k.alloc_frame(), k.alloc_frame()
+        k.free_frame(below)
+        k.free_frame(top)                                   # on top now, its first word the link to `below`
+        if damage == "free-stack link":                     # not a frame address, with frames left below it
+            k.live.write_phys(top, (below + 8).to_bytes(k.arch.word_size, "little"))
+            why = f"a link {below + 8:#x} in free frame {top:#x}"
+        else:                                               # the count says this is the bottom, the link disagrees
+            poke = k.elf.symbols["pmm_count"].value - k.layout.kernel_virtual_base
+            k.live.write_phys(poke, (1).to_bytes(4, "little"))
+            why = f"pmm_count 1 with free frame {top:#x} linking to {below:#x}"
+        must_stop(k, why, "free-frame stack corrupt", "pmm_alloc")
+    elif damage == "heap free list":
+        first, second = k.call("kmalloc", 40), k.call("kmalloc", 40)
+        assert first and second, "kmalloc failed in a freshly booted kernel"
+        k.call("kfree", first)                              # the head of its slab's free list
+        link = k.live.view().walker.translate(first).paddr
+        k.live.write_phys(link, second.to_bytes(k.arch.word_size, "little"))
+        assert k.call("kmalloc", 40) == first, "kmalloc did not hand out the block freed last"
+        must_stop(k, f"a free list leading to the live block {second:#x}", "free list is corrupt", "kmalloc", 40)
+    else:
+        block = k.call("kmalloc", 40)
+        assert block, "kmalloc failed in a freshly booted kernel"
+        must_stop(k, f"a pointer 8 bytes into block {block:#x}", "not a block the heap handed out", "kfree",
+                  block + 8)
+
+
 def test_pmm_totals_match_the_memory_map(kernel):
     """The PMM's ranges and frame counts are what the Multiboot memory map makes of RAM (kgen/guest/pmmview.py
     ranges_from_mmap, written apart from the template), inside the RAM QEMU has; reserved frames are the overlap of
