@@ -118,6 +118,8 @@ class Layout:
     user_lazy_base: int = 0x10000000   # a user range backed on first touch: data and the stack's top
     user_lazy_size: int = 0x100000
     task_max: int = 8
+    task_record_words: int = 8         # a task record's size in words; its first word the state
+    task_ready: int = 1                # the state of a task created and not run yet
     syscall_vector: int = 0x80
     user_null_calls: int = 0x100       # system calls user_null_calls makes (kgen.harness.bench_aspace)
     # What the boot stub keeps of the Multiboot information before the identity mapping goes away.
@@ -553,8 +555,8 @@ class Layout:
             "USER_LAZY_BASE": self.user_lazy_base,
             "USER_LAZY_END": self.user_lazy_base + self.user_lazy_size,
             "TASK_MAX": self.task_max,
-            "TASK_RECORD_WORDS": 0x8,
-            "TASK_READY": 0x1,
+            "TASK_RECORD_WORDS": self.task_record_words,
+            "TASK_READY": self.task_ready,
             "TASK_EXITED": 0x2,
             "TASK_KILLED": 0x3,
             "TASK_KILLED_STATUS": self.task_killed_status,

@@ -990,8 +990,9 @@ def test_every_routine_refuses_what_it_must(kernel):
     """The refusals every routine documents (templates/*.s, the line above each routine), each asked for once: a
     frame that is unaligned, outside RAM or the kernel's own; a page already mapped, or none there; a range outside
     the window, unaligned or released twice; an address that starts no allocation; a value that is no address space;
-    the boot space destroyed; a foreign page with nothing attached or in the kernel half; a temp-map slot when all
-    are taken; a heap request of nothing or beyond the heap. A missing check leaks a frame, maps twice or edits the
+    the boot space destroyed; a foreign page with nothing attached or in the kernel half; a task id out of range or
+    a task in no space; a temp-map slot when all are taken; a heap request of nothing or beyond the heap; and flag
+    bits beyond an entry's dropped. A missing check leaks a frame, maps twice or edits the
     wrong space, so after each group the machine is checked, and at the end everything is as it was."""
     k = kernel
     layout = k.layout
@@ -1013,6 +1014,11 @@ def test_every_routine_refuses_what_it_must(kernel):
     k.map(vaddr, frame)
     other = k.alloc_frame()
     expect("vmm_map", vaddr, other, FLAGS, why="a page already mapped")
+    # Flags beyond an entry's flag bits are the caller's mistake: dropped, never or-ed into the frame address.
+    stray = groups[0][1]
+    k.map(stray, other, FLAGS | 0x5000)
+    k.check_page(stray, other)
+    k.unmap(stray)
     expect("vmm_unmap", vaddr + PAGE, want=none, why="no page mapped there")
     expect("vmm_protect", vaddr + PAGE, hw.PTE_P, why="no page mapped there (its table exists)")
     no_table = next((v for v in (g[0] for g in groups[1:]) if not k.call("paging_table_present", v)), None)
@@ -1058,6 +1064,11 @@ def test_every_routine_refuses_what_it_must(kernel):
                      "is empty")
         expect("as_current", want=boot, why="destroying another space leaves the running one")
         k.check("address spaces refused")
+    if "task_create" in k.elf.symbols:
+        expect("task_record", 0, why="task id 0 (ids start at 1)")
+        expect("task_record", layout.task_max + 1, why=f"a task id past TASK_MAX {layout.task_max}")
+        expect("task_create", other, layout.user_text_base, layout.user_lazy_window.end, why="no address space")
+        expect("task_run", layout.task_max + 1, want=layout.task_killed_status, why="no such task")
     slots = [k.call("temp_map", frame) for _ in range(layout.tempmap_slots)]
     expect("temp_map", frame, why=f"all {layout.tempmap_slots} temp-map slots taken")
     for slot in reversed(slots):
@@ -1124,22 +1135,71 @@ def test_ring_3_tasks_run_and_their_faults_are_contained(kernel):
             programs.append((name, status))
     seen, wrong = len(_com1(k).split(USER_FAULT)), []
     for name, status in programs:
-        space = k.call("as_create")
-        entry = k.call("user_load", space, k.elf.symbols[name].value, k.elf.symbols[name + "_end"].value)
-        task = k.call("task_create", space, entry, layout.user_lazy_window.end)
-        assert space and entry == layout.user_text_base and task, f"{name}: as_create, user_load or task_create failed"
+        task = _load_task(k, name)
         got = k.call("task_run", task)
         k.call("task_release", task)
-        reports = _com1(k).split(USER_FAULT)[seen:]
+        com1 = _com1(k)
+        reports = com1.split(USER_FAULT)[seen:]
         seen += len(reports)
         want = killed if status is None else status
         if got != want or len(reports) != (status is None) or reports and int(reports[0].split()[0], 16) != task:
             wrong.append(f"{name} (task {task:#x}): task_run returned {got:#x}, expected {want:#x}; fault reports: "
                          f"{[USER_FAULT + r.splitlines()[0] for r in reports]}")
+        if name == "user_hello" and com1.count(USER_GREETING) != 1:
+            wrong.append(f"{name}: its system call wrote {com1.count(USER_GREETING)} greetings "
+                         f"{USER_GREETING!r} on COM1, not one")
         k.check(f"{name} finished")
+    # The whole scheduler: two tasks that fault (no system call, so under any accelerator), run by task_run_all.
+    tasks = [_load_task(k, name) for name in ("user_touch_kernel", "user_cli")]
+    ran = k.call("task_run_all")
+    states = [k.word("task_table", (task - 1) * layout.task_record_words) for task in tasks]
+    for task in tasks:
+        k.call("task_release", task)
+    if ran != len(tasks):
+        wrong.append(f"task_run_all ran {ran} tasks with {len(tasks)} ready")
+    if any(state == layout.task_ready for state in states):
+        wrong.append(f"task_run_all returned with tasks {tasks} in states {states}: some still ready")
+    # The buffer check of the write system call, called by the kernel itself (the boot space has no user page).
+    for buf, length in ((layout.user_text_base, 0x10), (layout.user_half_end - 8, 0x10),
+                        (PAGE, (1 << 8 * k.arch.word_size) - PAGE // 2)):
+        got = k.call("user_write", buf, length)
+        if got != (1 << 8 * k.arch.word_size) - 1:
+            wrong.append(f"user_write({buf:#x}, {length:#x}) in the boot space returned {got:#x}, not -1: a buffer "
+                         "that is not all mapped user pages")
     if wrong:
         pytest.fail(f"after {k.stage}:\n" + "\n".join(f"  {w}" for w in wrong), pytrace=False)
     k.check_released("every task finished, its space destroyed")
+
+
+USER_GREETING = "hello from ring 3\n"
+
+
+def _load_task(k, name: str) -> int:
+    """A ready task running program `name` (templates/user/programs.s) in a new space. Its text must be the
+    program's bytes, read-only for ring 3 and zero to the end of the page: nothing of the kernel beyond the program
+    copied out to user mode."""
+    layout = k.layout
+    space = k.call("as_create")
+    start, end = k.elf.symbols[name].value, k.elf.symbols[name + "_end"].value
+    entry = k.call("user_load", space, start, end)
+    task = k.call("task_create", space, entry, layout.user_lazy_window.end)
+    assert space and entry == layout.user_text_base and task, f"{name}: as_create, user_load or task_create failed"
+    walker = invariants.space_walker(k.live.view(), space)
+    want = k.live.machine.read_phys(start - layout.kernel_virtual_base, end - start)
+    size = -(-len(want) // PAGE) * PAGE
+    want += bytes(size - len(want))
+    for offset in range(0, size, PAGE):
+        t = walker.translate(layout.user_text_base + offset)
+        if t is None or not t.attrs & hw.PTE_US or t.attrs & hw.PTE_RW:
+            pytest.fail(f"after {k.stage}: {name}'s text page {layout.user_text_base + offset:#x} in space "
+                        f"{space:#x}: {t}, not read-only for ring 3", pytrace=False)
+        got = k.live.machine.read_phys(t.paddr, PAGE)
+        if got != want[offset:offset + PAGE]:
+            at = next(i for i in range(PAGE) if got[i] != want[offset + i])
+            pytest.fail(f"after {k.stage}: {name}'s text in space {space:#x} differs from the program at offset "
+                        f"{offset + at:#x} ({got[at]:#04x}, the program {want[offset + at]:#04x}; past its "
+                        f"{end - start} bytes the page must be zero)", pytrace=False)
+    return task
 
 
 def _com1(k) -> str:
