@@ -29,6 +29,7 @@ import json
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -292,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(f"{m.name}: {m.original.strip()!r} -> {m.mutated.strip()!r}" for m in mutants))
         return 0
     records: list[dict] = []
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))    # unwinds: the copy of the checkout goes too
     with tempfile.TemporaryDirectory(prefix="kgen-mutants-") as tmp:
         checkout = copy_checkout(Path(tmp))
         for arch in args.arch or ARCHES:
