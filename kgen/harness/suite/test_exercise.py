@@ -1032,8 +1032,8 @@ def test_every_routine_refuses_what_it_must(kernel):
         expect("vrange_release", start + 8, 1, why="an unaligned start")
         expect("vrange_release", layout.vmm_base - PAGE, 1, why="a page below the vmm window")
         expect("vrange_release", layout.vmm_base + layout.vmm_size, 1, why="a page past the vmm window")
-    free_start, free_pages = k.free_ranges()[-1]
-    expect("vrange_release", free_start, 1, why="a range already free (released twice)")
+    for free_start, _ in k.free_ranges()[-1:]:     # none when the stage's reservation took the whole window
+        expect("vrange_release", free_start, 1, why="a range already free (released twice)")
     expect("vmm_free", vaddr, why="an address that starts no allocation")
     k.check("ranges refused")
     if "as_create" in k.elf.symbols:
