@@ -66,6 +66,8 @@ MULTIBOOT_INFO_CMDLINE = 1 << 2           # mbi.flags: cmdline valid
 MULTIBOOT_INFO_MMAP = 1 << 6              # mbi.flags: mmap_length/mmap_addr valid
 MULTIBOOT_MMAP_AVAILABLE = 1              # memory-map entry type of usable RAM
 MULTIBOOT_INFO_SIZE = 0x58                # the fixed part of the information structure
+MULTIBOOT_INFO_MMAP_LENGTH = 0x2C         # mbi offsets: mmap_length, then mmap_addr (entries of size, base,
+MULTIBOOT_INFO_MMAP_ADDR = 0x30           # length, type; `size` excludes its own 4 bytes)
 
 # Multiboot 2 (the Multiboot2 specification 2.0; GRUB's `multiboot2` command). The header is a list of tags after
 # magic, architecture, header_length and checksum (the four sum to 0), 8-byte aligned in the first 32 KiB.

@@ -851,8 +851,13 @@ def test_pmm_totals_match_the_memory_map(kernel):
     k = kernel
     k.begin("the PMM at rest")
     state = k.pmm.state()
-    ranges = ranges_from_mmap(_boot_mmap(k), k.arch)
+    copied = _boot_mmap(k)
+    ranges = ranges_from_mmap(copied, k.arch)
     problems = []
+    given = _loader_mmap(k)
+    if given is not None and copied != given[:k.layout.boot_mmap_max_entries]:
+        problems.append(f"the kernel's copy of the memory map (boot_mmap) is {_regions(copied)}; the loader gave "
+                        f"{_regions(given)}")
     if list(state.ranges) != ranges:
         problems.append(f"the PMM's ranges {_spans(state.ranges)}, the memory map gives {_spans(ranges)}")
     total = sum(hi - lo for lo, hi in ranges) // PAGE
@@ -1103,6 +1108,29 @@ def _boot_mmap(k) -> list[MemoryRegion]:
     data = k.live.machine.read_phys(at, count * size)
     return [MemoryRegion(int.from_bytes(data[i:i + 8], "little"), int.from_bytes(data[i + 8:i + 16], "little"),
                          int.from_bytes(data[i + 16:i + 20], "little")) for i in range(0, count * size, size)]
+
+
+def _loader_mmap(k) -> list[MemoryRegion] | None:
+    """The memory map as the loader handed it over, read from the Multiboot information itself (the kernel keeps
+    it: its frames are reserved), or None when the loader gave none."""
+    read = k.live.machine.read_phys
+    mbi = k.pmm.u32("boot_mbi_phys")
+    if not mbi or not int.from_bytes(read(mbi, 4), "little") & hw.MULTIBOOT_INFO_MMAP:
+        return None
+    length = int.from_bytes(read(mbi + hw.MULTIBOOT_INFO_MMAP_LENGTH, 4), "little")
+    at = int.from_bytes(read(mbi + hw.MULTIBOOT_INFO_MMAP_ADDR, 4), "little")
+    data, regions, offset = read(at, min(length, 64 * 1024)), [], 0
+    while offset + 24 <= len(data):
+        size = int.from_bytes(data[offset:offset + 4], "little")
+        regions.append(MemoryRegion(int.from_bytes(data[offset + 4:offset + 12], "little"),
+                                    int.from_bytes(data[offset + 12:offset + 20], "little"),
+                                    int.from_bytes(data[offset + 20:offset + 24], "little")))
+        offset += size + 4
+    return regions
+
+
+def _regions(regions) -> str:
+    return ", ".join(f"{r.base:#x}+{r.length:#x} type {r.type}" for r in regions) or "none"
 
 
 def _spans(spans) -> str:
