@@ -807,11 +807,12 @@ def must_stop(k, why: str, report: str, routine: str, *args: int) -> None:
                     f"kernel went on", pytrace=False)
 
 
-@pytest.mark.parametrize("damage", ["free-stack link", "free-stack count", "heap free list", "a pointer into a block"])
+@pytest.mark.parametrize("damage", ["free-stack link", "free-stack count", "heap free list", "a pointer into a block",
+                                    "the kernel image freed"])
 def test_damage_the_kernel_checks_for_stops_it(kernel, damage):
     """What the allocators check on every call (templates/pmm.s pmm_check_link, templates/heap.s): a free frame's
     link that is no frame address, a count that says the bottom is reached above it, a slab's free list leading to a
-    live block, kfree of a pointer inside a block.
+    live block, kfree of a pointer inside a block, pmm_free_at of the kernel's own image.
     Each stops the kernel with its report, on a machine booted for it alone."""
     k = kernel
     k.begin(f"{damage} damaged")
@@ -837,11 +838,14 @@ def test_damage_the_kernel_checks_for_stops_it(kernel, damage):
         k.live.write_phys(link, second.to_bytes(k.arch.word_size, "little"))
         assert k.call("kmalloc", 40) == first, "kmalloc did not hand out the block freed last"
         must_stop(k, f"a free list leading to the live block {second:#x}", "free list is corrupt", "kmalloc", 40)
-    else:
+    elif damage == "a pointer into a block":
         block = k.call("kmalloc", 40)
         assert block, "kmalloc failed in a freshly booted kernel"
         must_stop(k, f"a pointer 8 bytes into block {block:#x}", "not a block the heap handed out", "kfree",
                   block + 8)
+    else:
+        must_stop(k, "the kernel image's first page", "belongs to the kernel image", "pmm_free_at",
+                  k.layout.kernel_virtual_start)
 
 
 def test_pmm_totals_match_the_memory_map(kernel):
@@ -1025,11 +1029,14 @@ def test_every_routine_refuses_what_it_must(kernel):
     k.check_page(stray, other)
     k.unmap(stray)
     expect("vmm_unmap", vaddr + PAGE, want=none, why="no page mapped there")
+    expect("pmm_alloc_at", vaddr, FLAGS, why="a page already mapped")
+    expect("pmm_free_at", vaddr + PAGE, why="no page mapped there")
     expect("vmm_protect", vaddr + PAGE, hw.PTE_P, why="no page mapped there (its table exists)")
     no_table = next((v for v in (g[0] for g in groups[1:]) if not k.call("paging_table_present", v)), None)
     if no_table is not None:
         expect("vmm_protect", no_table, hw.PTE_P, why="no page table there")
         expect("vmm_unmap", no_table, want=none, why="no page table there")
+        expect("pmm_alloc_at", no_table, FLAGS, why="no page table there")
     k.check_page(vaddr, frame)
     k.check("pages refused: mapped twice, unmapped or protected where nothing is")
     if reserved:
