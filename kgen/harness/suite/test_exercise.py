@@ -35,10 +35,13 @@ import pytest
 from kgen import protocol
 from kgen.arch import hw
 from kgen.guest import invariants
+from kgen.errors import KgenError
 from kgen.guest.bootreport import MemoryRegion
+from kgen.guest.bootreport import parse as parse_boot_report
 from kgen.guest.diagnose import RunFailed
 from kgen.guest.findings import Finding, failures
 from kgen.guest.pmmview import ChainError, PmmView, overlap_frames, ranges_from_mmap
+from kgen.guest.pmmview import parse_report as parse_pmm_line
 
 PAGE = hw.PAGE_SIZE
 FLAGS = hw.PTE_P | hw.PTE_RW
@@ -879,6 +882,43 @@ def test_pmm_totals_match_the_memory_map(kernel):
         problems.append(f"ranges {_spans(outside)} of the memory map lie outside QEMU's RAM {ram}")
     if problems:
         pytest.fail(f"after {k.stage}:\n" + "\n".join(f"  {p}" for p in problems), pytrace=False)
+
+
+def test_the_boot_report_says_what_the_machine_holds(kernel):
+    """The kernel's boot report (templates/report.s, the first thing a learner reads) against the machine: the
+    Multiboot flags and memory map the loader handed over, the image's physical and virtual extent from the ELF, CR3,
+    the recursive slot and where the top table sees itself, and the PMM's counts as the idle kernel holds them."""
+    k = kernel
+    k.begin("the boot report")
+    layout, serial = k.layout, k.live.machine.serial
+    try:
+        report, pmm_line = parse_boot_report(serial), parse_pmm_line(serial)
+    except KgenError as err:
+        pytest.fail(f"{err}; COM1 holds:\n{serial[-1500:]}", pytrace=False)
+    k.live.stop()
+    read = k.live.machine.read_phys
+    mbi = k.pmm.u32("boot_mbi_phys")
+    end = k.elf.symbols["__kernel_end"].value
+    state = k.pmm.state()
+    loader = _loader_mmap(k) or []
+    said_and_true = [
+        ("multiboot flags", report.multiboot_flags, int.from_bytes(read(mbi, 4), "little")),
+        ("mem_upper", report.mem_upper_kib, int.from_bytes(read(mbi + 8, 4), "little")),
+        ("memory map", _regions(report.mmap), _regions(loader[:layout.boot_mmap_max_entries])),
+        ("kernel phys", report.kernel_phys, (layout.kernel_load_address, end - layout.kernel_virtual_base)),
+        ("kernel virt", report.kernel_virt, (layout.kernel_virtual_start, end)),
+        ("cr3", report.cr3, k.live.view().regs.cr3 & ~(PAGE - 1)),
+        ("recursive slot", report.recursive_slot, layout.recursive_slot),
+        ("recursive window", report.recursive_pd, layout.recursive_top),
+        ("pmm total", pmm_line.total, state.total),
+        ("pmm reserved", pmm_line.reserved, state.reserved_frames),
+        ("pmm free", pmm_line.free, k.start_free),
+    ]
+    wrong = [f"{what}: the report says {said}, the machine holds {true}" for what, said, true in said_and_true
+             if said != true]
+    if wrong or not report.ok:
+        pytest.fail(f"after {k.stage}:\n" + "\n".join(f"  {w}" for w in wrong + ["no boot-ok line"] * (not report.ok)),
+                    pytrace=False)
 
 
 def test_memory_exhausted_refused_and_recovered(kernel):
