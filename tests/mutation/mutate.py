@@ -119,11 +119,42 @@ def dependent(first: tuple[str, str], second: tuple[str, str]) -> bool:
     (m1, o1), (m2, o2) = first, second
     if {m1.split()[0], m2.split()[0]} & ORDERED or m1.isupper() or m2.isupper():
         return True
+    if commute(first, second) or disjoint_moves(first, second):
+        return False
     if registers(o1) & registers(o2) or ("[" in o1 and "[" in o2):
         return True
     reads = lambda m: bool(FLAG_READERS.fullmatch(m))     # noqa: E731
     writes = lambda m: bool(FLAG_WRITERS.fullmatch(m))    # noqa: E731
     return (reads(m1) and writes(m2)) or (writes(m1) and reads(m2))
+
+
+def operands_of(operands: str) -> tuple[str, str]:
+    dst, _, src = operands.partition(",")
+    return dst.strip(), src.strip()
+
+
+def commute(first: tuple[str, str], second: tuple[str, str]) -> bool:
+    """`or eax, A` then `or eax, B` (or and/add/xor): the same operation into one register from sources that do
+    not read it gives the same register either way."""
+    (m1, o1), (m2, o2) = first, second
+    (d1, s1), (d2, s2) = operands_of(o1), operands_of(o2)
+    return (m1 == m2 and m1 in ("or", "and", "add", "xor") and d1 == d2 and "[" not in d1
+            and not registers(d1) & (registers(s1) | registers(s2)))
+
+
+def disjoint_moves(first: tuple[str, str], second: tuple[str, str]) -> bool:
+    """Two `mov`s that touch different registers and, where both touch memory, different displacements off the
+    same registers (two fields of one record): either order is the same program."""
+    (m1, o1), (m2, o2) = first, second
+    if m1 != "mov" or m2 != "mov":
+        return False
+    (d1, s1), (d2, s2) = operands_of(o1), operands_of(o2)
+    memory = [x for x in (d1, s1, d2, s2) if "[" in x]
+    if len(memory) == 2 and (memory[0] == memory[1] or registers(memory[0]) != registers(memory[1])):
+        return False            # the same word, or two addresses that may alias
+    written = [registers(d) if "[" not in d else set() for d in (d1, d2)]
+    read = [registers(s) | (registers(d) if "[" in d else set()) for d, s in ((d1, s1), (d2, s2))]
+    return not (written[0] & (read[1] | written[1]) or written[1] & read[0])
 
 
 def mutable_lines(text: str) -> list[int]:

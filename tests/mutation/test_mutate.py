@@ -92,3 +92,14 @@ def test_a_run_tells_a_caught_bug_from_a_line_the_kernel_lacks(tmp_path):
     outcome = {r["mutant"]: r["outcome"] for r in json.loads(report.read_text())}
     assert outcome == {caught.name: "killed", absent.name: "equivalent"}
     assert set(scratch.glob("kgen-mutants-*")) == before, "the run's copy of the checkout was left behind"
+
+
+@pytest.mark.parametrize("first,second,matters", [
+    (("or", "xcx, PTE_P"), ("or", "xcx, xax"), False),                           # or-ing flags in: commutes
+    (("mov", "dword ptr [xbx], MAGIC"), ("mov", "[xbx + 0x4], cl"), False),      # two fields of one record
+    (("mov", "eax, [esi + 0x4]"), ("mov", "[edi], eax"), True),                  # a load, then its store
+    (("mov", "[edi], eax"), ("mov", "[esi], ecx"), True),                        # two pointers that may alias
+    (("mov", "[xbx], xcx"), ("invlpg", "[xdi]"), True),                          # the entry, then its flush
+])
+def test_a_swap_is_a_mutant_only_where_the_order_matters(first, second, matters):
+    assert mutate.dependent(first, second) is matters
