@@ -1234,6 +1234,13 @@ def test_ring_3_tasks_run_and_their_faults_are_contained(kernel):
         wrong.append(f"task_run_all ran {ran} tasks with {len(tasks)} ready")
     if any(state == layout.task_ready for state in states):
         wrong.append(f"task_run_all returned with tasks {tasks} in states {states}: some still ready")
+    # Back in the kernel after ring 3: its own selectors in every segment register it loads (i386: all of them).
+    regs = k.live.view().regs
+    selectors = {"cs": layout.kernel_cs, "ss": layout.kernel_ds}
+    if not k.arch.long_mode:
+        selectors |= {name: layout.kernel_ds for name in ("ds", "es", "fs", "gs")}
+    wrong += [f"after the tasks the kernel runs with {name} = {getattr(regs, name):#x}, not {want:#x}"
+              for name, want in selectors.items() if getattr(regs, name) != want]
     # The buffer check of the write system call, called by the kernel itself (the boot space has no user page).
     for buf, length in ((layout.user_text_base, 0x10), (layout.user_half_end - 8, 0x10),
                         (PAGE, (1 << 8 * k.arch.word_size) - PAGE // 2)):
