@@ -1055,7 +1055,7 @@ def test_every_routine_refuses_what_it_must(kernel):
             refused.append(f"{routine}({', '.join(hex(a) for a in args)}) = {got:#x}, expected {want:#x}: {why}")
 
     frame = k.alloc_frame()
-    expect("pmm_free", frame + 8, why="an unaligned frame")
+    expect("pmm_free", frame + 1, why="an unaligned frame")
     expect("pmm_free", layout.memory_bytes + 16 * PAGE, why="a frame beyond RAM")
     expect("pmm_free", layout.kernel_load_address, why="the kernel image's first frame")
     groups, reserved = k.leaf_spans()
@@ -1063,9 +1063,12 @@ def test_every_routine_refuses_what_it_must(kernel):
     k.map(vaddr, frame)
     other = k.alloc_frame()
     expect("vmm_map", vaddr, other, FLAGS, why="a page already mapped")
-    # Flags beyond an entry's flag bits are the caller's mistake: dropped, never or-ed into the frame address.
+    # An address inside the frame and flags beyond an entry's flag bits are the caller's mistakes: the address is
+    # taken down to its frame, the extra bits dropped, neither or-ed into the other.
     stray = groups[0][1]
-    k.map(stray, other, FLAGS | 0x5000)
+    expect("vmm_map", stray, other | 0x7FF, FLAGS | 0x5000, want=1, why="a frame's address with offset bits")
+    k.mapped[stray] = other
+    k.held.discard(other)
     k.check_page(stray, other)
     k.unmap(stray)
     expect("vmm_unmap", vaddr + PAGE, want=none, why="no page mapped there")
@@ -1081,12 +1084,16 @@ def test_every_routine_refuses_what_it_must(kernel):
     k.check("pages refused: mapped twice, unmapped or protected where nothing is")
     if reserved:
         start, pages = reserved
-        expect("vrange_release", start + 8, 1, why="an unaligned start")
+        expect("vrange_release", start + 1, 1, why="an unaligned start")
+        if any(free_start == start + pages * PAGE for free_start, _ in k.free_ranges()):
+            expect("vrange_release", start + (pages - 1) * PAGE, 2, why="a range running into the free range after it")
         expect("vrange_release", layout.vmm_base - PAGE, 1, why="a page below the vmm window")
         expect("vrange_release", layout.vmm_base + layout.vmm_size, 1, why="a page past the vmm window")
     for free_start, _ in k.free_ranges()[-1:]:     # none when the stage's reservation took the whole window
         expect("vrange_release", free_start, 1, why="a range already free (released twice)")
     expect("vmm_free", vaddr, why="an address that starts no allocation")
+    for lazy in (1, 0):
+        expect("vmm_alloc", layout.vmm_size // PAGE + 1, FLAGS, lazy, why="a range larger than the window")
     k.check("ranges refused")
     if "as_create" in k.elf.symbols:
         boot = k.call("as_current")
