@@ -5,8 +5,9 @@ a table made later and never cleared, an entry written one slot off, a translati
 twice, a range merged wrongly, a block too small. Each test here boots the kernel and runs one stage (page tables
 made and given back across several leaf-table spans, temp-map and allocate-at round trips, a double free, lazy ranges
 backed on first touch, pages unmapped or freed while in the TLB, range releases that merge, heap blocks, the heap's NX
-pages and its double free, the PMM against the memory map, memory exhausted and recovered, the user half's edge in
-vmm_map_in, ring-3 tasks and their faults), and after each part of it checks
+pages and its double free, the PMM against the memory map, the boot report against the machine, every routine's
+refusals, the damage the allocators check for, memory exhausted and recovered, the user half's edge in vmm_map_in,
+ring-3 tasks and their faults), and after each part of it checks
 
 - every invariant of kgen.guest.invariants on the stopped machine (poisoned RAM: a table never cleared shows);
 - what the stage did, by the walker, the kernel and the CPU: the page maps the frame asked for, with the flags
