@@ -1135,6 +1135,16 @@ def test_every_routine_refuses_what_it_must(kernel):
         if slot:
             k.call("temp_unmap", slot)
     expect("kmalloc", 0, why="a request of no bytes")
+    # Whole-page blocks until the table that records them is full: every slot to its last, then one refused.
+    large = [k.call("kmalloc", PAGE + 1) for _ in range(layout.heap_large_slots)]
+    if all(large):
+        expect("kmalloc", PAGE + 1, why=f"a whole-page block with all {layout.heap_large_slots} large-block slots taken")
+    else:
+        refused.append(f"kmalloc({PAGE + 1:#x}) failed after {large.index(0)} of {layout.heap_large_slots} "
+                       "large blocks")
+    for block in filter(None, large):
+        k.call("kfree", block)
+    k.check("every large-block slot taken and given back")
     expect("kmalloc", layout.heap_slab_pages * PAGE + layout.vmm_size, why="a request beyond the heap")
     k.unmap(vaddr)
     k.free_frame(frame)
