@@ -49,6 +49,7 @@ PF_I = 1 << 4                # the access was an instruction fetch
 # Exceptions that push an error code (vectors 8, 10-14, 17, 21, 29, 30).
 EXCEPTIONS_WITH_ERROR_CODE = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
 EXCEPTION_COUNT = 32
+VECTOR_GENERAL_PROTECTION = 13
 VECTOR_PAGE_FAULT = 14
 VECTOR_DOUBLE_FAULT = 8
 

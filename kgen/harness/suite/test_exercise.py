@@ -928,6 +928,8 @@ def test_memory_exhausted_refused_and_recovered(kernel):
     refuse; every frame handed out is one of the memory map's, outside the reserved intervals, none twice; all
     given back, the kernel goes on."""
     k = kernel
+    # A space made first (the stage's accounting starts with it), for a program to be loaded into with no frame left.
+    space = k.call("as_create") if "user_load" in k.elf.symbols else 0
     k.begin("every free frame taken")
     free = k.start_free
     if free > EXHAUST_MAX_FRAMES:
@@ -971,6 +973,9 @@ def test_memory_exhausted_refused_and_recovered(kernel):
             f"vmm_map({vaddr:#x}) succeeded with no frame for its page table"
     if "as_create" in k.elf.symbols:
         assert k.call("as_create") == 0, "as_create succeeded with no frame for its top-level table"
+    if space:
+        program = k.elf.symbols["user_hello"].value, k.elf.symbols["user_hello_end"].value
+        assert k.call("user_load", space, *program) == 0, "user_load succeeded with no frame for the program's text"
     # One full check here: with every frame mapped the walk is the suite's largest (≈1 s on a 128 MiB guest).
     k.check(f"{len(ranges)} eager ranges and {len(frames)} frames taken, then kmalloc and vmm_alloc refused")
     mappings = k.walk(k.live.view())[0]
@@ -995,6 +1000,8 @@ def test_memory_exhausted_refused_and_recovered(kernel):
     free = _free_now(k)
     assert free == k.start_free, f"{free} frames free after a block of the recovered heap came and went, " \
                                  f"{k.start_free} at the start"
+    if space:
+        assert k.call("as_destroy", space) == 1, f"as_destroy({space:#x}) refused"
 
 
 def test_vmm_map_in_stops_at_the_user_half_edge(kernel):
@@ -1207,6 +1214,23 @@ def _spans(spans) -> str:
 USER_PROGRAMS = (("user_hello", 0x33333333, True), ("user_bad_write", 1, True), ("user_touch_kernel", None, False),
                  ("user_write_text", None, False), ("user_cli", None, False), ("user_exec_data", None, False))
 USER_FAULT = "kgen: user fault: task="
+# The fault each faulting program makes, as its report must name it: the vector and the page-fault error's words
+# (templates/task.s user_fault_bits). A read of the kernel and a write to the text hit present pages; a `cli` in
+# ring 3 is a #GP.
+USER_FAULT_CAUSES = {
+    "user_touch_kernel": (hw.VECTOR_PAGE_FAULT, "protection read user"),
+    "user_write_text": (hw.VECTOR_PAGE_FAULT, "protection write user"),
+    "user_cli": (hw.VECTOR_GENERAL_PROTECTION, ""),
+    "user_exec_data": (hw.VECTOR_PAGE_FAULT, "protection read user fetch"),
+}
+
+
+def _fault_said(report: str) -> tuple[int, str]:
+    """(vector, the words after the error code) of one user-fault report line (what follows USER_FAULT)."""
+    line = report.splitlines()[0]
+    vector = int(line.split(" vector=", 1)[1].split()[0], 16)
+    words = line.split(" error=", 1)[1].split()[1:]
+    return vector, " ".join(words)
 
 
 def test_ring_3_tasks_run_and_their_faults_are_contained(kernel):
@@ -1238,6 +1262,10 @@ def test_ring_3_tasks_run_and_their_faults_are_contained(kernel):
         if got != want or len(reports) != (status is None) or reports and int(reports[0].split()[0], 16) != task:
             wrong.append(f"{name} (task {task:#x}): task_run returned {got:#x}, expected {want:#x}; fault reports: "
                          f"{[USER_FAULT + r.splitlines()[0] for r in reports]}")
+        elif reports and _fault_said(reports[0]) != USER_FAULT_CAUSES[name]:
+            wrong.append(f"{name} (task {task:#x}): its fault report says vector {_fault_said(reports[0])[0]:#x}, "
+                         f"cause {_fault_said(reports[0])[1]!r}; the fault is vector "
+                         f"{USER_FAULT_CAUSES[name][0]:#x}, {USER_FAULT_CAUSES[name][1]!r}")
         if name == "user_hello" and com1.count(USER_GREETING) != 1:
             wrong.append(f"{name}: its system call wrote {com1.count(USER_GREETING)} greetings "
                          f"{USER_GREETING!r} on COM1, not one")
