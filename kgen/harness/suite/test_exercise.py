@@ -902,8 +902,14 @@ def test_the_boot_report_says_what_the_machine_holds(kernel):
     end = k.elf.symbols["__kernel_end"].value
     state = k.pmm.state()
     loader = _loader_mmap(k) or []
+    flags = int.from_bytes(read(mbi, 4), "little")
+    # The kernel's copy of its command line (the loader's may be reused memory by now).
+    given = read(k.elf.symbols["boot_cmdline"].value - layout.kernel_virtual_base,
+                 layout.boot_cmdline_max).split(b"\0", 1)[0]
+    lines = [line[len("cmdline: "):] for line in serial.splitlines() if line.startswith("cmdline: ")]
     said_and_true = [
-        ("multiboot flags", report.multiboot_flags, int.from_bytes(read(mbi, 4), "little")),
+        ("multiboot flags", report.multiboot_flags, flags),
+        ("command line", lines[:1], [given.decode("ascii", "replace")] if given else []),
         ("mem_upper", report.mem_upper_kib, int.from_bytes(read(mbi + 8, 4), "little")),
         ("memory map", _regions(report.mmap), _regions(loader[:layout.boot_mmap_max_entries])),
         ("kernel phys", report.kernel_phys, (layout.kernel_load_address, end - layout.kernel_virtual_base)),
@@ -1100,6 +1106,7 @@ def test_every_routine_refuses_what_it_must(kernel):
     for free_start, _ in k.free_ranges()[-1:]:     # none when the stage's reservation took the whole window
         expect("vrange_release", free_start, 1, why="a range already free (released twice)")
     expect("vmm_free", vaddr, why="an address that starts no allocation")
+    expect("vrange_reserve", 0, why="a range of no pages")
     for lazy in (1, 0):
         expect("vmm_alloc", layout.vmm_size // PAGE + 1, FLAGS, lazy, why="a range larger than the window")
     k.check("ranges refused")
